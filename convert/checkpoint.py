@@ -1,0 +1,105 @@
+"""A source checkpoint's metadata: its safetensors headers, index, config and other files.
+
+Only headers are read (ranged reads); no tensor data is touched here.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from convert.errors import ConversionError
+from convert.safetensors_format import FileHeader, TensorInfo, read_header
+from convert.storage import Storage
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor of the source: the file (relative to the source root) and its header entry."""
+
+    file: str
+    info: TensorInfo
+
+
+@dataclass
+class Checkpoint:
+    """Metadata of a source checkpoint directory."""
+
+    storage: Storage
+    headers: dict[str, FileHeader]
+    tensors: dict[str, TensorRef]
+    config: dict[str, Any]
+    other_files: list[str]
+    metadata: dict[str, str]
+    index_file: str | None
+
+
+def safe_relative(name: str, where: str) -> str:
+    """Reject a file name from an index that could point outside its directory."""
+    norm = posixpath.normpath(name)
+    if not name or name.startswith("/") or "\\" in name or ".." in norm.split("/") or ":" in name:
+        raise ConversionError(f"{where}: refusing shard path {name!r} (absolute or escaping the checkpoint directory)")
+    return norm
+
+
+def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob: str = ".safetensors") -> Checkpoint:
+    """Read the metadata of the checkpoint at `storage`'s root.
+
+    Uses `index_name` when present, else every top-level `*.safetensors` file. Validates
+    that each indexed shard exists, each indexed tensor is in the shard named, and no
+    tensor appears twice. Returns a Checkpoint; raises ConversionError naming the file.
+    """
+    if not storage.isdir():
+        raise ConversionError(f"{storage.display()}: source is not a directory")
+    files, _ = storage.list_dir()
+    index_file = index_name if index_name in files else None
+    weight_map: dict[str, str] | None = None
+    metadata: dict[str, str] = {}
+    if index_file:
+        index = storage.read_json(index_file)
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise ConversionError(f"{storage.display(index_file)}: has no weight_map object")
+        weight_map = {k: safe_relative(v, storage.display(index_file)) for k, v in index["weight_map"].items()}
+        shard_names = sorted(set(weight_map.values()))
+        for name in shard_names:
+            if name not in files:
+                raise ConversionError(f"{storage.display(index_file)}: names shard {name!r}, which does not exist")
+    else:
+        shard_names = [f for f in files if f.endswith(weight_glob)]
+    if not shard_names:
+        raise ConversionError(f"{storage.display()}: no *{weight_glob} files found")
+
+    with ThreadPoolExecutor(max_workers=min(16, len(shard_names))) as pool:
+        headers = dict(zip(shard_names, pool.map(lambda n: read_header(storage, n), shard_names)))
+
+    tensors: dict[str, TensorRef] = {}
+    for name, header in headers.items():
+        metadata.update(header.metadata)
+        for tname, info in header.tensors.items():
+            if tname in tensors:
+                raise ConversionError(
+                    f"{storage.display(name)}: tensor {tname!r} is also in {tensors[tname].file} (listed twice)"
+                )
+            if weight_map is not None and weight_map.get(tname) != name:
+                if tname not in weight_map:
+                    continue  # present in a shard but not indexed: loaders ignore it, so do we
+                raise ConversionError(
+                    f"{storage.display(index_file or '')}: maps {tname!r} to {weight_map[tname]} but it is in {name}"
+                )
+            tensors[tname] = TensorRef(name, info)
+    if weight_map is not None:
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise ConversionError(
+                f"{storage.display(index_file or '')}: tensor {missing[0]!r} is not in shard {weight_map[missing[0]]}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+
+    config = storage.read_json("config.json") if "config.json" in files else {}
+    weight_files = set(shard_names) | ({index_file} if index_file else set())
+    other = [f for f in files if f not in weight_files and not f.endswith(weight_glob)]
+    return Checkpoint(storage, headers, tensors, config, other, metadata, index_file)

@@ -1,0 +1,261 @@
+"""The conversion plan: every output tensor, and the pieces that produce its bytes.
+
+A plan is a pure function of source metadata, the family, the target layout and the
+options. A piece reads byte ranges of source files and writes byte ranges of target
+tensors; it is either a byte copy (optionally a dtype cast, which is elementwise) or
+a `regroup` of one expert between layouts (transpose/interleave).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from convert.checkpoint import Checkpoint
+from convert.errors import ConversionError
+from convert.expert_groups import ExpertGroup, find_expert_groups, fused_slice_shape
+from convert.families import PER_EXPERT, Family
+from convert.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, numel
+from convert.transforms import Unit
+
+DEFAULT_CHUNK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Read:
+    """Bytes [start, end) of source file `file`, holding `dtype` elements."""
+
+    file: str
+    start: int
+    end: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Write:
+    """Bytes [start, end) of the data of target tensor `tensor`, holding `dtype` elements."""
+
+    tensor: str
+    start: int
+    end: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Regroup:
+    """A compute piece: one expert, from `src` units (one read each) to `dst` units (one write each)."""
+
+    src: tuple[Unit, ...]
+    dst: tuple[Unit, ...]
+    role_shape: tuple[tuple[str, tuple[int, ...]], ...]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Reads -> (copy/cast or regroup) -> writes. `expert` is set for expert pieces (for EP ownership)."""
+
+    reads: tuple[Read, ...]
+    writes: tuple[Write, ...]
+    regroup: Regroup | None = None
+    expert: int | None = None
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(r.end - r.start for r in self.reads)
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(w.end - w.start for w in self.writes)
+
+
+@dataclass(frozen=True)
+class TargetTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+@dataclass
+class Plan:
+    """What a conversion will write and how; identical on every rank."""
+
+    family: str
+    target_layout: str
+    num_experts: int
+    groups: list[tuple[str, str]]  # (layer prefix, source layout)
+    targets: list[TargetTensor]
+    pieces: list[Piece]
+    copy_files: list[str]
+    metadata: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+
+
+def target_dtype(src: str, dtype: str | None) -> str:
+    """The output dtype of a source tensor of `src` dtype under `--dtype` (None = keep)."""
+    return dtype if dtype and src in FLOAT_DTYPES else src
+
+
+def _coalesce(reads: list[Read]) -> tuple[Read, ...]:
+    out: list[Read] = []
+    for r in reads:
+        if out and out[-1].file == r.file and out[-1].end == r.start and out[-1].dtype == r.dtype:
+            out[-1] = Read(r.file, out[-1].start, r.end, r.dtype)
+        else:
+            out.append(r)
+    return tuple(out)
+
+
+def _passthrough_pieces(ckpt: Checkpoint, name: str, dtype: str | None, chunk: int) -> tuple[TargetTensor, list[Piece]]:
+    ref = ckpt.tensors[name]
+    info = ref.info
+    out_dtype = target_dtype(info.dtype, dtype)
+    src_item, dst_item = DTYPE_SIZES[info.dtype], DTYPE_SIZES[out_dtype]
+    n = numel(info.shape)
+    step = max(1, chunk // max(src_item, dst_item))
+    pieces = [
+        Piece(
+            (Read(ref.file, info.start + i * src_item, info.start + min(n, i + step) * src_item, info.dtype),),
+            (Write(name, i * dst_item, min(n, i + step) * dst_item, out_dtype),),
+        )
+        for i in range(0, max(n, 1), step)
+    ]
+    return TargetTensor(name, out_dtype, info.shape), pieces
+
+
+def _units(family: Family, group: ExpertGroup, layout: str, dtype: str | None, side: str) -> list[tuple[Unit, str]]:
+    """(unit, key template) of each tensor of one expert of `group` in `layout`."""
+    def dt(role: str) -> str:
+        return target_dtype(group.role_dtype[role], dtype) if side == "dst" else group.role_dtype[role]
+
+    if layout == PER_EXPERT:
+        return [(Unit(None, role, dt(role)), tpl) for role, tpl in family.per_expert.items()]
+    return [(Unit(t, None, dt(t.parts[0])), t.template) for t in family.fused[layout]]
+
+
+def _unit_nbytes(unit: Unit, group: ExpertGroup) -> int:
+    return sum(numel(group.role_shape[r]) for r in unit.roles) * DTYPE_SIZES[unit.dtype]
+
+
+def _group_plan(
+    ckpt: Checkpoint, family: Family, group: ExpertGroup, layout: str, dtype: str | None
+) -> tuple[list[TargetTensor], list[Piece]]:
+    src_units = _units(family, group, group.layout, dtype, "src")
+    dst_units = _units(family, group, layout, dtype, "dst")
+    E = group.num_experts
+    targets = []
+    for unit, tpl in dst_units:
+        if unit.fused is None:
+            shape = group.role_shape[str(unit.role)]
+            targets += [TargetTensor(tpl.format(prefix=group.prefix, e=e), unit.dtype, shape) for e in range(E)]
+        else:
+            slice_shape = fused_slice_shape(unit.fused, group.role_shape[unit.fused.parts[0]])
+            targets.append(TargetTensor(tpl.format(prefix=group.prefix), unit.dtype, (E, *slice_shape)))
+
+    byte_copy = all(u.is_byte_copy for u, _ in src_units + dst_units)
+    role_shape = tuple(sorted(group.role_shape.items()))
+    pieces = []
+    for e in range(E):
+        # One read per source unit: a per-expert tensor, or expert e's slice of a fused tensor.
+        unit_reads: list[tuple[Unit, Read]] = []
+        for unit, tpl in src_units:
+            if unit.fused is None:
+                ref = group.per_expert[(str(unit.role), e)]
+                unit_reads.append((unit, Read(ref.file, ref.info.start, ref.info.end, unit.dtype)))
+            else:
+                ref = group.fused[tpl]
+                size = _unit_nbytes(unit, group)
+                start = ref.info.start + e * size
+                unit_reads.append((unit, Read(ref.file, start, start + size, unit.dtype)))
+        writes = []
+        for unit, tpl in dst_units:
+            size = _unit_nbytes(unit, group)
+            if unit.fused is None:
+                writes.append(Write(tpl.format(prefix=group.prefix, e=e), 0, size, unit.dtype))
+            else:
+                writes.append(Write(tpl.format(prefix=group.prefix), e * size, (e + 1) * size, unit.dtype))
+        if byte_copy:
+            # Each role's bytes are a contiguous sub-range of its source read; order them as the target wants.
+            role_read: dict[str, Read] = {}
+            for unit, read in unit_reads:
+                part = (read.end - read.start) // len(unit.roles)
+                for j, role in enumerate(unit.roles):
+                    role_read[role] = Read(read.file, read.start + j * part, read.start + (j + 1) * part, read.dtype)
+            ordered = [role_read[role] for unit, _ in dst_units for role in unit.roles]
+            pieces.append(Piece(_coalesce(ordered), tuple(writes), None, e))
+        else:
+            regroup = Regroup(tuple(u for u, _ in src_units), tuple(u for u, _ in dst_units), role_shape)
+            pieces.append(Piece(tuple(r for _, r in unit_reads), tuple(writes), regroup, e))
+    return targets, pieces
+
+
+def plan_conversion(
+    ckpt: Checkpoint,
+    family: Family,
+    target_layout: str,
+    dtype: str | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    num_experts: int | None = None,
+) -> Plan:
+    """Plan converting every expert group of `ckpt` to `target_layout`; everything else passes through.
+
+    Raises ConversionError when there are no expert tensors or all are already in `target_layout`.
+    """
+    if target_layout not in family.layouts:
+        raise ConversionError(f"family {family.name} has no layout {target_layout!r} (it has {list(family.layouts)})")
+    where = ckpt.storage.display("config.json")
+    if num_experts is None:
+        if not ckpt.config:
+            raise ConversionError(f"{ckpt.storage.display()}: no config.json (needed for the number of experts)")
+        num_experts = family.num_experts(ckpt.config, where)
+    groups, passthrough = find_expert_groups(ckpt, family, num_experts)
+    if not groups:
+        raise ConversionError(
+            f"{ckpt.storage.display()}: no {family.name} expert tensors found "
+            f"(looked for e.g. {family.per_expert[family.roles[0]].format(prefix='<layer>', e=0)!r})"
+        )
+    if all(g.layout == target_layout for g in groups):
+        raise ConversionError(
+            f"{ckpt.storage.display()}: every expert layer is already in the {target_layout!r} layout; nothing to do"
+        )
+    targets: list[TargetTensor] = []
+    pieces: list[Piece] = []
+    for name in passthrough:
+        t, p = _passthrough_pieces(ckpt, name, dtype, chunk_bytes)
+        targets.append(t)
+        pieces += p
+    notes = []
+    for group in groups:
+        if group.layout == target_layout:
+            notes.append(f"{group.prefix}: already {target_layout}, copied unchanged")
+            for tpl in (t.template for t in family.fused.get(target_layout, ())):
+                t, p = _passthrough_pieces(ckpt, group.fused[tpl].info.name, dtype, chunk_bytes)
+                targets.append(t)
+                pieces += p
+            if target_layout == PER_EXPERT:
+                for ref in group.per_expert.values():
+                    t, p = _passthrough_pieces(ckpt, ref.info.name, dtype, chunk_bytes)
+                    targets.append(t)
+                    pieces += p
+            continue
+        t, p = _group_plan(ckpt, family, group, target_layout, dtype)
+        targets += t
+        pieces += p
+    seen: set[str] = set()
+    for t in targets:
+        if t.name in seen:
+            raise ConversionError(f"{ckpt.storage.display()}: output tensor {t.name!r} would be written twice")
+        seen.add(t.name)
+    return Plan(
+        family=family.name,
+        target_layout=target_layout,
+        num_experts=num_experts,
+        groups=[(g.prefix, g.layout) for g in groups],
+        targets=targets,
+        pieces=pieces,
+        copy_files=list(ckpt.other_files),
+        metadata=ckpt.metadata or {"format": "pt"},
+        notes=notes,
+    )

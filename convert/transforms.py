@@ -1,0 +1,116 @@
+"""Compute transforms of one expert: dtype casts, and decoding/encoding fused expert slices.
+
+Only pieces that cannot be byte copies come here (transposed or interleaved layouts,
+dtype casts); each works on one expert's bytes at a time.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from convert.families import FusedTensor
+from convert.safetensors_format import numel
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+}
+DTYPE_NAMES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+
+
+def from_bytes(buf: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """View `buf` as a tensor of safetensors `dtype` and `shape` (no copy)."""
+    if numel(shape) == 0:
+        return torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read-only buffers are fine: we never write through the view
+        return torch.frombuffer(buf, dtype=TORCH_DTYPES[dtype]).view(shape)
+
+
+def to_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of `t` (contiguous copy only if needed)."""
+    flat = t.contiguous().reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy())
+
+
+def cast_bytes(buf: bytes | memoryview, src: str, dst: str) -> bytes | memoryview:
+    """Cast a flat buffer of `src` elements to `dst` elements."""
+    if src == dst:
+        return buf
+    n = len(buf) // torch.tensor([], dtype=TORCH_DTYPES[src]).element_size()
+    return to_bytes(from_bytes(buf, src, (n,)).to(TORCH_DTYPES[dst]))
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One tensor of one expert on either side of a conversion.
+
+    Either a per-expert tensor of a single `role`, or one expert's slice of `fused`.
+    """
+
+    fused: FusedTensor | None
+    role: str | None
+    dtype: str
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return self.fused.parts if self.fused else (str(self.role),)
+
+    @property
+    def is_byte_copy(self) -> bool:
+        return self.fused is None or self.fused.is_byte_copy
+
+
+def decode(unit: Unit, buf: bytes | memoryview, role_shape: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Split one expert's bytes of `unit` into its roles' tensors in per-expert (nn.Linear) form."""
+    if unit.fused is None:
+        role = str(unit.role)
+        return {role: from_bytes(buf, unit.dtype, role_shape[role])}
+    t = unit.fused
+    part = role_shape[t.parts[0]]
+    stored = tuple(reversed(part)) if t.transpose else part
+    k = len(t.parts)
+    if t.op == "concat":
+        whole = from_bytes(buf, unit.dtype, (k * stored[0], *stored[1:]))
+        pieces = list(whole.chunk(k, dim=0))
+    else:
+        whole = from_bytes(buf, unit.dtype, (*stored[:-1], stored[-1] * k))
+        grouped = whole.unflatten(-1, (stored[-1], k))
+        pieces = [grouped[..., j] for j in range(k)]
+    if t.transpose:
+        pieces = [p.transpose(0, 1) for p in pieces]
+    return dict(zip(t.parts, pieces))
+
+
+def encode(unit: Unit, roles: dict[str, torch.Tensor]) -> memoryview:
+    """Build one expert's bytes of `unit` from per-expert role tensors (cast to the unit's dtype)."""
+    target = TORCH_DTYPES[unit.dtype]
+    if unit.fused is None:
+        return to_bytes(roles[str(unit.role)].to(target))
+    t = unit.fused
+    parts = [roles[p].to(target) for p in t.parts]
+    if t.transpose:
+        parts = [p.transpose(0, 1) for p in parts]
+    if t.op == "concat":
+        out = torch.cat(parts, dim=0)
+    else:
+        out = torch.stack(parts, dim=-1).flatten(-2)
+    return to_bytes(out)
+
+
+def regroup(
+    src_units: tuple[Unit, ...],
+    bufs: list[bytes | memoryview],
+    dst_units: tuple[Unit, ...],
+    role_shape: dict[str, tuple[int, ...]],
+) -> list[memoryview]:
+    """Convert one expert from the source units' bytes to the target units' bytes."""
+    roles: dict[str, torch.Tensor] = {}
+    for unit, buf in zip(src_units, bufs):
+        roles.update(decode(unit, buf, role_shape))
+    return [encode(unit, roles) for unit in dst_units]

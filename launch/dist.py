@@ -1,0 +1,106 @@
+"""Process-group setup under torchrun, accelerate launch, SLURM (srun) or a plain `python -m`.
+
+The tool only needs a CPU (gloo) group for its control messages: the plan broadcast,
+barriers, the status exchange and a shared progress counter.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def counter_add(self, key: str, amount: int) -> int:
+        """Atomically add to a job-wide counter and return its new value (local when alone)."""
+        store = self._store()
+        if store is None:
+            value = self.__dict__.setdefault("_counters", {}).get(key, 0) + amount
+            self.__dict__["_counters"][key] = value
+            return value
+        return int(store.add(key, amount))
+
+    def _store(self) -> Any:
+        if self.world_size == 1:
+            return None
+        try:
+            return dist.distributed_c10d._get_default_store()
+        except Exception:  # noqa: BLE001 - whole-job progress is best effort
+            return None
+
+    def close(self) -> None:
+        if self.initialized_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _from_slurm() -> None:
+    """Map SLURM's variables to torch's when a job is started with srun (one task per rank)."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    ntasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if ntasks <= 1:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = str(ntasks)
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    if "MASTER_ADDR" not in os.environ:
+        raise RuntimeError("SLURM launch: set MASTER_ADDR (and MASTER_PORT) to the first node, see launch/slurm.sbatch")
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def init_dist(timeout_s: float = 3600.0) -> Dist:
+    """Join the job's process group (gloo) if launched with several ranks; else a world of one."""
+    _from_slurm()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world <= 1:
+        return Dist(0, 1)
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size())
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return Dist(rank, world, initialized_here=True)
+
+
+def picklable(obj: Any) -> bool:
+    """True when `obj` survives a broadcast (used to send errors across ranks)."""
+    try:
+        pickle.dumps(obj)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
