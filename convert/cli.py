@@ -27,6 +27,7 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4, help="pieces in flight per rank (default 4)")
     p.add_argument("--storage-options", type=json.loads, default={}, help="JSON of fsspec options, e.g. an endpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--stats", default=None, help="write per-rank stats (peak RSS, bytes read/written, time) as JSON")
     return p
 
 
@@ -36,6 +37,7 @@ def job_options(args: argparse.Namespace, layout: str | None) -> JobOptions:
         src=args.src, dst=args.dst, layout=layout, ep=args.ep, max_shard_bytes=args.max_shard_size,
         dtype=DTYPE_NAMES[args.dtype], dry_run=args.dry_run, overwrite=args.overwrite, family=args.family,
         workers=args.workers, storage_options=args.storage_options, show_progress=not args.no_progress,
+        stats_path=args.stats,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from convert.memory import pin_mmap_threshold
 from convert.planner import Piece, Read, Write
 from convert.safetensors_format import DTYPE_SIZES, TensorSlot
 from convert.storage import Storage
@@ -46,6 +47,7 @@ class Executor:
         workers: int = 4,
     ) -> None:
         self.src, self.dst, self.slots, self.workers = src, dst, slots, workers
+        pin_mmap_threshold()
 
     def _dst_pos(self, w: Write) -> tuple[str, int]:
         file, slot = self.slots[w.tensor]
@@ -69,10 +71,8 @@ class Executor:
         elif piece.regroup is None:
             # An elementwise cast: cast each read, then slice the result into the writes.
             dst_dtype = piece.writes[0].dtype
-            cast = b"".join(
-                bytes(cast_bytes(self.src.read_range(r.file, r.start, r.end), r.dtype, dst_dtype))
-                for r in piece.reads
-            )
+            parts = [cast_bytes(self.src.read_range(r.file, r.start, r.end), r.dtype, dst_dtype) for r in piece.reads]
+            cast = parts[0] if len(parts) == 1 else b"".join(parts)
             outs, pos = [], 0
             for w in piece.writes:
                 outs.append(memoryview(cast)[pos : pos + w.end - w.start])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 import traceback
@@ -49,6 +50,7 @@ class JobOptions:
     workers: int = 4
     storage_options: dict[str, Any] = field(default_factory=dict)
     show_progress: bool = True
+    stats_path: str | None = None  # rank 0 writes per-rank stats (peak RSS, bytes, seconds) here as JSON
 
 
 @dataclass
@@ -157,6 +159,11 @@ def _commit(src: Storage, dst: Storage, setup: JobSetup) -> None:
     dst.write_bytes(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size, from the OS (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _error_text(exc: BaseException) -> str:
     if isinstance(exc, ConversionError):
         return str(exc)
@@ -225,7 +232,19 @@ def run_job(opts: JobOptions, dist: Dist) -> int:
             time.sleep(0.2)
         bar.update(dist.counter_add(key + "/bytes", 0) - bar.n)
         bar.close()
-    errors = [e for e in dist.gather(error) if e]
+    stats = {
+        "rank": dist.rank,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "read_bytes": sum(p.read_bytes for p in mine),
+        "written_bytes": sum(p.write_bytes for p in mine),
+        "pieces": len(mine),
+        "seconds": time.perf_counter() - t0,
+    }
+    gathered = dist.gather((error, stats))
+    errors = [e for e, _ in gathered if e]
+    if dist.is_main and opts.stats_path:
+        with open(opts.stats_path, "w") as fh:
+            json.dump({"world_size": dist.world_size, "ep": setup.ep, "ranks": [s for _, s in gathered]}, fh, indent=2)
     if errors:
         if dist.is_main:
             for e in errors:

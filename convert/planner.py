@@ -17,7 +17,7 @@ from convert.families import PER_EXPERT, Family
 from convert.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, numel
 from convert.transforms import Unit
 
-DEFAULT_CHUNK_BYTES = 64 << 20
+DEFAULT_CHUNK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,22 @@
+"""Keep large transient buffers out of the heap so a rank's RSS stays at what it holds now.
+
+glibc raises its mmap threshold after large frees, after which multi-MB piece buffers
+come from per-thread heap arenas that are never given back: RSS grows with the job.
+Pinning the threshold keeps every buffer >= 1 MiB in its own mapping, freed at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+M_MMAP_THRESHOLD = -3
+
+
+def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Serve allocations of at least `nbytes` by mmap; returns False where not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
