@@ -62,25 +62,7 @@ class Executor:
                     file, pos = self._dst_pos(w)
                     self.dst.copy_range_from(self.src, r.file, r.start + roff, file, pos + woff, n)
                 return piece.write_bytes
-            data = b"".join(self.src.read_range(r.file, r.start, r.end) for r in piece.reads)
-            outs: list[bytes | memoryview] = []
-            pos = 0
-            for w in piece.writes:
-                outs.append(memoryview(data)[pos : pos + w.end - w.start])
-                pos += w.end - w.start
-        elif piece.regroup is None:
-            # An elementwise cast: cast each read, then slice the result into the writes.
-            dst_dtype = piece.writes[0].dtype
-            parts = [cast_bytes(self.src.read_range(r.file, r.start, r.end), r.dtype, dst_dtype) for r in piece.reads]
-            cast = parts[0] if len(parts) == 1 else b"".join(parts)
-            outs, pos = [], 0
-            for w in piece.writes:
-                outs.append(memoryview(cast)[pos : pos + w.end - w.start])
-                pos += w.end - w.start
-        else:
-            bufs = [self.src.read_range(r.file, r.start, r.end) for r in piece.reads]
-            g = piece.regroup
-            outs = list(regroup(g.src, bufs, g.dst, dict(g.role_shape)))
+        outs = piece_outputs(self.src, piece)
         for w, buf in zip(piece.writes, outs):
             if len(buf) != w.end - w.start:
                 raise AssertionError(f"piece for {w.tensor}: produced {len(buf)} bytes, expected {w.end - w.start}")
@@ -104,6 +86,24 @@ class Executor:
                     on_done(pending.pop(0).result())
             for f in pending:
                 on_done(f.result())
+
+
+def piece_outputs(src: Storage, piece: Piece) -> list[bytes | memoryview]:
+    """Read a piece's source bytes and return the bytes of each of its writes, in order."""
+    if piece.regroup is not None:
+        bufs = [src.read_range(r.file, r.start, r.end) for r in piece.reads]
+        g = piece.regroup
+        return list(regroup(g.src, bufs, g.dst, dict(g.role_shape)))
+    # A byte copy or an elementwise cast: concatenate the (cast) reads, then slice into the writes.
+    dst_dtype = piece.writes[0].dtype
+    parts = [cast_bytes(src.read_range(r.file, r.start, r.end), r.dtype, dst_dtype) for r in piece.reads]
+    data = memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
+    outs: list[bytes | memoryview] = []
+    pos = 0
+    for w in piece.writes:
+        outs.append(data[pos : pos + w.end - w.start])
+        pos += w.end - w.start
+    return outs
 
 
 def piece_memory(piece: Piece) -> int:
