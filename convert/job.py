@@ -2,9 +2,11 @@
 
 Rank 0 reads the metadata and builds the plan, the output file layout and the
 piece assignment, and broadcasts them (every rank then holds the same plan). Each
-rank streams its own pieces straight to their final offsets in `*.incomplete`
-files. Only when every rank succeeded does rank 0 rename the shards, copy the
-source's other files and write the index last: a destination with an index is complete.
+rank streams its own pieces to their final place through a sink (local files written
+in place, or multipart uploads). Only when every rank succeeded does rank 0 commit
+the shards, copy the source's other files and write the final files (the index) last:
+a destination with its index is complete. A destination holding the state of an
+unfinished job with the same plan fingerprint is resumed, not redone.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import resource
 import sys
 import time
 import traceback
+import hashlib
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,20 +26,20 @@ from tqdm import tqdm
 
 from convert.checkpoint import INDEX_NAME, open_checkpoint
 from convert.errors import ConversionError
-from convert.executor import Executor, piece_memory
+from convert.executor import piece_memory
 from convert.families import detect_family
-from convert.planner import Plan, plan_conversion
+from convert.planner import Piece, plan_conversion
+from convert.sinks import STATE_DIR, SinkJob, make_sink, read_state
 from convert.storage import Storage
 from launch.dist import Dist
 from sharding.ep import assign_pieces, expert_slices
 from sharding.file_layout import OutputFile, layout_files, weight_map
 
-INCOMPLETE = ".incomplete"
 
 
 @dataclass
 class JobOptions:
-    """Everything a base-weight conversion needs; mirrors the command-line flags."""
+    """Everything a conversion needs; mirrors the command-line flags."""
 
     src: str
     dst: str
@@ -55,34 +58,67 @@ class JobOptions:
 
 @dataclass
 class JobSetup:
-    """What rank 0 decides and every rank receives."""
+    """What rank 0 decides and every rank receives: a complete description of the output."""
 
-    plan: Plan
+    summary: list[str]  # plan lines for --dry-run
     files: list[OutputFile]
+    pieces: list[Piece]
     assignment: list[list[int]]
     ep: int
-    job_id: str
+    copy_files: list[str]  # source files copied unchanged at commit
+    final_files: dict[str, bytes]  # written at commit, in order; the last marks the output complete
+    fingerprint: str
+    resuming: bool = False
+    job_id: str = ""
 
 
-def _check_destination(src: Storage, dst: Storage, overwrite: bool) -> None:
+def fingerprint(*parts: Any) -> str:
+    """A stable hash of a plan: the same source and options give the same fingerprint."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(repr(part).encode())
+    return h.hexdigest()[:32]
+
+
+def _same_place(src: Storage, dst: Storage) -> tuple[str, str]:
     if src.is_local and dst.is_local:
-        s, d = os.path.realpath(src.root), os.path.realpath(dst.root)
-    else:
-        s, d = src.fs.unstrip_protocol(src.root), dst.fs.unstrip_protocol(dst.root)
+        return os.path.realpath(src.root), os.path.realpath(dst.root)
+    return src.fs.unstrip_protocol(src.root), dst.fs.unstrip_protocol(dst.root)
+
+
+def check_destination(src: Storage, dst: Storage, overwrite: bool, marker: str, fp: str) -> bool:
+    """Refuse a destination that would lose data or overlap the source; True when resuming.
+
+    An absent or empty destination is fresh; one holding an unfinished job with the same
+    plan fingerprint is resumed; anything else needs --overwrite.
+    """
+    s, d = _same_place(src, dst)
     if d == s or d.startswith(s.rstrip("/") + "/"):
         raise ConversionError(f"--dst {dst.url} is the source or inside it; choose a directory outside --src")
     if s.startswith(d.rstrip("/") + "/"):
         raise ConversionError(f"--dst {dst.url} contains the source {src.url}; choose another directory")
-    if dst.exists() and not dst.isdir():
+    if not dst.exists():
+        return False
+    if not dst.isdir():
         raise ConversionError(f"--dst {dst.url} exists and is not a directory")
-    if dst.exists() and not overwrite:
-        files, dirs = dst.list_dir()
-        if files or dirs:
-            raise ConversionError(f"--dst {dst.url} exists and is not empty; pass --overwrite to replace its contents")
+    files, dirs = dst.list_dir()
+    if not files and not dirs or overwrite:
+        return False
+    if marker in files:
+        raise ConversionError(f"--dst {dst.url} already holds a complete conversion ({marker}); pass --overwrite to redo it")
+    state = read_state(dst)
+    if state is not None:
+        if state.get("fingerprint") == fp:
+            return True
+        raise ConversionError(
+            f"--dst {dst.url} holds an unfinished conversion of a different source or options; "
+            "pass --overwrite to discard it"
+        )
+    raise ConversionError(f"--dst {dst.url} exists and is not empty; pass --overwrite to replace its contents")
 
 
 def plan_job(opts: JobOptions, dist: Dist) -> JobSetup:
-    """Rank 0's work before any byte moves: read metadata, plan, check the destination."""
+    """Rank 0's work before any byte moves: read metadata, plan, lay out, check the destination."""
     src = Storage(opts.src, opts.storage_options)
     dst = Storage(opts.dst, opts.storage_options)
     ckpt = open_checkpoint(src)
@@ -94,69 +130,55 @@ def plan_job(opts: JobOptions, dist: Dist) -> JobSetup:
         raise ConversionError(f"--ep must be >= 1, got {ep}")
     files = layout_files(plan.targets, opts.max_shard_bytes, plan.metadata)
     assignment = assign_pieces(plan.pieces, plan.num_experts, ep, dist.world_size)
-    if not opts.dry_run:
-        _check_destination(src, dst, opts.overwrite)
-    return JobSetup(plan, files, assignment, ep, uuid.uuid4().hex)
+    total = sum(t.nbytes for t in plan.targets)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map(files).items()))}
+    slices = expert_slices(plan.num_experts, ep)
+    sizes = sorted({len(r) for r in slices})
+    layouts = sorted({lay for _, lay in plan.groups})
+    summary = [
+        f"plan: {plan.family} {'/'.join(layouts)} -> {plan.target_layout}; {len(plan.groups)} expert layers, "
+        f"E={plan.num_experts}, dtype={opts.dtype or 'keep'}",
+        f"  source: {opts.src}",
+        f"  destination: {opts.dst}",
+        f"  ep={ep} expert slices over {dist.world_size} rank(s); experts per slice: "
+        + "/".join(str(n) for n in sizes)
+        + (f" (ep does not divide E={plan.num_experts}: slices differ by one expert)" if len(sizes) > 1 else ""),
+    ]
+    if ep > dist.world_size:
+        summary.append(f"  each rank works through up to {-(-ep // dist.world_size)} slices in turn")
+    summary += [f"  note: {n}" for n in plan.notes]
+    fp = fingerprint(
+        opts.src, sorted((n, h.file_size) for n, h in ckpt.headers.items()),
+        [(f.name, f.size, f.header) for f in files], plan.pieces,
+    )
+    resuming = False if opts.dry_run else check_destination(src, dst, opts.overwrite, INDEX_NAME, fp)
+    return JobSetup(
+        summary=summary, files=files, pieces=plan.pieces, assignment=assignment, ep=ep,
+        copy_files=plan.copy_files, final_files={INDEX_NAME: (json.dumps(index, indent=2) + "\n").encode()},
+        fingerprint=fp, resuming=resuming, job_id=uuid.uuid4().hex,
+    )
 
 
 def _gb(n: float) -> str:
     return f"{n / 1e9:.3f} GB" if n >= 1e7 else f"{n / 1e6:.3f} MB"
 
 
-def describe(setup: JobSetup, opts: JobOptions, world: int) -> str:
+def describe(setup: JobSetup, workers: int) -> str:
     """Human-readable plan: files, per-rank bytes and estimated peak memory."""
-    plan = setup.plan
-    layouts = sorted({lay for _, lay in plan.groups})
-    slices = expert_slices(plan.num_experts, setup.ep)
-    sizes = sorted({len(r) for r in slices})
-    lines = [
-        f"plan: {plan.family} {'/'.join(layouts)} -> {plan.target_layout}; {len(plan.groups)} expert layers, "
-        f"E={plan.num_experts}, dtype={opts.dtype or 'keep'}",
-        f"  source: {opts.src}",
-        f"  destination: {opts.dst}",
-        f"  ep={setup.ep} expert slices over {world} rank(s); experts per slice: "
-        + ("/".join(str(s) for s in sizes))
-        + (f" (ep does not divide E={plan.num_experts}: slices differ by one expert)" if len(sizes) > 1 else ""),
-    ]
-    if setup.ep > world:
-        lines.append(f"  each rank works through up to {-(-setup.ep // world)} slices in turn")
+    lines = list(setup.summary)
     total = sum(f.size for f in setup.files)
-    lines.append(f"  output: {len(setup.files)} file(s), {_gb(total)} + {INDEX_NAME}, {len(plan.copy_files)} other file(s) copied")
+    finals = ", ".join(setup.final_files)
+    lines.append(f"  output: {len(setup.files)} file(s), {_gb(total)} + {finals}; {len(setup.copy_files)} other file(s) copied")
     for f in setup.files:
         lines.append(f"    {f.name}  {_gb(f.size)}  {len(f.slots)} tensors")
     lines.append("  rank  pieces  read        written     est. peak memory")
     for r, idx in enumerate(setup.assignment):
-        pieces = [plan.pieces[i] for i in idx]
+        pieces = [setup.pieces[i] for i in idx]
         rd = sum(p.read_bytes for p in pieces)
         wr = sum(p.write_bytes for p in pieces)
-        peak = max((piece_memory(p) for p in pieces), default=0) * max(1, opts.workers)
+        peak = max((piece_memory(p) for p in pieces), default=0) * max(1, workers)
         lines.append(f"  {r:>4}  {len(pieces):>6}  {_gb(rd):>10}  {_gb(wr):>10}  {_gb(peak):>10}")
-    lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)
-
-
-def _prepare_outputs(dst: Storage, files: list[OutputFile], overwrite: bool) -> None:
-    dst.makedirs()
-    if overwrite and dst.exists(INDEX_NAME):
-        dst.remove(INDEX_NAME)  # the old output stops looking complete before anything changes
-    names = {f.name for f in files}
-    existing, _ = dst.list_dir()
-    for name in existing:
-        stale = name.endswith(".safetensors" + INCOMPLETE) or (name.startswith("model-") and name.endswith(".safetensors"))
-        if overwrite and stale and name not in names:
-            dst.remove(name)
-    for f in files:
-        dst.create_sized(f.name + INCOMPLETE, f.header, f.size)
-
-
-def _commit(src: Storage, dst: Storage, setup: JobSetup) -> None:
-    for f in setup.files:
-        dst.rename(f.name + INCOMPLETE, f.name)
-    for name in setup.plan.copy_files:
-        dst.copy_file_from(src, name)
-    total = sum(t.nbytes for t in setup.plan.targets)
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map(setup.files).items()))}
-    dst.write_bytes(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
 
 
 def peak_rss_bytes() -> int:
@@ -171,55 +193,69 @@ def _error_text(exc: BaseException) -> str:
 
 
 def run_job(opts: JobOptions, dist: Dist) -> int:
-    """Run the job on this rank; returns the process exit code (0 ok, 1 failed, 2 refused)."""
+    """Plan (rank 0) and run a base-weight job on this rank; returns the exit code."""
     setup: JobSetup | str | None = None
     if dist.is_main:
         try:
             setup = plan_job(opts, dist)
         except (ConversionError, OSError, ValueError) as exc:
             setup = _error_text(exc)
-    setup = dist.broadcast(setup)
+    return execute(dist.broadcast(setup), opts, dist)
+
+
+def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist) -> int:
+    """Stream a planned job (broadcast to every rank) and commit it; returns the exit code.
+
+    0 ok, 1 failed (destination left without its final files), 2 refused before writing.
+    """
     if isinstance(setup, str):
         if dist.is_main:
             print(f"error: {setup}", file=sys.stderr)
         return 2
-    assert setup is not None
     if opts.dry_run:
         if dist.is_main:
-            print(describe(setup, opts, dist.world_size))
+            print(describe(setup, opts.workers))
         return 0
-
     src = Storage(opts.src, opts.storage_options)
     dst = Storage(opts.dst, opts.storage_options)
-    status: str | None = None
+    sink = make_sink(src, dst)
+    job = SinkJob(setup.files, setup.pieces, setup.assignment, setup.fingerprint, opts.workers)
+    status: Any = None
     if dist.is_main:
         try:
-            _prepare_outputs(dst, setup.files, opts.overwrite)
+            if not setup.resuming:
+                _clear_destination(dst, sink, setup, opts.overwrite)
+            status = {"resume": sink.prepare(job, setup.resuming)}
         except (ConversionError, OSError) as exc:
             status = _error_text(exc)
     status = dist.broadcast(status)
-    if status:
+    if isinstance(status, str):
         if dist.is_main:
             print(f"error: {status}", file=sys.stderr)
         return 1
+    job.resume = status["resume"]
 
-    slots = {name: (f.name + INCOMPLETE, slot) for f in setup.files for name, slot in f.slots.items()}
-    mine = [setup.plan.pieces[i] for i in setup.assignment[dist.rank]]
-    total = sum(p.write_bytes for p in setup.plan.pieces)
+    mine = sink.rank_pieces(job, dist.rank)
+    total = sum(p.write_bytes for p in setup.pieces)
     key = f"moe_convert/{setup.job_id}"
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not (dist.is_main and opts.show_progress))
+
+    crash_at = _crash_point(dist.rank)
+    done_here = [0]
 
     def on_done(n: int) -> None:
         value = dist.counter_add(key + "/bytes", n)
         if dist.is_main:
             bar.update(value - bar.n)
+        done_here[0] += n
+        if crash_at is not None and done_here[0] >= crash_at:
+            os._exit(137)  # simulated crash (MOE_CONVERT_CRASH_AFTER), for resume tests
 
     t0 = time.perf_counter()
     error: str | None = None
+    result: Any = None
     try:
-        Executor(src, dst, slots, opts.workers).run(mine, on_done)
-        for name in sorted({slots[w.tensor][0] for p in mine for w in p.writes}):
-            dst.fsync(name)
+        result = sink.run(job, dist.rank, on_done)
     except Exception as exc:  # noqa: BLE001 - reported to every rank, then exit non-zero
         error = f"rank {dist.rank}: {_error_text(exc)}"
     finally:
@@ -240,30 +276,59 @@ def run_job(opts: JobOptions, dist: Dist) -> int:
         "pieces": len(mine),
         "seconds": time.perf_counter() - t0,
     }
-    gathered = dist.gather((error, stats))
-    errors = [e for e, _ in gathered if e]
+    gathered = dist.gather((error, stats, result))
+    errors = [e for e, _, _ in gathered if e]
     if dist.is_main and opts.stats_path:
         with open(opts.stats_path, "w") as fh:
-            json.dump({"world_size": dist.world_size, "ep": setup.ep, "ranks": [s for _, s in gathered]}, fh, indent=2)
+            json.dump({"world_size": dist.world_size, "ep": setup.ep, "resumed": setup.resuming,
+                       "ranks": [s for _, s, _ in gathered]}, fh, indent=2)
     if errors:
         if dist.is_main:
             for e in errors:
                 print(f"error: {e}", file=sys.stderr)
-            print(f"error: conversion failed; {opts.dst} has no index and is incomplete", file=sys.stderr)
+            print(f"error: conversion failed; {opts.dst} is incomplete (no {next(iter(setup.final_files))}). "
+                  "Re-run the same command to resume.", file=sys.stderr)
         return 1
+    ok = True
     if dist.is_main:
         try:
-            _commit(src, dst, setup)
+            sink.commit(job, [r for _, _, r in gathered])
+            for name in setup.copy_files:
+                dst.copy_file_from(src, name)
+            for name, data in setup.final_files.items():
+                dst.write_bytes(name, data)
+            dst.remove_tree(STATE_DIR)
         except (ConversionError, OSError) as exc:
             print(f"error: commit failed: {_error_text(exc)}", file=sys.stderr)
-            dist.broadcast(False)
-            return 1
-        dist.broadcast(True)
-        elapsed = time.perf_counter() - t0
-        size = sum(f.size for f in setup.files)
-        print(
-            f"wrote {len(setup.files)} file(s), {_gb(size)} to {opts.dst} in {elapsed:.2f} s "
-            f"({size / max(elapsed, 1e-9) / 1e9:.3f} GB/s) with {dist.world_size} rank(s)"
-        )
-        return 0
-    return 0 if dist.broadcast(None) else 1
+            ok = False
+        if ok:
+            elapsed = time.perf_counter() - t0
+            size = sum(f.size for f in setup.files)
+            print(f"wrote {len(setup.files)} file(s), {_gb(size)} to {opts.dst} in {elapsed:.2f} s "
+                  f"({size / max(elapsed, 1e-9) / 1e9:.3f} GB/s) with {dist.world_size} rank(s)"
+                  + (" (resumed)" if setup.resuming else ""))
+    return 0 if dist.broadcast(ok) else 1
+
+
+def _crash_point(rank: int) -> int | None:
+    """Bytes after which this rank dies, from MOE_CONVERT_CRASH_AFTER="rank:bytes" (crash tests only)."""
+    spec = os.environ.get("MOE_CONVERT_CRASH_AFTER", "")
+    if ":" not in spec:
+        return None
+    r, n = spec.split(":", 1)
+    return int(n) if int(r) == rank else None
+
+
+def _clear_destination(dst: Storage, sink: Any, setup: JobSetup, overwrite: bool) -> None:
+    """Before a fresh run: with --overwrite, make the old output incomplete first, then remove it."""
+    dst.makedirs()
+    if not overwrite:
+        return
+    for name in reversed(list(setup.final_files)):
+        dst.remove(name)
+    sink.discard(read_state(dst))
+    names = {f.name for f in setup.files}
+    existing, _ = dst.list_dir()
+    for name in existing:
+        if name.endswith(".safetensors") and name.startswith("model-") and name not in names:
+            dst.remove(name)

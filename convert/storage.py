@@ -9,13 +9,48 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import random
 import threading
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from convert.errors import ConversionError
+
+T = TypeVar("T")
+RETRIES = int(os.environ.get("MOE_CONVERT_RETRIES", "8"))
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    """True for errors a retry cannot fix: bad input, missing objects, 4xx answers but 408/429."""
+    if isinstance(exc, (ConversionError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return True
+    cause = exc.__cause__ or exc
+    response = getattr(cause, "response", None)
+    if isinstance(response, dict):
+        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        return 400 <= status < 500 and status not in (408, 429)
+    return False
+
+
+def with_retries(what: str, fn: Callable[[], T], attempts: int = RETRIES) -> T:
+    """Call `fn`, retrying transient failures (network, 5xx, throttling) with jittered backoff.
+
+    Permanent errors (bad input, missing objects, 4xx) are raised at once.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - object stores raise many kinds of transient errors
+            if _is_permanent(exc):
+                raise
+            if attempt == attempts - 1:
+                raise OSError(f"{what}: failed after {attempts} attempts: {exc!r}") from exc
+            time.sleep(min(10.0, 0.05 * 2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
 
 
 class Storage:
@@ -40,21 +75,26 @@ class Storage:
 
     # -- metadata ----------------------------------------------------------
     def exists(self, rel: str = "") -> bool:
-        return bool(self.fs.exists(self.path(rel)))
+        if not self.is_local:
+            self.fs.invalidate_cache(self.path(rel))
+        return bool(with_retries(f"stat {self.display(rel)}", lambda: self.fs.exists(self.path(rel))))
 
     def isdir(self, rel: str = "") -> bool:
-        return bool(self.fs.isdir(self.path(rel)))
+        return bool(with_retries(f"stat {self.display(rel)}", lambda: self.fs.isdir(self.path(rel))))
 
     def size(self, rel: str) -> int:
         """Size in bytes of the file `rel`."""
         if self.is_local:
             return os.stat(self.path(rel)).st_size
-        return int(self.fs.size(self.path(rel)))
+        return int(with_retries(f"stat {self.display(rel)}", lambda: self.fs.size(self.path(rel))))
 
     def list_dir(self, rel: str = "") -> tuple[list[str], list[str]]:
         """(files, subdirectories) directly below `rel`, as names relative to it."""
         files, dirs = [], []
-        for entry in self.fs.ls(self.path(rel), detail=True):
+        if not self.is_local:
+            self.fs.invalidate_cache(self.path(rel))
+        entries = with_retries(f"list {self.display(rel)}", lambda: self.fs.ls(self.path(rel), detail=True))
+        for entry in entries:
             name = posixpath.basename(entry["name"].rstrip("/"))
             (dirs if entry["type"] == "directory" else files).append(name)
         return sorted(files), sorted(dirs)
@@ -84,7 +124,10 @@ class Storage:
                 pos += len(chunk)
             data = b"".join(chunks)
         else:
-            data = self.fs.cat_file(self.path(rel), start=start, end=end)
+            data = with_retries(
+                f"read {self.display(rel)} [{start}, {end})",
+                lambda: self.fs.cat_file(self.path(rel), start=start, end=end),
+            )
         if len(data) != end - start:
             raise ConversionError(
                 f"{self.display(rel)}: expected {end - start} bytes at offset {start}, got {len(data)} (truncated file?)"
@@ -93,8 +136,10 @@ class Storage:
 
     def read_bytes(self, rel: str) -> bytes:
         """The whole of a small file (configs, indexes)."""
-        with self.fs.open(self.path(rel), "rb") as f:
-            return f.read()
+        if self.is_local:
+            with open(self.path(rel), "rb") as f:
+                return f.read()
+        return with_retries(f"read {self.display(rel)}", lambda: self.fs.cat_file(self.path(rel)))
 
     def read_json(self, rel: str) -> Any:
         """Parse the small JSON file `rel`; errors name the file."""
@@ -117,7 +162,7 @@ class Storage:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path(rel))
         else:
-            self.fs.pipe_file(self.path(rel), data)
+            with_retries(f"write {self.display(rel)}", lambda: self.fs.pipe_file(self.path(rel), data))
 
     def create_sized(self, rel: str, head: bytes, size: int) -> None:
         """Create (or truncate) `rel` as a file of `size` bytes starting with `head`."""
@@ -167,9 +212,79 @@ class Storage:
         if self.exists(rel):
             self.fs.rm(self.path(rel))
 
+    def remove_tree(self, rel: str) -> None:
+        """Remove the directory `rel` and everything below it, if it exists."""
+        if self.exists(rel):
+            with_retries(f"remove {self.display(rel)}", lambda: self.fs.rm(self.path(rel), recursive=True))
+
     def copy_file_from(self, src: "Storage", rel: str, dst_rel: str | None = None) -> None:
         """Copy a whole (small) file from `src` to the same name (or `dst_rel`) here."""
         self.write_bytes(dst_rel or rel, src.read_bytes(rel))
+
+    # -- multipart uploads (object stores) ----------------------------------
+    @property
+    def supports_multipart(self) -> bool:
+        return hasattr(self.fs, "call_s3") and hasattr(self.fs, "split_path")
+
+    def _s3(self, what: str, method: str, rel: str, **kwargs: Any) -> Any:
+        bucket, key, _ = self.fs.split_path(self.path(rel))
+        return with_retries(
+            f"{what} {self.display(rel)}", lambda: self.fs.call_s3(method, Bucket=bucket, Key=key, **kwargs)
+        )
+
+    def mpu_create(self, rel: str) -> str:
+        """Start a multipart upload of `rel`; returns its upload id."""
+        return str(self._s3("start upload of", "create_multipart_upload", rel)["UploadId"])
+
+    def mpu_upload_part(self, rel: str, upload_id: str, number: int, data: bytes | bytearray | memoryview) -> str:
+        """Upload part `number` (1-based) of `rel`; returns its ETag."""
+        body = bytes(data)
+        resp = self._s3(f"upload part {number} of", "upload_part", rel, UploadId=upload_id, PartNumber=number, Body=body)
+        return str(resp["ETag"])
+
+    def mpu_list_parts(self, rel: str, upload_id: str) -> dict[int, tuple[str, int]]:
+        """Parts already uploaded: number -> (ETag, size). Empty if the upload no longer exists."""
+        out: dict[int, tuple[str, int]] = {}
+        marker = 0
+        while True:
+            try:
+                resp = self._s3("list parts of", "list_parts", rel, UploadId=upload_id, PartNumberMarker=marker)
+            except OSError as exc:
+                if "NoSuchUpload" in repr(exc.__cause__ or exc):
+                    return {}
+                raise
+            for p in resp.get("Parts", []):
+                out[int(p["PartNumber"])] = (str(p["ETag"]), int(p["Size"]))
+            if not resp.get("IsTruncated"):
+                return out
+            marker = int(resp["NextPartNumberMarker"])
+
+    def mpu_complete(self, rel: str, upload_id: str, etags: dict[int, str]) -> None:
+        """Assemble `rel` from its parts; the object appears only now."""
+        parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
+        self._s3("complete upload of", "complete_multipart_upload", rel, UploadId=upload_id,
+                 MultipartUpload={"Parts": parts})
+        self.fs.invalidate_cache(self.path(rel))
+
+    def mpu_abort(self, rel: str, upload_id: str) -> None:
+        """Abort an upload and free its parts (an upload already gone is fine)."""
+        try:
+            self._s3("abort upload of", "abort_multipart_upload", rel, UploadId=upload_id)
+        except OSError as exc:
+            if "NoSuchUpload" not in repr(exc.__cause__ or exc):
+                raise
+
+    def mpu_pending(self, prefix_rel: str = "") -> list[tuple[str, str]]:
+        """(key relative to the root, upload id) of every unfinished upload below the root."""
+        bucket, key, _ = self.fs.split_path(self.path(prefix_rel))
+        resp = with_retries(
+            f"list uploads of {self.display()}",
+            lambda: self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key.rstrip("/") + "/"),
+        )
+        _, root_key, _ = self.fs.split_path(self.root)
+        return [
+            (u["Key"][len(root_key):].lstrip("/"), u["UploadId"]) for u in resp.get("Uploads", [])
+        ]
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,233 @@
+"""Where a job's output bytes go: local files written in place, or object-store multipart uploads.
+
+Both keep the same promises: nothing looks complete before the commit, and a re-run of
+the same job (same plan fingerprint) after a crash resumes instead of starting over.
+- LocalSink: every shard is preallocated as `<name>.incomplete`; each rank writes its
+  pieces at their final offsets and appends finished piece ids to its journal (after an
+  fsync of the data). The commit renames the shards.
+- MultipartSink: every shard is one multipart upload; each part (>= 5 MiB but the last)
+  is assembled in memory by one rank and uploaded. Uploaded parts are the journal (S3's
+  ListParts). The commit completes the uploads; the objects appear only then.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from convert.errors import ConversionError
+from convert.executor import Executor, piece_outputs
+from convert.planner import Piece
+from convert.storage import Storage
+from sharding.file_layout import OutputFile
+from sharding.parts import MAX_PART, MIN_PART, Part, plan_parts
+
+STATE_DIR = ".moe-convert"
+STATE_FILE = f"{STATE_DIR}/state.json"
+INCOMPLETE = ".incomplete"
+
+
+@dataclass
+class SinkJob:
+    """What a sink needs to know of the job (identical on every rank)."""
+
+    files: list[OutputFile]
+    pieces: list[Piece]
+    assignment: list[list[int]]
+    fingerprint: str
+    workers: int = 4
+    resume: dict[str, Any] = field(default_factory=dict)  # filled by prepare() on rank 0, then broadcast
+
+
+class Sink(Protocol):
+    def prepare(self, job: SinkJob, resuming: bool) -> dict[str, Any]: ...
+    def run(self, job: SinkJob, rank: int, on_done: Callable[[int], None]) -> Any: ...
+    def commit(self, job: SinkJob, results: Sequence[Any]) -> None: ...
+    def discard(self, job_state: dict[str, Any] | None) -> None: ...
+    def rank_pieces(self, job: SinkJob, rank: int) -> list[Piece]: ...
+
+
+def read_state(dst: Storage) -> dict[str, Any] | None:
+    """The state file of an unfinished job in `dst`, or None."""
+    if not dst.exists(STATE_FILE):
+        return None
+    try:
+        return dict(dst.read_json(STATE_FILE))
+    except ConversionError:
+        return None
+
+
+def make_sink(src: Storage, dst: Storage) -> Sink:
+    """The sink for `dst`: local files, or multipart uploads on an object store."""
+    if dst.is_local:
+        return LocalSink(src, dst)
+    if dst.supports_multipart:
+        return MultipartSink(src, dst)
+    raise ConversionError(f"{dst.url}: writing to this filesystem is not supported (local paths and S3 are)")
+
+
+class LocalSink:
+    """In-place positional writes into preallocated `*.incomplete` files, with per-rank journals."""
+
+    def __init__(self, src: Storage, dst: Storage) -> None:
+        self.src, self.dst = src, dst
+
+    def prepare(self, job: SinkJob, resuming: bool) -> dict[str, Any]:
+        """Rank 0: create missing shard files, collect finished pieces from journals, write the state."""
+        self.dst.makedirs(STATE_DIR)
+        done: set[int] = set()
+        existing, _ = self.dst.list_dir()
+        for f in job.files:
+            name = f.name + INCOMPLETE
+            if not (resuming and name in existing and self.dst.size(name) == f.size):
+                self.dst.create_sized(name, f.header, f.size)
+        if resuming:
+            journals, _ = self.dst.list_dir(STATE_DIR)
+            for j in journals:
+                if j.startswith("done-"):
+                    text = self.dst.read_bytes(f"{STATE_DIR}/{j}").decode()
+                    done.update(int(x) for x in text.split() if x.isdigit())
+        self.dst.write_bytes(STATE_FILE, json.dumps({"fingerprint": job.fingerprint}).encode())
+        return {"done_pieces": sorted(done)}
+
+    def rank_pieces(self, job: SinkJob, rank: int) -> list[Piece]:
+        done = set(job.resume.get("done_pieces", ()))
+        return [job.pieces[i] for i in job.assignment[rank] if i not in done]
+
+    def run(self, job: SinkJob, rank: int, on_done: Callable[[int], None]) -> None:
+        """Write this rank's unfinished pieces, journaling them in batches after an fsync."""
+        done = set(job.resume.get("done_pieces", ()))
+        todo = [i for i in job.assignment[rank] if i not in done]
+        slots = {name: (f.name + INCOMPLETE, slot) for f in job.files for name, slot in f.slots.items()}
+        executor = Executor(self.src, self.dst, slots, job.workers)
+        journal = self.dst.path(f"{STATE_DIR}/done-{uuid.uuid4().hex[:8]}-r{rank}.txt")
+        batch_bytes = int(os.environ.get("MOE_CONVERT_JOURNAL_BYTES", 64 << 20))
+        with open(journal, "a") as jf:
+            start = 0
+            while start < len(todo):
+                end, size = start, 0
+                while end < len(todo) and (end == start or size < batch_bytes):
+                    size += job.pieces[todo[end]].write_bytes
+                    end += 1
+                batch = todo[start:end]
+                executor.run([job.pieces[i] for i in batch], on_done)
+                for name in sorted({slots[w.tensor][0] for i in batch for w in job.pieces[i].writes}):
+                    self.dst.fsync(name)
+                jf.write("".join(f"{i}\n" for i in batch))
+                jf.flush()
+                os.fsync(jf.fileno())
+                start = end
+
+    def commit(self, job: SinkJob, results: Sequence[Any]) -> None:
+        """Rank 0: give the shards their final names."""
+        for f in job.files:
+            self.dst.rename(f.name + INCOMPLETE, f.name)
+
+    def discard(self, state: dict[str, Any] | None) -> None:
+        """Forget an unfinished job's journals and partial shards (for --overwrite)."""
+        self.dst.remove_tree(STATE_DIR)
+        existing, _ = self.dst.list_dir() if self.dst.exists() else ([], [])
+        for name in existing:
+            if name.endswith(".safetensors" + INCOMPLETE):
+                self.dst.remove(name)
+
+
+class MultipartSink:
+    """One multipart upload per shard; each part built in memory by one rank."""
+
+    def __init__(self, src: Storage, dst: Storage, min_part: int = MIN_PART, max_part: int = MAX_PART) -> None:
+        self.src, self.dst = src, dst
+        self.min_part = int(os.environ.get("MOE_CONVERT_MIN_PART", min_part))
+        self.max_part = int(os.environ.get("MOE_CONVERT_MAX_PART", max_part))
+
+    def _parts(self, job: SinkJob) -> list[Part]:
+        return plan_parts(job.files, job.pieces, job.assignment, self.min_part, self.max_part)
+
+    def prepare(self, job: SinkJob, resuming: bool) -> dict[str, Any]:
+        """Rank 0: start (or find again) one upload per shard and list the parts already uploaded."""
+        old = (read_state(self.dst) or {}).get("uploads", {}) if resuming else {}
+        sizes = {(p.file, p.number): p.end - p.start for p in self._parts(job)}
+        uploads: dict[str, str] = {}
+        done: dict[str, dict[int, str]] = {}
+        for f in job.files:
+            upload = old.get(f.name)
+            listed = self.dst.mpu_list_parts(f.name, upload) if upload else {}
+            if upload and (listed or self._upload_alive(f.name, upload)):
+                uploads[f.name] = upload
+                done[f.name] = {n: etag for n, (etag, size) in listed.items() if sizes.get((f.name, n)) == size}
+            else:
+                uploads[f.name] = self.dst.mpu_create(f.name)
+                done[f.name] = {}
+        self.dst.write_bytes(STATE_FILE, json.dumps({"fingerprint": job.fingerprint, "uploads": uploads}).encode())
+        return {"uploads": uploads, "done_parts": {k: {str(n): e for n, e in v.items()} for k, v in done.items()}}
+
+    def _upload_alive(self, name: str, upload: str) -> bool:
+        return any(u == upload for _, u in self.dst.mpu_pending(""))
+
+    def _my_parts(self, job: SinkJob, rank: int) -> list[Part]:
+        done = job.resume.get("done_parts", {})
+        return [p for p in self._parts(job) if p.owner == rank and str(p.number) not in done.get(p.file, {})]
+
+    def rank_pieces(self, job: SinkJob, rank: int) -> list[Piece]:
+        idx = sorted({i for p in self._my_parts(job, rank) for i in p.pieces})
+        return [job.pieces[i] for i in idx]
+
+    def run(self, job: SinkJob, rank: int, on_done: Callable[[int], None]) -> dict[str, dict[int, str]]:
+        """Build and upload this rank's unfinished parts; returns {file: {part number: ETag}}."""
+        files = {f.name: f for f in job.files}
+        slot_of = {name: (f.name, slot) for f in job.files for name, slot in f.slots.items()}
+        uploads = job.resume["uploads"]
+        out: dict[str, dict[int, str]] = {}
+        lock = threading.Lock()
+
+        def build(part: Part) -> None:
+            buf = bytearray(part.end - part.start)
+            header = files[part.file].header
+            if part.start < len(header):
+                chunk = header[part.start : min(part.end, len(header))]
+                buf[: len(chunk)] = chunk
+            for i in part.pieces:
+                piece = job.pieces[i]
+                for w, data in zip(piece.writes, piece_outputs(self.src, piece)):
+                    _, slot = slot_of[w.tensor]
+                    lo, hi = slot.start + w.start, slot.start + w.end
+                    a, b = max(lo, part.start), min(hi, part.end)
+                    if a < b:
+                        buf[a - part.start : b - part.start] = memoryview(data)[a - lo : b - lo]
+            etag = self.dst.mpu_upload_part(part.file, uploads[part.file], part.number, buf)
+            with lock:
+                out.setdefault(part.file, {})[part.number] = etag
+            on_done(part.end - part.start)
+
+        parts = self._my_parts(job, rank)
+        with ThreadPoolExecutor(max_workers=max(1, min(job.workers, 4))) as pool:
+            for fut in [pool.submit(build, p) for p in parts]:
+                fut.result()
+        return out
+
+    def commit(self, job: SinkJob, results: Sequence[dict[str, dict[int, str]]]) -> None:
+        """Rank 0: complete every upload from the parts of this run and of earlier runs."""
+        done = job.resume.get("done_parts", {})
+        expected: dict[str, int] = {}
+        for p in self._parts(job):
+            expected[p.file] = max(expected.get(p.file, 0), p.number)
+        for f in job.files:
+            etags = {int(n): e for n, e in done.get(f.name, {}).items()}
+            for r in results:
+                etags.update(r.get(f.name, {}))
+            if sorted(etags) != list(range(1, expected[f.name] + 1)):
+                raise ConversionError(f"{self.dst.display(f.name)}: parts {sorted(etags)} of {expected[f.name]} uploaded")
+            self.dst.mpu_complete(f.name, job.resume["uploads"][f.name], etags)
+
+    def discard(self, state: dict[str, Any] | None) -> None:
+        """Abort the uploads of an unfinished job and forget it (for --overwrite)."""
+        for name, upload in (state or {}).get("uploads", {}).items():
+            self.dst.mpu_abort(name, upload)
+        self.dst.remove_tree(STATE_DIR)
+

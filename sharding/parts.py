@@ -1,0 +1,99 @@
+"""Cut each output file into multipart-upload parts, and give each part to one rank.
+
+Object stores assemble a file from parts of at least `min_part` bytes (except the
+last). Each part is produced whole by one rank: cuts are placed where the owning
+rank changes (so an EP slice of a fused tensor stays one rank's part) once a part
+is at least `min_part`, and a part never exceeds `max_part`. A part goes to the rank
+that owns most of its bytes; pieces that straddle a cut are run by both owners,
+each keeping its own bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+MIN_PART = 5 << 20  # S3's minimum size of every part but the last
+MAX_PART = 64 << 20
+
+
+class WriteLike(Protocol):
+    tensor: str
+    start: int
+    end: int
+
+
+class PieceLike(Protocol):
+    writes: tuple[WriteLike, ...]
+
+
+class SlotLike(Protocol):
+    start: int
+    end: int
+
+
+class FileLike(Protocol):
+    name: str
+    header: bytes
+    size: int
+    slots: dict[str, SlotLike]
+
+
+@dataclass(frozen=True)
+class Part:
+    """Bytes [start, end) of output file `file`, uploaded as part `number` by rank `owner`."""
+
+    file: str
+    number: int
+    start: int
+    end: int
+    owner: int
+    pieces: tuple[int, ...]  # indices of the plan pieces that write into this part
+
+
+def plan_parts(
+    files: Sequence[FileLike],
+    pieces: Sequence[PieceLike],
+    assignment: Sequence[Sequence[int]],
+    min_part: int = MIN_PART,
+    max_part: int = MAX_PART,
+) -> list[Part]:
+    """Every part of every file, in file order then part order."""
+    owner_of_piece = {i: r for r, idx in enumerate(assignment) for i in idx}
+    where = {name: f for f in files for name in f.slots}
+    # (file, absolute start, end, rank, piece) of every write
+    runs: dict[str, list[tuple[int, int, int, int]]] = {f.name: [] for f in files}
+    for i, p in enumerate(pieces):
+        for w in p.writes:
+            f = where[w.tensor]
+            base = f.slots[w.tensor].start
+            runs[f.name].append((base + w.start, base + w.end, owner_of_piece[i], i))
+    parts: list[Part] = []
+    for f in files:
+        spans = sorted(runs[f.name])
+        spans.insert(0, (0, len(f.header), 0, -1))  # the header: rank 0
+        cuts = _cuts(spans, f.size, min_part, max_part)
+        for n, (start, end) in enumerate(zip(cuts, cuts[1:]), start=1):
+            inside = [s for s in spans if s[0] < end and s[1] > start]
+            weight: dict[int, int] = {}
+            for s in inside:
+                weight[s[2]] = weight.get(s[2], 0) + min(end, s[1]) - max(start, s[0])
+            owner = min(weight, key=lambda r: (-weight[r], r)) if weight else 0
+            parts.append(Part(f.name, n, start, end, owner, tuple(sorted({s[3] for s in inside if s[3] >= 0}))))
+    return parts
+
+
+def _cuts(spans: list[tuple[int, int, int, int]], size: int, min_part: int, max_part: int) -> list[int]:
+    """Part boundaries: at rank changes once a part has min_part bytes; never more than max_part apart."""
+    cuts = [0]
+    prev_rank = spans[0][2]
+    for start, _, rank, _ in spans[1:]:
+        while start - cuts[-1] > max_part:
+            cuts.append(cuts[-1] + max_part)
+        if rank != prev_rank and start - cuts[-1] >= min_part and size - start >= min_part:
+            cuts.append(start)
+        prev_rank = rank
+    while size - cuts[-1] > max_part:
+        cuts.append(cuts[-1] + max_part)
+    cuts.append(size)
+    return cuts

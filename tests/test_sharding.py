@@ -1,0 +1,90 @@
+"""Unit tests of the pure planning pieces: EP slices, piece assignment, shard layout, multipart parts."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.synthetic import checkpoint_specs, write_synthetic
+from convert.checkpoint import open_checkpoint
+from convert.families import load_families
+from convert.planner import plan_conversion
+from convert.storage import Storage
+from sharding.ep import assign_pieces, expert_slices
+from sharding.file_layout import layout_files, parse_size
+from sharding.parts import plan_parts
+
+
+@pytest.mark.parametrize("E, ep", [(128, 8), (5, 2), (5, 3), (3, 5), (7, 7), (128, 16)])
+def test_expert_slices_cover_every_expert_once(E, ep):
+    slices = expert_slices(E, ep)
+    assert len(slices) == ep
+    assert [e for r in slices for e in r] == list(range(E))
+    assert max(map(len, slices)) - min(map(len, slices)) <= 1
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5_000_000_000
+    assert parse_size("2GiB") == 2 << 30
+    assert parse_size("25KB") == 25_000
+    assert parse_size("1000") == 1000
+    with pytest.raises(ValueError):
+        parse_size("five gigs")
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan")
+    specs, config = checkpoint_specs("tiny", layers=3, experts=6)
+    write_synthetic(str(root), specs, config, 40_000)
+    ckpt = open_checkpoint(Storage(str(root)))
+    return plan_conversion(ckpt, load_families()["qwen3_moe"], "transformers")
+
+
+@pytest.mark.parametrize("ep, world", [(1, 1), (2, 2), (4, 2), (3, 2), (6, 3), (16, 4)])
+def test_assignment_owns_experts_by_slice(plan, ep, world):
+    assignment = assign_pieces(plan.pieces, plan.num_experts, ep, world)
+    flat = sorted(i for idx in assignment for i in idx)
+    assert flat == list(range(len(plan.pieces))), "every piece exactly once"
+    slices = expert_slices(plan.num_experts, ep)
+    for rank, idx in enumerate(assignment):
+        for i in idx:
+            e = plan.pieces[i].expert
+            if e is not None:
+                s = next(k for k, r in enumerate(slices) if e in r)
+                assert s % world == rank
+
+
+def test_layout_places_every_byte_once(plan):
+    files = layout_files(plan.targets, 30_000, {"format": "pt"})
+    assert len(files) > 1
+    for f in files:
+        spans = sorted((s.start, s.end) for s in f.slots.values())
+        assert spans[0][0] == len(f.header)
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), "tensors must be contiguous"
+        assert spans[-1][1] == f.size
+    names = [n for f in files for n in f.slots]
+    assert sorted(names) == sorted(t.name for t in plan.targets)
+    # pieces write every byte of every tensor exactly once
+    covered = {}
+    for p in plan.pieces:
+        for w in p.writes:
+            covered.setdefault(w.tensor, []).append((w.start, w.end))
+    for t in plan.targets:
+        spans = sorted(covered[t.name])
+        assert spans[0][0] == 0 and spans[-1][1] == t.nbytes
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), t.name
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_parts_tile_files_and_respect_minimum(plan, world):
+    files = layout_files(plan.targets, 10**9, {"format": "pt"})
+    assignment = assign_pieces(plan.pieces, plan.num_experts, world, world)
+    parts = plan_parts(files, plan.pieces, assignment, min_part=4000, max_part=20000)
+    for f in files:
+        mine = [p for p in parts if p.file == f.name]
+        assert [p.number for p in mine] == list(range(1, len(mine) + 1))
+        assert mine[0].start == 0 and mine[-1].end == f.size
+        assert all(a.end == b.start for a, b in zip(mine, mine[1:]))
+        assert all(4000 <= p.end - p.start <= 20000 for p in mine[:-1])
+    if world > 1:
+        assert len({p.owner for p in parts}) == world, "every rank should own some parts"
