@@ -192,25 +192,34 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
 
 
-def run_job(opts: JobOptions, dist: Dist) -> int:
-    """Plan (rank 0) and run a base-weight job on this rank; returns the exit code."""
+def run_job(opts: JobOptions, dist: Dist, report: dict[str, Any] | None = None) -> int:
+    """Plan (rank 0) and run a base-weight job on this rank; returns the exit code.
+
+    `report`, if given, receives on rank 0 the output bytes and any error text.
+    """
     setup: JobSetup | str | None = None
     if dist.is_main:
         try:
             setup = plan_job(opts, dist)
         except (ConversionError, OSError, ValueError) as exc:
             setup = _error_text(exc)
-    return execute(dist.broadcast(setup), opts, dist)
+    return execute(dist.broadcast(setup), opts, dist, report)
 
 
-def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist) -> int:
+def _fail(report: dict[str, Any] | None, text: str) -> None:
+    print(f"error: {text}", file=sys.stderr)
+    if report is not None:
+        report["error"] = report.get("error", "") + text.splitlines()[0] + " "
+
+
+def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[str, Any] | None = None) -> int:
     """Stream a planned job (broadcast to every rank) and commit it; returns the exit code.
 
     0 ok, 1 failed (destination left without its final files), 2 refused before writing.
     """
     if isinstance(setup, str):
         if dist.is_main:
-            print(f"error: {setup}", file=sys.stderr)
+            _fail(report, setup)
         return 2
     if opts.dry_run:
         if dist.is_main:
@@ -231,7 +240,7 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist) -> int:
     status = dist.broadcast(status)
     if isinstance(status, str):
         if dist.is_main:
-            print(f"error: {status}", file=sys.stderr)
+            _fail(report, status)
         return 1
     job.resume = status["resume"]
 
@@ -285,7 +294,7 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist) -> int:
     if errors:
         if dist.is_main:
             for e in errors:
-                print(f"error: {e}", file=sys.stderr)
+                _fail(report, e)
             print(f"error: conversion failed; {opts.dst} is incomplete (no {next(iter(setup.final_files))}). "
                   "Re-run the same command to resume.", file=sys.stderr)
         return 1
@@ -299,11 +308,13 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist) -> int:
                 dst.write_bytes(name, data)
             dst.remove_tree(STATE_DIR)
         except (ConversionError, OSError) as exc:
-            print(f"error: commit failed: {_error_text(exc)}", file=sys.stderr)
+            _fail(report, f"commit failed: {_error_text(exc)}")
             ok = False
         if ok:
             elapsed = time.perf_counter() - t0
             size = sum(f.size for f in setup.files)
+            if report is not None:
+                report.update(bytes=size, resumed=setup.resuming)
             print(f"wrote {len(setup.files)} file(s), {_gb(size)} to {opts.dst} in {elapsed:.2f} s "
                   f"({size / max(elapsed, 1e-9) / 1e9:.3f} GB/s) with {dist.world_size} rank(s)"
                   + (" (resumed)" if setup.resuming else ""))
