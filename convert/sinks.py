@@ -12,6 +12,7 @@ the same job (same plan fingerprint) after a crash resumes instead of starting o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -145,14 +146,24 @@ class MultipartSink:
         self.src, self.dst = src, dst
         self.min_part = int(os.environ.get("MOE_CONVERT_MIN_PART", min_part))
         self.max_part = int(os.environ.get("MOE_CONVERT_MAX_PART", max_part))
+        self._planned: tuple[SinkJob, list[Part]] | None = None
 
     def _parts(self, job: SinkJob) -> list[Part]:
-        return plan_parts(job.files, job.pieces, job.assignment, self.min_part, self.max_part)
+        if self._planned is None or self._planned[0] is not job:
+            self._planned = (job, plan_parts(job.files, job.pieces, job.assignment, self.min_part, self.max_part))
+        return self._planned[1]
 
     def prepare(self, job: SinkJob, resuming: bool) -> dict[str, Any]:
         """Rank 0: start (or find again) one upload per shard and list the parts already uploaded."""
-        old = (read_state(self.dst) or {}).get("uploads", {}) if resuming else {}
-        sizes = {(p.file, p.number): p.end - p.start for p in self._parts(job)}
+        parts = self._parts(job)
+        layout = hashlib.sha256(repr([(p.file, p.number, p.start, p.end) for p in parts]).encode()).hexdigest()
+        state = (read_state(self.dst) or {}) if resuming else {}
+        old = state.get("uploads", {})
+        if old and state.get("parts") != layout:
+            # Another world size or --ep cut the files differently: earlier parts cannot be reused.
+            self.discard(state)
+            old = {}
+        sizes = {(p.file, p.number): p.end - p.start for p in parts}
         uploads: dict[str, str] = {}
         done: dict[str, dict[int, str]] = {}
         for f in job.files:
@@ -164,7 +175,9 @@ class MultipartSink:
             else:
                 uploads[f.name] = self.dst.mpu_create(f.name)
                 done[f.name] = {}
-        self.dst.write_bytes(STATE_FILE, json.dumps({"fingerprint": job.fingerprint, "uploads": uploads}).encode())
+        self.dst.write_bytes(
+            STATE_FILE, json.dumps({"fingerprint": job.fingerprint, "uploads": uploads, "parts": layout}).encode()
+        )
         return {"uploads": uploads, "done_parts": {k: {str(n): e for n, e in v.items()} for k, v in done.items()}}
 
     def _upload_alive(self, name: str, upload: str) -> bool:
