@@ -6,6 +6,7 @@ Only headers are read (ranged reads); no tensor data is touched here.
 from __future__ import annotations
 
 import posixpath
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,8 @@ from convert.safetensors_format import FileHeader, TensorInfo, read_header
 from convert.storage import Storage
 
 INDEX_NAME = "model.safetensors.index.json"
+# Weights in other formats would be copied in the old layout next to the converted ones: leave them out.
+OTHER_WEIGHTS = re.compile(r"(\.bin|\.pt|\.pth|\.ckpt|\.gguf|\.msgpack|\.h5)$|\.bin\.index\.json$")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,8 @@ class Checkpoint:
     headers: dict[str, FileHeader]
     tensors: dict[str, TensorRef]
     config: dict[str, Any]
-    other_files: list[str]
+    other_files: list[str]  # top-level files copied unchanged (configs, tokenizer, ...)
+    skipped: list[str]  # what is not copied, and why
     metadata: dict[str, str]
     index_file: str | None
 
@@ -55,7 +59,7 @@ def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob:
     """
     if not storage.isdir():
         raise ConversionError(f"{storage.display()}: source is not a directory")
-    files, _ = storage.list_dir()
+    files, subdirs = storage.list_dir()
     index_file = index_name if index_name in files else None
     weight_map: dict[str, str] | None = None
     metadata: dict[str, str] = {}
@@ -101,5 +105,8 @@ def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob:
 
     config = storage.read_json("config.json") if "config.json" in files else {}
     weight_files = set(shard_names) | ({index_file} if index_file else set())
-    other = [f for f in files if f not in weight_files and not f.endswith(weight_glob)]
-    return Checkpoint(storage, headers, tensors, config, other, metadata, index_file)
+    rest = [f for f in files if f not in weight_files and not f.endswith(weight_glob)]
+    other = [f for f in rest if not OTHER_WEIGHTS.search(f)]
+    skipped = [f"{f}: weights in another format, not converted" for f in rest if OTHER_WEIGHTS.search(f)]
+    skipped += [f"{d}/: subdirectory, not copied" for d in subdirs if not d.startswith(".")]
+    return Checkpoint(storage, headers, tensors, config, other, metadata, index_file, skipped)

@@ -226,7 +226,7 @@ def plan_conversion(
         t, p = _passthrough_pieces(ckpt, name, dtype, chunk_bytes)
         targets.append(t)
         pieces += p
-    notes = []
+    notes = [f"skipped {what}" for what in ckpt.skipped]
     for group in groups:
         if group.layout == target_layout:
             notes.append(f"{group.prefix}: already {target_layout}, copied unchanged")
