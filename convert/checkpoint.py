@@ -109,4 +109,7 @@ def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob:
     other = [f for f in rest if not OTHER_WEIGHTS.search(f)]
     skipped = [f"{f}: weights in another format, not converted" for f in rest if OTHER_WEIGHTS.search(f)]
     skipped += [f"{d}/: subdirectory, not copied" for d in subdirs if not d.startswith(".")]
-    return Checkpoint(storage, headers, tensors, config, other, metadata, index_file, skipped)
+    return Checkpoint(
+        storage=storage, headers=headers, tensors=tensors, config=config, other_files=other,
+        skipped=skipped, metadata=metadata, index_file=index_file,
+    )
