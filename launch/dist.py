@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
-import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed as dist
@@ -22,6 +21,7 @@ class Dist:
     rank: int
     world_size: int
     initialized_here: bool = False
+    _counters: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -51,9 +51,8 @@ class Dist:
         """Atomically add to a job-wide counter and return its new value (local when alone)."""
         store = self._store()
         if store is None:
-            value = self.__dict__.setdefault("_counters", {}).get(key, 0) + amount
-            self.__dict__["_counters"][key] = value
-            return value
+            self._counters[key] = self._counters.get(key, 0) + amount
+            return self._counters[key]
         return int(store.add(key, amount))
 
     def _store(self) -> Any:
@@ -95,12 +94,3 @@ def init_dist(timeout_s: float = 3600.0) -> Dist:
         return Dist(dist.get_rank(), dist.get_world_size())
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, world, initialized_here=True)
-
-
-def picklable(obj: Any) -> bool:
-    """True when `obj` survives a broadcast (used to send errors across ranks)."""
-    try:
-        pickle.dumps(obj)
-        return True
-    except Exception:  # noqa: BLE001
-        return False
