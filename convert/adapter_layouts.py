@@ -1,0 +1,664 @@
+"""Expert-LoRA layouts of adapter files, detected from safetensors metadata alone (no tensor data).
+
+The four layouts (see FORMATS.md, "LoRA adapters"), for the experts of one MoE layer whose
+module path is `P.experts` (E experts, per-expert rank r, nn.Linear orientation [out, in]):
+
+- per_expert: `P.experts.{e}.<proj>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r].
+- peft_target_parameters: peft `ParamWrapper` on the fused 3-D parameters; the expert
+  dimension is folded into the rank: `P.experts.(base_layer.)*lora_A.weight` [E*r, in]
+  (expert-major) and `lora_B.weight` [out, r*E] (expert-minor). One wrapper per targeted
+  parameter (gate_up_proj, down_proj); which is which is decided by shape, never by name.
+- shared_w123: 3-D `P.experts.<proj>.lora_A.weight` [1|E, r, in], `.lora_B.weight`
+  [E|1, out, r]; a dim 0 of 1 is shared by every expert.
+- grouped: NeMo `P.experts.lora_gate_and_up_A` [E, H, r], `_B` [E, r, 2I],
+  `lora_down_A` [E, I, r], `_B` [E, r, H] (x @ A @ B: transposed relative to peft).
+
+Projection names (`gate_proj`/`w1` -> gate, ...) and the gate/up order inside a fused
+gate_up factor (halves or interleaved) come from the family tables in configs/, so this
+module names no model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from convert.errors import ConversionError
+from convert.families import Family, load_families
+from convert.safetensors_format import TensorInfo
+
+PATTERNS = ("per_expert", "peft_target_parameters", "shared_w123", "grouped")
+ROLES = ("gate", "up", "down")
+GATE_UP = ("gate", "up")
+PEFT_PREFIX = "base_model.model."
+
+_PER_EXPERT_RX = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<e>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.lora_(?P<f>[AB])\.weight$")
+_PEFT_RX = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<nest>(?:base_layer\.)*)lora_(?P<f>[AB])\.weight$")
+_SHARED_RX = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<proj>[A-Za-z0-9_]+)\.lora_(?P<f>[AB])\.weight$")
+_GROUPED_RX = re.compile(r"^(?P<prefix>.+)\.experts\.lora_(?P<which>gate_and_up|down)_(?P<f>[AB])(?:\.weight)?$")
+_EXPERT_LORA_RX = re.compile(r"\.experts\..*lora_")
+
+
+@dataclass(frozen=True)
+class LoraFactor:
+    """One source tensor of an expert-LoRA group.
+
+    `roles`: the roles whose LoRA factor it holds (("gate", "up") for a fused gate_up factor);
+    `factor`: "A" or "B"; `expert`: the expert of a per_expert tensor, else None (all experts);
+    `shared`: shared_w123 factor with dim 0 = 1 (the same for every expert).
+    """
+
+    name: str
+    roles: tuple[str, ...]
+    factor: str
+    expert: int | None
+    shape: tuple[int, ...]
+    dtype: str
+    shared: bool = False
+
+
+@dataclass(frozen=True)
+class ExpertLoraGroup:
+    """The expert LoRA of one MoE layer.
+
+    `prefix`: module path before ".experts" (e.g. "base_model.model.model.layers.3.mlp");
+    `rank`: per-expert rank r (the largest over roles; peft's saved tensors have E*r);
+    `role_rank`: (role, r) per role; `role_dims`: (role, (out, in)) of one expert's delta;
+    `factors`: every source tensor with its meaning; `family`: the family name when known;
+    `gate_up_order`: "concat" (gate rows then up rows) or "interleave" (gate = rows 0::2)
+    for layouts with a fused gate_up factor, None when not applicable or the family is unknown;
+    `target_param`: (role tuple, parameter name) of each peft wrapper, e.g.
+    ((("gate", "up"), "gate_up_proj"), (("down",), "down_proj")), innermost first.
+    """
+
+    prefix: str
+    pattern: str
+    num_experts: int
+    rank: int
+    roles: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    tensors: tuple[str, ...]
+    role_rank: tuple[tuple[str, int], ...] = ()
+    role_dims: tuple[tuple[str, tuple[int, int]], ...] = ()
+    factors: tuple[LoraFactor, ...] = ()
+    family: str | None = None
+    gate_up_order: str | None = None
+    target_param: tuple[tuple[tuple[str, ...], str], ...] = ()
+
+    def rank_of(self, role: str) -> int:
+        """The per-expert rank of `role`."""
+        return dict(self.role_rank)[role]
+
+    def dims_of(self, role: str) -> tuple[int, int]:
+        """(out, in) of one expert's `role` projection."""
+        return dict(self.role_dims)[role]
+
+    def factor(self, roles: tuple[str, ...], which: str, expert: int | None = None) -> LoraFactor:
+        """The source factor `which` ("A"/"B") holding `roles` (of `expert` for per_expert groups)."""
+        for f in self.factors:
+            if f.roles == roles and f.factor == which and f.expert == expert:
+                return f
+        raise KeyError((roles, which, expert))
+
+
+@dataclass(frozen=True)
+class FamilyGuess:
+    """The family of an adapter's base model, and how it was found (or why it was not)."""
+
+    family: Family | None
+    source: str  # e.g. "--base-config model_type 'gpt_oss'", or the reason it is unknown
+
+
+# ----------------------------------------------------------------------------- family tables
+
+
+def proj_roles() -> dict[str, str]:
+    """Projection module name -> role, from every family's per-expert templates (gate_proj/w1 -> gate, ...)."""
+    out: dict[str, str] = {}
+    for fam in load_families().values():
+        for role in ROLES:
+            template = fam.per_expert.get(role)
+            if template:
+                out[template.rsplit(".", 2)[-2]] = role
+    return out
+
+
+def fused_param_roles(family: Family | None = None) -> dict[str, tuple[str, ...]]:
+    """Fused parameter name -> roles it holds (gate_up_proj -> (gate, up)), from the family tables."""
+    fams = [family] if family else list(load_families().values())
+    out: dict[str, tuple[str, ...]] = {}
+    for fam in fams:
+        for tensors in fam.fused.values():
+            for t in tensors:
+                if set(t.parts) <= set(ROLES):
+                    out.setdefault(t.template.rsplit(".", 1)[-1], t.parts)
+    return out
+
+
+def gate_up_order(family: Family) -> str | None:
+    """How the family's fused gate_up parameter orders gate and up on its out dim: concat or interleave."""
+    for t in family.fused[family.default_fused]:
+        if t.parts == GATE_UP:
+            return t.op
+    return None
+
+
+def family_by_name(name: str) -> Family:
+    """The family called `name` (as in configs/)."""
+    return load_families()[name]
+
+
+def base_dims(base_config: dict[str, Any] | None) -> tuple[int | None, int | None, int | None]:
+    """(hidden size H, expert intermediate size I, number of experts E) from a config.json, None where absent."""
+    if not base_config:
+        return None, None, None
+    cfg = base_config.get("text_config", base_config) if "hidden_size" not in base_config else base_config
+    hidden = cfg.get("hidden_size")
+    inter = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
+    experts = None
+    for key in ("num_experts", "n_routed_experts", "num_local_experts"):
+        if isinstance(cfg.get(key), int) and cfg[key] > 0:
+            experts = cfg[key]
+            break
+    return hidden, inter, experts
+
+
+def _model_type_family(model_type: str | None) -> Family | None:
+    for fam in load_families().values():
+        if model_type in fam.model_types:
+            return fam
+    return None
+
+
+def guess_family(adapter_config: dict[str, Any], base_config: dict[str, Any] | None, where: str) -> FamilyGuess:
+    """The base model's family: from `base_config` (config.json) when given, else from adapter_config.json.
+
+    adapter_config evidence: `auto_mapping.parent_library`/`base_model_class` (written by peft) and
+    `base_model_name_or_path` containing a family's model_type (e.g. "gpt-oss"); used only when every
+    piece of evidence names the same family. Raises ConversionError when `base_config`'s model_type
+    is not a known family.
+    """
+    if base_config is not None:
+        model_type = base_config.get("model_type")
+        fam = _model_type_family(model_type)
+        if fam is None:
+            known = sorted(t for f in load_families().values() for t in f.model_types)
+            raise ConversionError(f"--base-config: model_type {model_type!r} is not a known MoE family (known: {known})")
+        return FamilyGuess(fam, f"--base-config model_type {model_type!r}")
+    found: dict[str, str] = {}
+    mapping = adapter_config.get("auto_mapping") or {}
+    if isinstance(mapping, dict):
+        lib = str(mapping.get("parent_library") or "")
+        m = re.match(r"^transformers\.models\.([a-z0-9_]+)\.", lib)
+        if m and _model_type_family(m[1]):
+            found.setdefault(_model_type_family(m[1]).name, f"auto_mapping.parent_library {lib!r}")  # type: ignore[union-attr]
+        cls = str(mapping.get("base_model_class") or "")
+        if cls:
+            model_type = _model_type_of_class(cls)
+            fam = _model_type_family(model_type)
+            if fam:
+                found.setdefault(fam.name, f"auto_mapping.base_model_class {cls!r}")
+    name = str(adapter_config.get("base_model_name_or_path") or "")
+    if name:
+        norm = re.sub(r"[^a-z0-9]+", "_", name.lower())
+        hits = {
+            fam.name
+            for fam in load_families().values()
+            for t in fam.model_types
+            if re.search(rf"(^|_){re.escape(t)}(_|$)", norm)
+        }
+        for h in hits:
+            found.setdefault(h, f"base_model_name_or_path {name!r}")
+    if len(found) == 1:
+        fam_name, how = next(iter(found.items()))
+        return FamilyGuess(load_families()[fam_name], f"adapter_config.json {how}")
+    if not found:
+        return FamilyGuess(None, f"{where}: adapter_config.json does not name the base model's family")
+    return FamilyGuess(None, f"{where}: adapter_config.json names several families ({sorted(found)})")
+
+
+def _model_type_of_class(cls: str) -> str | None:
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    for model_type, name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        if name == cls:
+            return model_type
+    return None
+
+
+# ----------------------------------------------------------------------------- rank patterns
+
+
+def pattern_value(patterns: dict[str, Any] | None, key: str, default: Any) -> Any:
+    """peft's `rank_pattern`/`alpha_pattern` lookup: the first pattern matching the end of `key`."""
+    for pat in patterns or {}:
+        if re.match(rf"(.*\.)?({pat})$", key):
+            return patterns[pat]  # type: ignore[index]
+    return default
+
+
+def module_key(prefix: str, *rest: str) -> str:
+    """The module name peft matches patterns against: without `base_model.model.`."""
+    name = ".".join((prefix, *rest))
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+def detect_expert_lora(
+    tensors: dict[str, TensorInfo],
+    adapter_config: dict[str, Any],
+    base_config: dict[str, Any] | None,
+    where: str,
+) -> tuple[list[ExpertLoraGroup], list[str]]:
+    """Expert-LoRA groups found in `tensors` (every tensor of the adapter, from safetensors headers), and
+    names of every other tensor (passed through unchanged).
+
+    `adapter_config`: adapter_config.json; `base_config`: the base model's config.json when the user
+    gave one; `where`: display name of the adapter directory for messages. Raises ConversionError
+    naming the tensor and the expected shapes when expert LoRA is present but inconsistent or
+    undecidable (e.g. a lone peft wrapper that could be gate_up or down).
+    """
+    roles_of_proj = proj_roles()
+    guess = guess_family(adapter_config, base_config, where)
+    found: dict[str, dict[str, dict[str, TensorInfo]]] = defaultdict(lambda: defaultdict(dict))
+    passthrough: list[str] = []
+    for name in sorted(tensors):
+        info = tensors[name]
+        m = _PER_EXPERT_RX.match(name)
+        if m and m["proj"] in roles_of_proj:
+            found["per_expert"][m["prefix"]][name] = info
+            continue
+        m = _PEFT_RX.match(name)
+        if m and len(info.shape) == 2:
+            found["peft_target_parameters"][m["prefix"]][name] = info
+            continue
+        m = _SHARED_RX.match(name)
+        if m and m["proj"] in roles_of_proj and len(info.shape) == 3:
+            found["shared_w123"][m["prefix"]][name] = info
+            continue
+        m = _GROUPED_RX.match(name)
+        if m:
+            found["grouped"][m["prefix"]][name] = info
+            continue
+        if _EXPERT_LORA_RX.search(name):
+            raise ConversionError(
+                f"{where}: tensor {name!r} ({info.dtype} {list(info.shape)}) looks like expert LoRA but matches none "
+                f"of the known layouts ({', '.join(PATTERNS)}); expected e.g. '<layer>.experts.{{e}}.gate_proj."
+                "lora_A.weight' [r, in], peft '<layer>.experts.lora_A.weight' [E*r, in], or 3-D w1/w2/w3 factors"
+            )
+        passthrough.append(name)
+
+    prefixes: dict[str, str] = {}
+    for pattern, by_prefix in found.items():
+        for prefix in by_prefix:
+            if prefix in prefixes:
+                raise ConversionError(
+                    f"{where}: layer {prefix!r} holds expert LoRA in two layouts ({prefixes[prefix]} and {pattern}); "
+                    "expected one layout per layer"
+                )
+            prefixes[prefix] = pattern
+
+    hidden, inter, base_e = base_dims(base_config)
+    ctx = _Context(where, adapter_config, guess, hidden, inter, base_e, roles_of_proj)
+    groups: list[ExpertLoraGroup] = []
+    for prefix in sorted(prefixes, key=_natural):
+        pattern = prefixes[prefix]
+        items = found[pattern][prefix]
+        if pattern == "per_expert":
+            groups.append(_per_expert(ctx, prefix, items))
+        elif pattern == "peft_target_parameters":
+            groups.append(_peft(ctx, prefix, items))
+        elif pattern == "shared_w123":
+            groups.append(_shared(ctx, prefix, items))
+        else:
+            groups.append(_grouped(ctx, prefix, items))
+    return groups, passthrough
+
+
+@dataclass
+class _Context:
+    where: str
+    adapter_config: dict[str, Any]
+    guess: FamilyGuess
+    hidden: int | None
+    inter: int | None
+    base_experts: int | None
+    roles_of_proj: dict[str, str]
+    _unused: list[str] = field(default_factory=list)
+
+    @property
+    def family_name(self) -> str | None:
+        return self.guess.family.name if self.guess.family else None
+
+    @property
+    def order(self) -> str | None:
+        return gate_up_order(self.guess.family) if self.guess.family else None
+
+    def expected(self, role: str) -> tuple[int | None, int | None]:
+        """(out, in) of `role` from the base config, None where unknown."""
+        if role == "down":
+            return self.hidden, self.inter
+        return self.inter, self.hidden
+
+    def check_experts(self, prefix: str, num: int, name: str) -> None:
+        if self.base_experts is not None and num != self.base_experts:
+            raise ConversionError(
+                f"{self.where}: tensor {name!r} gives layer {prefix} {num} experts, "
+                f"but --base-config says {self.base_experts}"
+            )
+
+
+def _natural(name: str) -> list[object]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _summary(
+    ctx: _Context, prefix: str, pattern: str, num: int, role_rank: dict[str, int], role_dims: dict[str, tuple[int, int]],
+    factors: list[LoraFactor], needs_order: bool, target_param: tuple[tuple[tuple[str, ...], str], ...] = (),
+) -> ExpertLoraGroup:
+    for role, (out, inn) in role_dims.items():
+        want_out, want_in = ctx.expected(role)
+        if (want_out is not None and out != want_out) or (want_in is not None and inn != want_in):
+            example = next(f for f in factors if role in f.roles)
+            raise ConversionError(
+                f"{ctx.where}: tensor {example.name!r}: the {role} projection of layer {prefix} is [out={out}, in={inn}], "
+                f"but --base-config says [out={want_out}, in={want_in}]"
+            )
+    if {"gate", "up"} <= set(role_dims) and role_dims["gate"] != role_dims["up"]:
+        raise ConversionError(
+            f"{ctx.where}: layer {prefix}: gate LoRA is for [out, in] = {list(role_dims['gate'])} but up LoRA for "
+            f"{list(role_dims['up'])}; expected the same shape"
+        )
+    if "down" in role_dims:
+        for r in ("gate", "up"):
+            if r in role_dims and tuple(reversed(role_dims[r])) != role_dims["down"]:
+                raise ConversionError(
+                    f"{ctx.where}: layer {prefix}: down LoRA is for [out, in] = {list(role_dims['down'])}, "
+                    f"expected {list(reversed(role_dims[r]))} (the transpose of {r})"
+                )
+    ctx.check_experts(prefix, num, factors[0].name)
+    roles = tuple(r for r in ROLES if r in role_rank)
+    return ExpertLoraGroup(
+        prefix=prefix, pattern=pattern, num_experts=num, rank=max(role_rank.values()), roles=roles,
+        dtypes=tuple(sorted({f.dtype for f in factors})), tensors=tuple(sorted(f.name for f in factors)),
+        role_rank=tuple((r, role_rank[r]) for r in roles), role_dims=tuple((r, role_dims[r]) for r in roles),
+        factors=tuple(factors), family=ctx.family_name, gate_up_order=ctx.order if needs_order else None,
+        target_param=target_param,
+    )
+
+
+def _per_expert(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> ExpertLoraGroup:
+    by: dict[tuple[str, int, str], TensorInfo] = {}
+    for name, info in items.items():
+        m = _PER_EXPERT_RX.match(name)
+        assert m
+        role = ctx.roles_of_proj[m["proj"]]
+        key = (role, int(m["e"]), m["f"])
+        if key in by:
+            raise ConversionError(
+                f"{ctx.where}: tensors {by[key].name!r} and {name!r} are both the {role} lora_{m['f']} of expert "
+                f"{m['e']} of {prefix}"
+            )
+        if len(info.shape) != 2:
+            raise ConversionError(
+                f"{ctx.where}: tensor {name!r} has shape {list(info.shape)}; expected 2-D ([r, in] for lora_A, [out, r] "
+                "for lora_B)"
+            )
+        by[key] = info
+    roles = sorted({k[0] for k in by}, key=ROLES.index)
+    num = max(k[1] for k in by) + 1
+    if ctx.base_experts is not None and num > ctx.base_experts:
+        raise ConversionError(
+            f"{ctx.where}: layer {prefix} has LoRA for expert {num - 1}, but --base-config says "
+            f"{ctx.base_experts} experts"
+        )
+    num = ctx.base_experts or num
+    role_rank: dict[str, int] = {}
+    role_dims: dict[str, tuple[int, int]] = {}
+    factors = []
+    for role in roles:
+        for e in range(num):
+            a, b = by.get((role, e, "A")), by.get((role, e, "B"))
+            if a is None or b is None:
+                other = by.get((role, e, "B" if a is None else "A")) or next(iter(by.values()))
+                raise ConversionError(
+                    f"{ctx.where}: layer {prefix}: the {role} lora_{'A' if a is None else 'B'} of expert {e} is missing "
+                    f"(found e.g. {other.name!r}; expected all {num} experts)"
+                )
+            r, inn = a.shape
+            out, rb = b.shape
+            if rb != r:
+                raise ConversionError(
+                    f"{ctx.where}: tensor {b.name!r} has shape {list(b.shape)}; expected [out, {r}] to match "
+                    f"{a.name!r} {list(a.shape)}"
+                )
+            if role not in role_rank:
+                role_rank[role], role_dims[role] = r, (out, inn)
+            elif (r, (out, inn)) != (role_rank[role], role_dims[role]):
+                raise ConversionError(
+                    f"{ctx.where}: tensor {a.name!r}: expert {e}'s {role} LoRA has rank {r} for [out, in] = [{out}, {inn}]"
+                    f", but expert 0 has rank {role_rank[role]} for {list(role_dims[role])}; experts must agree"
+                )
+            factors.append(LoraFactor(a.name, (role,), "A", e, a.shape, a.dtype))
+            factors.append(LoraFactor(b.name, (role,), "B", e, b.shape, b.dtype))
+    return _summary(ctx, prefix, "per_expert", num, role_rank, role_dims, factors, needs_order=False)
+
+
+def _peft(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> ExpertLoraGroup:
+    wrappers: dict[int, dict[str, TensorInfo]] = defaultdict(dict)
+    for name, info in items.items():
+        m = _PEFT_RX.match(name)
+        assert m
+        wrappers[m["nest"].count("base_layer.")][m["f"]] = info
+    for depth, ab in wrappers.items():
+        if set(ab) != {"A", "B"}:
+            have = next(iter(ab.values()))
+            raise ConversionError(
+                f"{ctx.where}: tensor {have.name!r} has no lora_{'B' if 'A' in ab else 'A'} partner in layer {prefix}"
+            )
+        a, b = ab["A"], ab["B"]
+        if a.shape[0] != b.shape[1]:
+            raise ConversionError(
+                f"{ctx.where}: tensor {a.name!r} {list(a.shape)} and {b.name!r} {list(b.shape)}: peft folds E*r into "
+                f"lora_A dim 0 and lora_B dim 1, which must be equal"
+            )
+    if len(wrappers) > 2:
+        raise ConversionError(
+            f"{ctx.where}: layer {prefix} has {len(wrappers)} nested peft wrappers on its experts; expected at most 2 "
+            "(gate_up_proj and down_proj)"
+        )
+    params = fused_param_roles(ctx.guess.family)
+    name_of = {roles: p for p, roles in params.items()}
+    targeted = {
+        params[t.rsplit(".", 1)[-1]]
+        for t in (ctx.adapter_config.get("target_parameters") or [])
+        if t.rsplit(".", 1)[-1] in params
+    }
+    options: list[tuple[dict[int, tuple[str, ...]], int, dict[int, int]]] = []
+    depths = sorted(wrappers)
+    candidates = [GATE_UP, ("down",)]
+    assignments = (
+        [{depths[0]: c} for c in candidates]
+        if len(depths) == 1
+        else [{depths[0]: c, depths[1]: d} for c in candidates for d in candidates if c != d]
+    )
+    reasons: list[str] = []
+    for assign in assignments:
+        ok, why, num, ranks = _peft_check(ctx, prefix, wrappers, assign, targeted, name_of)
+        if ok:
+            options.append((assign, num, ranks))
+        else:
+            reasons.append(why)
+    described = "; ".join(f"{w['A'].name} {list(w['A'].shape)} / {list(w['B'].shape)}" for w in wrappers.values())
+    if not options:
+        raise ConversionError(
+            f"{ctx.where}: layer {prefix}: peft expert LoRA {described} fits neither gate_up_proj nor down_proj "
+            f"({'; '.join(reasons)})"
+        )
+    if len(options) > 1:
+        raise ConversionError(
+            f"{ctx.where}: layer {prefix}: cannot tell by shape whether peft expert LoRA {described} is for "
+            "gate_up_proj or down_proj; pass --base-config (the base model's config.json) so the hidden and "
+            "intermediate sizes decide"
+        )
+    assign, num, ranks = options[0]
+    role_rank: dict[str, int] = {}
+    role_dims: dict[str, tuple[int, int]] = {}
+    factors: list[LoraFactor] = []
+    for depth, roles in sorted(assign.items()):
+        a, b = wrappers[depth]["A"], wrappers[depth]["B"]
+        out = b.shape[0] // len(roles)
+        for role in roles:
+            role_rank[role] = ranks[depth]
+            role_dims[role] = (out, a.shape[1])
+        factors.append(LoraFactor(a.name, roles, "A", None, a.shape, a.dtype))
+        factors.append(LoraFactor(b.name, roles, "B", None, b.shape, b.dtype))
+    target_param = tuple(
+        (assign[d], name_of.get(assign[d], "gate_up_proj" if assign[d] == GATE_UP else "down_proj"))
+        for d in sorted(assign, reverse=True)
+    )
+    return _summary(ctx, prefix, "peft_target_parameters", num, role_rank, role_dims, factors,
+                    needs_order=GATE_UP in assign.values(), target_param=target_param)
+
+
+def _peft_check(
+    ctx: _Context, prefix: str, wrappers: dict[int, dict[str, TensorInfo]], assign: dict[int, tuple[str, ...]],
+    targeted: set[tuple[str, ...]], name_of: dict[tuple[str, ...], str],
+) -> tuple[bool, str, int, dict[int, int]]:
+    """Whether `assign` (wrapper depth -> roles) fits the shapes, config and base dims; with E and ranks."""
+    dims: dict[tuple[str, ...], tuple[int, int]] = {}
+    nums: set[int] = set()
+    ranks: dict[int, int] = {}
+    for depth, roles in assign.items():
+        a, b = wrappers[depth]["A"], wrappers[depth]["B"]
+        folded, inn = a.shape
+        out = b.shape[0]
+        if targeted and roles not in targeted:
+            return False, f"target_parameters does not list {name_of.get(roles, roles)}", 0, {}
+        if roles == GATE_UP and out % 2:
+            return False, f"{b.name} has an odd number of rows ({out}) for gate and up halves", 0, {}
+        per_out = out // len(roles)
+        want_out, want_in = ctx.expected(roles[0])
+        if (want_out is not None and per_out != want_out) or (want_in is not None and inn != want_in):
+            return False, f"{name_of.get(roles, roles)} needs [out, in] = [{want_out}, {want_in}] per role", 0, {}
+        dims[roles] = (per_out, inn)
+        param = name_of.get(roles, "gate_up_proj" if roles == GATE_UP else "down_proj")
+        key = module_key(prefix, "experts", param)
+        r = pattern_value(ctx.adapter_config.get("rank_pattern"), key, ctx.adapter_config.get("r"))
+        if isinstance(r, int) and r > 0:
+            if folded % r:
+                return False, f"{a.name} dim 0 = {folded} is not a multiple of r = {r}", 0, {}
+            num = folded // r
+        elif ctx.base_experts:
+            num = ctx.base_experts
+            if folded % num:
+                return False, f"{a.name} dim 0 = {folded} is not a multiple of E = {num}", 0, {}
+            r = folded // num
+        else:
+            raise ConversionError(
+                f"{ctx.where}: adapter_config.json has no rank r, so the expert count folded into {a.name!r} "
+                f"{list(a.shape)} is unknown; pass --base-config"
+            )
+        nums.add(num)
+        ranks[depth] = r
+    if len(nums) > 1:
+        return False, f"the wrappers imply different expert counts {sorted(nums)}", 0, {}
+    if GATE_UP in dims and ("down",) in dims:
+        (g_out, g_in), (d_out, d_in) = dims[GATE_UP], dims[("down",)]
+        if (g_out, g_in) != (d_in, d_out):
+            return False, f"gate_up [out, in] = [{g_out}, {g_in}] is not the transpose of down's [{d_out}, {d_in}]", 0, {}
+    return True, "", nums.pop(), ranks
+
+
+def _shared(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> ExpertLoraGroup:
+    by: dict[tuple[str, str], TensorInfo] = {}
+    for name, info in items.items():
+        m = _SHARED_RX.match(name)
+        assert m
+        role = ctx.roles_of_proj[m["proj"]]
+        if (role, m["f"]) in by:
+            raise ConversionError(f"{ctx.where}: tensors {by[(role, m['f'])].name!r} and {name!r} are both {role} lora_{m['f']}")
+        by[(role, m["f"])] = info
+    roles = sorted({r for r, _ in by}, key=ROLES.index)
+    dim0 = {info.shape[0] for info in by.values()} - {1}
+    if len(dim0) > 1:
+        raise ConversionError(
+            f"{ctx.where}: layer {prefix}: 3-D expert LoRA tensors have dim 0 in {sorted(dim0 | {1})}; expected 1 (shared) "
+            "or the number of experts E"
+        )
+    num = dim0.pop() if dim0 else ctx.base_experts
+    if num is None:
+        raise ConversionError(
+            f"{ctx.where}: layer {prefix}: every 3-D expert LoRA tensor has dim 0 = 1, so the number of experts is "
+            "unknown; pass --base-config"
+        )
+    role_rank: dict[str, int] = {}
+    role_dims: dict[str, tuple[int, int]] = {}
+    factors = []
+    for role in roles:
+        a, b = by.get((role, "A")), by.get((role, "B"))
+        if a is None or b is None:
+            have = a or b
+            raise ConversionError(
+                f"{ctx.where}: tensor {have.name!r} has no lora_{'B' if b is None else 'A'} partner in layer {prefix}"  # type: ignore[union-attr]
+            )
+        _, r, inn = a.shape
+        _, out, rb = b.shape
+        if rb != r:
+            raise ConversionError(
+                f"{ctx.where}: tensor {b.name!r} has shape {list(b.shape)}; expected [E or 1, out, {r}] to match "
+                f"{a.name!r} {list(a.shape)} ([E or 1, r, in])"
+            )
+        role_rank[role], role_dims[role] = r, (out, inn)
+        factors.append(LoraFactor(a.name, (role,), "A", None, a.shape, a.dtype, shared=a.shape[0] == 1 and num != 1))
+        factors.append(LoraFactor(b.name, (role,), "B", None, b.shape, b.dtype, shared=b.shape[0] == 1 and num != 1))
+    return _summary(ctx, prefix, "shared_w123", num, role_rank, role_dims, factors, needs_order=False)
+
+
+def _grouped(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> ExpertLoraGroup:
+    by: dict[tuple[str, str], TensorInfo] = {}
+    for name, info in items.items():
+        m = _GROUPED_RX.match(name)
+        assert m
+        if len(info.shape) != 3:
+            raise ConversionError(
+                f"{ctx.where}: tensor {name!r} has shape {list(info.shape)}; expected 3-D ([E, in, r] for A, [E, r, out] "
+                "for B)"
+            )
+        by[(m["which"], m["f"])] = info
+    role_rank: dict[str, int] = {}
+    role_dims: dict[str, tuple[int, int]] = {}
+    factors = []
+    nums = set()
+    for which, roles in (("gate_and_up", GATE_UP), ("down", ("down",))):
+        a, b = by.get((which, "A")), by.get((which, "B"))
+        if a is None and b is None:
+            continue
+        if a is None or b is None:
+            have = a or b
+            raise ConversionError(
+                f"{ctx.where}: tensor {have.name!r} has no lora_{which}_{'B' if b is None else 'A'} partner in {prefix}"  # type: ignore[union-attr]
+            )
+        e_a, inn, r = a.shape
+        e_b, rb, out = b.shape
+        if e_a != e_b or rb != r:
+            raise ConversionError(
+                f"{ctx.where}: tensor {b.name!r} has shape {list(b.shape)}; expected [{e_a}, {r}, out] to match "
+                f"{a.name!r} {list(a.shape)} ([E, in, r])"
+            )
+        if len(roles) == 2 and out % 2:
+            raise ConversionError(f"{ctx.where}: tensor {b.name!r} {list(b.shape)}: last dim {out} cannot hold gate and up halves")
+        nums.add(e_a)
+        for role in roles:
+            role_rank[role], role_dims[role] = r, (out // len(roles), inn)
+        factors.append(LoraFactor(a.name, roles, "A", None, a.shape, a.dtype))
+        factors.append(LoraFactor(b.name, roles, "B", None, b.shape, b.dtype))
+    if len(nums) != 1:
+        raise ConversionError(f"{ctx.where}: layer {prefix}: grouped LoRA tensors disagree on the expert count {sorted(nums)}")
+    return _summary(ctx, prefix, "grouped", nums.pop(), role_rank, role_dims, factors, needs_order="gate" in role_rank)
