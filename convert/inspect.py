@@ -1,0 +1,416 @@
+"""`python -m convert.inspect PATH [--json]`: what a base checkpoint or adapter directory holds, and what can be done with it.
+
+    python -m convert.inspect DIR_OR_URL [--json] [--base-config CONFIG_JSON] [--storage-options JSON]
+
+Reads metadata only (listings, configs, safetensors headers). Reports the kind (base or
+adapter), family, layout or expert-LoRA pattern, E, ranks, dtypes, tensor counts, layers,
+the conversions that apply, and a named outcome: "converted" (a conversion applies),
+"passed_through" (the conversion tools would copy it unchanged) or "refused" (with the
+reason). Exit 0 whenever PATH could be read, whatever the outcome; 2 when it cannot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import posixpath
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from convert.adapter_dir import (
+    ADAPTER_CONFIG, CONVERTED, PASSED_THROUGH, REFUSED, AdapterDir, Verdict, adapter_family, check_not_lora,
+    checkpoint_dirs, find_base_config, format_layers, is_lora, layer_of, open_adapter_dir, sort_others,
+    subdir_adapters,
+)
+from convert.adapter_layouts import detect_expert_lora
+from convert.checkpoint import OTHER_WEIGHTS, open_checkpoint
+from convert.errors import ConversionError
+from convert.expert_groups import find_expert_groups
+from convert.families import PER_EXPERT, detect_family
+from convert.safetensors_format import TensorInfo, read_header
+from convert.storage import Storage
+
+BASE, ADAPTER, UNKNOWN = "base", "adapter", "unknown"
+SPLIT_ADAPTER = "split_adapter -> per-expert"
+FUSE_ADAPTER_LAYOUTS = ("peft", "grouped")
+KIND_TEXT = {
+    "attention_lora": "attention LoRA",
+    "router_lora": "router LoRA",
+    "other_lora": "other LoRA",
+    "modules_to_save": "modules_to_save full tensors",
+}
+CONFIG_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
+               "target_modules", "target_parameters", "modules_to_save", "base_model_name_or_path")
+
+
+@dataclass
+class Report:
+    """The result of an inspection; `as_json()` is the stable machine-readable form."""
+
+    path: str
+    kind: str = UNKNOWN
+    family: str | None = None
+    family_source: str = ""
+    layout: str | None = None  # base checkpoints: the expert layout ("mixed" when layers differ)
+    pattern: str | None = None  # adapters: the expert-LoRA pattern ("mixed" when layers differ)
+    num_experts: int | None = None
+    ranks: dict[str, list[int]] = field(default_factory=dict)
+    dtypes: dict[str, int] = field(default_factory=dict)  # dtype -> tensor count
+    tensors: int = 0
+    files: dict[str, int] = field(default_factory=dict)  # weight file -> tensor count
+    categories: dict[str, int] = field(default_factory=dict)  # tensor kind -> count
+    layers: dict[str, list[int]] = field(default_factory=dict)  # "all", "experts", and per tensor kind
+    groups: list[dict[str, Any]] = field(default_factory=list)  # one per expert layer
+    config: dict[str, Any] = field(default_factory=dict)  # adapter_config.json essentials
+    conversions: list[str] = field(default_factory=list)
+    verdict: Verdict = field(default_factory=Verdict)
+
+    def as_json(self) -> dict[str, Any]:
+        """The report as one JSON-serialisable object with stable keys."""
+        out = asdict(self)
+        verdict = out.pop("verdict")
+        out.update(outcome=self.verdict.outcome, cases=verdict["cases"], reasons=verdict["reasons"],
+                   notes=verdict["notes"])
+        return out
+
+    def count_tensors(self, tensors: dict[str, TensorInfo]) -> None:
+        """Fill tensor count, dtypes and the layers seen from the tensors' metadata."""
+        self.tensors = len(tensors)
+        self.dtypes = dict(sorted(Counter(t.dtype for t in tensors.values()).items()))
+        layers = {layer_of(n) for n in tensors}
+        self.layers["all"] = sorted(x for x in layers if x is not None)
+
+
+def _set_layout(values: list[str]) -> str | None:
+    distinct = sorted(set(values))
+    return distinct[0] if len(distinct) == 1 else ("mixed" if distinct else None)
+
+
+# ---------------------------------------------------------------- kinds
+def _peek_is_lora(storage: Storage, weights: list[str]) -> bool:
+    for name in weights[:1]:
+        try:
+            return any(is_lora(t) for t in read_header(storage, name).tensors)
+        except ConversionError:
+            return False
+    return False
+
+
+def guess_kind(storage: Storage, files: list[str], subdirs: list[str]) -> str:
+    """base, adapter or unknown, from the file names (and, without configs, the first file's tensor names)."""
+    weights = [f for f in files if f.endswith(".safetensors")]
+    if ADAPTER_CONFIG in files or any(f.startswith("adapter_model") for f in files):
+        return ADAPTER
+    if "config.json" in files:
+        return ADAPTER if _peek_is_lora(storage, weights) else BASE
+    if weights:
+        return ADAPTER if _peek_is_lora(storage, weights) else BASE
+    ckpts = checkpoint_dirs(subdirs)
+    if ckpts:
+        inner, _ = storage.list_dir(ckpts[-1])
+        return ADAPTER if ADAPTER_CONFIG in inner else (BASE if "config.json" in inner else UNKNOWN)
+    if any(OTHER_WEIGHTS.search(f) for f in files):
+        return BASE if "config.json" in files else UNKNOWN
+    if subdir_adapters(storage, subdirs):
+        return ADAPTER
+    return UNKNOWN
+
+
+# ---------------------------------------------------------------- base checkpoints
+def inspect_base(storage: Storage, files: list[str], subdirs: list[str], report: Report) -> None:
+    """Classify a base checkpoint: family, per-layer expert layout, E, and the conversions that apply."""
+    verdict = report.verdict
+    where = storage.display()
+    if not any(f.endswith(".safetensors") for f in files):
+        ckpts = checkpoint_dirs(subdirs)
+        others = [f for f in files if OTHER_WEIGHTS.search(f)]
+        if ckpts:
+            verdict.refuse("checkpoints_only", f"{where}: no weights at the top level, only {', '.join(d + '/' for d in ckpts)}; "
+                           f"inspect one, e.g. `python -m convert.inspect {storage.display(ckpts[-1])}`")
+        elif others:
+            verdict.refuse("bin_only", f"{where}: no safetensors file, only {', '.join(others)}: "
+                           "save the checkpoint as safetensors first (`save_pretrained(..., safe_serialization=True)`)")
+        else:
+            verdict.refuse("no_weights", f"{where}: no weight files")
+        return
+    try:
+        ckpt = open_checkpoint(storage)
+    except ConversionError as exc:
+        verdict.refuse("invalid", str(exc))
+        return
+    report.count_tensors({n: r.info for n, r in ckpt.tensors.items()})
+    report.files = {n: len(h.tensors) for n, h in sorted(ckpt.headers.items())}
+    for what in ckpt.skipped:
+        verdict.note("skipped_files", f"{what}")
+    if not ckpt.config:
+        verdict.refuse("no_config", f"{where}: no config.json: the model family and the number of experts are unknown")
+        return
+    try:
+        family = detect_family(ckpt.config, storage.display("config.json"))
+        report.family, report.family_source = family.name, f"model_type {ckpt.config.get('model_type')!r}"
+        report.num_experts = family.num_experts(ckpt.config, storage.display("config.json"))
+        groups, _ = find_expert_groups(ckpt, family, report.num_experts)
+    except ConversionError as exc:
+        verdict.refuse("unsupported", str(exc))
+        return
+    if not groups:
+        verdict.refuse("no_experts", f"{where}: no {family.name} expert tensors found (a dense model, or other key names)")
+        return
+    layouts = [g.layout for g in groups]
+    report.layout = _set_layout(layouts)
+    report.layers["experts"] = sorted(x for x in (layer_of(g.prefix) for g in groups) if x is not None)
+    report.categories = {"expert": sum(len(g.per_expert) + len(g.fused) for g in groups)}
+    report.categories["other"] = report.tensors - report.categories["expert"]
+    for g in groups:
+        report.groups.append({
+            "prefix": g.prefix, "layer": layer_of(g.prefix), "layout": g.layout, "num_experts": g.num_experts,
+            "shapes": {r: list(s) for r, s in g.role_shape.items()}, "dtypes": sorted(set(g.role_dtype.values())),
+        })
+    for target in family.layouts:
+        if all(lay == target for lay in layouts):
+            continue
+        report.conversions.append("split_experts -> per-expert" if target == PER_EXPERT
+                                  else f"fuse_experts --layout {target}")
+    by_layout = Counter(layouts)
+    report.verdict.outcome = CONVERTED
+    verdict.add(
+        "base_" + ("mixed" if len(by_layout) > 1 else layouts[0]),
+        f"{family.name} checkpoint, E={report.num_experts}, experts in "
+        + ", ".join(f"{n} layer(s) {lay}" for lay, n in sorted(by_layout.items())),
+    )
+
+
+# ---------------------------------------------------------------- adapters
+def inspect_adapter(
+    storage: Storage, report: Report, base_config_path: str | None, storage_options: dict[str, Any] | None,
+    only_file: str | None = None,
+) -> None:
+    """Classify an adapter directory: directory cases, non-LoRA cases, expert-LoRA pattern, pass-through kinds."""
+    verdict = report.verdict
+    adir = open_adapter_dir(storage, verdict, only_file)
+    report.config = {k: adir.config[k] for k in CONFIG_KEYS if k in adir.config}
+    report.files = dict(sorted(adir.file_tensors.items()))
+    report.count_tensors(adir.tensors)
+    if verdict.outcome == REFUSED or check_not_lora(adir, verdict):
+        return
+    base_config, source = None, ""
+    try:
+        base_config, source = find_base_config(adir, base_config_path, storage_options)
+    except (ConversionError, OSError) as exc:
+        verdict.note("base_config_unreadable", f"base config not read: {exc}")
+    family, how = adapter_family(base_config, source, adir.tensors, adir.config)
+    report.family, report.family_source = (family.name if family else None), how
+    if family and base_config:
+        try:
+            report.num_experts = family.num_experts(base_config, source)
+        except ConversionError:
+            pass
+    try:
+        groups, others = detect_expert_lora(adir.tensors, adir.config, base_config, storage.display())
+    except ConversionError as exc:
+        verdict.refuse("invalid_expert_lora", str(exc))
+        return
+    _describe_adapter(adir, report, groups, others, base_config)
+
+
+def _describe_adapter(adir: AdapterDir, report: Report, groups: list[Any], others: list[str],
+                      base_config: dict[str, Any] | None) -> None:
+    verdict = report.verdict
+    sorted_others = sort_others(adir.tensors, others)
+    expert_layers = sorted(x for x in (layer_of(g.prefix) for g in groups) if x is not None)
+    report.categories = {"expert_lora": sum(len(g.tensors) for g in groups), **dict(sorted(sorted_others.counts.items()))}
+    report.layers["experts"] = expert_layers
+    for kind, layers in sorted(sorted_others.layers.items()):
+        report.layers[kind] = sorted(layers)
+    report.ranks = {leaf: sorted(r) for leaf, r in sorted(sorted_others.ranks.items())}
+    if groups:
+        expert_ranks: dict[str, set[int]] = {}
+        for g in groups:
+            for role, r in g.role_rank:
+                expert_ranks.setdefault(f"experts.{role}", set()).add(r)
+        report.ranks = {**{k: sorted(v) for k, v in expert_ranks.items()}, **report.ranks}
+        report.pattern = _set_layout([g.pattern for g in groups])
+        experts = sorted({g.num_experts for g in groups})
+        report.num_experts = experts[0] if len(experts) == 1 else report.num_experts
+    for g in groups:
+        report.groups.append({
+            "prefix": g.prefix, "layer": layer_of(g.prefix), "pattern": g.pattern, "num_experts": g.num_experts,
+            "rank": g.rank, "roles": list(g.roles), "dtypes": list(g.dtypes), "tensors": len(g.tensors),
+        })
+
+    to_convert = [g for g in groups if g.pattern != PER_EXPERT]
+    per_expert = [g for g in groups if g.pattern == PER_EXPERT]
+    for pattern in sorted({g.pattern for g in to_convert}):
+        gs = [g for g in to_convert if g.pattern == pattern]
+        verdict.add(
+            "expert_lora",
+            f"expert LoRA, pattern {pattern}: E={_one(g.num_experts for g in gs)}, per-expert rank "
+            f"{_one(g.rank for g in gs)}, roles {'/'.join(gs[0].roles)}, on layers "
+            f"{format_layers([layer_of(g.prefix) for g in gs if layer_of(g.prefix) is not None])}: "
+            "split_adapter converts it to per-expert",
+        )
+    if per_expert:
+        verdict.add(
+            "per_expert",
+            f"expert LoRA already per-expert: E={_one(g.num_experts for g in per_expert)}, rank "
+            f"{_one(g.rank for g in per_expert)}, on layers "
+            f"{format_layers([layer_of(g.prefix) for g in per_expert if layer_of(g.prefix) is not None])}: "
+            "split_adapter passes it through unchanged; fuse_adapter can fuse it",
+        )
+    for kind, count in sorted(sorted_others.counts.items()):
+        modules = ", ".join(sorted(sorted_others.modules[kind]))
+        layers = sorted_others.layers.get(kind)
+        on = f" on layers {format_layers(layers)}" if layers else ""
+        verdict.add(kind, f"{KIND_TEXT[kind]} ({modules}; {count} tensors){on}: passed through unchanged")
+
+    if to_convert:
+        verdict.outcome = CONVERTED
+        report.conversions.append(SPLIT_ADAPTER)
+    else:
+        verdict.outcome = PASSED_THROUGH
+        if per_expert:
+            report.conversions += [f"fuse_adapter --layout {lay}" for lay in FUSE_ADAPTER_LAYOUTS]
+        else:
+            verdict.reasons.append("no expert LoRA: nothing to convert (split_adapter would copy every tensor unchanged)")
+
+    if groups:
+        total = base_config.get("num_hidden_layers") if isinstance(base_config, dict) else None
+        reference = set(range(total)) if isinstance(total, int) else set(report.layers.get("all", []))
+        if set(expert_layers) < reference:
+            verdict.note(
+                "partial_layers",
+                f"expert LoRA on layers {format_layers(expert_layers)} only (of {format_layers(reference)}); "
+                "still convertible: the other layers have no expert LoRA",
+            )
+    floats = [d for d in report.dtypes if d in ("F32", "BF16", "F16", "F64")]
+    if len(floats) > 1:
+        kinds_by_dtype: dict[str, set[str]] = {}
+        expert_names = {n for g in groups for n in g.tensors}
+        for name, info in adir.tensors.items():
+            kind = "expert LoRA" if name in expert_names else ("LoRA" if is_lora(name) else "full tensors")
+            kinds_by_dtype.setdefault(info.dtype, set()).add(kind)
+        verdict.note(
+            "mixed_dtypes",
+            "mixed dtypes: " + ", ".join(
+                f"{d} ({report.dtypes[d]} tensors: {', '.join(sorted(kinds_by_dtype[d]))})" for d in floats
+            ) + "; each tensor keeps its dtype unless --dtype is given",
+        )
+
+
+def _one(values: Any) -> str:
+    distinct = sorted(set(values))
+    return str(distinct[0]) if len(distinct) == 1 else "/".join(str(v) for v in distinct)
+
+
+# ---------------------------------------------------------------- entry
+class PathError(Exception):
+    """PATH does not exist or cannot be read."""
+
+
+def inspect_path(path: str, base_config: str | None = None, storage_options: dict[str, Any] | None = None) -> Report:
+    """Inspect the checkpoint or adapter at `path` (a directory, a .safetensors file, or an fsspec URL).
+
+    Returns the Report; raises PathError when `path` does not exist or cannot be read.
+    """
+    try:
+        storage = Storage(path, storage_options)
+        if not storage.exists():
+            raise PathError(f"{path}: does not exist")
+        only_file = None
+        if not storage.isdir():
+            parent, name = posixpath.split(path.rstrip("/"))
+            if not name.endswith(".safetensors"):
+                report = Report(path)
+                report.verdict.refuse("not_a_checkpoint", f"{path}: is a file, not a directory or a .safetensors file")
+                return report
+            storage, only_file = Storage(parent or ".", storage_options), name
+        files, subdirs = storage.list_dir()
+        report = Report(path)
+        report.kind = guess_kind(storage, [only_file] if only_file else files, subdirs)
+        if report.kind == ADAPTER:
+            inspect_adapter(storage, report, base_config, storage_options, only_file)
+        elif report.kind == BASE and not only_file:
+            inspect_base(storage, files, subdirs, report)
+        elif report.kind == BASE:
+            header = read_header(storage, only_file or "")
+            report.count_tensors(header.tensors)
+            report.files = {only_file or "": len(header.tensors)}
+            report.verdict.refuse("single_file", f"{path}: one file of a base checkpoint; inspect its directory")
+        else:
+            files_text = ", ".join(files + [d + "/" for d in subdirs]) or "an empty directory"
+            report.verdict.refuse("no_weights", f"{storage.display()}: neither a checkpoint nor an adapter ({files_text})")
+        return report
+    except (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+        raise PathError(f"{path}: cannot be read ({exc})") from exc
+    except OSError as exc:
+        raise PathError(f"{path}: cannot be read ({exc})") from exc
+
+
+def render_text(report: Report) -> str:
+    """The human-readable form of a report."""
+    lines = [f"{report.path}: {report.kind}"]
+    if report.config:
+        c = report.config
+        lines.append("  adapter_config: " + ", ".join(f"{k}={json.dumps(c[k])}" for k in
+                                                      ("peft_type", "r", "lora_alpha", "use_rslora") if k in c))
+        for key in ("target_modules", "target_parameters", "modules_to_save"):
+            if c.get(key):
+                lines.append(f"    {key}: {json.dumps(c[key])}")
+    if report.family or report.family_source:
+        lines.append(f"  family: {report.family or 'unknown'} ({report.family_source})")
+    if report.layout:
+        lines.append(f"  layout: {report.layout}")
+    if report.pattern:
+        lines.append(f"  pattern: {report.pattern}")
+    if report.num_experts is not None:
+        lines.append(f"  experts (E): {report.num_experts}")
+    if report.ranks:
+        lines.append("  ranks: " + ", ".join(f"{m} {'/'.join(map(str, r))}" for m, r in report.ranks.items()))
+    if report.files:
+        lines.append(f"  tensors: {report.tensors} in {len(report.files)} file(s): "
+                     + ", ".join(f"{f} ({n})" for f, n in report.files.items()))
+    if report.categories:
+        lines.append("  kinds: " + ", ".join(f"{k} {n}" for k, n in report.categories.items() if n))
+    if report.dtypes:
+        lines.append("  dtypes: " + ", ".join(f"{d} x{n}" for d, n in report.dtypes.items()))
+    for key, layers in report.layers.items():
+        if layers:
+            lines.append(f"  layers ({key}): {format_layers(layers)}")
+    for g in report.groups:
+        detail = f"rank {g['rank']}, roles {'/'.join(g['roles'])}" if "rank" in g else \
+            ", ".join(f"{r} {s}" for r, s in g["shapes"].items())
+        lines.append(f"    {g['prefix']}: {g.get('pattern') or g.get('layout')}, E={g['num_experts']}, {detail}")
+    lines.append(f"  outcome: {report.verdict.outcome}  [{', '.join(report.verdict.cases)}]")
+    if report.conversions:
+        lines.append("  conversions:")
+        lines += [f"    {c}" for c in report.conversions]
+    else:
+        lines.append("  conversions: none")
+    lines += [f"  reason: {r}" for r in report.verdict.reasons]
+    lines += [f"  note: {n}" for n in report.verdict.notes]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, inspect PATH, print the report; returns the exit code (0 read, 2 unreadable)."""
+    p = argparse.ArgumentParser(prog="convert.inspect", description=__doc__.splitlines()[0])
+    p.add_argument("path", help="checkpoint or adapter directory, a .safetensors file, or an fsspec URL")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--base-config", default=None, help="the base model's config.json (for adapters)")
+    p.add_argument("--storage-options", type=json.loads, default={}, help="JSON of fsspec options")
+    args = p.parse_args(argv)
+    try:
+        report = inspect_path(args.path, args.base_config, args.storage_options)
+    except PathError as exc:
+        if args.json:
+            print(json.dumps({"path": args.path, "kind": UNKNOWN, "outcome": "error", "reasons": [str(exc)]}))
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.as_json(), indent=2) if args.json else render_text(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
