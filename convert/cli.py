@@ -28,6 +28,8 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--storage-options", type=json.loads, default={}, help="JSON of fsspec options, e.g. an endpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--stats", default=None, help="write per-rank stats (peak RSS, bytes read/written, time) as JSON")
+    p.add_argument("--verify", action="store_true", help="after writing, check the output with convert.verify "
+                   "(same ranks); on a mismatch exit 1 and rename the index to *.unverified")
     return p
 
 
@@ -39,6 +41,26 @@ def job_options(args: argparse.Namespace, layout: str | None) -> JobOptions:
         workers=args.workers, storage_options=args.storage_options, show_progress=not args.no_progress,
         stats_path=args.stats,
     )
+
+
+def with_verify(
+    args: argparse.Namespace, job: Callable[[Dist], int], marker: str = "model.safetensors.index.json"
+) -> Callable[[Dist], int]:
+    """`job`, then with --verify (after a successful, non-dry run) convert.verify on the same ranks.
+
+    `marker` is the output file that marks it complete; it is renamed if verification finds a mismatch.
+    """
+    def body(dist: Dist) -> int:
+        code = job(dist)
+        if code != 0 or not getattr(args, "verify", False) or getattr(args, "dry_run", False):
+            return code
+        from convert.verify import VerifyOptions, verify_after
+
+        opts = VerifyOptions(args.src, args.dst, getattr(args, "family", None), args.storage_options,
+                             getattr(args, "base_config", None))
+        return verify_after(opts, dist, marker)
+
+    return body
 
 
 def run_main(body: Callable[[Dist], int]) -> None:

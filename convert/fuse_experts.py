@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from convert.cli import base_parser, job_options, run_main
+from convert.cli import base_parser, job_options, run_main, with_verify
 from convert.job import run_job
 
 
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     opts = job_options(args, args.layout)
-    run_main(lambda dist: run_job(opts, dist))
+    run_main(with_verify(args, lambda dist: run_job(opts, dist)))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from convert.cli import base_parser, job_options, run_main
+from convert.cli import base_parser, job_options, run_main, with_verify
 from convert.families import PER_EXPERT
 from convert.job import run_job
 
@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the split job on every rank."""
     args = base_parser("convert.split_experts", __doc__.splitlines()[0]).parse_args(argv)
     opts = job_options(args, PER_EXPERT)
-    run_main(lambda dist: run_job(opts, dist))
+    run_main(with_verify(args, lambda dist: run_job(opts, dist)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,322 @@
+"""`python -m convert.verify --src A --dst B`: prove that B is a correct conversion of A.
+
+    torchrun --nproc-per-node N -m convert.verify --src A --dst B [--family F] [--report PATH]
+
+Independent of the converter: the verifier reads both directories itself (raw headers,
+cross-checked with the safetensors library), derives what B must hold from the family
+tables, and compares every expert of every layer slice by slice (bit for bit where bytes
+moved, allclose where a dtype changed) and every other tensor chunk by chunk. B's index
+must name every tensor exactly once, every shard must exist, total_size must be right, and
+the source's other files must be there unchanged. Each rank checks its slice of the experts
+(and a share of the other tensors), reading one expert at a time; rank 0 gathers and prints
+a summary. Exit codes: 0 verified, 1 mismatches found, 2 could not verify (bad arguments or
+an invalid source).
+
+Relations are pluggable: `RELATIONS` maps a kind ("base", "adapter") to a builder that turns
+the two directories into checks (convert.verify_checks); `detect_kind` picks one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from convert.checkpoint import OTHER_WEIGHTS
+from convert.errors import ConversionError
+from convert.families import detect_family
+from convert.storage import Storage
+from convert.verify_base import base_relation
+from convert.verify_checks import ExpertCheck, Mismatch, PassCheck, Tally, run_expert, run_pass
+from convert.verify_tables import Table, Unreadable, read_table
+from launch.dist import Dist
+
+BASE_INDEX = "model.safetensors.index.json"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class CannotVerify(Exception):
+    """The verification cannot even start (invalid source, unknown family, unsupported kind)."""
+
+
+@dataclass
+class Relation:
+    """Everything to check, built from metadata by rank 0 and sent to every rank."""
+
+    kind: str
+    headline: str
+    experts: list[ExpertCheck]
+    passes: list[PassCheck]
+    problems: list[str]  # destination mismatches found from metadata alone
+    src_tensors: int
+    dst_tensors: int
+    dst_files: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """What to verify: source and destination (paths or fsspec URLs) and how."""
+
+    src: str
+    dst: str
+    family: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    base_config: str | None = None  # adapters: the base model's config.json (for E where the adapter lacks it)
+    max_report: int = 50
+    report_path: str | None = None
+
+
+def compare_files(src: Storage, dst: Storage, names: list[str], rewritten: set[str] = frozenset()) -> list[str]:
+    """Each of `names` (small top-level files of the source) must be in `dst` with the same bytes.
+
+    Files in `rewritten` need only exist (the conversion rewrites them, e.g. adapter_config.json).
+    """
+    problems = []
+    for name in names:
+        if not dst.exists(name):
+            problems.append(f"{dst.display(name)}: missing (the source has {name})")
+        elif name not in rewritten and dst.read_bytes(name) != src.read_bytes(name):
+            problems.append(f"{dst.display(name)}: differs from {src.display(name)}")
+    return problems
+
+
+def copied_files(table: Table, index_name: str) -> list[str]:
+    """Top-level files of a source a conversion must carry over: all but weights and the index."""
+    weights = set(table.shards) | {index_name}
+    return [f for f in table.files if f not in weights and not f.endswith(".safetensors")
+            and not OTHER_WEIGHTS.search(f) and not f.startswith(".")]
+
+
+def build_base(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
+    """The base-weight relation: experts per layer per the family tables, everything else unchanged."""
+    src_table, src_problems = read_table(src, BASE_INDEX, require_index=False)
+    if src_problems:
+        raise CannotVerify(f"the source is not a valid checkpoint: {src_problems[0]}")
+    if "config.json" not in src_table.files:
+        raise CannotVerify(f"{src.display('config.json')}: missing (needed for the family and number of experts)")
+    try:
+        config = json.loads(src.read_bytes("config.json"))
+        family = detect_family(config, src.display("config.json"), opts.family)
+        num_experts = family.num_experts(config, src.display("config.json"))
+    except (ValueError, ConversionError) as exc:
+        raise CannotVerify(str(exc)) from exc
+    dst_table, problems = read_table(dst, BASE_INDEX, require_index=True)
+    experts, passes, bad_src, found = base_relation(src_table, dst_table, family, num_experts)
+    if bad_src:
+        raise CannotVerify(f"the source is not a valid {family.name} checkpoint: {bad_src[0]}")
+    problems += found
+    files = copied_files(src_table, BASE_INDEX)
+    problems += compare_files(src, dst, files)
+    headline = (f"{family.name}: {len(experts)} expert layer(s) x E={num_experts}; {len(src_table.tensors)} source "
+                f"tensors -> {len(dst_table.tensors)} destination tensors in {len(dst_table.shards)} file(s); "
+                f"{len(files)} other file(s)")
+    return Relation("base", headline, experts, passes, problems, len(src_table.tensors), len(dst_table.tensors),
+                    len(dst_table.shards))
+
+
+def build_adapter(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
+    """The adapter relation: per-expert LoRA deltas B_e @ A_e * scaling equal on both sides."""
+    try:
+        from convert.verify_adapter import adapter_relation
+    except ImportError as exc:  # the adapter layouts are not in this checkout yet
+        raise CannotVerify(f"verifying adapters needs convert.adapter_layouts ({exc})") from exc
+    return adapter_relation(src, dst, opts)
+
+
+RELATIONS: dict[str, Callable[[Storage, Storage, VerifyOptions], Relation]] = {
+    "base": build_base,
+    "adapter": build_adapter,
+}
+
+
+def detect_kind(src: Storage) -> str:
+    """"adapter" for a directory holding adapter_config.json, else "base"."""
+    files, _ = src.list_dir()
+    return "adapter" if ADAPTER_CONFIG in files else "base"
+
+
+def plan_verify(opts: VerifyOptions) -> Relation:
+    """Rank 0: read both directories' metadata and build the checks. Raises CannotVerify."""
+    src = Storage(opts.src, opts.storage_options)
+    dst = Storage(opts.dst, opts.storage_options)
+    try:
+        if not src.isdir():
+            raise CannotVerify(f"{opts.src}: the source is not a directory")
+        if not dst.isdir():
+            raise CannotVerify(f"{opts.dst}: the destination is not a directory")
+        return RELATIONS[detect_kind(src)](src, dst, opts)
+    except Unreadable as exc:
+        raise CannotVerify(str(exc)) from exc
+    finally:
+        src.close()
+        dst.close()
+
+
+def share(relation: Relation, rank: int, world: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """This rank's work: (expert check index, expert) pairs of its expert slice, and pass-through checks.
+
+    Rank r of n checks experts [r*E/n, (r+1)*E/n) of every layer (slices differ by at most one
+    expert); pass-through tensors go, largest first, to the least-loaded rank.
+    """
+    mine: list[tuple[int, int]] = []
+    for i, check in enumerate(relation.experts):
+        base, extra = divmod(check.num_experts, world)
+        lo = rank * base + min(rank, extra)
+        hi = lo + base + (1 if rank < extra else 0)
+        mine += [(i, e) for e in range(lo, hi)]
+    load = [0] * world
+    passes: list[int] = []
+    for i in sorted(range(len(relation.passes)), key=lambda i: (-relation.passes[i].src.nbytes, i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        load[r] += relation.passes[i].src.nbytes
+        if r == rank:
+            passes.append(i)
+    return mine, passes
+
+
+def check_share(relation: Relation, opts: VerifyOptions, rank: int, world: int) -> Tally:
+    """Run this rank's share of the data checks; returns what it found."""
+    src = Storage(opts.src, opts.storage_options)
+    dst = Storage(opts.dst, opts.storage_options)
+    tally = Tally([], limit=max(1, opts.max_report))
+    experts, passes = share(relation, rank, world)
+    try:
+        for i, e in experts:
+            check = relation.experts[i]
+            try:
+                run_expert(check, src, dst, e, tally)
+            except (ConversionError, OSError, RuntimeError, ValueError) as exc:
+                tally.add(Mismatch(check.layer, f"could not be read: {exc}", e))
+        for i in passes:
+            check = relation.passes[i]
+            try:
+                run_pass(check, src, dst, tally)
+            except (ConversionError, OSError, RuntimeError, ValueError) as exc:
+                tally.add(Mismatch(check.dst.name, f"could not be read: {exc}"))
+    finally:
+        src.close()
+        dst.close()
+    return tally
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.3f} MB" if n < 1e9 else f"{n / 1e9:.3f} GB"
+
+
+def summarize(relation: Relation, tallies: list[Tally], opts: VerifyOptions, world: int, seconds: float) -> tuple[str, dict[str, Any]]:
+    """The printed summary and the machine-readable report of a finished verification."""
+    found = [Mismatch("(metadata)", p) for p in relation.problems]
+    dropped = 0
+    for t in tallies:
+        found += t.mismatches
+        dropped += t.dropped
+    total = len(found) + dropped
+    compared = sum(t.bytes_compared for t in tallies)
+    experts = sum(t.experts_checked for t in tallies)
+    others = sum(t.tensors_checked for t in tallies)
+    lines = [
+        f"verify {opts.src} -> {opts.dst} ({relation.kind})",
+        f"  {relation.headline}",
+        f"  checked {experts} expert slice(s) and {others} other tensor(s); {_mb(compared)} compared "
+        f"on {world} rank(s) in {seconds:.2f} s",
+    ]
+    lines += [f"  note: {n}" for n in relation.notes]
+    for m in found[: opts.max_report]:
+        lines.append(f"  MISMATCH {m}")
+    if total > opts.max_report:
+        lines.append(f"  ... and {total - opts.max_report} more")
+    lines.append(f"OK: {opts.dst} is a correct conversion of {opts.src}" if total == 0
+                 else f"FAILED: {total} mismatch(es) between {opts.src} and {opts.dst}")
+    report = {
+        "ok": total == 0, "kind": relation.kind, "src": opts.src, "dst": opts.dst, "mismatches": total,
+        "first": [m.__dict__ for m in found[: opts.max_report]], "bytes_compared": compared,
+        "experts_checked": experts, "tensors_checked": others, "src_tensors": relation.src_tensors,
+        "dst_tensors": relation.dst_tensors, "dst_files": relation.dst_files, "world_size": world,
+        "seconds": seconds,
+        "ranks": [{"experts_checked": t.experts_checked, "tensors_checked": t.tensors_checked,
+                   "bytes_compared": t.bytes_compared} for t in tallies],
+    }
+    return "\n".join(lines), report
+
+
+def verify_job(opts: VerifyOptions, dist: Dist) -> int:
+    """Verify on every rank of `dist` (rank 0 plans and prints); returns the exit code on every rank."""
+    t0 = time.perf_counter()
+    relation: Relation | str | None = None
+    if dist.is_main:
+        try:
+            relation = plan_verify(opts)
+        except (CannotVerify, ConversionError, OSError) as exc:
+            relation = f"cannot verify: {exc}"
+    relation = dist.broadcast(relation)
+    if isinstance(relation, str):
+        if dist.is_main:
+            print(f"error: {relation}", file=sys.stderr)
+        return 2
+    try:
+        result: Tally | str = check_share(relation, opts, dist.rank, dist.world_size)
+    except Exception as exc:  # noqa: BLE001 - reported by rank 0, every rank exits non-zero
+        result = f"rank {dist.rank}: {type(exc).__name__}: {exc}"
+    gathered = dist.gather(result)
+    code = 0
+    if dist.is_main:
+        errors = [g for g in gathered if isinstance(g, str)]
+        tallies = [g for g in gathered if isinstance(g, Tally)]
+        text, report = summarize(relation, tallies, opts, dist.world_size, time.perf_counter() - t0)
+        print(text)
+        for e in errors:
+            print(f"error: verification could not finish: {e}", file=sys.stderr)
+        if not report["ok"]:
+            print(f"error: {opts.dst} does not match {opts.src} ({report['mismatches']} mismatch(es))", file=sys.stderr)
+        if opts.report_path:
+            with open(opts.report_path, "w") as fh:
+                json.dump({**report, "errors": errors}, fh, indent=2)
+        code = 2 if errors else (0 if report["ok"] else 1)
+    return int(dist.broadcast(code))
+
+
+def verify_after(opts: VerifyOptions, dist: Dist, marker: str) -> int:
+    """`--verify` of a conversion: verify on the same ranks; on a mismatch rank 0 renames the output's
+    completion marker (`marker`, e.g. its index) to `<marker>.unverified`, so the wrong output never looks
+    complete. Returns the verifier's exit code."""
+    code = verify_job(opts, dist)
+    if code == 1 and dist.is_main:
+        dst = Storage(opts.dst, opts.storage_options)
+        if dst.exists(marker):
+            dst.rename(marker, marker + ".unverified")
+            print(f"error: renamed {dst.display(marker)} to {marker}.unverified: the output is not a correct "
+                  "conversion; do not use it", file=sys.stderr)
+    dist.barrier()
+    return code
+
+
+def parser() -> argparse.ArgumentParser:
+    """The verifier's command line."""
+    p = argparse.ArgumentParser(prog="convert.verify", description=__doc__.splitlines()[0])
+    p.add_argument("--src", required=True, help="the checkpoint or adapter that was converted")
+    p.add_argument("--dst", required=True, help="the conversion to check")
+    p.add_argument("--family", default=None, help="model family (default: from config.json model_type)")
+    p.add_argument("--base-config", default=None, help="adapters: the base model's config.json")
+    p.add_argument("--storage-options", type=json.loads, default={}, help="JSON of fsspec options")
+    p.add_argument("--max-report", type=int, default=50, help="mismatches listed (default 50)")
+    p.add_argument("--report", default=None, help="write a JSON report here")
+    p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags and verify on every rank."""
+    from convert.cli import run_main
+
+    a = parser().parse_args(argv)
+    opts = VerifyOptions(a.src, a.dst, a.family, a.storage_options, a.base_config, a.max_report, a.report)
+    run_main(lambda dist: verify_job(opts, dist))
+
+
+if __name__ == "__main__":
+    main()

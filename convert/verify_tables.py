@@ -1,0 +1,241 @@
+"""The verifier's own view of a checkpoint directory: every tensor, where it is stored, and what is wrong with the files.
+
+Deliberately independent of the converter's reader (convert.checkpoint / convert.safetensors_format):
+headers are parsed here from the raw bytes, and local shards are cross-checked with the
+`safetensors` library itself, so a bug in the converter's header code cannot hide itself.
+Only metadata is read here (8 bytes + the header of each shard).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from convert.storage import Storage
+
+# The safetensors library refuses headers above 100 MB; so does the verifier, before reading one.
+HEADER_LIMIT = 100_000_000
+
+# safetensors dtype name -> (torch dtype, bytes per element); kept separate from the converter's table on purpose.
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+    "U64": (torch.uint64, 8), "U32": (torch.uint32, 4), "U16": (torch.uint16, 2), "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1), "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
+    "F8_E8M0": (torch.float8_e8m0fnu, 1),
+}
+LEFTOVER = re.compile(r"(\.incomplete|\.tmp)$")
+
+
+class Unreadable(Exception):
+    """A file the verifier cannot interpret at all (message names the file)."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One tensor as stored: its file (relative to the directory root), dtype, shape and absolute byte range."""
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Table:
+    """Every tensor of a checkpoint directory (as a loader would see it) and its top-level files."""
+
+    where: str
+    tensors: dict[str, Stored]
+    files: list[str]
+    dirs: list[str]
+    shards: list[str]
+    index_name: str | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def element_size(dtype: str) -> int:
+    """Bytes per element of a safetensors dtype."""
+    return DTYPES[dtype][1]
+
+
+def to_tensor(buf: bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """`buf` (exactly the bytes of `shape`) as a tensor of safetensors `dtype`."""
+    torch_dtype = DTYPES[dtype][0]
+    if not buf:
+        return torch.empty(shape, dtype=torch_dtype)
+    return torch.frombuffer(bytearray(buf), dtype=torch_dtype).reshape(shape)
+
+
+def read_header(storage: Storage, name: str) -> dict[str, Stored]:
+    """Parse the header of the safetensors file `name`; raises Unreadable naming the file (and tensor)."""
+    where = storage.display(name)
+    size = storage.size(name)
+    if size < 8:
+        raise Unreadable(f"{where}: {size} bytes, too short for a safetensors file")
+    (n,) = struct.unpack("<Q", storage.read_range(name, 0, 8))
+    if n > HEADER_LIMIT or 8 + n > size:
+        raise Unreadable(f"{where}: header length {n} does not fit (file has {size} bytes, limit {HEADER_LIMIT})")
+    try:
+        obj = json.loads(storage.read_range(name, 8, 8 + n))
+    except ValueError as exc:
+        raise Unreadable(f"{where}: header is not valid JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise Unreadable(f"{where}: header is not a JSON object")
+    obj.pop("__metadata__", None)
+    base, out = 8 + n, {}
+    for tname, spec in obj.items():
+        try:
+            dtype, shape = spec["dtype"], tuple(int(d) for d in spec["shape"])
+            begin, end = (int(x) for x in spec["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Unreadable(f"{where}: tensor {tname!r}: malformed header entry") from exc
+        if dtype not in DTYPES:
+            raise Unreadable(f"{where}: tensor {tname!r}: unknown dtype {dtype!r}")
+        want = math.prod(shape) * element_size(dtype)
+        if begin < 0 or end - begin != want or base + end > size:
+            raise Unreadable(
+                f"{where}: tensor {tname!r}: data_offsets [{begin}, {end}] do not hold {dtype} {list(shape)} "
+                f"({want} bytes) inside the {size}-byte file"
+            )
+        out[tname] = Stored(tname, name, dtype, shape, base + begin, base + end)
+    spans = sorted((t.start, t.end, t.name) for t in out.values() if t.nbytes)
+    for (_, e0, a), (s1, _, b) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise Unreadable(f"{where}: tensors {a!r} and {b!r} overlap")
+    return out
+
+
+def library_problems(storage: Storage, name: str, parsed: dict[str, Stored]) -> list[str]:
+    """Open a local shard with the safetensors library and compare its view with ours (empty list: they agree)."""
+    if not storage.is_local:
+        return []
+    from safetensors import safe_open
+
+    where = storage.display(name)
+    try:
+        with safe_open(storage.path(name), framework="pt") as f:
+            keys = set(f.keys())
+            got = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in keys}
+    except Exception as exc:  # noqa: BLE001 - whatever the library objects to is the finding
+        return [f"{where}: the safetensors library cannot open it: {exc}"]
+    ours = {k: (t.dtype, t.shape) for k, t in parsed.items()}
+    if got != ours:
+        diff = sorted(set(got.items()) ^ set(ours.items()))
+        return [f"{where}: the safetensors library reads a different header (first difference: {diff[0]})"]
+    return []
+
+
+def safe_name(name: Any) -> bool:
+    """True for a relative shard name that stays inside its directory."""
+    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name or ":" in name:
+        return False
+    return ".." not in posixpath.normpath(name).split("/")
+
+
+def read_table(
+    storage: Storage, index_name: str, require_index: bool, single_name: str | None = None
+) -> tuple[Table, list[str]]:
+    """Read every shard header of the directory `storage` and check the files against the index.
+
+    With an index, its weight_map decides which shards and tensors count (as loaders do); without
+    one, `single_name` (if given) or every top-level `*.safetensors` does. Returns the table and
+    the problems found: missing/unsafe shards, tensors listed twice, index disagreements, wrong
+    total_size, stray or leftover files, shards the safetensors library reads differently.
+    Raises Unreadable when the directory itself is missing.
+    """
+    where = storage.display()
+    if not storage.isdir():
+        raise Unreadable(f"{where}: not a directory")
+    files, dirs = storage.list_dir()
+    problems: list[str] = []
+    index: dict[str, Any] | None = None
+    weight_map: dict[str, str] | None = None
+    if index_name in files:
+        try:
+            index = json.loads(storage.read_bytes(index_name))
+        except ValueError as exc:
+            problems.append(f"{storage.display(index_name)}: not valid JSON ({exc})")
+        if index is not None and not (isinstance(index, dict) and isinstance(index.get("weight_map"), dict)):
+            problems.append(f"{storage.display(index_name)}: has no weight_map object")
+            index = None
+        if index is not None:
+            weight_map = index["weight_map"]
+    elif require_index:
+        problems.append(f"{storage.display(index_name)}: missing (an output without its index is incomplete)")
+
+    if weight_map is not None:
+        shards = []
+        for fname in sorted(set(weight_map.values()), key=str):
+            if not safe_name(fname):
+                problems.append(f"{storage.display(index_name)}: shard path {fname!r} is absolute or leaves the directory")
+            elif not storage.exists(fname):
+                problems.append(f"{storage.display(index_name)}: names shard {fname!r}, which does not exist")
+            else:
+                shards.append(posixpath.normpath(fname))
+    elif single_name is not None and single_name in files:
+        shards = [single_name]
+    else:
+        shards = [f for f in files if f.endswith(".safetensors")]
+
+    found: dict[str, list[Stored]] = {}
+    for shard in shards:
+        try:
+            parsed = read_header(storage, shard)
+        except Unreadable as exc:
+            problems.append(str(exc))
+            continue
+        problems += library_problems(storage, shard, parsed)
+        for t in parsed.values():
+            found.setdefault(t.name, []).append(t)
+
+    tensors: dict[str, Stored] = {}
+    for tname, where_all in sorted(found.items()):
+        if len(where_all) > 1:
+            problems.append(f"{where}: tensor {tname!r} is stored twice, in {sorted(t.file for t in where_all)}")
+        if weight_map is not None:
+            indexed = weight_map.get(tname)
+            if indexed is None:
+                if require_index:  # a source may hold unindexed tensors: loaders (and the converter) ignore them
+                    problems.append(f"{storage.display(where_all[0].file)}: tensor {tname!r} is not in the index")
+                continue
+            match = [t for t in where_all if t.file == posixpath.normpath(str(indexed))]
+            if not match:
+                problems.append(
+                    f"{storage.display(index_name)}: maps {tname!r} to {indexed}, but it is in {where_all[0].file}"
+                )
+                continue
+            tensors[tname] = match[0]
+        else:
+            tensors[tname] = where_all[0]
+    if weight_map is not None:
+        for tname, fname in sorted(weight_map.items()):
+            if tname not in found and safe_name(fname) and posixpath.normpath(fname) in shards:
+                problems.append(f"{storage.display(str(fname))}: tensor {tname!r} is in the index but not in the file")
+        total = (index or {}).get("metadata", {}).get("total_size") if isinstance(index, dict) else None
+        actual = sum(t.nbytes for t in tensors.values())
+        if total != actual and require_index:
+            problems.append(f"{storage.display(index_name)}: metadata.total_size is {total}, the tensors hold {actual} bytes")
+        strays = sorted(f for f in files if f.endswith(".safetensors") and f not in shards)
+        if strays and require_index:
+            problems.append(f"{storage.display(strays[0])}: a shard the index does not name")
+    if require_index:
+        for f in files + dirs:
+            if LEFTOVER.search(f) or f == ".moe-convert":
+                problems.append(f"{storage.display(f)}: left over from an unfinished conversion")
+    table = Table(where, tensors, files, dirs, shards, index_name if index is not None else None,
+                  (index or {}).get("metadata", {}) if isinstance(index, dict) else {})
+    return table, problems
