@@ -210,7 +210,7 @@ def _mb(n: int) -> str:
 
 def summarize(relation: Relation, tallies: list[Tally], opts: VerifyOptions, world: int, seconds: float) -> tuple[str, dict[str, Any]]:
     """The printed summary and the machine-readable report of a finished verification."""
-    found = [Mismatch("(metadata)", p) for p in relation.problems]
+    found = [Mismatch("", p) for p in relation.problems]
     dropped = 0
     for t in tallies:
         found += t.mismatches

@@ -154,11 +154,11 @@ def _side(family: Family, prefix: str, found: LayerTensors, E: int, where: str) 
 
 
 def role_shapes(side: Side) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Each role's per-expert (nn.Linear) shape and stored dtype, from metadata alone."""
+    """Each role's per-expert (nn.Linear) shape and the stored tensor holding it (expert 0), from metadata."""
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     if isinstance(side, PerExpertSide):
         for role, per in side.tensors:
-            out[role] = (per[0].shape, per[0].dtype)
+            out[role] = (per[0].shape, per[0].name)
         return out
     for p in side.parts:
         sl = list(p.tensor.shape[1:])
@@ -166,7 +166,7 @@ def role_shapes(side: Side) -> dict[str, tuple[tuple[int, ...], str]]:
         sl[axis] //= len(p.roles)
         shape = tuple(reversed(sl)) if p.transpose else tuple(sl)
         for role in p.roles:
-            out[role] = (shape, p.tensor.dtype)
+            out[role] = (shape, p.tensor.name)
     return out
 
 
@@ -202,8 +202,11 @@ def base_relation(
         bad = [r for r in sorted(set(ra) | set(rb)) if r not in ra or r not in rb or ra[r][0] != rb[r][0]]
         if bad:
             r = bad[0]
-            found.append(f"{dst.where}: layer {prefix} role {r}: per-expert shape {list(rb[r][0]) if r in rb else None}"
-                         f", the source has {list(ra[r][0]) if r in ra else None}")
+            if r not in rb or r not in ra:
+                found.append(f"{dst.where}: layer {prefix} role {r} is only on one side")
+            else:
+                found.append(f"{dst.where}: tensor {rb[r][1]!r} gives role {r} the per-expert shape "
+                             f"{list(rb[r][0])}; the source ({ra[r][1]!r}) has {list(ra[r][0])}")
             continue
         experts.append(ExpertCheck(prefix, num_experts, a, b))
     passes = []

@@ -34,7 +34,7 @@ class Mismatch:
     def __str__(self) -> str:
         where = self.tensor + (f" expert {self.expert}" if self.expert is not None else "")
         diff = f" (max abs diff {self.max_abs_diff:.6g})" if self.max_abs_diff is not None else ""
-        return f"{where}: {self.what}{diff}"
+        return f"{where}: {self.what}{diff}" if where else f"{self.what}{diff}"
 
 
 def read_stored(storage: Storage, t: Stored, start: int = 0, end: int | None = None) -> bytes:
@@ -91,38 +91,62 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 
 def compare(
-    a: torch.Tensor, b: torch.Tensor, exact: bool = True, rtol: float | None = None, atol: float | None = None
+    a: torch.Tensor, b: torch.Tensor, exact: bool = True, rtol: float | None = None, atol: float | None = None,
+    origin: int = 0, shape: tuple[int, ...] | None = None,
 ) -> tuple[str | None, float | None]:
     """Compare source `a` with destination `b`: (None, diff) when they agree, else (what differs, max abs diff).
 
     Same dtype and `exact`: the bits must be equal. Otherwise both are upcast and compared with
     allclose (NaN matching NaN) at the tolerance of the narrower dtype, or the `rtol`/`atol` given.
+    The first differing element is named by its index in `shape` (default: a's shape), counting
+    from flat element `origin` (for chunks of a larger tensor).
     """
+    shape = tuple(a.shape) if shape is None else shape
+
+    def _first(differs: torch.Tensor) -> list[int]:
+        return _unravel(origin + int(differs.reshape(-1).nonzero()[0]), shape)
+
     if tuple(a.shape) != tuple(b.shape):
         return f"shape {list(b.shape)}, expected {list(a.shape)}", None
     if a.numel() == 0:
         return None, 0.0
     is_float = a.dtype in FLOATS and b.dtype in FLOATS
     if exact and a.dtype == b.dtype:
-        same = torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
-        if same:
+        ab, bb = _bits(a), _bits(b)
+        if torch.equal(ab, bb):
             return None, 0.0
+        at = _first((ab != bb).any(dim=1))
         if not is_float:
-            return f"{_name(b.dtype)} values differ", None
-        return "bytes differ", _max_diff(a, b)
+            return f"{_name(b.dtype)} values differ (first at {at})", None
+        return f"bytes differ (first at {at})", _max_diff(a, b)
     if not is_float:
         if a.dtype != b.dtype:
             return f"dtype {_name(b.dtype)} where the source has {_name(a.dtype)} (only floats may be cast)", None
-        return (None, 0.0) if torch.equal(a, b) else ("values differ", None)
+        return (None, 0.0) if torch.equal(a, b) else (f"values differ (first at {_first(a != b)})", None)
     if rtol is None or atol is None:
-        rt, at = _tolerance(a.dtype, b.dtype)
-        rtol, atol = rtol if rtol is not None else rt, atol if atol is not None else at
+        rt, at_ = _tolerance(a.dtype, b.dtype)
+        rtol, atol = rtol if rtol is not None else rt, atol if atol is not None else at_
     wa, wb = _wide(a), _wide(b)
     diff = _max_diff(a, b)
-    if torch.allclose(wa, wb, rtol=rtol, atol=atol, equal_nan=True):
+    close = torch.isclose(wa, wb, rtol=rtol, atol=atol, equal_nan=True)
+    if bool(close.all()):
         return None, diff
-    change = f"{_name(a.dtype)} -> {_name(b.dtype)}"
-    return f"not allclose (rtol {rtol:.3g}, atol {atol:.3g}) after the {change} cast", diff
+    change = f"{_name(a.dtype)} -> {_name(b.dtype)}" if a.dtype != b.dtype else _name(a.dtype)
+    return f"not allclose (rtol {rtol:.3g}, atol {atol:.3g}; {change}; first at {_first(~close)})", diff
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of `t`, one row per element."""
+    return t.contiguous().reshape(-1).view(torch.uint8).reshape(t.numel(), -1)
+
+
+def _unravel(flat: int, shape: tuple[int, ...]) -> list[int]:
+    """The index in `shape` of flat element `flat`."""
+    out = []
+    for d in reversed(tuple(shape)):
+        out.append(flat % d)
+        flat //= d
+    return out[::-1]
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -186,7 +210,7 @@ def run_pass(check: PassCheck, src: Storage, dst: Storage, tally: Tally) -> None
         a = to_tensor(read_stored(src, s, i * element_size(s.dtype), j * element_size(s.dtype)), s.dtype, (j - i,))
         b = to_tensor(read_stored(dst, d, i * element_size(d.dtype), j * element_size(d.dtype)), d.dtype, (j - i,))
         tally.bytes_compared += (j - i) * (element_size(s.dtype) + element_size(d.dtype))
-        what, diff = compare(a, b)
+        what, diff = compare(a, b, origin=i, shape=s.shape)
         if what:  # report the first differing chunk only
-            tally.add(Mismatch(d.name, f"elements [{i}, {j}): {what}", None, diff))
+            tally.add(Mismatch(d.name, what, None, diff))
             return

@@ -192,11 +192,13 @@ def read_table(
         shards = [f for f in files if f.endswith(".safetensors")]
 
     found: dict[str, list[Stored]] = {}
+    unreadable: set[str] = set()
     for shard in shards:
         try:
             parsed = read_header(storage, shard)
         except Unreadable as exc:
             problems.append(str(exc))
+            unreadable.add(shard)
             continue
         problems += library_problems(storage, shard, parsed)
         for t in parsed.values():
@@ -223,7 +225,8 @@ def read_table(
             tensors[tname] = where_all[0]
     if weight_map is not None:
         for tname, fname in sorted(weight_map.items()):
-            if tname not in found and safe_name(fname) and posixpath.normpath(fname) in shards:
+            norm = posixpath.normpath(fname) if safe_name(fname) else None
+            if tname not in found and norm in shards and norm not in unreadable:
                 problems.append(f"{storage.display(str(fname))}: tensor {tname!r} is in the index but not in the file")
         total = (index or {}).get("metadata", {}).get("total_size") if isinstance(index, dict) else None
         actual = sum(t.nbytes for t in tensors.values())
