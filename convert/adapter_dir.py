@@ -243,6 +243,9 @@ def open_adapter_dir(storage: Storage, verdict: Verdict, only_file: str | None =
         return adir
     adir.weight_files = full
     adir.tensors = dict(headers[full[0]].tensors)
+    ignored = [f for f in files if OTHER_WEIGHTS.search(f)]
+    if ignored and not only_file:
+        verdict.note("other_weight_files", f"{', '.join(ignored)}: weights in another format, ignored")
     if ckpts:
         verdict.note("checkpoint_dirs", f"also holds training checkpoints {', '.join(d + '/' for d in ckpts)} (not inspected)")
     return adir

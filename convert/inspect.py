@@ -289,7 +289,7 @@ def _describe_adapter(adir: AdapterDir, report: Report, groups: list[Any], other
         kinds_by_dtype: dict[str, set[str]] = {}
         expert_names = {n for g in groups for n in g.tensors}
         for name, info in adir.tensors.items():
-            kind = "expert LoRA" if name in expert_names else ("LoRA" if is_lora(name) else "full tensors")
+            kind = "expert LoRA" if name in expert_names else ("other LoRA" if is_lora(name) else "full tensors")
             kinds_by_dtype.setdefault(info.dtype, set()).add(kind)
         verdict.note(
             "mixed_dtypes",
@@ -378,10 +378,16 @@ def render_text(report: Report) -> str:
     for key, layers in report.layers.items():
         if layers:
             lines.append(f"  layers ({key}): {format_layers(layers)}")
+    runs: dict[str, list[int]] = {}  # one line per distinct group description, with its layers
     for g in report.groups:
         detail = f"rank {g['rank']}, roles {'/'.join(g['roles'])}" if "rank" in g else \
             ", ".join(f"{r} {s}" for r, s in g["shapes"].items())
-        lines.append(f"    {g['prefix']}: {g.get('pattern') or g.get('layout')}, E={g['num_experts']}, {detail}")
+        desc = f"{g.get('pattern') or g.get('layout')}, E={g['num_experts']}, {detail}"
+        if g["layer"] is None:
+            lines.append(f"    {g['prefix']}: {desc}")
+        else:
+            runs.setdefault(desc, []).append(g["layer"])
+    lines += [f"    layers {format_layers(layers)}: {desc}" for desc, layers in runs.items()]
     lines.append(f"  outcome: {report.verdict.outcome}  [{', '.join(report.verdict.cases)}]")
     if report.conversions:
         lines.append("  conversions:")
