@@ -331,7 +331,10 @@ def find_base_config(
         store = Storage(parent or ".", storage_options)
         return store.read_json(name), f"--base-config {base_config_path}"
     if "config.json" in adir.files:
-        cfg = adir.storage.read_json("config.json")
+        try:
+            cfg = adir.storage.read_json("config.json")
+        except ConversionError:
+            cfg = None  # a broken config.json next to the adapter is not the adapter's problem
         if isinstance(cfg, dict):
             return cfg, adir.storage.display("config.json")
     base = adir.config.get("base_model_name_or_path")

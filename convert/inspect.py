@@ -195,11 +195,7 @@ def inspect_adapter(
     report.count_tensors(adir.tensors)
     if verdict.outcome == REFUSED or check_not_lora(adir, verdict):
         return
-    base_config, source = None, ""
-    try:
-        base_config, source = find_base_config(adir, base_config_path, storage_options)
-    except (ConversionError, OSError) as exc:
-        verdict.note("base_config_unreadable", f"base config not read: {exc}")
+    base_config, source = find_base_config(adir, base_config_path, storage_options)
     family, how = adapter_family(base_config, source, adir.tensors, adir.config)
     report.family, report.family_source = (family.name if family else None), how
     if family and base_config:
@@ -306,46 +302,55 @@ def _one(values: Any) -> str:
 
 # ---------------------------------------------------------------- entry
 class PathError(Exception):
-    """PATH does not exist or cannot be read."""
+    """PATH (or --base-config) does not exist or cannot be read."""
 
 
 def inspect_path(path: str, base_config: str | None = None, storage_options: dict[str, Any] | None = None) -> Report:
     """Inspect the checkpoint or adapter at `path` (a directory, a .safetensors file, or an fsspec URL).
 
-    Returns the Report; raises PathError when `path` does not exist or cannot be read.
+    `base_config`: the base model's config.json for an adapter (path or URL). Returns the Report;
+    raises PathError when `path` or `base_config` does not exist or cannot be read.
     """
     try:
         storage = Storage(path, storage_options)
         if not storage.exists():
             raise PathError(f"{path}: does not exist")
+        if base_config and not Storage(base_config, storage_options).exists():
+            raise PathError(f"--base-config {base_config}: does not exist")
+        report = Report(path)
         only_file = None
         if not storage.isdir():
             parent, name = posixpath.split(path.rstrip("/"))
             if not name.endswith(".safetensors"):
-                report = Report(path)
                 report.verdict.refuse("not_a_checkpoint", f"{path}: is a file, not a directory or a .safetensors file")
                 return report
             storage, only_file = Storage(parent or ".", storage_options), name
         files, subdirs = storage.list_dir()
-        report = Report(path)
-        report.kind = guess_kind(storage, [only_file] if only_file else files, subdirs)
-        if report.kind == ADAPTER:
-            inspect_adapter(storage, report, base_config, storage_options, only_file)
-        elif report.kind == BASE and not only_file:
-            inspect_base(storage, files, subdirs, report)
-        elif report.kind == BASE:
-            header = read_header(storage, only_file or "")
-            report.count_tensors(header.tensors)
-            report.files = {only_file or "": len(header.tensors)}
-            report.verdict.refuse("single_file", f"{path}: one file of a base checkpoint; inspect its directory")
-        else:
-            files_text = ", ".join(files + [d + "/" for d in subdirs]) or "an empty directory"
-            report.verdict.refuse("no_weights", f"{storage.display()}: neither a checkpoint nor an adapter ({files_text})")
+        try:
+            _dispatch(storage, files, subdirs, report, base_config, storage_options, only_file)
+        except ConversionError as exc:  # anything malformed that the steps above did not name a case for
+            report.verdict.refuse("invalid", str(exc))
         return report
-    except (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+    except OSError as exc:  # permissions, a vanished file, an unreachable object store
         raise PathError(f"{path}: cannot be read ({exc})") from exc
-    except OSError as exc:
-        raise PathError(f"{path}: cannot be read ({exc})") from exc
+
+
+def _dispatch(storage: Storage, files: list[str], subdirs: list[str], report: Report, base_config: str | None,
+              storage_options: dict[str, Any] | None, only_file: str | None) -> None:
+    report.kind = guess_kind(storage, [only_file] if only_file else files, subdirs)
+    if report.kind == ADAPTER:
+        inspect_adapter(storage, report, base_config, storage_options, only_file)
+    elif report.kind == BASE and not only_file:
+        inspect_base(storage, files, subdirs, report)
+    elif report.kind == BASE and only_file:
+        header = read_header(storage, only_file)
+        report.count_tensors(header.tensors)
+        report.files = {only_file: len(header.tensors)}
+        report.verdict.refuse("single_file", f"{storage.display(only_file)}: one file of a base checkpoint; "
+                              "inspect its directory")
+    else:
+        listing = ", ".join(files + [d + "/" for d in subdirs]) or "an empty directory"
+        report.verdict.refuse("no_weights", f"{storage.display()}: neither a checkpoint nor an adapter ({listing})")
 
 
 def render_text(report: Report) -> str:

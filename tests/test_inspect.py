@@ -378,6 +378,8 @@ def test_cli_text_and_json(real):
     assert "split_adapter -> per-expert" in text
     missing = run_tool("convert.inspect", str(real / "nope"), "--json", check=False)
     assert missing.returncode == 2 and json.loads(missing.stdout)["outcome"] == "error"
+    bad_base = run_tool("convert.inspect", str(real / "base"), "--base-config", str(real / "nope.json"), check=False)
+    assert bad_base.returncode == 2 and "--base-config" in bad_base.stderr
     cfg_only = real / "cfg_only"
     cfg_only.mkdir()
     shutil.copy(real / "peft_target_parameters" / "adapter_config.json", cfg_only)
