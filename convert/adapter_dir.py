@@ -30,7 +30,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 CONVERTED, PASSED_THROUGH, REFUSED = "converted", "passed_through", "refused"
 # peft's prompt-learning methods: their weights are virtual-token embeddings, not LoRA.
 PROMPT_LEARNING = {"PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT", "CARTRIDGE"}
-LORA_PART = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.|$)")
+# peft's factor names, and grouped-native ones such as NeMo's `lora_gate_and_up_A` / `lora_down_B`.
+LORA_PART = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|lora_[a-z_]+_[AB])(\.|$)")
 PROMPT_NAME = re.compile(r"(^|\.)(prompt_embeddings|prefix_task_cols|prefix_task_rows|prefix_task|prompt_encoder|adaption_prompt)")
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 ATTENTION_PARTS = ("attn", "attention")

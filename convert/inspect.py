@@ -103,16 +103,14 @@ def guess_kind(storage: Storage, files: list[str], subdirs: list[str]) -> str:
     weights = [f for f in files if f.endswith(".safetensors")]
     if ADAPTER_CONFIG in files or any(f.startswith("adapter_model") for f in files):
         return ADAPTER
-    if "config.json" in files:
-        return ADAPTER if _peek_is_lora(storage, weights) else BASE
     if weights:
         return ADAPTER if _peek_is_lora(storage, weights) else BASE
+    if "config.json" in files or any(OTHER_WEIGHTS.search(f) for f in files):
+        return BASE
     ckpts = checkpoint_dirs(subdirs)
     if ckpts:
         inner, _ = storage.list_dir(ckpts[-1])
         return ADAPTER if ADAPTER_CONFIG in inner else (BASE if "config.json" in inner else UNKNOWN)
-    if any(OTHER_WEIGHTS.search(f) for f in files):
-        return BASE if "config.json" in files else UNKNOWN
     if subdir_adapters(storage, subdirs):
         return ADAPTER
     return UNKNOWN

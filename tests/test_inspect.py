@@ -298,7 +298,8 @@ def test_missing_path_is_the_only_error(tmp_path):
 @pytest.mark.parametrize("family,layout,conversions", [
     ("qwen3_moe", "per_expert", ["fuse_experts --layout transformers", "fuse_experts --layout stacked"]),
     ("qwen3_moe", "transformers", ["split_experts -> per-expert", "fuse_experts --layout stacked"]),
-    ("mixtral", "stacked", ["split_experts -> per-expert", "fuse_experts --layout transformers"]),
+    ("qwen3_moe", "stacked", ["split_experts -> per-expert", "fuse_experts --layout transformers"]),  # seed 003
+    ("mixtral", "per_expert", ["fuse_experts --layout transformers", "fuse_experts --layout stacked"]),
     ("gpt_oss", "native", ["split_experts -> per-expert"]),
 ])
 def test_base_layouts(tmp_path, family, layout, conversions):
@@ -428,3 +429,15 @@ def test_adapter_on_s3(tmp_path, monkeypatch):
             inspect_path("s3://inspect/nothing-here")
     finally:
         server.stop()
+
+
+def test_base_bin_only_and_lora_without_config(tmp_path):
+    """A base checkpoint in pickled files only; an adapter file with no adapter_config.json is still an adapter."""
+    base = tmp_path / "bin"
+    base.mkdir()
+    torch.save({"model.norm.weight": torch.ones(fx.H)}, base / "pytorch_model.bin")
+    out = inspected(base)
+    assert (out["kind"], out["outcome"], out["cases"]) == ("base", "refused", ["bin_only"])
+    bare = fx.write_adapter(tmp_path / "bare", fx.grouped(L), None, filename="weights.safetensors")
+    out = inspected(bare)
+    assert (out["kind"], out["pattern"], out["outcome"], out["config"]) == ("adapter", "grouped", "converted", {})
