@@ -186,6 +186,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def proc_io() -> dict[str, int]:
+    """This process's I/O counters from /proc/self/io (rchar, read_bytes, ...); empty where absent."""
+    try:
+        with open("/proc/self/io") as fh:
+            return {k: int(v) for k, v in (line.split(":") for line in fh if ":" in line)}
+    except OSError:
+        return {}
+
+
 def _error_text(exc: BaseException) -> str:
     if isinstance(exc, ConversionError):
         return str(exc)
@@ -260,6 +269,7 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
         if crash_at is not None and done_here[0] >= crash_at:
             os._exit(137)  # simulated crash (MOE_CONVERT_CRASH_AFTER), for resume tests
 
+    io0 = proc_io()
     t0 = time.perf_counter()
     error: str | None = None
     result: Any = None
@@ -270,6 +280,7 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
     finally:
         src.close()
         dst.close()
+    io_delta = {k: v - io0.get(k, 0) for k, v in proc_io().items()}
     dist.counter_add(key + "/done", 1)
     if dist.is_main:
         while dist.counter_add(key + "/done", 0) < dist.world_size:
@@ -284,6 +295,8 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
         "written_bytes": sum(p.write_bytes for p in mine),
         "pieces": len(mine),
         "seconds": time.perf_counter() - t0,
+        # OS counters over the streaming phase (rchar/wchar: bytes through syscalls; read_bytes: from storage)
+        "os_io": io_delta,
     }
     gathered = dist.gather((error, stats, result))
     errors = [e for e, _, _ in gathered if e]
