@@ -42,11 +42,15 @@ class Checkpoint:
     index_file: str | None
 
 
-def safe_relative(name: str, where: str) -> str:
-    """Reject a file name from an index that could point outside its directory."""
-    norm = posixpath.normpath(name)
-    if not name or name.startswith("/") or "\\" in name or ".." in norm.split("/") or ":" in name:
-        raise ConversionError(f"{where}: refusing shard path {name!r} (absolute or escaping the checkpoint directory)")
+def safe_relative(name: object, where: str, tensor: str | None = None) -> str:
+    """Reject a file name from an index that could point outside its directory (or is not a name at all)."""
+    norm = posixpath.normpath(name) if isinstance(name, str) and name else ""
+    if not norm or norm.startswith("/") or "\\" in norm or ".." in norm.split("/") or ":" in norm:
+        about = f" for tensor {tensor!r}" if tensor else ""
+        raise ConversionError(
+            f"{where}: refusing shard path {name!r}{about} (expected a file name inside the checkpoint directory; "
+            "this one is absolute, escapes it or is not a string)"
+        )
     return norm
 
 
@@ -67,7 +71,7 @@ def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob:
         index = storage.read_json(index_file)
         if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
             raise ConversionError(f"{storage.display(index_file)}: has no weight_map object")
-        weight_map = {k: safe_relative(v, storage.display(index_file)) for k, v in index["weight_map"].items()}
+        weight_map = {k: safe_relative(v, storage.display(index_file), k) for k, v in index["weight_map"].items()}
         shard_names = sorted(set(weight_map.values()))
         for name in shard_names:
             if name not in files:
@@ -81,13 +85,18 @@ def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob:
         headers = dict(zip(shard_names, pool.map(lambda n: read_header(storage, n), shard_names)))
 
     tensors: dict[str, TensorRef] = {}
+    first_file: dict[str, str] = {}
+    for name, header in headers.items():
+        for tname in header.tensors:
+            if tname in first_file:
+                raise ConversionError(
+                    f"{storage.display(name)}: tensor {tname!r} is also in {first_file[tname]} (listed twice; "
+                    "expected each tensor in exactly one shard)"
+                )
+            first_file[tname] = name
     for name, header in headers.items():
         metadata.update(header.metadata)
         for tname, info in header.tensors.items():
-            if tname in tensors:
-                raise ConversionError(
-                    f"{storage.display(name)}: tensor {tname!r} is also in {tensors[tname].file} (listed twice)"
-                )
             if weight_map is not None and weight_map.get(tname) != name:
                 if tname not in weight_map:
                     continue  # present in a shard but not indexed: loaders ignore it, so do we
@@ -104,6 +113,8 @@ def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob:
             )
 
     config = storage.read_json("config.json") if "config.json" in files else {}
+    if not isinstance(config, dict):
+        raise ConversionError(f"{storage.display('config.json')}: expected a JSON object, got {type(config).__name__}")
     weight_files = set(shard_names) | ({index_file} if index_file else set())
     rest = [f for f in files if f not in weight_files and not f.endswith(weight_glob)]
     other = [f for f in rest if not OTHER_WEIGHTS.search(f)]

@@ -68,6 +68,8 @@ def run_main(body: Callable[[Dist], int]) -> None:
     dist = init_dist()
     try:
         code = body(dist)
+        # Nobody leaves before rank 0 has printed its report: a launcher stops every rank once one has exited.
+        dist.barrier()
     finally:
         dist.close()
     sys.exit(code)

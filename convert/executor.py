@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from convert.errors import ConversionError
 from convert.memory import pin_mmap_threshold
 from convert.planner import Piece, Read, Write
 from convert.safetensors_format import DTYPE_SIZES, TensorSlot
@@ -54,7 +55,15 @@ class Executor:
         return file, slot.start + w.start
 
     def run_piece(self, piece: Piece) -> int:
-        """Execute one piece; returns bytes written."""
+        """Execute one piece; returns bytes written. A source that fails to read is named with the tensor."""
+        try:
+            return self._run_piece(piece)
+        except ConversionError as exc:
+            names = sorted({w.tensor for w in piece.writes})
+            raise ConversionError(f"{exc} (while writing tensor {names[0]!r}"
+                                  + (f" and {len(names) - 1} more)" if len(names) > 1 else ")")) from exc
+
+    def _run_piece(self, piece: Piece) -> int:
         same_dtype = all(r.dtype == w.dtype for r in piece.reads for w in piece.writes)
         if piece.regroup is None and same_dtype:
             if self.src.is_local and self.dst.is_local:

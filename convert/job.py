@@ -210,7 +210,7 @@ def run_job(opts: JobOptions, dist: Dist, report: dict[str, Any] | None = None) 
     if dist.is_main:
         try:
             setup = plan_job(opts, dist)
-        except (ConversionError, OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - every rank must learn of it, or they wait in broadcast forever
             setup = _error_text(exc)
     return execute(dist.broadcast(setup), opts, dist, report)
 

@@ -64,22 +64,25 @@ def numel(shape: tuple[int, ...] | list[int]) -> int:
     return math.prod(shape)
 
 
-def parse_header(path: str, raw: bytes, file_size: int) -> FileHeader:
+def parse_header(path: str, raw: bytes, file_size: int, where: str | None = None) -> FileHeader:
     """Validate and parse the JSON header `raw` of the file `path` of `file_size` bytes.
+
+    `where` names the file in messages (default `path`), e.g. with its directory or URL.
 
     Raises ConversionError naming the file (and tensor) on any inconsistency: bad JSON,
     unknown dtype, offsets that disagree with the shape, overlap, or data outside the file.
     """
+    where = where or path
     data_start = 8 + len(raw)
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConversionError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
+        raise ConversionError(f"{where}: safetensors header is not valid JSON ({exc})") from exc
     if not isinstance(obj, dict):
-        raise ConversionError(f"{path}: safetensors header is not a JSON object")
+        raise ConversionError(f"{where}: safetensors header is not a JSON object")
     metadata = obj.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
-        raise ConversionError(f"{path}: __metadata__ is not an object")
+        raise ConversionError(f"{where}: __metadata__ is not an object")
     tensors: dict[str, TensorInfo] = {}
     data_len = file_size - data_start
     for name, spec in obj.items():
@@ -88,48 +91,49 @@ def parse_header(path: str, raw: bytes, file_size: int) -> FileHeader:
             shape = tuple(int(d) for d in spec["shape"])
             begin, end = (int(x) for x in spec["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ConversionError(f"{path}: tensor {name!r} has a malformed header entry: {spec!r}") from exc
+            raise ConversionError(f"{where}: tensor {name!r} has a malformed header entry: {spec!r}") from exc
         if dtype not in DTYPE_SIZES:
             raise ConversionError(
-                f"{path}: tensor {name!r} has unknown dtype {dtype!r} (expected one of {sorted(DTYPE_SIZES)})"
+                f"{where}: tensor {name!r} has unknown dtype {dtype!r} (expected one of {sorted(DTYPE_SIZES)})"
             )
         if any(d < 0 for d in shape):
-            raise ConversionError(f"{path}: tensor {name!r} has a negative dimension in shape {list(shape)}")
+            raise ConversionError(f"{where}: tensor {name!r} has a negative dimension in shape {list(shape)}")
         expected = numel(shape) * DTYPE_SIZES[dtype]
         if end - begin != expected or begin < 0:
             raise ConversionError(
-                f"{path}: tensor {name!r} data_offsets [{begin}, {end}] hold {end - begin} bytes, "
+                f"{where}: tensor {name!r} data_offsets [{begin}, {end}] hold {end - begin} bytes, "
                 f"but {dtype} {list(shape)} needs {expected}"
             )
         if end > data_len:
             raise ConversionError(
-                f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has only {file_size} bytes "
+                f"{where}: tensor {name!r} ends at byte {data_start + end} but the file has only {file_size} bytes "
                 "(truncated file?)"
             )
         tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
     ordered = sorted(tensors.values(), key=lambda t: (t.start, t.end))
     for prev, cur in zip(ordered, ordered[1:]):
         if cur.start < prev.end and cur.nbytes and prev.nbytes:
-            raise ConversionError(f"{path}: tensors {prev.name!r} and {cur.name!r} overlap in the file")
+            raise ConversionError(f"{where}: tensors {prev.name!r} and {cur.name!r} overlap in the file")
     return FileHeader(path, file_size, data_start, tensors, {str(k): str(v) for k, v in metadata.items()})
 
 
 def read_header(storage: Storage, path: str) -> FileHeader:
     """Read and validate the header of the safetensors file `path` with two ranged reads."""
+    where = storage.display(path)
     size = storage.size(path)
     if size < 8:
-        raise ConversionError(f"{path}: {size} bytes is too short to be a safetensors file")
+        raise ConversionError(f"{where}: {size} bytes is too short to be a safetensors file")
     (header_len,) = struct.unpack("<Q", storage.read_range(path, 0, 8))
     if header_len > MAX_HEADER_BYTES:
         raise ConversionError(
-            f"{path}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit (corrupt file?)"
+            f"{where}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit (corrupt file?)"
         )
     if 8 + header_len > size:
         raise ConversionError(
-            f"{path}: header length {header_len} runs past the end of the {size}-byte file (truncated file?)"
+            f"{where}: header length {header_len} runs past the end of the {size}-byte file (truncated file?)"
         )
     raw = storage.read_range(path, 8, 8 + header_len)
-    return parse_header(path, raw, size)
+    return parse_header(path, raw, size, where)
 
 
 @dataclass(frozen=True)
