@@ -3,7 +3,12 @@
 `python -m bench.synthetic DIR --preset qwen3-30b-a3b --layers 2` writes a checkpoint whose
 expert layers have the real shapes (E, H, I) and names of the family, with `--layers`
 MoE layers so a run fits a small disk. Data is `zeros` (sparse files: instant) or
-`random` (written in bounded chunks).
+`random` (seeded pseudo-random bytes written in bounded chunks: real blocks on disk, so
+`cp` cannot skip holes).
+
+`python -m bench.synthetic DIR --adapter shared_w123 --layers 4` writes a LoRA adapter of a
+survey's shape instead (see ADAPTER_PRESETS), and its base model's config.json as
+`DIR.base-config.json` (for split_adapter's `--base-config`).
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ import argparse
 import json
 import os
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from convert.families import load_families
-from convert.safetensors_format import DTYPE_SIZES, numel
+from convert.safetensors_format import DTYPE_SIZES, build_header, numel
 from sharding.file_layout import layout_files, parse_size
 
 PRESETS = {
@@ -65,11 +73,14 @@ def checkpoint_specs(
     return specs, config
 
 
-def write_synthetic(out: str, specs: list[Spec], config: dict, max_shard: int, data: str = "zeros") -> int:
+def write_synthetic(
+    out: str, specs: list[Spec], config: dict, max_shard: int, data: str = "zeros", seed: int = 0
+) -> int:
     """Write shards + index + config.json; returns total tensor bytes. `data` is zeros or random."""
     os.makedirs(out, exist_ok=True)
     files = layout_files(specs, max_shard, {"format": "pt"})
     chunk = 16 << 20
+    rng = np.random.default_rng(seed)
     for f in files:
         with open(os.path.join(out, f.name), "wb") as fh:
             fh.write(f.header)
@@ -79,7 +90,7 @@ def write_synthetic(out: str, specs: list[Spec], config: dict, max_shard: int, d
                 left = f.size - len(f.header)
                 while left:
                     n = min(chunk, left)
-                    fh.write(os.urandom(n))
+                    fh.write(rng.bytes(n))
                     left -= n
     total = sum(s.nbytes for s in specs)
     index = {"metadata": {"total_size": total}, "weight_map": {n: f.name for f in files for n in f.slots}}
@@ -90,8 +101,80 @@ def write_synthetic(out: str, specs: list[Spec], config: dict, max_shard: int, d
     return total
 
 
+# Adapters of the surveys' shapes (../shared/seeds): name -> (base preset, pattern, per-expert rank, dtype).
+ADAPTER_PRESETS = {
+    # Qwen3-30B-A3B "Pattern A": 3-D w1/w2/w3 LoRA, w1/w3 A and w2 B shared by all experts; rank 32 fp32.
+    "shared_w123": ("qwen3-30b-a3b", "shared_w123", 32, "F32"),
+    # gpt-oss-20b peft target_parameters on gate_up_proj/down_proj: rank 8 folded with E=32 (256); fp32.
+    "peft_target_parameters": ("gpt-oss-20b", "peft_target_parameters", 8, "F32"),
+    "tiny_shared_w123": ("tiny", "shared_w123", 4, "F32"),
+}
+BASE_MODEL_NAMES = {"qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B", "gpt-oss-20b": "openai/gpt-oss-20b"}
+PEFT_PREFIX = "base_model.model."
+
+
+def adapter_specs(preset: str, layers: int, experts: int | None = None) -> tuple[list[Spec], dict[str, Any], dict]:
+    """Tensor specs, adapter_config.json and the base model's config.json of an adapter of `preset`.
+
+    Every layer has attention LoRA (q/k/v/o, same rank) and expert LoRA in the preset's pattern.
+    """
+    base, pattern, r, dtype = ADAPTER_PRESETS[preset]
+    family, E, H, I, _, (qh, hd), kvh = PRESETS[base]
+    E = experts or E
+    _, base_config = checkpoint_specs(base, layers, experts=E, vocab=1)
+    attn = {"q": (qh * hd, H), "k": (kvh * hd, H), "v": (kvh * hd, H), "o": (H, qh * hd)}
+    specs: list[Spec] = []
+    for layer in range(layers):
+        p = f"{PEFT_PREFIX}model.layers.{layer}"
+        for proj, (out_dim, in_dim) in attn.items():
+            specs += [Spec(f"{p}.self_attn.{proj}_proj.lora_A.weight", dtype, (r, in_dim)),
+                      Spec(f"{p}.self_attn.{proj}_proj.lora_B.weight", dtype, (out_dim, r))]
+        x = f"{p}.mlp.experts"
+        if pattern == "shared_w123":
+            for w in ("w1", "w3"):
+                specs += [Spec(f"{x}.{w}.lora_A.weight", dtype, (1, r, H)), Spec(f"{x}.{w}.lora_B.weight", dtype, (E, I, r))]
+            specs += [Spec(f"{x}.w2.lora_A.weight", dtype, (E, r, I)), Spec(f"{x}.w2.lora_B.weight", dtype, (1, H, r))]
+        else:
+            specs += [Spec(f"{x}.base_layer.lora_A.weight", dtype, (E * r, H)),
+                      Spec(f"{x}.base_layer.lora_B.weight", dtype, (2 * I, r * E)),
+                      Spec(f"{x}.lora_A.weight", dtype, (E * r, I)), Spec(f"{x}.lora_B.weight", dtype, (H, r * E))]
+    config: dict[str, Any] = {
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "use_rslora": False, "bias": "none",
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "modules_to_save": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": BASE_MODEL_NAMES.get(base, base),
+    }
+    if pattern == "shared_w123":
+        config["target_modules"] = "all-linear"
+    else:
+        config["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    return specs, config, base_config
+
+
+def write_adapter(out: str, specs: list[Spec], config: dict[str, Any], seed: int = 0) -> int:
+    """Write adapter_model.safetensors (small normal values) and adapter_config.json into `out`.
+
+    Returns the bytes of tensor data. Values are finite floats (LoRA-sized), written in bounded chunks.
+    """
+    os.makedirs(out, exist_ok=True)
+    header, _, total = build_header([(s.name, s.dtype, s.shape) for s in specs], {"format": "pt"})
+    rng = np.random.default_rng(seed)
+    np_dtype = {"F32": np.float32, "F16": np.float16}[specs[0].dtype]
+    item = np.dtype(np_dtype).itemsize
+    with open(os.path.join(out, "adapter_model.safetensors"), "wb") as fh:
+        fh.write(header)
+        left = (total - len(header)) // item
+        while left:
+            n = min(4 << 20, left)
+            fh.write((rng.standard_normal(n, dtype=np.float32) * 0.02).astype(np_dtype).tobytes())
+            left -= n
+    with open(os.path.join(out, "adapter_config.json"), "w") as fh:
+        json.dump(config, fh, indent=2)
+    return total - len(header)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Parse flags and write one synthetic checkpoint."""
+    """Parse flags and write one synthetic checkpoint or adapter."""
     p = argparse.ArgumentParser(prog="bench.synthetic", description=__doc__.splitlines()[0])
     p.add_argument("dst")
     p.add_argument("--preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
@@ -101,7 +184,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="BF16", choices=["BF16", "F16", "F32"])
     p.add_argument("--data", default="zeros", choices=["zeros", "random"])
     p.add_argument("--max-shard-size", default="5GB", type=parse_size)
+    p.add_argument("--adapter", default=None, choices=sorted(ADAPTER_PRESETS), help="write an adapter instead")
     a = p.parse_args(argv)
+    if a.adapter:
+        specs, cfg, base_cfg = adapter_specs(a.adapter, a.layers, a.experts)
+        total = write_adapter(a.dst, specs, cfg)
+        with open(a.dst.rstrip("/") + ".base-config.json", "w") as fh:
+            json.dump(base_cfg, fh)
+        print(f"wrote {total / 1e9:.3f} GB ({len(specs)} tensors) adapter to {a.dst}")
+        return
     specs, config = checkpoint_specs(a.preset, a.layers, a.dtype, a.experts, a.vocab)
     total = write_synthetic(a.dst, specs, config, a.max_shard_size, a.data)
     print(f"wrote {total / 1e9:.3f} GB ({len(specs)} tensors) to {a.dst}")
