@@ -1,0 +1,102 @@
+"""An adapter conversion job: plan on rank 0, then the generic stream-and-commit of convert.job.
+
+The output is one `adapter_model.safetensors` (what peft and vLLM read) written in place by
+every rank at its pieces' offsets, or, above --max-shard-size, `adapter_model-0000i-of-0000N`
+shards with an index. adapter_config.json is written last and marks the output complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from convert.adapter_plan import AdapterPlan, plan_fuse, plan_split
+from convert.adapter_source import ADAPTER_INDEX, ADAPTER_WEIGHTS, open_adapter
+from convert.cli import base_parser, job_options
+from convert.errors import ConversionError
+from convert.job import JobOptions, JobSetup, _error_text, check_destination, execute, fingerprint
+from convert.storage import Storage
+from launch.dist import Dist
+from sharding.ep import assign_pieces, expert_slices
+from sharding.file_layout import layout_files, weight_map
+
+ADAPTER_CONFIG = "adapter_config.json"
+SPLIT = "per_expert"
+
+
+@dataclass
+class AdapterJobOptions(JobOptions):
+    """JobOptions plus the adapter flags: `layout` is "per_expert" (split) or a fused adapter layout."""
+
+    base_config: str | None = None
+
+
+def adapter_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The base conversion flags plus --base-config."""
+    p = base_parser(prog, description)
+    p.add_argument("--base-config", default=None,
+                   help="the base model's config.json (path or URL): family, hidden/intermediate sizes, E")
+    return p
+
+
+def adapter_options(args: argparse.Namespace, layout: str) -> AdapterJobOptions:
+    """AdapterJobOptions from parsed flags."""
+    base = job_options(args, layout)
+    return AdapterJobOptions(**{**base.__dict__, "base_config": args.base_config})
+
+
+def plan_adapter(opts: AdapterJobOptions, ep: int) -> tuple[Any, AdapterPlan]:
+    """Open the source adapter and plan the conversion (rank 0)."""
+    src = open_adapter(opts.src, opts.base_config, opts.storage_options)
+    if opts.layout == SPLIT:
+        return src, plan_split(src, opts.dtype, ep)
+    return src, plan_fuse(src, str(opts.layout), opts.dtype)
+
+
+def plan_adapter_job(opts: AdapterJobOptions, dist: Dist) -> JobSetup:
+    """Rank 0's work before any byte moves: read metadata, plan, lay out the file, check the destination."""
+    ep = opts.ep or dist.world_size
+    if ep < 1:
+        raise ConversionError(f"--ep must be >= 1, got {ep}")
+    src, plan = plan_adapter(opts, ep)
+    dst = Storage(opts.dst, opts.storage_options)
+    files = layout_files(plan.targets, opts.max_shard_bytes, {"format": "pt"}, stem="adapter_model")
+    final: dict[str, bytes] = {}
+    if len(files) == 1:
+        files[0].name = ADAPTER_WEIGHTS
+    else:
+        total = sum(t.nbytes for t in plan.targets)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map(files).items()))}
+        final[ADAPTER_INDEX] = (json.dumps(index, indent=2) + "\n").encode()
+    final[ADAPTER_CONFIG] = (json.dumps(plan.config, indent=2, sort_keys=True) + "\n").encode()
+    assignment = assign_pieces(plan.pieces, plan.num_experts, ep, dist.world_size)
+    sizes = sorted({len(r) for r in expert_slices(plan.num_experts, ep)})
+    summary = [
+        f"plan: {plan.description}, dtype={opts.dtype or 'keep'}",
+        f"  source: {opts.src}",
+        f"  destination: {opts.dst}",
+        f"  ep={ep} expert slices over {dist.world_size} rank(s); experts per slice: " + "/".join(map(str, sizes)),
+    ]
+    summary += [f"  note: {n}" for n in plan.notes]
+    fp = fingerprint("adapter", opts.layout, opts.src, sorted(src.file_sizes.items()),
+                     [(f.name, f.size, f.header) for f in files], plan.pieces, final[ADAPTER_CONFIG])
+    resuming = False if opts.dry_run else check_destination(src.storage, dst, opts.overwrite, ADAPTER_CONFIG, fp)
+    return JobSetup(
+        summary=summary, files=files, pieces=plan.pieces, assignment=assignment, ep=ep,
+        copy_files=src.other_files, final_files=final, fingerprint=fp, resuming=resuming,
+        job_id=uuid.uuid4().hex,
+    )
+
+
+def run_adapter_job(opts: AdapterJobOptions, dist: Dist, report: dict[str, Any] | None = None) -> int:
+    """Plan (rank 0) and run an adapter conversion on this rank; returns the exit code (0, 1, or 2 = refused)."""
+    setup: JobSetup | str | None = None
+    if dist.is_main:
+        try:
+            setup = plan_adapter_job(opts, dist)
+        except Exception as exc:  # noqa: BLE001 - every rank must learn of it, or they wait in broadcast forever
+            setup = _error_text(exc)
+    return execute(dist.broadcast(setup), opts, dist, report)

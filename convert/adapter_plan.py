@@ -1,0 +1,549 @@
+"""Conversion plans for LoRA adapters: every output tensor and the pieces that produce it.
+
+Same model as the base-weight planner (convert.planner): a piece reads byte ranges of the
+source and writes byte ranges of output tensors, either as a byte copy/cast or through a
+compute step (convert.adapter_transforms). Expert pieces carry their expert, so EP rank k
+converts only the experts of its slices. Output key names come from the family tables
+(configs/*.json); the adapter layouts from convert.adapter_layouts.
+
+- split (any expert-LoRA layout -> per-expert): peft lora_A rows of one expert are one byte
+  range (a copy); peft lora_B is expert-minor, so each EP slice gathers its experts' columns
+  from the whole B in one compute piece; shared_w123 factors are byte copies (a shared
+  factor is copied to every expert); grouped factors are transposed per expert.
+- fuse (per-expert -> peft / grouped / shared_w123): peft lora_A rows of one expert are a
+  byte range (copies); peft lora_B is built in row chunks from every expert; grouped slices
+  are transposed per expert; shared_w123 is written only where the shared factor is
+  identical across experts.
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from convert.adapter_dir import is_lora, lora_module
+from convert.adapter_layouts import (
+    GATE_UP, ROLES, ExpertLoraGroup, LoraFactor, detect_expert_lora, family_by_name, gate_up_order, module_key,
+)
+from convert.adapter_scaling import OutputModule, Scale, rewrite_config, scale_for_rank, source_scale
+from convert.adapter_source import AdapterSource
+from convert.adapter_transforms import FoldedBBuild, FoldedBGather, GroupedBuild, GroupedSlice
+from convert.checkpoint import TensorRef
+from convert.errors import ConversionError
+from convert.families import Family, load_families, template_regex
+from convert.planner import DEFAULT_CHUNK_BYTES, Piece, Read, TargetTensor, Write, target_dtype
+from convert.safetensors_format import DTYPE_SIZES, numel
+from sharding.ep import expert_slices
+
+FUSED_LAYOUTS = ("peft", "grouped", "shared_w123")
+SHARED_W123_PROJ = {"gate": "w1", "up": "w3", "down": "w2"}  # the 3-D partially shared layout's own names
+GROUPED_NAMES = {GATE_UP: "gate_and_up", ("down",): "down"}
+
+
+@dataclass
+class AdapterPlan:
+    """What an adapter conversion writes and how; identical on every rank."""
+
+    description: str
+    targets: list[TargetTensor]
+    pieces: list[Piece]
+    num_experts: int
+    config: dict[str, Any]
+    groups: list[ExpertLoraGroup]
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def family_prefix(family: Family, group_prefix: str, where: str) -> str:
+    """The family template `{prefix}` of an expert-LoRA group whose module path before `.experts` is `group_prefix`."""
+    containers = {t[: t.index(".experts")] for t in family.per_expert.values()}
+    containers |= {t.template[: t.template.index(".experts")] for ts in family.fused.values() for t in ts}
+    for c in sorted(containers):
+        m = template_regex(c).match(group_prefix)
+        if m:
+            return m["prefix"]
+    raise ConversionError(
+        f"{where}: expert LoRA module {group_prefix}.experts does not fit the {family.name} family's names "
+        f"(expected one of {sorted(c.replace('{prefix}', '<layer>') + '.experts' for c in containers)})"
+    )
+
+
+def per_expert_module(family: Family, prefix: str, role: str, e: int) -> str:
+    """The per-expert module name of `role` of expert `e` (e.g. `...experts.3.gate_proj`)."""
+    template = family.per_expert[role]
+    return template[: -len(".weight")].format(prefix=prefix, e=e)
+
+
+def proj_name(family: Family, role: str) -> str:
+    """The per-expert projection leaf name of `role` (gate_proj, w1, ...)."""
+    return family.per_expert[role].rsplit(".", 2)[-2]
+
+
+def fused_wrappers(family: Family, roles: tuple[str, ...]) -> list[tuple[tuple[str, ...], str]]:
+    """(roles, `P.experts.<param>` template) of the family's fused parameters that hold `roles`, in declaration order."""
+    out = []
+    for t in family.fused[family.default_fused]:
+        if set(t.parts) <= set(ROLES) and set(t.parts) & set(roles):
+            out.append((t.parts, t.template))
+    return out
+
+
+def _general_keys(name: str, tail: str) -> tuple[str, ...]:
+    """Pattern keys naming module `name` (without base_model.model.): every layer's `tail`, then exactly it."""
+    return (tail, re.escape(name))
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def _copy_pieces(ref: TensorRef, out_name: str, dtype: str | None, chunk: int, expert: int | None) -> tuple[TargetTensor, list[Piece]]:
+    """A whole tensor copied (or cast) unchanged, in chunks."""
+    info = ref.info
+    out_dtype = target_dtype(info.dtype, dtype)
+    src_item, dst_item = DTYPE_SIZES[info.dtype], DTYPE_SIZES[out_dtype]
+    n = numel(info.shape)
+    step = max(1, chunk // max(src_item, dst_item))
+    pieces = [
+        Piece(
+            (Read(ref.file, info.start + i * src_item, info.start + min(n, i + step) * src_item, info.dtype),),
+            (Write(out_name, i * dst_item, min(n, i + step) * dst_item, out_dtype),),
+            None,
+            expert,
+        )
+        for i in range(0, max(n, 1), step)
+    ]
+    return TargetTensor(out_name, out_dtype, info.shape), pieces
+
+
+def _block_read(ref: TensorRef, index: int, block_elems: int) -> Read:
+    """Block `index` of `block_elems` elements of a tensor (its dim-0 slice when blocks are slices)."""
+    item = ref.info.itemsize
+    start = ref.info.start + index * block_elems * item
+    return Read(ref.file, start, start + block_elems * item, ref.info.dtype)
+
+
+class _Builder:
+    """Collects targets, pieces and the output modules' scales of one plan."""
+
+    def __init__(self, src: AdapterSource, dtype: str | None, chunk: int) -> None:
+        self.src, self.dtype, self.chunk = src, dtype, chunk
+        self.where = src.display()
+        self.targets: list[TargetTensor] = []
+        self.pieces: list[Piece] = []
+        self.modules: dict[str, OutputModule] = {}
+        self.kept: set[str] = set()
+
+    def ref(self, f: LoraFactor) -> TensorRef:
+        return self.src.tensors[f.name]
+
+    def out_dtype(self, f: LoraFactor) -> str:
+        return target_dtype(f.dtype, self.dtype)
+
+    def target(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        self.targets.append(TargetTensor(name, dtype, tuple(shape)))
+
+    def module(self, name: str, scale: Scale, tail: str) -> None:
+        key = module_key(name)
+        old = self.modules.get(key)
+        if old is not None and old.scale != scale:
+            raise ConversionError(f"{self.where}: output module {key!r} would need two scalings {old.scale} and {scale}")
+        self.modules[key] = OutputModule(key, scale, _general_keys(key, tail))
+
+    def passthrough(self, names: list[str], expert_of: dict[str, int] | None = None) -> None:
+        for name in names:
+            t, p = _copy_pieces(self.src.tensors[name], name, self.dtype, self.chunk, (expert_of or {}).get(name))
+            self.targets.append(t)
+            self.pieces += p
+            if is_lora(name):
+                self.kept.add(module_key(lora_module(name)))
+
+    def check_unique(self) -> None:
+        seen: set[str] = set()
+        for t in self.targets:
+            if t.name in seen:
+                raise ConversionError(f"{self.where}: output tensor {t.name!r} would be written twice")
+            seen.add(t.name)
+
+
+def _family_of(groups: list[ExpertLoraGroup], src: AdapterSource, why: str) -> Family:
+    names = {g.family for g in groups}
+    if None in names or len(names) != 1:
+        raise ConversionError(
+            f"{src.display()}: cannot tell the base model's family from adapter_config.json, and {why}: "
+            "pass --base-config with the base model's config.json"
+        )
+    return family_by_name(str(names.pop()))
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def plan_split(src: AdapterSource, dtype: str | None, ep: int, chunk: int = DEFAULT_CHUNK_BYTES) -> AdapterPlan:
+    """Plan converting every expert-LoRA layer of `src` to per-expert LoRA; everything else passes through.
+
+    `ep`: the number of expert slices (peft lora_B is gathered once per slice). Raises
+    ConversionError when the input is inconsistent or the family is needed and unknown.
+    """
+    groups, passthrough = detect_expert_lora(src.infos, src.config, src.base_config, src.display())
+    b = _Builder(src, dtype, chunk)
+    b.passthrough(passthrough)
+    convert = [g for g in groups if g.pattern != "per_expert"]
+    notes = list(src.notes)
+    family = _family_of(convert, src, "the per-expert names and gate/up order depend on it") if convert else None
+    for g in groups:
+        if g.pattern == "per_expert":
+            b.passthrough(sorted(f.name for f in g.factors), {f.name: int(f.expert) for f in g.factors})  # type: ignore[arg-type]
+            continue
+        assert family is not None
+        prefix = family_prefix(family, g.prefix, b.where)
+        if g.pattern == "peft_target_parameters":
+            _split_peft(b, g, family, prefix, ep)
+        elif g.pattern == "shared_w123":
+            _split_shared(b, g, family, prefix)
+        else:
+            _split_grouped(b, g, family, prefix)
+    b.check_unique()
+    if convert:
+        assert family is not None
+        roles = sorted({r for g in convert for r in g.roles}, key=ROLES.index)
+        config = rewrite_config(
+            src.config, list(b.modules.values()), b.kept, src.display("adapter_config.json"),
+            target_modules_add=[proj_name(family, r) for r in roles], target_parameters=None,
+        )
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            notes.append("adapter_config.json keeps per-module ranks/alphas in rank_pattern/alpha_pattern "
+                         "(peft applies them; servers that apply one adapter-wide scaling do not)")
+    else:
+        config = dict(src.config)
+        notes.append("no expert LoRA in another layout: every tensor validated and passed through unchanged")
+    patterns = sorted({g.pattern for g in groups}) or ["no expert LoRA"]
+    desc = (f"split_adapter: {'/'.join(patterns)} -> per_expert; {len(groups)} expert layers"
+            + (f", E={max(g.num_experts for g in groups)}" if groups else "") + (f", family {family.name}" if family else ""))
+    return AdapterPlan(desc, b.targets, b.pieces, max((g.num_experts for g in groups), default=1), config, groups, notes)
+
+
+def _split_scale(b: _Builder, g: ExpertLoraGroup, src_key: str, role: str) -> Scale:
+    return scale_for_rank(b.src.config, source_scale(b.src.config, src_key), g.rank_of(role))
+
+
+def _expert_outputs(
+    b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, role: str, e: int, src_key: str, dtypes: tuple[str, str]
+) -> tuple[str, str]:
+    """Register expert e's `role` lora_A and lora_B targets; returns their names."""
+    module = per_expert_module(family, prefix, role, e)
+    out, inn = g.dims_of(role)
+    r = g.rank_of(role)
+    b.target(module + ".lora_A.weight", dtypes[0], (r, inn))
+    b.target(module + ".lora_B.weight", dtypes[1], (out, r))
+    tail = r"experts\.\d+\." + re.escape(proj_name(family, role))
+    b.module(module, _split_scale(b, g, src_key, role), tail)
+    return module + ".lora_A.weight", module + ".lora_B.weight"
+
+
+def _split_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, ep: int) -> None:
+    E = g.num_experts
+    for roles, param in g.target_param:
+        fa, fb = g.factor(roles, "A"), g.factor(roles, "B")
+        ra, rb = b.ref(fa), b.ref(fb)
+        r = g.rank_of(roles[0])
+        out, inn = g.dims_of(roles[0])
+        da, db = b.out_dtype(fa), b.out_dtype(fb)
+        src_key = module_key(g.prefix, "experts", param)
+        names = {
+            (role, e): _expert_outputs(b, g, family, prefix, role, e, src_key, (da, db)) for e in range(E) for role in roles
+        }
+        a_bytes = r * inn * DTYPE_SIZES[da]
+        for e in range(E):
+            read = _block_read(ra, e, r * inn)
+            b.pieces.append(Piece(
+                tuple(read for _ in roles), tuple(Write(names[(role, e)][0], 0, a_bytes, da) for role in roles), None, e,
+            ))
+        b_bytes = out * r * DTYPE_SIZES[db]
+        order = g.gate_up_order if len(roles) > 1 else None
+        for experts in expert_slices(E, ep):
+            if not len(experts):
+                continue
+            writes = tuple(Write(names[(role, e)][1], 0, b_bytes, db) for e in experts for role in roles)
+            gather = FoldedBGather(fb.dtype, out * len(roles), r, E, experts.start, experts.stop, len(roles), order, db)
+            read = Read(rb.file, rb.info.start, rb.info.end, rb.info.dtype)
+            b.pieces.append(Piece((read,), writes, gather, experts.start))  # type: ignore[arg-type]
+
+
+def _split_shared(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str) -> None:
+    for role in g.roles:
+        fa, fb = g.factor((role,), "A"), g.factor((role,), "B")
+        proj = fa.name.split(".")[-3]
+        src_key = module_key(g.prefix, "experts", proj)
+        da, db = b.out_dtype(fa), b.out_dtype(fb)
+        out, inn = g.dims_of(role)
+        r = g.rank_of(role)
+        for e in range(g.num_experts):
+            name_a, name_b = _expert_outputs(b, g, family, prefix, role, e, src_key, (da, db))
+            for f, name, block, dt in ((fa, name_a, r * inn, da), (fb, name_b, out * r, db)):
+                read = _block_read(b.ref(f), 0 if f.shared else e, block)
+                b.pieces.append(Piece((read,), (Write(name, 0, block * DTYPE_SIZES[dt], dt),), None, e))
+
+
+def _split_grouped(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str) -> None:
+    src_key = module_key(g.prefix, "experts")
+    for roles in (GATE_UP, ("down",)):
+        if roles[0] not in g.roles:
+            continue
+        fa, fb = g.factor(roles, "A"), g.factor(roles, "B")
+        da, db = b.out_dtype(fa), b.out_dtype(fb)
+        out, inn = g.dims_of(roles[0])
+        r = g.rank_of(roles[0])
+        order = g.gate_up_order if len(roles) > 1 else None
+        for e in range(g.num_experts):
+            names = [_expert_outputs(b, g, family, prefix, role, e, src_key, (da, db)) for role in roles]
+            a_op = GroupedSlice(fa.dtype, (inn, r), 1, None, len(roles), da)
+            b_op = GroupedSlice(fb.dtype, (r, out * len(roles)), len(roles), order, 1, db)
+            b.pieces.append(Piece(
+                (_block_read(b.ref(fa), e, inn * r),),
+                tuple(Write(n[0], 0, r * inn * DTYPE_SIZES[da], da) for n in names), a_op, e,  # type: ignore[arg-type]
+            ))
+            b.pieces.append(Piece(
+                (_block_read(b.ref(fb), e, r * out * len(roles)),),
+                tuple(Write(n[1], 0, out * r * DTYPE_SIZES[db], db) for n in names), b_op, e,  # type: ignore[arg-type]
+            ))
+
+
+# ----------------------------------------------------------------------------- fuse
+
+
+def _fuse_family(groups: list[ExpertLoraGroup], src: AdapterSource) -> Family:
+    """The family of a per-expert adapter: from the configs, else from key names only one family produces."""
+    if all(g.family for g in groups) and len({g.family for g in groups}) == 1:
+        return family_by_name(str(groups[0].family))
+    matched = set()
+    names = [f.name for g in groups for f in g.factors]
+    for fam in load_families().values():
+        rxs = [template_regex(t[: -len(".weight")] + ".lora_A.weight") for t in fam.per_expert.values()]
+        if any(rx.match(n) for rx in rxs for n in names[:64]):
+            matched.add(fam.name)
+    if len(matched) == 1:
+        return family_by_name(matched.pop())
+    return _family_of([g for g in groups if g.family is None] or groups, src,
+                      "the fused names and gate/up order depend on it")
+
+
+def _identical(src: AdapterSource, refs: list[TensorRef]) -> int | None:
+    """Index of the first tensor whose bytes differ from refs[0]'s, or None when all are identical."""
+    def data(ref: TensorRef) -> bytes:
+        return src.storage.read_range(ref.file, ref.info.start, ref.info.end)
+
+    first = data(refs[0])
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for i, blob in enumerate(pool.map(data, refs[1:]), start=1):
+            if blob != first:
+                return i
+    return None
+
+
+def _pairs_identical(src: AdapterSource, pairs: list[tuple[TensorRef, TensorRef]]) -> bool:
+    """True when the two tensors of every pair hold the same bytes."""
+    def same(pair: tuple[TensorRef, TensorRef]) -> bool:
+        a, c = pair
+        if (a.info.shape, a.info.dtype) != (c.info.shape, c.info.dtype):
+            return False
+        return src.storage.read_range(a.file, a.info.start, a.info.end) == src.storage.read_range(c.file, c.info.start, c.info.end)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return all(pool.map(same, pairs))
+
+
+def plan_fuse(src: AdapterSource, layout: str, dtype: str | None, chunk: int = DEFAULT_CHUNK_BYTES) -> AdapterPlan:
+    """Plan converting a per-expert adapter to `layout` (peft, grouped or shared_w123); the rest passes through.
+
+    Reads the gate/up lora_A tensors (and, for shared_w123, the factors that must be shared) at
+    plan time to decide what is exact. Raises ConversionError for non-per-expert input and for
+    conversions that would not be exact.
+    """
+    if layout not in FUSED_LAYOUTS:
+        raise ConversionError(f"--layout {layout!r}: expected one of {list(FUSED_LAYOUTS)}")
+    groups, passthrough = detect_expert_lora(src.infos, src.config, src.base_config, src.display())
+    if not groups:
+        raise ConversionError(f"{src.display()}: holds no expert LoRA; there is nothing to fuse")
+    other = [g for g in groups if g.pattern != "per_expert"]
+    if other:
+        raise ConversionError(
+            f"{src.display()}: layer {other[0].prefix} is already in the {other[0].pattern} layout; fuse_adapter "
+            "takes per-expert adapters (run convert.split_adapter first)"
+        )
+    family = _fuse_family(groups, src)
+    b = _Builder(src, dtype, chunk)
+    b.passthrough(passthrough)
+    notes = list(src.notes)
+    shared_a = True
+    if layout in ("peft", "grouped"):
+        pairs = [
+            (b.ref(g.factor(("gate",), "A", e)), b.ref(g.factor(("up",), "A", e)))
+            for g in groups if {"gate", "up"} <= set(g.roles) for e in range(g.num_experts)
+        ]
+        shared_a = _pairs_identical(src, pairs)
+    params: set[str] = set()
+    for g in groups:
+        prefix = family_prefix(family, g.prefix, b.where)
+        if layout == "peft":
+            params |= _fuse_peft(b, g, family, prefix, shared_a)
+        elif layout == "grouped":
+            _fuse_grouped(b, g, family, prefix, shared_a)
+        else:
+            _fuse_shared(b, g, family, prefix)
+    if layout == "peft" and not shared_a:
+        notes.append("gate and up have different lora_A: the gate_up_proj wrapper stacks them (rank 2r, "
+                     "block-diagonal lora_B, alpha scaled to keep every delta; exact)")
+    b.check_unique()
+    roles = sorted({r for g in groups for r in g.roles}, key=ROLES.index)
+    kept_leaves = {k.rsplit(".", 1)[-1] for k in b.kept}
+    drop = [proj_name(family, r) for r in roles if proj_name(family, r) not in kept_leaves]
+    add = [SHARED_W123_PROJ[r] for r in roles] if layout == "shared_w123" else []
+    config = rewrite_config(
+        src.config, list(b.modules.values()), b.kept, src.display("adapter_config.json"),
+        target_modules_add=add, target_modules_drop=drop,
+        target_parameters=sorted(params) if layout == "peft" else None,
+    )
+    desc = (f"fuse_adapter: per_expert -> {layout}; {len(groups)} expert layers, "
+            f"E={max(g.num_experts for g in groups)}, family {family.name}")
+    return AdapterPlan(desc, b.targets, b.pieces, max(g.num_experts for g in groups), config, groups, notes)
+
+
+def _group_scale(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, roles: tuple[str, ...]) -> Scale:
+    """The one (r, alpha) of every expert of `roles` in the per-expert source; refuses if they differ."""
+    scales = {
+        source_scale(b.src.config, module_key(per_expert_module(family, prefix, role, e)))
+        for role in roles for e in range(g.num_experts)
+    }
+    ranks = {g.rank_of(role) for role in roles}
+    if len(scales) != 1 or len(ranks) != 1:
+        raise ConversionError(
+            f"{b.where}: layer {g.prefix}: {'/'.join(roles)} LoRA of its experts have different ranks or alphas "
+            f"({sorted(scales)}, ranks {sorted(ranks)}); one fused factor needs one"
+        )
+    return scales.pop()
+
+
+def _fuse_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, shared_a: bool) -> set[str]:
+    E = g.num_experts
+    wrappers = fused_wrappers(family, g.roles)
+    targeted = set()
+    for i, (roles, template) in enumerate(wrappers):
+        missing = [r for r in roles if r not in g.roles]
+        if missing:
+            raise ConversionError(
+                f"{b.where}: layer {g.prefix} has LoRA for {'/'.join(r for r in roles if r in g.roles)} but not "
+                f"{'/'.join(missing)}; the peft {template.rsplit('.', 1)[-1]} wrapper needs both"
+            )
+        experts_path, param = template.format(prefix=prefix).rsplit(".", 1)
+        nest = "base_layer." * (len(wrappers) - 1 - i)
+        name_a, name_b = f"{experts_path}.{nest}lora_A.weight", f"{experts_path}.{nest}lora_B.weight"
+        r = g.rank_of(roles[0])
+        out, inn = g.dims_of(roles[0])
+        k = len(roles)
+        expand = k > 1 and not shared_a
+        R = r * k if expand else r
+        a0, b0 = g.factor((roles[0],), "A", 0), g.factor((roles[0],), "B", 0)
+        da, db = b.out_dtype(a0), b.out_dtype(b0)
+        b.target(name_a, da, (E * R, inn))
+        b.target(name_b, db, (out * k, R * E))
+        src_scale = _group_scale(b, g, family, prefix, roles)
+        key = module_key(experts_path, param)
+        b.module(key, scale_for_rank(b.src.config, src_scale, R), re.escape(f"experts.{param}"))
+        targeted.add(template.replace("{prefix}.", ""))
+        a_roles = roles if expand else roles[:1]
+        a_bytes = R * inn * DTYPE_SIZES[da]
+        for e in range(E):
+            reads = tuple(_block_read(b.ref(g.factor((role,), "A", e)), 0, r * inn) for role in a_roles)
+            b.pieces.append(Piece(reads, (Write(name_a, e * a_bytes, (e + 1) * a_bytes, da),), None, e))
+        row_bytes = R * E * DTYPE_SIZES[db]
+        step = max(1, b.chunk // max(1, row_bytes * k))
+        order = gate_up_order(family) if k > 1 else None
+        for lo in range(0, out, step):
+            hi = min(out, lo + step)
+            reads = []
+            for role in roles:
+                for e in range(E):
+                    ref = b.ref(g.factor((role,), "B", e))
+                    item = ref.info.itemsize
+                    reads.append(Read(ref.file, ref.info.start + lo * r * item, ref.info.start + hi * r * item, ref.info.dtype))
+            if k > 1 and order == "interleave":
+                writes: tuple[Write, ...] = (Write(name_b, k * lo * row_bytes, k * hi * row_bytes, db),)
+            else:
+                writes = tuple(Write(name_b, (j * out + lo) * row_bytes, (j * out + hi) * row_bytes, db) for j in range(k))
+            build = FoldedBBuild(tuple(rd.dtype for rd in reads), hi - lo, r, E, k, order, expand, db)
+            b.pieces.append(Piece(tuple(reads), writes, build, None))  # type: ignore[arg-type]
+    return targeted
+
+
+def _fuse_grouped(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, shared_a: bool) -> None:
+    if {"gate", "up"} <= set(g.roles) and not shared_a:
+        raise ConversionError(
+            f"{b.where}: gate and up LoRA have different lora_A (e.g. in layer {g.prefix}); the grouped layout shares "
+            "one lora_gate_and_up_A between them, so it cannot hold this adapter exactly (use --layout peft)"
+        )
+    E = g.num_experts
+    experts_path = family.fused[family.default_fused][0].template.format(prefix=prefix).rsplit(".", 1)[0]
+    ranks = {g.rank_of(r) for r in g.roles}
+    if len(ranks) != 1:
+        raise ConversionError(f"{b.where}: layer {g.prefix}: the grouped layout has one rank, the experts have {sorted(ranks)}")
+    scale = _group_scale(b, g, family, prefix, g.roles)
+    b.module(module_key(experts_path), scale, re.escape("experts"))
+    r = ranks.pop()
+    for roles, tag in GROUPED_NAMES.items():
+        present = [x for x in roles if x in g.roles]
+        if not present:
+            continue
+        if len(present) != len(roles):
+            raise ConversionError(f"{b.where}: layer {g.prefix} has LoRA for {present} but the grouped layout needs {list(roles)}")
+        out, inn = g.dims_of(roles[0])
+        k = len(roles)
+        a0, b0 = g.factor((roles[0],), "A", 0), g.factor((roles[0],), "B", 0)
+        da, db = b.out_dtype(a0), b.out_dtype(b0)
+        name_a, name_b = f"{experts_path}.lora_{tag}_A", f"{experts_path}.lora_{tag}_B"
+        b.target(name_a, da, (E, inn, r))
+        b.target(name_b, db, (E, r, out * k))
+        order = gate_up_order(family) if k > 1 else None
+        a_bytes, b_bytes = inn * r * DTYPE_SIZES[da], r * out * k * DTYPE_SIZES[db]
+        for e in range(E):
+            fa = g.factor((roles[0],), "A", e)
+            op_a = GroupedBuild("A", (fa.dtype,), ((r, inn),), 1, None, False, da)
+            b.pieces.append(Piece((_block_read(b.ref(fa), 0, r * inn),), (Write(name_a, e * a_bytes, (e + 1) * a_bytes, da),),
+                                  op_a, e))  # type: ignore[arg-type]
+            fbs = [g.factor((role,), "B", e) for role in roles]
+            op_b = GroupedBuild("B", tuple(f.dtype for f in fbs), tuple((out, r) for _ in fbs), k, order, False, db)
+            b.pieces.append(Piece(tuple(_block_read(b.ref(f), 0, out * r) for f in fbs),
+                                  (Write(name_b, e * b_bytes, (e + 1) * b_bytes, db),), op_b, e))  # type: ignore[arg-type]
+
+
+def _fuse_shared(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str) -> None:
+    E = g.num_experts
+    experts_path = family.fused[family.default_fused][0].template.format(prefix=prefix).rsplit(".", 1)[0]
+    for role in g.roles:
+        shared_factor = "B" if role == "down" else "A"
+        refs = [b.ref(g.factor((role,), shared_factor, e)) for e in range(E)]
+        bad = _identical(b.src, refs)
+        if bad is not None:
+            raise ConversionError(
+                f"{b.where}: the shared w1/w2/w3 layout keeps one {role} lora_{shared_factor} for all experts, but "
+                f"{refs[bad].info.name!r} differs from {refs[0].info.name!r}: not exact; use --layout peft or grouped"
+            )
+        proj = SHARED_W123_PROJ[role]
+        out, inn = g.dims_of(role)
+        r = g.rank_of(role)
+        scale = _group_scale(b, g, family, prefix, (role,))
+        module = f"{experts_path}.{proj}"
+        b.module(module, scale, re.escape(f"experts.{proj}"))
+        for which, block, shape_e in (("A", r * inn, (r, inn)), ("B", out * r, (out, r))):
+            f0 = g.factor((role,), which, 0)
+            dt = b.out_dtype(f0)
+            name = f"{module}.lora_{which}.weight"
+            shared = which == shared_factor
+            b.target(name, dt, (1 if shared else E, *shape_e))
+            nbytes = block * DTYPE_SIZES[dt]
+            for e in range(1 if shared else E):
+                ref = b.ref(g.factor((role,), which, e))
+                b.pieces.append(Piece((_block_read(ref, 0, block),), (Write(name, e * nbytes, (e + 1) * nbytes, dt),), None, e))
