@@ -34,7 +34,10 @@ def from_bytes(buf: bytes | bytearray | memoryview, dtype: str, shape: tuple[int
 
 def to_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of `t` (contiguous copy only if needed)."""
-    flat = t.contiguous().reshape(-1).view(torch.uint8)
+    flat = t.contiguous().reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:  # size-1 dims can leave a "contiguous" tensor with a stride != 1
+        flat = flat.new_empty(flat.shape).copy_(flat)
+    flat = flat.view(torch.uint8)
     return memoryview(flat.numpy())
 
 

@@ -137,7 +137,10 @@ def compare(
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bytes of `t`, one row per element."""
-    return t.contiguous().reshape(-1).view(torch.uint8).reshape(t.numel(), -1)
+    flat = t.reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:  # a view of size-1 dims may keep any stride
+        flat = flat.new_empty(flat.shape).copy_(flat)
+    return flat.contiguous().view(torch.uint8).reshape(t.numel(), -1)
 
 
 def _unravel(flat: int, shape: tuple[int, ...]) -> list[int]:
