@@ -64,9 +64,12 @@ def register(kind: str, runner: JobRunner, marker: str) -> None:
 
 def _load_adapter_kinds() -> None:
     try:
-        from convert import adapter_batch  # noqa: F401 - registers split_adapter / fuse_adapter
+        from convert import adapter_batch
     except ImportError:
-        pass
+        return
+    # Register here too: run as `python -m launch.batch`, this module is __main__, not launch.batch.
+    for kind, (runner, marker) in adapter_batch.KINDS.items():
+        register(kind, runner, marker)
 
 
 def load_manifest(path: str) -> list[dict[str, Any]]:

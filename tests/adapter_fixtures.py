@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from model_fixtures import E, H, I, LAYERS, build_model
 
 ROLES = ("gate", "up", "down")
+ATTN = 24  # q_proj out / o_proj in of the tiny models (2 heads x head_dim 12)
 TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 PER_EXPERT_PROJ = {  # per-expert module names of each family (as configs/*.json name them)
     "qwen3_moe": ("mlp.experts.{e}", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
@@ -172,8 +173,8 @@ def attention_lora(layer: int, r: int, seed: int, prefix: str = "self_attn") -> 
     base = f"base_model.model.model.layers.{layer}.{prefix}"
     return {
         f"{base}.q_proj.lora_A.weight": random_lora((r, H), seed),
-        f"{base}.q_proj.lora_B.weight": random_lora((16, r), seed + 1),
-        f"{base}.o_proj.lora_A.weight": random_lora((r, 16), seed + 2),
+        f"{base}.q_proj.lora_B.weight": random_lora((ATTN, r), seed + 1),
+        f"{base}.o_proj.lora_A.weight": random_lora((r, ATTN), seed + 2),
         f"{base}.o_proj.lora_B.weight": random_lora((H, r), seed + 3),
     }
 

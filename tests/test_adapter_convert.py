@@ -1,0 +1,280 @@
+"""split_adapter / fuse_adapter against real peft adapters on tiny transformers-5 models, with real torchrun jobs;
+synthetic shared w1/w2/w3 and NeMo grouped adapters shaped like the surveys'; refusals; batch kinds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapter_fixtures import (
+    base_config, make_grouped_adapter, make_peft_adapter, make_per_expert_adapter, make_shared_w123_adapter,
+    peft_expert_deltas, per_expert_deltas, read_adapter, write_adapter,
+)
+from helpers import raw_bytes, run_tool
+from model_fixtures import E, H, I, LAYERS, build_model, logits
+
+R = 3  # the peft fixtures' per-expert rank
+PER_EXPERT = "base_model.model.model.layers.{l}.mlp.experts.{e}.{p}.lora_{f}.weight"
+PEFT_A = "base_model.model.model.layers.{l}.mlp.experts.{nest}lora_A.weight"
+PEFT_B = "base_model.model.model.layers.{l}.mlp.experts.{nest}lora_B.weight"
+PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+@pytest.fixture(scope="module")
+def peft_sources(tmp_path_factory) -> dict[str, tuple[object, Path, str]]:
+    """Real peft target_parameters adapters: random qwen3_moe and gpt_oss, an identity (B = 0) qwen3_moe, a bf16 one."""
+    root = tmp_path_factory.mktemp("peft")
+    out = {}
+    for name, family, kw in (
+        ("qwen3_moe", "qwen3_moe", {}),
+        ("gpt_oss", "gpt_oss", {"seed": 1}),
+        ("identity", "qwen3_moe", {"identity": True, "seed": 2}),
+        ("bf16", "qwen3_moe", {"dtype": torch.bfloat16, "seed": 3}),
+    ):
+        model, path = make_peft_adapter(family, root / name, **kw)
+        out[name] = (model, path, family)
+    return out
+
+
+def _assert_deltas(got: dict, want: dict, exact: bool = False) -> None:
+    assert set(got) == set(want), f"experts/roles differ: {sorted(set(got) ^ set(want))[:5]}"
+    for k in want:
+        if exact:
+            assert torch.equal(got[k], want[k]), k
+        else:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("case,nproc,ep", [("qwen3_moe", 2, 4), ("gpt_oss", 3, None), ("identity", 2, None)],
+                         ids=["qwen3_moe-2ranks-ep4", "gpt_oss-3ranks", "identity-2ranks"])
+def test_split_peft_adapter_matches_peft_delta(peft_sources, tmp_path, case, nproc, ep):
+    model, src, family = peft_sources[case]
+    dst = tmp_path / "split"
+    run_tool("convert.split_adapter", "--src", str(src), "--dst", str(dst), *(["--ep", str(ep)] if ep else []), nproc=nproc)
+    out, config = read_adapter(dst)
+    src_tensors, src_config = read_adapter(src)
+    expected = {PER_EXPERT.format(l=l, e=e, p=PROJ[role], f=f) for l in range(LAYERS) for e in range(E)
+                for role in PROJ for f in "AB"}
+    attention = {k for k in src_tensors if "self_attn" in k}
+    assert set(out) == expected | attention
+    for k in attention:
+        assert raw_bytes(out[k]) == raw_bytes(src_tensors[k]), k
+    for l in range(LAYERS):
+        for e in range(E):
+            assert out[PER_EXPERT.format(l=l, e=e, p="gate_proj", f="A")].shape == (R, H)
+            assert out[PER_EXPERT.format(l=l, e=e, p="gate_proj", f="B")].shape == (I, R)
+            assert out[PER_EXPERT.format(l=l, e=e, p="down_proj", f="A")].shape == (R, I)
+            assert out[PER_EXPERT.format(l=l, e=e, p="down_proj", f="B")].shape == (H, R)
+    got, want = per_expert_deltas(dst, family), peft_expert_deltas(model, family)
+    _assert_deltas(got, want)
+    if case == "identity":
+        assert all(not t.any() for k, t in out.items() if "experts" in k and "lora_B" in k)
+        assert any(t.any() for k, t in out.items() if "experts" in k and "lora_A" in k)
+    assert "target_parameters" not in config
+    assert {"gate_proj", "up_proj", "down_proj", "q_proj"} <= set(config["target_modules"])
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (src_config["r"], src_config["lora_alpha"], False)
+    assert {k: v for k, v in config.items() if k not in ("target_modules", "target_parameters")} == \
+        {k: v for k, v in src_config.items() if k not in ("target_modules", "target_parameters")}
+
+
+def test_bf16_split_moves_bytes_exactly(peft_sources, tmp_path):
+    _, src, family = peft_sources["bf16"]
+    run_tool("convert.split_adapter", "--src", str(src), "--dst", str(tmp_path / "out"), "--ep", "2")
+    out, _ = read_adapter(tmp_path / "out")
+    s, _ = read_adapter(src)
+    for l in range(LAYERS):
+        gu_a, gu_b = s[PEFT_A.format(l=l, nest="base_layer.")], s[PEFT_B.format(l=l, nest="base_layer.")]
+        d_a, d_b = s[PEFT_A.format(l=l, nest="")], s[PEFT_B.format(l=l, nest="")]
+        assert gu_a.dtype == torch.bfloat16
+        for e in range(E):
+            got = {role: (out[PER_EXPERT.format(l=l, e=e, p=PROJ[role], f="A")],
+                          out[PER_EXPERT.format(l=l, e=e, p=PROJ[role], f="B")]) for role in PROJ}
+            assert all(a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 for a, b in got.values())
+            assert raw_bytes(got["gate"][0]) == raw_bytes(gu_a.view(E, R, H)[e])
+            assert raw_bytes(got["up"][0]) == raw_bytes(gu_a.view(E, R, H)[e])
+            assert raw_bytes(got["gate"][1]) == raw_bytes(gu_b.view(2 * I, R, E)[:I, :, e])
+            assert raw_bytes(got["up"][1]) == raw_bytes(gu_b.view(2 * I, R, E)[I:, :, e])
+            assert raw_bytes(got["down"][0]) == raw_bytes(d_a.view(E, R, I)[e])
+            assert raw_bytes(got["down"][1]) == raw_bytes(d_b.view(H, R, E)[:, :, e])
+
+
+@pytest.fixture(scope="module")
+def split_qwen(peft_sources, tmp_path_factory) -> Path:
+    """The qwen3_moe peft adapter split to per-expert (plain python)."""
+    dst = tmp_path_factory.mktemp("split") / "qwen"
+    run_tool("convert.split_adapter", "--src", str(peft_sources["qwen3_moe"][1]), "--dst", str(dst))
+    return dst
+
+
+def test_fuse_back_to_peft_loads_with_same_logits(peft_sources, split_qwen, tmp_path):
+    from peft import PeftModel
+
+    model, src, _ = peft_sources["qwen3_moe"]
+    dst = tmp_path / "peft"
+    run_tool("convert.fuse_adapter", "--src", str(split_qwen), "--dst", str(dst), "--layout", "peft", nproc=2)
+    before, before_cfg = read_adapter(src)
+    after, after_cfg = read_adapter(dst)
+    assert set(after) == set(before)
+    assert all(raw_bytes(after[k]) == raw_bytes(before[k]) for k in before), "fuse(split(x)) must give x's bytes"
+    assert sorted(after_cfg["target_parameters"]) == sorted(before_cfg["target_parameters"])
+    assert after_cfg["r"] == before_cfg["r"] == R
+    loaded = PeftModel.from_pretrained(build_model("qwen3_moe", seed=0), str(dst)).eval()
+    assert torch.equal(logits(loaded), logits(model))
+    _assert_deltas(peft_expert_deltas(loaded, "qwen3_moe"), peft_expert_deltas(model, "qwen3_moe"), exact=True)
+
+
+def test_gpt_oss_round_trip_keeps_interleaved_bytes(peft_sources, tmp_path):
+    _, src, _ = peft_sources["gpt_oss"]
+    run_tool("convert.split_adapter", "--src", str(src), "--dst", str(tmp_path / "split"))
+    run_tool("convert.fuse_adapter", "--src", str(tmp_path / "split"), "--dst", str(tmp_path / "peft"), "--layout", "peft")
+    before, _ = read_adapter(src)
+    after, _ = read_adapter(tmp_path / "peft")
+    assert set(after) == set(before) and all(raw_bytes(after[k]) == raw_bytes(before[k]) for k in before)
+
+
+def test_per_expert_with_separate_gate_up_A_fuses_to_peft_exactly(tmp_path):
+    """Independent gate and up lora_A: peft's one gate_up A holds both (rank 2r, block-diagonal B); peft agrees."""
+    from peft import PeftModel
+
+    src, deltas = make_per_expert_adapter(tmp_path / "pe", "qwen3_moe", rank=4, alpha=8, seed=5)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(base_config("qwen3_moe")))
+    dst = tmp_path / "peft"
+    run_tool("convert.fuse_adapter", "--src", str(src), "--dst", str(dst), "--layout", "peft", "--base-config", str(cfg))
+    out, config = read_adapter(dst)
+    assert out[PEFT_A.format(l=0, nest="base_layer.")].shape == (E * 8, H)
+    assert out[PEFT_B.format(l=0, nest="base_layer.")].shape == (2 * I, 8 * E)
+    assert config["rank_pattern"] and config["alpha_pattern"], "the gate_up wrapper's rank and alpha differ from r"
+    loaded = PeftModel.from_pretrained(build_model("qwen3_moe", seed=0), str(dst)).eval()
+    _assert_deltas(peft_expert_deltas(loaded, "qwen3_moe"), deltas)
+
+
+def test_already_per_expert_passes_through_unchanged(split_qwen, tmp_path):
+    run_tool("convert.split_adapter", "--src", str(split_qwen), "--dst", str(tmp_path / "again"))
+    before, before_cfg = read_adapter(split_qwen)
+    after, after_cfg = read_adapter(tmp_path / "again")
+    assert set(after) == set(before) and all(raw_bytes(after[k]) == raw_bytes(before[k]) for k in before)
+    assert after_cfg == before_cfg
+
+
+@pytest.mark.parametrize("attn_prefix,rank,experts", [("self_attn", 16, 12), ("attn", 32, 7)],
+                         ids=["qwen-pattern-A-r16", "gpt-oss-attn-prefix-r32"])
+def test_shared_w123_splits_exactly(tmp_path, attn_prefix, rank, experts):
+    src, deltas = make_shared_w123_adapter(tmp_path / "src", experts=experts, rank=rank, attn_prefix=attn_prefix)
+    refused = run_tool("convert.split_adapter", "--src", str(src), "--dst", str(tmp_path / "no"), check=False)
+    assert refused.returncode == 2 and "--base-config" in refused.stderr
+    assert not (tmp_path / "no" / "adapter_config.json").exists()
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(base_config("qwen3_moe", experts=experts)))
+    run_tool("convert.split_adapter", "--src", str(src), "--dst", str(tmp_path / "out"), "--base-config", str(cfg), "--ep", "3")
+    out, config = read_adapter(tmp_path / "out")
+    s, _ = read_adapter(src)
+    for l in range(LAYERS):
+        w = f"base_model.model.model.layers.{l}.mlp.experts"
+        for e in range(experts):
+            assert torch.equal(out[PER_EXPERT.format(l=l, e=e, p="gate_proj", f="A")], s[f"{w}.w1.lora_A.weight"][0])
+            assert torch.equal(out[PER_EXPERT.format(l=l, e=e, p="up_proj", f="B")], s[f"{w}.w3.lora_B.weight"][e])
+            assert torch.equal(out[PER_EXPERT.format(l=l, e=e, p="down_proj", f="A")], s[f"{w}.w2.lora_A.weight"][e])
+            assert torch.equal(out[PER_EXPERT.format(l=l, e=e, p="down_proj", f="B")], s[f"{w}.w2.lora_B.weight"][0])
+    attention = {k for k in s if f".{attn_prefix}." in k}
+    assert attention and all(torch.equal(out[k], s[k]) for k in attention)
+    assert set(out) - attention == {PER_EXPERT.format(l=l, e=e, p=p, f=f) for l in range(LAYERS)
+                                    for e in range(experts) for p in PROJ.values() for f in "AB"}
+    _assert_deltas(per_expert_deltas(tmp_path / "out", "qwen3_moe"), deltas, exact=True)
+    assert config["r"] == rank and config["target_modules"] == "all-linear"
+
+
+@pytest.mark.parametrize("family,order", [("qwen3_moe", "concat"), ("gpt_oss", "interleave")])
+def test_grouped_splits_exactly_and_fuses_back(tmp_path, family, order):
+    src, deltas = make_grouped_adapter(tmp_path / "src", experts=10, rank=16, order=order)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(base_config(family, experts=10)))
+    run_tool("convert.split_adapter", "--src", str(src), "--dst", str(tmp_path / "out"), "--base-config", str(cfg))
+    got = per_expert_deltas(tmp_path / "out", family)
+    _assert_deltas(got, deltas)
+    run_tool("convert.fuse_adapter", "--src", str(tmp_path / "out"), "--dst", str(tmp_path / "back"),
+             "--layout", "grouped", "--base-config", str(cfg))
+    before, _ = read_adapter(src)
+    after, _ = read_adapter(tmp_path / "back")
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_per_expert_to_shared_w123_only_where_exact(tmp_path):
+    from convert.adapter_plan import plan_fuse
+    from convert.adapter_source import open_adapter
+    from convert.errors import ConversionError
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(base_config("qwen3_moe")))
+    exact, deltas = make_per_expert_adapter(tmp_path / "exact", "qwen3_moe", shared_factors=True, seed=9)
+    run_tool("convert.fuse_adapter", "--src", str(exact), "--dst", str(tmp_path / "w123"), "--layout", "shared_w123",
+             "--base-config", str(cfg))
+    out, _ = read_adapter(tmp_path / "w123")
+    assert out["base_model.model.model.layers.0.mlp.experts.w1.lora_A.weight"].shape == (1, 4, H)
+    assert out["base_model.model.model.layers.0.mlp.experts.w2.lora_B.weight"].shape == (1, H, 4)
+    run_tool("convert.split_adapter", "--src", str(tmp_path / "w123"), "--dst", str(tmp_path / "back"), "--base-config", str(cfg))
+    _assert_deltas(per_expert_deltas(tmp_path / "back", "qwen3_moe"), deltas, exact=True)
+
+    inexact, _ = make_per_expert_adapter(tmp_path / "inexact", "qwen3_moe", seed=9)
+    with pytest.raises(ConversionError, match=r"w1/w2/w3 layout keeps one gate lora_A .* not exact"):
+        plan_fuse(open_adapter(str(inexact), str(cfg), None), "shared_w123", None)
+
+
+def test_refusals_name_the_tensor_and_ask_for_the_base_config(peft_sources, tmp_path):
+    from convert.adapter_layouts import detect_expert_lora
+    from convert.adapter_plan import plan_split
+    from convert.adapter_source import open_adapter
+    from convert.errors import ConversionError
+
+    # One peft wrapper whose shapes fit gate_up_proj and down_proj alike: only the base config's sizes decide.
+    lone = tmp_path / "lone"
+    key = "base_model.model.model.layers.0.mlp.experts"
+    write_adapter(lone, {f"{key}.lora_A.weight": torch.zeros(E * R, 20), f"{key}.lora_B.weight": torch.zeros(20, R * E)},
+                  {"peft_type": "LORA", "r": R, "lora_alpha": 8, "target_parameters": ["mlp.experts.gate_up_proj",
+                   "mlp.experts.down_proj"], "auto_mapping": {"base_model_class": "Qwen3MoeForCausalLM"}})
+    with pytest.raises(ConversionError, match=r"cannot tell by shape .*lora_A.weight.*--base-config"):
+        plan_split(open_adapter(str(lone), None, None), None, 2)
+    infos = open_adapter(str(lone), None, None).infos
+    groups, _ = detect_expert_lora(infos, json.loads((lone / "adapter_config.json").read_text()),
+                                   base_config("qwen3_moe", hidden=20, inter=10), "lone")
+    assert groups[0].roles == ("gate", "up") and groups[0].num_experts == E
+
+    # The family decides the gate/up order and names: without any hint, refuse and ask for --base-config.
+    nameless = tmp_path / "nameless"
+    shutil.copytree(peft_sources["gpt_oss"][1], nameless)
+    cfg = json.loads((nameless / "adapter_config.json").read_text())
+    cfg.pop("auto_mapping")
+    cfg["base_model_name_or_path"] = None
+    (nameless / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match="family.*--base-config"):
+        plan_split(open_adapter(str(nameless), None, None), None, 2)
+    proc = run_tool("convert.split_adapter", "--src", str(nameless), "--dst", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2 and not (tmp_path / "out" / "adapter_config.json").exists()
+
+    # B's folded dim disagrees with A's: named with both shapes.
+    bad = tmp_path / "bad"
+    write_adapter(bad, {f"{key}.lora_A.weight": torch.zeros(E * R, H), f"{key}.lora_B.weight": torch.zeros(2 * I, R * E + 1)},
+                  {"peft_type": "LORA", "r": R, "lora_alpha": 8})
+    with pytest.raises(ConversionError, match=r"lora_B.weight.*\[40, 16\].*must be equal"):
+        plan_split(open_adapter(str(bad), None, None), None, 1)
+
+
+def test_batch_manifest_runs_adapter_kinds(peft_sources, tmp_path):
+    manifest = tmp_path / "jobs.yaml"
+    src = peft_sources["gpt_oss"][1]
+    manifest.write_text(json.dumps({"jobs": [
+        {"name": "split", "kind": "split_adapter", "src": str(src), "dst": str(tmp_path / "split")},
+        {"name": "fuse", "kind": "fuse_adapter", "src": str(tmp_path / "split"), "dst": str(tmp_path / "peft"), "layout": "peft"},
+        {"name": "nolayout", "kind": "fuse_adapter", "src": str(tmp_path / "split"), "dst": str(tmp_path / "x")},
+    ]}))
+    proc = run_tool("launch.batch", str(manifest), "--report", str(tmp_path / "report.json"), check=False)
+    rows = {r["name"]: r for r in json.loads((tmp_path / "report.json").read_text())["jobs"]}
+    assert rows["split"]["status"] == "done" and rows["fuse"]["status"] == "done", proc.stdout + proc.stderr
+    assert rows["nolayout"]["status"] == "failed" and "layout" in rows["nolayout"]["error"]
+    before, _ = read_adapter(src)
+    after, _ = read_adapter(tmp_path / "peft")
+    assert set(after) == set(before) and all(raw_bytes(after[k]) == raw_bytes(before[k]) for k in before)
