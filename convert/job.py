@@ -121,6 +121,14 @@ def plan_job(opts: JobOptions, dist: Dist) -> JobSetup:
     """Rank 0's work before any byte moves: read metadata, plan, lay out, check the destination."""
     src = Storage(opts.src, opts.storage_options)
     dst = Storage(opts.dst, opts.storage_options)
+    try:
+        return _plan_job(opts, dist, src, dst)
+    finally:  # the header reads cached descriptors: release them (a batch runs many jobs in one process)
+        src.close()
+        dst.close()
+
+
+def _plan_job(opts: JobOptions, dist: Dist, src: Storage, dst: Storage) -> JobSetup:
     ckpt = open_checkpoint(src)
     family = detect_family(ckpt.config, src.display("config.json"), opts.family)
     layout = opts.layout or family.default_fused
