@@ -112,3 +112,27 @@ def test_transient_s3_errors_are_retried(s3, s3env, source, local_reference, mon
         proxy.stop()
     assert proxy.injected > 5, f"only {proxy.injected} errors were injected"
     assert _files_of(fs, f"{BUCKET}/flaky") == _local_files(local_reference[0])
+
+
+@pytest.fixture(scope="module")
+def adapter_source(tmp_path_factory) -> Path:
+    """A real peft target_parameters adapter (gpt-oss: interleaved gate/up) on a tiny model."""
+    from adapter_fixtures import make_peft_adapter
+
+    _, path = make_peft_adapter("gpt_oss", tmp_path_factory.mktemp("s3adapter") / "adapter", seed=4)
+    return path
+
+
+def test_split_adapter_on_s3_matches_local_disk(s3env, adapter_source, tmp_path):
+    fs = s3env
+    run_tool("convert.split_adapter", "--src", str(adapter_source), "--dst", str(tmp_path / "ref"), nproc=2)
+    fs.put(str(adapter_source), f"{BUCKET}/adapter-src", recursive=True)
+    run_tool("convert.split_adapter", "--src", f"s3://{BUCKET}/adapter-src", "--dst", f"s3://{BUCKET}/adapter-s2s", nproc=2)
+    run_tool("convert.split_adapter", "--src", str(adapter_source), "--dst", f"s3://{BUCKET}/adapter-l2s", nproc=2)
+    run_tool("convert.split_adapter", "--src", f"s3://{BUCKET}/adapter-src", "--dst", str(tmp_path / "s2l"), nproc=2)
+    want = _local_files(tmp_path / "ref")
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(want)
+    assert _files_of(fs, f"{BUCKET}/adapter-s2s") == want
+    assert _files_of(fs, f"{BUCKET}/adapter-l2s") == want
+    assert _local_files(tmp_path / "s2l") == want
+    assert not fs.call_s3("list_multipart_uploads", Bucket=BUCKET).get("Uploads")
