@@ -80,6 +80,11 @@ def plan_adapter_job(opts: AdapterJobOptions, dist: Dist) -> JobSetup:
         f"  destination: {opts.dst}",
         f"  ep={ep} expert slices over {dist.world_size} rank(s); experts per slice: " + "/".join(map(str, sizes)),
     ]
+    if ep > dist.world_size:
+        summary.append(f"  each rank works through up to {-(-ep // dist.world_size)} slices in turn")
+    if opts.layout == SPLIT and any(g.pattern == "peft_target_parameters" for g in plan.groups):
+        summary.append("  peft lora_B is expert-minor (an expert's columns are strided over the whole tensor): "
+                       "each slice reads all of it once")
     summary += [f"  note: {n}" for n in plan.notes]
     fp = fingerprint("adapter", opts.layout, opts.src, sorted(src.file_sizes.items()),
                      [(f.name, f.size, f.header) for f in files], plan.pieces, final[ADAPTER_CONFIG])

@@ -278,3 +278,21 @@ def test_batch_manifest_runs_adapter_kinds(peft_sources, tmp_path):
     before, _ = read_adapter(src)
     after, _ = read_adapter(tmp_path / "peft")
     assert set(after) == set(before) and all(raw_bytes(after[k]) == raw_bytes(before[k]) for k in before)
+
+
+def test_rank_and_alpha_patterns_keep_every_scaling(tmp_path):
+    """rank_pattern/alpha_pattern (and rslora) on the fused parameters become per-expert patterns and back."""
+    from peft import PeftModel
+
+    model, src = make_peft_adapter("qwen3_moe", tmp_path / "src", seed=6, use_rslora=True,
+                                   rank_pattern={"down_proj": 2}, alpha_pattern={"gate_up_proj": 5})
+    run_tool("convert.split_adapter", "--src", str(src), "--dst", str(tmp_path / "split"))
+    out, config = read_adapter(tmp_path / "split")
+    assert out[PER_EXPERT.format(l=1, e=4, p="down_proj", f="A")].shape == (2, I)
+    assert config["use_rslora"] and config["rank_pattern"] and config["alpha_pattern"]
+    want = peft_expert_deltas(model, "qwen3_moe")
+    _assert_deltas(per_expert_deltas(tmp_path / "split", "qwen3_moe"), want)
+    run_tool("convert.fuse_adapter", "--src", str(tmp_path / "split"), "--dst", str(tmp_path / "peft"), "--layout", "peft")
+    loaded = PeftModel.from_pretrained(build_model("qwen3_moe", seed=6), str(tmp_path / "peft")).eval()
+    _assert_deltas(peft_expert_deltas(loaded, "qwen3_moe"), want, exact=True)
+    assert torch.equal(logits(loaded), logits(model))
