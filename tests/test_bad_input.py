@@ -269,3 +269,56 @@ def test_all_ranks_exit_nonzero_under_torchrun(case, tmp_path):
     assert codes and "0" not in codes and "2" in codes, codes
     assert_nothing_complete(dst)
     assert not dst.exists()
+
+
+def snapshot(root: Path, skip: Path | None = None) -> dict[str, tuple]:
+    """Every path under `root` (except below `skip`) with its type, size, mtime and content."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if skip is not None and (p == skip or skip in p.parents):
+            continue
+        st = p.lstat()
+        content = p.read_bytes() if p.is_file() and not p.is_symlink() else None
+        out[str(p.relative_to(root))] = (p.is_dir(), st.st_size if content is not None else 0, st.st_mtime_ns, content)
+    return out
+
+
+def test_conversions_write_only_below_dst_and_never_touch_src(tmp_path, capsys):
+    """fuse, split and verify leave everything outside their --dst as it was, --src included (bytes and mtimes)."""
+    src = make_src(tmp_path / "src")
+    (tmp_path / "neighbour.txt").write_text("not yours")
+    steps = [
+        (fuse_experts.main, src, tmp_path / "fused"),
+        (split_experts.main, tmp_path / "fused", tmp_path / "back"),
+    ]
+    for main, a, b in steps:
+        before = snapshot(tmp_path)
+        assert call(main, "--src", str(a), "--dst", str(b), "--no-progress", "--verify") == 0
+        assert snapshot(tmp_path, skip=b) == before, f"{main.__module__} wrote outside {b}"
+        assert (b / INDEX).is_file()
+    from convert import verify
+
+    before = snapshot(tmp_path)
+    assert call(verify.main, "--src", str(src), "--dst", str(tmp_path / "back")) == 0
+    assert snapshot(tmp_path) == before, "verify must not write anything"
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("shard_path", ["../evil.safetensors", "../src-evil/model.safetensors", "ABSOLUTE"])
+def test_index_naming_a_file_outside_src_reads_and_writes_nothing(tmp_path, capsys, shard_path):
+    src = make_src(tmp_path / "src")
+    evil = tmp_path / "evil.safetensors"
+    save_file({EXPERT: torch.zeros(24, 32, dtype=torch.bfloat16)}, evil)
+    (tmp_path / "src-evil").mkdir()
+    save_file({EXPERT: torch.zeros(24, 32, dtype=torch.bfloat16)}, tmp_path / "src-evil" / "model.safetensors")
+    path = str(evil) if shard_path == "ABSOLUTE" else shard_path
+    edit_index(src, lambda i: i["weight_map"].update({EXPERT: path}))
+    before = snapshot(tmp_path)
+    for main in (fuse_experts.main, split_experts.main):
+        code = call(main, "--src", str(src), "--dst", str(tmp_path / "out"), "--no-progress")
+        assert code == 2 and f"refusing shard path {path!r}" in capsys.readouterr().err
+    from convert import verify
+
+    code = call(verify.main, "--src", str(src), "--dst", str(tmp_path / "src-evil"))
+    assert code == 2 and f"{path!r}" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
