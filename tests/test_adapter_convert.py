@@ -22,6 +22,7 @@ PER_EXPERT = "base_model.model.model.layers.{l}.mlp.experts.{e}.{p}.lora_{f}.wei
 PEFT_A = "base_model.model.model.layers.{l}.mlp.experts.{nest}lora_A.weight"
 PEFT_B = "base_model.model.model.layers.{l}.mlp.experts.{nest}lora_B.weight"
 PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+TARGET = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 @pytest.fixture(scope="module")
@@ -296,3 +297,35 @@ def test_rank_and_alpha_patterns_keep_every_scaling(tmp_path):
     loaded = PeftModel.from_pretrained(build_model("qwen3_moe", seed=6), str(tmp_path / "peft")).eval()
     _assert_deltas(peft_expert_deltas(loaded, "qwen3_moe"), want, exact=True)
     assert torch.equal(logits(loaded), logits(model))
+
+
+def _infos(shapes: dict[str, tuple[int, ...]]) -> dict:
+    from convert.safetensors_format import TensorInfo
+
+    out, pos = {}, 0
+    for name, shape in shapes.items():
+        n = 4 * int(torch.tensor(shape).prod())
+        out[name] = TensorInfo(name, "F32", shape, pos, pos + n)
+        pos += n
+    return out
+
+
+def test_peft_wrappers_are_told_apart_by_shape_not_name():
+    """gpt-oss-20b has H == I: B's rows (2I vs H) still decide; swapped nesting names do not fool it."""
+    from convert.adapter_layouts import detect_expert_lora
+
+    h = i = 12
+    e, r = 4, 2
+    key = "base_model.model.model.layers.0.mlp.experts"
+    cfg = {"r": r, "lora_alpha": 4, "target_parameters": TARGET, "base_model_name_or_path": "openai/gpt-oss-20b"}
+    swapped = _infos({f"{key}.lora_A.weight": (e * r, h), f"{key}.lora_B.weight": (2 * i, r * e),  # gate_up, outer
+                      f"{key}.base_layer.lora_A.weight": (e * r, i), f"{key}.base_layer.lora_B.weight": (h, r * e)})
+    groups, rest = detect_expert_lora(swapped, cfg, None, "swapped")
+    g = groups[0]
+    assert not rest and g.pattern == "peft_target_parameters" and g.num_experts == e and g.family == "gpt_oss"
+    assert g.factor(("gate", "up"), "B").name == f"{key}.lora_B.weight"
+    assert g.factor(("down",), "A").name == f"{key}.base_layer.lora_A.weight"
+    assert g.gate_up_order == "interleave" and g.dims_of("gate") == (i, h)
+    lone = {k: v for k, v in swapped.items() if "base_layer" not in k}
+    groups, _ = detect_expert_lora(lone, cfg, base_config("gpt_oss", hidden=h, inter=i, experts=e), "lone")
+    assert groups[0].roles == ("gate", "up")
