@@ -195,7 +195,7 @@ def guess_family(adapter_config: dict[str, Any], base_config: dict[str, Any] | N
         if m and _model_type_family(m[1]):
             found.setdefault(_model_type_family(m[1]).name, f"auto_mapping.parent_library {lib!r}")  # type: ignore[union-attr]
         cls = str(mapping.get("base_model_class") or "")
-        if cls:
+        if cls and not found:  # the class -> model_type table needs transformers (slow to import)
             model_type = _model_type_of_class(cls)
             fam = _model_type_family(model_type)
             if fam:

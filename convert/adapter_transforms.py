@@ -11,10 +11,18 @@ halves ("concat") or interleaved ("interleave": gate = rows 0::2).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from convert.transforms import from_bytes, to_bytes
 
-from convert.transforms import TORCH_DTYPES, from_bytes, to_bytes
+if TYPE_CHECKING:
+    import torch
+
+
+def _dtype(name: str) -> "torch.dtype":
+    from convert.transforms import TORCH_DTYPES  # torch is imported on first use only
+
+    return TORCH_DTYPES[name]
 
 
 def part_rows(rows: int, parts: int, order: str | None) -> list[slice]:
@@ -31,6 +39,8 @@ def part_rows(rows: int, parts: int, order: str | None) -> list[slice]:
 
 def merge_rows(mats: list[torch.Tensor], order: str | None) -> torch.Tensor:
     """Inverse of part_rows: the roles' row blocks -> fused rows (concat or interleave)."""
+    import torch
+
     if len(mats) == 1:
         return mats[0]
     if order == "interleave":
@@ -58,7 +68,7 @@ class FoldedBGather:
     def outputs(self, bufs: list[bytes | memoryview]) -> list[memoryview]:
         """Per-expert, per-role B matrices of this piece's experts."""
         b = from_bytes(bufs[0], self.dtype, (self.out, self.rank, self.experts))
-        dst = TORCH_DTYPES[self.dst_dtype]
+        dst = _dtype(self.dst_dtype)
         rows = part_rows(self.out, self.parts, self.order)
         return [to_bytes(b[rs, :, e].to(dst)) for e in range(self.first, self.last) for rs in rows]
 
@@ -81,7 +91,7 @@ class GroupedSlice:
 
     def outputs(self, bufs: list[bytes | memoryview]) -> list[memoryview]:
         """The transposed slice, one buffer per role part and copy."""
-        m = from_bytes(bufs[0], self.dtype, self.shape).transpose(0, 1).to(TORCH_DTYPES[self.dst_dtype])
+        m = from_bytes(bufs[0], self.dtype, self.shape).transpose(0, 1).to(_dtype(self.dst_dtype))
         out = []
         for rs in part_rows(m.shape[0], self.parts, self.order):
             data = to_bytes(m[rs])
@@ -111,7 +121,9 @@ class FoldedBBuild:
 
     def outputs(self, bufs: list[bytes | memoryview]) -> list[memoryview]:
         """The fused B rows of this chunk, one buffer per write."""
-        dst = TORCH_DTYPES[self.dst_dtype]
+        import torch
+
+        dst = _dtype(self.dst_dtype)
         folded_rank = self.rank * (self.parts if self.expand else 1)
         blocks = []
         for j in range(self.parts):
@@ -148,7 +160,9 @@ class GroupedBuild:
 
     def outputs(self, bufs: list[bytes | memoryview]) -> list[memoryview]:
         """The expert's grouped slice."""
-        dst = TORCH_DTYPES[self.dst_dtype]
+        import torch
+
+        dst = _dtype(self.dst_dtype)
         mats = [from_bytes(b, d, s).to(dst) for b, d, s in zip(bufs, self.dtypes, self.shapes)]
         if self.which == "A":
             return [to_bytes(torch.cat(mats, dim=0).transpose(0, 1))]
