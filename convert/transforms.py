@@ -6,34 +6,56 @@ dtype casts); each works on one expert's bytes at a time.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from convert.families import FusedTensor
 from convert.safetensors_format import numel
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported on first use only: byte-copy jobs of one rank never need it (it costs ~1 s to import).
+_TORCH_DTYPE_ATTRS = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
 }
 DTYPE_NAMES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
 
+@functools.cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype name -> torch dtype."""
+    import torch
+
+    return {name: getattr(torch, attr) for name, attr in _TORCH_DTYPE_ATTRS.items()}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TORCH_DTYPES":
+        return torch_dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def from_bytes(buf: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     """View `buf` as a tensor of safetensors `dtype` and `shape` (no copy)."""
+    import torch
+
     if numel(shape) == 0:
-        return torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+        return torch.empty(shape, dtype=torch_dtypes()[dtype])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # read-only buffers are fine: we never write through the view
-        return torch.frombuffer(buf, dtype=TORCH_DTYPES[dtype]).view(shape)
+        return torch.frombuffer(buf, dtype=torch_dtypes()[dtype]).view(shape)
 
 
 def to_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of `t` (contiguous copy only if needed)."""
+    import torch
+
     flat = t.contiguous().reshape(-1)
     if flat.numel() and flat.stride(0) != 1:  # size-1 dims can leave a "contiguous" tensor with a stride != 1
         flat = flat.new_empty(flat.shape).copy_(flat)
@@ -45,8 +67,9 @@ def cast_bytes(buf: bytes | memoryview, src: str, dst: str) -> bytes | memoryvie
     """Cast a flat buffer of `src` elements to `dst` elements."""
     if src == dst:
         return buf
-    n = len(buf) // torch.tensor([], dtype=TORCH_DTYPES[src]).element_size()
-    return to_bytes(from_bytes(buf, src, (n,)).to(TORCH_DTYPES[dst]))
+    dtypes = torch_dtypes()
+    n = len(buf) // dtypes[src].itemsize
+    return to_bytes(from_bytes(buf, src, (n,)).to(dtypes[dst]))
 
 
 @dataclass(frozen=True)
@@ -92,7 +115,9 @@ def decode(unit: Unit, buf: bytes | memoryview, role_shape: dict[str, tuple[int,
 
 def encode(unit: Unit, roles: dict[str, torch.Tensor]) -> memoryview:
     """Build one expert's bytes of `unit` from per-expert role tensors (cast to the unit's dtype)."""
-    target = TORCH_DTYPES[unit.dtype]
+    import torch
+
+    target = torch_dtypes()[unit.dtype]
     if unit.fused is None:
         return to_bytes(roles[str(unit.role)].to(target))
     t = unit.fused

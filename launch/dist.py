@@ -11,7 +11,18 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch.distributed as dist
+
+
+class _LazyTorchDistributed:
+    """`torch.distributed`, imported on first use: a world of one never needs torch (~1 s to import)."""
+
+    def __getattr__(self, name: str) -> Any:
+        import torch.distributed
+
+        return getattr(torch.distributed, name)
+
+
+dist: Any = _LazyTorchDistributed()
 
 
 @dataclass
