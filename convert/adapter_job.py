@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from convert.adapter_plan import AdapterPlan, plan_fuse, plan_split
-from convert.adapter_source import ADAPTER_INDEX, ADAPTER_WEIGHTS, open_adapter
+from convert.adapter_source import ADAPTER_INDEX, ADAPTER_WEIGHTS, AdapterSource, open_adapter
 from convert.cli import base_parser, job_options
 from convert.errors import ConversionError
 from convert.job import JobOptions, JobSetup, _error_text, check_destination, execute, fingerprint
@@ -48,12 +48,16 @@ def adapter_options(args: argparse.Namespace, layout: str) -> AdapterJobOptions:
     return AdapterJobOptions(**{**base.__dict__, "base_config": args.base_config})
 
 
-def plan_adapter(opts: AdapterJobOptions, ep: int) -> tuple[Any, AdapterPlan]:
-    """Open the source adapter and plan the conversion (rank 0)."""
+def plan_adapter(opts: AdapterJobOptions, ep: int) -> tuple[AdapterSource, AdapterPlan]:
+    """Open the source adapter and plan the conversion (rank 0); the caller closes `src.storage`."""
     src = open_adapter(opts.src, opts.base_config, opts.storage_options)
-    if opts.layout == SPLIT:
-        return src, plan_split(src, opts.dtype, ep)
-    return src, plan_fuse(src, str(opts.layout), opts.dtype)
+    try:
+        if opts.layout == SPLIT:
+            return src, plan_split(src, opts.dtype, ep)
+        return src, plan_fuse(src, str(opts.layout), opts.dtype)
+    except BaseException:
+        src.storage.close()
+        raise
 
 
 def plan_adapter_job(opts: AdapterJobOptions, dist: Dist) -> JobSetup:
@@ -63,6 +67,15 @@ def plan_adapter_job(opts: AdapterJobOptions, dist: Dist) -> JobSetup:
         raise ConversionError(f"--ep must be >= 1, got {ep}")
     src, plan = plan_adapter(opts, ep)
     dst = Storage(opts.dst, opts.storage_options)
+    try:  # the metadata reads cached descriptors: release them (a batch runs many jobs in one process)
+        return _lay_out(opts, dist, ep, src, plan, dst)
+    finally:
+        src.storage.close()
+        dst.close()
+
+
+def _lay_out(opts: AdapterJobOptions, dist: Dist, ep: int, src: AdapterSource, plan: AdapterPlan, dst: Storage) -> JobSetup:
+    """Output file layout, final files, piece assignment, plan summary and destination check."""
     files = layout_files(plan.targets, opts.max_shard_bytes, {"format": "pt"}, stem="adapter_model")
     final: dict[str, bytes] = {}
     if len(files) == 1:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from convert.errors import ConversionError
@@ -330,7 +330,6 @@ class _Context:
     inter: int | None
     base_experts: int | None
     roles_of_proj: dict[str, str]
-    _unused: list[str] = field(default_factory=list)
 
     @property
     def family_name(self) -> str | None:
