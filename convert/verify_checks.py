@@ -69,6 +69,7 @@ class ExpertCheck:
     exact: bool = True
     rtol: float | None = None
     atol: float | None = None
+    rel_atol: float | None = None  # atol as a fraction of the largest magnitude on either side
 
 
 @dataclass(frozen=True)
@@ -92,14 +93,15 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 def compare(
     a: torch.Tensor, b: torch.Tensor, exact: bool = True, rtol: float | None = None, atol: float | None = None,
-    origin: int = 0, shape: tuple[int, ...] | None = None,
+    origin: int = 0, shape: tuple[int, ...] | None = None, rel_atol: float | None = None,
 ) -> tuple[str | None, float | None]:
     """Compare source `a` with destination `b`: (None, diff) when they agree, else (what differs, max abs diff).
 
     Same dtype and `exact`: the bits must be equal. Otherwise both are upcast and compared with
     allclose (NaN matching NaN) at the tolerance of the narrower dtype, or the `rtol`/`atol` given.
-    The first differing element is named by its index in `shape` (default: a's shape), counting
-    from flat element `origin` (for chunks of a larger tensor).
+    `rel_atol` sets atol to that fraction of the largest magnitude of either tensor. The first
+    differing element is named by its index in `shape` (default: a's shape), counting from flat
+    element `origin` (for chunks of a larger tensor).
     """
     shape = tuple(a.shape) if shape is None else shape
 
@@ -127,6 +129,8 @@ def compare(
         rt, at_ = _tolerance(a.dtype, b.dtype)
         rtol, atol = rtol if rtol is not None else rt, atol if atol is not None else at_
     wa, wb = _wide(a), _wide(b)
+    if rel_atol is not None:
+        atol = rel_atol * float(torch.maximum(wa.abs().max(), wb.abs().max()).nan_to_num(0.0))
     diff = _max_diff(a, b)
     close = torch.isclose(wa, wb, rtol=rtol, atol=atol, equal_nan=True)
     if bool(close.all()):
@@ -194,7 +198,7 @@ def run_expert(check: ExpertCheck, src: Storage, dst: Storage, e: int, tally: Ta
         if role not in a:
             tally.add(Mismatch(name, f"role {role} has no counterpart in the source", e))
             continue
-        what, diff = compare(a[role][0], b[role][0], check.exact, check.rtol, check.atol)
+        what, diff = compare(a[role][0], b[role][0], check.exact, check.rtol, check.atol, rel_atol=check.rel_atol)
         if what:
             tally.add(Mismatch(name, f"{role} (source {a[role][1]}): {what}", e, diff))
 

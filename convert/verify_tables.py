@@ -147,16 +147,19 @@ def safe_name(name: Any) -> bool:
 
 
 def read_table(
-    storage: Storage, index_name: str, require_index: bool, single_name: str | None = None
+    storage: Storage, index_name: str, require_index: bool, single_name: str | None = None,
+    strict: bool | None = None,
 ) -> tuple[Table, list[str]]:
     """Read every shard header of the directory `storage` and check the files against the index.
 
     With an index, its weight_map decides which shards and tensors count (as loaders do); without
-    one, `single_name` (if given) or every top-level `*.safetensors` does. Returns the table and
-    the problems found: missing/unsafe shards, tensors listed twice, index disagreements, wrong
-    total_size, stray or leftover files, shards the safetensors library reads differently.
-    Raises Unreadable when the directory itself is missing.
+    one, `single_name` (if present) or every top-level `*.safetensors` does. `strict` (default:
+    `require_index`) holds a conversion's output to its promises: every tensor indexed, right
+    total_size, no stray shard, nothing left over from an unfinished run. Returns the table and
+    the problems found (also missing/unsafe shards, tensors listed twice, shards the safetensors
+    library reads differently). Raises Unreadable when the directory itself is missing.
     """
+    strict = require_index if strict is None else strict
     where = storage.display()
     if not storage.isdir():
         raise Unreadable(f"{where}: not a directory")
@@ -211,7 +214,7 @@ def read_table(
         if weight_map is not None:
             indexed = weight_map.get(tname)
             if indexed is None:
-                if require_index:  # a source may hold unindexed tensors: loaders (and the converter) ignore them
+                if strict:  # a source may hold unindexed tensors: loaders (and the converter) ignore them
                     problems.append(f"{storage.display(where_all[0].file)}: tensor {tname!r} is not in the index")
                 continue
             match = [t for t in where_all if t.file == posixpath.normpath(str(indexed))]
@@ -230,12 +233,13 @@ def read_table(
                 problems.append(f"{storage.display(str(fname))}: tensor {tname!r} is in the index but not in the file")
         total = (index or {}).get("metadata", {}).get("total_size") if isinstance(index, dict) else None
         actual = sum(t.nbytes for t in tensors.values())
-        if total != actual and require_index:
+        if total != actual and strict:
             problems.append(f"{storage.display(index_name)}: metadata.total_size is {total}, the tensors hold {actual} bytes")
-        strays = sorted(f for f in files if f.endswith(".safetensors") and f not in shards)
-        if strays and require_index:
-            problems.append(f"{storage.display(strays[0])}: a shard the index does not name")
-    if require_index:
+    strays = sorted(f for f in files if f.endswith(".safetensors") and f not in shards)
+    if strays and strict:
+        problems.append(f"{storage.display(strays[0])}: a weights file "
+                        + ("the index does not name" if weight_map is not None else f"beside {single_name}"))
+    if strict:
         for f in files + dirs:
             if LEFTOVER.search(f) or f == ".moe-convert":
                 problems.append(f"{storage.display(f)}: left over from an unfinished conversion")

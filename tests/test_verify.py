@@ -191,7 +191,7 @@ def corrupt(case: str, ckpts: Path, tmp: Path) -> tuple[Path, Path, list[str]]:
     if case == "stray_shard":
         d = _copy(ckpts, "fused", tmp)
         save_file({"model.norm.weight": torch.zeros(3)}, d / "model-extra.safetensors")
-        return ckpts / "src", d, ["model-extra.safetensors: a shard the index does not name"]
+        return ckpts / "src", d, ["model-extra.safetensors: a weights file the index does not name"]
     if case == "no_index":
         d = _copy(ckpts, "fused", tmp)
         (d / INDEX).unlink()
@@ -286,3 +286,150 @@ def test_fuse_and_split_with_verify_under_torchrun(ckpts, tmp_path):
     code = call(split_experts.main, "--src", str(tmp_path / "f"), "--dst", str(tmp_path / "s"), "--no-progress",
                 "--verify")
     assert code == 0 and (tmp_path / "s" / INDEX).exists()
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def _relation_deltas(src: Path, dst: Path, base: Path | None) -> dict[tuple[int, str, int], torch.Tensor]:
+    """Per-expert deltas of `dst` as the verifier computes them (to check its reading of each layout)."""
+    from convert.storage import Storage
+    from convert.verify import VerifyOptions, plan_verify
+
+    rel = plan_verify(VerifyOptions(str(src), str(dst), base_config=str(base) if base else None))
+    storage = Storage(str(dst))
+    out = {}
+    for check in rel.experts:
+        layer = int(check.layer.split(".layers.")[1])
+        for e in range(check.num_experts):
+            for role, (delta, _) in check.dst.load(storage, e).items():
+                out[(layer, role, e)] = delta
+    return out
+
+
+def _same_deltas(got: dict, want: dict) -> None:
+    assert set(got) == set(want) and want
+    for k in want:
+        assert torch.allclose(got[k], want[k].double(), rtol=1e-5, atol=1e-7), k
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Synthetic adapters in every layout FORMATS.md lists (E=5), each split (and the per-expert one fused) in-process."""
+    from adapter_fixtures import (base_config, make_grouped_adapter, make_per_expert_adapter,
+                                  make_shared_w123_adapter, per_expert_deltas)
+    from convert import fuse_adapter, split_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    (root / "base.json").write_text(json.dumps(base_config()))
+    (root / "base_oss.json").write_text(json.dumps(base_config("gpt_oss")))
+    (root / "base_mixtral.json").write_text(json.dumps(base_config("mixtral")))
+    made = {
+        "shared": (make_shared_w123_adapter(root / "shared", experts=E, rank=4, attn_prefix="attn"), "base.json"),
+        "grouped": (make_grouped_adapter(root / "grouped", experts=E, rank=3), "base.json"),
+        "grouped_interleaved": (make_grouped_adapter(root / "grouped_interleaved", experts=E, rank=3,
+                                                     order="interleave"), "base_oss.json"),
+        "per_expert": (make_per_expert_adapter(root / "per_expert", "qwen3_moe", share_gate_up_a=True,
+                                               alpha_pattern={"down_proj": 5}), "base.json"),
+        "per_expert_patterns": (make_per_expert_adapter(root / "per_expert_patterns", "mixtral", seed=5, alpha_pattern={
+            "layers.1.block_sparse_moe.experts.2.w2": 3, "w2": 5}), "base_mixtral.json"),
+    }
+    # with alpha_pattern the fixture's own deltas are off: take peft's pattern semantics instead
+    for name, family in (("per_expert", "qwen3_moe"), ("per_expert_patterns", "mixtral")):
+        made[name] = ((made[name][0][0], per_expert_deltas(root / name, family)), made[name][1])
+    out = {}
+    for name, ((path, deltas), base) in made.items():
+        assert call(split_adapter.main, "--src", str(path), "--dst", str(root / f"{name}-split"), "--no-progress",
+                    "--base-config", str(root / base)) == 0
+        out[name] = (path, root / f"{name}-split", root / base, deltas)
+    assert call(fuse_adapter.main, "--src", str(root / "per_expert"), "--dst", str(root / "pe-peft"), "--layout",
+                "peft", "--no-progress", "--base-config", str(root / "base.json")) == 0
+    out["per_expert->peft"] = (root / "per_expert", root / "pe-peft", root / "base.json", made["per_expert"][0][1])
+    return out
+
+
+ADAPTER_CASES = ["shared", "grouped", "grouped_interleaved", "per_expert", "per_expert_patterns", "per_expert->peft"]
+
+
+@pytest.mark.parametrize("case", ADAPTER_CASES)
+def test_adapter_verify_passes_and_reads_layouts_as_formats_md_says(adapters, capsys, tmp_path, case):
+    src, dst, base, deltas = adapters[case]
+    code, rep, text = report(capsys, src, dst, tmp_path, "--base-config", str(base))
+    assert code == 0, text
+    assert rep["experts_checked"] == 2 * E and rep["tensors_checked"] == 8 and "per-expert deltas" in text
+    # the verifier's own reading of both sides gives the deltas the fixture built the adapter from
+    _same_deltas(_relation_deltas(src, dst, base), deltas)
+    _same_deltas(_relation_deltas(src, src, base), deltas)
+
+
+def _edit_adapter(d: Path, edit) -> None:
+    from adapter_fixtures import read_adapter, write_adapter
+
+    tensors, cfg = read_adapter(d)
+    tensors, cfg = edit(tensors, cfg)
+    write_adapter(d, tensors, cfg)
+
+
+def _copy_dir(src: Path, tmp: Path) -> Path:
+    out = tmp / (src.name + "-copy")
+    shutil.copytree(src, out)
+    return out
+
+
+GU_B = "base_model.model.model.layers.1.mlp.experts.4.up_proj.lora_B.weight"
+
+
+@pytest.mark.parametrize("case", ["expert_factor", "peft_expert_minor_column", "alpha", "rank_config",
+                                  "attention_scaling", "missing_layer", "config_field", "rslora"])
+def test_adapter_verify_catches_wrong_output(adapters, capsys, tmp_path, case):
+    src, good, base, _ = adapters["shared" if case == "missing_layer" else "per_expert"]
+    if case == "peft_expert_minor_column":
+        src, good, base, _ = adapters["per_expert->peft"]
+    dst = _copy_dir(good, tmp_path)
+    if case == "expert_factor":
+        _edit_adapter(dst, lambda t, c: ({**t, GU_B: t[GU_B] * 1.01}, c))
+        expect = [GU_B, "expert 4", "up", "not allclose"]
+    elif case == "peft_expert_minor_column":
+        key = "base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight"  # gate_up wrapper, [2I, r*E]
+
+        def swap(t, c):  # swap experts 1 and 3 within one rank column block of the expert-minor B
+            b = t[key].clone()
+            b[:, [1, 3]] = b[:, [3, 1]]
+            return {**t, key: b}, c
+        _edit_adapter(dst, swap)
+        expect = [key, "expert 1", "expert 3"]
+    elif case == "alpha":
+        _edit_adapter(dst, lambda t, c: (t, {**c, "lora_alpha": c["lora_alpha"] * 2}))
+        expect = ["expert 0", "not allclose", "q_proj (r, scaling)"]
+    elif case == "rank_config":
+        _edit_adapter(dst, lambda t, c: (t, {**c, "r": 8, "lora_alpha": 16}))  # same scaling, wrong rank
+        expect = ["has rank 4, but adapter_config.json gives", "r=8"]
+    elif case == "attention_scaling":
+        _edit_adapter(dst, lambda t, c: (t, {**c, "alpha_pattern": {**c["alpha_pattern"], "q_proj": 1}}))
+        expect = ["module model.layers.0.self_attn.q_proj (r, scaling)"]
+    elif case == "missing_layer":
+        _edit_adapter(dst, lambda t, c: ({k: v for k, v in t.items() if ".layers.1.mlp.experts" not in k}, c))
+        expect = ["the expert LoRA of model.layers.1", "is missing"]
+    elif case == "config_field":
+        _edit_adapter(dst, lambda t, c: (t, {**c, "task_type": "SEQ_CLS"}))
+        expect = ["task_type is 'SEQ_CLS', the source has 'CAUSAL_LM'"]
+    else:
+        _edit_adapter(dst, lambda t, c: (t, {**c, "use_rslora": True}))
+        expect = ["use_rslora is True", "not allclose"]
+    code, _, text = report(capsys, src, dst, tmp_path, "--base-config", str(base))
+    assert code == 1, text
+    for s in expect:
+        assert s in text, f"{s!r} not in:\n{text}"
+
+
+def test_adapter_verify_of_real_peft_gpt_oss_split_under_torchrun(tmp_path):
+    """A real peft target_parameters adapter on gpt-oss (interleaved gate/up), split at 2 ranks with --verify;
+    the verifier's reading of the peft source equals peft's own get_delta_weight."""
+    from adapter_fixtures import base_config, make_peft_adapter, peft_expert_deltas
+
+    model, src = make_peft_adapter("gpt_oss", tmp_path / "peft", seed=3)
+    (tmp_path / "base.json").write_text(json.dumps(base_config("gpt_oss")))
+    _same_deltas(_relation_deltas(src, src, tmp_path / "base.json"), peft_expert_deltas(model, "gpt_oss"))
+    proc = run_tool("convert.split_adapter", "--src", str(src), "--dst", str(tmp_path / "split"), "--verify",
+                    "--base-config", str(tmp_path / "base.json"), "--ep", "3", nproc=2, timeout=120)
+    assert "OK:" in proc.stdout and "peft_target_parameters -> per_expert" in proc.stdout
