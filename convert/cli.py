@@ -22,7 +22,7 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", type=parse_size, help="largest output shard (default 5GB)")
     p.add_argument("--dtype", default="keep", choices=sorted(DTYPE_NAMES), help="cast floating tensors (default keep)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (files, bytes and memory per rank) and exit")
-    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --dst; its old index is removed first")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --dst: its old index, config and safetensors files are removed first")
     p.add_argument("--family", default=None, help="model family (default: from config.json model_type)")
     p.add_argument("--workers", type=int, default=4, help="pieces in flight per rank (default 4)")
     p.add_argument("--storage-options", type=json.loads, default={}, help="JSON of fsspec options, e.g. an endpoint")

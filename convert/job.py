@@ -367,11 +367,13 @@ def _clear_destination(dst: Storage, sink: Any, setup: JobSetup, overwrite: bool
     dst.makedirs()
     if not overwrite:
         return
-    for name in reversed(list(setup.final_files)):
-        dst.remove(name)
+    existing, _ = dst.list_dir()
+    # Markers first (the final files, any old index), so an interrupted clean-up never looks complete.
+    for name in [*reversed(list(setup.final_files)), *(n for n in existing if n.endswith(".safetensors.index.json"))]:
+        if name in existing:
+            dst.remove(name)
     sink.discard(read_state(dst))
     names = {f.name for f in setup.files}
-    existing, _ = dst.list_dir()
     for name in existing:
-        if name.endswith(".safetensors") and name.startswith("model-") and name not in names:
-            dst.remove(name)
+        if name.endswith(".safetensors") and name not in names:
+            dst.remove(name)  # an earlier output's shards, which no index names any more

@@ -329,3 +329,19 @@ def test_peft_wrappers_are_told_apart_by_shape_not_name():
     lone = {k: v for k, v in swapped.items() if "base_layer" not in k}
     groups, _ = detect_expert_lora(lone, cfg, base_config("gpt_oss", hidden=h, inter=i, experts=e), "lone")
     assert groups[0].roles == ("gate", "up")
+
+
+def test_overwrite_removes_the_earlier_outputs_shards(tmp_path):
+    src, _ = make_per_expert_adapter(tmp_path / "src", "qwen3_moe")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(base_config("qwen3_moe")))
+    out = tmp_path / "out"
+    run_tool("convert.fuse_adapter", "--src", str(src), "--dst", str(out), "--layout", "peft", "--base-config", str(cfg),
+             "--max-shard-size", "4KB")
+    assert len(list(out.glob("adapter_model-*.safetensors"))) > 1 and (out / "adapter_model.safetensors.index.json").exists()
+    (out / "notes.txt").write_text("mine")
+    run_tool("convert.fuse_adapter", "--src", str(src), "--dst", str(out), "--layout", "peft", "--base-config", str(cfg),
+             "--overwrite")
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "notes.txt"} <= names
+    assert not any(n.startswith("adapter_model-") or n.endswith(".index.json") for n in names), names
