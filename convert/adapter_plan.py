@@ -33,8 +33,8 @@ from convert.adapter_transforms import FoldedBBuild, FoldedBGather, GroupedBuild
 from convert.checkpoint import TensorRef
 from convert.errors import ConversionError
 from convert.families import Family, load_families, template_regex
-from convert.planner import DEFAULT_CHUNK_BYTES, Piece, Read, TargetTensor, Write, target_dtype
-from convert.safetensors_format import DTYPE_SIZES, numel
+from convert.planner import DEFAULT_CHUNK_BYTES, Piece, Read, TargetTensor, Write, copy_pieces, target_dtype
+from convert.safetensors_format import DTYPE_SIZES
 from sharding.ep import expert_slices
 
 FUSED_LAYOUTS = ("peft", "grouped", "shared_w123")
@@ -100,25 +100,6 @@ def _general_keys(name: str, tail: str) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- pieces
 
 
-def _copy_pieces(ref: TensorRef, out_name: str, dtype: str | None, chunk: int, expert: int | None) -> tuple[TargetTensor, list[Piece]]:
-    """A whole tensor copied (or cast) unchanged, in chunks."""
-    info = ref.info
-    out_dtype = target_dtype(info.dtype, dtype)
-    src_item, dst_item = DTYPE_SIZES[info.dtype], DTYPE_SIZES[out_dtype]
-    n = numel(info.shape)
-    step = max(1, chunk // max(src_item, dst_item))
-    pieces = [
-        Piece(
-            (Read(ref.file, info.start + i * src_item, info.start + min(n, i + step) * src_item, info.dtype),),
-            (Write(out_name, i * dst_item, min(n, i + step) * dst_item, out_dtype),),
-            None,
-            expert,
-        )
-        for i in range(0, max(n, 1), step)
-    ]
-    return TargetTensor(out_name, out_dtype, info.shape), pieces
-
-
 def _block_read(ref: TensorRef, index: int, block_elems: int) -> Read:
     """Block `index` of `block_elems` elements of a tensor (its dim-0 slice when blocks are slices)."""
     item = ref.info.itemsize
@@ -155,7 +136,7 @@ class _Builder:
 
     def passthrough(self, names: list[str], expert_of: dict[str, int] | None = None) -> None:
         for name in names:
-            t, p = _copy_pieces(self.src.tensors[name], name, self.dtype, self.chunk, (expert_of or {}).get(name))
+            t, p = copy_pieces(self.src.tensors[name], name, self.dtype, self.chunk, (expert_of or {}).get(name))
             self.targets.append(t)
             self.pieces += p
             if is_lora(name):

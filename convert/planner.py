@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from convert.checkpoint import Checkpoint
+from convert.checkpoint import Checkpoint, TensorRef
 from convert.errors import ConversionError
 from convert.expert_groups import ExpertGroup, find_expert_groups, fused_slice_shape
 from convert.families import PER_EXPERT, Family
@@ -108,8 +108,13 @@ def _coalesce(reads: list[Read]) -> tuple[Read, ...]:
     return tuple(out)
 
 
-def _passthrough_pieces(ckpt: Checkpoint, name: str, dtype: str | None, chunk: int) -> tuple[TargetTensor, list[Piece]]:
-    ref = ckpt.tensors[name]
+def copy_pieces(
+    ref: TensorRef, out_name: str, dtype: str | None, chunk: int, expert: int | None = None
+) -> tuple[TargetTensor, list[Piece]]:
+    """A whole source tensor `ref` copied (or cast to `dtype`) unchanged as `out_name`, in `chunk`-byte pieces.
+
+    Returns the target tensor and its pieces; `expert` marks them as that expert's (for EP ownership).
+    """
     info = ref.info
     out_dtype = target_dtype(info.dtype, dtype)
     src_item, dst_item = DTYPE_SIZES[info.dtype], DTYPE_SIZES[out_dtype]
@@ -118,11 +123,17 @@ def _passthrough_pieces(ckpt: Checkpoint, name: str, dtype: str | None, chunk: i
     pieces = [
         Piece(
             (Read(ref.file, info.start + i * src_item, info.start + min(n, i + step) * src_item, info.dtype),),
-            (Write(name, i * dst_item, min(n, i + step) * dst_item, out_dtype),),
+            (Write(out_name, i * dst_item, min(n, i + step) * dst_item, out_dtype),),
+            None,
+            expert,
         )
         for i in range(0, max(n, 1), step)
     ]
-    return TargetTensor(name, out_dtype, info.shape), pieces
+    return TargetTensor(out_name, out_dtype, info.shape), pieces
+
+
+def _passthrough_pieces(ckpt: Checkpoint, name: str, dtype: str | None, chunk: int) -> tuple[TargetTensor, list[Piece]]:
+    return copy_pieces(ckpt.tensors[name], name, dtype, chunk)
 
 
 def _units(family: Family, group: ExpertGroup, layout: str, dtype: str | None, side: str) -> list[tuple[Unit, str]]:

@@ -38,7 +38,7 @@ def test_fused_tensors_equal_state_dict_bit_for_bit(fused_case):
             key = f"model.layers.{layer}.mlp.experts.{name}"
             assert out[key].shape == sd[key].shape
             assert raw_bytes(out[key]) == raw_bytes(sd[key]), key
-    assert out[f"model.layers.0.mlp.experts.gate_up_proj"].shape == (E, 2 * I, H)
+    assert out["model.layers.0.mlp.experts.gate_up_proj"].shape == (E, 2 * I, H)
     assert len(list((root / "fused").glob("model-*.safetensors"))) > 1, "expected several output shards"
 
 
