@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -201,6 +202,7 @@ def check_share(relation: Relation, opts: VerifyOptions, rank: int, world: int) 
     finally:
         src.close()
         dst.close()
+    tally.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     return tally
 
 
@@ -239,7 +241,7 @@ def summarize(relation: Relation, tallies: list[Tally], opts: VerifyOptions, wor
         "dst_tensors": relation.dst_tensors, "dst_files": relation.dst_files, "world_size": world,
         "seconds": seconds,
         "ranks": [{"experts_checked": t.experts_checked, "tensors_checked": t.tensors_checked,
-                   "bytes_compared": t.bytes_compared} for t in tallies],
+                   "bytes_compared": t.bytes_compared, "peak_rss_bytes": t.peak_rss} for t in tallies],
     }
     return "\n".join(lines), report
 

@@ -13,6 +13,7 @@ import math
 import posixpath
 import re
 import struct
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +78,9 @@ def to_tensor(buf: bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     torch_dtype = DTYPES[dtype][0]
     if not buf:
         return torch.empty(shape, dtype=torch_dtype)
-    return torch.frombuffer(bytearray(buf), dtype=torch_dtype).reshape(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a read-only buffer: the verifier never writes through it
+        return torch.frombuffer(buf, dtype=torch_dtype).reshape(shape)
 
 
 def read_header(storage: Storage, name: str) -> dict[str, Stored]:

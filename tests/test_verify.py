@@ -433,3 +433,30 @@ def test_adapter_verify_of_real_peft_gpt_oss_split_under_torchrun(tmp_path):
     proc = run_tool("convert.split_adapter", "--src", str(src), "--dst", str(tmp_path / "split"), "--verify",
                     "--base-config", str(tmp_path / "base.json"), "--ep", "3", nproc=2, timeout=120)
     assert "OK:" in proc.stdout and "peft_target_parameters -> per_expert" in proc.stdout
+
+
+def test_verify_memory_stays_flat_as_the_checkpoint_grows(tmp_path):
+    """Peak RSS of the verifier does not grow with the checkpoint: one expert slice (or chunk) at a time.
+
+    Synthetic fused Qwen3-30B-A3B-shaped layers (sparse zero files, written instantly), verified
+    against themselves: every expert is read as a slice of the fused [E, 2I, H] / [E, H, I] tensors.
+    """
+    from bench.synthetic import Spec, checkpoint_specs, write_synthetic
+
+    peaks, sizes = {}, {}
+    for layers in (1, 4):
+        specs, cfg = checkpoint_specs("qwen3-30b-a3b", layers, experts=8, vocab=64)
+        specs = [s for s in specs if ".experts." not in s.name]
+        for layer in range(layers):
+            p = f"model.layers.{layer}.mlp.experts"
+            specs += [Spec(f"{p}.gate_up_proj", "BF16", (8, 2 * 768, 2048)), Spec(f"{p}.down_proj", "BF16", (8, 2048, 768))]
+        d = tmp_path / f"fused{layers}"
+        sizes[layers] = write_synthetic(str(d), specs, cfg, 100_000_000, data="zeros")
+        run_tool("convert.verify", "--src", str(d), "--dst", str(d), "--report", str(tmp_path / f"r{layers}.json"))
+        rep = json.loads((tmp_path / f"r{layers}.json").read_text())
+        assert rep["ok"] and rep["bytes_compared"] == 2 * sizes[layers] and rep["experts_checked"] == 8 * layers
+        peaks[layers] = rep["ranks"][0]["peak_rss_bytes"]
+    grown = peaks[4] - peaks[1]
+    print(f"verify peak RSS: {peaks[1] / 1e6:.0f} MB for {2 * sizes[1] / 1e6:.0f} MB compared, "
+          f"{peaks[4] / 1e6:.0f} MB for {2 * sizes[4] / 1e6:.0f} MB")
+    assert grown < 32e6, f"peak RSS grew by {grown / 1e6:.0f} MB when the checkpoint grew by {(sizes[4] - sizes[1]) / 1e6:.0f} MB"
