@@ -322,3 +322,69 @@ def test_index_naming_a_file_outside_src_reads_and_writes_nothing(tmp_path, caps
     code = call(verify.main, "--src", str(src), "--dst", str(tmp_path / "src-evil"))
     assert code == 2 and f"{path!r}" in capsys.readouterr().err
     assert snapshot(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def _adapter_config() -> dict:
+    return {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("config_only", ["holds only adapter_config.json", "nothing to convert"]),
+    ("bin_only", ["no safetensors file, only adapter_model.bin", "save them as safetensors first"]),
+    ("zero_tensors", ["adapter_model.safetensors holds 0 tensors", "nothing to convert"]),
+    ("zero_bytes", ["adapter_model.safetensors: 0 bytes is too short to be a safetensors file"]),
+    ("empty_dir", ["no weight files (empty directory)"]),
+])
+@pytest.mark.parametrize("tool", ["split_adapter", "fuse_adapter"])
+def test_adapter_without_usable_safetensors_is_refused(tmp_path, capsys, case, expect, tool):
+    import importlib
+
+    src = tmp_path / "adapter"
+    src.mkdir()
+    if case != "empty_dir":
+        (src / "adapter_config.json").write_text(json.dumps(_adapter_config()))
+    if case == "bin_only":
+        torch.save({"base_model.model.x.lora_A.weight": torch.zeros(2, 2)}, src / "adapter_model.bin")
+    elif case == "zero_tensors":
+        save_file({}, src / "adapter_model.safetensors")
+    elif case == "zero_bytes":
+        (src / "adapter_model.safetensors").write_bytes(b"")
+    dst = tmp_path / "out"
+    extra = ["--layout", "peft"] if tool == "fuse_adapter" else []
+    code = call(importlib.import_module(f"convert.{tool}").main, "--src", str(src), "--dst", str(dst), "--no-progress",
+                *extra)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert str(src) in err
+    for s in expect:
+        assert s in err, f"{s!r} not in {err!r}"
+    assert not dst.exists()
+
+
+def test_adapter_conversions_write_only_below_dst_and_never_touch_src(tmp_path, capsys):
+    """split_adapter, fuse_adapter (both with --verify) and verify leave everything outside their --dst as it was."""
+    from adapter_fixtures import base_config, make_per_expert_adapter, make_shared_w123_adapter
+
+    from convert import fuse_adapter, split_adapter, verify
+
+    shared, _ = make_shared_w123_adapter(tmp_path / "shared", experts=E, rank=4)
+    per_expert, _ = make_per_expert_adapter(tmp_path / "pe", "qwen3_moe", experts=E, share_gate_up_a=True)
+    (tmp_path / "base.json").write_text(json.dumps(base_config(experts=E)))
+    base = ["--base-config", str(tmp_path / "base.json")]
+    steps = [
+        (split_adapter.main, shared, tmp_path / "split", []),
+        (fuse_adapter.main, per_expert, tmp_path / "peft", ["--layout", "peft"]),
+    ]
+    for main, a, b, extra in steps:
+        before = snapshot(tmp_path)
+        code = call(main, "--src", str(a), "--dst", str(b), "--no-progress", "--verify", *base, *extra)
+        assert code == 0, capsys.readouterr()
+        assert snapshot(tmp_path, skip=b) == before, f"{main.__module__} wrote outside {b}"
+        assert (b / "adapter_config.json").is_file()
+    before = snapshot(tmp_path)
+    assert call(verify.main, "--src", str(shared), "--dst", str(tmp_path / "split"), *base) == 0
+    assert snapshot(tmp_path) == before, "verify must not write anything"
+    capsys.readouterr()
