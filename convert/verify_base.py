@@ -221,8 +221,3 @@ def base_relation(
         found.append(f"{dst.where}: tensor {name!r} is not in the source")
     return experts, passes, src_problems, found
 
-
-def expected_dst_bytes(checks: list[ExpertCheck]) -> int:
-    """Expert bytes the destination should hold (for the summary)."""
-    return sum(c.dst.expert_bytes(e) for c in checks for e in range(c.num_experts))
-
