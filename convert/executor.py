@@ -79,10 +79,19 @@ class Executor:
             self.dst.pwrite(file, pos, buf)
         return piece.write_bytes
 
+    def prefetch(self, piece: Piece) -> None:
+        """Ask the source to start reading `piece`'s ranges (they are read soon, in whatever order)."""
+        for r in piece.reads:
+            self.src.prefetch(r.file, r.start, r.end)
+
     def run(self, pieces: Sequence[Piece], on_done: Callable[[int], None]) -> None:
         """Execute `pieces` with up to `workers` in flight; calls `on_done(bytes)` after each."""
         if self.workers <= 1:
-            for p in pieces:
+            for i, p in enumerate(pieces):
+                if i == 0:
+                    self.prefetch(p)
+                if i + 1 < len(pieces):
+                    self.prefetch(pieces[i + 1])
                 on_done(self.run_piece(p))
             return
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
@@ -90,6 +99,7 @@ class Executor:
             pending = []
             it = iter(pieces)
             for p in it:
+                self.prefetch(p)
                 pending.append(pool.submit(self.run_piece, p))
                 if len(pending) >= 2 * self.workers:
                     on_done(pending.pop(0).result())

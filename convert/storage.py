@@ -106,8 +106,17 @@ class Storage:
             fd = self._fds.get(key)
             if fd is None:
                 fd = os.open(self.path(rel), flags)
+                if flags == os.O_RDONLY:
+                    # No speculative readahead past what we ask for (it would read other ranks' experts);
+                    # prefetch() announces exactly the ranges about to be read instead.
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
                 self._fds[key] = fd
             return fd
+
+    def prefetch(self, rel: str, start: int, end: int) -> None:
+        """Start reading bytes [start, end) of `rel` into the page cache in the background (local files)."""
+        if self.is_local and end > start:
+            os.posix_fadvise(self._fd(rel, os.O_RDONLY), start, end - start, os.POSIX_FADV_WILLNEED)
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of the file `rel`; short reads are an error naming the file."""
