@@ -20,7 +20,7 @@ import math
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +31,9 @@ from convert.safetensors_format import TensorInfo
 from convert.storage import Storage
 from convert.verify_checks import ExpertCheck, PassCheck, read_stored
 from convert.verify_tables import DTYPES, Stored, Table, read_table, to_tensor
+
+if TYPE_CHECKING:
+    from convert.verify import Relation, VerifyOptions
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -279,9 +282,9 @@ def load_base_config(path: str | None, storage_options: dict[str, Any]) -> dict[
     return cfg if isinstance(cfg, dict) else None
 
 
-def adapter_relation(src: Storage, dst: Storage, opts: Any) -> Any:
+def adapter_relation(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
     """The checks proving `dst` is a conversion of the adapter `src` (see the module docstring)."""
-    from convert.verify import CannotVerify, Relation, compare_files, copied_files
+    from convert.verify import CannotVerify, Relation, compare_files, copied_files  # noqa: F811 - at run time
 
     base = load_base_config(opts.base_config, opts.storage_options)
     src_table, bad = read_table(src, ADAPTER_INDEX, require_index=False, single_name=ADAPTER_WEIGHTS, strict=False)
