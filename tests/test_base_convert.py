@@ -47,6 +47,10 @@ def test_fused_output_loads_with_same_logits(fused_case):
 
     _, _, model, _, root = fused_case
     loaded = AutoModelForCausalLM.from_pretrained(root / "fused").eval()
+    # Fused tensors load as views of the memory-mapped file at offsets that are not 64-byte aligned, and
+    # the CPU kernels then accumulate in another order (last-bit differences). Fresh copies compare the weights.
+    for p in loaded.parameters():
+        p.data = p.data.clone()
     assert torch.equal(logits(loaded), logits(model))
 
 
