@@ -10,7 +10,9 @@ Every baseline fsyncs what it wrote, as the tool does, so times compare like wit
 
     python -m bench.baselines naive-fuse --src DIR --dst DIR [--layout L] [--max-shard-size 5GB]
     python -m bench.baselines naive-split --src DIR --dst DIR [--max-shard-size 5GB]
-    python -m bench.baselines save-file --src FILE.safetensors --dst FILE.safetensors   # prints {"seconds": s}
+    python -m bench.baselines save-file --src FILE.safetensors --dst FILE.safetensors
+
+Each prints one JSON line: {"peak_rss_bytes": ...} (and "seconds" for save-file).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
-from convert.families import PER_EXPERT, Family, detect_family, template_regex
+from convert.families import Family, detect_family, template_regex
+from convert.job import peak_rss_bytes
 from sharding.file_layout import natural_key, parse_size
 
 INDEX = "model.safetensors.index.json"
@@ -151,10 +154,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layout", default=None)
     p.add_argument("--max-shard-size", default="5GB", type=parse_size)
     a = p.parse_args(argv)
+    out: dict[str, float] = {}
     if a.op == "save-file":
-        print(json.dumps({"seconds": time_save_file(a.src, a.dst)}))
+        out["seconds"] = time_save_file(a.src, a.dst)
     else:
         run_naive(a.op.split("-")[1], a.src, a.dst, a.layout, a.max_shard_size)
+    out["peak_rss_bytes"] = peak_rss_bytes()
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Run one rank's pieces: read source byte ranges, copy/cast or regroup, write at final offsets.
 
-Byte copies between local files are done by the kernel (`copy_file_range`), never
-entering this process's memory; everything else holds at most `workers` pieces
-(one expert each, or a bounded chunk) at a time.
+Byte copies between local files stream through one 1 MiB buffer per worker (or
+`copy_file_range`, see Storage.copy_range_from), never holding a piece in memory;
+everything else holds at most `workers` pieces (one expert each, or a bounded chunk)
+at a time. Source ranges are prefetched exactly, a bounded window ahead (Prefetcher).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from convert.planner import Piece, Read, Write
 from convert.safetensors_format import DTYPE_SIZES, TensorSlot
 from convert.storage import Storage
 from convert.transforms import cast_bytes, regroup
+
+PREFETCH_BYTES = 64 << 20
 
 
 def _segments(reads: Sequence[Read], writes: Sequence[Write]) -> Iterator[tuple[Read, int, Write, int, int]]:
@@ -79,32 +82,66 @@ class Executor:
             self.dst.pwrite(file, pos, buf)
         return piece.write_bytes
 
-    def prefetch(self, piece: Piece) -> None:
-        """Ask the source to start reading `piece`'s ranges (they are read soon, in whatever order)."""
-        for r in piece.reads:
-            self.src.prefetch(r.file, r.start, r.end)
-
     def run(self, pieces: Sequence[Piece], on_done: Callable[[int], None]) -> None:
         """Execute `pieces` with up to `workers` in flight; calls `on_done(bytes)` after each."""
+        ahead = Prefetcher(self.src, pieces)
         if self.workers <= 1:
             for i, p in enumerate(pieces):
-                if i == 0:
-                    self.prefetch(p)
-                if i + 1 < len(pieces):
-                    self.prefetch(pieces[i + 1])
+                ahead.reached(i)
                 on_done(self.run_piece(p))
             return
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             # Bounded submission: at most 2 * workers pieces queued, so memory stays bounded.
             pending = []
-            it = iter(pieces)
-            for p in it:
-                self.prefetch(p)
+            for i, p in enumerate(pieces):
+                ahead.reached(i)
                 pending.append(pool.submit(self.run_piece, p))
                 if len(pending) >= 2 * self.workers:
                     on_done(pending.pop(0).result())
             for f in pending:
                 on_done(f.result())
+
+
+class Prefetcher:
+    """Keeps the source reading up to `window` bytes ahead of the pieces being executed.
+
+    Only the ranges the pieces will read are requested (no speculative readahead: see
+    Storage.prefetch), merged per file where they touch, and refilled in half-window
+    steps so that many small pieces still make few, large requests. This costs page
+    cache, not process memory.
+    """
+
+    def __init__(self, src: Storage, pieces: Sequence[Piece], window: int = PREFETCH_BYTES) -> None:
+        self.src, self.pieces, self.window = src, pieces, window
+        self.cum = [0]
+        for p in pieces:
+            self.cum.append(self.cum[-1] + p.read_bytes)
+        self.next = 0  # pieces [0, next) have been requested
+
+    def reached(self, i: int) -> None:
+        """Piece i is about to run: top the window up when less than half of it is left."""
+        if not self.src.is_local or self.next >= len(self.pieces):
+            return
+        if self.next > i and self.cum[self.next] - self.cum[i] >= self.window // 2:
+            return
+        end = max(self.next, i + 1)
+        while end < len(self.pieces) and self.cum[end] - self.cum[i] < self.window:
+            end += 1
+        ranges: dict[str, list[list[int]]] = {}
+        for p in self.pieces[self.next : end]:
+            for r in p.reads:
+                ranges.setdefault(r.file, []).append([r.start, r.end])
+        for file, spans in ranges.items():
+            spans.sort()
+            merged = [spans[0]]
+            for a, b in spans[1:]:
+                if a <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], b)
+                else:
+                    merged.append([a, b])
+            for a, b in merged:
+                self.src.prefetch(file, a, b)
+        self.next = end
 
 
 def piece_outputs(src: Storage, piece: Piece) -> list[bytes | memoryview]:
