@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 M_MMAP_THRESHOLD = -3
 
 
+@functools.cache
 def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
-    """Serve allocations of at least `nbytes` by mmap; returns False where not glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
-    except (OSError, AttributeError):
-        return False
+    """Serve allocations of at least `nbytes` by mmap; returns False where not glibc.
+
+    Done once per process; glibc is opened by its soname first (find_library runs `ldconfig -p`).
+    """
+    for find in (lambda: "libc.so.6", lambda: ctypes.util.find_library("c")):
+        name = find()
+        try:
+            return bool(ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, nbytes)) if name else False
+        except (OSError, AttributeError):
+            continue
+    return False
