@@ -16,7 +16,7 @@ from convert.memory import pin_mmap_threshold
 from convert.planner import Piece, Read, Write
 from convert.safetensors_format import DTYPE_SIZES, TensorSlot
 from convert.storage import Storage
-from convert.transforms import cast_bytes, regroup
+from convert.transforms import cast_bytes, regroup, torch_dtypes
 
 PREFETCH_BYTES = 64 << 20
 
@@ -142,6 +142,12 @@ class Prefetcher:
             for a, b in merged:
                 self.src.prefetch(file, a, b)
         self.next = end
+
+
+def warm_up(pieces: Sequence[Piece]) -> None:
+    """Import torch now if any of `pieces` computes (regroup or cast), so the import is not paid mid-stream."""
+    if any(p.regroup is not None or any(r.dtype != w.dtype for r in p.reads for w in p.writes) for p in pieces):
+        torch_dtypes()
 
 
 def piece_outputs(src: Storage, piece: Piece) -> list[bytes | memoryview]:

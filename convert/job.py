@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from convert.checkpoint import INDEX_NAME, open_checkpoint
 from convert.errors import ConversionError
-from convert.executor import piece_memory
+from convert.executor import piece_memory, warm_up
 from convert.families import detect_family
 from convert.planner import Piece, plan_conversion
 from convert.sinks import STATE_DIR, SinkJob, make_sink, read_state
@@ -288,6 +288,7 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
         if crash_at is not None and done_here[0] >= crash_at:
             os._exit(137)  # simulated crash (MOE_CONVERT_CRASH_AFTER), for resume tests
 
+    warm_up(mine)
     io0 = proc_io()
     t0 = time.perf_counter()
     error: str | None = None
