@@ -35,20 +35,20 @@ def plot_results(results: dict[str, Any], path: Path) -> str | None:
         tool = find(rows, op=op, layers=L)
         base = cp_row(rows, tool) if tool else None
         if base:
-            labels.append(f"cp\n({op} src L{L})")
+            labels.append(f"cp -r\nL{L}")
             e2e.append(gbps(base))
             data.append(float("nan"))
             colors.append("#888888")
         naive = find(rows, op=f"naive-{op}", layers=L)
         if naive:
-            labels.append(f"naive\n{op}")
+            labels.append(f"naive\n{op} L{L}")
             e2e.append(gbps(naive))
             data.append(float("nan"))
             colors.append("#d62728")
         for ws in s["world_sizes"]:
             r = find(rows, op=op, layers=L, ws=ws, ep=ws)
             if r:
-                labels.append(f"{op}\nws{ws}")
+                labels.append(f"{op} L{L}\nws{ws}")
                 e2e.append(gbps(r))
                 data.append(gbps(r, True))
                 colors.append("#1f77b4" if op == "fuse" else "#2ca02c")
@@ -76,22 +76,30 @@ def plot_results(results: dict[str, Any], path: Path) -> str | None:
     ax.legend(fontsize=8)
 
     ax = axes[2]
-    labels, vals, colors = [], [], []
+    groups: dict[str, dict[str, float]] = {}
     for r in rows:
-        if r["op"] == "save_file" and r["samples"]:
-            labels.append(r["name"].replace("save_file of the output ", "save_file\n"))
-            vals.append(gbps(r))
-            colors.append("#888888")
-        elif r["op"] == "split_adapter" and r["samples"]:
-            labels.append(r["name"].replace("split_adapter ", "split_adapter\n") + "\n(data phase)")
-            vals.append(gbps(r, True))
-            colors.append("#9467bd")
-    if labels:
-        ax.bar(range(len(labels)), vals, color=colors)
-        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        if not r["samples"]:
+            continue
+        if r["op"] == "save_file":
+            name = r["name"].split("(", 1)[1].rstrip(")")
+            groups.setdefault(name, {})["save_file"] = gbps(r)
+        elif r["op"].startswith("split_adapter"):
+            name = r["name"].split(" ", 1)[1].split(" ws", 1)[0]
+            label = f"ws{r['ws']}" + (", cached" if r["op"].endswith("warm") else ", cold")
+            groups.setdefault(name, {})[label] = gbps(r, True)
+    if groups:
+        colors = {"save_file": "#888888", "ws1, cold": "#9467bd", "ws1, cached": "#c5b0d5", "ws2, cold": "#8c564b"}
+        labels = sorted({k for g in groups.values() for k in g}, key=lambda k: list(colors).index(k) if k in colors else 9)
+        width = 0.8 / len(labels)
+        for j, label in enumerate(labels):
+            xs = [i + j * width for i in range(len(groups))]
+            ax.bar(xs, [g.get(label, float("nan")) for g in groups.values()], width,
+                   color=colors.get(label, "#17becf"), label="save_file" if label == "save_file" else f"split_adapter {label}")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], list(groups), fontsize=8)
+        ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "adapters not measured", ha="center", transform=ax.transAxes)
-    ax.set_ylabel("GB/s (output bytes / time)")
+    ax.set_ylabel("GB/s (output bytes / data phase or save_file time)")
     ax.set_title("Adapter split vs raw save_file")
 
     fig.tight_layout()
