@@ -69,7 +69,13 @@ class Storage:
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url
-        self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        options = dict(storage_options or {})
+        if url.startswith(("s3://", "s3a://")) and os.environ.get("AWS_ENDPOINT_URL") and "endpoint_url" not in options \
+                and "endpoint_url" not in (options.get("client_kwargs") or {}):
+            # fsspec caches filesystems by their arguments: name the endpoint, so a client made for another
+            # endpoint (same process, AWS_ENDPOINT_URL changed since) is never reused.
+            options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+        self.fs, root = fsspec.core.url_to_fs(url, **options)
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._fds: dict[tuple[str, int], int] = {}
