@@ -6,9 +6,9 @@ compute step (convert.adapter_transforms). Expert pieces carry their expert, so 
 converts only the experts of its slices. Output key names come from the family tables
 (configs/*.json); the adapter layouts from convert.adapter_layouts.
 
-- split (any expert-LoRA layout -> per-expert): peft lora_A rows of one expert are one byte
-  range (a copy); peft lora_B is expert-minor, so each EP slice gathers its experts' columns
-  from the whole B in one compute piece; shared_w123 factors are byte copies (a shared
+- split (any expert-LoRA layout -> per-expert): one piece per EP slice of a peft layer: the
+  slice's lora_A rows are one byte range, and lora_B is expert-minor, so the piece gathers its
+  experts' columns from the whole B in one strided copy; shared_w123 factors are byte copies (a shared
   factor is copied to every expert); grouped factors are transposed per expert.
 - fuse (per-expert -> peft / grouped / shared_w123): peft lora_A rows of one expert are a
   byte range (copies); peft lora_B is built in row chunks from every expert; grouped slices
@@ -29,7 +29,7 @@ from convert.adapter_layouts import (
 )
 from convert.adapter_scaling import OutputModule, Scale, rewrite_config, scale_for_rank, source_scale
 from convert.adapter_source import AdapterSource
-from convert.adapter_transforms import FoldedBBuild, FoldedBGather, GroupedBuild, GroupedSlice
+from convert.adapter_transforms import FoldedBBuild, FoldedFactors, FoldedSplit, GroupedBuild, GroupedSlice
 from convert.checkpoint import TensorRef
 from convert.errors import ConversionError
 from convert.families import Family, load_families, template_regex
@@ -226,10 +226,11 @@ def _expert_outputs(
 
 
 def _split_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, ep: int) -> None:
+    """One piece per EP slice: every wrapper's lora_A rows of the slice's experts and its whole lora_B."""
     E = g.num_experts
+    wrappers, reads_of, names_of = [], [], []
     for roles, param in g.target_param:
         fa, fb = g.factor(roles, "A"), g.factor(roles, "B")
-        ra, rb = b.ref(fa), b.ref(fb)
         r = g.rank_of(roles[0])
         out, inn = g.dims_of(roles[0])
         da, db = b.out_dtype(fa), b.out_dtype(fb)
@@ -237,21 +238,25 @@ def _split_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, ep
         names = {
             (role, e): _expert_outputs(b, g, family, prefix, role, e, src_key, (da, db)) for e in range(E) for role in roles
         }
-        a_bytes = r * inn * DTYPE_SIZES[da]
-        for e in range(E):
-            read = _block_read(ra, e, r * inn)
-            b.pieces.append(Piece(
-                tuple(read for _ in roles), tuple(Write(names[(role, e)][0], 0, a_bytes, da) for role in roles), None, e,
-            ))
-        b_bytes = out * r * DTYPE_SIZES[db]
         order = g.gate_up_order if len(roles) > 1 else None
-        for experts in expert_slices(E, ep):
-            if not len(experts):
-                continue
-            writes = tuple(Write(names[(role, e)][1], 0, b_bytes, db) for e in experts for role in roles)
-            gather = FoldedBGather(fb.dtype, out * len(roles), r, E, experts.start, experts.stop, len(roles), order, db)
-            read = Read(rb.file, rb.info.start, rb.info.end, rb.info.dtype)
-            b.pieces.append(Piece((read,), writes, gather, experts.start))  # type: ignore[arg-type]
+        wrappers.append(FoldedFactors(fa.dtype, fb.dtype, out * len(roles), inn, r, E, len(roles), order, da, db))
+        reads_of.append((b.ref(fa), b.ref(fb)))
+        names_of.append((roles, names, r * inn * DTYPE_SIZES[da], out * r * DTYPE_SIZES[db], da, db))
+    for experts in expert_slices(E, ep):
+        if not len(experts):
+            continue
+        reads: list[Read] = []
+        writes: list[Write] = []
+        for f, (ra, rb), (roles, names, a_bytes, b_bytes, da, db) in zip(wrappers, reads_of, names_of):
+            a_rows = f.rank * f.inn
+            first = _block_read(ra, experts.start, a_rows)
+            reads += [Read(ra.file, first.start, first.start + len(experts) * (first.end - first.start), ra.info.dtype),
+                      Read(rb.file, rb.info.start, rb.info.end, rb.info.dtype)]
+            for e in experts:
+                for role in roles:
+                    writes += [Write(names[(role, e)][0], 0, a_bytes, da), Write(names[(role, e)][1], 0, b_bytes, db)]
+        split = FoldedSplit(tuple(wrappers), experts.start, experts.stop)
+        b.pieces.append(Piece(tuple(reads), tuple(writes), split, experts.start))  # type: ignore[arg-type]
 
 
 def _split_shared(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str) -> None:

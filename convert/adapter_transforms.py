@@ -13,10 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from convert.memory import thread_scratch
+from convert.safetensors_format import DTYPE_SIZES
 from convert.transforms import from_bytes, to_bytes
 
 if TYPE_CHECKING:
     import torch
+
+GATHER_SCRATCH = 1  # first thread_scratch slot of FoldedSplit's outputs (slot 0 holds the piece's reads)
 
 
 def _dtype(name: str) -> "torch.dtype":
@@ -49,28 +53,65 @@ def merge_rows(mats: list[torch.Tensor], order: str | None) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class FoldedBGather:
-    """peft lora_B [out, r*E] (expert-minor) -> B_e [out/parts, r] of experts [first, last), per role.
+class FoldedFactors:
+    """One peft target_parameters wrapper: lora_A [E*r, in] (expert-major) and lora_B [out, r*E] (expert-minor).
 
-    Reads: the whole B. Writes: for each expert, for each of `parts` roles, one [out/parts, r] matrix.
+    `out` counts the rows of every role; `parts` roles share the wrapper's lora_A and split
+    lora_B's rows (halves or interleaved by `order`).
     """
 
-    dtype: str
+    a_dtype: str
+    b_dtype: str
     out: int
+    inn: int
     rank: int
     experts: int
-    first: int
-    last: int
     parts: int
     order: str | None
-    dst_dtype: str
+    dst_a: str
+    dst_b: str
+
+
+@dataclass(frozen=True)
+class FoldedSplit:
+    """peft target_parameters wrappers -> each expert's per-role lora_A [r, in] and lora_B [out/parts, r].
+
+    For the experts [first, last) of one EP slice. Reads, per wrapper in order: the lora_A rows
+    of those experts (one range), then the whole lora_B. Writes, per wrapper, per expert, per
+    role: lora_A (the wrapper's A, for every role), then lora_B. The A outputs are views of the
+    read; all B matrices of a wrapper come from one strided copy, back to back.
+    """
+
+    wrappers: tuple[FoldedFactors, ...]
+    first: int
+    last: int
 
     def outputs(self, bufs: list[bytes | memoryview]) -> list[memoryview]:
-        """Per-expert, per-role B matrices of this piece's experts."""
-        b = from_bytes(bufs[0], self.dtype, (self.out, self.rank, self.experts))
-        dst = _dtype(self.dst_dtype)
-        rows = part_rows(self.out, self.parts, self.order)
-        return [to_bytes(b[rs, :, e].to(dst)) for e in range(self.first, self.last) for rs in rows]
+        """The writes' bytes, in write order (views of this thread's scratch or of `bufs`)."""
+        n_e = self.last - self.first
+        out: list[memoryview] = []
+        for i, f in enumerate(self.wrappers):
+            a_size = f.rank * f.inn * DTYPE_SIZES[f.dst_a]
+            a = memoryview(bufs[2 * i]).cast("B")
+            if f.dst_a != f.a_dtype:
+                cast = thread_scratch(n_e * a_size, GATHER_SCRATCH + 2 * i + 1)
+                from_bytes(cast, f.dst_a, (n_e * f.rank, f.inn)).copy_(from_bytes(a, f.a_dtype, (n_e * f.rank, f.inn)))
+                a = cast
+            n = f.out // f.parts
+            b = from_bytes(bufs[2 * i + 1], f.b_dtype, (f.out, f.rank, f.experts))[:, :, self.first : self.last]
+            if f.parts > 1 and f.order == "interleave":
+                picked = b.view(n, f.parts, f.rank, n_e).permute(3, 1, 0, 2)  # role j = rows j::parts
+            else:
+                picked = b.view(f.parts, n, f.rank, n_e).permute(3, 0, 1, 2)  # role j = the j-th block of rows
+            b_size = n * f.rank * DTYPE_SIZES[f.dst_b]
+            gathered = thread_scratch(n_e * f.parts * b_size, GATHER_SCRATCH + 2 * i)
+            from_bytes(gathered, f.dst_b, (n_e, f.parts, n, f.rank)).copy_(picked)  # one copy (and cast) for all
+            for e in range(n_e):
+                a_e = a[e * a_size : (e + 1) * a_size]
+                for j in range(f.parts):
+                    k = e * f.parts + j
+                    out += [a_e, gathered[k * b_size : (k + 1) * b_size]]
+        return out
 
 
 @dataclass(frozen=True)

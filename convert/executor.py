@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from convert.errors import ConversionError
-from convert.memory import pin_mmap_threshold
+from convert.memory import pin_mmap_threshold, thread_scratch
 from convert.planner import Piece, Read, Write
 from convert.safetensors_format import DTYPE_SIZES, TensorSlot
 from convert.storage import Storage
@@ -38,6 +38,21 @@ def _segments(reads: Sequence[Read], writes: Sequence[Write]) -> Iterator[tuple[
             ri, roff = ri + 1, 0
         if woff == w.end - w.start:
             wi, woff = wi + 1, 0
+
+
+def _adjacent_runs(
+    placed: list[tuple[str, int, bytes | memoryview]],
+) -> list[tuple[str, int, list[bytes | memoryview]]]:
+    """(file, offset, buffer) writes -> (file, offset, buffers) runs of writes that follow each other in a file."""
+    runs: list[tuple[str, int, list[bytes | memoryview]]] = []
+    end = -1
+    for file, pos, buf in sorted(placed, key=lambda x: (x[0], x[1])):
+        if runs and runs[-1][0] == file and pos == end:
+            runs[-1][2].append(buf)
+        else:
+            runs.append((file, pos, [buf]))
+        end = pos + len(buf)
+    return runs
 
 
 class Executor:
@@ -75,11 +90,16 @@ class Executor:
                     self.dst.copy_range_from(self.src, r.file, r.start + roff, file, pos + woff, n)
                 return piece.write_bytes
         outs = piece_outputs(self.src, piece)
+        placed = []
         for w, buf in zip(piece.writes, outs):
             if len(buf) != w.end - w.start:
                 raise AssertionError(f"piece for {w.tensor}: produced {len(buf)} bytes, expected {w.end - w.start}")
-            file, pos = self._dst_pos(w)
-            self.dst.pwrite(file, pos, buf)
+            placed.append((*self._dst_pos(w), buf))
+        for file, pos, bufs in _adjacent_runs(placed):
+            if len(bufs) == 1:
+                self.dst.pwrite(file, pos, bufs[0])
+            else:
+                self.dst.pwritev(file, pos, bufs)
         return piece.write_bytes
 
     def run(self, pieces: Sequence[Piece], on_done: Callable[[int], None]) -> None:
@@ -150,13 +170,32 @@ def warm_up(pieces: Sequence[Piece]) -> None:
         torch_dtypes()
 
 
+READ_SCRATCH = 0  # thread_scratch slot of a compute step's source bytes; its outputs use slots from 1 on
+
+
+def read_scratch(src: Storage, reads: Sequence[Read]) -> list[memoryview]:
+    """The bytes of `reads`, back to back in this thread's read scratch (valid until its next call)."""
+    buf = thread_scratch(sum(r.end - r.start for r in reads), READ_SCRATCH)
+    out, pos = [], 0
+    for r in reads:
+        view = buf[pos : pos + r.end - r.start]
+        src.read_into(r.file, r.start, view)
+        out.append(view)
+        pos += r.end - r.start
+    return out
+
+
 def piece_outputs(src: Storage, piece: Piece) -> list[bytes | memoryview]:
-    """Read a piece's source bytes and return the bytes of each of its writes, in order."""
+    """Read a piece's source bytes and return the bytes of each of its writes, in order.
+
+    The buffers may live in the calling thread's scratch (convert.memory.thread_scratch):
+    consume them before this thread computes its next piece.
+    """
     if piece.regroup is not None:
-        bufs = [src.read_range(r.file, r.start, r.end) for r in piece.reads]
         g = piece.regroup
         if hasattr(g, "outputs"):  # a compute step that builds its own writes (adapter pieces)
-            return list(g.outputs(bufs))
+            return list(g.outputs(read_scratch(src, piece.reads)))
+        bufs = [src.read_range(r.file, r.start, r.end) for r in piece.reads]
         return list(regroup(g.src, bufs, g.dst, dict(g.role_shape)))
     # A byte copy or an elementwise cast: concatenate the (cast) reads, then slice into the writes.
     dst_dtype = piece.writes[0].dtype

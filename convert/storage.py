@@ -24,6 +24,7 @@ T = TypeVar("T")
 RETRIES = int(os.environ.get("MOE_CONVERT_RETRIES", "8"))
 LOCAL_COPY = os.environ.get("MOE_CONVERT_LOCAL_COPY", "buffered")  # or "kernel": copy_file_range
 COPY_BUFFER_BYTES = 1 << 20
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
 _thread_state = threading.local()
 
 
@@ -160,6 +161,22 @@ class Storage:
             )
         return data
 
+    def read_into(self, rel: str, start: int, out: memoryview) -> None:
+        """Fill `out` with the bytes of `rel` from `start` on (local files: straight into it); short reads are an error."""
+        n = out.nbytes
+        if not self.is_local:
+            out[:] = self.read_range(rel, start, start + n)
+            return
+        fd = self._fd(rel, os.O_RDONLY)
+        done = 0
+        while done < n:
+            got = os.preadv(fd, [out[done:]], start + done)
+            if got <= 0:
+                raise ConversionError(
+                    f"{self.display(rel)}: expected {n} bytes at offset {start}, got {done} (truncated file?)"
+                )
+            done += got
+
     def read_bytes(self, rel: str) -> bytes:
         """The whole of a small file (configs, indexes)."""
         if self.is_local:
@@ -205,6 +222,26 @@ class Storage:
         while view.nbytes:
             n = os.pwrite(fd, view, offset)
             view, offset = view[n:], offset + n
+
+    def pwritev(self, rel: str, offset: int, bufs: list[bytes | memoryview]) -> None:
+        """Write `bufs` back to back at `offset` of the existing file `rel` (few syscalls for many small buffers)."""
+        self._require_local("positional writes")
+        fd = self._fd(rel, os.O_WRONLY)
+        views = [memoryview(b).cast("B") for b in bufs if len(b)]
+        while views:
+            group = views[:IOV_MAX]
+            want = sum(v.nbytes for v in group)
+            n = os.pwritev(fd, group, offset)
+            if n <= 0:
+                raise OSError(f"{self.display(rel)}: pwritev wrote nothing at offset {offset}")
+            offset += n
+            if n == want:
+                views = views[IOV_MAX:]
+                continue
+            while n >= views[0].nbytes:  # a short write: drop what was written, go on from there
+                n -= views[0].nbytes
+                views.pop(0)
+            views[0] = views[0][n:]
 
     def copy_range_from(self, src: "Storage", src_rel: str, src_off: int, dst_rel: str, dst_off: int, n: int) -> None:
         """Copy n bytes from `src` file at `src_off` into our file `dst_rel` at `dst_off`.

@@ -103,6 +103,27 @@ def test_bf16_split_moves_bytes_exactly(peft_sources, tmp_path):
             assert raw_bytes(got["down"][1]) == raw_bytes(d_b.view(H, R, E)[:, :, e])
 
 
+def test_split_with_dtype_casts_each_expert_slice(peft_sources, tmp_path):
+    """fp32 peft -> bf16 per-expert (the cast path of the slice pieces): each factor is the source slice cast."""
+    _, src, _ = peft_sources["qwen3_moe"]
+    run_tool("convert.split_adapter", "--src", str(src), "--dst", str(tmp_path / "out"), "--dtype", "bf16",
+             "--ep", "3")
+    out, _ = read_adapter(tmp_path / "out")
+    s, _ = read_adapter(src)
+    for l in range(LAYERS):
+        gu_a, gu_b = s[PEFT_A.format(l=l, nest="base_layer.")], s[PEFT_B.format(l=l, nest="base_layer.")]
+        d_a, d_b = s[PEFT_A.format(l=l, nest="")], s[PEFT_B.format(l=l, nest="")]
+        assert gu_a.dtype == torch.float32
+        for e in range(E):
+            want = {"gate": (gu_a.view(E, R, H)[e], gu_b.view(2 * I, R, E)[:I, :, e]),
+                    "up": (gu_a.view(E, R, H)[e], gu_b.view(2 * I, R, E)[I:, :, e]),
+                    "down": (d_a.view(E, R, I)[e], d_b.view(H, R, E)[:, :, e])}
+            for role, (a, b) in want.items():
+                for f, t in (("A", a), ("B", b)):
+                    got = out[PER_EXPERT.format(l=l, e=e, p=PROJ[role], f=f)]
+                    assert got.dtype == torch.bfloat16 and torch.equal(got, t.to(torch.bfloat16)), (l, e, role, f)
+
+
 @pytest.fixture(scope="module")
 def split_qwen(peft_sources, tmp_path_factory) -> Path:
     """The qwen3_moe peft adapter split to per-expert (plain python)."""
