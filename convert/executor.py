@@ -40,21 +40,6 @@ def _segments(reads: Sequence[Read], writes: Sequence[Write]) -> Iterator[tuple[
             wi, woff = wi + 1, 0
 
 
-def _adjacent_runs(
-    placed: list[tuple[str, int, bytes | memoryview]],
-) -> list[tuple[str, int, list[bytes | memoryview]]]:
-    """(file, offset, buffer) writes -> (file, offset, buffers) runs of writes that follow each other in a file."""
-    runs: list[tuple[str, int, list[bytes | memoryview]]] = []
-    end = -1
-    for file, pos, buf in sorted(placed, key=lambda x: (x[0], x[1])):
-        if runs and runs[-1][0] == file and pos == end:
-            runs[-1][2].append(buf)
-        else:
-            runs.append((file, pos, [buf]))
-        end = pos + len(buf)
-    return runs
-
-
 class Executor:
     """Writes pieces into output files laid out by `slots` (tensor name -> (file name, slot))."""
 
@@ -90,16 +75,13 @@ class Executor:
                     self.dst.copy_range_from(self.src, r.file, r.start + roff, file, pos + woff, n)
                 return piece.write_bytes
         outs = piece_outputs(self.src, piece)
-        placed = []
+        # One pwrite per tensor even where tensors are adjacent: one pwritev per 18 MB run of
+        # adapter tensors made split_adapter's data phase 2-3x slower (Linux 6.18, ext4, new file).
         for w, buf in zip(piece.writes, outs):
             if len(buf) != w.end - w.start:
                 raise AssertionError(f"piece for {w.tensor}: produced {len(buf)} bytes, expected {w.end - w.start}")
-            placed.append((*self._dst_pos(w), buf))
-        for file, pos, bufs in _adjacent_runs(placed):
-            if len(bufs) == 1:
-                self.dst.pwrite(file, pos, bufs[0])
-            else:
-                self.dst.pwritev(file, pos, bufs)
+            file, pos = self._dst_pos(w)
+            self.dst.pwrite(file, pos, buf)
         return piece.write_bytes
 
     def run(self, pieces: Sequence[Piece], on_done: Callable[[int], None]) -> None:

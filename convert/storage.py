@@ -24,7 +24,6 @@ T = TypeVar("T")
 RETRIES = int(os.environ.get("MOE_CONVERT_RETRIES", "8"))
 LOCAL_COPY = os.environ.get("MOE_CONVERT_LOCAL_COPY", "buffered")  # or "kernel": copy_file_range
 COPY_BUFFER_BYTES = 1 << 20
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
 _thread_state = threading.local()
 
 
@@ -222,26 +221,6 @@ class Storage:
         while view.nbytes:
             n = os.pwrite(fd, view, offset)
             view, offset = view[n:], offset + n
-
-    def pwritev(self, rel: str, offset: int, bufs: list[bytes | memoryview]) -> None:
-        """Write `bufs` back to back at `offset` of the existing file `rel` (few syscalls for many small buffers)."""
-        self._require_local("positional writes")
-        fd = self._fd(rel, os.O_WRONLY)
-        views = [memoryview(b).cast("B") for b in bufs if len(b)]
-        while views:
-            group = views[:IOV_MAX]
-            want = sum(v.nbytes for v in group)
-            n = os.pwritev(fd, group, offset)
-            if n <= 0:
-                raise OSError(f"{self.display(rel)}: pwritev wrote nothing at offset {offset}")
-            offset += n
-            if n == want:
-                views = views[IOV_MAX:]
-                continue
-            while n >= views[0].nbytes:  # a short write: drop what was written, go on from there
-                n -= views[0].nbytes
-                views.pop(0)
-            views[0] = views[0][n:]
 
     def copy_range_from(self, src: "Storage", src_rel: str, src_off: int, dst_rel: str, dst_off: int, n: int) -> None:
         """Copy n bytes from `src` file at `src_off` into our file `dst_rel` at `dst_off`.
