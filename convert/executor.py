@@ -16,7 +16,7 @@ from convert.memory import pin_mmap_threshold, thread_scratch
 from convert.planner import Piece, Read, Write
 from convert.safetensors_format import DTYPE_SIZES, TensorSlot
 from convert.storage import Storage
-from convert.transforms import cast_bytes, regroup, torch_dtypes
+from convert.transforms import cast_bytes, torch_dtypes
 
 PREFETCH_BYTES = 64 << 20
 
@@ -174,11 +174,7 @@ def piece_outputs(src: Storage, piece: Piece) -> list[bytes | memoryview]:
     consume them before this thread computes its next piece.
     """
     if piece.regroup is not None:
-        g = piece.regroup
-        if hasattr(g, "outputs"):  # a compute step that builds its own writes (adapter pieces)
-            return list(g.outputs(read_scratch(src, piece.reads)))
-        bufs = [src.read_range(r.file, r.start, r.end) for r in piece.reads]
-        return list(regroup(g.src, bufs, g.dst, dict(g.role_shape)))
+        return list(piece.regroup.outputs(read_scratch(src, piece.reads)))
     # A byte copy or an elementwise cast: concatenate the (cast) reads, then slice into the writes.
     dst_dtype = piece.writes[0].dtype
     parts = [cast_bytes(src.read_range(r.file, r.start, r.end), r.dtype, dst_dtype) for r in piece.reads]

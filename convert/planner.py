@@ -8,14 +8,16 @@ a `regroup` of one expert between layouts (transpose/interleave).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from convert.checkpoint import Checkpoint, TensorRef
 from convert.errors import ConversionError
 from convert.expert_groups import ExpertGroup, find_expert_groups, fused_slice_shape
 from convert.families import PER_EXPERT, Family
 from convert.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, numel
-from convert.transforms import Unit
+from convert.transforms import Unit, regroup
 
 DEFAULT_CHUNK_BYTES = 16 << 20
 
@@ -48,6 +50,19 @@ class Regroup:
     dst: tuple[Unit, ...]
     role_shape: tuple[tuple[str, tuple[int, ...]], ...]
 
+    def outputs(self, bufs: Sequence[bytes | memoryview]) -> list[memoryview]:
+        """The expert's bytes of each `dst` unit, from its bytes of each `src` unit (one buffer per read)."""
+        return regroup(self.src, list(bufs), self.dst, dict(self.role_shape))
+
+
+class Compute(Protocol):
+    """What a compute piece does: from the bytes of its reads (in order) to the bytes of its writes (in order).
+
+    Regroup for base weights; the adapter transforms (convert.adapter_transforms) for LoRA factors.
+    """
+
+    def outputs(self, bufs: Sequence[bytes | memoryview]) -> Sequence[bytes | memoryview]: ...
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -55,7 +70,7 @@ class Piece:
 
     reads: tuple[Read, ...]
     writes: tuple[Write, ...]
-    regroup: Regroup | None = None
+    regroup: Compute | None = None
     expert: int | None = None
 
     @property
