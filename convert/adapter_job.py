@@ -17,7 +17,7 @@ from convert.adapter_plan import AdapterPlan, plan_fuse, plan_split
 from convert.adapter_source import ADAPTER_INDEX, ADAPTER_WEIGHTS, AdapterSource, open_adapter
 from convert.cli import base_parser, job_options
 from convert.errors import ConversionError
-from convert.job import JobOptions, JobSetup, _error_text, check_destination, execute, fingerprint
+from convert.job import JobOptions, JobSetup, check_destination, fingerprint, run_planned
 from convert.storage import Storage
 from launch.dist import Dist
 from sharding.ep import assign_pieces, expert_slices
@@ -111,10 +111,4 @@ def _lay_out(opts: AdapterJobOptions, dist: Dist, ep: int, src: AdapterSource, p
 
 def run_adapter_job(opts: AdapterJobOptions, dist: Dist, report: dict[str, Any] | None = None) -> int:
     """Plan (rank 0) and run an adapter conversion on this rank; returns the exit code (0, 1, or 2 = refused)."""
-    setup: JobSetup | str | None = None
-    if dist.is_main:
-        try:
-            setup = plan_adapter_job(opts, dist)
-        except Exception as exc:  # noqa: BLE001 - every rank must learn of it, or they wait in broadcast forever
-            setup = _error_text(exc)
-    return execute(dist.broadcast(setup), opts, dist, report)
+    return run_planned(plan_adapter_job, opts, dist, report)

@@ -19,6 +19,7 @@ import time
 import traceback
 import hashlib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,18 +221,25 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
 
 
-def run_job(opts: JobOptions, dist: Dist, report: dict[str, Any] | None = None) -> int:
-    """Plan (rank 0) and run a base-weight job on this rank; returns the exit code.
+def run_planned(
+    planner: Callable[[Any, Dist], JobSetup], opts: JobOptions, dist: Dist, report: dict[str, Any] | None = None
+) -> int:
+    """Plan with `planner(opts, dist)` on rank 0, broadcast the plan (or the error) and run it; returns the exit code.
 
     `report`, if given, receives on rank 0 the output bytes and any error text.
     """
     setup: JobSetup | str | None = None
     if dist.is_main:
         try:
-            setup = plan_job(opts, dist)
+            setup = planner(opts, dist)
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it, or they wait in broadcast forever
             setup = _error_text(exc)
     return execute(dist.broadcast(setup), opts, dist, report)
+
+
+def run_job(opts: JobOptions, dist: Dist, report: dict[str, Any] | None = None) -> int:
+    """Plan (rank 0) and run a base-weight job on this rank; returns the exit code (0, 1, or 2 = refused)."""
+    return run_planned(plan_job, opts, dist, report)
 
 
 def _fail(report: dict[str, Any] | None, text: str) -> None:
