@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable
 
+from convert.checkpoint import INDEX_NAME
 from convert.job import JobOptions
 from convert.transforms import DTYPE_NAMES
 from launch.dist import Dist, init_dist
@@ -44,7 +45,7 @@ def job_options(args: argparse.Namespace, layout: str | None) -> JobOptions:
 
 
 def with_verify(
-    args: argparse.Namespace, job: Callable[[Dist], int], marker: str = "model.safetensors.index.json"
+    args: argparse.Namespace, job: Callable[[Dist], int], marker: str = INDEX_NAME
 ) -> Callable[[Dist], int]:
     """`job`, then with --verify (after a successful, non-dry run) convert.verify on the same ranks.
 
