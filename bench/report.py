@@ -129,7 +129,7 @@ def targets(results: dict[str, Any]) -> list[str]:
                  f"{ok(dev <= READ_TOLERANCE)} |")
     cells, flags = [], []
     for row in rows:
-        if not row["op"].startswith("split_adapter") or not row["samples"]:
+        if row["op"] not in ("split_adapter", "split_adapter-warm") or not row["samples"]:
             continue
         base = next((r for r in rows if r["op"] == "save_file" and r["layers"] == row["layers"]
                      and r["nbytes"] == row["nbytes"] and r["samples"]), None)
@@ -155,7 +155,8 @@ def throughput_table(results: dict[str, Any]) -> list[str]:
     lines = ["| case | data | wall s (median; min-max; n) | GB/s | vs cp | vs naive | data phase s | data phase GB/s "
              "| data phase vs cp | peak RSS (largest rank / process) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        if row["op"] not in ("cp", "fuse", "fuse-kernel-copy", "split", "naive-fuse", "naive-split"):
+        if row["op"] not in ("cp", "fuse", "fuse-kernel-copy", "fuse-no-write-behind", "split", "naive-fuse",
+                             "naive-split"):
             continue
         if not row["samples"]:
             lines.append(f"| {row['name']} | {size(row['nbytes'])} | {row['note']} | | | | | | | |")
@@ -244,7 +245,7 @@ def adapter_table(results: dict[str, Any]) -> list[str]:
              "(data phase / end to end) | peak RSS |", "|---|---|---|---|---|---|---|---|"]
     rows = results["rows"]
     for row in rows:
-        if row["op"] not in ("split_adapter", "split_adapter-warm", "save_file"):
+        if row["op"] not in ("split_adapter", "split_adapter-warm", "split_adapter-warm-no-write-behind", "save_file"):
             continue
         if not row["samples"]:
             lines.append(f"| {row['name']} | | {row['note']} | | | | | |")

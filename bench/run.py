@@ -326,6 +326,9 @@ def run_base(b: Bench, fused_dirs: dict[int, Path], sources: dict[int, Path]) ->
             cases.append(Case(Row(f"fuse L{layers} ws1 with copy_file_range", "fuse-kernel-copy", layers, 1, 1, nbytes),
                               b.launch("convert.fuse_experts", base, 1), [src], out, stats, reps,
                               env={"MOE_CONVERT_LOCAL_COPY": "kernel"}))
+            cases.append(Case(Row(f"fuse L{layers} ws1 without write-behind", "fuse-no-write-behind", layers, 1, 1,
+                                  nbytes), b.launch("convert.fuse_experts", base, 1), [src], out, stats, reps,
+                              env={"MOE_CONVERT_WRITE_BEHIND": "0"}))
         for ws, ep in s.ep_cases if layers == smallest else ():
             cases.append(Case(Row(f"fuse L{layers} ws{ws} ep{ep}", "fuse", layers, ws, ep, nbytes),
                               b.launch("convert.fuse_experts", [*base, "--ep", str(ep)], ws), [src], out, stats))
@@ -416,6 +419,10 @@ def run_adapters(b: Bench) -> dict[str, str]:
         cases.append(Case(Row(f"split_adapter {name} L{layers} ws1, source cached", "split_adapter-warm", layers,
                               1, 1, nbytes), b.launch("convert.split_adapter", args, 1), [src], out, stats,
                           s.repeats, warm=True))
+        cases.append(Case(Row(f"split_adapter {name} L{layers} ws1, source cached, without write-behind",
+                              "split_adapter-warm-no-write-behind", layers, 1, 1, nbytes),
+                          b.launch("convert.split_adapter", args, 1), [src], out, stats, s.repeats, warm=True,
+                          env={"MOE_CONVERT_WRITE_BEHIND": "0"}))
         saved = b.work / "saved.safetensors"
         cases.append(Case(Row(f"save_file of the output ({name} L{layers})", "save_file", layers, 1, 0, nbytes),
                           [sys.executable, "-m", "bench.baselines", "save-file", "--src", str(out_file), "--dst",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from convert.errors import ConversionError
 from convert.memory import pin_mmap_threshold, thread_scratch
@@ -60,11 +61,25 @@ class Executor:
     def run_piece(self, piece: Piece) -> int:
         """Execute one piece; returns bytes written. A source that fails to read is named with the tensor."""
         try:
-            return self._run_piece(piece)
+            written = self._run_piece(piece)
         except ConversionError as exc:
             names = sorted({w.tensor for w in piece.writes})
             raise ConversionError(f"{exc} (while writing tensor {names[0]!r}"
                                   + (f" and {len(names) - 1} more)" if len(names) > 1 else ")")) from exc
+        for file, start, end in self._written_runs(piece):
+            self.dst.start_writeback(file, start, end)
+        return written
+
+    def _written_runs(self, piece: Piece) -> list[tuple[str, int, int]]:
+        """The (file, start, end) byte runs a piece wrote, adjacent writes merged."""
+        spans = sorted((*self._dst_pos(w), w.end - w.start) for w in piece.writes)
+        runs: list[tuple[str, int, int]] = []
+        for file, pos, n in spans:
+            if runs and runs[-1][0] == file and runs[-1][2] == pos:
+                runs[-1] = (file, runs[-1][1], pos + n)
+            else:
+                runs.append((file, pos, pos + n))
+        return runs
 
     def _run_piece(self, piece: Piece) -> int:
         same_dtype = all(r.dtype == w.dtype for r in piece.reads for w in piece.writes)
@@ -84,24 +99,29 @@ class Executor:
             self.dst.pwrite(file, pos, buf)
         return piece.write_bytes
 
-    def run(self, pieces: Sequence[Piece], on_done: Callable[[int], None]) -> None:
-        """Execute `pieces` with up to `workers` in flight; calls `on_done(bytes)` after each."""
+    def run(self, pieces: Sequence[Piece], on_done: Callable[[int, int], None]) -> None:
+        """Execute `pieces` with up to `workers` in flight.
+
+        Calls `on_done(position in pieces, bytes written)` in the calling thread after each,
+        in order.
+        """
         ahead = Prefetcher(self.src, pieces)
         if self.workers <= 1:
             for i, p in enumerate(pieces):
                 ahead.reached(i)
-                on_done(self.run_piece(p))
+                on_done(i, self.run_piece(p))
             return
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             # Bounded submission: at most 2 * workers pieces queued, so memory stays bounded.
-            pending = []
+            pending: list[tuple[int, Any]] = []
             for i, p in enumerate(pieces):
                 ahead.reached(i)
-                pending.append(pool.submit(self.run_piece, p))
+                pending.append((i, pool.submit(self.run_piece, p)))
                 if len(pending) >= 2 * self.workers:
-                    on_done(pending.pop(0).result())
-            for f in pending:
-                on_done(f.result())
+                    k, fut = pending.pop(0)
+                    on_done(k, fut.result())
+            for k, fut in pending:
+                on_done(k, fut.result())
 
 
 class Prefetcher:

@@ -18,7 +18,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -104,9 +104,10 @@ class LocalSink:
     def run(self, job: SinkJob, rank: int, on_done: Callable[[int], None]) -> None:
         """Write this rank's unfinished pieces, journaling them in batches after an fsync.
 
-        The fsync + journal entry of batch k run on a background thread while batch k+1
-        is written, so the disk flushes while the next bytes are copied; a piece enters
-        the journal only after an fsync that started after its bytes were written.
+        Whenever the pieces finished since the last batch reach MOE_CONVERT_JOURNAL_BYTES, their
+        fsync + journal entry run on a background thread while the executor goes on (its
+        pipeline never drains at a batch boundary); a piece enters the journal only after an
+        fsync that started after its bytes were written.
         """
         done = set(job.resume.get("done_pieces", ()))
         todo = [i for i in job.assignment[rank] if i not in done]
@@ -123,21 +124,27 @@ class LocalSink:
             os.fsync(jf.fileno())
 
         with open(journal, "a") as jf, ThreadPoolExecutor(max_workers=1) as flusher:
-            pending = None
-            start = 0
-            while start < len(todo):
-                end, size = start, 0
-                while end < len(todo) and (end == start or size < batch_bytes):
-                    size += job.pieces[todo[end]].write_bytes
-                    end += 1
-                batch = todo[start:end]
-                executor.run([job.pieces[i] for i in batch], on_done)
-                if pending is not None:
-                    pending.result()
-                pending = flusher.submit(commit_batch, jf, batch)
-                start = end
+            batch: list[int] = []
+            size = 0
+            pending: Future[None] | None = None
+
+            def piece_done(k: int, written: int) -> None:
+                nonlocal size, pending
+                on_done(written)
+                batch.append(todo[k])
+                size += job.pieces[todo[k]].write_bytes
+                if size >= batch_bytes:
+                    if pending is not None:
+                        pending.result()
+                    pending = flusher.submit(commit_batch, jf, batch[:])
+                    batch.clear()
+                    size = 0
+
+            executor.run([job.pieces[i] for i in todo], piece_done)
             if pending is not None:
                 pending.result()
+            if batch:
+                commit_batch(jf, batch)
 
     def commit(self, job: SinkJob, results: Sequence[Any]) -> None:
         """Rank 0: give the shards their final names."""
