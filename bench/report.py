@@ -239,6 +239,34 @@ def projection(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def family_table(results: dict[str, Any]) -> list[str]:
+    """The second family's rows (bench.run's other_family) against its own cp and naive rows."""
+    rows = [r for r in results["rows"] if r["op"].startswith("family-")]
+    if not rows:
+        return []
+    lines = ["| case | data | wall s (median; min-max; n) | GB/s | vs cp | vs naive | data phase s | data phase vs cp "
+             "| peak RSS (largest rank / process) |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if not row["samples"]:
+            lines.append(f"| {row['name']} | {size(row['nbytes'])} | {row['note']} | | | | | | |")
+            continue
+        op = row["op"].removeprefix("family-")
+        kind = "per-expert" if op in ("fuse", "naive-fuse") else "fused"
+        cp = next((r for r in rows if r["op"] == "family-cp" and kind in r["name"] and r["samples"]), None)
+        naive = find(rows, op=f"family-naive-{op}") if op in ("fuse", "split") else None
+        stream = bool(row["stream"])
+        st_s = f"{_median(row['stream']):.2f}" if stream else ""
+        xs = row["samples"]
+        lines.append(
+            f"| {row['name']} | {size(row['nbytes'])} | {_median(xs):.2f}; {min(xs):.2f}-{max(xs):.2f}; {len(xs)} | "
+            f"{gbps(row):.3f} | {_ratio(gbps(row), gbps(cp)) if cp and op != 'cp' else ''} | "
+            f"{_ratio(gbps(row), gbps(naive)) if naive else ''} | {st_s} | "
+            f"{_ratio(gbps(row, True), gbps(cp)) if stream and cp else ''} | "
+            f"{mib(max_rank_rss(row)) if op != 'cp' else ''} |"
+        )
+    return lines
+
+
 def adapter_table(results: dict[str, Any]) -> list[str]:
     """split_adapter against raw save_file of the same output tensors."""
     lines = ["| case | output | wall s (median; n) | GB/s | data phase s | data phase GB/s | vs save_file "
@@ -309,6 +337,13 @@ def write_report(results: dict[str, Any], path: Path, plot_name: str | None) -> 
     growth = growth_table(results)
     if growth:
         out += ["## Growth when the layer count doubles", "", *growth, ""]
+    family = family_table(results)
+    if family:
+        other = s.get("other_family") or ["another family"]
+        out += [f"## A second family: {other[0]} (no target)", "",
+                "Its expert tensors are stored transposed and gate/up interleaved when fused, so fuse and split "
+                "compute every byte's new place one expert at a time instead of copying runs of bytes.", "",
+                *family, ""]
     out += ["## Per rank: bytes read and written, peak RSS", "",
             "*plan*: the rank's share in the plan; *OS*: `/proc/<pid>/io` of the rank over its streaming phase "
             "(rchar/wchar = bytes through read/write/copy_file_range; storage = bytes the block layer read/wrote "

@@ -47,6 +47,9 @@ class Settings:
     adapters: tuple[tuple[str, int], ...] = (("shared_w123", 8), ("peft_target_parameters", 24))
     adapter_world_sizes: tuple[int, ...] = (1, 2)
     naive: bool = True
+    # A second family through the compute path (transpose + interleave), informational: (preset, layers, experts).
+    other_family: tuple[str, int, int | None] | None = ("gpt-oss-20b", 1, None)
+    other_world_sizes: tuple[int, ...] = (1, 2)
     max_shard: int = 5_000_000_000
     src_shard: int = 4_000_000_000
     settle_seconds: float = 1.0
@@ -54,10 +57,12 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(experts=32, vocab=8000, layers=(1, 2), repeats=1, split_layers=(1,), ep_cases=((2, 16),),
-                 adapters=(("shared_w123", 2), ("peft_target_parameters", 4)), settle_seconds=0.5)
+                 adapters=(("shared_w123", 2), ("peft_target_parameters", 4)), settle_seconds=0.5,
+                 other_family=("gpt-oss-20b", 1, 4))
 TINY = Settings(preset="tiny", experts=None, vocab=128, layers=(1, 2), world_sizes=(1,), ep_cases=((2, 3),),
                 repeats=1, split_layers=(), adapters=(("tiny_shared_w123", 2),), adapter_world_sizes=(1,),
-                max_shard=200_000, src_shard=100_000, settle_seconds=0.0)
+                max_shard=200_000, src_shard=100_000, settle_seconds=0.0,
+                other_family=("tiny-gpt-oss", 1, None), other_world_sizes=(1,))
 PRESETS = {"full": FULL, "quick": QUICK, "tiny": TINY}
 
 
@@ -66,7 +71,7 @@ class Row:
     """One benchmarked case: its samples (seconds) and what the last sample reported."""
 
     name: str
-    op: str  # cp, fuse, split, naive-fuse, naive-split, dry-run, split_adapter, save_file
+    op: str  # cp, fuse, split, naive-fuse, naive-split, dry-run, split_adapter, save_file; family-* (other_family)
     layers: int
     ws: int
     ep: int
@@ -391,6 +396,42 @@ def run_naive(b: Bench, fused_dirs: dict[int, Path], sources: dict[int, Path]) -
     return checks
 
 
+def run_other_family(b: Bench) -> dict[str, str]:
+    """A second family's fuse and split (its compute path), against cp and the naive approach; no target."""
+    s = b.s
+    if s.other_family is None:
+        return {}
+    preset, layers, experts = s.other_family
+    specs, cfg = checkpoint_specs(preset, layers, experts=experts, vocab=s.vocab)
+    src, fused, out, stats = (b.work / f"{preset}-src", b.work / f"{preset}-fused", b.work / "out",
+                              b.work / "stats.json")
+    check_disk(b.work, 3 * sum(x.nbytes for x in specs))
+    write_synthetic(str(src), specs, cfg, s.src_shard, data="random", seed=7)
+    shard = ["--no-progress", "--max-shard-size", str(s.max_shard)]
+    b.timed(b.launch("convert.fuse_experts", ["--src", str(src), "--dst", str(fused), *shard], 1), [src])
+    nbytes, fbytes = dir_bytes(src), dir_bytes(fused)
+    cases = [Case(Row(f"{preset} cp -r per-expert L{layers}", "family-cp", layers, 1, 0, nbytes),
+                  cp_command(src, out), [src], out, repeats=s.repeats),
+             Case(Row(f"{preset} cp -r fused L{layers}", "family-cp", layers, 1, 0, fbytes),
+                  cp_command(fused, out), [fused], out, repeats=s.repeats)]
+    for op, module, where, size in (("fuse", "convert.fuse_experts", src, nbytes),
+                                    ("split", "convert.split_experts", fused, fbytes)):
+        args = ["--src", str(where), "--dst", str(out), "--stats", str(stats), *shard]
+        cases += [Case(Row(f"{preset} {op} L{layers} ws{ws}", f"family-{op}", layers, ws, ws, size),
+                       b.launch(module, args, ws), [where], out, stats, s.repeats) for ws in s.other_world_sizes]
+        if s.naive and mem_available() > 2.5 * size + 2 * GB:
+            cases.append(Case(Row(f"{preset} naive {op} L{layers}", f"family-naive-{op}", layers, 1, 0, size),
+                              [sys.executable, "-m", "bench.baselines", f"naive-{op}", "--src", str(where), "--dst",
+                               str(out), "--max-shard-size", str(s.max_shard)], [where], out, repeats=s.repeats))
+    b.run_rounds(cases)
+    check = b.work / "family-check"
+    b.timed(b.launch("convert.split_experts", ["--src", str(fused), "--dst", str(check), "--no-progress"], 1), [fused])
+    result = {f"{preset} L{layers}: the tool's split of its fuse vs the source": compare_tensors(check, src)}
+    for d in (check, src, fused):
+        shutil.rmtree(d, ignore_errors=True)
+    return result
+
+
 def run_adapters(b: Bench) -> dict[str, str]:
     """split_adapter against raw save_file of its output tensors, per adapter preset."""
     s = b.s
@@ -521,6 +562,9 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(fused, ignore_errors=True)
         for L, src in sources.items():
             shutil.rmtree(src, ignore_errors=True)
+        if settings.other_family is not None:
+            log(f"{settings.other_family[0]} cases")
+            checks.update(run_other_family(b))
         if not a.no_adapters:
             log("adapter cases")
             checks.update(run_adapters(b))

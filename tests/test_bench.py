@@ -30,10 +30,13 @@ def test_bench_tiny_preset_end_to_end(tmp_path):
     assert max(rows["naive fuse L2"]["peak_rss"]) > 0
     assert rows["fuse L1 ws1"]["nbytes"] == rows["cp -r per-expert L1"]["nbytes"]
     assert all("identical" in v for k, v in results["checks"].items() if "vs" in k), results["checks"]
+    assert "tiny-gpt-oss L1: the tool's split of its fuse vs the source" in results["checks"]
+    for name in ("tiny-gpt-oss fuse L1 ws1", "tiny-gpt-oss split L1 ws1", "tiny-gpt-oss naive fuse L1"):
+        assert rows[name]["samples"] and rows[name]["stream" if "naive" not in name else "samples"], name
 
     report = (out / "RESULTS.md").read_text()
     for heading in ("## Targets", "## Base weights: throughput", "## Growth when the layer count doubles",
-                    "## Per rank: bytes read and written", "## Adapters"):
+                    "## Per rank: bytes read and written", "## Adapters", "## A second family: tiny-gpt-oss"):
         assert heading in report
     assert "| fuse L1 ws2 ep3 | 1 |" in report
     if importlib.util.find_spec("matplotlib"):
