@@ -281,6 +281,7 @@ class Storage:
             _sync_file_range(self._fd(rel, os.O_WRONLY), start, end - start, _SYNC_FILE_RANGE_WRITE)
 
     def fsync(self, rel: str) -> None:
+        """Flush our local file `rel` to disk (object stores are durable once written: a no-op there)."""
         if self.is_local:
             fd = self._fd(rel, os.O_WRONLY)
             os.fsync(fd)
