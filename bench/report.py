@@ -298,8 +298,9 @@ def write_report(results: dict[str, Any], path: Path, plot_name: str | None) -> 
     out = [
         "# Benchmark results",
         "",
-        "Produced by `python -m bench.run" + ("" if s["repeats"] == 3 and s["layers"] == [2, 4] else " (settings below)")
-        + "`; raw numbers in `results.json`.",
+        "Produced by `python -m bench.run`" + ("" if s["repeats"] == 3 and list(s["layers"]) == [2, 4]
+                                                else " (non-default settings, below)")
+        + "; raw numbers in `results.json`.",
         "",
         f"- machine: {env['cpus']} CPUs, {env['mem_total_gb']} GB RAM, Linux {env['kernel']}, Python {env['python']}; "
         f"disk `{env['disk']}`",
