@@ -25,6 +25,9 @@ def gbps(row: dict[str, Any], stream: bool = False) -> float:
     return row["nbytes"] / secs / GB if secs and not math.isnan(secs) else float("nan")
 
 
+CP_OPS = ("cp", "family-cp")  # the `cp -r` baselines: no process of ours, so no peak RSS
+
+
 def mib(n: float) -> str:
     return "n/a" if not n or math.isnan(n) else (f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB")
 
@@ -149,30 +152,39 @@ def targets(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+THROUGHPUT_HEADER = ["| case | data | wall s (median; min-max; n) | GB/s | vs cp | vs naive | data phase s "
+                     "| data phase GB/s | data phase vs cp | peak RSS (largest rank / process) |",
+                     "|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def throughput_line(row: dict[str, Any], cp: dict[str, Any] | None, naive: dict[str, Any] | None) -> str:
+    """One THROUGHPUT_HEADER row: `row`'s times and rates, and its ratios to its `cp` and `naive` rows (if any)."""
+    if not row["samples"]:
+        return f"| {row['name']} | {size(row['nbytes'])} | {row['note']} | | | | | | | |"
+    xs = row["samples"]
+    stream = bool(row["stream"])
+    st_s = f"{_median(row['stream']):.2f}" if stream else ""
+    st_gbps = f"{gbps(row, True):.3f}" if stream else ""
+    return (
+        f"| {row['name']} | {size(row['nbytes'])} | {_median(xs):.2f}; {min(xs):.2f}-{max(xs):.2f}; {len(xs)} | "
+        f"{gbps(row):.3f} | {_ratio(gbps(row), gbps(cp)) if cp else ''} | "
+        f"{_ratio(gbps(row), gbps(naive)) if naive else ''} | {st_s} | {st_gbps} | "
+        f"{_ratio(gbps(row, True), gbps(cp)) if stream and cp else ''} | "
+        f"{'n/a' if row['op'] in CP_OPS else mib(max_rank_rss(row))} |"
+    )
+
+
 def throughput_table(results: dict[str, Any]) -> list[str]:
     """Every base-weight case with its ratio to cp and to naive."""
     rows = results["rows"]
-    lines = ["| case | data | wall s (median; min-max; n) | GB/s | vs cp | vs naive | data phase s | data phase GB/s "
-             "| data phase vs cp | peak RSS (largest rank / process) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = list(THROUGHPUT_HEADER)
     for row in rows:
         if row["op"] not in ("cp", "fuse", "fuse-kernel-copy", "fuse-no-write-behind", "split", "naive-fuse",
                              "naive-split"):
             continue
-        if not row["samples"]:
-            lines.append(f"| {row['name']} | {size(row['nbytes'])} | {row['note']} | | | | | | | |")
-            continue
         base = cp_row(rows, row) if row["op"] != "cp" else None
         naive = find(rows, op=f"naive-{row['op']}", layers=row["layers"]) if row["op"] in ("fuse", "split") else None
-        xs = row["samples"]
-        stream = bool(row["stream"])
-        st_s = f"{_median(row['stream']):.2f}" if stream else ""
-        st_gbps = f"{gbps(row, True):.3f}" if stream else ""
-        lines.append(
-            f"| {row['name']} | {size(row['nbytes'])} | {_median(xs):.2f}; {min(xs):.2f}-{max(xs):.2f}; {len(xs)} | "
-            f"{gbps(row):.3f} | {_ratio(gbps(row), gbps(base)) if base else ''} | "
-            f"{_ratio(gbps(row), gbps(naive)) if naive else ''} | {st_s} | {st_gbps} | "
-            f"{_ratio(gbps(row, True), gbps(base)) if stream and base else ''} | {mib(max_rank_rss(row))} |"
-        )
+        lines.append(throughput_line(row, base, naive))
     return lines
 
 
@@ -244,26 +256,13 @@ def family_table(results: dict[str, Any]) -> list[str]:
     rows = [r for r in results["rows"] if r["op"].startswith("family-")]
     if not rows:
         return []
-    lines = ["| case | data | wall s (median; min-max; n) | GB/s | vs cp | vs naive | data phase s | data phase vs cp "
-             "| peak RSS (largest rank / process) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = list(THROUGHPUT_HEADER)
     for row in rows:
-        if not row["samples"]:
-            lines.append(f"| {row['name']} | {size(row['nbytes'])} | {row['note']} | | | | | | |")
-            continue
         op = row["op"].removeprefix("family-")
         kind = "per-expert" if op in ("fuse", "naive-fuse") else "fused"
         cp = next((r for r in rows if r["op"] == "family-cp" and kind in r["name"] and r["samples"]), None)
         naive = find(rows, op=f"family-naive-{op}") if op in ("fuse", "split") else None
-        stream = bool(row["stream"])
-        st_s = f"{_median(row['stream']):.2f}" if stream else ""
-        xs = row["samples"]
-        lines.append(
-            f"| {row['name']} | {size(row['nbytes'])} | {_median(xs):.2f}; {min(xs):.2f}-{max(xs):.2f}; {len(xs)} | "
-            f"{gbps(row):.3f} | {_ratio(gbps(row), gbps(cp)) if cp and op != 'cp' else ''} | "
-            f"{_ratio(gbps(row), gbps(naive)) if naive else ''} | {st_s} | "
-            f"{_ratio(gbps(row, True), gbps(cp)) if stream and cp else ''} | "
-            f"{mib(max_rank_rss(row)) if op != 'cp' else ''} |"
-        )
+        lines.append(throughput_line(row, cp if op != "cp" else None, naive))
     return lines
 
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.report import CP_OPS
 from bench.synthetic import adapter_specs, checkpoint_specs, write_adapter, write_synthetic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -182,7 +183,7 @@ class Bench:
             seconds = reported["seconds"]
         rss = int(reported.get("peak_rss_bytes", rss))
         row.samples.append(seconds)
-        row.peak_rss.append(rss if row.op != "cp" else 0)
+        row.peak_rss.append(rss if row.op not in CP_OPS else 0)
         if case.stats is not None:
             data = json.loads(case.stats.read_text())
             row.ranks = data["ranks"]
@@ -190,7 +191,7 @@ class Bench:
             row.peak_rss[-1] = max(r["peak_rss_bytes"] for r in data["ranks"])
         self.log(f"  {row.name}: {seconds:.2f} s ({row.nbytes / seconds / GB:.3f} GB/s)"
                  + (f", data phase {row.stream[-1]:.2f} s" if case.stats is not None else "")
-                 + (f", peak RSS {rss_text(row.peak_rss[-1])}" if row.op != "cp" else ""))
+                 + (f", peak RSS {rss_text(row.peak_rss[-1])}" if row.op not in CP_OPS else ""))
         if case.out is not None:
             _remove(case.out)
 
