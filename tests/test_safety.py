@@ -216,6 +216,41 @@ def test_source_changed_before_the_commit_is_not_committed(tmp_path):
     assert not list(out.glob("*.incomplete"))
 
 
+def test_adapter_destinations_and_sources(tmp_path):
+    """Adapters: a real adapter as --dst is refused even with --overwrite; a source changed before the commit is not committed."""
+    from adapter_fixtures import base_config, make_per_expert_adapter
+
+    src, _ = make_per_expert_adapter(tmp_path / "src", "qwen3_moe", seed=1)
+    other, _ = make_per_expert_adapter(tmp_path / "other", "qwen3_moe", seed=2)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(base_config("qwen3_moe")))
+    flags = ["--layout", "peft", "--base-config", str(cfg)]
+    before = _snapshot(other)
+    proc = run_tool("convert.fuse_adapter", "--src", str(src), "--dst", str(other), *flags, "--overwrite", check=False)
+    assert proc.returncode == 2 and "adapter_config.json but is not a moe-convert output" in proc.stderr, proc.stderr
+    assert _snapshot(other) == before
+
+    out, gate = tmp_path / "out", tmp_path / "gate"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "convert.fuse_adapter", "--src", str(src), "--dst", str(out), *flags, "--no-progress"],
+        env=_env(MOE_CONVERT_PAUSE_BEFORE_COMMIT=str(gate)), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        while not Path(str(gate) + ".waiting").exists() and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        weights = src / "adapter_model.safetensors"
+        _rewrite_same_size(weights)
+        gate.touch()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and f"source file {weights} changed during the conversion" in err, err
+    assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+
+
 # -- temp names, journal, skipped work ------------------------------------------------------------
 
 
