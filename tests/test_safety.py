@@ -375,6 +375,8 @@ def test_s3_ownership(s3env, tmp_path):
     run_tool("convert.fuse_experts", "--src", str(src), "--dst", dst, "--overwrite")  # replaces its own output
     shards = [p for p in fs.ls(f"{BUCKET}/out", detail=False) if p.endswith(".safetensors")]
     assert [Path(p).name for p in shards] == ["model-00001-of-00001.safetensors"]
+    fs.invalidate_cache()
+    assert [Path(p).name for p in fs.find(f"{BUCKET}/out/.moe-convert")] == ["output.json"], "no state after the commit"
     fs.pipe_file(f"{BUCKET}/out/notes.txt", b"mine")
     before = _objects(fs, f"{BUCKET}/out")
     proc = run_tool("convert.fuse_experts", "--src", str(src), "--dst", dst, "--overwrite", check=False)
