@@ -18,6 +18,7 @@ from convert.adapter_source import ADAPTER_INDEX, ADAPTER_WEIGHTS, AdapterSource
 from convert.cli import base_parser, job_options
 from convert.errors import ConversionError
 from convert.job import JobOptions, JobSetup, check_destination, fingerprint, run_planned
+from convert.output_record import source_pins
 from convert.storage import Storage
 from launch.dist import Dist
 from sharding.ep import assign_pieces, expert_slices
@@ -101,11 +102,13 @@ def _lay_out(opts: AdapterJobOptions, dist: Dist, ep: int, src: AdapterSource, p
     summary += [f"  note: {n}" for n in plan.notes]
     fp = fingerprint("adapter", opts.layout, opts.src, sorted(src.file_sizes.items()),
                      [(f.name, f.size, f.header) for f in files], plan.pieces, final[ADAPTER_CONFIG])
+    read = [*src.file_sizes, *([src.index_file] if src.index_file else []), ADAPTER_CONFIG, *src.other_files]
+    pins = {} if opts.dry_run else source_pins(src.storage, read)
     resuming = False if opts.dry_run else check_destination(src.storage, dst, opts.overwrite, ADAPTER_CONFIG, fp)
     return JobSetup(
         summary=summary, files=files, pieces=plan.pieces, assignment=assignment, ep=ep,
         copy_files=src.other_files, final_files=final, fingerprint=fp, resuming=resuming,
-        job_id=uuid.uuid4().hex,
+        job_id=uuid.uuid4().hex, pins=pins,
     )
 
 

@@ -33,6 +33,7 @@ class AdapterSource:
     other_files: list[str]  # top-level files copied unchanged (README, tokenizer files, ...)
     notes: list[str] = field(default_factory=list)
     file_sizes: dict[str, int] = field(default_factory=dict)
+    index_file: str | None = None
 
     @property
     def infos(self) -> dict[str, TensorInfo]:
@@ -83,4 +84,4 @@ def open_adapter(url: str, base_config: str | None, storage_options: dict[str, A
     cfg, source = find_base_config(adir, base_config, storage_options)
     if base_config and not isinstance(cfg, dict):
         raise ConversionError(f"--base-config {base_config}: not a JSON object")
-    return AdapterSource(storage, adir.config, tensors, cfg, source, other, notes, sizes)
+    return AdapterSource(storage, adir.config, tensors, cfg, source, other, notes, sizes, index)

@@ -4,9 +4,11 @@ Rank 0 reads the metadata and builds the plan, the output file layout and the
 piece assignment, and broadcasts them (every rank then holds the same plan). Each
 rank streams its own pieces to their final place through a sink (local files written
 in place, or multipart uploads). Only when every rank succeeded does rank 0 commit
-the shards, copy the source's other files and write the final files (the index) last:
-a destination with its index is complete. A destination holding the state of an
-unfinished job with the same plan fingerprint is resumed, not redone.
+the shards, copy the source's other files, write the output record and the final files
+(the index) last: a destination with its index and record is complete. A destination
+holding the state of an unfinished job with the same plan fingerprint is resumed, not
+redone. Every source file read is pinned at plan time and checked on resume and before
+the commit (convert.output_record).
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ from convert.checkpoint import INDEX_NAME, open_checkpoint
 from convert.errors import ConversionError
 from convert.executor import piece_memory, warm_up
 from convert.families import detect_family
+from convert.output_record import (
+    check_existing, check_pins, classify, record_bytes, refuse_foreign, source_pins,
+)
 from convert.planner import Piece, plan_conversion
-from convert.sinks import STATE_DIR, SinkJob, make_sink, read_state
+from convert.sinks import OUTPUT_RECORD, SinkJob, clear_state, make_sink, read_state
 from convert.storage import Storage
 from launch.dist import Dist
 from sharding.ep import assign_pieces, expert_slices
@@ -71,6 +76,12 @@ class JobSetup:
     fingerprint: str
     resuming: bool = False
     job_id: str = ""
+    pins: dict[str, dict[str, Any]] = field(default_factory=dict)  # source file -> Storage.pin at plan time
+
+    @property
+    def outputs(self) -> list[str]:
+        """Every file the job writes into --dst, in write order (the marker last)."""
+        return [f.name for f in self.files] + list(self.copy_files) + list(self.final_files)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -91,7 +102,9 @@ def check_destination(src: Storage, dst: Storage, overwrite: bool, marker: str, 
     """Refuse a destination that would lose data or overlap the source; True when resuming.
 
     An absent or empty destination is fresh; one holding an unfinished job with the same
-    plan fingerprint is resumed; anything else needs --overwrite.
+    plan fingerprint (and unchanged source files) is resumed; a moe-convert output needs
+    --overwrite; anything moe-convert did not write is never overwritten
+    (convert.output_record.check_existing).
     """
     s, d = _same_place(src, dst)
     if d == s or d.startswith(s.rstrip("/") + "/"):
@@ -103,19 +116,9 @@ def check_destination(src: Storage, dst: Storage, overwrite: bool, marker: str, 
     if not dst.isdir():
         raise ConversionError(f"--dst {dst.url} exists and is not a directory")
     files, dirs = dst.list_dir()
-    if not files and not dirs or overwrite:
+    if not files and not dirs:
         return False
-    if marker in files:
-        raise ConversionError(f"--dst {dst.url} already holds a complete conversion ({marker}); pass --overwrite to redo it")
-    state = read_state(dst)
-    if state is not None:
-        if state.get("fingerprint") == fp:
-            return True
-        raise ConversionError(
-            f"--dst {dst.url} holds an unfinished conversion of a different source or options; "
-            "pass --overwrite to discard it"
-        )
-    raise ConversionError(f"--dst {dst.url} exists and is not empty; pass --overwrite to replace its contents")
+    return check_existing(src, dst, overwrite, marker, fp)
 
 
 def plan_job(opts: JobOptions, dist: Dist) -> JobSetup:
@@ -160,11 +163,13 @@ def _plan_job(opts: JobOptions, dist: Dist, src: Storage, dst: Storage) -> JobSe
         opts.src, sorted((n, h.file_size) for n, h in ckpt.headers.items()),
         [(f.name, f.size, f.header) for f in files], plan.pieces,
     )
+    read = [*ckpt.headers, *([ckpt.index_file] if ckpt.index_file else []), *plan.copy_files]
+    pins = {} if opts.dry_run else source_pins(src, read)
     resuming = False if opts.dry_run else check_destination(src, dst, opts.overwrite, INDEX_NAME, fp)
     return JobSetup(
         summary=summary, files=files, pieces=plan.pieces, assignment=assignment, ep=ep,
         copy_files=plan.copy_files, final_files={INDEX_NAME: (json.dumps(index, indent=2) + "\n").encode()},
-        fingerprint=fp, resuming=resuming, job_id=uuid.uuid4().hex,
+        fingerprint=fp, resuming=resuming, job_id=uuid.uuid4().hex, pins=pins,
     )
 
 
@@ -264,7 +269,8 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
     src = Storage(opts.src, opts.storage_options)
     dst = Storage(opts.dst, opts.storage_options)
     sink = make_sink(src, dst)
-    job = SinkJob(setup.files, setup.pieces, setup.assignment, setup.fingerprint, opts.workers)
+    job = SinkJob(setup.files, setup.pieces, setup.assignment, setup.fingerprint, opts.workers,
+                  state={"pins": setup.pins, "outputs": setup.outputs})
     status: Any = None
     if dist.is_main:
         try:
@@ -279,6 +285,11 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
             _fail(report, status)
         return 1
     job.resume = status["resume"]
+    skipped = job.resume.get("skipped") or {}
+    if dist.is_main and setup.resuming and skipped:
+        print(_skipped_line(skipped))
+    if report is not None and dist.is_main:
+        report["skipped_bytes"] = int(skipped.get("skipped_bytes", 0))
 
     mine = sink.rank_pieces(job, dist.rank)
     total = sum(p.write_bytes for p in setup.pieces)
@@ -331,6 +342,7 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
     if dist.is_main and opts.stats_path:
         with open(opts.stats_path, "w") as fh:
             json.dump({"world_size": dist.world_size, "ep": setup.ep, "resumed": setup.resuming,
+                       "skipped_bytes": int(skipped.get("skipped_bytes", 0)), "skipped": skipped,
                        "ranks": [s for _, s, _ in gathered]}, fh, indent=2)
     if errors:
         if dist.is_main:
@@ -341,13 +353,15 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
         return 1
     ok = True
     if dist.is_main:
+        _pause_point()
         try:
-            sink.commit(job, [r for _, _, r in gathered])
-            for name in setup.copy_files:
-                dst.copy_file_from(src, name)
-            for name, data in setup.final_files.items():
-                dst.write_bytes(name, data)
-            dst.remove_tree(STATE_DIR)
+            check_pins(src, setup.pins, "during the conversion", COMMIT_REFUSED)
+        except (ConversionError, OSError) as exc:
+            _fail(report, _error_text(exc))
+            ok = False
+    if dist.is_main and ok:
+        try:
+            _commit(src, dst, sink, job, setup, [r for _, _, r in gathered])
         except (ConversionError, OSError) as exc:
             _fail(report, f"commit failed: {_error_text(exc)}")
             ok = False
@@ -362,6 +376,46 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
     return 0 if dist.broadcast(ok) else 1
 
 
+COMMIT_REFUSED = "the output was not committed; re-run with --overwrite to convert the source as it is now"
+
+
+def _commit(src: Storage, dst: Storage, sink: Any, job: SinkJob, setup: JobSetup, results: list[Any]) -> None:
+    """Rank 0: shards into place, other files copied, output record, final files last, state removed."""
+    sink.commit(job, results)
+    for name in setup.copy_files:
+        dst.copy_file_from(src, name)
+    # the copies were read just now, after the check before the commit: check them again
+    check_pins(src, {n: setup.pins[n] for n in setup.copy_files if n in setup.pins},
+               "during the conversion", COMMIT_REFUSED)
+    sizes = dst.file_sizes()
+    written = [(f.name, sizes[f.name]) for f in setup.files] + [(n, sizes[n]) for n in setup.copy_files]
+    written += [(n, len(data)) for n, data in setup.final_files.items()]
+    dst.write_bytes(OUTPUT_RECORD, record_bytes(written, setup.fingerprint, next(reversed(setup.final_files))))
+    for name, data in setup.final_files.items():
+        dst.write_bytes(name, data)
+    clear_state(dst)
+
+
+def _skipped_line(skipped: dict[str, Any]) -> str:
+    """"resuming: 1.23 GB of 4.56 GB (27%) already written, 40 of 150 pieces skipped"."""
+    done, total = skipped["skipped_bytes"], skipped["total_bytes"]
+    pct = 100.0 * done / total if total else 0.0
+    return (f"resuming: {_gb(done)} of {_gb(total)} ({pct:.0f}%) already written, "
+            f"{skipped['skipped']} of {skipped['total']} {skipped['unit']} skipped")
+
+
+def _pause_point() -> None:
+    """Test hook (MOE_CONVERT_PAUSE_BEFORE_COMMIT=PATH): before the final source check, create
+    PATH.waiting and wait (at most 120 s) until PATH exists, so a test can change the source then."""
+    gate = os.environ.get("MOE_CONVERT_PAUSE_BEFORE_COMMIT")
+    if not gate:
+        return
+    open(gate + ".waiting", "w").close()
+    deadline = time.monotonic() + 120
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _crash_point(rank: int) -> int | None:
     """Bytes after which this rank dies, from MOE_CONVERT_CRASH_AFTER="rank:bytes" (crash tests only)."""
     spec = os.environ.get("MOE_CONVERT_CRASH_AFTER", "")
@@ -372,17 +426,17 @@ def _crash_point(rank: int) -> int | None:
 
 
 def _clear_destination(dst: Storage, sink: Any, setup: JobSetup, overwrite: bool) -> None:
-    """Before a fresh run: with --overwrite, make the old output incomplete first, then remove it."""
+    """Before a fresh run: with --overwrite, remove what an earlier moe-convert job wrote, and nothing else.
+
+    Markers go first, the record and state last, so an interrupted clean-up never looks
+    complete and a re-run still knows which files are its own.
+    """
     dst.makedirs()
     if not overwrite:
         return
-    existing, _ = dst.list_dir()
-    # Markers first (the final files, any old index), so an interrupted clean-up never looks complete.
-    for name in [*reversed(list(setup.final_files)), *(n for n in existing if n.endswith(".safetensors.index.json"))]:
-        if name in existing:
-            dst.remove(name)
+    contents = classify(dst)
+    refuse_foreign(dst, contents)  # checked at plan time already; the directory may have changed since
+    for name in contents.owned:
+        dst.remove(name)
+    dst.remove(OUTPUT_RECORD)
     sink.discard(read_state(dst))
-    names = {f.name for f in setup.files}
-    for name in existing:
-        if name.endswith(".safetensors") and name not in names:
-            dst.remove(name)  # an earlier output's shards, which no index names any more

@@ -4,7 +4,8 @@ Both keep the same promises: nothing looks complete before the commit, and a re-
 the same job (same plan fingerprint) after a crash resumes instead of starting over.
 - LocalSink: every shard is preallocated as `<name>.incomplete`; each rank writes its
   pieces at their final offsets and appends finished piece ids to its journal (after an
-  fsync of the data). The commit renames the shards.
+  fsync of the data), every MOE_CONVERT_JOURNAL_SECONDS of work or MOE_CONVERT_JOURNAL_BYTES
+  of data, whichever comes first. The commit renames the shards.
 - MultipartSink: every shard is one multipart upload; each part (>= 5 MiB but the last)
   is assembled in memory by one rank and uploaded. Uploaded parts are the journal (S3's
   ListParts). The commit completes the uploads; the objects appear only then.
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +33,7 @@ from sharding.parts import MAX_PART, MIN_PART, Part, plan_parts
 
 STATE_DIR = ".moe-convert"
 STATE_FILE = f"{STATE_DIR}/state.json"
+OUTPUT_RECORD = f"{STATE_DIR}/output.json"  # what a finished job wrote (convert.output_record); kept after the commit
 INCOMPLETE = ".incomplete"
 
 
@@ -44,6 +47,7 @@ class SinkJob:
     fingerprint: str
     workers: int = 4
     resume: dict[str, Any] = field(default_factory=dict)  # filled by prepare() on rank 0, then broadcast
+    state: dict[str, Any] = field(default_factory=dict)  # more entries for the state file (source pins, outputs)
 
 
 class Sink(Protocol):
@@ -64,6 +68,26 @@ def read_state(dst: Storage) -> dict[str, Any] | None:
         return None
 
 
+def clear_state(dst: Storage) -> None:
+    """Remove an unfinished job's state (state file, journals) from `dst`, keeping the output record."""
+    if not dst.exists(STATE_DIR):
+        return
+    files, dirs = dst.list_dir(STATE_DIR)
+    keep = OUTPUT_RECORD.rsplit("/", 1)[1]
+    for name in sorted(files, key=lambda n: n == "state.json"):  # the state file last
+        if name != keep:
+            dst.remove(f"{STATE_DIR}/{name}")
+    for name in dirs:
+        dst.remove_tree(f"{STATE_DIR}/{name}")
+    if keep not in files and dst.is_local:
+        os.rmdir(dst.path(STATE_DIR))
+
+
+def skipped_summary(done_bytes: int, total_bytes: int, done: int, total: int, unit: str) -> dict[str, Any]:
+    """What a resume skips, as prepare() reports it: bytes and count of `unit` (pieces or parts)."""
+    return {"skipped_bytes": done_bytes, "total_bytes": total_bytes, "skipped": done, "total": total, "unit": unit}
+
+
 def make_sink(src: Storage, dst: Storage) -> Sink:
     """The sink for `dst`: local files, or multipart uploads on an object store."""
     if dst.is_local:
@@ -80,22 +104,34 @@ class LocalSink:
         self.src, self.dst = src, dst
 
     def prepare(self, job: SinkJob, resuming: bool) -> dict[str, Any]:
-        """Rank 0: create missing shard files, collect finished pieces from journals, write the state."""
+        """Rank 0: write the state, create missing shard files, collect finished pieces from journals.
+
+        The state file comes first, so every file this job creates is named by it (--overwrite
+        may remove only what a moe-convert state or output record names).
+        """
         self.dst.makedirs(STATE_DIR)
+        self.dst.write_bytes(STATE_FILE, json.dumps({**job.state, "fingerprint": job.fingerprint}).encode())
         done: set[int] = set()
         existing, _ = self.dst.list_dir()
+        recreated: set[str] = set()
         for f in job.files:
             name = f.name + INCOMPLETE
             if not (resuming and name in existing and self.dst.size(name) == f.size):
                 self.dst.create_sized(name, f.header, f.size)
+                recreated.add(f.name)
         if resuming:
             journals, _ = self.dst.list_dir(STATE_DIR)
             for j in journals:
                 if j.startswith("done-"):
                     text = self.dst.read_bytes(f"{STATE_DIR}/{j}").decode()
                     done.update(int(x) for x in text.split() if x.isdigit())
-        self.dst.write_bytes(STATE_FILE, json.dumps({"fingerprint": job.fingerprint}).encode())
-        return {"done_pieces": sorted(done)}
+            done = {i for i in done if i < len(job.pieces)}
+            if recreated:  # a shard made anew has lost the bytes its journaled pieces wrote
+                file_of = {t: f.name for f in job.files for t in f.slots}
+                done = {i for i in done if not any(file_of[w.tensor] in recreated for w in job.pieces[i].writes)}
+        skipped = skipped_summary(sum(job.pieces[i].write_bytes for i in done), sum(p.write_bytes for p in job.pieces),
+                                  len(done), len(job.pieces), "pieces")
+        return {"done_pieces": sorted(done), "skipped": skipped}
 
     def rank_pieces(self, job: SinkJob, rank: int) -> list[Piece]:
         done = set(job.resume.get("done_pieces", ()))
@@ -104,10 +140,12 @@ class LocalSink:
     def run(self, job: SinkJob, rank: int, on_done: Callable[[int], None]) -> None:
         """Write this rank's unfinished pieces, journaling them in batches after an fsync.
 
-        Whenever the pieces finished since the last batch reach MOE_CONVERT_JOURNAL_BYTES, their
-        fsync + journal entry run on a background thread while the executor goes on (its
-        pipeline never drains at a batch boundary); a piece enters the journal only after an
-        fsync that started after its bytes were written.
+        Whenever the pieces finished since the last batch reach MOE_CONVERT_JOURNAL_BYTES, or
+        MOE_CONVERT_JOURNAL_SECONDS have passed since it (so a crash loses at most a few
+        seconds of work however slow the storage), their fsync + journal entry run on a
+        background thread while the executor goes on (its pipeline never drains at a batch
+        boundary); a piece enters the journal only after an fsync that started after its bytes
+        were written.
         """
         done = set(job.resume.get("done_pieces", ()))
         todo = [i for i in job.assignment[rank] if i not in done]
@@ -115,6 +153,7 @@ class LocalSink:
         executor = Executor(self.src, self.dst, slots, job.workers)
         journal = self.dst.path(f"{STATE_DIR}/done-{uuid.uuid4().hex[:8]}-r{rank}.txt")
         batch_bytes = int(os.environ.get("MOE_CONVERT_JOURNAL_BYTES", 256 << 20))
+        batch_seconds = float(os.environ.get("MOE_CONVERT_JOURNAL_SECONDS", 2.0))
 
         def commit_batch(jf: Any, batch: list[int]) -> None:
             for name in sorted({slots[w.tensor][0] for i in batch for w in job.pieces[i].writes}):
@@ -127,18 +166,20 @@ class LocalSink:
             batch: list[int] = []
             size = 0
             pending: Future[None] | None = None
+            since = time.monotonic()
 
             def piece_done(k: int, written: int) -> None:
-                nonlocal size, pending
+                nonlocal size, pending, since
                 on_done(written)
                 batch.append(todo[k])
                 size += job.pieces[todo[k]].write_bytes
-                if size >= batch_bytes:
+                if size >= batch_bytes or time.monotonic() - since >= batch_seconds:
                     if pending is not None:
                         pending.result()
                     pending = flusher.submit(commit_batch, jf, batch[:])
                     batch.clear()
                     size = 0
+                    since = time.monotonic()
 
             executor.run([job.pieces[i] for i in todo], piece_done)
             if pending is not None:
@@ -197,9 +238,13 @@ class MultipartSink:
                 uploads[f.name] = self.dst.mpu_create(f.name)
                 done[f.name] = {}
         self.dst.write_bytes(
-            STATE_FILE, json.dumps({"fingerprint": job.fingerprint, "uploads": uploads, "parts": layout}).encode()
+            STATE_FILE,
+            json.dumps({**job.state, "fingerprint": job.fingerprint, "uploads": uploads, "parts": layout}).encode(),
         )
-        return {"uploads": uploads, "done_parts": {k: {str(n): e for n, e in v.items()} for k, v in done.items()}}
+        skipped = skipped_summary(sum(sizes[(f, n)] for f, d in done.items() for n in d),
+                                  sum(sizes.values()), sum(len(d) for d in done.values()), len(sizes), "parts")
+        return {"uploads": uploads, "done_parts": {k: {str(n): e for n, e in v.items()} for k, v in done.items()},
+                "skipped": skipped}
 
     def _upload_alive(self, name: str, upload: str) -> bool:
         return any(u == upload for _, u in self.dst.mpu_pending(""))

@@ -28,6 +28,14 @@ COPY_BUFFER_BYTES = 1 << 20
 WRITE_BEHIND = os.environ.get("MOE_CONVERT_WRITE_BEHIND", "1") != "0"
 _SYNC_FILE_RANGE_WRITE = 2
 _thread_state = threading.local()
+# Fields of fsspec's info() that identify an object's content (S3, GCS, Azure); times where there is none.
+PIN_KEYS = ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash")
+PIN_TIME_KEYS = ("LastModified", "last_modified", "mtime", "updated")
+
+
+def temp_name(path: str) -> str:
+    """A temporary name next to `path`, unique per writer: `<path>.<pid>.<8 random hex>.tmp`."""
+    return f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -122,6 +130,36 @@ class Storage:
             return os.stat(self.path(rel)).st_size
         return int(with_retries(f"stat {self.display(rel)}", lambda: self.fs.size(self.path(rel))))
 
+    def file_sizes(self, rel: str = "") -> dict[str, int]:
+        """name -> size in bytes of every file directly below `rel` (one listing)."""
+        if self.is_local:
+            with os.scandir(self.path(rel)) as it:
+                return {e.name: e.stat().st_size for e in it if e.is_file(follow_symlinks=False)}
+        self.fs.invalidate_cache(self.path(rel))
+        entries = with_retries(f"list {self.display(rel)}", lambda: self.fs.ls(self.path(rel), detail=True))
+        return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
+                for e in entries if e["type"] != "directory"}
+
+    def pin(self, rel: str) -> dict[str, Any]:
+        """What identifies the current content of the file `rel` without reading it.
+
+        Local: size, mtime_ns, ctime_ns and inode (an in-place rewrite changes mtime/ctime, a
+        replacement the inode). Object stores: size plus the ETag / version / generation fields
+        the filesystem reports (its modification time where it reports none of them). Two equal
+        pins mean the file was not rewritten in between.
+        """
+        if self.is_local:
+            st = os.stat(self.path(rel))
+            return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+        self.fs.invalidate_cache(self.path(rel))
+        info = with_retries(f"stat {self.display(rel)}", lambda: self.fs.info(self.path(rel)))
+        pin: dict[str, Any] = {"size": int(info.get("size") or 0)}
+        for keys in (PIN_KEYS, PIN_TIME_KEYS):
+            pin.update({k: str(info[k]) for k in keys if info.get(k) not in (None, "")})
+            if len(pin) > 1:
+                break
+        return pin
+
     def list_dir(self, rel: str = "") -> tuple[list[str], list[str]]:
         """(files, subdirectories) directly below `rel`, as names relative to it."""
         files, dirs = [], []
@@ -212,14 +250,25 @@ class Storage:
         self.fs.makedirs(self.path(rel), exist_ok=True)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write a small file atomically where the filesystem allows (temp name + rename)."""
+        """Write a small file atomically where the filesystem allows (temp name + rename).
+
+        The temp name is unique per writer (`temp_name`), so two jobs or threads writing the same
+        file never share one; it is removed again if the write fails.
+        """
         if self.is_local:
-            tmp = self.path(rel) + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path(rel))
+            tmp = temp_name(self.path(rel))
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path(rel))
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
         else:
             with_retries(f"write {self.display(rel)}", lambda: self.fs.pipe_file(self.path(rel), data))
 

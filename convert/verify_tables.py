@@ -244,7 +244,8 @@ def read_table(
                         + ("the index does not name" if weight_map is not None else f"beside {single_name}"))
     if strict:
         for f in files + dirs:
-            if LEFTOVER.search(f) or f == ".moe-convert":
+            # .moe-convert/ of a finished job holds only its output record (output.json)
+            if LEFTOVER.search(f) or f == ".moe-convert" and storage.list_dir(f) != (["output.json"], []):
                 problems.append(f"{storage.display(f)}: left over from an unfinished conversion")
     table = Table(where, tensors, files, dirs, shards, index_name if index is not None else None,
                   (index or {}).get("metadata", {}) if isinstance(index, dict) else {})

@@ -23,6 +23,7 @@ from convert.checkpoint import INDEX_NAME
 from convert.errors import ConversionError
 from convert.families import PER_EXPERT
 from convert.job import JobOptions, run_job
+from convert.output_record import is_complete_output
 from convert.storage import Storage
 from convert.transforms import DTYPE_NAMES
 from launch.dist import Dist, init_dist
@@ -112,7 +113,7 @@ def run_batch(jobs: list[dict[str, Any]], dist: Dist) -> list[dict[str, Any]]:
             if decision is None:
                 _, marker = RUNNERS[job["kind"]]
                 try:
-                    if not job.get("overwrite") and Storage(job["dst"], job.get("storage_options")).exists(marker):
+                    if not job.get("overwrite") and is_complete_output(Storage(job["dst"], job.get("storage_options")), marker):
                         decision = "skip"
                 except Exception as exc:  # noqa: BLE001 - an unreachable destination fails this job only
                     decision = f"cannot read destination: {exc}"

@@ -360,9 +360,16 @@ def test_overwrite_removes_the_earlier_outputs_shards(tmp_path):
     run_tool("convert.fuse_adapter", "--src", str(src), "--dst", str(out), "--layout", "peft", "--base-config", str(cfg),
              "--max-shard-size", "4KB")
     assert len(list(out.glob("adapter_model-*.safetensors"))) > 1 and (out / "adapter_model.safetensors.index.json").exists()
+    # issue 11: --overwrite replaces only a moe-convert output; a user's file beside it is refused and kept
     (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    refused = run_tool("convert.fuse_adapter", "--src", str(src), "--dst", str(out), "--layout", "peft",
+                       "--base-config", str(cfg), "--overwrite", check=False)
+    assert refused.returncode == 2 and "notes.txt" in refused.stderr, refused.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    (out / "notes.txt").unlink()
     run_tool("convert.fuse_adapter", "--src", str(src), "--dst", str(out), "--layout", "peft", "--base-config", str(cfg),
              "--overwrite")
     names = {p.name for p in out.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "notes.txt"} <= names
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= names
     assert not any(n.startswith("adapter_model-") or n.endswith(".index.json") for n in names), names

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -64,6 +65,9 @@ def test_two_torchrun_nodes_on_one_host(tmp_path):
              for _ in range(2)]
     outs = [n.communicate(timeout=240) for n in nodes]
     assert all(n.returncode == 0 for n in nodes), outs
-    single = {p.name: p.read_bytes() for p in (tmp_path / "single").iterdir()}
-    multi = {p.name: p.read_bytes() for p in (tmp_path / "multi").iterdir()}
+    # files only: .moe-convert/ holds the output record (compared below: same plan, same record)
+    single = {p.name: p.read_bytes() for p in (tmp_path / "single").iterdir() if p.is_file()}
+    multi = {p.name: p.read_bytes() for p in (tmp_path / "multi").iterdir() if p.is_file()}
     assert single == multi
+    record = Path(".moe-convert") / "output.json"
+    assert (tmp_path / "single" / record).read_bytes() == (tmp_path / "multi" / record).read_bytes()

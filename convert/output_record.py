@@ -1,0 +1,204 @@
+"""What a destination holds and who wrote it; what a job read, and whether it changed since.
+
+A finished job leaves `.moe-convert/output.json` (the output record): every file it wrote,
+in write order, with its size, plus the plan fingerprint and the tool version. It is written
+after the shards and copied files and before the final marker (the index or
+adapter_config.json), so "complete moe-convert output" = marker + record naming it. An
+unfinished job's `.moe-convert/state.json` names the files it will write. `--overwrite`
+removes only files one of the two names (plus `.incomplete` shards and the unique temp
+files of write_bytes); a destination holding anything else is refused.
+
+Source pins (Storage.pin: size, mtime, ctime, inode locally; size and ETag/version on object
+stores) of every file a job reads are taken at plan time, kept in the state file and checked
+at the start of a resume and before the commit. They are not part of the plan fingerprint,
+so a resume after a source change names the file instead of calling it another job.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from convert.errors import ConversionError
+from convert.sinks import INCOMPLETE, OUTPUT_RECORD, STATE_DIR, read_state
+from convert.storage import Storage
+
+TOOL = "moe-convert"
+UNVERIFIED = ".unverified"  # convert.verify.verify_after renames the marker of a wrong output so
+_TEMP = re.compile(r"^(?P<base>.+)\.\d+\.[0-9a-f]{8}\.tmp$")  # convert.storage.temp_name
+
+
+def tool_version() -> str:
+    """The installed moe-convert version, or "unknown" when running from a plain source tree."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version(TOOL)
+    except (ImportError, PackageNotFoundError):
+        return "unknown"
+
+
+def record_bytes(files: list[tuple[str, int]], fingerprint: str, marker: str) -> bytes:
+    """The output record of a job that wrote `files` ((name, size) in write order, `marker` last)."""
+    doc = {"tool": TOOL, "version": tool_version(), "fingerprint": fingerprint, "marker": marker,
+           "files": [{"name": name, "size": size} for name, size in files]}
+    return (json.dumps(doc, indent=1) + "\n").encode()
+
+
+def read_record(dst: Storage) -> dict[str, Any] | None:
+    """The output record in `dst` if there is a well-formed one written by this tool, else None."""
+    try:
+        if not dst.exists(OUTPUT_RECORD):
+            return None
+        doc = json.loads(dst.read_bytes(OUTPUT_RECORD))
+    except (ValueError, OSError, ConversionError):
+        return None
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(files, list) or doc.get("tool") != TOOL or not all(
+        isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("size"), int) for f in files
+    ):
+        return None
+    return {**doc, "files": [(f["name"], f["size"]) for f in files]}
+
+
+def is_complete_output(dst: Storage, marker: str) -> bool:
+    """True when `dst` holds a complete moe-convert output whose final marker is `marker`.
+
+    That is: an output record naming `marker`, and every file it lists present with its recorded size.
+    """
+    if not dst.exists() or not dst.isdir():
+        return False
+    record = read_record(dst)
+    if record is None or record.get("marker") != marker:
+        return False
+    sizes = dst.file_sizes()
+    return all(sizes.get(name) == size for name, size in record["files"])
+
+
+@dataclass
+class Contents:
+    """A destination's top-level entries, split into what this tool wrote and everything else."""
+
+    owned: list[str] = field(default_factory=list)  # files, in the order to remove them (markers first)
+    foreign: list[str] = field(default_factory=list)  # files and directories this tool did not write
+    changed: list[str] = field(default_factory=list)  # recorded files whose size is no longer the recorded one
+
+
+def classify(dst: Storage) -> Contents:
+    """What of `dst` (an existing directory) the output record and the job state say this tool wrote."""
+    sizes = dst.file_sizes()
+    _, dirs = dst.list_dir()
+    record = read_record(dst) or {"files": []}
+    state = read_state(dst) or {}
+    out = Contents()
+    ordered: list[str] = []
+    for name, size in reversed(record["files"]):  # reverse write order: the marker first
+        for candidate in (name, name + UNVERIFIED):
+            if candidate in sizes:
+                (ordered if sizes[candidate] == size else out.changed).append(candidate)
+    outputs = [n for n in state.get("outputs", []) if isinstance(n, str)]
+    for name in reversed(outputs):
+        for candidate in (name, name + INCOMPLETE):
+            if candidate in sizes and candidate not in ordered and candidate not in out.changed:
+                ordered.append(candidate)
+    if state:  # shards of an unfinished job (also one whose state predates the outputs list)
+        ordered += [n for n in sorted(sizes) if n.endswith(".safetensors" + INCOMPLETE) and n not in ordered]
+    for name in sorted(sizes):
+        m = _TEMP.match(name)
+        if m and (m.group("base") in ordered or m.group("base") in outputs) and name not in ordered:
+            ordered.append(name)
+    out.owned = ordered
+    out.foreign = [n for n in sorted(sizes) if n not in ordered and n not in out.changed]
+    out.foreign += [d + "/" for d in dirs if d != STATE_DIR]
+    return out
+
+
+def refuse_foreign(dst: Storage, contents: Contents) -> None:
+    """Raise the --overwrite refusal for a destination holding files this tool did not write (if any)."""
+    if contents.changed:
+        raise ConversionError(
+            f"--dst {dst.url}: {contents.changed[0]} was changed after moe-convert wrote it; --overwrite only replaces "
+            "files exactly as moe-convert left them: move it away or choose another --dst"
+        )
+    if contents.foreign:
+        shown = ", ".join(contents.foreign[:2]) + (f" and {len(contents.foreign) - 2} more" if len(contents.foreign) > 2 else "")
+        raise ConversionError(
+            f"--dst {dst.url} holds files moe-convert did not write ({shown}); --overwrite only replaces "
+            "a moe-convert output: choose an empty or new directory"
+        )
+
+
+def source_pins(src: Storage, names: list[str]) -> dict[str, dict[str, Any]]:
+    """name -> Storage.pin of each source file a job reads or copies (metadata only)."""
+    return {name: src.pin(name) for name in sorted(set(names))}
+
+
+def changed_pins(src: Storage, pins: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """(file as the user names it, what changed) for each pinned file that is no longer as pinned."""
+    out = []
+    for name, pin in sorted(pins.items()):
+        try:
+            now = src.pin(name)
+        except FileNotFoundError:
+            out.append((src.display(name), "deleted"))
+            continue
+        diff = [k for k in sorted(set(pin) | set(now)) if pin.get(k) != now.get(k)]
+        if diff:
+            out.append((src.display(name), "/".join(diff)))
+    return out
+
+
+def _changed_text(changed: list[tuple[str, str]], when: str) -> str:
+    name, what = changed[0]
+    more = f", and {len(changed) - 1} more file(s)" if len(changed) > 1 else ""
+    return f"source file {name} changed {when} ({what} differ{more})"
+
+
+def check_pins(src: Storage, pins: dict[str, dict[str, Any]], when: str, then: str) -> None:
+    """Raise ConversionError "source file X changed <when> (<fields> differ); <then>" if any pinned file changed."""
+    changed = changed_pins(src, pins)
+    if changed:
+        raise ConversionError(f"{_changed_text(changed, when)}; {then}")
+
+
+def check_existing(src: Storage, dst: Storage, overwrite: bool, marker: str, fp: str) -> bool:
+    """Decide about an existing, non-empty destination directory; True when the job resumes there.
+
+    Refuses (ConversionError): a `marker` moe-convert did not write, with or without --overwrite;
+    with --overwrite, anything moe-convert did not write; without it, a complete output, an
+    unfinished job of another plan, or one whose source files changed since (named).
+    """
+    contents = classify(dst)
+    if marker in contents.foreign:
+        raise ConversionError(
+            f"--dst {dst.url} holds {marker} but is not a moe-convert output (no {OUTPUT_RECORD} naming it); "
+            "it will not be overwritten: choose an empty or new directory"
+        )
+    if overwrite:
+        refuse_foreign(dst, contents)
+        return False
+    if is_complete_output(dst, marker):
+        raise ConversionError(f"--dst {dst.url} already holds a complete conversion ({marker}); pass --overwrite to redo it")
+    state = read_state(dst)
+    if state is not None:
+        pins = state.get("pins")
+        changed = changed_pins(src, pins) if isinstance(pins, dict) else []
+        if state.get("fingerprint") == fp and not changed:
+            return True
+        if state.get("fingerprint") == fp:
+            raise ConversionError(
+                f"{_changed_text(changed, 'since the interrupted run')}; the unfinished conversion in --dst {dst.url} "
+                "cannot be resumed: pass --overwrite to start over"
+            )
+        why = f" ({_changed_text(changed, 'since')})" if changed else ""
+        raise ConversionError(
+            f"--dst {dst.url} holds an unfinished conversion of a different source or options{why}; "
+            "pass --overwrite to discard it"
+        )
+    if contents.foreign or contents.changed:
+        shown = ", ".join((contents.changed + contents.foreign)[:2])
+        raise ConversionError(f"--dst {dst.url} exists and is not empty ({shown}); choose an empty or new directory")
+    raise ConversionError(f"--dst {dst.url} exists and is not empty (an earlier moe-convert output); "
+                          "pass --overwrite to replace it")
