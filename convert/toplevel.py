@@ -142,6 +142,7 @@ def run_guarded(fn: Callable[[], int], debug: bool | None = None) -> int:
         for s, h in handlers:
             signal.signal(s, h)
         _settled.clear()
+        set_debug(False)  # a later in-process call parses its own --debug
     return code
 
 
