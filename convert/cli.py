@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 
 from convert.checkpoint import INDEX_NAME
 from convert.job import JobOptions
+from convert.toplevel import ToolParser, finish, run_guarded, settle
 from convert.transforms import DTYPE_NAMES
 from launch.dist import Dist, init_dist
 from sharding.file_layout import parse_size
@@ -16,7 +16,7 @@ from sharding.file_layout import parse_size
 
 def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """Parser with the flags every conversion takes."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = ToolParser(prog=prog, description=description)
     p.add_argument("--src", required=True, help="source directory or fsspec URL")
     p.add_argument("--dst", required=True, help="destination directory or fsspec URL (must be empty or absent)")
     p.add_argument("--ep", type=int, default=None, help="number of expert slices (default: world size); may exceed it")
@@ -65,12 +65,20 @@ def with_verify(
 
 
 def run_main(body: Callable[[Dist], int]) -> None:
-    """Join the process group, run `body`, leave the group and exit with its code."""
-    dist = init_dist()
-    try:
-        code = body(dist)
-        # Nobody leaves before rank 0 has printed its report: a launcher stops every rank once one has exited.
-        dist.barrier()
-    finally:
-        dist.close()
-    sys.exit(code)
+    """Join the process group, run `body`, leave the group and exit with its code.
+
+    Errors that escape `body` become one line and an exit code, Ctrl-C a quiet exit 130
+    (convert.toplevel.run_guarded); --debug (ToolParser) adds tracebacks.
+    """
+    def go() -> int:
+        dist = init_dist()
+        try:
+            code = body(dist)
+            settle(code)
+            # Nobody leaves before rank 0 has printed its report: a launcher stops every rank once one has exited.
+            dist.barrier()
+        finally:
+            dist.close()
+        return code
+
+    finish(run_guarded(go))

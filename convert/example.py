@@ -7,14 +7,15 @@ shards with an index; it is generated locally, nothing is downloaded.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 
 import torch
 from safetensors.torch import save_file
 
 from convert.families import PER_EXPERT, load_families
+from convert.toplevel import ToolParser, run_guarded
 from convert.transforms import TORCH_DTYPES
 from sharding.file_layout import layout_files, parse_size
 
@@ -91,7 +92,7 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], config: dict[str, object]
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and write the example checkpoint."""
-    p = argparse.ArgumentParser(prog="convert.example", description=__doc__.splitlines()[0])
+    p = ToolParser(prog="convert.example", description=__doc__.splitlines()[0])
     p.add_argument("dst")
     p.add_argument("--family", default="qwen3_moe", choices=sorted(load_families()))
     p.add_argument("--layers", type=int, default=4)
@@ -102,9 +103,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-shard-size", default="2MB", type=parse_size)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    tensors, cfg = example_tensors(a.family, a.layers, a.experts, a.hidden, a.intermediate, a.seed, TORCH_OF[a.dtype])
-    write_checkpoint(tensors, cfg, a.dst, a.max_shard_size)
-    print(f"wrote a random {a.family} checkpoint ({len(tensors)} tensors, {PER_EXPERT} experts) to {a.dst}")
+
+    def run() -> int:
+        tensors, cfg = example_tensors(a.family, a.layers, a.experts, a.hidden, a.intermediate, a.seed,
+                                       TORCH_OF[a.dtype])
+        write_checkpoint(tensors, cfg, a.dst, a.max_shard_size)
+        print(f"wrote a random {a.family} checkpoint ({len(tensors)} tensors, {PER_EXPERT} experts) to {a.dst}")
+        return 0
+
+    code = run_guarded(run)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

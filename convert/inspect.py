@@ -11,7 +11,6 @@ reason). Exit 0 whenever PATH could be read, whatever the outcome; 2 when it can
 
 from __future__ import annotations
 
-import argparse
 import json
 import posixpath
 import sys
@@ -26,13 +25,19 @@ from convert.adapter_dir import (
 )
 from convert.adapter_layouts import detect_expert_lora
 from convert.checkpoint import OTHER_WEIGHTS, open_checkpoint
-from convert.errors import ConversionError
+from convert.errors import ConversionError, StorageError, describe
 from convert.expert_groups import find_expert_groups
 from convert.families import PER_EXPERT, detect_family
 from convert.safetensors_format import TensorInfo, read_header
 from convert.storage import Storage
+from convert.toplevel import ToolParser, run_guarded
 
 BASE, ADAPTER, UNKNOWN = "base", "adapter", "unknown"
+EXIT_CODES = """exit codes:
+  0    PATH could be read (whatever the outcome)
+  2    PATH or --base-config does not exist or cannot be read
+  130  interrupted (Ctrl-C; 143 for SIGTERM)
+"""
 SPLIT_ADAPTER = "split_adapter -> per-expert"
 FUSE_ADAPTER_LAYOUTS = ("peft", "grouped")
 KIND_TEXT = {
@@ -329,8 +334,10 @@ def inspect_path(path: str, base_config: str | None = None, storage_options: dic
         except ConversionError as exc:  # anything malformed that the steps above did not name a case for
             report.verdict.refuse("invalid", str(exc))
         return report
-    except OSError as exc:  # permissions, a vanished file, an unreachable object store
-        raise PathError(f"{path}: cannot be read ({exc})") from exc
+    except (StorageError, ConversionError) as exc:  # permissions, an unreachable store, no credentials, no such protocol
+        raise PathError(str(exc)) from exc
+    except OSError as exc:
+        raise PathError(f"{path}: cannot be read ({describe(exc)})") from exc
 
 
 def _dispatch(storage: Storage, files: list[str], subdirs: list[str], report: Report, base_config: str | None,
@@ -404,21 +411,25 @@ def render_text(report: Report) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, inspect PATH, print the report; returns the exit code (0 read, 2 unreadable)."""
-    p = argparse.ArgumentParser(prog="convert.inspect", description=__doc__.splitlines()[0])
+    p = ToolParser(prog="convert.inspect", description=__doc__.splitlines()[0], epilog=EXIT_CODES)
     p.add_argument("path", help="checkpoint or adapter directory, a .safetensors file, or an fsspec URL")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--base-config", default=None, help="the base model's config.json (for adapters)")
     p.add_argument("--storage-options", type=json.loads, default={}, help="JSON of fsspec options")
     args = p.parse_args(argv)
-    try:
-        report = inspect_path(args.path, args.base_config, args.storage_options)
-    except PathError as exc:
-        if args.json:
-            print(json.dumps({"path": args.path, "kind": UNKNOWN, "outcome": "error", "reasons": [str(exc)]}))
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(report.as_json(), indent=2) if args.json else render_text(report))
-    return 0
+
+    def run() -> int:
+        try:
+            report = inspect_path(args.path, args.base_config, args.storage_options)
+        except PathError as exc:
+            if args.json:
+                print(json.dumps({"path": args.path, "kind": UNKNOWN, "outcome": "error", "reasons": [str(exc)]}))
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(report.as_json(), indent=2) if args.json else render_text(report))
+        return 0
+
+    return run_guarded(run)
 
 
 if __name__ == "__main__":

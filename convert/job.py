@@ -18,7 +18,6 @@ import os
 import resource
 import sys
 import time
-import traceback
 import hashlib
 import uuid
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from convert.checkpoint import INDEX_NAME, open_checkpoint
-from convert.errors import ConversionError
+from convert.errors import ConversionError, error_text, set_destination
 from convert.executor import piece_memory, warm_up
 from convert.families import detect_family
 from convert.output_record import (
@@ -221,9 +220,7 @@ def proc_io() -> dict[str, int]:
 
 
 def _error_text(exc: BaseException) -> str:
-    if isinstance(exc, ConversionError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+    return error_text(exc)  # one line; a bug's (ErrorText.internal) exits 1 even before anything was written
 
 
 def run_planned(
@@ -234,6 +231,7 @@ def run_planned(
     `report`, if given, receives on rank 0 the output bytes and any error text.
     """
     setup: JobSetup | str | None = None
+    set_destination(None if opts.dry_run else opts.dst)  # named if interrupted or a rank is lost
     if dist.is_main:
         try:
             setup = planner(opts, dist)
@@ -261,7 +259,7 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
     if isinstance(setup, str):
         if dist.is_main:
             _fail(report, setup)
-        return 2
+        return 1 if getattr(setup, "internal", False) else 2
     if opts.dry_run:
         if dist.is_main:
             print(describe(setup, opts.workers))
@@ -283,7 +281,8 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
     if isinstance(status, str):
         if dist.is_main:
             _fail(report, status)
-        return 1
+        # A fresh job that could not even prepare its destination wrote nothing of value: a refusal.
+        return 1 if setup.resuming or getattr(status, "internal", False) else 2
     job.resume = status["resume"]
     skipped = job.resume.get("skipped") or {}
     if dist.is_main and setup.resuming and skipped:
@@ -297,6 +296,7 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not (dist.is_main and opts.show_progress))
 
     crash_at = _crash_point(dist.rank)
+    pause_at = _crash_point(dist.rank, "MOE_CONVERT_PAUSE_AFTER")
     done_here = [0]
 
     def on_done(n: int) -> None:
@@ -306,6 +306,10 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
         done_here[0] += n
         if crash_at is not None and done_here[0] >= crash_at:
             os._exit(137)  # simulated crash (MOE_CONVERT_CRASH_AFTER), for resume tests
+        if pause_at is not None and done_here[0] >= pause_at:  # MOE_CONVERT_PAUSE_AFTER, for interrupt tests
+            print(f"rank {dist.rank}: paused (MOE_CONVERT_PAUSE_AFTER)", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(60)
 
     warm_up(mine)
     io0 = proc_io()
@@ -366,6 +370,7 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
             _fail(report, f"commit failed: {_error_text(exc)}")
             ok = False
         if ok:
+            set_destination(None)  # complete: an interrupt from now on leaves nothing to resume
             elapsed = time.perf_counter() - t0
             size = sum(f.size for f in setup.files)
             if report is not None:
@@ -416,9 +421,9 @@ def _pause_point() -> None:
         time.sleep(0.05)
 
 
-def _crash_point(rank: int) -> int | None:
-    """Bytes after which this rank dies, from MOE_CONVERT_CRASH_AFTER="rank:bytes" (crash tests only)."""
-    spec = os.environ.get("MOE_CONVERT_CRASH_AFTER", "")
+def _crash_point(rank: int, var: str = "MOE_CONVERT_CRASH_AFTER") -> int | None:
+    """Bytes after which this rank dies (or pauses), from `var`="rank:bytes" (crash and interrupt tests only)."""
+    spec = os.environ.get(var, "")
     if ":" not in spec:
         return None
     r, n = spec.split(":", 1)

@@ -19,7 +19,9 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from convert.errors import ConversionError
+from convert.errors import (
+    ConversionError, CredentialsError, StorageError, credentials_problem, reason_of, service_error,
+)
 
 T = TypeVar("T")
 RETRIES = int(os.environ.get("MOE_CONVERT_RETRIES", "8"))
@@ -61,32 +63,55 @@ def _copy_buffer() -> memoryview:
 
 
 def _is_permanent(exc: BaseException) -> bool:
-    """True for errors a retry cannot fix: bad input, missing objects, 4xx answers but 408/429."""
-    if isinstance(exc, (ConversionError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    """True for errors a retry cannot fix: bad input, missing objects, credentials, 4xx answers but 408/429."""
+    if isinstance(exc, (ConversionError, StorageError, FileNotFoundError, PermissionError, IsADirectoryError,
+                        NotADirectoryError, TypeError)):  # TypeError: options the filesystem does not take
         return True
-    cause = exc.__cause__ or exc
-    response = getattr(cause, "response", None)
-    if isinstance(response, dict):
-        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        return 400 <= status < 500 and status not in (408, 429)
+    if type(exc).__name__ in ("ParamValidationError", "InvalidRegionError", "InvalidEndpointConfigurationError"):
+        return True
+    if credentials_problem(exc):
+        return True
+    answer = service_error(exc)
+    if answer is not None:
+        return 400 <= answer[0] < 500 and answer[0] not in (408, 429)
     return False
 
 
-def with_retries(what: str, fn: Callable[[], T], attempts: int = RETRIES) -> T:
+def storage_error(op: str, target: str, exc: BaseException, attempts: int = 1) -> StorageError:
+    """`exc` (from an I/O or object-store call doing `op` on `target`) as a StorageError that names both."""
+    if isinstance(exc, StorageError):
+        return exc
+    problem = credentials_problem(exc)
+    if problem:
+        return CredentialsError(op, target, problem)
+    reason = reason_of(exc)
+    if attempts > 1:
+        reason = f"failed after {attempts} attempts: {reason}"
+    return StorageError(op, target, reason)
+
+
+def with_retries(op: str, target: str, fn: Callable[[], T], attempts: int = RETRIES) -> T:
     """Call `fn`, retrying transient failures (network, 5xx, throttling) with jittered backoff.
 
-    Permanent errors (bad input, missing objects, 4xx) are raised at once.
+    Permanent errors (bad input, missing objects, credentials, 4xx) are raised at once. Every
+    failure is raised as a StorageError naming `op` and `target` (ConversionErrors pass as they are).
     """
     for attempt in range(attempts):
         try:
             return fn()
+        except ConversionError:
+            raise
         except Exception as exc:  # noqa: BLE001 - object stores raise many kinds of transient errors
-            if _is_permanent(exc):
-                raise
-            if attempt == attempts - 1:
-                raise OSError(f"{what}: failed after {attempts} attempts: {exc!r}") from exc
+            if _is_permanent(exc) or attempt == attempts - 1:
+                raise storage_error(op, target, exc, attempt + 1) from exc
             time.sleep(min(10.0, 0.05 * 2**attempt) * (0.5 + random.random()))
     raise AssertionError("unreachable")
+
+
+def _no_such_upload(exc: BaseException) -> bool:
+    """True when `exc` is S3's answer that a multipart upload no longer exists."""
+    answer = service_error(exc)
+    return (answer is not None and answer[1] == "NoSuchUpload") or "NoSuchUpload" in repr(exc.__cause__ or exc)
 
 
 class Storage:
@@ -100,7 +125,10 @@ class Storage:
             # fsspec caches filesystems by their arguments: name the endpoint, so a client made for another
             # endpoint (same process, AWS_ENDPOINT_URL changed since) is never reused.
             options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
-        self.fs, root = fsspec.core.url_to_fs(url, **options)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **options)
+        except (ValueError, ImportError, TypeError) as exc:  # unknown protocol, its package not installed, bad options
+            raise ConversionError(f"{url}: cannot open ({exc})") from exc
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._fds: dict[tuple[str, int], int] = {}
@@ -115,28 +143,37 @@ class Storage:
         """`rel` as the user would write it, for messages."""
         return posixpath.join(self.url.rstrip("/"), rel) if rel else self.url
 
+    def _retry(self, op: str, rel: str, fn: Callable[[], T]) -> T:
+        """`fn` under with_retries for object stores; once for local paths (a local error is not transient)."""
+        return with_retries(op, self.display(rel), fn, 1 if self.is_local else RETRIES)
+
+    def _error(self, op: str, rel: str, exc: BaseException) -> StorageError:
+        return storage_error(op, self.display(rel), exc)
+
     # -- metadata ----------------------------------------------------------
     def exists(self, rel: str = "") -> bool:
         if not self.is_local:
             self.fs.invalidate_cache(self.path(rel))
-        return bool(with_retries(f"stat {self.display(rel)}", lambda: self.fs.exists(self.path(rel))))
+        return bool(self._retry("stat", rel, lambda: self.fs.exists(self.path(rel))))
 
     def isdir(self, rel: str = "") -> bool:
-        return bool(with_retries(f"stat {self.display(rel)}", lambda: self.fs.isdir(self.path(rel))))
+        return bool(self._retry("stat", rel, lambda: self.fs.isdir(self.path(rel))))
 
     def size(self, rel: str) -> int:
         """Size in bytes of the file `rel`."""
         if self.is_local:
-            return os.stat(self.path(rel)).st_size
-        return int(with_retries(f"stat {self.display(rel)}", lambda: self.fs.size(self.path(rel))))
+            return self._retry("stat", rel, lambda: os.stat(self.path(rel)).st_size)
+        return int(self._retry("stat", rel, lambda: self.fs.size(self.path(rel))))
 
     def file_sizes(self, rel: str = "") -> dict[str, int]:
         """name -> size in bytes of every file directly below `rel` (one listing)."""
         if self.is_local:
-            with os.scandir(self.path(rel)) as it:
-                return {e.name: e.stat().st_size for e in it if e.is_file(follow_symlinks=False)}
+            def scan() -> dict[str, int]:
+                with os.scandir(self.path(rel)) as it:
+                    return {e.name: e.stat().st_size for e in it if e.is_file(follow_symlinks=False)}
+            return self._retry("list", rel, scan)
         self.fs.invalidate_cache(self.path(rel))
-        entries = with_retries(f"list {self.display(rel)}", lambda: self.fs.ls(self.path(rel), detail=True))
+        entries = self._retry("list", rel, lambda: self.fs.ls(self.path(rel), detail=True))
         return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
                 for e in entries if e["type"] != "directory"}
 
@@ -149,10 +186,10 @@ class Storage:
         pins mean the file was not rewritten in between.
         """
         if self.is_local:
-            st = os.stat(self.path(rel))
+            st = self._retry("stat", rel, lambda: os.stat(self.path(rel)))
             return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
         self.fs.invalidate_cache(self.path(rel))
-        info = with_retries(f"stat {self.display(rel)}", lambda: self.fs.info(self.path(rel)))
+        info = self._retry("stat", rel, lambda: self.fs.info(self.path(rel)))
         pin: dict[str, Any] = {"size": int(info.get("size") or 0)}
         for keys in (PIN_KEYS, PIN_TIME_KEYS):
             pin.update({k: str(info[k]) for k in keys if info.get(k) not in (None, "")})
@@ -165,7 +202,7 @@ class Storage:
         files, dirs = [], []
         if not self.is_local:
             self.fs.invalidate_cache(self.path(rel))
-        entries = with_retries(f"list {self.display(rel)}", lambda: self.fs.ls(self.path(rel), detail=True))
+        entries = self._retry("list", rel, lambda: self.fs.ls(self.path(rel), detail=True))
         for entry in entries:
             name = posixpath.basename(entry["name"].rstrip("/"))
             (dirs if entry["type"] == "directory" else files).append(name)
@@ -188,26 +225,31 @@ class Storage:
     def prefetch(self, rel: str, start: int, end: int) -> None:
         """Start reading bytes [start, end) of `rel` into the page cache in the background (local files)."""
         if self.is_local and end > start:
-            os.posix_fadvise(self._fd(rel, os.O_RDONLY), start, end - start, os.POSIX_FADV_WILLNEED)
+            try:
+                os.posix_fadvise(self._fd(rel, os.O_RDONLY), start, end - start, os.POSIX_FADV_WILLNEED)
+            except OSError as exc:
+                raise self._error("read", rel, exc) from exc
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of the file `rel`; short reads are an error naming the file."""
         if end <= start:
             return b""
         if self.is_local:
-            fd = self._fd(rel, os.O_RDONLY)
             chunks, pos = [], start
-            while pos < end:
-                chunk = os.pread(fd, end - pos, pos)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                pos += len(chunk)
+            try:
+                fd = self._fd(rel, os.O_RDONLY)
+                while pos < end:
+                    chunk = os.pread(fd, end - pos, pos)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    pos += len(chunk)
+            except OSError as exc:
+                raise self._error("read", rel, exc) from exc
             data = b"".join(chunks)
         else:
-            data = with_retries(
-                f"read {self.display(rel)} [{start}, {end})",
-                lambda: self.fs.cat_file(self.path(rel), start=start, end=end),
+            data = self._retry(
+                "read", rel, lambda: self.fs.cat_file(self.path(rel), start=start, end=end),
             )
         if len(data) != end - start:
             raise ConversionError(
@@ -221,10 +263,12 @@ class Storage:
         if not self.is_local:
             out[:] = self.read_range(rel, start, start + n)
             return
-        fd = self._fd(rel, os.O_RDONLY)
         done = 0
         while done < n:
-            got = os.preadv(fd, [out[done:]], start + done)
+            try:
+                got = os.preadv(self._fd(rel, os.O_RDONLY), [out[done:]], start + done)
+            except OSError as exc:
+                raise self._error("read", rel, exc) from exc
             if got <= 0:
                 raise ConversionError(
                     f"{self.display(rel)}: expected {n} bytes at offset {start}, got {done} (truncated file?)"
@@ -234,9 +278,11 @@ class Storage:
     def read_bytes(self, rel: str) -> bytes:
         """The whole of a small file (configs, indexes)."""
         if self.is_local:
-            with open(self.path(rel), "rb") as f:
-                return f.read()
-        return with_retries(f"read {self.display(rel)}", lambda: self.fs.cat_file(self.path(rel)))
+            def read() -> bytes:
+                with open(self.path(rel), "rb") as f:
+                    return f.read()
+            return self._retry("read", rel, read)
+        return self._retry("read", rel, lambda: self.fs.cat_file(self.path(rel)))
 
     def read_json(self, rel: str) -> Any:
         """Parse the small JSON file `rel`; errors name the file."""
@@ -247,7 +293,7 @@ class Storage:
 
     # -- writes ------------------------------------------------------------
     def makedirs(self, rel: str = "") -> None:
-        self.fs.makedirs(self.path(rel), exist_ok=True)
+        self._retry("create directory", rel, lambda: self.fs.makedirs(self.path(rel), exist_ok=True))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write a small file atomically where the filesystem allows (temp name + rename).
@@ -263,30 +309,38 @@ class Storage:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, self.path(rel))
-            except BaseException:
+            except BaseException as exc:
                 try:
                     os.unlink(tmp)
                 except OSError:
                     pass
+                if isinstance(exc, OSError):
+                    raise self._error("write", rel, exc) from exc
                 raise
         else:
-            with_retries(f"write {self.display(rel)}", lambda: self.fs.pipe_file(self.path(rel), data))
+            self._retry("write", rel, lambda: self.fs.pipe_file(self.path(rel), data))
 
     def create_sized(self, rel: str, head: bytes, size: int) -> None:
         """Create (or truncate) `rel` as a file of `size` bytes starting with `head`."""
         self._require_local("positional writes")
-        with open(self.path(rel), "wb") as f:
-            f.write(head)
-            f.truncate(size)
+        try:
+            with open(self.path(rel), "wb") as f:
+                f.write(head)
+                f.truncate(size)
+        except OSError as exc:
+            raise self._error("create", rel, exc) from exc
 
     def pwrite(self, rel: str, offset: int, data: bytes | memoryview) -> None:
         """Write `data` at `offset` of the existing file `rel`."""
         self._require_local("positional writes")
-        fd = self._fd(rel, os.O_WRONLY)
         view = memoryview(data)
-        while view.nbytes:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
+        try:
+            fd = self._fd(rel, os.O_WRONLY)
+            while view.nbytes:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as exc:
+            raise self._error("write", rel, exc) from exc
 
     def copy_range_from(self, src: "Storage", src_rel: str, src_off: int, dst_rel: str, dst_off: int, n: int) -> None:
         """Copy n bytes from `src` file at `src_off` into our file `dst_rel` at `dst_off`.
@@ -298,24 +352,34 @@ class Storage:
         server-side copy, reflinks). Anything else: read_range + pwrite.
         """
         if src.is_local and self.is_local:
-            sfd = src._fd(src_rel, os.O_RDONLY)
-            dfd = self._fd(dst_rel, os.O_WRONLY)
-            if LOCAL_COPY == "kernel" and hasattr(os, "copy_file_range"):
+            reading = True  # which side an OSError came from, for its message
+            try:
+                sfd = src._fd(src_rel, os.O_RDONLY)
+                reading = False
+                dfd = self._fd(dst_rel, os.O_WRONLY)
+                if LOCAL_COPY == "kernel" and hasattr(os, "copy_file_range"):
+                    while n:
+                        done = os.copy_file_range(sfd, dfd, n, src_off, dst_off)
+                        if done <= 0:
+                            raise ConversionError(f"{src.display(src_rel)}: unexpected end of file at offset {src_off}")
+                        n, src_off, dst_off = n - done, src_off + done, dst_off + done
+                    return
+                buf = _copy_buffer()
                 while n:
-                    done = os.copy_file_range(sfd, dfd, n, src_off, dst_off)
-                    if done <= 0:
+                    reading = True
+                    got = os.preadv(sfd, [buf[: min(len(buf), n)]], src_off)
+                    if got <= 0:
                         raise ConversionError(f"{src.display(src_rel)}: unexpected end of file at offset {src_off}")
-                    n, src_off, dst_off = n - done, src_off + done, dst_off + done
-                return
-            buf = _copy_buffer()
-            while n:
-                got = os.preadv(sfd, [buf[: min(len(buf), n)]], src_off)
-                if got <= 0:
-                    raise ConversionError(f"{src.display(src_rel)}: unexpected end of file at offset {src_off}")
-                put = 0
-                while put < got:
-                    put += os.pwrite(dfd, buf[put:got], dst_off + put)
-                n, src_off, dst_off = n - got, src_off + got, dst_off + got
+                    reading = False
+                    put = 0
+                    while put < got:
+                        put += os.pwrite(dfd, buf[put:got], dst_off + put)
+                    n, src_off, dst_off = n - got, src_off + got, dst_off + got
+            except OSError as exc:
+                if reading:
+                    raise src._error("read", src_rel, exc) from exc
+                # copy_file_range does both: name the destination (where ENOSPC, EROFS, EDQUOT arise)
+                raise self._error("write", dst_rel, exc) from exc
             return
         self.pwrite(dst_rel, dst_off, src.read_range(src_rel, src_off, src_off + n))
 
@@ -332,24 +396,27 @@ class Storage:
     def fsync(self, rel: str) -> None:
         """Flush our local file `rel` to disk (object stores are durable once written: a no-op there)."""
         if self.is_local:
-            fd = self._fd(rel, os.O_WRONLY)
-            os.fsync(fd)
+            try:
+                os.fsync(self._fd(rel, os.O_WRONLY))
+            except OSError as exc:
+                raise self._error("write (fsync)", rel, exc) from exc
 
     def rename(self, src_rel: str, dst_rel: str) -> None:
         self.close()
+        op = f"rename {self.display(src_rel)} to"
         if self.is_local:
-            os.replace(self.path(src_rel), self.path(dst_rel))
+            self._retry(op, dst_rel, lambda: os.replace(self.path(src_rel), self.path(dst_rel)))
         else:
-            self.fs.mv(self.path(src_rel), self.path(dst_rel))
+            self._retry(op, dst_rel, lambda: self.fs.mv(self.path(src_rel), self.path(dst_rel)))
 
     def remove(self, rel: str) -> None:
         if self.exists(rel):
-            self.fs.rm(self.path(rel))
+            self._retry("remove", rel, lambda: self.fs.rm(self.path(rel)))
 
     def remove_tree(self, rel: str) -> None:
         """Remove the directory `rel` and everything below it, if it exists."""
         if self.exists(rel):
-            with_retries(f"remove {self.display(rel)}", lambda: self.fs.rm(self.path(rel), recursive=True))
+            self._retry("remove", rel, lambda: self.fs.rm(self.path(rel), recursive=True))
 
     def copy_file_from(self, src: "Storage", rel: str, dst_rel: str | None = None) -> None:
         """Copy a whole (small) file from `src` to the same name (or `dst_rel`) here."""
@@ -362,9 +429,7 @@ class Storage:
 
     def _s3(self, what: str, method: str, rel: str, **kwargs: Any) -> Any:
         bucket, key, _ = self.fs.split_path(self.path(rel))
-        return with_retries(
-            f"{what} {self.display(rel)}", lambda: self.fs.call_s3(method, Bucket=bucket, Key=key, **kwargs)
-        )
+        return with_retries(what, self.display(rel), lambda: self.fs.call_s3(method, Bucket=bucket, Key=key, **kwargs))
 
     def mpu_create(self, rel: str) -> str:
         """Start a multipart upload of `rel`; returns its upload id."""
@@ -384,7 +449,7 @@ class Storage:
             try:
                 resp = self._s3("list parts of", "list_parts", rel, UploadId=upload_id, PartNumberMarker=marker)
             except OSError as exc:
-                if "NoSuchUpload" in repr(exc.__cause__ or exc):
+                if _no_such_upload(exc):
                     return {}
                 raise
             for p in resp.get("Parts", []):
@@ -405,14 +470,14 @@ class Storage:
         try:
             self._s3("abort upload of", "abort_multipart_upload", rel, UploadId=upload_id)
         except OSError as exc:
-            if "NoSuchUpload" not in repr(exc.__cause__ or exc):
+            if not _no_such_upload(exc):
                 raise
 
     def mpu_pending(self, prefix_rel: str = "") -> list[tuple[str, str]]:
         """(key relative to the root, upload id) of every unfinished upload below the root."""
         bucket, key, _ = self.fs.split_path(self.path(prefix_rel))
         resp = with_retries(
-            f"list uploads of {self.display()}",
+            "list uploads of", self.display(),
             lambda: self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key.rstrip("/") + "/"),
         )
         _, root_key, _ = self.fs.split_path(self.root)

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from convert.checkpoint import OTHER_WEIGHTS
-from convert.errors import ConversionError
+from convert.errors import ConversionError, describe, set_destination
 from convert.families import detect_family
 from convert.storage import Storage
+from convert.toplevel import ToolParser
 from convert.verify_base import base_relation
 from convert.verify_checks import ExpertCheck, Mismatch, PassCheck, Tally, run_expert, run_pass
 from convert.verify_tables import Table, Unreadable, read_table
@@ -249,6 +250,7 @@ def summarize(relation: Relation, tallies: list[Tally], opts: VerifyOptions, wor
 def verify_job(opts: VerifyOptions, dist: Dist) -> int:
     """Verify on every rank of `dist` (rank 0 plans and prints); returns the exit code on every rank."""
     t0 = time.perf_counter()
+    set_destination(None)  # verifying writes nothing: an interrupt leaves nothing incomplete
     relation: Relation | str | None = None
     if dist.is_main:
         try:
@@ -263,7 +265,7 @@ def verify_job(opts: VerifyOptions, dist: Dist) -> int:
     try:
         result: Tally | str = check_share(relation, opts, dist.rank, dist.world_size)
     except Exception as exc:  # noqa: BLE001 - reported by rank 0, every rank exits non-zero
-        result = f"rank {dist.rank}: {type(exc).__name__}: {exc}"
+        result = f"rank {dist.rank}: {describe(exc)}"
     gathered = dist.gather(result)
     code = 0
     if dist.is_main:
@@ -299,7 +301,7 @@ def verify_after(opts: VerifyOptions, dist: Dist, marker: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """The verifier's command line."""
-    p = argparse.ArgumentParser(prog="convert.verify", description=__doc__.splitlines()[0])
+    p = ToolParser(prog="convert.verify", description=__doc__.splitlines()[0])
     p.add_argument("--src", required=True, help="the checkpoint or adapter that was converted")
     p.add_argument("--dst", required=True, help="the conversion to check")
     p.add_argument("--family", default=None, help="model family (default: from config.json model_type)")

@@ -20,11 +20,12 @@ from typing import Any
 import yaml
 
 from convert.checkpoint import INDEX_NAME
-from convert.errors import ConversionError
+from convert.errors import ConversionError, describe
 from convert.families import PER_EXPERT
 from convert.job import JobOptions, run_job
 from convert.output_record import is_complete_output
 from convert.storage import Storage
+from convert.toplevel import ToolParser, finish, run_guarded, settle
 from convert.transforms import DTYPE_NAMES
 from launch.dist import Dist, init_dist
 from sharding.file_layout import parse_size
@@ -116,7 +117,7 @@ def run_batch(jobs: list[dict[str, Any]], dist: Dist) -> list[dict[str, Any]]:
                     if not job.get("overwrite") and is_complete_output(Storage(job["dst"], job.get("storage_options")), marker):
                         decision = "skip"
                 except Exception as exc:  # noqa: BLE001 - an unreachable destination fails this job only
-                    decision = f"cannot read destination: {exc}"
+                    decision = f"cannot read destination: {describe(exc)}"
         decision = dist.broadcast(decision)
         if decision == "skip":
             row["status"] = "skipped (already complete)"
@@ -129,7 +130,7 @@ def run_batch(jobs: list[dict[str, Any]], dist: Dist) -> list[dict[str, Any]]:
             try:
                 code = runner(job, dist, report)
             except Exception as exc:  # noqa: BLE001 - one broken job must not stop the batch
-                code, report["error"] = 1, f"{type(exc).__name__}: {exc}"
+                code, report["error"] = 1, describe(exc)
             row["seconds"] = round(time.perf_counter() - t0, 3)
             row["bytes"] = int(report.get("bytes", 0))
             if code == 0:
@@ -154,10 +155,14 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, run the manifest, print the summary; exit 1 if any job failed."""
-    p = argparse.ArgumentParser(prog="launch.batch", description=__doc__.splitlines()[0])
+    p = ToolParser(prog="launch.batch", description=__doc__.splitlines()[0])
     p.add_argument("manifest")
     p.add_argument("--report", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
+    finish(run_guarded(lambda: _run(a)))
+
+
+def _run(a: argparse.Namespace) -> int:
     dist = init_dist()
     try:
         jobs: list[dict[str, Any]] | str = []
@@ -179,9 +184,11 @@ def main(argv: list[str] | None = None) -> None:
                     with open(a.report, "w") as fh:
                         json.dump({"jobs": rows}, fh, indent=2)
             code = 1 if any(r["status"] == "failed" for r in rows) else 0
+        settle(code)
+        dist.barrier()  # nobody leaves before rank 0 has printed the summary (a launcher then stops every rank)
     finally:
         dist.close()
-    sys.exit(code)
+    return code
 
 
 if __name__ == "__main__":

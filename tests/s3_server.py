@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CREDENTIALS = {
@@ -54,10 +55,15 @@ class MotoServer:
 
 
 class FlakyProxy:
-    """Forwards to `upstream`, answering every `every`-th request with a 503 SlowDown (at most `budget` times)."""
+    """Forwards to `upstream`, answering every `every`-th request with a 503 SlowDown (at most `budget` times).
 
-    def __init__(self, upstream_port: int, every: int = 4, budget: int = 40) -> None:
+    `deny(method, path)` (path with its query), when true, answers 403 AccessDenied instead (`every=0`: no 503s).
+    """
+
+    def __init__(self, upstream_port: int, every: int = 4, budget: int = 40,
+                 deny: Callable[[str, str], bool] | None = None) -> None:
         self.injected = 0
+        self.denied = 0
         self.seen = 0
         lock = threading.Lock()
         outer = self
@@ -82,11 +88,21 @@ class FlakyProxy:
 
             def _handle(self) -> None:
                 body = self._body()
+                refuse = deny is not None and deny(self.command, self.path)
                 with lock:
                     outer.seen += 1
-                    fail = outer.seen % every == 0 and outer.injected < budget
+                    fail = not refuse and every > 0 and outer.seen % every == 0 and outer.injected < budget
                     if fail:
                         outer.injected += 1
+                    outer.denied += refuse
+                if refuse:
+                    msg = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+                    self.send_response(403)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
                 if fail:
                     msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
                     self.send_response(503)
