@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 from convert.families import PER_EXPERT, load_families
+from convert.flag_types import positive_int, size_arg
 from convert.transforms import TORCH_DTYPES
-from sharding.file_layout import layout_files, parse_size
+from sharding.file_layout import layout_files
 
 DTYPE_NAME_OF = {v: k for k, v in TORCH_DTYPES.items()}
 TORCH_OF = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -131,12 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="convert.example", description=__doc__.splitlines()[0])
     p.add_argument("dst")
     p.add_argument("--family", default="qwen3_moe", choices=sorted(load_families()))
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--experts", type=int, default=12)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=96)
+    p.add_argument("--layers", type=positive_int, default=4)
+    p.add_argument("--experts", type=positive_int, default=12)
+    p.add_argument("--hidden", type=positive_int, default=256)
+    p.add_argument("--intermediate", type=positive_int, default=96)
     p.add_argument("--dtype", default="bf16", choices=sorted(TORCH_OF))
-    p.add_argument("--max-shard-size", default="2MB", type=parse_size)
+    p.add_argument("--max-shard-size", default="2MB", type=size_arg)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     tensors, cfg = example_tensors(a.family, a.layers, a.experts, a.hidden, a.intermediate, a.seed, TORCH_OF[a.dtype])

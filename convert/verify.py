@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from convert.checkpoint import OTHER_WEIGHTS
-from convert.cli import json_object, run_main
+from convert.cli import run_main
 from convert.errors import ConversionError
 from convert.families import detect_family
+from convert.flag_types import json_object
 from convert.model_config import CONFIG_DTYPE_NAMES, DTYPE_KEYS, without_dtype
 from convert.storage import Storage
 from convert.verify_base import base_relation

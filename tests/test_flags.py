@@ -59,10 +59,20 @@ def test_bad_flag_values_are_refused_by_name(kind, flag, value, expect, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_verify_refuses_bad_storage_options_by_name(tmp_path, capsys):
-    assert call(verify.main, "--src", str(tmp_path), "--dst", str(tmp_path), "--storage-options", "nope") == 2
+@pytest.mark.parametrize("tool, argv, expect", [
+    ("verify", ["--src", "a", "--dst", "b", "--storage-options", "nope"], "argument --storage-options: not valid JSON"),
+    ("inspect", ["a", "--storage-options", "nope"], "argument --storage-options: not valid JSON"),
+    ("example", ["OUT", "--max-shard-size", "2XB"], "argument --max-shard-size: '2XB' is not a size"),
+    ("example", ["OUT", "--experts", "0"], "argument --experts: must be at least 1, got 0"),
+])
+def test_other_commands_refuse_bad_values_by_name(tool, argv, expect, tmp_path, capsys):
+    import convert.inspect
+
+    main = {"verify": verify.main, "inspect": convert.inspect.main, "example": example.main}[tool]
+    assert call(main, *[str(tmp_path / "out") if a == "OUT" else a for a in argv]) == 2
     err = capsys.readouterr().err
-    assert "argument --storage-options: not valid JSON" in err and "loads" not in err
+    assert expect in err and "loads" not in err and "parse_size" not in err, err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("kind, layout", [("fuse_experts", "per_expert"), ("fuse_experts", "fused"),
