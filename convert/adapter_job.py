@@ -16,8 +16,7 @@ from typing import Any
 from convert.adapter_plan import AdapterPlan, plan_fuse, plan_split
 from convert.adapter_source import ADAPTER_INDEX, ADAPTER_WEIGHTS, AdapterSource, open_adapter
 from convert.cli import base_parser, job_options
-from convert.errors import ConversionError
-from convert.job import JobOptions, JobSetup, check_destination, fingerprint, run_planned
+from convert.job import JobOptions, JobSetup, check_destination, choose_ep, fingerprint, run_planned
 from convert.output_record import source_pins
 from convert.storage import Storage
 from launch.dist import Dist
@@ -63,19 +62,21 @@ def plan_adapter(opts: AdapterJobOptions, ep: int) -> tuple[AdapterSource, Adapt
 
 def plan_adapter_job(opts: AdapterJobOptions, dist: Dist) -> JobSetup:
     """Rank 0's work before any byte moves: read metadata, plan, lay out the file, check the destination."""
-    ep = opts.ep or dist.world_size
-    if ep < 1:
-        raise ConversionError(f"--ep must be >= 1, got {ep}")
-    src, plan = plan_adapter(opts, ep)
+    src, plan = plan_adapter(opts, opts.ep or dist.world_size)
     dst = Storage(opts.dst, opts.storage_options)
     try:  # the metadata reads cached descriptors: release them (a batch runs many jobs in one process)
-        return _lay_out(opts, dist, ep, src, plan, dst)
+        where = f"the adapter {src.display()}" + (f" (base config: {src.base_config_source})" if src.base_config_source else "")
+        ep, ep_note = choose_ep(opts.ep, dist.world_size, plan.num_experts, where)
+        if ep != (opts.ep or dist.world_size) and opts.layout == SPLIT:
+            plan = plan_split(src, opts.dtype, ep)  # the split gathers peft lora_B once per slice: re-plan
+        return _lay_out(opts, dist, ep, src, plan, dst, ep_note)
     finally:
         src.storage.close()
         dst.close()
 
 
-def _lay_out(opts: AdapterJobOptions, dist: Dist, ep: int, src: AdapterSource, plan: AdapterPlan, dst: Storage) -> JobSetup:
+def _lay_out(opts: AdapterJobOptions, dist: Dist, ep: int, src: AdapterSource, plan: AdapterPlan, dst: Storage,
+             ep_note: str = "") -> JobSetup:
     """Output file layout, final files, piece assignment, plan summary and destination check."""
     files = layout_files(plan.targets, opts.max_shard_bytes, {"format": "pt"}, stem="adapter_model")
     final: dict[str, bytes] = {}
@@ -96,6 +97,8 @@ def _lay_out(opts: AdapterJobOptions, dist: Dist, ep: int, src: AdapterSource, p
     ]
     if ep > dist.world_size:
         summary.append(f"  each rank works through up to {-(-ep // dist.world_size)} slices in turn")
+    if ep_note:
+        summary.append(f"  {ep_note}")
     if opts.layout == SPLIT and any(g.pattern == "peft_target_parameters" for g in plan.groups):
         summary.append("  peft lora_B is expert-minor (an expert's columns are strided over the whole tensor): "
                        "each slice reads all of it once")

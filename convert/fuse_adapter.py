@@ -11,18 +11,38 @@ across experts (else refused).
 
 from __future__ import annotations
 
+import argparse
+from typing import Any
+
 from convert.adapter_job import ADAPTER_CONFIG, adapter_options, adapter_parser, run_adapter_job
 from convert.adapter_plan import FUSED_LAYOUTS
-from convert.cli import run_main, with_verify
+from convert.cli import run_main
+from convert.verify import with_verify
+from launch.dist import Dist
+
+MARKER = ADAPTER_CONFIG  # the file whose presence marks a finished destination
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: the adapter conversion flags plus --layout (required)."""
+    p = adapter_parser("convert.fuse_adapter", __doc__.splitlines()[0])
+    p.add_argument("--layout", required=True, choices=FUSED_LAYOUTS, help="target adapter layout")
+    return p
+
+
+def run(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = None) -> int:
+    """Run the fuse (and --verify) described by parsed flags `args` on this rank; returns the exit code.
+
+    `report`, if given, receives on rank 0 the bytes written, any error and the verifier's outcome.
+    """
+    opts = adapter_options(args, args.layout)
+    return with_verify(args, lambda d: run_adapter_job(opts, d, report), MARKER, report)(dist)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the fuse on every rank."""
-    p = adapter_parser("convert.fuse_adapter", __doc__.splitlines()[0])
-    p.add_argument("--layout", required=True, choices=FUSED_LAYOUTS, help="target adapter layout")
-    args = p.parse_args(argv)
-    opts = adapter_options(args, args.layout)
-    run_main(with_verify(args, lambda dist: run_adapter_job(opts, dist), ADAPTER_CONFIG))
+    args = build_parser().parse_args(argv)
+    run_main(lambda dist: run(args, dist))
 
 
 if __name__ == "__main__":

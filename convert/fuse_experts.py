@@ -5,21 +5,45 @@
 
 from __future__ import annotations
 
-from convert.cli import base_parser, job_options, run_main, with_verify
+import argparse
+from typing import Any
+
+from convert.checkpoint import INDEX_NAME
+from convert.cli import base_parser, job_options, run_main
+from convert.families import load_families
 from convert.job import run_job
+from convert.verify import with_verify
+from launch.dist import Dist
+
+MARKER = INDEX_NAME  # the file whose presence marks a finished destination
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: the base conversion flags plus --layout (a fused layout of some family)."""
+    p = base_parser("convert.fuse_experts", __doc__.splitlines()[0])
+    fused = sorted({name for fam in load_families().values() for name in fam.fused})
+    p.add_argument(
+        "--layout",
+        default=None,
+        choices=fused,
+        help="fused layout: transformers (default; what transformers>=5 holds) or stacked; gpt_oss: native",
+    )
+    return p
+
+
+def run(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = None) -> int:
+    """Run the fuse (and --verify) described by parsed flags `args` on this rank; returns the exit code.
+
+    `report`, if given, receives on rank 0 the bytes written, any error and the verifier's outcome.
+    """
+    opts = job_options(args, args.layout)
+    return with_verify(args, lambda d: run_job(opts, d, report), MARKER, report)(dist)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the fuse job on every rank."""
-    p = base_parser("convert.fuse_experts", __doc__.splitlines()[0])
-    p.add_argument(
-        "--layout",
-        default=None,
-        help="fused layout: transformers (default; what transformers>=5 holds) or stacked; gpt_oss: native",
-    )
-    args = p.parse_args(argv)
-    opts = job_options(args, args.layout)
-    run_main(with_verify(args, lambda dist: run_job(opts, dist)))
+    args = build_parser().parse_args(argv)
+    run_main(lambda dist: run(args, dist))
 
 
 if __name__ == "__main__":

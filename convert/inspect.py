@@ -28,6 +28,7 @@ from convert.checkpoint import OTHER_WEIGHTS, open_checkpoint
 from convert.errors import ConversionError, StorageError, describe
 from convert.expert_groups import find_expert_groups
 from convert.families import PER_EXPERT, detect_family
+from convert.flag_types import json_object
 from convert.safetensors_format import TensorInfo, read_header
 from convert.storage import Storage
 from convert.toplevel import ToolParser, run_guarded
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", help="checkpoint or adapter directory, a .safetensors file, or an fsspec URL")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--base-config", default=None, help="the base model's config.json (for adapters)")
-    p.add_argument("--storage-options", type=json.loads, default={}, help="JSON of fsspec options")
+    p.add_argument("--storage-options", type=json_object, default={}, help="JSON of fsspec options")
     args = p.parse_args(argv)
 
     def run() -> int:

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from convert.checkpoint import INDEX_NAME, open_checkpoint
 from convert.errors import ConversionError, error_text, set_destination
 from convert.executor import piece_memory, warm_up
-from convert.families import detect_family
+from convert.families import PER_EXPERT, detect_family
+from convert.model_config import CONFIG_DTYPE_NAMES, config_bytes, with_dtype
 from convert.output_record import (
     check_existing, check_pins, classify, record_bytes, refuse_foreign, source_pins,
 )
@@ -134,11 +135,12 @@ def plan_job(opts: JobOptions, dist: Dist) -> JobSetup:
 def _plan_job(opts: JobOptions, dist: Dist, src: Storage, dst: Storage) -> JobSetup:
     ckpt = open_checkpoint(src)
     family = detect_family(ckpt.config, src.display("config.json"), opts.family)
+    if opts.layout is not None and opts.layout != PER_EXPERT and opts.layout not in family.fused:
+        raise ConversionError(f"--layout {opts.layout}: the {family.name} family ({src.display('config.json')}) has "
+                              f"no such fused layout; its fused layouts: {', '.join(family.fused)}")
     layout = opts.layout or family.default_fused
     plan = plan_conversion(ckpt, family, layout, opts.dtype)
-    ep = opts.ep or dist.world_size
-    if ep < 1:
-        raise ConversionError(f"--ep must be >= 1, got {ep}")
+    ep, ep_note = choose_ep(opts.ep, dist.world_size, plan.num_experts, src.display("config.json"))
     files = layout_files(plan.targets, opts.max_shard_bytes, plan.metadata)
     assignment = assign_pieces(plan.pieces, plan.num_experts, ep, dist.world_size)
     total = sum(t.nbytes for t in plan.targets)
@@ -157,6 +159,15 @@ def _plan_job(opts: JobOptions, dist: Dist, src: Storage, dst: Storage) -> JobSe
     ]
     if ep > dist.world_size:
         summary.append(f"  each rank works through up to {-(-ep // dist.world_size)} slices in turn")
+    if ep_note:
+        summary.append(f"  {ep_note}")
+    copy_files, final = list(plan.copy_files), {}
+    if opts.dtype and "config.json" in copy_files:
+        # The cast changes the weights' dtype: config.json must say so (rewritten, not copied).
+        copy_files.remove("config.json")
+        final["config.json"] = config_bytes(with_dtype(ckpt.config, opts.dtype))
+        summary.append(f"  config.json: dtype keys set to {CONFIG_DTYPE_NAMES[opts.dtype]}")
+    final[INDEX_NAME] = (json.dumps(index, indent=2) + "\n").encode()
     summary += [f"  note: {n}" for n in plan.notes]
     fp = fingerprint(
         opts.src, sorted((n, h.file_size) for n, h in ckpt.headers.items()),
@@ -167,9 +178,29 @@ def _plan_job(opts: JobOptions, dist: Dist, src: Storage, dst: Storage) -> JobSe
     resuming = False if opts.dry_run else check_destination(src, dst, opts.overwrite, INDEX_NAME, fp)
     return JobSetup(
         summary=summary, files=files, pieces=plan.pieces, assignment=assignment, ep=ep,
-        copy_files=plan.copy_files, final_files={INDEX_NAME: (json.dumps(index, indent=2) + "\n").encode()},
+        copy_files=copy_files, final_files=final,
         fingerprint=fp, resuming=resuming, job_id=uuid.uuid4().hex, pins=pins,
     )
+
+
+def choose_ep(requested: int | None, world_size: int, num_experts: int, where: str) -> tuple[int, str]:
+    """The number of expert slices, and a plan note when it differs from the default.
+
+    An explicit --ep above E (`num_experts`, read from `where`) is refused; the default (the
+    world size) is capped at E, and the ranks without a slice only take non-expert pieces.
+    """
+    if requested is not None:
+        if requested < 1:
+            raise ConversionError(f"--ep must be >= 1, got {requested}")
+        if requested > num_experts:
+            raise ConversionError(f"--ep {requested}: {where} has only E={num_experts} experts; "
+                                  f"use --ep {num_experts} or less")
+        return requested, ""
+    if world_size <= num_experts:
+        return world_size, ""
+    idle = world_size - num_experts
+    return num_experts, (f"ep={num_experts}: {world_size} ranks but only E={num_experts} experts; "
+                         f"{idle} rank(s) get no expert slice and take only non-expert pieces")
 
 
 def _gb(n: float) -> str:
@@ -352,7 +383,7 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
         if dist.is_main:
             for e in errors:
                 _fail(report, e)
-            print(f"error: conversion failed; {opts.dst} is incomplete (no {next(iter(setup.final_files))}). "
+            print(f"error: conversion failed; {opts.dst} is incomplete (no {list(setup.final_files)[-1]}). "
                   "Re-run the same command to resume.", file=sys.stderr)
         return 1
     ok = True

@@ -28,8 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from convert.checkpoint import OTHER_WEIGHTS
+from convert.cli import run_main
 from convert.errors import ConversionError, describe, set_destination
 from convert.families import detect_family
+from convert.flag_types import json_object
+from convert.model_config import CONFIG_DTYPE_NAMES, DTYPE_KEYS, without_dtype
 from convert.storage import Storage
 from convert.toplevel import ToolParser
 from convert.verify_base import base_relation
@@ -113,12 +116,38 @@ def build_base(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
         raise CannotVerify(f"the source is not a valid {family.name} checkpoint: {bad_src[0]}")
     problems += found
     files = copied_files(src_table, BASE_INDEX)
-    problems += compare_files(src, dst, files)
+    problems += compare_files(src, dst, files, {"config.json"})
+    problems += config_problems(src, dst, dst_table)
     headline = (f"{family.name}: {len(experts)} expert layer(s) x E={num_experts}; {len(src_table.tensors)} source "
                 f"tensors -> {len(dst_table.tensors)} destination tensors in {len(dst_table.shards)} file(s); "
                 f"{len(files)} other file(s)")
     return Relation("base", headline, experts, passes, problems, len(src_table.tensors), len(dst_table.tensors),
                     len(dst_table.shards))
+
+
+def config_problems(src: Storage, dst: Storage, dst_table: Table) -> list[str]:
+    """The destination's config.json must equal the source's, except that its dtype keys (top level and
+    text_config) may change, and must then name the dtype the destination's floating tensors have."""
+    if not dst.exists("config.json"):
+        return []  # reported by compare_files
+    raw = dst.read_bytes("config.json")
+    if raw == src.read_bytes("config.json"):
+        return []
+    where = dst.display("config.json")
+    try:
+        before, after = json.loads(src.read_bytes("config.json")), json.loads(raw)
+    except ValueError as exc:
+        return [f"{where}: not valid JSON ({exc})"]
+    if without_dtype(before) != without_dtype(after):
+        return [f"{where}: differs from {src.display('config.json')} (beyond its dtype keys)"]
+    floats = {t.dtype for t in dst_table.tensors.values() if t.dtype in CONFIG_DTYPE_NAMES}
+    if len(floats) != 1:
+        return []
+    want = CONFIG_DTYPE_NAMES[floats.pop()]
+    sub = after.get("text_config") if isinstance(after.get("text_config"), dict) else {}
+    claims = [(k, v) for k, v in after.items() if k in DTYPE_KEYS] + [(f"text_config.{k}", v) for k, v in sub.items()
+                                                                     if k in DTYPE_KEYS]
+    return [f"{where}: {k} is {v!r} but the tensors are {want}" for k, v in claims if v != want]
 
 
 def build_adapter(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
@@ -247,8 +276,11 @@ def summarize(relation: Relation, tallies: list[Tally], opts: VerifyOptions, wor
     return "\n".join(lines), report
 
 
-def verify_job(opts: VerifyOptions, dist: Dist) -> int:
-    """Verify on every rank of `dist` (rank 0 plans and prints); returns the exit code on every rank."""
+def verify_job(opts: VerifyOptions, dist: Dist, out: dict[str, Any] | None = None) -> int:
+    """Verify on every rank of `dist` (rank 0 plans and prints); returns the exit code on every rank.
+
+    `out`, if given, receives on rank 0 `verify`: {"code", "mismatches", "error"}.
+    """
     t0 = time.perf_counter()
     set_destination(None)  # verifying writes nothing: an interrupt leaves nothing incomplete
     relation: Relation | str | None = None
@@ -261,6 +293,8 @@ def verify_job(opts: VerifyOptions, dist: Dist) -> int:
     if isinstance(relation, str):
         if dist.is_main:
             print(f"error: {relation}", file=sys.stderr)
+            if out is not None:
+                out["verify"] = {"code": 2, "mismatches": 0, "error": relation}
         return 2
     try:
         result: Tally | str = check_share(relation, opts, dist.rank, dist.world_size)
@@ -281,14 +315,16 @@ def verify_job(opts: VerifyOptions, dist: Dist) -> int:
             with open(opts.report_path, "w") as fh:
                 json.dump({**report, "errors": errors}, fh, indent=2)
         code = 2 if errors else (0 if report["ok"] else 1)
+        if out is not None:
+            out["verify"] = {"code": code, "mismatches": report["mismatches"], "error": "; ".join(errors)}
     return int(dist.broadcast(code))
 
 
-def verify_after(opts: VerifyOptions, dist: Dist, marker: str) -> int:
+def verify_after(opts: VerifyOptions, dist: Dist, marker: str, report: dict[str, Any] | None = None) -> int:
     """`--verify` of a conversion: verify on the same ranks; on a mismatch rank 0 renames the output's
     completion marker (`marker`, e.g. its index) to `<marker>.unverified`, so the wrong output never looks
-    complete. Returns the verifier's exit code."""
-    code = verify_job(opts, dist)
+    complete. Returns the verifier's exit code; `report` (rank 0) receives its outcome as in verify_job."""
+    code = verify_job(opts, dist, report)
     if code == 1 and dist.is_main:
         dst = Storage(opts.dst, opts.storage_options)
         if dst.exists(marker):
@@ -299,6 +335,25 @@ def verify_after(opts: VerifyOptions, dist: Dist, marker: str) -> int:
     return code
 
 
+def with_verify(
+    args: argparse.Namespace, job: Callable[[Dist], int], marker: str, report: dict[str, Any] | None = None
+) -> Callable[[Dist], int]:
+    """`job`, then with --verify (after a successful, non-dry run) the verifier on the same ranks.
+
+    `args` are a conversion's parsed flags; `marker` is the output file that marks it complete,
+    renamed if verification finds a mismatch; `report` (rank 0) receives the verifier's outcome.
+    """
+    def body(dist: Dist) -> int:
+        code = job(dist)
+        if code != 0 or not getattr(args, "verify", False) or getattr(args, "dry_run", False):
+            return code
+        opts = VerifyOptions(args.src, args.dst, getattr(args, "family", None), args.storage_options,
+                             getattr(args, "base_config", None))
+        return verify_after(opts, dist, marker, report)
+
+    return body
+
+
 def parser() -> argparse.ArgumentParser:
     """The verifier's command line."""
     p = ToolParser(prog="convert.verify", description=__doc__.splitlines()[0])
@@ -306,7 +361,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dst", required=True, help="the conversion to check")
     p.add_argument("--family", default=None, help="model family (default: from config.json model_type)")
     p.add_argument("--base-config", default=None, help="adapters: the base model's config.json")
-    p.add_argument("--storage-options", type=json.loads, default={}, help="JSON of fsspec options")
+    p.add_argument("--storage-options", type=json_object, default={}, help="JSON of fsspec options")
     p.add_argument("--max-report", type=int, default=50, help="mismatches listed (default 50)")
     p.add_argument("--report", default=None, help="write a JSON report here")
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
@@ -315,8 +370,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and verify on every rank."""
-    from convert.cli import run_main
-
     a = parser().parse_args(argv)
     opts = VerifyOptions(a.src, a.dst, a.family, a.storage_options, a.base_config, a.max_report, a.report)
     run_main(lambda dist: verify_job(opts, dist))

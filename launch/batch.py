@@ -1,11 +1,12 @@
 """`torchrun ... -m launch.batch MANIFEST.yaml`: run a list of conversions, skipping finished ones.
 
-The manifest (YAML or JSON) is `{defaults: {...}, jobs: [{name, kind, src, dst, ...}]}`; each
-job's keys are the entry point's flags with `_` for `-` (layout, ep, max_shard_size, dtype,
-storage_options, overwrite, ...), `defaults` applies to every job. Kinds: fuse_experts,
-split_experts, split_adapter, fuse_adapter. A job whose destination is already complete is
-skipped; a failed job is reported and the batch goes on. All ranks run every job together
-(one process group). Ends with a summary table and, with --report, a JSON report.
+The manifest (YAML or JSON) is `{defaults: {...}, jobs: [{name, kind, src, dst, ...}]}`. Kinds:
+fuse_experts, split_experts, split_adapter, fuse_adapter (convert.kinds). Every other key of a
+job is a flag of that kind's entry point, parsed by its own parser (launch.manifest): unknown
+keys or bad values refuse the whole manifest before any job runs. `dry_run: true` prints the
+job's plan, `verify: true` checks its output with convert.verify. A job whose destination is
+already complete is skipped; a failed job is reported and the batch goes on. All ranks run
+every job together (one process group). Ends with a summary table and, with --report, a JSON report.
 """
 
 from __future__ import annotations
@@ -17,81 +18,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import yaml
-
-from convert.checkpoint import INDEX_NAME
 from convert.errors import ConversionError, describe
-from convert.families import PER_EXPERT
-from convert.job import JobOptions, run_job
+from convert.kinds import KINDS, entry_point
 from convert.output_record import is_complete_output
 from convert.storage import Storage
 from convert.toplevel import ToolParser, finish, run_guarded, settle
-from convert.transforms import DTYPE_NAMES
 from launch.dist import Dist, init_dist
-from sharding.file_layout import parse_size
+from launch.manifest import job_namespace, load_manifest
 
-JobRunner = Callable[[dict[str, Any], Dist, dict[str, Any]], int]
-
-
-def _base_options(job: dict[str, Any], layout: str | None) -> JobOptions:
-    size = job.get("max_shard_size", "5GB")
-    return JobOptions(
-        src=job["src"], dst=job["dst"], layout=layout, ep=job.get("ep"),
-        max_shard_bytes=parse_size(str(size)) if not isinstance(size, int) else size,
-        dtype=DTYPE_NAMES[job.get("dtype", "keep")], overwrite=bool(job.get("overwrite", False)),
-        family=job.get("family"), workers=int(job.get("workers", 4)),
-        storage_options=dict(job.get("storage_options") or {}), show_progress=False,
-    )
-
-
-def _fuse(job: dict[str, Any], dist: Dist, report: dict[str, Any]) -> int:
-    return run_job(_base_options(job, job.get("layout")), dist, report)
-
-
-def _split(job: dict[str, Any], dist: Dist, report: dict[str, Any]) -> int:
-    return run_job(_base_options(job, PER_EXPERT), dist, report)
-
+JobRunner = Callable[[argparse.Namespace, Dist, dict[str, Any]], int]
 
 RUNNERS: dict[str, tuple[JobRunner, str]] = {
     # kind: (runner, file whose presence marks a finished destination)
-    "fuse_experts": (_fuse, INDEX_NAME),
-    "split_experts": (_split, INDEX_NAME),
+    kind: (entry_point(kind).run, entry_point(kind).MARKER) for kind in KINDS
 }
-
-
-def register(kind: str, runner: JobRunner, marker: str) -> None:
-    """Add a job kind (used by the adapter entry points)."""
-    RUNNERS[kind] = (runner, marker)
-
-
-def _load_adapter_kinds() -> None:
-    try:
-        from convert import adapter_batch
-    except ImportError:
-        return
-    # Register here too: run as `python -m launch.batch`, this module is __main__, not launch.batch.
-    for kind, (runner, marker) in adapter_batch.KINDS.items():
-        register(kind, runner, marker)
-
-
-def load_manifest(path: str) -> list[dict[str, Any]]:
-    """The jobs of a manifest, with defaults applied and names filled in; raises ConversionError."""
-    try:
-        with open(path) as fh:
-            doc = yaml.safe_load(fh)
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConversionError(f"{path}: cannot read manifest ({exc})") from exc
-    if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list):
-        raise ConversionError(f"{path}: expected a mapping with a 'jobs' list")
-    defaults = dict(doc.get("defaults") or {})
-    jobs = []
-    for i, raw in enumerate(doc["jobs"]):
-        if not isinstance(raw, dict):
-            raise ConversionError(f"{path}: job {i} is not a mapping")
-        job = {**defaults, **raw}
-        job.setdefault("name", f"job{i}")
-        jobs.append(job)
-    return jobs
 
 
 def _problem(job: dict[str, Any]) -> str | None:
@@ -103,11 +43,11 @@ def _problem(job: dict[str, Any]) -> str | None:
 
 def run_batch(jobs: list[dict[str, Any]], dist: Dist) -> list[dict[str, Any]]:
     """Run every job on all ranks; returns one result row per job (meaningful on rank 0)."""
-    _load_adapter_kinds()
     rows = []
     for job in jobs:
         row: dict[str, Any] = {"name": job["name"], "kind": job.get("kind"), "src": job.get("src"),
-                               "dst": job.get("dst"), "status": "", "bytes": 0, "seconds": 0.0}
+                               "dst": job.get("dst"), "dry_run": bool(job.get("dry_run")),
+                               "verify": bool(job.get("verify")), "status": "", "bytes": 0, "seconds": 0.0}
         decision: str | None = None
         if dist.is_main:
             decision = _problem(job)
@@ -128,25 +68,42 @@ def run_batch(jobs: list[dict[str, Any]], dist: Dist) -> list[dict[str, Any]]:
             report: dict[str, Any] = {}
             t0 = time.perf_counter()
             try:
-                code = runner(job, dist, report)
+                code = runner(job_namespace(job), dist, report)
             except Exception as exc:  # noqa: BLE001 - one broken job must not stop the batch
                 code, report["error"] = 1, describe(exc)
             row["seconds"] = round(time.perf_counter() - t0, 3)
             row["bytes"] = int(report.get("bytes", 0))
-            if code == 0:
-                row["status"] = "done (resumed)" if report.get("resumed") else "done"
-            else:
-                row.update(status="failed", error=(report.get("error") or f"exit code {code}").strip())
+            row.update(_outcome(code, row, report))
         rows.append(row)
     return rows
 
 
+def _outcome(code: int, row: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """The status (and error, verifier result) of a job that ran, for its summary row."""
+    checked = report.get("verify")
+    out: dict[str, Any] = {"verify_result": checked} if checked else {}
+    if code == 0:
+        if row["dry_run"]:
+            return {**out, "status": "dry run"}
+        status = "done (resumed)" if report.get("resumed") else "done"
+        return {**out, "status": status + (", verified" if checked else "")}
+    error = (report.get("error") or "").strip()
+    if checked and checked["code"] == 1:
+        n = checked["mismatches"]
+        return {**out, "status": f"failed: verify found {n} mismatch{'es' if n != 1 else ''}",
+                "error": error or f"{row['dst']} is not a correct conversion of {row['src']}; its completion "
+                                  "marker was renamed *.unverified"}
+    if checked and checked["code"] == 2:
+        return {**out, "status": "failed: could not verify", "error": checked.get("error") or error}
+    return {**out, "status": "failed", "error": error or f"exit code {code}"}
+
+
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table: job, kind, status, bytes, time, throughput, and the reason of failures."""
-    lines = [f"{'job':<24} {'kind':<14} {'status':<26} {'GB':>9} {'s':>8} {'GB/s':>7}"]
+    lines = [f"{'job':<24} {'kind':<14} {'status':<36} {'GB':>9} {'s':>8} {'GB/s':>7}"]
     for r in rows:
         gbs = r["bytes"] / r["seconds"] / 1e9 if r["seconds"] else 0.0
-        lines.append(f"{r['name'][:24]:<24} {str(r['kind'])[:14]:<14} {r['status'][:26]:<26} "
+        lines.append(f"{r['name'][:24]:<24} {str(r['kind'])[:14]:<14} {r['status'][:36]:<36} "
                      f"{r['bytes'] / 1e9:>9.3f} {r['seconds']:>8.2f} {gbs:>7.3f}")
         if r.get("error"):
             lines.append(f"    reason: {r['error']}")
@@ -183,7 +140,7 @@ def _run(a: argparse.Namespace) -> int:
                 if a.report:
                     with open(a.report, "w") as fh:
                         json.dump({"jobs": rows}, fh, indent=2)
-            code = 1 if any(r["status"] == "failed" for r in rows) else 0
+            code = 1 if any(r["status"].startswith("failed") for r in rows) else 0
         settle(code)
         dist.barrier()  # nobody leaves before rank 0 has printed the summary (a launcher then stops every rank)
     finally:

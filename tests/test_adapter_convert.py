@@ -288,15 +288,20 @@ def test_refusals_name_the_tensor_and_ask_for_the_base_config(peft_sources, tmp_
 def test_batch_manifest_runs_adapter_kinds(peft_sources, tmp_path):
     manifest = tmp_path / "jobs.yaml"
     src = peft_sources["gpt_oss"][1]
-    manifest.write_text(json.dumps({"jobs": [
+    jobs = [
         {"name": "split", "kind": "split_adapter", "src": str(src), "dst": str(tmp_path / "split")},
         {"name": "fuse", "kind": "fuse_adapter", "src": str(tmp_path / "split"), "dst": str(tmp_path / "peft"), "layout": "peft"},
         {"name": "nolayout", "kind": "fuse_adapter", "src": str(tmp_path / "split"), "dst": str(tmp_path / "x")},
-    ]}))
+    ]
+    # fuse_adapter requires --layout: the manifest is refused before any job runs
+    manifest.write_text(json.dumps({"jobs": jobs}))
+    proc = run_tool("launch.batch", str(manifest), "--report", str(tmp_path / "report.json"), check=False)
+    assert proc.returncode == 2 and "job 'nolayout': missing required key(s) for kind fuse_adapter: layout" in proc.stderr
+    assert not (tmp_path / "split").exists() and not (tmp_path / "report.json").exists()
+    manifest.write_text(json.dumps({"jobs": jobs[:2]}))
     proc = run_tool("launch.batch", str(manifest), "--report", str(tmp_path / "report.json"), check=False)
     rows = {r["name"]: r for r in json.loads((tmp_path / "report.json").read_text())["jobs"]}
     assert rows["split"]["status"] == "done" and rows["fuse"]["status"] == "done", proc.stdout + proc.stderr
-    assert rows["nolayout"]["status"] == "failed" and "layout" in rows["nolayout"]["error"]
     before, _ = read_adapter(src)
     after, _ = read_adapter(tmp_path / "peft")
     assert set(after) == set(before) and all(raw_bytes(after[k]) == raw_bytes(before[k]) for k in before)
