@@ -43,8 +43,9 @@ def make_src(path: Path, experts: int = 4, hidden: int = 64) -> Path:
 
 
 def files_of(path: Path) -> dict[str, bytes]:
-    """Every file below `path` (relative name -> bytes)."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    """Every file below `path` (relative name -> bytes), less the tool's own `.moe-convert/` bookkeeping."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and ".moe-convert" not in p.relative_to(path).parts}
 
 
 def error_lines(stderr: str) -> list[str]:
