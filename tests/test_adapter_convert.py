@@ -366,3 +366,44 @@ def test_overwrite_removes_the_earlier_outputs_shards(tmp_path):
     names = {p.name for p in out.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "notes.txt"} <= names
     assert not any(n.startswith("adapter_model-") or n.endswith(".index.json") for n in names), names
+
+
+def test_family_architectures_match_transformers_causal_lm_classes():
+    """configs/*.json `architectures` (peft's auto_mapping.base_model_class -> family) agree with transformers' table."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal_lm
+
+    from convert.families import load_families
+
+    for fam in load_families().values():
+        want = {causal_lm[t] for t in fam.model_types if t in causal_lm}
+        assert want == set(fam.architectures), f"{fam.name}: {sorted(want ^ set(fam.architectures))}"
+        for cls in fam.architectures:
+            types = {t for t, c in causal_lm.items() if c == cls}
+            assert types and types <= set(fam.model_types), f"{fam.name}: {cls} is the class of {sorted(types)}"
+
+
+def test_adapter_family_from_base_model_class_needs_no_transformers(peft_sources, tmp_path):
+    """Only auto_mapping.base_model_class names the family (a remote-code parent_library): the split works in a
+    process where `import transformers` (and peft) fails, exactly as in the test environment."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    src = tmp_path / "custom"
+    shutil.copytree(peft_sources["gpt_oss"][1], src)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["auto_mapping"] = {"base_model_class": "GptOssForCausalLM", "parent_library": "transformers_modules.x.modeling_x"}
+    cfg["base_model_name_or_path"] = None
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    poisoned = ("import sys, runpy; sys.modules['transformers'] = sys.modules['peft'] = None; "
+                "runpy.run_module('convert.split_adapter', run_name='__main__', alter_sys=True)")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", poisoned, "--src", str(src), "--dst", str(tmp_path / "split"),
+                           "--no-progress"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_tool("convert.split_adapter", "--src", str(peft_sources["gpt_oss"][1]), "--dst", str(tmp_path / "reference"))
+    got, _ = read_adapter(tmp_path / "split")
+    want, _ = read_adapter(tmp_path / "reference")
+    assert set(got) == set(want) and all(raw_bytes(got[k]) == raw_bytes(want[k]) for k in want)

@@ -516,3 +516,60 @@ def test_adapter_index_and_config_problems_are_named(tmp_path, capsys, damage, f
     assert str(culprit) in err and fragment in err, err
     assert not dst.exists()
     assert os.path.exists(index)  # the user's files are left alone
+
+
+# ----------------------------------------------------------------------------- declared dependencies
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OWN = {"convert", "sharding", "launch", "bench", "configs"}
+# Packages used through another one's API, invisible to an import scan: (source pattern, distribution).
+IMPLICIT = [(".numpy()", "numpy"), ("from safetensors.torch import", "numpy")]
+
+
+def _requirement_name(req: str) -> str:
+    import re
+
+    return re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0].strip().lower().replace("_", "-")
+
+
+def _imported_distributions(folders: list[str]) -> dict[str, set[str]]:
+    """distribution -> files of `folders` that import it (function-level imports included) or use it implicitly."""
+    import ast
+    import importlib.metadata
+    import sys
+
+    dists_of = importlib.metadata.packages_distributions()
+    out: dict[str, set[str]] = {}
+    for folder in folders:
+        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+            text = path.read_text()
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, ast.Import):
+                    tops = [a.name.split(".")[0] for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    tops = [node.module.split(".")[0]]
+                else:
+                    continue
+                for top in tops:
+                    if top in sys.stdlib_module_names or top in OWN:
+                        continue
+                    for dist in dists_of.get(top, [top]):
+                        out.setdefault(_requirement_name(dist), set()).add(str(path.relative_to(REPO_ROOT)))
+            for pattern, dist in IMPLICIT:
+                if pattern in text:
+                    out.setdefault(dist, set()).add(str(path.relative_to(REPO_ROOT)))
+    return out
+
+
+def test_every_package_the_tool_imports_at_run_time_is_declared():
+    """convert/, sharding/, launch/, configs/ need only `dependencies`; bench/ also its `bench` extra (not `test`)."""
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    core = {_requirement_name(r) for r in project["dependencies"]}
+    bench = core | {_requirement_name(r) for r in project["optional-dependencies"]["bench"]}
+    for folders, declared in ((["convert", "sharding", "launch", "configs"], core), (["bench"], bench)):
+        used = _imported_distributions(folders)
+        missing = {d: sorted(files) for d, files in used.items() if d not in declared}
+        assert not missing, f"imported by {folders} but not declared: {missing}"
+    assert {"transformers", "peft"}.isdisjoint(_imported_distributions(["convert", "sharding", "launch"]))
