@@ -465,3 +465,23 @@ def test_peft_pattern_warning_on_fused_adapter_is_peft_checking_target_modules_o
             r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=TARGET, rank_pattern={"gate_up_proj": 6}))
     assert _pattern_warnings(native).get("rank_pattern") in (None, ["gate_up_proj"])
     assert {m.r["default"] for m in model.modules() if getattr(m, "parameter_name", None) == "gate_up_proj"} == {6}
+
+
+def test_pattern_key_order_survives_into_adapter_config(tmp_path):
+    """peft takes the first matching rank_pattern/alpha_pattern key: a key of the tool's own placed before a user's
+    broader regex (`.*_proj`) must stay first in the written adapter_config.json (it was sorted away before)."""
+    from peft import PeftModel
+
+    src, deltas = make_per_expert_adapter(tmp_path / "pe", "qwen3_moe", rank=4, alpha=8, seed=5,
+                                          rank_pattern={".*_proj": 4})
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["r"] = 8  # every module has rank 4 through the pattern
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    base = tmp_path / "config.json"
+    base.write_text(json.dumps(base_config("qwen3_moe")))
+    dst = tmp_path / "peft"
+    run_tool("convert.fuse_adapter", "--src", str(src), "--dst", str(dst), "--layout", "peft", "--base-config", str(base))
+    _, config = read_adapter(dst)
+    assert list(config["rank_pattern"]) == ["experts\\.gate_up_proj", ".*_proj"], config["rank_pattern"]
+    loaded = PeftModel.from_pretrained(build_model("qwen3_moe", seed=0), str(dst)).eval()
+    _assert_deltas(peft_expert_deltas(loaded, "qwen3_moe"), deltas)
