@@ -10,7 +10,6 @@ tuning, full model weights, other peft types), and the kinds of tensors that pas
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import re
@@ -342,9 +341,9 @@ def find_base_config(
     if isinstance(base, str) and base:
         for candidate in _local_configs(base):
             try:
-                return json.loads(candidate.read_text()), str(candidate)
-            except (OSError, json.JSONDecodeError):
-                continue
+                return Storage(str(candidate.parent)).read_json(candidate.name), str(candidate)
+            except (OSError, ConversionError):
+                continue  # unreadable, too large, not UTF-8 or not JSON: try the next one
     return None, ""
 
 

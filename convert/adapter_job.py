@@ -86,7 +86,8 @@ def _lay_out(opts: AdapterJobOptions, dist: Dist, ep: int, src: AdapterSource, p
         total = sum(t.nbytes for t in plan.targets)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map(files).items()))}
         final[ADAPTER_INDEX] = (json.dumps(index, indent=2) + "\n").encode()
-    final[ADAPTER_CONFIG] = (json.dumps(plan.config, indent=2, sort_keys=True) + "\n").encode()
+    # Top-level keys sorted; nested ones kept in order: peft uses the first rank_pattern/alpha_pattern key that matches.
+    final[ADAPTER_CONFIG] = (json.dumps(dict(sorted(plan.config.items())), indent=2) + "\n").encode()
     assignment = assign_pieces(plan.pieces, plan.num_experts, ep, dist.world_size)
     sizes = sorted({len(r) for r in expert_slices(plan.num_experts, ep)})
     summary = [

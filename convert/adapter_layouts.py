@@ -195,11 +195,10 @@ def guess_family(adapter_config: dict[str, Any], base_config: dict[str, Any] | N
         if m and _model_type_family(m[1]):
             found.setdefault(_model_type_family(m[1]).name, f"auto_mapping.parent_library {lib!r}")  # type: ignore[union-attr]
         cls = str(mapping.get("base_model_class") or "")
-        if cls and not found:  # the class -> model_type table needs transformers (slow to import)
-            model_type = _model_type_of_class(cls)
-            fam = _model_type_family(model_type)
-            if fam:
-                found.setdefault(fam.name, f"auto_mapping.base_model_class {cls!r}")
+        if cls and not found:
+            for fam in load_families().values():
+                if cls in fam.architectures:
+                    found.setdefault(fam.name, f"auto_mapping.base_model_class {cls!r}")
     name = str(adapter_config.get("base_model_name_or_path") or "")
     if name:
         norm = re.sub(r"[^a-z0-9]+", "_", name.lower())
@@ -217,17 +216,6 @@ def guess_family(adapter_config: dict[str, Any], base_config: dict[str, Any] | N
     if not found:
         return FamilyGuess(None, f"{where}: adapter_config.json does not name the base model's family")
     return FamilyGuess(None, f"{where}: adapter_config.json names several families ({sorted(found)})")
-
-
-def _model_type_of_class(cls: str) -> str | None:
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    for model_type, name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
-        if name == cls:
-            return model_type
-    return None
 
 
 # ----------------------------------------------------------------------------- rank patterns

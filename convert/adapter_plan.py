@@ -27,7 +27,9 @@ from convert.adapter_dir import is_lora, lora_module
 from convert.adapter_layouts import (
     GATE_UP, ROLES, ExpertLoraGroup, LoraFactor, detect_expert_lora, family_by_name, gate_up_order, module_key,
 )
-from convert.adapter_scaling import OutputModule, Scale, rewrite_config, scale_for_rank, source_scale
+from convert.adapter_scaling import (
+    OutputModule, Scale, keys_matching_no_module, rewrite_config, scale_for_rank, source_scale,
+)
 from convert.adapter_source import AdapterSource
 from convert.adapter_transforms import FoldedBBuild, FoldedFactors, FoldedSplit, GroupedBuild, GroupedSlice
 from convert.checkpoint import TensorRef
@@ -393,6 +395,11 @@ def plan_fuse(src: AdapterSource, layout: str, dtype: str | None, chunk: int = D
         target_modules_add=add, target_modules_drop=drop,
         target_parameters=sorted(params) if layout == "peft" else None,
     )
+    unmatched = keys_matching_no_module(config, b.kept) if layout == "peft" else []
+    if unmatched:
+        notes.append(f"peft 0.21 warns when it loads this adapter that the rank_pattern/alpha_pattern keys {unmatched} "
+                     "'did not match any targeted module and were ignored': its check looks at target_modules only; "
+                     "peft does apply them to the target_parameters they match (the deltas are exact)")
     desc = (f"fuse_adapter: per_expert -> {layout}; {len(groups)} expert layers, "
             f"E={max(g.num_experts for g in groups)}, family {family.name}")
     return AdapterPlan(desc, b.targets, b.pieces, max(g.num_experts for g in groups), config, groups, notes)

@@ -110,6 +110,18 @@ def rebuild_patterns(
     return rank_pattern, alpha_pattern
 
 
+def keys_matching_no_module(config: dict[str, Any], modules: Iterable[str]) -> list[str]:
+    """The rank_pattern/alpha_pattern keys of `config` that match none of `modules` (sorted, each once).
+
+    peft 0.21 warns when it loads an adapter that such keys "did not match any targeted module
+    and were ignored", even for keys that match a `target_parameters` entry: its check looks at
+    the target_modules only, while it applies the keys to the parameters all the same.
+    """
+    modules = list(modules)
+    keys = {*(config.get("rank_pattern") or {}), *(config.get("alpha_pattern") or {})}
+    return sorted(k for k in keys if not any(_matches(k, m) for m in modules))
+
+
 def rewrite_config(
     config: dict[str, Any],
     converted: list[OutputModule],

@@ -5,7 +5,6 @@ Only headers are read (ranged reads); no tensor data is touched here.
 
 from __future__ import annotations
 
-import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,15 +42,27 @@ class Checkpoint:
 
 
 def safe_relative(name: object, where: str, tensor: str | None = None) -> str:
-    """Reject a file name from an index that could point outside its directory (or is not a name at all)."""
-    norm = posixpath.normpath(name) if isinstance(name, str) and name else ""
-    if not norm or norm.startswith("/") or "\\" in norm or ".." in norm.split("/") or ":" in norm:
+    """Check a shard name from an index: a plain file name in the index's own directory, returned unchanged.
+
+    Refuses (ConversionError naming `where` and `tensor`) anything else: not a string, empty,
+    absolute, with a directory part ('/', '\\'), '.', '..', or a ':' (drive letters, URLs).
+    """
+    if not (isinstance(name, str) and name and name not in (".", "..") and not any(c in name for c in "/\\:\0")):
         about = f" for tensor {tensor!r}" if tensor else ""
         raise ConversionError(
-            f"{where}: refusing shard path {name!r}{about} (expected a file name inside the checkpoint directory; "
-            "this one is absolute, escapes it or is not a string)"
+            f"{where}: refusing shard path {name!r}{about} (expected a plain file name inside the checkpoint "
+            "directory; this one is absolute, has a directory part, escapes it or is not a string)"
         )
-    return norm
+    return name
+
+
+def read_weight_map(storage: Storage, index_file: str) -> dict[str, str]:
+    """The weight_map of the index `index_file`: tensor name -> shard file name, each checked by safe_relative."""
+    where = storage.display(index_file)
+    index = storage.read_json(index_file)
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise ConversionError(f"{where}: has no weight_map object (expected {{tensor name: shard file name}})")
+    return {k: safe_relative(v, where, k) for k, v in index["weight_map"].items()}
 
 
 def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob: str = ".safetensors") -> Checkpoint:
@@ -68,10 +79,7 @@ def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob:
     weight_map: dict[str, str] | None = None
     metadata: dict[str, str] = {}
     if index_file:
-        index = storage.read_json(index_file)
-        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-            raise ConversionError(f"{storage.display(index_file)}: has no weight_map object")
-        weight_map = {k: safe_relative(v, storage.display(index_file), k) for k, v in index["weight_map"].items()}
+        weight_map = read_weight_map(storage, index_file)
         shard_names = sorted(set(weight_map.values()))
         for name in shard_names:
             if name not in files:

@@ -3,7 +3,9 @@
 A family file gives the per-expert key template of every role (gate, up, down, and
 optionally biases) and, for each fused layout, the fused tensors: which roles each
 holds and how one expert's slice is built from them (`op`: concat or interleave,
-`transpose`: whether each 2-D part is transposed first). The engine never names a model.
+`transpose`: whether each 2-D part is transposed first), and `architectures`: the
+transformers model classes of its model types (what peft's `auto_mapping.base_model_class`
+names). The engine never names a model.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Family:
     fused: dict[str, tuple[FusedTensor, ...]]
     default_fused: str
     refuse: dict[str, str] = field(default_factory=dict)
+    architectures: tuple[str, ...] = ()  # transformers model classes of the family (peft's auto_mapping names one)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -91,6 +94,7 @@ def _parse(obj: dict[str, Any], source: str) -> Family:
             fused=fused,
             default_fused=obj["default_fused"],
             refuse=dict(obj.get("refuse", {})),
+            architectures=tuple(obj.get("architectures", ())),
         )
     except (KeyError, TypeError) as exc:
         raise ConversionError(f"{source}: malformed family file ({exc!r})") from exc

@@ -2,7 +2,8 @@
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
 (`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`),
-then the tensor data. Offsets are relative to the end of the header.
+then the tensor data, packed back to back (offsets are relative to the end of the header)
+with nothing after the last tensor.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from convert.errors import ConversionError
+from convert.safetensors_json import U64_MAX, header_entries
 from convert.storage import Storage
 
 # dtype name -> bytes per element (as the safetensors spec names them)
@@ -24,6 +26,12 @@ DTYPE_SIZES: dict[str, int] = {
     "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
 }
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+# The dtypes the safetensors format allows, with their size in bits (the library's `Dtype::bitsize`);
+# the ones missing from DTYPE_SIZES are valid files this tool refuses to convert.
+FORMAT_DTYPE_BITS: dict[str, int] = {
+    **{name: 8 * size for name, size in DTYPE_SIZES.items()},
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "C64": 64,
+}
 
 # Same limit the safetensors library enforces: a larger header is refused before it is read.
 MAX_HEADER_BYTES = 100_000_000
@@ -68,40 +76,20 @@ def parse_header(path: str, raw: bytes, file_size: int, where: str | None = None
     """Validate and parse the JSON header `raw` of the file `path` of `file_size` bytes.
 
     `where` names the file in messages (default `path`), e.g. with its directory or URL.
-
-    Raises ConversionError naming the file (and tensor) on any inconsistency: bad JSON,
-    unknown dtype, offsets that disagree with the shape, overlap, or data outside the file.
+    Accepts exactly the headers the safetensors library (0.8) accepts (see
+    `convert.safetensors_json`), then refuses dtypes this tool cannot convert. Returns the
+    FileHeader; raises ConversionError naming the file (and tensor) on any problem.
     """
     where = where or path
     data_start = 8 + len(raw)
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConversionError(f"{where}: safetensors header is not valid JSON ({exc})") from exc
-    if not isinstance(obj, dict):
-        raise ConversionError(f"{where}: safetensors header is not a JSON object")
-    metadata = obj.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise ConversionError(f"{where}: __metadata__ is not an object")
-    tensors: dict[str, TensorInfo] = {}
+    entries, metadata = header_entries(raw, where, FORMAT_DTYPE_BITS)
     data_len = file_size - data_start
-    for name, spec in obj.items():
-        try:
-            dtype = spec["dtype"]
-            shape = tuple(int(d) for d in spec["shape"])
-            begin, end = (int(x) for x in spec["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConversionError(f"{where}: tensor {name!r} has a malformed header entry: {spec!r}") from exc
-        if dtype not in DTYPE_SIZES:
+    tensors: dict[str, TensorInfo] = {}
+    for name, (dtype, shape, begin, end) in entries.items():
+        expected = checked_nbytes(dtype, shape, name, where)
+        if end < begin or end - begin != expected:
             raise ConversionError(
-                f"{where}: tensor {name!r} has unknown dtype {dtype!r} (expected one of {sorted(DTYPE_SIZES)})"
-            )
-        if any(d < 0 for d in shape):
-            raise ConversionError(f"{where}: tensor {name!r} has a negative dimension in shape {list(shape)}")
-        expected = numel(shape) * DTYPE_SIZES[dtype]
-        if end - begin != expected or begin < 0:
-            raise ConversionError(
-                f"{where}: tensor {name!r} data_offsets [{begin}, {end}] hold {end - begin} bytes, "
+                f"{where}: tensor {name!r} data_offsets [{begin}, {end}] hold {max(end - begin, 0)} bytes, "
                 f"but {dtype} {list(shape)} needs {expected}"
             )
         if end > data_len:
@@ -110,11 +98,61 @@ def parse_header(path: str, raw: bytes, file_size: int, where: str | None = None
                 "(truncated file?)"
             )
         tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
-    ordered = sorted(tensors.values(), key=lambda t: (t.start, t.end))
+    check_packing(list(tensors.values()), data_start, file_size, where)
+    for t in tensors.values():
+        if t.dtype not in DTYPE_SIZES:
+            raise ConversionError(
+                f"{where}: tensor {t.name!r} has dtype {t.dtype}, valid in safetensors but not converted by this tool "
+                f"(supported: {sorted(DTYPE_SIZES)})"
+            )
+    return FileHeader(path, file_size, data_start, tensors, metadata)
+
+
+def checked_nbytes(dtype: str, shape: tuple[int, ...], name: str, where: str) -> int:
+    """Bytes of a `dtype` tensor of `shape`, refused where the library refuses it (u64 overflow, partial bytes)."""
+    n = 1
+    for d in shape:  # the library multiplies left to right in u64 and refuses any overflow on the way
+        n *= d
+        if n > U64_MAX:
+            raise ConversionError(f"{where}: tensor {name!r} shape {list(shape)} has more than 2**64 elements")
+    bits = n * FORMAT_DTYPE_BITS[dtype]
+    if bits > U64_MAX:
+        raise ConversionError(f"{where}: tensor {name!r} {dtype} {list(shape)} has more than 2**64 bits")
+    if bits % 8:
+        raise ConversionError(f"{where}: tensor {name!r} {dtype} {list(shape)} does not fill a whole number of bytes")
+    return bits // 8
+
+
+def check_packing(tensors: list[TensorInfo], data_start: int, file_size: int, where: str) -> None:
+    """Refuse tensors that overlap, leave gaps, or do not end exactly at the end of the file.
+
+    The safetensors format packs tensor data back to back from the end of the header, in
+    data_offsets order, and the last tensor ends the file.
+    """
+    ordered = sorted(tensors, key=lambda t: (t.start, t.end))
     for prev, cur in zip(ordered, ordered[1:]):
-        if cur.start < prev.end and cur.nbytes and prev.nbytes:
-            raise ConversionError(f"{where}: tensors {prev.name!r} and {cur.name!r} overlap in the file")
-    return FileHeader(path, file_size, data_start, tensors, {str(k): str(v) for k, v in metadata.items()})
+        if cur.start < prev.end:
+            raise ConversionError(
+                f"{where}: tensors {prev.name!r} and {cur.name!r} overlap in the file (data_offsets "
+                f"[{prev.start - data_start}, {prev.end - data_start}] and [{cur.start - data_start}, "
+                f"{cur.end - data_start}])"
+            )
+    pos = data_start
+    for t in ordered:
+        if t.start != pos:
+            after = "the header" if pos == data_start else "the previous tensor's data"
+            raise ConversionError(
+                f"{where}: tensor {t.name!r} starts at data offset {t.start - data_start}, leaving "
+                f"{t.start - pos} unused bytes after {after} (the safetensors format packs tensors back to back "
+                "from offset 0)"
+            )
+        pos = t.end
+    if pos != file_size:
+        last = f"the last tensor {ordered[-1].name!r}" if ordered else "the header (no tensors)"
+        raise ConversionError(
+            f"{where}: {file_size - pos} bytes follow {last} at the end of the {file_size}-byte file "
+            "(the safetensors format ends the file with the last tensor's data)"
+        )
 
 
 def read_header(storage: Storage, path: str) -> FileHeader:

@@ -27,6 +27,8 @@ T = TypeVar("T")
 RETRIES = int(os.environ.get("MOE_CONVERT_RETRIES", "8"))
 LOCAL_COPY = os.environ.get("MOE_CONVERT_LOCAL_COPY", "buffered")  # or "kernel": copy_file_range
 COPY_BUFFER_BYTES = 1 << 20
+# Configs and indexes are small (a 90k-tensor index is ~10 MB); anything larger is refused unread.
+MAX_JSON_BYTES = 64 << 20
 WRITE_BEHIND = os.environ.get("MOE_CONVERT_WRITE_BEHIND", "1") != "0"
 _SYNC_FILE_RANGE_WRITE = 2
 _thread_state = threading.local()
@@ -284,12 +286,29 @@ class Storage:
             return self._retry("read", rel, read)
         return self._retry("read", rel, lambda: self.fs.cat_file(self.path(rel)))
 
-    def read_json(self, rel: str) -> Any:
-        """Parse the small JSON file `rel`; errors name the file."""
+    def read_json(self, rel: str, limit: int = MAX_JSON_BYTES) -> Any:
+        """Parse the small UTF-8 JSON file `rel` (config, index); errors name the file.
+
+        A file larger than `limit` bytes is refused from its size, before any of it is read.
+        """
+        where = self.display(rel)
+        size = self.size(rel)
+        if size > limit:
+            raise ConversionError(
+                f"{where}: {size} bytes, more than the {limit >> 20} MiB a JSON metadata file may have "
+                "(expected a small config or index file)"
+            )
+        raw = self.read_bytes(rel)
         try:
-            return json.loads(self.read_bytes(rel))
-        except json.JSONDecodeError as exc:
-            raise ConversionError(f"{self.display(rel)}: not valid JSON ({exc})") from exc
+            return json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConversionError(
+                f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); expected a UTF-8 JSON file"
+            ) from exc
+        except ValueError as exc:  # JSONDecodeError, or an integer of more than 4300 digits
+            raise ConversionError(f"{where}: not valid JSON ({exc})") from exc
+        except RecursionError as exc:
+            raise ConversionError(f"{where}: not valid JSON (nested too deeply)") from exc
 
     # -- writes ------------------------------------------------------------
     def makedirs(self, rel: str = "") -> None:

@@ -105,7 +105,7 @@ def build_base(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
     if "config.json" not in src_table.files:
         raise CannotVerify(f"{src.display('config.json')}: missing (needed for the family and number of experts)")
     try:
-        config = json.loads(src.read_bytes("config.json"))
+        config = src.read_json("config.json")
         family = detect_family(config, src.display("config.json"), opts.family)
         num_experts = family.num_experts(config, src.display("config.json"))
     except (ValueError, ConversionError) as exc:

@@ -15,7 +15,6 @@ with its config, and other files must be copied.
 
 from __future__ import annotations
 
-import json
 import math
 import posixpath
 import re
@@ -259,9 +258,9 @@ def _factor_eps(table: Table, group: ExpertLoraGroup) -> float:
 
 def _read_config(storage: Storage, where: str) -> dict[str, Any]:
     try:
-        cfg = json.loads(storage.read_bytes(ADAPTER_CONFIG))
-    except (ValueError, OSError) as exc:
-        raise ConversionError(f"{storage.display(ADAPTER_CONFIG)}: cannot be read as JSON ({exc})") from exc
+        cfg = storage.read_json(ADAPTER_CONFIG)
+    except OSError as exc:
+        raise ConversionError(f"{storage.display(ADAPTER_CONFIG)}: cannot be read ({exc})") from exc
     if not isinstance(cfg, dict):
         raise ConversionError(f"{storage.display(ADAPTER_CONFIG)}: not a JSON object")
     return cfg
@@ -274,9 +273,9 @@ def load_base_config(path: str | None, storage_options: dict[str, Any]) -> dict[
     parent, name = posixpath.split(path.rstrip("/"))
     store = Storage(parent or ".", storage_options)
     try:
-        cfg = json.loads(store.read_bytes(name))
-    except (ValueError, OSError) as exc:
-        raise ConversionError(f"--base-config {path}: cannot be read as JSON ({exc})") from exc
+        cfg = store.read_json(name)
+    except OSError as exc:
+        raise ConversionError(f"--base-config {path}: cannot be read ({exc})") from exc
     finally:
         store.close()
     return cfg if isinstance(cfg, dict) else None

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from convert.errors import ConversionError
 from convert.storage import Storage
 
 # The safetensors library refuses headers above 100 MB; so does the verifier, before reading one.
@@ -172,9 +173,9 @@ def read_table(
     weight_map: dict[str, str] | None = None
     if index_name in files:
         try:
-            index = json.loads(storage.read_bytes(index_name))
-        except ValueError as exc:
-            problems.append(f"{storage.display(index_name)}: not valid JSON ({exc})")
+            index = storage.read_json(index_name)  # size-bounded, UTF-8
+        except ConversionError as exc:
+            problems.append(str(exc))
         if index is not None and not (isinstance(index, dict) and isinstance(index.get("weight_map"), dict)):
             problems.append(f"{storage.display(index_name)}: has no weight_map object")
             index = None

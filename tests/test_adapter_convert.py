@@ -378,3 +378,122 @@ def test_overwrite_removes_the_earlier_outputs_shards(tmp_path):
     names = {p.name for p in out.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json"} <= names
     assert not any(n.startswith("adapter_model-") or n.endswith(".index.json") for n in names), names
+
+
+def test_family_architectures_match_transformers_causal_lm_classes():
+    """configs/*.json `architectures` (peft's auto_mapping.base_model_class -> family) agree with transformers' table."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal_lm
+
+    from convert.families import load_families
+
+    for fam in load_families().values():
+        want = {causal_lm[t] for t in fam.model_types if t in causal_lm}
+        assert want == set(fam.architectures), f"{fam.name}: {sorted(want ^ set(fam.architectures))}"
+        for cls in fam.architectures:
+            types = {t for t, c in causal_lm.items() if c == cls}
+            assert types and types <= set(fam.model_types), f"{fam.name}: {cls} is the class of {sorted(types)}"
+
+
+def test_adapter_family_from_base_model_class_needs_no_transformers(peft_sources, tmp_path):
+    """Only auto_mapping.base_model_class names the family (a remote-code parent_library): the split works in a
+    process where `import transformers` (and peft) fails, exactly as in the test environment."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    src = tmp_path / "custom"
+    shutil.copytree(peft_sources["gpt_oss"][1], src)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["auto_mapping"] = {"base_model_class": "GptOssForCausalLM", "parent_library": "transformers_modules.x.modeling_x"}
+    cfg["base_model_name_or_path"] = None
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    poisoned = ("import sys, runpy; sys.modules['transformers'] = sys.modules['peft'] = None; "
+                "runpy.run_module('convert.split_adapter', run_name='__main__', alter_sys=True)")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", poisoned, "--src", str(src), "--dst", str(tmp_path / "split"),
+                           "--no-progress"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_tool("convert.split_adapter", "--src", str(peft_sources["gpt_oss"][1]), "--dst", str(tmp_path / "reference"))
+    got, _ = read_adapter(tmp_path / "split")
+    want, _ = read_adapter(tmp_path / "reference")
+    assert set(got) == set(want) and all(raw_bytes(got[k]) == raw_bytes(want[k]) for k in want)
+
+
+def _pattern_warnings(caught: list) -> dict[str, list[str]]:
+    """peft's "rank_pattern/alpha_pattern keys did not match any targeted module" warnings: attribute -> keys named."""
+    import ast
+    import re
+
+    out: dict[str, list[str]] = {}
+    for w in caught:
+        m = re.match(r"The following (\w+) keys did not match any targeted module and were ignored: (\[.*\])\.$",
+                     str(w.message))
+        if m:
+            out[m[1]] = ast.literal_eval(m[2])
+    return out
+
+
+def test_peft_pattern_warning_on_fused_adapter_is_peft_checking_target_modules_only(tmp_path):
+    """Different gate/up lora_A fused for peft: the gate_up wrapper's rank/alpha live in rank_pattern/alpha_pattern,
+    keys peft matches against the target_parameters (peft's own `get_pattern_key`) and applies, so every expert's
+    delta comes back; peft 0.21 still warns they "were ignored" because that check only looks at target_modules,
+    and it warns the same on an adapter peft itself creates with such a pattern. The tool says so in a note."""
+    import warnings
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.utils.other import get_pattern_key
+
+    src, deltas = make_per_expert_adapter(tmp_path / "pe", "qwen3_moe", rank=4, alpha=8, seed=5)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(base_config("qwen3_moe")))
+    dst = tmp_path / "peft"
+    plan = run_tool("convert.fuse_adapter", "--src", str(src), "--dst", str(dst), "--layout", "peft",
+                    "--base-config", str(cfg), "--dry-run")
+    run_tool("convert.fuse_adapter", "--src", str(src), "--dst", str(dst), "--layout", "peft", "--base-config", str(cfg))
+    _, config = read_adapter(dst)
+    keys = sorted(config["rank_pattern"])
+    assert keys and "did not match any targeted module" in plan.stdout and repr(keys) in plan.stdout, plan.stdout
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(build_model("qwen3_moe", seed=0), str(dst)).eval()
+    tuner = loaded.base_model
+    for attr, warned in _pattern_warnings(caught).items():
+        for key in warned:  # a false alarm: the key matches a targeted parameter, and no targeted module
+            assert any(get_pattern_key([key], p) == key for p in tuner.targeted_parameter_names), (attr, key)
+            assert not any(get_pattern_key([key], m) == key for m in tuner.targeted_module_names), (attr, key)
+    wrappers = {name: m for name, m in loaded.named_modules() if getattr(m, "parameter_name", None) == "gate_up_proj"}
+    assert wrappers
+    for m in wrappers.values():  # applied, not ignored: the wrapper has the pattern's rank and alpha / rank scaling
+        assert m.r["default"] == config["rank_pattern"][keys[0]] == 8
+        assert m.scaling["default"] == config["alpha_pattern"][keys[0]] / 8
+    _assert_deltas(peft_expert_deltas(loaded, "qwen3_moe"), deltas)
+
+    with warnings.catch_warnings(record=True) as native:
+        warnings.simplefilter("always")
+        model = get_peft_model(build_model("qwen3_moe", seed=0), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=TARGET, rank_pattern={"gate_up_proj": 6}))
+    assert _pattern_warnings(native).get("rank_pattern") in (None, ["gate_up_proj"])
+    assert {m.r["default"] for m in model.modules() if getattr(m, "parameter_name", None) == "gate_up_proj"} == {6}
+
+
+def test_pattern_key_order_survives_into_adapter_config(tmp_path):
+    """peft takes the first matching rank_pattern/alpha_pattern key: a key of the tool's own placed before a user's
+    broader regex (`.*_proj`) must stay first in the written adapter_config.json (it was sorted away before)."""
+    from peft import PeftModel
+
+    src, deltas = make_per_expert_adapter(tmp_path / "pe", "qwen3_moe", rank=4, alpha=8, seed=5,
+                                          rank_pattern={".*_proj": 4})
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["r"] = 8  # every module has rank 4 through the pattern
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    base = tmp_path / "config.json"
+    base.write_text(json.dumps(base_config("qwen3_moe")))
+    dst = tmp_path / "peft"
+    run_tool("convert.fuse_adapter", "--src", str(src), "--dst", str(dst), "--layout", "peft", "--base-config", str(base))
+    _, config = read_adapter(dst)
+    assert list(config["rank_pattern"]) == ["experts\\.gate_up_proj", ".*_proj"], config["rank_pattern"]
+    loaded = PeftModel.from_pretrained(build_model("qwen3_moe", seed=0), str(dst)).eval()
+    _assert_deltas(peft_expert_deltas(loaded, "qwen3_moe"), deltas)
