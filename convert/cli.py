@@ -11,6 +11,7 @@ from convert.checkpoint import INDEX_NAME
 from convert.job import JobOptions
 from convert.transforms import DTYPE_NAMES
 from launch.dist import Dist, init_dist
+from launch.local import add_nproc_flag
 from sharding.file_layout import parse_size
 
 
@@ -31,6 +32,7 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--stats", default=None, help="write per-rank stats (peak RSS, bytes read/written, time) as JSON")
     p.add_argument("--verify", action="store_true", help="after writing, check the output with convert.verify "
                    "(same ranks); on a mismatch exit 1 and rename the index to *.unverified")
+    add_nproc_flag(p)
     return p
 
 
@@ -64,9 +66,10 @@ def with_verify(
     return body
 
 
-def run_main(body: Callable[[Dist], int]) -> None:
-    """Join the process group, run `body`, leave the group and exit with its code."""
-    dist = init_dist()
+def run_main(body: Callable[[Dist], int], nproc: int = 1) -> None:
+    """Join the process group (first forking `nproc` local ranks when > 1), run `body`, leave the group
+    and exit with its code."""
+    dist = init_dist(nproc=nproc)
     try:
         code = body(dist)
         # Nobody leaves before rank 0 has printed its report: a launcher stops every rank once one has exited.

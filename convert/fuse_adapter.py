@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layout", required=True, choices=FUSED_LAYOUTS, help="target adapter layout")
     args = p.parse_args(argv)
     opts = adapter_options(args, args.layout)
-    run_main(with_verify(args, lambda dist: run_adapter_job(opts, dist), ADAPTER_CONFIG))
+    run_main(with_verify(args, lambda dist: run_adapter_job(opts, dist), ADAPTER_CONFIG), args.nproc)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     opts = job_options(args, args.layout)
-    run_main(with_verify(args, lambda dist: run_job(opts, dist)))
+    run_main(with_verify(args, lambda dist: run_job(opts, dist)), args.nproc)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the split on every rank."""
     args = adapter_parser("convert.split_adapter", __doc__.splitlines()[0]).parse_args(argv)
     opts = adapter_options(args, SPLIT)
-    run_main(with_verify(args, lambda dist: run_adapter_job(opts, dist), ADAPTER_CONFIG))
+    run_main(with_verify(args, lambda dist: run_adapter_job(opts, dist), ADAPTER_CONFIG), args.nproc)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the split job on every rank."""
     args = base_parser("convert.split_experts", __doc__.splitlines()[0]).parse_args(argv)
     opts = job_options(args, PER_EXPERT)
-    run_main(with_verify(args, lambda dist: run_job(opts, dist)))
+    run_main(with_verify(args, lambda dist: run_job(opts, dist)), args.nproc)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from convert.verify_base import base_relation
 from convert.verify_checks import ExpertCheck, Mismatch, PassCheck, Tally, run_expert, run_pass
 from convert.verify_tables import Table, Unreadable, read_table
 from launch.dist import Dist
+from launch.local import add_nproc_flag
 
 BASE_INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -308,6 +309,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-report", type=int, default=50, help="mismatches listed (default 50)")
     p.add_argument("--report", default=None, help="write a JSON report here")
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+    add_nproc_flag(p)
     return p
 
 
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
 
     a = parser().parse_args(argv)
     opts = VerifyOptions(a.src, a.dst, a.family, a.storage_options, a.base_config, a.max_report, a.report)
-    run_main(lambda dist: verify_job(opts, dist))
+    run_main(lambda dist: verify_job(opts, dist), a.nproc)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from convert.job import JobOptions, run_job
 from convert.storage import Storage
 from convert.transforms import DTYPE_NAMES
 from launch.dist import Dist, init_dist
+from launch.local import add_nproc_flag
 from sharding.file_layout import parse_size
 
 JobRunner = Callable[[dict[str, Any], Dist, dict[str, Any]], int]
@@ -156,8 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="launch.batch", description=__doc__.splitlines()[0])
     p.add_argument("manifest")
     p.add_argument("--report", default=None, help="write the results as JSON here")
+    add_nproc_flag(p)
     a = p.parse_args(argv)
-    dist = init_dist()
+    dist = init_dist(nproc=a.nproc)
     try:
         jobs: list[dict[str, Any]] | str = []
         if dist.is_main:

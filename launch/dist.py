@@ -1,7 +1,8 @@
-"""Process-group setup under torchrun, accelerate launch, SLURM (srun) or a plain `python -m`.
+"""Process-group setup under torchrun, accelerate launch, SLURM (srun), `--nproc N` or a plain `python -m`.
 
 The tool only needs a CPU (gloo) group for its control messages: the plan broadcast,
-barriers, the status exchange and a shared progress counter.
+barriers, the status exchange and a shared progress counter. `--nproc N` (launch.local)
+forks the ranks from one process; they then join the group here like torchrun's ranks.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from launch import local
 
 
 class _LazyTorchDistributed:
@@ -94,8 +96,19 @@ def _from_slurm() -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
 
 
-def init_dist(timeout_s: float = 3600.0) -> Dist:
-    """Join the job's process group (gloo) if launched with several ranks; else a world of one."""
+def init_dist(timeout_s: float = 3600.0, nproc: int = 1) -> Dist:
+    """Join the job's process group (gloo) if launched with several ranks; else a world of one.
+
+    `nproc` > 1 (the --nproc flag) forks that many ranks on this machine first (launch.local):
+    the calling process becomes their supervisor and never returns (it exits with the job's
+    code); each rank returns here with its Dist. Refused (exit 2) under a launcher.
+    """
+    if nproc > 1:
+        local.refuse_if_distributed(nproc)
+        local.start(nproc)
+    hand = local.handover()
+    if hand is not None:
+        return _join_forked(hand, timeout_s)
     _from_slurm()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -105,3 +118,14 @@ def init_dist(timeout_s: float = 3600.0) -> Dist:
         return Dist(dist.get_rank(), dist.get_world_size())
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, world, initialized_here=True)
+
+
+def _join_forked(hand: local.Handover, timeout_s: float) -> Dist:
+    """A rank forked by --nproc: rank 0 serves the TCP store on the parent's socket, every rank joins."""
+    os.environ.update(RANK=str(hand.rank), WORLD_SIZE=str(hand.world_size), LOCAL_RANK=str(hand.rank),
+                      LOCAL_WORLD_SIZE=str(hand.world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(hand.port))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore("127.0.0.1", hand.port, hand.world_size, hand.rank == 0, timeout=timeout,
+                          wait_for_workers=False, master_listen_fd=hand.listen_fd)
+    dist.init_process_group("gloo", store=store, rank=hand.rank, world_size=hand.world_size, timeout=timeout)
+    return Dist(hand.rank, hand.world_size, initialized_here=True)
