@@ -10,7 +10,7 @@ from collections.abc import Callable
 from convert.checkpoint import INDEX_NAME
 from convert.job import JobOptions
 from convert.transforms import DTYPE_NAMES
-from launch.dist import Dist, init_dist
+from launch.dist import Dist, exit_process, init_dist
 from launch.local import add_nproc_flag
 from sharding.file_layout import parse_size
 
@@ -76,4 +76,4 @@ def run_main(body: Callable[[Dist], int], nproc: int = 1) -> None:
         dist.barrier()
     finally:
         dist.close()
-    sys.exit(code)
+    exit_process(code, dist)

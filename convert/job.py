@@ -286,6 +286,7 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not (dist.is_main and opts.show_progress))
 
     crash_at = _crash_point(dist.rank)
+    pause_at = _crash_point(dist.rank, "MOE_CONVERT_PAUSE_AFTER")
     done_here = [0]
 
     def on_done(n: int) -> None:
@@ -295,6 +296,8 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
         done_here[0] += n
         if crash_at is not None and done_here[0] >= crash_at:
             os._exit(137)  # simulated crash (MOE_CONVERT_CRASH_AFTER), for resume tests
+        if pause_at is not None and done_here[0] >= pause_at:
+            _pause(dist.rank)
 
     warm_up(mine)
     io0 = proc_io()
@@ -313,7 +316,7 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
     if dist.is_main:
         while dist.counter_add(key + "/done", 0) < dist.world_size:
             bar.update(dist.counter_add(key + "/bytes", 0) - bar.n)
-            time.sleep(0.2)
+            time.sleep(0.02)
         bar.update(dist.counter_add(key + "/bytes", 0) - bar.n)
         bar.close()
     stats = {
@@ -362,13 +365,20 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
     return 0 if dist.broadcast(ok) else 1
 
 
-def _crash_point(rank: int) -> int | None:
-    """Bytes after which this rank dies, from MOE_CONVERT_CRASH_AFTER="rank:bytes" (crash tests only)."""
-    spec = os.environ.get("MOE_CONVERT_CRASH_AFTER", "")
+def _crash_point(rank: int, var: str = "MOE_CONVERT_CRASH_AFTER") -> int | None:
+    """Bytes after which this rank dies (or pauses), from `var`="rank:bytes" (crash tests only)."""
+    spec = os.environ.get(var, "")
     if ":" not in spec:
         return None
     r, n = spec.split(":", 1)
     return int(n) if int(r) == rank else None
+
+
+def _pause(rank: int) -> None:
+    """Stop mid-job until a signal ends this rank (MOE_CONVERT_PAUSE_AFTER; interruption tests only)."""
+    print(f"rank {rank} paused (pid {os.getpid()})", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(3600)
 
 
 def _clear_destination(dst: Storage, sink: Any, setup: JobSetup, overwrite: bool) -> None:

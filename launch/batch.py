@@ -25,7 +25,7 @@ from convert.families import PER_EXPERT
 from convert.job import JobOptions, run_job
 from convert.storage import Storage
 from convert.transforms import DTYPE_NAMES
-from launch.dist import Dist, init_dist
+from launch.dist import Dist, exit_process, init_dist
 from launch.local import add_nproc_flag
 from sharding.file_layout import parse_size
 
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             code = 1 if any(r["status"] == "failed" for r in rows) else 0
     finally:
         dist.close()
-    sys.exit(code)
+    exit_process(code, dist)
 
 
 if __name__ == "__main__":

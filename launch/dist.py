@@ -8,9 +8,12 @@ forks the ranks from one process; they then join the group here like torchrun's 
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import sys
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from launch import local
 
@@ -81,6 +84,76 @@ class Dist:
             dist.destroy_process_group()
 
 
+class _ErrorFileTap:
+    """Under torchrun, this rank's stderr: everything passes through; the first line starting with
+    "error:" or "interrupted:" is also written to the error file the torchrun agent reads
+    (TORCHELASTIC_ERROR_FILE), so its failure summary shows that line instead of "<N/A>"."""
+
+    PREFIXES = ("error:", "interrupted:")
+
+    def __init__(self, stream: Any, path: str) -> None:
+        self._stream = stream
+        self._path = path
+        self._line = ""
+        self.recorded = False
+
+    def write(self, text: str) -> int:
+        if not self.recorded:
+            self._line += text
+            *done, self._line = self._line.split("\n")
+            for line in done:
+                line = line.strip("\r")
+                if line.startswith(self.PREFIXES):
+                    self.record(line)
+                    break
+            self._line = self._line[-4096:]
+        return self._stream.write(text)
+
+    def record(self, message: str) -> None:
+        """Write `message` as this rank's failure, in torch.distributed.elastic's error-file format."""
+        self.recorded = True
+        data = {"message": {"message": message,
+                            "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
+        try:
+            with open(self._path, "w") as fh:
+                json.dump(data, fh)
+        except OSError:
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _tap_stderr() -> None:
+    """Install _ErrorFileTap on sys.stderr when torchrun passed an error file (once)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path and not isinstance(sys.stderr, _ErrorFileTap):
+        sys.stderr = _ErrorFileTap(sys.stderr, path)
+
+
+CODE_MEANINGS = {1: "failed while running", 2: "refused before writing", 130: "interrupted (SIGINT)",
+                 143: "interrupted (SIGTERM)"}
+
+
+def exit_process(code: int, dist: Dist) -> NoReturn:
+    """End this process with `code` once the job is done and the group left.
+
+    A rank of several skips the interpreter's teardown, which takes 1-2 s once torch is
+    loaded (finalizing its modules), on every rank and at every job's end: all files are
+    closed and all data written by then; stdio is flushed here.
+    """
+    if code != 0 and isinstance(sys.stderr, _ErrorFileTap) and not sys.stderr.recorded:
+        sys.stderr.record(f"exit code {code}: {CODE_MEANINGS.get(code, 'failed')}; rank 0's messages say why")
+    if dist.world_size > 1:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
 def _from_slurm() -> None:
     """Map SLURM's variables to torch's when a job is started with srun (one task per rank)."""
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
@@ -109,6 +182,7 @@ def init_dist(timeout_s: float = 3600.0, nproc: int = 1) -> Dist:
     hand = local.handover()
     if hand is not None:
         return _join_forked(hand, timeout_s)
+    _tap_stderr()
     _from_slurm()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
