@@ -1,6 +1,6 @@
 """`python -m convert.fuse_experts`: per-expert MoE checkpoint -> fused [E, ...] layout.
 
-    torchrun --nproc 8 -m convert.fuse_experts --src DIR --dst DIR [--layout transformers|stacked] [--ep N] ...
+    python -m convert.fuse_experts --nproc 8 --src DIR --dst DIR [--layout transformers|stacked] [--ep N] ...
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`python -m convert.split_adapter`: expert LoRA in any layout -> per-expert LoRA that vLLM loads.
 
-    torchrun --nproc-per-node 8 -m convert.split_adapter --src ADAPTER_DIR --dst OUT_DIR [--ep N]
+    python -m convert.split_adapter --nproc 8 --src ADAPTER_DIR --dst OUT_DIR [--ep N]
         [--base-config CONFIG_JSON] [--dtype keep|bf16|fp32] [--dry-run]
 
 Inputs (auto-detected per layer): peft target_parameters (rank folded with the experts),

@@ -1,6 +1,6 @@
 """`python -m convert.split_experts`: any fused MoE layout (auto-detected) -> per-expert HF layout.
 
-    torchrun --nproc 8 -m convert.split_experts --src DIR --dst DIR [--ep N] [--max-shard-size 5GB] ...
+    python -m convert.split_experts --nproc 8 --src DIR --dst DIR [--ep N] [--max-shard-size 5GB] ...
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`python -m convert.verify --src A --dst B`: prove that B is a correct conversion of A.
 
-    torchrun --nproc-per-node N -m convert.verify --src A --dst B [--family F] [--report PATH]
+    python -m convert.verify --nproc N --src A --dst B [--family F] [--report PATH]
 
 Independent of the converter: the verifier reads both directories itself (raw headers,
 cross-checked with the safetensors library), derives what B must hold from the family

@@ -80,8 +80,11 @@ class Dist:
             return None
 
     def close(self) -> None:
-        if self.initialized_here and dist.is_initialized():
-            dist.destroy_process_group()
+        """Leave the group at the end of the process (every rank has passed the last barrier).
+
+        The group is not destroyed: destroy_process_group takes ~0.2 s at 16 ranks and buys
+        nothing when the process ends right after (exit_process); the OS closes its sockets.
+        """
 
 
 class _ErrorFileTap:

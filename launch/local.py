@@ -128,16 +128,19 @@ def start(nproc: int) -> Handover:
         for rank in range(nproc):
             pid = os.fork()
             if pid == 0:
-                _become_worker(parent)
-                listen_fd = None
-                if rank == 0:
-                    listen_fd = sock.detach()  # the descriptor now belongs to rank 0's store
-                else:
-                    sock.close()
+                try:
+                    _become_worker(parent)
+                    listen_fd = None
+                    if rank == 0:
+                        listen_fd = sock.detach()  # the descriptor now belongs to rank 0's store
+                    else:
+                        sock.close()
+                except BaseException:  # a fork must never carry on as the parent
+                    os._exit(1)
                 _handover = Handover(rank, nproc, port, listen_fd)
                 return _handover
             pids[pid] = rank
-    except BaseException:
+    except BaseException:  # fork failed (or a signal): leave no rank behind
         for pid in pids:
             _kill(pid, signal.SIGKILL)
         raise

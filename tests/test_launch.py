@@ -192,7 +192,8 @@ def test_a_rank_killed_by_a_signal_fails_the_job_in_one_line(example, one_rank, 
     assert _files(dst) == _files(one_rank)
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)],
+                         ids=["SIGINT", "SIGTERM", "SIGKILL"])
 def test_a_signal_to_the_parent_stops_every_rank(example, one_rank, tmp_path, sig, code):
     dst = tmp_path / "out"
     proc = _start("convert.fuse_experts", "--src", str(example), "--dst", str(dst), "--nproc", "2",
@@ -203,7 +204,7 @@ def test_a_signal_to_the_parent_stops_every_rank(example, one_rank, tmp_path, si
     proc.send_signal(sig)
     proc.communicate(timeout=120)
     assert proc.returncode == code
-    gone, alive = psutil.wait_procs(workers, timeout=10)
+    gone, alive = psutil.wait_procs(workers, timeout=10)  # SIGKILL: the ranks die with their parent (PDEATHSIG)
     assert not alive, f"orphaned ranks: {alive}"
     assert not (dst / "model.safetensors.index.json").exists()
     again = run_tool("convert.fuse_experts", "--src", str(example), "--dst", str(dst), "--nproc", "2")
@@ -212,7 +213,8 @@ def test_a_signal_to_the_parent_stops_every_rank(example, one_rank, tmp_path, si
 
 
 def test_the_parent_imports_torch_once_and_forks_without_threads():
-    code = ("import convert.fuse_experts, convert.verify, launch.batch, launch.local as l, sys; "
+    code = ("import convert.fuse_experts, convert.split_experts, convert.fuse_adapter, convert.split_adapter, "
+            "convert.verify, launch.batch, launch.local as l, sys; "
             "l._prepare_parent(); assert 'torch.distributed' in sys.modules; print(l.native_threads())")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
