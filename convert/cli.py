@@ -9,7 +9,8 @@ from convert.flag_types import json_object, positive_int, size_arg
 from convert.job import JobOptions
 from convert.toplevel import ToolParser, finish, run_guarded, settle
 from convert.transforms import DTYPE_NAMES
-from launch.dist import Dist, init_dist
+from launch.dist import Dist, exit_process, init_dist
+from launch.local import add_nproc_flag
 
 
 def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -29,6 +30,7 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--stats", default=None, help="write per-rank stats (peak RSS, bytes read/written, time) as JSON")
     p.add_argument("--verify", action="store_true", help="after writing, check the output with convert.verify "
                    "(same ranks); on a mismatch exit 1 and rename the index to *.unverified")
+    add_nproc_flag(p)
     return p
 
 
@@ -42,14 +44,18 @@ def job_options(args: argparse.Namespace, layout: str | None) -> JobOptions:
     )
 
 
-def run_main(body: Callable[[Dist], int]) -> None:
-    """Join the process group, run `body`, leave the group and exit with its code.
+def run_main(body: Callable[[Dist], int], nproc: int = 1) -> None:
+    """Join the process group (first forking `nproc` local ranks when > 1), run `body`, leave the group
+    and exit with its code.
 
     Errors that escape `body` become one line and an exit code, Ctrl-C a quiet exit 130
     (convert.toplevel.run_guarded); --debug (ToolParser) adds tracebacks.
     """
+    joined: list[Dist] = []
+
     def go() -> int:
-        dist = init_dist()
+        dist = init_dist(nproc=nproc)
+        joined.append(dist)
         try:
             code = body(dist)
             settle(code)
@@ -59,4 +65,7 @@ def run_main(body: Callable[[Dist], int]) -> None:
             dist.close()
         return code
 
-    finish(run_guarded(go))
+    code = run_guarded(go)
+    if joined:
+        exit_process(code, joined[0])
+    finish(code)

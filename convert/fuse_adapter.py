@@ -1,6 +1,6 @@
 """`python -m convert.fuse_adapter`: per-expert expert LoRA -> a fused adapter layout.
 
-    torchrun --nproc-per-node 8 -m convert.fuse_adapter --src ADAPTER_DIR --dst OUT_DIR --layout peft|grouped
+    python -m convert.fuse_adapter --nproc 8 --src ADAPTER_DIR --dst OUT_DIR --layout peft|grouped
         [--ep N] [--base-config CONFIG_JSON] [--dtype keep|bf16|fp32] [--dry-run]
 
 `peft`: target_parameters on the fused 3-D expert parameters (what PeftModel.from_pretrained
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = No
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the fuse on every rank."""
     args = build_parser().parse_args(argv)
-    run_main(lambda dist: run(args, dist))
+    run_main(lambda dist: run(args, dist), args.nproc)
 
 
 if __name__ == "__main__":

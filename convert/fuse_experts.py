@@ -1,6 +1,6 @@
 """`python -m convert.fuse_experts`: per-expert MoE checkpoint -> fused [E, ...] layout.
 
-    torchrun --nproc 8 -m convert.fuse_experts --src DIR --dst DIR [--layout transformers|stacked] [--ep N] ...
+    python -m convert.fuse_experts --nproc 8 --src DIR --dst DIR [--layout transformers|stacked] [--ep N] ...
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = No
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the fuse job on every rank."""
     args = build_parser().parse_args(argv)
-    run_main(lambda dist: run(args, dist))
+    run_main(lambda dist: run(args, dist), args.nproc)
 
 
 if __name__ == "__main__":

@@ -337,10 +337,8 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
         done_here[0] += n
         if crash_at is not None and done_here[0] >= crash_at:
             os._exit(137)  # simulated crash (MOE_CONVERT_CRASH_AFTER), for resume tests
-        if pause_at is not None and done_here[0] >= pause_at:  # MOE_CONVERT_PAUSE_AFTER, for interrupt tests
-            print(f"rank {dist.rank}: paused (MOE_CONVERT_PAUSE_AFTER)", file=sys.stderr, flush=True)
-            while True:
-                time.sleep(60)
+        if pause_at is not None and done_here[0] >= pause_at:
+            _pause(dist.rank)
 
     warm_up(mine)
     io0 = proc_io()
@@ -359,7 +357,7 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
     if dist.is_main:
         while dist.counter_add(key + "/done", 0) < dist.world_size:
             bar.update(dist.counter_add(key + "/bytes", 0) - bar.n)
-            time.sleep(0.2)
+            time.sleep(0.02)
         bar.update(dist.counter_add(key + "/bytes", 0) - bar.n)
         bar.close()
     stats = {
@@ -459,6 +457,13 @@ def _crash_point(rank: int, var: str = "MOE_CONVERT_CRASH_AFTER") -> int | None:
         return None
     r, n = spec.split(":", 1)
     return int(n) if int(r) == rank else None
+
+
+def _pause(rank: int) -> None:
+    """Stop mid-job until a signal ends this rank (MOE_CONVERT_PAUSE_AFTER; interruption tests only)."""
+    print(f"rank {rank}: paused (MOE_CONVERT_PAUSE_AFTER, pid {os.getpid()})", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(3600)
 
 
 def _clear_destination(dst: Storage, sink: Any, setup: JobSetup, overwrite: bool) -> None:

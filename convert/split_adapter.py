@@ -1,6 +1,6 @@
 """`python -m convert.split_adapter`: expert LoRA in any layout -> per-expert LoRA that vLLM loads.
 
-    torchrun --nproc-per-node 8 -m convert.split_adapter --src ADAPTER_DIR --dst OUT_DIR [--ep N]
+    python -m convert.split_adapter --nproc 8 --src ADAPTER_DIR --dst OUT_DIR [--ep N]
         [--base-config CONFIG_JSON] [--dtype keep|bf16|fp32] [--dry-run]
 
 Inputs (auto-detected per layer): peft target_parameters (rank folded with the experts),
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = No
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the split on every rank."""
     args = build_parser().parse_args(argv)
-    run_main(lambda dist: run(args, dist))
+    run_main(lambda dist: run(args, dist), args.nproc)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`python -m convert.split_experts`: any fused MoE layout (auto-detected) -> per-expert HF layout.
 
-    torchrun --nproc 8 -m convert.split_experts --src DIR --dst DIR [--ep N] [--max-shard-size 5GB] ...
+    python -m convert.split_experts --nproc 8 --src DIR --dst DIR [--ep N] [--max-shard-size 5GB] ...
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = No
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the split job on every rank."""
     args = build_parser().parse_args(argv)
-    run_main(lambda dist: run(args, dist))
+    run_main(lambda dist: run(args, dist), args.nproc)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`python -m convert.verify --src A --dst B`: prove that B is a correct conversion of A.
 
-    torchrun --nproc-per-node N -m convert.verify --src A --dst B [--family F] [--report PATH]
+    python -m convert.verify --nproc N --src A --dst B [--family F] [--report PATH]
 
 Independent of the converter: the verifier reads both directories itself (raw headers,
 cross-checked with the safetensors library), derives what B must hold from the family
@@ -39,6 +39,7 @@ from convert.verify_base import base_relation
 from convert.verify_checks import ExpertCheck, Mismatch, PassCheck, Tally, run_expert, run_pass
 from convert.verify_tables import Table, Unreadable, read_table
 from launch.dist import Dist
+from launch.local import add_nproc_flag
 
 BASE_INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -365,6 +366,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-report", type=int, default=50, help="mismatches listed (default 50)")
     p.add_argument("--report", default=None, help="write a JSON report here")
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+    add_nproc_flag(p)
     return p
 
 
@@ -372,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse flags and verify on every rank."""
     a = parser().parse_args(argv)
     opts = VerifyOptions(a.src, a.dst, a.family, a.storage_options, a.base_config, a.max_report, a.report)
-    run_main(lambda dist: verify_job(opts, dist))
+    run_main(lambda dist: verify_job(opts, dist), a.nproc)
 
 
 if __name__ == "__main__":

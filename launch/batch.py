@@ -23,7 +23,8 @@ from convert.kinds import KINDS, entry_point
 from convert.output_record import is_complete_output
 from convert.storage import Storage
 from convert.toplevel import ToolParser, finish, run_guarded, settle
-from launch.dist import Dist, init_dist
+from launch.dist import Dist, exit_process, init_dist
+from launch.local import add_nproc_flag
 from launch.manifest import job_namespace, load_manifest
 
 JobRunner = Callable[[argparse.Namespace, Dist, dict[str, Any]], int]
@@ -115,12 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     p = ToolParser(prog="launch.batch", description=__doc__.splitlines()[0])
     p.add_argument("manifest")
     p.add_argument("--report", default=None, help="write the results as JSON here")
+    add_nproc_flag(p)
     a = p.parse_args(argv)
     finish(run_guarded(lambda: _run(a)))
 
 
 def _run(a: argparse.Namespace) -> int:
-    dist = init_dist()
+    dist = init_dist(nproc=a.nproc)
     try:
         jobs: list[dict[str, Any]] | str = []
         if dist.is_main:

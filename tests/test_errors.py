@@ -457,7 +457,7 @@ def _interrupt_when_paused(proc: subprocess.Popen[str], sig: int) -> tuple[str, 
     try:
         for line in proc.stderr:
             seen.append(line)
-            if "paused (MOE_CONVERT_PAUSE_AFTER)" in line:
+            if "paused (MOE_CONVERT_PAUSE_AFTER" in line:
                 break
         else:
             raise AssertionError("the job ended without pausing:\n" + "".join(seen))

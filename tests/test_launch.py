@@ -1,0 +1,245 @@
+"""Launchers: `--nproc N` (ranks forked by the tool), torchrun and accelerate launch, with real processes.
+
+Every multi-rank job here is a real gloo group: the forked ranks of --nproc, torchrun's or
+accelerate's workers. Outputs are compared byte for byte across launchers; exit codes,
+messages, signals and resumes are checked on the process the user started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from helpers import REPO, run_tool
+
+RESUMED = "(resumed)"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    """Every file of a conversion's output (not its hidden state), by name."""
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory) -> Path:
+    """The example checkpoint (`python -m convert.example`): Qwen3-MoE names and shapes, 5 shards, 8.8 MB."""
+    root = tmp_path_factory.mktemp("launch")
+    run_tool("convert.example", str(root / "src"))
+    return root / "src"
+
+
+@pytest.fixture(scope="module")
+def one_rank(example, tmp_path_factory) -> Path:
+    """The fuse of `example` by one plain process: the reference every launcher must reproduce."""
+    dst = tmp_path_factory.mktemp("ref") / "fused"
+    run_tool("convert.fuse_experts", "--src", str(example), "--dst", str(dst))
+    return dst
+
+
+def _start(module: str, *args: str, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", module, *args, "--no-progress"], cwd=REPO, env=_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_pause(proc: subprocess.Popen[str], timeout: float = 120) -> int:
+    """Read the job's stderr until a rank reports MOE_CONVERT_PAUSE_AFTER; returns that rank's pid."""
+    deadline = time.monotonic() + timeout
+    assert proc.stderr is not None
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if "paused (MOE_CONVERT_PAUSE_AFTER, pid " in line:
+            return int(line.split("pid ")[1].rstrip(")\n"))
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"no rank paused; exit {proc.poll()}")
+
+
+def test_nproc_output_is_byte_identical_to_torchrun_and_one_rank(example, one_rank, tmp_path):
+    forked = run_tool("convert.fuse_experts", "--src", str(example), "--dst", str(tmp_path / "nproc"), "--nproc", "2")
+    run_tool("convert.fuse_experts", "--src", str(example), "--dst", str(tmp_path / "torchrun"), nproc=2)
+    assert "with 2 rank(s)" in forked.stdout
+    assert forked.stderr == ""
+    want = _files(one_rank)
+    assert _files(tmp_path / "nproc") == want
+    assert _files(tmp_path / "torchrun") == want
+    assert not (tmp_path / "nproc" / ".moe-convert").exists()
+
+
+def test_nproc_split_verify_and_batch(example, one_rank, tmp_path):
+    """Every entry point takes --nproc: split back (3 ranks), verify it, and a batch manifest."""
+    run_tool("convert.split_experts", "--src", str(one_rank), "--dst", str(tmp_path / "split"), "--nproc", "3")
+    shards = {k: v for k, v in _files(tmp_path / "split").items() if k.endswith(".safetensors")}
+    orig = _files(example)
+    from helpers import load_dir, raw_bytes
+
+    a, b = load_dir(example), load_dir(tmp_path / "split")
+    assert a.keys() == b.keys() and all(raw_bytes(a[k]) == raw_bytes(b[k]) for k in a)
+    assert shards and orig["config.json"] == _files(tmp_path / "split")["config.json"]
+    ok = run_tool("convert.verify", "--src", str(example), "--dst", str(one_rank), "--nproc", "2")
+    assert "OK" in ok.stdout
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"jobs": [{"kind": "fuse_experts", "src": str(example), "dst": str(tmp_path / "b")}]}))
+    batch = run_tool("launch.batch", str(manifest), "--nproc", "2")
+    assert "done" in batch.stdout
+    assert _files(tmp_path / "b") == _files(one_rank)
+
+
+def test_nproc_keeps_the_refusal_exit_code(example, tmp_path):
+    dst = tmp_path / "taken"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    proc = run_tool("convert.fuse_experts", "--src", str(example), "--dst", str(dst), "--nproc", "2", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --dst {dst} exists and is not empty; pass --overwrite to replace its contents"]
+    assert [p.name for p in dst.iterdir()] == ["notes.txt"]
+
+
+def test_nproc_verify_mismatch_exits_1(example, one_rank, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(one_rank, bad)
+    shard = next(bad.glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x40  # a byte of the last tensor's data, not of the header
+    shard.write_bytes(bytes(data))
+    proc = run_tool("convert.verify", "--src", str(example), "--dst", str(bad), "--nproc", "2", check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAILED" in proc.stdout
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_nproc_below_one_is_refused_by_the_parser(example, tmp_path, value):
+    proc = run_tool("convert.fuse_experts", "--src", str(example), "--dst", str(tmp_path / "o"), "--nproc", value,
+                    check=False)
+    assert proc.returncode == 2
+    assert f"argument --nproc: expected a whole number of processes >= 1, got '{value}'" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_nproc_under_torchrun_is_refused(example, tmp_path):
+    # torchrun's own parser (Python 3.11's argparse) rejects `--nproc` anywhere on its command line as an
+    # ambiguous abbreviation of --nproc-per-node: hand the flags over in the environment instead.
+    script = tmp_path / "entry.py"
+    script.write_text("import json, os\nfrom convert.fuse_experts import main\nmain(json.loads(os.environ['ARGS']))\n")
+    args = ["--src", str(example), "--dst", str(tmp_path / "o"), "--nproc", "2", "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(ARGS=json.dumps(args)), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1  # torchrun's code for any failed rank (README: Launchers)
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert lines == ["error: --nproc 2 starts its own ranks, but this process was started by torchrun; "
+                     "drop --nproc, or run without the launcher"], proc.stderr
+    assert "exitcode  : 2" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_nproc_under_srun_is_refused(example, tmp_path):
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}
+    proc = subprocess.run([sys.executable, "-m", "convert.fuse_experts", "--src", str(example), "--dst",
+                           str(tmp_path / "o"), "--nproc", "2"], cwd=REPO, env=_env(**env), capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --nproc 2 starts its own ranks, but this process was started by srun (SLURM_NTASKS=4); "
+        "drop --nproc, or run without the launcher"]
+
+
+def test_a_crashed_rank_fails_the_job_and_the_rerun_resumes(example, one_rank, tmp_path):
+    dst = tmp_path / "out"
+    args = ("--src", str(example), "--dst", str(dst), "--nproc", "2")
+    crash = {"MOE_CONVERT_CRASH_AFTER": "1:2000000", "MOE_CONVERT_JOURNAL_BYTES": "500000"}
+    proc = subprocess.run([sys.executable, "-m", "convert.fuse_experts", *args, "--no-progress"], cwd=REPO,
+                          env=_env(**crash), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: rank 1 died (exit code 137); re-run the same command to resume"]
+    assert not (dst / "model.safetensors.index.json").exists()
+    stats = tmp_path / "stats.json"
+    again = run_tool("convert.fuse_experts", *args, "--stats", str(stats))
+    assert RESUMED in again.stdout
+    report = json.loads(stats.read_text())
+    assert report["resumed"] and report["world_size"] == 2
+    total = sum(len(v) for k, v in _files(one_rank).items() if k.endswith(".safetensors"))
+    assert sum(r["written_bytes"] for r in report["ranks"]) < total, "the re-run must skip journaled work"
+    assert _files(dst) == _files(one_rank)
+
+
+def test_a_rank_killed_by_a_signal_fails_the_job_in_one_line(example, one_rank, tmp_path):
+    dst = tmp_path / "out"
+    proc = _start("convert.fuse_experts", "--src", str(example), "--dst", str(dst), "--nproc", "2",
+                  MOE_CONVERT_PAUSE_AFTER="1:1000000")
+    paused = _wait_for_pause(proc)
+    workers = psutil.Process(proc.pid).children()
+    os.kill(paused, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert err.strip().splitlines() == ["error: rank 1 died (signal SIGKILL); re-run the same command to resume"]
+    assert len(workers) == 2 and not any(w.is_running() for w in workers)
+    again = run_tool("convert.fuse_experts", "--src", str(example), "--dst", str(dst), "--nproc", "2")
+    assert RESUMED in again.stdout
+    assert _files(dst) == _files(one_rank)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)],
+                         ids=["SIGINT", "SIGTERM", "SIGKILL"])
+def test_a_signal_to_the_parent_stops_every_rank(example, one_rank, tmp_path, sig, code):
+    dst = tmp_path / "out"
+    proc = _start("convert.fuse_experts", "--src", str(example), "--dst", str(dst), "--nproc", "2",
+                  MOE_CONVERT_PAUSE_AFTER="1:1000000")
+    _wait_for_pause(proc)
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2
+    proc.send_signal(sig)
+    proc.communicate(timeout=120)
+    assert proc.returncode == code
+    gone, alive = psutil.wait_procs(workers, timeout=10)  # SIGKILL: the ranks die with their parent (PDEATHSIG)
+    assert not alive, f"orphaned ranks: {alive}"
+    assert not (dst / "model.safetensors.index.json").exists()
+    again = run_tool("convert.fuse_experts", "--src", str(example), "--dst", str(dst), "--nproc", "2")
+    assert RESUMED in again.stdout
+    assert _files(dst) == _files(one_rank)
+
+
+def test_the_parent_imports_torch_once_and_forks_without_threads():
+    code = ("import convert.fuse_experts, convert.split_experts, convert.fuse_adapter, convert.split_adapter, "
+            "convert.verify, launch.batch, launch.local as l, sys; "
+            "l._prepare_parent(); assert 'torch.distributed' in sys.modules; print(l.native_threads())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "1"
+
+
+def test_torchrun_failure_box_shows_the_tools_message(example, tmp_path):
+    dst = tmp_path / "taken"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    proc = run_tool("convert.fuse_experts", "--src", str(example), "--dst", str(dst), nproc=2, check=False)
+    assert proc.returncode == 1  # torchrun's own code for any failed rank (README: Launchers)
+    root_cause = proc.stderr.split("Root Cause")[1]
+    assert "exitcode  : 2" in root_cause
+    assert f"traceback : error: --dst {dst} exists and is not empty" in root_cause
+    assert "<N/A>" not in proc.stderr
+
+
+def test_accelerate_launch_runs_ranks_on_cpu(example, one_rank, tmp_path):
+    pytest.importorskip("accelerate")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "convert.fuse_experts", "--src", str(example), "--dst", str(tmp_path / "acc"), "--no-progress"]
+    env = _env(HF_HOME=str(tmp_path / "hf"))  # no user accelerate config
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "with 2 rank(s)" in proc.stdout
+    assert _files(tmp_path / "acc") == _files(one_rank)
