@@ -23,7 +23,7 @@ from convert.kinds import KINDS, entry_point
 from convert.output_record import is_complete_output
 from convert.storage import Storage
 from convert.toplevel import ToolParser, finish, run_guarded, settle
-from launch.dist import Dist, exit_process, init_dist
+from launch.dist import Dist, init_dist
 from launch.local import add_nproc_flag
 from launch.manifest import job_namespace, load_manifest
 
