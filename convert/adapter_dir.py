@@ -22,7 +22,7 @@ from typing import Any
 from convert.checkpoint import OTHER_WEIGHTS, open_checkpoint
 from convert.adapter_layouts import guess_family
 from convert.errors import ConversionError
-from convert.families import Family, detect_family, load_families, template_regex
+from convert.families import Family, detect_family, load_families, representative, template_regex
 from convert.safetensors_format import FileHeader, TensorInfo, read_header
 from convert.storage import Storage
 
@@ -386,6 +386,6 @@ def adapter_family(
                 rx = template_regex(tpl[: -len(".weight")] + ".lora_A.weight")
                 if any(rx.match(n) for n in tensors):
                     matched.add(fam.name)
-    if len(matched) == 1:
-        return families[matched.pop()], "per-expert LoRA key names"
+    if representative(matched) is not None:
+        return representative(matched), "per-expert LoRA key names"  # type: ignore[return-value]
     return None, "unknown: no base config.json and adapter_config.json does not name it; pass --base-config"

@@ -32,7 +32,7 @@ from convert.adapter_source import AdapterSource
 from convert.adapter_transforms import FoldedBBuild, FoldedFactors, FoldedSplit, GroupedBuild, GroupedSlice
 from convert.checkpoint import TensorRef
 from convert.errors import ConversionError
-from convert.families import Family, load_families, template_regex
+from convert.families import Family, load_families, representative, template_regex
 from convert.planner import DEFAULT_CHUNK_BYTES, Piece, Read, TargetTensor, Write, copy_pieces, target_dtype
 from convert.safetensors_format import DTYPE_SIZES
 from sharding.ep import expert_slices
@@ -311,8 +311,8 @@ def _fuse_family(groups: list[ExpertLoraGroup], src: AdapterSource) -> Family:
         rxs = [template_regex(t[: -len(".weight")] + ".lora_A.weight") for t in fam.per_expert.values()]
         if any(rx.match(n) for rx in rxs for n in names[:64]):
             matched.add(fam.name)
-    if len(matched) == 1:
-        return family_by_name(matched.pop())
+    if representative(matched) is not None:
+        return representative(matched)  # type: ignore[return-value]
     return _family_of([g for g in groups if g.family is None] or groups, src,
                       "the fused names and gate/up order depend on it")
 

@@ -159,7 +159,7 @@ def test_refusals_write_nothing(tmp_path, case, expect):
     elif case in ("unknown_family", "no_num_experts"):
         cfg = json.loads((src / "config.json").read_text())
         if case == "unknown_family":
-            cfg["model_type"] = "llama"
+            cfg["model_type"], cfg["architectures"] = "llama", ["LlamaForCausalLM"]
         else:
             for key in ("num_experts", "num_local_experts", "n_routed_experts"):
                 cfg.pop(key, None)

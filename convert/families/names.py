@@ -115,3 +115,13 @@ def to_disk(renames: Sequence[Rename], key: str) -> str:
     for r in reversed(renames):
         key = r.to_disk(key)
     return key
+
+
+def pattern_regex(pattern: str) -> re.Pattern[str]:
+    """A name pattern of a merge (as a transformers WeightConverter source pattern), compiled for `search`."""
+    return _Matcher.build(pattern, pattern, "merge").regex
+
+
+def literal(pattern: str) -> str:
+    """The text a name pattern stands for when it is written out (as transformers writes a target pattern)."""
+    return _process_target(pattern)[0]

@@ -119,6 +119,33 @@ def family_by_name(name: str) -> Family:
     return reg.families[key]
 
 
+def expert_signature(family: Family) -> str:
+    """What a family says about its expert tensors (names on both sides, layouts, ops), as a comparable string."""
+    layouts = {lay: [(t.template, t.parts, t.pipeline.to_json()) for t in ts] for lay, ts in family.fused.items()}
+    return json.dumps([family.per_expert, family.expert_templates, layouts, family.default_fused], sort_keys=True)
+
+
+def representative(names: set[str] | list[str]) -> Family | None:
+    """One family standing for `names` (families whose per-expert names all matched) if they agree, else None.
+
+    Several families can share their expert tensors' names and layouts and differ only in other
+    tensors' renames (e.g. every family extending mixtral); for expert-only work any of them
+    does. Of families whose templates all matched, those naming more of the key (a container
+    rather than none) are kept; the one chosen has the fewest rename rules (then the first name).
+    """
+    families = registry().families
+    fams = [families[n] for n in sorted(set(names))]
+
+    def literal_length(f: Family) -> int:  # a template naming its container explains more of a name
+        return max(len(t.split("{e}")[0].replace("{prefix}", "")) for t in f.per_expert.values())
+
+    most = max((literal_length(f) for f in fams), default=0)
+    fams = [f for f in fams if literal_length(f) == most]
+    if not fams or len({expert_signature(f) for f in fams}) != 1:
+        return None
+    return min(fams, key=lambda f: (len(f.renames), f.name))
+
+
 def _parent_library_type(lib: str) -> str | None:
     m = re.match(r"^transformers\.models\.([a-z0-9_]+)\.", lib)
     return m[1] if m else None
