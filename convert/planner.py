@@ -16,7 +16,6 @@ from convert.checkpoint import Checkpoint, TensorRef
 from convert.errors import ConversionError
 from convert.expert_groups import ExpertGroup, find_expert_groups, fused_slice_shape
 from convert.families import PER_EXPERT, Family
-from convert.families.names import literal, pattern_regex
 from convert.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, numel
 from convert.transforms import Unit, regroup
 
@@ -225,33 +224,18 @@ def _merge_pieces(
     targets: list[TargetTensor] = []
     pieces: list[Piece] = []
     used: set[str] = set()
+    where = ckpt.storage.display("config.json")
     for merge in family.merges:
         if fusing:
-            joined: dict[str, dict[int, str]] = {}
-            for name in names:
-                model = family.to_model(name)
-                for j, source in enumerate(merge.sources):
-                    m = pattern_regex(source).search(model)
-                    if m:
-                        out = model.replace(m.group(0), literal(merge.target), 1)
-                        joined.setdefault(out, {})[j] = name
-                        break
-            for out, parts in sorted(joined.items()):
-                if len(parts) != len(merge.sources):
-                    one = next(iter(parts.values()))
-                    raise ConversionError(
-                        f"{ckpt.storage.display(ckpt.tensors[one].file)}: tensor {one!r} is one of {len(merge.sources)} "
-                        f"tensors joined into {out!r}, but only {len(parts)} of them are in the checkpoint"
-                    )
-                refs = [ckpt.tensors[parts[j]] for j in range(len(merge.sources))]
-                shapes = {r.info.shape for r in refs}
-                dtypes = {r.info.dtype for r in refs}
-                if len(shapes) != 1 or len(dtypes) != 1:
+            raw = {family.to_model(n): n for n in names}
+            for out, parts in merge.join_names(sorted(raw), ckpt.config, where).items():
+                refs = [ckpt.tensors[raw[p]] for p in parts]
+                if len({r.info.shape for r in refs}) != 1 or len({r.info.dtype for r in refs}) != 1 or not refs[0].info.shape:
                     raise ConversionError(
                         f"{ckpt.storage.display()}: tensors {[r.info.name for r in refs]} must have one shape and dtype "
-                        f"to join into {out!r}, got {sorted(map(list, shapes))} {sorted(dtypes)}"
+                        f"to join into {out!r}, got {[f'{r.info.dtype} {list(r.info.shape)}' for r in refs]}"
                     )
-                shape = merge.pipeline.slice_shape(refs[0].info.shape)
+                shape = (refs[0].info.shape[0] * len(refs), *refs[0].info.shape[1:])
                 out_dtype = target_dtype(refs[0].info.dtype, dtype)
                 offset = 0
                 for ref in refs:
@@ -262,22 +246,21 @@ def _merge_pieces(
                     used.add(ref.info.name)
                 targets.append(TargetTensor(out, out_dtype, shape))
         else:
-            rx = pattern_regex(merge.target)
             for name in names:
-                m = rx.search(name)
-                if not m:
+                parts = merge.cut_names(name, ckpt.config, where)
+                if parts is None:
                     continue
                 ref = ckpt.tensors[name]
-                where = f"{ckpt.storage.display(ref.file)}: tensor {name!r}"
-                try:
-                    shapes = merge.pipeline.part_shapes(ref.info.shape)
-                except ConversionError as exc:
-                    raise ConversionError(f"{where}: cannot be cut into {len(merge.sources)} tensors ({exc})") from exc
-                part = numel(shapes[0]) * DTYPE_SIZES[ref.info.dtype]
-                for j, src in enumerate(merge.sources):
-                    out = family.to_disk(name.replace(m.group(0), literal(src), 1))
-                    start = ref.info.start + j * part
-                    piece_ref = TensorRef(ref.file, TensorInfo(out, ref.info.dtype, shapes[j], start, start + part))
+                k = len(parts)
+                if not ref.info.shape or ref.info.shape[0] % k:
+                    raise ConversionError(f"{ckpt.storage.display(ref.file)}: tensor {name!r} has shape "
+                                          f"{list(ref.info.shape)}; expected dim 0 to hold {k} equal parts {parts}")
+                shape = (ref.info.shape[0] // k, *ref.info.shape[1:])
+                size = ref.info.nbytes // k
+                for j, part in enumerate(parts):
+                    out = family.to_disk(part)
+                    start = ref.info.start + j * size
+                    piece_ref = TensorRef(ref.file, TensorInfo(out, ref.info.dtype, shape, start, start + size))
                     t, ps = copy_pieces(piece_ref, out, dtype, chunk)
                     targets.append(t)
                     pieces += ps

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from convert.errors import ConversionError
 from convert.families import Family
-from convert.families.names import literal, pattern_regex
 from convert.storage import Storage
 from convert.verify_checks import ExpertCheck, PassCheck, read_stored
 from convert.verify_tables import Stored, Table, to_tensor
@@ -221,7 +221,7 @@ def _fused_layers(table: Table, family: Family) -> int:
     return sum(1 for lt in layers.values() if lt.fused)
 
 
-def _merged(src: Table, dst: Table, family: Family, names: list[str], split: bool
+def _merged(src: Table, dst: Table, family: Family, names: list[str], split: bool, config: dict[str, Any]
             ) -> tuple[list[PassCheck], set[str], set[str], list[str]]:
     """Pass checks for the tensors the family's merges join (fuse) or cut (split), from the table's patterns.
 
@@ -233,36 +233,29 @@ def _merged(src: Table, dst: Table, family: Family, names: list[str], split: boo
     made_dst: set[str] = set()
     problems: list[str] = []
     for merge in family.merges:
-        if not split:
-            joined: dict[str, dict[int, str]] = {}
-            for name in names:
-                model = family.to_model(name)
-                for j, source in enumerate(merge.sources):
-                    m = pattern_regex(source).search(model)
-                    if m:
-                        joined.setdefault(model.replace(m.group(0), literal(merge.target), 1), {})[j] = name
-                        break
-            pairs = [(out, j, name) for out, parts in joined.items() for j, name in parts.items()]
-            count = {out: len(parts) for out, parts in joined.items()}
-        else:
-            pairs, count = [], {}
-            for name in names:
-                m = pattern_regex(merge.target).search(name)
-                if m:
-                    for j, source in enumerate(merge.sources):
-                        pairs.append((name, j, family.to_disk(name.replace(m.group(0), literal(source), 1))))
-                    count[name] = len(merge.sources)
-        for whole, j, part in pairs:
+        pairs: list[tuple[str, int, int, str]] = []  # (joined name, part index, parts, part name), as stored
+        try:
+            if not split:
+                raw = {family.to_model(n): n for n in names}
+                for whole, parts in merge.join_names(sorted(raw), config, src.where).items():
+                    pairs += [(whole, j, len(parts), raw[p]) for j, p in enumerate(parts)]
+            else:
+                for name in names:
+                    parts = merge.cut_names(name, config, src.where)
+                    pairs += [(name, j, len(parts), family.to_disk(p)) for j, p in enumerate(parts or [])]
+        except ConversionError as exc:
+            problems.append(str(exc))
+            continue
+        for whole, j, k, part in pairs:
             joined_t = (dst if not split else src).tensors.get(whole)
             part_t = (src if not split else dst).tensors.get(part)
-            if joined_t is None or part_t is None or count[whole] != len(merge.sources):
+            if joined_t is None or part_t is None or not joined_t.shape:
                 missing = whole if joined_t is None else part
-                problems.append(f"{dst.where}: tensor {missing!r} (joined from {list(merge.sources)}) is missing")
+                problems.append(f"{dst.where}: tensor {missing!r} (joined from {k} tensors) is missing")
                 continue
-            size = joined_t.nbytes // len(merge.sources)
-            shape = (joined_t.shape[0] // len(merge.sources), *joined_t.shape[1:]) if joined_t.shape else ()
-            sub = Stored(joined_t.name, joined_t.file, joined_t.dtype, shape, joined_t.start + j * size,
-                         joined_t.start + (j + 1) * size)
+            size = joined_t.nbytes // k
+            sub = Stored(joined_t.name, joined_t.file, joined_t.dtype, (joined_t.shape[0] // k, *joined_t.shape[1:]),
+                         joined_t.start + j * size, joined_t.start + (j + 1) * size)
             checks.append(PassCheck(part_t, sub) if not split else PassCheck(sub, part_t))
             used_src.add(part if not split else whole)
             made_dst.add(whole if not split else part)
@@ -270,7 +263,7 @@ def _merged(src: Table, dst: Table, family: Family, names: list[str], split: boo
 
 
 def base_relation(
-    src: Table, dst: Table, family: Family, num_experts: int
+    src: Table, dst: Table, family: Family, num_experts: int, config: dict[str, Any] | None = None
 ) -> tuple[list[ExpertCheck], list[PassCheck], list[str], list[str]]:
     """Checks that prove `dst` is a conversion of `src` (both read with `family`'s tables).
 
@@ -280,7 +273,7 @@ def base_relation(
     source as it is and expects every destination name to be what the renames' inverses give
     (as transformers saves). Returns (expert checks, pass-through checks, source problems,
     destination mismatches): source problems mean the source itself is not a valid checkpoint
-    of the family.
+    of the family. `config`: the source's config.json (for merges whose part count it gives).
     """
     split = _fused_layers(src, family) > _fused_layers(dst, family)
     src_layers, src_others = classify(src, family, rename=not split)
@@ -320,7 +313,7 @@ def base_relation(
                              f"{list(rb[r][0])}; the source ({ra[r][1]!r}) has {list(ra[r][0])}")
             continue
         experts.append(ExpertCheck(prefix, num_experts, a, b))
-    passes, used_src, made_dst, problems = _merged(src, dst, family, src_others, split)
+    passes, used_src, made_dst, problems = _merged(src, dst, family, src_others, split, config or {})
     found += problems
     rename = family.to_disk if split else family.to_model
     dst_set = set(dst_others)

@@ -56,6 +56,12 @@ TOY = {  # the README's worked example "Adding a family"
 }
 
 
+def test_the_readme_example_is_the_tested_family():
+    text = (REPO / "README.md").read_text()
+    block = text.split("### Adding a family", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
+    assert json.loads(block) == TOY
+
+
 # ---------------------------------------------------------------- schema and extends
 
 
@@ -324,6 +330,29 @@ def test_a_family_added_as_a_data_file_converts(tmp_path, monkeypatch):
     monkeypatch.delenv("MOE_CONVERT_CONFIGS")
     proc = run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(tmp_path / "none"), check=False)
     assert proc.returncode != 0 and "model_type 'toy_moe' is not a known MoE family" in proc.stderr
+
+
+@pytest.mark.parametrize("family, parts, whole, config", [
+    ("kimi_linear", [f"model.layers.0.self_attn.{x}_conv1d.weight" for x in "qkv"],
+     "model.layers.0.self_attn.conv1d.weight", {"model_type": "kimi_linear", "num_experts": E}),
+    ("qwen4_exp_text", [f"model.ngram_embedding.shard_{i}.weight" for i in range(4)], "model.ngram_embedding.weight",
+     {"model_type": "qwen4_exp_text", "num_experts": E, "split_ngram_parts": 4}),
+])
+def test_merged_non_expert_tensors_join_and_cut(tmp_path, family, parts, whole, config):
+    fam = FAMILIES[family]
+    g = torch.Generator().manual_seed(5)
+    tensors = {fam.to_disk(t.format(prefix="model.layers.0", e=e)): torch.randn(*((I, H) if "down" not in t else (H, I)),
+                                                                               generator=g)
+               for e in range(E) for t in fam.expert_templates.values()}
+    tensors.update({p: torch.randn(6, 1, 3, generator=g) for p in parts})
+    shard = {k: f"model-{1 + j % 2}-of-2.safetensors" for j, k in enumerate(sorted(tensors))}
+    _write_sharded(tmp_path / "src", tensors, shard, config)
+    run_tool("convert.fuse_experts", "--src", str(tmp_path / "src"), "--dst", str(tmp_path / "f"), "--verify")
+    fused = load_dir(tmp_path / "f")
+    assert torch.equal(fused[whole], torch.cat([tensors[p] for p in parts])) and not set(parts) & set(fused)
+    run_tool("convert.split_experts", "--src", str(tmp_path / "f"), "--dst", str(tmp_path / "s"), "--verify")
+    back = load_dir(tmp_path / "s")
+    assert set(back) == set(tensors) and all(raw_bytes(back[k]) == raw_bytes(tensors[k]) for k in tensors)
 
 
 # ---------------------------------------------------------------- checkpoints as released

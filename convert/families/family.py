@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from convert.errors import ConversionError
-from convert.families.names import Rename, template_regex, to_disk, to_model
+from convert.families.names import Rename, literal, pattern_regex, template_regex, to_disk, to_model
 from convert.families.ops import Op, Pipeline, op_from_json
 from convert.families.schema import FamilySpec, OpSpec, dump
 
@@ -59,11 +59,62 @@ class FusedTensor:
 
 @dataclass(frozen=True)
 class Merge:
-    """Non-expert tensors the model holds joined into one (see schema.MergeSpec)."""
+    """Non-expert tensors the model holds joined into one along dim 0 (see schema.MergeSpec).
+
+    Names are patterns as in a rename, in model naming. With `count_key`, the one source
+    pattern holds a `*` standing for the part index 0, 1, ..., config[count_key] - 1.
+    """
 
     sources: tuple[str, ...]
     target: str
-    pipeline: Pipeline
+    count_key: str | None = None
+
+    def count(self, config: dict[str, Any], where: str) -> int:
+        """How many tensors are joined (from the config for a `count_key` merge)."""
+        if self.count_key is None:
+            return len(self.sources)
+        for cfg in (config, config.get("text_config")):
+            if isinstance(cfg, dict) and type(cfg.get(self.count_key)) is int and cfg[self.count_key] > 0:
+                return int(cfg[self.count_key])
+        raise ConversionError(f"{where}: has no {self.count_key!r} (how many {self.sources[0]!r} tensors are joined)")
+
+    def join_names(self, names: list[str], config: dict[str, Any], where: str) -> dict[str, list[str]]:
+        """Joined tensor name -> its part names in order, for every part among `names`; raises if parts are missing."""
+        joined: dict[str, dict[int, str]] = {}
+        target = literal(self.target)
+        for name in names:
+            for j, source in enumerate(self.sources):
+                m = pattern_regex(source).search(name)
+                if not m:
+                    continue
+                if self.count_key is not None:
+                    index = re.search(re.escape(literal(source)).replace(r"\*", r"(\d+)"), m.group(0))
+                    j = int(index.group(1)) if index else -1
+                joined.setdefault(name.replace(m.group(0), target, 1), {})[j] = name
+                break
+        out = {}
+        for whole, parts in sorted(joined.items()):
+            n = self.count(config, where)
+            if sorted(parts) != list(range(n)):
+                one = next(iter(parts.values()))
+                raise ConversionError(
+                    f"{where}: tensor {one!r} is one of {n} tensors joined into {whole!r}, but the checkpoint has "
+                    f"parts {sorted(parts)}"
+                )
+            out[whole] = [parts[j] for j in range(n)]
+        return out
+
+    def cut_names(self, name: str, config: dict[str, Any], where: str) -> list[str] | None:
+        """The part names of joined tensor `name`, in order; None when `name` is not a joined tensor."""
+        m = pattern_regex(self.target).search(name)
+        if not m:
+            return None
+        if self.count_key is not None:
+            source = literal(self.sources[0])
+            parts = [source.replace("*", str(i)) for i in range(self.count(config, where))]
+        else:
+            parts = [literal(s) for s in self.sources]
+        return [name.replace(m.group(0), part, 1) for part in parts]
 
 
 @dataclass(frozen=True)
@@ -224,10 +275,11 @@ def build_family(spec: FamilySpec, path: str) -> Family:
     merges = []
     for i, m in enumerate(spec.merges or []):
         at = f"{where}: merges[{i}]"
-        pipe = _pipeline(m.ops, len(m.sources), at)
-        if not pipe.is_byte_copy:
-            raise ConversionError(f"{at}: only a concat on dim 0 is supported for non-expert tensors")
-        merges.append(Merge(tuple(m.sources), m.target, pipe))
+        if m.count_key is not None and (len(m.sources) != 1 or "*" not in m.sources[0]):
+            raise ConversionError(f"{at}: with 'count_key', 'sources' is one pattern with a '*' for the part index")
+        if not _pipeline(m.ops, 2 if m.count_key else len(m.sources), at).is_byte_copy or not m.sources:
+            raise ConversionError(f"{at}: only a concat on dim 0 of one or more tensors is supported")
+        merges.append(Merge(tuple(m.sources), m.target, m.count_key))
     for pattern in (spec.refuse or {}):
         try:
             re.compile(pattern)

@@ -17,7 +17,8 @@ How a transformers entry becomes a family:
   experts under `mlp` once the renames ran);
 - `WeightRenaming` -> a rename rule (same patterns); `PrefixChange` -> a one-way rule
   (transformers does not undo it when saving a model it did not load);
-- a `WeightConverter` with only `Concatenate(dim=0)` of non-expert tensors -> a merge;
+- a `WeightConverter` with only `Concatenate(dim=0)` of non-expert tensors -> a merge (its
+  `num_shards_attribute`, the config key giving the number of `*` parts, -> `count_key`);
 - anything else (other ops, grouped renames) makes the model type inexpressible.
 Other facts come from the auto classes and config classes: the class names of each model
 type (`architectures`), the config key of E (the attribute, and its `attribute_map`
@@ -136,10 +137,12 @@ def translate(transforms: list[Any]) -> Entry:
                 if len(src) > 1 and not (rest and type(rest[0]) is Concatenate):
                     raise Inexpressible(f"converter {src} -> {tgt}: several roles but no concatenation")
                 fused[name] = {"parts": words, **({"ops": _ops(rest, 1)} if rest else {})}
-            elif ops and all(type(o) is Concatenate and o.dim == 0 and o.num_shards_attribute is None for o in ops):
-                if len(tgt) != 1 or any("*" in p for p in src):
+            elif len(ops) == 1 and type(ops[0]) is Concatenate and ops[0].dim == 0 and len(tgt) == 1:
+                count = ops[0].num_shards_attribute
+                if any("*" in p for p in src) and not (count and len(src) == 1 and src[0].count("*") == 1):
                     raise Inexpressible(f"converter {src} -> {tgt}: not a fixed list of tensors joined into one")
-                merges.append({"sources": src, "target": tgt[0], "ops": [{"op": "concat", "dim": 0}]})
+                merges.append({"sources": src, "target": tgt[0], "ops": [{"op": "concat", "dim": 0}],
+                               **({"count_key": count} if count else {})})
             else:
                 raise Inexpressible(f"converter {src} -> {tgt} with ops {ops!r} has no family-file equivalent")
         elif type(t) is PrefixChange:

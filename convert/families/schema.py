@@ -62,12 +62,14 @@ class MergeSpec:
     """Several non-expert tensors the model holds as one (e.g. q/k/v conv weights), joined by `ops`.
 
     `sources` and `target` are name patterns as in a rename (model naming); the sources are
-    joined in their order.
+    joined in their order. With `count_key`, `sources` is one pattern whose `*` stands for the
+    part index, and the config key says how many parts there are.
     """
 
     sources: list[str]
     target: str
     ops: list[OpSpec]
+    count_key: str | None = None
 
 
 @dataclass(frozen=True)
