@@ -386,6 +386,7 @@ def adapter_family(
                 rx = template_regex(tpl[: -len(".weight")] + ".lora_A.weight")
                 if any(rx.match(n) for n in tensors):
                     matched.add(fam.name)
-    if representative(matched) is not None:
-        return representative(matched), "per-expert LoRA key names"  # type: ignore[return-value]
+    rep = representative(matched)  # families that share these names and differ only in other tensors agree
+    if rep is not None:
+        return rep, "per-expert LoRA key names"
     return None, "unknown: no base config.json and adapter_config.json does not name it; pass --base-config"

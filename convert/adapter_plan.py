@@ -311,8 +311,9 @@ def _fuse_family(groups: list[ExpertLoraGroup], src: AdapterSource) -> Family:
         rxs = [template_regex(t[: -len(".weight")] + ".lora_A.weight") for t in fam.per_expert.values()]
         if any(rx.match(n) for rx in rxs for n in names[:64]):
             matched.add(fam.name)
-    if representative(matched) is not None:
-        return representative(matched)  # type: ignore[return-value]
+    rep = representative(matched)  # families that share these names and differ only in other tensors agree
+    if rep is not None:
+        return rep
     return _family_of([g for g in groups if g.family is None] or groups, src,
                       "the fused names and gate/up order depend on it")
 

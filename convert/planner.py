@@ -321,11 +321,11 @@ def plan_conversion(
         t, p = _group_plan(ckpt, family, group, target_layout, dtype)
         targets += t
         pieces += p
-    seen: dict[str, str] = {}
+    seen: set[str] = set()
     for t in targets:
         if t.name in seen:
             raise ConversionError(f"{ckpt.storage.display()}: output tensor {t.name!r} would be written twice")
-        seen[t.name] = t.name
+        seen.add(t.name)
     return Plan(
         family=family.name,
         target_layout=target_layout,
