@@ -10,6 +10,7 @@ names a model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,12 +151,12 @@ class Family:
         """`{prefix}.<container>.experts` (`{prefix}.experts` without a container)."""
         return "{prefix}" + (f".{self.container}" if self.container else "") + ".experts"
 
-    @property
+    @functools.cached_property
     def expert_templates(self) -> dict[str, str]:
         """Role -> per-expert key template in model naming (`{prefix}` the layer, `{e}` the expert)."""
         return {role: f"{self.experts_path}.{{e}}.{leaf}" for role, leaf in self.role_leaves.items()}
 
-    @property
+    @functools.cached_property
     def per_expert(self) -> dict[str, str]:
         """Role -> per-expert key template as a per-expert checkpoint names it (disk naming)."""
         return {role: self.to_disk(tpl) for role, tpl in self.expert_templates.items()}

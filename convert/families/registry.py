@@ -67,12 +67,9 @@ def _read_dir(directory: Path) -> list[tuple[FamilySpec, str]]:
 
 
 def registry(dirs: list[Path] | None = None) -> Registry:
-    """The families of `dirs` (default: family_dirs()), cached while the files are unchanged."""
+    """The families of `dirs` (default: family_dirs()), cached while no file is added to or removed from them."""
     dirs = family_dirs() if dirs is None else dirs
-    listing = tuple(
-        (str(d), tuple((p.name, p.stat().st_mtime_ns) for p in sorted(d.glob("*.json"))) if d.is_dir() else None)
-        for d in dirs
-    )
+    listing = tuple((str(d), d.stat().st_mtime_ns if d.is_dir() else None) for d in dirs)
     if listing in _cache:
         return _cache[listing]
     specs: dict[str, tuple[FamilySpec, str]] = {}
