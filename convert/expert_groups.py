@@ -68,7 +68,8 @@ def find_expert_groups(
     """Split the checkpoint's tensors into expert groups (validated) and pass-through tensor names (as stored).
 
     `rename`: read names through the family's renames (disk naming, as a per-expert checkpoint
-    has them); otherwise as they are (model naming). Raises ConversionError naming the file
+    has them; a tensor already named as a fused one is taken as it is); otherwise as they are
+    (model naming). Raises ConversionError naming the file
     and tensor for a refused tensor, an expert tensor that is not one of the family's roles,
     or an expert layer that is incomplete or inconsistent.
     """
@@ -83,7 +84,9 @@ def find_expert_groups(
         for pattern, msg in refuse:
             if pattern.search(name):
                 raise ConversionError(f"{ckpt.storage.display(ref.file)}: tensor {name!r}: {msg}")
-        m = rx.match(family.to_model(name) if rename else name)
+        m = rx.match(name)
+        if rename and not (m and m["rest"] in fused_by_leaf):  # a fused tensor is named as the model holds it
+            m = rx.match(family.to_model(name))
         if not m:
             passthrough.append(name)
             continue

@@ -312,9 +312,14 @@ def plan_conversion(
     for group in groups:
         if group.layout == target_layout:
             notes.append(f"{group.prefix}: already {target_layout}, copied unchanged")
-            refs = list(group.fused.values()) if target_layout != PER_EXPERT else list(group.per_expert.values())
-            for ref in refs:
-                t, p = copy_pieces(ref, out_name(ref.info.name), dtype, chunk_bytes)
+            if target_layout != PER_EXPERT:
+                named = [(tpl.format(prefix=group.prefix), ref) for tpl, ref in group.fused.items()]
+            else:
+                templates = family.expert_templates
+                named = [(family.to_disk(templates[role].format(prefix=group.prefix, e=e)), ref)
+                         for (role, e), ref in group.per_expert.items()]
+            for name, ref in named:
+                t, p = copy_pieces(ref, name, dtype, chunk_bytes)
                 targets.append(t)
                 pieces += p
             continue

@@ -41,7 +41,8 @@ class LayerTensors:
 def classify(table: Table, family: Family, rename: bool = False) -> tuple[dict[str, LayerTensors], list[str]]:
     """Sort a side's tensors into expert layers (by prefix, model naming) and the names of every other tensor.
 
-    `rename`: match the names as the family's renames turn them into model naming (a per-expert side).
+    `rename`: match the names as the family's renames turn them into model naming (a per-expert
+    side), except names that already are fused tensors' names.
     """
     per_expert = [(role, _regex(tpl)) for role, tpl in family.expert_templates.items()]
     fused = sorted({t.template for ts in family.fused.values() for t in ts})
@@ -49,7 +50,8 @@ def classify(table: Table, family: Family, rename: bool = False) -> tuple[dict[s
     layers: dict[str, LayerTensors] = {}
     others = []
     for name, t in table.tensors.items():
-        model = family.to_model(name) if rename else name
+        as_fused = any(rx.match(name) for _, rx in fused_rx)  # a fused tensor is named as the model holds it
+        model = family.to_model(name) if rename and not as_fused else name
         hit = False
         for role, rx in per_expert:
             m = rx.match(model)

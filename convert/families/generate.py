@@ -36,7 +36,7 @@ from typing import Any
 
 from convert.families.registry import BUILTIN_DIR
 
-E_CANDIDATES = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+E_CANDIDATES = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
 DENSE_CANDIDATES = (
     "first_k_dense_replace", "num_dense_layers", "mlp_only_layers", "decoder_sparse_step", "mlp_layer_types",
     "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "expert_layer_period",
