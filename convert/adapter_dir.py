@@ -21,7 +21,7 @@ from typing import Any
 from convert.checkpoint import OTHER_WEIGHTS, open_checkpoint
 from convert.adapter_layouts import guess_family
 from convert.errors import ConversionError
-from convert.families import Family, detect_family, load_families, template_regex
+from convert.families import Family, detect_family, load_families, representative, template_regex
 from convert.safetensors_format import FileHeader, TensorInfo, read_header
 from convert.storage import Storage
 
@@ -366,7 +366,7 @@ def adapter_family(
 
     From the base config's model_type when there is one; else from adapter_config.json
     (convert.adapter_layouts.guess_family); else from per-expert LoRA key names that only one
-    family's templates (configs/*.json) produce. Returns (None, why) when undecided.
+    family's templates (configs/families/*.json) produce. Returns (None, why) when undecided.
     """
     if base_config is not None:
         try:
@@ -385,6 +385,7 @@ def adapter_family(
                 rx = template_regex(tpl[: -len(".weight")] + ".lora_A.weight")
                 if any(rx.match(n) for n in tensors):
                     matched.add(fam.name)
-    if len(matched) == 1:
-        return families[matched.pop()], "per-expert LoRA key names"
+    rep = representative(matched)  # families that share these names and differ only in other tensors agree
+    if rep is not None:
+        return rep, "per-expert LoRA key names"
     return None, "unknown: no base config.json and adapter_config.json does not name it; pass --base-config"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from convert.errors import ConversionError
-from convert.families import Family, load_families
+from convert.families import Family, find_family, load_families
 from convert.safetensors_format import TensorInfo
 
 PATTERNS = ("per_expert", "peft_target_parameters", "shared_w123", "grouped")
@@ -165,40 +165,25 @@ def base_dims(base_config: dict[str, Any] | None) -> tuple[int | None, int | Non
     return hidden, inter, experts
 
 
-def _model_type_family(model_type: str | None) -> Family | None:
-    for fam in load_families().values():
-        if model_type in fam.model_types:
-            return fam
-    return None
-
-
 def guess_family(adapter_config: dict[str, Any], base_config: dict[str, Any] | None, where: str) -> FamilyGuess:
     """The base model's family: from `base_config` (config.json) when given, else from adapter_config.json.
 
-    adapter_config evidence: `auto_mapping.parent_library`/`base_model_class` (written by peft) and
-    `base_model_name_or_path` containing a family's model_type (e.g. "gpt-oss"); used only when every
-    piece of evidence names the same family. Raises ConversionError when `base_config`'s model_type
-    is not a known family.
+    Both go through the one family detection (convert.families.find_family): config.json's
+    model_type / architectures / text_config; adapter_config.json's peft `auto_mapping`
+    (`base_model_class`, `parent_library`). Besides, `base_model_name_or_path` containing a
+    family's model_type (e.g. "gpt-oss") counts; used only when every piece of evidence names
+    the same family. Raises ConversionError when `base_config` names no known family.
     """
     if base_config is not None:
-        model_type = base_config.get("model_type")
-        fam = _model_type_family(model_type)
+        fam, how = find_family(base_config)
         if fam is None:
             known = sorted(t for f in load_families().values() for t in f.model_types)
-            raise ConversionError(f"--base-config: model_type {model_type!r} is not a known MoE family (known: {known})")
-        return FamilyGuess(fam, f"--base-config model_type {model_type!r}")
+            raise ConversionError(f"--base-config: {how} (known: {known})")
+        return FamilyGuess(fam, f"--base-config {how}")
     found: dict[str, str] = {}
-    mapping = adapter_config.get("auto_mapping") or {}
-    if isinstance(mapping, dict):
-        lib = str(mapping.get("parent_library") or "")
-        m = re.match(r"^transformers\.models\.([a-z0-9_]+)\.", lib)
-        if m and _model_type_family(m[1]):
-            found.setdefault(_model_type_family(m[1]).name, f"auto_mapping.parent_library {lib!r}")  # type: ignore[union-attr]
-        cls = str(mapping.get("base_model_class") or "")
-        if cls and not found:
-            for fam in load_families().values():
-                if cls in fam.architectures:
-                    found.setdefault(fam.name, f"auto_mapping.base_model_class {cls!r}")
+    fam, how = find_family({**adapter_config, "auto_mapping": adapter_config.get("auto_mapping") or {}})
+    if fam is not None:
+        found[fam.name] = how
     name = str(adapter_config.get("base_model_name_or_path") or "")
     if name:
         norm = re.sub(r"[^a-z0-9]+", "_", name.lower())

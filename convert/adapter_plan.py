@@ -4,7 +4,7 @@ Same model as the base-weight planner (convert.planner): a piece reads byte rang
 source and writes byte ranges of output tensors, either as a byte copy/cast or through a
 compute step (convert.adapter_transforms). Expert pieces carry their expert, so EP rank k
 converts only the experts of its slices. Output key names come from the family tables
-(configs/*.json); the adapter layouts from convert.adapter_layouts.
+(configs/families/*.json); the adapter layouts from convert.adapter_layouts.
 
 - split (any expert-LoRA layout -> per-expert): one piece per EP slice of a peft layer: the
   slice's lora_A rows are one byte range, and lora_B is expert-minor, so the piece gathers its
@@ -34,7 +34,7 @@ from convert.adapter_source import AdapterSource
 from convert.adapter_transforms import FoldedBBuild, FoldedFactors, FoldedSplit, GroupedBuild, GroupedSlice
 from convert.checkpoint import TensorRef
 from convert.errors import ConversionError
-from convert.families import Family, load_families, template_regex
+from convert.families import Family, load_families, representative, template_regex
 from convert.planner import DEFAULT_CHUNK_BYTES, Piece, Read, TargetTensor, Write, copy_pieces, target_dtype
 from convert.safetensors_format import DTYPE_SIZES
 from sharding.ep import expert_slices
@@ -313,8 +313,9 @@ def _fuse_family(groups: list[ExpertLoraGroup], src: AdapterSource) -> Family:
         rxs = [template_regex(t[: -len(".weight")] + ".lora_A.weight") for t in fam.per_expert.values()]
         if any(rx.match(n) for rx in rxs for n in names[:64]):
             matched.add(fam.name)
-    if len(matched) == 1:
-        return family_by_name(matched.pop())
+    rep = representative(matched)  # families that share these names and differ only in other tensors agree
+    if rep is not None:
+        return rep
     return _family_of([g for g in groups if g.family is None] or groups, src,
                       "the fused names and gate/up order depend on it")
 

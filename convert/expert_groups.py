@@ -1,7 +1,10 @@
 """Find the expert tensors of a checkpoint: which layers hold experts, in which layout, with what shapes.
 
-An expert group is the experts of one MoE layer (one key prefix, e.g. `model.layers.3`).
-Every other tensor of the checkpoint is a pass-through tensor.
+An expert group is the experts of one MoE layer (one key prefix, e.g. `model.layers.3`, in
+model naming). Tensor names are read in model naming: with `rename`, a checkpoint's names
+are first renamed as transformers renames them when loading (a per-expert checkpoint, the
+source of a fuse); without, they are taken as they are (a fused checkpoint, the source of a
+split). Every other tensor of the checkpoint is a pass-through tensor.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from dataclasses import dataclass, field
 
 from convert.checkpoint import Checkpoint, TensorRef
 from convert.errors import ConversionError
-from convert.families import PER_EXPERT, Family, FusedTensor, template_regex
+from convert.families import PER_EXPERT, Family, FusedTensor
+
+_INDEXED = re.compile(r"^(?P<e>\d+)\.(?P<leaf>.+)$")
 
 
 @dataclass
@@ -34,61 +39,71 @@ class ExpertGroup:
 
 def fused_slice_shape(t: FusedTensor, part_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of one expert's slice of fused tensor `t` whose parts each have `part_shape`."""
-    shape = tuple(reversed(part_shape)) if t.transpose else part_shape
-    k = len(t.parts)
-    if t.op == "concat":
-        return (shape[0] * k, *shape[1:])
-    return (*shape[:-1], shape[-1] * k)
+    return t.pipeline.slice_shape(part_shape)
 
 
 def part_shape_of(t: FusedTensor, slice_shape: tuple[int, ...], where: str) -> tuple[int, ...]:
-    """Inverse of fused_slice_shape: the per-expert shape of each part of `t`."""
-    k = len(t.parts)
-    axis = 0 if t.op == "concat" else len(slice_shape) - 1
-    if not slice_shape or slice_shape[axis] % k:
-        raise ConversionError(f"{where}: expert slice shape {list(slice_shape)} cannot hold {k} equal parts {t.parts}")
-    shape = list(slice_shape)
-    shape[axis] //= k
-    if t.transpose:
-        if len(shape) != 2:
-            raise ConversionError(f"{where}: expected a 2-D expert slice to transpose, got {list(slice_shape)}")
-        shape.reverse()
-    return tuple(shape)
+    """Inverse of fused_slice_shape: the per-expert shape of each part of `t` (they share one shape)."""
+    try:
+        shapes = t.pipeline.part_shapes(slice_shape)
+    except ConversionError as exc:
+        raise ConversionError(f"{where}: expert slice shape {list(slice_shape)} cannot hold {list(t.parts)} ({exc})") from exc
+    return shapes[0]
 
 
-def _matchers(family: Family) -> list[tuple[str, str | FusedTensor, re.Pattern[str]]]:
-    out: list[tuple[str, str | FusedTensor, re.Pattern[str]]] = []
-    for role, template in family.per_expert.items():
-        out.append((PER_EXPERT, role, template_regex(template)))
-    for layout, tensors in family.fused.items():
-        for t in tensors:
-            out.append((layout, t, template_regex(t.template)))
-    return out
+def experts_regex(family: Family) -> re.Pattern[str]:
+    """Matches a model-naming tensor name under a family's experts module: groups `prefix` and `rest`."""
+    container = re.escape(f".{family.container}") if family.container else ""
+    return re.compile(rf"^(?P<prefix>.+?){container}\.experts\.(?P<rest>.+)$")
 
 
-def find_expert_groups(ckpt: Checkpoint, family: Family, num_experts: int) -> tuple[list[ExpertGroup], list[str]]:
-    """Split the checkpoint's tensors into expert groups (validated) and pass-through tensor names."""
-    matchers = _matchers(family)
+def _display(family: Family, model_name: str, rename: bool) -> str:
+    """A model-naming name as the checkpoint being read names it."""
+    return family.to_disk(model_name) if rename else model_name
+
+
+def find_expert_groups(
+    ckpt: Checkpoint, family: Family, num_experts: int, rename: bool = True
+) -> tuple[list[ExpertGroup], list[str]]:
+    """Split the checkpoint's tensors into expert groups (validated) and pass-through tensor names (as stored).
+
+    `rename`: read names through the family's renames (disk naming, as a per-expert checkpoint
+    has them; a tensor already named as a fused one is taken as it is); otherwise as they are
+    (model naming). Raises ConversionError naming the file
+    and tensor for a refused tensor, an expert tensor that is not one of the family's roles,
+    or an expert layer that is incomplete or inconsistent.
+    """
+    rx = experts_regex(family)
+    leaf_role = {leaf: role for role, leaf in family.role_leaves.items()}
+    fused_by_leaf = {t.leaf: t for ts in family.fused.values() for t in ts}
     refuse = [(re.compile(p), msg) for p, msg in family.refuse.items()]
     per_prefix_pe: dict[str, dict[tuple[str, int], TensorRef]] = defaultdict(dict)
     per_prefix_fused: dict[str, dict[str, TensorRef]] = defaultdict(dict)
     passthrough: list[str] = []
     for name, ref in ckpt.tensors.items():
-        for rx, msg in refuse:
-            if rx.search(name):
+        for pattern, msg in refuse:
+            if pattern.search(name):
                 raise ConversionError(f"{ckpt.storage.display(ref.file)}: tensor {name!r}: {msg}")
-        matched = False
-        for layout, what, rx in matchers:
-            m = rx.match(name)
-            if not m:
-                continue
-            matched = True
-            if layout == PER_EXPERT:
-                per_prefix_pe[m["prefix"]][(str(what), int(m["e"]))] = ref
-            else:
-                assert isinstance(what, FusedTensor)
-                per_prefix_fused[m["prefix"]][what.template] = ref
-        if not matched:
+        m = rx.match(name)
+        if rename and not (m and m["rest"] in fused_by_leaf):  # a fused tensor is named as the model holds it
+            m = rx.match(family.to_model(name))
+        if not m:
+            passthrough.append(name)
+            continue
+        rest = m["rest"]
+        indexed = _INDEXED.match(rest)
+        if indexed:
+            role = leaf_role.get(indexed["leaf"])
+            if role is None:
+                raise ConversionError(
+                    f"{ckpt.storage.display(ref.file)}: tensor {name!r} is a per-expert tensor but not one of the "
+                    f"{family.name} expert tensors ({sorted(leaf_role)}); quantized or extra expert tensors are "
+                    "not converted (dequantize first, or describe them in the family file)"
+                )
+            per_prefix_pe[m["prefix"]][(role, int(indexed["e"]))] = ref
+        elif rest in fused_by_leaf:
+            per_prefix_fused[m["prefix"]][fused_by_leaf[rest].template] = ref
+        else:
             passthrough.append(name)
 
     groups = []
@@ -100,14 +115,15 @@ def find_expert_groups(ckpt: Checkpoint, family: Family, num_experts: int) -> tu
                 f"and fused ones (e.g. {next(iter(fused.values())).info.name!r}); expected one layout per layer"
             )
         if pe:
-            groups.append(_per_expert_group(ckpt, family, prefix, pe, num_experts))
+            groups.append(_per_expert_group(ckpt, family, prefix, pe, num_experts, rename))
         else:
             groups.append(_fused_group(ckpt, family, prefix, fused or {}, num_experts))
     return groups, passthrough
 
 
 def _per_expert_group(
-    ckpt: Checkpoint, family: Family, prefix: str, found: dict[tuple[str, int], TensorRef], num_experts: int
+    ckpt: Checkpoint, family: Family, prefix: str, found: dict[tuple[str, int], TensorRef], num_experts: int,
+    rename: bool,
 ) -> ExpertGroup:
     group = ExpertGroup(prefix, PER_EXPERT, num_experts)
     for (role, e), ref in sorted(found.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -116,10 +132,10 @@ def _per_expert_group(
                 f"{ckpt.storage.display(ref.file)}: tensor {ref.info.name!r} is expert {e}, "
                 f"but config.json says there are {num_experts} experts"
             )
-    for role, template in family.per_expert.items():
+    for role, template in family.expert_templates.items():
         for e in range(num_experts):
             ref = found.get((role, e))
-            key = template.format(prefix=prefix, e=e)
+            key = _display(family, template.format(prefix=prefix, e=e), rename)
             if ref is None:
                 raise ConversionError(
                     f"{ckpt.storage.display()}: missing expert {e} of {prefix}: tensor {key!r} not found "
@@ -130,17 +146,23 @@ def _per_expert_group(
                 group.role_shape[role], group.role_dtype[role] = shape, dtype
             elif (shape, dtype) != (group.role_shape[role], group.role_dtype[role]):
                 raise ConversionError(
-                    f"{ckpt.storage.display(ref.file)}: tensor {key!r} is {dtype} {list(shape)}, but expert 0 of "
-                    f"{prefix} has {group.role_dtype[role]} {list(group.role_shape[role])}; experts must agree"
+                    f"{ckpt.storage.display(ref.file)}: tensor {ref.info.name!r} is {dtype} {list(shape)}, but expert 0 "
+                    f"of {prefix} has {group.role_dtype[role]} {list(group.role_shape[role])}; experts must agree"
                 )
             group.per_expert[(role, e)] = ref
     for tensors in family.fused.values():
         for t in tensors:
             shapes = {group.role_shape[p] for p in t.parts}
-            if len(shapes) > 1:
+            dtypes = {group.role_dtype[p] for p in t.parts}
+            if len(shapes) > 1 or len(dtypes) > 1:
                 raise ConversionError(
-                    f"{prefix}: roles {list(t.parts)} must have one shape to fuse into {t.template!r}, got {sorted(shapes)}"
+                    f"{prefix}: roles {list(t.parts)} must have one shape and dtype to fuse into {t.template!r}, got "
+                    f"{sorted(shapes)} {sorted(dtypes)}"
                 )
+            try:
+                t.pipeline.slice_shape(next(iter(shapes)))
+            except ConversionError as exc:
+                raise ConversionError(f"{prefix}: roles {list(t.parts)} cannot fuse into {t.template!r}: {exc}") from exc
     return group
 
 
@@ -149,7 +171,7 @@ def _fused_group(
 ) -> ExpertGroup:
     exact = [layout for layout, tensors in family.fused.items() if {t.template for t in tensors} == set(found)]
     if len(exact) != 1:
-        names = sorted(t.format(prefix=prefix) for t in found)
+        names = sorted(ref.info.name for ref in found.values())
         wanted = {lay: [t.template.format(prefix=prefix) for t in ts] for lay, ts in family.fused.items()}
         raise ConversionError(
             f"{ckpt.storage.display()}: layer {prefix} has fused expert tensors {names}, which are not exactly "

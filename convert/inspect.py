@@ -27,7 +27,7 @@ from convert.adapter_layouts import detect_expert_lora
 from convert.checkpoint import OTHER_WEIGHTS, open_checkpoint
 from convert.errors import ConversionError, StorageError, describe
 from convert.expert_groups import find_expert_groups
-from convert.families import PER_EXPERT, detect_family
+from convert.families import PER_EXPERT, detect_family, find_family
 from convert.flag_types import json_object
 from convert.safetensors_format import TensorInfo, read_header
 from convert.storage import Storage
@@ -153,7 +153,7 @@ def inspect_base(storage: Storage, files: list[str], subdirs: list[str], report:
         return
     try:
         family = detect_family(ckpt.config, storage.display("config.json"))
-        report.family, report.family_source = family.name, f"model_type {ckpt.config.get('model_type')!r}"
+        report.family, report.family_source = family.name, find_family(ckpt.config)[1]
         report.num_experts = family.num_experts(ckpt.config, storage.display("config.json"))
         groups, _ = find_expert_groups(ckpt, family, report.num_experts)
     except ConversionError as exc:

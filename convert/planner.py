@@ -16,7 +16,7 @@ from convert.checkpoint import Checkpoint, TensorRef
 from convert.errors import ConversionError
 from convert.expert_groups import ExpertGroup, find_expert_groups, fused_slice_shape
 from convert.families import PER_EXPERT, Family
-from convert.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, numel
+from convert.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, numel
 from convert.transforms import Unit, regroup
 
 DEFAULT_CHUNK_BYTES = 16 << 20
@@ -147,17 +147,13 @@ def copy_pieces(
     return TargetTensor(out_name, out_dtype, info.shape), pieces
 
 
-def _passthrough_pieces(ckpt: Checkpoint, name: str, dtype: str | None, chunk: int) -> tuple[TargetTensor, list[Piece]]:
-    return copy_pieces(ckpt.tensors[name], name, dtype, chunk)
-
-
 def _units(family: Family, group: ExpertGroup, layout: str, dtype: str | None, side: str) -> list[tuple[Unit, str]]:
-    """(unit, key template) of each tensor of one expert of `group` in `layout`."""
+    """(unit, key template in model naming) of each tensor of one expert of `group` in `layout`."""
     def dt(role: str) -> str:
         return target_dtype(group.role_dtype[role], dtype) if side == "dst" else group.role_dtype[role]
 
     if layout == PER_EXPERT:
-        return [(Unit(None, role, dt(role)), tpl) for role, tpl in family.per_expert.items()]
+        return [(Unit(None, role, dt(role)), tpl) for role, tpl in family.expert_templates.items()]
     return [(Unit(t, None, dt(t.parts[0])), t.template) for t in family.fused[layout]]
 
 
@@ -173,9 +169,10 @@ def _group_plan(
     E = group.num_experts
     targets = []
     for unit, tpl in dst_units:
-        if unit.fused is None:
+        if unit.fused is None:  # per-expert outputs are named as a per-expert checkpoint names them
             shape = group.role_shape[str(unit.role)]
-            targets += [TargetTensor(tpl.format(prefix=group.prefix, e=e), unit.dtype, shape) for e in range(E)]
+            targets += [TargetTensor(family.to_disk(tpl.format(prefix=group.prefix, e=e)), unit.dtype, shape)
+                        for e in range(E)]
         else:
             slice_shape = fused_slice_shape(unit.fused, group.role_shape[unit.fused.parts[0]])
             targets.append(TargetTensor(tpl.format(prefix=group.prefix), unit.dtype, (E, *slice_shape)))
@@ -199,7 +196,7 @@ def _group_plan(
         for unit, tpl in dst_units:
             size = _unit_nbytes(unit, group)
             if unit.fused is None:
-                writes.append(Write(tpl.format(prefix=group.prefix, e=e), 0, size, unit.dtype))
+                writes.append(Write(family.to_disk(tpl.format(prefix=group.prefix, e=e)), 0, size, unit.dtype))
             else:
                 writes.append(Write(tpl.format(prefix=group.prefix), e * size, (e + 1) * size, unit.dtype))
         if byte_copy:
@@ -217,6 +214,60 @@ def _group_plan(
     return targets, pieces
 
 
+def _merge_pieces(
+    ckpt: Checkpoint, family: Family, names: list[str], fusing: bool, dtype: str | None, chunk: int
+) -> tuple[list[TargetTensor], list[Piece], set[str]]:
+    """Non-expert tensors the family's merges join (fuse) or cut (split): targets, pieces, source names used.
+
+    A merge is a concat on dim 0, so each part is a contiguous byte range of the joined tensor.
+    """
+    targets: list[TargetTensor] = []
+    pieces: list[Piece] = []
+    used: set[str] = set()
+    where = ckpt.storage.display("config.json")
+    for merge in family.merges:
+        if fusing:
+            raw = {family.to_model(n): n for n in names}
+            for out, parts in merge.join_names(sorted(raw), ckpt.config, where).items():
+                refs = [ckpt.tensors[raw[p]] for p in parts]
+                if len({r.info.shape for r in refs}) != 1 or len({r.info.dtype for r in refs}) != 1 or not refs[0].info.shape:
+                    raise ConversionError(
+                        f"{ckpt.storage.display()}: tensors {[r.info.name for r in refs]} must have one shape and dtype "
+                        f"to join into {out!r}, got {[f'{r.info.dtype} {list(r.info.shape)}' for r in refs]}"
+                    )
+                shape = (refs[0].info.shape[0] * len(refs), *refs[0].info.shape[1:])
+                out_dtype = target_dtype(refs[0].info.dtype, dtype)
+                offset = 0
+                for ref in refs:
+                    _, ps = copy_pieces(ref, out, dtype, chunk)
+                    pieces += [Piece(p.reads, tuple(Write(w.tensor, w.start + offset, w.end + offset, w.dtype)
+                                                    for w in p.writes)) for p in ps]
+                    offset += numel(ref.info.shape) * DTYPE_SIZES[out_dtype]
+                    used.add(ref.info.name)
+                targets.append(TargetTensor(out, out_dtype, shape))
+        else:
+            for name in names:
+                parts = merge.cut_names(name, ckpt.config, where)
+                if parts is None:
+                    continue
+                ref = ckpt.tensors[name]
+                k = len(parts)
+                if not ref.info.shape or ref.info.shape[0] % k:
+                    raise ConversionError(f"{ckpt.storage.display(ref.file)}: tensor {name!r} has shape "
+                                          f"{list(ref.info.shape)}; expected dim 0 to hold {k} equal parts {parts}")
+                shape = (ref.info.shape[0] // k, *ref.info.shape[1:])
+                size = ref.info.nbytes // k
+                for j, part in enumerate(parts):
+                    out = family.to_disk(part)
+                    start = ref.info.start + j * size
+                    piece_ref = TensorRef(ref.file, TensorInfo(out, ref.info.dtype, shape, start, start + size))
+                    t, ps = copy_pieces(piece_ref, out, dtype, chunk)
+                    targets.append(t)
+                    pieces += ps
+                used.add(name)
+    return targets, pieces, used
+
+
 def plan_conversion(
     ckpt: Checkpoint,
     family: Family,
@@ -227,7 +278,10 @@ def plan_conversion(
 ) -> Plan:
     """Plan converting every expert group of `ckpt` to `target_layout`; everything else passes through.
 
-    Raises ConversionError when there are no expert tensors or all are already in `target_layout`.
+    Fusing reads the source's names as transformers does when loading (the family's renames,
+    then the expert templates) and writes model naming; splitting reads model naming and
+    writes the names transformers' `save_pretrained` would (renames undone). Raises
+    ConversionError when there are no expert tensors or all are already in `target_layout`.
     """
     if target_layout not in family.layouts:
         raise ConversionError(f"family {family.name} has no layout {target_layout!r} (it has {list(family.layouts)})")
@@ -236,7 +290,9 @@ def plan_conversion(
         if not ckpt.config:
             raise ConversionError(f"{ckpt.storage.display()}: no config.json (needed for the number of experts)")
         num_experts = family.num_experts(ckpt.config, where)
-    groups, passthrough = find_expert_groups(ckpt, family, num_experts)
+    fusing = target_layout != PER_EXPERT
+    out_name = family.to_model if fusing else family.to_disk
+    groups, passthrough = find_expert_groups(ckpt, family, num_experts, rename=fusing)
     if not groups:
         raise ConversionError(
             f"{ckpt.storage.display()}: no {family.name} expert tensors found "
@@ -246,25 +302,26 @@ def plan_conversion(
         raise ConversionError(
             f"{ckpt.storage.display()}: every expert layer is already in the {target_layout!r} layout; nothing to do"
         )
-    targets: list[TargetTensor] = []
-    pieces: list[Piece] = []
+    targets, pieces, merged = _merge_pieces(ckpt, family, passthrough, fusing, dtype, chunk_bytes)
     for name in passthrough:
-        t, p = _passthrough_pieces(ckpt, name, dtype, chunk_bytes)
-        targets.append(t)
-        pieces += p
+        if name not in merged:
+            t, p = copy_pieces(ckpt.tensors[name], out_name(name), dtype, chunk_bytes)
+            targets.append(t)
+            pieces += p
     notes = [f"skipped {what}" for what in ckpt.skipped]
     for group in groups:
         if group.layout == target_layout:
             notes.append(f"{group.prefix}: already {target_layout}, copied unchanged")
-            for tpl in (t.template for t in family.fused.get(target_layout, ())):
-                t, p = _passthrough_pieces(ckpt, group.fused[tpl].info.name, dtype, chunk_bytes)
+            if target_layout != PER_EXPERT:
+                named = [(tpl.format(prefix=group.prefix), ref) for tpl, ref in group.fused.items()]
+            else:
+                templates = family.expert_templates
+                named = [(family.to_disk(templates[role].format(prefix=group.prefix, e=e)), ref)
+                         for (role, e), ref in group.per_expert.items()]
+            for name, ref in named:
+                t, p = copy_pieces(ref, name, dtype, chunk_bytes)
                 targets.append(t)
                 pieces += p
-            if target_layout == PER_EXPERT:
-                for ref in group.per_expert.values():
-                    t, p = _passthrough_pieces(ckpt, ref.info.name, dtype, chunk_bytes)
-                    targets.append(t)
-                    pieces += p
             continue
         t, p = _group_plan(ckpt, family, group, target_layout, dtype)
         targets += t

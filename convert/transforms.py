@@ -98,37 +98,17 @@ def decode(unit: Unit, buf: bytes | memoryview, role_shape: dict[str, tuple[int,
         role = str(unit.role)
         return {role: from_bytes(buf, unit.dtype, role_shape[role])}
     t = unit.fused
-    part = role_shape[t.parts[0]]
-    stored = tuple(reversed(part)) if t.transpose else part
-    k = len(t.parts)
-    if t.op == "concat":
-        whole = from_bytes(buf, unit.dtype, (k * stored[0], *stored[1:]))
-        pieces = list(whole.chunk(k, dim=0))
-    else:
-        whole = from_bytes(buf, unit.dtype, (*stored[:-1], stored[-1] * k))
-        grouped = whole.unflatten(-1, (stored[-1], k))
-        pieces = [grouped[..., j] for j in range(k)]
-    if t.transpose:
-        pieces = [p.transpose(0, 1) for p in pieces]
-    return dict(zip(t.parts, pieces))
+    whole = from_bytes(buf, unit.dtype, t.pipeline.slice_shape(role_shape[t.parts[0]]))
+    return dict(zip(t.parts, t.pipeline.split(whole)))
 
 
 def encode(unit: Unit, roles: dict[str, torch.Tensor]) -> memoryview:
     """Build one expert's bytes of `unit` from per-expert role tensors (cast to the unit's dtype)."""
-    import torch
-
     target = torch_dtypes()[unit.dtype]
     if unit.fused is None:
         return to_bytes(roles[str(unit.role)].to(target))
     t = unit.fused
-    parts = [roles[p].to(target) for p in t.parts]
-    if t.transpose:
-        parts = [p.transpose(0, 1) for p in parts]
-    if t.op == "concat":
-        out = torch.cat(parts, dim=0)
-    else:
-        out = torch.stack(parts, dim=-1).flatten(-2)
-    return to_bytes(out)
+    return to_bytes(t.pipeline.fuse([roles[p].to(target) for p in t.parts]))
 
 
 def regroup(

@@ -112,7 +112,7 @@ def build_base(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
     except (ValueError, ConversionError) as exc:
         raise CannotVerify(str(exc)) from exc
     dst_table, problems = read_table(dst, BASE_INDEX, require_index=True)
-    experts, passes, bad_src, found = base_relation(src_table, dst_table, family, num_experts)
+    experts, passes, bad_src, found = base_relation(src_table, dst_table, family, num_experts, config)
     if bad_src:
         raise CannotVerify(f"the source is not a valid {family.name} checkpoint: {bad_src[0]}")
     problems += found

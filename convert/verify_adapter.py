@@ -25,7 +25,7 @@ import torch
 
 from convert.adapter_layouts import PEFT_PREFIX, ExpertLoraGroup, detect_expert_lora
 from convert.errors import ConversionError
-from convert.families import Family, load_families
+from convert.families import Family, find_family, load_families
 from convert.safetensors_format import TensorInfo
 from convert.storage import Storage
 from convert.verify_checks import ExpertCheck, PassCheck, read_stored
@@ -176,8 +176,7 @@ def _family(group: ExpertLoraGroup, base_config: dict[str, Any] | None) -> Famil
     families = load_families()
     if group.family in families:
         return families[group.family]
-    model_type = (base_config or {}).get("model_type")
-    return next((f for f in families.values() if model_type in f.model_types), None)
+    return find_family(base_config)[0] if base_config else None
 
 
 def layer_key(prefix: str, family: Family | None) -> str:

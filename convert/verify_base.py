@@ -4,17 +4,21 @@ For every expert layer, each side (source and destination) is read in whichever 
 holds (per-expert, or any fused layout of the family); one expert is decoded to its roles in
 nn.Linear [out, in] form straight from the family table's description (concat/interleave,
 transposed or not) and the two sides are compared role by role. Every other tensor must
-reach the destination with its name and shape unchanged. This module does not use the
-converter's planner, expert grouping or transforms: it re-derives the relation.
+reach the destination with its shape unchanged, under the name the family's rename rules
+give it (a fuse renames as transformers does when loading, a split as it does when saving).
+This module does not use the converter's planner, expert grouping or transforms, nor the
+op classes' code: it reads the family table's op descriptions itself.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from convert.errors import ConversionError
 from convert.families import Family
 from convert.storage import Storage
 from convert.verify_checks import ExpertCheck, PassCheck, read_stored
@@ -34,28 +38,77 @@ class LayerTensors:
     fused: dict[str, Stored] = field(default_factory=dict)
 
 
-def classify(table: Table, family: Family) -> tuple[dict[str, LayerTensors], list[str]]:
-    """Sort a side's tensors into expert layers (by prefix) and the names of every other tensor."""
-    per_expert = [(role, _regex(tpl)) for role, tpl in family.per_expert.items()]
+def classify(table: Table, family: Family, rename: bool = False) -> tuple[dict[str, LayerTensors], list[str]]:
+    """Sort a side's tensors into expert layers (by prefix, model naming) and the names of every other tensor.
+
+    `rename`: match the names as the family's renames turn them into model naming (a per-expert
+    side), except names that already are fused tensors' names.
+    """
+    per_expert = [(role, _regex(tpl)) for role, tpl in family.expert_templates.items()]
     fused = sorted({t.template for ts in family.fused.values() for t in ts})
     fused_rx = [(tpl, _regex(tpl)) for tpl in fused]
     layers: dict[str, LayerTensors] = {}
     others = []
     for name, t in table.tensors.items():
+        as_fused = any(rx.match(name) for _, rx in fused_rx)  # a fused tensor is named as the model holds it
+        model = family.to_model(name) if rename and not as_fused else name
         hit = False
         for role, rx in per_expert:
-            m = rx.match(name)
+            m = rx.match(model)
             if m:
                 layers.setdefault(m["prefix"], LayerTensors()).per_expert[(role, int(m["e"]))] = t
                 hit = True
         for tpl, rx in fused_rx:
-            m = rx.match(name)
+            m = rx.match(model)
             if m:
                 layers.setdefault(m["prefix"], LayerTensors()).fused[tpl] = t
                 hit = True
         if not hit:
             others.append(name)
     return layers, others
+
+
+def _unfuse(sl: torch.Tensor, ops: list[dict[str, Any]], n_parts: int) -> list[torch.Tensor]:
+    """One expert's fused slice back to its parts, undoing the family's op descriptions last to first."""
+    counts = [n_parts]
+    for op in ops:  # how many tensors each op produced
+        counts.append(1 if op["op"] in ("concat", "interleave") else
+                      op.get("parts", 2) if op["op"] in ("chunk", "deinterleave") else counts[-1])
+    tensors = [sl]
+    for op, n_in in zip(reversed(ops), reversed(counts[:-1])):
+        kind = op["op"]
+        if kind == "transpose":
+            tensors = [t.transpose(*op.get("dims", [0, 1])) for t in tensors]
+        elif kind in ("concat", "interleave"):  # one tensor holding n_in parts along dim
+            (t,) = tensors
+            dim = op.get("dim", 0 if kind == "concat" else -1) % t.dim()
+            size = t.shape[dim] // n_in
+            if kind == "concat":
+                tensors = [t.narrow(dim, j * size, size) for j in range(n_in)]
+            else:
+                index = [slice(None)] * t.dim()
+                tensors = []
+                for j in range(n_in):
+                    index[dim] = slice(j, None, n_in)
+                    tensors.append(t[tuple(index)])
+        elif kind in ("chunk", "deinterleave"):  # several tensors that came out of one
+            dim = op.get("dim", 0 if kind == "chunk" else -1) % tensors[0].dim()
+            if kind == "chunk":
+                tensors = [torch.cat(tensors, dim=dim)]
+            else:
+                tensors = [torch.stack(tensors, dim=dim + 1).flatten(dim, dim + 1)]
+        else:
+            raise ValueError(f"unknown op {kind!r}")
+    return tensors
+
+
+def _part_shape(slice_shape: tuple[int, ...], ops: list[dict[str, Any]], n_parts: int) -> tuple[int, ...] | None:
+    """Each part's shape from an expert slice's shape, by the op descriptions (None if they do not fit)."""
+    try:
+        probe = torch.empty(slice_shape, device="meta")
+        return tuple(_unfuse(probe, ops, n_parts)[0].shape)
+    except (IndexError, RuntimeError, ZeroDivisionError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -77,12 +130,14 @@ class PerExpertSide:
 
 @dataclass(frozen=True)
 class FusedPart:
-    """One fused [E, ...] tensor and how an expert's slice holds its roles (from the family table)."""
+    """One fused [E, ...] tensor and how an expert's slice holds its roles (the family table's ops)."""
 
     tensor: Stored
     roles: tuple[str, ...]
-    op: str
-    transpose: bool
+    ops: tuple[tuple[tuple[str, Any], ...], ...]  # each op description as sorted items (hashable)
+
+    def op_list(self) -> list[dict[str, Any]]:
+        return [dict(o) for o in self.ops]
 
 
 @dataclass(frozen=True)
@@ -98,13 +153,8 @@ class FusedSide:
             t = p.tensor
             per = t.nbytes // self.num_experts
             sl = to_tensor(read_stored(storage, t, e * per, (e + 1) * per), t.dtype, t.shape[1:])
-            k = len(p.roles)
-            if p.op == "concat":  # slice = cat(parts (transposed if so), dim 0)
-                pieces = list(sl.chunk(k, dim=0))
-            else:  # slice = stack(parts, dim -1).flatten(-2): role j at last-dim positions j, j+k, ...
-                pieces = [sl[..., j::k] for j in range(k)]
-            for role, piece in zip(p.roles, pieces):
-                out[role] = (piece.T if p.transpose else piece, t.name)
+            for role, piece in zip(p.roles, _unfuse(sl, p.op_list(), len(p.roles))):
+                out[role] = (piece, t.name)
         return out
 
     def expert_bytes(self, e: int) -> int:
@@ -126,10 +176,10 @@ def _side(family: Family, prefix: str, found: LayerTensors, E: int, where: str) 
             t = found.per_expert[extra[0]]
             problems.append(f"{where}: tensor {t.name!r} is expert {extra[0][1]}, but there are {E} experts")
         tensors = []
-        for role, tpl in family.per_expert.items():
+        for role, tpl in family.expert_templates.items():
             missing = [e for e in range(E) if (role, e) not in found.per_expert]
             if missing:
-                key = tpl.format(prefix=prefix, e=missing[0])
+                key = family.to_disk(tpl.format(prefix=prefix, e=missing[0]))
                 problems.append(f"{where}: tensor {key!r} (expert {missing[0]} of {prefix}) is missing"
                                 + (f", and {len(missing) - 1} more experts' {role}" if len(missing) > 1 else ""))
                 continue
@@ -143,13 +193,13 @@ def _side(family: Family, prefix: str, found: LayerTensors, E: int, where: str) 
     parts, problems = [], []
     for t in family.fused[layouts[0]]:
         s = found.fused[t.template]
+        ops = t.pipeline.to_json()
         k = len(t.parts)
-        axis = 1 if t.op == "concat" else len(s.shape) - 1
-        if len(s.shape) < 2 or s.shape[0] != E or s.shape[axis] % k or (t.transpose and len(s.shape) != 3):
+        if len(s.shape) < 2 or s.shape[0] != E or _part_shape(s.shape[1:], ops, k) is None:
             problems.append(f"{where}: tensor {s.name!r} has shape {list(s.shape)}; expected [E={E}, ...] holding "
-                            f"{k} role(s) {list(t.parts)}")
+                            f"{k} role(s) {list(t.parts)} as {ops}")
             continue
-        parts.append(FusedPart(s, t.parts, t.op, t.transpose))
+        parts.append(FusedPart(s, t.parts, tuple(tuple(sorted(o.items())) for o in ops)))
     return (None, problems) if problems else (FusedSide(tuple(parts), E), [])
 
 
@@ -161,28 +211,84 @@ def role_shapes(side: Side) -> dict[str, tuple[tuple[int, ...], str]]:
             out[role] = (per[0].shape, per[0].name)
         return out
     for p in side.parts:
-        sl = list(p.tensor.shape[1:])
-        axis = 0 if p.op == "concat" else len(sl) - 1
-        sl[axis] //= len(p.roles)
-        shape = tuple(reversed(sl)) if p.transpose else tuple(sl)
+        shape = _part_shape(p.tensor.shape[1:], p.op_list(), len(p.roles))
+        assert shape is not None  # checked by _side
         for role in p.roles:
             out[role] = (shape, p.tensor.name)
     return out
 
 
+def _fused_layers(table: Table, family: Family) -> int:
+    layers, _ = classify(table, family)
+    return sum(1 for lt in layers.values() if lt.fused)
+
+
+def _merged(src: Table, dst: Table, family: Family, names: list[str], split: bool, config: dict[str, Any]
+            ) -> tuple[list[PassCheck], set[str], set[str], list[str]]:
+    """Pass checks for the tensors the family's merges join (fuse) or cut (split), from the table's patterns.
+
+    Returns (checks, source names used, destination names produced, problems). A merge is a concat
+    on dim 0: part j of the joined tensor is its j-th contiguous byte range.
+    """
+    checks: list[PassCheck] = []
+    used_src: set[str] = set()
+    made_dst: set[str] = set()
+    problems: list[str] = []
+    for merge in family.merges:
+        pairs: list[tuple[str, int, int, str]] = []  # (joined name, part index, parts, part name), as stored
+        try:
+            if not split:
+                raw = {family.to_model(n): n for n in names}
+                for whole, parts in merge.join_names(sorted(raw), config, src.where).items():
+                    pairs += [(whole, j, len(parts), raw[p]) for j, p in enumerate(parts)]
+            else:
+                for name in names:
+                    parts = merge.cut_names(name, config, src.where)
+                    pairs += [(name, j, len(parts), family.to_disk(p)) for j, p in enumerate(parts or [])]
+        except ConversionError as exc:
+            problems.append(str(exc))
+            continue
+        for whole, j, k, part in pairs:
+            joined_t = (dst if not split else src).tensors.get(whole)
+            part_t = (src if not split else dst).tensors.get(part)
+            if joined_t is None or part_t is None or not joined_t.shape:
+                missing = whole if joined_t is None else part
+                problems.append(f"{dst.where}: tensor {missing!r} (joined from {k} tensors) is missing")
+                continue
+            size = joined_t.nbytes // k
+            sub = Stored(joined_t.name, joined_t.file, joined_t.dtype, (joined_t.shape[0] // k, *joined_t.shape[1:]),
+                         joined_t.start + j * size, joined_t.start + (j + 1) * size)
+            checks.append(PassCheck(part_t, sub) if not split else PassCheck(sub, part_t))
+            used_src.add(part if not split else whole)
+            made_dst.add(whole if not split else part)
+    return checks, used_src, made_dst, problems
+
+
 def base_relation(
-    src: Table, dst: Table, family: Family, num_experts: int
+    src: Table, dst: Table, family: Family, num_experts: int, config: dict[str, Any] | None = None
 ) -> tuple[list[ExpertCheck], list[PassCheck], list[str], list[str]]:
     """Checks that prove `dst` is a conversion of `src` (both read with `family`'s tables).
 
-    Returns (expert checks, pass-through checks, source problems, destination mismatches):
-    source problems mean the source itself is not a valid checkpoint of the family.
+    The direction is the one that fuses layers: a split when the source has more fused expert
+    layers than the destination, else a fuse. A fuse reads the source's names through the
+    family's renames (as transformers loads) and the destination as it is; a split reads the
+    source as it is and expects every destination name to be what the renames' inverses give
+    (as transformers saves). Returns (expert checks, pass-through checks, source problems,
+    destination mismatches): source problems mean the source itself is not a valid checkpoint
+    of the family. `config`: the source's config.json (for merges whose part count it gives).
     """
-    src_layers, src_others = classify(src, family)
-    dst_layers, dst_others = classify(dst, family)
+    split = _fused_layers(src, family) > _fused_layers(dst, family)
+    src_layers, src_others = classify(src, family, rename=not split)
+    dst_layers, dst_others = classify(dst, family, rename=split)
     src_problems: list[str] = []
     found: list[str] = []
     experts: list[ExpertCheck] = []
+    if split:  # each per-expert name must be exactly what a split writes
+        for layer in dst_layers.values():
+            for t in layer.per_expert.values():
+                if family.to_disk(family.to_model(t.name)) != t.name:
+                    found.append(f"{dst.where}: tensor {t.name!r} should be named "
+                                 f"{family.to_disk(family.to_model(t.name))!r} (as save_pretrained names it)")
     for prefix in sorted(set(src_layers) | set(dst_layers)):
         if prefix not in dst_layers:
             one = next(iter({**src_layers[prefix].per_expert, **src_layers[prefix].fused}.values()))
@@ -209,15 +315,22 @@ def base_relation(
                              f"{list(rb[r][0])}; the source ({ra[r][1]!r}) has {list(ra[r][0])}")
             continue
         experts.append(ExpertCheck(prefix, num_experts, a, b))
-    passes = []
+    passes, used_src, made_dst, problems = _merged(src, dst, family, src_others, split, config or {})
+    found += problems
+    rename = family.to_disk if split else family.to_model
     dst_set = set(dst_others)
+    accounted = set(made_dst)
     for name in src_others:
-        if name not in dst_set:
-            where = "as an expert tensor" if name in dst.tensors else "at all"
-            found.append(f"{dst.where}: tensor {name!r} of the source is not in the destination {where}")
+        if name in used_src:
             continue
-        passes.append(PassCheck(src.tensors[name], dst.tensors[name]))
-    for name in sorted(dst_set - set(src_others)):
+        out = rename(name)
+        accounted.add(out)
+        if out not in dst_set:
+            where = "as an expert tensor" if out in dst.tensors else "at all"
+            named = f" (as {out!r})" if out != name else ""
+            found.append(f"{dst.where}: tensor {name!r} of the source is not in the destination{named} {where}")
+            continue
+        passes.append(PassCheck(src.tensors[name], dst.tensors[out]))
+    for name in sorted(dst_set - accounted):
         found.append(f"{dst.where}: tensor {name!r} is not in the source")
     return experts, passes, src_problems, found
-

@@ -28,7 +28,7 @@ from model_fixtures import E, H, I, LAYERS, build_model
 ROLES = ("gate", "up", "down")
 ATTN = 24  # q_proj out / o_proj in of the tiny models (2 heads x head_dim 12)
 TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-PER_EXPERT_PROJ = {  # per-expert module names of each family (as configs/*.json name them)
+PER_EXPERT_PROJ = {  # per-expert module names of each family (as configs/families/*.json name them)
     "qwen3_moe": ("mlp.experts.{e}", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
     "gpt_oss": ("mlp.experts.{e}", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
     "mixtral": ("block_sparse_moe.experts.{e}", {"gate": "w1", "up": "w3", "down": "w2"}),

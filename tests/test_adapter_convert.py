@@ -381,7 +381,7 @@ def test_overwrite_removes_the_earlier_outputs_shards(tmp_path):
 
 
 def test_family_architectures_match_transformers_causal_lm_classes():
-    """configs/*.json `architectures` (peft's auto_mapping.base_model_class -> family) agree with transformers' table."""
+    """configs/families/*.json `architectures` (peft's auto_mapping.base_model_class -> family) agree with transformers' table."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal_lm
 
     from convert.families import load_families

@@ -42,6 +42,14 @@ def test_fused_tensors_equal_state_dict_bit_for_bit(fused_case):
     assert len(list((root / "fused").glob("model-*.safetensors"))) > 1, "expected several output shards"
 
 
+def test_fused_key_set_is_the_models_state_dict(fused_case):
+    """Every tensor is named as transformers holds it (Mixtral: `block_sparse_moe.*` -> `mlp.*`, the router too)."""
+    _, _, model, _, root = fused_case
+    out, sd = load_dir(root / "fused"), model.state_dict()
+    assert set(out) == set(sd)
+    assert all(raw_bytes(out[k]) == raw_bytes(sd[k]) for k in sd)
+
+
 def test_fused_output_loads_with_same_logits(fused_case):
     from transformers import AutoModelForCausalLM
 
@@ -159,7 +167,7 @@ def test_refusals_write_nothing(tmp_path, case, expect):
     elif case in ("unknown_family", "no_num_experts"):
         cfg = json.loads((src / "config.json").read_text())
         if case == "unknown_family":
-            cfg["model_type"] = "llama"
+            cfg["model_type"], cfg["architectures"] = "llama", ["LlamaForCausalLM"]
         else:
             for key in ("num_experts", "num_local_experts", "n_routed_experts"):
                 cfg.pop(key, None)

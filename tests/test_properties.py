@@ -79,9 +79,11 @@ def write_source(case: Case, root: Path) -> Path:
         prefix = f"model.layers.{layer}"
         tensors[f"{prefix}.mlp.gate.weight"] = torch.randn(case.experts, case.hidden, generator=g).to(dt)
         for e in range(case.experts):
-            for role, tpl in fam.per_expert.items():
+            for role, tpl in fam.expert_templates.items():
                 shape = tuple(dims[c] for c in ROLE_SHAPES[role])
                 tensors[tpl.format(prefix=prefix, e=e)] = torch.randn(*shape, generator=g).to(dt)
+    # A per-expert checkpoint names every tensor as save_pretrained does (the family's renames undone).
+    tensors = {fam.to_disk(k): v for k, v in tensors.items()}
     src = root / "src"
     src.mkdir()
     names = sorted(tensors)

@@ -238,7 +238,7 @@ def test_verify_catches_wrong_output(ckpts, capsys, tmp_path, case):
 def test_cannot_verify_an_invalid_source(ckpts, capsys, tmp_path):
     src = _copy(ckpts, "src", tmp_path)
     cfg = json.loads((src / "config.json").read_text())
-    cfg["model_type"] = "llama"
+    cfg["model_type"], cfg["architectures"] = "llama", ["LlamaForCausalLM"]
     (src / "config.json").write_text(json.dumps(cfg))
     code, _, text = report(capsys, src, ckpts / "fused", tmp_path)
     assert code == 2 and "cannot verify" in text and "is not a known MoE family" in text

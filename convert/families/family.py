@@ -1,0 +1,301 @@
+"""A model family, built from its (validated) family file: expert names, fused layouts, renames.
+
+`extends`: a family file may name another family; every key it does not give is the
+parent's, except the keys that say what the family is (`family`, `description`,
+`model_types`, `architectures`, `generated_from`), and `extra_renames` appends rename
+rules to the parent's. The engine reads families only through this module; it never
+names a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from convert.errors import ConversionError
+from convert.families.names import Rename, literal, pattern_regex, template_regex, to_disk, to_model
+from convert.families.ops import Op, Pipeline, op_from_json
+from convert.families.schema import FamilySpec, OpSpec, dump
+
+PER_EXPERT = "per_expert"
+NOT_INHERITED = ("family", "description", "model_types", "architectures", "generated_from", "extends", "extra_renames")
+_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+_LEAF = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+
+
+@dataclass(frozen=True)
+class FusedTensor:
+    """One fused [E, ...] tensor of a layout: its key template (model naming), the roles it holds and how.
+
+    `pipeline` builds one expert's slice from the parts (one per role, in `parts` order).
+    """
+
+    template: str
+    parts: tuple[str, ...]
+    pipeline: Pipeline
+
+    @property
+    def op(self) -> str:
+        """"interleave" when the parts are interleaved, else "concat" (how gate and up share the slice)."""
+        return "interleave" if any(o.name == "interleave" for o in self.pipeline.ops) else "concat"
+
+    @property
+    def transpose(self) -> bool:
+        """True when the parts are stored transposed ([in, out])."""
+        return any(o.name == "transpose" for o in self.pipeline.ops)
+
+    @property
+    def is_byte_copy(self) -> bool:
+        """True when one expert's slice is the plain concatenation of its parts' bytes."""
+        return self.pipeline.is_byte_copy
+
+    @property
+    def leaf(self) -> str:
+        """The tensor's name inside the experts module (e.g. `gate_up_proj`)."""
+        return self.template.rsplit(".experts.", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Merge:
+    """Non-expert tensors the model holds joined into one along dim 0 (see schema.MergeSpec).
+
+    Names are patterns as in a rename, in model naming. With `count_key`, the one source
+    pattern holds a `*` standing for the part index 0, 1, ..., config[count_key] - 1.
+    """
+
+    sources: tuple[str, ...]
+    target: str
+    count_key: str | None = None
+
+    def count(self, config: dict[str, Any], where: str) -> int:
+        """How many tensors are joined (from the config for a `count_key` merge)."""
+        if self.count_key is None:
+            return len(self.sources)
+        for cfg in (config, config.get("text_config")):
+            if isinstance(cfg, dict) and type(cfg.get(self.count_key)) is int and cfg[self.count_key] > 0:
+                return int(cfg[self.count_key])
+        raise ConversionError(f"{where}: has no {self.count_key!r} (how many {self.sources[0]!r} tensors are joined)")
+
+    def join_names(self, names: list[str], config: dict[str, Any], where: str) -> dict[str, list[str]]:
+        """Joined tensor name -> its part names in order, for every part among `names`; raises if parts are missing."""
+        joined: dict[str, dict[int, str]] = {}
+        target = literal(self.target)
+        for name in names:
+            for j, source in enumerate(self.sources):
+                m = pattern_regex(source).search(name)
+                if not m:
+                    continue
+                if self.count_key is not None:
+                    index = re.search(re.escape(literal(source)).replace(r"\*", r"(\d+)"), m.group(0))
+                    j = int(index.group(1)) if index else -1
+                joined.setdefault(name.replace(m.group(0), target, 1), {})[j] = name
+                break
+        out = {}
+        for whole, parts in sorted(joined.items()):
+            n = self.count(config, where)
+            if sorted(parts) != list(range(n)):
+                one = next(iter(parts.values()))
+                raise ConversionError(
+                    f"{where}: tensor {one!r} is one of {n} tensors joined into {whole!r}, but the checkpoint has "
+                    f"parts {sorted(parts)}"
+                )
+            out[whole] = [parts[j] for j in range(n)]
+        return out
+
+    def cut_names(self, name: str, config: dict[str, Any], where: str) -> list[str] | None:
+        """The part names of joined tensor `name`, in order; None when `name` is not a joined tensor."""
+        m = pattern_regex(self.target).search(name)
+        if not m:
+            return None
+        if self.count_key is not None:
+            source = literal(self.sources[0])
+            parts = [source.replace("*", str(i)) for i in range(self.count(config, where))]
+        else:
+            parts = [literal(s) for s in self.sources]
+        return [name.replace(m.group(0), part, 1) for part in parts]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Key names and layouts of one model family (built by `build_family`)."""
+
+    name: str
+    source: str  # the family file
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    num_experts_keys: tuple[str, ...]
+    dense_layer_keys: tuple[str, ...]
+    container: str
+    role_leaves: dict[str, str]
+    fused: dict[str, tuple[FusedTensor, ...]]
+    default_fused: str
+    renames: tuple[Rename, ...] = ()
+    merges: tuple[Merge, ...] = ()
+    companions: dict[str, str] = field(default_factory=dict)
+    refuse: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(self.role_leaves)
+
+    @property
+    def layouts(self) -> tuple[str, ...]:
+        return (PER_EXPERT, *self.fused)
+
+    @property
+    def experts_path(self) -> str:
+        """`{prefix}.<container>.experts` (`{prefix}.experts` without a container)."""
+        return "{prefix}" + (f".{self.container}" if self.container else "") + ".experts"
+
+    @functools.cached_property
+    def expert_templates(self) -> dict[str, str]:
+        """Role -> per-expert key template in model naming (`{prefix}` the layer, `{e}` the expert)."""
+        return {role: f"{self.experts_path}.{{e}}.{leaf}" for role, leaf in self.role_leaves.items()}
+
+    @functools.cached_property
+    def per_expert(self) -> dict[str, str]:
+        """Role -> per-expert key template as a per-expert checkpoint names it (disk naming)."""
+        return {role: self.to_disk(tpl) for role, tpl in self.expert_templates.items()}
+
+    def to_model(self, name: str) -> str:
+        """A checkpoint tensor name as the model holds it (renames applied as transformers does when loading)."""
+        return to_model(self.renames, name)
+
+    def to_disk(self, name: str) -> str:
+        """A model tensor name as a per-expert checkpoint names it (as transformers does when saving)."""
+        return to_disk(self.renames, name)
+
+    def num_experts(self, config: dict[str, Any], where: str) -> int:
+        """The expert count of `config` (config.json contents, or its `text_config`); `where` names the file."""
+        for cfg in (config, config.get("text_config")):
+            if not isinstance(cfg, dict):
+                continue
+            for key in self.num_experts_keys:
+                value = cfg.get(key)
+                if type(value) is int and value > 0:
+                    return value
+        raise ConversionError(
+            f"{where}: has none of {list(self.num_experts_keys)} (the number of experts of a {self.name} model)"
+        )
+
+
+def resolve(specs: dict[str, tuple[FamilySpec, str]]) -> dict[str, FamilySpec]:
+    """Each family's spec with `extends` resolved (parent keys filled in); `specs` maps name -> (spec, file)."""
+    out: dict[str, FamilySpec] = {}
+
+    def get(name: str, chain: tuple[str, ...]) -> FamilySpec:
+        if name in out:
+            return out[name]
+        spec, path = specs[name]
+        if spec.extends is None:
+            out[name] = spec
+            return spec
+        if spec.extends in chain or spec.extends == name:
+            raise ConversionError(f"{path}: 'extends' makes a cycle: {' -> '.join((*chain, name, spec.extends))}")
+        if spec.extends not in specs:
+            raise ConversionError(f"{path}: extends unknown family {spec.extends!r} (known: {sorted(specs)})")
+        parent = get(spec.extends, (*chain, name))
+        merged = {}
+        for f in dataclasses.fields(FamilySpec):
+            own = getattr(spec, f.name)
+            merged[f.name] = own if f.name in NOT_INHERITED or own is not None else getattr(parent, f.name)
+        merged["renames"] = list(merged["renames"] or []) + list(spec.extra_renames)
+        merged["extra_renames"] = []
+        out[name] = FamilySpec(**merged)
+        return out[name]
+
+    for name in specs:
+        get(name, ())
+    return out
+
+
+def _pipeline(ops: list[OpSpec], n_parts: int, where: str) -> Pipeline:
+    built: list[Op] = []
+    for i, o in enumerate(ops):
+        built.append(op_from_json(dump(o), f"{where}.ops[{i}]"))
+    try:
+        return Pipeline(tuple(built), n_parts)
+    except ConversionError as exc:
+        raise ConversionError(f"{where}: {exc}") from exc
+
+
+def build_family(spec: FamilySpec, path: str) -> Family:
+    """The Family of a resolved spec; raises ConversionError naming `path` for anything inconsistent."""
+    where = f"{path}"
+    for key in ("experts", "layouts", "default_layout", "num_experts_keys"):
+        if getattr(spec, key) is None:
+            raise ConversionError(f"{where}: missing required key {key!r} (give it, or 'extends' a family that has it)")
+    assert spec.experts is not None and spec.layouts is not None and spec.default_layout is not None
+    container, roles = spec.experts.container, spec.experts.roles
+    if container and not _LEAF.match(container):
+        raise ConversionError(f"{where}: experts.container {container!r} must be a dotted module path (or \"\")")
+    if not roles:
+        raise ConversionError(f"{where}: experts.roles is empty")
+    for role, leaf in roles.items():
+        if not _NAME.match(role) or not _LEAF.match(leaf):
+            raise ConversionError(f"{where}: experts.roles {role!r}: {leaf!r} is not a role name and dotted tensor name")
+    if len(set(roles.values())) != len(roles):
+        raise ConversionError(f"{where}: experts.roles names one tensor for two roles ({sorted(roles.values())})")
+    experts_path = "{prefix}" + (f".{container}" if container else "") + ".experts"
+    fused: dict[str, tuple[FusedTensor, ...]] = {}
+    for layout, tensors in spec.layouts.items():
+        if layout == PER_EXPERT or not _NAME.match(layout):
+            raise ConversionError(f"{where}: layouts: {layout!r} is not a fused layout name")
+        built = []
+        covered: list[str] = []
+        for tname, t in tensors.items():
+            at = f"{where}: layouts.{layout}.{tname}"
+            if not _LEAF.match(tname) or tname.split(".")[0].isdigit():
+                raise ConversionError(f"{at}: not a tensor name")
+            unknown = [p for p in t.parts if p not in roles]
+            if unknown or not t.parts:
+                raise ConversionError(f"{at}: parts {t.parts} must be roles of experts.roles ({sorted(roles)})")
+            built.append(FusedTensor(f"{experts_path}.{tname}", tuple(t.parts), _pipeline(t.ops, len(t.parts), at)))
+            covered += t.parts
+        if sorted(covered) != sorted(roles):
+            raise ConversionError(
+                f"{where}: layouts.{layout} holds roles {sorted(covered)}; expected each of {sorted(roles)} exactly once"
+            )
+        fused[layout] = tuple(built)
+    if spec.default_layout not in fused:
+        raise ConversionError(f"{where}: default_layout {spec.default_layout!r} is not one of its layouts {sorted(fused)}")
+    sets = {}
+    for layout, ts in fused.items():
+        names = frozenset(t.template for t in ts)
+        if names in sets.values():
+            other = next(k for k, v in sets.items() if v == names)
+            raise ConversionError(f"{where}: layouts {other!r} and {layout!r} name the same tensors; they cannot be told apart")
+        sets[layout] = names
+    renames = tuple(
+        Rename(r.source, r.target, r.one_way, where=f"{where}: renames[{i}]") for i, r in enumerate(spec.renames or [])
+    )
+    merges = []
+    for i, m in enumerate(spec.merges or []):
+        at = f"{where}: merges[{i}]"
+        if m.count_key is not None and (len(m.sources) != 1 or "*" not in m.sources[0]):
+            raise ConversionError(f"{at}: with 'count_key', 'sources' is one pattern with a '*' for the part index")
+        if not _pipeline(m.ops, 2 if m.count_key else len(m.sources), at).is_byte_copy or not m.sources:
+            raise ConversionError(f"{at}: only a concat on dim 0 of one or more tensors is supported")
+        merges.append(Merge(tuple(m.sources), m.target, m.count_key))
+    for pattern in (spec.refuse or {}):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConversionError(f"{where}: refuse pattern {pattern!r} is not a valid regex ({exc})") from exc
+    keys = spec.num_experts_keys or []
+    if not keys:
+        raise ConversionError(f"{where}: num_experts_keys is empty")
+    return Family(
+        name=spec.family, source=path, model_types=tuple(spec.model_types), architectures=tuple(spec.architectures),
+        num_experts_keys=tuple(keys), dense_layer_keys=tuple(spec.dense_layer_keys or ()), container=container,
+        role_leaves=dict(roles), fused=fused, default_fused=spec.default_layout, renames=renames, merges=tuple(merges),
+        companions=dict(spec.quantization.companions) if spec.quantization else {}, refuse=dict(spec.refuse or {}),
+        description=spec.description,
+    )
+
+
+__all__ = ["PER_EXPERT", "Family", "FusedTensor", "Merge", "build_family", "resolve", "template_regex"]

@@ -1,0 +1,370 @@
+"""`python -m convert.families.generate [--out DIR] [--check]`: family files from the installed transformers.
+
+A maintenance command, never imported by a conversion (it imports transformers). It reads
+transformers' checkpoint conversion table (`conversion_mapping.py`) and writes one family
+file per conversion pattern whose expert tensors are merged from per-expert tensors
+(`MergeModulelist`) into `configs/families/` (model types with identical tables become
+aliases of one family; a family differing from another only by more rename rules
+`extends` it). Model types it cannot express are listed with the reason. `--check` writes
+nothing and exits 1 when the committed files differ from a fresh generation.
+
+How a transformers entry becomes a family:
+- each `WeightConverter` with `MergeModulelist(dim=0)` gives a fused tensor: its source
+  patterns (`<container>.experts.*.<leaf>`) give the roles (named after the fused tensor:
+  `gate_up_proj` <- gate, up; `down_proj` <- down) and their per-expert leaves; the ops after
+  the merge become ops on one expert's slice (dims shift down by one). A pattern without a
+  container (`.experts.*.w1.weight`) means the model's `mlp` (every such model holds its
+  experts under `mlp` once the renames ran);
+- `WeightRenaming` -> a rename rule (same patterns); `PrefixChange` -> a one-way rule
+  (transformers does not undo it when saving a model it did not load);
+- a `WeightConverter` with only `Concatenate(dim=0)` of non-expert tensors -> a merge (its
+  `num_shards_attribute`, the config key giving the number of `*` parts, -> `count_key`);
+- anything else (other ops, grouped renames) makes the model type inexpressible.
+Other facts come from the auto classes and config classes: the class names of each model
+type (`architectures`), the config key of E (the attribute, and its `attribute_map`
+aliases), and the config keys that make layers dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from convert.families.registry import BUILTIN_DIR
+
+E_CANDIDATES = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+DENSE_CANDIDATES = (
+    "first_k_dense_replace", "num_dense_layers", "mlp_only_layers", "decoder_sparse_step", "mlp_layer_types",
+    "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "expert_layer_period",
+    "expert_layer_offset", "moe_layer_freq",
+)
+ROLE_WORDS = {"gate", "up", "down"}
+DEFAULT_CONTAINER = "mlp"
+# Names the v1 family files had, kept so that `--family` flags and reports keep working.
+FAMILY_NAMES = {"qwen2_moe": "qwen3_moe"}
+
+
+class Inexpressible(Exception):
+    """A transformers table entry the family format cannot say (message: why)."""
+
+
+@dataclass
+class Entry:
+    """One transformers table entry translated: everything but the identity keys."""
+
+    experts: dict[str, Any]
+    layouts: dict[str, Any]
+    renames: list[dict[str, Any]]
+    merges: list[dict[str, Any]]
+    keys: list[str] = field(default_factory=list)  # model types / class names sharing it
+
+    def body(self) -> str:
+        return json.dumps([self.experts, self.layouts, self.renames, self.merges], sort_keys=True)
+
+
+def _unescape(pattern: str) -> str:
+    return pattern.replace("\\.", ".")
+
+
+def _expert_pattern(pattern: str) -> tuple[str | None, str]:
+    """(container or None, leaf) of `<container>.experts.*.<leaf>`."""
+    p = _unescape(pattern).lstrip(".")
+    head, sep, leaf = p.partition("experts.*.")
+    if not sep or not leaf or any(c in leaf for c in "*()[]^$\\|?+"):
+        raise Inexpressible(f"expert source pattern {pattern!r} is not <container>.experts.*.<leaf>")
+    head = head.rstrip(".")
+    return (head or None), leaf
+
+
+def _fused_pattern(pattern: str) -> tuple[str | None, str]:
+    p = _unescape(pattern).lstrip(".")
+    head, sep, leaf = p.rpartition("experts.")
+    if not sep or not leaf or "." in leaf or "*" in p:
+        raise Inexpressible(f"expert target pattern {pattern!r} is not <container>.experts.<name>")
+    return (head.rstrip(".") or None), leaf
+
+
+def _ops(ops: list[Any], shift: int) -> list[dict[str, Any]]:
+    from transformers.core_model_loading import Concatenate, Transpose
+
+    out: list[dict[str, Any]] = []
+    for op in ops:
+        if type(op) is Concatenate and op.num_shards_attribute is None:
+            out.append({"op": "concat", "dim": op.dim - shift})
+        elif type(op) is Transpose and not op.check_dims:
+            out.append({"op": "transpose", "dims": [op.dim0 - shift, op.dim1 - shift]})
+        else:
+            raise Inexpressible(f"op {op!r} has no family-file equivalent")
+    if any(o.get("dim", 0) < 0 or min(o.get("dims", [0])) < 0 for o in out):
+        raise Inexpressible(f"ops {ops!r} act on the expert dimension")
+    return out
+
+
+def translate(transforms: list[Any]) -> Entry:
+    """A transformers table entry as a family body; raises Inexpressible with the reason."""
+    from transformers.core_model_loading import (
+        Concatenate, MergeModulelist, PrefixChange, WeightConverter, WeightRenaming,
+    )
+
+    containers: set[str | None] = set()
+    roles: dict[str, str] = {}
+    fused: dict[str, dict[str, Any]] = {}
+    renames: list[dict[str, Any]] = []
+    merges: list[dict[str, Any]] = []
+    for t in transforms:
+        src, tgt = list(t._original_source_patterns), list(t._original_target_patterns)
+        if isinstance(t, WeightConverter):
+            ops = list(t.operations)
+            if ops and type(ops[0]) is MergeModulelist:
+                if ops[0].dim != 0 or len(tgt) != 1:
+                    raise Inexpressible(f"converter {src} -> {tgt}: merge on dim {ops[0].dim} or several targets")
+                container, name = _fused_pattern(tgt[0])
+                containers.add(container)
+                words = name.removesuffix("_proj").split("_")
+                if len(words) != len(src) or not set(words) <= ROLE_WORDS:
+                    raise Inexpressible(f"converter {src} -> {tgt}: cannot tell the roles of {name!r}")
+                for role, pattern in zip(words, src):
+                    c, leaf = _expert_pattern(pattern)
+                    containers.add(c)
+                    if roles.get(role, leaf) != leaf:
+                        raise Inexpressible(f"role {role} has two per-expert names ({roles[role]}, {leaf})")
+                    roles[role] = leaf
+                rest = ops[1:]
+                if len(src) > 1 and not (rest and type(rest[0]) is Concatenate):
+                    raise Inexpressible(f"converter {src} -> {tgt}: several roles but no concatenation")
+                fused[name] = {"parts": words, **({"ops": _ops(rest, 1)} if rest else {})}
+            elif len(ops) == 1 and type(ops[0]) is Concatenate and ops[0].dim == 0 and len(tgt) == 1:
+                count = ops[0].num_shards_attribute
+                if any("*" in p for p in src) and not (count and len(src) == 1 and src[0].count("*") == 1):
+                    raise Inexpressible(f"converter {src} -> {tgt}: not a fixed list of tensors joined into one")
+                merges.append({"sources": src, "target": tgt[0], "ops": [{"op": "concat", "dim": 0}],
+                               **({"count_key": count} if count else {})})
+            else:
+                raise Inexpressible(f"converter {src} -> {tgt} with ops {ops!r} has no family-file equivalent")
+        elif type(t) is PrefixChange:
+            renames.append({"from": src[0], "to": tgt[0], "one_way": True})
+        elif type(t) is WeightRenaming:
+            if len(src) != 1 or len(tgt) != 1:
+                raise Inexpressible(f"renaming {src} -> {tgt} has several patterns")
+            renames.append({"from": src[0], "to": tgt[0]})
+        else:
+            raise Inexpressible(f"{type(t).__name__} {src} -> {tgt} has no family-file equivalent")
+    if not fused:
+        raise Inexpressible("no expert tensors are merged")
+    named = {c for c in containers if c is not None}
+    if len(named) > 1:
+        raise Inexpressible(f"experts under several containers {sorted(named)}")
+    container = named.pop() if named else DEFAULT_CONTAINER
+    order = [r for r in ("gate", "up", "down") if r in roles]
+    layouts: dict[str, Any] = {"transformers": fused}
+    stacked = {f"{r}_proj": {"parts": [r]} for r in order}
+    if set(stacked) != set(fused):
+        layouts["stacked"] = stacked
+    experts = {"container": container, "roles": {r: roles[r] for r in order}}
+    return Entry(experts, layouts, renames, merges)
+
+
+def _class_names() -> dict[str, set[str]]:
+    from transformers.models.auto import modeling_auto
+
+    out: dict[str, set[str]] = {}
+    for attr in dir(modeling_auto):
+        table = getattr(modeling_auto, attr)
+        if not (attr.startswith("MODEL_") and attr.endswith("MAPPING_NAMES") and isinstance(table, dict)):
+            continue
+        for model_type, cls in table.items():
+            for c in (cls,) if isinstance(cls, str) else tuple(cls) if isinstance(cls, (tuple, list)) else ():
+                out.setdefault(model_type, set()).add(c)
+    return out
+
+
+def _config_keys(model_type: str) -> tuple[list[str], list[str]]:
+    """(E keys: the config attribute first, then its aliases; dense-layer keys) of `model_type`."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        config = CONFIG_MAPPING[model_type]()
+        text = config.get_text_config()
+    except Exception:  # noqa: BLE001 - a config class that cannot be built with defaults: no keys known
+        return [], []
+    present = {**text.to_dict(), **config.to_dict()}
+    amap = {**(getattr(type(text), "attribute_map", {}) or {}), **(getattr(type(config), "attribute_map", {}) or {})}
+    real = [k for k in E_CANDIDATES if amap.get(k, k) in present]
+    attrs = list(dict.fromkeys(amap.get(k, k) for k in real))
+    aliases = [k for k, v in amap.items() if v in attrs and k not in attrs]
+    return attrs + aliases, [k for k in DENSE_CANDIDATES if k in present]
+
+
+def _ordered(keys: list[list[str]], order: tuple[str, ...]) -> list[str]:
+    found = {k for ks in keys for k in ks}
+    return [k for k in order if k in found] + sorted(found - set(order))
+
+
+def generate() -> tuple[dict[str, dict[str, Any]], list[tuple[str, str]]]:
+    """(file name stem -> family file object, [(table key, reason skipped)]) from the installed transformers."""
+    import transformers
+    from transformers.conversion_mapping import (
+        _MODEL_TO_CONVERSION_PATTERN, _build_checkpoint_conversion_mapping, get_checkpoint_conversion_mapping,
+    )
+    from transformers.core_model_loading import MergeModulelist, WeightConverter
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    table_keys = sorted(_build_checkpoint_conversion_mapping())
+    entries: dict[str, Entry] = {}
+    skipped: list[tuple[str, str]] = []
+    for key in table_keys:
+        transforms = get_checkpoint_conversion_mapping(key) or []
+        merged = any(isinstance(t, WeightConverter) and any(type(o) is MergeModulelist for o in t.operations)
+                     for t in transforms)
+        if not merged:
+            continue
+        try:
+            entry = translate(transforms)
+        except Inexpressible as exc:
+            skipped.append((key, str(exc)))
+            continue
+        entries.setdefault(entry.body(), entry).keys.append(key)
+
+    patterns = set(_MODEL_TO_CONVERSION_PATTERN.values())
+    classes = _class_names()
+    version = transformers.__version__
+    groups: dict[str, Entry] = {}
+    for entry in entries.values():
+        types = [k for k in entry.keys if k in CONFIG_MAPPING_NAMES]
+        pattern = sorted(k for k in entry.keys if k in patterns) or sorted(types) or sorted(entry.keys)
+        name = FAMILY_NAMES.get(pattern[0], pattern[0])
+        groups[name] = entry
+
+    claimed: dict[str, set[str]] = {}
+    for name, entry in groups.items():
+        for k in entry.keys:
+            for c in classes.get(k, set()) | ({k} if k not in CONFIG_MAPPING_NAMES else set()):
+                claimed.setdefault(c, set()).add(name)
+
+    files: dict[str, dict[str, Any]] = {}
+    for name, entry in sorted(groups.items()):
+        types = sorted(k for k in entry.keys if k in CONFIG_MAPPING_NAMES)
+        archs = sorted(c for c, owners in claimed.items() if owners == {name}
+                       and (c in {x for k in entry.keys for x in classes.get(k, set())} or c in entry.keys))
+        e_keys, dense = zip(*(_config_keys(t) for t in types)) if types else ((), ())
+        obj: dict[str, Any] = {
+            "family": name,
+            "description": f"transformers {version} conversion pattern of {', '.join(sorted(entry.keys))}: "
+                           "per-expert tensors merged into fused [E, ...] tensors when loading",
+            "generated_from": f"transformers {version}",
+            "model_types": types,
+            "architectures": archs,
+            "num_experts_keys": _ordered(list(e_keys), E_CANDIDATES) or list(E_CANDIDATES),
+            "dense_layer_keys": _ordered(list(dense), DENSE_CANDIDATES),
+            "experts": entry.experts,
+            "layouts": entry.layouts,
+            "default_layout": "transformers",
+            "renames": entry.renames,
+        }
+        if entry.merges:
+            obj["merges"] = entry.merges
+        files[name] = obj
+    _add_extends(files)
+    return files, skipped
+
+
+def _add_extends(files: dict[str, dict[str, Any]]) -> None:
+    """Rewrite each family that is another one plus more rename rules as `extends` + `extra_renames`."""
+    same = ("experts", "layouts", "default_layout", "merges")
+    parents: dict[str, str] = {}
+    for name, obj in files.items():
+        best = None
+        for other, base in files.items():
+            if other == name or any(obj.get(k) != base.get(k) for k in same):
+                continue
+            n = len(base["renames"])
+            if n < len(obj["renames"]) and obj["renames"][:n] == base["renames"]:
+                if best is None or n > len(files[best]["renames"]) or (n == len(files[best]["renames"]) and other < best):
+                    best = other
+        if best is not None:
+            parents[name] = best
+    for name, parent in parents.items():
+        obj, base = files[name], files[parent]
+        child: dict[str, Any] = {k: obj[k] for k in ("family", "description", "generated_from", "extends",
+                                                     "model_types", "architectures") if k in obj}
+        child["extends"] = parent
+        for key in ("num_experts_keys", "dense_layer_keys"):
+            if obj[key] != base[key]:
+                child[key] = obj[key]
+        child["extra_renames"] = obj["renames"][len(base["renames"]):]
+        order = ["family", "description", "generated_from", "extends", "model_types", "architectures",
+                 "num_experts_keys", "dense_layer_keys", "extra_renames"]
+        files[name] = {k: child[k] for k in order if k in child}
+
+
+def dumps(obj: Any, indent: int = 0, width: int = 110) -> str:
+    """JSON with objects broken over lines and what fits kept on one line (the top level always broken)."""
+    flat = json.dumps(obj)
+    if not isinstance(obj, (dict, list)) or not obj or (indent and len(flat) + indent <= width):
+        return flat
+    pad = " " * (indent + 2)
+    close = " " * indent + ("]" if isinstance(obj, list) else "}")
+    if isinstance(obj, list) and all(not isinstance(v, (dict, list)) for v in obj):
+        lines, line = [], ""
+        for item in (json.dumps(v) for v in obj):
+            if line and len(pad) + len(line) + len(item) + 1 > width:
+                lines.append(line)
+                line = ""
+            line += (" " if line else "") + item + ","
+        lines.append(line.rstrip(","))
+        return "[\n" + "\n".join(pad + ln for ln in lines) + "\n" + close
+    if isinstance(obj, list):
+        items = [pad + dumps(v, indent + 2, width) for v in obj]
+        return "[\n" + ",\n".join(items) + "\n" + close
+    items = [pad + json.dumps(k) + ": " + dumps(v, indent + 2, width) for k, v in obj.items()]
+    return "{\n" + ",\n".join(items) + "\n" + close
+
+
+def render(obj: dict[str, Any]) -> str:
+    """A family file's text."""
+    return dumps(obj) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write (or with --check, compare) the generated family files; print what was skipped."""
+    p = argparse.ArgumentParser(prog="python -m convert.families.generate", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=str(BUILTIN_DIR), help="directory of family files (default: configs/families)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 when the files differ")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    files, skipped = generate()
+    differ = []
+    for name, obj in sorted(files.items()):
+        path = out / f"{name}.json"
+        text = render(obj)
+        if path.exists():
+            old = json.loads(path.read_text())
+            if "generated_from" not in old:
+                print(f"{path}: written by hand, not replaced (the generated family {name!r} is skipped)", file=sys.stderr)
+                continue
+            if path.read_text() == text:
+                continue
+        differ.append(str(path))
+        if not args.check:
+            out.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    stale = [p for p in sorted(out.glob("*.json")) if p.stem not in files and "generated_from" in json.loads(p.read_text())]
+    for path in stale:
+        differ.append(f"{path} (no longer generated)")
+        if not args.check:
+            path.unlink()
+    for key, why in skipped:
+        print(f"skipped {key}: {why}")
+    print(f"{len(files)} families for {sum(len(f.get('model_types', [])) for f in files.values())} model types; "
+          f"{len(differ)} file(s) {'differ' if args.check else 'written'}")
+    for d in differ:
+        print(f"  {d}")
+    return 1 if args.check and differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""The ops that build one expert's slice of a fused tensor from its per-expert parts, and back.
+
+A fused tensor of a family is described as a pipeline of ops applied to the list of its
+parts (one per-expert tensor per role, in nn.Linear [out, in] form): `transpose` acts on
+every tensor of the list, `concat` and `interleave` join the list into one tensor, `chunk`
+and `deinterleave` cut one tensor into several. Each op has an inverse and a shape rule,
+so the same description reads a fused slice back into its parts and tells the shapes on
+either side from metadata alone. Dims count within one expert's slice (the fused tensor's
+dim 0, the expert, is not counted): transformers' `Concatenate(dim=1)` after
+`MergeModulelist(dim=0)` is `concat` on dim 0 here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from convert.errors import ConversionError
+
+if TYPE_CHECKING:
+    import torch
+
+Shape = tuple[int, ...]
+
+
+def _axis(dim: int, ndim: int, what: str) -> int:
+    axis = dim + ndim if dim < 0 else dim
+    if not 0 <= axis < ndim:
+        raise ConversionError(f"{what}: dim {dim} is out of range for a {ndim}-D tensor")
+    return axis
+
+
+def _same(shapes: Sequence[Shape], what: str) -> Shape:
+    if len(set(shapes)) != 1:
+        raise ConversionError(f"{what}: parts must have one shape, got {[list(s) for s in shapes]}")
+    return shapes[0]
+
+
+class Op(ABC):
+    """One step of a pipeline: a list of tensors in, a list of tensors out."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def arity(self, n_in: int) -> int:
+        """How many tensors come out when `n_in` go in (raises ConversionError when `n_in` is not allowed)."""
+
+    @abstractmethod
+    def shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
+        """The shapes out, from the shapes in."""
+
+    @abstractmethod
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors out, from the tensors in."""
+
+    @abstractmethod
+    def inverse(self, n_in: int) -> Op:
+        """The op that undoes this one when it took `n_in` tensors."""
+
+    @abstractmethod
+    def to_json(self) -> dict[str, Any]:
+        """The op as a family file writes it."""
+
+
+@dataclass(frozen=True)
+class Transpose(Op):
+    """Swap two dims of every tensor of the list."""
+
+    dims: tuple[int, int] = (0, 1)
+    name: ClassVar[str] = "transpose"
+
+    def arity(self, n_in: int) -> int:
+        return n_in
+
+    def shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
+        out = []
+        for s in shapes:
+            a, b = (_axis(d, len(s), "transpose") for d in self.dims)
+            t = list(s)
+            t[a], t[b] = t[b], t[a]
+            out.append(tuple(t))
+        return out
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.transpose(*self.dims) for t in tensors]
+
+    def inverse(self, n_in: int) -> Op:
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.name, "dims": list(self.dims)}
+
+
+@dataclass(frozen=True)
+class Concat(Op):
+    """Join the list into one tensor along `dim` (parts of one shape, one after another)."""
+
+    dim: int = 0
+    name: ClassVar[str] = "concat"
+
+    def arity(self, n_in: int) -> int:
+        return 1
+
+    def shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
+        s = list(_same(shapes, "concat"))
+        s[_axis(self.dim, len(s), "concat")] *= len(shapes)
+        return [tuple(s)]
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        import torch
+
+        return [torch.cat(list(tensors), dim=self.dim)]
+
+    def inverse(self, n_in: int) -> Op:
+        return Chunk(self.dim, n_in)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.name, "dim": self.dim}
+
+
+@dataclass(frozen=True)
+class Interleave(Op):
+    """Join the list into one tensor along `dim`, element by element: part j at positions j, j+k, j+2k, ..."""
+
+    dim: int = -1
+    name: ClassVar[str] = "interleave"
+
+    def arity(self, n_in: int) -> int:
+        return 1
+
+    def shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
+        s = list(_same(shapes, "interleave"))
+        s[_axis(self.dim, len(s), "interleave")] *= len(shapes)
+        return [tuple(s)]
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        import torch
+
+        axis = _axis(self.dim, tensors[0].dim(), "interleave")
+        return [torch.stack(list(tensors), dim=axis + 1).flatten(axis, axis + 1)]
+
+    def inverse(self, n_in: int) -> Op:
+        return Deinterleave(self.dim, n_in)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.name, "dim": self.dim}
+
+
+@dataclass(frozen=True)
+class Chunk(Op):
+    """Cut one tensor into `parts` equal pieces along `dim` (the inverse of concat)."""
+
+    dim: int = 0
+    parts: int = 2
+    name: ClassVar[str] = "chunk"
+
+    def arity(self, n_in: int) -> int:
+        if n_in != 1:
+            raise ConversionError(f"chunk takes one tensor, got {n_in}")
+        return self.parts
+
+    def shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
+        (s,) = shapes
+        t = list(s)
+        axis = _axis(self.dim, len(t), "chunk")
+        if t[axis] % self.parts:
+            raise ConversionError(f"chunk: dim {self.dim} of {list(s)} does not split into {self.parts} equal parts")
+        t[axis] //= self.parts
+        return [tuple(t)] * self.parts
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return list(tensors[0].chunk(self.parts, dim=self.dim))
+
+    def inverse(self, n_in: int) -> Op:
+        return Concat(self.dim)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.name, "dim": self.dim, "parts": self.parts}
+
+
+@dataclass(frozen=True)
+class Deinterleave(Op):
+    """Cut one tensor into `parts` along `dim`, piece j taking positions j, j+k, ... (the inverse of interleave)."""
+
+    dim: int = -1
+    parts: int = 2
+    name: ClassVar[str] = "deinterleave"
+
+    def arity(self, n_in: int) -> int:
+        if n_in != 1:
+            raise ConversionError(f"deinterleave takes one tensor, got {n_in}")
+        return self.parts
+
+    def shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
+        return Chunk(self.dim, self.parts).shapes(shapes)
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        t = tensors[0]
+        axis = _axis(self.dim, t.dim(), "deinterleave")
+        grouped = t.unflatten(axis, (t.shape[axis] // self.parts, self.parts))
+        return [grouped.select(axis + 1, j) for j in range(self.parts)]
+
+    def inverse(self, n_in: int) -> Op:
+        return Interleave(self.dim)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.name, "dim": self.dim, "parts": self.parts}
+
+
+OPS: dict[str, type[Op]] = {cls.name: cls for cls in (Transpose, Concat, Interleave, Chunk, Deinterleave)}
+# The keys each op takes in a family file (besides "op").
+OP_KEYS: dict[str, tuple[str, ...]] = {
+    "transpose": ("dims",), "concat": ("dim",), "interleave": ("dim",), "chunk": ("dim", "parts"),
+    "deinterleave": ("dim", "parts"),
+}
+
+
+def op_from_json(obj: dict[str, Any], where: str) -> Op:
+    """An op from its family-file form, e.g. {"op": "concat", "dim": 0}; `where` names the place for errors."""
+    kind = obj.get("op")
+    if kind not in OPS:
+        raise ConversionError(f"{where}: unknown op {kind!r} (known: {sorted(OPS)})")
+    extra = sorted(set(obj) - {"op", *OP_KEYS[kind]})
+    if extra:
+        raise ConversionError(f"{where}: op {kind!r} takes no key {extra[0]!r} (it takes {list(OP_KEYS[kind])})")
+    if kind == "transpose":
+        dims = obj.get("dims", [0, 1])
+        if not (isinstance(dims, list) and len(dims) == 2 and all(type(d) is int for d in dims)) or dims[0] == dims[1]:
+            raise ConversionError(f"{where}: transpose 'dims' must be two different ints, got {dims!r}")
+        return Transpose((dims[0], dims[1]))
+    dim = obj.get("dim", 0 if kind in ("concat", "chunk") else -1)
+    if type(dim) is not int:
+        raise ConversionError(f"{where}: op {kind!r} 'dim' must be an int, got {dim!r}")
+    if kind in ("chunk", "deinterleave"):
+        parts = obj.get("parts", 2)
+        if type(parts) is not int or parts < 1:
+            raise ConversionError(f"{where}: op {kind!r} 'parts' must be a positive int, got {parts!r}")
+        return OPS[kind](dim, parts)  # type: ignore[call-arg]
+    return OPS[kind](dim)  # type: ignore[call-arg]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Ops that turn `n_parts` per-expert tensors into one expert's slice of a fused tensor."""
+
+    ops: tuple[Op, ...]
+    n_parts: int
+
+    def __post_init__(self) -> None:
+        n = self.n_parts
+        for op in self.ops:
+            n = op.arity(n)
+        if n != 1:
+            raise ConversionError(
+                f"ops {[op.to_json() for op in self.ops]} leave {n} tensors from {self.n_parts} part(s); "
+                "a fused tensor is built from its parts into exactly one tensor"
+            )
+
+    def inverse_ops(self) -> list[Op]:
+        """The ops that take one fused slice back to the parts, in order."""
+        counts = [self.n_parts]
+        for op in self.ops:
+            counts.append(op.arity(counts[-1]))
+        return [op.inverse(n_in) for op, n_in in zip(reversed(self.ops), reversed(counts[:-1]))]
+
+    def slice_shape(self, part_shape: Shape) -> Shape:
+        """The shape of one expert's fused slice whose parts each have `part_shape`."""
+        shapes: list[Shape] = [part_shape] * self.n_parts
+        for op in self.ops:
+            shapes = op.shapes(shapes)
+        return shapes[0]
+
+    def part_shapes(self, slice_shape: Shape) -> list[Shape]:
+        """The shape of each part, from the shape of one expert's fused slice (inverse of slice_shape)."""
+        shapes: list[Shape] = [slice_shape]
+        for op in self.inverse_ops():
+            shapes = op.shapes(shapes)
+        return shapes
+
+    def fuse(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One expert's fused slice from its parts."""
+        tensors = list(parts)
+        for op in self.ops:
+            tensors = op.apply(tensors)
+        return tensors[0]
+
+    def split(self, fused: torch.Tensor) -> list[torch.Tensor]:
+        """The parts of one expert, from its fused slice (views where the ops allow)."""
+        tensors = [fused]
+        for op in self.inverse_ops():
+            tensors = op.apply(tensors)
+        return tensors
+
+    @property
+    def is_byte_copy(self) -> bool:
+        """True when the slice is the parts' bytes one after another (no op, or concat on dim 0)."""
+        if not self.ops:
+            return True
+        return len(self.ops) == 1 and isinstance(self.ops[0], Concat) and self.ops[0].dim == 0
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """The ops as a family file writes them."""
+        return [op.to_json() for op in self.ops]

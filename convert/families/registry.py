@@ -1,0 +1,205 @@
+"""Every family file, and the one family detection of the tool.
+
+Family files are read from `configs/families/` of this repository, then from each directory
+of `MOE_CONVERT_CONFIGS` (os.pathsep-separated; a directory holding a `families/` folder
+means that folder). A later directory's family replaces an earlier one of the same name,
+and claims its model types and class names first; inside one directory a model type or
+class claimed by two families is an error.
+
+`detect_family` finds the family of a model from, in this order: `--family` (a family
+name, model type or class name), `config.json` `model_type`, its `architectures`, its
+`text_config` (`model_type`, `architectures`), or, for an adapter's `adapter_config.json`,
+peft's `auto_mapping` (`base_model_class`, `parent_library`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from convert.errors import ConversionError
+from convert.families.family import Family, build_family, resolve
+from convert.families.schema import FamilySpec, parse
+
+BUILTIN_DIR = Path(__file__).resolve().parents[2] / "configs" / "families"
+ENV = "MOE_CONVERT_CONFIGS"
+
+
+def family_dirs() -> list[Path]:
+    """The directories family files are read from, built-in first."""
+    dirs = [BUILTIN_DIR]
+    for entry in filter(None, os.environ.get(ENV, "").split(os.pathsep)):
+        path = Path(entry)
+        dirs.append(path / "families" if (path / "families").is_dir() else path)
+    return dirs
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The families of some directories, with their model-type and class-name indexes."""
+
+    families: dict[str, Family]
+    by_model_type: dict[str, str]
+    by_class: dict[str, str]
+
+
+_cache: dict[tuple[Any, ...], Registry] = {}
+
+
+def _read_dir(directory: Path) -> list[tuple[FamilySpec, str]]:
+    if not directory.is_dir():
+        raise ConversionError(f"{directory}: family directory does not exist ({ENV} names it)")
+    out = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            obj = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ConversionError(f"{path}: not valid JSON ({exc})") from exc
+        spec = parse(FamilySpec, obj, str(path))
+        if spec.family != path.stem:
+            raise ConversionError(f"{path}: 'family' is {spec.family!r}; it must be the file name ({path.stem!r})")
+        out.append((spec, str(path)))
+    return out
+
+
+def registry(dirs: list[Path] | None = None) -> Registry:
+    """The families of `dirs` (default: family_dirs()), cached while no file is added to or removed from them."""
+    dirs = family_dirs() if dirs is None else dirs
+    listing = tuple((str(d), d.stat().st_mtime_ns if d.is_dir() else None) for d in dirs)
+    if listing in _cache:
+        return _cache[listing]
+    specs: dict[str, tuple[FamilySpec, str]] = {}
+    layer_of: dict[str, int] = {}
+    for layer, d in enumerate(dirs):
+        for spec, path in _read_dir(d):
+            specs[spec.family] = (spec, path)
+            layer_of[spec.family] = layer
+    resolved = resolve(specs)
+    families = {name: build_family(resolved[name], specs[name][1]) for name in sorted(specs)}
+    by_model_type: dict[str, str] = {}
+    by_class: dict[str, str] = {}
+    for layer in range(len(dirs)):
+        seen_type: dict[str, str] = {}
+        seen_class: dict[str, str] = {}
+        for name, fam in families.items():
+            if layer_of[name] != layer:
+                continue
+            for index, seen, keys, what in ((by_model_type, seen_type, fam.model_types, "model type"),
+                                            (by_class, seen_class, fam.architectures, "class")):
+                for key in keys:
+                    if key in seen:
+                        raise ConversionError(
+                            f"{fam.source}: {what} {key!r} is also claimed by family {seen[key]!r} ({families[seen[key]].source})"
+                        )
+                    seen[key] = name
+                    index[key] = name
+    reg = Registry(families, by_model_type, by_class)
+    _cache[listing] = reg
+    return reg
+
+
+def load_families(directory: Path | str | None = None) -> dict[str, Family]:
+    """Every family by name: of `directory` alone when given, else of family_dirs()."""
+    return registry([Path(directory)] if directory is not None else None).families
+
+
+def family_by_name(name: str) -> Family:
+    """The family called `name`, or claiming model type / class `name`; raises ConversionError if none."""
+    reg = registry()
+    key = name if name in reg.families else reg.by_model_type.get(name) or reg.by_class.get(name)
+    if not key:
+        raise ConversionError(f"unknown family {name!r}; known: {sorted(reg.families)} (or one of their model types)")
+    return reg.families[key]
+
+
+def expert_signature(family: Family) -> str:
+    """What a family says about its expert tensors (names on both sides, layouts, ops), as a comparable string."""
+    layouts = {lay: [(t.template, t.parts, t.pipeline.to_json()) for t in ts] for lay, ts in family.fused.items()}
+    return json.dumps([family.per_expert, family.expert_templates, layouts, family.default_fused], sort_keys=True)
+
+
+def representative(names: set[str] | list[str]) -> Family | None:
+    """One family standing for `names` (families whose per-expert names all matched) if they agree, else None.
+
+    Several families can share their expert tensors' names and layouts and differ only in other
+    tensors' renames (e.g. every family extending mixtral); for expert-only work any of them
+    does. Of families whose templates all matched, those naming more of the key (a container
+    rather than none) are kept; the one chosen has the fewest rename rules (then the first name).
+    """
+    families = registry().families
+    fams = [families[n] for n in sorted(set(names))]
+
+    def literal_length(f: Family) -> int:  # a template naming its container explains more of a name
+        return max(len(t.split("{e}")[0].replace("{prefix}", "")) for t in f.per_expert.values())
+
+    most = max((literal_length(f) for f in fams), default=0)
+    fams = [f for f in fams if literal_length(f) == most]
+    if not fams or len({expert_signature(f) for f in fams}) != 1:
+        return None
+    return min(fams, key=lambda f: (len(f.renames), f.name))
+
+
+def _parent_library_type(lib: str) -> str | None:
+    m = re.match(r"^transformers\.models\.([a-z0-9_]+)\.", lib)
+    return m[1] if m else None
+
+
+def find_family(config: dict[str, Any]) -> tuple[Family | None, str]:
+    """The family a config.json (or an adapter_config.json) names, and how it was found; (None, why) if none.
+
+    Never raises for an unknown model; raises ConversionError only for bad family files.
+    """
+    reg = registry()
+    evidence: list[tuple[str, str]] = []  # (family name, how), strongest first
+    if "peft_type" in config or "auto_mapping" in config:
+        mapping = config.get("auto_mapping") or {}
+        if isinstance(mapping, dict):
+            cls = str(mapping.get("base_model_class") or "")
+            if cls in reg.by_class:
+                evidence.append((reg.by_class[cls], f"auto_mapping.base_model_class {cls!r}"))
+            lib = str(mapping.get("parent_library") or "")
+            mt = _parent_library_type(lib)
+            if mt in reg.by_model_type:
+                evidence.append((reg.by_model_type[str(mt)], f"auto_mapping.parent_library {lib!r}"))
+        if evidence:
+            names = {e[0] for e in evidence}
+            if len(names) > 1:
+                return None, f"adapter_config.json names several families ({sorted(names)})"
+            return reg.families[evidence[0][0]], evidence[0][1]
+        return None, "adapter_config.json does not name the base model's class"
+    for cfg, at in ((config, ""), (config.get("text_config"), "text_config.")):
+        if not isinstance(cfg, dict):
+            continue
+        mt = cfg.get("model_type")
+        if isinstance(mt, str) and mt in reg.by_model_type:
+            return reg.families[reg.by_model_type[mt]], f"{at}model_type {mt!r}"
+        archs = cfg.get("architectures") or []
+        hits = {reg.by_class[a]: a for a in archs if isinstance(a, str) and a in reg.by_class}
+        if len(hits) == 1:
+            name, cls = next(iter(hits.items()))
+            return reg.families[name], f"{at}architectures {cls!r}"
+        if len(hits) > 1:
+            return None, f"{at}architectures {sorted(hits.values())} name several families ({sorted(hits)})"
+    return None, f"model_type {config.get('model_type')!r} is not a known MoE family"
+
+
+def detect_family(config: dict[str, Any], where: str, override: str | None = None) -> Family:
+    """The family of a model: `override` (--family) if given, else from `config` (see find_family).
+
+    `config` is a config.json (or an adapter_config.json) as a dict; `where` names it for errors.
+    Raises ConversionError naming `where` when no family fits.
+    """
+    if override:
+        return family_by_name(override)
+    family, how = find_family(config)
+    if family is not None:
+        return family
+    reg = registry()
+    raise ConversionError(
+        f"{where}: {how} (known model types: {sorted(reg.by_model_type)}); "
+        f"add a family file to configs/families/ (or a directory in ${ENV}) or pass --family"
+    )
