@@ -20,6 +20,7 @@ import torch
 
 H, I, DENSE_I, SHARED_I, E, TOP_K, VOCAB, LAYERS = 48, 40, 56, 36, 5, 2, 100, 3
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 12
+MAX_PARAMS = 2_000_000  # a bigger model means a size key of the config was missed
 
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk", "top_k")
@@ -43,7 +44,7 @@ FIXED: dict[str, Any] = {
     "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
     "linear_head_dim": 12, "linear_num_heads": 4,
     # mamba
-    "use_mamba_kernels": False, "mamba_d_state": 4, "mamba_dt_rank": 8, "mamba_expand": 2,
+    "mamba_d_state": 4, "mamba_dt_rank": 8, "mamba_expand": 2,
     "ssm_state_size": 8, "mamba_num_heads": 4, "mamba_head_dim": 24, "n_groups": 2, "chunk_size": 8,
     "num_nextn_predict_layers": 0, "zero_expert_num": 2,
     "first_k_dense_replace": 1, "num_dense_layers": 1, "decoder_sparse_step": 1,
@@ -102,15 +103,16 @@ def cases() -> list[Case]:
     return out
 
 
-def _layer_list(default: list[Any], layers: int, dense_first: bool) -> list[Any]:
-    """A per-layer list of `layers` entries cycling through the distinct values of `default`."""
+def _layer_list(default: list[Any], layers: int) -> list[Any]:
+    """A per-layer list of `layers` entries: dense first where the list names MoE layers, then cycling
+    through the distinct values of `default` (so every attention / block type of the model is built)."""
     values = list(dict.fromkeys(default))
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         return [HEADS] * layers  # per-layer head counts
-    if dense_first and "dense" in values:
+    if "dense" in values:
         rest = [v for v in values if v != "dense"] or ["dense"]
         return ["dense"] + list(itertools.islice(itertools.cycle(rest), layers - 1))
-    if dense_first and "sparse" in values:
+    if "sparse" in values:
         return ["dense"] + ["sparse"] * (layers - 1)
     return list(itertools.islice(itertools.cycle(values), layers))
 
@@ -145,7 +147,7 @@ def tiny_kwargs(model_type: str) -> dict[str, Any]:
         kw["moe_layer_end_index"] = LAYERS - 1
     for key, value in defaults.items():
         if isinstance(value, list) and old_layers and len(value) == old_layers and key not in kw:
-            kw[key] = _layer_list(value, LAYERS, dense_first=True)
+            kw[key] = _layer_list(value, LAYERS)
     kw.update(OVERRIDES.get(model_type, {}))
     return kw
 
@@ -169,15 +171,16 @@ def build(model_type: str, seed: int = 0) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32)
+    size = sum(p.numel() for p in model.parameters())
+    if size > MAX_PARAMS:
+        raise ValueError(f"{size} parameters (> {MAX_PARAMS}): a size setting of this config is not covered")
+    persistent = set(model.state_dict())
     with torch.no_grad():
         seen: set[int] = set()
         for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
-            if not t.is_floating_point() or t.data_ptr() in seen:
-                continue
-            if name not in model.state_dict():
-                continue
-            seen.add(t.data_ptr())
-            t.add_(torch.randn_like(t) * 0.02)
+            if name in persistent and t.is_floating_point() and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                t.add_(torch.randn_like(t) * 0.02)
     return model.eval()
 
 
