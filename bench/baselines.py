@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from convert.families import Family, detect_family, template_regex
-from convert.job import peak_rss_bytes
+from convert.engine.job import peak_rss_bytes
 from sharding.file_layout import natural_key, parse_size
 
 INDEX = "model.safetensors.index.json"

@@ -135,7 +135,7 @@ class Bench:
         if self.drop_caches:
             _try_drop_caches()
             subprocess.run([sys.executable, "-c", "import torch, torch.distributed.run, safetensors, numpy, tqdm, "
-                            "fsspec, convert.job"], env=self.env, cwd=REPO, check=True)
+                            "fsspec, convert.engine.job"], env=self.env, cwd=REPO, check=True)
 
     def launch(self, module: str, args: list[str], ws: int) -> list[str]:
         """The command running `module` with `ws` ranks (plain python for one, torchrun otherwise)."""

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from convert.families import load_families
-from convert.safetensors_format import DTYPE_SIZES, build_header, numel
-from sharding.file_layout import layout_files, parse_size
+from convert.formats.safetensors import DTYPE_SIZES, build_header, numel
+from sharding.file_layout import parse_size
+from convert.formats.shard_layout import layout_files
 
 PRESETS = {
     # name: (family, E, H, I, vocab, q heads x head_dim, kv heads)

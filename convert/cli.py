@@ -6,9 +6,10 @@ import argparse
 from collections.abc import Callable
 
 from convert.flag_types import json_object, positive_int, size_arg
-from convert.job import JobOptions
+from convert.engine.adapter_job import AdapterJobOptions
+from convert.engine.job import JobOptions
 from convert.toplevel import ToolParser, finish, run_guarded, settle
-from convert.transforms import DTYPE_NAMES
+from convert.plan.transforms import DTYPE_NAMES
 from launch.dist import Dist, exit_process, init_dist
 from launch.local import add_nproc_flag
 
@@ -69,3 +70,17 @@ def run_main(body: Callable[[Dist], int], nproc: int = 1) -> None:
     if joined:
         exit_process(code, joined[0])
     finish(code)
+
+
+def adapter_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The base conversion flags plus --base-config."""
+    p = base_parser(prog, description)
+    p.add_argument("--base-config", default=None,
+                   help="the base model's config.json (path or URL): family, hidden/intermediate sizes, E")
+    return p
+
+
+def adapter_options(args: argparse.Namespace, layout: str) -> AdapterJobOptions:
+    """AdapterJobOptions from parsed flags."""
+    base = job_options(args, layout)
+    return AdapterJobOptions(**{**base.__dict__, "base_config": args.base_config})

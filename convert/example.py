@@ -18,8 +18,8 @@ from convert.errors import ConversionError
 from convert.families import PER_EXPERT, load_families
 from convert.toplevel import ToolParser, run_guarded
 from convert.flag_types import positive_int, size_arg
-from convert.transforms import TORCH_DTYPES
-from sharding.file_layout import layout_files
+from convert.plan.transforms import TORCH_DTYPES
+from convert.formats.shard_layout import layout_files
 
 DTYPE_NAME_OF = {v: k for k, v in TORCH_DTYPES.items()}
 TORCH_OF = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

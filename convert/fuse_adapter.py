@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from convert.adapter_job import ADAPTER_CONFIG, adapter_options, adapter_parser, run_adapter_job
-from convert.adapter_plan import FUSED_LAYOUTS
-from convert.cli import run_main
-from convert.verify import with_verify
+from convert.cli import adapter_options, adapter_parser, run_main
+from convert.engine.adapter_job import ADAPTER_CONFIG, run_adapter_job
+from convert.plan.adapter import FUSED_LAYOUTS
+from convert.verify.run import with_verify
 from launch.dist import Dist
 
 MARKER = ADAPTER_CONFIG  # the file whose presence marks a finished destination

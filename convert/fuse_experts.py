@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from convert.checkpoint import INDEX_NAME
+from convert.formats.checkpoint import INDEX_NAME
 from convert.cli import base_parser, job_options, run_main
 from convert.families import load_families
-from convert.job import run_job
-from convert.verify import with_verify
+from convert.engine.job import run_job
+from convert.verify.run import with_verify
 from launch.dist import Dist
 
 MARKER = INDEX_NAME  # the file whose presence marks a finished destination

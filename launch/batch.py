@@ -20,8 +20,8 @@ from typing import Any
 
 from convert.errors import ConversionError, describe
 from convert.kinds import KINDS, entry_point
-from convert.output_record import is_complete_output
-from convert.storage import Storage
+from convert.engine.output_record import is_complete_output
+from convert.io.storage import Storage
 from convert.toplevel import ToolParser, finish, run_guarded, settle
 from launch.dist import Dist, init_dist
 from launch.local import add_nproc_flag

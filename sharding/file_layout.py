@@ -1,36 +1,8 @@
-"""Deterministic layout of output safetensors shards: which tensor goes in which file, at which offset.
-
-Tensors are packed in natural name order (so each layer stays together) into shards
-of at most `max_shard_bytes` (a larger tensor gets a shard of its own). Inside a
-shard, tensors are ordered by element size (largest first) to keep data aligned.
-"""
+"""Arithmetic of output shards that needs no file format: tensor order and size strings."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Protocol, Sequence
-
-from convert.safetensors_format import DTYPE_SIZES, TensorSlot, build_header
-
-
-class TensorSpec(Protocol):
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int: ...
-
-
-@dataclass
-class OutputFile:
-    """One output shard: its name, header bytes, total size and each tensor's absolute slot."""
-
-    name: str
-    header: bytes
-    size: int
-    slots: dict[str, TensorSlot]
 
 
 def natural_key(name: str) -> list[object]:
@@ -46,29 +18,3 @@ def parse_size(text: str) -> int:
     number, unit, binary = float(m[1]), m[2].upper(), m[3]
     power = "KMGT".index(unit) + 1 if unit else 0
     return int(number * ((1024 if binary else 1000) ** power))
-
-
-def layout_files(
-    tensors: Sequence[TensorSpec], max_shard_bytes: int, metadata: dict[str, str], stem: str = "model"
-) -> list[OutputFile]:
-    """Pack `tensors` into shards named `{stem}-0000i-of-0000N.safetensors`."""
-    groups: list[list[TensorSpec]] = []
-    size = 0
-    for t in sorted(tensors, key=lambda t: natural_key(t.name)):
-        if not groups or (size + t.nbytes > max_shard_bytes and groups[-1]):
-            groups.append([])
-            size = 0
-        groups[-1].append(t)
-        size += t.nbytes
-    n = len(groups)
-    files = []
-    for i, group in enumerate(groups, start=1):
-        ordered = sorted(group, key=lambda t: (-DTYPE_SIZES[t.dtype], natural_key(t.name)))
-        header, slots, total = build_header([(t.name, t.dtype, tuple(t.shape)) for t in ordered], metadata)
-        files.append(OutputFile(f"{stem}-{i:05d}-of-{n:05d}.safetensors", header, total, slots))
-    return files
-
-
-def weight_map(files: Sequence[OutputFile]) -> dict[str, str]:
-    """tensor name -> shard file name, for the index."""
-    return {name: f.name for f in files for name in f.slots}

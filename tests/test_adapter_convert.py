@@ -226,8 +226,8 @@ def test_grouped_splits_exactly_and_fuses_back(tmp_path, family, order):
 
 
 def test_per_expert_to_shared_w123_only_where_exact(tmp_path):
-    from convert.adapter_plan import plan_fuse
-    from convert.adapter_source import open_adapter
+    from convert.plan.adapter import plan_fuse
+    from convert.formats.adapter_source import open_adapter
     from convert.errors import ConversionError
 
     cfg = tmp_path / "config.json"
@@ -247,9 +247,9 @@ def test_per_expert_to_shared_w123_only_where_exact(tmp_path):
 
 
 def test_refusals_name_the_tensor_and_ask_for_the_base_config(peft_sources, tmp_path):
-    from convert.adapter_layouts import detect_expert_lora
-    from convert.adapter_plan import plan_split
-    from convert.adapter_source import open_adapter
+    from convert.formats.adapter_layouts import detect_expert_lora
+    from convert.plan.adapter import plan_split
+    from convert.formats.adapter_source import open_adapter
     from convert.errors import ConversionError
 
     # One peft wrapper whose shapes fit gate_up_proj and down_proj alike: only the base config's sizes decide.
@@ -326,7 +326,7 @@ def test_rank_and_alpha_patterns_keep_every_scaling(tmp_path):
 
 
 def _infos(shapes: dict[str, tuple[int, ...]]) -> dict:
-    from convert.safetensors_format import TensorInfo
+    from convert.formats.safetensors import TensorInfo
 
     out, pos = {}, 0
     for name, shape in shapes.items():
@@ -338,7 +338,7 @@ def _infos(shapes: dict[str, tuple[int, ...]]) -> dict:
 
 def test_peft_wrappers_are_told_apart_by_shape_not_name():
     """gpt-oss-20b has H == I: B's rows (2I vs H) still decide; swapped nesting names do not fool it."""
-    from convert.adapter_layouts import detect_expert_lora
+    from convert.formats.adapter_layouts import detect_expert_lora
 
     h = i = 12
     e, r = 4, 2

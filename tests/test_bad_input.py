@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from convert import fuse_experts, split_experts
 from convert.example import example_tensors, write_checkpoint
-from convert.safetensors_format import MAX_HEADER_BYTES
-from convert.storage import Storage
+from convert.formats.safetensors import MAX_HEADER_BYTES
+from convert.io.storage import Storage
 from helpers import run_tool
 
 INDEX = "model.safetensors.index.json"
@@ -235,7 +235,7 @@ def test_oversized_header_is_never_read(tmp_path, capsys, monkeypatch):
 
 def test_source_truncated_after_planning_leaves_no_complete_output(tmp_path, capsys, monkeypatch):
     """A shard that shrinks between planning and copying: exit 1, message names file and tensor, no index."""
-    import convert.job as job
+    import convert.engine.job as job
 
     src = make_src(tmp_path / "src")
     shard = shard_of(src, EXPERT)
@@ -296,7 +296,7 @@ def test_conversions_write_only_below_dst_and_never_touch_src(tmp_path, capsys):
         assert call(main, "--src", str(a), "--dst", str(b), "--no-progress", "--verify") == 0
         assert snapshot(tmp_path, skip=b) == before, f"{main.__module__} wrote outside {b}"
         assert (b / INDEX).is_file()
-    from convert import verify
+    from convert.verify import run as verify
 
     before = snapshot(tmp_path)
     assert call(verify.main, "--src", str(src), "--dst", str(tmp_path / "back")) == 0
@@ -317,7 +317,7 @@ def test_index_naming_a_file_outside_src_reads_and_writes_nothing(tmp_path, caps
     for main in (fuse_experts.main, split_experts.main):
         code = call(main, "--src", str(src), "--dst", str(tmp_path / "out"), "--no-progress")
         assert code == 2 and f"refusing shard path {path!r}" in capsys.readouterr().err
-    from convert import verify
+    from convert.verify import run as verify
 
     code = call(verify.main, "--src", str(src), "--dst", str(tmp_path / "src-evil"))
     assert code == 2 and f"{path!r}" in capsys.readouterr().err
@@ -368,7 +368,8 @@ def test_adapter_conversions_write_only_below_dst_and_never_touch_src(tmp_path, 
     """split_adapter, fuse_adapter (both with --verify) and verify leave everything outside their --dst as it was."""
     from adapter_fixtures import base_config, make_per_expert_adapter, make_shared_w123_adapter
 
-    from convert import fuse_adapter, split_adapter, verify
+    from convert import fuse_adapter, split_adapter
+    from convert.verify import run as verify
 
     shared, _ = make_shared_w123_adapter(tmp_path / "shared", experts=E, rank=4)
     per_expert, _ = make_per_expert_adapter(tmp_path / "pe", "qwen3_moe", experts=E, share_gate_up_a=True)

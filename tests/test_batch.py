@@ -194,7 +194,7 @@ def test_readme_and_example_manifests_parse(tmp_path):
 
 
 def test_dry_run_and_verify_are_honoured_and_reported(tmp_path, capsys, monkeypatch):
-    import convert.verify
+    import convert.verify.run
 
     _make_source(tmp_path / "a", 4)
     jobs = [
@@ -205,7 +205,7 @@ def test_dry_run_and_verify_are_honoured_and_reported(tmp_path, capsys, monkeypa
         {"name": "corrupted", "kind": "fuse_experts", "src": str(tmp_path / "a"), "dst": str(tmp_path / "corrupted"),
          "verify": True, "layout": "stacked"},
     ]
-    real_plan = convert.verify.plan_verify
+    real_plan = convert.verify.run.plan_verify
 
     def corrupt_then_plan(opts):
         # Flip one byte of the "corrupted" job's output just before the real verifier reads it.

@@ -19,7 +19,7 @@ import pytest
 from convert import fuse_experts
 from convert.errors import CredentialsError, StorageError, describe
 from convert.example import example_tensors, write_checkpoint
-from convert.storage import Storage, with_retries
+from convert.io.storage import Storage, with_retries
 from helpers import REPO, run_tool
 from s3_server import CREDENTIALS, FlakyProxy, MotoServer
 
@@ -115,7 +115,7 @@ def test_destination_errors_under_torchrun_print_one_line(tmp_path):
 
 def test_internal_errors_name_themselves_and_exit_1(tmp_path, capsys, monkeypatch):
     """A bug (here an injected KeyError) is 'internal error: ...', exit 1, never a refusal; --debug adds the traceback."""
-    import convert.job as job
+    import convert.engine.job as job
 
     src = make_src(tmp_path / "src")
 

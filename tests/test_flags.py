@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert import example, fuse_adapter, fuse_experts, split_adapter, split_experts, verify
+from convert import example, fuse_adapter, fuse_experts, split_adapter, split_experts
+from convert.verify import run as verify
 from convert.example import EXAMPLE_MARKER, checkpoint_files, example_tensors, write_checkpoint
-from convert.job import JobOptions, plan_job
-from convert.model_config import with_dtype
+from convert.engine.job import JobOptions, plan_job
+from convert.formats.model_config import with_dtype
 from helpers import load_dir, raw_bytes, run_tool
 from launch.dist import Dist
 from model_fixtures import E, build_model, save_model
@@ -66,7 +67,7 @@ def test_bad_flag_values_are_refused_by_name(kind, flag, value, expect, tmp_path
     ("example", ["OUT", "--experts", "0"], "argument --experts: must be at least 1, got 0"),
 ])
 def test_other_commands_refuse_bad_values_by_name(tool, argv, expect, tmp_path, capsys):
-    import convert.inspect
+    import convert.inspect.report
 
     main = {"verify": verify.main, "inspect": convert.inspect.main, "example": example.main}[tool]
     assert call(main, *[str(tmp_path / "out") if a == "OUT" else a for a in argv]) == 2

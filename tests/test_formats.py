@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 from convert import fuse_experts, split_adapter
 from convert.errors import ConversionError
 from convert.example import example_tensors, write_checkpoint
-from convert.safetensors_format import DTYPE_SIZES, FORMAT_DTYPE_BITS, MAX_HEADER_BYTES, read_header
-from convert.storage import MAX_JSON_BYTES, Storage
+from convert.formats.safetensors import DTYPE_SIZES, FORMAT_DTYPE_BITS, MAX_HEADER_BYTES, read_header
+from convert.io.storage import MAX_JSON_BYTES, Storage
 from helpers import run_tool
 
 INDEX = "model.safetensors.index.json"

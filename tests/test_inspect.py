@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import inspect_fixtures as fx
-from convert.inspect import PathError, inspect_path, render_text
+from convert.inspect.report import PathError, inspect_path, render_text
 from helpers import run_tool
 
 L = range(3)  # three decoder layers

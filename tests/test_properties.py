@@ -22,16 +22,16 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from convert.checkpoint import open_checkpoint
+from convert.formats.checkpoint import open_checkpoint
 from convert.families import PER_EXPERT, load_families
-from convert.job import JobOptions, plan_job
-from convert.planner import plan_conversion
-from convert.sinks import STATE_DIR, SinkJob, make_sink
-from convert.storage import Storage
-from convert.verify import VerifyOptions, check_share, plan_verify, share, summarize
+from convert.engine.job import JobOptions, plan_job
+from convert.plan.base import plan_conversion
+from convert.engine.sinks import STATE_DIR, SinkJob, make_sink
+from convert.io.storage import Storage
+from convert.verify.run import VerifyOptions, check_share, plan_verify, share, summarize
 from launch.dist import Dist
 from sharding.ep import expert_slices
-from sharding.file_layout import layout_files
+from convert.formats.shard_layout import layout_files
 
 FAMILIES = load_families()
 TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-import convert.storage as storage_mod
+import convert.io.storage as storage_mod
 from convert.example import example_tensors, write_checkpoint
-from convert.job import JobOptions, run_job
-from convert.output_record import is_complete_output
-from convert.storage import Storage
+from convert.engine.job import JobOptions, run_job
+from convert.engine.output_record import is_complete_output
+from convert.io.storage import Storage
 from helpers import REPO, load_dir, run_tool
 from launch.dist import Dist
 from s3_server import CREDENTIALS, MotoServer

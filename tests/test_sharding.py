@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 
 from bench.synthetic import checkpoint_specs, write_synthetic
-from convert.checkpoint import open_checkpoint
+from convert.formats.checkpoint import open_checkpoint
 from convert.families import load_families
-from convert.planner import plan_conversion
-from convert.storage import Storage
+from convert.plan.base import plan_conversion
+from convert.io.storage import Storage
 from sharding.ep import assign_pieces, expert_slices
-from sharding.file_layout import layout_files, parse_size
+from sharding.file_layout import parse_size
+from convert.formats.shard_layout import layout_files
 from sharding.parts import plan_parts
 
 

@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from convert import storage
-from convert.storage import Storage
+from convert.engine import storage
+from convert.io.storage import Storage
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
 def test_write_behind_is_live_on_linux():
     assert storage.WRITE_BEHIND and storage._sync_file_range is not None, "the C library's sync_file_range was not found"
-    code = "import convert.storage as s; print(s._sync_file_range is None)"
+    code = "import convert.io.storage as s; print(s._sync_file_range is None)"
     off = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MOE_CONVERT_WRITE_BEHIND": "0"},
                          capture_output=True, text=True, check=True)
     assert off.stdout.strip() == "True", "MOE_CONVERT_WRITE_BEHIND=0 must turn it off"

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from convert import fuse_experts, split_experts, verify
+from convert import fuse_experts, split_experts
+from convert.verify import run as verify
 from convert.example import example_tensors, write_checkpoint
 from helpers import run_tool
 
@@ -246,7 +247,7 @@ def test_cannot_verify_an_invalid_source(ckpts, capsys, tmp_path):
 
 def test_verify_flag_catches_an_engine_fault(ckpts, capsys, tmp_path, monkeypatch):
     """Inject a one-byte fault into the engine's copies: --verify must fail the job and un-mark the output."""
-    from convert.storage import Storage
+    from convert.io.storage import Storage
 
     real = Storage.copy_range_from
     hit = []
@@ -293,8 +294,8 @@ def test_fuse_and_split_with_verify_under_torchrun(ckpts, tmp_path):
 
 def _relation_deltas(src: Path, dst: Path, base: Path | None) -> dict[tuple[int, str, int], torch.Tensor]:
     """Per-expert deltas of `dst` as the verifier computes them (to check its reading of each layout)."""
-    from convert.storage import Storage
-    from convert.verify import VerifyOptions, plan_verify
+    from convert.io.storage import Storage
+    from convert.verify.run import VerifyOptions, plan_verify
 
     rel = plan_verify(VerifyOptions(str(src), str(dst), base_config=str(base) if base else None))
     storage = Storage(str(dst))

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from convert.errors import ConversionError
-from convert.safetensors_format import FileHeader, TensorInfo, read_header
-from convert.storage import Storage
+from convert.formats.safetensors import FileHeader, TensorInfo, read_header
+from convert.io.storage import Storage
 
 INDEX_NAME = "model.safetensors.index.json"
 # Weights in other formats would be copied in the old layout next to the converted ones: leave them out.

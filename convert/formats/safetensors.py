@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from convert.errors import ConversionError
-from convert.safetensors_json import U64_MAX, header_entries
-from convert.storage import Storage
+from convert.formats.safetensors_json import U64_MAX, header_entries
+from convert.io.storage import Storage
 
 # dtype name -> bytes per element (as the safetensors spec names them)
 DTYPE_SIZES: dict[str, int] = {
@@ -77,7 +77,7 @@ def parse_header(path: str, raw: bytes, file_size: int, where: str | None = None
 
     `where` names the file in messages (default `path`), e.g. with its directory or URL.
     Accepts exactly the headers the safetensors library (0.8) accepts (see
-    `convert.safetensors_json`), then refuses dtypes this tool cannot convert. Returns the
+    `convert.formats.safetensors_json`), then refuses dtypes this tool cannot convert. Returns the
     FileHeader; raises ConversionError naming the file (and tensor) on any problem.
     """
     where = where or path

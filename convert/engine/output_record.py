@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from convert.errors import ConversionError
-from convert.sinks import INCOMPLETE, OUTPUT_RECORD, STATE_DIR, read_state
-from convert.storage import Storage
+from convert.engine.sinks import INCOMPLETE, OUTPUT_RECORD, STATE_DIR, read_state
+from convert.io.storage import Storage
 
 TOOL = "moe-convert"
-UNVERIFIED = ".unverified"  # convert.verify.verify_after renames the marker of a wrong output so
-_TEMP = re.compile(r"^(?P<base>.+)\.\d+\.[0-9a-f]{8}\.tmp$")  # convert.storage.temp_name
+UNVERIFIED = ".unverified"  # convert.verify.run.verify_after renames the marker of a wrong output so
+_TEMP = re.compile(r"^(?P<base>.+)\.\d+\.[0-9a-f]{8}\.tmp$")  # convert.io.storage.temp_name
 
 
 def tool_version() -> str:

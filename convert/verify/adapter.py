@@ -1,6 +1,6 @@
 """What a correct adapter conversion must satisfy: every expert's LoRA delta is unchanged.
 
-For each MoE layer, each side's expert LoRA is recognised with convert.adapter_layouts
+For each MoE layer, each side's expert LoRA is recognised with convert.formats.adapter_layouts
 (`detect_expert_lora`: per-expert, peft target_parameters, shared w1/w2/w3, grouped), but the
 meaning of the factors is re-derived here from FORMATS.md, independently of the converter's
 transforms: expert e's A_e [r, in] and B_e [out, r] are cut out of whichever tensors hold
@@ -19,20 +19,19 @@ import math
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from convert.adapter_layouts import PEFT_PREFIX, ExpertLoraGroup, detect_expert_lora
+from convert.formats.adapter_layouts import PEFT_PREFIX, ExpertLoraGroup, detect_expert_lora
 from convert.errors import ConversionError
 from convert.families import Family, find_family, load_families
-from convert.safetensors_format import TensorInfo
-from convert.storage import Storage
-from convert.verify_checks import ExpertCheck, PassCheck, read_stored
-from convert.verify_tables import DTYPES, Stored, Table, read_table, to_tensor
+from convert.formats.safetensors import TensorInfo
+from convert.io.storage import Storage
+from convert.verify.checks import ExpertCheck, PassCheck, read_stored
+from convert.verify.tables import DTYPES, Stored, Table, read_table, to_tensor
 
-if TYPE_CHECKING:
-    from convert.verify import Relation, VerifyOptions
+from convert.verify.relation import CannotVerify, Relation, VerifyOptions, compare_files, copied_files
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -282,7 +281,6 @@ def load_base_config(path: str | None, storage_options: dict[str, Any]) -> dict[
 
 def adapter_relation(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
     """The checks proving `dst` is a conversion of the adapter `src` (see the module docstring)."""
-    from convert.verify import CannotVerify, Relation, compare_files, copied_files  # noqa: F811 - at run time
 
     base = load_base_config(opts.base_config, opts.storage_options)
     src_table, bad = read_table(src, ADAPTER_INDEX, require_index=False, single_name=ADAPTER_WEIGHTS, strict=False)

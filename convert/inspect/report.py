@@ -18,19 +18,19 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from convert.adapter_dir import (
+from convert.formats.adapter_dir import (
     ADAPTER_CONFIG, CONVERTED, PASSED_THROUGH, REFUSED, AdapterDir, Verdict, adapter_family, check_not_lora,
     checkpoint_dirs, find_base_config, format_layers, is_lora, layer_of, open_adapter_dir, sort_others,
     subdir_adapters,
 )
-from convert.adapter_layouts import detect_expert_lora
-from convert.checkpoint import OTHER_WEIGHTS, open_checkpoint
+from convert.formats.adapter_layouts import detect_expert_lora
+from convert.formats.checkpoint import OTHER_WEIGHTS, open_checkpoint
 from convert.errors import ConversionError, StorageError, describe
-from convert.expert_groups import find_expert_groups
+from convert.plan.expert_groups import find_expert_groups
 from convert.families import PER_EXPERT, detect_family, find_family
 from convert.flag_types import json_object
-from convert.safetensors_format import TensorInfo, read_header
-from convert.storage import Storage
+from convert.formats.safetensors import TensorInfo, read_header
+from convert.io.storage import Storage
 from convert.toplevel import ToolParser, run_guarded
 
 BASE, ADAPTER, UNKNOWN = "base", "adapter", "unknown"

@@ -13,7 +13,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from convert.checkpoint import Checkpoint, TensorRef
+from convert.formats.checkpoint import Checkpoint, TensorRef
 from convert.errors import ConversionError
 from convert.families import PER_EXPERT, Family, FusedTensor
 

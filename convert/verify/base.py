@@ -20,9 +20,9 @@ import torch
 
 from convert.errors import ConversionError
 from convert.families import Family
-from convert.storage import Storage
-from convert.verify_checks import ExpertCheck, PassCheck, read_stored
-from convert.verify_tables import Stored, Table, to_tensor
+from convert.io.storage import Storage
+from convert.verify.checks import ExpertCheck, PassCheck, read_stored
+from convert.verify.tables import Stored, Table, to_tensor
 
 
 def _regex(template: str) -> re.Pattern[str]:

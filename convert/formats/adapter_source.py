@@ -2,7 +2,7 @@
 
 The directory-level cases (config only, checkpoint folders only, .bin only, zero tensors,
 several adapters, prompt tuning, full weights under an adapter name) are decided by
-convert.adapter_dir, the same code `convert.inspect` reports with; any refusal there is a
+convert.formats.adapter_dir, the same code `convert.inspect` reports with; any refusal there is a
 ConversionError here, raised before anything is written.
 """
 
@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from convert.adapter_dir import ADAPTER_CONFIG, REFUSED, Verdict, check_not_lora, find_base_config, open_adapter_dir
-from convert.checkpoint import OTHER_WEIGHTS, TensorRef, open_checkpoint
+from convert.formats.adapter_dir import ADAPTER_CONFIG, REFUSED, Verdict, check_not_lora, find_base_config, open_adapter_dir
+from convert.formats.checkpoint import OTHER_WEIGHTS, TensorRef, open_checkpoint
 from convert.errors import ConversionError
-from convert.safetensors_format import TensorInfo
-from convert.storage import Storage
+from convert.formats.safetensors import TensorInfo
+from convert.io.storage import Storage
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_INDEX = "adapter_model.safetensors.index.json"
@@ -37,7 +37,7 @@ class AdapterSource:
 
     @property
     def infos(self) -> dict[str, TensorInfo]:
-        """name -> TensorInfo of every tensor (what convert.adapter_layouts reads)."""
+        """name -> TensorInfo of every tensor (what convert.formats.adapter_layouts reads)."""
         return {n: ref.info for n, ref in self.tensors.items()}
 
     def display(self, rel: str = "") -> str:

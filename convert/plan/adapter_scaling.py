@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from convert.adapter_layouts import pattern_value
+from convert.formats.adapter_layouts import pattern_value
 from convert.errors import ConversionError
 
 Scale = tuple[int, float]  # (r, lora_alpha)

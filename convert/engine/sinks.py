@@ -25,15 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from convert.errors import ConversionError
-from convert.executor import Executor, piece_outputs
-from convert.planner import Piece
-from convert.storage import Storage
-from sharding.file_layout import OutputFile
+from convert.engine.executor import Executor, piece_outputs
+from convert.plan.base import Piece
+from convert.io.storage import Storage
+from convert.formats.shard_layout import OutputFile
 from sharding.parts import MAX_PART, MIN_PART, Part, plan_parts
 
 STATE_DIR = ".moe-convert"
 STATE_FILE = f"{STATE_DIR}/state.json"
-OUTPUT_RECORD = f"{STATE_DIR}/output.json"  # what a finished job wrote (convert.output_record); kept after the commit
+OUTPUT_RECORD = f"{STATE_DIR}/output.json"  # what a finished job wrote (convert.engine.output_record); kept after the commit
 INCOMPLETE = ".incomplete"
 
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convert.checkpoint import OTHER_WEIGHTS, open_checkpoint
-from convert.adapter_layouts import guess_family
+from convert.formats.checkpoint import OTHER_WEIGHTS, open_checkpoint
+from convert.formats.adapter_layouts import guess_family
 from convert.errors import ConversionError
 from convert.families import Family, detect_family, load_families, representative, template_regex
-from convert.safetensors_format import FileHeader, TensorInfo, read_header
-from convert.storage import Storage
+from convert.formats.safetensors import FileHeader, TensorInfo, read_header
+from convert.io.storage import Storage
 
 ADAPTER_CONFIG = "adapter_config.json"
 CONVERTED, PASSED_THROUGH, REFUSED = "converted", "passed_through", "refused"
@@ -365,7 +365,7 @@ def adapter_family(
     """The model family of an adapter's base model, and how it was found (or why not).
 
     From the base config's model_type when there is one; else from adapter_config.json
-    (convert.adapter_layouts.guess_family); else from per-expert LoRA key names that only one
+    (convert.formats.adapter_layouts.guess_family); else from per-expert LoRA key names that only one
     family's templates (configs/families/*.json) produce. Returns (None, why) when undecided.
     """
     if base_config is not None:

@@ -1,6 +1,6 @@
 """The data checks of the verifier: one expert of one layer at a time, or one pass-through tensor in chunks.
 
-A relation (base weights: convert.verify_base; adapters: a module of their own) describes
+A relation (base weights: convert.verify.base; adapters: a module of their own) describes
 each side of an expert layer as an `ExpertSide`: something that loads expert e as
 {role: tensor} in one canonical per-expert form. The checks here compare the two sides
 role by role: bit for bit where the dtypes agree (bytes were moved), allclose after an
@@ -15,8 +15,8 @@ from typing import Protocol
 
 import torch
 
-from convert.storage import Storage
-from convert.verify_tables import Stored, element_size, to_tensor
+from convert.io.storage import Storage
+from convert.verify.tables import Stored, element_size, to_tensor
 
 CHUNK_BYTES = 16 << 20
 FLOATS = {torch.float64, torch.float32, torch.float16, torch.bfloat16}

@@ -13,7 +13,7 @@ a summary. Exit codes: 0 verified, 1 mismatches found, 2 could not verify (bad a
 an invalid source).
 
 Relations are pluggable: `RELATIONS` maps a kind ("base", "adapter") to a builder that turns
-the two directories into checks (convert.verify_checks); `detect_kind` picks one.
+the two directories into checks (convert.verify.checks); `detect_kind` picks one.
 """
 
 from __future__ import annotations
@@ -24,78 +24,24 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from convert.checkpoint import OTHER_WEIGHTS
 from convert.cli import run_main
 from convert.errors import ConversionError, describe, set_destination
 from convert.families import detect_family
 from convert.flag_types import json_object
-from convert.model_config import CONFIG_DTYPE_NAMES, DTYPE_KEYS, without_dtype
-from convert.storage import Storage
+from convert.formats.model_config import CONFIG_DTYPE_NAMES, DTYPE_KEYS, without_dtype
+from convert.io.storage import Storage
 from convert.toplevel import ToolParser
-from convert.verify_base import base_relation
-from convert.verify_checks import ExpertCheck, Mismatch, PassCheck, Tally, run_expert, run_pass
-from convert.verify_tables import Table, Unreadable, read_table
+from convert.verify.base import base_relation
+from convert.verify.relation import CannotVerify, Relation, VerifyOptions, compare_files, copied_files
+from convert.verify.checks import Mismatch, Tally, run_expert, run_pass
+from convert.verify.tables import Table, Unreadable, read_table
 from launch.dist import Dist
 from launch.local import add_nproc_flag
 
 BASE_INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-class CannotVerify(Exception):
-    """The verification cannot even start (invalid source, unknown family, unsupported kind)."""
-
-
-@dataclass
-class Relation:
-    """Everything to check, built from metadata by rank 0 and sent to every rank."""
-
-    kind: str
-    headline: str
-    experts: list[ExpertCheck]
-    passes: list[PassCheck]
-    problems: list[str]  # destination mismatches found from metadata alone
-    src_tensors: int
-    dst_tensors: int
-    dst_files: int
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class VerifyOptions:
-    """What to verify: source and destination (paths or fsspec URLs) and how."""
-
-    src: str
-    dst: str
-    family: str | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    base_config: str | None = None  # adapters: the base model's config.json (for E where the adapter lacks it)
-    max_report: int = 50
-    report_path: str | None = None
-
-
-def compare_files(src: Storage, dst: Storage, names: list[str], rewritten: set[str] = frozenset()) -> list[str]:
-    """Each of `names` (small top-level files of the source) must be in `dst` with the same bytes.
-
-    Files in `rewritten` need only exist (the conversion rewrites them, e.g. adapter_config.json).
-    """
-    problems = []
-    for name in names:
-        if not dst.exists(name):
-            problems.append(f"{dst.display(name)}: missing (the source has {name})")
-        elif name not in rewritten and dst.read_bytes(name) != src.read_bytes(name):
-            problems.append(f"{dst.display(name)}: differs from {src.display(name)}")
-    return problems
-
-
-def copied_files(table: Table, index_name: str) -> list[str]:
-    """Top-level files of a source a conversion must carry over: all but weights and the index."""
-    weights = set(table.shards) | {index_name}
-    return [f for f in table.files if f not in weights and not f.endswith(".safetensors")
-            and not OTHER_WEIGHTS.search(f) and not f.startswith(".")]
 
 
 def build_base(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
@@ -153,10 +99,8 @@ def config_problems(src: Storage, dst: Storage, dst_table: Table) -> list[str]:
 
 def build_adapter(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
     """The adapter relation: per-expert LoRA deltas B_e @ A_e * scaling equal on both sides."""
-    try:
-        from convert.verify_adapter import adapter_relation
-    except ImportError as exc:  # the adapter layouts are not in this checkout yet
-        raise CannotVerify(f"verifying adapters needs convert.adapter_layouts ({exc})") from exc
+    from convert.verify.adapter import adapter_relation  # imports torch: only when an adapter is verified
+
     return adapter_relation(src, dst, opts)
 
 

@@ -1,6 +1,6 @@
 """The verifier's own view of a checkpoint directory: every tensor, where it is stored, and what is wrong with the files.
 
-Deliberately independent of the converter's reader (convert.checkpoint / convert.safetensors_format):
+Deliberately independent of the converter's reader (convert.formats.checkpoint / convert.formats.safetensors):
 headers are parsed here from the raw bytes, and local shards are cross-checked with the
 `safetensors` library itself, so a bug in the converter's header code cannot hide itself.
 Only metadata is read here (8 bytes + the header of each shard).
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from convert.errors import ConversionError
-from convert.storage import Storage
+from convert.io.storage import Storage
 
 # The safetensors library refuses headers above 100 MB; so does the verifier, before reading one.
 HEADER_LIMIT = 100_000_000

@@ -1,10 +1,10 @@
 """Conversion plans for LoRA adapters: every output tensor and the pieces that produce it.
 
-Same model as the base-weight planner (convert.planner): a piece reads byte ranges of the
+Same model as the base-weight planner (convert.plan.base): a piece reads byte ranges of the
 source and writes byte ranges of output tensors, either as a byte copy/cast or through a
-compute step (convert.adapter_transforms). Expert pieces carry their expert, so EP rank k
+compute step (convert.plan.adapter_transforms). Expert pieces carry their expert, so EP rank k
 converts only the experts of its slices. Output key names come from the family tables
-(configs/families/*.json); the adapter layouts from convert.adapter_layouts.
+(configs/families/*.json); the adapter layouts from convert.formats.adapter_layouts.
 
 - split (any expert-LoRA layout -> per-expert): one piece per EP slice of a peft layer: the
   slice's lora_A rows are one byte range, and lora_B is expert-minor, so the piece gathers its
@@ -23,20 +23,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from convert.adapter_dir import is_lora, lora_module
-from convert.adapter_layouts import (
+from convert.formats.adapter_dir import is_lora, lora_module
+from convert.formats.adapter_layouts import (
     GATE_UP, ROLES, ExpertLoraGroup, LoraFactor, detect_expert_lora, family_by_name, gate_up_order, module_key,
 )
-from convert.adapter_scaling import (
+from convert.plan.adapter_scaling import (
     OutputModule, Scale, keys_matching_no_module, rewrite_config, scale_for_rank, source_scale,
 )
-from convert.adapter_source import AdapterSource
-from convert.adapter_transforms import FoldedBBuild, FoldedFactors, FoldedSplit, GroupedBuild, GroupedSlice
-from convert.checkpoint import TensorRef
+from convert.formats.adapter_source import AdapterSource
+from convert.plan.adapter_transforms import FoldedBBuild, FoldedFactors, FoldedSplit, GroupedBuild, GroupedSlice
+from convert.formats.checkpoint import TensorRef
 from convert.errors import ConversionError
 from convert.families import Family, load_families, representative, template_regex
-from convert.planner import DEFAULT_CHUNK_BYTES, Piece, Read, TargetTensor, Write, copy_pieces, target_dtype
-from convert.safetensors_format import DTYPE_SIZES
+from convert.plan.base import DEFAULT_CHUNK_BYTES, Piece, Read, TargetTensor, Write, copy_pieces, target_dtype
+from convert.formats.safetensors import DTYPE_SIZES
 from sharding.ep import expert_slices
 
 FUSED_LAYOUTS = ("peft", "grouped", "shared_w123")

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from convert.checkpoint import Checkpoint, TensorRef
+from convert.formats.checkpoint import Checkpoint, TensorRef
 from convert.errors import ConversionError
-from convert.expert_groups import ExpertGroup, find_expert_groups, fused_slice_shape
+from convert.plan.expert_groups import ExpertGroup, find_expert_groups, fused_slice_shape
 from convert.families import PER_EXPERT, Family
-from convert.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, numel
-from convert.transforms import Unit, regroup
+from convert.formats.safetensors import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, numel
+from convert.plan.transforms import Unit, regroup
 
 DEFAULT_CHUNK_BYTES = 16 << 20
 
@@ -58,7 +58,7 @@ class Regroup:
 class Compute(Protocol):
     """What a compute piece does: from the bytes of its reads (in order) to the bytes of its writes (in order).
 
-    Regroup for base weights; the adapter transforms (convert.adapter_transforms) for LoRA factors.
+    Regroup for base weights; the adapter transforms (convert.plan.adapter_transforms) for LoRA factors.
     """
 
     def outputs(self, bufs: Sequence[bytes | memoryview]) -> Sequence[bytes | memoryview]: ...

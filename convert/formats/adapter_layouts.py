@@ -27,7 +27,7 @@ from typing import Any
 
 from convert.errors import ConversionError
 from convert.families import Family, find_family, load_families
-from convert.safetensors_format import TensorInfo
+from convert.formats.safetensors import TensorInfo
 
 PATTERNS = ("per_expert", "peft_target_parameters", "shared_w123", "grouped")
 ROLES = ("gate", "up", "down")

@@ -1,4 +1,4 @@
-"""An adapter conversion job: plan on rank 0, then the generic stream-and-commit of convert.job.
+"""An adapter conversion job: plan on rank 0, then the generic stream-and-commit of convert.engine.job.
 
 The output is one `adapter_model.safetensors` (what peft and vLLM read) written in place by
 every rank at its pieces' offsets, or, above --max-shard-size, `adapter_model-0000i-of-0000N`
@@ -7,21 +7,19 @@ shards with an index. adapter_config.json is written last and marks the output c
 
 from __future__ import annotations
 
-import argparse
 import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from convert.adapter_plan import AdapterPlan, plan_fuse, plan_split
-from convert.adapter_source import ADAPTER_INDEX, ADAPTER_WEIGHTS, AdapterSource, open_adapter
-from convert.cli import base_parser, job_options
-from convert.job import JobOptions, JobSetup, check_destination, choose_ep, fingerprint, run_planned
-from convert.output_record import source_pins
-from convert.storage import Storage
+from convert.plan.adapter import AdapterPlan, plan_fuse, plan_split
+from convert.formats.adapter_source import ADAPTER_INDEX, ADAPTER_WEIGHTS, AdapterSource, open_adapter
+from convert.engine.job import JobOptions, JobSetup, check_destination, choose_ep, fingerprint, run_planned
+from convert.engine.output_record import source_pins
+from convert.io.storage import Storage
 from launch.dist import Dist
 from sharding.ep import assign_pieces, expert_slices
-from sharding.file_layout import layout_files, weight_map
+from convert.formats.shard_layout import layout_files, weight_map
 
 ADAPTER_CONFIG = "adapter_config.json"
 SPLIT = "per_expert"
@@ -32,20 +30,6 @@ class AdapterJobOptions(JobOptions):
     """JobOptions plus the adapter flags: `layout` is "per_expert" (split) or a fused adapter layout."""
 
     base_config: str | None = None
-
-
-def adapter_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The base conversion flags plus --base-config."""
-    p = base_parser(prog, description)
-    p.add_argument("--base-config", default=None,
-                   help="the base model's config.json (path or URL): family, hidden/intermediate sizes, E")
-    return p
-
-
-def adapter_options(args: argparse.Namespace, layout: str) -> AdapterJobOptions:
-    """AdapterJobOptions from parsed flags."""
-    base = job_options(args, layout)
-    return AdapterJobOptions(**{**base.__dict__, "base_config": args.base_config})
 
 
 def plan_adapter(opts: AdapterJobOptions, ep: int) -> tuple[AdapterSource, AdapterPlan]:

@@ -8,7 +8,7 @@ the shards, copy the source's other files, write the output record and the final
 (the index) last: a destination with its index and record is complete. A destination
 holding the state of an unfinished job with the same plan fingerprint is resumed, not
 redone. Every source file read is pinned at plan time and checked on resume and before
-the commit (convert.output_record).
+the commit (convert.engine.output_record).
 """
 
 from __future__ import annotations
@@ -26,20 +26,20 @@ from typing import Any
 
 from tqdm import tqdm
 
-from convert.checkpoint import INDEX_NAME, open_checkpoint
+from convert.formats.checkpoint import INDEX_NAME, open_checkpoint
 from convert.errors import ConversionError, error_text, set_destination
-from convert.executor import piece_memory, warm_up
+from convert.engine.executor import piece_memory, warm_up
 from convert.families import PER_EXPERT, detect_family
-from convert.model_config import CONFIG_DTYPE_NAMES, config_bytes, with_dtype
-from convert.output_record import (
+from convert.formats.model_config import CONFIG_DTYPE_NAMES, config_bytes, with_dtype
+from convert.engine.output_record import (
     check_existing, check_pins, classify, record_bytes, refuse_foreign, source_pins,
 )
-from convert.planner import Piece, plan_conversion
-from convert.sinks import OUTPUT_RECORD, SinkJob, clear_state, make_sink, read_state
-from convert.storage import Storage
+from convert.plan.base import Piece, plan_conversion
+from convert.engine.sinks import OUTPUT_RECORD, SinkJob, clear_state, make_sink, read_state
+from convert.io.storage import Storage
 from launch.dist import Dist
 from sharding.ep import assign_pieces, expert_slices
-from sharding.file_layout import OutputFile, layout_files, weight_map
+from convert.formats.shard_layout import OutputFile, layout_files, weight_map
 
 
 
@@ -104,7 +104,7 @@ def check_destination(src: Storage, dst: Storage, overwrite: bool, marker: str, 
     An absent or empty destination is fresh; one holding an unfinished job with the same
     plan fingerprint (and unchanged source files) is resumed; a moe-convert output needs
     --overwrite; anything moe-convert did not write is never overwritten
-    (convert.output_record.check_existing).
+    (convert.engine.output_record.check_existing).
     """
     s, d = _same_place(src, dst)
     if d == s or d.startswith(s.rstrip("/") + "/"):

@@ -1,7 +1,7 @@
 """Compute steps of adapter pieces: each turns a piece's source buffers into the bytes of its writes.
 
 A piece whose `regroup` is one of these objects is executed by `outputs(bufs)` (see
-convert.executor.piece_outputs): `bufs` are the piece's reads in order, the result is one
+convert.engine.executor.piece_outputs): `bufs` are the piece's reads in order, the result is one
 buffer per write, in order. Everything else an adapter conversion moves is a plain byte
 copy (or cast) and needs no compute. Conventions (FORMATS.md): per-expert lora_A is [r, in],
 lora_B is [out, r]; a fused gate_up factor holds gate and up on its out dim either as
@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from convert.memory import thread_scratch
-from convert.safetensors_format import DTYPE_SIZES
-from convert.transforms import from_bytes, to_bytes
+from convert.io.memory import thread_scratch
+from convert.formats.safetensors import DTYPE_SIZES
+from convert.plan.transforms import from_bytes, to_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -24,7 +24,7 @@ GATHER_SCRATCH = 1  # first thread_scratch slot of FoldedSplit's outputs (slot 0
 
 
 def _dtype(name: str) -> "torch.dtype":
-    from convert.transforms import TORCH_DTYPES  # torch is imported on first use only
+    from convert.plan.transforms import TORCH_DTYPES  # torch is imported on first use only
 
     return TORCH_DTYPES[name]
 

@@ -13,11 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from convert.errors import ConversionError
-from convert.memory import pin_mmap_threshold, thread_scratch
-from convert.planner import Piece, Read, Write
-from convert.safetensors_format import DTYPE_SIZES, TensorSlot
-from convert.storage import Storage
-from convert.transforms import cast_bytes, torch_dtypes
+from convert.io.memory import pin_mmap_threshold, thread_scratch
+from convert.plan.base import Piece, Read, Write
+from convert.formats.safetensors import DTYPE_SIZES, TensorSlot
+from convert.io.storage import Storage
+from convert.plan.transforms import cast_bytes, torch_dtypes
 
 PREFETCH_BYTES = 64 << 20
 
@@ -190,7 +190,7 @@ def read_scratch(src: Storage, reads: Sequence[Read]) -> list[memoryview]:
 def piece_outputs(src: Storage, piece: Piece) -> list[bytes | memoryview]:
     """Read a piece's source bytes and return the bytes of each of its writes, in order.
 
-    The buffers may live in the calling thread's scratch (convert.memory.thread_scratch):
+    The buffers may live in the calling thread's scratch (convert.io.memory.thread_scratch):
     consume them before this thread computes its next piece.
     """
     if piece.regroup is not None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from convert.families import FusedTensor
-from convert.safetensors_format import numel
+from convert.formats.safetensors import numel
 
 if TYPE_CHECKING:
     import torch

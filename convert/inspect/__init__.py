@@ -1,0 +1,1 @@
+"""`python -m convert.inspect`: what a checkpoint or adapter holds and which conversions apply, from metadata alone."""
