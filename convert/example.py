@@ -35,7 +35,7 @@ def example_tensors(
     fam = load_families()[family]
     heads, head_dim = 4, hidden // 4
     cfg: dict[str, object] = {
-        "model_type": fam.model_types[0],
+        "model_type": family if family in fam.model_types else fam.model_types[0],
         "hidden_size": hidden,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
