@@ -59,8 +59,9 @@ def assert_clean(stderr: str) -> None:
 
 
 def assert_once(stderr: str, text: str) -> None:
-    """`text` is in exactly one line of stderr."""
-    hits = [line for line in stderr.splitlines() if text in line]
+    """`text` is in exactly one line of stderr that the tool printed (torchrun's failure report, whose
+    indented lines quote the tool's message from the error file, aside)."""
+    hits = [line for line in stderr.splitlines() if text in line and not line.startswith((" ", "\t"))]
     assert len(hits) == 1, f"{text!r} in {len(hits)} lines:\n{stderr}"
 
 

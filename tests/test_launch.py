@@ -76,7 +76,8 @@ def test_nproc_output_is_byte_identical_to_torchrun_and_one_rank(example, one_ra
     want = _files(one_rank)
     assert _files(tmp_path / "nproc") == want
     assert _files(tmp_path / "torchrun") == want
-    assert not (tmp_path / "nproc" / ".moe-convert").exists()
+    # only the output record is left of the job's bookkeeping (no state, no journals)
+    assert [p.name for p in (tmp_path / "nproc" / ".moe-convert").iterdir()] == ["output.json"]
 
 
 def test_nproc_split_verify_and_batch(example, one_rank, tmp_path):
@@ -105,7 +106,7 @@ def test_nproc_keeps_the_refusal_exit_code(example, tmp_path):
     proc = run_tool("convert.fuse_experts", "--src", str(example), "--dst", str(dst), "--nproc", "2", check=False)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"error: --dst {dst} exists and is not empty; pass --overwrite to replace its contents"]
+        f"error: --dst {dst} exists and is not empty (notes.txt); choose an empty or new directory"]
     assert [p.name for p in dst.iterdir()] == ["notes.txt"]
 
 

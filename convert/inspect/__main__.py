@@ -1,6 +1,8 @@
 """`python -m convert.inspect`."""
 
+import sys
+
 from convert.inspect.report import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -431,7 +431,3 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_guarded(run)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

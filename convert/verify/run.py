@@ -319,7 +319,3 @@ def main(argv: list[str] | None = None) -> None:
     a = parser().parse_args(argv)
     opts = VerifyOptions(a.src, a.dst, a.family, a.storage_options, a.base_config, a.max_report, a.report)
     run_main(lambda dist: verify_job(opts, dist), a.nproc)
-
-
-if __name__ == "__main__":
-    main()
