@@ -87,6 +87,13 @@ def table_model_types() -> list[str]:
     )
 
 
+# Model types the tool does not convert yet, each with the reason (listed in the summary as skipped).
+KNOWN_GAPS = {
+    "longcat_flash": "not supported yet: its fused gate_up_proj holds n_routed_experts + zero_expert_num experts and "
+                     "down_proj n_routed_experts, and a family has one expert count per layer",
+}
+
+
 def cases() -> list[Case]:
     """Every table entry, with a skip reason for those that have no causal-LM model type."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -98,6 +105,8 @@ def cases() -> list[Case]:
             out.append(Case(key, "a class name, not a model type (no config class)"))
         elif key not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             out.append(Case(key, "no causal-LM class (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)"))
+        elif key in KNOWN_GAPS:
+            out.append(Case(key, KNOWN_GAPS[key]))
         else:
             out.append(Case(key))
     return out

@@ -46,6 +46,11 @@ ROLE_WORDS = {"gate", "up", "down"}
 DEFAULT_CONTAINER = "mlp"
 # Names the v1 family files had, kept so that `--family` flags and reports keep working.
 FAMILY_NAMES = {"qwen2_moe": "qwen3_moe"}
+# Rules of transformers' table that are wrong as written, as (family, source pattern) -> corrected pattern.
+# deepseek_v4 (transformers 5.23): `\.norm\.` -> `.kv_norm.` also renames the final `model.norm.weight`, so
+# transformers' own save_pretrained -> from_pretrained round trip loses that weight; the attention's
+# norm is the only one meant.
+RENAME_FIXES = {("deepseek_v4", r"\.norm\."): r"(?<!^model)\.norm\."}
 
 
 class Inexpressible(Exception):
@@ -263,7 +268,7 @@ def generate() -> tuple[dict[str, dict[str, Any]], list[tuple[str, str]]]:
             "experts": entry.experts,
             "layouts": entry.layouts,
             "default_layout": "transformers",
-            "renames": entry.renames,
+            "renames": [{**r, "from": RENAME_FIXES.get((name, r["from"]), r["from"])} for r in entry.renames],
         }
         if entry.merges:
             obj["merges"] = entry.merges
