@@ -206,8 +206,13 @@ def _group_plan(
                 part = (read.end - read.start) // len(unit.roles)
                 for j, role in enumerate(unit.roles):
                     role_read[role] = Read(read.file, read.start + j * part, read.start + (j + 1) * part, read.dtype)
-            ordered = [role_read[role] for unit, _ in dst_units for role in unit.roles]
-            pieces.append(Piece(_coalesce(ordered), tuple(writes), None, e))
+            # One piece per dtype: the executor copies (or casts) a piece's reads as one run of one dtype.
+            by_dtype: dict[str, list[int]] = {}
+            for i, (unit, _) in enumerate(dst_units):
+                by_dtype.setdefault(role_read[unit.roles[0]].dtype, []).append(i)
+            for idx in by_dtype.values():
+                ordered = [role_read[role] for i in idx for role in dst_units[i][0].roles]
+                pieces.append(Piece(_coalesce(ordered), tuple(writes[i] for i in idx), None, e))
         else:
             regroup = Regroup(tuple(u for u, _ in src_units), tuple(u for u, _ in dst_units), role_shape)
             pieces.append(Piece(tuple(r for _, r in unit_reads), tuple(writes), regroup, e))
@@ -283,9 +288,20 @@ def plan_conversion(
     writes the names transformers' `save_pretrained` would (renames undone). Raises
     ConversionError when there are no expert tensors or all are already in `target_layout`.
     """
+    family = family.with_companions(family.companions_in(ckpt.tensors))
+    if target_layout in family.companions_dropped:
+        raise ConversionError(
+            f"{ckpt.storage.display()}: quantized expert weights (with {list(family.companion_roles)[:2]}...) cannot "
+            f"go to the {target_layout!r} layout: {family.companions_dropped[target_layout]}"
+        )
     if target_layout not in family.layouts:
         raise ConversionError(f"family {family.name} has no layout {target_layout!r} (it has {list(family.layouts)})")
     where = ckpt.storage.display("config.json")
+    if dtype and family.companion_roles:
+        raise ConversionError(
+            f"{ckpt.storage.display()}: the expert weights are quantized (tensors with {family.companion_roles[0]!r} "
+            f"scales); --dtype would cast them without their scales: convert them as they are (--dtype keep)"
+        )
     if num_experts is None:
         if not ckpt.config:
             raise ConversionError(f"{ckpt.storage.display()}: no config.json (needed for the number of experts)")

@@ -1,0 +1,152 @@
+"""Quantized experts: FP8 block-scaled checkpoints fuse and split losslessly with their scales, and no
+expert tensor the family does not know passes through a conversion (or a verify) unnoticed."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from helpers import load_dir, raw_bytes, run_tool
+from quant_fixtures import write_fp8_experts
+
+E, H, I = 3, 256, 200  # I % 128 != 0: ragged scale grids; E not a power of two
+
+
+def transformers_fused(src: dict[str, torch.Tensor], model_type: str, suffix: str) -> dict[str, torch.Tensor]:
+    """What transformers holds after loading per-expert FP8 tensors `src`: its model type's converters, with
+    the FP8 quantizer's `update_weight_conversions` (scale companions), applied by its own ops."""
+    from transformers import FineGrainedFP8Config
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    quantizer = FineGrainedFP8HfQuantizer(FineGrainedFP8Config(weight_block_size=(128, 128)), pre_quantized=True)
+    fused_names = ("gate_up_proj", "down_proj", f"gate_up_proj{suffix}", f"down_proj{suffix}")
+
+    class Params:  # the parameter names the FP8 experts module has (transformers checks them by name only)
+        def named_parameters(self) -> list[tuple[str, None]]:
+            return [(f"model.layers.1.mlp.experts.{n}", None) for n in fused_names]
+
+    out: dict[str, torch.Tensor] = {}
+    for conv in quantizer.update_weight_conversions(get_checkpoint_conversion_mapping(model_type), Params()):
+        if not isinstance(conv, WeightConverter):
+            continue
+        sources, targets = conv._original_source_patterns, conv._original_target_patterns
+        if not all(s.startswith("mlp.experts.*.") for s in sources):
+            continue
+        for layer in sorted({k.split(".mlp.")[0] for k in src if ".mlp.experts." in k}):
+            data = {s: [src[f"{layer}.{s.replace('*', str(e))}"] for e in range(E)] for s in sources}
+            if not all(f"{layer}.{s.replace('*', '0')}" in src for s in sources):
+                continue
+            for op in conv.operations:
+                data = op.convert(data, source_patterns=sources, target_patterns=targets)
+            (target, tensor), = data.items()
+            out[f"{layer}.{target}"] = tensor
+    return out
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 3])
+def test_fp8_fuse_split_round_trip_is_byte_identical(tmp_path: Path, nproc: int) -> None:
+    src = tmp_path / "src"
+    tensors = write_fp8_experts(src, E=E, H=H, I=I, layers=3)
+    fused, split = tmp_path / "fused", tmp_path / "split"
+    n = [] if nproc == 1 else ["--nproc", str(nproc)]
+    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(fused), "--verify", *n)
+    out = load_dir(fused)
+    p = "model.layers.1.mlp.experts"
+    rows, cols = math.ceil(I / 128), math.ceil(H / 128)
+    assert out[f"{p}.gate_up_proj"].dtype == torch.float8_e4m3fn and out[f"{p}.gate_up_proj"].shape == (E, 2 * I, H)
+    assert out[f"{p}.gate_up_proj_scale_inv"].shape == (E, 2 * rows, cols)
+    assert out[f"{p}.down_proj_scale_inv"].shape == (E, cols, rows)
+    assert not [k for k in out if ".experts." in k and ".experts.gate_up" not in k and ".experts.down" not in k]
+    expected = transformers_fused(tensors, "deepseek_v3", "_scale_inv")
+    assert sorted(k for k in out if ".experts." in k) == sorted(expected)
+    for k, t in expected.items():
+        assert out[k].dtype == t.dtype and out[k].shape == t.shape and raw_bytes(out[k]) == raw_bytes(t), k
+    run_tool("convert.split_experts", "--src", str(fused), "--dst", str(split), "--verify", *n)
+    back = load_dir(split)
+    assert sorted(back) == sorted(tensors)
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and raw_bytes(back[k]) == raw_bytes(t), k
+
+
+@pytest.mark.parametrize("scale_dtype,suffix,model_type", [
+    (torch.bfloat16, "weight_scale_inv", "qwen3_moe"),
+    (torch.float8_e8m0fnu, "weight_scale_inv", "deepseek_v3"),
+    (torch.float32, "weight_scale", "qwen3_moe"),
+])
+def test_fp8_scale_dtypes_and_names(tmp_path: Path, scale_dtype: torch.dtype, suffix: str, model_type: str) -> None:
+    src, fused, split = tmp_path / "src", tmp_path / "fused", tmp_path / "split"
+    tensors = write_fp8_experts(src, E=E, H=H, I=I, scale_dtype=scale_dtype, scale_suffix=suffix, model_type=model_type)
+    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(fused), "--verify")
+    out = load_dir(fused)
+    fused_suffix = suffix.removeprefix("weight")
+    scale = out[f"model.layers.1.mlp.experts.gate_up_proj{fused_suffix}"]
+    assert scale.dtype == scale_dtype and scale.shape == (E, 2 * math.ceil(I / 128), math.ceil(H / 128))
+    if suffix == "weight_scale_inv":
+        expected = transformers_fused(tensors, model_type, fused_suffix)
+        for k, t in expected.items():
+            assert raw_bytes(out[k]) == raw_bytes(t), k
+    run_tool("convert.split_experts", "--src", str(fused), "--dst", str(split))
+    back = load_dir(split)
+    assert sorted(back) == sorted(tensors)
+    assert all(raw_bytes(back[k]) == raw_bytes(t) and back[k].dtype == t.dtype for k, t in tensors.items())
+
+
+def test_unknown_expert_companion_is_refused_naming_it(tmp_path: Path) -> None:
+    """A per-expert tensor next to the weights that no rule describes is refused (exit 2), never copied through."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_fp8_experts(src, E=E, H=H, I=I, scale_suffix="weight_qscale")
+    proc = run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(dst), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "model.layers.1.mlp.experts.0.down_proj.weight_qscale" in proc.stderr or "weight_qscale" in proc.stderr
+    assert not (dst / "model.safetensors.index.json").exists()
+
+
+def test_fused_stray_scale_is_refused_on_split(tmp_path: Path) -> None:
+    """A fused layer with an expert tensor the family does not know (`experts.gate_up_proj_blocks`) is refused."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    p = "model.layers.1.mlp.experts"
+    tensors = {f"{p}.gate_up_proj": torch.zeros(E, 8, 4), f"{p}.down_proj": torch.zeros(E, 4, 4),
+               f"{p}.gate_up_proj_blocks": torch.zeros(E, 8, 1, 16, dtype=torch.uint8)}
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "num_experts": E}))
+    proc = run_tool("convert.split_experts", "--src", str(src), "--dst", str(dst), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{p}.gate_up_proj_blocks" in proc.stderr
+
+
+def test_verify_catches_per_expert_scales_copied_next_to_fused_weights(tmp_path: Path) -> None:
+    """The silent hole of issue 13: fused weights with the per-expert scales passed through unchanged."""
+    src, good, bad = tmp_path / "src", tmp_path / "good", tmp_path / "bad"
+    tensors = write_fp8_experts(src, E=E, H=H, I=I)
+    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(good))
+    shutil.copytree(good, bad)
+    out = load_dir(good)
+    wrong = {k: v for k, v in out.items() if not k.endswith("_scale_inv")}
+    wrong.update({k: v for k, v in tensors.items() if k.endswith("weight_scale_inv")})
+    for f in bad.glob("*.safetensors"):
+        f.unlink()
+    save_file(wrong, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    total = sum(t.numel() * t.element_size() for t in wrong.values())
+    (bad / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": {k: "model.safetensors" for k in wrong}}))
+    proc = run_tool("convert.verify", "--src", str(src), "--dst", str(bad), check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "weight_scale_inv" in proc.stdout + proc.stderr
+    assert run_tool("convert.verify", "--src", str(src), "--dst", str(good)).returncode == 0
+
+
+def test_dtype_cast_of_fp8_experts_is_refused(tmp_path: Path) -> None:
+    """--dtype would cast the FP8 weights without their scales: refused (exit 2) until dequantizing is asked for."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_fp8_experts(src, E=E, H=H, I=I)
+    proc = run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(dst), "--dtype", "bf16", check=False)
+    assert proc.returncode == 2 and "quantized" in proc.stderr, proc.stderr
