@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import load_dir, raw_bytes, run_tool
-from quant_fixtures import write_fp8_experts
+from quant_fixtures import mxfp4_pack, mxfp4_values, write_fp8_experts, write_mxfp4_gpt_oss
 
 E, H, I = 3, 256, 200  # I % 128 != 0: ragged scale grids; E not a power of two
 
@@ -150,3 +150,44 @@ def test_dtype_cast_of_fp8_experts_is_refused(tmp_path: Path) -> None:
     write_fp8_experts(src, E=E, H=H, I=I)
     proc = run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(dst), "--dtype", "bf16", check=False)
     assert proc.returncode == 2 and "quantized" in proc.stderr, proc.stderr
+
+
+def test_mxfp4_packer_agrees_with_transformers_unpacking() -> None:
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    values = mxfp4_values((3, 40, 96), seed=5)
+    blocks, scales = mxfp4_pack(values)
+    assert blocks.shape == (3, 40, 3, 16) and scales.shape == (3, 40, 3) and blocks.dtype == scales.dtype == torch.uint8
+    unpacked = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, in, out], as gpt-oss runs it
+    assert torch.equal(unpacked, values.transpose(1, 2))
+    assert torch.equal(torch.signbit(unpacked), torch.signbit(values.transpose(1, 2)))  # -0 kept as -0
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 3])
+def test_mxfp4_gpt_oss_split_and_fuse_back_byte_identical(tmp_path: Path, nproc: int) -> None:
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    src, split, fused = tmp_path / "src", tmp_path / "split", tmp_path / "fused"
+    tensors, values = write_mxfp4_gpt_oss(src, E=E, H=64, I=96, layers=2)
+    n = [] if nproc == 1 else ["--nproc", str(nproc)]
+    run_tool("convert.split_experts", "--src", str(src), "--dst", str(split), "--verify", *n)
+    pe = load_dir(split)
+    p = "model.layers.1.mlp.experts"
+    assert pe[f"{p}.0.gate_proj.weight_blocks"].shape == (96, 2, 16) and pe[f"{p}.0.down_proj.weight_scales"].shape == (64, 3)
+    assert not [k for k in pe if ".experts." in k and not k.startswith(("model.layers.0.mlp.experts.", f"{p}."))]
+    for e in range(E):  # expert e's gate rows are the even rows of the fused tensors (gate/up interleaved)
+        for role, rows in (("gate", slice(0, None, 2)), ("up", slice(1, None, 2))):
+            blocks, scales = pe[f"{p}.{e}.{role}_proj.weight_blocks"], pe[f"{p}.{e}.{role}_proj.weight_scales"]
+            assert torch.equal(pe[f"{p}.{e}.{role}_proj.bias"], tensors[f"{p}.gate_up_proj_bias"][e, rows])
+            # what the per-expert tensors hold is the weight of nn.Linear(H, I) ([out, in]) as transformers dequantizes it
+            w = convert_moe_packed_tensors(blocks[None], scales[None], dtype=torch.float32)[0].T
+            assert torch.equal(w, values[f"{p}.gate_up_proj"][e, rows])
+        w = convert_moe_packed_tensors(pe[f"{p}.{e}.down_proj.weight_blocks"][None],
+                                       pe[f"{p}.{e}.down_proj.weight_scales"][None], dtype=torch.float32)[0].T
+        assert torch.equal(w, values[f"{p}.down_proj"][e])
+    run_tool("convert.fuse_experts", "--src", str(split), "--dst", str(fused), "--verify", *n)
+    back = load_dir(fused)
+    assert sorted(back) == sorted(tensors)
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and raw_bytes(back[k]) == raw_bytes(t), k
+    assert json.loads((fused / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"

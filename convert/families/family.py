@@ -145,6 +145,7 @@ class Family:
     companions: dict[str, str] = field(default_factory=dict)
     refuse: dict[str, str] = field(default_factory=dict)
     description: str = ""
+    quant_formats: dict[str, str] = field(default_factory=dict)  # quant_method -> family name (schema.QuantizationSpec)
     companion_roles: tuple[str, ...] = ()  # roles added by `with_companions` (scale grids of quantized weights)
     companions_dropped: dict[str, str] = field(default_factory=dict)  # layout -> why it cannot carry companions
 
@@ -351,7 +352,8 @@ def build_family(spec: FamilySpec, path: str) -> Family:
         name=spec.family, source=path, model_types=tuple(spec.model_types), architectures=tuple(spec.architectures),
         num_experts_keys=tuple(keys), dense_layer_keys=tuple(spec.dense_layer_keys or ()), container=container,
         role_leaves=dict(roles), fused=fused, default_fused=spec.default_layout, renames=renames, merges=tuple(merges),
-        companions=dict(spec.quantization.companions) if spec.quantization else dict(DEFAULT_COMPANIONS), refuse=dict(spec.refuse or {}),
+        companions=dict(spec.quantization.companions) if spec.quantization else dict(DEFAULT_COMPANIONS),
+        quant_formats=dict(spec.quantization.formats) if spec.quantization else {}, refuse=dict(spec.refuse or {}),
         description=spec.description,
     )
 
