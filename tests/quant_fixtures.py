@@ -74,6 +74,9 @@ def write_fp8_experts(path: Path, E: int = 3, H: int = 256, I: int = 200, layers
                 weights[f"{p}.experts.{e}.{proj}.weight"] = q
                 scales[f"{p}.experts.{e}.{proj}.{scale_suffix}"] = s
     weights["model.norm.weight"] = torch.ones(H, dtype=torch.bfloat16)
+    # a quantized non-expert weight (attention output projection), its scale in the other shard
+    q, s = fp8_quantize(torch.randn(H, I, generator=g) * 0.05, scale_dtype)
+    weights["model.layers.1.self_attn.o_proj.weight"], scales[f"model.layers.1.self_attn.o_proj.{scale_suffix}"] = q, s
     path.mkdir(parents=True, exist_ok=True)
     files = {"model-00001-of-00002.safetensors": weights, "model-00002-of-00002.safetensors": scales}
     for f, ts in files.items():

@@ -144,12 +144,24 @@ def test_verify_catches_per_expert_scales_copied_next_to_fused_weights(tmp_path:
     assert run_tool("convert.verify", "--src", str(src), "--dst", str(good)).returncode == 0
 
 
-def test_dtype_cast_of_fp8_experts_is_refused(tmp_path: Path) -> None:
-    """--dtype would cast the FP8 weights without their scales: refused (exit 2) until dequantizing is asked for."""
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    write_fp8_experts(src, E=E, H=H, I=I)
-    proc = run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(dst), "--dtype", "bf16", check=False)
-    assert proc.returncode == 2 and "quantized" in proc.stderr, proc.stderr
+def test_companions_follow_concat_and_transpose_not_interleave() -> None:
+    """Scale grids go through the weight's ops only where those keep 128x128 blocks whole."""
+    import dataclasses
+
+    from convert.errors import ConversionError
+    from convert.families import load_families
+    from convert.families.family import DEFAULT_COMPANIONS
+
+    fams = load_families()
+    qwen = fams["qwen3_moe"].with_companions(["_scale_inv"])
+    assert qwen.role_leaves["gate_scale_inv"] == "gate_proj.weight_scale_inv" and not qwen.companions_dropped
+    twin = {t.leaf: t.parts for t in qwen.fused["transformers"]}
+    assert twin["gate_up_proj_scale_inv"] == ("gate_scale_inv", "up_scale_inv")
+    assert {t.leaf for t in qwen.fused["stacked"]} >= {"gate_proj_scale_inv", "up_proj_scale_inv", "down_proj_scale_inv"}
+    assert fams["qwen3_moe"].companions_in(["model.layers.1.mlp.experts.gate_up_proj_scale_inv"]) == ["_scale_inv"]
+    gpt = dataclasses.replace(fams["gpt_oss"], companions=dict(DEFAULT_COMPANIONS))  # native interleaves gate/up
+    with pytest.raises(ConversionError, match="interleave"):
+        gpt.with_companions(["_scale_inv"])
 
 
 def test_mxfp4_packer_agrees_with_transformers_unpacking() -> None:
@@ -191,3 +203,63 @@ def test_mxfp4_gpt_oss_split_and_fuse_back_byte_identical(tmp_path: Path, nproc:
     for k, t in tensors.items():
         assert back[k].dtype == t.dtype and raw_bytes(back[k]) == raw_bytes(t), k
     assert json.loads((fused / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+
+
+def transformers_dequantized(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """transformers' dequantization of one FP8 weight: its loader's `Fp8Dequantize` where the 128x128 grid divides
+    the weight, else (that op infers the block from the grid, wrong for ragged edges) its 128x128
+    `_dequantize_fp8_weight` in float32, cast."""
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize, _dequantize_fp8_weight
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    if w.shape[-2] % 128 == 0 and w.shape[-1] % 128 == 0:
+        quantizer = FineGrainedFP8HfQuantizer(FineGrainedFP8Config(weight_block_size=(128, 128)), pre_quantized=True)
+        return Fp8Dequantize(quantizer)._dequantize_one(w, s, dtype)
+    return _dequantize_fp8_weight(w, s, [128, 128], torch.float32).to(dtype)
+
+
+@pytest.mark.parametrize("inter,dtype,nproc", [(200, "bf16", 1), (128, "fp16", 2), (200, "fp32", 3)])
+def test_fp8_dequantize_while_fusing_and_splitting(tmp_path: Path, inter: int, dtype: str, nproc: int) -> None:
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    src, fused, fused_q, split = tmp_path / "src", tmp_path / "fused", tmp_path / "fq", tmp_path / "split"
+    tensors = write_fp8_experts(src, E=E, H=H, I=inter)
+    n = [] if nproc == 1 else ["--nproc", str(nproc)]
+    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(fused), "--dtype", dtype, *n)
+    out = load_dir(fused)
+    expected = {}
+    for k, t in tensors.items():
+        if k.endswith("weight_scale_inv"):
+            continue
+        if t.dtype == torch.float8_e4m3fn:
+            expected[k] = transformers_dequantized(t, tensors[f"{k}_scale_inv"], tdtype)
+        else:
+            expected[k] = t.to(tdtype)
+    p = "model.layers.1.mlp.experts"
+    for name, parts in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+        want = torch.stack([torch.cat([expected.pop(f"{p}.{e}.{r}.weight") for r in parts]) for e in range(E)])
+        expected[f"{p}.{name}"] = want
+    assert sorted(out) == sorted(expected)
+    for k, t in expected.items():
+        assert out[k].dtype == tdtype and raw_bytes(out[k]) == raw_bytes(t), k
+    cfg = json.loads((fused / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["torch_dtype"] == {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    # from a fused FP8 checkpoint to per-expert, dequantized: the same values
+    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(fused_q))
+    run_tool("convert.split_experts", "--src", str(fused_q), "--dst", str(split), "--dtype", dtype, *n)
+    back = load_dir(split)
+    assert not [k for k in back if "scale" in k]
+    for e in range(E):
+        gate_up = out[f"{p}.gate_up_proj"][e]
+        assert raw_bytes(back[f"{p}.{e}.gate_proj.weight"]) == raw_bytes(gate_up[:inter])
+        assert raw_bytes(back[f"{p}.{e}.up_proj.weight"]) == raw_bytes(gate_up[inter:])
+        assert raw_bytes(back[f"{p}.{e}.down_proj.weight"]) == raw_bytes(out[f"{p}.down_proj"][e])
+    assert raw_bytes(back["model.layers.1.self_attn.o_proj.weight"]) == raw_bytes(out["model.layers.1.self_attn.o_proj.weight"])
+
+
+def test_mxfp4_cast_is_refused(tmp_path: Path) -> None:
+    """--dtype on MXFP4 would write the packed bytes under a config that says bf16: refused (exit 2)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_mxfp4_gpt_oss(src, E=E)
+    proc = run_tool("convert.split_experts", "--src", str(src), "--dst", str(dst), "--dtype", "bf16", check=False)
+    assert proc.returncode == 2 and "mxfp4" in proc.stderr, proc.stderr
