@@ -263,3 +263,22 @@ def test_mxfp4_cast_is_refused(tmp_path: Path) -> None:
     write_mxfp4_gpt_oss(src, E=E)
     proc = run_tool("convert.split_experts", "--src", str(src), "--dst", str(dst), "--dtype", "bf16", check=False)
     assert proc.returncode == 2 and "mxfp4" in proc.stderr, proc.stderr
+
+
+def test_inspect_reports_the_quantization(tmp_path: Path) -> None:
+    from convert.inspect.report import inspect_path, render_text
+
+    fp8 = tmp_path / "fp8"
+    write_fp8_experts(fp8, E=E, H=H, I=I, scale_dtype=torch.bfloat16)
+    out = inspect_path(str(fp8)).as_json()
+    assert out["outcome"] == "converted" and out["layout"] == "per_expert"
+    assert out["quantization"] == {"method": "fp8", "block_size": [128, 128], "scale_dtypes": ["BF16"],
+                                   "scales": ["scale_inv"], "dequantize": True}
+    assert "fuse_experts --layout transformers" in out["conversions"]
+    assert any("dequantize" in c for c in out["conversions"])
+    assert "quantization: fp8, blocks 128x128, scales BF16" in render_text(inspect_path(str(fp8)))
+    mx = tmp_path / "mxfp4"
+    write_mxfp4_gpt_oss(mx, E=E)
+    out = inspect_path(str(mx)).as_json()
+    assert (out["family"], out["layout"], out["conversions"]) == ("gpt_oss_mxfp4", "native", ["split_experts -> per-expert"])
+    assert out["quantization"]["method"] == "mxfp4" and out["quantization"]["dequantize"] is False
