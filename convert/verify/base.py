@@ -297,7 +297,12 @@ def base_relation(
     destination mismatches): source problems mean the source itself is not a valid checkpoint
     of the family. `config`: the source's config.json (for merges whose part count it gives).
     """
-    family = family.with_companions(family.companions_in([*src.tensors, *dst.tensors]))
+    quantized_src, quantized_dst = family.companions_in(src.tensors), family.companions_in(dst.tensors)
+    if quantized_src and not quantized_dst and any(t.dtype in ("F8_E4M3", "F8_E5M2") for t in src.tensors.values()):
+        return [], [], [], [f"{dst.where}: holds no quantization scales ({quantized_src}) where the source has them: a "
+                            "dequantized copy (--dtype on an FP8 source); convert.verify checks lossless conversions "
+                            "only, not dequantization"]
+    family = family.with_companions(quantized_src or quantized_dst)
     split = _fused_layers(src, family) > _fused_layers(dst, family)
     src_layers, src_others = classify(src, family, rename=not split)
     dst_layers, dst_others = classify(dst, family, rename=split)
