@@ -282,3 +282,44 @@ def test_inspect_reports_the_quantization(tmp_path: Path) -> None:
     out = inspect_path(str(mx)).as_json()
     assert (out["family"], out["layout"], out["conversions"]) == ("gpt_oss_mxfp4", "native", ["split_experts -> per-expert"])
     assert out["quantization"]["method"] == "mxfp4" and out["quantization"]["dequantize"] is False
+
+
+def test_dequantized_output_loads_to_the_logits_of_the_quantized_source(tmp_path: Path) -> None:
+    """from_pretrained of `fuse_experts --dtype fp32` output == from_pretrained of the FP8 source (which transformers
+    dequantizes on CPU): same parameters bit for bit, and the same logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from quant_fixtures import fp8_quantize
+    from tiny_models import build, logits
+
+    build("deepseek_v3").save_pretrained(tmp_path / "model", max_shard_size="100KB")
+    (tmp_path / "fp8").mkdir()
+    index = json.loads((tmp_path / "model/model.safetensors.index.json").read_text())
+    weight_map = {}
+    for f in sorted(set(index["weight_map"].values())):
+        out = {}
+        for k, t in load_file(tmp_path / "model" / f).items():
+            if (".experts." in k and k.endswith(".weight")) or k.endswith("self_attn.o_proj.weight"):
+                out[k], out[f"{k}_scale_inv"] = fp8_quantize(t.float())
+            else:
+                out[k] = t
+        save_file(out, str(tmp_path / "fp8" / f), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(out, f))
+    (tmp_path / "fp8/model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = json.loads((tmp_path / "model/config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
+                                  "activation_scheme": "dynamic"}
+    (tmp_path / "fp8/config.json").write_text(json.dumps(cfg))
+    run_tool("convert.fuse_experts", "--src", str(tmp_path / "fp8"), "--dst", str(tmp_path / "out"), "--dtype", "fp32",
+             nproc=2)
+    src = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.float32).eval()
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert "quantization_config" not in json.loads((tmp_path / "out/config.json").read_text())
+    sa, sb = src.state_dict(), out.state_dict()
+    assert sorted(sa) == sorted(sb) and all(raw_bytes(sa[k]) == raw_bytes(sb[k]) for k in sa)
+    with torch.no_grad():  # parameters mmapped from a file can sit at addresses that change float rounding
+        for model in (src, out):
+            for p in model.parameters():
+                p.data = p.data.clone()
+    assert torch.equal(logits(src), logits(out))
