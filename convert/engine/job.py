@@ -165,7 +165,10 @@ def _plan_job(opts: JobOptions, dist: Dist, src: Storage, dst: Storage) -> JobSe
     if opts.dtype and "config.json" in copy_files:
         # The cast changes the weights' dtype: config.json must say so (rewritten, not copied).
         copy_files.remove("config.json")
-        final["config.json"] = config_bytes(with_dtype(ckpt.config, opts.dtype))
+        config = ckpt.config
+        if plan.dequantized:
+            config = {k: v for k, v in config.items() if k != "quantization_config"}
+        final["config.json"] = config_bytes(with_dtype(config, opts.dtype))
         summary.append(f"  config.json: dtype keys set to {CONFIG_DTYPE_NAMES[opts.dtype]}")
     final[INDEX_NAME] = (json.dumps(index, indent=2) + "\n").encode()
     summary += [f"  note: {n}" for n in plan.notes]

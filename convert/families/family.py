@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import re
 from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from convert.errors import ConversionError
@@ -21,6 +22,13 @@ from convert.families.ops import Op, Pipeline, op_from_json
 from convert.families.schema import FamilySpec, OpSpec, dump
 
 PER_EXPERT = "per_expert"
+# Quantization companions every family has unless its file says otherwise: a per-expert weight's
+# suffix -> the fused tensor's suffix, as transformers' quantizers name them (`update_weight_conversions`
+# appends `weight_scale_inv`'s `_scale_inv` to both the source and the target pattern of each converter).
+DEFAULT_COMPANIONS = {"_scale_inv": "_scale_inv", "_scale": "_scale"}
+# Ops a companion (a scale grid of 128x128 blocks) goes through exactly as its weight: concat and transpose
+# move whole blocks; an interleave or chunk of rows does not map onto a block grid.
+_COMPANION_OPS = {"concat", "transpose"}
 NOT_INHERITED = ("family", "description", "model_types", "architectures", "generated_from", "extends", "extra_renames")
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 _LEAF = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
@@ -137,6 +145,9 @@ class Family:
     companions: dict[str, str] = field(default_factory=dict)
     refuse: dict[str, str] = field(default_factory=dict)
     description: str = ""
+    quant_formats: dict[str, str] = field(default_factory=dict)  # quant_method -> family name (schema.QuantizationSpec)
+    companion_roles: tuple[str, ...] = ()  # roles added by `with_companions` (scale grids of quantized weights)
+    companions_dropped: dict[str, str] = field(default_factory=dict)  # layout -> why it cannot carry companions
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -168,6 +179,54 @@ class Family:
     def to_disk(self, name: str) -> str:
         """A model tensor name as a per-expert checkpoint names it (as transformers does when saving)."""
         return to_disk(self.renames, name)
+
+    def companions_in(self, names: Iterable[str]) -> list[str]:
+        """The per-expert companion suffixes (of `companions`) that expert tensors among `names` carry."""
+        found = []
+        for pe_suffix, fused_suffix in self.companions.items():
+            ends = tuple(f".{leaf}{pe_suffix}" for leaf in self.role_leaves.values())
+            ends += tuple(f".{t.leaf}{fused_suffix}" for ts in self.fused.values() for t in ts)
+            if any(self.to_model(n).endswith(ends) or n.endswith(ends) for n in names):
+                found.append(pe_suffix)
+        return found
+
+    def with_companions(self, suffixes: Sequence[str]) -> Family:
+        """This family with each weight's companions (`suffixes`, keys of `companions`) as roles of their own.
+
+        Role `gate` with leaf `gate_proj.weight` gains role `gate_scale_inv` (`gate_proj.weight_scale_inv`),
+        and each fused tensor `gate_up_proj` a twin `gate_up_proj_scale_inv` built from the companions by
+        the same ops (so the scale grids are concatenated as the weights are). Layouts whose ops do not
+        move whole blocks (interleave, chunk) are left out and named in `companions_dropped`.
+        """
+        if not suffixes:
+            return self
+        roles = dict(self.role_leaves)
+        added: list[str] = []
+        for suffix in suffixes:
+            for role, leaf in self.role_leaves.items():
+                roles[f"{role}{suffix}"] = f"{leaf}{suffix}"
+                added.append(f"{role}{suffix}")
+        fused: dict[str, tuple[FusedTensor, ...]] = {}
+        dropped: dict[str, str] = {}
+        for layout, ts in self.fused.items():
+            bad = sorted({o.name for t in ts for o in t.pipeline.ops} - _COMPANION_OPS)
+            if bad:
+                dropped[layout] = f"its ops {bad} do not keep 128x128 scale blocks whole"
+                continue
+            twins = [FusedTensor(t.template + self.companions[s], tuple(p + s for p in t.parts), t.pipeline)
+                     for s in suffixes for t in ts]
+            fused[layout] = (*ts, *twins)
+        if not fused:
+            raise ConversionError(
+                f"family {self.name}: no layout can carry quantization scales ({'; '.join(f'{k}: {v}' for k, v in dropped.items())})"
+            )
+        default = self.default_fused if self.default_fused in fused else next(iter(fused))
+        return dataclasses.replace(self, role_leaves=roles, fused=fused, default_fused=default,
+                                   companion_roles=tuple(added), companions_dropped=dropped)
+
+    def fused_leaf_prefixes(self) -> tuple[str, ...]:
+        """Names of the fused tensors inside the experts module (any tensor starting with one is an expert tensor)."""
+        return tuple(sorted({t.leaf for ts in self.fused.values() for t in ts}))
 
     def num_experts(self, config: dict[str, Any], where: str) -> int:
         """The expert count of `config` (config.json contents, or its `text_config`); `where` names the file."""
@@ -293,9 +352,10 @@ def build_family(spec: FamilySpec, path: str) -> Family:
         name=spec.family, source=path, model_types=tuple(spec.model_types), architectures=tuple(spec.architectures),
         num_experts_keys=tuple(keys), dense_layer_keys=tuple(spec.dense_layer_keys or ()), container=container,
         role_leaves=dict(roles), fused=fused, default_fused=spec.default_layout, renames=renames, merges=tuple(merges),
-        companions=dict(spec.quantization.companions) if spec.quantization else {}, refuse=dict(spec.refuse or {}),
+        companions=dict(spec.quantization.companions) if spec.quantization else dict(DEFAULT_COMPANIONS),
+        quant_formats=dict(spec.quantization.formats) if spec.quantization else {}, refuse=dict(spec.refuse or {}),
         description=spec.description,
     )
 
 
-__all__ = ["PER_EXPERT", "Family", "FusedTensor", "Merge", "build_family", "resolve", "template_regex"]
+__all__ = ["DEFAULT_COMPANIONS", "PER_EXPERT", "Family", "FusedTensor", "Merge", "build_family", "resolve", "template_regex"]

@@ -187,6 +187,26 @@ def find_family(config: dict[str, Any]) -> tuple[Family | None, str]:
     return None, f"model_type {config.get('model_type')!r} is not a known MoE family"
 
 
+def quant_method(config: dict[str, Any]) -> str | None:
+    """config.json's `quantization_config.quant_method` (or its text_config's), if any."""
+    for cfg in (config, config.get("text_config")):
+        q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+        if isinstance(q, dict) and isinstance(q.get("quant_method"), str):
+            return str(q["quant_method"])
+    return None
+
+
+def quantized_variant(family: Family, config: dict[str, Any], where: str) -> Family:
+    """The family that describes a checkpoint of `family` quantized as `config` says (itself if none does)."""
+    method = quant_method(config)
+    name = family.quant_formats.get(method or "")
+    if not name:
+        return family
+    if name not in registry().families:
+        raise ConversionError(f"{family.source}: quantization.formats names unknown family {name!r} (for {where})")
+    return registry().families[name]
+
+
 def detect_family(config: dict[str, Any], where: str, override: str | None = None) -> Family:
     """The family of a model: `override` (--family) if given, else from `config` (see find_family).
 
@@ -194,10 +214,10 @@ def detect_family(config: dict[str, Any], where: str, override: str | None = Non
     Raises ConversionError naming `where` when no family fits.
     """
     if override:
-        return family_by_name(override)
+        return quantized_variant(family_by_name(override), config, where)
     family, how = find_family(config)
     if family is not None:
-        return family
+        return quantized_variant(family, config, where)
     reg = registry()
     raise ConversionError(
         f"{where}: {how} (known model types: {sorted(reg.by_model_type)}); "

@@ -77,6 +77,9 @@ class QuantizationSpec:
     """Quantization companions of expert weights (hook, e.g. FP8 `weight_scale_inv`): per-expert suffix -> fused suffix."""
 
     companions: dict[str, str] = field(default_factory=dict)
+    # quant_method of config.json's quantization_config -> the family that describes such a checkpoint
+    # (e.g. gpt-oss MXFP4: `*_blocks`/`*_scales` expert tensors instead of bf16 weights)
+    formats: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

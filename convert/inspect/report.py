@@ -71,6 +71,7 @@ class Report:
     groups: list[dict[str, Any]] = field(default_factory=list)  # one per expert layer
     config: dict[str, Any] = field(default_factory=dict)  # adapter_config.json essentials
     conversions: list[str] = field(default_factory=list)
+    quantization: dict[str, Any] = field(default_factory=dict)  # base checkpoints: method, block size, scale dtype
     verdict: Verdict = field(default_factory=Verdict)
 
     def as_json(self) -> dict[str, Any]:
@@ -154,6 +155,7 @@ def inspect_base(storage: Storage, files: list[str], subdirs: list[str], report:
     try:
         family = detect_family(ckpt.config, storage.display("config.json"))
         report.family, report.family_source = family.name, find_family(ckpt.config)[1]
+        family = family.with_companions(family.companions_in(ckpt.tensors))
         report.num_experts = family.num_experts(ckpt.config, storage.display("config.json"))
         groups, _ = find_expert_groups(ckpt, family, report.num_experts)
     except ConversionError as exc:
@@ -177,6 +179,9 @@ def inspect_base(storage: Storage, files: list[str], subdirs: list[str], report:
             continue
         report.conversions.append("split_experts -> per-expert" if target == PER_EXPERT
                                   else f"fuse_experts --layout {target}")
+    report.quantization = _quantization(ckpt.config, family, groups)
+    if report.quantization.get("dequantize"):
+        report.conversions.append("--dtype bf16|fp16|fp32 (dequantize while converting)")
     by_layout = Counter(layouts)
     report.verdict.outcome = CONVERTED
     verdict.add(
@@ -184,6 +189,22 @@ def inspect_base(storage: Storage, files: list[str], subdirs: list[str], report:
         f"{family.name} checkpoint, E={report.num_experts}, experts in "
         + ", ".join(f"{n} layer(s) {lay}" for lay, n in sorted(by_layout.items())),
     )
+
+
+def _quantization(config: dict[str, Any], family: Any, groups: list[Any]) -> dict[str, Any]:
+    """What config.json's quantization_config and the expert tensors say about quantization ({} when none)."""
+    q = config.get("quantization_config")
+    if not isinstance(q, dict) and not family.companion_roles:
+        return {}
+    q = q if isinstance(q, dict) else {}
+    scale_dtypes = sorted({g.role_dtype[r] for g in groups for r in family.companion_roles if r in g.role_dtype})
+    out: dict[str, Any] = {"method": q.get("quant_method"), "block_size": q.get("weight_block_size"),
+                           "scale_dtypes": scale_dtypes,
+                           "scales": sorted({r.split("_", 1)[1] for r in family.companion_roles})}
+    if q.get("quant_method") == "mxfp4":
+        out.update(block_size=[1, 32], scale_dtypes=["U8 (E8M0)"], scales=["blocks", "scales"])
+    out["dequantize"] = bool(family.companion_roles)  # FP8 block-scaled: --dtype dequantizes
+    return out
 
 
 # ---------------------------------------------------------------- adapters
@@ -399,6 +420,12 @@ def render_text(report: Report) -> str:
         else:
             runs.setdefault(desc, []).append(g["layer"])
     lines += [f"    layers {format_layers(layers)}: {desc}" for desc, layers in runs.items()]
+    if report.quantization:
+        qz = report.quantization
+        block = "x".join(map(str, qz["block_size"])) if qz.get("block_size") else "?"
+        lines.append(f"  quantization: {qz.get('method')}, blocks {block}, scales {'/'.join(qz['scale_dtypes']) or '?'}"
+                     f" ({', '.join(qz['scales'])}); lossless conversions keep it"
+                     + ("; --dtype dequantizes" if qz.get("dequantize") else "; --dtype refused"))
     lines.append(f"  outcome: {report.verdict.outcome}  [{', '.join(report.verdict.cases)}]")
     if report.conversions:
         lines.append("  conversions:")

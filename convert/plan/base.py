@@ -106,6 +106,7 @@ class Plan:
     copy_files: list[str]
     metadata: dict[str, str]
     notes: list[str] = field(default_factory=list)
+    dequantized: bool = False  # quantized weights written dequantized: config.json loses quantization_config
 
 
 def target_dtype(src: str, dtype: str | None) -> str:
@@ -147,9 +148,15 @@ def copy_pieces(
     return TargetTensor(out_name, out_dtype, info.shape), pieces
 
 
-def _units(family: Family, group: ExpertGroup, layout: str, dtype: str | None, side: str) -> list[tuple[Unit, str]]:
-    """(unit, key template in model naming) of each tensor of one expert of `group` in `layout`."""
+def _units(family: Family, group: ExpertGroup, layout: str, dtype: str | None, side: str,
+           dequantized: frozenset[str] = frozenset()) -> list[tuple[Unit, str]]:
+    """(unit, key template in model naming) of each tensor of one expert of `group` in `layout`.
+
+    `dequantized`: roles whose (quantized) weights are written as `dtype` on the "dst" side.
+    """
     def dt(role: str) -> str:
+        if side == "dst" and role in dequantized:
+            return str(dtype)
         return target_dtype(group.role_dtype[role], dtype) if side == "dst" else group.role_dtype[role]
 
     if layout == PER_EXPERT:
@@ -206,8 +213,13 @@ def _group_plan(
                 part = (read.end - read.start) // len(unit.roles)
                 for j, role in enumerate(unit.roles):
                     role_read[role] = Read(read.file, read.start + j * part, read.start + (j + 1) * part, read.dtype)
-            ordered = [role_read[role] for unit, _ in dst_units for role in unit.roles]
-            pieces.append(Piece(_coalesce(ordered), tuple(writes), None, e))
+            # One piece per dtype: the executor copies (or casts) a piece's reads as one run of one dtype.
+            by_dtype: dict[str, list[int]] = {}
+            for i, (unit, _) in enumerate(dst_units):
+                by_dtype.setdefault(role_read[unit.roles[0]].dtype, []).append(i)
+            for idx in by_dtype.values():
+                ordered = [role_read[role] for i in idx for role in dst_units[i][0].roles]
+                pieces.append(Piece(_coalesce(ordered), tuple(writes[i] for i in idx), None, e))
         else:
             regroup = Regroup(tuple(u for u, _ in src_units), tuple(u for u, _ in dst_units), role_shape)
             pieces.append(Piece(tuple(r for _, r in unit_reads), tuple(writes), regroup, e))
@@ -283,13 +295,28 @@ def plan_conversion(
     writes the names transformers' `save_pretrained` would (renames undone). Raises
     ConversionError when there are no expert tensors or all are already in `target_layout`.
     """
-    if target_layout not in family.layouts:
+    plain = family
+    family = family.with_companions(family.companions_in(ckpt.tensors))
+    dequant = bool(dtype) and bool(family.companion_roles)
+    if target_layout in family.companions_dropped and not dequant:
+        raise ConversionError(
+            f"{ckpt.storage.display()}: quantized expert weights (with {list(family.companion_roles)[:2]}...) cannot "
+            f"go to the {target_layout!r} layout: {family.companions_dropped[target_layout]} (dequantize with --dtype)"
+        )
+    if target_layout not in plain.layouts:
         raise ConversionError(f"family {family.name} has no layout {target_layout!r} (it has {list(family.layouts)})")
     where = ckpt.storage.display("config.json")
+    if dtype and not dequant and isinstance(ckpt.config.get("quantization_config"), dict):
+        raise ConversionError(
+            f"{where}: a {ckpt.config['quantization_config'].get('quant_method')!r}-quantized checkpoint cannot be "
+            f"cast with --dtype (dequantizing is supported for FP8 block-scaled weights only); use --dtype keep"
+        )
     if num_experts is None:
         if not ckpt.config:
             raise ConversionError(f"{ckpt.storage.display()}: no config.json (needed for the number of experts)")
         num_experts = family.num_experts(ckpt.config, where)
+    if dequant:
+        return _dequant_plan(ckpt, plain, family, target_layout, str(dtype), chunk_bytes, num_experts)
     fusing = target_layout != PER_EXPERT
     out_name = family.to_model if fusing else family.to_disk
     groups, passthrough = find_expert_groups(ckpt, family, num_experts, rename=fusing)
@@ -341,4 +368,88 @@ def plan_conversion(
         copy_files=list(ckpt.other_files),
         metadata=ckpt.metadata or {"format": "pt"},
         notes=notes,
+    )
+
+
+def _dequant_plan(
+    ckpt: Checkpoint, plain: Family, family: Family, target_layout: str, dtype: str, chunk_bytes: int, num_experts: int
+) -> Plan:
+    """Plan a conversion that dequantizes FP8 block-scaled weights (experts and others) to `dtype`.
+
+    `family` carries the scale companions as roles (the source), `plain` does not (the target): every
+    expert is read with its scales and written dequantized, one expert per piece; a non-expert
+    `X.weight` with a companion `X.weight<suffix>` is dequantized whole, and the companion dropped.
+    """
+    from convert.plan.dequant import DequantRegroup, DequantTensor, block_size
+
+    block = block_size(ckpt.config)
+    fusing = target_layout != PER_EXPERT
+    out_name = family.to_model if fusing else family.to_disk
+    groups, passthrough = find_expert_groups(ckpt, family, num_experts, rename=fusing)
+    if not groups:
+        raise ConversionError(f"{ckpt.storage.display()}: no {family.name} expert tensors found")
+    pairs = tuple((role, f"{role}{sfx}") for sfx in family.companions_in(ckpt.tensors) for role in plain.roles
+                  if f"{role}{sfx}" in family.role_leaves)
+    weights = frozenset(w for w, _ in pairs)
+    targets: list[TargetTensor] = []
+    pieces: list[Piece] = []
+    for group in groups:
+        src_units = _units(family, group, group.layout, dtype, "src")
+        dst_units = _units(plain, group, target_layout, dtype, "dst", weights)
+        for unit, tpl in dst_units:
+            if unit.fused is None:
+                shape = group.role_shape[str(unit.role)]
+                targets += [TargetTensor(plain.to_disk(tpl.format(prefix=group.prefix, e=e)), unit.dtype, shape)
+                            for e in range(group.num_experts)]
+            else:
+                slice_shape = fused_slice_shape(unit.fused, group.role_shape[unit.fused.parts[0]])
+                targets.append(TargetTensor(tpl.format(prefix=group.prefix), unit.dtype, (group.num_experts, *slice_shape)))
+        compute = DequantRegroup(tuple(u for u, _ in src_units), tuple(u for u, _ in dst_units),
+                                 tuple(sorted(group.role_shape.items())), pairs, block)
+        for e in range(group.num_experts):
+            reads = []
+            for unit, tpl in src_units:
+                if unit.fused is None:
+                    ref = group.per_expert[(str(unit.role), e)]
+                    reads.append(Read(ref.file, ref.info.start, ref.info.end, unit.dtype))
+                else:
+                    ref, size = group.fused[tpl], _unit_nbytes(unit, group)
+                    reads.append(Read(ref.file, ref.info.start + e * size, ref.info.start + (e + 1) * size, unit.dtype))
+            writes = []
+            for unit, tpl in dst_units:
+                size = _unit_nbytes(unit, group)
+                if unit.fused is None:
+                    writes.append(Write(plain.to_disk(tpl.format(prefix=group.prefix, e=e)), 0, size, unit.dtype))
+                else:
+                    writes.append(Write(tpl.format(prefix=group.prefix), e * size, (e + 1) * size, unit.dtype))
+            pieces.append(Piece(tuple(reads), tuple(writes), compute, e))
+    merged_t, merged_p, merged = _merge_pieces(ckpt, family, passthrough, fusing, dtype, chunk_bytes)
+    targets += merged_t
+    pieces += merged_p
+    names = set(passthrough)
+    scale_of = {w: f"{w}{sfx}" for w in names for sfx in family.companions if f"{w}{sfx}" in names}
+    dropped = {c for w, c in scale_of.items() if ckpt.tensors[w].info.dtype.startswith("F8_")}
+    for name in passthrough:
+        if name in merged or name in dropped:
+            continue
+        ref = ckpt.tensors[name]
+        if name in scale_of and ref.info.dtype.startswith("F8_"):
+            sref = ckpt.tensors[scale_of[name]]
+            compute_t = DequantTensor(ref.info.shape, ref.info.dtype, sref.info.shape, sref.info.dtype, dtype, block)
+            out = out_name(name)
+            nbytes = numel(ref.info.shape) * DTYPE_SIZES[dtype]
+            targets.append(TargetTensor(out, dtype, ref.info.shape))
+            pieces.append(Piece((Read(ref.file, ref.info.start, ref.info.end, ref.info.dtype),
+                                 Read(sref.file, sref.info.start, sref.info.end, sref.info.dtype)),
+                                (Write(out, 0, nbytes, dtype),), compute_t))
+            continue
+        t, p = copy_pieces(ref, out_name(name), dtype, chunk_bytes)
+        targets.append(t)
+        pieces += p
+    return Plan(
+        family=family.name, target_layout=target_layout, num_experts=num_experts,
+        groups=[(g.prefix, g.layout) for g in groups], targets=targets, pieces=pieces,
+        copy_files=list(ckpt.other_files), metadata=ckpt.metadata or {"format": "pt"},
+        notes=[f"skipped {what}" for what in ckpt.skipped] + [f"FP8 weights dequantized to {dtype} ({block[0]}x{block[1]} blocks)"],
+        dequantized=True,
     )

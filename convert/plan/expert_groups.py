@@ -103,6 +103,12 @@ def find_expert_groups(
             per_prefix_pe[m["prefix"]][(role, int(indexed["e"]))] = ref
         elif rest in fused_by_leaf:
             per_prefix_fused[m["prefix"]][fused_by_leaf[rest].template] = ref
+        elif rest.startswith(family.fused_leaf_prefixes()):
+            raise ConversionError(
+                f"{ckpt.storage.display(ref.file)}: tensor {name!r} is an expert tensor but not one of the "
+                f"{family.name} fused expert tensors ({sorted(fused_by_leaf)}); quantized or extra expert tensors "
+                "are not converted (dequantize first, or describe them in the family file)"
+            )
         else:
             passthrough.append(name)
 

@@ -218,6 +218,26 @@ def role_shapes(side: Side) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
+def _stray_expert_tensors(table: Table, family: Family, others: list[str], rename: bool) -> list[str]:
+    """Problems for tensors among `others` (not classified as expert tensors) named as expert tensors.
+
+    A name under the experts module that is a numbered expert's tensor (`experts.{e}.*`) or starts
+    with a fused tensor's name (`experts.gate_up_proj_*`) but is none of the family's (e.g. a
+    quantization scale the family does not know) would otherwise pass as an ordinary tensor.
+    """
+    container = re.escape(f".{family.container}") if family.container else ""
+    rx = re.compile(rf"^.+?{container}\.experts\.(?P<rest>.+)$")
+    fused_leaves = family.fused_leaf_prefixes()
+    problems = []
+    for name in others:
+        m = rx.match(family.to_model(name) if rename else name) or rx.match(name)
+        if m and (re.match(r"\d+\.", m["rest"]) or m["rest"].startswith(fused_leaves)):
+            problems.append(f"{table.where}: tensor {name!r} is named as an expert tensor but is not one of the "
+                            f"{family.name} expert tensors ({sorted(family.role_leaves.values())} per expert, "
+                            f"{list(fused_leaves)} fused)")
+    return problems
+
+
 def _fused_layers(table: Table, family: Family) -> int:
     layers, _ = classify(table, family)
     return sum(1 for lt in layers.values() if lt.fused)
@@ -277,11 +297,17 @@ def base_relation(
     destination mismatches): source problems mean the source itself is not a valid checkpoint
     of the family. `config`: the source's config.json (for merges whose part count it gives).
     """
+    quantized_src, quantized_dst = family.companions_in(src.tensors), family.companions_in(dst.tensors)
+    if quantized_src and not quantized_dst and any(t.dtype in ("F8_E4M3", "F8_E5M2") for t in src.tensors.values()):
+        return [], [], [], [f"{dst.where}: holds no quantization scales ({quantized_src}) where the source has them: a "
+                            "dequantized copy (--dtype on an FP8 source); convert.verify checks lossless conversions "
+                            "only, not dequantization"]
+    family = family.with_companions(quantized_src or quantized_dst)
     split = _fused_layers(src, family) > _fused_layers(dst, family)
     src_layers, src_others = classify(src, family, rename=not split)
     dst_layers, dst_others = classify(dst, family, rename=split)
-    src_problems: list[str] = []
-    found: list[str] = []
+    src_problems: list[str] = _stray_expert_tensors(src, family, src_others, not split)
+    found: list[str] = _stray_expert_tensors(dst, family, dst_others, split)
     experts: list[ExpertCheck] = []
     if split:  # each per-expert name must be exactly what a split writes
         for layer in dst_layers.values():

@@ -1,0 +1,76 @@
+"""Dequantizing FP8 block-scaled weights while converting: one tensor (or one expert) at a time, on CPU.
+
+`w[i, j] = fp8[i, j] * scale_inv[i // bm, j // bn]`, computed in float32 and then cast, as
+transformers' `Fp8Dequantize` computes it; the block size comes from the config
+(`weight_block_size`, default 128x128), never from the scale grid, so ragged edge blocks are right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from convert.plan.transforms import Unit, decode, encode, from_bytes, to_bytes, torch_dtypes
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_BLOCK = (128, 128)
+
+
+def block_size(config: dict[str, Any]) -> tuple[int, int]:
+    """The FP8 block size of a config.json's `quantization_config` (128x128 when it names none)."""
+    for cfg in (config, config.get("text_config")):
+        q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+        if isinstance(q, dict) and isinstance(q.get("weight_block_size"), list) and len(q["weight_block_size"]) == 2:
+            return int(q["weight_block_size"][0]), int(q["weight_block_size"][1])
+    return DEFAULT_BLOCK
+
+
+def fp8_dequantize(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:
+    """float32 values of FP8 weight `w` [..., out, in] with its scale grid [..., ceil(out/bm), ceil(in/bn)]."""
+    rows, cols = w.shape[-2:]
+    s = scale.float().repeat_interleave(block[0], dim=-2)[..., :rows, :]
+    s = s.repeat_interleave(block[1], dim=-1)[..., :cols]
+    return w.float() * s
+
+
+@dataclass(frozen=True)
+class DequantTensor:
+    """A compute piece: one whole FP8 weight and its scale grid (two reads) -> the dequantized weight."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    scale_shape: tuple[int, ...]
+    scale_dtype: str
+    out_dtype: str
+    block: tuple[int, int]
+
+    def outputs(self, bufs: Sequence[bytes | memoryview]) -> list[memoryview]:
+        """The dequantized weight's bytes, from the weight's and the scale's bytes."""
+        w = from_bytes(bufs[0], self.dtype, self.shape)
+        s = from_bytes(bufs[1], self.scale_dtype, self.scale_shape)
+        return [to_bytes(fp8_dequantize(w, s, self.block).to(torch_dtypes()[self.out_dtype]))]
+
+
+@dataclass(frozen=True)
+class DequantRegroup:
+    """A compute piece: one expert from `src` units (weights and scale grids) to `dst` units (weights only),
+    each weight role of `pairs` (weight role, scale role) dequantized before it is regrouped."""
+
+    src: tuple[Unit, ...]
+    dst: tuple[Unit, ...]
+    role_shape: tuple[tuple[str, tuple[int, ...]], ...]
+    pairs: tuple[tuple[str, str], ...]
+    block: tuple[int, int]
+
+    def outputs(self, bufs: Sequence[bytes | memoryview]) -> list[memoryview]:
+        """The expert's bytes of each `dst` unit, from its bytes of each `src` unit (one buffer per read)."""
+        shapes = dict(self.role_shape)
+        roles: dict[str, torch.Tensor] = {}
+        for unit, buf in zip(self.src, bufs):
+            roles.update(decode(unit, buf, shapes))
+        for w, s in self.pairs:
+            roles[w] = fp8_dequantize(roles[w], roles[s], self.block)
+        return [encode(unit, roles) for unit in self.dst]
