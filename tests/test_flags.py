@@ -69,7 +69,7 @@ def test_bad_flag_values_are_refused_by_name(kind, flag, value, expect, tmp_path
 def test_other_commands_refuse_bad_values_by_name(tool, argv, expect, tmp_path, capsys):
     import convert.inspect.report
 
-    main = {"verify": verify.main, "inspect": convert.inspect.main, "example": example.main}[tool]
+    main = {"verify": verify.main, "inspect": convert.inspect.report.main, "example": example.main}[tool]
     assert call(main, *[str(tmp_path / "out") if a == "OUT" else a for a in argv]) == 2
     err = capsys.readouterr().err
     assert expect in err and "loads" not in err and "parse_size" not in err, err
