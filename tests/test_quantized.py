@@ -323,3 +323,14 @@ def test_dequantized_output_loads_to_the_logits_of_the_quantized_source(tmp_path
             for p in model.parameters():
                 p.data = p.data.clone()
     assert torch.equal(logits(src), logits(out))
+
+
+def test_verify_of_a_dequantizing_cast_is_refused_before_writing(tmp_path):
+    """--verify cannot check dequantized values: the combination is refused up front (exit 2), on every rank."""
+    src = tmp_path / "fp8"
+    write_fp8_experts(src)
+    proc = run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(tmp_path / "out"), "--dtype", "bf16",
+                    "--verify", "--nproc", "2", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "is fp8-quantized and the verifier does not check dequantized values" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -289,14 +289,34 @@ def with_verify(
     renamed if verification finds a mismatch; `report` (rank 0) receives the verifier's outcome.
     """
     def body(dist: Dist) -> int:
+        checking = getattr(args, "verify", False) and not getattr(args, "dry_run", False)
+        if checking and getattr(args, "dtype", "keep") != "keep":
+            refusal = dist.broadcast(_dequantize_check_refusal(args) if dist.is_main else None)
+            if refusal:
+                raise ConversionError(refusal)
         code = job(dist)
-        if code != 0 or not getattr(args, "verify", False) or getattr(args, "dry_run", False):
+        if code != 0 or not checking:
             return code
         opts = VerifyOptions(args.src, args.dst, getattr(args, "family", None), args.storage_options,
                              getattr(args, "base_config", None))
         return verify_after(opts, dist, marker, report)
 
     return body
+
+
+def _dequantize_check_refusal(args: argparse.Namespace) -> str | None:
+    """Why --verify with this --dtype is refused before anything is written, or None: the verifier checks
+    lossless conversions and casts of float tensors, not the dequantization of a quantized source."""
+    src = Storage(args.src, args.storage_options)
+    try:
+        config = src.read_json("config.json") if src.exists("config.json") else {}
+    finally:
+        src.close()
+    method = (config.get("quantization_config") or {}).get("quant_method") if isinstance(config, dict) else None
+    if method:
+        return (f"--verify with --dtype {args.dtype}: {src.display('config.json')} is {method}-quantized and the "
+                "verifier does not check dequantized values; drop --verify, or convert without --dtype")
+    return None
 
 
 def parser() -> argparse.ArgumentParser:
