@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from convert.engine import storage
+from convert.io import storage
 from convert.io.storage import Storage
 
 
