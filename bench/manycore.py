@@ -50,11 +50,11 @@ class Settings:
     experts: int | None = None
     big: int = 12  # layers: ~15.2 GB
     small: int = 6  # ~7.6 GB: per-rank RSS must not grow with the size
-    ranks: tuple[int, ...] = (1, 4, 16, 8)  # fuse of the big checkpoint, --nproc (in this order; late ones optional)
+    ranks: tuple[int, ...] = (1, 4, 16)  # fuse of the big checkpoint, --nproc
     torchrun_ranks: tuple[int, ...] = (4, 16)
     split_ranks: tuple[int, ...] = (1, 4, 16)
     small_ranks: tuple[int, ...] = (1, 4, 16)
-    optional_ranks: tuple[int, ...] = (8,)  # skipped once the phase's time budget is spent
+    optional_ranks: tuple[int, ...] = (8,)  # fuse --nproc, after the rest; skipped when it would overrun --budget
     src_shard: int = 4_000_000_000
     max_shard: int = 5_000_000_000
     settle_seconds: float = 1.0
@@ -66,7 +66,10 @@ FULL = Settings()
 TINY = Settings(preset="tiny", vocab=128, big=2, small=1, ranks=(1, 2), torchrun_ranks=(2,), split_ranks=(1,),
                 small_ranks=(1,), optional_ranks=(), src_shard=100_000, max_shard=200_000, settle_seconds=0.0,
                 gen_jobs=2, dd_block="1M")
-PRESETS = {"full": FULL, "tiny": TINY}
+# Real shapes at 2 and 1 layers (~2.6 GB): a minute's check of a machine before the full run.
+CHECK = Settings(big=2, small=1, ranks=(1, 16), torchrun_ranks=(16,), split_ranks=(16,), small_ranks=(1, 16),
+                 optional_ranks=())
+PRESETS = {"full": FULL, "check": CHECK, "tiny": TINY}
 
 
 class ManyCore:
@@ -82,6 +85,7 @@ class ManyCore:
         self.src = {L: work / f"src-L{L}" for L in (s.big, s.small)}
         self.fused = work / f"fused-L{s.big}"
         self.dst, self.stats = work / "out", work / "stats.json"
+        self.peer_env = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}
 
     def log(self, msg: str) -> None:
         print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", flush=True)
@@ -122,15 +126,21 @@ class ManyCore:
         return a + (["--stats", str(self.stats)] if stats else [])
 
     # -- running -------------------------------------------------------------
-    def sample(self, case: Case, optional: bool = False) -> None:
-        """One sample of `case` (skipped with a note when optional and past the budget); saves the phase."""
-        if optional and self.elapsed() > self.budget:
-            case.row.note = f"skipped: past the phase's time budget ({self.budget:.0f} s)"
+    def sample(self, case: Case, estimate: float | None = None) -> None:
+        """One sample of `case`; an optional case (`estimate` = its expected seconds) is skipped with a note
+        when it would end past the budget. Saves the phase after every case (a killed run keeps its rows)."""
+        if estimate is not None and self.elapsed() + estimate > self.budget:
+            case.row.note = f"skipped: would end past the time budget ({self.budget:.0f} s)"
             self.log(f"  {case.row.name}: {case.row.note}")
         else:
             self.b.sample(case)
         self.b.rows.append(case.row)
         self.save()
+
+    def estimate(self, op: str) -> float:
+        """Expected seconds of one more sample like the slowest earlier row of `op` (+ cold-cache set-up)."""
+        done = [r.seconds for r in self.b.rows if r.op == op and r.layers == self.s.big and r.samples]
+        return (max(done) if done else 60.0) + 8.0
 
     def tool_case(self, op: str, layers: int, n: int, launcher: str, src: Path, dst: Path) -> Case:
         module = {"fuse": "convert.fuse_experts", "split": "convert.split_experts"}[op]
@@ -139,7 +149,7 @@ class ManyCore:
         return Case(row, cmd, [src], dst if dst == self.dst else None, self.stats)
 
     def phase1(self) -> None:
-        """The tool: fuse at both sizes, then split of its fused output, at every rank count."""
+        """The tool: fuse at both sizes, then split of its fused output, at the target rank counts."""
         s = self.s
         src = self.ensure_source(s.small)
         for n in s.small_ranks:
@@ -147,23 +157,32 @@ class ManyCore:
         shutil.rmtree(src, ignore_errors=True)
         src = self.ensure_source(s.big)
         shutil.rmtree(self.fused, ignore_errors=True)
-        runs = [("nproc", n) for n in s.ranks] + [("torchrun", n) for n in s.torchrun_ranks]
-        for i, (launcher, n) in enumerate(runs):
+        for i, n in enumerate(n for n in s.ranks if n not in s.optional_ranks):
             keep = i == 0  # the first fuse's output stays: split's source and the peers' fused checkpoint
-            self.sample(self.tool_case("fuse", s.big, n, launcher, src, self.fused if keep else self.dst),
-                        optional=n in s.optional_ranks)
+            self.sample(self.tool_case("fuse", s.big, n, "nproc", src, self.fused if keep else self.dst))
             if keep:
                 (self.fused / ".complete").write_text("")
         for n in s.split_ranks:
             self.sample(self.tool_case("split", s.big, n, "nproc", self.fused, self.dst))
+
+    def phase1_extra(self) -> None:
+        """torchrun and the optional rank counts (each skipped when it would overrun), the split check."""
+        s = self.s
+        src, fused = self.ensure_source(s.big), self.ensure_fused()
+        runs = [("torchrun", n) for n in s.torchrun_ranks] + [("nproc", n) for n in s.optional_ranks]
+        for launcher, n in runs:
+            self.sample(self.tool_case("fuse", s.big, n, launcher, src, self.dst), self.estimate("fuse"))
+        if self.elapsed() + self.estimate("split") > self.budget:
+            self.log("split check skipped: time budget")
+            return
         check = self.work / "split-check"
         shutil.rmtree(check, ignore_errors=True)
-        self.b.timed(nproc_cmd("convert.split_experts", self.args(self.fused, check), max(s.split_ranks)), [])
+        self.b.timed(nproc_cmd("convert.split_experts", self.args(fused, check), max(s.split_ranks)), [])
         self.checks[f"split L{s.big}: the tool's split of its fuse vs the source"] = compare_tensors(check, src)
         shutil.rmtree(check, ignore_errors=True)
 
     def phase2(self) -> None:
-        """The peers on the same bytes: cp -r + sync, dd direct, naive, transformers 5 (fuse and split)."""
+        """The peers on the same bytes: cp -r + sync, dd direct, transformers 5 (fuse, split), naive fuse."""
         s, L = self.s, self.s.big
         src, fused = self.ensure_source(L), self.ensure_fused()
         nbytes, fbytes = dir_bytes(src), dir_bytes(fused)
@@ -182,31 +201,39 @@ class ManyCore:
         big.unlink()
         for r in self.b.rows[-2:]:
             r.peak_rss = [0] * len(r.samples)  # dd's own RSS is not measured (ru_maxrss counts this process)
-        peer_env = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}
-        naive = self.work / "naive"
-        for op, where, size in (("fuse", src, nbytes), ("split", fused, fbytes)):
-            need = 2.5 * size + 2 * GB
-            row = Row(f"naive {op} L{L}", f"naive-{op}", L, 1, 0, size)
-            if mem_available() < need:
-                row.note = f"skipped: needs ~{need / GB:.0f} GB of RAM, {mem_available() / GB:.0f} GB available"
-                self.b.rows.append(row)
-                continue
-            shutil.rmtree(naive, ignore_errors=True)
-            self.sample(Case(row, [sys.executable, "-m", "bench.baselines", f"naive-{op}", "--src", str(where),
-                                   "--dst", str(naive), "--max-shard-size", str(s.max_shard)], [where], None,
-                             env=peer_env))
-            self.checks[f"naive {op} L{L}: output vs the tool's"] = compare_tensors(
-                naive, fused if op == "fuse" else src)
-            shutil.rmtree(naive, ignore_errors=True)
         hf = self.work / "hf"
         for op, where, size in (("fuse", src, nbytes), ("split", fused, fbytes)):
             shutil.rmtree(hf, ignore_errors=True)
             row = Row(f"transformers {op} L{L}", f"transformers-{op}", L, 1, 0, size)
             self.sample(Case(row, [sys.executable, "-m", "bench.baselines", f"transformers-{op}", "--src", str(where),
                                    "--dst", str(hf), "--max-shard-size", str(s.max_shard)], [where], None,
-                             env=peer_env))
+                             env=self.peer_env))
             self.checks[f"transformers {op} L{L}: output layout"] = output_layout(hf)
             shutil.rmtree(hf, ignore_errors=True)
+        self.naive("fuse", src, fused, None)
+
+    def phase2_extra(self) -> None:
+        """The naive split (skipped when it would overrun)."""
+        self.naive("split", self.ensure_fused(), self.ensure_source(self.s.big), self.estimate("naive-fuse"))
+
+    def naive(self, op: str, where: Path, expect: Path, estimate: float | None) -> None:
+        """The naive baseline `op` of checkpoint `where` (when the RAM allows); its output checked against `expect`."""
+        s, L = self.s, self.s.big
+        size = dir_bytes(where)
+        need = 2.5 * size + 2 * GB
+        row = Row(f"naive {op} L{L}", f"naive-{op}", L, 1, 0, size)
+        if mem_available() < need:
+            row.note = f"skipped: needs ~{need / GB:.0f} GB of RAM, {mem_available() / GB:.0f} GB available"
+            self.b.rows.append(row)
+            return
+        out = self.work / "naive"
+        shutil.rmtree(out, ignore_errors=True)
+        self.sample(Case(row, [sys.executable, "-m", "bench.baselines", f"naive-{op}", "--src", str(where),
+                               "--dst", str(out), "--max-shard-size", str(s.max_shard)], [where], None,
+                         env=self.peer_env), estimate)
+        if row.samples:
+            self.checks[f"naive {op} L{L}: output vs the tool's"] = compare_tensors(out, expect)
+        shutil.rmtree(out, ignore_errors=True)
 
     def save(self) -> None:
         """This phase's JSON to --out and the work dir; then the report of every phase found."""
@@ -408,7 +435,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--phase", choices=["1", "2", "all"], default="all")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     p.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary dir)")
-    p.add_argument("--budget", type=float, default=420.0, help="seconds after which optional cases are skipped")
+    p.add_argument("--budget", type=float, default=500.0,
+                   help="seconds: optional cases (torchrun, 8 ranks, naive split, split check) that would end later are skipped")
     p.add_argument("--keep", action="store_true", help="keep the work dir's checkpoints after the last phase")
     p.add_argument("--no-drop-caches", action="store_true", help="only fadvise(DONTNEED) the data files")
     p.add_argument("--merge", nargs="+", default=None, help="only write the report from these phase JSON files")
@@ -433,8 +461,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if a.phase in ("1", "all"):
             mc.phase1()
+        if a.phase == "1":
+            mc.phase1_extra()
         if a.phase in ("2", "all"):
             mc.phase2()
+        if a.phase == "all":
+            mc.phase1_extra()
+        if a.phase in ("2", "all"):
+            mc.phase2_extra()
         mc.save()
         mc.log(f"wrote {out / 'MANYCORE.md'}")
     finally:
