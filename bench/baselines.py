@@ -162,7 +162,13 @@ def run_transformers(op: str, src: str, dst: str, max_shard: int) -> dict[str, o
     import transformers
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(src, dtype="auto", device_map="cpu", output_loading_info=True)
+    from safetensors import safe_open
+
+    first = sorted(n for n in os.listdir(src) if n.endswith(".safetensors"))[0]
+    with safe_open(os.path.join(src, first), "pt") as f:
+        dtype = f.get_slice(next(iter(f.keys()))).get_dtype()  # the checkpoint's own dtype (no float32 upcast)
+    torch_dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dtype]
+    model, info = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, output_loading_info=True)
     bad = {k: sorted(v)[:5] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise SystemExit(f"transformers did not load {src} as its checkpoint: {bad}")

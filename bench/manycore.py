@@ -417,7 +417,7 @@ def write_report(phases: list[dict[str, Any]], out: Path) -> None:
               "- ratios > 1 mean the tool is faster; `data phase vs cp` uses the slowest rank's data phase "
               "(--stats) instead of the whole command.",
               "- dd writes zeros with O_DIRECT (+ fsync) and reads them back with O_DIRECT: the disk's own limit.",
-              "- transformers peers: `from_pretrained(dtype=\"auto\", device_map=\"cpu\")` then `save_pretrained` with "
+              "- transformers peers: `from_pretrained(dtype=<the checkpoint's dtype>)` (CPU) then `save_pretrained` with "
               "`save_original_format=False` (fuse) or the default (split); the `output layout` check shows what the "
               "split peer really wrote. Peers run with OMP_NUM_THREADS = CPU count; the tool as launched.",
               ""]
