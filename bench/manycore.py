@@ -437,6 +437,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary dir)")
     p.add_argument("--budget", type=float, default=500.0,
                    help="seconds: optional cases (torchrun, 8 ranks, naive split, split check) that would end later are skipped")
+    p.add_argument("--layers", type=int, nargs=2, metavar=("BIG", "SMALL"), default=None,
+                   help="layer counts of the two checkpoints (full: 12 6, ~15.2 and ~7.6 GB)")
     p.add_argument("--keep", action="store_true", help="keep the work dir's checkpoints after the last phase")
     p.add_argument("--no-drop-caches", action="store_true", help="only fadvise(DONTNEED) the data files")
     p.add_argument("--merge", nargs="+", default=None, help="only write the report from these phase JSON files")
@@ -455,7 +457,13 @@ def main(argv: list[str] | None = None) -> None:
 
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="moe-manycore-"))
     work.mkdir(parents=True, exist_ok=True)
-    mc = ManyCore(PRESETS[a.preset], work, out, a.phase, not a.no_drop_caches, a.budget)
+    settings = PRESETS[a.preset]
+    if a.layers:
+        settings = Settings(**{**asdict(settings), "big": a.layers[0], "small": a.layers[1]})
+    mc = ManyCore(settings, work, out, a.phase, not a.no_drop_caches, a.budget)
+    specs, _ = checkpoint_specs(settings.preset, settings.big, experts=settings.experts, vocab=settings.vocab)
+    have = sum(dir_bytes(d) for d in (mc.src[settings.big], mc.fused) if d.exists())
+    check_disk(work, 3 * sum(x.nbytes for x in specs) - have)  # source + fused + one output at a time
     mc.log(f"work dir {work}; drop_caches {mc.b.drop_caches}; {mc.env.get('nproc')} CPUs; "
            f"{mc.env.get('disk_free_gb')} GB free")
     try:

@@ -11,7 +11,7 @@ from helpers import run_tool
 def test_bench_tiny_preset_end_to_end(tmp_path):
     out = tmp_path / "results"
     run_tool("bench.run", "--preset", "tiny", "--out", str(out), "--no-drop-caches", "--workdir", str(tmp_path),
-             timeout=120)
+             timeout=300)  # ~40 s of CPU: 120 s of wall was too tight on a shared, loaded 2-core machine
     results = json.loads((out / "results.json").read_text())
     rows = {r["name"]: r for r in results["rows"]}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("moe-bench-")] == [], "work dir not removed"
