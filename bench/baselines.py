@@ -11,6 +11,13 @@ Every baseline fsyncs what it wrote, as the tool does, so times compare like wit
     python -m bench.baselines naive-fuse --src DIR --dst DIR [--layout L] [--max-shard-size 5GB]
     python -m bench.baselines naive-split --src DIR --dst DIR [--max-shard-size 5GB]
     python -m bench.baselines save-file --src FILE.safetensors --dst FILE.safetensors
+    python -m bench.baselines transformers-fuse|transformers-split --src DIR --dst DIR [--max-shard-size 5GB]
+
+transformers-fuse / -split: what a transformers-5 user runs: `from_pretrained` (the per-expert
+or the fused checkpoint; transformers fuses experts on load), then `save_pretrained` with
+`save_original_format=False` (fused, as held in memory) or the default (per-expert, the
+checkpoint's original names). The output JSON also names the transformers version and whether
+`save_original_format` exists in it.
 
 Each prints one JSON line: {"peak_rss_bytes": ...} (and "seconds" for save-file).
 """
@@ -145,18 +152,47 @@ def time_save_file(src_file: str, dst_file: str) -> float:
     return time.perf_counter() - t0
 
 
+def run_transformers(op: str, src: str, dst: str, max_shard: int) -> dict[str, object]:
+    """from_pretrained(`src`) + save_pretrained(`dst`): fused output for op "fuse", per-expert for "split".
+
+    Returns the transformers version and whether save_pretrained takes `save_original_format`.
+    """
+    import inspect
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from safetensors import safe_open
+
+    first = sorted(n for n in os.listdir(src) if n.endswith(".safetensors"))[0]
+    with safe_open(os.path.join(src, first), "pt") as f:
+        dtype = f.get_slice(next(iter(f.keys()))).get_dtype()  # the checkpoint's own dtype (no float32 upcast)
+    torch_dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dtype]
+    model, info = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, output_loading_info=True)
+    bad = {k: sorted(v)[:5] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise SystemExit(f"transformers did not load {src} as its checkpoint: {bad}")
+    has_flag = "save_original_format" in inspect.signature(model.save_pretrained).parameters
+    kwargs = {"save_original_format": op == "split"} if has_flag else {}
+    model.save_pretrained(dst, max_shard_size=max_shard, **kwargs)
+    fsync_tree(dst)
+    return {"transformers": transformers.__version__, "save_original_format_arg": has_flag}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run one baseline."""
     p = argparse.ArgumentParser(prog="bench.baselines", description=__doc__.splitlines()[0])
-    p.add_argument("op", choices=["naive-fuse", "naive-split", "save-file"])
+    p.add_argument("op", choices=["naive-fuse", "naive-split", "save-file", "transformers-fuse", "transformers-split"])
     p.add_argument("--src", required=True)
     p.add_argument("--dst", required=True)
     p.add_argument("--layout", default=None)
     p.add_argument("--max-shard-size", default="5GB", type=parse_size)
     a = p.parse_args(argv)
-    out: dict[str, float] = {}
+    out: dict[str, object] = {}
     if a.op == "save-file":
         out["seconds"] = time_save_file(a.src, a.dst)
+    elif a.op.startswith("transformers-"):
+        out.update(run_transformers(a.op.split("-")[1], a.src, a.dst, a.max_shard_size))
     else:
         run_naive(a.op.split("-")[1], a.src, a.dst, a.layout, a.max_shard_size)
     out["peak_rss_bytes"] = peak_rss_bytes()

@@ -67,33 +67,39 @@ def checkpoint_specs(
             Spec(f"{p}.post_attention_layernorm.weight", dtype, (H,)),
             Spec(f"{p}.mlp.{'router' if family == 'gpt_oss' else 'gate'}.weight", dtype, (E, H)),
         ]
+        if family == "qwen3_moe":  # Qwen3's per-head RMSNorm of q and k: the model does not load without them
+            specs += [Spec(f"{p}.self_attn.q_norm.weight", dtype, (hd,)), Spec(f"{p}.self_attn.k_norm.weight", dtype, (hd,))]
         for e in range(E):
             specs += [Spec(tpl.format(prefix=p, e=e), dtype, shapes[role]) for role, tpl in fam.per_expert.items()]
     config = {"model_type": fam.model_types[0], "hidden_size": H, "num_hidden_layers": layers,
               "num_experts": E, "num_local_experts": E, "moe_intermediate_size": I, "intermediate_size": I,
               "vocab_size": vocab}
+    if family == "qwen3_moe":  # the rest of a loadable Qwen3-MoE config (transformers' Qwen3MoeForCausalLM)
+        config.update({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "num_attention_heads": qh, "num_key_value_heads": kvh,
+                       "head_dim": hd, "num_experts_per_tok": min(8, E), "decoder_sparse_step": 1,
+                       "mlp_only_layers": [], "tie_word_embeddings": False})
     return specs, config
 
 
 def write_synthetic(
-    out: str, specs: list[Spec], config: dict, max_shard: int, data: str = "zeros", seed: int = 0
+    out: str, specs: list[Spec], config: dict, max_shard: int, data: str = "zeros", seed: int = 0, jobs: int = 1
 ) -> int:
-    """Write shards + index + config.json; returns total tensor bytes. `data` is zeros or random."""
+    """Write shards + index + config.json; returns total tensor bytes. `data` is zeros or random.
+
+    `jobs` > 1 writes that many shards at once (separate processes, one seed per shard).
+    """
     os.makedirs(out, exist_ok=True)
     files = layout_files(specs, max_shard, {"format": "pt"})
-    chunk = 16 << 20
-    rng = np.random.default_rng(seed)
-    for f in files:
-        with open(os.path.join(out, f.name), "wb") as fh:
-            fh.write(f.header)
-            fh.truncate(f.size)
-            if data == "random":
-                fh.seek(len(f.header))
-                left = f.size - len(f.header)
-                while left:
-                    n = min(chunk, left)
-                    fh.write(rng.bytes(n))
-                    left -= n
+    if jobs > 1 and len(files) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(jobs, len(files))) as pool:
+            list(pool.map(_write_shard, [(os.path.join(out, f.name), f.header, f.size, data, np.random.default_rng(
+                [seed, i])) for i, f in enumerate(files)]))
+    else:
+        rng = np.random.default_rng(seed)
+        for f in files:
+            _write_shard((os.path.join(out, f.name), f.header, f.size, data, rng))
     total = sum(s.nbytes for s in specs)
     index = {"metadata": {"total_size": total}, "weight_map": {n: f.name for f in files for n in f.slots}}
     with open(os.path.join(out, "model.safetensors.index.json"), "w") as fh:
@@ -173,6 +179,22 @@ def write_adapter(out: str, specs: list[Spec], config: dict[str, Any], seed: int
     with open(os.path.join(out, "adapter_config.json"), "w") as fh:
         json.dump(config, fh, indent=2)
     return total - len(header)
+
+
+def _write_shard(job: tuple[str, bytes, int, str, np.random.Generator]) -> None:
+    """Write one shard file: its header, then `size` bytes in all (zeros: a sparse file; random: rng bytes)."""
+    path, header, size, data, rng = job
+    chunk = 16 << 20
+    with open(path, "wb") as fh:
+        fh.write(header)
+        fh.truncate(size)
+        if data == "random":
+            fh.seek(len(header))
+            left = size - len(header)
+            while left:
+                n = min(chunk, left)
+                fh.write(rng.bytes(n))
+                left -= n
 
 
 def main(argv: list[str] | None = None) -> None:
