@@ -257,12 +257,43 @@ def test_fp8_dequantize_while_fusing_and_splitting(tmp_path: Path, inter: int, d
     assert raw_bytes(back["model.layers.1.self_attn.o_proj.weight"]) == raw_bytes(out["model.layers.1.self_attn.o_proj.weight"])
 
 
-def test_mxfp4_cast_is_refused(tmp_path: Path) -> None:
-    """--dtype on MXFP4 would write the packed bytes under a config that says bf16: refused (exit 2)."""
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    write_mxfp4_gpt_oss(src, E=E)
-    proc = run_tool("convert.split_experts", "--src", str(src), "--dst", str(dst), "--dtype", "bf16", check=False)
-    assert proc.returncode == 2 and "mxfp4" in proc.stderr, proc.stderr
+@pytest.mark.parametrize("dtype,nproc", [("bf16", 1), ("fp32", 2), ("fp16", 2)])
+def test_mxfp4_dequantize_while_converting(tmp_path: Path, dtype: str, nproc: int) -> None:
+    """--dtype on gpt-oss MXFP4: native output == transformers' convert_moe_packed_tensors of the same blocks/scales
+    bit for bit ([E, H, 2I], gate/up interleaved), per-expert output its rows, biases cast; quantization_config gone."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    src, native, split = tmp_path / "src", tmp_path / "native", tmp_path / "split"
+    tensors, _ = write_mxfp4_gpt_oss(src, E=E, H=64, I=96, layers=2)
+    n = [] if nproc == 1 else ["--nproc", str(nproc)]
+    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(native), "--layout", "native", "--dtype", dtype, *n)
+    run_tool("convert.split_experts", "--src", str(src), "--dst", str(split), "--dtype", dtype, *n)
+    out, pe = load_dir(native), load_dir(split)
+    expected = {}
+    for k, t in tensors.items():
+        if k.endswith("_blocks"):
+            base = k[: -len("_blocks")]
+            expected[base] = convert_moe_packed_tensors(t, tensors[f"{base}_scales"], dtype=tdtype)
+        elif not k.endswith("_scales"):
+            expected[k] = t.to(tdtype)
+    assert sorted(out) == sorted(expected)
+    for k, t in expected.items():
+        assert out[k].dtype == tdtype and out[k].shape == t.shape and raw_bytes(out[k]) == raw_bytes(t), k
+    for layer in range(2):
+        p = f"model.layers.{layer}.mlp.experts"
+        assert out[f"{p}.gate_up_proj"].shape == (E, 64, 2 * 96)
+        for e in range(E):
+            gu, gub = expected[f"{p}.gate_up_proj"][e], expected[f"{p}.gate_up_proj_bias"][e]
+            for j, role in enumerate(("gate", "up")):
+                assert raw_bytes(pe[f"{p}.{e}.{role}_proj.weight"]) == raw_bytes(gu[:, j::2].T.contiguous())
+                assert raw_bytes(pe[f"{p}.{e}.{role}_proj.bias"]) == raw_bytes(gub[j::2].contiguous())
+            assert raw_bytes(pe[f"{p}.{e}.down_proj.weight"]) == raw_bytes(expected[f"{p}.down_proj"][e].T.contiguous())
+    assert not [k for k in pe if k.endswith(("_blocks", "_scales"))]
+    for d in (native, split):
+        cfg = json.loads((d / "config.json").read_text())
+        assert "quantization_config" not in cfg
+        assert cfg["torch_dtype"] == {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
 
 
 def test_inspect_reports_the_quantization(tmp_path: Path) -> None:
@@ -280,8 +311,9 @@ def test_inspect_reports_the_quantization(tmp_path: Path) -> None:
     mx = tmp_path / "mxfp4"
     write_mxfp4_gpt_oss(mx, E=E)
     out = inspect_path(str(mx)).as_json()
-    assert (out["family"], out["layout"], out["conversions"]) == ("gpt_oss_mxfp4", "native", ["split_experts -> per-expert"])
-    assert out["quantization"]["method"] == "mxfp4" and out["quantization"]["dequantize"] is False
+    assert (out["family"], out["layout"], out["conversions"]) == ("gpt_oss_mxfp4", "native", ["split_experts -> per-expert",
+                                                                        "--dtype bf16|fp16|fp32 (dequantize while converting)"])
+    assert out["quantization"]["method"] == "mxfp4" and out["quantization"]["dequantize"] is True
 
 
 def test_dequantized_output_loads_to_the_logits_of_the_quantized_source(tmp_path: Path) -> None:
