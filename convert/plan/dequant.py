@@ -28,12 +28,20 @@ def block_size(config: dict[str, Any]) -> tuple[int, int]:
     return DEFAULT_BLOCK
 
 
-def fp8_dequantize(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:
-    """float32 values of FP8 weight `w` [..., out, in] with its scale grid [..., ceil(out/bm), ceil(in/bn)]."""
+def fp8_dequantize(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Values of FP8 weight `w` [..., out, in] with its scale grid [..., ceil(out/bm), ceil(in/bn)], computed in
+    float32 and cast to `dtype` (float32 when None); one row of blocks at a time, so no weight-sized
+    float32 temporaries when `dtype` is narrower."""
+    import torch
+
     rows, cols = w.shape[-2:]
-    s = scale.float().repeat_interleave(block[0], dim=-2)[..., :rows, :]
-    s = s.repeat_interleave(block[1], dim=-1)[..., :cols]
-    return w.float() * s
+    s = scale.float()
+    out = torch.empty(w.shape, dtype=dtype or torch.float32)
+    for i in range(0, rows, block[0]):
+        row_scale = s[..., i // block[0], :].repeat_interleave(block[1], dim=-1)[..., :cols].unsqueeze(-2)
+        out[..., i:i + block[0], :] = w[..., i:i + block[0], :].float() * row_scale
+    return out
 
 
 # MXFP4 (OCP microscaling, as transformers' integrations/mxfp4.py unpacks it): 32 values a block share one
@@ -95,7 +103,7 @@ class DequantTensor:
         """The dequantized weight's bytes, from the weight's and the scale's bytes."""
         w = from_bytes(bufs[0], self.dtype, self.shape)
         s = from_bytes(bufs[1], self.scale_dtype, self.scale_shape)
-        return [to_bytes(fp8_dequantize(w, s, self.block).to(torch_dtypes()[self.out_dtype]))]
+        return [to_bytes(fp8_dequantize(w, s, self.block, torch_dtypes()[self.out_dtype]))]
 
 
 @dataclass(frozen=True)
