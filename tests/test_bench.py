@@ -78,3 +78,24 @@ def test_manycore_tiny_two_phases_merge(tmp_path):
     for heading in ("## Machine", "## Targets", "## All cases", "## Peak RSS per rank, L1 vs L2", "## Checks"):
         assert heading in report
     assert "| fuse L2 torchrun 2 |" in report and "| transformers split L2 |" in report
+
+
+def test_bench_dequant_tiny_preset(tmp_path):
+    """`python -m bench.dequant --preset tiny`: every case measured, the tool's output equal to the whole-shard
+    approach's byte for byte, per-rank peak RSS from the tool's --stats, and a complete report."""
+    out = tmp_path / "results"
+    run_tool("bench.dequant", "--preset", "tiny", "--out", str(out), "--no-drop-caches", "--workdir", str(tmp_path),
+             timeout=180)
+    results = json.loads((out / "dequant.json").read_text())
+    rows = {r["name"]: r for r in results["rows"]}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("moe-bench-")] == [], "work dir not removed"
+    for name in ("cp -r source", "tool ws1", "tool ws2", "whole-shard (fp8_cast_bf16 on CPU)"):
+        assert rows[name]["samples"] and all(s > 0 for s in rows[name]["samples"]), name
+    assert [r["rank"] for r in rows["tool ws2"]["ranks"]] == [0, 1]
+    assert all(r["peak_rss_bytes"] > 0 for n in ("tool ws1", "tool ws2") for r in rows[n]["ranks"])
+    assert rows["tool ws1"]["stream"] and max(rows["whole-shard (fp8_cast_bf16 on CPU)"]["peak_rss"]) > 0
+    assert "transformers from_pretrained + save_pretrained" in rows or results["skipped"]
+    (check,) = results["checks"].values()
+    assert check.startswith("identical"), check
+    report = (out / "DEQUANT.md").read_text()
+    assert "| tool ws2 | 2 |" in report and "## Targets" in report and "identical" in report

@@ -257,12 +257,43 @@ def test_fp8_dequantize_while_fusing_and_splitting(tmp_path: Path, inter: int, d
     assert raw_bytes(back["model.layers.1.self_attn.o_proj.weight"]) == raw_bytes(out["model.layers.1.self_attn.o_proj.weight"])
 
 
-def test_mxfp4_cast_is_refused(tmp_path: Path) -> None:
-    """--dtype on MXFP4 would write the packed bytes under a config that says bf16: refused (exit 2)."""
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    write_mxfp4_gpt_oss(src, E=E)
-    proc = run_tool("convert.split_experts", "--src", str(src), "--dst", str(dst), "--dtype", "bf16", check=False)
-    assert proc.returncode == 2 and "mxfp4" in proc.stderr, proc.stderr
+@pytest.mark.parametrize("dtype,nproc", [("bf16", 1), ("fp32", 2), ("fp16", 2)])
+def test_mxfp4_dequantize_while_converting(tmp_path: Path, dtype: str, nproc: int) -> None:
+    """--dtype on gpt-oss MXFP4: native output == transformers' convert_moe_packed_tensors of the same blocks/scales
+    bit for bit ([E, H, 2I], gate/up interleaved), per-expert output its rows, biases cast; quantization_config gone."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    src, native, split = tmp_path / "src", tmp_path / "native", tmp_path / "split"
+    tensors, _ = write_mxfp4_gpt_oss(src, E=E, H=64, I=96, layers=2)
+    n = [] if nproc == 1 else ["--nproc", str(nproc)]
+    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(native), "--layout", "native", "--dtype", dtype, *n)
+    run_tool("convert.split_experts", "--src", str(src), "--dst", str(split), "--dtype", dtype, *n)
+    out, pe = load_dir(native), load_dir(split)
+    expected = {}
+    for k, t in tensors.items():
+        if k.endswith("_blocks"):
+            base = k[: -len("_blocks")]
+            expected[base] = convert_moe_packed_tensors(t, tensors[f"{base}_scales"], dtype=tdtype)
+        elif not k.endswith("_scales"):
+            expected[k] = t.to(tdtype)
+    assert sorted(out) == sorted(expected)
+    for k, t in expected.items():
+        assert out[k].dtype == tdtype and out[k].shape == t.shape and raw_bytes(out[k]) == raw_bytes(t), k
+    for layer in range(2):
+        p = f"model.layers.{layer}.mlp.experts"
+        assert out[f"{p}.gate_up_proj"].shape == (E, 64, 2 * 96)
+        for e in range(E):
+            gu, gub = expected[f"{p}.gate_up_proj"][e], expected[f"{p}.gate_up_proj_bias"][e]
+            for j, role in enumerate(("gate", "up")):
+                assert raw_bytes(pe[f"{p}.{e}.{role}_proj.weight"]) == raw_bytes(gu[:, j::2].T.contiguous())
+                assert raw_bytes(pe[f"{p}.{e}.{role}_proj.bias"]) == raw_bytes(gub[j::2].contiguous())
+            assert raw_bytes(pe[f"{p}.{e}.down_proj.weight"]) == raw_bytes(expected[f"{p}.down_proj"][e].T.contiguous())
+    assert not [k for k in pe if k.endswith(("_blocks", "_scales"))]
+    for d in (native, split):
+        cfg = json.loads((d / "config.json").read_text())
+        assert "quantization_config" not in cfg
+        assert cfg["torch_dtype"] == {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
 
 
 def test_inspect_reports_the_quantization(tmp_path: Path) -> None:
@@ -280,8 +311,9 @@ def test_inspect_reports_the_quantization(tmp_path: Path) -> None:
     mx = tmp_path / "mxfp4"
     write_mxfp4_gpt_oss(mx, E=E)
     out = inspect_path(str(mx)).as_json()
-    assert (out["family"], out["layout"], out["conversions"]) == ("gpt_oss_mxfp4", "native", ["split_experts -> per-expert"])
-    assert out["quantization"]["method"] == "mxfp4" and out["quantization"]["dequantize"] is False
+    assert (out["family"], out["layout"], out["conversions"]) == ("gpt_oss_mxfp4", "native", ["split_experts -> per-expert",
+                                                                        "--dtype bf16|fp16|fp32 (dequantize while converting)"])
+    assert out["quantization"]["method"] == "mxfp4" and out["quantization"]["dequantize"] is True
 
 
 def test_dequantized_output_loads_to_the_logits_of_the_quantized_source(tmp_path: Path) -> None:
@@ -334,3 +366,47 @@ def test_verify_of_a_dequantizing_cast_is_refused_before_writing(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "is fp8-quantized and the verifier does not check dequantized values" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_mxfp4_dequantized_native_output_loads_to_the_reference_logits(tmp_path: Path) -> None:
+    """A tiny GptOss whose expert weights are MXFP4-representable: its MXFP4 checkpoint dequantized with
+    `fuse_experts --layout native --dtype fp32` loads in transformers to the reference model's parameters bit for
+    bit and the same logits."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from quant_fixtures import mxfp4_pack, mxfp4_values
+    from tiny_models import logits, tied_keys, tiny_config
+
+    config = tiny_config("gpt_oss")
+    config.hidden_size = config.intermediate_size = 64  # MXFP4 packs 32 values a block
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    tied = tied_keys(model)
+    packed: dict[str, torch.Tensor] = {}
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for i, (k, p) in enumerate(sorted(params.items())):
+            if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                v = mxfp4_values((p.shape[0], p.shape[2], p.shape[1]), seed=i) * 2.0**-8  # [E, out, in]
+                p.copy_(v.transpose(1, 2))  # gpt-oss runs [E, in, out]
+                packed[f"{k}_blocks"], packed[f"{k}_scales"] = mxfp4_pack(v)
+    want = logits(model)
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    state = {k: t.detach().clone().contiguous() for k, t in model.state_dict().items()
+             if k not in tied and not k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    save_file({**state, **packed}, str(src / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
+    (src / "config.json").write_text(json.dumps(cfg))
+    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(out), "--layout", "native", "--dtype", "fp32")
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    loaded_params = dict(loaded.named_parameters())
+    for k, p in params.items():
+        assert torch.equal(loaded_params[k], p), k
+    assert torch.equal(logits(loaded), want)

@@ -148,6 +148,8 @@ class Family:
     quant_formats: dict[str, str] = field(default_factory=dict)  # quant_method -> family name (schema.QuantizationSpec)
     companion_roles: tuple[str, ...] = ()  # roles added by `with_companions` (scale grids of quantized weights)
     companions_dropped: dict[str, str] = field(default_factory=dict)  # layout -> why it cannot carry companions
+    # --dtype on this (quantized-format) family: (target family name, {target role: (blocks, scales)}, {target role: source role})
+    dequantize: tuple[str, dict[str, tuple[str, str]], dict[str, str]] | None = None
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -354,8 +356,20 @@ def build_family(spec: FamilySpec, path: str) -> Family:
         role_leaves=dict(roles), fused=fused, default_fused=spec.default_layout, renames=renames, merges=tuple(merges),
         companions=dict(spec.quantization.companions) if spec.quantization else dict(DEFAULT_COMPANIONS),
         quant_formats=dict(spec.quantization.formats) if spec.quantization else {}, refuse=dict(spec.refuse or {}),
-        description=spec.description,
+        description=spec.description, dequantize=_dequantize(spec, roles, where),
     )
+
+
+def _dequantize(spec: FamilySpec, roles: dict[str, str], where: str) -> tuple[str, dict[str, tuple[str, str]], dict[str, str]] | None:
+    d = spec.quantization.dequantize if spec.quantization else None
+    if d is None:
+        return None
+    for target, src in [*d.mxfp4.items(), *d.cast.items()]:
+        srcs = [src] if isinstance(src, str) else src
+        if not srcs or any(r not in roles for r in srcs) or (not isinstance(src, str) and len(src) != 2):
+            raise ConversionError(f"{where}: quantization.dequantize.{target}: expected source roles of {sorted(roles)} "
+                                  "(mxfp4: [blocks role, scales role])")
+    return d.family, {k: (v[0], v[1]) for k, v in d.mxfp4.items()}, dict(d.cast)
 
 
 __all__ = ["DEFAULT_COMPANIONS", "PER_EXPERT", "Family", "FusedTensor", "Merge", "build_family", "resolve", "template_regex"]

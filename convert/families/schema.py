@@ -73,6 +73,16 @@ class MergeSpec:
 
 
 @dataclass(frozen=True)
+class DequantizeSpec:
+    """How a quantized-format family is dequantized (--dtype): into `family`'s roles; each target role
+    from an MXFP4 (blocks role, scales role) pair in `mxfp4`, or from one source role cast in `cast`."""
+
+    family: str
+    mxfp4: dict[str, list[str]] = field(default_factory=dict)
+    cast: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class QuantizationSpec:
     """Quantization companions of expert weights (hook, e.g. FP8 `weight_scale_inv`): per-expert suffix -> fused suffix."""
 
@@ -80,6 +90,7 @@ class QuantizationSpec:
     # quant_method of config.json's quantization_config -> the family that describes such a checkpoint
     # (e.g. gpt-oss MXFP4: `*_blocks`/`*_scales` expert tensors instead of bf16 weights)
     formats: dict[str, str] = field(default_factory=dict)
+    dequantize: DequantizeSpec | None = None
 
 
 @dataclass(frozen=True)

@@ -203,7 +203,7 @@ def _quantization(config: dict[str, Any], family: Any, groups: list[Any]) -> dic
                            "scales": sorted({r.split("_", 1)[1] for r in family.companion_roles})}
     if q.get("quant_method") == "mxfp4":
         out.update(block_size=[1, 32], scale_dtypes=["U8 (E8M0)"], scales=["blocks", "scales"])
-    out["dequantize"] = bool(family.companion_roles)  # FP8 block-scaled: --dtype dequantizes
+    out["dequantize"] = bool(family.companion_roles) or family.dequantize is not None  # --dtype dequantizes
     return out
 
 

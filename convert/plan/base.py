@@ -303,9 +303,12 @@ def plan_conversion(
             f"{ckpt.storage.display()}: quantized expert weights (with {list(family.companion_roles)[:2]}...) cannot "
             f"go to the {target_layout!r} layout: {family.companions_dropped[target_layout]} (dequantize with --dtype)"
         )
-    if target_layout not in plain.layouts:
+    if target_layout not in plain.layouts and not (dtype and plain.dequantize is not None):
         raise ConversionError(f"family {family.name} has no layout {target_layout!r} (it has {list(family.layouts)})")
     where = ckpt.storage.display("config.json")
+    if dtype and plain.dequantize is not None:
+        n = num_experts if num_experts is not None else plain.num_experts(ckpt.config, where)
+        return _mxfp4_plan(ckpt, plain, target_layout, str(dtype), chunk_bytes, n)
     if dtype and not dequant and isinstance(ckpt.config.get("quantization_config"), dict):
         raise ConversionError(
             f"{where}: a {ckpt.config['quantization_config'].get('quant_method')!r}-quantized checkpoint cannot be "
@@ -451,5 +454,73 @@ def _dequant_plan(
         groups=[(g.prefix, g.layout) for g in groups], targets=targets, pieces=pieces,
         copy_files=list(ckpt.other_files), metadata=ckpt.metadata or {"format": "pt"},
         notes=[f"skipped {what}" for what in ckpt.skipped] + [f"FP8 weights dequantized to {dtype} ({block[0]}x{block[1]} blocks)"],
+        dequantized=True,
+    )
+
+
+def _mxfp4_plan(ckpt: Checkpoint, family: Family, target_layout: str, dtype: str, chunk_bytes: int, num_experts: int
+                ) -> Plan:
+    """Plan dequantizing an MXFP4 family's experts (`family.dequantize`) to `dtype` into its target family's
+    `target_layout`, one expert per piece; every other tensor passes through, cast to `dtype`."""
+    from convert.families import load_families
+    from convert.plan.dequant import Mxfp4Regroup
+
+    assert family.dequantize is not None
+    target_name, mx, cast = family.dequantize
+    target = load_families().get(target_name)
+    if target is None:
+        raise ConversionError(f"{family.source}: quantization.dequantize names unknown family {target_name!r}")
+    if target_layout not in target.layouts:
+        raise ConversionError(f"family {target.name} has no layout {target_layout!r} (it has {list(target.layouts)})")
+    groups, passthrough = find_expert_groups(ckpt, family, num_experts, rename=False)
+    if not groups:
+        raise ConversionError(f"{ckpt.storage.display()}: no {family.name} expert tensors found")
+    targets: list[TargetTensor] = []
+    pieces: list[Piece] = []
+    for group in groups:
+        shape = {t: (*group.role_shape[b][:-2], group.role_shape[b][-2] * group.role_shape[b][-1] * 2)
+                 for t, (b, _) in mx.items()}
+        shape.update({t: group.role_shape[r] for t, r in cast.items()})
+        missing = [r for r in target.roles if r not in shape]
+        if missing:
+            raise ConversionError(f"{family.source}: quantization.dequantize gives no source for {target.name} roles {missing}")
+        if target_layout == PER_EXPERT:
+            dst = [(Unit(None, role, dtype), tpl) for role, tpl in target.expert_templates.items()]
+        else:
+            dst = [(Unit(t, None, dtype), t.template) for t in target.fused[target_layout]]
+        src = _units(family, group, group.layout, None, "src")
+        sizes = [sum(numel(shape[r]) for r in u.roles) * DTYPE_SIZES[dtype] for u, _ in dst]
+        for (unit, tpl), size in zip(dst, sizes):
+            if unit.fused is None:
+                targets += [TargetTensor(target.to_disk(tpl.format(prefix=group.prefix, e=e)), dtype, shape[str(unit.role)])
+                            for e in range(group.num_experts)]
+            else:
+                slice_shape = fused_slice_shape(unit.fused, shape[unit.fused.parts[0]])
+                targets.append(TargetTensor(tpl.format(prefix=group.prefix), dtype, (group.num_experts, *slice_shape)))
+        compute = Mxfp4Regroup(tuple(u for u, _ in src), tuple(u for u, _ in dst), tuple(sorted(group.role_shape.items())),
+                               tuple((t, b, s) for t, (b, s) in mx.items()), tuple(cast.items()))
+        for e in range(group.num_experts):
+            reads = []
+            for unit, tpl in src:
+                if unit.fused is None:
+                    ref = group.per_expert[(str(unit.role), e)]
+                    reads.append(Read(ref.file, ref.info.start, ref.info.end, unit.dtype))
+                else:
+                    ref, size = group.fused[tpl], _unit_nbytes(unit, group)
+                    reads.append(Read(ref.file, ref.info.start + e * size, ref.info.start + (e + 1) * size, unit.dtype))
+            writes = [Write(target.to_disk(tpl.format(prefix=group.prefix, e=e)), 0, size, dtype) if unit.fused is None
+                      else Write(tpl.format(prefix=group.prefix), e * size, (e + 1) * size, dtype)
+                      for (unit, tpl), size in zip(dst, sizes)]
+            pieces.append(Piece(tuple(reads), tuple(writes), compute, e))
+    for name in passthrough:
+        t, p = copy_pieces(ckpt.tensors[name], name, dtype, chunk_bytes)
+        targets.append(t)
+        pieces += p
+    return Plan(
+        family=family.name, target_layout=target_layout, num_experts=num_experts,
+        groups=[(g.prefix, g.layout) for g in groups], targets=targets, pieces=pieces,
+        copy_files=list(ckpt.other_files), metadata=ckpt.metadata or {"format": "pt"},
+        notes=[f"skipped {what}" for what in ckpt.skipped]
+        + [f"MXFP4 experts dequantized to {dtype} into {target.name}'s {target_layout!r} layout"],
         dequantized=True,
     )

@@ -1,4 +1,4 @@
-"""Dequantizing FP8 block-scaled weights while converting: one tensor (or one expert) at a time, on CPU.
+"""Dequantizing FP8 block-scaled and MXFP4 weights while converting: one tensor (or one expert) at a time, on CPU.
 
 `w[i, j] = fp8[i, j] * scale_inv[i // bm, j // bn]`, computed in float32 and then cast, as
 transformers' `Fp8Dequantize` computes it; the block size comes from the config
@@ -28,12 +28,64 @@ def block_size(config: dict[str, Any]) -> tuple[int, int]:
     return DEFAULT_BLOCK
 
 
-def fp8_dequantize(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:
-    """float32 values of FP8 weight `w` [..., out, in] with its scale grid [..., ceil(out/bm), ceil(in/bn)]."""
+def fp8_dequantize(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Values of FP8 weight `w` [..., out, in] with its scale grid [..., ceil(out/bm), ceil(in/bn)], computed in
+    float32 and cast to `dtype` (float32 when None); one row of blocks at a time, so no weight-sized
+    float32 temporaries when `dtype` is narrower."""
+    import torch
+
     rows, cols = w.shape[-2:]
-    s = scale.float().repeat_interleave(block[0], dim=-2)[..., :rows, :]
-    s = s.repeat_interleave(block[1], dim=-1)[..., :cols]
-    return w.float() * s
+    s = scale.float()
+    out = torch.empty(w.shape, dtype=dtype or torch.float32)
+    for i in range(0, rows, block[0]):
+        row_scale = s[..., i // block[0], :].repeat_interleave(block[1], dim=-1)[..., :cols].unsqueeze(-2)
+        out[..., i:i + block[0], :] = w[..., i:i + block[0], :].float() * row_scale
+    return out
+
+
+# MXFP4 (OCP microscaling, as transformers' integrations/mxfp4.py unpacks it): 32 values a block share one
+# E8M0 scale byte (2**(s - 127)); each value a 4-bit index into FP4_VALUES, two a byte, low nibble first.
+FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 values [..., G*32] of MXFP4 `blocks` U8 [..., G, 16] with `scales` U8 [..., G].
+
+    Exact in float32 (an FP4 value times a power of two); cast once to the output dtype this gives
+    transformers' `convert_moe_packed_tensors` bit for bit (its `ldexp` also rounds once).
+    """
+    import torch
+
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    *lead, g, b = blocks.shape
+    out = torch.empty(*lead, g, 2 * b, dtype=torch.float32)
+    out[..., 0::2] = lut[(blocks & 0x0F).long()]
+    out[..., 1::2] = lut[(blocks >> 4).long()]
+    torch.ldexp(out, (scales.to(torch.int32) - 127).unsqueeze(-1), out=out)
+    return out.reshape(*lead, g * 2 * b)
+
+
+@dataclass(frozen=True)
+class Mxfp4Regroup:
+    """A compute piece: one expert from `src` units (MXFP4 blocks/scales and other roles) to `dst` units of
+    another family's roles: each `mxfp4` target role (blocks role, scales role) dequantized, each `cast` role copied."""
+
+    src: tuple[Unit, ...]
+    dst: tuple[Unit, ...]
+    role_shape: tuple[tuple[str, tuple[int, ...]], ...]
+    mxfp4: tuple[tuple[str, str, str], ...]  # (target role, blocks role, scales role)
+    cast: tuple[tuple[str, str], ...]  # (target role, source role)
+
+    def outputs(self, bufs: Sequence[bytes | memoryview]) -> list[memoryview]:
+        """The expert's bytes of each `dst` unit, from its bytes of each `src` unit (one buffer per read)."""
+        shapes = dict(self.role_shape)
+        src: dict[str, torch.Tensor] = {}
+        for unit, buf in zip(self.src, bufs):
+            src.update(decode(unit, buf, shapes))
+        roles = {t: mxfp4_dequantize(src[b], src[s]) for t, b, s in self.mxfp4}
+        roles.update({t: src[r] for t, r in self.cast})
+        return [encode(unit, roles) for unit in self.dst]
 
 
 @dataclass(frozen=True)
@@ -51,7 +103,7 @@ class DequantTensor:
         """The dequantized weight's bytes, from the weight's and the scale's bytes."""
         w = from_bytes(bufs[0], self.dtype, self.shape)
         s = from_bytes(bufs[1], self.scale_dtype, self.scale_shape)
-        return [to_bytes(fp8_dequantize(w, s, self.block).to(torch_dtypes()[self.out_dtype]))]
+        return [to_bytes(fp8_dequantize(w, s, self.block, torch_dtypes()[self.out_dtype]))]
 
 
 @dataclass(frozen=True)
