@@ -585,7 +585,10 @@ def test_other_family_peft_adapter_splits_per_expert_and_fuses_back(tmp_path, mo
     leaves = {family.per_expert[r].rsplit(".", 2)[-2] for r in family.roles}
     assert leaves <= set(config["target_modules"]), config["target_modules"]
 
+    assert "OK:" in run_tool("convert.verify", "--src", str(src), "--dst", str(dst)).stdout
+
     run_tool("convert.fuse_adapter", "--src", str(dst), "--dst", str(back), "--layout", "peft")
+    assert "OK:" in run_tool("convert.verify", "--src", str(dst), "--dst", str(back)).stdout
     fused, back_config = read_adapter(back)
     assert set(fused) == set(src_tensors)
     for k, t in src_tensors.items():
