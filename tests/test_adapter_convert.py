@@ -513,14 +513,16 @@ def _family_of_model_type(model_type: str):
     return next(f for f in load_families().values() if model_type in f.model_types)
 
 
-def _peft_on_fused_experts(model_type: str, path: Path, seed: int) -> tuple[object, list[str]]:
-    """A real peft adapter whose target_parameters are every fused 3-D expert parameter of the tiny model."""
+def _peft_on_fused_experts(model_type: str, path: Path, seed: int, only: str | None = None) -> tuple[object, list[str]]:
+    """A real peft adapter whose target_parameters are every fused 3-D expert parameter of the tiny model
+    (those ending in `only` when given)."""
     import tiny_models
     from peft import LoraConfig, get_peft_model
 
     model = tiny_models.build(model_type, seed=seed)
     fused = [n for n, p in model.named_parameters() if ".experts." in n and p.dim() == 3]
     targets = sorted({n.split(".layers.", 1)[1].split(".", 1)[1] for n in fused})  # e.g. mixer.experts.up_proj
+    targets = [t for t in targets if only is None or t.endswith(only)]
     assert targets, f"{model_type}: the tiny model has no fused expert parameter"
     torch.manual_seed(seed + 100)
     peft_model = get_peft_model(model, LoraConfig(r=R, lora_alpha=7, target_parameters=targets,
@@ -595,3 +597,19 @@ def test_other_family_peft_adapter_splits_per_expert_and_fuses_back(tmp_path, mo
         assert fused[k].dtype == t.dtype and raw_bytes(fused[k]) == raw_bytes(t), k
     assert sorted(back_config["target_parameters"]) == targets
     assert (back_config["r"], back_config["lora_alpha"]) == (src_config["r"], src_config["lora_alpha"])
+
+
+def test_lone_peft_wrapper_of_an_up_down_family_is_told_apart_by_target_parameters(tmp_path):
+    """nemotron_h's up_proj and down_proj are each other's transpose: with one wrapper and no --base-config only
+    target_parameters says which it is; the split names that role's experts only, with peft's deltas."""
+    family = _family_of_model_type("nemotron_h")
+    src, dst = tmp_path / "peft", tmp_path / "split"
+    peft_model, targets = _peft_on_fused_experts("nemotron_h", src, seed=11, only=".down_proj")
+    run_tool("convert.split_adapter", "--src", str(src), "--dst", str(dst))
+    out, _ = read_adapter(dst)
+    want = _role_deltas_from_peft(peft_model, family)
+    assert want and all(m.endswith(".down_proj") for m in want)
+    assert {k for k in out if ".experts." in k} == {f"{m}.lora_{f}.weight" for m in want for f in "AB"}
+    for m, delta in want.items():
+        got = out[f"{m}.lora_B.weight"].float() @ out[f"{m}.lora_A.weight"].float() * (7 / R)
+        torch.testing.assert_close(got, delta, rtol=1e-5, atol=1e-7, msg=lambda s, m=m: f"{m}: {s}")

@@ -186,15 +186,23 @@ def family_by_name(name: str) -> Family:
     return load_families()[name]
 
 
-def base_dims(base_config: dict[str, Any] | None) -> tuple[int | None, int | None, int | None]:
-    """(hidden size H, expert intermediate size I, number of experts E) from a config.json, None where absent."""
+def base_dims(
+    base_config: dict[str, Any] | None, family: Family | None = None
+) -> tuple[int | None, int | None, int | None]:
+    """(hidden size H, expert intermediate size I, number of experts E) from a config.json, None where absent.
+
+    E is read with `family`'s config keys (every family's when None).
+    """
     if not base_config:
         return None, None, None
     cfg = base_config.get("text_config", base_config) if "hidden_size" not in base_config else base_config
     hidden = cfg.get("hidden_size")
     inter = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
+    keys = family.num_experts_keys if family else tuple(
+        dict.fromkeys(k for f in load_families().values() for k in f.num_experts_keys)
+    )
     experts = None
-    for key in ("num_experts", "n_routed_experts", "num_local_experts"):
+    for key in keys:
         if isinstance(cfg.get(key), int) and cfg[key] > 0:
             experts = cfg[key]
             break
@@ -313,7 +321,7 @@ def detect_expert_lora(
                 )
             prefixes[prefix] = pattern
 
-    hidden, inter, base_e = base_dims(base_config)
+    hidden, inter, base_e = base_dims(base_config, guess.family)
     ctx = _Context(where, adapter_config, guess, hidden, inter, base_e, roles_of_proj)
     groups: list[ExpertLoraGroup] = []
     for prefix in sorted(prefixes, key=_natural):
