@@ -351,7 +351,7 @@ def test_peft_wrappers_are_told_apart_by_shape_not_name():
     assert not rest and g.pattern == "peft_target_parameters" and g.num_experts == e and g.family == "gpt_oss"
     assert g.factor(("gate", "up"), "B").name == f"{key}.lora_B.weight"
     assert g.factor(("down",), "A").name == f"{key}.base_layer.lora_A.weight"
-    assert g.gate_up_order == "interleave" and g.dims_of("gate") == (i, h)
+    assert g.fused_order == "interleave" and g.dims_of("gate") == (i, h)
     lone = {k: v for k, v in swapped.items() if "base_layer" not in k}
     groups, _ = detect_expert_lora(lone, cfg, base_config("gpt_oss", hidden=h, inter=i, experts=e), "lone")
     assert groups[0].roles == ("gate", "up")
@@ -497,3 +497,119 @@ def test_pattern_key_order_survives_into_adapter_config(tmp_path):
     assert list(config["rank_pattern"]) == ["experts\\.gate_up_proj", ".*_proj"], config["rank_pattern"]
     loaded = PeftModel.from_pretrained(build_model("qwen3_moe", seed=0), str(dst)).eval()
     _assert_deltas(peft_expert_deltas(loaded, "qwen3_moe"), deltas)
+
+
+# ----------------------------------------------------------------------------- other families
+
+# Families whose expert names differ from qwen3_moe's: up/down only (nemotron_h, `mixer` container),
+# w1/w3/w2 under `feed_forward` (lfm2_moe), gate/up/down under `feed_forward` (jamba), and a family
+# file generated from transformers' table on top of qwen3_moe (ernie4_5_moe, `moe_num_experts`).
+OTHER_FAMILIES = [("nemotron_h", 2), ("lfm2_moe", None), ("jamba", 2), ("ernie4_5_moe", None)]
+
+
+def _family_of_model_type(model_type: str):
+    from convert.families import load_families
+
+    return next(f for f in load_families().values() if model_type in f.model_types)
+
+
+def _peft_on_fused_experts(model_type: str, path: Path, seed: int, only: str | None = None) -> tuple[object, list[str]]:
+    """A real peft adapter whose target_parameters are every fused 3-D expert parameter of the tiny model
+    (those ending in `only` when given)."""
+    import tiny_models
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_models.build(model_type, seed=seed)
+    fused = [n for n, p in model.named_parameters() if ".experts." in n and p.dim() == 3]
+    targets = sorted({n.split(".layers.", 1)[1].split(".", 1)[1] for n in fused})  # e.g. mixer.experts.up_proj
+    targets = [t for t in targets if only is None or t.endswith(only)]
+    assert targets, f"{model_type}: the tiny model has no fused expert parameter"
+    torch.manual_seed(seed + 100)
+    peft_model = get_peft_model(model, LoraConfig(r=R, lora_alpha=7, target_parameters=targets,
+                                                  init_lora_weights=False)).eval()
+    peft_model.save_pretrained(str(path))
+    return peft_model, targets
+
+
+def _role_deltas_from_peft(peft_model: object, family) -> dict[str, torch.Tensor]:
+    """Per-expert module name (as a per-expert adapter names it) -> delta, from peft's own get_delta_weight.
+
+    Each fused parameter's [E, ...] delta is cut into its roles as the family file says the fused
+    tensor holds them (parts, transposed or not, halves or interleaved).
+    """
+    layout = {t.leaf: t for t in family.fused[family.default_fused]}
+    out: dict[str, torch.Tensor] = {}
+    for name, module in peft_model.named_modules():  # type: ignore[attr-defined]
+        param = getattr(module, "parameter_name", None)
+        if param is None:
+            continue
+        t = layout[param]
+        with torch.no_grad():
+            delta = module.get_delta_weight("default").float()
+        if t.transpose:
+            delta = delta.transpose(1, 2)
+        k = len(t.parts)
+        pieces = ([delta[:, j::k] for j in range(k)] if t.op == "interleave" else list(delta.chunk(k, dim=1)))
+        path = name.replace(".base_layer", "")
+        prefix = path[: path.index("." + family.container + ".experts" if family.container else ".experts")]
+        for role, piece in zip(t.parts, pieces):
+            for e in range(piece.shape[0]):
+                module_name = family.per_expert[role][: -len(".weight")].format(prefix=prefix, e=e)
+                assert module_name not in out, module_name
+                out[module_name] = piece[e]
+    return out
+
+
+@pytest.mark.parametrize("model_type,nproc", OTHER_FAMILIES, ids=[m for m, _ in OTHER_FAMILIES])
+def test_other_family_peft_adapter_splits_per_expert_and_fuses_back(tmp_path, model_type, nproc):
+    """split_adapter cuts a real peft target_parameters adapter of each family into its per-expert names with
+    peft's own per-expert deltas; fuse_adapter --layout peft gives back the original bytes."""
+    family = _family_of_model_type(model_type)
+    src, dst, back = tmp_path / "peft", tmp_path / "split", tmp_path / "back"
+    peft_model, targets = _peft_on_fused_experts(model_type, src, seed=7)
+    run_tool("convert.split_adapter", "--src", str(src), "--dst", str(dst), nproc=nproc)
+    out, config = read_adapter(dst)
+    src_tensors, src_config = read_adapter(src)
+    want = _role_deltas_from_peft(peft_model, family)
+    experts = {k for k in out if ".experts." in k}
+    assert experts == {f"{m}.lora_{f}.weight" for m in want for f in "AB"}
+    others = set(out) - experts
+    assert others == {k for k in src_tensors if ".experts." not in k}
+    for k in others:
+        assert raw_bytes(out[k]) == raw_bytes(src_tensors[k]), k
+    scale = 7 / R
+    for m, delta in want.items():
+        a, b = out[f"{m}.lora_A.weight"], out[f"{m}.lora_B.weight"]
+        assert a.shape[0] == R and b.shape[1] == R, m
+        torch.testing.assert_close(b.float() @ a.float() * scale, delta, rtol=1e-5, atol=1e-7,
+                                   msg=lambda s, m=m: f"{m}: {s}")
+    assert "target_parameters" not in config
+    leaves = {family.per_expert[r].rsplit(".", 2)[-2] for r in family.roles}
+    assert leaves <= set(config["target_modules"]), config["target_modules"]
+
+    assert "OK:" in run_tool("convert.verify", "--src", str(src), "--dst", str(dst)).stdout
+
+    run_tool("convert.fuse_adapter", "--src", str(dst), "--dst", str(back), "--layout", "peft")
+    assert "OK:" in run_tool("convert.verify", "--src", str(dst), "--dst", str(back)).stdout
+    fused, back_config = read_adapter(back)
+    assert set(fused) == set(src_tensors)
+    for k, t in src_tensors.items():
+        assert fused[k].dtype == t.dtype and raw_bytes(fused[k]) == raw_bytes(t), k
+    assert sorted(back_config["target_parameters"]) == targets
+    assert (back_config["r"], back_config["lora_alpha"]) == (src_config["r"], src_config["lora_alpha"])
+
+
+def test_lone_peft_wrapper_of_an_up_down_family_is_told_apart_by_target_parameters(tmp_path):
+    """nemotron_h's up_proj and down_proj are each other's transpose: with one wrapper and no --base-config only
+    target_parameters says which it is; the split names that role's experts only, with peft's deltas."""
+    family = _family_of_model_type("nemotron_h")
+    src, dst = tmp_path / "peft", tmp_path / "split"
+    peft_model, targets = _peft_on_fused_experts("nemotron_h", src, seed=11, only=".down_proj")
+    run_tool("convert.split_adapter", "--src", str(src), "--dst", str(dst))
+    out, _ = read_adapter(dst)
+    want = _role_deltas_from_peft(peft_model, family)
+    assert want and all(m.endswith(".down_proj") for m in want)
+    assert {k for k in out if ".experts." in k} == {f"{m}.lora_{f}.weight" for m in want for f in "AB"}
+    for m, delta in want.items():
+        got = out[f"{m}.lora_B.weight"].float() @ out[f"{m}.lora_A.weight"].float() * (7 / R)
+        torch.testing.assert_close(got, delta, rtol=1e-5, atol=1e-7, msg=lambda s, m=m: f"{m}: {s}")

@@ -7,19 +7,21 @@ module path is `P.experts` (E experts, per-expert rank r, nn.Linear orientation 
 - peft_target_parameters: peft `ParamWrapper` on the fused 3-D parameters; the expert
   dimension is folded into the rank: `P.experts.(base_layer.)*lora_A.weight` [E*r, in]
   (expert-major) and `lora_B.weight` [out, r*E] (expert-minor). One wrapper per targeted
-  parameter (gate_up_proj, down_proj); which is which is decided by shape, never by name.
+  parameter (the family's fused tensors, e.g. gate_up_proj and down_proj); which is which is
+  decided by shape and by the family's tables, never by a name in code.
 - shared_w123: 3-D `P.experts.<proj>.lora_A.weight` [1|E, r, in], `.lora_B.weight`
   [E|1, out, r]; a dim 0 of 1 is shared by every expert.
 - grouped: NeMo `P.experts.lora_gate_and_up_A` [E, H, r], `_B` [E, r, 2I],
   `lora_down_A` [E, I, r], `_B` [E, r, H] (x @ A @ B: transposed relative to peft).
 
-Projection names (`gate_proj`/`w1` -> gate, ...) and the gate/up order inside a fused
-gate_up factor (halves or interleaved) come from the family tables in configs/, so this
-module names no model.
+Projection names (e.g. `gate_proj`/`w1` -> role gate), which roles a fused factor holds, and
+their order inside it (halves or interleaved) come from the family tables in configs/, so
+this module names no model.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -30,14 +32,17 @@ from convert.families import Family, find_family, load_families
 from convert.formats.safetensors import TensorInfo
 
 PATTERNS = ("per_expert", "peft_target_parameters", "shared_w123", "grouped")
-ROLES = ("gate", "up", "down")
-GATE_UP = ("gate", "up")
 PEFT_PREFIX = "base_model.model."
 
 _PER_EXPERT_RX = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<e>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.lora_(?P<f>[AB])\.weight$")
 _PEFT_RX = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<nest>(?:base_layer\.)*)lora_(?P<f>[AB])\.weight$")
 _SHARED_RX = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<proj>[A-Za-z0-9_]+)\.lora_(?P<f>[AB])\.weight$")
-_GROUPED_RX = re.compile(r"^(?P<prefix>.+)\.experts\.lora_(?P<which>gate_and_up|down)_(?P<f>[AB])(?:\.weight)?$")
+# NeMo GroupedExpertsLoRA's own tensor names (the format's, not a model's): one factor pair for the
+# input projections stacked on the out dim, one for the output projection.
+GROUPED_INPUTS, GROUPED_OUTPUT = "gate_and_up", "down"
+_GROUPED_RX = re.compile(
+    rf"^(?P<prefix>.+)\.experts\.lora_(?P<which>{GROUPED_INPUTS}|{GROUPED_OUTPUT})_(?P<f>[AB])(?:\.weight)?$"
+)
 _EXPERT_LORA_RX = re.compile(r"\.experts\..*lora_")
 
 
@@ -67,10 +72,11 @@ class ExpertLoraGroup:
     `rank`: per-expert rank r (the largest over roles; peft's saved tensors have E*r);
     `role_rank`: (role, r) per role; `role_dims`: (role, (out, in)) of one expert's delta;
     `factors`: every source tensor with its meaning; `family`: the family name when known;
-    `gate_up_order`: "concat" (gate rows then up rows) or "interleave" (gate = rows 0::2)
-    for layouts with a fused gate_up factor, None when not applicable or the family is unknown;
-    `target_param`: (role tuple, parameter name) of each peft wrapper, e.g.
-    ((("gate", "up"), "gate_up_proj"), (("down",), "down_proj")), innermost first.
+    `fused_order`: how a factor holding several roles stacks them on its out dim, as the family's
+    fused tensor does: "concat" (halves) or "interleave" (role j = rows j::k); None when no factor
+    holds several roles or the family is unknown;
+    `target_param`: (role tuple, parameter name) of each peft wrapper, innermost first (the
+    family's fused tensors, e.g. qwen3_moe's two wrappers of its 2-role and 1-role tensors).
     """
 
     prefix: str
@@ -84,7 +90,7 @@ class ExpertLoraGroup:
     role_dims: tuple[tuple[str, tuple[int, int]], ...] = ()
     factors: tuple[LoraFactor, ...] = ()
     family: str | None = None
-    gate_up_order: str | None = None
+    fused_order: str | None = None
     target_param: tuple[tuple[tuple[str, ...], str], ...] = ()
 
     def rank_of(self, role: str) -> int:
@@ -114,34 +120,64 @@ class FamilyGuess:
 # ----------------------------------------------------------------------------- family tables
 
 
-def proj_roles() -> dict[str, str]:
-    """Projection module name -> role, from every family's per-expert templates (gate_proj/w1 -> gate, ...)."""
+def lora_roles(family: Family) -> tuple[str, ...]:
+    """The family's roles that LoRA can target (those of weight tensors), in the family's order."""
+    return tuple(r for r, leaf in family.role_leaves.items() if leaf.endswith(".weight"))
+
+
+def role_order(family: Family | None = None) -> tuple[str, ...]:
+    """Roles in a stable order: `family`'s, then every other family's (first seen first)."""
+    out: dict[str, None] = {}
+    for fam in ([family] if family else []) + list(load_families().values()):
+        out.update(dict.fromkeys(lora_roles(fam)))
+    return tuple(out)
+
+
+def output_role(family: Family) -> str:
+    """The role that maps the expert's intermediate size back to the hidden size: the family's last one.
+
+    Every other role maps hidden -> intermediate (the families' roles are listed input projections
+    first, as transformers' conversion table lists them).
+    """
+    return lora_roles(family)[-1]
+
+
+def lora_tensors(family: Family) -> tuple[tuple[tuple[str, ...], str, str], ...]:
+    """(roles, parameter name, order) of each fused weight tensor of the family's default layout.
+
+    These are the parameters peft's `target_parameters` wraps; `order` says how several roles
+    share the out dim ("concat" halves or "interleave"), from the tensor's op pipeline.
+    """
+    weights = set(lora_roles(family))
+    return tuple(
+        (t.parts, t.leaf, t.op) for t in family.fused[family.default_fused] if set(t.parts) <= weights
+    )
+
+
+def proj_roles(family: Family | None = None) -> dict[str, str]:
+    """Per-expert projection module name -> role, from the family tables (`family`'s names win)."""
     out: dict[str, str] = {}
-    for fam in load_families().values():
-        for role in ROLES:
-            template = fam.per_expert.get(role)
-            if template:
-                out[template.rsplit(".", 2)[-2]] = role
+    for fam in list(load_families().values()) + ([family] if family else []):
+        for role in lora_roles(fam):
+            out[fam.per_expert[role].rsplit(".", 2)[-2]] = role
     return out
 
 
 def fused_param_roles(family: Family | None = None) -> dict[str, tuple[str, ...]]:
-    """Fused parameter name -> roles it holds (gate_up_proj -> (gate, up)), from the family tables."""
+    """Fused parameter name -> roles it holds, from `family`'s tables (every family's when None)."""
     fams = [family] if family else list(load_families().values())
     out: dict[str, tuple[str, ...]] = {}
     for fam in fams:
-        for tensors in fam.fused.values():
-            for t in tensors:
-                if set(t.parts) <= set(ROLES):
-                    out.setdefault(t.template.rsplit(".", 1)[-1], t.parts)
+        for roles, leaf, _ in lora_tensors(fam):
+            out.setdefault(leaf, roles)
     return out
 
 
-def gate_up_order(family: Family) -> str | None:
-    """How the family's fused gate_up parameter orders gate and up on its out dim: concat or interleave."""
-    for t in family.fused[family.default_fused]:
-        if t.parts == GATE_UP:
-            return t.op
+def fused_order(family: Family, roles: tuple[str, ...] | None = None) -> str | None:
+    """How the family's fused tensor holding several roles (`roles` when given) orders them: concat or interleave."""
+    for parts, _, op in lora_tensors(family):
+        if len(parts) > 1 and (roles is None or parts == roles):
+            return op
     return None
 
 
@@ -150,15 +186,23 @@ def family_by_name(name: str) -> Family:
     return load_families()[name]
 
 
-def base_dims(base_config: dict[str, Any] | None) -> tuple[int | None, int | None, int | None]:
-    """(hidden size H, expert intermediate size I, number of experts E) from a config.json, None where absent."""
+def base_dims(
+    base_config: dict[str, Any] | None, family: Family | None = None
+) -> tuple[int | None, int | None, int | None]:
+    """(hidden size H, expert intermediate size I, number of experts E) from a config.json, None where absent.
+
+    E is read with `family`'s config keys (every family's when None).
+    """
     if not base_config:
         return None, None, None
     cfg = base_config.get("text_config", base_config) if "hidden_size" not in base_config else base_config
     hidden = cfg.get("hidden_size")
     inter = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
+    keys = family.num_experts_keys if family else tuple(
+        dict.fromkeys(k for f in load_families().values() for k in f.num_experts_keys)
+    )
     experts = None
-    for key in ("num_experts", "n_routed_experts", "num_local_experts"):
+    for key in keys:
         if isinstance(cfg.get(key), int) and cfg[key] > 0:
             experts = cfg[key]
             break
@@ -237,8 +281,8 @@ def detect_expert_lora(
     naming the tensor and the expected shapes when expert LoRA is present but inconsistent or
     undecidable (e.g. a lone peft wrapper that could be gate_up or down).
     """
-    roles_of_proj = proj_roles()
     guess = guess_family(adapter_config, base_config, where)
+    roles_of_proj = proj_roles(guess.family)
     found: dict[str, dict[str, dict[str, TensorInfo]]] = defaultdict(lambda: defaultdict(dict))
     passthrough: list[str] = []
     for name in sorted(tensors):
@@ -262,8 +306,8 @@ def detect_expert_lora(
         if _EXPERT_LORA_RX.search(name):
             raise ConversionError(
                 f"{where}: tensor {name!r} ({info.dtype} {list(info.shape)}) looks like expert LoRA but matches none "
-                f"of the known layouts ({', '.join(PATTERNS)}); expected e.g. '<layer>.experts.{{e}}.gate_proj."
-                "lora_A.weight' [r, in], peft '<layer>.experts.lora_A.weight' [E*r, in], or 3-D w1/w2/w3 factors"
+                f"of the known layouts ({', '.join(PATTERNS)}); expected e.g. '<layer>.experts.{{e}}.<projection>."
+                "lora_A.weight' [r, in], peft '<layer>.experts.lora_A.weight' [E*r, in], or 3-D [E|1, r, in] factors"
             )
         passthrough.append(name)
 
@@ -277,7 +321,7 @@ def detect_expert_lora(
                 )
             prefixes[prefix] = pattern
 
-    hidden, inter, base_e = base_dims(base_config)
+    hidden, inter, base_e = base_dims(base_config, guess.family)
     ctx = _Context(where, adapter_config, guess, hidden, inter, base_e, roles_of_proj)
     groups: list[ExpertLoraGroup] = []
     for prefix in sorted(prefixes, key=_natural):
@@ -309,12 +353,34 @@ class _Context:
         return self.guess.family.name if self.guess.family else None
 
     @property
+    def families(self) -> list[Family]:
+        """The family when known, else every family (whose names the adapter may use)."""
+        return [self.guess.family] if self.guess.family else list(load_families().values())
+
+    @property
     def order(self) -> str | None:
-        return gate_up_order(self.guess.family) if self.guess.family else None
+        return fused_order(self.guess.family) if self.guess.family else None
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return role_order(self.guess.family)
+
+    def is_output(self, role: str) -> bool | None:
+        """Whether `role` maps intermediate -> hidden; None when the families disagree."""
+        outs = {output_role(f) == role for f in self.families if role in lora_roles(f)}
+        return outs.pop() if len(outs) == 1 else None
+
+    def sides(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(input roles, output roles) in order: hidden -> intermediate, and back."""
+        return (tuple(r for r in self.roles if self.is_output(r) is False),
+                tuple(r for r in self.roles if self.is_output(r)))
 
     def expected(self, role: str) -> tuple[int | None, int | None]:
         """(out, in) of `role` from the base config, None where unknown."""
-        if role == "down":
+        output = self.is_output(role)
+        if output is None:
+            return None, None
+        if output:
             return self.hidden, self.inter
         return self.inter, self.hidden
 
@@ -342,25 +408,28 @@ def _summary(
                 f"{ctx.where}: tensor {example.name!r}: the {role} projection of layer {prefix} is [out={out}, in={inn}], "
                 f"but --base-config says [out={want_out}, in={want_in}]"
             )
-    if {"gate", "up"} <= set(role_dims) and role_dims["gate"] != role_dims["up"]:
-        raise ConversionError(
-            f"{ctx.where}: layer {prefix}: gate LoRA is for [out, in] = {list(role_dims['gate'])} but up LoRA for "
-            f"{list(role_dims['up'])}; expected the same shape"
-        )
-    if "down" in role_dims:
-        for r in ("gate", "up"):
-            if r in role_dims and tuple(reversed(role_dims[r])) != role_dims["down"]:
+    inputs = [r for r in ctx.roles if r in role_dims and ctx.is_output(r) is False]
+    outputs = [r for r in ctx.roles if r in role_dims and ctx.is_output(r)]
+    for first, r in zip(inputs, inputs[1:]):
+        if role_dims[r] != role_dims[first]:
+            raise ConversionError(
+                f"{ctx.where}: layer {prefix}: {first} LoRA is for [out, in] = {list(role_dims[first])} but {r} LoRA "
+                f"for {list(role_dims[r])}; expected the same shape"
+            )
+    for out_role in outputs:
+        for r in inputs[:1]:
+            if tuple(reversed(role_dims[r])) != role_dims[out_role]:
                 raise ConversionError(
-                    f"{ctx.where}: layer {prefix}: down LoRA is for [out, in] = {list(role_dims['down'])}, "
+                    f"{ctx.where}: layer {prefix}: {out_role} LoRA is for [out, in] = {list(role_dims[out_role])}, "
                     f"expected {list(reversed(role_dims[r]))} (the transpose of {r})"
                 )
     ctx.check_experts(prefix, num, factors[0].name)
-    roles = tuple(r for r in ROLES if r in role_rank)
+    roles = tuple(r for r in ctx.roles if r in role_rank)
     return ExpertLoraGroup(
         prefix=prefix, pattern=pattern, num_experts=num, rank=max(role_rank.values()), roles=roles,
         dtypes=tuple(sorted({f.dtype for f in factors})), tensors=tuple(sorted(f.name for f in factors)),
         role_rank=tuple((r, role_rank[r]) for r in roles), role_dims=tuple((r, role_dims[r]) for r in roles),
-        factors=tuple(factors), family=ctx.family_name, gate_up_order=ctx.order if needs_order else None,
+        factors=tuple(factors), family=ctx.family_name, fused_order=ctx.order if needs_order else None,
         target_param=target_param,
     )
 
@@ -383,7 +452,7 @@ def _per_expert(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> Exp
                 "for lora_B)"
             )
         by[key] = info
-    roles = sorted({k[0] for k in by}, key=ROLES.index)
+    roles = sorted({k[0] for k in by}, key=ctx.roles.index)
     num = max(k[1] for k in by) + 1
     if ctx.base_experts is not None and num > ctx.base_experts:
         raise ConversionError(
@@ -440,10 +509,12 @@ def _peft(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> ExpertLor
                 f"{ctx.where}: tensor {a.name!r} {list(a.shape)} and {b.name!r} {list(b.shape)}: peft folds E*r into "
                 f"lora_A dim 0 and lora_B dim 1, which must be equal"
             )
-    if len(wrappers) > 2:
+    tensor_sets = list(dict.fromkeys(tuple(t[0] for t in lora_tensors(f)) for f in ctx.families))
+    most = max(len(ts) for ts in tensor_sets)
+    if len(wrappers) > most:
         raise ConversionError(
-            f"{ctx.where}: layer {prefix} has {len(wrappers)} nested peft wrappers on its experts; expected at most 2 "
-            "(gate_up_proj and down_proj)"
+            f"{ctx.where}: layer {prefix} has {len(wrappers)} nested peft wrappers on its experts; expected at most "
+            f"{most} (one per fused expert parameter of the family)"
         )
     params = fused_param_roles(ctx.guess.family)
     name_of = {roles: p for p, roles in params.items()}
@@ -454,12 +525,12 @@ def _peft(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> ExpertLor
     }
     options: list[tuple[dict[int, tuple[str, ...]], int, dict[int, int]]] = []
     depths = sorted(wrappers)
-    candidates = [GATE_UP, ("down",)]
-    assignments = (
-        [{depths[0]: c} for c in candidates]
-        if len(depths) == 1
-        else [{depths[0]: c, depths[1]: d} for c in candidates for d in candidates if c != d]
-    )
+    assignments: list[dict[int, tuple[str, ...]]] = []
+    for ts in tensor_sets:
+        for chosen in itertools.permutations(ts, len(depths)):
+            assign = dict(zip(depths, chosen))
+            if assign not in assignments:
+                assignments.append(assign)
     reasons: list[str] = []
     for assign in assignments:
         ok, why, num, ranks = _peft_check(ctx, prefix, wrappers, assign, targeted, name_of)
@@ -468,16 +539,20 @@ def _peft(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> ExpertLor
         else:
             reasons.append(why)
     described = "; ".join(f"{w['A'].name} {list(w['A'].shape)} / {list(w['B'].shape)}" for w in wrappers.values())
+    known = sorted(set(name_of.values()))
     if not options:
         raise ConversionError(
-            f"{ctx.where}: layer {prefix}: peft expert LoRA {described} fits neither gate_up_proj nor down_proj "
-            f"({'; '.join(reasons)})"
+            f"{ctx.where}: layer {prefix}: peft expert LoRA {described} fits none of the fused expert parameters "
+            f"{known} ({'; '.join(dict.fromkeys(reasons))})"
         )
+    if len(options) > 1 and ctx.guess.family and len(depths) > 1:
+        # peft wraps a module's parameters in their declaration order, the first innermost (most base_layer.)
+        declared = [t[0] for t in lora_tensors(ctx.guess.family)]
+        options = [o for o in options if _nested_in_order(o[0], declared)] or options
     if len(options) > 1:
         raise ConversionError(
-            f"{ctx.where}: layer {prefix}: cannot tell by shape whether peft expert LoRA {described} is for "
-            "gate_up_proj or down_proj; pass --base-config (the base model's config.json) so the hidden and "
-            "intermediate sizes decide"
+            f"{ctx.where}: layer {prefix}: cannot tell by shape which of {known} peft expert LoRA {described} is "
+            "for; pass --base-config (the base model's config.json) so the hidden and intermediate sizes decide"
         )
     assign, num, ranks = options[0]
     role_rank: dict[str, int] = {}
@@ -491,12 +566,15 @@ def _peft(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> ExpertLor
             role_dims[role] = (out, a.shape[1])
         factors.append(LoraFactor(a.name, roles, "A", None, a.shape, a.dtype))
         factors.append(LoraFactor(b.name, roles, "B", None, b.shape, b.dtype))
-    target_param = tuple(
-        (assign[d], name_of.get(assign[d], "gate_up_proj" if assign[d] == GATE_UP else "down_proj"))
-        for d in sorted(assign, reverse=True)
-    )
+    target_param = tuple((assign[d], name_of[assign[d]]) for d in sorted(assign, reverse=True))
     return _summary(ctx, prefix, "peft_target_parameters", num, role_rank, role_dims, factors,
-                    needs_order=GATE_UP in assign.values(), target_param=target_param)
+                    needs_order=any(len(r) > 1 for r in assign.values()), target_param=target_param)
+
+
+def _nested_in_order(assign: dict[int, tuple[str, ...]], declared: list[tuple[str, ...]]) -> bool:
+    """Whether the wrappers, innermost first, hold the family's fused tensors in their declared order."""
+    idx = [declared.index(assign[d]) for d in sorted(assign, reverse=True)]
+    return idx == sorted(idx)
 
 
 def _peft_check(
@@ -511,16 +589,16 @@ def _peft_check(
         a, b = wrappers[depth]["A"], wrappers[depth]["B"]
         folded, inn = a.shape
         out = b.shape[0]
+        param = name_of.get(roles, "/".join(roles))
         if targeted and roles not in targeted:
-            return False, f"target_parameters does not list {name_of.get(roles, roles)}", 0, {}
-        if roles == GATE_UP and out % 2:
-            return False, f"{b.name} has an odd number of rows ({out}) for gate and up halves", 0, {}
+            return False, f"target_parameters does not list {param}", 0, {}
+        if out % len(roles):
+            return False, f"{b.name} has {out} rows, which do not split into {len(roles)} roles of {param}", 0, {}
         per_out = out // len(roles)
         want_out, want_in = ctx.expected(roles[0])
         if (want_out is not None and per_out != want_out) or (want_in is not None and inn != want_in):
-            return False, f"{name_of.get(roles, roles)} needs [out, in] = [{want_out}, {want_in}] per role", 0, {}
+            return False, f"{param} needs [out, in] = [{want_out}, {want_in}] per role", 0, {}
         dims[roles] = (per_out, inn)
-        param = name_of.get(roles, "gate_up_proj" if roles == GATE_UP else "down_proj")
         key = module_key(prefix, "experts", param)
         r = pattern_value(ctx.adapter_config.get("rank_pattern"), key, ctx.adapter_config.get("r"))
         if isinstance(r, int) and r > 0:
@@ -541,10 +619,18 @@ def _peft_check(
         ranks[depth] = r
     if len(nums) > 1:
         return False, f"the wrappers imply different expert counts {sorted(nums)}", 0, {}
-    if GATE_UP in dims and ("down",) in dims:
-        (g_out, g_in), (d_out, d_in) = dims[GATE_UP], dims[("down",)]
-        if (g_out, g_in) != (d_in, d_out):
-            return False, f"gate_up [out, in] = [{g_out}, {g_in}] is not the transpose of down's [{d_out}, {d_in}]", 0, {}
+    sides: dict[bool, tuple[tuple[str, ...], tuple[int, int]]] = {}
+    for roles, d in dims.items():
+        output = ctx.is_output(roles[0])
+        if output is not None:
+            sides.setdefault(output, (roles, d))
+            if d != sides[output][1]:
+                return False, f"{name_of.get(roles)} and {name_of.get(sides[output][0])} differ in [out, in]", 0, {}
+    if True in sides and False in sides:
+        (i_roles, (i_out, i_in)), (o_roles, (o_out, o_in)) = sides[False], sides[True]
+        if (i_out, i_in) != (o_in, o_out):
+            return False, (f"{name_of.get(i_roles)} [out, in] = [{i_out}, {i_in}] is not the transpose of "
+                           f"{name_of.get(o_roles)}'s [{o_out}, {o_in}]"), 0, {}
     return True, "", nums.pop(), ranks
 
 
@@ -557,7 +643,7 @@ def _shared(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> ExpertL
         if (role, m["f"]) in by:
             raise ConversionError(f"{ctx.where}: tensors {by[(role, m['f'])].name!r} and {name!r} are both {role} lora_{m['f']}")
         by[(role, m["f"])] = info
-    roles = sorted({r for r, _ in by}, key=ROLES.index)
+    roles = sorted({r for r, _ in by}, key=ctx.roles.index)
     dim0 = {info.shape[0] for info in by.values()} - {1}
     if len(dim0) > 1:
         raise ConversionError(
@@ -608,7 +694,8 @@ def _grouped(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> Expert
     role_dims: dict[str, tuple[int, int]] = {}
     factors = []
     nums = set()
-    for which, roles in (("gate_and_up", GATE_UP), ("down", ("down",))):
+    inputs, outputs = ctx.sides()
+    for which, roles in ((GROUPED_INPUTS, inputs), (GROUPED_OUTPUT, outputs[:1])):
         a, b = by.get((which, "A")), by.get((which, "B"))
         if a is None and b is None:
             continue
@@ -624,8 +711,11 @@ def _grouped(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> Expert
                 f"{ctx.where}: tensor {b.name!r} has shape {list(b.shape)}; expected [{e_a}, {r}, out] to match "
                 f"{a.name!r} {list(a.shape)} ([E, in, r])"
             )
-        if len(roles) == 2 and out % 2:
-            raise ConversionError(f"{ctx.where}: tensor {b.name!r} {list(b.shape)}: last dim {out} cannot hold gate and up halves")
+        if out % len(roles):
+            raise ConversionError(
+                f"{ctx.where}: tensor {b.name!r} {list(b.shape)}: last dim {out} does not split into {len(roles)} "
+                f"roles ({'/'.join(roles)})"
+            )
         nums.add(e_a)
         for role in roles:
             role_rank[role], role_dims[role] = r, (out // len(roles), inn)
@@ -633,4 +723,4 @@ def _grouped(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> Expert
         factors.append(LoraFactor(b.name, roles, "B", None, b.shape, b.dtype))
     if len(nums) != 1:
         raise ConversionError(f"{ctx.where}: layer {prefix}: grouped LoRA tensors disagree on the expert count {sorted(nums)}")
-    return _summary(ctx, prefix, "grouped", nums.pop(), role_rank, role_dims, factors, needs_order="gate" in role_rank)
+    return _summary(ctx, prefix, "grouped", nums.pop(), role_rank, role_dims, factors, needs_order=len(inputs) > 1 and inputs[0] in role_rank)

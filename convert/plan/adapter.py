@@ -25,7 +25,8 @@ from typing import Any
 
 from convert.formats.adapter_dir import is_lora, lora_module
 from convert.formats.adapter_layouts import (
-    GATE_UP, ROLES, ExpertLoraGroup, LoraFactor, detect_expert_lora, family_by_name, gate_up_order, module_key,
+    GROUPED_INPUTS, GROUPED_OUTPUT, ExpertLoraGroup, LoraFactor, detect_expert_lora, family_by_name, fused_order,
+    lora_roles, lora_tensors, module_key, output_role, role_order,
 )
 from convert.plan.adapter_scaling import (
     OutputModule, Scale, keys_matching_no_module, rewrite_config, scale_for_rank, source_scale,
@@ -40,8 +41,6 @@ from convert.formats.safetensors import DTYPE_SIZES
 from sharding.ep import expert_slices
 
 FUSED_LAYOUTS = ("peft", "grouped", "shared_w123")
-SHARED_W123_PROJ = {"gate": "w1", "up": "w3", "down": "w2"}  # the 3-D partially shared layout's own names
-GROUPED_NAMES = {GATE_UP: "gate_and_up", ("down",): "down"}
 
 
 @dataclass
@@ -87,11 +86,25 @@ def proj_name(family: Family, role: str) -> str:
 
 def fused_wrappers(family: Family, roles: tuple[str, ...]) -> list[tuple[tuple[str, ...], str]]:
     """(roles, `P.experts.<param>` template) of the family's fused parameters that hold `roles`, in declaration order."""
-    out = []
-    for t in family.fused[family.default_fused]:
-        if set(t.parts) <= set(ROLES) and set(t.parts) & set(roles):
-            out.append((t.parts, t.template))
-    return out
+    return [(parts, f"{family.experts_path}.{leaf}") for parts, leaf, _ in lora_tensors(family) if set(parts) & set(roles)]
+
+
+def shared_w123_proj(family: Family, role: str) -> str:
+    """The 3-D partially shared layout's own name of `role`: w1/w3 for the input projections, w2 for the output.
+
+    The layout numbers the projections as the original Mixtral experts did (w1 the first input
+    projection, w3 the second, w2 the output), whatever the family calls them.
+    """
+    names = {**dict(zip(input_roles(family), ("w1", "w3"))), output_role(family): "w2"}
+    if role not in names:
+        raise ConversionError(f"the shared 3-D layout names two input projections and one output; the "
+                              f"{family.name} family's role {role!r} has no name there")
+    return names[role]
+
+
+def input_roles(family: Family) -> tuple[str, ...]:
+    """The family's roles that map hidden -> intermediate (every role but the output one), in order."""
+    return tuple(r for r in lora_roles(family) if r != output_role(family))
 
 
 def _general_keys(name: str, tail: str) -> tuple[str, ...]:
@@ -176,7 +189,7 @@ def plan_split(src: AdapterSource, dtype: str | None, ep: int, chunk: int = DEFA
     b.passthrough(passthrough)
     convert = [g for g in groups if g.pattern != "per_expert"]
     notes = list(src.notes)
-    family = _family_of(convert, src, "the per-expert names and gate/up order depend on it") if convert else None
+    family = _family_of(convert, src, "the per-expert names and fused role order depend on it") if convert else None
     for g in groups:
         if g.pattern == "per_expert":
             b.passthrough(sorted(f.name for f in g.factors), {f.name: int(f.expert) for f in g.factors})  # type: ignore[arg-type]
@@ -192,7 +205,7 @@ def plan_split(src: AdapterSource, dtype: str | None, ep: int, chunk: int = DEFA
     b.check_unique()
     if convert:
         assert family is not None
-        roles = sorted({r for g in convert for r in g.roles}, key=ROLES.index)
+        roles = sorted({r for g in convert for r in g.roles}, key=role_order(family).index)
         config = rewrite_config(
             src.config, list(b.modules.values()), b.kept, src.display("adapter_config.json"),
             target_modules_add=[proj_name(family, r) for r in roles], target_parameters=None,
@@ -240,7 +253,7 @@ def _split_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, ep
         names = {
             (role, e): _expert_outputs(b, g, family, prefix, role, e, src_key, (da, db)) for e in range(E) for role in roles
         }
-        order = g.gate_up_order if len(roles) > 1 else None
+        order = g.fused_order if len(roles) > 1 else None
         wrappers.append(FoldedFactors(fa.dtype, fb.dtype, out * len(roles), inn, r, E, len(roles), order, da, db))
         reads_of.append((b.ref(fa), b.ref(fb)))
         names_of.append((roles, names, r * inn * DTYPE_SIZES[da], out * r * DTYPE_SIZES[db], da, db))
@@ -278,14 +291,14 @@ def _split_shared(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str) 
 
 def _split_grouped(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str) -> None:
     src_key = module_key(g.prefix, "experts")
-    for roles in (GATE_UP, ("down",)):
+    for roles in (input_roles(family), (output_role(family),)):
         if roles[0] not in g.roles:
             continue
         fa, fb = g.factor(roles, "A"), g.factor(roles, "B")
         da, db = b.out_dtype(fa), b.out_dtype(fb)
         out, inn = g.dims_of(roles[0])
         r = g.rank_of(roles[0])
-        order = g.gate_up_order if len(roles) > 1 else None
+        order = g.fused_order if len(roles) > 1 else None
         for e in range(g.num_experts):
             names = [_expert_outputs(b, g, family, prefix, role, e, src_key, (da, db)) for role in roles]
             a_op = GroupedSlice(fa.dtype, (inn, r), 1, None, len(roles), da)
@@ -317,7 +330,7 @@ def _fuse_family(groups: list[ExpertLoraGroup], src: AdapterSource) -> Family:
     if rep is not None:
         return rep
     return _family_of([g for g in groups if g.family is None] or groups, src,
-                      "the fused names and gate/up order depend on it")
+                      "the fused names and role order depend on it")
 
 
 def _identical(src: AdapterSource, refs: list[TensorRef]) -> int | None:
@@ -348,7 +361,7 @@ def _pairs_identical(src: AdapterSource, pairs: list[tuple[TensorRef, TensorRef]
 def plan_fuse(src: AdapterSource, layout: str, dtype: str | None, chunk: int = DEFAULT_CHUNK_BYTES) -> AdapterPlan:
     """Plan converting a per-expert adapter to `layout` (peft, grouped or shared_w123); the rest passes through.
 
-    Reads the gate/up lora_A tensors (and, for shared_w123, the factors that must be shared) at
+    Reads the lora_A tensors of roles fused into one factor (and, for shared_w123, the factors that must be shared) at
     plan time to decide what is exact. Raises ConversionError for non-per-expert input and for
     conversions that would not be exact.
     """
@@ -369,9 +382,14 @@ def plan_fuse(src: AdapterSource, layout: str, dtype: str | None, chunk: int = D
     notes = list(src.notes)
     shared_a = True
     if layout in ("peft", "grouped"):
+        # roles fused into one tensor share one lora_A in the fused layout when their per-expert lora_A agree
+        stacks = {parts for parts, _, _ in lora_tensors(family) if len(parts) > 1}
+        if layout == "grouped":
+            stacks.add(input_roles(family))
         pairs = [
-            (b.ref(g.factor(("gate",), "A", e)), b.ref(g.factor(("up",), "A", e)))
-            for g in groups if {"gate", "up"} <= set(g.roles) for e in range(g.num_experts)
+            (b.ref(g.factor((parts[0],), "A", e)), b.ref(g.factor((other,), "A", e)))
+            for g in groups for parts in stacks if set(parts) <= set(g.roles)
+            for other in parts[1:] for e in range(g.num_experts)
         ]
         shared_a = _pairs_identical(src, pairs)
     params: set[str] = set()
@@ -384,13 +402,14 @@ def plan_fuse(src: AdapterSource, layout: str, dtype: str | None, chunk: int = D
         else:
             _fuse_shared(b, g, family, prefix)
     if layout == "peft" and not shared_a:
-        notes.append("gate and up have different lora_A: the gate_up_proj wrapper stacks them (rank 2r, "
-                     "block-diagonal lora_B, alpha scaled to keep every delta; exact)")
+        stacked = ", ".join(f"{'/'.join(p)} ({leaf})" for p, leaf, _ in lora_tensors(family) if len(p) > 1)
+        notes.append(f"the roles of one fused parameter have different lora_A: {stacked}: its wrapper stacks them "
+                     "(rank k*r, block-diagonal lora_B, alpha scaled to keep every delta; exact)")
     b.check_unique()
-    roles = sorted({r for g in groups for r in g.roles}, key=ROLES.index)
+    roles = sorted({r for g in groups for r in g.roles}, key=role_order(family).index)
     kept_leaves = {k.rsplit(".", 1)[-1] for k in b.kept}
     drop = [proj_name(family, r) for r in roles if proj_name(family, r) not in kept_leaves]
-    add = [SHARED_W123_PROJ[r] for r in roles] if layout == "shared_w123" else []
+    add = [shared_w123_proj(family, r) for r in roles] if layout == "shared_w123" else []
     config = rewrite_config(
         src.config, list(b.modules.values()), b.kept, src.display("adapter_config.json"),
         target_modules_add=add, target_modules_drop=drop,
@@ -455,7 +474,7 @@ def _fuse_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, sha
             b.pieces.append(Piece(reads, (Write(name_a, e * a_bytes, (e + 1) * a_bytes, da),), None, e))
         row_bytes = R * E * DTYPE_SIZES[db]
         step = max(1, b.chunk // max(1, row_bytes * k))
-        order = gate_up_order(family) if k > 1 else None
+        order = fused_order(family, roles) if k > 1 else None
         for lo in range(0, out, step):
             hi = min(out, lo + step)
             reads = []
@@ -474,10 +493,11 @@ def _fuse_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, sha
 
 
 def _fuse_grouped(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, shared_a: bool) -> None:
-    if {"gate", "up"} <= set(g.roles) and not shared_a:
+    inputs = input_roles(family)
+    if len(inputs) > 1 and set(inputs) <= set(g.roles) and not shared_a:
         raise ConversionError(
-            f"{b.where}: gate and up LoRA have different lora_A (e.g. in layer {g.prefix}); the grouped layout shares "
-            "one lora_gate_and_up_A between them, so it cannot hold this adapter exactly (use --layout peft)"
+            f"{b.where}: {'/'.join(inputs)} LoRA have different lora_A (e.g. in layer {g.prefix}); the grouped layout "
+            f"shares one lora_{GROUPED_INPUTS}_A between them, so it cannot hold this adapter exactly (use --layout peft)"
         )
     E = g.num_experts
     experts_path = family.fused[family.default_fused][0].template.format(prefix=prefix).rsplit(".", 1)[0]
@@ -487,7 +507,7 @@ def _fuse_grouped(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, 
     scale = _group_scale(b, g, family, prefix, g.roles)
     b.module(module_key(experts_path), scale, re.escape("experts"))
     r = ranks.pop()
-    for roles, tag in GROUPED_NAMES.items():
+    for roles, tag in ((inputs, GROUPED_INPUTS), ((output_role(family),), GROUPED_OUTPUT)):
         present = [x for x in roles if x in g.roles]
         if not present:
             continue
@@ -500,7 +520,7 @@ def _fuse_grouped(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, 
         name_a, name_b = f"{experts_path}.lora_{tag}_A", f"{experts_path}.lora_{tag}_B"
         b.target(name_a, da, (E, inn, r))
         b.target(name_b, db, (E, r, out * k))
-        order = gate_up_order(family) if k > 1 else None
+        order = fused_order(family) if k > 1 else None
         a_bytes, b_bytes = inn * r * DTYPE_SIZES[da], r * out * k * DTYPE_SIZES[db]
         for e in range(E):
             fa = g.factor((roles[0],), "A", e)
@@ -517,7 +537,7 @@ def _fuse_shared(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str) -
     E = g.num_experts
     experts_path = family.fused[family.default_fused][0].template.format(prefix=prefix).rsplit(".", 1)[0]
     for role in g.roles:
-        shared_factor = "B" if role == "down" else "A"
+        shared_factor = "B" if role == output_role(family) else "A"
         refs = [b.ref(g.factor((role,), shared_factor, e)) for e in range(E)]
         bad = _identical(b.src, refs)
         if bad is not None:
@@ -525,7 +545,7 @@ def _fuse_shared(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str) -
                 f"{b.where}: the shared w1/w2/w3 layout keeps one {role} lora_{shared_factor} for all experts, but "
                 f"{refs[bad].info.name!r} differs from {refs[0].info.name!r}: not exact; use --layout peft or grouped"
             )
-        proj = SHARED_W123_PROJ[role]
+        proj = shared_w123_proj(family, role)
         out, inn = g.dims_of(role)
         r = g.rank_of(role)
         scale = _group_scale(b, g, family, prefix, (role,))

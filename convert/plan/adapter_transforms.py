@@ -4,8 +4,9 @@ A piece whose `regroup` is one of these objects is executed by `outputs(bufs)` (
 convert.engine.executor.piece_outputs): `bufs` are the piece's reads in order, the result is one
 buffer per write, in order. Everything else an adapter conversion moves is a plain byte
 copy (or cast) and needs no compute. Conventions (FORMATS.md): per-expert lora_A is [r, in],
-lora_B is [out, r]; a fused gate_up factor holds gate and up on its out dim either as
-halves ("concat") or interleaved ("interleave": gate = rows 0::2).
+lora_B is [out, r]; a fused factor of k roles (as the family's fused tensor holds them, e.g.
+gate and up) stacks them on its out dim either as k blocks ("concat") or interleaved
+("interleave": role j = rows j::k).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def part_rows(rows: int, parts: int, order: str | None) -> list[slice]:
     if order == "interleave":
         return [slice(j, None, parts) for j in range(parts)]
     if order != "concat":
-        raise ValueError(f"unknown gate/up order {order!r}")
+        raise ValueError(f"unknown order {order!r} of roles in a fused factor (expected concat or interleave)")
     n = rows // parts
     return [slice(j * n, (j + 1) * n) for j in range(parts)]
 

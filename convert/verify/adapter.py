@@ -1,7 +1,7 @@
 """What a correct adapter conversion must satisfy: every expert's LoRA delta is unchanged.
 
 For each MoE layer, each side's expert LoRA is recognised with convert.formats.adapter_layouts
-(`detect_expert_lora`: per-expert, peft target_parameters, shared w1/w2/w3, grouped), but the
+(`detect_expert_lora`: per-expert, peft target_parameters, shared 3-D, grouped), but the
 meaning of the factors is re-derived here from FORMATS.md, independently of the converter's
 transforms: expert e's A_e [r, in] and B_e [out, r] are cut out of whichever tensors hold
 them, and delta_e = B_e @ A_e * scaling, with the scaling each side's own adapter_config.json
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from convert.formats.adapter_layouts import PEFT_PREFIX, ExpertLoraGroup, detect_expert_lora
+from convert.formats.adapter_layouts import PEFT_PREFIX, ExpertLoraGroup, detect_expert_lora, fused_order
 from convert.errors import ConversionError
 from convert.families import Family, find_family, load_families
 from convert.formats.safetensors import TensorInfo
@@ -71,7 +71,7 @@ class Cut:
     kind: "whole" (the tensor is the factor), "rows" (peft lora_A [E*r, in]: rows [e*r, (e+1)*r)),
     "index" (3-D [E|1, ...]: x[e], or x[0] when `shared`; transposed when `transpose`, for grouped
     NeMo factors), "expert_minor" (peft lora_B [out, r*E]: B.view(out, r, E)[:, :, e]).
-    B factors of a fused gate_up keep the rows of role `part` of `parts`: halves or interleaved (`order`).
+    B factors holding several roles keep the rows of role `part` of `parts`: halves or interleaved (`order`).
     """
 
     tensor: Stored
@@ -162,13 +162,8 @@ class LoraSide:
 
 
 def _family_order(family: Family | None) -> str | None:
-    """How the family's fused gate_up holds gate and up on its out dim (concat halves or interleave)."""
-    if family is None:
-        return None
-    for t in family.fused[family.default_fused]:
-        if tuple(t.parts) == ("gate", "up"):
-            return t.op
-    return None
+    """How the family's fused tensor holding several roles stacks them on its out dim (concat halves or interleave)."""
+    return fused_order(family) if family is not None else None
 
 
 def _family(group: ExpertLoraGroup, base_config: dict[str, Any] | None) -> Family | None:
@@ -220,7 +215,7 @@ def lora_side(
         fb1 = next(f for f in group.factors if role in f.roles and f.factor == "B")
         k, part = len(fb1.roles), fb1.roles.index(role)
         if k > 1 and order is None:
-            raise ConversionError(f"{where}: layer {group.prefix}: cannot tell how {fb1.name!r} orders gate and up "
+            raise ConversionError(f"{where}: layer {group.prefix}: cannot tell how {fb1.name!r} orders {'/'.join(fb1.roles)} "
                                   "without the model family; pass --base-config")
         a, b = table.tensors[fa1.name], table.tensors[fb1.name]
         split = dict(part=part, parts=k, order=order or "concat")
