@@ -216,7 +216,7 @@ def test_dry_run_and_verify_are_honoured_and_reported(tmp_path, capsys, monkeypa
             shard.write_bytes(bytes(data))
         return real_plan(opts)
 
-    monkeypatch.setattr(convert.verify, "plan_verify", corrupt_then_plan)
+    monkeypatch.setattr(convert.verify.run, "plan_verify", corrupt_then_plan)
     report = tmp_path / "report.json"
     code = call_batch(_write(tmp_path / "m.yaml", {"jobs": jobs}), "--report", str(report))
     out = capsys.readouterr().out
