@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,17 +33,23 @@ from convert.checkpoint import OTHER_WEIGHTS
 from convert.cli import run_main
 from convert.errors import ConversionError, describe, set_destination
 from convert.families import detect_family
-from convert.flag_types import json_object
+from convert.flag_types import json_object, positive_int
 from convert.model_config import CONFIG_DTYPE_NAMES, DTYPE_KEYS, without_dtype
 from convert.storage import Storage
 from convert.toplevel import ToolParser
 from convert.verify_base import base_relation
-from convert.verify_checks import ExpertCheck, Mismatch, PassCheck, Tally, run_expert, run_pass
+from convert.verify_checks import (
+    BLOCK_BYTES, ExpertCheck, Mismatch, PassCheck, Tally, chunk_bytes, pass_chunks, pass_shape_problem,
+    release_buffers, run_expert, run_pass_chunk,
+)
 from convert.verify_tables import Table, Unreadable, read_table
 from launch.dist import Dist
 
 BASE_INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
+# Data held by a rank's comparing threads together (each holds one expert of both sides or one chunk pair):
+# fewer threads than --workers where one expert is large.
+MEMORY_BUDGET = int(os.environ.get("MOE_CONVERT_VERIFY_MEMORY", str(256 << 20)))
 
 
 class CannotVerify(Exception):
@@ -74,6 +82,7 @@ class VerifyOptions:
     base_config: str | None = None  # adapters: the base model's config.json (for E where the adapter lacks it)
     max_report: int = 50
     report_path: str | None = None
+    workers: int = 4  # threads per rank comparing experts / chunks in parallel (bounded by MEMORY_BUDGET)
 
 
 def compare_files(src: Storage, dst: Storage, names: list[str], rewritten: set[str] = frozenset()) -> list[str]:
@@ -210,28 +219,117 @@ def share(relation: Relation, rank: int, world: int) -> tuple[list[tuple[int, in
     return mine, passes
 
 
+def worker_threads(workers: int, largest: int, budget: int = MEMORY_BUDGET) -> int:
+    """Threads to compare with: `workers`, fewer where that many items of `largest` bytes (plus each
+    thread's scratch blocks) would exceed `budget`; at least one."""
+    per = largest + 2 * BLOCK_BYTES
+    return max(1, min(workers, budget // max(1, per)))
+
+
+# One unit of parallel work: () -> (its findings, the pass-through check it belongs to or -1).
+Item = Callable[[], tuple[Tally, int]]
+
+
+def _expert_item(check: ExpertCheck, src: Storage, dst: Storage, e: int, limit: int) -> tuple[Tally, int]:
+    part = Tally([], limit=limit)
+    try:
+        run_expert(check, src, dst, e, part)
+    except (ConversionError, OSError, RuntimeError, ValueError) as exc:
+        part.add(Mismatch(check.layer, f"could not be read: {exc}", e))
+    return part, -1
+
+
+def _chunk_item(check: PassCheck, index: int, src: Storage, dst: Storage, i: int, j: int,
+                limit: int) -> tuple[Tally, int]:
+    part = Tally([], limit=limit)
+    try:
+        run_pass_chunk(check, src, dst, i, j, part)
+    except (ConversionError, OSError, RuntimeError, ValueError) as exc:
+        part.add(Mismatch(check.dst.name, f"could not be read: {exc}"))
+    return part, index
+
+
+def _run_items(items: list[Item], threads: int) -> Iterator[tuple[Tally, int]]:
+    """Each item's result, in the items' order, computed by `threads` threads. Torch ops run single-threaded
+    meanwhile: the items are the parallelism (intra-op threads on busy cores cost more than they give)."""
+    before = torch_threads(1)
+    try:
+        if threads <= 1:
+            for item in items:
+                yield item()
+            return
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="verify")  # each thread's buffers go with it
+        try:
+            yield from pool.map(lambda item: item(), items)
+        finally:  # on an error or interrupt: drop the items not started, wait only for those running
+            pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        torch_threads(before)
+
+
+def torch_threads(n: int) -> int:
+    """Set torch's intra-op thread count to `n`; returns the previous count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    return before
+
+
 def check_share(relation: Relation, opts: VerifyOptions, rank: int, world: int) -> Tally:
-    """Run this rank's share of the data checks; returns what it found."""
+    """Run this rank's share of the data checks; returns what it found.
+
+    Streaming expert checks and pass-through chunks are compared by up to `opts.workers` threads
+    (each reading into its own reused buffer); other expert checks (adapters: derived deltas,
+    cached factors) one after another on this thread. Findings are reported in the same order
+    whatever the thread count: experts as shared, then pass-through tensors (the first differing
+    chunk of each).
+    """
+    t0 = time.perf_counter()
     src = Storage(opts.src, opts.storage_options)
     dst = Storage(opts.dst, opts.storage_options)
-    tally = Tally([], limit=max(1, opts.max_report))
+    limit = max(1, opts.max_report)
+    tally = Tally([], limit=limit)
     experts, passes = share(relation, rank, world)
+    items: list[Item] = []
+    largest = 0
     try:
         for i, e in experts:
             check = relation.experts[i]
-            try:
-                run_expert(check, src, dst, e, tally)
-            except (ConversionError, OSError, RuntimeError, ValueError) as exc:
-                tally.add(Mismatch(check.layer, f"could not be read: {exc}", e))
+            if check.streaming:
+                items.append(lambda c=check, e=e: _expert_item(c, src, dst, e, limit))
+                largest = max(largest, check.item_bytes(e))
+            else:
+                tally.merge(_expert_item(check, src, dst, e, limit)[0])
+        pass_problems: dict[int, Mismatch] = {}
         for i in passes:
             check = relation.passes[i]
-            try:
-                run_pass(check, src, dst, tally)
-            except (ConversionError, OSError, RuntimeError, ValueError) as exc:
-                tally.add(Mismatch(check.dst.name, f"could not be read: {exc}"))
+            tally.tensors_checked += 1
+            problem = pass_shape_problem(check)
+            if problem:
+                pass_problems[i] = problem
+                continue
+            for a, b in pass_chunks(check):
+                items.append(lambda c=check, i=i, a=a, b=b: _chunk_item(c, i, src, dst, a, b, limit))
+                largest = max(largest, chunk_bytes(check, a, b))
+        tally.threads = worker_threads(opts.workers, largest)
+        failed: set[int] = set()
+        for part, index in _run_items(items, tally.threads):
+            if index >= 0:
+                if index in failed:  # report only the first differing chunk of a tensor
+                    part.mismatches, part.dropped = [], 0
+                elif part.mismatches or part.dropped:
+                    failed.add(index)
+            tally.merge(part)
+        for i in passes:  # shape changes of pass-through tensors, after the data findings, as before
+            if i in pass_problems:
+                tally.add(pass_problems[i])
     finally:
         src.close()
         dst.close()
+        release_buffers()
+    tally.seconds = time.perf_counter() - t0
     tally.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     return tally
 
@@ -271,7 +369,8 @@ def summarize(relation: Relation, tallies: list[Tally], opts: VerifyOptions, wor
         "dst_tensors": relation.dst_tensors, "dst_files": relation.dst_files, "world_size": world,
         "seconds": seconds,
         "ranks": [{"experts_checked": t.experts_checked, "tensors_checked": t.tensors_checked,
-                   "bytes_compared": t.bytes_compared, "peak_rss_bytes": t.peak_rss} for t in tallies],
+                   "bytes_compared": t.bytes_compared, "peak_rss_bytes": t.peak_rss, "seconds": t.seconds,
+                   "threads": t.threads} for t in tallies],
     }
     return "\n".join(lines), report
 
@@ -348,7 +447,7 @@ def with_verify(
         if code != 0 or not getattr(args, "verify", False) or getattr(args, "dry_run", False):
             return code
         opts = VerifyOptions(args.src, args.dst, getattr(args, "family", None), args.storage_options,
-                             getattr(args, "base_config", None))
+                             getattr(args, "base_config", None), workers=getattr(args, "workers", None) or 4)
         return verify_after(opts, dist, marker, report)
 
     return body
@@ -363,6 +462,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--base-config", default=None, help="adapters: the base model's config.json")
     p.add_argument("--storage-options", type=json_object, default={}, help="JSON of fsspec options")
     p.add_argument("--max-report", type=int, default=50, help="mismatches listed (default 50)")
+    p.add_argument("--workers", type=positive_int, default=4,
+                   help="threads per rank comparing in parallel (default 4; fewer where experts are large)")
     p.add_argument("--report", default=None, help="write a JSON report here")
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -371,7 +472,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and verify on every rank."""
     a = parser().parse_args(argv)
-    opts = VerifyOptions(a.src, a.dst, a.family, a.storage_options, a.base_config, a.max_report, a.report)
+    opts = VerifyOptions(a.src, a.dst, a.family, a.storage_options, a.base_config, a.max_report, a.report, a.workers)
     run_main(lambda dist: verify_job(opts, dist))
 
 

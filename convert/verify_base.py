@@ -208,7 +208,7 @@ def base_relation(
                 found.append(f"{dst.where}: tensor {rb[r][1]!r} gives role {r} the per-expert shape "
                              f"{list(rb[r][0])}; the source ({ra[r][1]!r}) has {list(ra[r][0])}")
             continue
-        experts.append(ExpertCheck(prefix, num_experts, a, b))
+        experts.append(ExpertCheck(prefix, num_experts, a, b, streaming=True))
     passes = []
     dst_set = set(dst_others)
     for name in src_others:
