@@ -23,6 +23,7 @@ import json
 import os
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,7 @@ from convert.verify_checks import (
     BLOCK_BYTES, ExpertCheck, Mismatch, PassCheck, Tally, chunk_bytes, pass_chunks, pass_shape_problem,
     release_buffers, run_expert, run_pass_chunk,
 )
-from convert.verify_tables import Table, Unreadable, read_table
+from convert.verify_tables import Table, Unreadable, element_size, read_table
 from launch.dist import Dist
 
 BASE_INDEX = "model.safetensors.index.json"
@@ -50,6 +51,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 # Data held by a rank's comparing threads together (each holds one expert of both sides or one chunk pair):
 # fewer threads than --workers where one expert is large.
 MEMORY_BUDGET = int(os.environ.get("MOE_CONVERT_VERIFY_MEMORY", str(256 << 20)))
+READ_AHEAD_BYTES = int(os.environ.get("MOE_CONVERT_VERIFY_READ_AHEAD", str(128 << 20))) # page cache requested ahead of the items being compared (local files)
 
 
 class CannotVerify(Exception):
@@ -230,6 +232,22 @@ def worker_threads(workers: int, largest: int, budget: int = MEMORY_BUDGET) -> i
 Item = Callable[[], tuple[Tally, int]]
 
 
+def _expert_spans(check: ExpertCheck, src: Storage, dst: Storage, e: int) -> Spans:
+    """What expert e's check reads, where its sides say (sides without `spans` are not read ahead)."""
+    out: Spans = []
+    for side, storage in ((check.src, src), (check.dst, dst)):
+        spans = getattr(side, "spans", None)
+        out += [(storage, *span) for span in spans(e)] if spans else []
+    return out
+
+
+def _chunk_spans(check: PassCheck, src: Storage, dst: Storage, i: int, j: int) -> Spans:
+    """What elements [i, j) of a pass-through check read."""
+    s, d = check.src, check.dst
+    ss, ds = element_size(s.dtype), element_size(d.dtype)
+    return [(src, s.file, s.start + i * ss, s.start + j * ss), (dst, d.file, d.start + i * ds, d.start + j * ds)]
+
+
 def _expert_item(check: ExpertCheck, src: Storage, dst: Storage, e: int, limit: int) -> tuple[Tally, int]:
     part = Tally([], limit=limit)
     try:
@@ -249,18 +267,71 @@ def _chunk_item(check: PassCheck, index: int, src: Storage, dst: Storage, i: int
     return part, index
 
 
-def _run_items(items: list[Item], threads: int) -> Iterator[tuple[Tally, int]]:
-    """Each item's result, in the items' order, computed by `threads` threads. Torch ops run single-threaded
-    meanwhile: the items are the parallelism (intra-op threads on busy cores cost more than they give)."""
+# The byte ranges an item reads: (storage, file, start, end).
+Spans = list[tuple[Storage, str, int, int]]
+
+
+class ReadAhead:
+    """Keeps the page cache filling up to `window` bytes ahead of the items being compared.
+
+    Only the ranges the items will read are requested (posix_fadvise WILLNEED through
+    Storage.prefetch; local files), merged per file where they touch, refilled in half-window
+    steps. The disk then works while the threads compare; it costs page cache, not process memory.
+    """
+
+    def __init__(self, spans: list[Spans], window: int = READ_AHEAD_BYTES) -> None:
+        self.spans, self.window = spans, window
+        self.cum = [0]
+        for sp in spans:
+            self.cum.append(self.cum[-1] + sum(end - start for _, _, start, end in sp))
+        self.next = 0  # items [0, next) have been requested
+        self.lock = threading.Lock()
+
+    def reached(self, k: int) -> None:
+        """Item k is about to run: top the window up when less than half of it is left."""
+        with self.lock:
+            if self.window <= 0 or self.next >= len(self.spans) or self.next > k and self.cum[self.next] - self.cum[k] >= self.window // 2:
+                return
+            end = max(self.next, k + 1)
+            while end < len(self.spans) and self.cum[end] - self.cum[k] < self.window:
+                end += 1
+            todo, self.next = self.spans[self.next : end], end
+        ranges: dict[tuple[int, str], tuple[Storage, list[list[int]]]] = {}
+        for sp in todo:
+            for storage, file, start, end_ in sp:
+                if storage.is_local:
+                    ranges.setdefault((id(storage), file), (storage, []))[1].append([start, end_])
+        for (_, file), (storage, found) in ranges.items():
+            found.sort()
+            merged = [found[0]]
+            for a, b in found[1:]:
+                if a <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], b)
+                else:
+                    merged.append([a, b])
+            for a, b in merged:
+                storage.prefetch(file, a, b)
+
+
+def _run_items(items: list[Item], spans: list[Spans], threads: int) -> Iterator[tuple[Tally, int]]:
+    """Each item's result, in the items' order, computed by `threads` threads while ReadAhead requests the
+    bytes of the items to come. Torch ops run single-threaded meanwhile: the items are the parallelism
+    (intra-op threads on busy cores cost more than they give)."""
+    ahead = ReadAhead(spans)
+
+    def run(k: int) -> tuple[Tally, int]:
+        ahead.reached(k)
+        return items[k]()
+
     before = torch_threads(1)
     try:
         if threads <= 1:
-            for item in items:
-                yield item()
+            for k in range(len(items)):
+                yield run(k)
             return
         pool = ThreadPoolExecutor(threads, thread_name_prefix="verify")  # each thread's buffers go with it
         try:
-            yield from pool.map(lambda item: item(), items)
+            yield from pool.map(run, range(len(items)))
         finally:  # on an error or interrupt: drop the items not started, wait only for those running
             pool.shutdown(wait=True, cancel_futures=True)
     finally:
@@ -293,12 +364,14 @@ def check_share(relation: Relation, opts: VerifyOptions, rank: int, world: int) 
     tally = Tally([], limit=limit)
     experts, passes = share(relation, rank, world)
     items: list[Item] = []
+    spans: list[Spans] = []
     largest = 0
     try:
         for i, e in experts:
             check = relation.experts[i]
             if check.streaming:
                 items.append(lambda c=check, e=e: _expert_item(c, src, dst, e, limit))
+                spans.append(_expert_spans(check, src, dst, e))
                 largest = max(largest, check.item_bytes(e))
             else:
                 tally.merge(_expert_item(check, src, dst, e, limit)[0])
@@ -312,10 +385,11 @@ def check_share(relation: Relation, opts: VerifyOptions, rank: int, world: int) 
                 continue
             for a, b in pass_chunks(check):
                 items.append(lambda c=check, i=i, a=a, b=b: _chunk_item(c, i, src, dst, a, b, limit))
+                spans.append(_chunk_spans(check, src, dst, a, b))
                 largest = max(largest, chunk_bytes(check, a, b))
         tally.threads = worker_threads(opts.workers, largest)
         failed: set[int] = set()
-        for part, index in _run_items(items, tally.threads):
+        for part, index in _run_items(items, spans, tally.threads):
             if index >= 0:
                 if index in failed:  # report only the first differing chunk of a tensor
                     part.mismatches, part.dropped = [], 0

@@ -74,6 +74,10 @@ class PerExpertSide:
     def expert_bytes(self, e: int) -> int:
         return sum(per[e].nbytes for _, per in self.tensors)
 
+    def spans(self, e: int) -> list[tuple[str, int, int]]:
+        """(file, start, end) of every byte range load(e) reads."""
+        return [(per[e].file, per[e].start, per[e].end) for _, per in self.tensors]
+
 
 @dataclass(frozen=True)
 class FusedPart:
@@ -109,6 +113,14 @@ class FusedSide:
 
     def expert_bytes(self, e: int) -> int:
         return sum(p.tensor.nbytes // self.num_experts for p in self.parts)
+
+    def spans(self, e: int) -> list[tuple[str, int, int]]:
+        """(file, start, end) of every byte range load(e) reads: slice e of each fused tensor."""
+        out = []
+        for p in self.parts:
+            per = p.tensor.nbytes // self.num_experts
+            out.append((p.tensor.file, p.tensor.start + e * per, p.tensor.start + (e + 1) * per))
+        return out
 
 
 Side = PerExpertSide | FusedSide

@@ -240,7 +240,12 @@ def compare(
 
 def _blocks(a: torch.Tensor, b: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Corresponding blocks of two same-shaped tensors, each about BLOCK_BYTES: flat element ranges of
-    contiguous tensors, else runs of their leading dimension."""
+    contiguous tensors, else runs of the leading dimension, with both tensors' dimensions first put in the
+    memory order of the strided one (a transposed expert is then gathered along its rows, not its columns)."""
+    if a.dim() >= 2 and not (a.is_contiguous() and b.is_contiguous()):
+        ref = a if b.is_contiguous() else b
+        order = sorted(range(ref.dim()), key=lambda d: -ref.stride(d))
+        a, b = a.permute(order), b.permute(order)
     if a.is_contiguous() and b.is_contiguous() or a.dim() < 2:
         a, b = a.reshape(-1), b.reshape(-1)  # views where contiguous; 1-d strided views stay views
     row = math.prod(a.shape[1:])
