@@ -288,16 +288,19 @@ def main(argv: list[str] | None = None) -> None:
         log(f"sources in {work}: " + ", ".join(f"{k} {dir_bytes(v) / GB:.2f} GB" for k, v in srcs.items()))
         cases = cases_for(s, srcs)
         before = Path(a.before).resolve() if a.before else None
+        def save() -> None:  # after every sample: a run cut short still leaves its numbers
+            env["load_after"] = os.getloadavg()
+            env["bench_seconds"] = round(time.perf_counter() - t0, 1)
+            results = {"settings": asdict(s), "environment": env, "before": a.before, "notes": a.note,
+                       "cases": [asdict(c) for c in cases if c.verify_data]}
+            (out_dir / "verify.json").write_text(json.dumps(results, indent=2) + "\n")
+            write_report(results, out_dir / "VERIFY.md")
+
         for k in range(s.repeats):
             log(f"round {k + 1}/{s.repeats}")
             for c in cases:  # the older verifier once per case (it can be slow)
                 sample(b, c, work / "out", work, before if k == 0 else None)
-        env["load_after"] = os.getloadavg()
-        env["bench_seconds"] = round(time.perf_counter() - t0, 1)
-        results = {"settings": asdict(s), "environment": env, "before": a.before, "notes": a.note,
-                   "cases": [asdict(c) for c in cases]}
-        (out_dir / "verify.json").write_text(json.dumps(results, indent=2) + "\n")
-        write_report(results, out_dir / "VERIFY.md")
+                save()
         log(f"wrote {out_dir / 'VERIFY.md'}")
         if not all(c.ok for c in cases):
             sys.exit(1)
