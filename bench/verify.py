@@ -99,6 +99,10 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def spread(xs: list[float]) -> str:
+    return f"{min(xs):.2f}-{max(xs):.2f}" if xs else "n/a"
+
+
 def ratio(case: dict[str, Any], wall: bool = False) -> float:
     """The conversion's time over the verifier's (data phases, or wall times): >= 1 means verify is faster."""
     conv = median(case["convert_wall" if wall else "convert_data"])
@@ -193,8 +197,8 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         "byte copies from random bytes, the cast from N(0, 0.02) bf16 values"
         + (f"; {s['other'][0]} with {s['other'][1]} layer(s)" + (f", E={s['other'][2]}" if s['other'][2] else "")
            if s["other"] else ""),
-        f"- {s['repeats']} sample(s) per case, medians reported"
-        + (" (the older verifier: one sample, in the first round)" if results.get("before") else ""),
+        f"- up to {s['repeats']} sample(s) per case, medians reported"
+        + (" (the older verifier: one sample)" if results.get("before") else ""),
         "- *data phase*: the conversion's from its `--stats` (slowest rank: first byte to last); the verifier's from "
         "its `--report` (slowest rank's comparing time, after planning). *ratio* = conversion data phase / verify "
         "data phase = verify throughput / conversion data-phase throughput on the same output bytes (>= 1: the "
@@ -219,13 +223,14 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         lines.append(f"| verify memory flat (bounded by threads x one expert, not the checkpoint) | peak RSS per rank "
                      f"{rss_text(min(rss))} - {rss_text(max(rss))} | see table |")
     lines += ["", "## Cases", "",
-              "| case | ws | output | convert wall s | convert data s | verify wall s | verify data s | ratio (data) "
-              "| ratio (wall) | verify peak RSS / rank | threads | result |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| case | ws | output | n | convert wall s | convert data s (min-max) | verify wall s | verify data s "
+              "(min-max) | ratio (data) | ratio (wall) | verify peak RSS / rank | threads | result |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         lines.append(
-            f"| {c['name']} | {c['ws']} | {c['nbytes'] / GB:.3f} GB | {median(c['convert_wall']):.2f} | "
-            f"{median(c['convert_data']):.2f} | {median(c['verify_wall']):.2f} | {median(c['verify_data']):.2f} | "
+            f"| {c['name']} | {c['ws']} | {c['nbytes'] / GB:.3f} GB | {len(c['verify_data'])} | "
+            f"{median(c['convert_wall']):.2f} | {median(c['convert_data']):.2f} ({spread(c['convert_data'])}) | "
+            f"{median(c['verify_wall']):.2f} | {median(c['verify_data']):.2f} ({spread(c['verify_data'])}) | "
             f"{ratio(c):.2f}x | {ratio(c, True):.2f}x | {rss_text(max(c['verify_rss'], default=0))} | "
             f"{c['verify_threads']} | {'ok' if c['ok'] else 'MISMATCH'} |")
     if any(c["before_wall"] for c in cases):
@@ -248,6 +253,28 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+SAMPLES = ("convert_wall", "convert_data", "verify_wall", "verify_data", "verify_rss", "before_wall",
+           "before_seconds", "before_rss")
+
+
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' results (same settings) as one: each case's samples together, environment of the first."""
+    out = json.loads(json.dumps(runs[0]))
+    cases = {(c["name"], c["ws"]): c for c in out["cases"]}
+    for run in runs[1:]:
+        for c in run["cases"]:
+            mine = cases.setdefault((c["name"], c["ws"]), json.loads(json.dumps({**c, **{k: [] for k in SAMPLES}})))
+            for k in SAMPLES:
+                mine[k] = mine[k] + c[k]
+            mine["ok"] = mine["ok"] and c["ok"]
+        out["before"] = out.get("before") or run.get("before")
+        out["notes"] = out["notes"] + [n for n in run.get("notes", []) if n not in out["notes"]]
+    out["cases"] = list(cases.values())
+    out["environment"]["bench_seconds"] = sum(r["environment"].get("bench_seconds", 0) for r in runs)
+    out["settings"]["repeats"] = max(len(c["verify_data"]) for c in out["cases"])
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, run the verify benchmark, write VERIFY.md and verify.json."""
     p = argparse.ArgumentParser(prog="bench.verify", description=__doc__.splitlines()[0])
@@ -261,7 +288,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--before", default=None, help="another checkout whose verifier is timed on the same outputs")
     p.add_argument("--note", action="append", default=[], help="a line for the report's notes")
     p.add_argument("--no-other", action="store_true", help="skip the transposing family's case")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="only write the report of earlier runs' verify.json files, their samples together")
+    p.add_argument("--commit", default=None, help="with --merge: the commit measured (where git could not tell)")
     a = p.parse_args(argv)
+    if a.merge:
+        results = merge([json.loads(Path(f).read_text()) for f in a.merge])
+        if a.commit:
+            results["environment"]["commit"] = a.commit
+        results["notes"] += a.note
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "verify.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_report(results, Path(a.out) / "VERIFY.md")
+        return
     s = PRESETS[a.preset]
     over: dict[str, Any] = {}
     if a.layers:

@@ -8,8 +8,8 @@ tables, and compares every expert of every layer slice by slice (bit for bit whe
 moved, allclose where a dtype changed) and every other tensor chunk by chunk. B's index
 must name every tensor exactly once, every shard must exist, total_size must be right, and
 the source's other files must be there unchanged. Each rank checks its slice of the experts
-(and a share of the other tensors), reading one expert at a time; rank 0 gathers and prints
-a summary. Exit codes: 0 verified, 1 mismatches found, 2 could not verify (bad arguments or
+(and a share of the other tensors) with --workers threads, each reading one expert (or
+chunk) at a time into a buffer it reuses; rank 0 gathers and prints a summary. Exit codes: 0 verified, 1 mismatches found, 2 could not verify (bad arguments or
 an invalid source).
 
 Relations are pluggable: `RELATIONS` maps a kind ("base", "adapter") to a builder that turns
@@ -51,7 +51,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 # Data held by a rank's comparing threads together (each holds one expert of both sides or one chunk pair):
 # fewer threads than --workers where one expert is large.
 MEMORY_BUDGET = int(os.environ.get("MOE_CONVERT_VERIFY_MEMORY", str(256 << 20)))
-READ_AHEAD_BYTES = int(os.environ.get("MOE_CONVERT_VERIFY_READ_AHEAD", str(128 << 20))) # page cache requested ahead of the items being compared (local files)
+# Page cache requested ahead of the items being compared (local files; 0: none).
+READ_AHEAD_BYTES = int(os.environ.get("MOE_CONVERT_VERIFY_READ_AHEAD", str(128 << 20)))
 
 
 class CannotVerify(Exception):
@@ -230,6 +231,8 @@ def worker_threads(workers: int, largest: int, budget: int = MEMORY_BUDGET) -> i
 
 # One unit of parallel work: () -> (its findings, the pass-through check it belongs to or -1).
 Item = Callable[[], tuple[Tally, int]]
+# The byte ranges an item reads: (storage, file, start, end).
+Spans = list[tuple[Storage, str, int, int]]
 
 
 def _expert_spans(check: ExpertCheck, src: Storage, dst: Storage, e: int) -> Spans:
@@ -267,10 +270,6 @@ def _chunk_item(check: PassCheck, index: int, src: Storage, dst: Storage, i: int
     return part, index
 
 
-# The byte ranges an item reads: (storage, file, start, end).
-Spans = list[tuple[Storage, str, int, int]]
-
-
 class ReadAhead:
     """Keeps the page cache filling up to `window` bytes ahead of the items being compared.
 
@@ -290,7 +289,9 @@ class ReadAhead:
     def reached(self, k: int) -> None:
         """Item k is about to run: top the window up when less than half of it is left."""
         with self.lock:
-            if self.window <= 0 or self.next >= len(self.spans) or self.next > k and self.cum[self.next] - self.cum[k] >= self.window // 2:
+            if self.window <= 0 or self.next >= len(self.spans):
+                return
+            if self.next > k and self.cum[self.next] - self.cum[k] >= self.window // 2:
                 return
             end = max(self.next, k + 1)
             while end < len(self.spans) and self.cum[end] - self.cum[k] < self.window:
@@ -310,7 +311,10 @@ class ReadAhead:
                 else:
                     merged.append([a, b])
             for a, b in merged:
-                storage.prefetch(file, a, b)
+                try:
+                    storage.prefetch(file, a, b)
+                except (ConversionError, OSError):  # only a hint: the read itself reports what is wrong
+                    pass
 
 
 def _run_items(items: list[Item], spans: list[Spans], threads: int) -> Iterator[tuple[Tally, int]]:

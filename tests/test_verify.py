@@ -539,7 +539,8 @@ def test_fast_compare_finds_one_flipped_bit_in_a_long_run(long_runs, capsys, tmp
         src, d = long_runs / "fused", _copy(long_runs, "src", tmp_path)
         key = "model.layers.0.mlp.experts.4.down_proj.weight"
         _flip(d, key, _element_byte(d, key, (131, 200)), 0x01)
-        expect = [f"{key} expert 4: down (source {LONG_GU.replace('gate_up', 'down')}): bytes differ (first at [131, 200])"]
+        expect = [f"{key} expert 4: down (source {LONG_GU.replace('gate_up', 'down')}): bytes differ "
+                  "(first at [131, 200])"]
     elif case == "transposed":
         src, d = long_runs / "gsrc", _copy(long_runs, "gfused", tmp_path)
         # gate_up_proj [E, H, 2I]: element [h, 2i + 1] of expert 2 is up[i, h]
@@ -587,7 +588,8 @@ def test_cast_output_checked_at_the_narrower_precision(long_runs, capsys, tmp_pa
             def edit(t):
                 x = t[LONG_GU].clone()
                 v = x[4, 384 + 100, 33]
-                x[4, 384 + 100, 33] = v * 1.05 if case == "scaled" else torch.nextafter(v, torch.tensor(1.0, dtype=v.dtype))
+                one_ulp = torch.nextafter(v, torch.tensor(1.0, dtype=v.dtype))
+                x[4, 384 + 100, 33] = v * 1.05 if case == "scaled" else one_ulp
                 return {**t, LONG_GU: x}
             _edit_shard(d, LONG_GU, edit)
         expect = [f"{LONG_GU} expert 4: up", "not allclose", "bfloat16 -> float16", "first at [100, 33]"]
