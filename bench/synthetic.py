@@ -2,9 +2,10 @@
 
 `python -m bench.synthetic DIR --preset qwen3-30b-a3b --layers 2` writes a checkpoint whose
 expert layers have the real shapes (E, H, I) and names of the family, with `--layers`
-MoE layers so a run fits a small disk. Data is `zeros` (sparse files: instant) or
+MoE layers so a run fits a small disk. Data is `zeros` (sparse files: instant),
 `random` (seeded pseudo-random bytes written in bounded chunks: real blocks on disk, so
-`cp` cannot skip holes).
+`cp` cannot skip holes) or `normal` (seeded N(0, 0.02) values in the tensors' dtype, as
+trained weights hold: what a `--dtype` cast can be checked on, where random bytes overflow).
 
 `python -m bench.synthetic DIR --adapter shared_w123 --layers 4` writes a LoRA adapter of a
 survey's shape instead (see ADAPTER_PRESETS), and its base model's config.json as
@@ -81,10 +82,22 @@ def checkpoint_specs(
     return specs, config
 
 
+def normal_bytes(rng: np.random.Generator, n: int, dtype: str) -> bytes:
+    """`n` bytes of N(0, 0.02) values of safetensors float `dtype` (BF16: float32 values truncated)."""
+    item = DTYPE_SIZES[dtype]
+    x = rng.standard_normal(n // item, dtype=np.float32) * np.float32(0.02)
+    if dtype == "BF16":
+        out = (x.view(np.uint32) >> 16).astype(np.uint16)
+    else:
+        out = x.astype({"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype])
+    return out.tobytes()
+
+
 def write_synthetic(
     out: str, specs: list[Spec], config: dict, max_shard: int, data: str = "zeros", seed: int = 0, jobs: int = 1
 ) -> int:
-    """Write shards + index + config.json; returns total tensor bytes. `data` is zeros or random.
+    """Write shards + index + config.json; returns total tensor bytes. `data` is zeros, random or normal
+    (normal: every tensor of the first spec's dtype).
 
     `jobs` > 1 writes that many shards at once (separate processes, one seed per shard).
     """
@@ -95,11 +108,11 @@ def write_synthetic(
 
         with ProcessPoolExecutor(min(jobs, len(files))) as pool:
             list(pool.map(_write_shard, [(os.path.join(out, f.name), f.header, f.size, data, np.random.default_rng(
-                [seed, i])) for i, f in enumerate(files)]))
+                [seed, i]), specs[0].dtype) for i, f in enumerate(files)]))
     else:
         rng = np.random.default_rng(seed)
         for f in files:
-            _write_shard((os.path.join(out, f.name), f.header, f.size, data, rng))
+            _write_shard((os.path.join(out, f.name), f.header, f.size, data, rng, specs[0].dtype))
     total = sum(s.nbytes for s in specs)
     index = {"metadata": {"total_size": total}, "weight_map": {n: f.name for f in files for n in f.slots}}
     with open(os.path.join(out, "model.safetensors.index.json"), "w") as fh:
@@ -181,19 +194,20 @@ def write_adapter(out: str, specs: list[Spec], config: dict[str, Any], seed: int
     return total - len(header)
 
 
-def _write_shard(job: tuple[str, bytes, int, str, np.random.Generator]) -> None:
-    """Write one shard file: its header, then `size` bytes in all (zeros: a sparse file; random: rng bytes)."""
-    path, header, size, data, rng = job
+def _write_shard(job: tuple[str, bytes, int, str, np.random.Generator, str]) -> None:
+    """Write one shard file: its header, then `size` bytes in all (zeros: a sparse file; random: rng bytes;
+    normal: N(0, 0.02) values of `dtype`)."""
+    path, header, size, data, rng, dtype = job
     chunk = 16 << 20
     with open(path, "wb") as fh:
         fh.write(header)
         fh.truncate(size)
-        if data == "random":
+        if data in ("random", "normal"):
             fh.seek(len(header))
             left = size - len(header)
             while left:
                 n = min(chunk, left)
-                fh.write(rng.bytes(n))
+                fh.write(rng.bytes(n) if data == "random" else normal_bytes(rng, n, dtype))
                 left -= n
 
 
@@ -206,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--experts", type=int, default=None, help="override E")
     p.add_argument("--vocab", type=int, default=None, help="override the vocabulary size")
     p.add_argument("--dtype", default="BF16", choices=["BF16", "F16", "F32"])
-    p.add_argument("--data", default="zeros", choices=["zeros", "random"])
+    p.add_argument("--data", default="zeros", choices=["zeros", "random", "normal"])
     p.add_argument("--max-shard-size", default="5GB", type=parse_size)
     p.add_argument("--adapter", default=None, choices=sorted(ADAPTER_PRESETS), help="write an adapter instead")
     a = p.parse_args(argv)

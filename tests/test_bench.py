@@ -99,3 +99,24 @@ def test_bench_dequant_tiny_preset(tmp_path):
     assert check.startswith("identical"), check
     report = (out / "DEQUANT.md").read_text()
     assert "| tool ws2 | 2 |" in report and "## Targets" in report and "identical" in report
+
+
+def test_verify_bench_tiny_preset_end_to_end(tmp_path):
+    """bench.verify on the tiny preset: conversion and verify timed from their own --stats / --report, every case
+    verified correct, the report and its merge of two runs written."""
+    out = tmp_path / "results"
+    run_tool("bench.verify", "--preset", "tiny", "--out", str(out), "--no-drop-caches", "--workdir", str(tmp_path),
+             timeout=300)
+    results = json.loads((out / "verify.json").read_text())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("moe-verify-bench-")] == [], "work dir not removed"
+    kinds = {c["kind"] for c in results["cases"]}
+    assert kinds == {"copy", "cast", "transpose"}
+    for c in results["cases"]:
+        assert c["ok"] and c["nbytes"] > 0, c["name"]
+        assert len(c["convert_data"]) == len(c["verify_data"]) == 1 and c["verify_data"][0] > 0, c["name"]
+        assert c["verify_rss"][0] > 0 and c["verify_threads"] >= 1
+    report = (out / "VERIFY.md").read_text()
+    assert "## Targets" in report and "| fuse --dtype fp16 (cast from bf16) | 1 |" in report
+    run_tool("bench.verify", "--merge", str(out / "verify.json"), str(out / "verify.json"), "--out", str(tmp_path / "m"))
+    merged = json.loads((tmp_path / "m" / "verify.json").read_text())
+    assert all(len(c["verify_data"]) == 2 for c in merged["cases"])

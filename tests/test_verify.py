@@ -493,3 +493,188 @@ def test_verify_reads_s3_through_ranged_gets(ckpts, capsys, tmp_path, monkeypatc
         assert code == 1 and f"MISMATCH {gu} expert 2: gate" in text, text
     finally:
         server.stop()
+
+
+# ----------------------------------------------------------------------------- fast paths (memcmp, cast blocks, threads)
+
+
+def _element_byte(d: Path, tensor: str, index: tuple[int, ...], itemsize: int = 2) -> int:
+    """Byte offset (within `tensor`'s data) of the high byte of the element at `index` of its stored shape."""
+    shard, start, _ = _locate(d, tensor)
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    shape = json.loads(raw[8 : 8 + n])[tensor]["shape"]
+    flat = 0
+    for i, size in zip(index, shape):
+        flat = flat * size + i
+    return flat * itemsize + itemsize - 1
+
+
+@pytest.fixture(scope="module")
+def long_runs(tmp_path_factory):
+    """Larger experts (qwen3 E=6, H=256, I=384: 576 KB each) fused bf16, fused fp16 (a cast), and gpt-oss bf16
+    fused (transposed, gate/up interleaved) with the dtype kept: byte copies, casts and strided byte copies."""
+    root = tmp_path_factory.mktemp("long")
+    t, cfg = example_tensors("qwen3_moe", 1, 6, 256, 384, seed=4)
+    write_checkpoint(t, cfg, str(root / "src"), 10**9)
+    g, gcfg = example_tensors("gpt_oss", 1, 4, 128, 96, seed=5)
+    write_checkpoint(g, gcfg, str(root / "gsrc"), 10**9)
+    for src, dst, extra in (("src", "fused", ()), ("src", "fp16", ("--dtype", "fp16")), ("gsrc", "gfused", ())):
+        assert call(fuse_experts.main, "--src", str(root / src), "--dst", str(root / dst), "--no-progress", *extra) == 0
+    return root
+
+
+LONG_GU = "model.layers.0.mlp.experts.gate_up_proj"
+
+
+@pytest.mark.parametrize("workers", ["1", "3"])
+@pytest.mark.parametrize("case", ["fused_expert", "per_expert_side", "pass_chunk", "transposed", "two_experts"])
+def test_fast_compare_finds_one_flipped_bit_in_a_long_run(long_runs, capsys, tmp_path, monkeypatch, case, workers):
+    """One bit flipped in the middle of a long byte-copy run (one memcmp of a whole expert role, a middle chunk of a
+    pass-through tensor, a strided block of a transposed expert) is found, with tensor, expert, role and element."""
+    from convert.verify import checks as verify_checks
+
+    monkeypatch.setattr(verify_checks, "CHUNK_BYTES", 16 << 10)  # embed [256, 256] bf16: 8 chunks
+    monkeypatch.setattr(verify_checks, "BLOCK_BYTES", 8 << 10)  # a transposed [96, 128] role: several blocks
+    if case == "per_expert_side":  # the source is the per-expert side: verify fused -> per-expert copy of src
+        src, d = long_runs / "fused", _copy(long_runs, "src", tmp_path)
+        key = "model.layers.0.mlp.experts.4.down_proj.weight"
+        _flip(d, key, _element_byte(d, key, (131, 200)), 0x01)
+        expect = [f"{key} expert 4: down (source {LONG_GU.replace('gate_up', 'down')}): bytes differ "
+                  "(first at [131, 200])"]
+    elif case == "transposed":
+        src, d = long_runs / "gsrc", _copy(long_runs, "gfused", tmp_path)
+        # gate_up_proj [E, H, 2I]: element [h, 2i + 1] of expert 2 is up[i, h]
+        _flip(d, LONG_GU, _element_byte(d, LONG_GU, (2, 70, 2 * 45 + 1)), 0x01)
+        expect = [f"{LONG_GU} expert 2: up (source model.layers.0.mlp.experts.2.up_proj.weight): bytes differ "
+                  "(first at [45, 70])"]
+    else:
+        src, d = long_runs / "src", _copy(long_runs, "fused", tmp_path)
+        if case == "pass_chunk":
+            _flip(d, "model.embed_tokens.weight", _element_byte(d, "model.embed_tokens.weight", (161, 99)), 0x01)
+            expect = ["model.embed_tokens.weight: bytes differ (first at [161, 99])"]
+        else:  # gate_up_proj [E, 2I, H]: row I + r of expert e is up[r]
+            _flip(d, LONG_GU, _element_byte(d, LONG_GU, (3, 384 + 190, 128)), 0x01)
+            expect = [f"{LONG_GU} expert 3: up (source model.layers.0.mlp.experts.3.up_proj.weight): bytes differ "
+                      "(first at [190, 128])"]
+            if case == "two_experts":  # and one in expert 1: reported first, in expert order, whatever the threads
+                _flip(d, LONG_GU, _element_byte(d, LONG_GU, (1, 5, 7)), 0x01)
+                expect.insert(0, f"{LONG_GU} expert 1: gate (source model.layers.0.mlp.experts.1.gate_proj.weight): "
+                                 "bytes differ (first at [5, 7])")
+    code, rep, text = report(capsys, src, d, tmp_path, "--workers", workers)
+    assert code == 1, text
+    assert rep["mismatches"] == len(expect), text
+    lines = [line for line in text.splitlines() if "MISMATCH" in line]
+    for line, want in zip(lines, expect):
+        assert want in line and "max abs diff" in line, f"{want!r} not in {line!r}"
+
+
+@pytest.mark.parametrize("case", ["scaled", "one_ulp", "overflow", "exact"])
+def test_cast_output_checked_at_the_narrower_precision(long_runs, capsys, tmp_path, case):
+    """bf16 -> fp16: an output cast as torch casts passes at once; one element scaled by 1.05 is found (tensor,
+    expert, role, element); one element a ulp off (another rounding) still passes, as allclose at bf16 precision
+    says; a value beyond fp16's range that became inf is found, though inf is what the cast gives."""
+    src = long_runs / "src"
+    if case == "overflow":
+        src = _copy(long_runs, "src", tmp_path)
+        key = "model.layers.0.mlp.experts.5.gate_proj.weight"
+        _edit_shard(src, key, lambda t: {**t, key: t[key].index_put_((torch.tensor([17]), torch.tensor([3])),
+                                                                      torch.tensor(1e5, dtype=torch.bfloat16))})
+        d = tmp_path / "ovf16"
+        assert call(fuse_experts.main, "--src", str(src), "--dst", str(d), "--no-progress", "--dtype", "fp16") == 0
+        expect = [f"{LONG_GU} expert 5: gate", "not allclose", "bfloat16 -> float16", "first at [17, 3]", "inf"]
+    else:
+        d = _copy(long_runs, "fp16", tmp_path)
+        if case != "exact":
+            def edit(t):
+                x = t[LONG_GU].clone()
+                v = x[4, 384 + 100, 33]
+                one_ulp = torch.nextafter(v, torch.tensor(1.0, dtype=v.dtype))
+                x[4, 384 + 100, 33] = v * 1.05 if case == "scaled" else one_ulp
+                return {**t, LONG_GU: x}
+            _edit_shard(d, LONG_GU, edit)
+        expect = [f"{LONG_GU} expert 4: up", "not allclose", "bfloat16 -> float16", "first at [100, 33]"]
+    code, rep, text = report(capsys, src, d, tmp_path)
+    if case in ("one_ulp", "exact"):
+        assert code == 0 and rep["ok"], text
+        return
+    assert code == 1 and rep["mismatches"] == 1, text
+    for s in expect:
+        assert s in text, f"{s!r} not in:\n{text}"
+
+
+def test_compare_fast_paths_agree_with_elementwise_comparison():
+    """compare() on contiguous, transposed and interleaved views, same dtype and cast, with and without one differing
+    element anywhere: a difference is always found at the right index, equal data always passes."""
+    from convert.verify import checks as verify_checks
+    from convert.verify.checks import compare
+
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(48, 80, generator=g) * 0.02).to(torch.float32)
+    old = verify_checks.BLOCK_BYTES
+    verify_checks.BLOCK_BYTES = 1024  # many blocks
+    try:
+        for dst_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            want = base.to(dst_dtype)
+            layouts = {
+                "contiguous": lambda x: x,
+                "transposed": lambda x: x.T.contiguous().T,  # same values, column-major storage
+                "interleaved": lambda x: torch.stack([x, torch.zeros_like(x)], -1).flatten(-2)[..., 0::2],
+            }
+            for name, lay in layouts.items():
+                b = lay(want)
+                assert torch.equal(b, want) and (name == "contiguous") == b.is_contiguous()
+                what, _ = compare(base, b)
+                assert what is None, (name, dst_dtype, what)
+                for r, c in ((0, 0), (23, 41), (47, 79)):
+                    bad = want.clone()
+                    bad[r, c] = -bad[r, c] * 2 - 1  # far off, at any precision
+                    what, _ = compare(base, lay(bad))
+                    assert what and f"first at [{r}, {c}]" in what, (name, dst_dtype, r, c, what)
+    finally:
+        verify_checks.BLOCK_BYTES = old
+
+
+def test_base_relations_stream_and_adapter_relations_do_not(ckpts, adapters):
+    """Base-weight expert checks read into reused buffers and run on parallel threads (`streaming`); adapter checks
+    (derived deltas, a cache of shared factors) do not."""
+    from convert.verify import VerifyOptions, plan_verify
+
+    base = plan_verify(VerifyOptions(str(ckpts / "src"), str(ckpts / "fused")))
+    assert base.experts and all(c.streaming for c in base.experts)
+    src, dst, cfg, _ = adapters["shared"]
+    rel = plan_verify(VerifyOptions(str(src), str(dst), base_config=str(cfg)))
+    assert rel.experts and not any(c.streaming for c in rel.experts)
+
+
+def test_verify_threads_and_memory_are_bounded(tmp_path, monkeypatch):
+    """Threads per rank are --workers, fewer where a memory budget (MOE_CONVERT_VERIFY_MEMORY) would be exceeded;
+    peak RSS grows by at most one expert pair (plus scratch blocks) per extra thread, not with the data."""
+    from bench.synthetic import Spec, checkpoint_specs, write_synthetic
+    from convert.verify import worker_threads
+    from convert.verify.checks import BLOCK_BYTES
+
+    specs, cfg = checkpoint_specs("qwen3-30b-a3b", 2, experts=8, vocab=64)
+    specs = [s for s in specs if ".experts." not in s.name]
+    for layer in range(2):
+        p = f"model.layers.{layer}.mlp.experts"
+        specs += [Spec(f"{p}.gate_up_proj", "BF16", (8, 2 * 768, 2048)), Spec(f"{p}.down_proj", "BF16", (8, 2048, 768))]
+    d = tmp_path / "fused"
+    size = write_synthetic(str(d), specs, cfg, 100_000_000, data="zeros")
+    item = 2 * 3 * 768 * 2048 * 2  # one expert, both sides
+    assert worker_threads(4, item) == 4 and worker_threads(4, item, budget=3 * item) == 2
+    assert worker_threads(4, item, budget=1) == 1
+    runs = {}
+    for name, workers, budget in (("one", "1", None), ("four", "4", None), ("budget", "4", str(2 * item))):
+        if budget:
+            monkeypatch.setenv("MOE_CONVERT_VERIFY_MEMORY", budget)
+        run_tool("convert.verify", "--src", str(d), "--dst", str(d), "--workers", workers,
+                 "--report", str(tmp_path / f"{name}.json"))
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        assert runs[name]["ok"] and runs[name]["bytes_compared"] == 2 * size
+    assert [runs[n]["ranks"][0]["threads"] for n in ("one", "four", "budget")] == [1, 4, 1]
+    grown = runs["four"]["ranks"][0]["peak_rss_bytes"] - runs["one"]["ranks"][0]["peak_rss_bytes"]
+    bound = 3 * (item + 4 * BLOCK_BYTES) + (32 << 20)
+    print(f"verify peak RSS: 1 thread {runs['one']['ranks'][0]['peak_rss_bytes'] / 1e6:.0f} MB, 4 threads "
+          f"{runs['four']['ranks'][0]['peak_rss_bytes'] / 1e6:.0f} MB (bound on the growth {bound / 1e6:.0f} MB)")
+    assert grown <= bound, f"4 threads took {grown / 1e6:.0f} MB more than 1 (bound {bound / 1e6:.0f} MB)"

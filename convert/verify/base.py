@@ -127,6 +127,10 @@ class PerExpertSide:
     def expert_bytes(self, e: int) -> int:
         return sum(per[e].nbytes for _, per in self.tensors)
 
+    def spans(self, e: int) -> list[tuple[str, int, int]]:
+        """(file, start, end) of every byte range load(e) reads."""
+        return [(per[e].file, per[e].start, per[e].end) for _, per in self.tensors]
+
 
 @dataclass(frozen=True)
 class FusedPart:
@@ -159,6 +163,14 @@ class FusedSide:
 
     def expert_bytes(self, e: int) -> int:
         return sum(p.tensor.nbytes // self.num_experts for p in self.parts)
+
+    def spans(self, e: int) -> list[tuple[str, int, int]]:
+        """(file, start, end) of every byte range load(e) reads: slice e of each fused tensor."""
+        out = []
+        for p in self.parts:
+            per = p.tensor.nbytes // self.num_experts
+            out.append((p.tensor.file, p.tensor.start + e * per, p.tensor.start + (e + 1) * per))
+        return out
 
 
 Side = PerExpertSide | FusedSide
@@ -340,7 +352,7 @@ def base_relation(
                 found.append(f"{dst.where}: tensor {rb[r][1]!r} gives role {r} the per-expert shape "
                              f"{list(rb[r][0])}; the source ({ra[r][1]!r}) has {list(ra[r][0])}")
             continue
-        experts.append(ExpertCheck(prefix, num_experts, a, b))
+        experts.append(ExpertCheck(prefix, num_experts, a, b, streaming=True))
     passes, used_src, made_dst, problems = _merged(src, dst, family, src_others, split, config or {})
     found += problems
     rename = family.to_disk if split else family.to_model

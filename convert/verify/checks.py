@@ -6,10 +6,25 @@ each side of an expert layer as an `ExpertSide`: something that loads expert e a
 role by role: bit for bit where the dtypes agree (bytes were moved), allclose after an
 upcast where they differ (a cast happened), or always allclose for derived quantities
 such as LoRA deltas. Memory is bounded by one expert (or one chunk) per side.
+
+Speed: the equality checks run at memory speed and do no per-element Python work. Equal
+dtypes are compared with memcmp over contiguous memory (a strided view, e.g. a transposed
+expert, is first copied into a reused block); a cast is checked by casting the source to
+the destination dtype block by block (the conversion's own rounding) and comparing bits,
+and only when that differs does the allclose comparison at the narrower precision decide.
+Details (first differing element, max abs diff) are computed only after a difference is
+found. Checks of relations whose sides keep nothing between experts (`streaming`) read into
+a per-thread buffer that is reused from one expert to the next (`reads_into`), so memory
+stays flat and several experts can be checked by parallel threads (convert.verify).
 """
 
 from __future__ import annotations
 
+import ctypes
+import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,8 +33,69 @@ import torch
 from convert.io.storage import Storage
 from convert.verify.tables import Stored, element_size, to_tensor
 
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 8 << 20  # a pass-through tensor is compared in chunks of this many bytes a side
+BLOCK_BYTES = 2 << 20  # one block of a cast or strided comparison: stays in the CPU caches
+ALIGN = 64
 FLOATS = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+
+
+def _load_memcmp() -> "ctypes._CFuncPtr | None":
+    """The C library's memcmp (it runs without the GIL), or None where there is none."""
+    try:
+        fn = ctypes.CDLL(None).memcmp
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_memcmp = _load_memcmp()
+
+
+class _ThreadBuffers(threading.local):
+    """Per-thread reusable memory: the read buffer of `reads_into` and scratch blocks."""
+
+    def __init__(self) -> None:
+        self.arena: bytearray | None = None
+        self.active = False
+        self.used = 0
+        self.scratch: dict[int, torch.Tensor] = {}
+
+
+_buffers = _ThreadBuffers()
+
+
+@contextmanager
+def reads_into(nbytes: int) -> Iterator[None]:
+    """Within the block, this thread's `read_stored` calls read into one reused buffer of at least `nbytes`
+    (plus alignment) instead of fresh bytes objects; reads beyond it get fresh bytes. The tensors made from
+    those reads must not be used after the block: the next block overwrites the buffer."""
+    need = nbytes + 64 * ALIGN
+    b = _buffers
+    if b.arena is None or len(b.arena) < need:
+        b.arena = None  # free the old buffer first
+        b.arena = bytearray(need)
+    b.active, b.used = True, 0
+    try:
+        yield
+    finally:
+        b.active, b.used = False, 0
+
+
+def release_buffers() -> None:
+    """Free this thread's reusable buffers (call when its share of the checks is done)."""
+    _buffers.arena = None
+    _buffers.scratch.clear()
+
+
+def _scratch(slot: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A reused uninitialised tensor of `shape` and `dtype` (one per slot and thread)."""
+    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buf = _buffers.scratch.get(slot)
+    if buf is None or buf.numel() < n:
+        buf = _buffers.scratch[slot] = torch.empty(max(n, BLOCK_BYTES), dtype=torch.uint8)
+    return buf[:n].view(dtype).view(shape)
 
 
 @dataclass(frozen=True)
@@ -37,9 +113,20 @@ class Mismatch:
         return f"{where}: {self.what}{diff}" if where else f"{self.what}{diff}"
 
 
-def read_stored(storage: Storage, t: Stored, start: int = 0, end: int | None = None) -> bytes:
-    """Bytes [start, end) of the data of stored tensor `t` (default: all of it)."""
+def read_stored(storage: Storage, t: Stored, start: int = 0, end: int | None = None) -> bytes | memoryview:
+    """Bytes [start, end) of the data of stored tensor `t` (default: all of it).
+
+    Inside `reads_into` (this thread) they are read straight into the reused buffer and a view of it
+    is returned; otherwise a fresh bytes object.
+    """
     end = t.nbytes if end is None else end
+    n = end - start
+    b = _buffers
+    if b.active and b.arena is not None and n > 0 and b.used + n <= len(b.arena):
+        view = memoryview(b.arena)[b.used : b.used + n]
+        storage.read_into(t.file, t.start + start, view)
+        b.used += -(-n // ALIGN) * ALIGN
+        return view
     return storage.read_range(t.file, t.start + start, t.start + end)
 
 
@@ -70,6 +157,13 @@ class ExpertCheck:
     rtol: float | None = None
     atol: float | None = None
     rel_atol: float | None = None  # atol as a fraction of the largest magnitude on either side
+    # The sides read each expert afresh and keep nothing between experts: their reads may go to a reused
+    # buffer and experts may be checked by parallel threads.
+    streaming: bool = False
+
+    def item_bytes(self, e: int) -> int:
+        """Bytes both sides read for expert e (what one check of it holds in memory)."""
+        return self.src.expert_bytes(e) + self.dst.expert_bytes(e)
 
 
 @dataclass(frozen=True)
@@ -95,10 +189,13 @@ def compare(
     a: torch.Tensor, b: torch.Tensor, exact: bool = True, rtol: float | None = None, atol: float | None = None,
     origin: int = 0, shape: tuple[int, ...] | None = None, rel_atol: float | None = None,
 ) -> tuple[str | None, float | None]:
-    """Compare source `a` with destination `b`: (None, diff) when they agree, else (what differs, max abs diff).
+    """Compare source `a` with destination `b`: (None, max abs diff or None) when they agree, else (what
+    differs, max abs diff).
 
     Same dtype and `exact`: the bits must be equal. Otherwise both are upcast and compared with
-    allclose (NaN matching NaN) at the tolerance of the narrower dtype, or the `rtol`/`atol` given.
+    allclose (NaN matching NaN) at the tolerance of the narrower dtype, or the `rtol`/`atol` given;
+    with `exact` and the default tolerance, a `b` that is bit for bit `a` cast to b's dtype is
+    accepted without that comparison (it would pass it).
     `rel_atol` sets atol to that fraction of the largest magnitude of either tensor. The first
     differing element is named by its index in `shape` (default: a's shape), counting from flat
     element `origin` (for chunks of a larger tensor).
@@ -114,13 +211,15 @@ def compare(
         return None, 0.0
     is_float = a.dtype in FLOATS and b.dtype in FLOATS
     if exact and a.dtype == b.dtype:
-        ab, bb = _bits(a), _bits(b)
-        if _same_bytes(ab, bb):
+        if _equal_bits(a, b):
             return None, 0.0
+        ab, bb = _bits(a), _bits(b)
         at = _first((ab != bb).any(dim=1))
         if not is_float:
             return f"{_name(b.dtype)} values differ (first at {at})", None
         return f"bytes differ (first at {at})", _max_diff(a, b)
+    if exact and is_float and rtol is None and atol is None and rel_atol is None and _cast_matches(a, b):
+        return None, None  # b is a cast to its dtype, rounded as torch rounds, with no value out of range
     if not is_float:
         if a.dtype != b.dtype:
             return f"dtype {_name(b.dtype)} where the source has {_name(a.dtype)} (only floats may be cast)", None
@@ -137,6 +236,57 @@ def compare(
         return None, diff
     change = f"{_name(a.dtype)} -> {_name(b.dtype)}" if a.dtype != b.dtype else _name(a.dtype)
     return f"not allclose (rtol {rtol:.3g}, atol {atol:.3g}; {change}; first at {_first(~close)})", diff
+
+
+def _blocks(a: torch.Tensor, b: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Corresponding blocks of two same-shaped tensors, each about BLOCK_BYTES: flat element ranges of
+    contiguous tensors, else runs of the leading dimension, with both tensors' dimensions first put in the
+    memory order of the strided one (a transposed expert is then gathered along its rows, not its columns)."""
+    if a.dim() >= 2 and not (a.is_contiguous() and b.is_contiguous()):
+        ref = a if b.is_contiguous() else b
+        order = sorted(range(ref.dim()), key=lambda d: -ref.stride(d))
+        a, b = a.permute(order), b.permute(order)
+    if a.is_contiguous() and b.is_contiguous() or a.dim() < 2:
+        a, b = a.reshape(-1), b.reshape(-1)  # views where contiguous; 1-d strided views stay views
+    row = math.prod(a.shape[1:])
+    step = max(1, BLOCK_BYTES // max(1, row * max(a.element_size(), b.element_size())))
+    for i in range(0, a.shape[0], step):
+        yield a[i : i + step], b[i : i + step]
+
+
+def _dense(t: torch.Tensor, slot: int) -> torch.Tensor:
+    """`t` if contiguous, else its copy in a reused scratch block."""
+    return t if t.is_contiguous() else _scratch(slot, tuple(t.shape), t.dtype).copy_(t)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bytewise equality of two contiguous tensors of the same byte size."""
+    n = a.numel() * a.element_size()
+    if _memcmp is not None:
+        return _memcmp(a.data_ptr(), b.data_ptr(), n) == 0
+    return _same_bytes(a.reshape(-1).view(torch.uint8).reshape(-1, 1), b.reshape(-1).view(torch.uint8).reshape(-1, 1))
+
+
+def _equal_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when two same-shaped tensors of one dtype hold the same bits (contiguous: one memcmp, no copy)."""
+    if a.is_contiguous() and b.is_contiguous():
+        return _same_memory(a, b)
+    return all(_same_memory(_dense(x, 0), _dense(y, 1)) for x, y in _blocks(a, b))
+
+
+def _cast_matches(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when float `b` is bit for bit `a` cast to b's dtype (as torch rounds) and no finite value of `a`
+    overflowed to infinity. Such a `b` is allclose to `a` at the narrower dtype's precision; any other `b`
+    (another rounding, an overflow, a wrong value) goes to the allclose comparison, which decides."""
+    overflow = torch.finfo(b.dtype).max < torch.finfo(a.dtype).max
+    for x, y in _blocks(a, b):
+        want = _scratch(0, tuple(y.shape), b.dtype).copy_(x)
+        got = _dense(y, 1)
+        if not _same_memory(want, got):
+            return False
+        if overflow and bool(torch.isinf(got).any()) and not bool(torch.isinf(x).eq(torch.isinf(got)).all()):
+            return False
+    return True
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -186,6 +336,8 @@ class Tally:
     dropped: int = 0  # mismatches beyond the report limit
     limit: int = 200
     peak_rss: int = 0  # this rank's peak resident set size in bytes, from the OS
+    seconds: float = 0.0  # this rank's time comparing data
+    threads: int = 1  # threads that compared data on this rank
 
     def add(self, m: Mismatch) -> None:
         if len(self.mismatches) < self.limit:
@@ -193,9 +345,26 @@ class Tally:
         else:
             self.dropped += 1
 
+    def merge(self, other: "Tally") -> None:
+        """Add what `other` (a part of this rank's work) checked and found, after what this one has."""
+        for m in other.mismatches:
+            self.add(m)
+        self.dropped += other.dropped
+        self.bytes_compared += other.bytes_compared
+        self.experts_checked += other.experts_checked
+        self.tensors_checked += other.tensors_checked
+
 
 def run_expert(check: ExpertCheck, src: Storage, dst: Storage, e: int, tally: Tally) -> None:
-    """Compare expert e of one layer, role by role."""
+    """Compare expert e of one layer, role by role (a streaming check reads into this thread's reused buffer)."""
+    if check.streaming:
+        with reads_into(check.item_bytes(e)):
+            _run_expert(check, src, dst, e, tally)
+    else:
+        _run_expert(check, src, dst, e, tally)
+
+
+def _run_expert(check: ExpertCheck, src: Storage, dst: Storage, e: int, tally: Tally) -> None:
     a = check.src.load(src, e)
     b = check.dst.load(dst, e)
     tally.bytes_compared += check.src.expert_bytes(e) + check.dst.expert_bytes(e)
@@ -213,21 +382,51 @@ def run_expert(check: ExpertCheck, src: Storage, dst: Storage, e: int, tally: Ta
             tally.add(Mismatch(name, f"{role} (source {a[role][1]}): {what}", e, diff))
 
 
-def run_pass(check: PassCheck, src: Storage, dst: Storage, tally: Tally) -> None:
-    """Compare a pass-through tensor chunk by chunk (flat element ranges)."""
+def pass_chunks(check: PassCheck) -> list[tuple[int, int]]:
+    """The flat element ranges [i, j) a pass-through tensor is compared in (each at most CHUNK_BYTES a side);
+    empty when the shapes differ (nothing to compare)."""
     s, d = check.src, check.dst
-    tally.tensors_checked += 1
-    if s.shape != d.shape:
-        tally.add(Mismatch(d.name, f"shape {list(d.shape)}, expected {list(s.shape)} (source {s.name})"))
-        return
-    n = s.nbytes // element_size(s.dtype) if element_size(s.dtype) else 0
+    if s.shape != d.shape or not element_size(s.dtype):
+        return []
+    n = s.nbytes // element_size(s.dtype)
     step = max(1, CHUNK_BYTES // max(element_size(s.dtype), element_size(d.dtype)))
-    for i in range(0, n, step):
-        j = min(n, i + step)
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def chunk_bytes(check: PassCheck, i: int, j: int) -> int:
+    """Bytes both sides read for elements [i, j) of a pass-through tensor."""
+    return (j - i) * (element_size(check.src.dtype) + element_size(check.dst.dtype))
+
+
+def run_pass_chunk(check: PassCheck, src: Storage, dst: Storage, i: int, j: int, tally: Tally) -> bool:
+    """Compare elements [i, j) of a pass-through tensor (into this thread's reused buffer); False on a mismatch."""
+    s, d = check.src, check.dst
+    with reads_into(chunk_bytes(check, i, j)):
         a = to_tensor(read_stored(src, s, i * element_size(s.dtype), j * element_size(s.dtype)), s.dtype, (j - i,))
         b = to_tensor(read_stored(dst, d, i * element_size(d.dtype), j * element_size(d.dtype)), d.dtype, (j - i,))
-        tally.bytes_compared += (j - i) * (element_size(s.dtype) + element_size(d.dtype))
+        tally.bytes_compared += chunk_bytes(check, i, j)
         what, diff = compare(a, b, origin=i, shape=s.shape)
-        if what:  # report the first differing chunk only
-            tally.add(Mismatch(d.name, what, None, diff))
+    if what:
+        tally.add(Mismatch(d.name, what, None, diff))
+        return False
+    return True
+
+
+def pass_shape_problem(check: PassCheck) -> Mismatch | None:
+    """The mismatch of a pass-through tensor whose shape changed, else None."""
+    s, d = check.src, check.dst
+    if s.shape != d.shape:
+        return Mismatch(d.name, f"shape {list(d.shape)}, expected {list(s.shape)} (source {s.name})")
+    return None
+
+
+def run_pass(check: PassCheck, src: Storage, dst: Storage, tally: Tally) -> None:
+    """Compare a pass-through tensor chunk by chunk (flat element ranges); reports the first differing chunk."""
+    tally.tensors_checked += 1
+    problem = pass_shape_problem(check)
+    if problem:
+        tally.add(problem)
+        return
+    for i, j in pass_chunks(check):
+        if not run_pass_chunk(check, src, dst, i, j, tally):
             return

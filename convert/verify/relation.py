@@ -41,6 +41,7 @@ class VerifyOptions:
     base_config: str | None = None  # adapters: the base model's config.json (for E where the adapter lacks it)
     max_report: int = 50
     report_path: str | None = None
+    workers: int = 4  # threads per rank comparing experts / chunks in parallel (bounded by MEMORY_BUDGET)
 
 
 def compare_files(src: Storage, dst: Storage, names: list[str], rewritten: set[str] = frozenset()) -> list[str]:

@@ -8,8 +8,8 @@ tables, and compares every expert of every layer slice by slice (bit for bit whe
 moved, allclose where a dtype changed) and every other tensor chunk by chunk. B's index
 must name every tensor exactly once, every shard must exist, total_size must be right, and
 the source's other files must be there unchanged. Each rank checks its slice of the experts
-(and a share of the other tensors), reading one expert at a time; rank 0 gathers and prints
-a summary. Exit codes: 0 verified, 1 mismatches found, 2 could not verify (bad arguments or
+(and a share of the other tensors) with --workers threads, each reading one expert (or
+chunk) at a time into a buffer it reuses; rank 0 gathers and prints a summary. Exit codes: 0 verified, 1 mismatches found, 2 could not verify (bad arguments or
 an invalid source).
 
 Relations are pluggable: `RELATIONS` maps a kind ("base", "adapter") to a builder that turns
@@ -20,28 +20,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from convert.cli import run_main
 from convert.errors import ConversionError, describe, set_destination
 from convert.families import detect_family
-from convert.flag_types import json_object
+from convert.flag_types import json_object, positive_int
 from convert.formats.model_config import CONFIG_DTYPE_NAMES, DTYPE_KEYS, without_dtype
 from convert.io.storage import Storage
 from convert.toplevel import ToolParser
 from convert.verify.base import base_relation
 from convert.verify.relation import CannotVerify, Relation, VerifyOptions, compare_files, copied_files
-from convert.verify.checks import Mismatch, Tally, run_expert, run_pass
-from convert.verify.tables import Table, Unreadable, read_table
+from convert.verify.checks import (
+    BLOCK_BYTES, ExpertCheck, Mismatch, PassCheck, Tally, chunk_bytes, pass_chunks, pass_shape_problem,
+    release_buffers, run_expert, run_pass_chunk,
+)
+from convert.verify.tables import Table, Unreadable, element_size, read_table
 from launch.dist import Dist
 from launch.local import add_nproc_flag
 
 BASE_INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
+# Data held by a rank's comparing threads together (each holds one expert of both sides or one chunk pair):
+# fewer threads than --workers where one expert is large.
+MEMORY_BUDGET = int(os.environ.get("MOE_CONVERT_VERIFY_MEMORY", str(256 << 20)))
+# Page cache requested ahead of the items being compared (local files; 0: none).
+READ_AHEAD_BYTES = int(os.environ.get("MOE_CONVERT_VERIFY_READ_AHEAD", str(128 << 20)))
 
 
 def build_base(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
@@ -155,28 +166,192 @@ def share(relation: Relation, rank: int, world: int) -> tuple[list[tuple[int, in
     return mine, passes
 
 
+def worker_threads(workers: int, largest: int, budget: int = MEMORY_BUDGET) -> int:
+    """Threads to compare with: `workers`, fewer where that many items of `largest` bytes (plus each
+    thread's scratch blocks) would exceed `budget`; at least one."""
+    per = largest + 2 * BLOCK_BYTES
+    return max(1, min(workers, budget // max(1, per)))
+
+
+# One unit of parallel work: () -> (its findings, the pass-through check it belongs to or -1).
+Item = Callable[[], tuple[Tally, int]]
+# The byte ranges an item reads: (storage, file, start, end).
+Spans = list[tuple[Storage, str, int, int]]
+
+
+def _expert_spans(check: ExpertCheck, src: Storage, dst: Storage, e: int) -> Spans:
+    """What expert e's check reads, where its sides say (sides without `spans` are not read ahead)."""
+    out: Spans = []
+    for side, storage in ((check.src, src), (check.dst, dst)):
+        spans = getattr(side, "spans", None)
+        out += [(storage, *span) for span in spans(e)] if spans else []
+    return out
+
+
+def _chunk_spans(check: PassCheck, src: Storage, dst: Storage, i: int, j: int) -> Spans:
+    """What elements [i, j) of a pass-through check read."""
+    s, d = check.src, check.dst
+    ss, ds = element_size(s.dtype), element_size(d.dtype)
+    return [(src, s.file, s.start + i * ss, s.start + j * ss), (dst, d.file, d.start + i * ds, d.start + j * ds)]
+
+
+def _expert_item(check: ExpertCheck, src: Storage, dst: Storage, e: int, limit: int) -> tuple[Tally, int]:
+    part = Tally([], limit=limit)
+    try:
+        run_expert(check, src, dst, e, part)
+    except (ConversionError, OSError, RuntimeError, ValueError) as exc:
+        part.add(Mismatch(check.layer, f"could not be read: {exc}", e))
+    return part, -1
+
+
+def _chunk_item(check: PassCheck, index: int, src: Storage, dst: Storage, i: int, j: int,
+                limit: int) -> tuple[Tally, int]:
+    part = Tally([], limit=limit)
+    try:
+        run_pass_chunk(check, src, dst, i, j, part)
+    except (ConversionError, OSError, RuntimeError, ValueError) as exc:
+        part.add(Mismatch(check.dst.name, f"could not be read: {exc}"))
+    return part, index
+
+
+class ReadAhead:
+    """Keeps the page cache filling up to `window` bytes ahead of the items being compared.
+
+    Only the ranges the items will read are requested (posix_fadvise WILLNEED through
+    Storage.prefetch; local files), merged per file where they touch, refilled in half-window
+    steps. The disk then works while the threads compare; it costs page cache, not process memory.
+    """
+
+    def __init__(self, spans: list[Spans], window: int = READ_AHEAD_BYTES) -> None:
+        self.spans, self.window = spans, window
+        self.cum = [0]
+        for sp in spans:
+            self.cum.append(self.cum[-1] + sum(end - start for _, _, start, end in sp))
+        self.next = 0  # items [0, next) have been requested
+        self.lock = threading.Lock()
+
+    def reached(self, k: int) -> None:
+        """Item k is about to run: top the window up when less than half of it is left."""
+        with self.lock:
+            if self.window <= 0 or self.next >= len(self.spans):
+                return
+            if self.next > k and self.cum[self.next] - self.cum[k] >= self.window // 2:
+                return
+            end = max(self.next, k + 1)
+            while end < len(self.spans) and self.cum[end] - self.cum[k] < self.window:
+                end += 1
+            todo, self.next = self.spans[self.next : end], end
+        ranges: dict[tuple[int, str], tuple[Storage, list[list[int]]]] = {}
+        for sp in todo:
+            for storage, file, start, end_ in sp:
+                if storage.is_local:
+                    ranges.setdefault((id(storage), file), (storage, []))[1].append([start, end_])
+        for (_, file), (storage, found) in ranges.items():
+            found.sort()
+            merged = [found[0]]
+            for a, b in found[1:]:
+                if a <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], b)
+                else:
+                    merged.append([a, b])
+            for a, b in merged:
+                try:
+                    storage.prefetch(file, a, b)
+                except (ConversionError, OSError):  # only a hint: the read itself reports what is wrong
+                    pass
+
+
+def _run_items(items: list[Item], spans: list[Spans], threads: int) -> Iterator[tuple[Tally, int]]:
+    """Each item's result, in the items' order, computed by `threads` threads while ReadAhead requests the
+    bytes of the items to come. Torch ops run single-threaded meanwhile: the items are the parallelism
+    (intra-op threads on busy cores cost more than they give)."""
+    ahead = ReadAhead(spans)
+
+    def run(k: int) -> tuple[Tally, int]:
+        ahead.reached(k)
+        return items[k]()
+
+    before = torch_threads(1)
+    try:
+        if threads <= 1:
+            for k in range(len(items)):
+                yield run(k)
+            return
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="verify")  # each thread's buffers go with it
+        try:
+            yield from pool.map(run, range(len(items)))
+        finally:  # on an error or interrupt: drop the items not started, wait only for those running
+            pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        torch_threads(before)
+
+
+def torch_threads(n: int) -> int:
+    """Set torch's intra-op thread count to `n`; returns the previous count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    return before
+
+
 def check_share(relation: Relation, opts: VerifyOptions, rank: int, world: int) -> Tally:
-    """Run this rank's share of the data checks; returns what it found."""
+    """Run this rank's share of the data checks; returns what it found.
+
+    Streaming expert checks and pass-through chunks are compared by up to `opts.workers` threads
+    (each reading into its own reused buffer); other expert checks (adapters: derived deltas,
+    cached factors) one after another on this thread. Findings are reported in the same order
+    whatever the thread count: experts as shared, then pass-through tensors (the first differing
+    chunk of each).
+    """
+    t0 = time.perf_counter()
     src = Storage(opts.src, opts.storage_options)
     dst = Storage(opts.dst, opts.storage_options)
-    tally = Tally([], limit=max(1, opts.max_report))
+    limit = max(1, opts.max_report)
+    tally = Tally([], limit=limit)
     experts, passes = share(relation, rank, world)
+    items: list[Item] = []
+    spans: list[Spans] = []
+    largest = 0
     try:
         for i, e in experts:
             check = relation.experts[i]
-            try:
-                run_expert(check, src, dst, e, tally)
-            except (ConversionError, OSError, RuntimeError, ValueError) as exc:
-                tally.add(Mismatch(check.layer, f"could not be read: {exc}", e))
+            if check.streaming:
+                items.append(lambda c=check, e=e: _expert_item(c, src, dst, e, limit))
+                spans.append(_expert_spans(check, src, dst, e))
+                largest = max(largest, check.item_bytes(e))
+            else:
+                tally.merge(_expert_item(check, src, dst, e, limit)[0])
+        pass_problems: dict[int, Mismatch] = {}
         for i in passes:
             check = relation.passes[i]
-            try:
-                run_pass(check, src, dst, tally)
-            except (ConversionError, OSError, RuntimeError, ValueError) as exc:
-                tally.add(Mismatch(check.dst.name, f"could not be read: {exc}"))
+            tally.tensors_checked += 1
+            problem = pass_shape_problem(check)
+            if problem:
+                pass_problems[i] = problem
+                continue
+            for a, b in pass_chunks(check):
+                items.append(lambda c=check, i=i, a=a, b=b: _chunk_item(c, i, src, dst, a, b, limit))
+                spans.append(_chunk_spans(check, src, dst, a, b))
+                largest = max(largest, chunk_bytes(check, a, b))
+        tally.threads = worker_threads(opts.workers, largest)
+        failed: set[int] = set()
+        for part, index in _run_items(items, spans, tally.threads):
+            if index >= 0:
+                if index in failed:  # report only the first differing chunk of a tensor
+                    part.mismatches, part.dropped = [], 0
+                elif part.mismatches or part.dropped:
+                    failed.add(index)
+            tally.merge(part)
+        for i in passes:  # shape changes of pass-through tensors, after the data findings, as before
+            if i in pass_problems:
+                tally.add(pass_problems[i])
     finally:
         src.close()
         dst.close()
+        release_buffers()
+    tally.seconds = time.perf_counter() - t0
     tally.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     return tally
 
@@ -216,7 +391,8 @@ def summarize(relation: Relation, tallies: list[Tally], opts: VerifyOptions, wor
         "dst_tensors": relation.dst_tensors, "dst_files": relation.dst_files, "world_size": world,
         "seconds": seconds,
         "ranks": [{"experts_checked": t.experts_checked, "tensors_checked": t.tensors_checked,
-                   "bytes_compared": t.bytes_compared, "peak_rss_bytes": t.peak_rss} for t in tallies],
+                   "bytes_compared": t.bytes_compared, "peak_rss_bytes": t.peak_rss, "seconds": t.seconds,
+                   "threads": t.threads} for t in tallies],
     }
     return "\n".join(lines), report
 
@@ -328,6 +504,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--base-config", default=None, help="adapters: the base model's config.json")
     p.add_argument("--storage-options", type=json_object, default={}, help="JSON of fsspec options")
     p.add_argument("--max-report", type=int, default=50, help="mismatches listed (default 50)")
+    p.add_argument("--workers", type=positive_int, default=4,
+                   help="threads per rank comparing in parallel (default 4; fewer where experts are large)")
     p.add_argument("--report", default=None, help="write a JSON report here")
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     add_nproc_flag(p)
@@ -337,5 +515,5 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and verify on every rank."""
     a = parser().parse_args(argv)
-    opts = VerifyOptions(a.src, a.dst, a.family, a.storage_options, a.base_config, a.max_report, a.report)
+    opts = VerifyOptions(a.src, a.dst, a.family, a.storage_options, a.base_config, a.max_report, a.report, a.workers)
     run_main(lambda dist: verify_job(opts, dist), a.nproc)
