@@ -638,7 +638,7 @@ def test_compare_fast_paths_agree_with_elementwise_comparison():
 def test_base_relations_stream_and_adapter_relations_do_not(ckpts, adapters):
     """Base-weight expert checks read into reused buffers and run on parallel threads (`streaming`); adapter checks
     (derived deltas, a cache of shared factors) do not."""
-    from convert.verify import VerifyOptions, plan_verify
+    from convert.verify.run import VerifyOptions, plan_verify
 
     base = plan_verify(VerifyOptions(str(ckpts / "src"), str(ckpts / "fused")))
     assert base.experts and all(c.streaming for c in base.experts)
@@ -651,7 +651,7 @@ def test_verify_threads_and_memory_are_bounded(tmp_path, monkeypatch):
     """Threads per rank are --workers, fewer where a memory budget (MOE_CONVERT_VERIFY_MEMORY) would be exceeded;
     peak RSS grows by at most one expert pair (plus scratch blocks) per extra thread, not with the data."""
     from bench.synthetic import Spec, checkpoint_specs, write_synthetic
-    from convert.verify import worker_threads
+    from convert.verify.run import worker_threads
     from convert.verify.checks import BLOCK_BYTES
 
     specs, cfg = checkpoint_specs("qwen3-30b-a3b", 2, experts=8, vocab=64)
