@@ -37,6 +37,9 @@ SAVE_SHARD, OUT_SHARD = "64KB", "100KB"
 
 RESULTS: dict[str, str] = {}  # model type -> "pass" or the first problem
 
+# one worker runs the whole module: the summary test reads the cases' results from this process
+pytestmark = pytest.mark.xdist_group("conformance")
+
 
 def _read_dir(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the *.safetensors files of `path`; the index, where there is one, must name each exactly."""
