@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from convert.errors import ConversionError
-from convert.executor import Executor, piece_outputs
+from convert.executor import Executor, _segments, piece_outputs
 from convert.planner import Piece
-from convert.storage import Storage
+from convert.storage import S3_GET_BYTES, Storage, merge_ranges
 from sharding.file_layout import OutputFile
 from sharding.parts import MAX_PART, MIN_PART, Part, plan_parts
 
@@ -35,6 +35,8 @@ STATE_DIR = ".moe-convert"
 STATE_FILE = f"{STATE_DIR}/state.json"
 OUTPUT_RECORD = f"{STATE_DIR}/output.json"  # what a finished job wrote (convert.output_record); kept after the commit
 INCOMPLETE = ".incomplete"
+# Parts a rank builds and uploads at once: min(--workers, this). Each holds one part in memory.
+UPLOAD_THREADS = int(os.environ.get("MOE_CONVERT_UPLOAD_THREADS", 4))
 
 
 @dataclass
@@ -271,21 +273,42 @@ class MultipartSink:
             if part.start < len(header):
                 chunk = header[part.start : min(part.end, len(header))]
                 buf[: len(chunk)] = chunk
+            # Byte copies: read only the source bytes that land in this part (a piece may straddle
+            # parts), adjacent ones by one ranged GET; (file, source start, source end, offset in buf).
+            copies: list[tuple[str, int, int, int]] = []
             for i in part.pieces:
                 piece = job.pieces[i]
+                if piece.regroup is None and all(r.dtype == w.dtype for r in piece.reads for w in piece.writes):
+                    for r, roff, w, woff, n in _segments(piece.reads, piece.writes):
+                        file, slot = slot_of[w.tensor]
+                        if file != part.file:  # a piece may also write into other files
+                            continue
+                        lo = slot.start + w.start + woff
+                        a, b = max(lo, part.start), min(lo + n, part.end)
+                        if a < b:
+                            src_at = r.start + roff + a - lo
+                            copies.append((r.file, src_at, src_at + b - a, a - part.start))
+                    continue
                 for w, data in zip(piece.writes, piece_outputs(self.src, piece)):
-                    _, slot = slot_of[w.tensor]
+                    file, slot = slot_of[w.tensor]
+                    if file != part.file:
+                        continue
                     lo, hi = slot.start + w.start, slot.start + w.end
                     a, b = max(lo, part.start), min(hi, part.end)
                     if a < b:
                         buf[a - part.start : b - part.start] = memoryview(data)[a - lo : b - lo]
+            for rel, start, end in merge_ranges([(f, a, b) for f, a, b, _ in copies], S3_GET_BYTES):
+                data = memoryview(self.src.read_range(rel, start, end))
+                for f, a, b, at in copies:
+                    if f == rel and start <= a and b <= end:
+                        buf[at : at + b - a] = data[a - start : b - start]
             etag = self.dst.mpu_upload_part(part.file, uploads[part.file], part.number, buf)
             with lock:
                 out.setdefault(part.file, {})[part.number] = etag
             on_done(part.end - part.start)
 
         parts = self._my_parts(job, rank)
-        with ThreadPoolExecutor(max_workers=max(1, min(job.workers, 4))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(job.workers, UPLOAD_THREADS))) as pool:
             for fut in [pool.submit(build, p) for p in parts]:
                 fut.result()
         return out
