@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -57,7 +58,7 @@ class Settings:
     src_shard: int = 200_000_000
     max_shard: str = "200MB"
     conns: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    max_ranks: int = 4  # ranks = min(N, max_ranks), workers = N // ranks
+    workers: tuple[int, ...] = (4,)  # at most this many workers per rank (one layout per value), then more ranks
     cases: tuple[str, ...] = CASES
     peer: bool = True
     repeats: int = 1
@@ -65,12 +66,15 @@ class Settings:
     conn_mbps: float = 80.0
     slowdown_rps: float = 0.0
     timeout: float = 900.0
+    sim_procs: int = 0  # proxy processes; 0 = a quarter of the CPUs (at least 1)
+    dilate: float = 1.0  # the endpoint K times slower (bandwidth / K, latency x K, request rate / K)
+    weak_mb: float = 0.0  # > 0: weak scaling, a checkpoint of about N x weak_mb MB at N connections
 
 
 SMALL = Settings()
-DEVICE = Settings(layers=4, max_ranks=16, src_shard=400_000_000, max_shard="400MB", slowdown_rps=0.0)
+DEVICE = Settings(workers=(4, 16))
 TINY = Settings(preset="tiny", experts=None, layers=2, vocab=128, src_shard=100_000, max_shard="200KB",
-                conns=(1, 2), max_ranks=2, cases=("fuse:s3-s3", "fuse:s3-local"), conn_mbps=20.0,
+                conns=(1, 2), workers=(1,), cases=("fuse:s3-s3", "fuse:s3-local"), conn_mbps=20.0,
                 latency_ms=(5.0, 10.0), slowdown_rps=20.0, timeout=120.0)
 PRESETS = {"small": SMALL, "device": DEVICE, "tiny": TINY}
 
@@ -90,6 +94,9 @@ class Row:
     data: float = 0.0  # the tool's data phase (slowest rank); the peer: its wall time
     sim: dict[str, Any] = field(default_factory=dict)  # the endpoint's counters over the run
     legs: list[float] = field(default_factory=list)  # the peer's s3-s3: download, upload
+    part: int = 0  # largest multipart part (the tool) / multipart_chunksize (the peer)
+    workers_cap: int = 0  # the tool: the layout's most workers per rank
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of the command (client) and the simulator
 
     @property
     def gbps(self) -> float:
@@ -100,12 +107,12 @@ class Row:
         return self.nbytes / self.wall / GB if self.wall else 0.0
 
 
-def layout(n: int, max_ranks: int) -> tuple[int, int]:
-    """(ranks, workers) with ranks x workers = n: as many ranks as allowed, then workers."""
-    ranks = max(1, min(n, max_ranks))
-    while n % ranks:
-        ranks -= 1
-    return ranks, n // ranks
+def layout(n: int, max_workers: int) -> tuple[int, int]:
+    """(ranks, workers) with ranks x workers = n: one rank up to `max_workers` workers, then more ranks."""
+    workers = max(1, min(n, max_workers))
+    while n % workers:
+        workers -= 1
+    return n // workers, workers
 
 
 class Runner:
@@ -113,7 +120,7 @@ class Runner:
 
     def __init__(self, s: Settings, sim: S3Sim, work: Path, log: Any) -> None:
         self.s, self.sim, self.work, self.log = s, sim, work, log
-        self.env = dict(os.environ, **CREDENTIALS, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
+        self.env = dict(os.environ, **CREDENTIALS, PYTHONPATH=_pythonpath(), OMP_NUM_THREADS="1",
                         AWS_ENDPOINT_URL=sim.url, AWS_EC2_METADATA_DISABLED="true")
         import boto3
         from botocore.config import Config
@@ -124,6 +131,7 @@ class Runner:
                                   config=Config(max_pool_connections=16))
         self.admin.create_bucket(Bucket=BUCKET)
         self.rows: list[Row] = []
+        self.cpu = {"client": 0.0, "sim": 0.0}
 
     # -- objects
     def upload_dir(self, local: Path, prefix: str) -> None:
@@ -146,17 +154,22 @@ class Runner:
 
     # -- running
     def _run(self, cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
+        """Run `cmd`; returns (wall seconds, output). Adds the CPU it and the simulator used to self.cpu."""
+        usage0, sim0 = resource.getrusage(resource.RUSAGE_CHILDREN), self.sim.cpu_seconds()
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**self.env, **(env or {})}, cwd=REPO,
                               timeout=self.s.timeout)
         seconds = time.perf_counter() - t0
+        usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.cpu["client"] += usage1.ru_utime + usage1.ru_stime - usage0.ru_utime - usage0.ru_stime
+        self.cpu["sim"] += self.sim.cpu_seconds() - sim0
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
         return seconds, proc.stdout + proc.stderr
 
-    def tool(self, case: str, src: str, dst: str, nbytes: int, n: int, env: dict[str, str]) -> Row:
+    def tool(self, case: str, src: str, dst: str, nbytes: int, n: int, max_workers: int, env: dict[str, str]) -> Row:
         op, _ = case.split(":")
-        ranks, workers = layout(n, self.s.max_ranks)
+        ranks, workers = layout(n, max_workers)
         stats = self.work / "stats.json"
         args = ["--src", src, "--dst", dst, "--workers", str(workers), "--max-shard-size", self.s.max_shard,
                 "--stats", str(stats), "--no-progress"]
@@ -167,12 +180,13 @@ class Runner:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                    "-m", module, *args]
         self.sim.reset()
+        self.cpu = {"client": 0.0, "sim": 0.0}
         wall, _ = self._run(cmd, env)
         sim = self.sim.stats()
         ranks_stats = json.loads(stats.read_text())["ranks"]
-        row = Row(case, "tool", n, ranks, workers, nbytes, dict(env), wall,
-                  max(r["seconds"] for r in ranks_stats), sim)
-        return row
+        return Row(case, "tool", n, ranks, workers, nbytes, dict(env), wall, max(r["seconds"] for r in ranks_stats),
+                   sim, part=part_size(nbytes, ranks, workers, env) if dst.startswith("s3://") else 0,
+                   workers_cap=max_workers, cpu=dict(self.cpu))
 
     def aws(self, args: list[str], n: int, chunk: int) -> float:
         cfg = self.work / "aws-config"
@@ -185,6 +199,7 @@ class Runner:
 
     def peer(self, case: str, src: str, dst: str, nbytes: int, n: int, chunk: int) -> Row:
         self.sim.reset()
+        self.cpu = {"client": 0.0, "sim": 0.0}
         legs: list[float] = []
         if src.startswith("s3://") and dst.startswith("s3://"):
             stage = self.work / "peer-stage"
@@ -194,70 +209,154 @@ class Runner:
         else:
             legs.append(self.aws([src, dst], n, chunk))
         sim = self.sim.stats()
-        return Row(case, "peer", n, 1, n, nbytes, {}, sum(legs), sum(legs), sim, legs)
+        return Row(case, "peer", n, 1, n, nbytes, {}, sum(legs), sum(legs), sim, legs, chunk, cpu=dict(self.cpu))
 
 
-def part_size(env: dict[str, str]) -> int:
-    """The tool's largest multipart part under `env` (what the peer's chunk size is set to)."""
-    from sharding.parts import MAX_PART
-
-    return int(env.get("MOE_CONVERT_MAX_PART", os.environ.get("MOE_CONVERT_MAX_PART", MAX_PART)))
+def _pythonpath() -> str:
+    """The repository first, then whatever PYTHONPATH held (packages carried to another machine)."""
+    return os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
-def run(s: Settings, work: Path, sweeps: list[tuple[str, list[str]]], log: Any) -> dict[str, Any]:
-    """Run every case of `s`; returns the results (settings, rows, environment)."""
-    src_local = work / "src"
-    specs, config = checkpoint_specs(s.preset, s.layers, experts=s.experts, vocab=s.vocab)
-    total = write_synthetic(str(src_local), specs, config, s.src_shard, data="random")
-    log(f"synthetic {s.preset} L{s.layers} E{s.experts}: {total / GB:.3f} GB in {work}")
-    fused_local = work / "fused"
-    subprocess.run([sys.executable, "-m", "convert.fuse_experts", "--src", str(src_local), "--dst", str(fused_local),
-                    "--max-shard-size", s.max_shard, "--no-progress"], check=True, cwd=REPO, capture_output=True,
-                   env=dict(os.environ, PYTHONPATH=str(REPO)))
+def part_size(nbytes: int, ranks: int, workers: int, env: dict[str, str]) -> int:
+    """The tool's largest multipart part for this job and layout under `env` (the peer's chunk size is set to it)."""
+    from sharding.parts import choose_max_part
+
+    fixed = env.get("MOE_CONVERT_MAX_PART", os.environ.get("MOE_CONVERT_MAX_PART"))
+    if fixed:
+        return int(fixed)
+    threads = min(workers, int(env.get("MOE_CONVERT_UPLOAD_THREADS", os.environ.get("MOE_CONVERT_UPLOAD_THREADS", 64))))
+    return choose_max_part(nbytes, ranks, threads)
+
+
+@dataclass
+class Sources:
+    """One synthetic checkpoint on local disk and, as needed, on the simulated S3."""
+
+    local: Path  # per-expert
+    fused: Path  # its fusion (the source of split)
+    nbytes: int  # tensor bytes
+    experts: int
+    uploaded: set[str] = field(default_factory=set)
+
+    def shard_bytes(self, op: str) -> int:
+        """Bytes of the output shards of `op` (fuse: the fused shards, split: the per-expert ones)."""
+        return sum(f.stat().st_size for f in (self.fused if op == "fuse" else self.local).glob("*.safetensors"))
+
+
+def experts_for(s: Settings, n: int) -> int | None:
+    """E per layer: the preset's (strong scaling) or enough for `s.weak_mb` MB per connection at N = `n`."""
+    if not s.weak_mb:
+        return s.experts
+    from bench.synthetic import PRESETS as SHAPES
+
+    _, _, h, i, *_ = SHAPES[s.preset]
+    per_expert = 3 * h * i * 2  # gate, up, down in BF16
+    return max(2, -(-int(n * s.weak_mb * 1e6) // (s.layers * per_expert)))
+
+
+def make_sources(s: Settings, work: Path, experts: int | None, log: Any) -> Sources:
+    """Write the synthetic checkpoint (and its fusion) for `experts` experts per layer into `work`."""
+    for d in ("src", "fused"):
+        shutil.rmtree(work / d, ignore_errors=True)
+    specs, config = checkpoint_specs(s.preset, s.layers, experts=experts, vocab=s.vocab)
+    total = write_synthetic(str(work / "src"), specs, config, s.src_shard, data="random")
+    subprocess.run([sys.executable, "-m", "convert.fuse_experts", "--src", str(work / "src"), "--dst",
+                    str(work / "fused"), "--max-shard-size", s.max_shard, "--no-progress"], check=True, cwd=REPO,
+                   capture_output=True, env=dict(os.environ, PYTHONPATH=_pythonpath()))
+    log(f"synthetic {s.preset} L{s.layers} E{experts or 'preset'}: {total / GB:.3f} GB")
+    return Sources(work / "src", work / "fused", total, experts or 0)
+
+
+def run(s: Settings, work: Path, sweeps: list[tuple[str, list[str]]], log: Any,
+        out: Path | None = None) -> dict[str, Any]:
+    """Run every case of `s`; returns the results (settings, rows, environment).
+
+    Strong scaling (default): one checkpoint for every N. With `s.weak_mb`, each N gets a checkpoint
+    of about N x weak_mb MB (more experts per layer, same shapes), so every connection moves the
+    same bytes. With `s.dilate` K, the endpoint runs K times slower (bandwidth / K, latency and
+    request rate x K / K), which keeps every ratio of transfer time to latency while leaving the
+    client K times more CPU per transferred byte. With `out`, the report so far is written there
+    after every run (a cut-off run keeps its rows).
+    """
     envs = [{}] if not sweeps else [{k: v} for k, values in sweeps for v in values]
-    cfg = SimConfig(latency_ms=s.latency_ms, conn_mbps=s.conn_mbps, slowdown_rps=s.slowdown_rps)
+    machine = environment()
     rows: list[Row] = []
-    with S3Sim(cfg) as sim:
+    sizes: dict[int, int] = {}
+
+    def checkpoint() -> None:
+        if out is not None:
+            report({"settings": asdict(s), "sweeps": sweeps, "bytes": max(sizes.values(), default=0), "sizes": sizes,
+                    "rows": [_row_dict(x) for x in rows], "environment": {**machine, "load_avg": os.getloadavg()}},
+                   out)
+
+    k = s.dilate
+    cfg = SimConfig(latency_ms=(s.latency_ms[0] * k, s.latency_ms[1] * k), conn_mbps=s.conn_mbps / k,
+                    slowdown_rps=s.slowdown_rps / k)
+    with S3Sim(cfg, procs=s.sim_procs or max(1, (os.cpu_count() or 1) // 4)) as sim:
         r = Runner(s, sim, work, log)
-        r.upload_dir(src_local, "src")
-        r.upload_dir(fused_local, "fused")
-        for case in s.cases:
-            op, where = case.split(":")
-            src_kind, dst_kind = where.split("-")
-            src_name = "src" if op == "fuse" else "fused"
-            src = f"s3://{BUCKET}/{src_name}" if src_kind == "s3" else str(src_local if op == "fuse" else fused_local)
-            nbytes = sum(f.stat().st_size for f in (fused_local if op == "fuse" else src_local).glob("*.safetensors"))
+        sources: Sources | None = None
+        for n in s.conns:
+            experts = experts_for(s, n)
+            if sources is None or (s.weak_mb and sources.experts != experts):
+                if sources is not None:
+                    for prefix in sources.uploaded:
+                        r.clear(prefix)
+                sources = make_sources(s, work, experts, log)
+            sizes[n] = sources.nbytes
             for rep in range(s.repeats):
-                for n in s.conns:
-                    for env in envs:
-                        dst = f"s3://{BUCKET}/out" if dst_kind == "s3" else str(work / "out")
-                        row = r.tool(case, src, dst, nbytes, n, env)
-                        if dst_kind == "s3":
-                            got = r.object_bytes("out")
-                            r.clear("out")
-                        else:
-                            got = sum(f.stat().st_size for f in (work / "out").glob("*.safetensors"))
-                            shutil.rmtree(work / "out")
-                        if got != nbytes:
-                            raise RuntimeError(f"{case} N={n}: wrote {got} bytes of shards, expected {nbytes}")
-                        rows.append(row)
-                        log(f"  {case} tool N={n} ({row.ranks}x{row.workers}) {_env_text(env)}: {row.gbps:.3f} GB/s "
-                            f"data, {row.wall_gbps:.3f} GB/s wall ({row.wall:.1f} s); 503s {row.sim['slowdowns']}, "
-                            f"retried {row.sim['retried']}, in flight <= {row.sim['max_active_requests']}")
-                    if s.peer:
-                        chunk = part_size({})
-                        peer_src = src if src_kind == "s3" else str(src_local if op == "fuse" else fused_local)
-                        peer_dst = f"s3://{BUCKET}/peer" if dst_kind == "s3" else str(work / "peer")
-                        row = r.peer(case, peer_src, peer_dst, nbytes, n, chunk)
-                        r.clear("peer")
-                        shutil.rmtree(work / "peer", ignore_errors=True)
-                        rows.append(row)
-                        log(f"  {case} peer N={n}: {row.gbps:.3f} GB/s ({row.wall:.1f} s"
-                            + (f" = {row.legs[0]:.1f} down + {row.legs[1]:.1f} up" if len(row.legs) > 1 else "")
-                            + f"); 503s {row.sim['slowdowns']}, retried {row.sim['retried']}, "
-                            f"in flight <= {row.sim['max_active_requests']}")
-    return {"settings": asdict(s), "sweeps": sweeps, "bytes": total, "rows": [_row_dict(x) for x in rows],
-            "environment": environment()}
+                for case in s.cases:
+                    run_case(s, r, sources, case, n, envs, rows, log)
+                    checkpoint()
+    return {"settings": asdict(s), "sweeps": sweeps, "bytes": max(sizes.values(), default=0), "sizes": sizes,
+            "rows": [_row_dict(x) for x in rows], "environment": {**machine, "load_avg": os.getloadavg()}}
+
+
+def run_case(s: Settings, r: Runner, src_data: Sources, case: str, n: int, envs: list[dict[str, str]],
+             rows: list[Row], log: Any) -> None:
+    """The tool (each layout and sweep value) and the peer on one case at N = `n` connections; appends to rows."""
+    op, where = case.split(":")
+    src_kind, dst_kind = where.split("-")
+    local = src_data.local if op == "fuse" else src_data.fused
+    prefix = "src" if op == "fuse" else "fused"
+    if src_kind == "s3" and prefix not in src_data.uploaded:
+        r.upload_dir(local, prefix)
+        src_data.uploaded.add(prefix)
+    src = f"s3://{BUCKET}/{prefix}" if src_kind == "s3" else str(local)
+    nbytes = src_data.shard_bytes(op)
+    done: dict[tuple[int, int, str], Row] = {}
+    for cap in s.workers:
+        ranks, workers = layout(n, cap)
+        for env in envs:
+            same = done.get((ranks, workers, _env_text(env)))
+            if same is not None:  # this layout ran already under a smaller cap
+                rows.append(replace(same, workers_cap=cap))
+                continue
+            dst = f"s3://{BUCKET}/out" if dst_kind == "s3" else str(r.work / "out")
+            row = r.tool(case, src, dst, nbytes, n, cap, env)
+            done[(ranks, workers, _env_text(env))] = row
+            if dst_kind == "s3":
+                got = r.object_bytes("out")
+                r.clear("out")
+            else:
+                got = sum(f.stat().st_size for f in (r.work / "out").glob("*.safetensors"))
+                shutil.rmtree(r.work / "out")
+            if got != nbytes:
+                raise RuntimeError(f"{case} N={n}: wrote {got} bytes of shards, expected {nbytes}")
+            rows.append(row)
+            log(f"  {case} tool N={n} ({row.ranks}x{row.workers}) {_env_text(env)}: {row.gbps:.3f} GB/s data, "
+                f"{row.wall_gbps:.3f} GB/s wall ({row.wall:.1f} s); 503s {row.sim['slowdowns']}, retried "
+                f"{row.sim['retried']}, in flight <= {row.sim['max_active_requests']}; cpu {row.cpu}")
+    if s.peer:
+        chunk = part_size(nbytes, *layout(n, s.workers[0]), {})
+        peer_dst = f"s3://{BUCKET}/peer" if dst_kind == "s3" else str(r.work / "peer")
+        row = r.peer(case, src, peer_dst, nbytes, n, chunk)
+        r.clear("peer")
+        shutil.rmtree(r.work / "peer", ignore_errors=True)
+        rows.append(row)
+        log(f"  {case} peer N={n}: {row.gbps:.3f} GB/s ({row.wall:.1f} s"
+            + (f" = {row.legs[0]:.1f} down + {row.legs[1]:.1f} up" if len(row.legs) > 1 else "")
+            + f"); 503s {row.sim['slowdowns']}, retried {row.sim['retried']}, "
+            f"in flight <= {row.sim['max_active_requests']}; cpu {row.cpu}")
 
 
 def _env_text(env: dict[str, str]) -> str:
@@ -290,7 +389,8 @@ def environment() -> dict[str, Any]:
 def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[int, list[dict[str, Any]]]]:
     out: dict[tuple[str, str, str], dict[int, list[dict[str, Any]]]] = {}
     for r in rows:
-        out.setdefault((r["case"], r["who"], _env_text(r["env"])), {}).setdefault(r["conns"], []).append(r)
+        key = _env_text(r["env"]) + (f" max {r['workers_cap']} workers/rank" if r["who"] == "tool" else "")
+        out.setdefault((r["case"], r["who"], key.strip()), {}).setdefault(r["conns"], []).append(r)
     return out
 
 
@@ -316,6 +416,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 "gbps": _best(t, "gbps"), "wall_gbps": _best(t, "wall_gbps"),
                 "slowdowns": max(x["sim"]["slowdowns"] for x in t), "retried": max(x["sim"]["retried"] for x in t),
                 "in_flight": max(x["sim"]["max_active_requests"] for x in t),
+                "nbytes": t[0]["nbytes"], "part": t[0].get("part", 0),
                 "requests": max(x["sim"]["requests"] for x in t),
             }
             if one:
@@ -325,6 +426,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 p = peer[n]
                 line["peer_gbps"] = _best(p, "gbps")
                 line["vs_peer"] = line["wall_gbps"] / line["peer_gbps"]
+                line["vs_peer_data"] = line["gbps"] / line["peer_gbps"]
                 line["peer_slowdowns"] = max(x["sim"]["slowdowns"] for x in p)
                 line["peer_in_flight"] = max(x["sim"]["max_active_requests"] for x in p)
                 if one_peer:
@@ -340,33 +442,42 @@ def report(results: dict[str, Any], out: Path) -> None:
     results["summary"] = summarize(results)
     (out / "s3.json").write_text(json.dumps(results, indent=1))
     s = results["settings"]
+    k = s.get("dilate", 1.0)
+    env = results["environment"]
+    size = (f"weak scaling: a checkpoint of about N x {s['weak_mb']:g} MB at N connections (more experts per "
+            f"layer, same shapes)" if s.get("weak_mb") else
+            f"{results['bytes'] / GB:.3f} GB checkpoint, the same at every N")
+    endpoint = (f"{s['latency_ms'][0] * k:g}-{s['latency_ms'][1] * k:g} ms first-byte latency, "
+                f"{s['conn_mbps'] / k:g} MB/s per connection each way, "
+                + (f"503 SlowDown above {s['slowdown_rps'] / k:g} requests/s per prefix" if s["slowdown_rps"]
+                   else "no request-rate limit"))
     lines = [
         "# Object storage at scale, simulated (bench.s3)", "",
-        f"{results['bytes'] / GB:.3f} GB synthetic `{s['preset']}` checkpoint ({s['layers']} layers, "
-        f"E={s['experts']}, vocab {s['vocab']}), output shards of at most {s['max_shard']}. Endpoint: "
-        f"bench.s3sim, {s['latency_ms'][0]:g}-{s['latency_ms'][1]:g} ms first-byte latency, "
-        f"{s['conn_mbps']:g} MB/s per connection each way, "
-        + (f"503 SlowDown above {s['slowdown_rps']:g} requests/s per prefix." if s["slowdown_rps"]
-           else "no request-rate limit.")
-        + f" Machine: {results['environment']['cpus']} CPUs, load average at the end "
-        f"{results['environment']['load_avg'][0]:.1f}.", "",
-        "GB/s = output shard bytes / seconds: `data` is the tool's data phase (slowest rank, from --stats), "
-        "`wall` the whole command (start-up, plan and commit included); the peer (`aws s3 cp --recursive`, "
-        "max_concurrent_requests = N) is timed wall. scaling = GB/s at N / (N x GB/s at 1). vs peer = tool wall / "
-        "peer wall. 503s: SlowDown answers of the endpoint (retried: the same request seen again after one). "
-        "in flight: the most requests the endpoint had open at once.", "",
+        f"Synthetic `{s['preset']}` checkpoint ({s['layers']} layers, real expert shapes, vocab {s['vocab']}), "
+        f"{size}; output shards of at most {s['max_shard']}. Endpoint: bench.s3sim, {endpoint}"
+        + (f" (time-dilated x{k:g}: {s['latency_ms'][0]:g}-{s['latency_ms'][1]:g} ms and {s['conn_mbps']:g} MB/s "
+           f"slowed {k:g} times, which keeps every ratio of transfer time to latency and gives the client {k:g} "
+           "times more CPU per byte; GB/s below are as measured)" if k != 1 else "")
+        + f". Machine: {env['cpus']} CPUs, load average {env['load_avg'][0]:.1f} at the end.", "",
+        "GB/s = output shard bytes / seconds. `data`: the tool's data phase (slowest rank, from --stats); `wall`: "
+        "the whole command (start-up, plan and commit included). The peer (`aws s3 cp --recursive`, "
+        "max_concurrent_requests = N, multipart_chunksize = the tool's part size; s3-s3: download, then upload) "
+        "is timed wall. scaling = GB/s at N / (N x GB/s at 1). vs peer: tool / peer, wall / wall and data / wall. "
+        "503s: SlowDown answers (retried: the same request seen again after one). in flight: the most requests "
+        "the endpoint had open at once (tool / peer). part: the tool's largest multipart part.", "",
     ]
     for name, rows in results["summary"].items():
         lines += [f"## {name}", "",
-                  "| N | ranks x workers | data GB/s | scaling | wall GB/s | wall scaling | peer GB/s | peer scaling "
-                  "| vs peer | 503s (retried) | in flight tool / peer |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| N | MB | ranks x workers | part MiB | data GB/s | scaling | wall GB/s | wall scaling | peer GB/s "
+                  "| peer scaling | vs peer wall / data | 503s (retried) | in flight |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for x in rows:
-            def f(k: str, fmt: str = "{:.3f}") -> str:
-                return fmt.format(x[k]) if k in x else "-"
-            lines.append(f"| {x['conns']} | {x['ranks']} x {x['workers']} | {f('gbps')} | {f('scaling', '{:.2f}')} "
+            def f(key: str, fmt: str = "{:.3f}") -> str:
+                return fmt.format(x[key]) if key in x else "-"
+            lines.append(f"| {x['conns']} | {x['nbytes'] / 1e6:.0f} | {x['ranks']} x {x['workers']} "
+                         f"| {x['part'] / (1 << 20):.0f} | {f('gbps')} | {f('scaling', '{:.2f}')} "
                          f"| {f('wall_gbps')} | {f('wall_scaling', '{:.2f}')} | {f('peer_gbps')} "
-                         f"| {f('peer_scaling', '{:.2f}')} | {f('vs_peer', '{:.2f}')} "
+                         f"| {f('peer_scaling', '{:.2f}')} | {f('vs_peer', '{:.2f}')} / {f('vs_peer_data', '{:.2f}')} "
                          f"| {x['slowdowns']} ({x['retried']}) | {x['in_flight']} / {x.get('peer_in_flight', '-')} |")
         lines.append("")
     (out / "S3.md").write_text("\n".join(lines) + "\n")
@@ -385,13 +496,15 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="bench.s3", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small", choices=sorted(PRESETS))
     p.add_argument("--conns", default=None, help="connection counts, e.g. 1,2,4,8")
-    p.add_argument("--max-ranks", type=int, default=None)
+    p.add_argument("--workers", default=None, help="most workers per rank, e.g. 4 or 4,16 (one layout each)")
     p.add_argument("--cases", default=None, help=f"comma-separated, of {', '.join(CASES)}")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--conn-mbps", type=float, default=None)
     p.add_argument("--latency-ms", default=None, help="LO,HI")
     p.add_argument("--slowdown-rps", type=float, default=None)
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--dilate", type=float, default=None, help="run the endpoint K times slower (see run())")
+    p.add_argument("--weak-mb", type=float, default=None, help="weak scaling: about N x this many MB at N")
     p.add_argument("--sweep", type=parse_sweep, action="append", default=[], help="ENV=v1,v2 (tool runs only)")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -405,7 +518,9 @@ def main(argv: list[str] | None = None) -> None:
         if bad:
             p.error(f"--cases: unknown {bad}; choose from {', '.join(CASES)}")
         s = replace(s, cases=tuple(a.cases.split(",")))
-    for name in ("max_ranks", "layers", "conn_mbps", "slowdown_rps", "repeats"):
+    if a.workers:
+        s = replace(s, workers=tuple(int(x) for x in a.workers.split(",")))
+    for name in ("layers", "conn_mbps", "slowdown_rps", "repeats", "dilate", "weak_mb"):
         if getattr(a, name) is not None:
             s = replace(s, **{name: getattr(a, name)})
     if a.latency_ms:
@@ -420,7 +535,7 @@ def main(argv: list[str] | None = None) -> None:
         print(msg, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="moe-bench-s3-", dir=a.workdir) as tmp:
-        results = run(s, Path(tmp), a.sweep, log)
+        results = run(s, Path(tmp), a.sweep, log, Path(a.out))
     report(results, Path(a.out))
     log(f"wrote {Path(a.out) / 'S3.md'} and s3.json")
 

@@ -27,8 +27,10 @@ only its range), so that the simulator, not moto, sets the pace.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import http.client
 import json
+import logging
 import os
 import random
 import signal
@@ -39,7 +41,7 @@ import threading
 import time
 import urllib.request
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 CREDENTIALS = {
@@ -106,6 +108,18 @@ class _Blob:
         pass
 
 
+def _fast_etag(key: Any) -> str:
+    """An ETag like moto's (32 hex digits, quoted) from SHA-1, which is 2x faster than MD5 here.
+
+    Clients treat ETags as opaque (multipart uploads hand part ETags back to be compared), so
+    any content hash serves; the simulator's own CPU is what the benchmark must not spend.
+    """
+    if key._etag is None:
+        key._value_buffer.seek(0)
+        key._etag = hashlib.sha1(key._value_buffer.read()).hexdigest()[:32]
+    return f'"{key._etag}"'
+
+
 def run_backend(port: int, max_seconds: float = 3600.0) -> None:
     """Serve moto's S3 on 127.0.0.1:`port` with in-memory object values, until the parent ends or max_seconds."""
     import types
@@ -115,6 +129,8 @@ def run_backend(port: int, max_seconds: float = 3600.0) -> None:
     from werkzeug.serving import make_server
 
     models.tempfile = types.SimpleNamespace(SpooledTemporaryFile=_Blob)  # type: ignore[attr-defined]
+    models.FakeKey.etag = property(_fast_etag)  # type: ignore[assignment]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     app = DomainDispatcherApplication(create_backend_app)
     server = make_server("127.0.0.1", port, app, threaded=True)
     parent, started = os.getppid(), time.monotonic()
@@ -171,8 +187,6 @@ class SimStats:
     bytes_in: int = 0
     bytes_out: int = 0
     connections: int = 0
-    max_open_connections: int = 0
-    max_active_requests: int = 0  # requests in progress at once (read to answered), the most seen
 
 
 class RateLimiter:
@@ -195,6 +209,43 @@ class RateLimiter:
             return ok
 
 
+class SharedCounters:
+    """Open connections and requests in flight, and their maxima, shared by forked proxy processes."""
+
+    NAMES = ("open", "active")
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        self.values = ctx.RawArray("q", 2 * len(self.NAMES))  # value, max for each name
+        self.lock = ctx.Lock()
+
+    def add(self, name: str, delta: int) -> None:
+        i = 2 * self.NAMES.index(name)
+        with self.lock:
+            self.values[i] += delta
+            self.values[i + 1] = max(self.values[i + 1], self.values[i])
+
+    def reset_max(self) -> None:
+        with self.lock:
+            for i in range(0, len(self.values), 2):
+                self.values[i + 1] = self.values[i]
+
+    def maxima(self) -> dict[str, int]:
+        with self.lock:
+            return {"max_open_connections": int(self.values[1]), "max_active_requests": int(self.values[3])}
+
+
+def listen(port: int = 0) -> socket.socket:
+    """A listening TCP socket on 127.0.0.1:`port` (0: a free port)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(1024)
+    return sock
+
+
 class _ClientGone(Exception):
     pass
 
@@ -202,22 +253,22 @@ class _ClientGone(Exception):
 class Proxy:
     """The throttling proxy: one thread per client connection, one upstream connection each."""
 
-    def __init__(self, upstream_port: int, config: SimConfig, port: int = 0, log: str | None = None) -> None:
+    def __init__(self, upstream_port: int, config: SimConfig, port: int = 0, log: str | None = None,
+                 sock: socket.socket | None = None, control: socket.socket | None = None,
+                 shared: "SharedCounters | None" = None) -> None:
         self.upstream_port, self.cfg = upstream_port, config
+        self.shared = shared or SharedCounters()
+        self.control = control
         self.log = open(log, "a", buffering=1) if log else None  # one JSON line per request (diagnosis)
         self.stats = SimStats()
         self.lock = threading.Lock()
         self.limiter = RateLimiter(config.slowdown_rps)
         self.slowed: OrderedDict[str, None] = OrderedDict()
         self.open = 0
-        self.active = 0
         self.last_activity = time.monotonic()
         self.started = time.monotonic()
         self.rng = random.Random(config.seed)
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(512)
+        self.sock = sock or listen(port)
         self.port = int(self.sock.getsockname()[1])
         self.stopping = False
 
@@ -240,10 +291,15 @@ class Proxy:
     def serve_forever(self) -> None:
         """Accept connections until stop() (or the idle / lifetime limits, or the parent's end)."""
         threading.Thread(target=self._watchdog, daemon=True).start()
-        self.sock.settimeout(0.5)
+        if self.control is not None:
+            threading.Thread(target=self._accept, args=(self.control,), daemon=True).start()
+        self._accept(self.sock)
+
+    def _accept(self, sock: socket.socket) -> None:
+        sock.settimeout(0.5)
         while not self.stopping:
             try:
-                conn, _ = self.sock.accept()
+                conn, _ = sock.accept()
             except socket.timeout:
                 continue
             except OSError:
@@ -263,10 +319,12 @@ class Proxy:
 
     def stop(self) -> None:
         self.stopping = True
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        for sock in (self.sock, self.control):
+            try:
+                if sock is not None:
+                    sock.close()
+            except OSError:
+                pass
 
     def _serve_conn(self, conn: socket.socket) -> None:
         rate = self.cfg.conn_mbps * 1e6
@@ -277,7 +335,7 @@ class Proxy:
         with self.lock:
             self.open += 1
             self.stats.connections += 1
-            self.stats.max_open_connections = max(self.stats.max_open_connections, self.open)
+        self.shared.add("open", 1)
         try:
             while not self.stopping:
                 keep, upstream = self._one_request(conn, rfile, pace_in, pace_out, upstream)
@@ -289,6 +347,7 @@ class Proxy:
             with self.lock:
                 self.open -= 1
                 self.last_activity = time.monotonic()
+            self.shared.add("open", -1)
             if upstream is not None:
                 upstream.close()
             try:
@@ -358,10 +417,11 @@ class Proxy:
     def _control(self, conn: socket.socket, method: str, path: str, pace: Pacer) -> None:
         if method == "POST" and path.startswith("/__sim__/reset"):
             with self.lock:
-                self.stats = SimStats(max_open_connections=self.open, max_active_requests=self.active)
+                self.stats = SimStats()
+                self.shared.reset_max()
                 self.slowed.clear()
         with self.lock:
-            body = json.dumps(asdict(self.stats)).encode()
+            body = json.dumps({**asdict(self.stats), **self.shared.maxima()}).encode()
         self._send(conn, 200, "OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
                    body, Pacer(0, 0))
 
@@ -373,8 +433,8 @@ class Proxy:
             return self._request(conn, rfile, pace_in, pace_out, upstream, info)
         finally:
             if info:
+                self.shared.add("active", -1)
                 with self.lock:
-                    self.active -= 1
                     if self.log is not None:
                         info["t1"] = time.monotonic() - self.started
                         self.log.write(json.dumps(info) + "\n")
@@ -398,11 +458,10 @@ class Proxy:
             return not close, upstream
         signature = f"{method} {target} {headers.get('range', '')}"
         allowed = self.limiter.allow(self._prefix(target))
+        self.shared.add("active", 1)
         with self.lock:
-            self.active += 1
             info.update(t0=time.monotonic() - self.started, method=method, path=target, range=headers.get("range"),
                         status=503 if not allowed else 0, conn=id(conn))
-            self.stats.max_active_requests = max(self.stats.max_active_requests, self.active)
             self.stats.requests += 1
             self.stats.by_method[method] = self.stats.by_method.get(method, 0) + 1
             if signature in self.slowed:
@@ -497,6 +556,8 @@ def _proxy_main(argv: list[str]) -> None:
     p.add_argument("--max-seconds", type=float, default=3600.0)
     p.add_argument("--idle-seconds", type=float, default=600.0)
     p.add_argument("--port", type=int, default=0, help="the proxy's port (default: a free one)")
+    p.add_argument("--procs", type=int, default=1, help="proxy processes sharing the port (each gets the rate / procs)")
+    p.add_argument("--control-ports", default="", help="one port per process for its /__sim__/ counters")
     p.add_argument("--log", default=None, help="append one JSON line per request to this file")
     p.add_argument("--upstream-port", type=int, default=0, help="use this moto server instead of starting one")
     p.add_argument("--backend", type=int, default=0, help=argparse.SUPPRESS)  # internal: serve moto on this port
@@ -512,7 +573,26 @@ def _proxy_main(argv: list[str]) -> None:
     if not upstream:
         backend = Backend(a.max_seconds)
         upstream = backend.port
-    proxy = Proxy(upstream, cfg, a.port, a.log)
+    procs = max(1, a.procs)
+    cfg = replace(cfg, slowdown_rps=cfg.slowdown_rps / procs)
+    controls = [int(x) for x in a.control_ports.split(",") if x] or [0] * procs
+    if len(controls) != procs:
+        p.error("--control-ports: one port per process")
+    main_sock, shared = listen(a.port), SharedCounters()
+    children = []
+    for i in range(1, procs):
+        pid = os.fork()
+        if pid == 0:
+            child = Proxy(upstream, replace(cfg, seed=i), log=a.log, sock=main_sock, control=listen(controls[i]),
+                          shared=shared)
+            signal.signal(signal.SIGTERM, lambda *_: child.stop())
+            try:
+                child.serve_forever()
+            finally:
+                os._exit(0)
+        children.append(pid)
+    proxy = Proxy(upstream, cfg, log=a.log, sock=main_sock, control=listen(controls[0]) if procs > 1 or controls[0]
+                  else None, shared=shared)
     signal.signal(signal.SIGTERM, lambda *_: proxy.stop())
     print(f"http://127.0.0.1:{proxy.port}", flush=True)
     try:
@@ -520,6 +600,12 @@ def _proxy_main(argv: list[str]) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
         if backend is not None:
             backend.stop()
 
@@ -570,9 +656,10 @@ class S3Sim:
     `url` is the endpoint to give clients; `stats()` / `reset()` read and zero the proxy's counters.
     """
 
-    def __init__(self, config: SimConfig | None = None, log: str | None = None) -> None:
+    def __init__(self, config: SimConfig | None = None, log: str | None = None, procs: int = 1) -> None:
         self.config = config or SimConfig()
         self.log = log
+        self.procs = max(1, procs)
 
     def __enter__(self) -> "S3Sim":
         c = self.config
@@ -583,7 +670,10 @@ class S3Sim:
                "--latency-ms", f"{c.latency_ms[0]},{c.latency_ms[1]}", "--conn-mbps", str(c.conn_mbps),
                "--burst-kb", str(c.burst_kb), "--slowdown-rps", str(c.slowdown_rps),
                "--prefix-depth", str(c.prefix_depth), "--max-seconds", str(c.max_seconds),
-               "--idle-seconds", str(c.idle_seconds)] + (["--log", self.log] if self.log else [])
+               "--idle-seconds", str(c.idle_seconds), "--procs", str(self.procs)] + (["--log", self.log] if self.log else [])
+        self.controls = [free_port() for _ in range(self.procs)] if self.procs > 1 else []
+        if self.controls:
+            cmd += ["--control-ports", ",".join(map(str, self.controls))]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         try:
@@ -598,9 +688,43 @@ class S3Sim:
         self.backend.stop()
 
     def _call(self, method: str, what: str) -> dict[str, Any]:
-        req = urllib.request.Request(f"{self.url}/__sim__/{what}", method=method, data=b"" if method == "POST" else None)
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return dict(json.loads(resp.read()))
+        """Ask every proxy process; counts are summed, maxima (shared between the processes) taken once."""
+        urls = [f"http://127.0.0.1:{p}" for p in self.controls] or [self.url]
+        total: dict[str, Any] = {}
+        for url in urls:
+            req = urllib.request.Request(f"{url}/__sim__/{what}", method=method, data=b"" if method == "POST" else None)
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                got = json.loads(resp.read())
+            for k, v in got.items():
+                if k.startswith("max_"):
+                    total[k] = max(total.get(k, 0), v)
+                elif isinstance(v, dict):
+                    for m, n in v.items():
+                        total.setdefault(k, {})[m] = total.get(k, {}).get(m, 0) + n
+                else:
+                    total[k] = total.get(k, 0) + v
+        return total
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by the simulator's processes: moto, the proxy and its forks."""
+        pids = {self.backend.proc.pid, self.proc.pid}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as fh:
+                        if int(fh.read().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                            pids.add(int(entry))
+                except (OSError, ValueError, IndexError):
+                    pass
+        total = 0.0
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, ValueError, IndexError):
+                pass
+        return total
 
     def stats(self) -> dict[str, Any]:
         """The proxy's counters (SimStats as a dict)."""

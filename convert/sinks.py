@@ -29,14 +29,14 @@ from convert.executor import Executor, _segments, piece_outputs
 from convert.planner import Piece
 from convert.storage import S3_GET_BYTES, Storage, merge_ranges
 from sharding.file_layout import OutputFile
-from sharding.parts import MAX_PART, MIN_PART, Part, plan_parts
+from sharding.parts import MIN_PART, Part, choose_max_part, plan_parts
 
 STATE_DIR = ".moe-convert"
 STATE_FILE = f"{STATE_DIR}/state.json"
 OUTPUT_RECORD = f"{STATE_DIR}/output.json"  # what a finished job wrote (convert.output_record); kept after the commit
 INCOMPLETE = ".incomplete"
 # Parts a rank builds and uploads at once: min(--workers, this). Each holds one part in memory.
-UPLOAD_THREADS = int(os.environ.get("MOE_CONVERT_UPLOAD_THREADS", 4))
+UPLOAD_THREADS = int(os.environ.get("MOE_CONVERT_UPLOAD_THREADS", 64))
 
 
 @dataclass
@@ -206,15 +206,29 @@ class LocalSink:
 class MultipartSink:
     """One multipart upload per shard; each part built in memory by one rank."""
 
-    def __init__(self, src: Storage, dst: Storage, min_part: int = MIN_PART, max_part: int = MAX_PART) -> None:
+    def __init__(self, src: Storage, dst: Storage, min_part: int = MIN_PART, max_part: int | None = None) -> None:
+        """`max_part` None: sized to the job (sharding.parts.choose_max_part) unless MOE_CONVERT_MAX_PART is set."""
         self.src, self.dst = src, dst
         self.min_part = int(os.environ.get("MOE_CONVERT_MIN_PART", min_part))
-        self.max_part = int(os.environ.get("MOE_CONVERT_MAX_PART", max_part))
+        fixed = os.environ.get("MOE_CONVERT_MAX_PART")
+        self.max_part = int(fixed) if fixed else max_part
         self._planned: tuple[SinkJob, list[Part]] | None = None
+
+    @staticmethod
+    def threads(job: SinkJob) -> int:
+        """Parts one rank builds and uploads at once."""
+        return max(1, min(job.workers, UPLOAD_THREADS))
+
+    def part_size(self, job: SinkJob) -> int:
+        """The largest part of this job (the same on every rank)."""
+        if self.max_part is not None:
+            return self.max_part
+        return choose_max_part(sum(f.size for f in job.files), len(job.assignment), self.threads(job))
 
     def _parts(self, job: SinkJob) -> list[Part]:
         if self._planned is None or self._planned[0] is not job:
-            self._planned = (job, plan_parts(job.files, job.pieces, job.assignment, self.min_part, self.max_part))
+            parts = plan_parts(job.files, job.pieces, job.assignment, self.min_part, self.part_size(job))
+            self._planned = (job, parts)
         return self._planned[1]
 
     def prepare(self, job: SinkJob, resuming: bool) -> dict[str, Any]:
@@ -308,7 +322,7 @@ class MultipartSink:
             on_done(part.end - part.start)
 
         parts = self._my_parts(job, rank)
-        with ThreadPoolExecutor(max_workers=max(1, min(job.workers, UPLOAD_THREADS))) as pool:
+        with ThreadPoolExecutor(max_workers=self.threads(job)) as pool:
             for fut in [pool.submit(build, p) for p in parts]:
                 fut.result()
         return out
@@ -319,13 +333,19 @@ class MultipartSink:
         expected: dict[str, int] = {}
         for p in self._parts(job):
             expected[p.file] = max(expected.get(p.file, 0), p.number)
+        complete: list[tuple[str, dict[int, str]]] = []
         for f in job.files:
             etags = {int(n): e for n, e in done.get(f.name, {}).items()}
             for r in results:
                 etags.update(r.get(f.name, {}))
             if sorted(etags) != list(range(1, expected[f.name] + 1)):
                 raise ConversionError(f"{self.dst.display(f.name)}: parts {sorted(etags)} of {expected[f.name]} uploaded")
-            self.dst.mpu_complete(f.name, job.resume["uploads"][f.name], etags)
+            complete.append((f.name, etags))
+        # Each completion is one request the store may take seconds to answer for a large object: all at once.
+        with ThreadPoolExecutor(max_workers=max(1, min(len(complete), 16))) as pool:
+            for fut in [pool.submit(self.dst.mpu_complete, name, job.resume["uploads"][name], etags)
+                        for name, etags in complete]:
+                fut.result()
 
     def discard(self, state: dict[str, Any] | None) -> None:
         """Abort the uploads of an unfinished job and forget it (for --overwrite)."""

@@ -538,7 +538,7 @@ class Storage:
 
     def mpu_upload_part(self, rel: str, upload_id: str, number: int, data: bytes | bytearray | memoryview) -> str:
         """Upload part `number` (1-based) of `rel`; returns its ETag."""
-        body = bytes(data)
+        body = data if isinstance(data, (bytes, bytearray)) else bytes(data)  # a copy only where needed
         resp = self._s3(f"upload part {number} of", "upload_part", rel, UploadId=upload_id, PartNumber=number, Body=body)
         return str(resp["ETag"])
 
