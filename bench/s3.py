@@ -72,11 +72,11 @@ class Settings:
 
 
 SMALL = Settings()
-DEVICE = Settings(workers=(4, 16))
+LARGE = Settings(layers=4, workers=(4, 16))  # for a many-core machine: 1.5 GB, up to 16 workers per rank
 TINY = Settings(preset="tiny", experts=None, layers=2, vocab=128, src_shard=100_000, max_shard="200KB",
-                conns=(1, 2), workers=(1,), cases=("fuse:s3-s3", "fuse:s3-local"), conn_mbps=20.0,
-                latency_ms=(5.0, 10.0), slowdown_rps=20.0, timeout=120.0)
-PRESETS = {"small": SMALL, "device": DEVICE, "tiny": TINY}
+                conns=(1, 2), workers=(2,), cases=("fuse:s3-s3", "fuse:s3-local"), conn_mbps=20.0,
+                latency_ms=(5.0, 10.0), slowdown_rps=10.0, timeout=120.0)
+PRESETS = {"small": SMALL, "large": LARGE, "tiny": TINY}
 
 
 @dataclass
@@ -97,6 +97,7 @@ class Row:
     part: int = 0  # largest multipart part (the tool) / multipart_chunksize (the peer)
     workers_cap: int = 0  # the tool: the layout's most workers per rank
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of the command (client) and the simulator
+    peak_rss: int = 0  # the tool: largest peak RSS of a rank (bytes)
 
     @property
     def gbps(self) -> float:
@@ -186,7 +187,8 @@ class Runner:
         ranks_stats = json.loads(stats.read_text())["ranks"]
         return Row(case, "tool", n, ranks, workers, nbytes, dict(env), wall, max(r["seconds"] for r in ranks_stats),
                    sim, part=part_size(nbytes, ranks, workers, env) if dst.startswith("s3://") else 0,
-                   workers_cap=max_workers, cpu=dict(self.cpu))
+                   workers_cap=max_workers, cpu=dict(self.cpu),
+                   peak_rss=max(r["peak_rss_bytes"] for r in ranks_stats))
 
     def aws(self, args: list[str], n: int, chunk: int) -> float:
         cfg = self.work / "aws-config"
@@ -417,6 +419,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 "slowdowns": max(x["sim"]["slowdowns"] for x in t), "retried": max(x["sim"]["retried"] for x in t),
                 "in_flight": max(x["sim"]["max_active_requests"] for x in t),
                 "nbytes": t[0]["nbytes"], "part": t[0].get("part", 0),
+                "peak_rss": max(x.get("peak_rss", 0) for x in t),
                 "requests": max(x["sim"]["requests"] for x in t),
             }
             if one:
@@ -464,13 +467,14 @@ def report(results: dict[str, Any], out: Path) -> None:
         "max_concurrent_requests = N, multipart_chunksize = the tool's part size; s3-s3: download, then upload) "
         "is timed wall. scaling = GB/s at N / (N x GB/s at 1). vs peer: tool / peer, wall / wall and data / wall. "
         "503s: SlowDown answers (retried: the same request seen again after one). in flight: the most requests "
-        "the endpoint had open at once (tool / peer). part: the tool's largest multipart part.", "",
+        "the endpoint had open at once (tool / peer; the tool's count includes its plan phase, which reads shard "
+        "headers in parallel). part: the tool's largest multipart part. RSS/rank: the tool's largest rank.", "",
     ]
     for name, rows in results["summary"].items():
         lines += [f"## {name}", "",
                   "| N | MB | ranks x workers | part MiB | data GB/s | scaling | wall GB/s | wall scaling | peer GB/s "
-                  "| peer scaling | vs peer wall / data | 503s (retried) | in flight |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| peer scaling | vs peer wall / data | 503s (retried) | in flight | RSS/rank MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for x in rows:
             def f(key: str, fmt: str = "{:.3f}") -> str:
                 return fmt.format(x[key]) if key in x else "-"
@@ -478,7 +482,8 @@ def report(results: dict[str, Any], out: Path) -> None:
                          f"| {x['part'] / (1 << 20):.0f} | {f('gbps')} | {f('scaling', '{:.2f}')} "
                          f"| {f('wall_gbps')} | {f('wall_scaling', '{:.2f}')} | {f('peer_gbps')} "
                          f"| {f('peer_scaling', '{:.2f}')} | {f('vs_peer', '{:.2f}')} / {f('vs_peer_data', '{:.2f}')} "
-                         f"| {x['slowdowns']} ({x['retried']}) | {x['in_flight']} / {x.get('peer_in_flight', '-')} |")
+                         f"| {x['slowdowns']} ({x['retried']}) | {x['in_flight']} / {x.get('peer_in_flight', '-')} "
+                         f"| {x['peak_rss'] / 1e6:.0f} |")
         lines.append("")
     (out / "S3.md").write_text("\n".join(lines) + "\n")
 
@@ -499,6 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", default=None, help="most workers per rank, e.g. 4 or 4,16 (one layout each)")
     p.add_argument("--cases", default=None, help=f"comma-separated, of {', '.join(CASES)}")
     p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--vocab", type=int, default=None)
     p.add_argument("--conn-mbps", type=float, default=None)
     p.add_argument("--latency-ms", default=None, help="LO,HI")
     p.add_argument("--slowdown-rps", type=float, default=None)
@@ -520,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
         s = replace(s, cases=tuple(a.cases.split(",")))
     if a.workers:
         s = replace(s, workers=tuple(int(x) for x in a.workers.split(",")))
-    for name in ("layers", "conn_mbps", "slowdown_rps", "repeats", "dilate", "weak_mb"):
+    for name in ("layers", "vocab", "conn_mbps", "slowdown_rps", "repeats", "dilate", "weak_mb"):
         if getattr(a, name) is not None:
             s = replace(s, **{name: getattr(a, name)})
     if a.latency_ms:

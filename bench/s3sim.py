@@ -27,7 +27,6 @@ only its range), so that the simulator, not moto, sets the pace.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import json
 import logging
@@ -40,6 +39,7 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -109,14 +109,14 @@ class _Blob:
 
 
 def _fast_etag(key: Any) -> str:
-    """An ETag like moto's (32 hex digits, quoted) from SHA-1, which is 2x faster than MD5 here.
+    """A fresh random ETag (32 hex digits, quoted) for every value, instead of moto's MD5 of the bytes.
 
-    Clients treat ETags as opaque (multipart uploads hand part ETags back to be compared), so
-    any content hash serves; the simulator's own CPU is what the benchmark must not spend.
+    Clients treat ETags as opaque (a multipart upload hands its parts' ETags back to be compared;
+    the tool pins a source by its ETag), so a value that changes whenever the object is written
+    serves them; hashing every byte would make the simulator, not the client, set the pace.
     """
     if key._etag is None:
-        key._value_buffer.seek(0)
-        key._etag = hashlib.sha1(key._value_buffer.read()).hexdigest()[:32]
+        key._etag = uuid.uuid4().hex
     return f'"{key._etag}"'
 
 
