@@ -242,17 +242,19 @@ class MultipartSink:
             self.discard(state)
             old = {}
         sizes = {(p.file, p.number): p.end - p.start for p in parts}
-        uploads: dict[str, str] = {}
-        done: dict[str, dict[int, str]] = {}
-        for f in job.files:
-            upload = old.get(f.name)
-            listed = self.dst.mpu_list_parts(f.name, upload) if upload else {}
-            if upload and (listed or self._upload_alive(f.name, upload)):
-                uploads[f.name] = upload
-                done[f.name] = {n: etag for n, (etag, size) in listed.items() if sizes.get((f.name, n)) == size}
-            else:
-                uploads[f.name] = self.dst.mpu_create(f.name)
-                done[f.name] = {}
+
+        def start(name: str) -> tuple[str, dict[int, str]]:
+            upload = old.get(name)
+            listed = self.dst.mpu_list_parts(name, upload) if upload else {}
+            if upload and (listed or self._upload_alive(name, upload)):
+                return upload, {n: etag for n, (etag, size) in listed.items() if sizes.get((name, n)) == size}
+            return self.dst.mpu_create(name), {}
+
+        # One request per shard, each waiting out the store's latency: all at once.
+        with ThreadPoolExecutor(max_workers=max(1, min(len(job.files), 16))) as pool:
+            started = list(pool.map(start, [f.name for f in job.files]))
+        uploads = {f.name: u for f, (u, _) in zip(job.files, started)}
+        done = {f.name: d for f, (_, d) in zip(job.files, started)}
         self.dst.write_bytes(
             STATE_FILE,
             json.dumps({**job.state, "fingerprint": job.fingerprint, "uploads": uploads, "parts": layout}).encode(),
