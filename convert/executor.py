@@ -20,6 +20,7 @@ from convert.storage import S3_GET_BYTES, Fetched, Storage
 from convert.transforms import cast_bytes, torch_dtypes
 
 PREFETCH_BYTES = 64 << 20
+REMOTE_READ_MEMORY = 512 << 20  # source bytes one rank holds at once from an object store, over all its workers
 
 
 def _segments(reads: Sequence[Read], writes: Sequence[Write]) -> Iterator[tuple[Read, int, Write, int, int]]:
@@ -130,7 +131,6 @@ class Executor:
             for k, fut in pending:
                 on_done(k, fut.result())
 
-
     def _run_fetched(self, pieces: Sequence[Piece], on_done: Callable[[int, int], None]) -> None:
         """run() for a remote source: one group of pieces per worker at a time, its reads fetched first."""
         def run_group(idx: list[int]) -> list[int]:
@@ -139,7 +139,7 @@ class Executor:
 
         with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
             pending: list[tuple[list[int], Any]] = []
-            for idx in group_pieces(pieces, S3_GET_BYTES):
+            for idx in group_pieces(pieces, min(S3_GET_BYTES, REMOTE_READ_MEMORY // max(1, self.workers))):
                 pending.append((idx, pool.submit(run_group, idx)))
                 if len(pending) >= 2 * self.workers:
                     done_idx, fut = pending.pop(0)

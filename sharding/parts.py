@@ -54,12 +54,12 @@ def choose_max_part(
 ) -> int:
     """The largest part size for a job of `total_bytes` uploaded by `ranks` x `threads` connections.
 
-    As large as `cap`, but small enough that every thread gets `per_thread` parts and one
-    rank's threads hold at most `memory` bytes; never below `floor` (nor S3's MIN_PART).
+    As large as `cap`, but small enough that every thread gets `per_thread` parts (down to
+    `floor`) and that one rank's threads hold at most `memory` bytes (down to S3's MIN_PART).
     """
-    by_count = total_bytes // max(1, ranks * threads * per_thread)
+    by_count = max(floor, total_bytes // max(1, ranks * threads * per_thread))
     by_memory = memory // max(1, 2 * threads)
-    return max(MIN_PART, floor, min(cap, by_count, by_memory))
+    return max(MIN_PART, min(cap, by_count, by_memory))
 
 
 @dataclass(frozen=True)
