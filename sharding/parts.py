@@ -15,6 +15,10 @@ from typing import Protocol, Sequence
 
 MIN_PART = 5 << 20  # S3's minimum size of every part but the last
 MAX_PART = 64 << 20
+# Sizing parts to the job (choose_max_part); measured with bench.s3, see bench/results/S3.md.
+PART_FLOOR = 16 << 20  # 8 MiB parts moved 10-15% fewer bytes per connection than 16-64 MiB ones
+PARTS_PER_THREAD = 4  # so the last round of uploads leaves few connections idle
+PART_MEMORY = 512 << 20  # part buffers of one rank: each upload thread holds about two parts' worth
 
 
 class WriteLike(Protocol):
@@ -37,6 +41,25 @@ class FileLike(Protocol):
     header: bytes
     size: int
     slots: dict[str, SlotLike]
+
+
+def choose_max_part(
+    total_bytes: int,
+    ranks: int,
+    threads: int,
+    cap: int = MAX_PART,
+    floor: int = PART_FLOOR,
+    per_thread: int = PARTS_PER_THREAD,
+    memory: int = PART_MEMORY,
+) -> int:
+    """The largest part size for a job of `total_bytes` uploaded by `ranks` x `threads` connections.
+
+    As large as `cap`, but small enough that every thread gets `per_thread` parts (down to
+    `floor`) and that one rank's threads hold at most `memory` bytes (down to S3's MIN_PART).
+    """
+    by_count = max(floor, total_bytes // max(1, ranks * threads * per_thread))
+    by_memory = memory // max(1, 2 * threads)
+    return max(MIN_PART, min(cap, by_count, by_memory))
 
 
 @dataclass(frozen=True)

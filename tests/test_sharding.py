@@ -89,3 +89,27 @@ def test_parts_tile_files_and_respect_minimum(plan, world):
         assert all(4000 <= p.end - p.start <= 20000 for p in mine[:-1])
     if world > 1:
         assert len({p.owner for p in parts}) == world, "every rank should own some parts"
+
+
+def test_choose_max_part_sizes_parts_to_the_job():
+    from sharding.parts import MAX_PART, MIN_PART, PART_FLOOR, PART_MEMORY, PARTS_PER_THREAD, choose_max_part
+
+    assert choose_max_part(100 << 30, 1, 1) == MAX_PART  # a large job over one connection: the largest parts
+    assert choose_max_part(1, 1, 1) == PART_FLOOR
+    assert choose_max_part(100 << 30, 1, 1024) == MIN_PART  # memory first, down to S3's minimum
+    for total, ranks, threads in [(1 << 30, 4, 16), (3 << 30, 2, 8), (200 << 20, 1, 2), (100 << 30, 1, 64)]:
+        size = choose_max_part(total, ranks, threads)
+        assert MIN_PART <= size <= MAX_PART
+        # A rank's part buffers stay bounded; within that, every upload thread gets its share of parts
+        # unless that would make parts smaller than the floor.
+        assert 2 * threads * size <= PART_MEMORY or size == MIN_PART
+        assert total // size >= ranks * threads * PARTS_PER_THREAD or size >= PART_FLOOR
+
+
+def test_group_pieces_keeps_order_and_bounds_group_reads(plan):
+    from convert.engine.executor import group_pieces
+
+    groups = group_pieces(plan.pieces, 1 << 20)
+    assert [i for g in groups for i in g] == list(range(len(plan.pieces)))
+    for g in groups:
+        assert len(g) == 1 or sum(plan.pieces[i].read_bytes for i in g) <= 1 << 20

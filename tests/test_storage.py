@@ -32,3 +32,37 @@ def test_start_writeback_keeps_the_bytes(tmp_path):
     st.close()
     got = (tmp_path / "out.bin").read_bytes()
     assert got[:4] == b"head" and got[1 << 20 :] == data and len(got) == 4 << 20
+
+
+def test_merge_ranges_joins_touching_and_overlapping_reads_within_the_limit():
+    ranges = [("a", 10, 30), ("a", 0, 10), ("b", 0, 3), ("a", 40, 50), ("a", 45, 60), ("a", 60, 61), ("b", 3, 3)]
+    assert storage.merge_ranges(ranges, 12) == [("a", 0, 10), ("a", 10, 30), ("a", 40, 60), ("a", 60, 61), ("b", 0, 3)]
+    assert storage.merge_ranges(ranges, 100) == [("a", 0, 30), ("a", 40, 61), ("b", 0, 3)]
+    # Every byte asked for is in exactly one merged range.
+    merged = storage.merge_ranges(ranges, 12)
+    for f, a, b in ranges:
+        if b > a:
+            assert sum(1 for g, x, y in merged if g == f and x <= a and b <= y) == 1, (f, a, b)
+
+
+def test_fetch_serves_reads_from_few_large_reads(tmp_path):
+    data = os.urandom(1 << 16)
+    (tmp_path / "f.bin").write_bytes(data)
+    st = Storage(str(tmp_path))
+    calls: list[tuple[int, int]] = []
+    real = st.read_range
+
+    def counting(rel: str, start: int, end: int) -> bytes:
+        calls.append((start, end))
+        return real(rel, start, end)
+
+    st.read_range = counting  # type: ignore[method-assign]
+    got = st.fetch([("f.bin", 100, 200), ("f.bin", 200, 5000), ("f.bin", 9000, 9100)], max_get=1 << 20)
+    assert calls == [(100, 5000), (9000, 9100)]
+    assert bytes(got.read_range("f.bin", 150, 4000)) == data[150:4000]
+    out = memoryview(bytearray(50))
+    got.read_into("f.bin", 9010, out)
+    assert bytes(out) == data[9010:9060]
+    assert bytes(got.read_range("f.bin", 6000, 6100)) == data[6000:6100]  # not fetched: read through
+    assert calls[-1] == (6000, 6100)
+    st.close()

@@ -476,7 +476,7 @@ def _clear_destination(dst: Storage, sink: Any, setup: JobSetup, overwrite: bool
     complete and a re-run still knows which files are its own.
     """
     dst.makedirs()
-    if not overwrite:
+    if not overwrite or not dst.exists():  # an object store has no empty "directory" to list
         return
     contents = classify(dst)
     refuse_foreign(dst, contents)  # checked at plan time already; the directory may have changed since

@@ -25,16 +25,18 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from convert.errors import ConversionError
-from convert.engine.executor import Executor, piece_outputs
+from convert.engine.executor import Executor, _segments, piece_outputs
 from convert.plan.base import Piece
-from convert.io.storage import Storage
+from convert.io.storage import S3_GET_BYTES, Storage, merge_ranges
 from convert.formats.shard_layout import OutputFile
-from sharding.parts import MAX_PART, MIN_PART, Part, plan_parts
+from sharding.parts import MIN_PART, Part, choose_max_part, plan_parts
 
 STATE_DIR = ".moe-convert"
 STATE_FILE = f"{STATE_DIR}/state.json"
 OUTPUT_RECORD = f"{STATE_DIR}/output.json"  # what a finished job wrote (convert.engine.output_record); kept after the commit
 INCOMPLETE = ".incomplete"
+# Parts a rank builds and uploads at once: min(--workers, this). Each holds one part in memory.
+UPLOAD_THREADS = int(os.environ.get("MOE_CONVERT_UPLOAD_THREADS", 64))
 
 
 @dataclass
@@ -204,15 +206,29 @@ class LocalSink:
 class MultipartSink:
     """One multipart upload per shard; each part built in memory by one rank."""
 
-    def __init__(self, src: Storage, dst: Storage, min_part: int = MIN_PART, max_part: int = MAX_PART) -> None:
+    def __init__(self, src: Storage, dst: Storage, min_part: int = MIN_PART, max_part: int | None = None) -> None:
+        """`max_part` None: sized to the job (sharding.parts.choose_max_part) unless MOE_CONVERT_MAX_PART is set."""
         self.src, self.dst = src, dst
         self.min_part = int(os.environ.get("MOE_CONVERT_MIN_PART", min_part))
-        self.max_part = int(os.environ.get("MOE_CONVERT_MAX_PART", max_part))
+        fixed = os.environ.get("MOE_CONVERT_MAX_PART")
+        self.max_part = int(fixed) if fixed else max_part
         self._planned: tuple[SinkJob, list[Part]] | None = None
+
+    @staticmethod
+    def threads(job: SinkJob) -> int:
+        """Parts one rank builds and uploads at once."""
+        return max(1, min(job.workers, UPLOAD_THREADS))
+
+    def part_size(self, job: SinkJob) -> int:
+        """The largest part of this job (the same on every rank)."""
+        if self.max_part is not None:
+            return self.max_part
+        return choose_max_part(sum(f.size for f in job.files), len(job.assignment), self.threads(job))
 
     def _parts(self, job: SinkJob) -> list[Part]:
         if self._planned is None or self._planned[0] is not job:
-            self._planned = (job, plan_parts(job.files, job.pieces, job.assignment, self.min_part, self.max_part))
+            parts = plan_parts(job.files, job.pieces, job.assignment, self.min_part, self.part_size(job))
+            self._planned = (job, parts)
         return self._planned[1]
 
     def prepare(self, job: SinkJob, resuming: bool) -> dict[str, Any]:
@@ -226,17 +242,19 @@ class MultipartSink:
             self.discard(state)
             old = {}
         sizes = {(p.file, p.number): p.end - p.start for p in parts}
-        uploads: dict[str, str] = {}
-        done: dict[str, dict[int, str]] = {}
-        for f in job.files:
-            upload = old.get(f.name)
-            listed = self.dst.mpu_list_parts(f.name, upload) if upload else {}
-            if upload and (listed or self._upload_alive(f.name, upload)):
-                uploads[f.name] = upload
-                done[f.name] = {n: etag for n, (etag, size) in listed.items() if sizes.get((f.name, n)) == size}
-            else:
-                uploads[f.name] = self.dst.mpu_create(f.name)
-                done[f.name] = {}
+
+        def start(name: str) -> tuple[str, dict[int, str]]:
+            upload = old.get(name)
+            listed = self.dst.mpu_list_parts(name, upload) if upload else {}
+            if upload and (listed or self._upload_alive(name, upload)):
+                return upload, {n: etag for n, (etag, size) in listed.items() if sizes.get((name, n)) == size}
+            return self.dst.mpu_create(name), {}
+
+        # One request per shard, each waiting out the store's latency: all at once.
+        with ThreadPoolExecutor(max_workers=max(1, min(len(job.files), 16))) as pool:
+            started = list(pool.map(start, [f.name for f in job.files]))
+        uploads = {f.name: u for f, (u, _) in zip(job.files, started)}
+        done = {f.name: d for f, (_, d) in zip(job.files, started)}
         self.dst.write_bytes(
             STATE_FILE,
             json.dumps({**job.state, "fingerprint": job.fingerprint, "uploads": uploads, "parts": layout}).encode(),
@@ -271,21 +289,42 @@ class MultipartSink:
             if part.start < len(header):
                 chunk = header[part.start : min(part.end, len(header))]
                 buf[: len(chunk)] = chunk
+            # Byte copies: read only the source bytes that land in this part (a piece may straddle
+            # parts), adjacent ones by one ranged GET; (file, source start, source end, offset in buf).
+            copies: list[tuple[str, int, int, int]] = []
             for i in part.pieces:
                 piece = job.pieces[i]
+                if piece.regroup is None and all(r.dtype == w.dtype for r in piece.reads for w in piece.writes):
+                    for r, roff, w, woff, n in _segments(piece.reads, piece.writes):
+                        file, slot = slot_of[w.tensor]
+                        if file != part.file:  # a piece may also write into other files
+                            continue
+                        lo = slot.start + w.start + woff
+                        a, b = max(lo, part.start), min(lo + n, part.end)
+                        if a < b:
+                            src_at = r.start + roff + a - lo
+                            copies.append((r.file, src_at, src_at + b - a, a - part.start))
+                    continue
                 for w, data in zip(piece.writes, piece_outputs(self.src, piece)):
-                    _, slot = slot_of[w.tensor]
+                    file, slot = slot_of[w.tensor]
+                    if file != part.file:
+                        continue
                     lo, hi = slot.start + w.start, slot.start + w.end
                     a, b = max(lo, part.start), min(hi, part.end)
                     if a < b:
                         buf[a - part.start : b - part.start] = memoryview(data)[a - lo : b - lo]
+            for rel, start, end in merge_ranges([(f, a, b) for f, a, b, _ in copies], S3_GET_BYTES):
+                data = memoryview(self.src.read_range(rel, start, end))
+                for f, a, b, at in copies:
+                    if f == rel and start <= a and b <= end:
+                        buf[at : at + b - a] = data[a - start : b - start]
             etag = self.dst.mpu_upload_part(part.file, uploads[part.file], part.number, buf)
             with lock:
                 out.setdefault(part.file, {})[part.number] = etag
             on_done(part.end - part.start)
 
         parts = self._my_parts(job, rank)
-        with ThreadPoolExecutor(max_workers=max(1, min(job.workers, 4))) as pool:
+        with ThreadPoolExecutor(max_workers=self.threads(job)) as pool:
             for fut in [pool.submit(build, p) for p in parts]:
                 fut.result()
         return out
@@ -296,13 +335,19 @@ class MultipartSink:
         expected: dict[str, int] = {}
         for p in self._parts(job):
             expected[p.file] = max(expected.get(p.file, 0), p.number)
+        complete: list[tuple[str, dict[int, str]]] = []
         for f in job.files:
             etags = {int(n): e for n, e in done.get(f.name, {}).items()}
             for r in results:
                 etags.update(r.get(f.name, {}))
             if sorted(etags) != list(range(1, expected[f.name] + 1)):
                 raise ConversionError(f"{self.dst.display(f.name)}: parts {sorted(etags)} of {expected[f.name]} uploaded")
-            self.dst.mpu_complete(f.name, job.resume["uploads"][f.name], etags)
+            complete.append((f.name, etags))
+        # Each completion is one request the store may take seconds to answer for a large object: all at once.
+        with ThreadPoolExecutor(max_workers=max(1, min(len(complete), 16))) as pool:
+            for fut in [pool.submit(self.dst.mpu_complete, name, job.resume["uploads"][name], etags)
+                        for name, etags in complete]:
+                fut.result()
 
     def discard(self, state: dict[str, Any] | None) -> None:
         """Abort the uploads of an unfinished job and forget it (for --overwrite)."""

@@ -6,6 +6,7 @@ loop or `os.copy_file_range`); any other fsspec URL goes through the filesystem'
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import json
 import os
@@ -13,7 +14,7 @@ import posixpath
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import fsspec
@@ -31,6 +32,13 @@ COPY_BUFFER_BYTES = 1 << 20
 MAX_JSON_BYTES = 64 << 20
 WRITE_BEHIND = os.environ.get("MOE_CONVERT_WRITE_BEHIND", "1") != "0"
 _SYNC_FILE_RANGE_WRITE = 2
+# Object stores (measured with bench.s3; see bench/results/S3.md): adjacent source ranges are read by one
+# ranged GET of up to S3_GET_BYTES; the client keeps up to S3_POOL connections (it must not be smaller than
+# the requests a process has in flight, or they queue); botocore retries throttling in S3_RETRY_MODE.
+S3_GET_BYTES = int(os.environ.get("MOE_CONVERT_S3_GET_BYTES", 32 << 20))
+S3_POOL = int(os.environ.get("MOE_CONVERT_S3_POOL", 64))
+S3_RETRY_MODE = os.environ.get("MOE_CONVERT_S3_RETRY_MODE", "standard")
+S3_RETRY_ATTEMPTS = int(os.environ.get("MOE_CONVERT_S3_RETRY_ATTEMPTS", 5))
 _thread_state = threading.local()
 # Fields of fsspec's info() that identify an object's content (S3, GCS, Azure); times where there is none.
 PIN_KEYS = ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash")
@@ -116,6 +124,63 @@ def _no_such_upload(exc: BaseException) -> bool:
     return (answer is not None and answer[1] == "NoSuchUpload") or "NoSuchUpload" in repr(exc.__cause__ or exc)
 
 
+def merge_ranges(ranges: Sequence[tuple[str, int, int]], max_bytes: int) -> list[tuple[str, int, int]]:
+    """(file, start, end) ranges with those that touch or overlap in one file merged, in file and offset order.
+
+    Touching ranges merge while the result stays within `max_bytes`; overlapping ones always merge (a
+    single range longer than `max_bytes` is kept whole). Empty ranges are dropped.
+    """
+    out: list[tuple[str, int, int]] = []
+    for rel, start, end in sorted(r for r in ranges if r[2] > r[1]):
+        if out and out[-1][0] == rel and (start < out[-1][2] or (start == out[-1][2] and end - out[-1][1] <= max_bytes)):
+            out[-1] = (rel, out[-1][1], max(end, out[-1][2]))  # overlapping ranges always merge
+        else:
+            out.append((rel, start, end))
+    return out
+
+
+class Fetched:
+    """Byte ranges of a Storage's files already in memory; reads inside them are served from there.
+
+    Duck-types the read side of Storage (read_range, read_into, display, is_local) for
+    piece_outputs; a read that no fetched range covers goes to the storage itself.
+    """
+
+    is_local = False
+
+    def __init__(self, storage: "Storage") -> None:
+        self.storage = storage
+        self._spans: dict[str, list[tuple[int, int, bytes]]] = {}
+
+    def add(self, rel: str, start: int, data: bytes) -> None:
+        """Hold `data`, the bytes of `rel` from `start` on."""
+        bisect.insort(self._spans.setdefault(rel, []), (start, start + len(data), data), key=lambda s: s[0])
+
+    def _find(self, rel: str, start: int, end: int) -> memoryview | None:
+        spans = self._spans.get(rel, [])
+        i = bisect.bisect_right(spans, start, key=lambda s: s[0]) - 1
+        if i >= 0 and spans[i][0] <= start and end <= spans[i][1]:
+            lo = spans[i][0]
+            return memoryview(spans[i][2])[start - lo : end - lo]
+        return None
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes | memoryview:
+        """Bytes [start, end) of `rel`, from memory where fetched."""
+        view = self._find(rel, start, end)
+        return view if view is not None else self.storage.read_range(rel, start, end)
+
+    def read_into(self, rel: str, start: int, out: memoryview) -> None:
+        """Fill `out` with the bytes of `rel` from `start` on."""
+        view = self._find(rel, start, start + out.nbytes)
+        if view is None:
+            self.storage.read_into(rel, start, out)
+        else:
+            out[:] = view
+
+    def display(self, rel: str = "") -> str:
+        return self.storage.display(rel)
+
+
 class Storage:
     """One fsspec filesystem plus a root directory (a local path or a URL such as s3://b/p)."""
 
@@ -127,6 +192,11 @@ class Storage:
             # fsspec caches filesystems by their arguments: name the endpoint, so a client made for another
             # endpoint (same process, AWS_ENDPOINT_URL changed since) is never reused.
             options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+        if url.startswith(("s3://", "s3a://")):
+            config = dict(options.get("config_kwargs") or {})
+            config.setdefault("max_pool_connections", S3_POOL)
+            config.setdefault("retries", {"mode": S3_RETRY_MODE, "max_attempts": S3_RETRY_ATTEMPTS})
+            options["config_kwargs"] = config
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **options)
         except (ValueError, ImportError, TypeError) as exc:  # unknown protocol, its package not installed, bad options
@@ -258,6 +328,18 @@ class Storage:
                 f"{self.display(rel)}: expected {end - start} bytes at offset {start}, got {len(data)} (truncated file?)"
             )
         return data
+
+    def fetch(self, ranges: Sequence[tuple[str, int, int]], max_get: int = S3_GET_BYTES) -> "Fetched":
+        """The bytes of `ranges` ((file, start, end) each), read with as few requests as adjacency allows.
+
+        Ranges that touch or overlap in one file are read together, by reads of at most `max_get`
+        bytes (a single range larger than that is still one read). Returns a Fetched that answers
+        read_range / read_into for any byte range inside the fetched ones.
+        """
+        out = Fetched(self)
+        for rel, start, end in merge_ranges(ranges, max_get):
+            out.add(rel, start, self.read_range(rel, start, end))
+        return out
 
     def read_into(self, rel: str, start: int, out: memoryview) -> None:
         """Fill `out` with the bytes of `rel` from `start` on (local files: straight into it); short reads are an error."""
@@ -456,7 +538,7 @@ class Storage:
 
     def mpu_upload_part(self, rel: str, upload_id: str, number: int, data: bytes | bytearray | memoryview) -> str:
         """Upload part `number` (1-based) of `rel`; returns its ETag."""
-        body = bytes(data)
+        body = data if isinstance(data, (bytes, bytearray)) else bytes(data)  # a copy only where needed
         resp = self._s3(f"upload part {number} of", "upload_part", rel, UploadId=upload_id, PartNumber=number, Body=body)
         return str(resp["ETag"])
 

@@ -1,0 +1,41 @@
+"""Smoke test of bench.s3 on its tiny preset: the simulated endpoint, the tool and `aws s3 cp` really run."""
+
+from __future__ import annotations
+
+import json
+
+from helpers import run_tool
+
+
+def test_bench_s3_tiny_preset_end_to_end(tmp_path):
+    out = tmp_path / "results"
+    run_tool("bench.s3", "--preset", "tiny", "--out", str(out), "--workdir", str(tmp_path), timeout=300)
+    results = json.loads((out / "s3.json").read_text())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("moe-bench-s3-")] == [], "work dir not removed"
+    rows = results["rows"]
+    cases = results["settings"]["cases"]
+    for case in cases:
+        for n in results["settings"]["conns"]:
+            tool = [r for r in rows if r["case"] == case and r["who"] == "tool" and r["conns"] == n]
+            peer = [r for r in rows if r["case"] == case and r["who"] == "peer" and r["conns"] == n]
+            assert tool and peer, (case, n)
+            for r in tool + peer:
+                assert r["nbytes"] > 0 and r["wall"] > 0 and r["gbps"] > 0, r
+                assert r["sim"]["requests"] > 0 and r["sim"]["bytes_out"] > 0, r
+                assert r["sim"]["retried"] == r["sim"]["slowdowns"], r  # every 503 was sent again
+            assert all(r["ranks"] * r["workers"] == n for r in tool)
+            assert peer[0]["sim"]["max_active_requests"] <= n, "the peer may not use more connections than N"
+    assert sum(r["sim"]["slowdowns"] for r in rows) > 0, "the endpoint's request-rate limit never answered 503"
+    # s3-s3: the tool reads and writes through the endpoint; the peer downloads, then uploads.
+    s2s = [r for r in rows if r["case"] == "fuse:s3-s3"]
+    assert all(r["sim"]["bytes_in"] >= r["nbytes"] and r["sim"]["bytes_out"] >= r["nbytes"] for r in s2s)
+    assert all(len(r["legs"]) == 2 for r in s2s if r["who"] == "peer")
+    summary = results["summary"]
+    assert set(summary) == {f"{c} max 2 workers/rank" for c in cases}
+    for lines in summary.values():
+        assert lines[0]["conns"] == 1 and abs(lines[0]["scaling"] - 1.0) < 1e-9
+        assert all({"scaling", "wall_scaling", "peer_gbps", "vs_peer", "vs_peer_data"} <= set(x) for x in lines)
+    report = (out / "S3.md").read_text()
+    for case in cases:
+        assert f"## {case} max 2 workers/rank" in report
+    assert "| 2 |" in report and "503 SlowDown above" in report
