@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(marker, "w") as fh:
             json.dump({"written_by": "convert.example",
                        "files": {n: os.path.getsize(os.path.join(a.dst, n)) for n in names}}, fh)
-        print(f"wrote a random {a.family} checkpoint ({len(tensors)} tensors, {PER_EXPERT} experts) to {a.dst}")
+        print(f"wrote a random {a.family} checkpoint ({len(tensors)} tensors, one per expert and role) to {a.dst}")
         return 0
 
     code = run_guarded(run)
