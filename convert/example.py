@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from convert.errors import ConversionError
-from convert.families import PER_EXPERT, load_families
+from convert.families import load_families
 from convert.toplevel import ToolParser, run_guarded
 from convert.flag_types import positive_int, size_arg
 from convert.plan.transforms import TORCH_DTYPES
