@@ -321,6 +321,9 @@ def run_case(s: Settings, r: Runner, src_data: Sources, case: str, n: int, envs:
     local = src_data.local if op == "fuse" else src_data.fused
     prefix = "src" if op == "fuse" else "fused"
     if src_kind == "s3" and prefix not in src_data.uploaded:
+        for other in src_data.uploaded:  # moto holds every object in memory: one source at a time
+            r.clear(other)
+        src_data.uploaded.clear()
         r.upload_dir(local, prefix)
         src_data.uploaded.add(prefix)
     src = f"s3://{BUCKET}/{prefix}" if src_kind == "s3" else str(local)
