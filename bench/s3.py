@@ -246,14 +246,14 @@ class Sources:
 
 
 def experts_for(s: Settings, n: int) -> int | None:
-    """E per layer: the preset's (strong scaling) or enough for `s.weak_mb` MB per connection at N = `n`."""
+    """E per layer: the preset's (strong scaling), or enough that the checkpoint is about N x `s.weak_mb` MB."""
     if not s.weak_mb:
         return s.experts
-    from bench.synthetic import PRESETS as SHAPES
-
-    _, _, h, i, *_ = SHAPES[s.preset]
-    per_expert = 3 * h * i * 2  # gate, up, down in BF16
-    return max(2, -(-int(n * s.weak_mb * 1e6) // (s.layers * per_expert)))
+    specs, _ = checkpoint_specs(s.preset, s.layers, experts=1, vocab=s.vocab)
+    one = sum(x.nbytes for x in specs)  # everything with one expert per layer
+    specs2, _ = checkpoint_specs(s.preset, s.layers, experts=2, vocab=s.vocab)
+    per_expert = sum(x.nbytes for x in specs2) - one  # one more expert in every layer
+    return max(2, 1 + -(-(int(n * s.weak_mb * 1e6) - one) // per_expert))
 
 
 def make_sources(s: Settings, work: Path, experts: int | None, log: Any) -> Sources:
@@ -321,6 +321,9 @@ def run_case(s: Settings, r: Runner, src_data: Sources, case: str, n: int, envs:
     local = src_data.local if op == "fuse" else src_data.fused
     prefix = "src" if op == "fuse" else "fused"
     if src_kind == "s3" and prefix not in src_data.uploaded:
+        for other in src_data.uploaded:  # moto holds every object in memory: one source at a time
+            r.clear(other)
+        src_data.uploaded.clear()
         r.upload_dir(local, prefix)
         src_data.uploaded.add(prefix)
     src = f"s3://{BUCKET}/{prefix}" if src_kind == "s3" else str(local)

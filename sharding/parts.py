@@ -18,7 +18,7 @@ MAX_PART = 64 << 20
 # Sizing parts to the job (choose_max_part); measured with bench.s3, see bench/results/S3.md.
 PART_FLOOR = 16 << 20  # 8 MiB parts moved 10-15% fewer bytes per connection than 16-64 MiB ones
 PARTS_PER_THREAD = 4  # so the last round of uploads leaves few connections idle
-PART_MEMORY = 512 << 20  # part buffers of one rank: each upload thread holds about two parts' worth
+PART_MEMORY = 384 << 20  # part buffers of one rank: an uploading thread holds about 3 parts' worth (measured RSS)
 
 
 class WriteLike(Protocol):
@@ -58,7 +58,7 @@ def choose_max_part(
     `floor`) and that one rank's threads hold at most `memory` bytes (down to S3's MIN_PART).
     """
     by_count = max(floor, total_bytes // max(1, ranks * threads * per_thread))
-    by_memory = memory // max(1, 2 * threads)
+    by_memory = memory // max(1, 3 * threads)
     return max(MIN_PART, min(cap, by_count, by_memory))
 
 

@@ -101,9 +101,10 @@ def test_choose_max_part_sizes_parts_to_the_job():
         size = choose_max_part(total, ranks, threads)
         assert MIN_PART <= size <= MAX_PART
         # A rank's part buffers stay bounded; within that, every upload thread gets its share of parts
-        # unless that would make parts smaller than the floor.
-        assert 2 * threads * size <= PART_MEMORY or size == MIN_PART
-        assert total // size >= ranks * threads * PARTS_PER_THREAD or size >= PART_FLOOR
+        # unless that would make parts smaller than the floor (or the memory bound is lower still).
+        assert 3 * threads * size <= PART_MEMORY or size == MIN_PART
+        memory_cap = max(MIN_PART, PART_MEMORY // (3 * threads))
+        assert total // size >= ranks * threads * PARTS_PER_THREAD or size >= PART_FLOOR or size == memory_cap
 
 
 def test_group_pieces_keeps_order_and_bounds_group_reads(plan):

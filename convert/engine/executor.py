@@ -9,7 +9,7 @@ at a time. Source ranges are prefetched exactly, a bounded window ahead (Prefetc
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from convert.errors import ConversionError
@@ -132,16 +132,27 @@ class Executor:
                 on_done(k, fut.result())
 
     def _run_fetched(self, pieces: Sequence[Piece], on_done: Callable[[int, int], None]) -> None:
-        """run() for a remote source: one group of pieces per worker at a time, its reads fetched first."""
-        def run_group(idx: list[int]) -> list[int]:
-            fetched = self.src.fetch([(r.file, r.start, r.end) for i in idx for r in pieces[i].reads])
-            return [self.run_piece(pieces[i], fetched) for i in idx]
+        """run() for a remote source: groups of pieces, each group's reads fetched first.
 
-        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
-            pending: list[tuple[list[int], Any]] = []
-            for idx in group_pieces(pieces, min(S3_GET_BYTES, REMOTE_READ_MEMORY // max(1, self.workers))):
-                pending.append((idx, pool.submit(run_group, idx)))
-                if len(pending) >= 2 * self.workers:
+        `workers` threads fetch (one request each at a time) while others write what was
+        fetched, so a connection never waits for the local writes; at most 2 x workers groups
+        are held at once, each at most REMOTE_READ_MEMORY / (2 x workers) bytes of reads.
+        """
+        workers = max(1, self.workers)
+        groups = group_pieces(pieces, min(S3_GET_BYTES, REMOTE_READ_MEMORY // (2 * workers)))
+
+        def fetch(idx: list[int]) -> Fetched:
+            return self.src.fetch([(r.file, r.start, r.end) for i in idx for r in pieces[i].reads])
+
+        def write(idx: list[int], fetched: Future[Fetched]) -> list[int]:
+            got = fetched.result()
+            return [self.run_piece(pieces[i], got) for i in idx]
+
+        with ThreadPoolExecutor(max_workers=workers) as fetchers, ThreadPoolExecutor(max_workers=workers) as writers:
+            pending: list[tuple[list[int], Future[list[int]]]] = []
+            for idx in groups:
+                pending.append((idx, writers.submit(write, idx, fetchers.submit(fetch, idx))))
+                if len(pending) >= 2 * workers:
                     done_idx, fut = pending.pop(0)
                     for k, n in zip(done_idx, fut.result()):
                         on_done(k, n)

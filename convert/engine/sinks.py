@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from convert.errors import ConversionError
 from convert.engine.executor import Executor, _segments, piece_outputs
+from convert.io.memory import pin_mmap_threshold
 from convert.plan.base import Piece
 from convert.io.storage import S3_GET_BYTES, Storage, merge_ranges
 from convert.formats.shard_layout import OutputFile
@@ -277,6 +278,7 @@ class MultipartSink:
 
     def run(self, job: SinkJob, rank: int, on_done: Callable[[int], None]) -> dict[str, dict[int, str]]:
         """Build and upload this rank's unfinished parts; returns {file: {part number: ETag}}."""
+        pin_mmap_threshold()  # part buffers go back to the OS when freed (convert.memory)
         files = {f.name: f for f in job.files}
         slot_of = {name: (f.name, slot) for f in job.files for name, slot in f.slots.items()}
         uploads = job.resume["uploads"]
@@ -313,11 +315,15 @@ class MultipartSink:
                     a, b = max(lo, part.start), min(hi, part.end)
                     if a < b:
                         buf[a - part.start : b - part.start] = memoryview(data)[a - lo : b - lo]
-            for rel, start, end in merge_ranges([(f, a, b) for f, a, b, _ in copies], S3_GET_BYTES):
+            view = memoryview(buf)
+            if self.src.is_local:  # straight into the part, no request to save
+                for f, a, b, at in copies:
+                    self.src.read_into(f, a, view[at : at + b - a])
+            for rel, start, end in [] if self.src.is_local else merge_ranges([c[:3] for c in copies], S3_GET_BYTES):
                 data = memoryview(self.src.read_range(rel, start, end))
                 for f, a, b, at in copies:
                     if f == rel and start <= a and b <= end:
-                        buf[at : at + b - a] = data[a - start : b - start]
+                        view[at : at + b - a] = data[a - start : b - start]
             etag = self.dst.mpu_upload_part(part.file, uploads[part.file], part.number, buf)
             with lock:
                 out.setdefault(part.file, {})[part.number] = etag
