@@ -1,0 +1,151 @@
+"""Adapter targets (configs/targets/<name>.json): the layout, names and limits a consumer loads.
+
+A target file says, for one consumer (vLLM, SGLang, peft, or a plain per-expert layout), how
+the expert LoRA must be laid out and named, what its loader refuses, and which
+adapter_config.json keys it honours; `families` overrides any of these for the base model's
+family (e.g. the 3-D peft layout for a family the server serves fused). The rules cite the
+consumer's source and version (docs/SERVERS.md). Pure data: this module reads files only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from convert.errors import ConversionError
+from convert.families.schema import parse
+
+TARGETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "targets"
+TARGETS = ("vllm", "sglang", "peft", "per-expert")
+EXPERT_LAYOUTS = ("per_expert", "peft")
+NAMINGS = ("checkpoint", "model")
+
+
+@dataclass(frozen=True)
+class RulesSpec:
+    """The rules of a target (every key optional in a `families` override).
+
+    `expert_layout`: "per_expert" (`experts.{e}.<proj>.lora_A/B`) or "peft" (the 3-D
+    target_parameters layout); `naming`: "checkpoint" (the family's per-expert checkpoint
+    names: the family's renames undone, e.g. a router under its original module) or "model"
+    (transformers' names, renames applied); `all_roles`: every expert of a layer must have a
+    LoRA pair for every role (a missing one becomes a zero pair); `zero_rank`: the rank of
+    such a zero pair: "layer" (the rank of the layer's other projections) or a number;
+    `rank_pattern`/`alpha_pattern`: adapter_config keys the loader honours; `rslora_experts`:
+    whether rsLoRA scaling applies to expert LoRA; `bias`: accepted `bias` values;
+    `dora`: whether `use_dora` is accepted; `modules_to_save`: accepted module names (None:
+    any); `sharded`: whether the loader reads a sharded adapter with an index;
+    `target_modules_experts`: what target_modules must name for the experts: "experts" (the
+    MoE module), "projections" (each per-expert projection leaf), or None (nothing needed);
+    `max_rank`: the loader's default largest rank (None: no limit).
+    """
+
+    expert_layout: str | None = None
+    naming: str | None = None
+    all_roles: bool | None = None
+    zero_rank: str | int | None = None
+    rank_pattern: bool | None = None
+    alpha_pattern: bool | None = None
+    rslora_experts: bool | None = None
+    bias: list[str] | None = None
+    dora: bool | None = None
+    modules_to_save: list[str] | None = None
+    sharded: bool | None = None
+    target_modules_experts: str | None = None
+    max_rank: int | None = None
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A target file: its name, what it describes, the source it was read from, its rules and per-family overrides."""
+
+    target: str
+    description: str
+    source: str
+    rules: RulesSpec
+    families: dict[str, RulesSpec] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TargetRules:
+    """The rules of one target for one family (every field resolved; see RulesSpec for their meaning)."""
+
+    target: str
+    family: str | None
+    expert_layout: str
+    naming: str
+    all_roles: bool
+    zero_rank: str | int
+    rank_pattern: bool
+    alpha_pattern: bool
+    rslora_experts: bool
+    bias: tuple[str, ...]
+    dora: bool
+    modules_to_save: tuple[str, ...] | None
+    sharded: bool
+    target_modules_experts: str | None
+    max_rank: int | None
+    source: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """A loaded target file."""
+
+    spec: TargetSpec
+
+    @property
+    def name(self) -> str:
+        """The target's name (vllm, sglang, peft, per-expert)."""
+        return self.spec.target
+
+    def for_family(self, family: str | None) -> TargetRules:
+        """The rules for adapters of a base model of family `family` (None: unknown family, the target's defaults)."""
+        merged = {f.name: getattr(self.spec.rules, f.name) for f in dataclasses.fields(RulesSpec)}
+        override = self.spec.families.get(family or "", RulesSpec())
+        merged.update({k: v for k, v in dataclasses.asdict(override).items() if v is not None})
+        missing = [k for k, v in merged.items() if v is None and k not in ("modules_to_save", "target_modules_experts", "max_rank")]
+        if missing:
+            raise ConversionError(f"target {self.name!r}: rules {missing} are not given")
+        mts = merged["modules_to_save"]
+        return TargetRules(
+            target=self.name, family=family, source=self.spec.source,
+            **{**merged, "bias": tuple(merged["bias"]), "modules_to_save": None if mts is None else tuple(mts)},
+        )
+
+
+def _check(spec: TargetSpec, where: str) -> None:
+    """Cross-field rules of a target file (values of enumerated keys)."""
+    for scope, rules in [("rules", spec.rules), *((f"families.{k}", v) for k, v in spec.families.items())]:
+        if rules.expert_layout is not None and rules.expert_layout not in EXPERT_LAYOUTS:
+            raise ConversionError(f"{where}: {scope}.expert_layout: {rules.expert_layout!r} is not one of {list(EXPERT_LAYOUTS)}")
+        if rules.naming is not None and rules.naming not in NAMINGS:
+            raise ConversionError(f"{where}: {scope}.naming: {rules.naming!r} is not one of {list(NAMINGS)}")
+        zr = rules.zero_rank
+        if zr is not None and zr != "layer" and not (isinstance(zr, int) and zr >= 1):
+            raise ConversionError(f"{where}: {scope}.zero_rank: {zr!r} is not \"layer\" or a rank >= 1")
+        tme = rules.target_modules_experts
+        if tme is not None and tme not in ("experts", "projections"):
+            raise ConversionError(f"{where}: {scope}.target_modules_experts: {tme!r} is not \"experts\" or \"projections\"")
+
+
+@functools.cache
+def load_target(name: str, directory: Path = TARGETS_DIR) -> Target:
+    """The target `name` (one of TARGETS) read from `directory`; ConversionError naming the file on any error."""
+    if name not in TARGETS:
+        raise ConversionError(f"--target: {name!r} is not one of {', '.join(TARGETS)}")
+    path = directory / f"{name}.json"
+    try:
+        obj: Any = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"cannot read target file {path}: {exc}") from exc
+    spec = parse(TargetSpec, obj, str(path))
+    if spec.target != name:
+        raise ConversionError(f"{path}: \"target\" is {spec.target!r}, expected {name!r} (the file's name)")
+    _check(spec, str(path))
+    return Target(spec)
