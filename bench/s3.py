@@ -6,7 +6,7 @@
 Writes a synthetic checkpoint of real shapes (bench.synthetic), starts bench.s3sim (moto
 behind a proxy: 20-50 ms first-byte latency, a per-connection bandwidth cap, 503 SlowDown
 above a request rate per prefix) and, for each case and each connection count N, runs
-- the tool with ranks x workers = N (one rank: `python -m`, more: `torchrun --standalone`);
+- the tool with ranks x workers = N (`python -m convert.X --nproc ranks --workers workers`);
 - the peer on the same bytes: `aws s3 cp --recursive` with max_concurrent_requests = N
   (and multipart_chunksize = the tool's part size) from a temporary AWS_CONFIG_FILE.
 Cases: `fuse:s3-s3` (per-expert on S3 -> fused on S3), `split:s3-s3` (fused -> per-expert),
@@ -175,11 +175,7 @@ class Runner:
         args = ["--src", src, "--dst", dst, "--workers", str(workers), "--max-shard-size", self.s.max_shard,
                 "--stats", str(stats), "--no-progress"]
         module = f"convert.{op}_experts"
-        if ranks == 1:
-            cmd = [sys.executable, "-m", module, *args]
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-                   "-m", module, *args]
+        cmd = [sys.executable, "-m", module, "--nproc", str(ranks), *args]
         self.sim.reset()
         self.cpu = {"client": 0.0, "sim": 0.0}
         wall, _ = self._run(cmd, env)

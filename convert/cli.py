@@ -45,9 +45,10 @@ def job_options(args: argparse.Namespace, layout: str | None) -> JobOptions:
     )
 
 
-def run_main(body: Callable[[Dist], int], nproc: int = 1) -> None:
+def run_main(body: Callable[[Dist], int], nproc: int = 1, preload_torch: bool = False) -> None:
     """Join the process group (first forking `nproc` local ranks when > 1), run `body`, leave the group
-    and exit with its code.
+    and exit with its code. `preload_torch`: the job computes with torch, so the --nproc parent
+    imports it once before forking.
 
     Errors that escape `body` become one line and an exit code, Ctrl-C a quiet exit 130
     (convert.toplevel.run_guarded); --debug (ToolParser) adds tracebacks.
@@ -55,7 +56,7 @@ def run_main(body: Callable[[Dist], int], nproc: int = 1) -> None:
     joined: list[Dist] = []
 
     def go() -> int:
-        dist = init_dist(nproc=nproc)
+        dist = init_dist(nproc=nproc, preload_torch=preload_torch)
         joined.append(dist)
         try:
             code = body(dist)
@@ -70,6 +71,11 @@ def run_main(body: Callable[[Dist], int], nproc: int = 1) -> None:
     if joined:
         exit_process(code, joined[0])
     finish(code)
+
+
+def computes(args: argparse.Namespace) -> bool:
+    """Whether a base conversion with flags `args` computes with torch (a cast, dequantization or --verify)."""
+    return getattr(args, "dtype", "keep") not in (None, "keep") or bool(getattr(args, "verify", False))
 
 
 def adapter_parser(prog: str, description: str) -> argparse.ArgumentParser:

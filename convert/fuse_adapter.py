@@ -17,7 +17,7 @@ from typing import Any
 from convert.cli import adapter_options, adapter_parser, run_main
 from convert.engine.adapter_job import ADAPTER_CONFIG, run_adapter_job
 from convert.plan.adapter import FUSED_LAYOUTS
-from convert.verify.run import with_verify
+from convert.verify.hook import with_verify
 from launch.dist import Dist
 
 MARKER = ADAPTER_CONFIG  # the file whose presence marks a finished destination
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = No
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the fuse on every rank."""
     args = build_parser().parse_args(argv)
-    run_main(lambda dist: run(args, dist), args.nproc)
+    run_main(lambda dist: run(args, dist), args.nproc, preload_torch=True)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ import argparse
 from typing import Any
 
 from convert.formats.checkpoint import INDEX_NAME
-from convert.cli import base_parser, job_options, run_main
+from convert.cli import base_parser, computes, job_options, run_main
 from convert.families import load_families
 from convert.engine.job import run_job
-from convert.verify.run import with_verify
+from convert.verify.hook import with_verify
 from launch.dist import Dist
 
 MARKER = INDEX_NAME  # the file whose presence marks a finished destination
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = No
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the fuse job on every rank."""
     args = build_parser().parse_args(argv)
-    run_main(lambda dist: run(args, dist), args.nproc)
+    run_main(lambda dist: run(args, dist), args.nproc, preload_torch=computes(args))
 
 
 if __name__ == "__main__":

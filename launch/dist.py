@@ -1,8 +1,9 @@
 """Process-group setup under torchrun, accelerate launch, SLURM (srun), `--nproc N` or a plain `python -m`.
 
-The tool only needs a CPU (gloo) group for its control messages: the plan broadcast,
-barriers, the status exchange and a shared progress counter. `--nproc N` (launch.local)
-forks the ranks from one process; they then join the group here like torchrun's ranks.
+The tool only needs a CPU group for its control messages: the plan broadcast, barriers,
+the status exchange and a shared progress counter: gloo under a launcher; `--nproc N`
+(launch.local) forks the ranks from one process, and they join a torch-free group
+(launch.hub) instead, so a job that moves bytes never imports torch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from launch import local
+from launch import hub, local
 
 
 class _LazyTorchDistributed:
@@ -38,6 +39,7 @@ class Dist:
     world_size: int
     initialized_here: bool = False
     _counters: dict[str, int] = field(default_factory=dict)
+    group: hub.HubClient | None = None  # the torch-free group of --nproc ranks (launch.hub); else gloo
 
     @property
     def is_main(self) -> bool:
@@ -47,6 +49,8 @@ class Dist:
         """Rank 0's `obj` on every rank."""
         if self.world_size == 1:
             return obj
+        if self.group is not None:
+            return self.group.gather(obj if self.rank == 0 else None)[0]
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -55,16 +59,24 @@ class Dist:
         """Every rank's `obj`, in rank order, on every rank."""
         if self.world_size == 1:
             return [obj]
+        if self.group is not None:
+            return self.group.gather(obj)
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
 
     def barrier(self) -> None:
+        """Wait until every rank has called it."""
         if self.world_size > 1:
-            dist.barrier()
+            if self.group is not None:
+                self.group.gather(None)
+            else:
+                dist.barrier()
 
     def counter_add(self, key: str, amount: int) -> int:
         """Atomically add to a job-wide counter and return its new value (local when alone)."""
+        if self.group is not None:
+            return self.group.add(key, amount)
         store = self._store()
         if store is None:
             self._counters[key] = self._counters.get(key, 0) + amount
@@ -172,16 +184,17 @@ def _from_slurm() -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
 
 
-def init_dist(timeout_s: float = 3600.0, nproc: int = 1) -> Dist:
+def init_dist(timeout_s: float = 3600.0, nproc: int = 1, preload_torch: bool = False) -> Dist:
     """Join the job's process group (gloo) if launched with several ranks; else a world of one.
 
     `nproc` > 1 (the --nproc flag) forks that many ranks on this machine first (launch.local):
     the calling process becomes their supervisor and never returns (it exits with the job's
-    code); each rank returns here with its Dist. Refused (exit 2) under a launcher.
+    code); each rank returns here with its Dist. Refused (exit 2) under a launcher. With
+    `preload_torch` the parent imports torch before forking (jobs that compute with it).
     """
     if nproc > 1:
         local.refuse_if_distributed(nproc)
-        local.start(nproc)
+        local.start(nproc, preload_torch)
     hand = local.handover()
     if hand is not None:
         return _join_forked(hand, timeout_s)
@@ -198,11 +211,8 @@ def init_dist(timeout_s: float = 3600.0, nproc: int = 1) -> Dist:
 
 
 def _join_forked(hand: local.Handover, timeout_s: float) -> Dist:
-    """A rank forked by --nproc: rank 0 serves the TCP store on the parent's socket, every rank joins."""
+    """A rank forked by --nproc: joins the torch-free group that rank 0 serves on the parent's socket."""
     os.environ.update(RANK=str(hand.rank), WORLD_SIZE=str(hand.world_size), LOCAL_RANK=str(hand.rank),
-                      LOCAL_WORLD_SIZE=str(hand.world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(hand.port))
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore("127.0.0.1", hand.port, hand.world_size, hand.rank == 0, timeout=timeout,
-                          wait_for_workers=False, master_listen_fd=hand.listen_fd)
-    dist.init_process_group("gloo", store=store, rank=hand.rank, world_size=hand.world_size, timeout=timeout)
-    return Dist(hand.rank, hand.world_size, initialized_here=True)
+                      LOCAL_WORLD_SIZE=str(hand.world_size))
+    group = hub.join(hand.port, hand.listen_fd, hand.rank, hand.world_size, timeout_s)
+    return Dist(hand.rank, hand.world_size, initialized_here=True, group=group)

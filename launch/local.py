@@ -1,9 +1,9 @@
-"""`--nproc N`: run a job as N local ranks forked from one process that imported torch once.
+"""`--nproc N`: run a job as N local ranks forked from one process.
 
-The parent imports what every rank needs (torch.distributed for the gloo group), opens the
+The parent imports what every rank needs (torch only when the job computes with it), opens the
 rendezvous socket on 127.0.0.1, and forks N workers. Each worker returns from `start` and runs
-exactly the code path of a torchrun rank (`launch.dist.init_dist`): only the rendezvous
-differs, a TCP store that rank 0 serves on the socket the parent opened (no port race).
+exactly the code path of a torchrun rank (`launch.dist.init_dist`): only the group differs, a
+torch-free hub (launch.hub) that rank 0 serves on the socket the parent opened (no port race).
 The parent forwards SIGINT/SIGTERM to the workers, waits for them and exits with the job's
 code (rank 0's; every rank returns the same one), printing nothing of its own unless a
 worker dies without an exit code of the tool's contract.
@@ -38,7 +38,7 @@ class Handover:
     rank: int
     world_size: int
     port: int
-    listen_fd: int | None  # rank 0 serves the TCP store on the socket the parent opened
+    listen_fd: int | None  # rank 0 serves the group's hub on the socket the parent opened
 
 
 _handover: Handover | None = None
@@ -90,11 +90,13 @@ def refuse_if_distributed(nproc: int) -> None:
     sys.exit(2)
 
 
-def _prepare_parent() -> None:
-    """Import, before forking, what every rank needs, so it is loaded once."""
+def _prepare_parent(preload_torch: bool) -> None:
+    """Import, before forking, what every rank needs, so it is loaded once: torch only when the job
+    computes with it (casts, LoRA factors, --verify); the ranks' group itself needs none (launch.hub)."""
     # numpy (imported by torch) would start OpenBLAS threads we never use; a fork wants none.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    import torch.distributed  # noqa: F401 - loaded once here, shared by every fork
+    if preload_torch:
+        import torch  # noqa: F401 - loaded once here, shared by every fork
 
 
 def native_threads() -> int:
@@ -107,13 +109,13 @@ def native_threads() -> int:
         return threading.active_count()
 
 
-def start(nproc: int) -> Handover:
+def start(nproc: int, preload_torch: bool = False) -> Handover:
     """Fork `nproc` ranks. Returns in each of them (with its Handover); the parent never returns.
 
     The parent waits for the ranks and exits with the job's exit code (see `supervise`).
     """
     global _handover
-    _prepare_parent()
+    _prepare_parent(preload_torch)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(max(128, nproc))
@@ -132,7 +134,7 @@ def start(nproc: int) -> Handover:
                     _become_worker(parent)
                     listen_fd = None
                     if rank == 0:
-                        listen_fd = sock.detach()  # the descriptor now belongs to rank 0's store
+                        listen_fd = sock.detach()  # the descriptor now belongs to rank 0's hub
                     else:
                         sock.close()
                 except BaseException:  # a fork must never carry on as the parent

@@ -216,10 +216,23 @@ def test_a_signal_to_the_parent_stops_every_rank(example, one_rank, tmp_path, si
 def test_the_parent_imports_torch_once_and_forks_without_threads():
     code = ("import convert.fuse_experts, convert.split_experts, convert.fuse_adapter, convert.split_adapter, "
             "convert.verify, launch.batch, launch.local as l, sys; "
-            "l._prepare_parent(); assert 'torch.distributed' in sys.modules; print(l.native_threads())")
+            "l._prepare_parent(True); assert 'torch' in sys.modules; print(l.native_threads())")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "1"
+
+
+def test_a_byte_copy_job_of_several_ranks_never_imports_torch(example, tmp_path):
+    # torch made unimportable: the --nproc ranks' group (launch.hub) and a byte-copy fuse need none of it
+    dst = tmp_path / "fused"
+    code = ("import sys, runpy; sys.modules['torch'] = None; "
+            f"sys.argv = ['fuse_experts', '--src', {str(example)!r}, '--dst', {str(dst)!r}, '--nproc', '3']; "
+            "runpy.run_module('convert.fuse_experts', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "with 3 rank(s)" in proc.stdout
+    check = run_tool("convert.verify", "--src", str(example), "--dst", str(dst))
+    assert "OK:" in check.stdout
 
 
 def test_torchrun_failure_box_shows_the_tools_message(example, tmp_path):

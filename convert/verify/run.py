@@ -516,4 +516,4 @@ def main(argv: list[str] | None = None) -> None:
     """Parse flags and verify on every rank."""
     a = parser().parse_args(argv)
     opts = VerifyOptions(a.src, a.dst, a.family, a.storage_options, a.base_config, a.max_report, a.report, a.workers)
-    run_main(lambda dist: verify_job(opts, dist), a.nproc)
+    run_main(lambda dist: verify_job(opts, dist), a.nproc, preload_torch=True)

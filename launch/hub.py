@@ -1,0 +1,172 @@
+"""The control group of `--nproc N` ranks without torch: a hub thread in rank 0, one socket per rank.
+
+A job's ranks exchange only small control messages (the plan broadcast, barriers, the status
+exchange, a job-wide progress counter), so the forked ranks of `--nproc` need no gloo group
+and no torch import (seconds on a cold cache). Rank 0 serves the hub on the listening socket
+the parent opened; every rank, rank 0 included, connects to it twice: one connection for
+collectives (called from a rank's main thread, in the same order on every rank) and one for
+counters (any thread, request and reply under a lock). Messages are length-prefixed pickles.
+
+A collective completes when every rank has sent its part: the hub replies to every rank, rank
+0 last (rank 0 may exit as soon as it has its reply). A rank that disconnects before saying
+goodbye ends the group: the hub closes every connection, so the others' calls fail instead of
+waiting forever (the --nproc supervisor then settles the exit code).
+"""
+
+from __future__ import annotations
+
+import pickle
+import selectors
+import socket
+import struct
+import threading
+from typing import Any
+
+_LEN = struct.Struct("!Q")
+COLLECTIVE, COUNTER = 0, 1
+
+
+class GroupError(ConnectionError):
+    """The group is gone: another rank left without finishing, or the hub stopped."""
+
+
+def _send(sock: socket.socket, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    sock.sendall(_LEN.pack(len(data)) + data)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise GroupError("another rank of this job stopped; see its message")
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv(sock: socket.socket) -> Any:
+    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
+    return pickle.loads(_recv_exact(sock, n))
+
+
+class Hub:
+    """The server side, run by a daemon thread of rank 0 over the parent's listening socket."""
+
+    def __init__(self, listener: socket.socket, world_size: int) -> None:
+        self.listener, self.world = listener, world_size
+        self.sel = selectors.DefaultSelector()
+        self.coll: dict[int, socket.socket] = {}  # rank -> its collective connection
+        self.parts: dict[int, dict[int, Any]] = {}  # collective sequence number -> rank -> part
+        self.counters: dict[str, int] = {}
+        self.bufs: dict[socket.socket, bytearray] = {}
+
+    def start(self) -> None:
+        """Serve in a daemon thread."""
+        threading.Thread(target=self.serve, name="moe-convert-hub", daemon=True).start()
+
+    def serve(self) -> None:
+        self.listener.setblocking(False)
+        self.sel.register(self.listener, selectors.EVENT_READ)
+        try:
+            while True:
+                for key, _ in self.sel.select():
+                    if key.fileobj is self.listener:
+                        conn, _ = self.listener.accept()
+                        conn.setblocking(True)
+                        self.bufs[conn] = bytearray()
+                        self.sel.register(conn, selectors.EVENT_READ)
+                    else:
+                        self._readable(key.fileobj)  # type: ignore[arg-type]
+        except GroupError:
+            self._shut()
+
+    def _readable(self, conn: socket.socket) -> None:
+        try:
+            chunk = conn.recv(1 << 16)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            raise GroupError("a rank disconnected")
+        buf = self.bufs[conn]
+        buf += chunk
+        while len(buf) >= _LEN.size:
+            (n,) = _LEN.unpack_from(buf)
+            if len(buf) < _LEN.size + n:
+                break
+            msg = pickle.loads(bytes(buf[_LEN.size : _LEN.size + n]))
+            del buf[: _LEN.size + n]
+            self._handle(conn, msg)
+
+    def _handle(self, conn: socket.socket, msg: tuple[Any, ...]) -> None:
+        kind = msg[0]
+        if kind == "hello":
+            _, rank, channel = msg
+            if channel == COLLECTIVE:
+                self.coll[rank] = conn
+        elif kind == "add":
+            _, key, amount = msg
+            self.counters[key] = self.counters.get(key, 0) + amount
+            _send(conn, self.counters[key])
+        elif kind == "gather":
+            _, seq, rank, part = msg
+            parts = self.parts.setdefault(seq, {})
+            parts[rank] = part
+            if len(parts) == self.world:
+                del self.parts[seq]
+                result = [parts[r] for r in range(self.world)]
+                for r in sorted(self.coll, reverse=True):  # rank 0 last: it may exit right after its reply
+                    _send(self.coll[r], result)
+
+    def _shut(self) -> None:
+        for conn in list(self.bufs):
+            try:
+                conn.close()
+            except OSError:
+                pass
+        self.listener.close()
+
+
+class HubClient:
+    """One rank's two connections to the hub."""
+
+    def __init__(self, port: int, rank: int, world_size: int, timeout_s: float) -> None:
+        self.rank, self.world, self.seq = rank, world_size, 0
+        self.lock = threading.Lock()
+        self.coll = self._connect(port, COLLECTIVE, timeout_s)
+        self.counter = self._connect(port, COUNTER, timeout_s)
+
+    def _connect(self, port: int, channel: int, timeout_s: float) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _send(sock, ("hello", self.rank, channel))
+        return sock
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank (the same call order on every rank)."""
+        self.seq += 1
+        try:
+            _send(self.coll, ("gather", self.seq, self.rank, obj))
+            return _recv(self.coll)
+        except OSError as exc:
+            raise GroupError(f"another rank of this job stopped ({exc}); see its message") from exc
+
+    def add(self, key: str, amount: int) -> int:
+        """Add `amount` to the job-wide counter `key`; returns its new value."""
+        with self.lock:
+            try:
+                _send(self.counter, ("add", key, amount))
+                return int(_recv(self.counter))
+            except OSError as exc:
+                raise GroupError(f"another rank of this job stopped ({exc}); see its message") from exc
+
+
+def join(port: int, listen_fd: int | None, rank: int, world_size: int, timeout_s: float) -> HubClient:
+    """Join the group of a forked rank: rank 0 (holding the listening socket `listen_fd`) starts the hub first.
+
+    Returns this rank's client. The listening socket was bound before the fork, so a rank's
+    connection waits in its backlog until rank 0's hub accepts it.
+    """
+    if listen_fd is not None:
+        Hub(socket.socket(fileno=listen_fd), world_size).start()
+    return HubClient(port, rank, world_size, timeout_s)
