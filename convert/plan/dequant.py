@@ -7,6 +7,8 @@ transformers' `Fp8Dequantize` computes it; the block size comes from the config
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from convert.plan.transforms import Unit, decode, encode, from_bytes, to_bytes, torch_dtypes
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 DEFAULT_BLOCK = (128, 128)
@@ -28,19 +31,49 @@ def block_size(config: dict[str, Any]) -> tuple[int, int]:
     return DEFAULT_BLOCK
 
 
+_CHUNK_ELEMENTS = 1 << 22  # float32 temporaries of at most 16 MiB per call
+
+
+@functools.cache
+def _fp8_table(dtype: torch.dtype) -> np.ndarray:
+    """float32 value of each of the 256 codes of FP8 `dtype`, as torch converts them (NaN codes included)."""
+    import torch
+
+    return torch.arange(256, dtype=torch.uint8).view(dtype).float().numpy()
+
+
+def _fp8_values(w: torch.Tensor) -> torch.Tensor:
+    """float32 values of FP8 tensor `w`, by table lookup (several times faster than torch's conversion on CPU)."""
+    import torch
+
+    codes = w.contiguous().view(torch.uint8).numpy()
+    return torch.from_numpy(_fp8_table(w.dtype)[codes])
+
+
 def fp8_dequantize(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """Values of FP8 weight `w` [..., out, in] with its scale grid [..., ceil(out/bm), ceil(in/bn)], computed in
-    float32 and cast to `dtype` (float32 when None); one row of blocks at a time, so no weight-sized
-    float32 temporaries when `dtype` is narrower."""
+    float32 (each value times its block's scale, rounded once, as transformers computes it) and cast to
+    `dtype` (float32 when None); a few rows of blocks at a time, so float32 temporaries stay small."""
     import torch
 
+    bm, bn = block
     rows, cols = w.shape[-2:]
+    lead = w.shape[:-2]
     s = scale.float()
     out = torch.empty(w.shape, dtype=dtype or torch.float32)
-    for i in range(0, rows, block[0]):
-        row_scale = s[..., i // block[0], :].repeat_interleave(block[1], dim=-1)[..., :cols].unsqueeze(-2)
-        out[..., i:i + block[0], :] = w[..., i:i + block[0], :].float() * row_scale
+    per_block_row = max(1, bm * cols * math.prod(lead))
+    step = bm * max(1, _CHUNK_ELEMENTS // per_block_row)
+    grid_cols = -(-cols // bn)
+    for i in range(0, rows, step):
+        j = min(rows, i + step)
+        vals = _fp8_values(w[..., i:j, :])
+        sc = s[..., i // bm : -(-j // bm), :]
+        if (j - i) % bm == 0 and cols % bn == 0:
+            vals.view(*lead, (j - i) // bm, bm, grid_cols, bn).mul_(sc.unsqueeze(-1).unsqueeze(-3))
+        else:  # ragged edge blocks: the scale grid expanded to the chunk's elements
+            vals.mul_(sc.repeat_interleave(bm, dim=-2)[..., : j - i, :].repeat_interleave(bn, dim=-1)[..., :cols])
+        out[..., i:j, :] = vals
     return out
 
 
@@ -123,6 +156,7 @@ class DequantRegroup:
         roles: dict[str, torch.Tensor] = {}
         for unit, buf in zip(self.src, bufs):
             roles.update(decode(unit, buf, shapes))
+        out_dtype = {role: torch_dtypes()[u.dtype] for u in self.dst for role in u.roles}
         for w, s in self.pairs:
-            roles[w] = fp8_dequantize(roles[w], roles[s], self.block)
+            roles[w] = fp8_dequantize(roles[w], roles[s], self.block, out_dtype.get(w))
         return [encode(unit, roles) for unit in self.dst]
