@@ -138,11 +138,11 @@ class Bench:
                             "fsspec, convert.engine.job"], env=self.env, cwd=REPO, check=True)
 
     def launch(self, module: str, args: list[str], ws: int) -> list[str]:
-        """The command running `module` with `ws` ranks (plain python for one, torchrun otherwise)."""
+        """The command running `module` with `ws` ranks on this machine, as the README has users type it
+        (`python -m module --nproc ws`: the tool forks its ranks)."""
         if ws == 1:
             return [sys.executable, "-m", module, *args]
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ws}",
-                "-m", module, *args]
+        return [sys.executable, "-m", module, "--nproc", str(ws), *args]
 
     def timed(self, cmd: list[str], data_dirs: list[Path], env: dict[str, str] | None = None,
               warm: bool = False) -> tuple[float, int, str]:
