@@ -20,6 +20,8 @@ How a transformers entry becomes a family:
 - a `WeightConverter` with only `Concatenate(dim=0)` of non-expert tensors -> a merge (its
   `num_shards_attribute`, the config key giving the number of `*` parts, -> `count_key`);
 - anything else (other ops, grouped renames) makes the model type inexpressible.
+What the table cannot say is data here: RENAME_FIXES (rules of the table that are wrong) and
+EXTRA_EXPERTS (roles held by more experts than E: the family file's `extra_experts`).
 Other facts come from the auto classes and config classes: the class names of each model
 type (`architectures`), the config key of E (the attribute, and its `attribute_map`
 aliases), and the config keys that make layers dense.
