@@ -9,29 +9,9 @@ import pytest
 
 from convert.example import example_tensors, write_checkpoint
 from helpers import run_tool
-from s3_server import CREDENTIALS, FlakyProxy, MotoServer
+from s3_server import CREDENTIALS, FlakyProxy
 
 BUCKET = "moe-test"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = MotoServer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def s3env(s3, monkeypatch):
-    for k, v in CREDENTIALS.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.url)
-    import s3fs
-
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.url}, key="testing", secret="testing")
-    if not fs.exists(BUCKET):
-        fs.mkdir(BUCKET)
-    return fs
 
 
 @pytest.fixture(scope="module")

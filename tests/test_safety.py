@@ -28,7 +28,6 @@ from convert.engine.output_record import is_complete_output
 from convert.io.storage import Storage
 from helpers import REPO, load_dir, run_tool
 from launch.dist import Dist
-from s3_server import CREDENTIALS, MotoServer
 
 INDEX = "model.safetensors.index.json"
 BUCKET = "moe-safety"
@@ -332,26 +331,6 @@ def test_crash_early_resumes_from_the_time_based_journal(tmp_path):
 
 
 # -- S3 --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = MotoServer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def s3env(s3, monkeypatch):
-    for k, v in CREDENTIALS.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.url)
-    import s3fs
-
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.url}, key="testing", secret="testing")
-    if not fs.exists(BUCKET):
-        fs.mkdir(BUCKET)
-    return fs
 
 
 def _objects(fs, prefix: str) -> dict[str, bytes]:
