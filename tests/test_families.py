@@ -318,7 +318,7 @@ def test_a_family_added_as_a_data_file_converts(tmp_path, monkeypatch):
     src = tmp_path / "src"
     tensors = _toy_checkpoint(src)
     monkeypatch.setenv("MOE_CONVERT_CONFIGS", str(fam_dir))
-    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(tmp_path / "fused"), "--verify", nproc=2)
+    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(tmp_path / "fused"), "--verify", "--nproc", "2")
     out = load_dir(tmp_path / "fused")
     for layer in range(2):
         p = f"model.layers.{layer}.block"  # renamed as the family says
@@ -485,7 +485,7 @@ def test_llama4_experts_fused_on_disk_split_and_fuse_back(tmp_path):
                 p.normal_(0, 0.05)
     model.save_pretrained(tmp_path / "native", max_shard_size="30KB")
     run_tool("convert.split_experts", "--src", str(tmp_path / "native"), "--dst", str(tmp_path / "pe"), "--verify",
-             nproc=2)
+             "--nproc", "2")
     pe, sd = load_dir(tmp_path / "pe"), model.state_dict()
     moe = [k.split(".feed_forward")[0] for k in sd if k.endswith("feed_forward.experts.gate_up_proj")]
     assert moe == ["model.layers.1"]  # layer 0 is dense (interleave_moe_layer_step=2)
@@ -495,7 +495,8 @@ def test_llama4_experts_fused_on_disk_split_and_fuse_back(tmp_path):
         assert torch.equal(pe[f"{p}.{e}.up_proj.weight"], sd[f"{p}.gate_up_proj"][e][:, I:].T)
         assert torch.equal(pe[f"{p}.{e}.down_proj.weight"], sd[f"{p}.down_proj"][e].T)
         assert pe[f"{p}.{e}.gate_proj.weight"].shape == (I, H)
-    run_tool("convert.fuse_experts", "--src", str(tmp_path / "pe"), "--dst", str(tmp_path / "back"), "--verify", nproc=2)
+    run_tool("convert.fuse_experts", "--src", str(tmp_path / "pe"), "--dst", str(tmp_path / "back"), "--verify",
+             "--nproc", "2")
     back, orig = load_dir(tmp_path / "back"), load_dir(tmp_path / "native")
     assert set(back) == set(orig) and all(raw_bytes(back[k]) == raw_bytes(orig[k]) for k in orig)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
@@ -526,7 +527,7 @@ def _qwen35_mixed(path: Path) -> dict[str, torch.Tensor]:
 def test_mixed_fused_layers_and_per_expert_mtp_split_and_fuse(tmp_path):
     mixed = _qwen35_mixed(tmp_path / "mixed")
     run_tool("convert.split_experts", "--src", str(tmp_path / "mixed"), "--dst", str(tmp_path / "pe"), "--verify",
-             nproc=2)
+             "--nproc", "2")
     pe = load_dir(tmp_path / "pe")
     for layer in range(2):
         p = f"model.language_model.layers.{layer}.mlp.experts"

@@ -169,14 +169,14 @@ def test_source_rewritten_between_crash_and_rerun_is_refused(tmp_path):
     assert crashed.returncode != 0 and not (out / INDEX).exists()
     shard = sorted(src.glob("*.safetensors"))[1]
     _rewrite_same_size(shard)
-    proc = run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(out), nproc=2, check=False)
-    assert proc.returncode != 0  # 2 in one process (test below); torchrun may fold it into 1
+    proc = run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(out), "--nproc", "2", check=False)
+    assert proc.returncode != 0  # 2 in one process (test below); several ranks may fold it into 1
     assert f"source file {shard} changed since the interrupted run" in proc.stderr, proc.stderr
     assert "--overwrite" in proc.stderr
     assert not (out / INDEX).exists() and (out / ".moe-convert" / "state.json").exists()
     one = run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(out), check=False)
     assert one.returncode == 2 and str(shard) in one.stderr
-    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(out), "--overwrite", nproc=2)
+    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(out), "--overwrite", "--nproc", "2")
     fresh = tmp_path / "fresh"
     run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(fresh))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == \
