@@ -77,7 +77,7 @@ def test_stacked_layout_round_trip(tmp_path):
     model = build_model("qwen3_moe", seed=3)
     src = save_model(model, tmp_path / "src")
     run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(tmp_path / "st"), "--layout", "stacked",
-             "--ep", "4", nproc=2)
+             "--ep", "4", "--nproc", "2")
     out = load_dir(tmp_path / "st")
     sd = model.state_dict()
     gate_up = sd["model.layers.1.mlp.experts.gate_up_proj"]
@@ -94,7 +94,7 @@ def test_gpt_oss_native_split_and_fuse(tmp_path):
 
     model = build_model("gpt_oss", seed=1)
     src = save_model(model, tmp_path / "native")
-    run_tool("convert.split_experts", "--src", str(src), "--dst", str(tmp_path / "pe"), nproc=3)
+    run_tool("convert.split_experts", "--src", str(src), "--dst", str(tmp_path / "pe"), "--nproc", "3")
     pe = load_dir(tmp_path / "pe")
     sd = model.state_dict()
     for layer in range(2):
@@ -109,7 +109,7 @@ def test_gpt_oss_native_split_and_fuse(tmp_path):
             assert torch.equal(pe[f"{p}.{e}.down_proj.weight"], sd[f"{p}.down_proj"][e].T)
             assert torch.equal(pe[f"{p}.{e}.down_proj.bias"], sd[f"{p}.down_proj_bias"][e])
             assert pe[f"{p}.{e}.gate_proj.weight"].shape == (I, H)
-    run_tool("convert.fuse_experts", "--src", str(tmp_path / "pe"), "--dst", str(tmp_path / "back"), nproc=2)
+    run_tool("convert.fuse_experts", "--src", str(tmp_path / "pe"), "--dst", str(tmp_path / "back"), "--nproc", "2")
     back, orig = load_dir(tmp_path / "back"), load_dir(src)
     assert set(back) == set(orig)
     for k in orig:
@@ -124,7 +124,8 @@ def test_dtype_cast_and_uneven_ep_plan(tmp_path):
     plan = run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(tmp_path / "x"), "--ep", "3", "--dry-run")
     assert "ep does not divide E=5" in plan.stdout and "model-00001-of-" in plan.stdout
     assert not (tmp_path / "x").exists(), "--dry-run must write nothing"
-    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(tmp_path / "f32"), "--dtype", "fp32", "--ep", "3", nproc=2)
+    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(tmp_path / "f32"), "--dtype", "fp32", "--ep", "3",
+             "--nproc", "2")
     out = load_dir(tmp_path / "f32")
     sd = model.state_dict()
     for k in ("model.layers.0.mlp.experts.gate_up_proj", "model.embed_tokens.weight", "model.layers.1.mlp.gate.weight"):

@@ -21,7 +21,7 @@ from convert.errors import CredentialsError, StorageError, describe
 from convert.example import example_tensors, write_checkpoint
 from convert.io.storage import Storage, with_retries
 from helpers import REPO, run_tool
-from s3_server import CREDENTIALS, FlakyProxy, MotoServer
+from s3_server import FlakyProxy
 
 INDEX = "model.safetensors.index.json"
 BUCKET = "errors-test"
@@ -315,26 +315,6 @@ def test_local_errors_are_not_retried(tmp_path):
         st.read_bytes("f/g")
     assert str(info.value) == f"cannot read {tmp_path / 'f' / 'g'}: Not a directory (ENOTDIR)"
     assert describe(info.value) == str(info.value)
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = MotoServer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def s3env(s3, monkeypatch):
-    for k, v in CREDENTIALS.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.url)
-    import s3fs
-
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.url}, key="testing", secret="testing")
-    if not fs.exists(BUCKET):
-        fs.mkdir(BUCKET)
-    return fs
 
 
 @pytest.fixture

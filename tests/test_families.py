@@ -7,6 +7,7 @@ with per-expert MTP layers (Qwen3.5-MoE).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -77,6 +78,10 @@ def test_the_readme_example_is_the_tested_family():
      ["op 'concat' takes no key 'dims'"]),
     (lambda f: f.update(family="other"), ["'family' is 'other'; it must be the file name ('toy_moe')"]),
     (lambda f: f.update(model_types=["mixtral"]), ["model type 'mixtral' is also claimed"]),
+    (lambda f: f.update(extra_experts={"gatee": "n_zero"}), ["extra_experts 'gatee'", "must map a role"]),
+    (lambda f: f.update(extra_experts={"gate": "n_zero"}),
+     ["layouts.transformers.gate_up_proj: parts ['gate', 'up'] are held for different numbers of experts"]),
+    (lambda f: f.update(extra_experts="n_zero"), ["extra_experts: expected an object of string"]),
 ])
 def test_a_bad_family_file_is_refused_naming_the_file_and_key(tmp_path, edit, expect):
     obj = json.loads(json.dumps(TOY))
@@ -313,7 +318,7 @@ def test_a_family_added_as_a_data_file_converts(tmp_path, monkeypatch):
     src = tmp_path / "src"
     tensors = _toy_checkpoint(src)
     monkeypatch.setenv("MOE_CONVERT_CONFIGS", str(fam_dir))
-    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(tmp_path / "fused"), "--verify", nproc=2)
+    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(tmp_path / "fused"), "--verify", "--nproc", "2")
     out = load_dir(tmp_path / "fused")
     for layer in range(2):
         p = f"model.layers.{layer}.block"  # renamed as the family says
@@ -330,6 +335,77 @@ def test_a_family_added_as_a_data_file_converts(tmp_path, monkeypatch):
     monkeypatch.delenv("MOE_CONVERT_CONFIGS")
     proc = run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(tmp_path / "none"), check=False)
     assert proc.returncode != 0 and "model_type 'toy_moe' is not a known MoE family" in proc.stderr
+
+
+# A family whose gate and up are held by E + n_zero experts (router slots of identity experts) and down by E.
+TOY_EXTRA = {**TOY, "family": "toy_extra", "model_types": ["toy_extra"], "architectures": [],
+             "extra_experts": {"gate": "n_zero", "up": "n_zero"}}
+
+
+def _toy_extra_checkpoint(path: Path, experts: int = 3, zero: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": torch.randn(11, H, generator=g)}
+    for layer in range(2):
+        p = f"model.layers.{layer}.moe_block.moe.experts"
+        for e in range(experts + zero):
+            t[f"{p}.{e}.w_in.weight"] = torch.randn(I, H, generator=g)
+            t[f"{p}.{e}.w_lin.weight"] = torch.randn(I, H, generator=g)
+            if e < experts:
+                t[f"{p}.{e}.w_out.weight"] = torch.randn(H, I, generator=g)
+    path.mkdir(parents=True)
+    save_file(t, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps({"model_type": "toy_extra", "n_experts": experts, "n_zero": zero}))
+    return t
+
+
+def test_roles_held_by_more_experts_than_e_fuse_split_and_verify(tmp_path, monkeypatch):
+    """`extra_experts`: gate/up of E + n_zero experts, down of E; each fused tensor has its own dim 0."""
+    from convert.formats.checkpoint import open_checkpoint
+    from convert.io.storage import Storage
+    from convert.plan.base import plan_conversion
+    from convert.verify.base import base_relation
+    from convert.verify.tables import read_table
+
+    fam_dir = _family_dir(tmp_path, TOY_EXTRA)
+    fam = registry([BUILTIN_DIR, fam_dir]).families["toy_extra"]
+    monkeypatch.setenv("MOE_CONVERT_CONFIGS", str(fam_dir))
+    src, fused, back = tmp_path / "src", tmp_path / "fused", tmp_path / "back"
+    tensors = _toy_extra_checkpoint(src)
+    plan = plan_conversion(open_checkpoint(Storage(str(src))), fam, "transformers")
+    assert plan.num_experts == 5 and {p.expert for p in plan.pieces} == {None, 0, 1, 2, 3, 4}  # EP covers them all
+    assert "experts per role: E=3; gate 5 (E + n_zero), up 5 (E + n_zero)" in plan.notes
+    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(fused), "--verify", "--ep", "2")
+    out = load_dir(fused)
+    for layer in range(2):
+        p, q = f"model.layers.{layer}.block.moe.experts", f"model.layers.{layer}.moe_block.moe.experts"
+        assert out[f"{p}.gate_up_proj"].shape == (5, 2 * I, H) and out[f"{p}.down_proj"].shape == (3, H, I)
+        for e in range(5):
+            assert torch.equal(out[f"{p}.gate_up_proj"][e], torch.cat([tensors[f"{q}.{e}.w_in.weight"],
+                                                                      tensors[f"{q}.{e}.w_lin.weight"]]))
+        for e in range(3):
+            assert torch.equal(out[f"{p}.down_proj"][e], tensors[f"{q}.{e}.w_out.weight"])
+    run_tool("convert.split_experts", "--src", str(fused), "--dst", str(back), "--verify")
+    got = load_dir(back)
+    assert set(got) == set(tensors) and all(raw_bytes(got[k]) == raw_bytes(tensors[k]) for k in tensors)
+
+    # verify: a fused side holding gate/up for E experts only is not a conversion of the source
+    config = json.loads((src / "config.json").read_text())
+    src_table, _ = read_table(Storage(str(src)), "model.safetensors.index.json", require_index=False)
+    dst_table, _ = read_table(Storage(str(fused)), "model.safetensors.index.json", require_index=True)
+    name = "model.layers.0.block.moe.experts.gate_up_proj"
+    experts, _, bad_src, found = base_relation(src_table, dst_table, fam, 3, config)
+    assert not bad_src and not found and [c.num_experts for c in experts] == [5, 5]
+    dst_table.tensors[name] = dataclasses.replace(dst_table.tensors[name], shape=(3, 2 * I, H))
+    _, _, _, found = base_relation(src_table, dst_table, fam, 3, config)
+    assert any(f"{name}' has shape [3, {2 * I}, {H}]; expected [E=5" in f for f in found), found
+
+    # a per-expert checkpoint without an extra expert's gate is refused, naming the tensor and the count's key
+    (src / "model.safetensors").unlink()
+    save_file({k: v for k, v in tensors.items() if ".experts.4.w_in" not in k}, src / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"experts\.4\.w_in\.weight' not found \(expected 5 experts for role gate "
+                                              r"\(E \+ n_zero\)\)"):
+        plan_conversion(open_checkpoint(Storage(str(src))), fam, "transformers")
 
 
 @pytest.mark.parametrize("family, parts, whole, config", [
@@ -409,7 +485,7 @@ def test_llama4_experts_fused_on_disk_split_and_fuse_back(tmp_path):
                 p.normal_(0, 0.05)
     model.save_pretrained(tmp_path / "native", max_shard_size="30KB")
     run_tool("convert.split_experts", "--src", str(tmp_path / "native"), "--dst", str(tmp_path / "pe"), "--verify",
-             nproc=2)
+             "--nproc", "2")
     pe, sd = load_dir(tmp_path / "pe"), model.state_dict()
     moe = [k.split(".feed_forward")[0] for k in sd if k.endswith("feed_forward.experts.gate_up_proj")]
     assert moe == ["model.layers.1"]  # layer 0 is dense (interleave_moe_layer_step=2)
@@ -419,7 +495,8 @@ def test_llama4_experts_fused_on_disk_split_and_fuse_back(tmp_path):
         assert torch.equal(pe[f"{p}.{e}.up_proj.weight"], sd[f"{p}.gate_up_proj"][e][:, I:].T)
         assert torch.equal(pe[f"{p}.{e}.down_proj.weight"], sd[f"{p}.down_proj"][e].T)
         assert pe[f"{p}.{e}.gate_proj.weight"].shape == (I, H)
-    run_tool("convert.fuse_experts", "--src", str(tmp_path / "pe"), "--dst", str(tmp_path / "back"), "--verify", nproc=2)
+    run_tool("convert.fuse_experts", "--src", str(tmp_path / "pe"), "--dst", str(tmp_path / "back"), "--verify",
+             "--nproc", "2")
     back, orig = load_dir(tmp_path / "back"), load_dir(tmp_path / "native")
     assert set(back) == set(orig) and all(raw_bytes(back[k]) == raw_bytes(orig[k]) for k in orig)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
@@ -450,7 +527,7 @@ def _qwen35_mixed(path: Path) -> dict[str, torch.Tensor]:
 def test_mixed_fused_layers_and_per_expert_mtp_split_and_fuse(tmp_path):
     mixed = _qwen35_mixed(tmp_path / "mixed")
     run_tool("convert.split_experts", "--src", str(tmp_path / "mixed"), "--dst", str(tmp_path / "pe"), "--verify",
-             nproc=2)
+             "--nproc", "2")
     pe = load_dir(tmp_path / "pe")
     for layer in range(2):
         p = f"model.language_model.layers.{layer}.mlp.experts"

@@ -129,9 +129,9 @@ def test_world_larger_than_e_uses_e_slices_and_says_so(tmp_path):
         in setup.summary
     rank1 = [setup.pieces[i] for i in setup.assignment[1]]
     assert rank1 and all(p.expert is None for p in rank1), "the rank without experts takes non-expert pieces"
-    proc = run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(tmp_path / "two"), "--dry-run", nproc=2)
+    proc = run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(tmp_path / "two"), "--dry-run", "--nproc", "2")
     assert "2 ranks but only E=1 experts" in proc.stdout
-    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(tmp_path / "two"), "--verify", nproc=2)
+    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(tmp_path / "two"), "--verify", "--nproc", "2")
     run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(tmp_path / "one"))
     two, one = load_dir(tmp_path / "two"), load_dir(tmp_path / "one")
     assert set(two) == set(one) and all(raw_bytes(two[k]) == raw_bytes(one[k]) for k in one)
@@ -154,7 +154,7 @@ def test_dtype_cast_rewrites_config_and_loads_as_fp16(tmp_path):
     src = save_model(model, tmp_path / "src")
     before = json.loads((src / "config.json").read_text())
     run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(tmp_path / "f16"), "--dtype", "fp16", "--verify",
-             nproc=2)
+             "--nproc", "2")
     after = json.loads((tmp_path / "f16" / "config.json").read_text())
     assert after["torch_dtype"] == "float16" and after.get("dtype", "float16") == "float16"
     assert [k for k in after if k != "torch_dtype"] == list(before), "other keys and their order are kept"

@@ -1,4 +1,8 @@
-"""S3 in and out through a real S3 endpoint (moto's server on 127.0.0.1), resume after a crash, transient errors."""
+"""S3 in and out through a real S3 endpoint (moto's server on 127.0.0.1), resume after a crash, transient errors.
+
+Conversions run as two ranks (the tools' `--nproc 2`; torchrun for S3 -> S3 and the S3 resume) and must give the
+bytes of a one-process conversion to local disk.
+"""
 
 from __future__ import annotations
 
@@ -9,29 +13,9 @@ import pytest
 
 from convert.example import example_tensors, write_checkpoint
 from helpers import run_tool
-from s3_server import CREDENTIALS, FlakyProxy, MotoServer
+from s3_server import CREDENTIALS, FlakyProxy
 
 BUCKET = "moe-test"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = MotoServer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def s3env(s3, monkeypatch):
-    for k, v in CREDENTIALS.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.url)
-    import s3fs
-
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.url}, key="testing", secret="testing")
-    if not fs.exists(BUCKET):
-        fs.mkdir(BUCKET)
-    return fs
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +30,8 @@ def source(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def local_reference(source, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("ref")
-    run_tool("convert.fuse_experts", "--src", str(source), "--dst", str(root / "fused"), nproc=2)
-    run_tool("convert.split_experts", "--src", str(root / "fused"), "--dst", str(root / "split"), nproc=2)
+    run_tool("convert.fuse_experts", "--src", str(source), "--dst", str(root / "fused"))
+    run_tool("convert.split_experts", "--src", str(root / "fused"), "--dst", str(root / "split"))
     return root / "fused", root / "split"
 
 
@@ -63,9 +47,9 @@ def test_s3_conversions_match_local_disk(s3env, source, local_reference, tmp_pat
     fs = s3env
     ref_fused, ref_split = local_reference
     fs.put(str(source), f"{BUCKET}/src", recursive=True)
-    run_tool("convert.fuse_experts", "--src", str(source), "--dst", f"s3://{BUCKET}/l2s", nproc=2)
+    run_tool("convert.fuse_experts", "--src", str(source), "--dst", f"s3://{BUCKET}/l2s", "--nproc", "2")
     run_tool("convert.fuse_experts", "--src", f"s3://{BUCKET}/src", "--dst", f"s3://{BUCKET}/s2s", nproc=2)
-    run_tool("convert.split_experts", "--src", f"s3://{BUCKET}/s2s", "--dst", str(tmp_path / "s2l"), nproc=2)
+    run_tool("convert.split_experts", "--src", f"s3://{BUCKET}/s2s", "--dst", str(tmp_path / "s2l"), "--nproc", "2")
     want = _local_files(ref_fused)
     assert max(len(v) for k, v in want.items() if k.endswith(".safetensors")) > 10 << 20, "needs multi-part shards"
     assert _files_of(fs, f"{BUCKET}/l2s") == want
@@ -80,7 +64,9 @@ def test_resume_after_a_rank_is_killed(s3env, source, local_reference, tmp_path,
     dst = str(tmp_path / "out") if where == "local" else f"s3://{BUCKET}/resume"
     monkeypatch.setenv("MOE_CONVERT_JOURNAL_BYTES", "1000000")
     monkeypatch.setenv("MOE_CONVERT_CRASH_AFTER", "1:3000000")
-    crashed = run_tool("convert.fuse_experts", "--src", str(source), "--dst", dst, nproc=2, check=False)
+    # two ranks: under torchrun for S3, the tool's own --nproc ranks for local disk
+    torchrun, ranks = ({"nproc": 2}, []) if where == "s3" else ({}, ["--nproc", "2"])
+    crashed = run_tool("convert.fuse_experts", "--src", str(source), "--dst", dst, *ranks, **torchrun, check=False)
     assert crashed.returncode != 0
     if where == "local":
         assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
@@ -90,7 +76,7 @@ def test_resume_after_a_rank_is_killed(s3env, source, local_reference, tmp_path,
         assert not fs.exists(f"{BUCKET}/resume/model-00001-of-00001.safetensors"), "no shard before the commit"
     monkeypatch.delenv("MOE_CONVERT_CRASH_AFTER")
     stats = tmp_path / "stats.json"
-    run_tool("convert.fuse_experts", "--src", str(source), "--dst", dst, "--stats", str(stats), nproc=2)
+    run_tool("convert.fuse_experts", "--src", str(source), "--dst", dst, "--stats", str(stats), *ranks, **torchrun)
     report = json.loads(stats.read_text())
     total = sum(len(v) for k, v in _local_files(local_reference[0]).items() if k.endswith(".safetensors"))
     assert report["resumed"] is True
@@ -107,7 +93,8 @@ def test_transient_s3_errors_are_retried(s3, s3env, source, local_reference, mon
     proxy = FlakyProxy(s3.port, every=5, budget=30)
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        run_tool("convert.fuse_experts", "--src", f"s3://{BUCKET}/flaky-src", "--dst", f"s3://{BUCKET}/flaky", nproc=2)
+        run_tool("convert.fuse_experts", "--src", f"s3://{BUCKET}/flaky-src", "--dst", f"s3://{BUCKET}/flaky",
+                 "--nproc", "2")
     finally:
         proxy.stop()
     assert proxy.injected > 5, f"only {proxy.injected} errors were injected"
@@ -125,11 +112,12 @@ def adapter_source(tmp_path_factory) -> Path:
 
 def test_split_adapter_on_s3_matches_local_disk(s3env, adapter_source, tmp_path):
     fs = s3env
-    run_tool("convert.split_adapter", "--src", str(adapter_source), "--dst", str(tmp_path / "ref"), nproc=2)
+    run_tool("convert.split_adapter", "--src", str(adapter_source), "--dst", str(tmp_path / "ref"))
     fs.put(str(adapter_source), f"{BUCKET}/adapter-src", recursive=True)
-    run_tool("convert.split_adapter", "--src", f"s3://{BUCKET}/adapter-src", "--dst", f"s3://{BUCKET}/adapter-s2s", nproc=2)
-    run_tool("convert.split_adapter", "--src", str(adapter_source), "--dst", f"s3://{BUCKET}/adapter-l2s", nproc=2)
-    run_tool("convert.split_adapter", "--src", f"s3://{BUCKET}/adapter-src", "--dst", str(tmp_path / "s2l"), nproc=2)
+    two = ["--nproc", "2"]
+    run_tool("convert.split_adapter", "--src", f"s3://{BUCKET}/adapter-src", "--dst", f"s3://{BUCKET}/adapter-s2s", *two)
+    run_tool("convert.split_adapter", "--src", str(adapter_source), "--dst", f"s3://{BUCKET}/adapter-l2s", *two)
+    run_tool("convert.split_adapter", "--src", f"s3://{BUCKET}/adapter-src", "--dst", str(tmp_path / "s2l"), *two)
     want = _local_files(tmp_path / "ref")
     assert {"adapter_model.safetensors", "adapter_config.json"} <= set(want)
     assert _files_of(fs, f"{BUCKET}/adapter-s2s") == want
@@ -146,8 +134,8 @@ def test_pieces_writing_into_several_shards_land_in_each(s3env, source, tmp_path
     """
     fs = s3env
     shard = ["--max-shard-size", "7MB"]
-    run_tool("convert.fuse_experts", "--src", str(source), "--dst", str(tmp_path / "fused"), *shard, nproc=2)
-    run_tool("convert.fuse_experts", "--src", str(source), "--dst", f"s3://{BUCKET}/multi-fused", *shard, nproc=2)
+    run_tool("convert.fuse_experts", "--src", str(source), "--dst", str(tmp_path / "fused"), *shard, "--nproc", "2")
+    run_tool("convert.fuse_experts", "--src", str(source), "--dst", f"s3://{BUCKET}/multi-fused", *shard, "--nproc", "2")
     want = _local_files(tmp_path / "fused")
     assert sum(k.endswith(".safetensors") for k in want) >= 3, "needs several output shards"
     assert _files_of(fs, f"{BUCKET}/multi-fused") == want
@@ -181,8 +169,8 @@ def test_conversions_through_a_slow_throttling_endpoint(source, local_reference,
             admin.put_object(Bucket="slow", Key=f"src/{f.name}", Body=f.read_bytes())
         monkeypatch.setenv("AWS_ENDPOINT_URL", sim.url)
         sim.reset()
-        run_tool("convert.fuse_experts", "--src", "s3://slow/src", "--dst", "s3://slow/fused", nproc=2)
-        run_tool("convert.split_experts", "--src", "s3://slow/fused", "--dst", str(tmp_path / "split"), nproc=2,
+        run_tool("convert.fuse_experts", "--src", "s3://slow/src", "--dst", "s3://slow/fused", "--nproc", "2")
+        run_tool("convert.split_experts", "--src", "s3://slow/fused", "--dst", str(tmp_path / "split"), "--nproc", "2",
                  timeout=600)
         stats = sim.stats()
         listed = admin.list_objects_v2(Bucket="slow", Prefix="fused/")["Contents"]

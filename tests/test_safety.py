@@ -28,7 +28,6 @@ from convert.engine.output_record import is_complete_output
 from convert.io.storage import Storage
 from helpers import REPO, load_dir, run_tool
 from launch.dist import Dist
-from s3_server import CREDENTIALS, MotoServer
 
 INDEX = "model.safetensors.index.json"
 BUCKET = "moe-safety"
@@ -170,14 +169,14 @@ def test_source_rewritten_between_crash_and_rerun_is_refused(tmp_path):
     assert crashed.returncode != 0 and not (out / INDEX).exists()
     shard = sorted(src.glob("*.safetensors"))[1]
     _rewrite_same_size(shard)
-    proc = run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(out), nproc=2, check=False)
-    assert proc.returncode != 0  # 2 in one process (test below); torchrun may fold it into 1
+    proc = run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(out), "--nproc", "2", check=False)
+    assert proc.returncode != 0  # 2 in one process (test below); several ranks may fold it into 1
     assert f"source file {shard} changed since the interrupted run" in proc.stderr, proc.stderr
     assert "--overwrite" in proc.stderr
     assert not (out / INDEX).exists() and (out / ".moe-convert" / "state.json").exists()
     one = run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(out), check=False)
     assert one.returncode == 2 and str(shard) in one.stderr
-    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(out), "--overwrite", nproc=2)
+    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(out), "--overwrite", "--nproc", "2")
     fresh = tmp_path / "fresh"
     run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(fresh))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == \
@@ -332,26 +331,6 @@ def test_crash_early_resumes_from_the_time_based_journal(tmp_path):
 
 
 # -- S3 --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = MotoServer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def s3env(s3, monkeypatch):
-    for k, v in CREDENTIALS.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.url)
-    import s3fs
-
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.url}, key="testing", secret="testing")
-    if not fs.exists(BUCKET):
-        fs.mkdir(BUCKET)
-    return fs
 
 
 def _objects(fs, prefix: str) -> dict[str, bytes]:

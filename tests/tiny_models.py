@@ -88,10 +88,7 @@ def table_model_types() -> list[str]:
 
 
 # Model types the tool does not convert yet, each with the reason (listed in the summary as skipped).
-KNOWN_GAPS = {
-    "longcat_flash": "not supported yet: its fused gate_up_proj holds n_routed_experts + zero_expert_num experts and "
-                     "down_proj n_routed_experts, and a family has one expert count per layer",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def cases() -> list[Case]:

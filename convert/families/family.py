@@ -150,6 +150,8 @@ class Family:
     companions_dropped: dict[str, str] = field(default_factory=dict)  # layout -> why it cannot carry companions
     # --dtype on this (quantized-format) family: (target family name, {target role: (blocks, scales)}, {target role: source role})
     dequantize: tuple[str, dict[str, tuple[str, str]], dict[str, str]] | None = None
+    # role -> config key whose value is added to E for that role (schema.FamilySpec.extra_experts)
+    extra_experts: dict[str, str] = field(default_factory=dict)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -203,11 +205,14 @@ class Family:
         if not suffixes:
             return self
         roles = dict(self.role_leaves)
+        extra = dict(self.extra_experts)
         added: list[str] = []
         for suffix in suffixes:
             for role, leaf in self.role_leaves.items():
                 roles[f"{role}{suffix}"] = f"{leaf}{suffix}"
                 added.append(f"{role}{suffix}")
+                if role in self.extra_experts:  # a weight's scales exist for the same experts as the weight
+                    extra[f"{role}{suffix}"] = self.extra_experts[role]
         fused: dict[str, tuple[FusedTensor, ...]] = {}
         dropped: dict[str, str] = {}
         for layout, ts in self.fused.items():
@@ -224,7 +229,7 @@ class Family:
             )
         default = self.default_fused if self.default_fused in fused else next(iter(fused))
         return dataclasses.replace(self, role_leaves=roles, fused=fused, default_fused=default,
-                                   companion_roles=tuple(added), companions_dropped=dropped)
+                                   companion_roles=tuple(added), companions_dropped=dropped, extra_experts=extra)
 
     def fused_leaf_prefixes(self) -> tuple[str, ...]:
         """Names of the fused tensors inside the experts module (any tensor starting with one is an expert tensor)."""
@@ -242,6 +247,22 @@ class Family:
         raise ConversionError(
             f"{where}: has none of {list(self.num_experts_keys)} (the number of experts of a {self.name} model)"
         )
+
+    def role_experts(self, config: dict[str, Any], num_experts: int, where: str) -> dict[str, int]:
+        """Role -> how many experts hold it: `num_experts` (E), plus, for a role of `extra_experts`, the value
+        of its config key in `config` (config.json contents) or its `text_config` (0 where absent or null)."""
+        out = {}
+        for role in self.role_leaves:
+            key, extra = self.extra_experts.get(role), 0
+            for cfg in (config, config.get("text_config")) if key else ():
+                if isinstance(cfg, dict) and cfg.get(key) is not None:
+                    extra = cfg[key]
+                    if type(extra) is not int or extra < 0:
+                        raise ConversionError(f"{where}: {key!r} is {extra!r}; expected a number of experts (an integer "
+                                              f">= 0) added to E for the {self.name} expert role {role!r}")
+                    break
+            out[role] = num_experts + extra
+        return out
 
 
 def resolve(specs: dict[str, tuple[FamilySpec, str]]) -> dict[str, FamilySpec]:
@@ -350,13 +371,24 @@ def build_family(spec: FamilySpec, path: str) -> Family:
     keys = spec.num_experts_keys or []
     if not keys:
         raise ConversionError(f"{where}: num_experts_keys is empty")
+    extra = dict(spec.extra_experts or {})
+    for role, key in extra.items():
+        if role not in roles or not _NAME.match(key):
+            raise ConversionError(f"{where}: extra_experts {role!r}: {key!r} must map a role of experts.roles "
+                                  f"({sorted(roles)}) to a config key")
+    for layout, ts in fused.items():
+        for t in ts:
+            if len({extra.get(p) for p in t.parts}) > 1:
+                raise ConversionError(f"{where}: layouts.{layout}.{t.leaf}: parts {list(t.parts)} are held for different "
+                                      f"numbers of experts (extra_experts {[extra.get(p) for p in t.parts]}); one fused "
+                                      "tensor holds one count of experts")
     return Family(
         name=spec.family, source=path, model_types=tuple(spec.model_types), architectures=tuple(spec.architectures),
         num_experts_keys=tuple(keys), dense_layer_keys=tuple(spec.dense_layer_keys or ()), container=container,
         role_leaves=dict(roles), fused=fused, default_fused=spec.default_layout, renames=renames, merges=tuple(merges),
         companions=dict(spec.quantization.companions) if spec.quantization else dict(DEFAULT_COMPANIONS),
         quant_formats=dict(spec.quantization.formats) if spec.quantization else {}, refuse=dict(spec.refuse or {}),
-        description=spec.description, dequantize=_dequantize(spec, roles, where),
+        description=spec.description, dequantize=_dequantize(spec, roles, where), extra_experts=extra,
     )
 
 

@@ -20,6 +20,8 @@ How a transformers entry becomes a family:
 - a `WeightConverter` with only `Concatenate(dim=0)` of non-expert tensors -> a merge (its
   `num_shards_attribute`, the config key giving the number of `*` parts, -> `count_key`);
 - anything else (other ops, grouped renames) makes the model type inexpressible.
+What the table cannot say is data here: RENAME_FIXES (rules of the table that are wrong) and
+EXTRA_EXPERTS (roles held by more experts than E: the family file's `extra_experts`).
 Other facts come from the auto classes and config classes: the class names of each model
 type (`architectures`), the config key of E (the attribute, and its `attribute_map`
 aliases), and the config keys that make layers dense.
@@ -51,6 +53,13 @@ FAMILY_NAMES = {"qwen2_moe": "qwen3_moe"}
 # transformers' own save_pretrained -> from_pretrained round trip loses that weight; the attention's
 # norm is the only one meant.
 RENAME_FIXES = {("deepseek_v4", r"\.norm\."): r"(?<!^model)\.norm\."}
+# Model types whose modeling code holds some roles for more experts than E, which transformers' table cannot
+# say: model type -> {role: config key added to E} (the family file's `extra_experts`; such a model type gets a
+# family of its own that `extends` the one of its table entry). longcat_flash (transformers 5.23,
+# LongcatFlashExperts): `gate_up_proj` is [n_routed_experts + zero_expert_num, 2I, H] (the identity "zero"
+# experts have router slots and gate/up rows, which save_pretrained writes as experts.{e}.gate_proj/up_proj),
+# `down_proj` [n_routed_experts, H, I].
+EXTRA_EXPERTS = {"longcat_flash": {"gate": "zero_expert_num", "up": "zero_expert_num"}}
 
 
 class Inexpressible(Exception):
@@ -66,9 +75,10 @@ class Entry:
     renames: list[dict[str, Any]]
     merges: list[dict[str, Any]]
     keys: list[str] = field(default_factory=list)  # model types / class names sharing it
+    extra_experts: dict[str, str] = field(default_factory=dict)  # from EXTRA_EXPERTS
 
     def body(self) -> str:
-        return json.dumps([self.experts, self.layouts, self.renames, self.merges], sort_keys=True)
+        return json.dumps([self.experts, self.layouts, self.renames, self.merges, self.extra_experts], sort_keys=True)
 
 
 def _unescape(pattern: str) -> str:
@@ -229,6 +239,7 @@ def generate() -> tuple[dict[str, dict[str, Any]], list[tuple[str, str]]]:
             continue
         try:
             entry = translate(transforms)
+            entry.extra_experts = EXTRA_EXPERTS.get(key, {})
         except Inexpressible as exc:
             skipped.append((key, str(exc)))
             continue
@@ -264,6 +275,7 @@ def generate() -> tuple[dict[str, dict[str, Any]], list[tuple[str, str]]]:
             "model_types": types,
             "architectures": archs,
             "num_experts_keys": _ordered(list(e_keys), E_CANDIDATES) or list(E_CANDIDATES),
+            **({"extra_experts": entry.extra_experts} if entry.extra_experts else {}),
             "dense_layer_keys": _ordered(list(dense), DENSE_CANDIDATES),
             "experts": entry.experts,
             "layouts": entry.layouts,
@@ -278,7 +290,8 @@ def generate() -> tuple[dict[str, dict[str, Any]], list[tuple[str, str]]]:
 
 
 def _add_extends(files: dict[str, dict[str, Any]]) -> None:
-    """Rewrite each family that is another one plus more rename rules as `extends` + `extra_renames`."""
+    """Rewrite each family that is another one plus more rename rules (or `extra_experts`) as `extends` +
+    `extra_renames` (+ `extra_experts`)."""
     same = ("experts", "layouts", "default_layout", "merges")
     parents: dict[str, str] = {}
     for name, obj in files.items():
@@ -286,8 +299,11 @@ def _add_extends(files: dict[str, dict[str, Any]]) -> None:
         for other, base in files.items():
             if other == name or any(obj.get(k) != base.get(k) for k in same):
                 continue
+            if base.get("extra_experts") not in (None, obj.get("extra_experts")):
+                continue
             n = len(base["renames"])
-            if n < len(obj["renames"]) and obj["renames"][:n] == base["renames"]:
+            more = n < len(obj["renames"]) or obj.get("extra_experts") != base.get("extra_experts")
+            if more and n <= len(obj["renames"]) and obj["renames"][:n] == base["renames"]:
                 if best is None or n > len(files[best]["renames"]) or (n == len(files[best]["renames"]) and other < best):
                     best = other
         if best is not None:
@@ -297,12 +313,13 @@ def _add_extends(files: dict[str, dict[str, Any]]) -> None:
         child: dict[str, Any] = {k: obj[k] for k in ("family", "description", "generated_from", "extends",
                                                      "model_types", "architectures") if k in obj}
         child["extends"] = parent
-        for key in ("num_experts_keys", "dense_layer_keys"):
-            if obj[key] != base[key]:
+        for key in ("num_experts_keys", "extra_experts", "dense_layer_keys"):
+            if obj.get(key) != base.get(key):
                 child[key] = obj[key]
-        child["extra_renames"] = obj["renames"][len(base["renames"]):]
+        if len(obj["renames"]) > len(base["renames"]):
+            child["extra_renames"] = obj["renames"][len(base["renames"]):]
         order = ["family", "description", "generated_from", "extends", "model_types", "architectures",
-                 "num_experts_keys", "dense_layer_keys", "extra_renames"]
+                 "num_experts_keys", "extra_experts", "dense_layer_keys", "extra_renames"]
         files[name] = {k: child[k] for k in order if k in child}
 
 

@@ -104,6 +104,9 @@ class FamilySpec:
     model_types: list[str] = field(default_factory=list)
     architectures: list[str] = field(default_factory=list)
     num_experts_keys: list[str] | None = None
+    # role -> config key: the role is held for E + config[key] experts (0 where the key is absent or null),
+    # e.g. router slots of identity ("zero") experts that have gate/up weights but no down weight
+    extra_experts: dict[str, str] | None = None
     dense_layer_keys: list[str] | None = None
     experts: ExpertsSpec | None = None
     layouts: dict[str, dict[str, FusedSpec]] | None = None

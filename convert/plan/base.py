@@ -99,7 +99,7 @@ class Plan:
 
     family: str
     target_layout: str
-    num_experts: int
+    num_experts: int  # expert indices the pieces use (E; more where a role of `extra_experts` has more experts)
     groups: list[tuple[str, str]]  # (layer prefix, source layout)
     targets: list[TargetTensor]
     pieces: list[Piece]
@@ -168,26 +168,36 @@ def _unit_nbytes(unit: Unit, group: ExpertGroup) -> int:
     return sum(numel(group.role_shape[r]) for r in unit.roles) * DTYPE_SIZES[unit.dtype]
 
 
+def _count(group: ExpertGroup, unit: Unit) -> int:
+    """How many experts hold `unit` (the roles of one tensor share one count)."""
+    return group.role_experts.get(unit.roles[0], group.num_experts)
+
+
+def _held(units: list[tuple[Unit, str]], group: ExpertGroup, e: int) -> list[tuple[Unit, str]]:
+    """The units of `units` that expert `e` holds (all of them unless the family has `extra_experts`)."""
+    return [(u, tpl) for u, tpl in units if e < _count(group, u)]
+
+
 def _group_plan(
     ckpt: Checkpoint, family: Family, group: ExpertGroup, layout: str, dtype: str | None
 ) -> tuple[list[TargetTensor], list[Piece]]:
-    src_units = _units(family, group, group.layout, dtype, "src")
-    dst_units = _units(family, group, layout, dtype, "dst")
-    E = group.num_experts
+    all_src = _units(family, group, group.layout, dtype, "src")
+    all_dst = _units(family, group, layout, dtype, "dst")
     targets = []
-    for unit, tpl in dst_units:
+    for unit, tpl in all_dst:
         if unit.fused is None:  # per-expert outputs are named as a per-expert checkpoint names them
             shape = group.role_shape[str(unit.role)]
             targets += [TargetTensor(family.to_disk(tpl.format(prefix=group.prefix, e=e)), unit.dtype, shape)
-                        for e in range(E)]
+                        for e in range(_count(group, unit))]
         else:
             slice_shape = fused_slice_shape(unit.fused, group.role_shape[unit.fused.parts[0]])
-            targets.append(TargetTensor(tpl.format(prefix=group.prefix), unit.dtype, (E, *slice_shape)))
+            targets.append(TargetTensor(tpl.format(prefix=group.prefix), unit.dtype, (_count(group, unit), *slice_shape)))
 
-    byte_copy = all(u.is_byte_copy for u, _ in src_units + dst_units)
+    byte_copy = all(u.is_byte_copy for u, _ in all_src + all_dst)
     role_shape = tuple(sorted(group.role_shape.items()))
     pieces = []
-    for e in range(E):
+    for e in range(group.slots):
+        src_units, dst_units = _held(all_src, group, e), _held(all_dst, group, e)
         # One read per source unit: a per-expert tensor, or expert e's slice of a fused tensor.
         unit_reads: list[tuple[Unit, Read]] = []
         for unit, tpl in src_units:
@@ -338,7 +348,7 @@ def plan_conversion(
             t, p = copy_pieces(ckpt.tensors[name], out_name(name), dtype, chunk_bytes)
             targets.append(t)
             pieces += p
-    notes = [f"skipped {what}" for what in ckpt.skipped]
+    notes = [f"skipped {what}" for what in ckpt.skipped] + _extra_notes(family, groups, num_experts)
     for group in groups:
         if group.layout == target_layout:
             notes.append(f"{group.prefix}: already {target_layout}, copied unchanged")
@@ -364,7 +374,7 @@ def plan_conversion(
     return Plan(
         family=family.name,
         target_layout=target_layout,
-        num_experts=num_experts,
+        num_experts=max(num_experts, *(g.slots for g in groups)),
         groups=[(g.prefix, g.layout) for g in groups],
         targets=targets,
         pieces=pieces,
@@ -372,6 +382,16 @@ def plan_conversion(
         metadata=ckpt.metadata or {"format": "pt"},
         notes=notes,
     )
+
+
+def _extra_notes(family: Family, groups: list[ExpertGroup], num_experts: int) -> list[str]:
+    """A plan note for roles held by more than E experts (the family's `extra_experts`), else none."""
+    counts = groups[0].role_experts if groups else {}
+    more = {r: n for r, n in counts.items() if n != num_experts and r in family.extra_experts}
+    if not more:
+        return []
+    return ["experts per role: E=" + str(num_experts) + "; " + ", ".join(
+        f"{r} {n} (E + {family.extra_experts[r]})" for r, n in more.items())]
 
 
 def _dequant_plan(
@@ -397,19 +417,23 @@ def _dequant_plan(
     targets: list[TargetTensor] = []
     pieces: list[Piece] = []
     for group in groups:
-        src_units = _units(family, group, group.layout, dtype, "src")
-        dst_units = _units(plain, group, target_layout, dtype, "dst", weights)
-        for unit, tpl in dst_units:
+        all_src = _units(family, group, group.layout, dtype, "src")
+        all_dst = _units(plain, group, target_layout, dtype, "dst", weights)
+        for unit, tpl in all_dst:
             if unit.fused is None:
                 shape = group.role_shape[str(unit.role)]
                 targets += [TargetTensor(plain.to_disk(tpl.format(prefix=group.prefix, e=e)), unit.dtype, shape)
-                            for e in range(group.num_experts)]
+                            for e in range(_count(group, unit))]
             else:
                 slice_shape = fused_slice_shape(unit.fused, group.role_shape[unit.fused.parts[0]])
-                targets.append(TargetTensor(tpl.format(prefix=group.prefix), unit.dtype, (group.num_experts, *slice_shape)))
-        compute = DequantRegroup(tuple(u for u, _ in src_units), tuple(u for u, _ in dst_units),
-                                 tuple(sorted(group.role_shape.items())), pairs, block)
-        for e in range(group.num_experts):
+                targets.append(TargetTensor(tpl.format(prefix=group.prefix), unit.dtype,
+                                            (_count(group, unit), *slice_shape)))
+        for e in range(group.slots):
+            src_units, dst_units = _held(all_src, group, e), _held(all_dst, group, e)
+            held = {r for u, _ in src_units for r in u.roles}
+            compute = DequantRegroup(tuple(u for u, _ in src_units), tuple(u for u, _ in dst_units),
+                                     tuple(sorted(group.role_shape.items())),
+                                     tuple((w, sc) for w, sc in pairs if w in held), block)
             reads = []
             for unit, tpl in src_units:
                 if unit.fused is None:
@@ -450,10 +474,10 @@ def _dequant_plan(
         targets.append(t)
         pieces += p
     return Plan(
-        family=family.name, target_layout=target_layout, num_experts=num_experts,
+        family=family.name, target_layout=target_layout, num_experts=max(num_experts, *(g.slots for g in groups)),
         groups=[(g.prefix, g.layout) for g in groups], targets=targets, pieces=pieces,
         copy_files=list(ckpt.other_files), metadata=ckpt.metadata or {"format": "pt"},
-        notes=[f"skipped {what}" for what in ckpt.skipped] + [f"FP8 weights dequantized to {dtype} ({block[0]}x{block[1]} blocks)"],
+        notes=[f"skipped {what}" for what in ckpt.skipped] + _extra_notes(plain, groups, num_experts) + [f"FP8 weights dequantized to {dtype} ({block[0]}x{block[1]} blocks)"],
         dequantized=True,
     )
 
@@ -472,6 +496,8 @@ def _mxfp4_plan(ckpt: Checkpoint, family: Family, target_layout: str, dtype: str
         raise ConversionError(f"{family.source}: quantization.dequantize names unknown family {target_name!r}")
     if target_layout not in target.layouts:
         raise ConversionError(f"family {target.name} has no layout {target_layout!r} (it has {list(target.layouts)})")
+    if family.extra_experts or target.extra_experts:
+        raise ConversionError(f"{family.source}: MXFP4 dequantization of a family with 'extra_experts' is not supported")
     groups, passthrough = find_expert_groups(ckpt, family, num_experts, rename=False)
     if not groups:
         raise ConversionError(f"{ckpt.storage.display()}: no {family.name} expert tensors found")

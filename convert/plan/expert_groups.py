@@ -25,16 +25,24 @@ class ExpertGroup:
     """The experts of one layer in the source.
 
     `role_shape`/`role_dtype` describe one expert's tensor of each role in per-expert
-    (nn.Linear [out, in]) form, whatever the source layout.
+    (nn.Linear [out, in]) form, whatever the source layout. `role_experts`: how many experts
+    hold each role (`num_experts` = E, or more for a role of the family's `extra_experts`);
+    `slots` is the largest (expert e holds the roles whose count exceeds e).
     """
 
     prefix: str
     layout: str
     num_experts: int
+    role_experts: dict[str, int] = field(default_factory=dict)
     role_shape: dict[str, tuple[int, ...]] = field(default_factory=dict)
     role_dtype: dict[str, str] = field(default_factory=dict)
     per_expert: dict[tuple[str, int], TensorRef] = field(default_factory=dict)
     fused: dict[str, TensorRef] = field(default_factory=dict)  # fused template -> source tensor
+
+    @property
+    def slots(self) -> int:
+        """How many experts hold at least one role (E unless the family has `extra_experts`)."""
+        return max([self.num_experts, *self.role_experts.values()])
 
 
 def fused_slice_shape(t: FusedTensor, part_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -69,10 +77,12 @@ def find_expert_groups(
 
     `rename`: read names through the family's renames (disk naming, as a per-expert checkpoint
     has them; a tensor already named as a fused one is taken as it is); otherwise as they are
-    (model naming). Raises ConversionError naming the file
+    (model naming). `num_experts` is E; a role of the family's `extra_experts` has more (read from
+    the checkpoint's config). Raises ConversionError naming the file
     and tensor for a refused tensor, an expert tensor that is not one of the family's roles,
     or an expert layer that is incomplete or inconsistent.
     """
+    counts = family.role_experts(ckpt.config or {}, num_experts, ckpt.storage.display("config.json"))
     rx = experts_regex(family)
     leaf_role = {leaf: role for role, leaf in family.role_leaves.items()}
     fused_by_leaf = {t.leaf: t for ts in family.fused.values() for t in ts}
@@ -121,31 +131,37 @@ def find_expert_groups(
                 f"and fused ones (e.g. {next(iter(fused.values())).info.name!r}); expected one layout per layer"
             )
         if pe:
-            groups.append(_per_expert_group(ckpt, family, prefix, pe, num_experts, rename))
+            groups.append(_per_expert_group(ckpt, family, prefix, pe, num_experts, counts, rename))
         else:
-            groups.append(_fused_group(ckpt, family, prefix, fused or {}, num_experts))
+            groups.append(_fused_group(ckpt, family, prefix, fused or {}, num_experts, counts))
     return groups, passthrough
+
+
+def _count_text(family: Family, role: str, n: int) -> str:
+    """`n experts`, saying where a role's count is more than E comes from."""
+    key = family.extra_experts.get(role)
+    return f"{n} experts" + (f" for role {role} (E + {key})" if key else "")
 
 
 def _per_expert_group(
     ckpt: Checkpoint, family: Family, prefix: str, found: dict[tuple[str, int], TensorRef], num_experts: int,
-    rename: bool,
+    counts: dict[str, int], rename: bool,
 ) -> ExpertGroup:
-    group = ExpertGroup(prefix, PER_EXPERT, num_experts)
+    group = ExpertGroup(prefix, PER_EXPERT, num_experts, dict(counts))
     for (role, e), ref in sorted(found.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        if e >= num_experts:
+        if e >= counts[role]:
             raise ConversionError(
                 f"{ckpt.storage.display(ref.file)}: tensor {ref.info.name!r} is expert {e}, "
-                f"but config.json says there are {num_experts} experts"
+                f"but config.json says there are {_count_text(family, role, counts[role])}"
             )
     for role, template in family.expert_templates.items():
-        for e in range(num_experts):
+        for e in range(counts[role]):
             ref = found.get((role, e))
             key = _display(family, template.format(prefix=prefix, e=e), rename)
             if ref is None:
                 raise ConversionError(
                     f"{ckpt.storage.display()}: missing expert {e} of {prefix}: tensor {key!r} not found "
-                    f"(expected {num_experts} experts)"
+                    f"(expected {_count_text(family, role, counts[role])})"
                 )
             shape, dtype = ref.info.shape, ref.info.dtype
             if role not in group.role_shape:
@@ -173,7 +189,8 @@ def _per_expert_group(
 
 
 def _fused_group(
-    ckpt: Checkpoint, family: Family, prefix: str, found: dict[str, TensorRef], num_experts: int
+    ckpt: Checkpoint, family: Family, prefix: str, found: dict[str, TensorRef], num_experts: int,
+    counts: dict[str, int],
 ) -> ExpertGroup:
     exact = [layout for layout, tensors in family.fused.items() if {t.template for t in tensors} == set(found)]
     if len(exact) != 1:
@@ -184,14 +201,16 @@ def _fused_group(
             f"one {family.name} layout (expected one of {wanted})"
         )
     layout = exact[0]
-    group = ExpertGroup(prefix, layout, num_experts)
+    group = ExpertGroup(prefix, layout, num_experts, dict(counts))
     for t in family.fused[layout]:
         ref = found[t.template]
         key = ref.info.name
         where = f"{ckpt.storage.display(ref.file)}: tensor {key!r}"
-        if not ref.info.shape or ref.info.shape[0] != num_experts:
+        n = counts[t.parts[0]]
+        if not ref.info.shape or ref.info.shape[0] != n:
             raise ConversionError(
-                f"{where} has shape {list(ref.info.shape)}; expected dim 0 = {num_experts} experts (config.json)"
+                f"{where} has shape {list(ref.info.shape)}; expected dim 0 = "
+                f"{_count_text(family, t.parts[0], n)} (config.json)"
             )
         part = part_shape_of(t, ref.info.shape[1:], where)
         for role in t.parts:

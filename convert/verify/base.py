@@ -113,32 +113,36 @@ def _part_shape(slice_shape: tuple[int, ...], ops: list[dict[str, Any]], n_parts
 
 @dataclass(frozen=True)
 class PerExpertSide:
-    """Expert e's role r is the stored tensor `tensors[r][e]`."""
+    """Expert e's role r is the stored tensor `tensors[r][e]` (a role held by fewer experts has fewer tensors)."""
 
     tensors: tuple[tuple[str, tuple[Stored, ...]], ...]
 
     def load(self, storage: Storage, e: int) -> dict[str, tuple[torch.Tensor, str]]:
         out = {}
         for role, per in self.tensors:
-            t = per[e]
-            out[role] = (to_tensor(read_stored(storage, t), t.dtype, t.shape), t.name)
+            if e < len(per):
+                t = per[e]
+                out[role] = (to_tensor(read_stored(storage, t), t.dtype, t.shape), t.name)
         return out
 
     def expert_bytes(self, e: int) -> int:
-        return sum(per[e].nbytes for _, per in self.tensors)
+        return sum(per[e].nbytes for _, per in self.tensors if e < len(per))
 
     def spans(self, e: int) -> list[tuple[str, int, int]]:
         """(file, start, end) of every byte range load(e) reads."""
-        return [(per[e].file, per[e].start, per[e].end) for _, per in self.tensors]
+        return [(per[e].file, per[e].start, per[e].end) for _, per in self.tensors if e < len(per)]
 
 
 @dataclass(frozen=True)
 class FusedPart:
-    """One fused [E, ...] tensor and how an expert's slice holds its roles (the family table's ops)."""
+    """One fused [E, ...] tensor and how an expert's slice holds its roles (the family table's ops).
+
+    `num_experts`: its dim 0 (E, or more for roles of the family's `extra_experts`)."""
 
     tensor: Stored
     roles: tuple[str, ...]
     ops: tuple[tuple[tuple[str, Any], ...], ...]  # each op description as sorted items (hashable)
+    num_experts: int
 
     def op_list(self) -> list[dict[str, Any]]:
         return [dict(o) for o in self.ops]
@@ -146,29 +150,32 @@ class FusedPart:
 
 @dataclass(frozen=True)
 class FusedSide:
-    """Expert e's roles come from slice e (dim 0) of each fused tensor."""
+    """Expert e's roles come from slice e (dim 0) of each fused tensor that has one."""
 
     parts: tuple[FusedPart, ...]
-    num_experts: int
 
     def load(self, storage: Storage, e: int) -> dict[str, tuple[torch.Tensor, str]]:
         out = {}
         for p in self.parts:
+            if e >= p.num_experts:
+                continue
             t = p.tensor
-            per = t.nbytes // self.num_experts
+            per = t.nbytes // p.num_experts
             sl = to_tensor(read_stored(storage, t, e * per, (e + 1) * per), t.dtype, t.shape[1:])
             for role, piece in zip(p.roles, _unfuse(sl, p.op_list(), len(p.roles))):
                 out[role] = (piece, t.name)
         return out
 
     def expert_bytes(self, e: int) -> int:
-        return sum(p.tensor.nbytes // self.num_experts for p in self.parts)
+        return sum(p.tensor.nbytes // p.num_experts for p in self.parts if e < p.num_experts)
 
     def spans(self, e: int) -> list[tuple[str, int, int]]:
         """(file, start, end) of every byte range load(e) reads: slice e of each fused tensor."""
         out = []
         for p in self.parts:
-            per = p.tensor.nbytes // self.num_experts
+            if e >= p.num_experts:
+                continue
+            per = p.tensor.nbytes // p.num_experts
             out.append((p.tensor.file, p.tensor.start + e * per, p.tensor.start + (e + 1) * per))
         return out
 
@@ -176,19 +183,22 @@ class FusedSide:
 Side = PerExpertSide | FusedSide
 
 
-def _side(family: Family, prefix: str, found: LayerTensors, E: int, where: str) -> tuple[Side | None, list[str]]:
-    """The layout one side of a layer holds, or the problems that keep it from being one."""
+def _side(family: Family, prefix: str, found: LayerTensors, counts: dict[str, int], where: str
+          ) -> tuple[Side | None, list[str]]:
+    """The layout one side of a layer holds, or the problems that keep it from being one (`counts`: role -> experts)."""
     if found.per_expert and found.fused:
         a, b = next(iter(found.per_expert.values())), next(iter(found.fused.values()))
         return None, [f"{where}: layer {prefix} mixes per-expert ({a.name}) and fused ({b.name}) expert tensors"]
     if found.per_expert:
         problems = []
-        extra = sorted(k for k in found.per_expert if k[1] >= E)
+        extra = sorted(k for k in found.per_expert if k[1] >= counts[k[0]])
         if extra:
             t = found.per_expert[extra[0]]
-            problems.append(f"{where}: tensor {t.name!r} is expert {extra[0][1]}, but there are {E} experts")
+            problems.append(f"{where}: tensor {t.name!r} is expert {extra[0][1]}, but there are {counts[extra[0][0]]} "
+                            "experts" + (f" of role {extra[0][0]}" if extra[0][0] in family.extra_experts else ""))
         tensors = []
         for role, tpl in family.expert_templates.items():
+            E = counts[role]
             missing = [e for e in range(E) if (role, e) not in found.per_expert]
             if missing:
                 key = family.to_disk(tpl.format(prefix=prefix, e=missing[0]))
@@ -207,12 +217,13 @@ def _side(family: Family, prefix: str, found: LayerTensors, E: int, where: str) 
         s = found.fused[t.template]
         ops = t.pipeline.to_json()
         k = len(t.parts)
+        E = counts[t.parts[0]]
         if len(s.shape) < 2 or s.shape[0] != E or _part_shape(s.shape[1:], ops, k) is None:
             problems.append(f"{where}: tensor {s.name!r} has shape {list(s.shape)}; expected [E={E}, ...] holding "
                             f"{k} role(s) {list(t.parts)} as {ops}")
             continue
-        parts.append(FusedPart(s, t.parts, tuple(tuple(sorted(o.items())) for o in ops)))
-    return (None, problems) if problems else (FusedSide(tuple(parts), E), [])
+        parts.append(FusedPart(s, t.parts, tuple(tuple(sorted(o.items())) for o in ops), E))
+    return (None, problems) if problems else (FusedSide(tuple(parts)), [])
 
 
 def role_shapes(side: Side) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -307,7 +318,8 @@ def base_relation(
     source as it is and expects every destination name to be what the renames' inverses give
     (as transformers saves). Returns (expert checks, pass-through checks, source problems,
     destination mismatches): source problems mean the source itself is not a valid checkpoint
-    of the family. `config`: the source's config.json (for merges whose part count it gives).
+    of the family. `config`: the source's config.json (for merges whose part count it gives, and the
+    experts of roles held by more than `num_experts`, the family's `extra_experts`).
     """
     quantized_src, quantized_dst = family.companions_in(src.tensors), family.companions_in(dst.tensors)
     if quantized_src and not quantized_dst and any(t.dtype in ("F8_E4M3", "F8_E5M2") for t in src.tensors.values()):
@@ -315,6 +327,10 @@ def base_relation(
                             "dequantized copy (--dtype on an FP8 source); convert.verify checks lossless conversions "
                             "only, not dequantization"]
     family = family.with_companions(quantized_src or quantized_dst)
+    try:
+        counts = family.role_experts(config or {}, num_experts, src.where)
+    except ConversionError as exc:
+        return [], [], [str(exc)], []
     split = _fused_layers(src, family) > _fused_layers(dst, family)
     src_layers, src_others = classify(src, family, rename=not split)
     dst_layers, dst_others = classify(dst, family, rename=split)
@@ -336,8 +352,8 @@ def base_relation(
             one = next(iter({**dst_layers[prefix].per_expert, **dst_layers[prefix].fused}.values()))
             found.append(f"{dst.where}: expert layer {prefix} (e.g. {one.name!r}) is not in the source")
             continue
-        a, pa = _side(family, prefix, src_layers[prefix], num_experts, src.where)
-        b, pb = _side(family, prefix, dst_layers[prefix], num_experts, dst.where)
+        a, pa = _side(family, prefix, src_layers[prefix], counts, src.where)
+        b, pb = _side(family, prefix, dst_layers[prefix], counts, dst.where)
         src_problems += pa
         found += pb
         if a is None or b is None:
@@ -352,7 +368,7 @@ def base_relation(
                 found.append(f"{dst.where}: tensor {rb[r][1]!r} gives role {r} the per-expert shape "
                              f"{list(rb[r][0])}; the source ({ra[r][1]!r}) has {list(ra[r][0])}")
             continue
-        experts.append(ExpertCheck(prefix, num_experts, a, b, streaming=True))
+        experts.append(ExpertCheck(prefix, max(counts.values()), a, b, streaming=True))
     passes, used_src, made_dst, problems = _merged(src, dst, family, src_others, split, config or {})
     found += problems
     rename = family.to_disk if split else family.to_model
