@@ -82,6 +82,7 @@ class RulesSpec:
     target_modules_list: bool | None = None
     refuse_modules: dict[str, str] | None = None
     max_rank_flag: str | None = None
+    exact_module_names: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class TargetRules:
     target_modules_list: bool = False
     refuse_modules: tuple[tuple[str, str], ...] = ()
     max_rank_flag: str | None = None
+    exact_module_names: bool = True
 
 
 @dataclass(frozen=True)
