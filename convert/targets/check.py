@@ -169,6 +169,16 @@ def check_adapter(
                                f"{family.name if family else '?'}, {rules.naming} names); under this name its LoRA "
                                "would not be applied", "name"))
 
+    by_layer: dict[tuple[str, str], set[str]] = defaultdict(set)  # (layer prefix, parent) -> leaves with LoRA
+    for module in lora:
+        parent, _, leaf = module.rpartition(".")
+        by_layer[(parent, "")].add(leaf)
+    for (parent, _), leaves in sorted(by_layer.items()):
+        for leaf, partners in rules.needs_with:
+            miss = [p for p in partners if leaf in leaves and p not in leaves]
+            if miss:
+                out.append(Finding(REFUSE, f"{parent}.{leaf}: LoRA without LoRA on {miss} of the same layer; {server} "
+                                           f"stacks them and fails to load", "with"))
     out += _expert_findings(rules, config, lora, family, num_experts, server)
     out += _rank_findings(rules, config, lora, num_experts, server)
     return _collapse(out)

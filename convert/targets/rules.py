@@ -24,7 +24,7 @@ TARGETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "targets"
 TARGETS = ("vllm", "sglang", "peft", "per-expert")
 EXPERT_LAYOUTS = ("per_expert", "peft")
 EXPERT_NAMES = ("checkpoint", "canonical", "w123")
-OPTIONAL_RULES = ("modules_to_save", "target_modules_experts", "max_rank", "refuse_modules", "max_rank_flag")
+OPTIONAL_RULES = ("modules_to_save", "target_modules_experts", "max_rank", "refuse_modules", "max_rank_flag", "needs_with")
 NAMINGS = ("checkpoint", "model")
 
 
@@ -83,6 +83,7 @@ class RulesSpec:
     refuse_modules: dict[str, str] | None = None
     max_rank_flag: str | None = None
     exact_module_names: bool | None = None
+    needs_with: dict[str, list[str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class TargetRules:
     refuse_modules: tuple[tuple[str, str], ...] = ()
     max_rank_flag: str | None = None
     exact_module_names: bool = True
+    needs_with: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,8 @@ class Target:
             target=self.name, family=family, source=self.spec.source,
             **{**merged, "bias": tuple(merged["bias"]), "modules_to_save": None if mts is None else tuple(mts),
                "expert_names": tuple(merged["expert_names"]),
-               "refuse_modules": tuple((merged["refuse_modules"] or {}).items())},
+               "refuse_modules": tuple((merged["refuse_modules"] or {}).items()),
+               "needs_with": tuple((k, tuple(v)) for k, v in (merged["needs_with"] or {}).items())},
         )
 
 
