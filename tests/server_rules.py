@@ -277,7 +277,7 @@ def _vllm_pack_moe(loras: dict[str, dict[str, Any]], moe: str, model: VllmModel,
                    used: set[str]) -> None:
     """lora_weights.PackedLoRALayerWeights.pack_moe (0.33.0): w1, w2, w3 of every expert, asserted present."""
     gate_name, down_name, up_name = model.ckpt_names
-    names = [f"{moe}.experts.{e}.{n}" for e in range(model.num_experts) for n in (gate_name, down_name, up_name)]
+    names = [f"{moe}.{e}.{n}" for e in range(model.num_experts) for n in (gate_name, down_name, up_name)]  # _register_packed_modules
     subs = [loras.get(n) for n in names]
     if not any(subs):
         return
