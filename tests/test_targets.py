@@ -363,3 +363,61 @@ def test_findings_are_reported_once_per_kind(tmp_path: Path) -> None:
     path, _ = make_per_expert_adapter(tmp_path / "a", "gpt_oss")
     found = findings("vllm", "gpt_oss", path)
     assert len(found) == 1 and found[0].severity == REFUSE and "more like it" in found[0].message
+
+
+# --- inspect and verify ---------------------------------------------------------------------------
+
+def _base_config(tmp_path: Path, family: str) -> Path:
+    from adapter_fixtures import base_config
+
+    path = tmp_path / f"{family}-config.json"
+    path.write_text(json.dumps(base_config(family)))
+    return path
+
+
+def test_inspect_says_per_target_whether_it_loads(tmp_path: Path) -> None:
+    from helpers import run_tool
+
+    path, _ = make_per_expert_adapter(tmp_path / "a", "mixtral")
+    out = json.loads(run_tool("convert.inspect", str(path), "--json", "--base-config",
+                              str(_base_config(tmp_path, "mixtral"))).stdout)
+    servers = out["servers"]
+    assert set(servers) == set(TARGETS)
+    assert servers["vllm"]["loads"] and servers["per-expert"]["loads"]
+    assert not servers["sglang"]["loads"] and any("v_proj" in m for m in servers["sglang"]["refusals"])
+    assert not servers["peft"]["loads"]
+    text = run_tool("convert.inspect", str(path), "--base-config", str(_base_config(tmp_path, "mixtral"))).stdout
+    assert "    vllm: loads" in text and "    sglang: refused" in text
+
+
+def test_verify_target_rules_only_exit_codes(tmp_path: Path) -> None:
+    from helpers import run_tool
+
+    cfg = str(_base_config(tmp_path, "mixtral"))
+    path, _ = make_per_expert_adapter(tmp_path / "a", "mixtral")
+    ok = run_tool("convert.verify", "--target", "vllm", "--dst", str(path), "--base-config", cfg, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert "OK:" in ok.stdout and "target vllm" in ok.stdout
+    bad = run_tool("convert.verify", "--target", "sglang", "--dst", str(path), "--base-config", cfg, check=False)
+    assert bad.returncode == 1 and "v_proj" in bad.stdout and "target rule(s) broken" in bad.stderr
+    gone = run_tool("convert.verify", "--target", "vllm", "--dst", str(tmp_path / "nope"), check=False)
+    assert gone.returncode == 2
+    none = run_tool("convert.verify", "--dst", str(path), check=False)
+    assert none.returncode == 2 and "--src is required" in none.stderr
+
+
+def test_verify_uses_the_target_the_output_record_names(tmp_path: Path) -> None:
+    from convert.engine.output_record import record_bytes
+    from helpers import run_tool
+
+    cfg = str(_base_config(tmp_path, "mixtral"))
+    path, _ = make_per_expert_adapter(tmp_path / "a", "mixtral")
+    files = [(p.name, p.stat().st_size) for p in sorted(path.iterdir())]
+    record = json.loads(record_bytes(files, "f" * 16, "adapter_config.json"))
+    (path / ".moe-convert").mkdir()
+    (path / ".moe-convert" / "output.json").write_text(json.dumps({**record, "target": "sglang"}))
+    proc = run_tool("convert.verify", "--src", str(path), "--dst", str(path), "--base-config", cfg, check=False)
+    assert proc.returncode == 1 and "target sglang" in proc.stdout
+    proc = run_tool("convert.verify", "--src", str(path), "--dst", str(path), "--base-config", cfg,
+                    "--target", "vllm", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
