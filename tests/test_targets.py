@@ -421,3 +421,24 @@ def test_verify_uses_the_target_the_output_record_names(tmp_path: Path) -> None:
     proc = run_tool("convert.verify", "--src", str(path), "--dst", str(path), "--base-config", cfg,
                     "--target", "vllm", check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_sglang_needs_target_modules_to_name_every_lora_module(tmp_path: Path) -> None:
+    path, _ = make_per_expert_adapter(tmp_path / "a", "qwen3_moe")
+    add_v_proj(path)
+    edit(path, add={f"base_model.model.model.layers.0.mlp.gate.lora_{ab}.weight": random_lora(s, 5)
+                    for ab, s in (("A", (4, H)), ("B", (E, 4)))},
+         config={"target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]})
+    _, problem = assert_agree("sglang", "qwen3_moe", path)
+    assert problem and "Cannot find target module name" in problem
+    edit(path, config={"target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "gate"]})
+    loaded, problem = assert_agree("sglang", "qwen3_moe", path)
+    assert problem is None and "model.layers.0.mlp.gate" in loaded.linear
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_sglang_refuses_raw_peft_3d_adapters(tmp_path: Path, family: str) -> None:
+    _, path = make_peft_adapter(family, tmp_path / "a")
+    _, problem = assert_agree("sglang", family, path)
+    assert problem
+    assert any("fused 3-D expert LoRA" in m for m in refusals(findings("sglang", family, path)))

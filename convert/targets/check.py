@@ -179,6 +179,14 @@ def check_adapter(
             if miss:
                 out.append(Finding(REFUSE, f"{parent}.{leaf}: LoRA without LoRA on {miss} of the same layer; {server} "
                                            f"stacks them and fails to load", "with"))
+    tm = config.get("target_modules")
+    if rules.target_modules_cover and isinstance(tm, list):
+        named = {str(t).rsplit(".", 1)[-1] for t in tm}
+        for module in sorted(lora):
+            leaf = module.rsplit(".", 1)[-1]
+            if ".experts." not in module + "." and leaf not in named:
+                out.append(Finding(REFUSE, f"{module}: its leaf {leaf!r} is not in target_modules {sorted(named)}; "
+                                           f"{server} finds a LoRA weight's buffer through target_modules", "cover"))
     out += _expert_findings(rules, config, lora, family, num_experts, server)
     out += _rank_findings(rules, config, lora, num_experts, server)
     return _collapse(out)
@@ -259,7 +267,7 @@ def _expert_findings(rules: TargetRules, config: dict[str, Any], lora: dict[str,
             role = leaves.get(pe["leaf"])
             if rules.expert_layout != "per_expert":
                 out.append(Finding(REFUSE, f"{module}: per-expert expert LoRA; {server} loads {_layout_text(rules)} for "
-                                           f"family {rules.family} (per-expert keys fail its expected-modules check)",
+                                           f"family {rules.family}",
                                    "layout"))
                 continue
             if role is None:

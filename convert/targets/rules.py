@@ -84,6 +84,7 @@ class RulesSpec:
     max_rank_flag: str | None = None
     exact_module_names: bool | None = None
     needs_with: dict[str, list[str]] | None = None
+    target_modules_cover: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class TargetRules:
     max_rank_flag: str | None = None
     exact_module_names: bool = True
     needs_with: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    target_modules_cover: bool = False
 
 
 @dataclass(frozen=True)
