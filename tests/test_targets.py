@@ -442,3 +442,18 @@ def test_sglang_refuses_raw_peft_3d_adapters(tmp_path: Path, family: str) -> Non
     _, problem = assert_agree("sglang", family, path)
     assert problem
     assert any("fused 3-D expert LoRA" in m for m in refusals(findings("sglang", family, path)))
+
+
+def test_non_gated_family_needs_only_its_roles() -> None:
+    """nemotron_h experts have up and down only (vLLM pads pack_moe's triplets for non-gated MoE)."""
+    rules = load_target("vllm").for_family("nemotron_h")
+    tensors = {}
+    for e in range(E):
+        for leaf, (a, b) in {"up_proj": ((4, H), (I, 4)), "down_proj": ((4, I), (H, 4))}.items():
+            base = f"base_model.model.backbone.layers.1.mixer.experts.{e}.{leaf}"
+            tensors[f"{base}.lora_A.weight"], tensors[f"{base}.lora_B.weight"] = (a, "F32"), (b, "F32")
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["up_proj", "down_proj"]}
+    assert refusals(check_adapter(rules, config, tensors, ["adapter_model.safetensors"], E)) == []
+    del tensors["base_model.model.backbone.layers.1.mixer.experts.2.down_proj.lora_A.weight"]
+    del tensors["base_model.model.backbone.layers.1.mixer.experts.2.down_proj.lora_B.weight"]
+    assert any("no down LoRA" in m for m in refusals(check_adapter(rules, config, tensors, ["adapter_model.safetensors"], E)))

@@ -64,9 +64,11 @@ def expert_leaves(rules: TargetRules, family: Family | None) -> dict[str, str]:
     """The per-expert projection leaves the target's loader accepts -> role (gate/up/down)."""
     out: dict[str, str] = {}
     for kind in rules.expert_names:
-        if kind == "checkpoint" and family is not None:
-            out.update({leaf.removesuffix(".weight"): role for role, leaf in family.role_leaves.items() if role in ROLES})
-        elif kind == "canonical" or (kind == "checkpoint" and family is None):
+        own = {leaf.removesuffix(".weight"): role for role, leaf in (family.role_leaves if family else {}).items()
+               if role in ROLES}
+        if kind == "checkpoint" and own:
+            out.update(own)
+        elif kind in ("canonical", "checkpoint"):  # a family without plain gate/up/down weights: canonical names
             out.update(CANONICAL)
         elif kind == "w123":
             out.update(W123)
@@ -287,7 +289,7 @@ def _expert_findings(rules: TargetRules, config: dict[str, Any], lora: dict[str,
                 continue
             fused[p3["moe"]]["gate_up" if p3["base"] else "down"] = ab.get("A", ())
     if per:
-        out += _per_expert_roles(rules, per, num_experts, server)
+        out += _per_expert_roles(rules, per, num_experts, server, family)
         out += _target_modules_experts(rules, config, server)
     if fused and rules.all_roles:
         for moe, parts in sorted(fused.items()):
@@ -299,8 +301,9 @@ def _expert_findings(rules: TargetRules, config: dict[str, Any], lora: dict[str,
 
 
 def _per_expert_roles(rules: TargetRules, per: dict[str, dict[int, dict[str, int]]], num_experts: int | None,
-                      server: str) -> list[Finding]:
+                      server: str, family: Family | None) -> list[Finding]:
     out: list[Finding] = []
+    roles = [r for r in ROLES if family is None or r in family.role_leaves or not set(ROLES) & set(family.role_leaves)]
     for moe, experts in sorted(per.items()):
         n = num_experts if num_experts is not None else max(experts) + 1
         beyond = sorted(e for e in experts if e >= n)
@@ -308,10 +311,10 @@ def _per_expert_roles(rules: TargetRules, per: dict[str, dict[int, dict[str, int
             out.append(Finding(REFUSE, f"{moe}.experts.{beyond[0]}: expert index {beyond[0]} but the model has E={n}"))
         if rules.all_roles:
             for e in range(n):
-                miss = [r for r in ROLES if r not in experts.get(e, {})]
+                miss = [r for r in roles if r not in experts.get(e, {})]
                 if miss:
                     out.append(Finding(REFUSE, f"{moe}.experts.{e}: no {'/'.join(miss)} LoRA; {server} needs every "
-                                               "expert of a layer to have gate, up and down LoRA (a zero pair "
+                                               f"expert of a layer to have {'/'.join(roles)} LoRA (a zero pair "
                                                "stands in for a missing one)"))
                     break
         if rules.uniform_expert_rank:
