@@ -57,7 +57,13 @@ class RulesSpec:
     are sliced by `r`); `rslora`: whether `use_rslora` is honoured at all;
     `target_modules_list`: target_modules must be a list of names (or "all"/"all-linear"), not
     a regex string; `refuse_modules`: regex (searched in a tensor name) -> why the server drops
-    or rejects LoRA on that module; `max_rank_flag`: the server flag that raises `max_rank`.
+    or rejects LoRA on that module; `max_rank_flag`: the server flag that raises `max_rank`;
+    `exact_module_names`: whether the loader finds modules by their full path (a module under
+    the other naming is then not applied) rather than by layer index and leaf name;
+    `needs_with`: leaf -> leaves a layer must also have LoRA on wherever it has LoRA on the
+    first (SGLang stacks q/k/v and fails without v_proj); `target_modules_cover`: every
+    non-expert LoRA module's leaf must be named in target_modules (or target_modules is
+    "all"/"all-linear"): the loader finds a weight's buffer through them.
     "projections" in `target_modules_experts` means the canonical leaves gate_proj, up_proj
     and down_proj (or gate_up_proj), whatever the family calls them.
     """
