@@ -457,3 +457,18 @@ def test_non_gated_family_needs_only_its_roles() -> None:
     del tensors["base_model.model.backbone.layers.1.mixer.experts.2.down_proj.lora_A.weight"]
     del tensors["base_model.model.backbone.layers.1.mixer.experts.2.down_proj.lora_B.weight"]
     assert any("no down LoRA" in m for m in refusals(check_adapter(rules, config, tensors, ["adapter_model.safetensors"], E)))
+
+
+def test_synthetic_shared_w123_and_grouped_adapters(tmp_path: Path) -> None:
+    """vLLM (default flags) refuses both; SGLang takes the shared-outer layout natively (rule shared_outer)."""
+    from adapter_fixtures import make_grouped_adapter, make_shared_w123_adapter
+
+    shared, _ = make_shared_w123_adapter(tmp_path / "s", experts=E, rank=4)
+    grouped, _ = make_grouped_adapter(tmp_path / "g", experts=E, rank=4)
+    for path, message in ((shared, "expected target modules"), (grouped, "unsupported LoRA weight")):
+        _, problem = assert_agree("vllm", "qwen3_moe", path)
+        assert problem and message in problem
+    add_v_proj(shared)
+    edit(shared, config={"target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]})
+    assert refusals(findings("sglang", "qwen3_moe", shared)) == []
+    assert any("NeMo grouped" in m for m in refusals(findings("sglang", "qwen3_moe", grouped)))

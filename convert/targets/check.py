@@ -280,8 +280,13 @@ def _expert_findings(rules: TargetRules, config: dict[str, Any], lora: dict[str,
             a = ab.get("A")
             per[pe["moe"]][int(pe["e"])][role] = a[0] if a else 0
         elif sh and len(ab.get("A", ())) == 3:
-            out.append(Finding(REFUSE, f"{module}: 3-D shared expert LoRA (experts.w1/w2/w3); {server} loads "
-                                       f"{_layout_text(rules)}: convert it first (split_adapter --target {rules.target})"))
+            role = {**CANONICAL, **W123}.get(sh["leaf"])
+            shared = ab.get("B", (0,))[0] == 1 if role == "down" else ab["A"][0] == 1
+            if not (rules.shared_outer and role is not None and shared):
+                why = ("its shared factor is not of expert dim 1" if rules.shared_outer and role is not None
+                       else f"{server} loads {_layout_text(rules)}")
+                out.append(Finding(REFUSE, f"{module}: 3-D shared expert LoRA (experts.w1/w2/w3); {why}: convert it "
+                                           f"first (split_adapter --target {rules.target})", "shared"))
         elif p3:
             if rules.expert_layout != "peft":
                 out.append(Finding(REFUSE, f"{module}: fused 3-D expert LoRA (peft target_parameters); {server} loads "

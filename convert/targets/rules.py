@@ -63,7 +63,9 @@ class RulesSpec:
     `needs_with`: leaf -> leaves a layer must also have LoRA on wherever it has LoRA on the
     first (SGLang stacks q/k/v and fails without v_proj); `target_modules_cover`: every
     non-expert LoRA module's leaf must be named in target_modules (or target_modules is
-    "all"/"all-linear"): the loader finds a weight's buffer through them.
+    "all"/"all-linear"): the loader finds a weight's buffer through them; `shared_outer`: the
+    loader also takes the 3-D shared-outer layout (`experts.w1/w3` lora_A [1, r, H] shared,
+    lora_B [E, I, r]; `experts.w2` lora_A [E, r, I], lora_B [1, H, r] shared).
     "projections" in `target_modules_experts` means the canonical leaves gate_proj, up_proj
     and down_proj (or gate_up_proj), whatever the family calls them.
     """
@@ -91,6 +93,7 @@ class RulesSpec:
     exact_module_names: bool | None = None
     needs_with: dict[str, list[str]] | None = None
     target_modules_cover: bool | None = None
+    shared_outer: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ class TargetRules:
     exact_module_names: bool = True
     needs_with: tuple[tuple[str, tuple[str, ...]], ...] = ()
     target_modules_cover: bool = False
+    shared_outer: bool = False
 
 
 @dataclass(frozen=True)
