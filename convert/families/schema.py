@@ -141,7 +141,12 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None and len(args) < len(typing.get_args(tp)):
             return None
-        return _convert(value, args[0], where)
+        for arg in args[:-1]:  # a union of several types (e.g. str | int): the first that fits
+            try:
+                return _convert(value, arg, where)
+            except ConversionError:
+                continue
+        return _convert(value, args[-1], where)
     if dataclasses.is_dataclass(tp):
         return parse(tp, value, where)  # type: ignore[arg-type]
     if origin is list:

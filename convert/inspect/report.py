@@ -73,6 +73,7 @@ class Report:
     conversions: list[str] = field(default_factory=list)
     quantization: dict[str, Any] = field(default_factory=dict)  # base checkpoints: method, block size, scale dtype
     verdict: Verdict = field(default_factory=Verdict)
+    servers: dict[str, dict[str, Any]] = field(default_factory=dict)  # adapters: per target, would it load and why not
 
     def as_json(self) -> dict[str, Any]:
         """The report as one JSON-serialisable object with stable keys."""
@@ -234,6 +235,24 @@ def inspect_adapter(
         verdict.refuse("invalid_expert_lora", str(exc))
         return
     _describe_adapter(adir, report, groups, others, base_config)
+    report.servers = server_verdicts(report.family, adir.config, adir.tensors, adir.files, report.num_experts)
+
+
+def server_verdicts(family: str | None, config: dict[str, Any], tensors: dict[str, TensorInfo], files: list[str],
+                    num_experts: int | None) -> dict[str, dict[str, Any]]:
+    """Per target (configs/targets): {"loads", "refusals", "warnings", "source"} of this adapter as is."""
+    from convert.targets.check import REFUSE, WARN, check_adapter
+    from convert.targets.rules import TARGETS, load_target
+
+    shapes = {n: (t.shape, t.dtype) for n, t in tensors.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for name in TARGETS:
+        rules = load_target(name).for_family(family)
+        found = check_adapter(rules, config, shapes, files, num_experts)
+        refusals = [f.message for f in found if f.severity == REFUSE]
+        out[name] = {"loads": not refusals, "refusals": refusals,
+                     "warnings": [f.message for f in found if f.severity == WARN], "source": rules.source}
+    return out
 
 
 def _describe_adapter(adir: AdapterDir, report: Report, groups: list[Any], others: list[str],
@@ -434,6 +453,12 @@ def render_text(report: Report) -> str:
         lines.append("  conversions: none")
     lines += [f"  reason: {r}" for r in report.verdict.reasons]
     lines += [f"  note: {n}" for n in report.verdict.notes]
+    if report.servers:
+        lines.append("  servers (as is; docs/SERVERS.md):")
+        for name, v in report.servers.items():
+            lines.append(f"    {name}: " + ("loads" if v["loads"] else "refused"))
+            lines += [f"      refused: {m}" for m in v["refusals"]]
+            lines += [f"      warning: {m}" for m in v["warnings"]]
     return "\n".join(lines)
 
 

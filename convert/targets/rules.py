@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from convert.families.schema import parse
 TARGETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "targets"
 TARGETS = ("vllm", "sglang", "peft", "per-expert")
 EXPERT_LAYOUTS = ("per_expert", "peft")
+EXPERT_NAMES = ("checkpoint", "canonical", "w123")
+OPTIONAL_RULES = ("modules_to_save", "target_modules_experts", "max_rank", "refuse_modules", "max_rank_flag", "needs_with")
 NAMINGS = ("checkpoint", "model")
 
 
@@ -42,6 +45,29 @@ class RulesSpec:
     `target_modules_experts`: what target_modules must name for the experts: "experts" (the
     MoE module), "projections" (each per-expert projection leaf), or None (nothing needed);
     `max_rank`: the loader's default largest rank (None: no limit).
+
+    Added with the rules read from the servers' source (docs/SERVERS.md):
+    `expert_names`: the per-expert projection leaf names the loader maps to gate/up/down, in
+    order of preference (a converter writes the first): "checkpoint" (the family's per-expert
+    role leaves, e.g. Mixtral's w1/w3/w2), "canonical" (gate_proj/up_proj/down_proj), "w123"
+    (w1/w3/w2 whatever the family); `uniform_expert_rank`: all experts of a layer must have the
+    same rank for one projection (so a zero pair filling some experts of a projection takes
+    that projection's rank; `zero_rank` applies where no expert of the layer has it);
+    `fixed_rank`: every LoRA pair must have exactly adapter_config's `r` (the loader's buffers
+    are sliced by `r`); `rslora`: whether `use_rslora` is honoured at all;
+    `target_modules_list`: target_modules must be a list of names (or "all"/"all-linear"), not
+    a regex string; `refuse_modules`: regex (searched in a tensor name) -> why the server drops
+    or rejects LoRA on that module; `max_rank_flag`: the server flag that raises `max_rank`;
+    `exact_module_names`: whether the loader finds modules by their full path (a module under
+    the other naming is then not applied) rather than by layer index and leaf name;
+    `needs_with`: leaf -> leaves a layer must also have LoRA on wherever it has LoRA on the
+    first (SGLang stacks q/k/v and fails without v_proj); `target_modules_cover`: every
+    non-expert LoRA module's leaf must be named in target_modules (or target_modules is
+    "all"/"all-linear"): the loader finds a weight's buffer through them; `shared_outer`: the
+    loader also takes the 3-D shared-outer layout (`experts.w1/w3` lora_A [1, r, H] shared,
+    lora_B [E, I, r]; `experts.w2` lora_A [E, r, I], lora_B [1, H, r] shared).
+    "projections" in `target_modules_experts` means the canonical leaves gate_proj, up_proj
+    and down_proj (or gate_up_proj), whatever the family calls them.
     """
 
     expert_layout: str | None = None
@@ -57,6 +83,17 @@ class RulesSpec:
     sharded: bool | None = None
     target_modules_experts: str | None = None
     max_rank: int | None = None
+    expert_names: list[str] | None = None
+    uniform_expert_rank: bool | None = None
+    fixed_rank: bool | None = None
+    rslora: bool | None = None
+    target_modules_list: bool | None = None
+    refuse_modules: dict[str, str] | None = None
+    max_rank_flag: str | None = None
+    exact_module_names: bool | None = None
+    needs_with: dict[str, list[str]] | None = None
+    target_modules_cover: bool | None = None
+    shared_outer: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +128,17 @@ class TargetRules:
     target_modules_experts: str | None
     max_rank: int | None
     source: str
+    expert_names: tuple[str, ...] = ("checkpoint",)
+    uniform_expert_rank: bool = False
+    fixed_rank: bool = False
+    rslora: bool = True
+    target_modules_list: bool = False
+    refuse_modules: tuple[tuple[str, str], ...] = ()
+    max_rank_flag: str | None = None
+    exact_module_names: bool = True
+    needs_with: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    target_modules_cover: bool = False
+    shared_outer: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,13 +157,16 @@ class Target:
         merged = {f.name: getattr(self.spec.rules, f.name) for f in dataclasses.fields(RulesSpec)}
         override = self.spec.families.get(family or "", RulesSpec())
         merged.update({k: v for k, v in dataclasses.asdict(override).items() if v is not None})
-        missing = [k for k, v in merged.items() if v is None and k not in ("modules_to_save", "target_modules_experts", "max_rank")]
+        missing = [k for k, v in merged.items() if v is None and k not in OPTIONAL_RULES]
         if missing:
             raise ConversionError(f"target {self.name!r}: rules {missing} are not given")
         mts = merged["modules_to_save"]
         return TargetRules(
             target=self.name, family=family, source=self.spec.source,
-            **{**merged, "bias": tuple(merged["bias"]), "modules_to_save": None if mts is None else tuple(mts)},
+            **{**merged, "bias": tuple(merged["bias"]), "modules_to_save": None if mts is None else tuple(mts),
+               "expert_names": tuple(merged["expert_names"]),
+               "refuse_modules": tuple((merged["refuse_modules"] or {}).items()),
+               "needs_with": tuple((k, tuple(v)) for k, v in (merged["needs_with"] or {}).items())},
         )
 
 
@@ -129,6 +180,14 @@ def _check(spec: TargetSpec, where: str) -> None:
         zr = rules.zero_rank
         if zr is not None and zr != "layer" and not (isinstance(zr, int) and zr >= 1):
             raise ConversionError(f"{where}: {scope}.zero_rank: {zr!r} is not \"layer\" or a rank >= 1")
+        names = rules.expert_names
+        if names is not None and (not names or any(n not in EXPERT_NAMES for n in names)):
+            raise ConversionError(f"{where}: {scope}.expert_names: {names!r} is not a non-empty list of {list(EXPERT_NAMES)}")
+        for pattern in (rules.refuse_modules or {}):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConversionError(f"{where}: {scope}.refuse_modules: {pattern!r} is not a regular expression ({exc})") from exc
         tme = rules.target_modules_experts
         if tme is not None and tme not in ("experts", "projections"):
             raise ConversionError(f"{where}: {scope}.target_modules_experts: {tme!r} is not \"experts\" or \"projections\"")

@@ -34,7 +34,7 @@ class Relation:
 class VerifyOptions:
     """What to verify: source and destination (paths or fsspec URLs) and how."""
 
-    src: str
+    src: str | None  # None: check `dst` against `target`'s rules only
     dst: str
     family: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -42,6 +42,7 @@ class VerifyOptions:
     max_report: int = 50
     report_path: str | None = None
     workers: int = 4  # threads per rank comparing experts / chunks in parallel (bounded by MEMORY_BUDGET)
+    target: str | None = None  # adapters: also check dst against this target's rules (default: the output record's)
 
 
 def compare_files(src: Storage, dst: Storage, names: list[str], rewritten: set[str] = frozenset()) -> list[str]:

@@ -35,6 +35,7 @@ from convert.families import detect_family
 from convert.flag_types import json_object, positive_int
 from convert.formats.model_config import CONFIG_DTYPE_NAMES, DTYPE_KEYS, without_dtype
 from convert.io.storage import Storage
+from convert.targets.rules import TARGETS
 from convert.toplevel import ToolParser
 from convert.verify.base import base_relation
 from convert.verify.relation import CannotVerify, Relation, VerifyOptions, compare_files, copied_files
@@ -43,6 +44,7 @@ from convert.verify.checks import (
     release_buffers, run_expert, run_pass_chunk,
 )
 from convert.verify.tables import Table, Unreadable, element_size, read_table
+from convert.verify.target import recorded_target, target_findings
 from launch.dist import Dist
 from launch.local import add_nproc_flag
 
@@ -128,20 +130,47 @@ def detect_kind(src: Storage) -> str:
 
 
 def plan_verify(opts: VerifyOptions) -> Relation:
-    """Rank 0: read both directories' metadata and build the checks. Raises CannotVerify."""
-    src = Storage(opts.src, opts.storage_options)
+    """Rank 0: read both directories' metadata and build the checks. Raises CannotVerify.
+
+    An adapter output is also checked against its target's rules (--target, else the target its
+    output record names); without --src, only against those rules."""
     dst = Storage(opts.dst, opts.storage_options)
+    src = Storage(opts.src, opts.storage_options) if opts.src is not None else None
     try:
-        if not src.isdir():
-            raise CannotVerify(f"{opts.src}: the source is not a directory")
         if not dst.isdir():
             raise CannotVerify(f"{opts.dst}: the destination is not a directory")
-        return RELATIONS[detect_kind(src)](src, dst, opts)
+        if src is None:
+            return _target_relation(dst, opts)
+        if not src.isdir():
+            raise CannotVerify(f"{opts.src}: the source is not a directory")
+        kind = detect_kind(src)
+        relation = RELATIONS[kind](src, dst, opts)
+        target = opts.target or (recorded_target(dst) if kind == "adapter" else None)
+        if target is not None:
+            if kind != "adapter":
+                raise CannotVerify(f"--target {target}: {opts.src} is not an adapter (target rules are for adapters)")
+            refusals, warnings, headline = target_findings(dst, target, opts.family, opts.base_config,
+                                                           opts.storage_options)
+            relation.problems += refusals
+            relation.notes += [headline, *warnings]
+        return relation
     except Unreadable as exc:
         raise CannotVerify(str(exc)) from exc
     finally:
-        src.close()
+        if src is not None:
+            src.close()
         dst.close()
+
+
+def _target_relation(dst: Storage, opts: VerifyOptions) -> Relation:
+    """`verify --target T --dst D` without --src: D against T's rules only (no tensor comparison)."""
+    target = opts.target or recorded_target(dst)
+    if target is None:
+        raise CannotVerify("no --src: give --target (or verify an output whose record names its target)")
+    refusals, warnings, headline = target_findings(dst, target, opts.family, opts.base_config, opts.storage_options)
+    files, _ = dst.list_dir()
+    return Relation("adapter target", headline, [], [], refusals, 0, 0, len([f for f in files if f.endswith(".safetensors")]),
+                    notes=warnings)
 
 
 def share(relation: Relation, rank: int, world: int) -> tuple[list[tuple[int, int]], list[int]]:
@@ -306,7 +335,7 @@ def check_share(relation: Relation, opts: VerifyOptions, rank: int, world: int) 
     chunk of each).
     """
     t0 = time.perf_counter()
-    src = Storage(opts.src, opts.storage_options)
+    src = Storage(opts.src if opts.src is not None else opts.dst, opts.storage_options)  # rules only: nothing read
     dst = Storage(opts.dst, opts.storage_options)
     limit = max(1, opts.max_report)
     tally = Tally([], limit=limit)
@@ -372,7 +401,7 @@ def summarize(relation: Relation, tallies: list[Tally], opts: VerifyOptions, wor
     experts = sum(t.experts_checked for t in tallies)
     others = sum(t.tensors_checked for t in tallies)
     lines = [
-        f"verify {opts.src} -> {opts.dst} ({relation.kind})",
+        f"verify {opts.src or '(target rules only)'} -> {opts.dst} ({relation.kind})",
         f"  {relation.headline}",
         f"  checked {experts} expert slice(s) and {others} other tensor(s); {_mb(compared)} compared "
         f"on {world} rank(s) in {seconds:.2f} s",
@@ -382,8 +411,12 @@ def summarize(relation: Relation, tallies: list[Tally], opts: VerifyOptions, wor
         lines.append(f"  MISMATCH {m}")
     if total > opts.max_report:
         lines.append(f"  ... and {total - opts.max_report} more")
-    lines.append(f"OK: {opts.dst} is a correct conversion of {opts.src}" if total == 0
-                 else f"FAILED: {total} mismatch(es) between {opts.src} and {opts.dst}")
+    if opts.src is None:
+        lines.append(f"OK: {opts.dst} meets the rules of its target" if total == 0
+                     else f"FAILED: {total} rule(s) of its target broken by {opts.dst}")
+    else:
+        lines.append(f"OK: {opts.dst} is a correct conversion of {opts.src}" if total == 0
+                     else f"FAILED: {total} mismatch(es) between {opts.src} and {opts.dst}")
     report = {
         "ok": total == 0, "kind": relation.kind, "src": opts.src, "dst": opts.dst, "mismatches": total,
         "first": [m.__dict__ for m in found[: opts.max_report]], "bytes_compared": compared,
@@ -431,7 +464,8 @@ def verify_job(opts: VerifyOptions, dist: Dist, out: dict[str, Any] | None = Non
         for e in errors:
             print(f"error: verification could not finish: {e}", file=sys.stderr)
         if not report["ok"]:
-            print(f"error: {opts.dst} does not match {opts.src} ({report['mismatches']} mismatch(es))", file=sys.stderr)
+            print(f"error: {opts.dst} does not match {opts.src} ({report['mismatches']} mismatch(es))" if opts.src
+                  else f"error: {opts.dst}: {report['mismatches']} target rule(s) broken", file=sys.stderr)
         if opts.report_path:
             with open(opts.report_path, "w") as fh:
                 json.dump({**report, "errors": errors}, fh, indent=2)
@@ -474,7 +508,7 @@ def with_verify(
         if code != 0 or not checking:
             return code
         opts = VerifyOptions(args.src, args.dst, getattr(args, "family", None), args.storage_options,
-                             getattr(args, "base_config", None))
+                             getattr(args, "base_config", None), target=getattr(args, "target", None))
         return verify_after(opts, dist, marker, report)
 
     return body
@@ -498,10 +532,14 @@ def _dequantize_check_refusal(args: argparse.Namespace) -> str | None:
 def parser() -> argparse.ArgumentParser:
     """The verifier's command line."""
     p = ToolParser(prog="convert.verify", description=__doc__.splitlines()[0])
-    p.add_argument("--src", required=True, help="the checkpoint or adapter that was converted")
+    p.add_argument("--src", default=None,
+                   help="the checkpoint or adapter that was converted (adapters: may be left out with --target)")
     p.add_argument("--dst", required=True, help="the conversion to check")
     p.add_argument("--family", default=None, help="model family (default: from config.json model_type)")
     p.add_argument("--base-config", default=None, help="adapters: the base model's config.json")
+    p.add_argument("--target", choices=TARGETS, default=None,
+                   help="adapters: also check --dst against this server's loading rules (docs/SERVERS.md; default: "
+                        "the target the output record names); without --src, only that")
     p.add_argument("--storage-options", type=json_object, default={}, help="JSON of fsspec options")
     p.add_argument("--max-report", type=int, default=50, help="mismatches listed (default 50)")
     p.add_argument("--workers", type=positive_int, default=4,
@@ -514,6 +552,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and verify on every rank."""
-    a = parser().parse_args(argv)
-    opts = VerifyOptions(a.src, a.dst, a.family, a.storage_options, a.base_config, a.max_report, a.report, a.workers)
+    p = parser()
+    a = p.parse_args(argv)
+    if a.src is None and a.target is None:
+        p.error("--src is required (or --target, to check --dst against a target's rules only)")
+    opts = VerifyOptions(a.src, a.dst, a.family, a.storage_options, a.base_config, a.max_report, a.report, a.workers,
+                         a.target)
     run_main(lambda dist: verify_job(opts, dist), a.nproc, preload_torch=True)
