@@ -16,6 +16,7 @@ from adapter_fixtures import (
 )
 from helpers import raw_bytes, run_tool
 from model_fixtures import E, H, I, LAYERS, build_model, logits
+from convert.targets.rules import load_target
 
 R = 3  # the peft fixtures' per-expert rank
 PER_EXPERT = "base_model.model.model.layers.{l}.mlp.experts.{e}.{p}.lora_{f}.weight"
@@ -55,7 +56,10 @@ def _assert_deltas(got: dict, want: dict, exact: bool = False) -> None:
 def test_split_peft_adapter_matches_peft_delta(peft_sources, tmp_path, case, nproc, ep):
     model, src, family = peft_sources[case]
     dst = tmp_path / "split"
-    run_tool("convert.split_adapter", "--src", str(src), "--dst", str(dst), *(["--ep", str(ep)] if ep else []), nproc=nproc)
+    # issue 14: vLLM loads gpt-oss adapters in the peft layout; the per-expert split is --target per-expert
+    target = ["--target", "per-expert"] if family == "gpt_oss" else []
+    run_tool("convert.split_adapter", "--src", str(src), "--dst", str(dst), *(["--ep", str(ep)] if ep else []), *target,
+             nproc=nproc)
     out, config = read_adapter(dst)
     src_tensors, src_config = read_adapter(src)
     expected = {PER_EXPERT.format(l=l, e=e, p=PROJ[role], f=f) for l in range(LAYERS) for e in range(E)
@@ -76,7 +80,11 @@ def test_split_peft_adapter_matches_peft_delta(peft_sources, tmp_path, case, npr
         assert all(not t.any() for k, t in out.items() if "experts" in k and "lora_B" in k)
         assert any(t.any() for k, t in out.items() if "experts" in k and "lora_A" in k)
     assert "target_parameters" not in config
-    assert {"gate_proj", "up_proj", "down_proj", "q_proj"} <= set(config["target_modules"])
+    # issue 14: target_modules names what the default target (vllm) needs for the experts
+    wanted = load_target("per-expert" if target else "vllm").for_family(family).target_modules_experts
+    assert {"q_proj", *(["experts"] if wanted == "experts" else ["gate_proj", "up_proj", "down_proj"] if target == []
+                        or wanted else [])} \
+        <= set(config["target_modules"])
     assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (src_config["r"], src_config["lora_alpha"], False)
     assert {k: v for k, v in config.items() if k not in ("target_modules", "target_parameters")} == \
         {k: v for k, v in src_config.items() if k not in ("target_modules", "target_parameters")}
@@ -151,7 +159,7 @@ def test_fuse_back_to_peft_loads_with_same_logits(peft_sources, split_qwen, tmp_
 
 def test_gpt_oss_round_trip_keeps_interleaved_bytes(peft_sources, tmp_path):
     _, src, _ = peft_sources["gpt_oss"]
-    run_tool("convert.split_adapter", "--src", str(src), "--dst", str(tmp_path / "split"))
+    run_tool("convert.split_adapter", "--src", str(src), "--dst", str(tmp_path / "split"), "--target", "per-expert")
     run_tool("convert.fuse_adapter", "--src", str(tmp_path / "split"), "--dst", str(tmp_path / "peft"), "--layout", "peft")
     before, _ = read_adapter(src)
     after, _ = read_adapter(tmp_path / "peft")
@@ -215,7 +223,8 @@ def test_grouped_splits_exactly_and_fuses_back(tmp_path, family, order):
     src, deltas = make_grouped_adapter(tmp_path / "src", experts=10, rank=16, order=order)
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(base_config(family, experts=10)))
-    run_tool("convert.split_adapter", "--src", str(src), "--dst", str(tmp_path / "out"), "--base-config", str(cfg))
+    run_tool("convert.split_adapter", "--src", str(src), "--dst", str(tmp_path / "out"), "--base-config", str(cfg),
+             "--target", "per-expert")
     got = per_expert_deltas(tmp_path / "out", family)
     _assert_deltas(got, deltas)
     run_tool("convert.fuse_adapter", "--src", str(tmp_path / "out"), "--dst", str(tmp_path / "back"),
@@ -289,7 +298,7 @@ def test_batch_manifest_runs_adapter_kinds(peft_sources, tmp_path):
     manifest = tmp_path / "jobs.yaml"
     src = peft_sources["gpt_oss"][1]
     jobs = [
-        {"name": "split", "kind": "split_adapter", "src": str(src), "dst": str(tmp_path / "split")},
+        {"name": "split", "kind": "split_adapter", "src": str(src), "dst": str(tmp_path / "split"), "target": "per-expert"},
         {"name": "fuse", "kind": "fuse_adapter", "src": str(tmp_path / "split"), "dst": str(tmp_path / "peft"), "layout": "peft"},
         {"name": "nolayout", "kind": "fuse_adapter", "src": str(tmp_path / "split"), "dst": str(tmp_path / "x")},
     ]
