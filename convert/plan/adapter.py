@@ -327,8 +327,7 @@ def plan_split(src: AdapterSource, dtype: str | None, ep: int, chunk: int = DEFA
         config = rewrite_config(
             src.config, list(b.modules.values()), b.kept, src.display("adapter_config.json"),
             target_modules_add=[] if peft_out else [proj_name(family, r, names) for r in roles],
-            target_parameters=sorted({t.replace("{prefix}.", "") for _, t in fused_wrappers(family, tuple(roles))})
-            if peft_out else None,
+            target_parameters=_peft_parameters(src.config, family, roles) if peft_out else None,
         )
     else:
         config = dict(src.config)
@@ -342,6 +341,16 @@ def plan_split(src: AdapterSource, dtype: str | None, ep: int, chunk: int = DEFA
             + f", {rules.naming} names")
     return AdapterPlan(desc, b.targets, b.pieces, max((g.num_experts for g in groups), default=1), config, groups, notes,
                        target=target, family=family.name if family else None)
+
+
+def _peft_parameters(config: dict[str, Any], family: Family, roles: list[str]) -> list[str]:
+    """target_parameters of a peft-layout output: the family's fused expert parameters of `roles`, and the source's
+    entries for other parameters (e.g. a router's weight)."""
+    fused = {t.replace("{prefix}.", "") for _, t in fused_wrappers(family, tuple(roles))}
+    leaves = {t.rsplit(".", 1)[-1] for t in fused}
+    other = [t for t in config.get("target_parameters") or [] if ".experts." not in f".{t}" or
+             t.rsplit(".", 1)[-1] not in leaves]
+    return sorted(fused | set(other))
 
 
 def _split_family(groups: list[ExpertLoraGroup], src: AdapterSource) -> Family | None:

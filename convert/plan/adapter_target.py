@@ -134,6 +134,9 @@ def _target_modules(b: _Builder, rules: TargetRules, tm: Any, family: Family | N
         names.append("experts")
     else:
         names += projections
+    if rules.expert_layout != "peft":  # e.g. a router LoRA peft held through target_parameters: now a module
+        others = sorted(k for k in [*b.kept, *b.modules] if k not in b.expert_modules)
+        names += [k.rsplit(".", 1)[-1] for k in others if not any(k == t or k.endswith("." + t) for t in names)]
     names = list(dict.fromkeys(names))
     return sorted(names) if names else None
 
