@@ -550,7 +550,8 @@ def _disk(family, name: str) -> str:
     body = name[len(head):] if name.startswith(head) else name
     lora = body.find(".lora_")
     module, rest = (body[:lora], body[lora:]) if lora >= 0 else (body, "")
-    return head + family.to_disk(module + ".weight")[: -len(".weight")] + rest
+    disk = family.to_disk(module + ".weight")
+    return head + (disk[: -len(".weight")] if disk.endswith(".weight") else module) + rest
 
 
 def _role_deltas_from_peft(peft_model: object, family) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@ peft names a LoRA tensor `base_model.model.<module>.lora_A.weight`; `<module>` i
 of the base model, in one of two namings (convert.families.names): "model" (transformers' names,
 renames applied, e.g. Mixtral's `mlp.gate`) or "checkpoint" (the per-expert checkpoint's names,
 renames undone, `block_sparse_moe.gate`). A rename rule is written for tensor names, so a module
-is renamed as its `<module>.weight` would be. Keys are first brought to model naming (from the
+is renamed as its `<module>.weight` would be (a rule that renames the tensor `<module>.weight` into
+something not ending in `.weight`, e.g. `mlp.gate.weight` -> `mlp.gate_weight`, is not a module rename). Keys are first brought to model naming (from the
 source's naming), then to the target's; `base_model.model.` stays.
 """
 
@@ -39,7 +40,9 @@ class KeyNames:
         assert self.family is not None
         head, body = _split_prefix(module)
         renamed = (self.family.to_model if to_model else self.family.to_disk)(body + _WEIGHT)
-        return head + (renamed[: -len(_WEIGHT)] if renamed.endswith(_WEIGHT) else renamed)
+        if not renamed.endswith(_WEIGHT):  # a rule of the weight tensor's own name (`gate_weight`), not of the module
+            return module
+        return head + renamed[: -len(_WEIGHT)]
 
     def canonical_module(self, module: str) -> str:
         """A module path of the source (with or without `base_model.model.`) in model naming."""
