@@ -213,6 +213,22 @@ def _served_scaling(config: dict[str, Any], rules, module: str, expert: bool) ->
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
+def _load_in_peft(model_type: str, seed: int, path: Path, tmp: Path) -> Any:
+    """PeftModel.from_pretrained of a peft-layout output; a copy without `experts` in target_modules (a target may
+    want the MoE module named there; peft cannot wrap it as a module, it wraps its parameters)."""
+    import shutil
+
+    from peft import PeftModel
+
+    copy = tmp / f"{path.name}-for-peft"
+    shutil.copytree(path, copy)
+    cfg = json.loads((copy / "adapter_config.json").read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = [t for t in cfg["target_modules"] if t != "experts"] or None
+    (copy / "adapter_config.json").write_text(json.dumps(cfg))
+    return PeftModel.from_pretrained(_build(model_type, seed), str(copy)).eval()
+
+
 def _peft_deltas(peft_model: Any, family, naming: str) -> dict[str, torch.Tensor]:
     """Output module (under `naming`) -> delta, from peft's own get_delta_weight: every expert of every role (cut
     as the family's fused tensor holds them), the router, and o_proj."""
@@ -253,8 +269,6 @@ def test_real_peft_adapter_for_vllm_has_peft_deltas_under_the_servers_names(tmp_
     """Real peft adapters (experts, router, o_proj) split --target vllm: every expert's delta as the server would
     scale it equals peft's get_delta_weight, router and attention LoRA under the server's names (Mixtral's router
     next to its experts under block_sparse_moe); where vLLM loads the peft layout, peft loads the output exactly."""
-    from peft import PeftModel
-
     family = _family(model_type)
     rules = _rules("vllm", family.name)
     src, dst = tmp_path / "src", tmp_path / "vllm"
@@ -264,7 +278,7 @@ def test_real_peft_adapter_for_vllm_has_peft_deltas_under_the_servers_names(tmp_
     record = json.loads((dst / ".moe-convert" / "output.json").read_text())
     assert record["target"] == "vllm"
     if rules.expert_layout == "peft":
-        loaded = PeftModel.from_pretrained(_build(model_type, 3), str(dst)).eval()
+        loaded = _load_in_peft(model_type, 3, dst, tmp_path)
         got, want = _peft_deltas(loaded, family, "model"), _peft_deltas(peft_model, family, "model")
         assert set(got) == set(want)
         for k in want:
@@ -284,8 +298,8 @@ def test_real_peft_adapter_for_vllm_has_peft_deltas_under_the_servers_names(tmp_
         assert any(".block_sparse_moe.gate.lora_A" in k for k in out) and not any(".mlp." in k for k in out)
     if rules.target_modules_experts == "experts":
         assert "experts" in config["target_modules"]
-    router_leaf = _named(family, PEFT + "model.layers.1." + _router_param(peft_model.base_model.model)
-                         [: -len(".weight")], rules.naming).rsplit(".", 1)[-1]
+    router_leaf = _named(family, PEFT + "model.layers.1." + _router_param(_build(model_type, 3))[: -len(".weight")],
+                         rules.naming).rsplit(".", 1)[-1]
     assert router_leaf in config["target_modules"] and "o_proj" in config["target_modules"]
 
 
@@ -296,8 +310,6 @@ def test_missing_projections_become_exact_zero_pairs(tmp_path, model_type, only)
     projection of every expert (all_roles), the missing ones are zero pairs of the layer's rank (delta exactly 0),
     in the adapter's dtype; the present ones keep peft's deltas. In the peft layout (gpt-oss on vLLM) the missing
     parameter gets a zero wrapper and peft itself loads the output with the same deltas."""
-    from peft import PeftModel
-
     family = _family(model_type)
     src = tmp_path / "src"
     peft_model = _peft_adapter(model_type, src, seed=5, params=(only,), router=False)
@@ -309,7 +321,7 @@ def test_missing_projections_become_exact_zero_pairs(tmp_path, model_type, only)
         _run("split_adapter", src, dst, "--target", target, base=src.parent / "src-config.json")
         out, config = read_adapter(dst)
         if rules.expert_layout == "peft":
-            loaded = PeftModel.from_pretrained(_build(model_type, 5), str(dst)).eval()
+            loaded = _load_in_peft(model_type, 5, dst, tmp_path)
             wrappers = {getattr(m, "parameter_name", None) for _, m in loaded.named_modules()}
             got = _peft_deltas(loaded, family, "model")
             for k, v in want_model.items():
@@ -375,8 +387,11 @@ def test_scaling_the_target_ignores_is_kept_by_rescaling_lora_b(tmp_path, monkey
     """rank_pattern/alpha_pattern and rsLoRA on experts that a target ignores: adapter_config.json has no patterns,
     and every module's lora_B is multiplied by s/s' so that the target's scaling gives peft's delta."""
     _patched_rules(monkeypatch, rank_pattern=False, alpha_pattern=False, rslora_experts=False, all_roles=False)
+    from convert.targets import rules as target_files
+
     family = _family("qwen3_moe")
-    rules = load_target("vllm").for_family("qwen3_moe")
+    rules = target_files.load_target("vllm").for_family("qwen3_moe")  # the patched rules
+    assert not (rules.rank_pattern or rules.alpha_pattern or rules.rslora_experts)
     src, dst = tmp_path / "src", tmp_path / "dst"
     peft_model = _peft_adapter("qwen3_moe", src, seed=6, use_rslora=True, rank_pattern={"down_proj": 2},
                                alpha_pattern={"gate_up_proj": 5, "o_proj": 4})
