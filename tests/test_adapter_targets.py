@@ -452,3 +452,59 @@ def test_fuse_adapter_target_is_a_layout_the_target_loads(tmp_path):
     after, _ = read_adapter(tmp_path / "peft")
     assert set(after) == set(before) and all(raw_bytes(after[k]) == raw_bytes(before[k]) for k in before)
     _ = base
+
+
+# ----------------------------------------------------------------------------- a 7 GB adapter
+
+
+@pytest.mark.slow
+def test_seven_gb_adapter_is_written_as_one_file(tmp_path):
+    """A Qwen3-30B-A3B-shaped per-expert adapter (48 layers x 128 experts x gate/up/down, H 2048, I 768, rank 68,
+    bf16: 7.06 GB; a sparse source, no disk cost to create) split --target vllm with two ranks: one
+    adapter_model.safetensors with every tensor in its header, no index; peak RSS per rank bounded."""
+    from convert.formats.safetensors import build_header
+
+    layers, experts, hidden, inter, rank = 48, 128, 2048, 768, 68
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    entries = []
+    for layer in range(layers):
+        for e in range(experts):
+            base = f"{PEFT}model.layers.{layer}.mlp.experts.{e}"
+            for proj, (out, inn) in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
+                                     ("down_proj", (hidden, inter))):
+                entries += [(f"{base}.{proj}.lora_A.weight", "BF16", (rank, inn)),
+                            (f"{base}.{proj}.lora_B.weight", "BF16", (out, rank))]
+    header, _, total = build_header(entries, {"format": "pt"})
+    with open(src / "adapter_model.safetensors", "wb") as f:  # the header, then zeros as a hole: a streaming writer
+        f.write(header)
+        f.truncate(total)
+    (src / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["gate_proj", "up_proj", "down_proj"],
+         "bias": "none", "task_type": "CAUSAL_LM"}))
+    base = tmp_path / "config.json"
+    base.write_text(json.dumps({"model_type": "qwen3_moe", "hidden_size": hidden, "moe_intermediate_size": inter,
+                                "num_experts": experts, "num_hidden_layers": layers}))
+    stats = tmp_path / "stats.json"
+    _run("split_adapter", src, dst, "--target", "vllm", "--stats", str(stats), base=base, nproc=2)
+    weights = sorted(p.name for p in dst.iterdir() if p.name.startswith("adapter_model"))
+    assert weights == ["adapter_model.safetensors"]
+    path = dst / "adapter_model.safetensors"
+    data_bytes = total - len(header)
+    assert data_bytes > 7_000_000_000 and path.stat().st_size >= data_bytes
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        doc = json.loads(f.read(n))
+    doc.pop("__metadata__", None)
+    assert len(doc) == len(entries) == layers * experts * 6
+    spans = sorted(tuple(v["data_offsets"]) for v in doc.values())
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] == data_bytes
+    assert path.stat().st_size == 8 + n + data_bytes
+    for name, dtype, shape in entries[:6] + entries[-6:]:
+        assert doc[name]["dtype"] == dtype and tuple(doc[name]["shape"]) == shape, name
+    ranks = json.loads(stats.read_text())["ranks"]
+    peak = [r["peak_rss_bytes"] for r in ranks]
+    print(f"\n7 GB adapter: {data_bytes / 1e9:.2f} GB in one file; peak RSS per rank {[p >> 20 for p in peak]} MiB; "
+          f"{json.loads(stats.read_text()).get('seconds', [r.get('seconds') for r in ranks])} s")
+    assert max(peak) < 1 << 30, "peak RSS per rank above 1 GiB"
+    path.unlink()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from convert.errors import ConversionError
 from convert.families import Family
@@ -28,9 +28,6 @@ from convert.plan.adapter_transforms import ScaledWrites
 from convert.plan.base import Piece
 from convert.targets import rules as target_files
 from convert.targets.rules import TargetRules
-
-if TYPE_CHECKING:
-    from convert.plan.adapter import _Builder
 
 _PER_EXPERT_MODULE = re.compile(r"\.experts\.\d+\.([^.]+)$")
 
@@ -54,9 +51,12 @@ def _factor(config: dict[str, Any], want: Scale, server: Scale, rslora: bool) ->
 
 
 def apply_target(
-    b: _Builder, rules: TargetRules, src_config: dict[str, Any], config: dict[str, Any], family: Family | None, where: str
+    b: Any, rules: TargetRules, src_config: dict[str, Any], config: dict[str, Any], family: Family | None, where: str
 ) -> tuple[dict[str, Any], list[str]]:
     """The output adapter_config.json for `rules` (from the rewritten `config`), and notes for the plan.
+
+    `b`: the plan's builder (convert.plan.adapter._Builder: targets, pieces, modules, kept, b_tensors,
+    expert_modules, renamed).
 
     Wraps the pieces of every lora_B that must be rescaled (see the module docstring) in
     ScaledWrites, in place in `b.pieces`. Raises ConversionError where a scaling cannot be kept.
@@ -111,7 +111,7 @@ def _scaled(piece: Piece, factors: dict[str, float]) -> Piece:
     return Piece(piece.reads, piece.writes, compute, piece.expert)
 
 
-def _target_modules(b: _Builder, rules: TargetRules, tm: Any, family: Family | None) -> Any:
+def _target_modules(b: Any, rules: TargetRules, tm: Any, family: Family | None) -> Any:
     """target_modules (when a list) for the output: renamed modules under their new leaf names, the experts' entries
     replaced by what `rules` needs (the MoE module `experts`, or the per-expert projection leaves; by default the
     leaves where the output is per-expert, nothing where it is peft's target_parameters layout)."""
