@@ -362,6 +362,37 @@ def test_missing_projections_become_exact_zero_pairs(tmp_path, model_type, only)
     assert exercised or not any(_rules(t, family.name).all_roles for t in ("vllm", "sglang"))
 
 
+@pytest.mark.parametrize("layout", ["shared_w123", "grouped"])
+def test_synthetic_shared_and_grouped_adapters_for_each_server_target(tmp_path, layout):
+    """Synthetic shared-w1/w2/w3 and NeMo grouped adapters (Qwen3-MoE base) split for vllm and sglang: every
+    expert's delta, attention LoRA unchanged, adapter_config.json as the target needs it."""
+    from adapter_fixtures import base_config, make_grouped_adapter, make_shared_w123_adapter
+
+    src = tmp_path / "src"
+    if layout == "shared_w123":
+        _, deltas = make_shared_w123_adapter(src, experts=6, rank=4)
+    else:
+        _, deltas = make_grouped_adapter(src, experts=6, rank=4)
+    base = tmp_path / "config.json"
+    base.write_text(json.dumps(base_config("qwen3_moe", experts=6)))
+    source, src_config = read_adapter(src)
+    for target in ("vllm", "sglang"):
+        rules = _rules(target, "qwen3_moe")
+        _in_process("split", src, tmp_path / target, target, base)
+        out, config = read_adapter(tmp_path / target)
+        assert rules.expert_layout == "per_expert"  # Qwen3-MoE is served per expert
+        scale = _served_scaling(config, rules, "x", True)
+        for (layer, role, e), delta in deltas.items():
+            m = f"{PEFT}model.layers.{layer}.mlp.experts.{e}.{role}_proj"
+            got = out[m + ".lora_B.weight"] @ out[m + ".lora_A.weight"] * scale
+            torch.testing.assert_close(got, delta, rtol=1e-5, atol=1e-6)
+        attention = {k for k in source if "self_attn" in k}
+        assert attention and all(torch.equal(out[k], source[k]) for k in attention)
+        if isinstance(src_config.get("target_modules"), list):
+            assert ("experts" in config["target_modules"]) == (rules.target_modules_experts == "experts")
+        assert "target_parameters" not in config
+
+
 # ----------------------------------------------------------------------------- scaling the target cannot express
 
 
