@@ -87,7 +87,6 @@ def _lay_out(opts: AdapterJobOptions, dist: Dist, ep: int, src: AdapterSource, p
     sizes = sorted({len(r) for r in expert_slices(plan.num_experts, ep)})
     summary = [
         f"plan: {plan.description}, dtype={opts.dtype or 'keep'}",
-        f"  output: {len(files)} file(s)" + (f" ({shard_note})" if shard_note else ""),
         f"  source: {opts.src}",
         f"  destination: {opts.dst}",
         f"  ep={ep} expert slices over {dist.world_size} rank(s); experts per slice: " + "/".join(map(str, sizes)),

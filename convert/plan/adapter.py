@@ -319,9 +319,9 @@ def plan_split(src: AdapterSource, dtype: str | None, ep: int, chunk: int = DEFA
         if rules.all_roles:
             _zero_per_expert(b, g, family, prefix, rules)
     b.check_unique()
-    if groups and family is not None:
+    if family is not None:
         roles = sorted({r for g in groups for r in g.roles}, key=role_order(family).index)
-        if rules.all_roles:
+        if rules.all_roles and groups:
             roles = list(lora_roles(family))
         peft_out = rules.expert_layout == "peft"
         config = rewrite_config(
@@ -331,6 +331,7 @@ def plan_split(src: AdapterSource, dtype: str | None, ep: int, chunk: int = DEFA
         )
     else:
         config = dict(src.config)
+    if not groups:
         notes.append("no expert LoRA: every tensor passed through" + (" under the target's names" if family else ""))
     config, more = apply_target(b, rules, src.config, config, family, src.display("adapter_config.json"))
     notes += more
