@@ -466,7 +466,6 @@ def test_one_file_by_default_sharded_only_when_asked_with_a_warning(tmp_path):
 def test_fuse_adapter_target_is_a_layout_the_target_loads(tmp_path):
     """fuse_adapter --target vllm writes the peft layout only where vLLM loads it (refused otherwise, pointing to
     split_adapter); the default target is peft."""
-    base = tmp_path / "src-config.json"
     src = tmp_path / "src"
     _peft_adapter("qwen3_moe", src, seed=9, router=False)
     _run("split_adapter", src, tmp_path / "pe", "--target", "per-expert")
@@ -482,7 +481,6 @@ def test_fuse_adapter_target_is_a_layout_the_target_loads(tmp_path):
     before, _ = read_adapter(src)
     after, _ = read_adapter(tmp_path / "peft")
     assert set(after) == set(before) and all(raw_bytes(after[k]) == raw_bytes(before[k]) for k in before)
-    _ = base
 
 
 # ----------------------------------------------------------------------------- a 7 GB adapter
