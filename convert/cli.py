@@ -10,6 +10,7 @@ from convert.engine.adapter_job import AdapterJobOptions
 from convert.engine.job import JobOptions
 from convert.toplevel import ToolParser, finish, run_guarded, settle
 from convert.plan.transforms import DTYPE_NAMES
+from convert.targets.rules import TARGETS
 from launch.dist import Dist, exit_process, init_dist
 from launch.local import add_nproc_flag
 
@@ -78,15 +79,24 @@ def computes(args: argparse.Namespace) -> bool:
     return getattr(args, "dtype", "keep") not in (None, "keep") or bool(getattr(args, "verify", False))
 
 
-def adapter_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The base conversion flags plus --base-config."""
+def adapter_parser(prog: str, description: str, default_target: str) -> argparse.ArgumentParser:
+    """The base conversion flags plus --base-config and --target (default `default_target`); an adapter is one
+    file unless --max-shard-size is given."""
     p = base_parser(prog, description)
     p.add_argument("--base-config", default=None,
                    help="the base model's config.json (path or URL): family, hidden/intermediate sizes, E")
+    p.add_argument("--target", default=default_target, choices=TARGETS,
+                   help=f"the consumer the output is for: its expert layout, names and adapter_config.json for the "
+                        f"base model's family (configs/targets/*.json; default {default_target})")
+    for action in p._actions:
+        if action.dest == "max_shard_size":
+            action.default = None
+            action.help = ("cut the adapter into shards of at most this size with an index (default: one "
+                           "adapter_model.safetensors, which is what servers and peft read)")
     return p
 
 
 def adapter_options(args: argparse.Namespace, layout: str) -> AdapterJobOptions:
     """AdapterJobOptions from parsed flags."""
     base = job_options(args, layout)
-    return AdapterJobOptions(**{**base.__dict__, "base_config": args.base_config})
+    return AdapterJobOptions(**{**base.__dict__, "base_config": args.base_config, "target": args.target})

@@ -1,12 +1,14 @@
 """`python -m convert.fuse_adapter`: per-expert expert LoRA -> a fused adapter layout.
 
-    python -m convert.fuse_adapter --nproc 8 --src ADAPTER_DIR --dst OUT_DIR --layout peft|grouped
-        [--ep N] [--base-config CONFIG_JSON] [--dtype keep|bf16|fp32] [--dry-run]
+    python -m convert.fuse_adapter --nproc 8 --src ADAPTER_DIR --dst OUT_DIR --layout peft|grouped|shared_w123
+        [--target peft|vllm|sglang|per-expert] [--ep N] [--base-config CONFIG_JSON] [--dtype keep|bf16|fp32] [--dry-run]
 
 `peft`: target_parameters on the fused 3-D expert parameters (what PeftModel.from_pretrained
 loads on a transformers >= 5 model); `grouped`: NeMo GroupedExpertsLoRA tensors;
 `shared_w123`: the 3-D partially shared layout, only where its shared factors are identical
-across experts (else refused).
+across experts (else refused). `--target` (default peft) names the keys and writes adapter_config.json
+for that consumer; `--layout peft --target vllm` is accepted where vLLM loads the family's adapters in
+the peft layout (gpt-oss), and refused, pointing to split_adapter, where it loads them per expert.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ MARKER = ADAPTER_CONFIG  # the file whose presence marks a finished destination
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: the adapter conversion flags plus --layout (required)."""
-    p = adapter_parser("convert.fuse_adapter", __doc__.splitlines()[0])
+    p = adapter_parser("convert.fuse_adapter", __doc__.splitlines()[0], "peft")
     p.add_argument("--layout", required=True, choices=FUSED_LAYOUTS, help="target adapter layout")
     return p
 

@@ -1,12 +1,14 @@
-"""`python -m convert.split_adapter`: expert LoRA in any layout -> per-expert LoRA that vLLM loads.
+"""`python -m convert.split_adapter`: expert LoRA in any layout -> what a server (vLLM by default) loads.
 
-    python -m convert.split_adapter --nproc 8 --src ADAPTER_DIR --dst OUT_DIR [--ep N]
-        [--base-config CONFIG_JSON] [--dtype keep|bf16|fp32] [--dry-run]
+    python -m convert.split_adapter --nproc 8 --src ADAPTER_DIR --dst OUT_DIR [--target vllm|sglang|peft|per-expert]
+        [--ep N] [--base-config CONFIG_JSON] [--dtype keep|bf16|fp32] [--dry-run]
 
 Inputs (auto-detected per layer): peft target_parameters (rank folded with the experts),
-3-D partially shared w1/w2/w3, NeMo grouped, or already per-expert (validated, passed
-through). Output: `...experts.{e}.<proj>.lora_A|lora_B.weight` with the family's per-expert
-names, attention/router/modules_to_save tensors unchanged, adapter_config.json rewritten.
+3-D partially shared w1/w2/w3, NeMo grouped, or already per-expert. Output: the target's layout
+for the base model's family (configs/targets/*.json): per-expert
+`...experts.{e}.<proj>.lora_A|lora_B.weight`, or the peft target_parameters layout where the
+target loads that (gpt-oss on vLLM); every key under the target's names (the family's renames),
+zero pairs for projections the target needs, adapter_config.json rewritten for the target.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ MARKER = ADAPTER_CONFIG  # the file whose presence marks a finished destination
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: the adapter conversion flags."""
-    return adapter_parser("convert.split_adapter", __doc__.splitlines()[0])
+    return adapter_parser("convert.split_adapter", __doc__.splitlines()[0], "vllm")
 
 
 def run(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = None) -> int:

@@ -340,8 +340,9 @@ def adapters(tmp_path_factory):
         made[name] = ((made[name][0][0], per_expert_deltas(root / name, family)), made[name][1])
     out = {}
     for name, ((path, deltas), base) in made.items():
+        # --target per-expert (issue 14): the default target vllm writes the peft layout for gpt-oss
         assert call(split_adapter.main, "--src", str(path), "--dst", str(root / f"{name}-split"), "--no-progress",
-                    "--base-config", str(root / base)) == 0
+                    "--base-config", str(root / base), "--target", "per-expert") == 0
         out[name] = (path, root / f"{name}-split", root / base, deltas)
     assert call(fuse_adapter.main, "--src", str(root / "per_expert"), "--dst", str(root / "pe-peft"), "--layout",
                 "peft", "--no-progress", "--base-config", str(root / "base.json")) == 0
@@ -432,7 +433,8 @@ def test_adapter_verify_of_real_peft_gpt_oss_split_under_torchrun(tmp_path):
     (tmp_path / "base.json").write_text(json.dumps(base_config("gpt_oss")))
     _same_deltas(_relation_deltas(src, src, tmp_path / "base.json"), peft_expert_deltas(model, "gpt_oss"))
     proc = run_tool("convert.split_adapter", "--src", str(src), "--dst", str(tmp_path / "split"), "--verify",
-                    "--base-config", str(tmp_path / "base.json"), "--ep", "3", nproc=2, timeout=120)
+                    "--base-config", str(tmp_path / "base.json"), "--ep", "3", "--target", "per-expert", nproc=2,
+                    timeout=120)
     assert "OK:" in proc.stdout and "peft_target_parameters -> per_expert" in proc.stdout
 
 

@@ -1,18 +1,21 @@
 """An adapter conversion job: plan on rank 0, then the generic stream-and-commit of convert.engine.job.
 
-The output is one `adapter_model.safetensors` (what peft and vLLM read) written in place by
-every rank at its pieces' offsets, or, above --max-shard-size, `adapter_model-0000i-of-0000N`
-shards with an index. adapter_config.json is written last and marks the output complete.
+The output is one `adapter_model.safetensors` (what peft, vLLM and SGLang read) written in place
+by every rank at its pieces' offsets, whatever its size; only an explicit --max-shard-size cuts it
+into `adapter_model-0000i-of-0000N` shards with an index (with a warning where the target cannot
+read that). adapter_config.json is written last and marks the output complete.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from convert.plan.adapter import AdapterPlan, plan_fuse, plan_split
+from convert.plan.adapter_target import target_rules
 from convert.formats.adapter_source import ADAPTER_INDEX, ADAPTER_WEIGHTS, AdapterSource, open_adapter
 from convert.engine.job import JobOptions, JobSetup, check_destination, choose_ep, fingerprint, run_planned
 from convert.engine.output_record import source_pins
@@ -30,6 +33,7 @@ class AdapterJobOptions(JobOptions):
     """JobOptions plus the adapter flags: `layout` is "per_expert" (split) or a fused adapter layout."""
 
     base_config: str | None = None
+    target: str = "vllm"  # configs/targets/<target>.json: the consumer the output is written for
 
 
 def plan_adapter(opts: AdapterJobOptions, ep: int) -> tuple[AdapterSource, AdapterPlan]:
@@ -37,8 +41,8 @@ def plan_adapter(opts: AdapterJobOptions, ep: int) -> tuple[AdapterSource, Adapt
     src = open_adapter(opts.src, opts.base_config, opts.storage_options)
     try:
         if opts.layout == SPLIT:
-            return src, plan_split(src, opts.dtype, ep)
-        return src, plan_fuse(src, str(opts.layout), opts.dtype)
+            return src, plan_split(src, opts.dtype, ep, target=opts.target)
+        return src, plan_fuse(src, str(opts.layout), opts.dtype, target=opts.target)
     except BaseException:
         src.storage.close()
         raise
@@ -52,7 +56,7 @@ def plan_adapter_job(opts: AdapterJobOptions, dist: Dist) -> JobSetup:
         where = f"the adapter {src.display()}" + (f" (base config: {src.base_config_source})" if src.base_config_source else "")
         ep, ep_note = choose_ep(opts.ep, dist.world_size, plan.num_experts, where)
         if ep != (opts.ep or dist.world_size) and opts.layout == SPLIT:
-            plan = plan_split(src, opts.dtype, ep)  # the split gathers peft lora_B once per slice: re-plan
+            plan = plan_split(src, opts.dtype, ep, target=opts.target)  # the split gathers peft lora_B once per slice: re-plan
         return _lay_out(opts, dist, ep, src, plan, dst, ep_note)
     finally:
         src.storage.close()
@@ -62,11 +66,18 @@ def plan_adapter_job(opts: AdapterJobOptions, dist: Dist) -> JobSetup:
 def _lay_out(opts: AdapterJobOptions, dist: Dist, ep: int, src: AdapterSource, plan: AdapterPlan, dst: Storage,
              ep_note: str = "") -> JobSetup:
     """Output file layout, final files, piece assignment, plan summary and destination check."""
-    files = layout_files(plan.targets, opts.max_shard_bytes, {"format": "pt"}, stem="adapter_model")
+    files = layout_files(plan.targets, opts.max_shard_bytes or sys.maxsize, {"format": "pt"}, stem="adapter_model")
     final: dict[str, bytes] = {}
+    shard_note = ""
     if len(files) == 1:
         files[0].name = ADAPTER_WEIGHTS
     else:
+        rules = target_rules(opts.target, plan.family)
+        if not rules.sharded:
+            shard_note = (f"--max-shard-size cuts the adapter into {len(files)} shards with an index; {opts.target} "
+                          "cannot read a sharded adapter (vLLM, SGLang and peft read one adapter_model.safetensors): "
+                          "leave --max-shard-size out for one file")
+            print(f"warning: {shard_note}", file=sys.stderr, flush=True)
         total = sum(t.nbytes for t in plan.targets)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map(files).items()))}
         final[ADAPTER_INDEX] = (json.dumps(index, indent=2) + "\n").encode()
@@ -88,7 +99,7 @@ def _lay_out(opts: AdapterJobOptions, dist: Dist, ep: int, src: AdapterSource, p
         summary.append("  peft lora_B is expert-minor (an expert's columns are strided over the whole tensor): "
                        "each slice reads all of it once")
     summary += [f"  note: {n}" for n in plan.notes]
-    fp = fingerprint("adapter", opts.layout, opts.src, sorted(src.file_sizes.items()),
+    fp = fingerprint("adapter", opts.layout, opts.target, opts.src, sorted(src.file_sizes.items()),
                      [(f.name, f.size, f.header) for f in files], plan.pieces, final[ADAPTER_CONFIG])
     read = [*src.file_sizes, *([src.index_file] if src.index_file else []), ADAPTER_CONFIG, *src.other_files]
     pins = {} if opts.dry_run else source_pins(src.storage, read)
@@ -96,7 +107,7 @@ def _lay_out(opts: AdapterJobOptions, dist: Dist, ep: int, src: AdapterSource, p
     return JobSetup(
         summary=summary, files=files, pieces=plan.pieces, assignment=assignment, ep=ep,
         copy_files=src.other_files, final_files=final, fingerprint=fp, resuming=resuming,
-        job_id=uuid.uuid4().hex, pins=pins,
+        job_id=uuid.uuid4().hex, pins=pins, target=plan.target,
     )
 
 

@@ -77,6 +77,7 @@ class JobSetup:
     resuming: bool = False
     job_id: str = ""
     pins: dict[str, dict[str, Any]] = field(default_factory=dict)  # source file -> Storage.pin at plan time
+    target: str | None = None  # the adapter target the output is written for (recorded in the output record)
 
     @property
     def outputs(self) -> list[str]:
@@ -427,7 +428,7 @@ def _commit(src: Storage, dst: Storage, sink: Any, job: SinkJob, setup: JobSetup
     sizes = dst.file_sizes()
     written = [(f.name, sizes[f.name]) for f in setup.files] + [(n, sizes[n]) for n in setup.copy_files]
     written += [(n, len(data)) for n, data in setup.final_files.items()]
-    dst.write_bytes(OUTPUT_RECORD, record_bytes(written, setup.fingerprint, next(reversed(setup.final_files))))
+    dst.write_bytes(OUTPUT_RECORD, record_bytes(written, setup.fingerprint, next(reversed(setup.final_files)), setup.target))
     for name, data in setup.final_files.items():
         dst.write_bytes(name, data)
     clear_state(dst)

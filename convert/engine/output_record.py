@@ -40,10 +40,13 @@ def tool_version() -> str:
         return "unknown"
 
 
-def record_bytes(files: list[tuple[str, int]], fingerprint: str, marker: str) -> bytes:
-    """The output record of a job that wrote `files` ((name, size) in write order, `marker` last)."""
-    doc = {"tool": TOOL, "version": tool_version(), "fingerprint": fingerprint, "marker": marker,
-           "files": [{"name": name, "size": size} for name, size in files]}
+def record_bytes(files: list[tuple[str, int]], fingerprint: str, marker: str, target: str | None = None) -> bytes:
+    """The output record of a job that wrote `files` ((name, size) in write order, `marker` last); `target`: the
+    adapter target (configs/targets) the output was written for, if any."""
+    doc: dict[str, Any] = {"tool": TOOL, "version": tool_version(), "fingerprint": fingerprint, "marker": marker,
+                           "files": [{"name": name, "size": size} for name, size in files]}
+    if target is not None:
+        doc["target"] = target
     return (json.dumps(doc, indent=1) + "\n").encode()
 
 

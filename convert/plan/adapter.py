@@ -26,18 +26,24 @@ from typing import Any
 from convert.formats.adapter_dir import is_lora, lora_module
 from convert.formats.adapter_layouts import (
     GROUPED_INPUTS, GROUPED_OUTPUT, ExpertLoraGroup, LoraFactor, detect_expert_lora, family_by_name, fused_order,
+    guess_family,
     lora_roles, lora_tensors, module_key, output_role, role_order,
 )
 from convert.plan.adapter_scaling import (
     OutputModule, Scale, keys_matching_no_module, rewrite_config, scale_for_rank, source_scale,
 )
 from convert.formats.adapter_source import AdapterSource
-from convert.plan.adapter_transforms import FoldedBBuild, FoldedFactors, FoldedSplit, GroupedBuild, GroupedSlice
+from convert.plan.adapter_names import MODEL, KeyNames, expert_prefix, source_naming
+from convert.plan.adapter_target import apply_target, target_rules
+from convert.plan.adapter_transforms import (
+    FoldedBBuild, FoldedFactors, FoldedSplit, GroupedBuild, GroupedSlice, ZeroFill,
+)
 from convert.formats.checkpoint import TensorRef
 from convert.errors import ConversionError
 from convert.families import Family, load_families, representative, template_regex
+from convert.targets.rules import TargetRules
 from convert.plan.base import DEFAULT_CHUNK_BYTES, Piece, Read, TargetTensor, Write, copy_pieces, target_dtype
-from convert.formats.safetensors import DTYPE_SIZES
+from convert.formats.safetensors import DTYPE_SIZES, numel
 from sharding.ep import expert_slices
 
 FUSED_LAYOUTS = ("peft", "grouped", "shared_w123")
@@ -54,19 +60,21 @@ class AdapterPlan:
     config: dict[str, Any]
     groups: list[ExpertLoraGroup]
     notes: list[str] = field(default_factory=list)
+    target: str | None = None
+    family: str | None = None
 
 
 # ----------------------------------------------------------------------------- names
 
 
-def family_prefix(family: Family, group_prefix: str, where: str) -> str:
-    """The family template `{prefix}` of an expert-LoRA group whose module path before `.experts` is `group_prefix`."""
+def family_prefix(family: Family, group_prefix: str, where: str, names: KeyNames | None = None) -> str:
+    """The family template `{prefix}` (model naming) of an expert-LoRA group whose module path before `.experts`
+    is `group_prefix` (in the source's naming, `names.source`; model naming when `names` is None)."""
+    prefix = expert_prefix(family, names or KeyNames(family, MODEL, MODEL), group_prefix)
+    if prefix is not None:
+        return prefix
     containers = {t[: t.index(".experts")] for t in family.per_expert.values()}
     containers |= {t.template[: t.template.index(".experts")] for ts in family.fused.values() for t in ts}
-    for c in sorted(containers):
-        m = template_regex(c).match(group_prefix)
-        if m:
-            return m["prefix"]
     raise ConversionError(
         f"{where}: expert LoRA module {group_prefix}.experts does not fit the {family.name} family's names "
         f"(expected one of {sorted(c.replace('{prefix}', '<layer>') + '.experts' for c in containers)})"
@@ -74,14 +82,17 @@ def family_prefix(family: Family, group_prefix: str, where: str) -> str:
 
 
 def per_expert_module(family: Family, prefix: str, role: str, e: int) -> str:
-    """The per-expert module name of `role` of expert `e` (e.g. `...experts.3.gate_proj`)."""
-    template = family.per_expert[role]
+    """The per-expert module name of `role` of expert `e` in model naming (e.g. `...experts.3.gate_proj`)."""
+    template = family.expert_templates[role]
     return template[: -len(".weight")].format(prefix=prefix, e=e)
 
 
-def proj_name(family: Family, role: str) -> str:
-    """The per-expert projection leaf name of `role` (gate_proj, w1, ...)."""
-    return family.per_expert[role].rsplit(".", 2)[-2]
+def proj_name(family: Family, role: str, names: KeyNames | None = None) -> str:
+    """The per-expert projection leaf name of `role` (gate_proj, w1, ...) under `names`' target naming
+    (checkpoint naming when None)."""
+    if names is None:
+        return family.per_expert[role].rsplit(".", 2)[-2]
+    return names.out_module(per_expert_module(family, "P", role, 0)).rsplit(".", 1)[-1]
 
 
 def fused_wrappers(family: Family, roles: tuple[str, ...]) -> list[tuple[tuple[str, ...], str]]:
@@ -112,6 +123,33 @@ def _general_keys(name: str, tail: str) -> tuple[str, ...]:
     return (tail, re.escape(name))
 
 
+def _tail(module: str) -> str:
+    """A pattern key naming every layer's (and expert's) module of the same kind as `module`."""
+    m = re.search(r"\.experts\.\d+\.([^.]+)$", module)
+    if m:
+        return r"experts\.\d+\." + re.escape(m[1])
+    return re.escape(".".join(module.split(".")[-2:]))
+
+
+def missing_roles(family: Family, g: ExpertLoraGroup) -> list[tuple[str, tuple[int, int]]]:
+    """(role, (out, in)) of the family's LoRA roles that layer `g` has no LoRA for, with their shapes.
+
+    An input projection has the shape of the layer's other input projections, or the transpose of
+    its output projection; the output projection the transpose of an input one (as detection checked).
+    """
+    out = []
+    for role in lora_roles(family):
+        if role in g.roles:
+            continue
+        if role == output_role(family):
+            dims = tuple(reversed(g.dims_of(next(r for r in g.roles if r != role))))
+        else:
+            same = [r for r in g.roles if r != output_role(family)]
+            dims = g.dims_of(same[0]) if same else tuple(reversed(g.dims_of(output_role(family))))
+        out.append((role, (int(dims[0]), int(dims[1]))))
+    return out
+
+
 # ----------------------------------------------------------------------------- pieces
 
 
@@ -123,15 +161,23 @@ def _block_read(ref: TensorRef, index: int, block_elems: int) -> Read:
 
 
 class _Builder:
-    """Collects targets, pieces and the output modules' scales of one plan."""
+    """Collects targets, pieces and the output modules' scales of one plan.
 
-    def __init__(self, src: AdapterSource, dtype: str | None, chunk: int) -> None:
+    `names` renames source keys to the target's naming; `b_tensors` lists each output module's
+    lora_B tensors (what a rescale multiplies), `expert_modules` the modules of expert LoRA.
+    """
+
+    def __init__(self, src: AdapterSource, dtype: str | None, chunk: int, names: KeyNames | None = None) -> None:
         self.src, self.dtype, self.chunk = src, dtype, chunk
+        self.names = names or KeyNames(None, MODEL, MODEL)
         self.where = src.display()
         self.targets: list[TargetTensor] = []
         self.pieces: list[Piece] = []
         self.modules: dict[str, OutputModule] = {}
         self.kept: set[str] = set()
+        self.b_tensors: dict[str, list[str]] = {}
+        self.expert_modules: set[str] = set()
+        self.renamed: dict[str, str] = {}  # source module -> output module, of modules copied under a new name
 
     def ref(self, f: LoraFactor) -> TensorRef:
         return self.src.tensors[f.name]
@@ -142,20 +188,54 @@ class _Builder:
     def target(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
         self.targets.append(TargetTensor(name, dtype, tuple(shape)))
 
-    def module(self, name: str, scale: Scale, tail: str) -> None:
+    def module(self, name: str, scale: Scale, tail: str, b_names: tuple[str, ...] = (), expert: bool = True) -> None:
         key = module_key(name)
         old = self.modules.get(key)
         if old is not None and old.scale != scale:
             raise ConversionError(f"{self.where}: output module {key!r} would need two scalings {old.scale} and {scale}")
         self.modules[key] = OutputModule(key, scale, _general_keys(key, tail))
+        self.b_tensors.setdefault(key, []).extend(b_names)
+        if expert:
+            self.expert_modules.add(key)
 
     def passthrough(self, names: list[str], expert_of: dict[str, int] | None = None) -> None:
+        """Copy (or cast) tensors `names` whole under the target's names; `expert_of` marks expert tensors."""
         for name in names:
-            t, p = copy_pieces(self.src.tensors[name], name, self.dtype, self.chunk, (expert_of or {}).get(name))
+            out = self.names.key(name)
+            t, p = copy_pieces(self.src.tensors[name], out, self.dtype, self.chunk, (expert_of or {}).get(name))
             self.targets.append(t)
             self.pieces += p
-            if is_lora(name):
-                self.kept.add(module_key(lora_module(name)))
+            if not is_lora(name):
+                continue
+            src_mod, out_mod = module_key(lora_module(name)), module_key(lora_module(out))
+            is_b = ".lora_B" in out[len(lora_module(out)):] or ".lora_embedding_B" in out[len(lora_module(out)):]
+            if out_mod == src_mod:
+                self.kept.add(out_mod)
+                self.b_tensors.setdefault(out_mod, [])
+            else:
+                self.renamed[src_mod] = out_mod
+                scale = source_scale(self.src.config, src_mod)
+                self.module(out_mod, scale, _tail(out_mod), expert=expert_of is not None and name in expert_of)
+            if is_b:
+                self.b_tensors[out_mod].append(out)
+            if expert_of is not None and name in expert_of:
+                self.expert_modules.add(out_mod)
+
+    def zero_pair(self, module: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...], dtype: str, scale: Scale,
+                  tail: str, expert: int | None) -> None:
+        """A LoRA pair of zeros (delta exactly 0) for output module `module`, written without reading the source."""
+        for which, shape in (("A", shape_a), ("B", shape_b)):
+            name = f"{module}.lora_{which}.weight"
+            self.target(name, dtype, shape)
+            self.zeros(name, numel(shape) * DTYPE_SIZES[dtype], dtype, expert)
+        self.module(module, scale, tail, (f"{module}.lora_B.weight",))
+
+    def zeros(self, name: str, nbytes: int, dtype: str, expert: int | None) -> None:
+        """Pieces writing `nbytes` zero bytes of tensor `name`, at most one chunk each."""
+        step = max(DTYPE_SIZES[dtype], self.chunk - self.chunk % DTYPE_SIZES[dtype])
+        for lo in range(0, max(nbytes, 1), step):
+            hi = min(nbytes, lo + step)
+            self.pieces.append(Piece((), (Write(name, lo, hi, dtype),), ZeroFill((hi - lo,)), expert))
 
     def check_unique(self) -> None:
         seen: set[str] = set()
@@ -175,51 +255,130 @@ def _family_of(groups: list[ExpertLoraGroup], src: AdapterSource, why: str) -> F
     return family_by_name(str(names.pop()))
 
 
+def _zero_scale(config: dict[str, Any], r0: int) -> Scale:
+    """The (r, alpha) of a zero pair of rank r0: the global scaling at that rank (no pattern key when r0 == r)."""
+    return scale_for_rank(config, (int(config.get("r", 8)), config.get("lora_alpha", 8)), r0)
+
+
+def _zero_rank(rules: TargetRules, g: ExpertLoraGroup) -> int:
+    return g.rank if rules.zero_rank == "layer" else int(rules.zero_rank)
+
+
 # ----------------------------------------------------------------------------- split
 
 
-def plan_split(src: AdapterSource, dtype: str | None, ep: int, chunk: int = DEFAULT_CHUNK_BYTES) -> AdapterPlan:
-    """Plan converting every expert-LoRA layer of `src` to per-expert LoRA; everything else passes through.
+def plan_split(src: AdapterSource, dtype: str | None, ep: int, chunk: int = DEFAULT_CHUNK_BYTES,
+               target: str = "per-expert") -> AdapterPlan:
+    """Plan converting `src` to what `target` (configs/targets/<target>.json) loads for the base model's family.
 
-    `ep`: the number of expert slices (peft lora_B is gathered once per slice). Raises
-    ConversionError when the input is inconsistent or the family is needed and unknown.
+    A target whose expert layout for the family is per-expert gets every expert-LoRA layer as
+    per-expert LoRA (`ep`: the number of expert slices; peft lora_B is gathered once per slice);
+    one whose layout is peft's gets the target_parameters layout (plan_fuse for a per-expert source).
+    Every key is named as the target names it, projections the target needs and the source lacks
+    become zero pairs, and adapter_config.json is rewritten for the target. Raises ConversionError
+    when the input is inconsistent, the family is needed and unknown, or the target cannot hold it.
     """
     groups, passthrough = detect_expert_lora(src.infos, src.config, src.base_config, src.display())
-    b = _Builder(src, dtype, chunk)
+    family = _split_family(groups, src)
+    rules = target_rules(target, family.name if family else None)
+    if rules.expert_layout == "peft" and groups:
+        if all(g.pattern == "per_expert" for g in groups):
+            return plan_fuse(src, "peft", dtype, chunk, target=target)
+        other = [g for g in groups if g.pattern not in ("peft_target_parameters",)]
+        if other:
+            raise ConversionError(
+                f"{src.display()}: --target {target} loads {family.name if family else 'this'} adapters in the peft "
+                f"target_parameters layout, and layer {other[0].prefix} is in the {other[0].pattern} layout: convert it "
+                f"with --target per-expert first, then with fuse_adapter --layout peft --target {target}"
+            )
+    names = KeyNames(family, source_naming(family, groups, [*passthrough, *(f.name for g in groups for f in g.factors)]),
+                     rules.naming)
+    b = _Builder(src, dtype, chunk, names)
     b.passthrough(passthrough)
     convert = [g for g in groups if g.pattern != "per_expert"]
     notes = list(src.notes)
-    family = _family_of(convert, src, "the per-expert names and fused role order depend on it") if convert else None
+    if convert and family is None:
+        family = _family_of(convert, src, "the per-expert names and fused role order depend on it")
     for g in groups:
         if g.pattern == "per_expert":
             b.passthrough(sorted(f.name for f in g.factors), {f.name: int(f.expert) for f in g.factors})  # type: ignore[arg-type]
+            if family is not None and rules.all_roles:
+                _zero_per_expert(b, g, family, family_prefix(family, g.prefix, b.where, names), rules)
             continue
         assert family is not None
-        prefix = family_prefix(family, g.prefix, b.where)
+        prefix = family_prefix(family, g.prefix, b.where, names)
         if g.pattern == "peft_target_parameters":
+            if rules.expert_layout == "peft":
+                _keep_peft(b, g, family, prefix, rules)
+                continue
             _split_peft(b, g, family, prefix, ep)
         elif g.pattern == "shared_w123":
             _split_shared(b, g, family, prefix)
         else:
             _split_grouped(b, g, family, prefix)
+        if rules.all_roles:
+            _zero_per_expert(b, g, family, prefix, rules)
     b.check_unique()
-    if convert:
-        assert family is not None
-        roles = sorted({r for g in convert for r in g.roles}, key=role_order(family).index)
+    if family is not None:
+        roles = sorted({r for g in groups for r in g.roles}, key=role_order(family).index)
+        if rules.all_roles and groups:
+            roles = list(lora_roles(family))
+        peft_out = rules.expert_layout == "peft"
         config = rewrite_config(
             src.config, list(b.modules.values()), b.kept, src.display("adapter_config.json"),
-            target_modules_add=[proj_name(family, r) for r in roles], target_parameters=None,
+            target_modules_add=[] if peft_out else [proj_name(family, r, names) for r in roles],
+            target_parameters=_peft_parameters(src.config, family, roles) if peft_out else None,
         )
-        if config.get("rank_pattern") or config.get("alpha_pattern"):
-            notes.append("adapter_config.json keeps per-module ranks/alphas in rank_pattern/alpha_pattern "
-                         "(peft applies them; servers that apply one adapter-wide scaling do not)")
     else:
         config = dict(src.config)
-        notes.append("no expert LoRA in another layout: every tensor validated and passed through unchanged")
+    if not groups:
+        notes.append("no expert LoRA: every tensor passed through" + (" under the target's names" if family else ""))
+    config, more = apply_target(b, rules, src.config, config, family, src.display("adapter_config.json"))
+    notes += more
     patterns = sorted({g.pattern for g in groups}) or ["no expert LoRA"]
-    desc = (f"split_adapter: {'/'.join(patterns)} -> per_expert; {len(groups)} expert layers"
-            + (f", E={max(g.num_experts for g in groups)}" if groups else "") + (f", family {family.name}" if family else ""))
-    return AdapterPlan(desc, b.targets, b.pieces, max((g.num_experts for g in groups), default=1), config, groups, notes)
+    out_layout = "peft_target_parameters" if rules.expert_layout == "peft" else "per_expert"
+    desc = (f"split_adapter --target {target}: {'/'.join(patterns)} -> {out_layout}; {len(groups)} expert layers"
+            + (f", E={max(g.num_experts for g in groups)}" if groups else "") + (f", family {family.name}" if family else "")
+            + f", {rules.naming} names")
+    return AdapterPlan(desc, b.targets, b.pieces, max((g.num_experts for g in groups), default=1), config, groups, notes,
+                       target=target, family=family.name if family else None)
+
+
+def _peft_parameters(config: dict[str, Any], family: Family, roles: list[str]) -> list[str]:
+    """target_parameters of a peft-layout output: the family's fused expert parameters of `roles`, and the source's
+    entries for other parameters (e.g. a router's weight)."""
+    fused = {t.replace("{prefix}.", "") for _, t in fused_wrappers(family, tuple(roles))}
+    leaves = {t.rsplit(".", 1)[-1] for t in fused}
+    other = [t for t in config.get("target_parameters") or [] if ".experts." not in f".{t}" or
+             t.rsplit(".", 1)[-1] not in leaves]
+    return sorted(fused | set(other))
+
+
+def _split_family(groups: list[ExpertLoraGroup], src: AdapterSource) -> Family | None:
+    """The base model's family when it can be told (configs, or per-expert key names), else None."""
+    known = {g.family for g in groups if g.family}
+    if len(known) == 1:
+        return family_by_name(str(known.pop()))
+    guess = guess_family(src.config, src.base_config, src.display())
+    if guess.family is not None:
+        return guess.family
+    if groups and all(g.pattern == "per_expert" for g in groups):
+        try:
+            return _fuse_family(groups, src)
+        except ConversionError:
+            return None
+    return None
+
+
+def _zero_per_expert(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, rules: TargetRules) -> None:
+    """Zero pairs for every expert of the roles layer `g` lacks (rules.all_roles)."""
+    r0 = _zero_rank(rules, g)
+    dt = b.out_dtype(g.factors[0])
+    for role, (out, inn) in missing_roles(family, g):
+        for e in range(g.num_experts):
+            module = b.names.out_module(per_expert_module(family, prefix, role, e))
+            tail = r"experts\.\d+\." + re.escape(module.rsplit(".", 1)[-1])
+            b.zero_pair(module, (r0, inn), (out, r0), dt, _zero_scale(b.src.config, r0), tail, e)
 
 
 def _split_scale(b: _Builder, g: ExpertLoraGroup, src_key: str, role: str) -> Scale:
@@ -230,14 +389,48 @@ def _expert_outputs(
     b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, role: str, e: int, src_key: str, dtypes: tuple[str, str]
 ) -> tuple[str, str]:
     """Register expert e's `role` lora_A and lora_B targets; returns their names."""
-    module = per_expert_module(family, prefix, role, e)
+    module = b.names.out_module(per_expert_module(family, prefix, role, e))
     out, inn = g.dims_of(role)
     r = g.rank_of(role)
     b.target(module + ".lora_A.weight", dtypes[0], (r, inn))
     b.target(module + ".lora_B.weight", dtypes[1], (out, r))
-    tail = r"experts\.\d+\." + re.escape(proj_name(family, role))
-    b.module(module, _split_scale(b, g, src_key, role), tail)
+    tail = r"experts\.\d+\." + re.escape(module.rsplit(".", 1)[-1])
+    b.module(module, _split_scale(b, g, src_key, role), tail, (module + ".lora_B.weight",))
     return module + ".lora_A.weight", module + ".lora_B.weight"
+
+
+def _keep_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, rules: TargetRules) -> None:
+    """A peft target_parameters layer kept in that layout under the target's names; with rules.all_roles, a
+    zero wrapper for each fused parameter it lacks (the wrappers re-nested in the family's declared order)."""
+    present = {roles: param for roles, param in g.target_param}
+    wanted = [(parts, leaf) for parts, leaf, _ in lora_tensors(family)
+              if parts in present or (rules.all_roles and not set(parts) & set(g.roles))]
+    partial = [parts for parts, _ in wanted if parts not in present and set(parts) & set(g.roles)]
+    if partial:
+        raise ConversionError(f"{b.where}: layer {g.prefix}: the peft wrapper of {'/'.join(partial[0])} holds only some of "
+                              "its roles; the peft layout cannot hold that")
+    experts = b.names.out_module(family.experts_path.format(prefix=prefix))
+    r0 = _zero_rank(rules, g)
+    for i, (parts, leaf) in enumerate(wanted):
+        nest = "base_layer." * (len(wanted) - 1 - i)
+        name_a, name_b = f"{experts}.{nest}lora_A.weight", f"{experts}.{nest}lora_B.weight"
+        key = module_key(experts, leaf)
+        if parts in present:
+            fa, fb = g.factor(parts, "A"), g.factor(parts, "B")
+            for f, name in ((fa, name_a), (fb, name_b)):
+                t, p = copy_pieces(b.ref(f), name, b.dtype, b.chunk)
+                b.targets.append(t)
+                b.pieces += p
+            src_key = module_key(g.prefix, "experts", present[parts])
+            b.module(key, source_scale(b.src.config, src_key), re.escape(f"experts.{leaf}"), (name_b,))
+            continue
+        out, inn = missing_roles(family, g)[[r for r, _ in missing_roles(family, g)].index(parts[0])][1]
+        dt = b.out_dtype(g.factors[0])
+        E = g.num_experts
+        for name, shape in ((name_a, (E * r0, inn)), (name_b, (out * len(parts), r0 * E))):
+            b.target(name, dt, shape)
+            b.zeros(name, numel(shape) * DTYPE_SIZES[dt], dt, None)
+        b.module(key, _zero_scale(b.src.config, r0), re.escape(f"experts.{leaf}"), (name_b,))
 
 
 def _split_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, ep: int) -> None:
@@ -358,10 +551,13 @@ def _pairs_identical(src: AdapterSource, pairs: list[tuple[TensorRef, TensorRef]
         return all(pool.map(same, pairs))
 
 
-def plan_fuse(src: AdapterSource, layout: str, dtype: str | None, chunk: int = DEFAULT_CHUNK_BYTES) -> AdapterPlan:
+def plan_fuse(src: AdapterSource, layout: str, dtype: str | None, chunk: int = DEFAULT_CHUNK_BYTES,
+              target: str = "peft") -> AdapterPlan:
     """Plan converting a per-expert adapter to `layout` (peft, grouped or shared_w123); the rest passes through.
 
-    Reads the lora_A tensors of roles fused into one factor (and, for shared_w123, the factors that must be shared) at
+    `target` (configs/targets/<target>.json) names the keys and rewrites adapter_config.json; `layout`
+    peft needs a target that loads the family's adapters in that layout, grouped and shared_w123
+    (loaded by no server) the default target peft. Reads the lora_A tensors of roles fused into one factor (and, for shared_w123, the factors that must be shared) at
     plan time to decide what is exact. Raises ConversionError for non-per-expert input and for
     conversions that would not be exact.
     """
@@ -377,7 +573,18 @@ def plan_fuse(src: AdapterSource, layout: str, dtype: str | None, chunk: int = D
             "takes per-expert adapters (run convert.split_adapter first)"
         )
     family = _fuse_family(groups, src)
-    b = _Builder(src, dtype, chunk)
+    rules = target_rules(target, family.name)
+    if layout == "peft" and rules.expert_layout != "peft":
+        raise ConversionError(
+            f"fuse_adapter --target {target}: {target} loads {family.name} adapters per expert ({rules.source}), not in "
+            f"the peft layout; use split_adapter --target {target} (or fuse_adapter --target peft for peft itself)"
+        )
+    if layout != "peft" and target != "peft":
+        raise ConversionError(f"fuse_adapter --layout {layout}: no target loads this layout; leave --target at its "
+                              "default (peft names and adapter_config.json)")
+    names = KeyNames(family, source_naming(family, groups, [*passthrough, *(f.name for g in groups for f in g.factors)]),
+                     rules.naming)
+    b = _Builder(src, dtype, chunk, names)
     b.passthrough(passthrough)
     notes = list(src.notes)
     shared_a = True
@@ -394,9 +601,9 @@ def plan_fuse(src: AdapterSource, layout: str, dtype: str | None, chunk: int = D
         shared_a = _pairs_identical(src, pairs)
     params: set[str] = set()
     for g in groups:
-        prefix = family_prefix(family, g.prefix, b.where)
+        prefix = family_prefix(family, g.prefix, b.where, names)
         if layout == "peft":
-            params |= _fuse_peft(b, g, family, prefix, shared_a)
+            params |= _fuse_peft(b, g, family, prefix, shared_a, rules)
         elif layout == "grouped":
             _fuse_grouped(b, g, family, prefix, shared_a)
         else:
@@ -408,7 +615,8 @@ def plan_fuse(src: AdapterSource, layout: str, dtype: str | None, chunk: int = D
     b.check_unique()
     roles = sorted({r for g in groups for r in g.roles}, key=role_order(family).index)
     kept_leaves = {k.rsplit(".", 1)[-1] for k in b.kept}
-    drop = [proj_name(family, r) for r in roles if proj_name(family, r) not in kept_leaves]
+    leaves = {proj_name(family, r, n) for r in roles for n in (None, KeyNames(family, MODEL, MODEL))}
+    drop = [leaf for leaf in sorted(leaves) if leaf not in kept_leaves]
     add = [shared_w123_proj(family, r) for r in roles] if layout == "shared_w123" else []
     config = rewrite_config(
         src.config, list(b.modules.values()), b.kept, src.display("adapter_config.json"),
@@ -420,15 +628,18 @@ def plan_fuse(src: AdapterSource, layout: str, dtype: str | None, chunk: int = D
         notes.append(f"peft 0.21 warns when it loads this adapter that the rank_pattern/alpha_pattern keys {unmatched} "
                      "'did not match any targeted module and were ignored': its check looks at target_modules only; "
                      "peft does apply them to the target_parameters they match (the deltas are exact)")
-    desc = (f"fuse_adapter: per_expert -> {layout}; {len(groups)} expert layers, "
-            f"E={max(g.num_experts for g in groups)}, family {family.name}")
-    return AdapterPlan(desc, b.targets, b.pieces, max(g.num_experts for g in groups), config, groups, notes)
+    config, more = apply_target(b, rules, src.config, config, family, src.display("adapter_config.json"))
+    notes += more
+    desc = (f"fuse_adapter --target {target}: per_expert -> {layout}; {len(groups)} expert layers, "
+            f"E={max(g.num_experts for g in groups)}, family {family.name}, {rules.naming} names")
+    return AdapterPlan(desc, b.targets, b.pieces, max(g.num_experts for g in groups), config, groups, notes,
+                       target=target, family=family.name)
 
 
 def _group_scale(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, roles: tuple[str, ...]) -> Scale:
     """The one (r, alpha) of every expert of `roles` in the per-expert source; refuses if they differ."""
     scales = {
-        source_scale(b.src.config, module_key(per_expert_module(family, prefix, role, e)))
+        source_scale(b.src.config, module_key(lora_module(g.factor((role,), "A", e).name)))
         for role in roles for e in range(g.num_experts)
     }
     ranks = {g.rank_of(role) for role in roles}
@@ -440,18 +651,40 @@ def _group_scale(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, r
     return scales.pop()
 
 
-def _fuse_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, shared_a: bool) -> set[str]:
+def _fuse_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, shared_a: bool,
+               rules: TargetRules | None = None) -> set[str]:
+    """The peft wrappers of layer `g` (and, with rules.all_roles, a zero wrapper for each fused parameter none of
+    whose roles the layer has); returns the target_parameters entries."""
     E = g.num_experts
-    wrappers = fused_wrappers(family, g.roles)
+    wrappers = fused_wrappers(family, tuple(lora_roles(family)) if rules and rules.all_roles else g.roles)
     targeted = set()
     for i, (roles, template) in enumerate(wrappers):
         missing = [r for r in roles if r not in g.roles]
+        if missing and len(missing) == len(roles):
+            assert rules is not None
+            experts_path, param = template.format(prefix=prefix).rsplit(".", 1)
+            experts_path = b.names.out_module(experts_path)
+            nest = "base_layer." * (len(wrappers) - 1 - i)
+            r0 = _zero_rank(rules, g)
+            out, inn = dict(missing_roles(family, g))[roles[0]]
+            dt = b.out_dtype(g.factors[0])
+            names = []
+            for which, shape in (("A", (E * r0, inn)), ("B", (out * len(roles), r0 * E))):
+                name = f"{experts_path}.{nest}lora_{which}.weight"
+                b.target(name, dt, shape)
+                b.zeros(name, numel(shape) * DTYPE_SIZES[dt], dt, None)
+                names.append(name)
+            b.module(module_key(experts_path, param), _zero_scale(b.src.config, r0), re.escape(f"experts.{param}"),
+                     (names[1],))
+            targeted.add(template.replace("{prefix}.", ""))
+            continue
         if missing:
             raise ConversionError(
                 f"{b.where}: layer {g.prefix} has LoRA for {'/'.join(r for r in roles if r in g.roles)} but not "
                 f"{'/'.join(missing)}; the peft {template.rsplit('.', 1)[-1]} wrapper needs both"
             )
         experts_path, param = template.format(prefix=prefix).rsplit(".", 1)
+        experts_path = b.names.out_module(experts_path)
         nest = "base_layer." * (len(wrappers) - 1 - i)
         name_a, name_b = f"{experts_path}.{nest}lora_A.weight", f"{experts_path}.{nest}lora_B.weight"
         r = g.rank_of(roles[0])
@@ -465,7 +698,7 @@ def _fuse_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, sha
         b.target(name_b, db, (out * k, R * E))
         src_scale = _group_scale(b, g, family, prefix, roles)
         key = module_key(experts_path, param)
-        b.module(key, scale_for_rank(b.src.config, src_scale, R), re.escape(f"experts.{param}"))
+        b.module(key, scale_for_rank(b.src.config, src_scale, R), re.escape(f"experts.{param}"), (name_b,))
         targeted.add(template.replace("{prefix}.", ""))
         a_roles = roles if expand else roles[:1]
         a_bytes = R * inn * DTYPE_SIZES[da]
@@ -500,12 +733,13 @@ def _fuse_grouped(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, 
             f"shares one lora_{GROUPED_INPUTS}_A between them, so it cannot hold this adapter exactly (use --layout peft)"
         )
     E = g.num_experts
-    experts_path = family.fused[family.default_fused][0].template.format(prefix=prefix).rsplit(".", 1)[0]
+    experts_path = b.names.out_module(family.experts_path.format(prefix=prefix))
     ranks = {g.rank_of(r) for r in g.roles}
     if len(ranks) != 1:
         raise ConversionError(f"{b.where}: layer {g.prefix}: the grouped layout has one rank, the experts have {sorted(ranks)}")
     scale = _group_scale(b, g, family, prefix, g.roles)
-    b.module(module_key(experts_path), scale, re.escape("experts"))
+    b.module(module_key(experts_path), scale, re.escape("experts"),
+             tuple(f"{experts_path}.lora_{tag}_B" for tag in (GROUPED_INPUTS, GROUPED_OUTPUT)))
     r = ranks.pop()
     for roles, tag in ((inputs, GROUPED_INPUTS), ((output_role(family),), GROUPED_OUTPUT)):
         present = [x for x in roles if x in g.roles]
@@ -535,7 +769,7 @@ def _fuse_grouped(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, 
 
 def _fuse_shared(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str) -> None:
     E = g.num_experts
-    experts_path = family.fused[family.default_fused][0].template.format(prefix=prefix).rsplit(".", 1)[0]
+    experts_path = b.names.out_module(family.experts_path.format(prefix=prefix))
     for role in g.roles:
         shared_factor = "B" if role == output_role(family) else "A"
         refs = [b.ref(g.factor((role,), shared_factor, e)) for e in range(E)]
@@ -550,7 +784,7 @@ def _fuse_shared(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str) -
         r = g.rank_of(role)
         scale = _group_scale(b, g, family, prefix, (role,))
         module = f"{experts_path}.{proj}"
-        b.module(module, scale, re.escape(f"experts.{proj}"))
+        b.module(module, scale, re.escape(f"experts.{proj}"), (f"{module}.lora_B.weight",))
         for which, block, shape_e in (("A", r * inn, (r, inn)), ("B", out * r, (out, r))):
             f0 = g.factor((role,), which, 0)
             dt = b.out_dtype(f0)

@@ -217,3 +217,55 @@ class GroupedBuild:
                 padded.append(z)
             mats = padded
         return [to_bytes(merge_rows(mats, self.order).transpose(0, 1))]
+
+
+@dataclass(frozen=True)
+class ZeroFill:
+    """Zero bytes for each write (`sizes`, in write order), with no source read: the factors of a zero LoRA pair."""
+
+    sizes: tuple[int, ...]
+
+    def outputs(self, bufs: list[bytes | memoryview]) -> list[memoryview]:
+        """One zeroed buffer per write."""
+        return [memoryview(bytes(n)) for n in self.sizes]
+
+
+@dataclass(frozen=True)
+class ScaledWrites:
+    """Another piece's outputs with some of them multiplied by a factor: lora_B * s'/s, where a target applies
+    another scaling s than the source's s' to a module.
+
+    `inner`: the piece's own compute step, or None for a byte copy/cast (the reads, of `read_dtypes`,
+    concatenated, cast to each write's dtype and cut into `sizes`). `factors`: per write, the factor or
+    None. A scaled write is computed in float32 and rounded once to its dtype (`dtypes`).
+    """
+
+    inner: object | None
+    read_dtypes: tuple[str, ...]
+    sizes: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    factors: tuple[float | None, ...]
+
+    def outputs(self, bufs: list[bytes | memoryview]) -> list[bytes | memoryview]:
+        """The writes' bytes, the scaled ones recomputed."""
+        import torch
+
+        from convert.plan.transforms import cast_bytes
+
+        if self.inner is not None:
+            outs = list(self.inner.outputs(bufs))  # type: ignore[attr-defined]
+        else:
+            dst = self.dtypes[0]
+            parts = [cast_bytes(b, d, dst) for b, d in zip(bufs, self.read_dtypes)]
+            data = memoryview(parts[0] if len(parts) == 1 else b"".join(parts)).cast("B")
+            outs, pos = [], 0
+            for n in self.sizes:
+                outs.append(data[pos : pos + n])
+                pos += n
+        for i, f in enumerate(self.factors):
+            if f is None:
+                continue
+            n = len(outs[i]) // DTYPE_SIZES[self.dtypes[i]]
+            t = from_bytes(outs[i], self.dtypes[i], (n,)).to(torch.float32) * f
+            outs[i] = to_bytes(t.to(_dtype(self.dtypes[i])))
+        return outs
