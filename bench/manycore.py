@@ -212,6 +212,26 @@ class ManyCore:
             shutil.rmtree(hf, ignore_errors=True)
         self.naive("fuse", src, fused, None)
 
+    def phase3(self) -> None:
+        """A re-run of the 1-rank cases (fuse, split) with the peers they are judged against (cp -r both ways,
+        transformers split), for a change that affects one rank only (e.g. the default --workers)."""
+        s, L = self.s, self.s.big
+        src = self.ensure_source(L)
+        shutil.rmtree(self.fused, ignore_errors=True)
+        self.sample(self.tool_case("fuse", L, 1, "nproc", src, self.fused))
+        (self.fused / ".complete").write_text("")
+        self.sample(self.tool_case("split", L, 1, "nproc", self.fused, self.dst))
+        for name, where in (("per-expert", src), ("fused", self.fused)):
+            self.sample(Case(Row(f"cp -r {name} L{L}", "cp", L, 1, 0, dir_bytes(where)), cp_command(where, self.dst),
+                             [where], self.dst))
+        hf = self.work / "hf"
+        shutil.rmtree(hf, ignore_errors=True)
+        row = Row(f"transformers split L{L}", "transformers-split", L, 1, 0, dir_bytes(self.fused))
+        self.sample(Case(row, [sys.executable, "-m", "bench.baselines", "transformers-split", "--src", str(self.fused),
+                               "--dst", str(hf), "--max-shard-size", str(s.max_shard)], [self.fused], None,
+                         env=self.peer_env))
+        shutil.rmtree(hf, ignore_errors=True)
+
     def phase2_extra(self) -> None:
         """The naive split (skipped when it would overrun)."""
         self.naive("split", self.ensure_fused(), self.ensure_source(self.s.big), self.estimate("naive-fuse"))
@@ -432,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
     """Parse flags and run one phase (or all, or only merge phase files into a report)."""
     p = argparse.ArgumentParser(prog="bench.manycore", description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    p.add_argument("--phase", choices=["1", "2", "all"], default="all")
+    p.add_argument("--phase", choices=["1", "2", "3", "all"], default="all",
+                   help="3: the 1-rank cases again with their peers (a later phase's rows replace earlier ones)")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     p.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary dir)")
     p.add_argument("--budget", type=float, default=500.0,
@@ -477,6 +498,8 @@ def main(argv: list[str] | None = None) -> None:
             mc.phase1_extra()
         if a.phase in ("2", "all"):
             mc.phase2_extra()
+        if a.phase == "3":
+            mc.phase3()
         mc.save()
         mc.log(f"wrote {out / 'MANYCORE.md'}")
     finally:

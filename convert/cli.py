@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 
 from convert.flag_types import json_object, positive_int, size_arg
@@ -26,7 +27,9 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan (files, bytes and memory per rank) and exit")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty --dst: its old index, config and safetensors files are removed first")
     p.add_argument("--family", default=None, help="model family (default: from config.json model_type)")
-    p.add_argument("--workers", type=positive_int, default=4, help="pieces in flight per rank (default 4)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="pieces in flight per rank (default 4; on a local --dst, up to 16 while this machine "
+                        "has a core per worker of its ranks)")
     p.add_argument("--storage-options", type=json_object, default={}, help="JSON of fsspec options, e.g. an endpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--stats", default=None, help="write per-rank stats (peak RSS, bytes read/written, time) as JSON")
@@ -36,12 +39,27 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def default_workers(dst: str) -> int:
+    """--workers when not given, for destination `dst`: 4, or on local disk one per core this rank's share of
+    the machine has (cores / ranks on this machine), at most 16. Local copies hold no buffers
+    (copy_file_range), so more workers only add I/O in flight; an object store's parts are held in memory."""
+    if "://" in dst and not dst.startswith("file://"):
+        return 4
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return max(4, min(16, cores // local_ranks))
+
+
 def job_options(args: argparse.Namespace, layout: str | None) -> JobOptions:
     """JobOptions from parsed base flags and the target layout."""
     return JobOptions(
         src=args.src, dst=args.dst, layout=layout, ep=args.ep, max_shard_bytes=args.max_shard_size,
         dtype=DTYPE_NAMES[args.dtype], dry_run=args.dry_run, overwrite=args.overwrite, family=args.family,
-        workers=args.workers, storage_options=args.storage_options, show_progress=not args.no_progress,
+        workers=args.workers or default_workers(args.dst), storage_options=args.storage_options,
+        show_progress=not args.no_progress,
         stats_path=args.stats,
     )
 

@@ -23,7 +23,6 @@ from adapter_fixtures import peft_expert_deltas
 from helpers import run_tool
 from server_rules import Loaded, sglang_load, sglang_models, vllm_load, vllm_models
 
-pytestmark = pytest.mark.xfail(reason="needs i14-engine", strict=False)
 
 ATTENTION = {"deepseek_v3": ["q_a_proj", "kv_a_proj_with_mqa", "o_proj"]}
 ROUTER = {"gpt_oss": "mlp.router.weight"}  # others: mlp.gate.weight
