@@ -8,19 +8,22 @@ collectives (called from a rank's main thread, in the same order on every rank) 
 counters (any thread, request and reply under a lock). Messages are length-prefixed pickles.
 
 A collective completes when every rank has sent its part: the hub replies to every rank, rank
-0 last (rank 0 may exit as soon as it has its reply). A rank that disconnects before saying
-goodbye ends the group: the hub closes every connection, so the others' calls fail instead of
-waiting forever (the --nproc supervisor then settles the exit code).
+0 last (rank 0 may exit as soon as it has its reply). A rank that disconnects before the
+job's end ends the group: the hub closes every connection, and a rank whose call finds the group
+gone exits at once with code 1 and no message of its own: the --nproc supervisor, which saw the
+first rank stop, says which one and settles the job's exit code.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import selectors
 import socket
 import struct
+import sys
 import threading
-from typing import Any
+from typing import Any, NoReturn
 
 _LEN = struct.Struct("!Q")
 COLLECTIVE, COUNTER = 0, 1
@@ -148,8 +151,8 @@ class HubClient:
         try:
             _send(self.coll, ("gather", self.seq, self.rank, obj))
             return _recv(self.coll)
-        except OSError as exc:
-            raise GroupError(f"another rank of this job stopped ({exc}); see its message") from exc
+        except OSError:
+            _group_lost()
 
     def add(self, key: str, amount: int) -> int:
         """Add `amount` to the job-wide counter `key`; returns its new value."""
@@ -157,8 +160,18 @@ class HubClient:
             try:
                 _send(self.counter, ("add", key, amount))
                 return int(_recv(self.counter))
-            except OSError as exc:
-                raise GroupError(f"another rank of this job stopped ({exc}); see its message") from exc
+            except OSError:
+                _group_lost()
+
+
+def _group_lost() -> NoReturn:
+    """End this rank quietly (code 1): another rank stopped first, and the supervisor reports that one."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(1)
 
 
 def join(port: int, listen_fd: int | None, rank: int, world_size: int, timeout_s: float) -> HubClient:
