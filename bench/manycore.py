@@ -337,9 +337,10 @@ def _fmt(x: float, spec: str = ".2f") -> str:
 
 
 def summarize(phases: list[dict[str, Any]]) -> dict[str, Any]:
-    """Ratios and targets from the rows of every phase."""
-    rows = [r for p in phases for r in p["rows"] if r["samples"]]
-    by = {r["name"]: r for r in rows}
+    """Ratios and targets from the rows of every phase (a case measured again in a later phase counts once,
+    by its later row; the size comparison pairs rows of one phase, measured with the same settings)."""
+    by = {r["name"]: r for p in phases for r in p["rows"] if r["samples"]}
+    rows = list(by.values())
     s = phases[0]["settings"]
     L, small = s["big"], s["small"]
     cp = {"fuse": by.get(f"cp -r per-expert L{L}"), "split": by.get(f"cp -r fused L{L}")}
@@ -367,7 +368,9 @@ def summarize(phases: list[dict[str, Any]]) -> dict[str, Any]:
                         "value": v, "met": v <= TARGET_RSS})
     flat = []
     for n in s["small_ranks"]:
-        a, b = by.get(f"fuse L{small} nproc {n}"), by.get(f"fuse L{L} nproc {n}")
+        pairs = [(q.get(f"fuse L{small} nproc {n}"), q.get(f"fuse L{L} nproc {n}"))
+                 for q in ({r["name"]: r for r in p["rows"] if r["samples"]} for p in phases)]
+        a, b = next(((x, y) for x, y in reversed(pairs) if x and y), (None, None))
         if a and b:
             flat.append({"ranks": n, "small": max(a["peak_rss"]), "big": max(b["peak_rss"]),
                          "growth": _ratio(max(b["peak_rss"]), max(a["peak_rss"]))})
