@@ -134,8 +134,8 @@ def check_adapter(
     family = _family(rules)
     out: list[Finding] = []
 
-    def refuse(msg: str) -> None:
-        out.append(Finding(REFUSE, msg))
+    def refuse(msg: str, kind: str) -> None:
+        out.append(Finding(REFUSE, msg, kind))
 
     out += _config_findings(rules, config, server)
     out += _file_findings(rules, files, server)
@@ -148,34 +148,34 @@ def check_adapter(
             continue
         if "lora_magnitude_vector" in name:
             if not rules.dora:
-                refuse(f"{name}: a DoRA magnitude vector; {server} does not load DoRA adapters")
+                refuse(f"{name}: a DoRA magnitude vector; {server} does not load DoRA adapters", "dora")
             continue
         if _GROUPED.search(name):
             refuse(f"{name}: NeMo grouped expert LoRA; {server} loads {_layout_text(rules)}: convert it first "
-                   f"(split_adapter --target {rules.target})")
+                   f"(split_adapter --target {rules.target})", "grouped")
             continue
         leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
         if name.endswith(".bias") and ".lora_" in name:
-            refuse(f"{name}: a LoRA bias (lora_bias); {server} loads lora_A/lora_B weights only")
+            refuse(f"{name}: a LoRA bias (lora_bias); {server} loads lora_A/lora_B weights only", "lora_bias")
         elif rules.modules_to_save is not None and leaf not in rules.modules_to_save:
             refuse(f"{name}: a full tensor (modules_to_save or not LoRA); {server} loads only LoRA pairs"
-                   + (f" and full modules {list(rules.modules_to_save)}" if rules.modules_to_save else ""))
+                   + (f" and full modules {list(rules.modules_to_save)}" if rules.modules_to_save else ""), "full")
 
     for module in sorted(lora):
         for rx, why in rules.refuse_modules:
             if re.search(rx, module + "."):
-                refuse(f"{module}: {why}")
+                refuse(f"{module}: {why}", f"refuse:{rx}")
         want = _misnamed(rules, family, module)
         if want is not None:
             out.append(Finding(REFUSE, f"{module}: {server} names this module {want} (family "
                                f"{family.name if family else '?'}, {rules.naming} names); under this name its LoRA "
                                "would not be applied", "name"))
 
-    by_layer: dict[tuple[str, str], set[str]] = defaultdict(set)  # (layer prefix, parent) -> leaves with LoRA
+    by_parent: dict[str, set[str]] = defaultdict(set)  # parent module -> its leaves with LoRA
     for module in lora:
         parent, _, leaf = module.rpartition(".")
-        by_layer[(parent, "")].add(leaf)
-    for (parent, _), leaves in sorted(by_layer.items()):
+        by_parent[parent].add(leaf)
+    for parent, leaves in sorted(by_parent.items()):
         for leaf, partners in rules.needs_with:
             miss = [p for p in partners if leaf in leaves and p not in leaves]
             if miss:
