@@ -15,6 +15,7 @@ with its config, and other files must be copied.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import posixpath
 import re
@@ -31,6 +32,9 @@ from convert.io.storage import Storage
 from convert.verify.checks import ExpertCheck, PassCheck, read_stored
 from convert.verify.tables import DTYPES, Stored, Table, read_table, to_tensor
 
+from convert.plan.adapter_names import MODEL, KeyNames, source_naming
+from convert.targets.rules import TargetRules, load_target
+from convert.verify.target import recorded_target
 from convert.verify.relation import CannotVerify, Relation, VerifyOptions, compare_files, copied_files
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -58,6 +62,27 @@ def module_scale(config: dict[str, Any], module: str) -> tuple[int, float, float
     alpha = lookup(config.get("alpha_pattern"), config.get("lora_alpha", 8))
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     return int(r), float(alpha), float(scaling)
+
+
+def served_scale(config: dict[str, Any], module: str, rules: TargetRules | None, expert: bool) -> tuple[int, float]:
+    """(r, scaling) the server of `rules` applies to `module` under `config` (peft's, `module_scale`, when None):
+    rank_pattern / alpha_pattern only where it honours them, rsLoRA only where it applies it (experts apart)."""
+    if rules is None:
+        r, _, scaling = module_scale(config, module)
+        return r, scaling
+    view = dict(config)
+    if not rules.rank_pattern:
+        view["rank_pattern"] = {}
+    if not rules.alpha_pattern:
+        view["alpha_pattern"] = {}
+    view["use_rslora"] = bool(config.get("use_rslora")) and rules.rslora and (not expert or rules.rslora_experts)
+    r, _, scaling = module_scale(view, module)
+    return r, scaling
+
+
+def rescaled(b: torch.Tensor, factor: float) -> torch.Tensor:
+    """lora_B as a target rescaling writes it: multiplied by `factor` in float32, rounded once to its dtype."""
+    return (b.to(torch.float32) * factor).to(b.dtype)
 
 
 def _module(name: str) -> str:
@@ -138,6 +163,11 @@ class RoleLora:
     b: tuple[Cut, ...]
     scaling: tuple[float, ...]
     modules: tuple[str, ...]
+    # per expert: B is first multiplied by this factor (`rescaled`), as a target rescaling writes it; () or None: not
+    rescale: tuple[float | None, ...] = ()
+    # "absent": no LoRA on this side (the other side's pair must be exactly zero; load gives None);
+    # "zero": the pair must be exactly zero (a zero pair a target needs): a non-zero factor loads as its largest magnitude
+    zero: str = ""
 
     def cuts(self, e: int) -> tuple[Cut, Cut]:
         return self.a[e if len(self.a) > 1 else 0], self.b[e if len(self.b) > 1 else 0]
@@ -150,15 +180,27 @@ class LoraSide:
     roles: tuple[RoleLora, ...]
 
     def load(self, storage: Storage, e: int) -> dict[str, tuple[torch.Tensor, str]]:
-        out = {}
+        out: dict[str, tuple[torch.Tensor, str]] = {}
         for rl in self.roles:
+            if rl.zero == "absent":
+                out[rl.role] = (None, rl.modules[e])  # type: ignore[assignment]
+                continue
             ca, cb = rl.cuts(e)
             a, b = cut_factor(storage, ca, e), cut_factor(storage, cb, e)
+            if rl.zero == "zero":
+                top = max(float(a.double().abs().max()) if a.numel() else 0.0,
+                          float(b.double().abs().max()) if b.numel() else 0.0)
+                delta = torch.full((b.shape[0], a.shape[1]), top if top == top else math.inf, dtype=torch.float64)
+                out[rl.role] = (delta, rl.modules[e] + " (must be an exact zero pair: the source has no LoRA there)")
+                continue
+            factor = rl.rescale[e] if rl.rescale else None
+            if factor is not None:
+                b = rescaled(b, factor)
             out[rl.role] = ((b.double() @ a.double()) * rl.scaling[e], rl.modules[e])
         return out
 
     def expert_bytes(self, e: int) -> int:
-        return sum(c.nbytes() for rl in self.roles for c in rl.cuts(e))
+        return sum(c.nbytes() for rl in self.roles if rl.zero != "absent" for c in rl.cuts(e))
 
 
 def _family_order(family: Family | None) -> str | None:
@@ -190,9 +232,18 @@ def layer_key(prefix: str, family: Family | None) -> str:
 
 
 def lora_side(
-    group: ExpertLoraGroup, table: Table, config: dict[str, Any], family: Family | None, where: str
+    group: ExpertLoraGroup, table: Table, config: dict[str, Any], family: Family | None, where: str,
+    rules: TargetRules | None = None,
 ) -> tuple[LoraSide, list[str]]:
-    """The cuts and scalings of one side of one layer, and where its ranks disagree with its config."""
+    """The cuts and scalings of one side of one layer, and where its ranks disagree with its config.
+
+    `rules`: the target the side was written for (its server's view of the scaling, `served_scale`); None: peft's."""
+    def scale_of(module: str) -> tuple[int, float, float]:
+        r, scaling = served_scale(config, module, rules, True)
+        if rules is not None and not rules.rank_pattern and not rules.fixed_rank:
+            r = -1  # the server takes each tensor's rank as it is
+        return r, 0.0, scaling
+
     E = group.num_experts
     order = _family_order(family)
     problems: list[str] = []
@@ -202,8 +253,8 @@ def lora_side(
             fa = [group.factor((role,), "A", e) for e in range(E)]
             fb = [group.factor((role,), "B", e) for e in range(E)]
             modules = [_module(f.name.rsplit(".lora_A", 1)[0]) for f in fa]
-            scales = [module_scale(config, m) for m in modules]
-            bad = next((e for e in range(E) if fa[e].shape[0] != scales[e][0]), None)
+            scales = [scale_of(m) for m in modules]
+            bad = next((e for e in range(E) if scales[e][0] >= 0 and fa[e].shape[0] != scales[e][0]), None)
             if bad is not None:
                 problems.append(f"{where}: tensor {fa[bad].name!r} has rank {fa[bad].shape[0]}, but "
                                 f"adapter_config.json gives {modules[bad]} r={scales[bad][0]}")
@@ -233,12 +284,73 @@ def lora_side(
             module = _module(f"{group.prefix}.experts")
             r_tensor = a.shape[2]
             cut_a, cut_b = Cut(a, "index", E, transpose=True), Cut(b, "index", E, transpose=True, **split)
-        r, _, scale = module_scale(config, module)
-        if r != r_tensor:
+        r, _, scale = scale_of(module)
+        if r >= 0 and r != r_tensor:
             problems.append(f"{where}: tensor {fa1.name!r} holds rank {r_tensor} per expert, but "
                             f"adapter_config.json gives {module} r={r}")
         roles.append(RoleLora(role, (cut_a,), (cut_b,), (scale,) * E, (fb1.name,) * E))
     return LoraSide(tuple(roles)), problems
+
+
+def _pair_roles(src: LoraSide, dst: LoraSide, num_experts: int) -> tuple[LoraSide, LoraSide]:
+    """The two sides of one layer made comparable: a role only the destination has must be an exact zero pair
+    there; where the destination's scaling s' differs from the source's s, the source's B is rescaled by s/s'
+    as a target rescaling writes it (float32, rounded once) and scaled by s', so only that exact result passes."""
+    have = {rl.role: rl for rl in src.roles}
+    src_roles, dst_roles = [], []
+    for rl in dst.roles:
+        mine = have.get(rl.role)
+        if mine is None:
+            src_roles.append(RoleLora(rl.role, (), (), rl.scaling, rl.modules, zero="absent"))
+            dst_roles.append(dataclasses.replace(rl, zero="zero"))
+            continue
+        factors = tuple(None if mine.scaling[e] == rl.scaling[e] else mine.scaling[e] / rl.scaling[e]
+                        for e in range(num_experts))
+        if any(f is not None for f in factors):
+            mine = dataclasses.replace(mine, scaling=rl.scaling, rescale=factors)
+        src_roles.append(mine)
+        dst_roles.append(rl)
+    return LoraSide(tuple(src_roles)), LoraSide(tuple(dst_roles))
+
+
+def _module_check(
+    src_module: str, dst_module: str, src_table: Table, dst_table: Table, src_cfg: dict[str, Any],
+    dst_cfg: dict[str, Any], rules: TargetRules | None, where: str,
+) -> tuple[ExpertCheck | None, list[str]]:
+    """A LoRA module outside the experts (attention, router), maybe renamed: None where its scaling is unchanged
+    (its factors must pass through), else a check that its delta is kept by an exact rescaling of its B; and
+    what is wrong from metadata (a factor missing)."""
+    names = [(f"{src_module}.lora_{f}.weight", f"{dst_module}.lora_{f}.weight") for f in "AB"]
+    missing = [d for s, d in names if s in src_table.tensors and d not in dst_table.tensors]
+    if missing:
+        return None, [f"{where}: tensor {missing[0]!r} is missing"]
+    if any(s not in src_table.tensors for s, _ in names):
+        return None, []
+    _, _, s = module_scale(src_cfg, _module(src_module))
+    r_dst, s_dst = served_scale(dst_cfg, _module(dst_module), rules, False)
+    if s == s_dst:
+        return None, []
+    (sa, da), (sb, db) = names
+    src_side = LoraSide((RoleLora("lora", (Cut(src_table.tensors[sa], "whole", 1),), (Cut(src_table.tensors[sb], "whole", 1),),
+                                  (s_dst,), (sb,), rescale=(s / s_dst,)),))
+    dst_side = LoraSide((RoleLora("lora", (Cut(dst_table.tensors[da], "whole", 1),), (Cut(dst_table.tensors[db], "whole", 1),),
+                                  (s_dst,), (db,)),))
+    same = {src_table.tensors[sa].dtype, src_table.tensors[sb].dtype} == {dst_table.tensors[da].dtype, dst_table.tensors[db].dtype}
+    eps = SAME_BYTES_RTOL if same else 4 * max(torch.finfo(DTYPES[t.dtype][0]).eps for t in
+                                               (src_table.tensors[sa], dst_table.tensors[da]))
+    rank = src_table.tensors[sa].shape[0]
+    return ExpertCheck(_module(dst_module), 1, src_side, dst_side, exact=False, rtol=eps,
+                       rel_atol=eps * math.sqrt(rank + 1)), []
+
+
+def _relation_family(groups: list[ExpertLoraGroup], base: dict[str, Any] | None) -> Family | None:
+    """The base model's family: from --base-config, else the one the expert LoRA's layout names."""
+    if base:
+        found = find_family(base)[0]
+        if found is not None:
+            return found
+    families = load_families()
+    return next((families[g.family] for g in groups if g.family in families), None)
 
 
 def _infos(table: Table) -> dict[str, TensorInfo]:
@@ -303,51 +415,83 @@ def adapter_relation(src: Storage, dst: Storage, opts: VerifyOptions) -> Relatio
         return Relation("adapter", "adapter (destination unreadable as expert LoRA)", [], [], problems + [str(exc)],
                         len(src_table.tensors), len(dst_table.tensors), len(dst_table.shards))
 
+    family = _relation_family(src_groups + dst_groups, base)
+    target = opts.target or recorded_target(dst)
+    rules = load_target(target).for_family(family.name if family else None) if target else None
+    src_names = KeyNames(family, source_naming(family, src_groups, list(src_table.tensors)), MODEL)
+    dst_naming = rules.naming if rules is not None else source_naming(family, dst_groups, list(dst_table.tensors))
+    dst_names = KeyNames(family, dst_naming, MODEL)
+
     experts: list[ExpertCheck] = []
-    src_by = {layer_key(g.prefix, _family(g, base)): g for g in src_groups}
-    dst_by = {layer_key(g.prefix, _family(g, base)): g for g in dst_groups}
+    src_by = {layer_key(src_names.canonical_module(g.prefix), _family(g, base)): g for g in src_groups}
+    dst_by = {layer_key(dst_names.canonical_module(g.prefix), _family(g, base)): g for g in dst_groups}
     for layer in sorted(set(src_by) | set(dst_by)):
         a, b = src_by.get(layer), dst_by.get(layer)
         if b is None:
             problems.append(f"{dst.display()}: the expert LoRA of {layer} (e.g. {a.tensors[0]!r}) is missing")  # type: ignore[union-attr]
             continue
-        if a is None:
-            problems.append(f"{dst.display()}: expert LoRA of {layer} (e.g. {b.tensors[0]!r}) is not in the source")
-            continue
-        if a.num_experts != b.num_experts or set(a.roles) != set(b.roles):
+        if a is not None and (a.num_experts != b.num_experts or not set(a.roles) <= set(b.roles)):
             problems.append(f"{dst.display()}: layer {layer} has LoRA for {b.num_experts} experts, roles "
                             f"{list(b.roles)}; the source has {a.num_experts}, {list(a.roles)}")
             continue
         try:
-            side_a, pa = lora_side(a, src_table, src_cfg, _family(a, base), src.display())
-            side_b, pb = lora_side(b, dst_table, dst_cfg, _family(b, base), dst.display())
+            side_b, pb = lora_side(b, dst_table, dst_cfg, _family(b, base), dst.display(), rules)
+            if a is not None:
+                side_a, pa = lora_side(a, src_table, src_cfg, _family(a, base), src.display())
+            else:
+                side_a, pa = LoraSide(()), []
         except ConversionError as exc:
             raise CannotVerify(str(exc)) from exc
         if pa:
             raise CannotVerify(f"the source adapter disagrees with its own config: {pa[0]}")
         problems += pb
-        same = {src_table.tensors[n].dtype for n in a.tensors} == {dst_table.tensors[n].dtype for n in b.tensors}
-        eps = SAME_BYTES_RTOL if same else 4 * max(_factor_eps(src_table, a), _factor_eps(dst_table, b))
-        rank = max(a.rank, b.rank)
-        experts.append(ExpertCheck(layer, a.num_experts, side_a, side_b, exact=False, rtol=eps,
+        side_a, side_b = _pair_roles(side_a, side_b, b.num_experts)
+        src_t = [src_table.tensors[n] for n in a.tensors] if a is not None else []
+        same = {t.dtype for t in src_t} <= {dst_table.tensors[n].dtype for n in b.tensors}
+        eps = SAME_BYTES_RTOL if same else 4 * max(_factor_eps(src_table, a) if a else 0.0, _factor_eps(dst_table, b))
+        rank = max(a.rank if a else 0, b.rank)
+        experts.append(ExpertCheck(layer, b.num_experts, side_a, side_b, exact=False, rtol=eps,
                                    rel_atol=eps * math.sqrt(rank + 1)))
 
     passes = []
-    dst_set = set(dst_other)
-    lora_modules = set()
-    for name in src_other:
-        if name not in dst_set:
-            problems.append(f"{dst.display()}: tensor {name!r} of the source is not in the destination")
+    dst_canon = {dst_names.key(n): n for n in dst_other}
+    src_canon = {src_names.key(n): n for n in src_other}
+    lora_modules: dict[str, tuple[str, str]] = {}
+    for key, name in src_canon.items():
+        if key not in dst_canon:
+            problems.append(f"{dst.display()}: tensor {name!r} of the source is not in the destination"
+                            + (f" (as {dst_names.out_module(key)!r})" if key != name else ""))
             continue
-        passes.append(PassCheck(src_table.tensors[name], dst_table.tensors[name]))
         if ".lora_" in name:
-            lora_modules.add(_module(name.split(".lora_", 1)[0]))
-    for module in sorted(lora_modules):  # pass-through LoRA (attention, router) must keep its rank and scaling
-        a_scale, b_scale = module_scale(src_cfg, module)[::2], module_scale(dst_cfg, module)[::2]
-        if a_scale != b_scale:
-            problems.append(f"{dst.display(ADAPTER_CONFIG)}: module {module} (r, scaling) is {b_scale}, "
-                            f"the source has {a_scale}")
-    for name in sorted(dst_set - set(src_other)):
+            lora_modules[key.split(".lora_", 1)[0]] = (name.split(".lora_", 1)[0], dst_canon[key].split(".lora_", 1)[0])
+        else:
+            passes.append(PassCheck(src_table.tensors[name], dst_table.tensors[dst_canon[key]]))
+    for key, (sm, dm) in sorted(lora_modules.items()):  # other LoRA (attention, router): delta and scaling kept
+        check, found = _module_check(sm, dm, src_table, dst_table, src_cfg, dst_cfg, rules, dst.display())
+        problems += found
+        if check is None:
+            for f in "AB":
+                for n in (f"{sm}.lora_{f}.weight",):
+                    dn = f"{dm}.lora_{f}.weight"
+                    if n in src_table.tensors and dn in dst_table.tensors:
+                        passes.append(PassCheck(src_table.tensors[n], dst_table.tensors[dn]))
+        else:
+            experts.append(check)
+    extra = {k: n for k, n in dst_canon.items() if k not in src_canon}
+    zero_modules = sorted({n.split(".lora_", 1)[0] for n in extra.values()
+                           if n.endswith((".lora_A.weight", ".lora_B.weight"))})
+    for dm in zero_modules:  # a zero pair a target needs (e.g. SGLang's v_proj next to q_proj): exactly zero
+        an, bn = f"{dm}.lora_A.weight", f"{dm}.lora_B.weight"
+        if an not in dst_table.tensors or bn not in dst_table.tensors:
+            continue
+        extra.pop(dst_names.key(an), None)
+        extra.pop(dst_names.key(bn), None)
+        ca, cb = Cut(dst_table.tensors[an], "whole", 1), Cut(dst_table.tensors[bn], "whole", 1)
+        zero_side = LoraSide((RoleLora("lora", (ca,), (cb,), (1.0,), (bn,), zero="zero"),))
+        absent = LoraSide((RoleLora("lora", (), (), (1.0,), (bn,), zero="absent"),))
+        experts.append(ExpertCheck(_module(dm), 1, absent, zero_side, exact=True))
+    dst_set = set(extra.values())
+    for name in sorted(dst_set):
         problems.append(f"{dst.display()}: tensor {name!r} is not in the source")
     for key in sorted((set(src_cfg) | set(dst_cfg)) - REWRITTEN):
         if src_cfg.get(key) != dst_cfg.get(key):

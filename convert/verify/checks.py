@@ -377,7 +377,10 @@ def _run_expert(check: ExpertCheck, src: Storage, dst: Storage, e: int, tally: T
         if role not in a:
             tally.add(Mismatch(name, f"role {role} has no counterpart in the source", e))
             continue
-        what, diff = compare(a[role][0], b[role][0], check.exact, check.rtol, check.atol, rel_atol=check.rel_atol)
+        if a[role][0] is None:  # no LoRA in the source: the destination's must be exactly zero
+            what, diff = compare(torch.zeros_like(b[role][0]), b[role][0], True)
+        else:
+            what, diff = compare(a[role][0], b[role][0], check.exact, check.rtol, check.atol, rel_atol=check.rel_atol)
         if what:
             tally.add(Mismatch(name, f"{role} (source {a[role][1]}): {what}", e, diff))
 
