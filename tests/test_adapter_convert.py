@@ -613,22 +613,18 @@ def test_other_family_peft_adapter_splits_per_expert_and_fuses_back(tmp_path, mo
         leaves = {"experts"}
     assert leaves <= set(config["target_modules"]), config["target_modules"]
 
-    # issue 14: the split names every key under the family's checkpoint names (nemotron_h: `backbone.`); until
-    # convert.verify applies the family renames to adapter keys (the rules side of issue 14), it cannot pair them
-    renamed = any(_disk(family, k) != k for k in src_tensors)
-    verified = ["OK:" in run_tool("convert.verify", "--src", str(src), "--dst", str(dst), check=not renamed).stdout]
+    # issue 14: the split names every key under the family's checkpoint names (nemotron_h: `backbone.`); the
+    # verifier pairs the keys through the family's renames, both ways
+    assert "OK:" in run_tool("convert.verify", "--src", str(src), "--dst", str(dst)).stdout
 
     run_tool("convert.fuse_adapter", "--src", str(dst), "--dst", str(back), "--layout", "peft")
-    verified.append("OK:" in run_tool("convert.verify", "--src", str(dst), "--dst", str(back), check=not renamed).stdout)
+    assert "OK:" in run_tool("convert.verify", "--src", str(dst), "--dst", str(back)).stdout
     fused, back_config = read_adapter(back)
     assert set(fused) == set(src_tensors)
     for k, t in src_tensors.items():
         assert fused[k].dtype == t.dtype and raw_bytes(fused[k]) == raw_bytes(t), k
     assert sorted(back_config["target_parameters"]) == targets
     assert (back_config["r"], back_config["lora_alpha"]) == (src_config["r"], src_config["lora_alpha"])
-    if renamed and not all(verified):
-        pytest.xfail("convert.verify does not apply the family renames to adapter keys yet (issue 14, rules side)")
-    assert all(verified)
 
 
 def test_lone_peft_wrapper_of_an_up_down_family_is_told_apart_by_target_parameters(tmp_path):

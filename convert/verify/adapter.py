@@ -331,9 +331,12 @@ def _module_check(
     if s == s_dst:
         return None, []
     (sa, da), (sb, db) = names
-    src_side = LoraSide((RoleLora("lora", (Cut(src_table.tensors[sa], "whole", 1),), (Cut(src_table.tensors[sb], "whole", 1),),
+    r_src = src_table.tensors[sa].shape[0]
+    role = (f"module {_module(dst_module)} (r, scaling) is {(r_dst, s_dst)}, the source has {(r_src, s)}: its lora_B "
+            f"must be the source's times s/s' = {s / s_dst!r} (float32, rounded once)")
+    src_side = LoraSide((RoleLora(role, (Cut(src_table.tensors[sa], "whole", 1),), (Cut(src_table.tensors[sb], "whole", 1),),
                                   (s_dst,), (sb,), rescale=(s / s_dst,)),))
-    dst_side = LoraSide((RoleLora("lora", (Cut(dst_table.tensors[da], "whole", 1),), (Cut(dst_table.tensors[db], "whole", 1),),
+    dst_side = LoraSide((RoleLora(role, (Cut(dst_table.tensors[da], "whole", 1),), (Cut(dst_table.tensors[db], "whole", 1),),
                                   (s_dst,), (db,)),))
     same = {src_table.tensors[sa].dtype, src_table.tensors[sb].dtype} == {dst_table.tensors[da].dtype, dst_table.tensors[db].dtype}
     eps = SAME_BYTES_RTOL if same else 4 * max(torch.finfo(DTYPES[t.dtype][0]).eps for t in
