@@ -457,13 +457,19 @@ def adapter_relation(src: Storage, dst: Storage, opts: VerifyOptions) -> Relatio
                                    rel_atol=eps * math.sqrt(rank + 1)))
 
     passes = []
+    # a tensor of the source must be under the name the destination's naming gives it (the family's renames)
+    out_names = KeyNames(family, MODEL, dst_naming)
     dst_canon = {dst_names.key(n): n for n in dst_other}
     src_canon = {src_names.key(n): n for n in src_other}
     lora_modules: dict[str, tuple[str, str]] = {}
     for key, name in src_canon.items():
-        if key not in dst_canon:
-            problems.append(f"{dst.display()}: tensor {name!r} of the source is not in the destination"
-                            + (f" (as {dst_names.out_module(key)!r})" if key != name else ""))
+        want = out_names.key(key)
+        if key not in dst_canon or dst_canon[key] != want:
+            where = f" (expected as {want!r})" if want != name else ""
+            if key in dst_canon:
+                where += f"; the destination has it as {dst_canon[key]!r}, not the {dst_naming} naming of its target"
+            problems.append(f"{dst.display()}: tensor {name!r} of the source is not in the destination{where}")
+            dst_canon.pop(key, None)
             continue
         if ".lora_" in name:
             lora_modules[key.split(".lora_", 1)[0]] = (name.split(".lora_", 1)[0], dst_canon[key].split(".lora_", 1)[0])
