@@ -250,3 +250,29 @@ def test_sglang_output_of_an_rslora_adapter_keeps_every_served_delta(tmp_path):
     _in_process("split", src, dst, "sglang", _base(src))
     found, _ = _verify(src, dst, _base(src))
     assert not found, found
+
+
+def test_expert_leaves_are_matched_by_role_whatever_their_spelling(tmp_path):
+    """SGLang's canonical gate_proj/up_proj/down_proj for Mixtral's w1/w3/w2 (a target's `expert_names`): the
+    verifier pairs expert leaves by role, and a gate/up swap under those names is caught."""
+    src, dst, base = _mixtral_vllm(tmp_path)
+    spellings = ((".w1.", ".gate_proj."), (".w3.", ".up_proj."), (".w2.", ".down_proj."))
+
+    def canonical(t, c):
+        for k in list(t):
+            for old, new in spellings:
+                if ".experts." in k and old in k:
+                    t[k.replace(old, new)] = t.pop(k)
+
+    _edit(dst, canonical)
+    found, checked = _verify(src, dst, base)
+    assert not found and checked >= 8, found
+
+    def swap(t, c):
+        k = next(k for k in sorted(t) if ".experts.3.gate_proj.lora_B" in k)
+        other = k.replace(".gate_proj.", ".up_proj.")
+        t[k], t[other] = t[other], t[k]
+
+    _edit(dst, swap)
+    found, _ = _verify(src, dst, base)
+    assert any("expert 3" in f and "gate" in f for f in found) and any("expert 3" in f and "up" in f for f in found), found
