@@ -11,6 +11,13 @@ narrower dtype's precision where a cast happened. Every other tensor must pass t
 (attention and router LoRA with an unchanged scaling, modules_to_save), adapter_config.json
 must keep every field the conversion has no reason to change, each side's ranks must agree
 with its config, and other files must be copied.
+
+Outputs written for a target (split_adapter/fuse_adapter --target; the target from --target or the
+output record) are read as its server reads them: keys are paired through the family's renames
+(each side's naming; a source tensor must be under the name the output's naming gives it), expert
+leaves by role, the output's scaling as the server applies it (`served_scale`). A role or module
+the source has no LoRA for must be an exact zero pair; where the scaling changed, the source's B
+is rescaled by s/s' exactly as a target rescaling writes it (`rescaled`) before the comparison.
 """
 
 from __future__ import annotations
@@ -479,11 +486,9 @@ def adapter_relation(src: Storage, dst: Storage, opts: VerifyOptions) -> Relatio
         check, found = _module_check(sm, dm, src_table, dst_table, src_cfg, dst_cfg, rules, dst.display())
         problems += found
         if check is None:
-            for f in "AB":
-                for n in (f"{sm}.lora_{f}.weight",):
-                    dn = f"{dm}.lora_{f}.weight"
-                    if n in src_table.tensors and dn in dst_table.tensors:
-                        passes.append(PassCheck(src_table.tensors[n], dst_table.tensors[dn]))
+            for n, dn in ((f"{sm}.lora_{f}.weight", f"{dm}.lora_{f}.weight") for f in "AB"):
+                if n in src_table.tensors and dn in dst_table.tensors:
+                    passes.append(PassCheck(src_table.tensors[n], dst_table.tensors[dn]))
         else:
             experts.append(check)
     extra = {k: n for k, n in dst_canon.items() if k not in src_canon}
