@@ -480,7 +480,7 @@ def adapter_relation(src: Storage, dst: Storage, opts: VerifyOptions) -> Relatio
             continue
         if ".lora_" in name:
             lora_modules[key.split(".lora_", 1)[0]] = (name.split(".lora_", 1)[0], dst_canon[key].split(".lora_", 1)[0])
-        else:
+        if not name.endswith((".lora_A.weight", ".lora_B.weight")):  # embedding LoRA, DoRA magnitudes, modules_to_save
             passes.append(PassCheck(src_table.tensors[name], dst_table.tensors[dst_canon[key]]))
     for key, (sm, dm) in sorted(lora_modules.items()):  # other LoRA (attention, router): delta and scaling kept
         check, found = _module_check(sm, dm, src_table, dst_table, src_cfg, dst_cfg, rules, dst.display())
