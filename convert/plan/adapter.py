@@ -95,6 +95,23 @@ def proj_name(family: Family, role: str, names: KeyNames | None = None) -> str:
     return names.out_module(per_expert_module(family, "P", role, 0)).rsplit(".", 1)[-1]
 
 
+def expert_leaf_renames(family: Family | None, rules: TargetRules) -> tuple[tuple[str, str], ...]:
+    """(family leaf, target leaf) of the per-expert projections `rules` names otherwise than the family
+    (rules.expert_names[0] "canonical" or "w123"); empty for "checkpoint" or an unknown family."""
+    if family is None:
+        return ()
+    out: dict[str, str] = {}
+    for role in lora_roles(family):
+        new = rules.expert_leaf(role)
+        if new is None:
+            continue
+        for template in (family.per_expert[role], family.expert_templates[role]):
+            old = template.rsplit(".", 2)[-2]
+            if old != new:
+                out[old] = new
+    return tuple(out.items())
+
+
 def fused_wrappers(family: Family, roles: tuple[str, ...]) -> list[tuple[tuple[str, ...], str]]:
     """(roles, `P.experts.<param>` template) of the family's fused parameters that hold `roles`, in declaration order."""
     return [(parts, f"{family.experts_path}.{leaf}") for parts, leaf, _ in lora_tensors(family) if set(parts) & set(roles)]
@@ -292,7 +309,7 @@ def plan_split(src: AdapterSource, dtype: str | None, ep: int, chunk: int = DEFA
                 f"with --target per-expert first, then with fuse_adapter --layout peft --target {target}"
             )
     names = KeyNames(family, source_naming(family, groups, [*passthrough, *(f.name for g in groups for f in g.factors)]),
-                     rules.naming)
+                     rules.naming, expert_leaf_renames(family, rules))
     b = _Builder(src, dtype, chunk, names)
     b.passthrough(passthrough)
     convert = [g for g in groups if g.pattern != "per_expert"]
