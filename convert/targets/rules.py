@@ -32,6 +32,11 @@ EXPERT_LEAVES: dict[str, dict[str, str]] = {
     "canonical": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
     "w123": {"gate": "w1", "up": "w3", "down": "w2"},
 }
+# The out features of the attention projections a `needs_with` zero partner may need, from the base model's
+# config.json: <key> * head_dim (`head_dim`, else hidden_size // num_attention_heads); leaves of one key share
+# their shape, so a partner present in the layer gives it first.
+PARTNER_HEADS: dict[str, str] = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads",
+                                 "v_proj": "num_key_value_heads"}
 
 
 @dataclass(frozen=True)
