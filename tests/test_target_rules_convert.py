@@ -85,13 +85,18 @@ def test_q_proj_without_v_proj_and_no_head_counts_is_refused_naming_the_layer(tm
 
 def test_a_rank_below_r_is_padded_to_r_with_exact_deltas(tmp_path: Path) -> None:
     peft_model, src, config, layers, experts = _adapter(tmp_path, "qwen3_moe", ["q_proj", "v_proj"], EXPERTS,
-                                                        rank_pattern={"q_proj": 1}, alpha_pattern={"q_proj": 3})
-    assert _shapes(src)["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"][0] == 1
+                                                        rank_pattern={"q_proj": 1, "down_proj": 1},
+                                                        alpha_pattern={"q_proj": 3, "down_proj": 7})
+    layer0 = "base_model.model.model.layers.0"
+    assert _shapes(src)[f"{layer0}.self_attn.q_proj.lora_A.weight"][0] == 1
+    assert _shapes(src)[f"{layer0}.mlp.experts.lora_A.weight"][0] == experts  # down: rank 1 per expert
     out = tmp_path / "out"
     _split(src, config, out)
     shapes = _shapes(out)
-    assert shapes["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"][0] == 2
-    assert shapes["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"][1] == 2
+    for module in ("self_attn.q_proj", "mlp.experts.3.down_proj"):
+        assert shapes[f"{layer0}.{module}.lora_A.weight"][0] == 2
+        assert shapes[f"{layer0}.{module}.lora_B.weight"][1] == 2
+    assert not json.loads((out / "adapter_config.json").read_text()).get("rank_pattern")
     loaded = sglang_load(str(out), sglang_models(layers, experts)["qwen3_moe"])
     want = {k: v.float() for k, v in peft_expert_deltas(peft_model, "qwen3_moe").items()}
     assert_loaded_exactly(loaded, want, peft_linear(peft_model), "sglang", "qwen3_moe")
@@ -113,3 +118,24 @@ def test_gpt_oss_router_lora_is_refused_for_sglang(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "mlp.router" in proc.stderr and "should_apply_lora" in proc.stderr
     assert not (out / "adapter_model.safetensors").exists()
+
+
+
+def test_mixtral_per_expert_w123_source_gets_canonical_leaves_for_sglang(tmp_path: Path) -> None:
+    """expert_names: a per-expert Mixtral adapter under its checkpoint leaves (w1/w3/w2, as --target vllm writes it)
+    is written with SGLang's canonical leaves gate_proj/up_proj/down_proj, and target_modules names them."""
+    peft_model, src, config, layers, experts = _adapter(tmp_path, "mixtral", ["q_proj", "v_proj"],
+                                                        [*EXPERTS, "mlp.gate.weight"])
+    mid = tmp_path / "vllm"
+    run_tool("convert.split_adapter", "--src", str(src), "--dst", str(mid), "--base-config", str(config), "--target", "vllm")
+    assert "base_model.model.model.layers.0.block_sparse_moe.experts.0.w1.lora_A.weight" in _shapes(mid)
+    out = tmp_path / "out"
+    _split(mid, config, out)
+    leaves = {k.split(".experts.")[1].split(".")[1] for k in _shapes(out) if ".experts." in k}
+    assert leaves == {"gate_proj", "up_proj", "down_proj"}
+    tm = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert isinstance(tm, list) and {"gate_proj", "up_proj", "down_proj", "gate", "q_proj", "v_proj"} <= set(tm)
+    assert not {"w1", "w2", "w3"} & set(tm)
+    loaded = sglang_load(str(out), sglang_models(layers, experts)["mixtral"])
+    want = {k: v.float() for k, v in peft_expert_deltas(peft_model, "qwen3_moe").items()}
+    assert_loaded_exactly(loaded, want, peft_linear(peft_model), "sglang", "mixtral")
