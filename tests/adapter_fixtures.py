@@ -153,8 +153,10 @@ def random_lora(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.fl
 
 def base_config(family: str = "qwen3_moe", hidden: int = H, inter: int = I, experts: int = E,
                 layers: int = LAYERS) -> dict[str, Any]:
-    """A config.json for `family` with the given sizes (enough for --base-config)."""
-    cfg: dict[str, Any] = {"model_type": family, "hidden_size": hidden, "num_hidden_layers": layers}
+    """A config.json for `family` with the given sizes (enough for --base-config), attention as attention_lora's
+    (2 heads of 12; the size of a zero v_proj pair a target that stacks q/k/v adds)."""
+    cfg: dict[str, Any] = {"model_type": family, "hidden_size": hidden, "num_hidden_layers": layers,
+                           "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": ATTN // 2}
     if family == "qwen3_moe":
         cfg.update(moe_intermediate_size=inter, num_experts=experts)
     else:

@@ -34,6 +34,7 @@ from convert.plan.adapter_scaling import (
 )
 from convert.formats.adapter_source import AdapterSource
 from convert.plan.adapter_names import MODEL, KeyNames, expert_prefix, source_naming
+from convert.plan.adapter_rules import apply_rules
 from convert.plan.adapter_target import apply_target, target_rules
 from convert.plan.adapter_transforms import (
     FoldedBBuild, FoldedFactors, FoldedSplit, GroupedBuild, GroupedSlice, ZeroFill,
@@ -93,6 +94,23 @@ def proj_name(family: Family, role: str, names: KeyNames | None = None) -> str:
     if names is None:
         return family.per_expert[role].rsplit(".", 2)[-2]
     return names.out_module(per_expert_module(family, "P", role, 0)).rsplit(".", 1)[-1]
+
+
+def expert_leaf_renames(family: Family | None, rules: TargetRules) -> tuple[tuple[str, str], ...]:
+    """(family leaf, target leaf) of the per-expert projections `rules` names otherwise than the family
+    (rules.expert_names[0] "canonical" or "w123"); empty for "checkpoint" or an unknown family."""
+    if family is None:
+        return ()
+    out: dict[str, str] = {}
+    for role in lora_roles(family):
+        new = rules.expert_leaf(role)
+        if new is None:
+            continue
+        for template in (family.per_expert[role], family.expert_templates[role]):
+            old = template.rsplit(".", 2)[-2]
+            if old != new:
+                out[old] = new
+    return tuple(out.items())
 
 
 def fused_wrappers(family: Family, roles: tuple[str, ...]) -> list[tuple[tuple[str, ...], str]]:
@@ -222,13 +240,14 @@ class _Builder:
                 self.expert_modules.add(out_mod)
 
     def zero_pair(self, module: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...], dtype: str, scale: Scale,
-                  tail: str, expert: int | None) -> None:
-        """A LoRA pair of zeros (delta exactly 0) for output module `module`, written without reading the source."""
+                  tail: str, expert: int | None, expert_module: bool = True) -> None:
+        """A LoRA pair of zeros (delta exactly 0) for output module `module`, written without reading the source
+        (`expert_module`: a module of expert LoRA)."""
         for which, shape in (("A", shape_a), ("B", shape_b)):
             name = f"{module}.lora_{which}.weight"
             self.target(name, dtype, shape)
             self.zeros(name, numel(shape) * DTYPE_SIZES[dtype], dtype, expert)
-        self.module(module, scale, tail, (f"{module}.lora_B.weight",))
+        self.module(module, scale, tail, (f"{module}.lora_B.weight",), expert=expert_module)
 
     def zeros(self, name: str, nbytes: int, dtype: str, expert: int | None) -> None:
         """Pieces writing `nbytes` zero bytes of tensor `name`, at most one chunk each."""
@@ -260,7 +279,11 @@ def _zero_scale(config: dict[str, Any], r0: int) -> Scale:
     return scale_for_rank(config, (int(config.get("r", 8)), config.get("lora_alpha", 8)), r0)
 
 
-def _zero_rank(rules: TargetRules, g: ExpertLoraGroup) -> int:
+def _zero_rank(rules: TargetRules, g: ExpertLoraGroup, config: dict[str, Any]) -> int:
+    """The rank of a zero pair in layer `g`: adapter_config's r where the target needs every pair at r (fixed_rank),
+    else rules.zero_rank ("layer": the layer's rank)."""
+    if rules.fixed_rank:
+        return int(config.get("r", 8))
     return g.rank if rules.zero_rank == "layer" else int(rules.zero_rank)
 
 
@@ -292,7 +315,7 @@ def plan_split(src: AdapterSource, dtype: str | None, ep: int, chunk: int = DEFA
                 f"with --target per-expert first, then with fuse_adapter --layout peft --target {target}"
             )
     names = KeyNames(family, source_naming(family, groups, [*passthrough, *(f.name for g in groups for f in g.factors)]),
-                     rules.naming)
+                     rules.naming, expert_leaf_renames(family, rules))
     b = _Builder(src, dtype, chunk, names)
     b.passthrough(passthrough)
     convert = [g for g in groups if g.pattern != "per_expert"]
@@ -318,6 +341,7 @@ def plan_split(src: AdapterSource, dtype: str | None, ep: int, chunk: int = DEFA
             _split_grouped(b, g, family, prefix)
         if rules.all_roles:
             _zero_per_expert(b, g, family, prefix, rules)
+    notes += apply_rules(b, rules, src.config, src.base_config, src.display())
     b.check_unique()
     if family is not None:
         roles = sorted({r for g in groups for r in g.roles}, key=role_order(family).index)
@@ -372,7 +396,7 @@ def _split_family(groups: list[ExpertLoraGroup], src: AdapterSource) -> Family |
 
 def _zero_per_expert(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, rules: TargetRules) -> None:
     """Zero pairs for every expert of the roles layer `g` lacks (rules.all_roles)."""
-    r0 = _zero_rank(rules, g)
+    r0 = _zero_rank(rules, g, b.src.config)
     dt = b.out_dtype(g.factors[0])
     for role, (out, inn) in missing_roles(family, g):
         for e in range(g.num_experts):
@@ -410,7 +434,7 @@ def _keep_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, rul
         raise ConversionError(f"{b.where}: layer {g.prefix}: the peft wrapper of {'/'.join(partial[0])} holds only some of "
                               "its roles; the peft layout cannot hold that")
     experts = b.names.out_module(family.experts_path.format(prefix=prefix))
-    r0 = _zero_rank(rules, g)
+    r0 = _zero_rank(rules, g, b.src.config)
     for i, (parts, leaf) in enumerate(wanted):
         nest = "base_layer." * (len(wanted) - 1 - i)
         name_a, name_b = f"{experts}.{nest}lora_A.weight", f"{experts}.{nest}lora_B.weight"
@@ -608,6 +632,7 @@ def plan_fuse(src: AdapterSource, layout: str, dtype: str | None, chunk: int = D
             _fuse_grouped(b, g, family, prefix, shared_a)
         else:
             _fuse_shared(b, g, family, prefix)
+    notes += apply_rules(b, rules, src.config, src.base_config, src.display())
     if layout == "peft" and not shared_a:
         stacked = ", ".join(f"{'/'.join(p)} ({leaf})" for p, leaf, _ in lora_tensors(family) if len(p) > 1)
         notes.append(f"the roles of one fused parameter have different lora_A: {stacked}: its wrapper stacks them "
@@ -665,7 +690,7 @@ def _fuse_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, sha
             experts_path, param = template.format(prefix=prefix).rsplit(".", 1)
             experts_path = b.names.out_module(experts_path)
             nest = "base_layer." * (len(wrappers) - 1 - i)
-            r0 = _zero_rank(rules, g)
+            r0 = _zero_rank(rules, g, b.src.config)
             out, inn = dict(missing_roles(family, g))[roles[0]]
             dt = b.out_dtype(g.factors[0])
             names = []

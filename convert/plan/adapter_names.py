@@ -11,6 +11,7 @@ source's naming), then to the target's; `base_model.model.` stays.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from convert.families import Family, template_regex
@@ -19,6 +20,7 @@ from convert.formats.adapter_layouts import PEFT_PREFIX, ExpertLoraGroup
 
 MODEL, CHECKPOINT = "model", "checkpoint"
 _WEIGHT = ".weight"
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.([^.]+)$")
 
 
 def _split_prefix(name: str) -> tuple[str, str]:
@@ -29,12 +31,14 @@ def _split_prefix(name: str) -> tuple[str, str]:
 class KeyNames:
     """Renames keys of one adapter from its naming (`source`) to a target's naming (`target`).
 
-    `family` None (unknown base model) renames nothing.
+    `family` None (unknown base model) renames nothing. `leaves`: (leaf, new leaf) of per-expert projection
+    modules (`...experts.{e}.<leaf>`) the target names otherwise than the family (its `expert_names`).
     """
 
     family: Family | None
     source: str
     target: str
+    leaves: tuple[tuple[str, str], ...] = ()
 
     def _module_to(self, module: str, to_model: bool) -> str:
         assert self.family is not None
@@ -52,9 +56,15 @@ class KeyNames:
 
     def out_module(self, module: str) -> str:
         """A module path in model naming -> the target's naming."""
-        if self.family is None or self.target == MODEL:
+        if self.family is None:
             return module
-        return self._module_to(module, False)
+        out = module if self.target == MODEL else self._module_to(module, False)
+        m = _PER_EXPERT.search(out) if self.leaves else None
+        if m:
+            new = dict(self.leaves).get(m[1])
+            if new is not None:
+                out = out[: m.start(1)] + new
+        return out
 
     def module(self, module: str) -> str:
         """A module path of the source -> the target's naming."""

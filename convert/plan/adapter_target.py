@@ -27,7 +27,7 @@ from convert.plan.adapter_scaling import Scale, source_scale
 from convert.plan.adapter_transforms import ScaledWrites
 from convert.plan.base import Piece
 from convert.targets import rules as target_files
-from convert.targets.rules import TargetRules
+from convert.targets.rules import EXPERT_LEAVES, TargetRules
 
 _PER_EXPERT_MODULE = re.compile(r"\.experts\.\d+\.([^.]+)$")
 
@@ -112,9 +112,14 @@ def _scaled(piece: Piece, factors: dict[str, float]) -> Piece:
 
 
 def _target_modules(b: Any, rules: TargetRules, tm: Any, family: Family | None) -> Any:
-    """target_modules (when a list) for the output: renamed modules under their new leaf names, the experts' entries
-    replaced by what `rules` needs (the MoE module `experts`, or the per-expert projection leaves; by default the
-    leaves where the output is per-expert, nothing where it is peft's target_parameters layout)."""
+    """target_modules for the output: renamed modules under their new leaf names, the experts' entries
+    replaced by what `rules` needs (the MoE module `experts`; the canonical leaves gate_proj/up_proj/down_proj
+    for "projections"; by default the per-expert leaves where the output is per-expert, nothing where it is
+    peft's target_parameters layout). A regex string stays, unless the target needs a list
+    (target_modules_list): then the output's module leaves. With target_modules_cover (or a per-expert
+    output) every non-expert LoRA module's leaf is named."""
+    if isinstance(tm, str) and rules.target_modules_list and tm not in ("all", "all-linear"):
+        tm = []
     if not (isinstance(tm, list) or tm is None):
         return tm
     names = list(tm or [])
@@ -123,19 +128,22 @@ def _target_modules(b: Any, rules: TargetRules, tm: Any, family: Family | None) 
         if old != new and old in names:
             names = [new if t == old else t for t in names]
     projections = sorted({m[1] for key in b.expert_modules if (m := _PER_EXPERT_MODULE.search(key))})
-    family_leaves = set(projections)
+    role_of = {leaf: role for names_ in EXPERT_LEAVES.values() for role, leaf in names_.items()}
     if family is not None:
         for role in lora_roles(family):
             for template in (family.per_expert[role], family.expert_templates[role]):
-                family_leaves.add(template.rsplit(".", 2)[-2])
+                role_of[template.rsplit(".", 2)[-2]] = role
+    family_leaves = set(projections) | set(role_of)
     other_leaves = {k.rsplit(".", 1)[-1] for k in [*b.kept, *b.modules] if k not in b.expert_modules}
     names = [t for t in names if t not in family_leaves | {"experts"} or t in other_leaves]
     if rules.target_modules_experts == "experts":
         names.append("experts")
+    elif rules.target_modules_experts == "projections":
+        names += [EXPERT_LEAVES["canonical"].get(role_of.get(p, ""), p) for p in projections]
     else:
         names += projections
-    if rules.expert_layout != "peft":  # e.g. a router LoRA peft held through target_parameters: now a module
-        others = sorted(k for k in [*b.kept, *b.modules] if k not in b.expert_modules)
+    if rules.expert_layout != "peft" or rules.target_modules_cover:  # e.g. a router LoRA peft held through
+        others = sorted(k for k in [*b.kept, *b.modules] if k not in b.expert_modules)  # target_parameters: now a module
         names += [k.rsplit(".", 1)[-1] for k in others if not any(k == t or k.endswith("." + t) for t in names)]
     names = list(dict.fromkeys(names))
     return sorted(names) if names else None

@@ -269,3 +269,45 @@ class ScaledWrites:
             t = from_bytes(outs[i], self.dtypes[i], (n,)).to(torch.float32) * f
             outs[i] = to_bytes(t.to(_dtype(self.dtypes[i])))
         return outs
+
+
+@dataclass(frozen=True)
+class PadRank:
+    """Another piece's outputs with some lora_B [rows, rank] widened to [rows, to] by zero columns (delta unchanged:
+    the matching lora_A gets zero rows), where a target needs another rank than the module's.
+
+    `inner`: the piece's own compute step, or None for a byte copy/cast (as in ScaledWrites: the reads
+    concatenated, cast to the first write's dtype and cut into `sizes`, the unpadded sizes). `pads`: per write,
+    (rows, rank, to) or None.
+    """
+
+    inner: object | None
+    read_dtypes: tuple[str, ...]
+    sizes: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    pads: tuple[tuple[int, int, int] | None, ...]
+
+    def outputs(self, bufs: list[bytes | memoryview]) -> list[bytes | memoryview]:
+        """The writes' bytes, the padded ones widened."""
+        import torch
+
+        from convert.plan.transforms import cast_bytes
+
+        if self.inner is not None:
+            outs = list(self.inner.outputs(bufs))  # type: ignore[attr-defined]
+        else:
+            parts = [cast_bytes(b, d, self.dtypes[0]) for b, d in zip(bufs, self.read_dtypes)]
+            data = memoryview(parts[0] if len(parts) == 1 else b"".join(parts)).cast("B")
+            outs, pos = [], 0
+            for n in self.sizes:
+                outs.append(data[pos : pos + n])
+                pos += n
+        for i, pad in enumerate(self.pads):
+            if pad is None:
+                continue
+            rows, rank, to = pad
+            t = from_bytes(outs[i], self.dtypes[i], (rows, rank))
+            wide = torch.zeros(rows, to, dtype=t.dtype)
+            wide[:, :rank] = t
+            outs[i] = to_bytes(wide)
+        return outs

@@ -26,6 +26,17 @@ EXPERT_LAYOUTS = ("per_expert", "peft")
 EXPERT_NAMES = ("checkpoint", "canonical", "w123")
 OPTIONAL_RULES = ("modules_to_save", "target_modules_experts", "max_rank", "refuse_modules", "max_rank_flag", "needs_with")
 NAMINGS = ("checkpoint", "model")
+# The servers' own per-expert leaf names of each role (`expert_names` "canonical" and "w123"); "checkpoint"
+# is the family's (configs/families). "projections" in target_modules_experts names the canonical leaves.
+EXPERT_LEAVES: dict[str, dict[str, str]] = {
+    "canonical": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    "w123": {"gate": "w1", "up": "w3", "down": "w2"},
+}
+# The out features of the attention projections a `needs_with` zero partner may need, from the base model's
+# config.json: <key> * head_dim (`head_dim`, else hidden_size // num_attention_heads); leaves of one key share
+# their shape, so a partner present in the layer gives it first.
+PARTNER_HEADS: dict[str, str] = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads",
+                                 "v_proj": "num_key_value_heads"}
 
 
 @dataclass(frozen=True)
@@ -139,6 +150,11 @@ class TargetRules:
     needs_with: tuple[tuple[str, tuple[str, ...]], ...] = ()
     target_modules_cover: bool = False
     shared_outer: bool = False
+
+    def expert_leaf(self, role: str) -> str | None:
+        """The per-expert leaf a converter writes for `role` (gate/up/down): expert_names[0]'s name, or None where
+        that is "checkpoint" (the family's own leaf) or the convention has no name for the role."""
+        return EXPERT_LEAVES.get(self.expert_names[0], {}).get(role)
 
 
 @dataclass(frozen=True)
