@@ -111,7 +111,9 @@ def _synthetic_peft(family, path: Path, experts: int = 3, hidden: int = 12, inte
                                            if set(t.parts) <= set(lora_roles(family))})}
     write_adapter(path, tensors, config)
     base = {"model_type": family.model_types[0], "hidden_size": hidden, "intermediate_size": inter,
-            "moe_intermediate_size": inter, **{k: experts for k in family.num_experts_keys}}
+            "moe_intermediate_size": inter, **{k: experts for k in family.num_experts_keys},
+            # q_proj's output (hidden) as 2 heads: the size of the zero v_proj pair SGLang's needs_with adds
+            "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": hidden // 2}
     (path.parent / f"{path.name}-config.json").write_text(json.dumps(base))
     return deltas, path.parent / f"{path.name}-config.json"
 

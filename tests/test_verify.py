@@ -417,7 +417,8 @@ def test_adapter_verify_catches_wrong_output(adapters, capsys, tmp_path, case):
         expect = ["task_type is 'SEQ_CLS', the source has 'CAUSAL_LM'"]
     else:
         _edit_adapter(dst, lambda t, c: (t, {**c, "use_rslora": True}))
-        expect = ["use_rslora is True", "not allclose"]
+        # use_rslora may be rewritten (a target without rsLoRA gets false and rescaled B): the deltas catch it
+        expect = ["not allclose"]
     code, _, text = report(capsys, src, dst, tmp_path, "--base-config", str(base))
     assert code == 1, text
     for s in expect:

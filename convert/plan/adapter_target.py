@@ -70,8 +70,11 @@ def apply_target(
     want: dict[str, Scale] = {m: source_scale(src_config, m) for m in b.kept}
     want.update({m: o.scale for m, o in b.modules.items()})
     factors: dict[str, float] = {}
+    if src_config.get("use_rslora") and not rules.rslora:
+        out["use_rslora"] = False  # the server scales by lora_alpha / r: every lora_B below carries the difference
     for module, scale in want.items():
-        rslora = bool(src_config.get("use_rslora")) and (module not in b.expert_modules or rules.rslora_experts)
+        rslora = (bool(src_config.get("use_rslora")) and rules.rslora
+                  and (module not in b.expert_modules or rules.rslora_experts))
         f = _factor(src_config, scale, source_scale(out, module), rslora)
         if f is None:
             continue
@@ -91,7 +94,9 @@ def apply_target(
         why = []
         if dropped:
             why.append(f"it ignores {'/'.join(dropped)}")
-        if src_config.get("use_rslora") and not rules.rslora_experts:
+        if src_config.get("use_rslora") and not rules.rslora:
+            why.append("it applies no rsLoRA")
+        elif src_config.get("use_rslora") and not rules.rslora_experts:
             why.append("it applies no rsLoRA to expert LoRA")
         modules = sorted({m for m in want if any(n in factors for n in b.b_tensors.get(m, []))})
         notes.append(f"--target {rules.target}: {' and '.join(why) or 'its scaling differs'}: lora_B of {len(modules)} "

@@ -48,7 +48,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_INDEX = "adapter_model.safetensors.index.json"
 # adapter_config.json fields a layout conversion rewrites; every other field must survive unchanged
-REWRITTEN = {"r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "target_parameters"}
+# Config keys a conversion may rewrite: each side's deltas are computed under its own config, so a changed
+# scaling key (a target that applies no rsLoRA gets use_rslora false and rescaled B factors) is checked there.
+REWRITTEN = {"r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules", "target_parameters"}
 # Relative agreement of deltas when both sides hold the same factor values (float64 rounding only)
 SAME_BYTES_RTOL = 1e-12
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from convert.cli import run_main
+from convert.cli import default_workers, run_main
 from convert.errors import ConversionError, describe, set_destination
 from convert.families import detect_family
 from convert.flag_types import json_object, positive_int
@@ -542,8 +542,9 @@ def parser() -> argparse.ArgumentParser:
                         "the target the output record names); without --src, only that")
     p.add_argument("--storage-options", type=json_object, default={}, help="JSON of fsspec options")
     p.add_argument("--max-report", type=int, default=50, help="mismatches listed (default 50)")
-    p.add_argument("--workers", type=positive_int, default=4,
-                   help="threads per rank comparing in parallel (default 4; fewer where experts are large)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="threads per rank comparing in parallel (default: as a conversion's --workers, 4 to 16; "
+                        "fewer where experts are large)")
     p.add_argument("--report", default=None, help="write a JSON report here")
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     add_nproc_flag(p)
@@ -556,6 +557,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.src is None and a.target is None:
         p.error("--src is required (or --target, to check --dst against a target's rules only)")
-    opts = VerifyOptions(a.src, a.dst, a.family, a.storage_options, a.base_config, a.max_report, a.report, a.workers,
-                         a.target)
-    run_main(lambda dist: verify_job(opts, dist), a.nproc, preload_torch=True)
+
+    def job(dist: Dist) -> int:  # --workers' default depends on the ranks on this machine: known once joined
+        opts = VerifyOptions(a.src, a.dst, a.family, a.storage_options, a.base_config, a.max_report, a.report,
+                             a.workers or default_workers(a.dst), a.target)
+        return verify_job(opts, dist)
+
+    run_main(job, a.nproc, preload_torch=True)
