@@ -357,7 +357,7 @@ def _check_extra_experts(groups: list[ExpertLoraGroup], family: Family | None, r
             raise ConversionError(
                 f"{where}: layer {g.prefix}: its {more[0][0]} LoRA has {more[0][1]} experts (E = {g.num_experts}"
                 + (f" + {key}" if key else "") + f"), and {holder} holds LoRA for the model's E experts only; "
-                "convert it with --target per-expert or peft"
+                + ("use --layout peft" if layout else "convert it with --target per-expert or peft")
             )
 
 
