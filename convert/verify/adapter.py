@@ -152,13 +152,15 @@ class LoraSide:
     def load(self, storage: Storage, e: int) -> dict[str, tuple[torch.Tensor, str]]:
         out = {}
         for rl in self.roles:
+            if e >= len(rl.scaling):  # a role held by fewer experts than the layer's largest count
+                continue
             ca, cb = rl.cuts(e)
             a, b = cut_factor(storage, ca, e), cut_factor(storage, cb, e)
             out[rl.role] = ((b.double() @ a.double()) * rl.scaling[e], rl.modules[e])
         return out
 
     def expert_bytes(self, e: int) -> int:
-        return sum(c.nbytes() for rl in self.roles for c in rl.cuts(e))
+        return sum(c.nbytes() for rl in self.roles if e < len(rl.scaling) for c in rl.cuts(e))
 
 
 def _family_order(family: Family | None) -> str | None:
@@ -198,6 +200,7 @@ def lora_side(
     problems: list[str] = []
     roles = []
     for role in group.roles:
+        E = group.experts_of(role)  # more than E for a role of the family's extra_experts
         if group.pattern == "per_expert":
             fa = [group.factor((role,), "A", e) for e in range(E)]
             fb = [group.factor((role,), "B", e) for e in range(E)]
@@ -314,7 +317,7 @@ def adapter_relation(src: Storage, dst: Storage, opts: VerifyOptions) -> Relatio
         if a is None:
             problems.append(f"{dst.display()}: expert LoRA of {layer} (e.g. {b.tensors[0]!r}) is not in the source")
             continue
-        if a.num_experts != b.num_experts or set(a.roles) != set(b.roles):
+        if a.num_experts != b.num_experts or set(a.roles) != set(b.roles) or a.slots != b.slots:
             problems.append(f"{dst.display()}: layer {layer} has LoRA for {b.num_experts} experts, roles "
                             f"{list(b.roles)}; the source has {a.num_experts}, {list(a.roles)}")
             continue
@@ -329,7 +332,7 @@ def adapter_relation(src: Storage, dst: Storage, opts: VerifyOptions) -> Relatio
         same = {src_table.tensors[n].dtype for n in a.tensors} == {dst_table.tensors[n].dtype for n in b.tensors}
         eps = SAME_BYTES_RTOL if same else 4 * max(_factor_eps(src_table, a), _factor_eps(dst_table, b))
         rank = max(a.rank, b.rank)
-        experts.append(ExpertCheck(layer, a.num_experts, side_a, side_b, exact=False, rtol=eps,
+        experts.append(ExpertCheck(layer, a.slots, side_a, side_b, exact=False, rtol=eps,
                                    rel_atol=eps * math.sqrt(rank + 1)))
 
     passes = []
