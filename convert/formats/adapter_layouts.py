@@ -76,7 +76,9 @@ class ExpertLoraGroup:
     fused tensor does: "concat" (halves) or "interleave" (role j = rows j::k); None when no factor
     holds several roles or the family is unknown;
     `target_param`: (role tuple, parameter name) of each peft wrapper, innermost first (the
-    family's fused tensors, e.g. qwen3_moe's two wrappers of its 2-role and 1-role tensors).
+    family's fused tensors, e.g. qwen3_moe's two wrappers of its 2-role and 1-role tensors);
+    `role_experts`: (role, count) of roles held by more experts than `num_experts` (E), the
+    family's `extra_experts` (e.g. a fused gate_up of E + zero experts); every other role has E.
     """
 
     prefix: str
@@ -92,6 +94,16 @@ class ExpertLoraGroup:
     family: str | None = None
     fused_order: str | None = None
     target_param: tuple[tuple[tuple[str, ...], str], ...] = ()
+    role_experts: tuple[tuple[str, int], ...] = ()
+
+    def experts_of(self, role: str) -> int:
+        """How many experts hold `role`'s LoRA: E, or more for a role of the family's `extra_experts`."""
+        return dict(self.role_experts).get(role, self.num_experts)
+
+    @property
+    def slots(self) -> int:
+        """How many experts hold at least one role (E unless some role has extra experts)."""
+        return max([self.num_experts, *(n for _, n in self.role_experts)])
 
     def rank_of(self, role: str) -> int:
         """The per-expert rank of `role`."""
@@ -322,7 +334,8 @@ def detect_expert_lora(
             prefixes[prefix] = pattern
 
     hidden, inter, base_e = base_dims(base_config, guess.family)
-    ctx = _Context(where, adapter_config, guess, hidden, inter, base_e, roles_of_proj)
+    counts = guess.family.role_experts(base_config, base_e, "--base-config") if base_config and guess.family and base_e else None
+    ctx = _Context(where, adapter_config, guess, hidden, inter, base_e, roles_of_proj, counts)
     groups: list[ExpertLoraGroup] = []
     for prefix in sorted(prefixes, key=_natural):
         pattern = prefixes[prefix]
@@ -347,6 +360,7 @@ class _Context:
     inter: int | None
     base_experts: int | None
     roles_of_proj: dict[str, str]
+    role_counts: dict[str, int] | None = None  # role -> experts holding it, from --base-config (E + extra_experts)
 
     @property
     def family_name(self) -> str | None:
@@ -384,6 +398,15 @@ class _Context:
             return self.hidden, self.inter
         return self.inter, self.hidden
 
+    def extra_key(self, role: str) -> str | None:
+        """The config key of the extra experts holding `role` (the family's `extra_experts`), None when it has none."""
+        return self.guess.family.extra_experts.get(role) if self.guess.family else None
+
+    def role_experts(self, num: int, found: dict[str, int]) -> tuple[tuple[str, int], ...]:
+        """(role, count) of the roles held by more than `num` experts: `found` (detected), --base-config's counts."""
+        merged = {**(self.role_counts or {}), **found}
+        return tuple((r, n) for r, n in merged.items() if n != num)
+
     def check_experts(self, prefix: str, num: int, name: str) -> None:
         if self.base_experts is not None and num != self.base_experts:
             raise ConversionError(
@@ -399,6 +422,7 @@ def _natural(name: str) -> list[object]:
 def _summary(
     ctx: _Context, prefix: str, pattern: str, num: int, role_rank: dict[str, int], role_dims: dict[str, tuple[int, int]],
     factors: list[LoraFactor], needs_order: bool, target_param: tuple[tuple[tuple[str, ...], str], ...] = (),
+    role_experts: tuple[tuple[str, int], ...] = (),
 ) -> ExpertLoraGroup:
     for role, (out, inn) in role_dims.items():
         want_out, want_in = ctx.expected(role)
@@ -430,7 +454,7 @@ def _summary(
         dtypes=tuple(sorted({f.dtype for f in factors})), tensors=tuple(sorted(f.name for f in factors)),
         role_rank=tuple((r, role_rank[r]) for r in roles), role_dims=tuple((r, role_dims[r]) for r in roles),
         factors=tuple(factors), family=ctx.family_name, fused_order=ctx.order if needs_order else None,
-        target_param=target_param,
+        target_param=target_param, role_experts=role_experts,
     )
 
 
@@ -453,24 +477,31 @@ def _per_expert(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> Exp
             )
         by[key] = info
     roles = sorted({k[0] for k in by}, key=ctx.roles.index)
-    num = max(k[1] for k in by) + 1
-    if ctx.base_experts is not None and num > ctx.base_experts:
-        raise ConversionError(
-            f"{ctx.where}: layer {prefix} has LoRA for expert {num - 1}, but --base-config says "
-            f"{ctx.base_experts} experts"
-        )
-    num = ctx.base_experts or num
+    top = {role: max(k[1] for k in by if k[0] == role) + 1 for role in roles}
+    plain = [top[r] for r in roles if not ctx.extra_key(r)]
+    num = max(plain or top.values())
+    counts = {r: max(top[r], num) if ctx.extra_key(r) else num for r in roles}
+    if ctx.base_experts is not None:
+        for role in roles:
+            want = (ctx.role_counts or {}).get(role, ctx.base_experts)
+            if top[role] > want:
+                raise ConversionError(
+                    f"{ctx.where}: layer {prefix} has LoRA for expert {top[role] - 1}, but --base-config says "
+                    f"{want} experts" + (f" for role {role} (E + {ctx.extra_key(role)})" if want != ctx.base_experts else "")
+                )
+            counts[role] = want
+        num = ctx.base_experts
     role_rank: dict[str, int] = {}
     role_dims: dict[str, tuple[int, int]] = {}
     factors = []
     for role in roles:
-        for e in range(num):
+        for e in range(counts[role]):
             a, b = by.get((role, e, "A")), by.get((role, e, "B"))
             if a is None or b is None:
                 other = by.get((role, e, "B" if a is None else "A")) or next(iter(by.values()))
                 raise ConversionError(
                     f"{ctx.where}: layer {prefix}: the {role} lora_{'A' if a is None else 'B'} of expert {e} is missing "
-                    f"(found e.g. {other.name!r}; expected all {num} experts)"
+                    f"(found e.g. {other.name!r}; expected all {counts[role]} experts)"
                 )
             r, inn = a.shape
             out, rb = b.shape
@@ -488,7 +519,8 @@ def _per_expert(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> Exp
                 )
             factors.append(LoraFactor(a.name, (role,), "A", e, a.shape, a.dtype))
             factors.append(LoraFactor(b.name, (role,), "B", e, b.shape, b.dtype))
-    return _summary(ctx, prefix, "per_expert", num, role_rank, role_dims, factors, needs_order=False)
+    return _summary(ctx, prefix, "per_expert", num, role_rank, role_dims, factors, needs_order=False,
+                    role_experts=ctx.role_experts(num, counts))
 
 
 def _peft(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> ExpertLoraGroup:
@@ -523,7 +555,7 @@ def _peft(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> ExpertLor
         for t in (ctx.adapter_config.get("target_parameters") or [])
         if t.rsplit(".", 1)[-1] in params
     }
-    options: list[tuple[dict[int, tuple[str, ...]], int, dict[int, int]]] = []
+    options: list[tuple[dict[int, tuple[str, ...]], int, dict[int, int], dict[str, int]]] = []
     depths = sorted(wrappers)
     assignments: list[dict[int, tuple[str, ...]]] = []
     for ts in tensor_sets:
@@ -533,9 +565,9 @@ def _peft(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> ExpertLor
                 assignments.append(assign)
     reasons: list[str] = []
     for assign in assignments:
-        ok, why, num, ranks = _peft_check(ctx, prefix, wrappers, assign, targeted, name_of)
+        ok, why, num, ranks, counts = _peft_check(ctx, prefix, wrappers, assign, targeted, name_of)
         if ok:
-            options.append((assign, num, ranks))
+            options.append((assign, num, ranks, counts))
         else:
             reasons.append(why)
     described = "; ".join(f"{w['A'].name} {list(w['A'].shape)} / {list(w['B'].shape)}" for w in wrappers.values())
@@ -554,7 +586,7 @@ def _peft(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> ExpertLor
             f"{ctx.where}: layer {prefix}: cannot tell by shape which of {known} peft expert LoRA {described} is "
             "for; pass --base-config (the base model's config.json) so the hidden and intermediate sizes decide"
         )
-    assign, num, ranks = options[0]
+    assign, num, ranks, counts = options[0]
     role_rank: dict[str, int] = {}
     role_dims: dict[str, tuple[int, int]] = {}
     factors: list[LoraFactor] = []
@@ -568,7 +600,8 @@ def _peft(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> ExpertLor
         factors.append(LoraFactor(b.name, roles, "B", None, b.shape, b.dtype))
     target_param = tuple((assign[d], name_of[assign[d]]) for d in sorted(assign, reverse=True))
     return _summary(ctx, prefix, "peft_target_parameters", num, role_rank, role_dims, factors,
-                    needs_order=any(len(r) > 1 for r in assign.values()), target_param=target_param)
+                    needs_order=any(len(r) > 1 for r in assign.values()), target_param=target_param,
+                    role_experts=ctx.role_experts(num, counts))
 
 
 def _nested_in_order(assign: dict[int, tuple[str, ...]], declared: list[tuple[str, ...]]) -> bool:
@@ -580,10 +613,11 @@ def _nested_in_order(assign: dict[int, tuple[str, ...]], declared: list[tuple[st
 def _peft_check(
     ctx: _Context, prefix: str, wrappers: dict[int, dict[str, TensorInfo]], assign: dict[int, tuple[str, ...]],
     targeted: set[tuple[str, ...]], name_of: dict[tuple[str, ...], str],
-) -> tuple[bool, str, int, dict[int, int]]:
-    """Whether `assign` (wrapper depth -> roles) fits the shapes, config and base dims; with E and ranks."""
+) -> tuple[bool, str, int, dict[int, int], dict[str, int]]:
+    """Whether `assign` (wrapper depth -> roles) fits the shapes, config and base dims; with E, the ranks and each
+    role's expert count (more than E for roles of the family's `extra_experts`)."""
     dims: dict[tuple[str, ...], tuple[int, int]] = {}
-    nums: set[int] = set()
+    nums: dict[int, int] = {}
     ranks: dict[int, int] = {}
     for depth, roles in assign.items():
         a, b = wrappers[depth]["A"], wrappers[depth]["B"]
@@ -591,47 +625,59 @@ def _peft_check(
         out = b.shape[0]
         param = name_of.get(roles, "/".join(roles))
         if targeted and roles not in targeted:
-            return False, f"target_parameters does not list {param}", 0, {}
+            return False, f"target_parameters does not list {param}", 0, {}, {}
         if out % len(roles):
-            return False, f"{b.name} has {out} rows, which do not split into {len(roles)} roles of {param}", 0, {}
+            return False, f"{b.name} has {out} rows, which do not split into {len(roles)} roles of {param}", 0, {}, {}
         per_out = out // len(roles)
         want_out, want_in = ctx.expected(roles[0])
         if (want_out is not None and per_out != want_out) or (want_in is not None and inn != want_in):
-            return False, f"{param} needs [out, in] = [{want_out}, {want_in}] per role", 0, {}
+            return False, f"{param} needs [out, in] = [{want_out}, {want_in}] per role", 0, {}, {}
         dims[roles] = (per_out, inn)
         key = module_key(prefix, "experts", param)
         r = pattern_value(ctx.adapter_config.get("rank_pattern"), key, ctx.adapter_config.get("r"))
         if isinstance(r, int) and r > 0:
             if folded % r:
-                return False, f"{a.name} dim 0 = {folded} is not a multiple of r = {r}", 0, {}
+                return False, f"{a.name} dim 0 = {folded} is not a multiple of r = {r}", 0, {}, {}
             num = folded // r
         elif ctx.base_experts:
-            num = ctx.base_experts
+            num = (ctx.role_counts or {}).get(roles[0], ctx.base_experts)
             if folded % num:
-                return False, f"{a.name} dim 0 = {folded} is not a multiple of E = {num}", 0, {}
+                return False, f"{a.name} dim 0 = {folded} is not a multiple of E = {num}", 0, {}, {}
             r = folded // num
         else:
             raise ConversionError(
                 f"{ctx.where}: adapter_config.json has no rank r, so the expert count folded into {a.name!r} "
                 f"{list(a.shape)} is unknown; pass --base-config"
             )
-        nums.add(num)
+        nums[depth] = num
         ranks[depth] = r
-    if len(nums) > 1:
-        return False, f"the wrappers imply different expert counts {sorted(nums)}", 0, {}
+    plain = {nums[d] for d, roles in assign.items() if not ctx.extra_key(roles[0])}
+    if len(plain) > 1:
+        return False, f"the wrappers imply different expert counts {sorted(set(nums.values()))}", 0, {}, {}
+    num = plain.pop() if plain else min(nums.values())
+    if ctx.role_counts and ctx.base_experts:
+        num = ctx.base_experts
+    for d, roles in assign.items():
+        want = (ctx.role_counts or {}).get(roles[0], num) if ctx.base_experts else num
+        if ctx.extra_key(roles[0]) and not ctx.base_experts:
+            want = max(want, nums[d])  # E + the extra experts, whatever their number
+        if nums[d] != want:
+            key = ctx.extra_key(roles[0])
+            return False, (f"{name_of.get(roles, '/'.join(roles))} holds {nums[d]} experts, expected {want}"
+                           + (f" (E + {key})" if key else " (E)")), 0, {}, {}
     sides: dict[bool, tuple[tuple[str, ...], tuple[int, int]]] = {}
     for roles, d in dims.items():
         output = ctx.is_output(roles[0])
         if output is not None:
             sides.setdefault(output, (roles, d))
             if d != sides[output][1]:
-                return False, f"{name_of.get(roles)} and {name_of.get(sides[output][0])} differ in [out, in]", 0, {}
+                return False, f"{name_of.get(roles)} and {name_of.get(sides[output][0])} differ in [out, in]", 0, {}, {}
     if True in sides and False in sides:
         (i_roles, (i_out, i_in)), (o_roles, (o_out, o_in)) = sides[False], sides[True]
         if (i_out, i_in) != (o_in, o_out):
             return False, (f"{name_of.get(i_roles)} [out, in] = [{i_out}, {i_in}] is not the transpose of "
-                           f"{name_of.get(o_roles)}'s [{o_out}, {o_in}]"), 0, {}
-    return True, "", nums.pop(), ranks
+                           f"{name_of.get(o_roles)}'s [{o_out}, {o_in}]"), 0, {}, {}
+    return True, "", num, ranks, {role: nums[d] for d, roles in assign.items() for role in roles}
 
 
 def _shared(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> ExpertLoraGroup:

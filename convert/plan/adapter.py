@@ -314,6 +314,7 @@ def plan_split(src: AdapterSource, dtype: str | None, ep: int, chunk: int = DEFA
                 f"target_parameters layout, and layer {other[0].prefix} is in the {other[0].pattern} layout: convert it "
                 f"with --target per-expert first, then with fuse_adapter --layout peft --target {target}"
             )
+    _check_extra_experts(groups, family, rules, src.display())
     names = KeyNames(family, source_naming(family, groups, [*passthrough, *(f.name for g in groups for f in g.factors)]),
                      rules.naming, expert_leaf_renames(family, rules))
     b = _Builder(src, dtype, chunk, names)
@@ -364,8 +365,24 @@ def plan_split(src: AdapterSource, dtype: str | None, ep: int, chunk: int = DEFA
     desc = (f"split_adapter --target {target}: {'/'.join(patterns)} -> {out_layout}; {len(groups)} expert layers"
             + (f", E={max(g.num_experts for g in groups)}" if groups else "") + (f", family {family.name}" if family else "")
             + f", {rules.naming} names")
-    return AdapterPlan(desc, b.targets, b.pieces, max((g.num_experts for g in groups), default=1), config, groups, notes,
+    return AdapterPlan(desc, b.targets, b.pieces, max((g.slots for g in groups), default=1), config, groups, notes,
                        target=target, family=family.name if family else None)
+
+
+def _check_extra_experts(groups: list[ExpertLoraGroup], family: Family | None, rules: TargetRules, where: str,
+                         layout: str | None = None) -> None:
+    """Refuse layers with roles held by more experts than E (the family's `extra_experts`) where the output cannot
+    hold them: a target whose loader takes experts e < E only (`rules.extra_experts` false), or `layout` (one E)."""
+    for g in groups:
+        more = [(r, g.experts_of(r)) for r in g.roles if g.experts_of(r) != g.num_experts]
+        if more and (layout or not rules.extra_experts):
+            key = family.extra_experts.get(more[0][0]) if family else None
+            holder = layout or f"--target {rules.target} (its loader: docs/SERVERS.md)"
+            raise ConversionError(
+                f"{where}: layer {g.prefix}: its {more[0][0]} LoRA has {more[0][1]} experts (E = {g.num_experts}"
+                + (f" + {key}" if key else "") + f"), and {holder} holds LoRA for the model's E experts only; "
+                + ("use --layout peft" if layout else "convert it with --target per-expert or peft")
+            )
 
 
 def _peft_parameters(config: dict[str, Any], family: Family, roles: list[str]) -> list[str]:
@@ -399,7 +416,7 @@ def _zero_per_expert(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: st
     r0 = _zero_rank(rules, g, b.src.config)
     dt = b.out_dtype(g.factors[0])
     for role, (out, inn) in missing_roles(family, g):
-        for e in range(g.num_experts):
+        for e in range(g.experts_of(role)):
             module = b.names.out_module(per_expert_module(family, prefix, role, e))
             tail = r"experts\.\d+\." + re.escape(module.rsplit(".", 1)[-1])
             b.zero_pair(module, (r0, inn), (out, r0), dt, _zero_scale(b.src.config, r0), tail, e)
@@ -450,7 +467,7 @@ def _keep_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, rul
             continue
         out, inn = missing_roles(family, g)[[r for r, _ in missing_roles(family, g)].index(parts[0])][1]
         dt = b.out_dtype(g.factors[0])
-        E = g.num_experts
+        E = g.experts_of(parts[0])
         for name, shape in ((name_a, (E * r0, inn)), (name_b, (out * len(parts), r0 * E))):
             b.target(name, dt, shape)
             b.zeros(name, numel(shape) * DTYPE_SIZES[dt], dt, None)
@@ -458,10 +475,11 @@ def _keep_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, rul
 
 
 def _split_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, ep: int) -> None:
-    """One piece per EP slice: every wrapper's lora_A rows of the slice's experts and its whole lora_B."""
-    E = g.num_experts
+    """One piece per EP slice (and per run of its experts held by the same wrappers, where a role has more experts
+    than E): every such wrapper's lora_A rows of those experts and its whole lora_B."""
     wrappers, reads_of, names_of = [], [], []
     for roles, param in g.target_param:
+        E = g.experts_of(roles[0])
         fa, fb = g.factor(roles, "A"), g.factor(roles, "B")
         r = g.rank_of(roles[0])
         out, inn = g.dims_of(roles[0])
@@ -474,21 +492,30 @@ def _split_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, ep
         wrappers.append(FoldedFactors(fa.dtype, fb.dtype, out * len(roles), inn, r, E, len(roles), order, da, db))
         reads_of.append((b.ref(fa), b.ref(fb)))
         names_of.append((roles, names, r * inn * DTYPE_SIZES[da], out * r * DTYPE_SIZES[db], da, db))
-    for experts in expert_slices(E, ep):
-        if not len(experts):
-            continue
-        reads: list[Read] = []
-        writes: list[Write] = []
-        for f, (ra, rb), (roles, names, a_bytes, b_bytes, da, db) in zip(wrappers, reads_of, names_of):
-            a_rows = f.rank * f.inn
-            first = _block_read(ra, experts.start, a_rows)
-            reads += [Read(ra.file, first.start, first.start + len(experts) * (first.end - first.start), ra.info.dtype),
-                      Read(rb.file, rb.info.start, rb.info.end, rb.info.dtype)]
-            for e in experts:
-                for role in roles:
-                    writes += [Write(names[(role, e)][0], 0, a_bytes, da), Write(names[(role, e)][1], 0, b_bytes, db)]
-        split = FoldedSplit(tuple(wrappers), experts.start, experts.stop)
-        b.pieces.append(Piece(tuple(reads), tuple(writes), split, experts.start))  # type: ignore[arg-type]
+    bounds = sorted({f.experts for f in wrappers})
+    for whole in expert_slices(g.slots, ep):
+        cuts = [whole.start, *(n for n in bounds if whole.start < n < whole.stop), whole.stop]
+        for experts in (range(lo, hi) for lo, hi in zip(cuts, cuts[1:])):
+            if len(experts):
+                _split_peft_piece(b, experts, wrappers, reads_of, names_of)
+
+
+def _split_peft_piece(b: _Builder, experts: range, wrappers: list[FoldedFactors],
+                      reads_of: list[tuple[TensorRef, TensorRef]], names_of: list[Any]) -> None:
+    """The piece splitting `experts` (held by the same wrappers) out of every wrapper that holds them."""
+    held = [i for i, f in enumerate(wrappers) if experts.stop <= f.experts]
+    reads: list[Read] = []
+    writes: list[Write] = []
+    for i in held:
+        f, (ra, rb), (roles, names, a_bytes, b_bytes, da, db) = wrappers[i], reads_of[i], names_of[i]
+        first = _block_read(ra, experts.start, f.rank * f.inn)
+        reads += [Read(ra.file, first.start, first.start + len(experts) * (first.end - first.start), ra.info.dtype),
+                  Read(rb.file, rb.info.start, rb.info.end, rb.info.dtype)]
+        for e in experts:
+            for role in roles:
+                writes += [Write(names[(role, e)][0], 0, a_bytes, da), Write(names[(role, e)][1], 0, b_bytes, db)]
+    split = FoldedSplit(tuple(wrappers[i] for i in held), experts.start, experts.stop)
+    b.pieces.append(Piece(tuple(reads), tuple(writes), split, experts.start))  # type: ignore[arg-type]
 
 
 def _split_shared(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str) -> None:
@@ -606,6 +633,7 @@ def plan_fuse(src: AdapterSource, layout: str, dtype: str | None, chunk: int = D
     if layout != "peft" and target != "peft":
         raise ConversionError(f"fuse_adapter --layout {layout}: no target loads this layout; leave --target at its "
                               "default (peft names and adapter_config.json)")
+    _check_extra_experts(groups, family, rules, src.display(), None if layout == "peft" else f"the {layout} layout")
     names = KeyNames(family, source_naming(family, groups, [*passthrough, *(f.name for g in groups for f in g.factors)]),
                      rules.naming)
     b = _Builder(src, dtype, chunk, names)
@@ -620,7 +648,7 @@ def plan_fuse(src: AdapterSource, layout: str, dtype: str | None, chunk: int = D
         pairs = [
             (b.ref(g.factor((parts[0],), "A", e)), b.ref(g.factor((other,), "A", e)))
             for g in groups for parts in stacks if set(parts) <= set(g.roles)
-            for other in parts[1:] for e in range(g.num_experts)
+            for other in parts[1:] for e in range(g.experts_of(parts[0]))
         ]
         shared_a = _pairs_identical(src, pairs)
     params: set[str] = set()
@@ -657,7 +685,7 @@ def plan_fuse(src: AdapterSource, layout: str, dtype: str | None, chunk: int = D
     notes += more
     desc = (f"fuse_adapter --target {target}: per_expert -> {layout}; {len(groups)} expert layers, "
             f"E={max(g.num_experts for g in groups)}, family {family.name}, {rules.naming} names")
-    return AdapterPlan(desc, b.targets, b.pieces, max(g.num_experts for g in groups), config, groups, notes,
+    return AdapterPlan(desc, b.targets, b.pieces, max(g.slots for g in groups), config, groups, notes,
                        target=target, family=family.name)
 
 
@@ -665,7 +693,7 @@ def _group_scale(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, r
     """The one (r, alpha) of every expert of `roles` in the per-expert source; refuses if they differ."""
     scales = {
         source_scale(b.src.config, module_key(lora_module(g.factor((role,), "A", e).name)))
-        for role in roles for e in range(g.num_experts)
+        for role in roles for e in range(g.experts_of(role))
     }
     ranks = {g.rank_of(role) for role in roles}
     if len(scales) != 1 or len(ranks) != 1:
@@ -680,10 +708,10 @@ def _fuse_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, sha
                rules: TargetRules | None = None) -> set[str]:
     """The peft wrappers of layer `g` (and, with rules.all_roles, a zero wrapper for each fused parameter none of
     whose roles the layer has); returns the target_parameters entries."""
-    E = g.num_experts
     wrappers = fused_wrappers(family, tuple(lora_roles(family)) if rules and rules.all_roles else g.roles)
     targeted = set()
     for i, (roles, template) in enumerate(wrappers):
+        E = g.experts_of(roles[0])
         missing = [r for r in roles if r not in g.roles]
         if missing and len(missing) == len(roles):
             assert rules is not None

@@ -311,7 +311,8 @@ def _per_expert_roles(rules: TargetRules, per: dict[str, dict[int, dict[str, int
     roles = [r for r in ROLES if family is None or r in family.role_leaves or not set(ROLES) & set(family.role_leaves)]
     for moe, experts in sorted(per.items()):
         n = num_experts if num_experts is not None else max(experts) + 1
-        beyond = sorted(e for e in experts if e >= n)
+        extra = set(family.extra_experts) if family is not None and rules.extra_experts else set()
+        beyond = sorted(e for e in experts if e >= n and set(experts[e]) - extra)  # roles held by E + extra experts
         if beyond:
             out.append(Finding(REFUSE, f"{moe}.experts.{beyond[0]}: expert index {beyond[0]} but the model has E={n}"))
         if rules.all_roles:

@@ -24,7 +24,8 @@ TARGETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "targets"
 TARGETS = ("vllm", "sglang", "peft", "per-expert")
 EXPERT_LAYOUTS = ("per_expert", "peft")
 EXPERT_NAMES = ("checkpoint", "canonical", "w123")
-OPTIONAL_RULES = ("modules_to_save", "target_modules_experts", "max_rank", "refuse_modules", "max_rank_flag", "needs_with")
+OPTIONAL_RULES = ("modules_to_save", "target_modules_experts", "max_rank", "refuse_modules", "max_rank_flag", "needs_with",
+                  "extra_experts")
 NAMINGS = ("checkpoint", "model")
 # The servers' own per-expert leaf names of each role (`expert_names` "canonical" and "w123"); "checkpoint"
 # is the family's (configs/families). "projections" in target_modules_experts names the canonical leaves.
@@ -76,7 +77,9 @@ class RulesSpec:
     non-expert LoRA module's leaf must be named in target_modules (or target_modules is
     "all"/"all-linear"): the loader finds a weight's buffer through them; `shared_outer`: the
     loader also takes the 3-D shared-outer layout (`experts.w1/w3` lora_A [1, r, H] shared,
-    lora_B [E, I, r]; `experts.w2` lora_A [E, r, I], lora_B [1, H, r] shared).
+    lora_B [E, I, r]; `experts.w2` lora_A [E, r, I], lora_B [1, H, r] shared);
+    `extra_experts`: whether the loader takes LoRA for experts e >= E, held by the roles of a family's
+    `extra_experts` (absent: true; a server whose expert count is the model's E says false).
     "projections" in `target_modules_experts` means the canonical leaves gate_proj, up_proj
     and down_proj (or gate_up_proj), whatever the family calls them.
     """
@@ -105,6 +108,7 @@ class RulesSpec:
     needs_with: dict[str, list[str]] | None = None
     target_modules_cover: bool | None = None
     shared_outer: bool | None = None
+    extra_experts: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,7 @@ class TargetRules:
     needs_with: tuple[tuple[str, tuple[str, ...]], ...] = ()
     target_modules_cover: bool = False
     shared_outer: bool = False
+    extra_experts: bool = True
 
     def expert_leaf(self, role: str) -> str | None:
         """The per-expert leaf a converter writes for `role` (gate/up/down): expert_names[0]'s name, or None where
@@ -180,7 +185,7 @@ class Target:
         return TargetRules(
             target=self.name, family=family, source=self.spec.source,
             **{**merged, "bias": tuple(merged["bias"]), "modules_to_save": None if mts is None else tuple(mts),
-               "expert_names": tuple(merged["expert_names"]),
+               "expert_names": tuple(merged["expert_names"]), "extra_experts": merged["extra_experts"] is not False,
                "refuse_modules": tuple((merged["refuse_modules"] or {}).items()),
                "needs_with": tuple((k, tuple(v)) for k, v in (merged["needs_with"] or {}).items())},
         )

@@ -194,6 +194,8 @@ class LoraSide:
             if rl.zero == "absent":
                 out[rl.role] = (None, rl.modules[e])  # type: ignore[assignment]
                 continue
+            if e >= len(rl.scaling):  # a role held by fewer experts than the layer's largest count
+                continue
             ca, cb = rl.cuts(e)
             a, b = cut_factor(storage, ca, e), cut_factor(storage, cb, e)
             if rl.zero == "zero":
@@ -209,7 +211,7 @@ class LoraSide:
         return out
 
     def expert_bytes(self, e: int) -> int:
-        return sum(c.nbytes() for rl in self.roles if rl.zero != "absent" for c in rl.cuts(e))
+        return sum(c.nbytes() for rl in self.roles if rl.zero != "absent" and e < len(rl.scaling) for c in rl.cuts(e))
 
 
 def _family_order(family: Family | None) -> str | None:
@@ -258,6 +260,7 @@ def lora_side(
     problems: list[str] = []
     roles = []
     for role in group.roles:
+        E = group.experts_of(role)  # more than E for a role of the family's extra_experts
         if group.pattern == "per_expert":
             fa = [group.factor((role,), "A", e) for e in range(E)]
             fb = [group.factor((role,), "B", e) for e in range(E)]
@@ -314,7 +317,7 @@ def _pair_roles(src: LoraSide, dst: LoraSide, num_experts: int) -> tuple[LoraSid
             dst_roles.append(dataclasses.replace(rl, zero="zero"))
             continue
         factors = tuple(None if mine.scaling[e] == rl.scaling[e] else mine.scaling[e] / rl.scaling[e]
-                        for e in range(num_experts))
+                        for e in range(min(len(mine.scaling), len(rl.scaling))))
         if any(f is not None for f in factors):
             mine = dataclasses.replace(mine, scaling=rl.scaling, rescale=factors)
         src_roles.append(mine)
@@ -442,7 +445,7 @@ def adapter_relation(src: Storage, dst: Storage, opts: VerifyOptions) -> Relatio
         if b is None:
             problems.append(f"{dst.display()}: the expert LoRA of {layer} (e.g. {a.tensors[0]!r}) is missing")  # type: ignore[union-attr]
             continue
-        if a is not None and (a.num_experts != b.num_experts or not set(a.roles) <= set(b.roles)):
+        if a is not None and (a.num_experts != b.num_experts or not set(a.roles) <= set(b.roles) or a.slots != b.slots):
             problems.append(f"{dst.display()}: layer {layer} has LoRA for {b.num_experts} experts, roles "
                             f"{list(b.roles)}; the source has {a.num_experts}, {list(a.roles)}")
             continue
@@ -462,7 +465,7 @@ def adapter_relation(src: Storage, dst: Storage, opts: VerifyOptions) -> Relatio
         same = {t.dtype for t in src_t} <= {dst_table.tensors[n].dtype for n in b.tensors}
         eps = SAME_BYTES_RTOL if same else 4 * max(_factor_eps(src_table, a) if a else 0.0, _factor_eps(dst_table, b))
         rank = max(a.rank if a else 0, b.rank)
-        experts.append(ExpertCheck(layer, b.num_experts, side_a, side_b, exact=False, rtol=eps,
+        experts.append(ExpertCheck(layer, b.slots, side_a, side_b, exact=False, rtol=eps,
                                    rel_atol=eps * math.sqrt(rank + 1)))
 
     passes = []
