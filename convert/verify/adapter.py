@@ -304,7 +304,7 @@ def lora_side(
     return LoraSide(tuple(roles)), problems
 
 
-def _pair_roles(src: LoraSide, dst: LoraSide, num_experts: int) -> tuple[LoraSide, LoraSide]:
+def _pair_roles(src: LoraSide, dst: LoraSide) -> tuple[LoraSide, LoraSide]:
     """The two sides of one layer made comparable: a role only the destination has must be an exact zero pair
     there; where the destination's scaling s' differs from the source's s, the source's B is rescaled by s/s'
     as a target rescaling writes it (float32, rounded once) and scaled by s', so only that exact result passes."""
@@ -460,7 +460,7 @@ def adapter_relation(src: Storage, dst: Storage, opts: VerifyOptions) -> Relatio
         if pa:
             raise CannotVerify(f"the source adapter disagrees with its own config: {pa[0]}")
         problems += pb
-        side_a, side_b = _pair_roles(side_a, side_b, b.num_experts)
+        side_a, side_b = _pair_roles(side_a, side_b)
         src_t = [src_table.tensors[n] for n in a.tensors] if a is not None else []
         same = {t.dtype for t in src_t} <= {dst_table.tensors[n].dtype for n in b.tensors}
         eps = SAME_BYTES_RTOL if same else 4 * max(_factor_eps(src_table, a) if a else 0.0, _factor_eps(dst_table, b))
