@@ -33,9 +33,13 @@ class GroupError(ConnectionError):
     """The group is gone: another rank left without finishing, or the hub stopped."""
 
 
-def _send(sock: socket.socket, obj: Any) -> None:
+def _frame(obj: Any) -> bytes:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    sock.sendall(_LEN.pack(len(data)) + data)
+    return _LEN.pack(len(data)) + data
+
+
+def _send(sock: socket.socket, obj: Any) -> None:
+    sock.sendall(_frame(obj))
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -117,9 +121,9 @@ class Hub:
             parts[rank] = part
             if len(parts) == self.world:
                 del self.parts[seq]
-                result = [parts[r] for r in range(self.world)]
+                frame = _frame([parts[r] for r in range(self.world)])  # pickled once (a plan can be large)
                 for r in sorted(self.coll, reverse=True):  # rank 0 last: it may exit right after its reply
-                    _send(self.coll[r], result)
+                    self.coll[r].sendall(frame)
 
     def _shut(self) -> None:
         for conn in list(self.bufs):
