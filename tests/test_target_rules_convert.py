@@ -120,6 +120,25 @@ def test_gpt_oss_router_lora_is_refused_for_sglang(tmp_path: Path) -> None:
     assert not (out / "adapter_model.safetensors").exists()
 
 
+def test_deepseek_router_lora_is_refused_for_sglang_by_its_model_type(tmp_path: Path) -> None:
+    """DeepSeek-V3 shares the qwen3_moe family's tables, but SGLang's DeepSeek router (MoEGate) takes no LoRA: a
+    model-type override of the target refuses it (the emulation, given that router LoRA, refuses too), and
+    inspect says so; Qwen3-MoE's router LoRA still converts for SGLang."""
+    _, src, config, layers, experts = _adapter(tmp_path, "deepseek_v3", ["q_a_proj", "kv_a_proj_with_mqa", "o_proj"],
+                                               [*EXPERTS, "mlp.gate.weight"])
+    out = tmp_path / "out"
+    proc = _split(src, config, out, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "mlp.gate" in proc.stderr and "MoEGate" in proc.stderr
+    assert not out.exists() or not (out / "adapter_model.safetensors").exists()
+    report = run_tool("convert.inspect", str(src), "--base-config", str(config), "--json")
+    assert json.loads(report.stdout)["servers"]["sglang"]["loads"] is False
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    _, src2, config2, _, _ = _adapter(qwen, "qwen3_moe", ["q_proj", "v_proj"], [*EXPERTS, "mlp.gate.weight"])
+    assert _split(src2, config2, qwen / "out").returncode == 0
+
+
 
 def test_mixtral_per_expert_w123_source_gets_canonical_leaves_for_sglang(tmp_path: Path) -> None:
     """expert_names: a per-expert Mixtral adapter under its checkpoint leaves (w1/w3/w2, as --target vllm writes it)

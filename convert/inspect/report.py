@@ -235,19 +235,21 @@ def inspect_adapter(
         verdict.refuse("invalid_expert_lora", str(exc))
         return
     _describe_adapter(adir, report, groups, others, base_config)
-    report.servers = server_verdicts(report.family, adir.config, adir.tensors, adir.files, report.num_experts)
+    report.servers = server_verdicts(report.family, adir.config, adir.tensors, adir.files, report.num_experts,
+                                     (base_config or {}).get("model_type"))
 
 
 def server_verdicts(family: str | None, config: dict[str, Any], tensors: dict[str, TensorInfo], files: list[str],
-                    num_experts: int | None) -> dict[str, dict[str, Any]]:
-    """Per target (configs/targets): {"loads", "refusals", "warnings", "source"} of this adapter as is."""
+                    num_experts: int | None, model_type: str | None = None) -> dict[str, dict[str, Any]]:
+    """Per target (configs/targets): {"loads", "refusals", "warnings", "source"} of this adapter as is, for a base
+    model of `family` and (when known) config.json `model_type`."""
     from convert.targets.check import REFUSE, WARN, check_adapter
     from convert.targets.rules import TARGETS, load_target
 
     shapes = {n: (t.shape, t.dtype) for n, t in tensors.items()}
     out: dict[str, dict[str, Any]] = {}
     for name in TARGETS:
-        rules = load_target(name).for_family(family)
+        rules = load_target(name).for_family(family, model_type)
         found = check_adapter(rules, config, shapes, files, num_experts)
         refusals = [f.message for f in found if f.severity == REFUSE]
         out[name] = {"loads": not refusals, "refusals": refusals,

@@ -303,7 +303,7 @@ def plan_split(src: AdapterSource, dtype: str | None, ep: int, chunk: int = DEFA
     """
     groups, passthrough = detect_expert_lora(src.infos, src.config, src.base_config, src.display())
     family = _split_family(groups, src)
-    rules = target_rules(target, family.name if family else None)
+    rules = target_rules(target, family.name if family else None, src.base_config)
     if rules.expert_layout == "peft" and groups:
         if all(g.pattern == "per_expert" for g in groups):
             return plan_fuse(src, "peft", dtype, chunk, target=target)
@@ -624,7 +624,7 @@ def plan_fuse(src: AdapterSource, layout: str, dtype: str | None, chunk: int = D
             "takes per-expert adapters (run convert.split_adapter first)"
         )
     family = _fuse_family(groups, src)
-    rules = target_rules(target, family.name)
+    rules = target_rules(target, family.name, src.base_config)
     if layout == "peft" and rules.expert_layout != "peft":
         raise ConversionError(
             f"fuse_adapter --target {target}: {target} loads {family.name} adapters per expert ({rules.source}), not in "

@@ -32,9 +32,11 @@ from convert.targets.rules import EXPERT_LEAVES, TargetRules
 _PER_EXPERT_MODULE = re.compile(r"\.experts\.\d+\.([^.]+)$")
 
 
-def target_rules(target: str, family: str | None) -> TargetRules:
-    """The rules of `target` (vllm, sglang, peft, per-expert) for adapters of a `family` base model."""
-    return target_files.load_target(target).for_family(family)
+def target_rules(target: str, family: str | None, base_config: dict[str, Any] | None = None) -> TargetRules:
+    """The rules of `target` (vllm, sglang, peft, per-expert) for adapters of a `family` base model whose
+    config.json (when given) names its `model_type`."""
+    model_type = base_config.get("model_type") if isinstance(base_config, dict) else None
+    return target_files.load_target(target).for_family(family, model_type if isinstance(model_type, str) else None)
 
 
 def _factor(config: dict[str, Any], want: Scale, server: Scale, rslora: bool) -> float | None:

@@ -113,13 +113,16 @@ class RulesSpec:
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """A target file: its name, what it describes, the source it was read from, its rules and per-family overrides."""
+    """A target file: its name, what it describes, the source it was read from, its rules, per-family overrides,
+    and per-model-type overrides (applied after the family's: model types that share a family's tables may be
+    served differently, e.g. a router the server wraps for one model and not for another)."""
 
     target: str
     description: str
     source: str
     rules: RulesSpec
     families: dict[str, RulesSpec] = field(default_factory=dict)
+    model_types: dict[str, RulesSpec] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -173,11 +176,13 @@ class Target:
         """The target's name (vllm, sglang, peft, per-expert)."""
         return self.spec.target
 
-    def for_family(self, family: str | None) -> TargetRules:
-        """The rules for adapters of a base model of family `family` (None: unknown family, the target's defaults)."""
+    def for_family(self, family: str | None, model_type: str | None = None) -> TargetRules:
+        """The rules for adapters of a base model of family `family` (None: unknown family, the target's defaults)
+        and, when known, config.json `model_type` (its override, if any, applies last)."""
         merged = {f.name: getattr(self.spec.rules, f.name) for f in dataclasses.fields(RulesSpec)}
-        override = self.spec.families.get(family or "", RulesSpec())
-        merged.update({k: v for k, v in dataclasses.asdict(override).items() if v is not None})
+        for override in (self.spec.families.get(family or ""), self.spec.model_types.get(model_type or "")):
+            if override is not None:
+                merged.update({k: v for k, v in dataclasses.asdict(override).items() if v is not None})
         missing = [k for k, v in merged.items() if v is None and k not in OPTIONAL_RULES]
         if missing:
             raise ConversionError(f"target {self.name!r}: rules {missing} are not given")
@@ -193,7 +198,9 @@ class Target:
 
 def _check(spec: TargetSpec, where: str) -> None:
     """Cross-field rules of a target file (values of enumerated keys)."""
-    for scope, rules in [("rules", spec.rules), *((f"families.{k}", v) for k, v in spec.families.items())]:
+    scopes = [("rules", spec.rules), *((f"families.{k}", v) for k, v in spec.families.items()),
+              *((f"model_types.{k}", v) for k, v in spec.model_types.items())]
+    for scope, rules in scopes:
         if rules.expert_layout is not None and rules.expert_layout not in EXPERT_LAYOUTS:
             raise ConversionError(f"{where}: {scope}.expert_layout: {rules.expert_layout!r} is not one of {list(EXPERT_LAYOUTS)}")
         if rules.naming is not None and rules.naming not in NAMINGS:

@@ -432,7 +432,8 @@ def adapter_relation(src: Storage, dst: Storage, opts: VerifyOptions) -> Relatio
 
     family = _relation_family(src_groups + dst_groups, base)
     target = opts.target or recorded_target(dst)
-    rules = load_target(target).for_family(family.name if family else None) if target else None
+    model_type = base.get("model_type") if isinstance(base, dict) else None
+    rules = load_target(target).for_family(family.name if family else None, model_type) if target else None
     src_names = KeyNames(family, source_naming(family, src_groups, list(src_table.tensors)), MODEL)
     dst_naming = rules.naming if rules is not None else source_naming(family, dst_groups, list(dst_table.tensors))
     dst_names = KeyNames(family, dst_naming, MODEL)

@@ -40,7 +40,8 @@ def target_findings(dst: Storage, target: str, family_name: str | None, base_con
         experts = family.num_experts(config, source) if family and config else None
     except (ConversionError, OSError, ValueError) as exc:
         raise CannotVerify(str(exc)) from exc
-    rules = load_target(target).for_family(family.name if family else None)
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    rules = load_target(target).for_family(family.name if family else None, model_type)
     shapes = {n: (t.shape, t.dtype) for n, t in adir.tensors.items()}
     found = check_adapter(rules, adir.config, shapes, adir.files, experts)
     headline = (f"target {target} ({rules.source.split(':')[0]}), family {family.name if family else 'unknown'}"
