@@ -41,8 +41,8 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def default_workers(dst: str) -> int:
     """--workers when not given, for destination `dst`: 4, or on local disk one per core this rank's share of
-    the machine has (cores / ranks on this machine), at most 16. Local copies hold no buffers
-    (copy_file_range), so more workers only add I/O in flight; an object store's parts are held in memory."""
+    the machine has (cores / ranks on this machine), at most 16. A local byte copy holds a 1 MiB buffer per
+    worker, so more workers mostly add I/O in flight; an object store's parts are held in memory."""
     if "://" in dst and not dst.startswith("file://"):
         return 4
     try:
