@@ -383,18 +383,14 @@ class Proxy:
                     while rfile.readline(MAX_LINE) not in (b"\r\n", b"\n", b""):
                         pass
                     return
-                left = size
-                while left:
-                    data = rfile.read(min(CHUNK, left))
-                    if not data:
-                        raise _ClientGone()
-                    pace.take(len(data))
-                    self._count(bytes_in=len(data))
-                    left -= len(data)
-                    yield data
+                yield from self._paced_read(rfile, size, pace)
                 rfile.readline(MAX_LINE)
             return
-        left = int(headers.get("content-length", "0") or 0)
+        yield from self._paced_read(rfile, int(headers.get("content-length", "0") or 0), pace)
+
+    def _paced_read(self, rfile: Any, size: int, pace: Pacer) -> Any:
+        """Yield the next `size` bytes of `rfile` in CHUNK pieces, paced and counted."""
+        left = size
         while left:
             data = rfile.read(min(CHUNK, left))
             if not data:

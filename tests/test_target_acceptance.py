@@ -44,15 +44,23 @@ def make_adapter(tmp_path: Path, family: str, *, parameters: list[str] | None = 
                  seed: int = 0) -> tuple[Any, Path, Path, int, int]:
     """A real peft adapter (random A and B) on experts (`parameters`), router and attention; with the base
     config.json beside it. Returns (peft model, adapter dir, config path, layers, experts)."""
-    from peft import LoraConfig, get_peft_model
-
-    model, layers, experts = _model(family)
     params = parameters if parameters is not None else ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     if router:
         params = [*params, ROUTER.get(family, "mlp.gate.weight")]
-    torch.manual_seed(seed + 7)
-    cfg = LoraConfig(r=2, lora_alpha=5, target_modules=ATTENTION.get(family, ["q_proj", "v_proj"]),
-                     target_parameters=params, init_lora_weights=False)
+    return peft_adapter(tmp_path, family, ATTENTION.get(family, ["q_proj", "v_proj"]), params, seed + 7)
+
+
+def peft_adapter(tmp_path: Path, family: str, modules: list[str], params: list[str], seed: int,
+                 **extra: Any) -> tuple[Any, Path, Path, int, int]:
+    """A real peft adapter (r=2, alpha 5, random A and B drawn after seeding `seed`) of a tiny `family` model on
+    `modules` and `params`, saved to tmp_path/adapter with the base config.json beside it. Returns (peft model,
+    adapter dir, config path, layers, experts)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, layers, experts = _model(family)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=2, lora_alpha=5, target_modules=modules, target_parameters=params, init_lora_weights=False,
+                     **extra)
     peft_model = get_peft_model(model, cfg).eval()
     path = tmp_path / "adapter"
     peft_model.save_pretrained(str(path))

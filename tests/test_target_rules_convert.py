@@ -20,7 +20,7 @@ from safetensors import safe_open
 from adapter_fixtures import peft_expert_deltas
 from helpers import run_tool
 from server_rules import sglang_load, sglang_models
-from test_target_acceptance import ROUTER, _model, assert_loaded_exactly, peft_linear
+from test_target_acceptance import ROUTER, assert_loaded_exactly, peft_adapter, peft_linear
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -28,17 +28,7 @@ EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 def _adapter(tmp_path: Path, family: str, modules: list[str], params: list[str], **extra: Any) -> tuple[Any, Path, Path, int, int]:
     """A real peft adapter (random factors) of a tiny `family` model with its config.json; (peft model, dir,
     config, layers, experts)."""
-    from peft import LoraConfig, get_peft_model
-
-    model, layers, experts = _model(family)
-    torch.manual_seed(3)
-    cfg = LoraConfig(r=2, lora_alpha=5, target_modules=modules, target_parameters=params, init_lora_weights=False, **extra)
-    peft_model = get_peft_model(model, cfg).eval()
-    path = tmp_path / "adapter"
-    peft_model.save_pretrained(str(path))
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps(model.config.to_dict()))
-    return peft_model, path, config, layers, experts
+    return peft_adapter(tmp_path, family, modules, params, 3, **extra)
 
 
 def _split(src: Path, config: Path, dst: Path, check: bool = True) -> Any:

@@ -230,6 +230,24 @@ class ZeroFill:
         return [memoryview(bytes(n)) for n in self.sizes]
 
 
+def _wrapped_outputs(inner: object | None, bufs: list[bytes | memoryview], read_dtypes: tuple[str, ...],
+                     sizes: tuple[int, ...], dtype: str) -> list[bytes | memoryview]:
+    """The outputs of the piece a ScaledWrites/PadRank wraps: its compute step's (`inner`), or for a byte copy/cast
+    the reads (`bufs` of `read_dtypes`) concatenated, cast to `dtype` and cut into `sizes` bytes each."""
+    from convert.plan.transforms import cast_bytes
+
+    if inner is not None:
+        return list(inner.outputs(bufs))  # type: ignore[attr-defined]
+    parts = [cast_bytes(b, d, dtype) for b, d in zip(bufs, read_dtypes)]
+    data = memoryview(parts[0] if len(parts) == 1 else b"".join(parts)).cast("B")
+    outs: list[bytes | memoryview] = []
+    pos = 0
+    for n in sizes:
+        outs.append(data[pos : pos + n])
+        pos += n
+    return outs
+
+
 @dataclass(frozen=True)
 class ScaledWrites:
     """Another piece's outputs with some of them multiplied by a factor: lora_B * s'/s, where a target applies
@@ -250,18 +268,7 @@ class ScaledWrites:
         """The writes' bytes, the scaled ones recomputed."""
         import torch
 
-        from convert.plan.transforms import cast_bytes
-
-        if self.inner is not None:
-            outs = list(self.inner.outputs(bufs))  # type: ignore[attr-defined]
-        else:
-            dst = self.dtypes[0]
-            parts = [cast_bytes(b, d, dst) for b, d in zip(bufs, self.read_dtypes)]
-            data = memoryview(parts[0] if len(parts) == 1 else b"".join(parts)).cast("B")
-            outs, pos = [], 0
-            for n in self.sizes:
-                outs.append(data[pos : pos + n])
-                pos += n
+        outs = _wrapped_outputs(self.inner, bufs, self.read_dtypes, self.sizes, self.dtypes[0])
         for i, f in enumerate(self.factors):
             if f is None:
                 continue
@@ -291,17 +298,7 @@ class PadRank:
         """The writes' bytes, the padded ones widened."""
         import torch
 
-        from convert.plan.transforms import cast_bytes
-
-        if self.inner is not None:
-            outs = list(self.inner.outputs(bufs))  # type: ignore[attr-defined]
-        else:
-            parts = [cast_bytes(b, d, self.dtypes[0]) for b, d in zip(bufs, self.read_dtypes)]
-            data = memoryview(parts[0] if len(parts) == 1 else b"".join(parts)).cast("B")
-            outs, pos = [], 0
-            for n in self.sizes:
-                outs.append(data[pos : pos + n])
-                pos += n
+        outs = _wrapped_outputs(self.inner, bufs, self.read_dtypes, self.sizes, self.dtypes[0])
         for i, pad in enumerate(self.pads):
             if pad is None:
                 continue
