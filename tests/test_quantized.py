@@ -410,3 +410,24 @@ def test_mxfp4_dequantized_native_output_loads_to_the_reference_logits(tmp_path:
     for k, p in params.items():
         assert torch.equal(loaded_params[k], p), k
     assert torch.equal(logits(loaded), want)
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("rows,cols", [(256, 384), (200, 300), (129, 127), (3, 5)])
+@pytest.mark.parametrize("out", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp8_dequantize_matches_torch_conversion_bit_for_bit(fp8: torch.dtype, rows: int, cols: int,
+                                                             out: torch.dtype) -> None:
+    """The table lookups (two codes at a time on even sizes, one at a time on odd ones) give torch's own
+    float32 conversion of every code, NaN codes included, times the 128x128 block's scale, rounded once."""
+    from convert.plan.dequant import fp8_dequantize
+
+    g = torch.Generator().manual_seed(rows * cols)
+    codes = torch.randint(0, 256, (rows, cols), dtype=torch.uint8, generator=g)
+    codes.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)[: codes.numel()]
+    w = codes.view(fp8)
+    scale = torch.rand(-(-rows // 128), -(-cols // 128), generator=g) + 0.5
+    full = scale.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
+    want = (w.float() * full).to(out)
+    got = fp8_dequantize(w, scale, (128, 128), out)
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[out]
+    assert got.dtype == out and torch.equal(got.view(bits), want.view(bits))

@@ -42,12 +42,30 @@ def _fp8_table(dtype: torch.dtype) -> np.ndarray:
     return torch.arange(256, dtype=torch.uint8).view(dtype).float().numpy()
 
 
+@functools.cache
+def _fp8_pair_table(dtype: torch.dtype) -> np.ndarray:
+    """The float32 values of every pair of FP8 `dtype` codes, as one uint64 per little-endian uint16 pair code
+    (512 KiB): one lookup yields two values."""
+    import numpy as np
+
+    single = _fp8_table(dtype)
+    pair = np.arange(1 << 16, dtype=np.uint32)
+    table = np.empty((1 << 16, 2), dtype=np.float32)
+    table[:, 0], table[:, 1] = single[pair & 0xFF], single[pair >> 8]
+    return table.view(np.uint64).reshape(-1)
+
+
 def _fp8_values(w: torch.Tensor) -> torch.Tensor:
-    """float32 values of FP8 tensor `w`, by table lookup (several times faster than torch's conversion on CPU)."""
+    """float32 values of FP8 tensor `w`, by table lookup (several times faster than torch's conversion on CPU):
+    two codes per lookup where the element count is even."""
+    import numpy as np
     import torch
 
     codes = w.contiguous().view(torch.uint8).numpy()
-    return torch.from_numpy(_fp8_table(w.dtype)[codes])
+    if codes.size % 2 or not np.little_endian:
+        return torch.from_numpy(_fp8_table(w.dtype)[codes])
+    pairs = codes.reshape(-1).view(np.uint16)
+    return torch.from_numpy(_fp8_pair_table(w.dtype)[pairs].view(np.float32).reshape(codes.shape))
 
 
 def fp8_dequantize(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
