@@ -284,7 +284,9 @@ def run(s: Shape, preset: str, work: Path, out_dir: Path, drop_caches: bool, log
             args[3] = str(tool_out)
         cases.append(Case(Row(f"tool ws{ws}", "dequant", s.layers, ws, ws, out_bytes),
                           b.launch("convert.split_experts", args, ws), [src], None if ws == 1 else out, stats, s.repeats))
-    threads = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}  # the baselines use every core, as a user's run would
+    # The baselines use every core, as a user's run would, and the CPU only, as the tool does (with a GPU in
+    # sight transformers keeps the FP8 weights quantized for its GPU kernels instead of dequantizing them).
+    threads = {"OMP_NUM_THREADS": str(os.cpu_count() or 1), "CUDA_VISIBLE_DEVICES": ""}
     whole = Case(Row("whole-shard (fp8_cast_bf16 on CPU)", "whole-shard", s.layers, 1, 0, out_bytes),
                  [py, "-m", "bench.dequant", "_whole-shard", str(src), str(ref_out)], [src], None, repeats=s.repeats,
                  env=threads)
@@ -308,13 +310,15 @@ def run(s: Shape, preset: str, work: Path, out_dir: Path, drop_caches: bool, log
             b.sample(Case(row, [py, "-m", "bench.dequant", "_transformers", str(src), str(out)], [src], out, env=threads))
             b.rows.append(row)
         except RuntimeError as exc:
-            skipped[row.name] = "transformers could not do it here: " + str(exc).strip().splitlines()[-1][:300]
+            skipped[row.name] = "transformers could not do it here: " + failure_reason(str(exc))
+            log(str(exc)[-3000:])
             log(f"  skipped: {skipped[row.name]}")
     rows = [asdict(r) | {"seconds": r.seconds, "gbps": r.gbps, "stream_seconds": r.stream_seconds,
                          "stream_gbps": r.stream_gbps} for r in b.rows]
     results = {
         "preset": preset, "shape": asdict(s), "in_bytes": in_bytes, "out_bytes": out_bytes, "rows": rows,
         "checks": checks, "skipped": skipped, "cold_cache": "drop_caches" if b.drop_caches else "posix_fadvise",
+        "storage": storage(work),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "torch": _version("torch"), "transformers": _version("transformers")},
     }
@@ -322,6 +326,29 @@ def run(s: Shape, preset: str, work: Path, out_dir: Path, drop_caches: bool, log
     (out_dir / "dequant.json").write_text(json.dumps(results, indent=2))
     (out_dir / "DEQUANT.md").write_text(report(results))
     return results
+
+
+def failure_reason(text: str) -> str:
+    """The line of a failed command's output that says why: the first exception message naming a tensor or
+    a shape (transformers reports its conversion errors above its final RuntimeError), else the last line."""
+    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+    for x in lines:
+        if x.startswith(("ValueError:", "Error:")):
+            why = [y for y in lines if y.startswith("Error:")][:1] + [x]
+            return " / ".join(dict.fromkeys(why))[:400]
+    return lines[-1][:300] if lines else "no output"
+
+
+def storage(path: Path) -> str:
+    """The mount holding `path`: its mount point, device and file system type, from /proc/mounts."""
+    try:
+        mounts = [line.split()[:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return "unknown"
+    real = os.path.realpath(path)
+    best = max((m for m in mounts if real == m[1] or real.startswith(m[1].rstrip("/") + "/")),
+               key=lambda m: len(m[1]), default=None)
+    return f"{best[1]} ({best[2]} on {best[0]})" if best else "unknown"
 
 
 def hash_weights(d: Path, names: list[str]) -> dict[str, str]:
@@ -364,7 +391,8 @@ def report(r: dict[str, Any]) -> str:
         "# Dequantizing FP8 to bf16: the tool against the usual ways", "",
         f"Preset `{r['preset']}`: DeepSeek-V3 shapes H={s['hidden']}, I={s['inter']}, E={s['experts']}, "
         f"{s['layers']} MoE layer(s) with MLA attention; {r['in_bytes'] / GB:.2f} GB FP8 in, "
-        f"{r['out_bytes'] / GB:.2f} GB bf16 out (per-expert). Cold page cache ({r['cold_cache']}) before each sample. "
+        f"{r['out_bytes'] / GB:.2f} GB bf16 out (per-expert), source and outputs on {r.get('storage', 'unknown')}. "
+        f"Cold page cache ({r['cold_cache']}) before each sample. "
         f"Machine: {r['machine']['cpus']} CPUs, Python {r['machine']['python']}, torch {r['machine']['torch']}, "
         f"transformers {r['machine']['transformers']}.", "",
         "GB/s = bytes of bf16 output / wall seconds. Peak RSS: the largest rank (the tool, from --stats) or process.", "",

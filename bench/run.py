@@ -116,13 +116,18 @@ class Case:
     seconds_from_output: bool = False  # the command times itself (prints {"seconds": ...})
 
 
+def pythonpath() -> str:
+    """The repository first, then whatever PYTHONPATH held (packages carried to another machine)."""
+    return os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
+
 class Bench:
     """Runs cases in a work directory and collects Rows."""
 
     def __init__(self, settings: Settings, work: Path, drop_caches: bool, log: Any) -> None:
         self.s, self.work, self.log = settings, work, log
         self.drop_caches = drop_caches and _try_drop_caches()
-        self.env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        self.env = dict(os.environ, PYTHONPATH=pythonpath(), OMP_NUM_THREADS="1")
         self.rows: list[Row] = []
 
     # -- running one sample --------------------------------------------------
