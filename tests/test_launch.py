@@ -80,6 +80,35 @@ def test_nproc_output_is_byte_identical_to_torchrun_and_one_rank(example, one_ra
     assert [p.name for p in (tmp_path / "nproc" / ".moe-convert").iterdir()] == ["output.json"]
 
 
+def _held(stats: Path) -> list[dict[str, int]]:
+    """Per rank of a job's --stats: the pieces it ran, and the pieces and output slots it was sent."""
+    return [{"ran": r["pieces"], "held": r["held"]["pieces"], "slots": r["held"]["slots"]}
+            for r in json.loads(stats.read_text())["ranks"]]
+
+
+def _stats_of(src: Path, dst: Path, extra: list[str], nproc: int | None = None) -> Path:
+    stats = dst.parent / f"{dst.name}.stats.json"
+    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(dst), "--stats", str(stats), *extra, nproc=nproc)
+    return stats
+
+
+@pytest.mark.parametrize("launcher", ["nproc", "torchrun"])
+def test_each_rank_is_sent_only_its_own_pieces(example, one_rank, tmp_path, launcher):
+    """Rank 0 plans and sends each rank its own part (launch.dist.Dist.scatter, in both groups): a rank
+    holds the pieces it runs and the slots they write, not the whole plan; the output is the one-rank one."""
+    (whole,) = _held(_stats_of(example, tmp_path / "one", []))  # one rank: the whole plan is its own
+    assert whole["held"] == whole["ran"] > 3 and whole["slots"] > 3
+    dst = tmp_path / launcher
+    ranks = _held(_stats_of(example, dst, ["--nproc", "3"]) if launcher == "nproc"
+                  else _stats_of(example, dst, [], nproc=3))
+    assert len(ranks) == 3
+    assert sum(r["ran"] for r in ranks) == whole["ran"]
+    for r in ranks:
+        assert r["held"] == r["ran"]  # a fresh job: every piece it was sent is one it runs
+        assert 0 < r["held"] < whole["held"] and 0 < r["slots"] < whole["slots"]
+    assert _files(dst) == _files(one_rank)
+
+
 def test_nproc_split_verify_and_batch(example, one_rank, tmp_path):
     """Every entry point takes --nproc: split back (3 ranks), verify it, and a batch manifest."""
     run_tool("convert.split_experts", "--src", str(one_rank), "--dst", str(tmp_path / "split"), "--nproc", "3")
