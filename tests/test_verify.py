@@ -681,3 +681,27 @@ def test_verify_threads_and_memory_are_bounded(tmp_path, monkeypatch):
     print(f"verify peak RSS: 1 thread {runs['one']['ranks'][0]['peak_rss_bytes'] / 1e6:.0f} MB, 4 threads "
           f"{runs['four']['ranks'][0]['peak_rss_bytes'] / 1e6:.0f} MB (bound on the growth {bound / 1e6:.0f} MB)")
     assert grown <= bound, f"4 threads took {grown / 1e6:.0f} MB more than 1 (bound {bound / 1e6:.0f} MB)"
+
+
+def test_an_expert_is_compared_in_groups_of_roles_no_stored_tensor_splits(ckpts, adapters):
+    """A thread holds one group of an expert's roles of both sides at a time (the roles of one fused tensor and
+    the per-expert tensors they come from), not the whole expert: more threads fit the memory budget. The groups
+    cover every role once and every byte of the expert; adapter checks (not streaming) stay whole."""
+    from convert.verify.checks import role_groups
+    from convert.verify.run import VerifyOptions, plan_verify
+
+    for src, dst in (("src", "fused"), ("fused", "split"), ("gsrc", "gfused")):
+        rel = plan_verify(VerifyOptions(str(ckpts / src), str(ckpts / dst)))
+        for check in rel.experts:
+            groups = role_groups(check)
+            roles = [r for g in groups for r in g]
+            assert sorted(roles) == sorted(set(roles)) and len(groups) >= 2, (src, dst, groups)
+            for e in range(check.num_experts):
+                sizes = [check.item_bytes(e, g) for g in groups]
+                assert sum(sizes) == check.item_bytes(e) and max(sizes) < check.item_bytes(e)
+    # qwen3_moe fused: gate and up share gate_up_proj, down is alone
+    rel = plan_verify(VerifyOptions(str(ckpts / "src"), str(ckpts / "fused")))
+    assert role_groups(rel.experts[0]) == [("down",), ("gate", "up")]
+    s, d, cfg, _ = adapters["shared"]
+    rel = plan_verify(VerifyOptions(str(s), str(d), base_config=str(cfg)))
+    assert all(role_groups(c) == [None] for c in rel.experts)
