@@ -289,3 +289,37 @@ def test_accelerate_launch_runs_ranks_on_cpu(example, one_rank, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "with 2 rank(s)" in proc.stdout
     assert _files(tmp_path / "acc") == _files(one_rank)
+
+
+def test_the_hub_scatters_each_rank_its_own_part_and_gathers_to_rank_0_only():
+    """launch.hub: rank 0 builds and sends one part per rank (held by the hub for a rank that has not joined
+    yet); each rank receives only its own; gather_main gives every part to rank 0 and None to the others."""
+    import socket
+    import threading
+
+    from launch import hub
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    hub.Hub(listener, 3).start()
+    rank0 = hub.HubClient(port, 0, 3, 30)
+    built: list[int] = []
+    assert rank0.scatter(lambda r: built.append(r) or {"rank": r, "data": bytes([r]) * 1000}) == \
+        {"rank": 0, "data": b"\0" * 1000}
+    assert built == [1, 2, 0]  # one part at a time, rank 0's own last (never sent)
+    got: dict[int, object] = {}
+
+    def late(rank: int) -> None:  # joins only after rank 0 sent its part
+        client = hub.HubClient(port, rank, 3, 30)
+        got[rank] = client.scatter(None)
+        got[rank + 10] = client.gather_main(f"from {rank}")
+
+    threads = [threading.Thread(target=late, args=(r,)) for r in (1, 2)]
+    for t in threads:
+        t.start()
+    assert rank0.gather_main("from 0") == ["from 0", "from 1", "from 2"]
+    for t in threads:
+        t.join(30)
+    assert got == {1: {"rank": 1, "data": b"\1" * 1000}, 2: {"rank": 2, "data": b"\2" * 1000}, 11: None, 12: None}
