@@ -668,7 +668,8 @@ def test_verify_threads_and_memory_are_bounded(tmp_path, monkeypatch):
     assert worker_threads(4, item) == 4 and worker_threads(4, item, budget=3 * item) == 2
     assert worker_threads(4, item, budget=1) == 1
     runs = {}
-    for name, workers, budget in (("one", "1", None), ("four", "4", None), ("budget", "4", str(2 * item))):
+    # a thread holds one group of an expert's roles (gate+up: 2/3 of `item`) plus scratch: `item` fits one, not two
+    for name, workers, budget in (("one", "1", None), ("four", "4", None), ("budget", "4", str(item))):
         if budget:
             monkeypatch.setenv("MOE_CONVERT_VERIFY_MEMORY", budget)
         run_tool("convert.verify", "--src", str(d), "--dst", str(d), "--workers", workers,
@@ -705,3 +706,21 @@ def test_an_expert_is_compared_in_groups_of_roles_no_stored_tensor_splits(ckpts,
     s, d, cfg, _ = adapters["shared"]
     rel = plan_verify(VerifyOptions(str(s), str(d), base_config=str(cfg)))
     assert all(role_groups(c) == [None] for c in rel.experts)
+
+
+def test_pass_through_chunks_hold_no_more_than_the_largest_expert_item():
+    """A pass-through tensor's chunks (both sides) stay within the largest expert item, down to 1 MiB a side, so
+    the threads the memory budget allows are set by the experts (Qwen3-30B-A3B: 16, not 11, in 256 MiB)."""
+    from convert.verify.checks import CHUNK_BYTES, MIN_CHUNK_BYTES, PassCheck, chunk_bytes, pass_chunks
+    from convert.verify.run import worker_threads
+    from convert.verify.tables import Stored
+
+    n = 32000 * 2048  # a Qwen-sized embedding, bf16 on both sides
+    check = PassCheck(Stored("e", "a", "BF16", (32000, 2048), 0, 2 * n), Stored("e", "b", "BF16", (32000, 2048), 0, 2 * n))
+    group = 2 * 2 * 768 * 2048 * 2  # gate+up of one expert, both sides
+    for cap, most in ((None, 2 * CHUNK_BYTES), (group, group), (1000, 2 * MIN_CHUNK_BYTES)):
+        chunks = pass_chunks(check, cap)
+        assert chunks[0][0] == 0 and chunks[-1][1] == n and all(b == c for (_, b), (c, _) in zip(chunks, chunks[1:]))
+        assert max(chunk_bytes(check, a, b) for a, b in chunks) == most
+    budget = 256 << 20
+    assert worker_threads(16, max(group, 2 * CHUNK_BYTES), budget) == 12 and worker_threads(16, group, budget) == 16

@@ -34,6 +34,7 @@ from convert.io.storage import Storage
 from convert.verify.tables import Stored, element_size, to_tensor
 
 CHUNK_BYTES = 8 << 20  # a pass-through tensor is compared in chunks of this many bytes a side
+MIN_CHUNK_BYTES = 1 << 20  # ... or fewer, down to this, to hold no more than an expert item (pass_chunks)
 BLOCK_BYTES = 2 << 20  # one block of a cast or strided comparison: stays in the CPU caches
 ALIGN = 64
 FLOATS = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
@@ -417,14 +418,16 @@ def _run_expert(check: ExpertCheck, src: Storage, dst: Storage, e: int, tally: T
             tally.add(Mismatch(name, f"{role} (source {a[role][1]}): {what}", e, diff))
 
 
-def pass_chunks(check: PassCheck) -> list[tuple[int, int]]:
-    """The flat element ranges [i, j) a pass-through tensor is compared in (each at most CHUNK_BYTES a side);
-    empty when the shapes differ (nothing to compare)."""
+def pass_chunks(check: PassCheck, item_cap: int | None = None) -> list[tuple[int, int]]:
+    """The flat element ranges [i, j) a pass-through tensor is compared in (each at most CHUNK_BYTES a side,
+    and with `item_cap` at most half of it a side, down to MIN_CHUNK_BYTES: no chunk holds more than the
+    largest expert item); empty when the shapes differ (nothing to compare)."""
     s, d = check.src, check.dst
     if s.shape != d.shape or not element_size(s.dtype):
         return []
     n = s.nbytes // element_size(s.dtype)
-    step = max(1, CHUNK_BYTES // max(element_size(s.dtype), element_size(d.dtype)))
+    side = CHUNK_BYTES if item_cap is None else min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, item_cap // 2))
+    step = max(1, side // max(element_size(s.dtype), element_size(d.dtype)))
     return [(i, min(n, i + step)) for i in range(0, n, step)]
 
 

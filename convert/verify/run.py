@@ -356,6 +356,7 @@ def check_share(relation: Relation, opts: VerifyOptions, rank: int, world: int) 
                     largest = max(largest, check.item_bytes(e, roles))
             else:
                 tally.merge(_expert_item(check, src, dst, e, limit)[0])
+        expert_largest = largest or None
         pass_problems: dict[int, Mismatch] = {}
         for i in passes:
             check = relation.passes[i]
@@ -364,7 +365,7 @@ def check_share(relation: Relation, opts: VerifyOptions, rank: int, world: int) 
             if problem:
                 pass_problems[i] = problem
                 continue
-            for a, b in pass_chunks(check):
+            for a, b in pass_chunks(check, expert_largest):  # no larger than an expert item: as many threads fit
                 items.append(lambda c=check, i=i, a=a, b=b: _chunk_item(c, i, src, dst, a, b, limit))
                 spans.append(_chunk_spans(check, src, dst, a, b))
                 largest = max(largest, chunk_bytes(check, a, b))
