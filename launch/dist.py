@@ -1,6 +1,6 @@
 """Process-group setup under torchrun, accelerate launch, SLURM (srun), `--nproc N` or a plain `python -m`.
 
-The tool only needs a CPU group for its control messages: the plan broadcast, barriers,
+The tool only needs a CPU group for its control messages: each rank's part of the plan, barriers,
 the status exchange and a shared progress counter: gloo under a launcher; `--nproc N`
 (launch.local) forks the ranks from one process, and they join a torch-free group
 (launch.hub) instead, so a job that moves bytes never imports torch.
@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import pickle
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -64,6 +66,43 @@ class Dist:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def gather_main(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj`, in rank order, on rank 0 only (None on the other ranks)."""
+        if self.world_size == 1:
+            return [obj]
+        if self.group is not None:
+            return self.group.gather_main(obj)
+        out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def scatter(self, part: Callable[[int], Any] | None) -> Any:
+        """Rank r's part `part(r)`, built on rank 0 (which passes `part`; the others pass None).
+
+        Rank 0 builds and sends one rank's part at a time, so no process ever holds every
+        rank's part but rank 0's planner; each rank receives only its own.
+        """
+        if self.world_size == 1:
+            assert part is not None
+            return part(0)
+        if self.group is not None:
+            return self.group.scatter(part)
+        import torch
+
+        if self.rank != 0:
+            size = torch.zeros(1, dtype=torch.int64)
+            dist.recv(size, src=0)
+            buf = torch.empty(int(size.item()), dtype=torch.uint8)
+            dist.recv(buf, src=0)
+            return pickle.loads(buf.numpy().tobytes())
+        assert part is not None, "rank 0 of a scatter gives every rank's part"
+        for r in range(1, self.world_size):
+            payload = bytearray(pickle.dumps(part(r), protocol=pickle.HIGHEST_PROTOCOL))
+            dist.send(torch.tensor([len(payload)], dtype=torch.int64), dst=r)
+            dist.send(torch.frombuffer(payload, dtype=torch.uint8), dst=r)
+            del payload
+        return part(0)
 
     def barrier(self) -> None:
         """Wait until every rank has called it."""

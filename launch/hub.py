@@ -8,7 +8,10 @@ collectives (called from a rank's main thread, in the same order on every rank) 
 counters (any thread, request and reply under a lock). Messages are length-prefixed pickles.
 
 A collective completes when every rank has sent its part: the hub replies to every rank, rank
-0 last (rank 0 may exit as soon as it has its reply). A rank that disconnects before the
+0 last (rank 0 may exit as soon as it has its reply); a gather to rank 0 replies None to the
+others. A scatter is one-way: rank 0 sends each rank's part, pickled, through the hub, which
+passes it on unopened to that rank's collective connection (held until the rank has said
+hello), so neither the hub nor any rank ever holds the other ranks' parts. A rank that disconnects before the
 job's end ends the group: the hub closes every connection, and a rank whose call finds the group
 gone exits at once with code 1 and no message of its own: the --nproc supervisor, which saw the
 first rank stop, says which one and settles the job's exit code.
@@ -23,6 +26,7 @@ import socket
 import struct
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 _LEN = struct.Struct("!Q")
@@ -40,6 +44,12 @@ def _frame(obj: Any) -> bytes:
 
 def _send(sock: socket.socket, obj: Any) -> None:
     sock.sendall(_frame(obj))
+
+
+def _send_raw(sock: socket.socket, payload: bytes) -> None:
+    """Send an already pickled object as one message."""
+    sock.sendall(_LEN.pack(len(payload)))
+    sock.sendall(payload)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -67,6 +77,7 @@ class Hub:
         self.parts: dict[int, dict[int, Any]] = {}  # collective sequence number -> rank -> part
         self.counters: dict[str, int] = {}
         self.bufs: dict[socket.socket, bytearray] = {}
+        self.held: dict[int, list[bytes]] = {}  # scatter parts of ranks not connected yet
 
     def start(self) -> None:
         """Serve in a daemon thread."""
@@ -111,19 +122,28 @@ class Hub:
             _, rank, channel = msg
             if channel == COLLECTIVE:
                 self.coll[rank] = conn
+                for payload in self.held.pop(rank, []):
+                    _send_raw(conn, payload)
+        elif kind == "scatter":
+            _, rank, payload = msg
+            if rank in self.coll:
+                _send_raw(self.coll[rank], payload)
+            else:
+                self.held.setdefault(rank, []).append(payload)
         elif kind == "add":
             _, key, amount = msg
             self.counters[key] = self.counters.get(key, 0) + amount
             _send(conn, self.counters[key])
-        elif kind == "gather":
+        elif kind in ("gather", "gather0"):
             _, seq, rank, part = msg
             parts = self.parts.setdefault(seq, {})
             parts[rank] = part
             if len(parts) == self.world:
                 del self.parts[seq]
                 frame = _frame([parts[r] for r in range(self.world)])  # pickled once (a plan can be large)
+                none = _frame(None)
                 for r in sorted(self.coll, reverse=True):  # rank 0 last: it may exit right after its reply
-                    self.coll[r].sendall(frame)
+                    self.coll[r].sendall(frame if r == 0 or kind == "gather" else none)
 
     def _shut(self) -> None:
         for conn in list(self.bufs):
@@ -155,6 +175,31 @@ class HubClient:
         try:
             _send(self.coll, ("gather", self.seq, self.rank, obj))
             return _recv(self.coll)
+        except OSError:
+            _group_lost()
+
+    def gather_main(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj`, in rank order, on rank 0; None on the other ranks."""
+        self.seq += 1
+        try:
+            _send(self.coll, ("gather0", self.seq, self.rank, obj))
+            return _recv(self.coll)
+        except OSError:
+            _group_lost()
+
+    def scatter(self, part: Callable[[int], Any] | None) -> Any:
+        """Rank r's part on rank r: rank 0 passes `part` and sends `part(r)` to each other rank, one
+        at a time (so it never holds every part at once); the others pass None and receive theirs."""
+        self.seq += 1
+        try:
+            if self.rank != 0:
+                return _recv(self.coll)
+            assert part is not None, "rank 0 of a scatter gives every rank's part"
+            for r in range(1, self.world):
+                payload = pickle.dumps(part(r), protocol=pickle.HIGHEST_PROTOCOL)
+                _send(self.coll, ("scatter", r, payload))
+                del payload
+            return part(0)
         except OSError:
             _group_lost()
 

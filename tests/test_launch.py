@@ -80,6 +80,35 @@ def test_nproc_output_is_byte_identical_to_torchrun_and_one_rank(example, one_ra
     assert [p.name for p in (tmp_path / "nproc" / ".moe-convert").iterdir()] == ["output.json"]
 
 
+def _held(stats: Path) -> list[dict[str, int]]:
+    """Per rank of a job's --stats: the pieces it ran, and the pieces and output slots it was sent."""
+    return [{"ran": r["pieces"], "held": r["held"]["pieces"], "slots": r["held"]["slots"]}
+            for r in json.loads(stats.read_text())["ranks"]]
+
+
+def _stats_of(src: Path, dst: Path, extra: list[str], nproc: int | None = None) -> Path:
+    stats = dst.parent / f"{dst.name}.stats.json"
+    run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(dst), "--stats", str(stats), *extra, nproc=nproc)
+    return stats
+
+
+@pytest.mark.parametrize("launcher", ["nproc", "torchrun"])
+def test_each_rank_is_sent_only_its_own_pieces(example, one_rank, tmp_path, launcher):
+    """Rank 0 plans and sends each rank its own part (launch.dist.Dist.scatter, in both groups): a rank
+    holds the pieces it runs and the slots they write, not the whole plan; the output is the one-rank one."""
+    (whole,) = _held(_stats_of(example, tmp_path / "one", []))  # one rank: the whole plan is its own
+    assert whole["held"] == whole["ran"] > 3 and whole["slots"] > 3
+    dst = tmp_path / launcher
+    ranks = _held(_stats_of(example, dst, ["--nproc", "3"]) if launcher == "nproc"
+                  else _stats_of(example, dst, [], nproc=3))
+    assert len(ranks) == 3
+    assert sum(r["ran"] for r in ranks) == whole["ran"]
+    for r in ranks:
+        assert r["held"] == r["ran"]  # a fresh job: every piece it was sent is one it runs
+        assert 0 < r["held"] < whole["held"] and 0 < r["slots"] < whole["slots"]
+    assert _files(dst) == _files(one_rank)
+
+
 def test_nproc_split_verify_and_batch(example, one_rank, tmp_path):
     """Every entry point takes --nproc: split back (3 ranks), verify it, and a batch manifest."""
     run_tool("convert.split_experts", "--src", str(one_rank), "--dst", str(tmp_path / "split"), "--nproc", "3")
@@ -260,3 +289,37 @@ def test_accelerate_launch_runs_ranks_on_cpu(example, one_rank, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "with 2 rank(s)" in proc.stdout
     assert _files(tmp_path / "acc") == _files(one_rank)
+
+
+def test_the_hub_scatters_each_rank_its_own_part_and_gathers_to_rank_0_only():
+    """launch.hub: rank 0 builds and sends one part per rank (held by the hub for a rank that has not joined
+    yet); each rank receives only its own; gather_main gives every part to rank 0 and None to the others."""
+    import socket
+    import threading
+
+    from launch import hub
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    hub.Hub(listener, 3).start()
+    rank0 = hub.HubClient(port, 0, 3, 30)
+    built: list[int] = []
+    assert rank0.scatter(lambda r: built.append(r) or {"rank": r, "data": bytes([r]) * 1000}) == \
+        {"rank": 0, "data": b"\0" * 1000}
+    assert built == [1, 2, 0]  # one part at a time, rank 0's own last (never sent)
+    got: dict[int, object] = {}
+
+    def late(rank: int) -> None:  # joins only after rank 0 sent its part
+        client = hub.HubClient(port, rank, 3, 30)
+        got[rank] = client.scatter(None)
+        got[rank + 10] = client.gather_main(f"from {rank}")
+
+    threads = [threading.Thread(target=late, args=(r,)) for r in (1, 2)]
+    for t in threads:
+        t.start()
+    assert rank0.gather_main("from 0") == ["from 0", "from 1", "from 2"]
+    for t in threads:
+        t.join(30)
+    assert got == {1: {"rank": 1, "data": b"\1" * 1000}, 2: {"rank": 2, "data": b"\2" * 1000}, 11: None, 12: None}

@@ -668,7 +668,8 @@ def test_verify_threads_and_memory_are_bounded(tmp_path, monkeypatch):
     assert worker_threads(4, item) == 4 and worker_threads(4, item, budget=3 * item) == 2
     assert worker_threads(4, item, budget=1) == 1
     runs = {}
-    for name, workers, budget in (("one", "1", None), ("four", "4", None), ("budget", "4", str(2 * item))):
+    # a thread holds one group of an expert's roles (gate+up: 2/3 of `item`) plus scratch: `item` fits one, not two
+    for name, workers, budget in (("one", "1", None), ("four", "4", None), ("budget", "4", str(item))):
         if budget:
             monkeypatch.setenv("MOE_CONVERT_VERIFY_MEMORY", budget)
         run_tool("convert.verify", "--src", str(d), "--dst", str(d), "--workers", workers,
@@ -681,3 +682,45 @@ def test_verify_threads_and_memory_are_bounded(tmp_path, monkeypatch):
     print(f"verify peak RSS: 1 thread {runs['one']['ranks'][0]['peak_rss_bytes'] / 1e6:.0f} MB, 4 threads "
           f"{runs['four']['ranks'][0]['peak_rss_bytes'] / 1e6:.0f} MB (bound on the growth {bound / 1e6:.0f} MB)")
     assert grown <= bound, f"4 threads took {grown / 1e6:.0f} MB more than 1 (bound {bound / 1e6:.0f} MB)"
+
+
+def test_an_expert_is_compared_in_groups_of_roles_no_stored_tensor_splits(ckpts, adapters):
+    """A thread holds one group of an expert's roles of both sides at a time (the roles of one fused tensor and
+    the per-expert tensors they come from), not the whole expert: more threads fit the memory budget. The groups
+    cover every role once and every byte of the expert; adapter checks (not streaming) stay whole."""
+    from convert.verify.checks import role_groups
+    from convert.verify.run import VerifyOptions, plan_verify
+
+    for src, dst in (("src", "fused"), ("fused", "split"), ("gsrc", "gfused")):
+        rel = plan_verify(VerifyOptions(str(ckpts / src), str(ckpts / dst)))
+        for check in rel.experts:
+            groups = role_groups(check)
+            roles = [r for g in groups for r in g]
+            assert sorted(roles) == sorted(set(roles)) and len(groups) >= 2, (src, dst, groups)
+            for e in range(check.num_experts):
+                sizes = [check.item_bytes(e, g) for g in groups]
+                assert sum(sizes) == check.item_bytes(e) and max(sizes) < check.item_bytes(e)
+    # qwen3_moe fused: gate and up share gate_up_proj, down is alone
+    rel = plan_verify(VerifyOptions(str(ckpts / "src"), str(ckpts / "fused")))
+    assert role_groups(rel.experts[0]) == [("down",), ("gate", "up")]
+    s, d, cfg, _ = adapters["shared"]
+    rel = plan_verify(VerifyOptions(str(s), str(d), base_config=str(cfg)))
+    assert all(role_groups(c) == [None] for c in rel.experts)
+
+
+def test_pass_through_chunks_hold_no_more_than_the_largest_expert_item():
+    """A pass-through tensor's chunks (both sides) stay within the largest expert item, down to 1 MiB a side, so
+    the threads the memory budget allows are set by the experts (Qwen3-30B-A3B: 16, not 11, in 256 MiB)."""
+    from convert.verify.checks import CHUNK_BYTES, MIN_CHUNK_BYTES, PassCheck, chunk_bytes, pass_chunks
+    from convert.verify.run import worker_threads
+    from convert.verify.tables import Stored
+
+    n = 32000 * 2048  # a Qwen-sized embedding, bf16 on both sides
+    check = PassCheck(Stored("e", "a", "BF16", (32000, 2048), 0, 2 * n), Stored("e", "b", "BF16", (32000, 2048), 0, 2 * n))
+    group = 2 * 2 * 768 * 2048 * 2  # gate+up of one expert, both sides
+    for cap, most in ((None, 2 * CHUNK_BYTES), (group, group), (1000, 2 * MIN_CHUNK_BYTES)):
+        chunks = pass_chunks(check, cap)
+        assert chunks[0][0] == 0 and chunks[-1][1] == n and all(b == c for (_, b), (c, _) in zip(chunks, chunks[1:]))
+        assert max(chunk_bytes(check, a, b) for a, b in chunks) == most
+    budget = 256 << 20
+    assert worker_threads(16, max(group, 2 * CHUNK_BYTES), budget) == 12 and worker_threads(16, group, budget) == 16

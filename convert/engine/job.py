@@ -1,7 +1,8 @@
 """One conversion job across all ranks: plan on rank 0, check, lay out, stream, commit.
 
 Rank 0 reads the metadata and builds the plan, the output file layout and the
-piece assignment, and broadcasts them (every rank then holds the same plan). Each
+piece assignment, and sends each rank only its own part (its pieces and the slots they
+write: a rank's memory grows with its share, not with the checkpoint). Each
 rank streams its own pieces to their final place through a sink (local files written
 in place, or multipart uploads). Only when every rank succeeded does rank 0 commit
 the shards, copy the source's other files, write the output record and the final files
@@ -86,10 +87,20 @@ class JobSetup:
 
 
 def fingerprint(*parts: Any) -> str:
-    """A stable hash of a plan: the same source and options give the same fingerprint."""
+    """A stable hash of a plan: the same source and options give the same fingerprint.
+
+    The hash of each part's repr(), fed item by item for a list (the same bytes as its repr,
+    without building the repr of every piece of a large plan at once).
+    """
     h = hashlib.sha256()
     for part in parts:
-        h.update(repr(part).encode())
+        if type(part) is list:
+            h.update(b"[")
+            for i, item in enumerate(part):
+                h.update(((", " if i else "") + repr(item)).encode())
+            h.update(b"]")
+        else:
+            h.update(repr(part).encode())
     return h.hexdigest()[:32]
 
 
@@ -261,7 +272,7 @@ def _error_text(exc: BaseException) -> str:
 def run_planned(
     planner: Callable[[Any, Dist], JobSetup], opts: JobOptions, dist: Dist, report: dict[str, Any] | None = None
 ) -> int:
-    """Plan with `planner(opts, dist)` on rank 0, broadcast the plan (or the error) and run it; returns the exit code.
+    """Plan with `planner(opts, dist)` on rank 0 and run the plan on every rank; returns the exit code.
 
     `report`, if given, receives on rank 0 the output bytes and any error text.
     """
@@ -270,9 +281,9 @@ def run_planned(
     if dist.is_main:
         try:
             setup = planner(opts, dist)
-        except Exception as exc:  # noqa: BLE001 - every rank must learn of it, or they wait in broadcast forever
+        except Exception as exc:  # noqa: BLE001 - every rank must learn of it, or they wait for their part forever
             setup = _error_text(exc)
-    return execute(dist.broadcast(setup), opts, dist, report)
+    return execute(setup, opts, dist, report)
 
 
 def run_job(opts: JobOptions, dist: Dist, report: dict[str, Any] | None = None) -> int:
@@ -286,48 +297,93 @@ def _fail(report: dict[str, Any] | None, text: str) -> None:
         report["error"] = report.get("error", "") + text.splitlines()[0] + " "
 
 
-def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[str, Any] | None = None) -> int:
-    """Stream a planned job (broadcast to every rank) and commit it; returns the exit code.
+@dataclass
+class RankWork:
+    """What rank 0 sends each rank once the job is planned and its destination prepared."""
 
-    0 ok, 1 failed (destination left without its final files), 2 refused before writing.
-    """
+    job: SinkJob  # the rank's own view of the job (Sink.for_rank): only the pieces it writes
+    job_id: str
+
+
+def _start(setup: JobSetup | str, opts: JobOptions, sink: Any, job: SinkJob | None, dst: Storage,
+           report: dict[str, Any] | None) -> int | None:
+    """Rank 0 before any byte moves: report a planning error, print a dry run, or clear and prepare the
+    destination (filling `job.resume`). Returns the exit code of a job that ends here, else None."""
     if isinstance(setup, str):
-        if dist.is_main:
-            _fail(report, setup)
+        _fail(report, setup)
         return 1 if getattr(setup, "internal", False) else 2
     if opts.dry_run:
-        if dist.is_main:
-            print(describe(setup, opts.workers))
+        print(describe(setup, opts.workers))
         return 0
-    src = Storage(opts.src, opts.storage_options)
-    dst = Storage(opts.dst, opts.storage_options)
-    sink = make_sink(src, dst)
-    job = SinkJob(setup.files, setup.pieces, setup.assignment, setup.fingerprint, opts.workers,
-                  state={"pins": setup.pins, "outputs": setup.outputs})
-    status: Any = None
-    if dist.is_main:
-        try:
-            if not setup.resuming:
-                _clear_destination(dst, sink, setup, opts.overwrite)
-            status = {"resume": sink.prepare(job, setup.resuming)}
-        except (ConversionError, OSError) as exc:
-            status = _error_text(exc)
-    status = dist.broadcast(status)
-    if isinstance(status, str):
-        if dist.is_main:
-            _fail(report, status)
+    assert job is not None
+    try:
+        if not setup.resuming:
+            _clear_destination(dst, sink, setup, opts.overwrite)
+        job.resume = sink.prepare(job, setup.resuming)
+    except (ConversionError, OSError) as exc:
+        status = _error_text(exc)
+        _fail(report, status)
         # A fresh job that could not even prepare its destination wrote nothing of value: a refusal.
         return 1 if setup.resuming or getattr(status, "internal", False) else 2
-    job.resume = status["resume"]
-    skipped = job.resume.get("skipped") or {}
-    if dist.is_main and setup.resuming and skipped:
-        print(_skipped_line(skipped))
-    if report is not None and dist.is_main:
-        report["skipped_bytes"] = int(skipped.get("skipped_bytes", 0))
+    return None
 
-    mine = sink.rank_pieces(job, dist.rank)
-    total = sum(p.write_bytes for p in setup.pieces)
-    key = f"moe_convert/{setup.job_id}"
+
+def _release(setup: JobSetup, job: SinkJob) -> None:
+    """Rank 0, once every rank has its part: drop what only the planning needed (every piece, every
+    slot), keeping the file names and sizes, the final files and the pins the commit needs."""
+    slim = [OutputFile(f.name, b"", f.size, {}) for f in setup.files]
+    setup.files, setup.pieces, setup.assignment = slim, [], []
+    job.files, job.pieces, job.assignment = slim, [], []
+
+
+def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: dict[str, Any] | None = None) -> int:
+    """Run a job planned on rank 0 and commit it; returns the exit code.
+
+    `setup` is rank 0's plan, or the error text that ended its planning; None on the other
+    ranks. Rank 0 prepares the destination and sends each rank only its own part of the job
+    (or the exit code of a job that ends before streaming). 0 ok, 1 failed (destination left
+    without its final files), 2 refused before writing.
+    """
+    src = dst = None
+    sink: Any = None
+    job: SinkJob | None = None
+    ended: int | None = None
+    if dist.is_main:
+        assert setup is not None, "rank 0 runs a plan or reports why there is none"
+        if isinstance(setup, JobSetup) and not opts.dry_run:
+            src = Storage(opts.src, opts.storage_options)
+            dst = Storage(opts.dst, opts.storage_options)
+            sink = make_sink(src, dst)
+            job = SinkJob(setup.files, setup.pieces, setup.assignment, setup.fingerprint, opts.workers,
+                          state={"pins": setup.pins, "outputs": setup.outputs})
+        ended = _start(setup, opts, sink, job, dst, report)  # type: ignore[arg-type]
+    part = dist.scatter((lambda r: ended if ended is not None else RankWork(sink.for_rank(job, r), setup.job_id))
+                        if dist.is_main else None)
+    if isinstance(part, int):
+        for store in (src, dst):
+            if store is not None:
+                store.close()
+        return part
+    view, job_id = part.job, part.job_id
+    skipped: dict[str, Any] = {}
+    total = 0
+    if dist.is_main:
+        assert isinstance(setup, JobSetup) and job is not None
+        skipped = job.resume.get("skipped") or {}
+        total = sum(p.write_bytes for p in setup.pieces)
+        _release(setup, job)
+        if setup.resuming and skipped:
+            print(_skipped_line(skipped))
+        if report is not None:
+            report["skipped_bytes"] = int(skipped.get("skipped_bytes", 0))
+    else:
+        src = Storage(opts.src, opts.storage_options)
+        dst = Storage(opts.dst, opts.storage_options)
+        sink = make_sink(src, dst)
+    assert src is not None and dst is not None
+
+    mine = sink.rank_pieces(view, dist.rank)
+    key = f"moe_convert/{job_id}"
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not (dist.is_main and opts.show_progress))
 
     crash_at = _crash_point(dist.rank)
@@ -350,7 +406,7 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
     error: str | None = None
     result: Any = None
     try:
-        result = sink.run(job, dist.rank, on_done)
+        result = sink.run(view, dist.rank, on_done)
     except Exception as exc:  # noqa: BLE001 - reported to every rank, then exit non-zero
         error = f"rank {dist.rank}: {_error_text(exc)}"
     finally:
@@ -370,48 +426,56 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
         "read_bytes": sum(p.read_bytes for p in mine),
         "written_bytes": sum(p.write_bytes for p in mine),
         "pieces": len(mine),
+        # pieces and output slots this rank was sent (its own work only; rank 0 also planned the whole job)
+        "held": {"pieces": len(view.pieces), "slots": sum(len(f.slots) for f in view.files)},
         "seconds": time.perf_counter() - t0,
         # OS counters over the streaming phase (rchar/wchar: bytes through syscalls; read_bytes: from storage)
         "os_io": io_delta,
     }
-    gathered = dist.gather((error, stats, result))
+    del view, mine
+    gathered = dist.gather_main((error, stats, result))  # the ranks' results only where the commit needs them
+    ok = True
+    if dist.is_main:
+        assert gathered is not None and isinstance(setup, JobSetup) and job is not None
+        ok = _finish(setup, opts, dist, report, src, dst, sink, job, gathered, skipped, t0)
+    return 0 if dist.broadcast(ok) else 1
+
+
+def _finish(setup: JobSetup, opts: JobOptions, dist: Dist, report: dict[str, Any] | None, src: Storage, dst: Storage,
+            sink: Any, job: SinkJob, gathered: list[Any], skipped: dict[str, Any], t0: float) -> bool:
+    """Rank 0 after every rank streamed: write the stats, report errors or commit; True when committed."""
     errors = [e for e, _, _ in gathered if e]
-    if dist.is_main and opts.stats_path:
+    if opts.stats_path:
         with open(opts.stats_path, "w") as fh:
             json.dump({"world_size": dist.world_size, "ep": setup.ep, "resumed": setup.resuming,
                        "skipped_bytes": int(skipped.get("skipped_bytes", 0)), "skipped": skipped,
                        "ranks": [s for _, s, _ in gathered]}, fh, indent=2)
     if errors:
-        if dist.is_main:
-            for e in errors:
-                _fail(report, e)
-            print(f"error: conversion failed; {opts.dst} is incomplete (no {list(setup.final_files)[-1]}). "
-                  "Re-run the same command to resume.", file=sys.stderr)
-        return 1
-    ok = True
-    if dist.is_main:
-        _pause_point()
-        try:
-            check_pins(src, setup.pins, "during the conversion", COMMIT_REFUSED)
-        except (ConversionError, OSError) as exc:
-            _fail(report, _error_text(exc))
-            ok = False
-    if dist.is_main and ok:
-        try:
-            _commit(src, dst, sink, job, setup, [r for _, _, r in gathered])
-        except (ConversionError, OSError) as exc:
-            _fail(report, f"commit failed: {_error_text(exc)}")
-            ok = False
-        if ok:
-            set_destination(None)  # complete: an interrupt from now on leaves nothing to resume
-            elapsed = time.perf_counter() - t0
-            size = sum(f.size for f in setup.files)
-            if report is not None:
-                report.update(bytes=size, resumed=setup.resuming)
-            print(f"wrote {len(setup.files)} file(s), {_gb(size)} to {opts.dst} in {elapsed:.2f} s "
-                  f"({size / max(elapsed, 1e-9) / 1e9:.3f} GB/s) with {dist.world_size} rank(s)"
-                  + (" (resumed)" if setup.resuming else ""))
-    return 0 if dist.broadcast(ok) else 1
+        for e in errors:
+            _fail(report, e)
+        print(f"error: conversion failed; {opts.dst} is incomplete (no {list(setup.final_files)[-1]}). "
+              "Re-run the same command to resume.", file=sys.stderr)
+        return False
+    _pause_point()
+    try:
+        check_pins(src, setup.pins, "during the conversion", COMMIT_REFUSED)
+    except (ConversionError, OSError) as exc:
+        _fail(report, _error_text(exc))
+        return False
+    try:
+        _commit(src, dst, sink, job, setup, [r for _, _, r in gathered])
+    except (ConversionError, OSError) as exc:
+        _fail(report, f"commit failed: {_error_text(exc)}")
+        return False
+    set_destination(None)  # complete: an interrupt from now on leaves nothing to resume
+    elapsed = time.perf_counter() - t0
+    size = sum(f.size for f in setup.files)
+    if report is not None:
+        report.update(bytes=size, resumed=setup.resuming)
+    print(f"wrote {len(setup.files)} file(s), {_gb(size)} to {opts.dst} in {elapsed:.2f} s "
+          f"({size / max(elapsed, 1e-9) / 1e9:.3f} GB/s) with {dist.world_size} rank(s)"
+          + (" (resumed)" if setup.resuming else ""))
+    return True
 
 
 COMMIT_REFUSED = "the output was not committed; re-run with --overwrite to convert the source as it is now"

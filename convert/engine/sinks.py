@@ -19,7 +19,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -42,15 +42,36 @@ UPLOAD_THREADS = int(os.environ.get("MOE_CONVERT_UPLOAD_THREADS", 64))
 
 @dataclass
 class SinkJob:
-    """What a sink needs to know of the job (identical on every rank)."""
+    """What a sink needs to know of the job.
+
+    Rank 0 holds the whole job (every file, piece and rank's assignment); each rank runs its own
+    view of it (Sink.for_rank), which holds only what that rank writes: its pieces (by their index
+    in the plan), the slots they write, and, for uploads, its parts.
+    """
 
     files: list[OutputFile]
-    pieces: list[Piece]
+    pieces: Sequence[Piece] | Mapping[int, Piece]  # index in the plan -> piece (a view: only its rank's)
     assignment: list[list[int]]
     fingerprint: str
     workers: int = 4
-    resume: dict[str, Any] = field(default_factory=dict)  # filled by prepare() on rank 0, then broadcast
+    resume: dict[str, Any] = field(default_factory=dict)  # filled by prepare() on rank 0, then sent to each rank
     state: dict[str, Any] = field(default_factory=dict)  # more entries for the state file (source pins, outputs)
+    parts: list[Part] | None = None  # a rank's view of an upload job: the parts it builds (None: planned here)
+
+
+def _view(job: SinkJob, rank: int, todo: Sequence[int], headers: Collection[str] = (), **fields: Any) -> SinkJob:
+    """Rank `rank`'s view of `job`: pieces `todo`, and the files they write with only their slots
+    (the header bytes only of the files named in `headers`)."""
+    pieces = {i: job.pieces[i] for i in todo}
+    written = {w.tensor for p in pieces.values() for w in p.writes}
+    files = []
+    for f in job.files:
+        slots = {name: slot for name, slot in f.slots.items() if name in written}
+        if slots or f.name in headers:
+            files.append(OutputFile(f.name, f.header if f.name in headers else b"", f.size, slots))
+    assignment: list[list[int]] = [[] for _ in job.assignment]
+    assignment[rank] = list(todo)
+    return SinkJob(files, pieces, assignment, job.fingerprint, job.workers, **fields)
 
 
 class Sink(Protocol):
@@ -59,6 +80,7 @@ class Sink(Protocol):
     def commit(self, job: SinkJob, results: Sequence[Any]) -> None: ...
     def discard(self, job_state: dict[str, Any] | None) -> None: ...
     def rank_pieces(self, job: SinkJob, rank: int) -> list[Piece]: ...
+    def for_rank(self, job: SinkJob, rank: int) -> SinkJob: ...
 
 
 def read_state(dst: Storage) -> dict[str, Any] | None:
@@ -139,6 +161,11 @@ class LocalSink:
     def rank_pieces(self, job: SinkJob, rank: int) -> list[Piece]:
         done = set(job.resume.get("done_pieces", ()))
         return [job.pieces[i] for i in job.assignment[rank] if i not in done]
+
+    def for_rank(self, job: SinkJob, rank: int) -> SinkJob:
+        """Rank 0, after prepare(): what rank `rank` needs to run its unfinished pieces."""
+        done = set(job.resume.get("done_pieces", ()))
+        return _view(job, rank, [i for i in job.assignment[rank] if i not in done])
 
     def run(self, job: SinkJob, rank: int, on_done: Callable[[int], None]) -> None:
         """Write this rank's unfinished pieces, journaling them in batches after an fsync.
@@ -269,8 +296,20 @@ class MultipartSink:
         return any(u == upload for _, u in self.dst.mpu_pending(""))
 
     def _my_parts(self, job: SinkJob, rank: int) -> list[Part]:
+        if job.parts is not None:
+            return job.parts
         done = job.resume.get("done_parts", {})
         return [p for p in self._parts(job) if p.owner == rank and str(p.number) not in done.get(p.file, {})]
+
+    def for_rank(self, job: SinkJob, rank: int) -> SinkJob:
+        """Rank 0, after prepare(): what rank `rank` needs to build and upload its unfinished parts."""
+        parts = self._my_parts(job, rank)
+        names = {p.file for p in parts}
+        heads = {f.name for f in job.files if f.name in names and any(p.file == f.name and p.start < len(f.header)
+                                                                       for p in parts)}
+        uploads = {n: u for n, u in job.resume.get("uploads", {}).items() if n in names}
+        return _view(job, rank, sorted({i for p in parts for i in p.pieces}), heads,
+                     resume={"uploads": uploads}, parts=parts)
 
     def rank_pieces(self, job: SinkJob, rank: int) -> list[Piece]:
         idx = sorted({i for p in self._my_parts(job, rank) for i in p.pieces})

@@ -89,7 +89,9 @@ def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob:
     if not shard_names:
         raise ConversionError(f"{storage.display()}: no *{weight_glob} files found")
 
-    with ThreadPoolExecutor(max_workers=min(16, len(shard_names))) as pool:
+    # Parallel reads hide an object store's latency; local headers are parsed one at a time (the parse
+    # holds the GIL anyway), so at most one file's parse tree is held at once.
+    with ThreadPoolExecutor(max_workers=min(16 if not storage.is_local else 1, len(shard_names))) as pool:
         headers = dict(zip(shard_names, pool.map(lambda n: read_header(storage, n), shard_names)))
 
     tensors: dict[str, TensorRef] = {}

@@ -13,6 +13,7 @@ op classes' code: it reads the family table's op descriptions itself.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,24 +114,33 @@ def _part_shape(slice_shape: tuple[int, ...], ops: list[dict[str, Any]], n_parts
 
 @dataclass(frozen=True)
 class PerExpertSide:
-    """Expert e's role r is the stored tensor `tensors[r][e]` (a role held by fewer experts has fewer tensors)."""
+    """Expert e's role r is the stored tensor `tensors[r][e]` (a role held by fewer experts has fewer tensors).
+
+    `roles`, where given, limits load/expert_bytes/spans to those roles (one item of a check: checks.role_groups).
+    """
 
     tensors: tuple[tuple[str, tuple[Stored, ...]], ...]
 
-    def load(self, storage: Storage, e: int) -> dict[str, tuple[torch.Tensor, str]]:
+    def load(self, storage: Storage, e: int, roles: Collection[str] | None = None) -> dict[str, tuple[torch.Tensor, str]]:
         out = {}
-        for role, per in self.tensors:
-            if e < len(per):
-                t = per[e]
-                out[role] = (to_tensor(read_stored(storage, t), t.dtype, t.shape), t.name)
+        for role, per in self._held(e, roles):
+            t = per[e]
+            out[role] = (to_tensor(read_stored(storage, t), t.dtype, t.shape), t.name)
         return out
 
-    def expert_bytes(self, e: int) -> int:
-        return sum(per[e].nbytes for _, per in self.tensors if e < len(per))
+    def expert_bytes(self, e: int, roles: Collection[str] | None = None) -> int:
+        return sum(per[e].nbytes for _, per in self._held(e, roles))
 
-    def spans(self, e: int) -> list[tuple[str, int, int]]:
-        """(file, start, end) of every byte range load(e) reads."""
-        return [(per[e].file, per[e].start, per[e].end) for _, per in self.tensors if e < len(per)]
+    def spans(self, e: int, roles: Collection[str] | None = None) -> list[tuple[str, int, int]]:
+        """(file, start, end) of every byte range load(e, roles) reads."""
+        return [(per[e].file, per[e].start, per[e].end) for _, per in self._held(e, roles)]
+
+    def role_sets(self) -> list[tuple[str, ...]]:
+        """The roles read together (each stored tensor holds one)."""
+        return [(role,) for role, _ in self.tensors]
+
+    def _held(self, e: int, roles: Collection[str] | None) -> list[tuple[str, tuple[Stored, ...]]]:
+        return [(r, per) for r, per in self.tensors if e < len(per) and (roles is None or r in roles)]
 
 
 @dataclass(frozen=True)
@@ -150,15 +160,16 @@ class FusedPart:
 
 @dataclass(frozen=True)
 class FusedSide:
-    """Expert e's roles come from slice e (dim 0) of each fused tensor that has one."""
+    """Expert e's roles come from slice e (dim 0) of each fused tensor that has one.
+
+    `roles`, where given, limits load/expert_bytes/spans to the fused tensors holding any of them.
+    """
 
     parts: tuple[FusedPart, ...]
 
-    def load(self, storage: Storage, e: int) -> dict[str, tuple[torch.Tensor, str]]:
+    def load(self, storage: Storage, e: int, roles: Collection[str] | None = None) -> dict[str, tuple[torch.Tensor, str]]:
         out = {}
-        for p in self.parts:
-            if e >= p.num_experts:
-                continue
+        for p in self._held(e, roles):
             t = p.tensor
             per = t.nbytes // p.num_experts
             sl = to_tensor(read_stored(storage, t, e * per, (e + 1) * per), t.dtype, t.shape[1:])
@@ -166,18 +177,23 @@ class FusedSide:
                 out[role] = (piece, t.name)
         return out
 
-    def expert_bytes(self, e: int) -> int:
-        return sum(p.tensor.nbytes // p.num_experts for p in self.parts if e < p.num_experts)
+    def expert_bytes(self, e: int, roles: Collection[str] | None = None) -> int:
+        return sum(p.tensor.nbytes // p.num_experts for p in self._held(e, roles))
 
-    def spans(self, e: int) -> list[tuple[str, int, int]]:
-        """(file, start, end) of every byte range load(e) reads: slice e of each fused tensor."""
+    def spans(self, e: int, roles: Collection[str] | None = None) -> list[tuple[str, int, int]]:
+        """(file, start, end) of every byte range load(e, roles) reads: slice e of each fused tensor."""
         out = []
-        for p in self.parts:
-            if e >= p.num_experts:
-                continue
+        for p in self._held(e, roles):
             per = p.tensor.nbytes // p.num_experts
             out.append((p.tensor.file, p.tensor.start + e * per, p.tensor.start + (e + 1) * per))
         return out
+
+    def role_sets(self) -> list[tuple[str, ...]]:
+        """The roles read together (those of one fused tensor)."""
+        return [p.roles for p in self.parts]
+
+    def _held(self, e: int, roles: Collection[str] | None) -> list[FusedPart]:
+        return [p for p in self.parts if e < p.num_experts and (roles is None or any(r in roles for r in p.roles))]
 
 
 Side = PerExpertSide | FusedSide

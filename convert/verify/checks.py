@@ -34,6 +34,7 @@ from convert.io.storage import Storage
 from convert.verify.tables import Stored, element_size, to_tensor
 
 CHUNK_BYTES = 8 << 20  # a pass-through tensor is compared in chunks of this many bytes a side
+MIN_CHUNK_BYTES = 1 << 20  # ... or fewer, down to this, to hold no more than an expert item (pass_chunks)
 BLOCK_BYTES = 2 << 20  # one block of a cast or strided comparison: stays in the CPU caches
 ALIGN = 64
 FLOATS = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
@@ -161,9 +162,34 @@ class ExpertCheck:
     # buffer and experts may be checked by parallel threads.
     streaming: bool = False
 
-    def item_bytes(self, e: int) -> int:
-        """Bytes both sides read for expert e (what one check of it holds in memory)."""
-        return self.src.expert_bytes(e) + self.dst.expert_bytes(e)
+    def item_bytes(self, e: int, roles: tuple[str, ...] | None = None) -> int:
+        """Bytes both sides read for expert e, or for its `roles` only (what one check of it holds in memory)."""
+        if roles is None:
+            return self.src.expert_bytes(e) + self.dst.expert_bytes(e)
+        return self.src.expert_bytes(e, roles) + self.dst.expert_bytes(e, roles)  # type: ignore[call-arg]
+
+
+def role_groups(check: ExpertCheck) -> list[tuple[str, ...] | None]:
+    """The parts one expert of `check` is compared in: groups of roles that no stored tensor of either side
+    splits (a fused gate_up and the per-expert gate and up it holds are one group), so that a thread holds
+    one group's bytes of both sides at a time, not the whole expert's. [None] (the whole expert at once)
+    where a side cannot load part of an expert (no `role_sets`)."""
+    sets: list[tuple[str, ...]] = []
+    for side in (check.src, check.dst):
+        role_sets = getattr(side, "role_sets", None)
+        if role_sets is None:
+            return [None]
+        sets += role_sets()
+    groups: list[set[str]] = []
+    for roles in sets:
+        merged, rest = set(roles), []
+        for g in groups:
+            if g & merged:
+                merged |= g
+            else:
+                rest.append(g)
+        groups = [*rest, merged]
+    return sorted(tuple(sorted(g)) for g in groups) or [None]
 
 
 @dataclass(frozen=True)
@@ -355,20 +381,27 @@ class Tally:
         self.tensors_checked += other.tensors_checked
 
 
-def run_expert(check: ExpertCheck, src: Storage, dst: Storage, e: int, tally: Tally) -> None:
-    """Compare expert e of one layer, role by role (a streaming check reads into this thread's reused buffer)."""
+def run_expert(check: ExpertCheck, src: Storage, dst: Storage, e: int, tally: Tally,
+               roles: tuple[str, ...] | None = None, count: bool = True) -> None:
+    """Compare expert e of one layer, role by role (a streaming check reads into this thread's reused buffer).
+
+    `roles`: only those (one of role_groups(check)); `count`: count the expert as checked (once per expert).
+    """
     if check.streaming:
-        with reads_into(check.item_bytes(e)):
-            _run_expert(check, src, dst, e, tally)
+        with reads_into(check.item_bytes(e, roles)):
+            _run_expert(check, src, dst, e, tally, roles, count)
     else:
-        _run_expert(check, src, dst, e, tally)
+        _run_expert(check, src, dst, e, tally, roles, count)
 
 
-def _run_expert(check: ExpertCheck, src: Storage, dst: Storage, e: int, tally: Tally) -> None:
-    a = check.src.load(src, e)
-    b = check.dst.load(dst, e)
-    tally.bytes_compared += check.src.expert_bytes(e) + check.dst.expert_bytes(e)
-    tally.experts_checked += 1
+def _run_expert(check: ExpertCheck, src: Storage, dst: Storage, e: int, tally: Tally,
+                roles: tuple[str, ...] | None, count: bool) -> None:
+    if roles is None:
+        a, b = check.src.load(src, e), check.dst.load(dst, e)
+    else:
+        a, b = check.src.load(src, e, roles), check.dst.load(dst, e, roles)  # type: ignore[call-arg]
+    tally.bytes_compared += check.item_bytes(e, roles)
+    tally.experts_checked += int(count)
     for role in sorted(set(a) | set(b)):
         name = b[role][1] if role in b else a[role][1]
         if role not in b:
@@ -385,14 +418,16 @@ def _run_expert(check: ExpertCheck, src: Storage, dst: Storage, e: int, tally: T
             tally.add(Mismatch(name, f"{role} (source {a[role][1]}): {what}", e, diff))
 
 
-def pass_chunks(check: PassCheck) -> list[tuple[int, int]]:
-    """The flat element ranges [i, j) a pass-through tensor is compared in (each at most CHUNK_BYTES a side);
-    empty when the shapes differ (nothing to compare)."""
+def pass_chunks(check: PassCheck, item_cap: int | None = None) -> list[tuple[int, int]]:
+    """The flat element ranges [i, j) a pass-through tensor is compared in (each at most CHUNK_BYTES a side,
+    and with `item_cap` at most half of it a side, down to MIN_CHUNK_BYTES: no chunk holds more than the
+    largest expert item); empty when the shapes differ (nothing to compare)."""
     s, d = check.src, check.dst
     if s.shape != d.shape or not element_size(s.dtype):
         return []
     n = s.nbytes // element_size(s.dtype)
-    step = max(1, CHUNK_BYTES // max(element_size(s.dtype), element_size(d.dtype)))
+    side = CHUNK_BYTES if item_cap is None else min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, item_cap // 2))
+    step = max(1, side // max(element_size(s.dtype), element_size(d.dtype)))
     return [(i, min(n, i + step)) for i in range(0, n, step)]
 
 

@@ -41,7 +41,7 @@ from convert.verify.base import base_relation
 from convert.verify.relation import CannotVerify, Relation, VerifyOptions, compare_files, copied_files
 from convert.verify.checks import (
     BLOCK_BYTES, ExpertCheck, Mismatch, PassCheck, Tally, chunk_bytes, pass_chunks, pass_shape_problem,
-    release_buffers, run_expert, run_pass_chunk,
+    release_buffers, role_groups, run_expert, run_pass_chunk,
 )
 from convert.verify.tables import Table, Unreadable, element_size, read_table
 from convert.verify.target import recorded_target, target_findings
@@ -208,12 +208,13 @@ Item = Callable[[], tuple[Tally, int]]
 Spans = list[tuple[Storage, str, int, int]]
 
 
-def _expert_spans(check: ExpertCheck, src: Storage, dst: Storage, e: int) -> Spans:
-    """What expert e's check reads, where its sides say (sides without `spans` are not read ahead)."""
+def _expert_spans(check: ExpertCheck, src: Storage, dst: Storage, e: int, roles: tuple[str, ...] | None = None) -> Spans:
+    """What expert e's check (of `roles` only, where given) reads, where its sides say (sides without `spans`
+    are not read ahead)."""
     out: Spans = []
     for side, storage in ((check.src, src), (check.dst, dst)):
         spans = getattr(side, "spans", None)
-        out += [(storage, *span) for span in spans(e)] if spans else []
+        out += [(storage, *span) for span in (spans(e) if roles is None else spans(e, roles))] if spans else []
     return out
 
 
@@ -224,10 +225,11 @@ def _chunk_spans(check: PassCheck, src: Storage, dst: Storage, i: int, j: int) -
     return [(src, s.file, s.start + i * ss, s.start + j * ss), (dst, d.file, d.start + i * ds, d.start + j * ds)]
 
 
-def _expert_item(check: ExpertCheck, src: Storage, dst: Storage, e: int, limit: int) -> tuple[Tally, int]:
+def _expert_item(check: ExpertCheck, src: Storage, dst: Storage, e: int, limit: int,
+                 roles: tuple[str, ...] | None = None, count: bool = True) -> tuple[Tally, int]:
     part = Tally([], limit=limit)
     try:
-        run_expert(check, src, dst, e, part)
+        run_expert(check, src, dst, e, part, roles, count)
     except (ConversionError, OSError, RuntimeError, ValueError) as exc:
         part.add(Mismatch(check.layer, f"could not be read: {exc}", e))
     return part, -1
@@ -344,14 +346,17 @@ def check_share(relation: Relation, opts: VerifyOptions, rank: int, world: int) 
     spans: list[Spans] = []
     largest = 0
     try:
+        groups = {i: role_groups(c) for i, c in enumerate(relation.experts) if c.streaming}
         for i, e in experts:
             check = relation.experts[i]
-            if check.streaming:
-                items.append(lambda c=check, e=e: _expert_item(c, src, dst, e, limit))
-                spans.append(_expert_spans(check, src, dst, e))
-                largest = max(largest, check.item_bytes(e))
+            if check.streaming:  # one item per group of roles: a thread holds one group of both sides at a time
+                for k, roles in enumerate(groups[i]):
+                    items.append(lambda c=check, e=e, r=roles, k=k: _expert_item(c, src, dst, e, limit, r, k == 0))
+                    spans.append(_expert_spans(check, src, dst, e, roles))
+                    largest = max(largest, check.item_bytes(e, roles))
             else:
                 tally.merge(_expert_item(check, src, dst, e, limit)[0])
+        expert_largest = largest or None
         pass_problems: dict[int, Mismatch] = {}
         for i in passes:
             check = relation.passes[i]
@@ -360,7 +365,7 @@ def check_share(relation: Relation, opts: VerifyOptions, rank: int, world: int) 
             if problem:
                 pass_problems[i] = problem
                 continue
-            for a, b in pass_chunks(check):
+            for a, b in pass_chunks(check, expert_largest):  # no larger than an expert item: as many threads fit
                 items.append(lambda c=check, i=i, a=a, b=b: _chunk_item(c, i, src, dst, a, b, limit))
                 spans.append(_chunk_spans(check, src, dst, a, b))
                 largest = max(largest, chunk_bytes(check, a, b))
