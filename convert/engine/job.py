@@ -305,6 +305,7 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
     job = SinkJob(setup.files, setup.pieces, setup.assignment, setup.fingerprint, opts.workers,
                   state={"pins": setup.pins, "outputs": setup.outputs})
     status: Any = None
+    prepare_at = time.monotonic()
     if dist.is_main:
         try:
             if not setup.resuming:
@@ -347,6 +348,7 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
     warm_up(mine)
     io0 = proc_io()
     t0 = time.perf_counter()
+    data_start = time.monotonic()
     error: str | None = None
     result: Any = None
     try:
@@ -371,6 +373,7 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
         "written_bytes": sum(p.write_bytes for p in mine),
         "pieces": len(mine),
         "seconds": time.perf_counter() - t0,
+        "data_span": [data_start, time.monotonic()],  # CLOCK_MONOTONIC (machine-wide): for phase traces
         # OS counters over the streaming phase (rchar/wchar: bytes through syscalls; read_bytes: from storage)
         "os_io": io_delta,
     }
@@ -378,7 +381,7 @@ def execute(setup: JobSetup | str, opts: JobOptions, dist: Dist, report: dict[st
     errors = [e for e, _, _ in gathered if e]
     if dist.is_main and opts.stats_path:
         with open(opts.stats_path, "w") as fh:
-            json.dump({"world_size": dist.world_size, "ep": setup.ep, "resumed": setup.resuming,
+            json.dump({"world_size": dist.world_size, "ep": setup.ep, "resumed": setup.resuming, "prepare_at": prepare_at,
                        "skipped_bytes": int(skipped.get("skipped_bytes", 0)), "skipped": skipped,
                        "ranks": [s for _, s, _ in gathered]}, fh, indent=2)
     if errors:
