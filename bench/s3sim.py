@@ -468,7 +468,8 @@ class Proxy:
                 self.shared.add("active", -1)
                 with self.lock:
                     if self.log is not None:
-                        info["t1"] = time.monotonic() - self.started
+                        info["m1"] = time.monotonic()  # CLOCK_MONOTONIC: machine-wide (bench.s3trace)
+                        info["t1"] = info["m1"] - self.started
                         self.log.write(json.dumps(info) + "\n")
 
     def _request(self, conn: socket.socket, rfile: Any, pace_in: Pacer, pace_out: Pacer,
@@ -492,7 +493,8 @@ class Proxy:
         allowed = self.limiter.allow(self._prefix(target))
         self.shared.add("active", 1)
         with self.lock:
-            info.update(t0=time.monotonic() - self.started, method=method, path=target, range=headers.get("range"),
+            now = time.monotonic()
+            info.update(m0=now, t0=now - self.started, method=method, path=target, range=headers.get("range"),
                         status=503 if not allowed else 0, conn=id(conn))
             self.stats.requests += 1
             self.stats.by_method[method] = self.stats.by_method.get(method, 0) + 1

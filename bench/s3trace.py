@@ -1,11 +1,11 @@
 """Where the wall time of one S3 job goes: every request the simulated endpoint saw, by phase and kind.
 
-    python -m bench.s3trace [--case fuse:s3-s3] [--nproc 1] [--workers 1] [--layers 2] [--experts 8]
+    python -m bench.s3trace [--cases fuse:s3-s3,fuse:s3-local] [--layouts 1x1,1x4,4x4] [--layers 2] [--experts 8]
                             [--vocab 8000] [--latency-ms 20,50] [--conn-mbps 80] [--repeats 1] [--json FILE]
 
 Writes a synthetic checkpoint (bench.synthetic), puts it on bench.s3sim (its per-request log
 on), runs the tool once (or --repeats times) and splits the run at the stamps the tool's --stats
-gives (CLOCK_MONOTONIC is machine-wide, so the tool's and the endpoint's clocks are one):
+and the endpoint's log give (both CLOCK_MONOTONIC, which is machine-wide):
 start-up (launch to the first request), plan (to rank 0's prepare), prepare (clean-up, upload
 starts, state: to the first rank's data phase), data (to the last rank's end), commit (to the
 last request), exit (to the process's end). Per phase: its seconds, its requests by kind, and
@@ -54,10 +54,9 @@ def kind(entry: dict[str, Any]) -> str:
     return method
 
 
-def phases(log: list[dict[str, Any]], stats: dict[str, Any], launched: float, ended: float,
-           offset: float) -> dict[str, dict[str, Any]]:
-    """Per phase: seconds, requests by kind and their summed seconds (`offset`: log time -> monotonic)."""
-    reqs = [dict(e, t0=e["t0"] + offset, t1=e.get("t1", e["t0"]) + offset) for e in log]
+def phases(log: list[dict[str, Any]], stats: dict[str, Any], launched: float, ended: float) -> dict[str, dict[str, Any]]:
+    """Per phase: seconds, requests by kind and their summed seconds."""
+    reqs = [dict(e, t0=e["m0"], t1=e.get("m1", e["m0"])) for e in log]
     first = min((e["t0"] for e in reqs), default=launched)
     last = max((e["t1"] for e in reqs), default=ended)
     spans = [r["data_span"] for r in stats["ranks"]]
@@ -74,26 +73,15 @@ def phases(log: list[dict[str, Any]], stats: dict[str, Any], launched: float, en
     return out
 
 
-def trace_once(sim: S3Sim, admin: Any, a: argparse.Namespace, src: str, dst: str, work: Path,
-               log_path: Path) -> dict[str, Any]:
+def trace_once(sim: S3Sim, a: argparse.Namespace, case: str, nproc: int, workers: int, src: str,
+               dst: str, work: Path, log_path: Path) -> dict[str, Any]:
     """Run the tool once against `sim`; returns its phases, wall time and data-phase seconds."""
     log_path.write_text("")
     sim.reset()
-    # A marker request ties the log's clock (seconds since the proxy started) to CLOCK_MONOTONIC.
-    before = time.monotonic()
-    try:
-        admin.head_object(Bucket=BUCKET, Key="__trace_marker__")
-    except Exception:  # noqa: BLE001 - a 404 is the expected answer
-        pass
-    after = time.monotonic()
-    time.sleep(0.2)
-    marker = [json.loads(x) for x in log_path.read_text().splitlines() if "__trace_marker__" in x]
-    offset = (before + after) / 2 - (marker[0]["t0"] + marker[0]["t1"]) / 2 if marker else 0.0
-    log_path.write_text("")
     stats_file = work / "stats.json"
-    op = a.case.split(":")[0]
-    cmd = [sys.executable, "-m", f"convert.{op}_experts", "--nproc", str(a.nproc), "--src", src, "--dst", dst,
-           "--workers", str(a.workers), "--max-shard-size", a.max_shard, "--stats", str(stats_file), "--no-progress"]
+    op = case.split(":")[0]
+    cmd = [sys.executable, "-m", f"convert.{op}_experts", "--nproc", str(nproc), "--src", src, "--dst", dst,
+           "--workers", str(workers), "--max-shard-size", a.max_shard, "--stats", str(stats_file), "--no-progress"]
     env = dict(os.environ, **CREDENTIALS, PYTHONPATH=_pythonpath(), OMP_NUM_THREADS="1", AWS_ENDPOINT_URL=sim.url,
                AWS_EC2_METADATA_DISABLED="true")
     launched = time.monotonic()
@@ -104,15 +92,14 @@ def trace_once(sim: S3Sim, admin: Any, a: argparse.Namespace, src: str, dst: str
     time.sleep(0.2)
     log = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
     stats = json.loads(stats_file.read_text())
-    return {"wall": ended - launched, "data": max(r["seconds"] for r in stats["ranks"]),
-            "phases": phases(log, stats, launched, ended, offset), "requests": len(log),
-            "log": [dict(e, t0=e["t0"] + offset - launched, t1=e.get("t1", e["t0"]) + offset - launched, kind=kind(e))
-                    for e in log]}
+    return {"case": case, "layout": f"{nproc}x{workers}", "wall": ended - launched, "data": max(r["seconds"] for r in stats["ranks"]),
+            "phases": phases(log, stats, launched, ended), "requests": len(log),
+            "log": [dict(e, t0=e["m0"] - launched, t1=e.get("m1", e["m0"]) - launched, kind=kind(e)) for e in log]}
 
 
 def table(result: dict[str, Any]) -> str:
     """The phases of one traced run as a Markdown table."""
-    lines = [f"wall {result['wall']:.2f} s, data phase {result['data']:.2f} s, {result['requests']} requests", "",
+    lines = [f"{result['case']} {result['layout']}: wall {result['wall']:.2f} s, data phase {result['data']:.2f} s, {result['requests']} requests", "",
              "| phase | s | requests | request-s | kinds |", "|---|---|---|---|---|"]
     for name, p in result["phases"].items():
         kinds = ", ".join(f"{k} {n}" for k, n in p["kinds"].items())
@@ -123,9 +110,8 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, trace the runs, print one table per run."""
     p = argparse.ArgumentParser(prog="bench.s3trace", description=__doc__.splitlines()[0])
-    p.add_argument("--case", default="fuse:s3-s3", choices=["fuse:s3-s3", "fuse:s3-local", "split:s3-s3"])
-    p.add_argument("--nproc", type=int, default=1)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cases", default="fuse:s3-s3,fuse:s3-local", help="of fuse:s3-s3, fuse:s3-local")
+    p.add_argument("--layouts", default="1x1,1x4,4x4", help="ranks x workers, e.g. 1x1,1x4,4x4,16x4")
     p.add_argument("--preset", default="qwen3-30b-a3b")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=8)
@@ -135,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latency-ms", default="20,50")
     p.add_argument("--conn-mbps", type=float, default=80.0)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--sim-procs", type=int, default=0, help="proxy processes (0: a quarter of the CPUs)")
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args(argv)
     lo, _, hi = a.latency_ms.partition(",")
@@ -145,35 +132,31 @@ def main(argv: list[str] | None = None) -> None:
         specs, config = checkpoint_specs(a.preset, a.layers, experts=a.experts, vocab=a.vocab)
         write_synthetic(str(work / "src"), specs, config, a.src_shard, data="random")
         local = work / "src"
-        if a.case.startswith("split"):
-            subprocess.run([sys.executable, "-m", "convert.fuse_experts", "--src", str(work / "src"), "--dst",
-                            str(work / "fused"), "--max-shard-size", a.max_shard, "--no-progress"], check=True,
-                           cwd=REPO, capture_output=True, env=dict(os.environ, PYTHONPATH=_pythonpath()))
-            local = work / "fused"
         log_path = work / "sim.log"
         cfg = SimConfig(latency_ms=(float(lo), float(hi or lo)), conn_mbps=a.conn_mbps)
-        with S3Sim(cfg, log=str(log_path)) as sim:
-            # Through the proxy (its marker request is timed); setup is not traced (the log is emptied after).
-            admin = boto3.client("s3", endpoint_url=sim.url, region_name="us-east-1",
-                                 aws_access_key_id="testing", aws_secret_access_key="testing")
+        with S3Sim(cfg, log=str(log_path), procs=a.sim_procs or max(1, (os.cpu_count() or 1) // 4)) as sim:
             setup = boto3.client("s3", endpoint_url=sim.backend.url, region_name="us-east-1",
                                  aws_access_key_id="testing", aws_secret_access_key="testing")
             setup.create_bucket(Bucket=BUCKET)
             for f in sorted(local.iterdir()):
                 setup.put_object(Bucket=BUCKET, Key=f"src/{f.name}", Body=f.read_bytes())
             results = []
-            for _ in range(a.repeats):
-                dst = f"s3://{BUCKET}/out" if a.case.endswith("s3-s3") else str(work / "out")
-                res = trace_once(sim, admin, a, f"s3://{BUCKET}/src", dst, work, log_path)
-                results.append(res)
-                print(table(res), flush=True)
-                if dst.startswith("s3://"):
-                    pages = setup.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="out/")
-                    for page in pages:
-                        for o in page.get("Contents", []):
-                            setup.delete_object(Bucket=BUCKET, Key=o["Key"])
-                else:
-                    subprocess.run(["rm", "-rf", dst], check=True)
+            for case in a.cases.split(","):
+                for layout in a.layouts.split(","):
+                    nproc, workers = (int(x) for x in layout.split("x"))
+                    for _ in range(a.repeats):
+                        dst = f"s3://{BUCKET}/out" if case.endswith("s3-s3") else str(work / "out")
+                        res = trace_once(sim, a, case, nproc, workers, f"s3://{BUCKET}/src", dst, work,
+                                         log_path)
+                        results.append(res)
+                        print(table(res) + "\n", flush=True)
+                        if dst.startswith("s3://"):
+                            pages = setup.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="out/")
+                            keys = [{"Key": o["Key"]} for page in pages for o in page.get("Contents", [])]
+                            if keys:
+                                setup.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
+                        else:
+                            subprocess.run(["rm", "-rf", dst], check=True)
         if a.json:
             Path(a.json).write_text(json.dumps(results, indent=1))
 

@@ -21,6 +21,7 @@ import time
 import hashlib
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,7 @@ from convert.engine.output_record import (
 )
 from convert.plan.base import Piece, plan_conversion
 from convert.engine.sinks import OUTPUT_RECORD, SinkJob, clear_state, make_sink, read_state
-from convert.io.storage import Storage
+from convert.io.storage import PIN_WORKERS, Storage
 from launch.dist import Dist
 from sharding.ep import assign_pieces, expert_slices
 from convert.formats.shard_layout import OutputFile, layout_files, weight_map
@@ -422,9 +423,12 @@ COMMIT_REFUSED = "the output was not committed; re-run with --overwrite to conve
 
 def _commit(src: Storage, dst: Storage, sink: Any, job: SinkJob, setup: JobSetup, results: list[Any]) -> None:
     """Rank 0: shards into place, other files copied, output record, final files last, state removed."""
-    sink.commit(job, results)
-    for name in setup.copy_files:
-        dst.copy_file_from(src, name)
+    # The source's other files (configs, tokenizer) are no markers: copied all at once, while the shards complete.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(setup.copy_files), PIN_WORKERS))) as pool:
+        copies = [pool.submit(dst.copy_file_from, src, name) for name in setup.copy_files]
+        sink.commit(job, results)
+        for fut in copies:
+            fut.result()
     # the copies were read just now, after the check before the commit: check them again
     check_pins(src, {n: setup.pins[n] for n in setup.copy_files if n in setup.pins},
                "during the conversion", COMMIT_REFUSED)

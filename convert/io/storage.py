@@ -551,6 +551,29 @@ class Storage:
         if self.exists(rel):
             self._retry("remove", rel, lambda: self.fs.rm(self.path(rel)))
 
+    def remove_many(self, rels: Sequence[str]) -> None:
+        """Remove the files `rels` (those already gone are fine): on S3 by one DeleteObjects request per
+        1000 keys (their order is then S3's: call once per group that may go together), elsewhere one by one."""
+        rels = list(rels)
+        if not rels:
+            return
+        if self.is_local or not hasattr(self.fs, "call_s3"):
+            for rel in rels:
+                self.remove(rel)
+            return
+        for i in range(0, len(rels), 1000):
+            batch = rels[i : i + 1000]
+            bucket, _, _ = self.fs.split_path(self.path(batch[0]))
+            keys = [{"Key": self.fs.split_path(self.path(r))[1]} for r in batch]
+            resp = with_retries("remove", self.display(batch[0]), lambda: self.fs.call_s3(
+                "delete_objects", Bucket=bucket, Delete={"Objects": keys, "Quiet": True}))
+            for rel in batch:
+                self.fs.invalidate_cache(self.path(rel))
+            errors = resp.get("Errors") or []
+            if errors:
+                e = errors[0]
+                raise StorageError("remove", f"s3://{bucket}/{e.get('Key', '')}", f"{e.get('Code')}: {e.get('Message')}")
+
     def remove_tree(self, rel: str) -> None:
         """Remove the directory `rel` and everything below it, if it exists."""
         if self.exists(rel):
