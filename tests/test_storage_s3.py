@@ -61,3 +61,27 @@ def test_pins_taken_by_head_with_more_fields_are_compared_by_head(s3, s3env):
     old = {**pins, "config.json": {**pins["config.json"], "VersionId": "v-earlier"}}
     changed = changed_pins(st, old)
     assert changed == [(f"s3://{BUCKET}/versioned/config.json", "VersionId")], changed
+
+
+def test_remove_many_removes_exactly_the_named_files_in_one_request(s3, s3env):
+    _put(s3env, "rm")
+    proxy = FlakyProxy(s3.port, every=0)
+    try:
+        st = Storage(f"s3://{BUCKET}/rm", {"endpoint_url": proxy.url})
+        st.remove_many(["config.json", "tokenizer.json", "never-written.json"])  # an absent one is fine
+        assert proxy.seen == 1, "one DeleteObjects request"
+    finally:
+        proxy.stop()
+    left = sorted(p.rsplit("/", 1)[1] for p in s3env.ls(f"{BUCKET}/rm", refresh=True))
+    assert left == sorted(set(NAMES) - {"config.json", "tokenizer.json"})
+
+
+def test_clear_state_keeps_the_output_record(s3, s3env):
+    from convert.engine.sinks import OUTPUT_RECORD, STATE_FILE, clear_state
+
+    _put(s3env, "state", [STATE_FILE, OUTPUT_RECORD, ".moe-convert/done-1.txt", "model.safetensors.index.json"])
+    st = Storage(f"s3://{BUCKET}/state")
+    clear_state(st)
+    left = sorted(p.split("/state/", 1)[1] for p in s3env.find(f"{BUCKET}/state"))
+    assert left == [OUTPUT_RECORD, "model.safetensors.index.json"]
+    clear_state(Storage(f"s3://{BUCKET}/no-such-prefix"))  # nothing to clear: no error
