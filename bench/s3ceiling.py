@@ -72,9 +72,9 @@ def _client(port: int, op: str, conns: int, seconds: float, offset: int, out: An
     out.put(sum(done))
 
 
-def measure(sim: S3Sim, op: str, conns: int, seconds: float) -> float:
-    """Aggregate GB/s of `conns` connections doing `op` against `sim` for `seconds`."""
-    port = int(sim.url.rsplit(":", 1)[1])
+def measure(sim: S3Sim, op: str, conns: int, seconds: float, direct: bool = False) -> float:
+    """Aggregate GB/s of `conns` connections doing `op` against `sim` (its backend with `direct`) for `seconds`."""
+    port = sim.backend.port if direct else int(sim.url.rsplit(":", 1)[1])
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
     per = 8
@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--conn-mbps", default="80,0")
     p.add_argument("--ops", default="GET,PUT")
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--direct", action="store_true", help="to the moto backend itself, past the proxy")
     a = p.parse_args(argv)
-    for procs in (int(x) for x in a.procs.split(",")):
+    for procs in [1] if a.direct else [int(x) for x in a.procs.split(",")]:
         for mbps in (float(x) for x in a.conn_mbps.split(",")):
             with S3Sim(SimConfig(latency_ms=(0.0, 0.0), conn_mbps=mbps), procs=procs) as sim:
                 c = http.client.HTTPConnection("127.0.0.1", sim.backend.port)
@@ -110,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
                 for op in a.ops.split(","):
                     for conns in (int(x) for x in a.conns.split(",")):
                         cpu0 = sim.cpu_seconds()
-                        gbps = measure(sim, op, conns, a.seconds)
-                        print(json.dumps({"op": op, "proxy_procs": procs, "conn_mbps": mbps, "conns": conns,
+                        gbps = measure(sim, op, conns, a.seconds, a.direct)
+                        print(json.dumps({"op": op, "proxy_procs": 0 if a.direct else procs, "conn_mbps": mbps, "conns": conns,
                                           "gbps": round(gbps, 3),
                                           "cap_gbps": round(conns * mbps / 1000, 3) if mbps else None,
                                           "sim_cpu_per_s": round((sim.cpu_seconds() - cpu0) / a.seconds, 2),
