@@ -179,8 +179,13 @@ def _plan_job(opts: JobOptions, dist: Dist, src: Storage, dst: Storage) -> JobSe
         [(f.name, f.size, f.header) for f in files], plan.pieces,
     )
     read = [*ckpt.headers, *([ckpt.index_file] if ckpt.index_file else []), *plan.copy_files]
-    pins = {} if opts.dry_run else source_pins(src, read)
-    resuming = False if opts.dry_run else check_destination(src, dst, opts.overwrite, INDEX_NAME, fp)
+    pins: dict[str, dict[str, Any]] = {}
+    resuming = False
+    if not opts.dry_run:  # independent request chains (source listing; destination checks): at once
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pinned = pool.submit(source_pins, src, read)
+            resuming = check_destination(src, dst, opts.overwrite, INDEX_NAME, fp)
+            pins = pinned.result()
     return JobSetup(
         summary=summary, files=files, pieces=plan.pieces, assignment=assignment, ep=ep,
         copy_files=copy_files, final_files=final,
@@ -423,15 +428,18 @@ COMMIT_REFUSED = "the output was not committed; re-run with --overwrite to conve
 
 def _commit(src: Storage, dst: Storage, sink: Any, job: SinkJob, setup: JobSetup, results: list[Any]) -> None:
     """Rank 0: shards into place, other files copied, output record, final files last, state removed."""
-    # The source's other files (configs, tokenizer) are no markers: copied all at once, while the shards complete.
-    with ThreadPoolExecutor(max_workers=max(1, min(len(setup.copy_files), PIN_WORKERS))) as pool:
-        copies = [pool.submit(dst.copy_file_from, src, name) for name in setup.copy_files]
+    # The source's other files (configs, tokenizer) are no markers: copied all at once, and checked again
+    # (they were read after the check before the commit), while the shards complete.
+    def copy_and_check() -> None:
+        with ThreadPoolExecutor(max_workers=max(1, min(len(setup.copy_files), PIN_WORKERS))) as pool:
+            list(pool.map(lambda name: dst.copy_file_from(src, name), setup.copy_files))
+        check_pins(src, {n: setup.pins[n] for n in setup.copy_files if n in setup.pins},
+                   "during the conversion", COMMIT_REFUSED)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        copied = pool.submit(copy_and_check)
         sink.commit(job, results)
-        for fut in copies:
-            fut.result()
-    # the copies were read just now, after the check before the commit: check them again
-    check_pins(src, {n: setup.pins[n] for n in setup.copy_files if n in setup.pins},
-               "during the conversion", COMMIT_REFUSED)
+        copied.result()
     sizes = dst.file_sizes()
     written = [(f.name, sizes[f.name]) for f in setup.files] + [(n, sizes[n]) for n in setup.copy_files]
     written += [(n, len(data)) for n, data in setup.final_files.items()]

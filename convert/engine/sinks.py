@@ -38,6 +38,8 @@ OUTPUT_RECORD = f"{STATE_DIR}/output.json"  # what a finished job wrote (convert
 INCOMPLETE = ".incomplete"
 # Parts a rank builds and uploads at once: min(--workers, this). Each holds one part in memory.
 UPLOAD_THREADS = int(os.environ.get("MOE_CONVERT_UPLOAD_THREADS", 64))
+# Parts a rank reads ahead of its uploads, beyond one per upload thread (each held in memory).
+PARTS_AHEAD = max(1, int(os.environ.get("MOE_CONVERT_PARTS_AHEAD", 1)))
 
 
 @dataclass
@@ -342,9 +344,9 @@ class MultipartSink:
 
         # A part's source bytes are read while the part before it uploads (each waits out the store's
         # latency and the connection's bandwidth: one after the other, a worker would only ever do
-        # one); at most threads + 1 parts are held, being read, waiting or uploading.
+        # one); at most threads + PARTS_AHEAD parts are held, being read, waiting or uploading.
         threads = self.threads(job)
-        held = threading.Semaphore(threads + 1)
+        held = threading.Semaphore(threads + PARTS_AHEAD)
         failed = threading.Event()
 
         def upload(part: Part, filled: Future[bytearray]) -> None:
