@@ -510,6 +510,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--dilate", type=float, default=None, help="run the endpoint K times slower (see run())")
     p.add_argument("--weak-mb", type=float, default=None, help="weak scaling: about N x this many MB at N")
+    p.add_argument("--sim-procs", type=int, default=None, help="the endpoint's proxy processes (default: CPUs / 4)")
     p.add_argument("--sweep", type=parse_sweep, action="append", default=[], help="ENV=v1,v2 (tool runs only)")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -525,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
         s = replace(s, cases=tuple(a.cases.split(",")))
     if a.workers:
         s = replace(s, workers=tuple(int(x) for x in a.workers.split(",")))
-    for name in ("layers", "vocab", "conn_mbps", "slowdown_rps", "repeats", "dilate", "weak_mb"):
+    for name in ("layers", "vocab", "conn_mbps", "slowdown_rps", "repeats", "dilate", "weak_mb", "sim_procs"):
         if getattr(a, name) is not None:
             s = replace(s, **{name: getattr(a, name)})
     if a.latency_ms:

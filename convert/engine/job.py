@@ -22,6 +22,7 @@ import time
 import hashlib
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ from convert.engine.output_record import (
 )
 from convert.plan.base import Piece, plan_conversion
 from convert.engine.sinks import OUTPUT_RECORD, SinkJob, clear_state, make_sink, read_state
-from convert.io.storage import Storage
+from convert.io.storage import PIN_WORKERS, Storage
 from launch.dist import Dist
 from sharding.ep import assign_pieces, expert_slices
 from convert.formats.shard_layout import OutputFile, layout_files, weight_map
@@ -189,8 +190,13 @@ def _plan_job(opts: JobOptions, dist: Dist, src: Storage, dst: Storage) -> JobSe
         [(f.name, f.size, f.header) for f in files], plan.pieces,
     )
     read = [*ckpt.headers, *([ckpt.index_file] if ckpt.index_file else []), *plan.copy_files]
-    pins = {} if opts.dry_run else source_pins(src, read)
-    resuming = False if opts.dry_run else check_destination(src, dst, opts.overwrite, INDEX_NAME, fp)
+    pins: dict[str, dict[str, Any]] = {}
+    resuming = False
+    if not opts.dry_run:  # independent request chains (source listing; destination checks): at once
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pinned = pool.submit(source_pins, src, read)
+            resuming = check_destination(src, dst, opts.overwrite, INDEX_NAME, fp)
+            pins = pinned.result()
     return JobSetup(
         summary=summary, files=files, pieces=plan.pieces, assignment=assignment, ep=ep,
         copy_files=copy_files, final_files=final,
@@ -348,6 +354,7 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
     sink: Any = None
     job: SinkJob | None = None
     ended: int | None = None
+    prepare_at = time.monotonic()
     if dist.is_main:
         assert setup is not None, "rank 0 runs a plan or reports why there is none"
         if isinstance(setup, JobSetup) and not opts.dry_run:
@@ -403,6 +410,7 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
     warm_up(mine)
     io0 = proc_io()
     t0 = time.perf_counter()
+    data_start = time.monotonic()
     error: str | None = None
     result: Any = None
     try:
@@ -429,6 +437,7 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
         # pieces and output slots this rank was sent (its own work only; rank 0 also planned the whole job)
         "held": {"pieces": len(view.pieces), "slots": sum(len(f.slots) for f in view.files)},
         "seconds": time.perf_counter() - t0,
+        "data_span": [data_start, time.monotonic()],  # CLOCK_MONOTONIC (machine-wide): for phase traces
         # OS counters over the streaming phase (rchar/wchar: bytes through syscalls; read_bytes: from storage)
         "os_io": io_delta,
     }
@@ -437,18 +446,20 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
     ok = True
     if dist.is_main:
         assert gathered is not None and isinstance(setup, JobSetup) and job is not None
-        ok = _finish(setup, opts, dist, report, src, dst, sink, job, gathered, skipped, t0)
+        ok = _finish(setup, opts, dist, report, src, dst, sink, job, gathered, skipped, t0, prepare_at)
     return 0 if dist.broadcast(ok) else 1
 
 
 def _finish(setup: JobSetup, opts: JobOptions, dist: Dist, report: dict[str, Any] | None, src: Storage, dst: Storage,
-            sink: Any, job: SinkJob, gathered: list[Any], skipped: dict[str, Any], t0: float) -> bool:
-    """Rank 0 after every rank streamed: write the stats, report errors or commit; True when committed."""
+            sink: Any, job: SinkJob, gathered: list[Any], skipped: dict[str, Any], t0: float,
+            prepare_at: float) -> bool:
+    """Rank 0 after every rank streamed: write the stats (`prepare_at`: CLOCK_MONOTONIC when the destination's
+    preparation began), report errors or commit; True when committed."""
     errors = [e for e, _, _ in gathered if e]
     if opts.stats_path:
         with open(opts.stats_path, "w") as fh:
             json.dump({"world_size": dist.world_size, "ep": setup.ep, "resumed": setup.resuming,
-                       "skipped_bytes": int(skipped.get("skipped_bytes", 0)), "skipped": skipped,
+                       "prepare_at": prepare_at, "skipped_bytes": int(skipped.get("skipped_bytes", 0)), "skipped": skipped,
                        "ranks": [s for _, s, _ in gathered]}, fh, indent=2)
     if errors:
         for e in errors:
@@ -483,12 +494,18 @@ COMMIT_REFUSED = "the output was not committed; re-run with --overwrite to conve
 
 def _commit(src: Storage, dst: Storage, sink: Any, job: SinkJob, setup: JobSetup, results: list[Any]) -> None:
     """Rank 0: shards into place, other files copied, output record, final files last, state removed."""
-    sink.commit(job, results)
-    for name in setup.copy_files:
-        dst.copy_file_from(src, name)
-    # the copies were read just now, after the check before the commit: check them again
-    check_pins(src, {n: setup.pins[n] for n in setup.copy_files if n in setup.pins},
-               "during the conversion", COMMIT_REFUSED)
+    # The source's other files (configs, tokenizer) are no markers: copied all at once, and checked again
+    # (they were read after the check before the commit), while the shards complete.
+    def copy_and_check() -> None:
+        with ThreadPoolExecutor(max_workers=max(1, min(len(setup.copy_files), PIN_WORKERS))) as pool:
+            list(pool.map(lambda name: dst.copy_file_from(src, name), setup.copy_files))
+        check_pins(src, {n: setup.pins[n] for n in setup.copy_files if n in setup.pins},
+                   "during the conversion", COMMIT_REFUSED)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        copied = pool.submit(copy_and_check)
+        sink.commit(job, results)
+        copied.result()
     sizes = dst.file_sizes()
     written = [(f.name, sizes[f.name]) for f in setup.files] + [(n, sizes[n]) for n in setup.copy_files]
     written += [(n, len(data)) for n, data in setup.final_files.items()]

@@ -135,15 +135,19 @@ def refuse_foreign(dst: Storage, contents: Contents) -> None:
 
 def source_pins(src: Storage, names: list[str]) -> dict[str, dict[str, Any]]:
     """name -> Storage.pin of each source file a job reads or copies (metadata only)."""
-    return {name: src.pin(name) for name in sorted(set(names))}
+    return src.pins(names)
 
 
 def changed_pins(src: Storage, pins: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
     """(file as the user names it, what changed) for each pinned file that is no longer as pinned."""
     out = []
+    try:
+        current = src.pins(list(pins), like=pins)
+    except FileNotFoundError:  # which one: ask them one by one
+        current = {}
     for name, pin in sorted(pins.items()):
         try:
-            now = src.pin(name)
+            now = current[name] if name in current else src.pin(name)
         except FileNotFoundError:
             out.append((src.display(name), "deleted"))
             continue

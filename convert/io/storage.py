@@ -15,6 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import fsspec
@@ -43,6 +44,19 @@ _thread_state = threading.local()
 # Fields of fsspec's info() that identify an object's content (S3, GCS, Azure); times where there is none.
 PIN_KEYS = ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash")
 PIN_TIME_KEYS = ("LastModified", "last_modified", "mtime", "updated")
+# Object-store requests a job sends at once outside its data phase (pins, small-file copies): each
+# waits out the store's latency (20-50 ms on S3), so a chain of them in a row costs that many times it.
+PIN_WORKERS = int(os.environ.get("MOE_CONVERT_CONTROL_THREADS", 16))
+
+
+def _pin_of(info: dict[str, Any]) -> dict[str, Any]:
+    """Storage.pin's fields of an fsspec info() or ls(detail=True) entry: size, then identity or time fields."""
+    pin: dict[str, Any] = {"size": int(info.get("size") or 0)}
+    for keys in (PIN_KEYS, PIN_TIME_KEYS):
+        pin.update({k: str(info[k]) for k in keys if info.get(k) not in (None, "")})
+        if len(pin) > 1:
+            break
+    return pin
 
 
 def temp_name(path: str) -> str:
@@ -261,13 +275,36 @@ class Storage:
             st = self._retry("stat", rel, lambda: os.stat(self.path(rel)))
             return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
         self.fs.invalidate_cache(self.path(rel))
-        info = self._retry("stat", rel, lambda: self.fs.info(self.path(rel)))
-        pin: dict[str, Any] = {"size": int(info.get("size") or 0)}
-        for keys in (PIN_KEYS, PIN_TIME_KEYS):
-            pin.update({k: str(info[k]) for k in keys if info.get(k) not in (None, "")})
-            if len(pin) > 1:
-                break
-        return pin
+        return _pin_of(self._retry("stat", rel, lambda: self.fs.info(self.path(rel))))
+
+    def pins(self, names: Sequence[str], like: dict[str, dict[str, Any]] | None = None,
+             workers: int = PIN_WORKERS) -> dict[str, dict[str, Any]]:
+        """name -> pin(name) for each of `names`, with as few requests, and as few in a row, as the store allows.
+
+        S3: one listing per directory gives size and ETag of every file in it (what pin() takes from
+        a HEAD); a file the listing does not show, or whose pin in `like` (pins taken earlier, to be
+        compared with these) holds a field a listing has not (a VersionId), gets its own pin(), up
+        to `workers` at once. Errors are pin()'s: a missing file raises as pin() does.
+        """
+        names = sorted(set(names))
+        if self.is_local:
+            return {n: self.pin(n) for n in names}
+        found: dict[str, dict[str, Any]] = {}
+        if hasattr(self.fs, "call_s3"):
+            for parent in sorted({posixpath.dirname(n) for n in names}):
+                self.fs.invalidate_cache(self.path(parent))
+                try:
+                    entries = self._retry("list", parent, lambda: self.fs.ls(self.path(parent), detail=True))
+                except OSError:
+                    continue  # each file's own pin() below names the problem
+                for e in entries:
+                    if e.get("type") != "directory":
+                        found[posixpath.join(parent, posixpath.basename(e["name"].rstrip("/")))] = _pin_of(e)
+        rest = [n for n in names if n not in found or set((like or {}).get(n, {})) - set(found[n])]
+        if rest:
+            with ThreadPoolExecutor(max_workers=max(1, min(workers, len(rest)))) as pool:
+                found.update(zip(rest, pool.map(self.pin, rest)))
+        return {n: found[n] for n in names}
 
     def list_dir(self, rel: str = "") -> tuple[list[str], list[str]]:
         """(files, subdirectories) directly below `rel`, as names relative to it."""
@@ -513,6 +550,29 @@ class Storage:
     def remove(self, rel: str) -> None:
         if self.exists(rel):
             self._retry("remove", rel, lambda: self.fs.rm(self.path(rel)))
+
+    def remove_many(self, rels: Sequence[str]) -> None:
+        """Remove the files `rels` (those already gone are fine): on S3 by one DeleteObjects request per
+        1000 keys (their order is then S3's: call once per group that may go together), elsewhere one by one."""
+        rels = list(rels)
+        if not rels:
+            return
+        if self.is_local or not hasattr(self.fs, "call_s3"):
+            for rel in rels:
+                self.remove(rel)
+            return
+        for i in range(0, len(rels), 1000):
+            batch = rels[i : i + 1000]
+            bucket, _, _ = self.fs.split_path(self.path(batch[0]))
+            keys = [{"Key": self.fs.split_path(self.path(r))[1]} for r in batch]
+            resp = with_retries("remove", self.display(batch[0]), lambda: self.fs.call_s3(
+                "delete_objects", Bucket=bucket, Delete={"Objects": keys, "Quiet": True}))
+            for rel in batch:
+                self.fs.invalidate_cache(self.path(rel))
+            errors = resp.get("Errors") or []
+            if errors:
+                e = errors[0]
+                raise StorageError("remove", f"s3://{bucket}/{e.get('Key', '')}", f"{e.get('Code')}: {e.get('Message')}")
 
     def remove_tree(self, rel: str) -> None:
         """Remove the directory `rel` and everything below it, if it exists."""

@@ -1,0 +1,87 @@
+"""Storage's control-plane requests on S3 (moto's server): pins from one listing, batched removals, parallel copies.
+
+Each test checks what the job relies on (a changed or deleted source is still found; what is removed
+is exactly what was named) and, through tests/s3_server.FlakyProxy, which requests carry it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from convert.engine.output_record import changed_pins, check_pins
+from convert.errors import ConversionError
+from convert.io.storage import Storage
+from s3_server import FlakyProxy
+
+BUCKET = "moe-storage"
+NAMES = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+         "model.safetensors.index.json", "tokenizer.json"]
+
+
+def _put(fs, prefix: str, names: list[str] = NAMES) -> None:
+    for i, name in enumerate(names):
+        fs.pipe(f"{BUCKET}/{prefix}/{name}", f"{name} v1 {i}".encode())
+
+
+def test_pins_from_one_listing_equal_per_file_pins(s3, s3env):
+    _put(s3env, "pins")
+    proxy = FlakyProxy(s3.port, every=0, deny=lambda method, path: method == "HEAD")
+    try:
+        st = Storage(f"s3://{BUCKET}/pins", {"endpoint_url": proxy.url})
+        pins = st.pins(NAMES)
+        assert proxy.denied == 0 and proxy.seen == 1, "pins of one directory: one listing, no HEAD"
+    finally:
+        proxy.stop()
+    direct = Storage(f"s3://{BUCKET}/pins")
+    assert pins == {n: direct.pin(n) for n in NAMES}  # the same fields a HEAD gives
+    assert all(set(p) == {"size", "ETag"} for p in pins.values()), pins
+
+
+def test_listed_pins_still_find_a_changed_or_deleted_source(s3, s3env):
+    _put(s3env, "changed")
+    st = Storage(f"s3://{BUCKET}/changed")
+    pins = st.pins(NAMES)
+    assert changed_pins(st, pins) == []
+    s3env.pipe(f"{BUCKET}/changed/model-00002-of-00002.safetensors", b"rewritten, same prefix, longer")
+    changed = dict(changed_pins(st, pins))
+    assert list(changed) == [f"s3://{BUCKET}/changed/model-00002-of-00002.safetensors"], changed
+    assert "ETag" in changed[f"s3://{BUCKET}/changed/model-00002-of-00002.safetensors"]
+    with pytest.raises(ConversionError, match="model-00002-of-00002.safetensors changed during the conversion"):
+        check_pins(st, pins, "during the conversion", "not committed")
+    s3env.rm(f"{BUCKET}/changed/config.json")
+    with pytest.raises(OSError, match="config.json"):
+        check_pins(st, {"config.json": pins["config.json"]}, "during the conversion", "not committed")
+
+
+def test_pins_taken_by_head_with_more_fields_are_compared_by_head(s3, s3env):
+    """A pin from an earlier run with a field no listing gives (a VersionId) is checked against a HEAD, not dropped."""
+    _put(s3env, "versioned")
+    st = Storage(f"s3://{BUCKET}/versioned")
+    pins = st.pins(NAMES)
+    old = {**pins, "config.json": {**pins["config.json"], "VersionId": "v-earlier"}}
+    changed = changed_pins(st, old)
+    assert changed == [(f"s3://{BUCKET}/versioned/config.json", "VersionId")], changed
+
+
+def test_remove_many_removes_exactly_the_named_files_in_one_request(s3, s3env):
+    _put(s3env, "rm")
+    proxy = FlakyProxy(s3.port, every=0)
+    try:
+        st = Storage(f"s3://{BUCKET}/rm", {"endpoint_url": proxy.url})
+        st.remove_many(["config.json", "tokenizer.json", "never-written.json"])  # an absent one is fine
+        assert proxy.seen == 1, "one DeleteObjects request"
+    finally:
+        proxy.stop()
+    left = sorted(p.rsplit("/", 1)[1] for p in s3env.ls(f"{BUCKET}/rm", refresh=True))
+    assert left == sorted(set(NAMES) - {"config.json", "tokenizer.json"})
+
+
+def test_clear_state_keeps_the_output_record(s3, s3env):
+    from convert.engine.sinks import OUTPUT_RECORD, STATE_FILE, clear_state
+
+    _put(s3env, "state", [STATE_FILE, OUTPUT_RECORD, ".moe-convert/done-1.txt", "model.safetensors.index.json"])
+    st = Storage(f"s3://{BUCKET}/state")
+    clear_state(st)
+    left = sorted(p.split("/state/", 1)[1] for p in s3env.find(f"{BUCKET}/state"))
+    assert left == [OUTPUT_RECORD, "model.safetensors.index.json"]
+    clear_state(Storage(f"s3://{BUCKET}/no-such-prefix"))  # nothing to clear: no error
