@@ -85,3 +85,30 @@ def test_clear_state_keeps_the_output_record(s3, s3env):
     left = sorted(p.split("/state/", 1)[1] for p in s3env.find(f"{BUCKET}/state"))
     assert left == [OUTPUT_RECORD, "model.safetensors.index.json"]
     clear_state(Storage(f"s3://{BUCKET}/no-such-prefix"))  # nothing to clear: no error
+
+
+@pytest.mark.parametrize("tensors,gets", [(3, 1), (6000, 2)])
+def test_a_shard_header_comes_in_one_read_unless_it_is_longer_than_the_prefix(s3, s3env, tmp_path, tensors, gets):
+    """From S3 one ranged GET of the first HEADER_PREFIX bytes holds a usual header; a longer one takes a
+    second GET. Either way the header equals the one read from a local copy of the file."""
+    import torch
+    from safetensors.torch import save_file
+
+    from convert.formats.safetensors import HEADER_PREFIX, read_header
+
+    path = tmp_path / "model.safetensors"
+    save_file({f"model.layers.{i}.mlp.experts.{i % 128}.gate_up_proj.weight_scale_inv": torch.zeros(2, dtype=torch.uint8)
+               for i in range(tensors)}, str(path))
+    local = read_header(Storage(str(tmp_path)), "model.safetensors")
+    assert (local.data_start > HEADER_PREFIX) == (gets == 2)
+    s3env.put(str(path), f"{BUCKET}/headers{tensors}/model.safetensors")
+    seen: list[tuple[str, str]] = []
+    proxy = FlakyProxy(s3.port, every=0, deny=lambda method, path: seen.append((method, path)) or False)
+    try:
+        remote = read_header(Storage(f"s3://{BUCKET}/headers{tensors}", {"endpoint_url": proxy.url}),
+                             "model.safetensors")
+    finally:
+        proxy.stop()
+    reads = [p for m, p in seen if m == "GET" and "model.safetensors" in p and "list-type" not in p]
+    assert len(reads) == gets, seen
+    assert remote.tensors == local.tensors and remote.data_start == local.data_start

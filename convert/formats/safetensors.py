@@ -155,13 +155,19 @@ def check_packing(tensors: list[TensorInfo], data_start: int, file_size: int, wh
         )
 
 
+HEADER_PREFIX = 512 << 10  # from an object store, one read of this much holds nearly every shard's whole header
+
+
 def read_header(storage: Storage, path: str) -> FileHeader:
-    """Read and validate the header of the safetensors file `path` with two ranged reads."""
+    """Read and validate the header of the safetensors file `path`: its length, then the header, in two
+    ranged reads; from an object store, one read of the file's first HEADER_PREFIX bytes (a request's
+    latency costs more than the extra bytes) and a second only for a longer header."""
     where = storage.display(path)
     size = storage.size(path)
     if size < 8:
         raise ConversionError(f"{where}: {size} bytes is too short to be a safetensors file")
-    (header_len,) = struct.unpack("<Q", storage.read_range(path, 0, 8))
+    first = storage.read_range(path, 0, 8 if storage.is_local else min(size, HEADER_PREFIX))
+    (header_len,) = struct.unpack("<Q", bytes(first[:8]))
     if header_len > MAX_HEADER_BYTES:
         raise ConversionError(
             f"{where}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit (corrupt file?)"
@@ -170,7 +176,10 @@ def read_header(storage: Storage, path: str) -> FileHeader:
         raise ConversionError(
             f"{where}: header length {header_len} runs past the end of the {size}-byte file (truncated file?)"
         )
-    raw = storage.read_range(path, 8, 8 + header_len)
+    if len(first) >= 8 + header_len:
+        raw = bytes(first[8 : 8 + header_len])
+    else:
+        raw = storage.read_range(path, 8, 8 + header_len)
     return parse_header(path, raw, size, where)
 
 
