@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bench.run import pythonpath
 from bench.s3sim import CREDENTIALS, S3Sim, SimConfig
 from bench.synthetic import checkpoint_specs, write_synthetic
 
@@ -121,7 +122,7 @@ class Runner:
 
     def __init__(self, s: Settings, sim: S3Sim, work: Path, log: Any) -> None:
         self.s, self.sim, self.work, self.log = s, sim, work, log
-        self.env = dict(os.environ, **CREDENTIALS, PYTHONPATH=_pythonpath(), OMP_NUM_THREADS="1",
+        self.env = dict(os.environ, **CREDENTIALS, PYTHONPATH=pythonpath(), OMP_NUM_THREADS="1",
                         AWS_ENDPOINT_URL=sim.url, AWS_EC2_METADATA_DISABLED="true")
         import boto3
         from botocore.config import Config
@@ -210,11 +211,6 @@ class Runner:
         return Row(case, "peer", n, 1, n, nbytes, {}, sum(legs), sum(legs), sim, legs, chunk, cpu=dict(self.cpu))
 
 
-def _pythonpath() -> str:
-    """The repository first, then whatever PYTHONPATH held (packages carried to another machine)."""
-    return os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-
-
 def part_size(nbytes: int, ranks: int, workers: int, env: dict[str, str]) -> int:
     """The tool's largest multipart part for this job and layout under `env` (the peer's chunk size is set to it)."""
     from sharding.parts import choose_max_part
@@ -260,7 +256,7 @@ def make_sources(s: Settings, work: Path, experts: int | None, log: Any) -> Sour
     total = write_synthetic(str(work / "src"), specs, config, s.src_shard, data="random")
     subprocess.run([sys.executable, "-m", "convert.fuse_experts", "--src", str(work / "src"), "--dst",
                     str(work / "fused"), "--max-shard-size", s.max_shard, "--no-progress"], check=True, cwd=REPO,
-                   capture_output=True, env=dict(os.environ, PYTHONPATH=_pythonpath()))
+                   capture_output=True, env=dict(os.environ, PYTHONPATH=pythonpath()))
     log(f"synthetic {s.preset} L{s.layers} E{experts or 'preset'}: {total / GB:.3f} GB")
     return Sources(work / "src", work / "fused", total, experts or 0)
 

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.s3 import BUCKET, REPO, _pythonpath
+from bench.run import pythonpath
+from bench.s3 import BUCKET, REPO
 from bench.s3sim import CREDENTIALS, S3Sim, SimConfig
 from bench.synthetic import checkpoint_specs, write_synthetic
 
@@ -82,7 +83,7 @@ def trace_once(sim: S3Sim, a: argparse.Namespace, case: str, nproc: int, workers
     op = case.split(":")[0]
     cmd = [sys.executable, "-m", f"convert.{op}_experts", "--nproc", str(nproc), "--src", src, "--dst", dst,
            "--workers", str(workers), "--max-shard-size", a.max_shard, "--stats", str(stats_file), "--no-progress"]
-    env = dict(os.environ, **CREDENTIALS, PYTHONPATH=_pythonpath(), OMP_NUM_THREADS="1", AWS_ENDPOINT_URL=sim.url,
+    env = dict(os.environ, **CREDENTIALS, PYTHONPATH=pythonpath(), OMP_NUM_THREADS="1", AWS_ENDPOINT_URL=sim.url,
                AWS_EC2_METADATA_DISABLED="true")
     launched = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
