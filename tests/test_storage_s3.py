@@ -112,3 +112,31 @@ def test_a_shard_header_comes_in_one_read_unless_it_is_longer_than_the_prefix(s3
     reads = [p for m, p in seen if m == "GET" and "model.safetensors" in p and "list-type" not in p]
     assert len(reads) == gets, seen
     assert remote.tensors == local.tensors and remote.data_start == local.data_start
+
+
+def test_a_source_on_s3_is_listed_once_and_a_missing_or_object_source_is_refused(s3, s3env, tmp_path):
+    """open_checkpoint lists an S3 source once (no separate directory check) and reads config.json beside the
+    index and headers; a prefix with nothing below it, or an object, is refused as no directory."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from convert.formats.checkpoint import open_checkpoint
+
+    save_file({"a": torch.zeros(2), "b": torch.ones(3)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "x"}))
+    for name in ("model.safetensors", "config.json"):
+        s3env.put(str(tmp_path / name), f"{BUCKET}/ckpt/{name}")
+    seen: list[tuple[str, str]] = []
+    proxy = FlakyProxy(s3.port, every=0, deny=lambda method, path: seen.append((method, path)) or False)
+    try:
+        ckpt = open_checkpoint(Storage(f"s3://{BUCKET}/ckpt", {"endpoint_url": proxy.url}))
+        for url in (f"s3://{BUCKET}/nothing-here", f"s3://{BUCKET}/ckpt/config.json"):
+            with pytest.raises(ConversionError, match=f"{url}: source is not a directory"):
+                open_checkpoint(Storage(url, {"endpoint_url": proxy.url}))
+    finally:
+        proxy.stop()
+    assert sorted(ckpt.tensors) == ["a", "b"] and ckpt.config == {"model_type": "x"}
+    first = seen[: next(i for i, (m, p) in enumerate(seen) if "nothing-here" in p)]
+    assert len([p for m, p in first if "list-type" in p]) == 1, first

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from convert.errors import ConversionError
+from convert.errors import ConversionError, StorageError
 from convert.formats.safetensors import FileHeader, TensorInfo, read_header
 from convert.io.storage import Storage
 
@@ -65,6 +65,27 @@ def read_weight_map(storage: Storage, index_file: str) -> dict[str, str]:
     return {k: safe_relative(v, where, k) for k, v in index["weight_map"].items()}
 
 
+def _listing(storage: Storage) -> tuple[list[str], list[str]]:
+    """(files, subdirectories) at `storage`'s root; ConversionError when it is not a directory. An object
+    store is listed once (no separate "is it a directory" request): a prefix with nothing below it is none,
+    and a listing that shows only an object named like the prefix itself is asked once more."""
+    where = f"{storage.display()}: source is not a directory"
+    if storage.is_local:
+        if not storage.isdir():
+            raise ConversionError(where)
+        return storage.list_dir()
+    try:
+        files, subdirs = storage.list_dir()
+    except StorageError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            raise ConversionError(where) from None
+        raise
+    leaf = storage.url.rstrip("/").rsplit("/", 1)[-1]
+    if not (files or subdirs) or (files == [leaf] and not subdirs and not storage.isdir()):
+        raise ConversionError(where)
+    return files, subdirs
+
+
 def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob: str = ".safetensors") -> Checkpoint:
     """Read the metadata of the checkpoint at `storage`'s root.
 
@@ -72,10 +93,11 @@ def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob:
     that each indexed shard exists, each indexed tensor is in the shard named, and no
     tensor appears twice. Returns a Checkpoint; raises ConversionError naming the file.
     """
-    if not storage.isdir():
-        raise ConversionError(f"{storage.display()}: source is not a directory")
-    files, subdirs = storage.list_dir()
+    files, subdirs = _listing(storage)
     index_file = index_name if index_name in files else None
+    background = ThreadPoolExecutor(max_workers=1)  # config.json beside the index and headers (one round trip less)
+    config_read = background.submit(storage.read_json, "config.json") if "config.json" in files else None
+    background.shutdown(wait=False)
     weight_map: dict[str, str] | None = None
     metadata: dict[str, str] = {}
     if index_file:
@@ -122,7 +144,7 @@ def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob:
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             )
 
-    config = storage.read_json("config.json") if "config.json" in files else {}
+    config = config_read.result() if config_read is not None else {}
     if not isinstance(config, dict):
         raise ConversionError(f"{storage.display('config.json')}: expected a JSON object, got {type(config).__name__}")
     weight_files = set(shard_names) | ({index_file} if index_file else set())
