@@ -494,19 +494,21 @@ COMMIT_REFUSED = "the output was not committed; re-run with --overwrite to conve
 
 def _commit(src: Storage, dst: Storage, sink: Any, job: SinkJob, setup: JobSetup, results: list[Any]) -> None:
     """Rank 0: shards into place, other files copied, output record, final files last, state removed."""
-    # The source's other files (configs, tokenizer) are no markers: copied all at once, and checked again
-    # (they were read after the check before the commit), while the shards complete.
-    def copy_and_check() -> None:
+    # The source's other files (configs, tokenizer) are no markers: copied all at once while the shards
+    # complete, then checked again (they were read after the check before the commit) while the output
+    # is listed for its sizes.
+    def copy_all() -> None:
         with ThreadPoolExecutor(max_workers=max(1, min(len(setup.copy_files), PIN_WORKERS))) as pool:
             list(pool.map(lambda name: dst.copy_file_from(src, name), setup.copy_files))
-        check_pins(src, {n: setup.pins[n] for n in setup.copy_files if n in setup.pins},
-                   "during the conversion", COMMIT_REFUSED)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
-        copied = pool.submit(copy_and_check)
+        copied = pool.submit(copy_all)
         sink.commit(job, results)
         copied.result()
-    sizes = dst.file_sizes()
+        checked = pool.submit(check_pins, src, {n: setup.pins[n] for n in setup.copy_files if n in setup.pins},
+                              "during the conversion", COMMIT_REFUSED)
+        sizes = dst.file_sizes()
+        checked.result()
     written = [(f.name, sizes[f.name]) for f in setup.files] + [(n, sizes[n]) for n in setup.copy_files]
     written += [(n, len(data)) for n, data in setup.final_files.items()]
     dst.write_bytes(OUTPUT_RECORD, record_bytes(written, setup.fingerprint, next(reversed(setup.final_files)), setup.target))
