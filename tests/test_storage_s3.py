@@ -140,3 +140,24 @@ def test_a_source_on_s3_is_listed_once_and_a_missing_or_object_source_is_refused
     assert sorted(ckpt.tensors) == ["a", "b"] and ckpt.config == {"model_type": "x"}
     first = seen[: next(i for i, (m, p) in enumerate(seen) if "nothing-here" in p)]
     assert len([p for m, p in first if "list-type" in p]) == 1, first
+
+
+def test_a_small_file_is_copied_within_one_store_by_one_server_side_copy(s3, s3env):
+    """Within one store (same endpoint and credentials) copy_file_from sends one request and reads no bytes
+    through the client; across stores it reads, then writes. Both give the same bytes."""
+    s3env.pipe(f"{BUCKET}/copy-src/tokenizer.json", b'{"vocab": [1, 2, 3]}')
+    seen: list[tuple[str, str]] = []
+    proxy = FlakyProxy(s3.port, every=0, deny=lambda method, path: seen.append((method, path)) or False)
+    try:
+        opts = {"endpoint_url": proxy.url}
+        Storage(f"s3://{BUCKET}/copy-dst", opts).copy_file_from(Storage(f"s3://{BUCKET}/copy-src", opts),
+                                                                "tokenizer.json")
+        same = list(seen)
+        seen.clear()
+        Storage(f"s3://{BUCKET}/copy-dst2", opts).copy_file_from(Storage(f"s3://{BUCKET}/copy-src"), "tokenizer.json")
+    finally:
+        proxy.stop()
+    assert [m for m, _ in same] == ["PUT"], same
+    assert ("PUT", f"/{BUCKET}/copy-dst2/tokenizer.json") in seen, seen  # the other store's bytes come through here
+    for d in ("copy-dst", "copy-dst2"):
+        assert s3env.cat(f"{BUCKET}/{d}/tokenizer.json") == b'{"vocab": [1, 2, 3]}'

@@ -580,7 +580,15 @@ class Storage:
             self._retry("remove", rel, lambda: self.fs.rm(self.path(rel), recursive=True))
 
     def copy_file_from(self, src: "Storage", rel: str, dst_rel: str | None = None) -> None:
-        """Copy a whole (small) file from `src` to the same name (or `dst_rel`) here."""
+        """Copy a whole (small) file from `src` to the same name (or `dst_rel`) here: within one object store
+        (the same endpoint and credentials) by a server-side copy, one request; else read, then written."""
+        if self.supports_multipart and src.fs is self.fs:
+            bucket, key, _ = self.fs.split_path(src.path(rel))
+            try:
+                self._s3("copy to", "copy_object", dst_rel or rel, CopySource={"Bucket": bucket, "Key": key})
+                return
+            except StorageError:  # e.g. an object above the store's single-copy limit: the bytes go through here
+                pass
         self.write_bytes(dst_rel or rel, src.read_bytes(rel))
 
     # -- multipart uploads (object stores) ----------------------------------
