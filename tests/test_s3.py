@@ -90,7 +90,7 @@ def test_resume_after_a_rank_is_killed(s3env, source, local_reference, tmp_path,
 def test_transient_s3_errors_are_retried(s3, s3env, source, local_reference, monkeypatch):
     fs = s3env
     fs.put(str(source), f"{BUCKET}/flaky-src", recursive=True)
-    proxy = FlakyProxy(s3.port, every=5, budget=30)
+    proxy = FlakyProxy(s3.port, every=3, budget=30)
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         run_tool("convert.fuse_experts", "--src", f"s3://{BUCKET}/flaky-src", "--dst", f"s3://{BUCKET}/flaky",
@@ -181,3 +181,12 @@ def test_conversions_through_a_slow_throttling_endpoint(source, local_reference,
     assert _local_files(tmp_path / "split") == _local_files(local_reference[1])
     assert stats["slowdowns"] > 0, stats
     assert stats["retried"] == stats["slowdowns"], f"a request answered 503 was not sent again: {stats}"
+
+
+def test_a_missing_destination_bucket_is_refused_and_not_created(s3env, source):
+    """No bucket is created on the user's behalf (nor a HEAD of it spent): a destination in a bucket that does not
+    exist is refused before any byte moves (exit 2), naming the object it could not write."""
+    proc = run_tool("convert.fuse_experts", "--src", str(source), "--dst", "s3://moe-no-such-bucket/out", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "s3://moe-no-such-bucket/out/" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not s3env.exists("moe-no-such-bucket")
