@@ -171,18 +171,17 @@ class HubClient:
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order, on every rank (the same call order on every rank)."""
-        self.seq += 1
-        try:
-            _send(self.coll, ("gather", self.seq, self.rank, obj))
-            return _recv(self.coll)
-        except OSError:
-            _group_lost()
+        return self._collect("gather", obj)
 
     def gather_main(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj`, in rank order, on rank 0; None on the other ranks."""
+        return self._collect("gather0", obj)
+
+    def _collect(self, kind: str, obj: Any) -> Any:
+        """Send this rank's part of the next collective of `kind` to the hub; returns the hub's reply."""
         self.seq += 1
         try:
-            _send(self.coll, ("gather0", self.seq, self.rank, obj))
+            _send(self.coll, (kind, self.seq, self.rank, obj))
             return _recv(self.coll)
         except OSError:
             _group_lost()

@@ -36,6 +36,14 @@ def _split(src: Path, config: Path, dst: Path, check: bool = True) -> Any:
                     "--target", "sglang", check=check)
 
 
+def _refused(src: Path, config: Path, dst: Path) -> str:
+    """Split for SGLang expecting a refusal: exit 2 and no adapter file written; returns stderr."""
+    proc = _split(src, config, dst, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert not (dst / "adapter_model.safetensors").exists()
+    return proc.stderr
+
+
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
     with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -67,10 +75,8 @@ def test_q_proj_without_v_proj_and_no_head_counts_is_refused_naming_the_layer(tm
         cfg.pop(key, None)
     config.write_text(json.dumps(cfg))
     out = tmp_path / "out"
-    proc = _split(src, config, out, check=False)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "layers.0.self_attn" in proc.stderr and "v_proj" in proc.stderr
-    assert not (out / "adapter_model.safetensors").exists()
+    err = _refused(src, config, out)
+    assert "layers.0.self_attn" in err and "v_proj" in err
 
 
 def test_a_rank_below_r_is_padded_to_r_with_exact_deltas(tmp_path: Path) -> None:
@@ -95,19 +101,15 @@ def test_a_rank_below_r_is_padded_to_r_with_exact_deltas(tmp_path: Path) -> None
 def test_a_rank_above_r_is_refused(tmp_path: Path) -> None:
     _, src, config, _, _ = _adapter(tmp_path, "qwen3_moe", ["q_proj", "v_proj"], EXPERTS, rank_pattern={"v_proj": 4})
     out = tmp_path / "out"
-    proc = _split(src, config, out, check=False)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "v_proj.lora_A.weight" in proc.stderr and "rank 4" in proc.stderr
-    assert not (out / "adapter_model.safetensors").exists()
+    err = _refused(src, config, out)
+    assert "v_proj.lora_A.weight" in err and "rank 4" in err
 
 
 def test_gpt_oss_router_lora_is_refused_for_sglang(tmp_path: Path) -> None:
     _, src, config, _, _ = _adapter(tmp_path, "gpt_oss", ["q_proj", "v_proj"], [*EXPERTS, ROUTER["gpt_oss"]])
     out = tmp_path / "out"
-    proc = _split(src, config, out, check=False)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "mlp.router" in proc.stderr and "should_apply_lora" in proc.stderr
-    assert not (out / "adapter_model.safetensors").exists()
+    err = _refused(src, config, out)
+    assert "mlp.router" in err and "should_apply_lora" in err
 
 
 def test_deepseek_router_lora_is_refused_for_sglang_by_its_model_type(tmp_path: Path) -> None:
@@ -117,10 +119,8 @@ def test_deepseek_router_lora_is_refused_for_sglang_by_its_model_type(tmp_path: 
     _, src, config, layers, experts = _adapter(tmp_path, "deepseek_v3", ["q_a_proj", "kv_a_proj_with_mqa", "o_proj"],
                                                [*EXPERTS, "mlp.gate.weight"])
     out = tmp_path / "out"
-    proc = _split(src, config, out, check=False)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "mlp.gate" in proc.stderr and "MoEGate" in proc.stderr
-    assert not out.exists() or not (out / "adapter_model.safetensors").exists()
+    err = _refused(src, config, out)
+    assert "mlp.gate" in err and "MoEGate" in err
     report = run_tool("convert.inspect", str(src), "--base-config", str(config), "--json")
     assert json.loads(report.stdout)["servers"]["sglang"]["loads"] is False
     qwen = tmp_path / "qwen"

@@ -559,7 +559,7 @@ def _clear_destination(dst: Storage, sink: Any, setup: JobSetup, overwrite: bool
     Markers go first, the record and state last, so an interrupted clean-up never looks
     complete and a re-run still knows which files are its own.
     """
-    if not dst.supports_multipart:  # S3 has no directories; s3fs's makedirs would create a missing bucket
+    if not dst.is_s3:  # S3 has no directories; s3fs's makedirs would create a missing bucket
         dst.makedirs()
     if not overwrite or not dst.exists():  # an object store has no empty "directory" to list
         return

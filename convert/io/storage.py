@@ -290,7 +290,7 @@ class Storage:
         if self.is_local:
             return {n: self.pin(n) for n in names}
         found: dict[str, dict[str, Any]] = {}
-        if hasattr(self.fs, "call_s3"):
+        if self.is_s3:
             for parent in sorted({posixpath.dirname(n) for n in names}):
                 self.fs.invalidate_cache(self.path(parent))
                 try:
@@ -557,7 +557,7 @@ class Storage:
         rels = list(rels)
         if not rels:
             return
-        if self.is_local or not hasattr(self.fs, "call_s3"):
+        if not self.is_s3:
             for rel in rels:
                 self.remove(rel)
             return
@@ -582,7 +582,7 @@ class Storage:
     def copy_file_from(self, src: "Storage", rel: str, dst_rel: str | None = None) -> None:
         """Copy a whole (small) file from `src` to the same name (or `dst_rel`) here: within one object store
         (the same endpoint and credentials) by a server-side copy, one request; else read, then written."""
-        if self.supports_multipart and src.fs is self.fs:
+        if self.is_s3 and src.fs is self.fs:
             bucket, key, _ = self.fs.split_path(src.path(rel))
             try:
                 self._s3("copy to", "copy_object", dst_rel or rel, CopySource={"Bucket": bucket, "Key": key})
@@ -593,8 +593,13 @@ class Storage:
 
     # -- multipart uploads (object stores) ----------------------------------
     @property
-    def supports_multipart(self) -> bool:
+    def is_s3(self) -> bool:
+        """True where the S3 API itself is at hand (s3fs): batched deletes, server-side copies, multipart uploads."""
         return hasattr(self.fs, "call_s3") and hasattr(self.fs, "split_path")
+
+    @property
+    def supports_multipart(self) -> bool:
+        return self.is_s3
 
     def _s3(self, what: str, method: str, rel: str, **kwargs: Any) -> Any:
         bucket, key, _ = self.fs.split_path(self.path(rel))
