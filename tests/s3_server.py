@@ -58,13 +58,18 @@ class FlakyProxy:
     """Forwards to `upstream`, answering every `every`-th request with a 503 SlowDown (at most `budget` times).
 
     `deny(method, path)` (path with its query), when true, answers 403 AccessDenied instead (`every=0`: no 503s).
+    `cut(method, path, range)`, when true, sends the answer's headers and half its body, then drops the connection
+    (a body broken off mid-stream; counted in `cut_bodies`).
     """
 
     def __init__(self, upstream_port: int, every: int = 4, budget: int = 40,
-                 deny: Callable[[str, str], bool] | None = None) -> None:
+                 deny: Callable[[str, str], bool] | None = None,
+                 cut: Callable[[str, str, str | None], bool] | None = None) -> None:
         self.injected = 0
         self.denied = 0
         self.seen = 0
+        self.cut_bodies = 0
+        self.ranges: list[str | None] = []
         lock = threading.Lock()
         outer = self
 
@@ -89,8 +94,11 @@ class FlakyProxy:
             def _handle(self) -> None:
                 body = self._body()
                 refuse = deny is not None and deny(self.command, self.path)
+                broken = cut is not None and cut(self.command, self.path, self.headers.get("Range"))
                 with lock:
                     outer.seen += 1
+                    outer.ranges.append(self.headers.get("Range"))
+                    outer.cut_bodies += broken
                     fail = not refuse and every > 0 and outer.seen % every == 0 and outer.injected < budget
                     if fail:
                         outer.injected += 1
@@ -125,7 +133,12 @@ class FlakyProxy:
                 length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
                 self.send_header("Content-Length", length)
                 self.end_headers()
-                if self.command != "HEAD":
+                if broken:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                elif self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from convert.engine.output_record import changed_pins, check_pins
+from convert.engine.output_record import changed_pins, check_pins, source_pins
 from convert.errors import ConversionError
+from convert.io.range_stream import RangeReader
 from convert.io.storage import Storage
 from s3_server import FlakyProxy
 
@@ -161,3 +162,68 @@ def test_a_small_file_is_copied_within_one_store_by_one_server_side_copy(s3, s3e
     assert ("PUT", f"/{BUCKET}/copy-dst2/tokenizer.json") in seen, seen  # the other store's bytes come through here
     for d in ("copy-dst", "copy-dst2"):
         assert s3env.cat(f"{BUCKET}/{d}/tokenizer.json") == b'{"vocab": [1, 2, 3]}'
+
+
+def _read_in_chunks(st: Storage, name: str, start: int, end: int, chunk: int) -> bytes:
+    out = bytearray(end - start)
+    with RangeReader(st, name, start, end) as stream:
+        for off in range(0, end - start, chunk):
+            stream.readinto(memoryview(out)[off : min(off + chunk, end - start)])
+    return bytes(out)
+
+
+def test_a_range_is_read_by_one_streamed_request_and_resumed_where_its_body_broke(s3, s3env):
+    """RangeReader: one ranged GET serves many reads in order; a body cut off mid-stream is asked again from
+    its first missing byte (not from the start, not skipping any), and the bytes are exact."""
+    data = bytes(range(256)) * 40_000  # 10 MB
+    s3env.pipe(f"{BUCKET}/stream/blob.bin", data)
+    broken = [1]
+
+    def cut(method: str, path: str, rng: str | None) -> bool:
+        if method == "GET" and rng and broken[0]:
+            broken[0] -= 1
+            return True
+        return False
+
+    proxy = FlakyProxy(s3.port, every=0, cut=cut)
+    try:
+        st = Storage(f"s3://{BUCKET}/stream", {"endpoint_url": proxy.url})
+        whole = _read_in_chunks(st, "blob.bin", 1000, 9_001_000, 1 << 20)
+        ranges = list(proxy.ranges)
+        proxy.ranges.clear()
+        again = _read_in_chunks(st, "blob.bin", 5, 3_000_005, 1 << 20)
+    finally:
+        proxy.stop()
+    assert whole == data[1000:9_001_000]
+    assert proxy.cut_bodies == 1
+    # The first GET's body broke after half its bytes (4.5 MB): the second asks from the first byte not received.
+    assert ranges == ["bytes=1000-9000999", "bytes=4501000-9000999"], ranges
+    assert again == data[5:3_000_005] and proxy.ranges == ["bytes=5-3000004"]  # unbroken: one request
+
+
+def test_a_range_past_the_end_of_an_object_is_an_error_naming_it(s3, s3env):
+    s3env.pipe(f"{BUCKET}/stream/short.bin", b"x" * 1000)
+    st = Storage(f"s3://{BUCKET}/stream")
+    with pytest.raises(ConversionError, match=r"short\.bin: expected bytes up to offset 2000, the object ends at 1000"):
+        _read_in_chunks(st, "short.bin", 500, 2000, 1500)
+
+
+def test_a_plans_pins_come_from_its_own_listing_and_still_find_a_change(s3, s3env):
+    """source_pins after the plan's listing sends no request; a file changed after that listing is still found."""
+    _put(s3env, "planned")
+    seen: list[str] = []
+    proxy = FlakyProxy(s3.port, every=0, deny=lambda method, path: seen.append(method) or False)
+    try:
+        st = Storage(f"s3://{BUCKET}/planned", {"endpoint_url": proxy.url})
+        st.list_dir()
+        before = len(seen)
+        pins = source_pins(st, NAMES)
+        assert len(seen) == before, "pins from the plan's own listing: no request"
+    finally:
+        proxy.stop()
+    assert pins == Storage(f"s3://{BUCKET}/planned").pins(NAMES)
+    s3env.pipe(f"{BUCKET}/planned/tokenizer.json", b"changed after the listing")
+    assert [n for n, _ in changed_pins(Storage(f"s3://{BUCKET}/planned"), pins)] == [
+        f"s3://{BUCKET}/planned/tokenizer.json"]
+    fresh = Storage(f"s3://{BUCKET}/planned")  # no listing of its own: pins are asked for
+    assert fresh.pins(NAMES, listed=True)["tokenizer.json"] != pins["tokenizer.json"]

@@ -1,7 +1,8 @@
 """Run one rank's pieces: read source byte ranges, copy/cast or regroup, write at final offsets.
 
 Byte copies between local files stream through one 1 MiB buffer per worker (or
-`copy_file_range`, see Storage.copy_range_from), never holding a piece in memory;
+`copy_file_range`, see Storage.copy_range_from), and from an object store into local files
+through one chunk per worker (convert.engine.stream_copy), never holding a piece in memory;
 everything else holds at most `workers` pieces (one expert each, or a bounded chunk)
 at a time. Source ranges are prefetched exactly, a bounded window ahead (Prefetcher).
 """
@@ -16,6 +17,7 @@ from convert.errors import ConversionError
 from convert.io.memory import pin_mmap_threshold, thread_scratch
 from convert.plan.base import Piece, Read, Write
 from convert.formats.safetensors import DTYPE_SIZES, TensorSlot
+from convert.engine.stream_copy import Segment, copy_segments
 from convert.io.storage import S3_GET_BYTES, Fetched, Storage
 from convert.plan.transforms import cast_bytes, torch_dtypes
 
@@ -111,7 +113,10 @@ class Executor:
         (group_pieces), so adjacent source bytes come in few large requests.
         """
         if not self.src.is_local:
-            self._run_fetched(pieces, on_done)
+            if self.dst.is_local and all(is_byte_copy(p) for p in pieces):
+                self._run_streamed(pieces, on_done)
+            else:
+                self._run_fetched(pieces, on_done)
             return
         ahead = Prefetcher(self.src, pieces)
         if self.workers <= 1:
@@ -130,6 +135,13 @@ class Executor:
                     on_done(k, fut.result())
             for k, fut in pending:
                 on_done(k, fut.result())
+
+    def _run_streamed(self, pieces: Sequence[Piece], on_done: Callable[[int, int], None]) -> None:
+        """run() for byte copies from an object store into local files (convert.engine.stream_copy): `on_done`
+        is called as pieces complete, not in order."""
+        segments = [Segment(r.file, r.start + roff, n, *self._dst_pos(w), w.tensor, i) for i, p in enumerate(pieces)
+                    for r, roff, w, _, n in _segments(p.reads, p.writes)]
+        copy_segments(pieces, segments, self.workers, self.src, self.dst, on_done)
 
     def _run_fetched(self, pieces: Sequence[Piece], on_done: Callable[[int, int], None]) -> None:
         """run() for a remote source: groups of pieces, each group's reads fetched first.
@@ -159,6 +171,11 @@ class Executor:
             for done_idx, fut in pending:
                 for k, n in zip(done_idx, fut.result()):
                     on_done(k, n)
+
+
+def is_byte_copy(piece: Piece) -> bool:
+    """True when `piece` only moves bytes: no regrouping, and the same dtype read as written."""
+    return piece.regroup is None and all(r.dtype == w.dtype for r in piece.reads for w in piece.writes)
 
 
 def group_pieces(pieces: Sequence[Piece], max_bytes: int) -> list[list[int]]:

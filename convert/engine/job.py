@@ -22,7 +22,7 @@ import time
 import hashlib
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,7 @@ from convert.engine.output_record import (
     check_existing, check_pins, classify, record_bytes, refuse_foreign, source_pins,
 )
 from convert.plan.base import Piece, plan_conversion
-from convert.engine.sinks import OUTPUT_RECORD, SinkJob, clear_state, make_sink, read_state
+from convert.engine.sinks import OUTPUT_RECORD, SinkJob, clear_state, make_sink, read_state, state_listing
 from convert.io.storage import PIN_WORKERS, Storage
 from launch.dist import Dist
 from sharding.ep import assign_pieces, expert_slices
@@ -119,6 +119,12 @@ def check_destination(src: Storage, dst: Storage, overwrite: bool, marker: str, 
     --overwrite; anything moe-convert did not write is never overwritten
     (convert.engine.output_record.check_existing).
     """
+    return destination_in_use(src, dst) and check_existing(src, dst, overwrite, marker, fp)
+
+
+def destination_in_use(src: Storage, dst: Storage) -> bool:
+    """The first half of check_destination, which needs no plan: refuse a destination that is or holds the
+    source, or is a file; True when it holds anything (for check_existing to judge)."""
     s, d = _same_place(src, dst)
     if d == s or d.startswith(s.rstrip("/") + "/"):
         raise ConversionError(f"--dst {dst.url} is the source or inside it; choose a directory outside --src")
@@ -129,9 +135,7 @@ def check_destination(src: Storage, dst: Storage, overwrite: bool, marker: str, 
     if not dst.isdir():
         raise ConversionError(f"--dst {dst.url} exists and is not a directory")
     files, dirs = dst.list_dir()
-    if not files and not dirs:
-        return False
-    return check_existing(src, dst, overwrite, marker, fp)
+    return bool(files or dirs)
 
 
 def plan_job(opts: JobOptions, dist: Dist) -> JobSetup:
@@ -146,6 +150,18 @@ def plan_job(opts: JobOptions, dist: Dist) -> JobSetup:
 
 
 def _plan_job(opts: JobOptions, dist: Dist, src: Storage, dst: Storage) -> JobSetup:
+    # The destination's first look is a request chain of its own on an object store: beside the source's.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        in_use = None if opts.dry_run else pool.submit(destination_in_use, src, dst)
+        setup = _plan_source(opts, dist, src)
+        if in_use is not None:
+            setup.resuming = in_use.result() and check_existing(src, dst, opts.overwrite, INDEX_NAME,
+                                                                 setup.fingerprint)
+    return setup
+
+
+def _plan_source(opts: JobOptions, dist: Dist, src: Storage) -> JobSetup:
+    """The job's plan from the source's metadata (resuming left False: _plan_job decides it)."""
     ckpt = open_checkpoint(src)
     family = detect_family(ckpt.config, src.display("config.json"), opts.family)
     if opts.layout is not None and opts.layout != PER_EXPERT and opts.layout not in family.fused:
@@ -190,17 +206,10 @@ def _plan_job(opts: JobOptions, dist: Dist, src: Storage, dst: Storage) -> JobSe
         [(f.name, f.size, f.header) for f in files], plan.pieces,
     )
     read = [*ckpt.headers, *([ckpt.index_file] if ckpt.index_file else []), *plan.copy_files]
-    pins: dict[str, dict[str, Any]] = {}
-    resuming = False
-    if not opts.dry_run:  # independent request chains (source listing; destination checks): at once
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pinned = pool.submit(source_pins, src, read)
-            resuming = check_destination(src, dst, opts.overwrite, INDEX_NAME, fp)
-            pins = pinned.result()
     return JobSetup(
         summary=summary, files=files, pieces=plan.pieces, assignment=assignment, ep=ep,
         copy_files=copy_files, final_files=final,
-        fingerprint=fp, resuming=resuming, job_id=uuid.uuid4().hex, pins=pins,
+        fingerprint=fp, job_id=uuid.uuid4().hex, pins={} if opts.dry_run else source_pins(src, read),
     )
 
 
@@ -364,9 +373,11 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
             job = SinkJob(setup.files, setup.pieces, setup.assignment, setup.fingerprint, opts.workers,
                           state={"pins": setup.pins, "outputs": setup.outputs})
         ended = _start(setup, opts, sink, job, dst, report)  # type: ignore[arg-type]
+    copies = _start_copies(src, dst, setup.copy_files) if ended is None and isinstance(setup, JobSetup) and src else []
     part = dist.scatter((lambda r: ended if ended is not None else RankWork(sink.for_rank(job, r), setup.job_id))
                         if dist.is_main else None)
     if isinstance(part, int):
+        _copy_error(copies)
         for store in (src, dst):
             if store is not None:
                 store.close()
@@ -446,16 +457,17 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
     ok = True
     if dist.is_main:
         assert gathered is not None and isinstance(setup, JobSetup) and job is not None
-        ok = _finish(setup, opts, dist, report, src, dst, sink, job, gathered, skipped, t0, prepare_at)
+        ok = _finish(setup, opts, dist, report, src, dst, sink, job, gathered, skipped, t0, prepare_at, copies)
     return 0 if dist.broadcast(ok) else 1
 
 
 def _finish(setup: JobSetup, opts: JobOptions, dist: Dist, report: dict[str, Any] | None, src: Storage, dst: Storage,
             sink: Any, job: SinkJob, gathered: list[Any], skipped: dict[str, Any], t0: float,
-            prepare_at: float) -> bool:
+            prepare_at: float, copies: list[Future[None]]) -> bool:
     """Rank 0 after every rank streamed: write the stats (`prepare_at`: CLOCK_MONOTONIC when the destination's
-    preparation began), report errors or commit; True when committed."""
-    errors = [e for e, _, _ in gathered if e]
+    preparation began), report errors or commit (once `copies`, _start_copies', are done); True when committed."""
+    copy_error = _copy_error(copies)
+    errors = [e for e, _, _ in gathered if e] + ([f"copying the source's other files: {copy_error}"] if copy_error else [])
     if opts.stats_path:
         with open(opts.stats_path, "w") as fh:
             json.dump({"world_size": dist.world_size, "ep": setup.ep, "resumed": setup.resuming,
@@ -474,7 +486,7 @@ def _finish(setup: JobSetup, opts: JobOptions, dist: Dist, report: dict[str, Any
         _fail(report, _error_text(exc))
         return False
     try:
-        _commit(src, dst, sink, job, setup, [r for _, _, r in gathered])
+        _commit(dst, sink, job, setup, [r for _, _, r in gathered])
     except (ConversionError, OSError) as exc:
         _fail(report, f"commit failed: {_error_text(exc)}")
         return False
@@ -492,29 +504,50 @@ def _finish(setup: JobSetup, opts: JobOptions, dist: Dist, report: dict[str, Any
 COMMIT_REFUSED = "the output was not committed; re-run with --overwrite to convert the source as it is now"
 
 
-def _commit(src: Storage, dst: Storage, sink: Any, job: SinkJob, setup: JobSetup, results: list[Any]) -> None:
-    """Rank 0: shards into place, other files copied, output record, final files last, state removed."""
-    # The source's other files (configs, tokenizer) are no markers: copied all at once while the shards
-    # complete, then checked again (they were read after the check before the commit) while the output
-    # is listed for its sizes.
-    def copy_all() -> None:
-        with ThreadPoolExecutor(max_workers=max(1, min(len(setup.copy_files), PIN_WORKERS))) as pool:
-            list(pool.map(lambda name: dst.copy_file_from(src, name), setup.copy_files))
+def _start_copies(src: Storage, dst: Storage, names: list[str]) -> list[Future[None]]:
+    """Rank 0, once the destination is prepared: start copying the source's other files (configs, tokenizer:
+    no markers) unchanged into it, all at once, in the background while the shards stream. Returns their
+    futures; the commit's check of the source pins comes after them, so it covers what they read."""
+    if not names:
+        return []
+    pool = ThreadPoolExecutor(max_workers=min(len(names), PIN_WORKERS))
+    copies = [pool.submit(dst.copy_file_from, src, name) for name in names]
+    pool.shutdown(wait=False)
+    return copies
 
+
+def _copy_error(copies: list[Future[None]]) -> str | None:
+    """Wait for every copy of _start_copies; the first failure's text, or None."""
+    failed = [c.exception() for c in copies]
+    return next((_error_text(e) for e in failed if e is not None), None)
+
+
+def _commit(dst: Storage, sink: Any, job: SinkJob, setup: JobSetup, results: list[Any]) -> None:
+    """Rank 0: shards into place, output record, final files last, state removed (the other files were
+    copied while the shards streamed: _start_copies)."""
+    sink.commit(job, results)
+    # What must have landed: the planned shards, and the other files as pinned (their pins were checked after
+    # the copies). The output's listing checks it while the record is written, the state's while the final
+    # files are: a round trip each, on an object store, saved.
+    expected = {f.name: f.size for f in setup.files}
+    expected.update({n: setup.pins.get(n, {}).get("size") for n in setup.copy_files})
     with ThreadPoolExecutor(max_workers=1) as pool:
-        copied = pool.submit(copy_all)
-        sink.commit(job, results)
-        copied.result()
-        checked = pool.submit(check_pins, src, {n: setup.pins[n] for n in setup.copy_files if n in setup.pins},
-                              "during the conversion", COMMIT_REFUSED)
-        sizes = dst.file_sizes()
-        checked.result()
-    written = [(f.name, sizes[f.name]) for f in setup.files] + [(n, sizes[n]) for n in setup.copy_files]
-    written += [(n, len(data)) for n, data in setup.final_files.items()]
-    dst.write_bytes(OUTPUT_RECORD, record_bytes(written, setup.fingerprint, next(reversed(setup.final_files)), setup.target))
-    for name, data in setup.final_files.items():
-        dst.write_bytes(name, data)
-    clear_state(dst)
+        listed = pool.submit(dst.file_sizes)
+        if None in expected.values():
+            listed.result()
+        sizes = {n: listed.result()[n] if size is None else int(size) for n, size in expected.items()}
+        written = [*sizes.items(), *[(n, len(data)) for n, data in setup.final_files.items()]]
+        dst.write_bytes(OUTPUT_RECORD, record_bytes(written, setup.fingerprint, next(reversed(setup.final_files)),
+                                                    setup.target))
+        landed = listed.result()
+        wrong = [n for n, size in sizes.items() if landed.get(n) != size]
+        if wrong:
+            raise ConversionError(f"{dst.display(wrong[0])}: {landed.get(wrong[0], 'no')} bytes landed, expected "
+                                  f"{sizes[wrong[0]]}" + (f" (and {len(wrong) - 1} more file(s))" if len(wrong) > 1 else ""))
+        state = pool.submit(state_listing, dst) if not dst.is_local else None
+        for name, data in setup.final_files.items():
+            dst.write_bytes(name, data)
+        clear_state(dst, state.result() if state is not None else True)
 
 
 def _skipped_line(skipped: dict[str, Any]) -> str:

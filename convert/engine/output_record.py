@@ -134,8 +134,9 @@ def refuse_foreign(dst: Storage, contents: Contents) -> None:
 
 
 def source_pins(src: Storage, names: list[str]) -> dict[str, dict[str, Any]]:
-    """name -> Storage.pin of each source file a job reads or copies (metadata only)."""
-    return src.pins(names)
+    """name -> Storage.pin of each source file a job reads or copies (metadata only; from the plan's own
+    listing of the source where it saw them all)."""
+    return src.pins(names, listed=True)
 
 
 def changed_pins(src: Storage, pins: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:

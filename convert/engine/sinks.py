@@ -98,16 +98,28 @@ def read_state(dst: Storage) -> dict[str, Any] | None:
         return None
 
 
-def clear_state(dst: Storage) -> None:
-    """Remove an unfinished job's state (state file, journals) from `dst`, keeping the output record."""
+def state_listing(dst: Storage) -> tuple[list[str], list[str]] | None:
+    """(files, subdirectories) of `dst`'s state directory on an object store (None where there is none);
+    for clear_state, which can then remove them without a listing of its own."""
+    try:
+        return dst.list_dir(STATE_DIR)
+    except OSError:
+        if not dst.exists(STATE_DIR):
+            return None
+        raise
+
+
+def clear_state(dst: Storage, listed: tuple[list[str], list[str]] | None | bool = True) -> None:
+    """Remove an unfinished job's state (state file, journals) from `dst`, keeping the output record.
+
+    On an object store, `listed` may be state_listing()'s answer taken before (True: list now).
+    """
     keep = OUTPUT_RECORD.rsplit("/", 1)[1]
     if not dst.is_local:  # one listing, one batched delete (a chain of HEADs and DELETEs costs latency each)
-        try:
-            files, dirs = dst.list_dir(STATE_DIR)
-        except OSError:
-            if not dst.exists(STATE_DIR):
-                return
-            raise
+        found = state_listing(dst) if listed is True else listed
+        if not found:
+            return
+        files, dirs = found
         state = STATE_FILE.rsplit("/", 1)[1]
         dst.remove_many([f"{STATE_DIR}/{n}" for n in files if n not in (keep, state)])
         for name in dirs:

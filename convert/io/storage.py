@@ -37,6 +37,9 @@ _SYNC_FILE_RANGE_WRITE = 2
 # ranged GET of up to S3_GET_BYTES; the client keeps up to S3_POOL connections (it must not be smaller than
 # the requests a process has in flight, or they queue); botocore retries throttling in S3_RETRY_MODE.
 S3_GET_BYTES = int(os.environ.get("MOE_CONVERT_S3_GET_BYTES", 32 << 20))
+# Byte copies into local files stream each request's body (convert.io.range_stream), so its size costs no
+# memory: one request reads up to this many bytes.
+S3_STREAM_BYTES = int(os.environ.get("MOE_CONVERT_S3_STREAM_BYTES", 64 << 20))
 S3_POOL = int(os.environ.get("MOE_CONVERT_S3_POOL", 64))
 S3_RETRY_MODE = os.environ.get("MOE_CONVERT_S3_RETRY_MODE", "standard")
 S3_RETRY_ATTEMPTS = int(os.environ.get("MOE_CONVERT_S3_RETRY_ATTEMPTS", 5))
@@ -219,6 +222,7 @@ class Storage:
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._fds: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
+        self._listed: dict[str, dict[str, Any]] = {}  # object stores: file -> pin, as this object's listings saw it
 
     # -- paths -------------------------------------------------------------
     def path(self, rel: str) -> str:
@@ -278,17 +282,21 @@ class Storage:
         return _pin_of(self._retry("stat", rel, lambda: self.fs.info(self.path(rel))))
 
     def pins(self, names: Sequence[str], like: dict[str, dict[str, Any]] | None = None,
-             workers: int = PIN_WORKERS) -> dict[str, dict[str, Any]]:
+             workers: int = PIN_WORKERS, listed: bool = False) -> dict[str, dict[str, Any]]:
         """name -> pin(name) for each of `names`, with as few requests, and as few in a row, as the store allows.
 
         S3: one listing per directory gives size and ETag of every file in it (what pin() takes from
         a HEAD); a file the listing does not show, or whose pin in `like` (pins taken earlier, to be
         compared with these) holds a field a listing has not (a VersionId), gets its own pin(), up
-        to `workers` at once. Errors are pin()'s: a missing file raises as pin() does.
+        to `workers` at once. Errors are pin()'s: a missing file raises as pin() does. With `listed`,
+        pins this object's own earlier listings (list_dir) saw serve without a request: for a job's plan,
+        whose listing found the very files it pins (a change after it is still a change).
         """
         names = sorted(set(names))
         if self.is_local:
             return {n: self.pin(n) for n in names}
+        if listed and all(n in self._listed for n in names):
+            return {n: dict(self._listed[n]) for n in names}
         found: dict[str, dict[str, Any]] = {}
         if self.is_s3:
             for parent in sorted({posixpath.dirname(n) for n in names}):
@@ -315,6 +323,8 @@ class Storage:
         for entry in entries:
             name = posixpath.basename(entry["name"].rstrip("/"))
             (dirs if entry["type"] == "directory" else files).append(name)
+            if self.is_s3 and entry["type"] != "directory":
+                self._listed[posixpath.join(rel, name)] = _pin_of(entry)
         return sorted(files), sorted(dirs)
 
     # -- reads -------------------------------------------------------------

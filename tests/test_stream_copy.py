@@ -1,0 +1,52 @@
+"""convert.engine.stream_copy.even_spans: a rank's copy segments cut into spans of equal bytes."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from convert.engine.stream_copy import Segment, even_spans
+
+
+@st.composite
+def segment_lists(draw: st.DrawFn) -> list[Segment]:
+    out, pos = [], {"a": 0, "b": 0}
+    for i in range(draw(st.integers(1, 25))):
+        f = draw(st.sampled_from("ab"))
+        n = draw(st.integers(1, 3_000_000))
+        out.append(Segment(f, pos[f], n, f"out-{f}", draw(st.integers(0, 1 << 40)), f"t{i}", i))
+        pos[f] += n + draw(st.sampled_from([0, 0, 4096]))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(segment_lists(), st.integers(1, 40), st.sampled_from([1 << 20, 64 << 20]), st.sampled_from([1, 1 << 20]),
+       st.sampled_from([1, 64 << 10]))
+def test_every_byte_lands_in_exactly_one_span_and_spans_are_even(segs, count, max_bytes, min_bytes, align):
+    spans = even_spans(segs, count, max_bytes, min_bytes, align)
+    total = sum(s.n for s in segs)
+    pieces: dict[int, list[Segment]] = {}
+    for span in spans:
+        assert span, "no empty span"
+        assert [ (s.file, s.start) for s in span] == sorted((s.file, s.start) for s in span), "source order"
+        for s in span:
+            pieces.setdefault(s.piece, []).append(s)
+    for seg in segs:  # the parts of a segment tile it exactly, source and destination moving together
+        parts = sorted(pieces[seg.piece], key=lambda s: s.start)
+        assert all(p.n > 0 and p.file == seg.file and p.dst_file == seg.dst_file for p in parts)
+        assert [p.start - seg.start for p in parts] == [p.dst_pos - seg.dst_pos for p in parts]
+        assert parts[0].start == seg.start and sum(p.n for p in parts) == seg.n
+        assert all(a.start + a.n == b.start for a, b in zip(parts, parts[1:]))
+    sizes = [sum(s.n for s in span) for span in spans]
+    want = max(1, min(count, total // min_bytes), -(-total // max_bytes))
+    assert len(spans) <= want
+    if align == 1:  # unaligned cuts: every span within a byte of its share
+        assert len(spans) == want and max(sizes) - min(sizes) <= 1, sizes
+    else:  # a cut moves back to an aligned offset inside its segment: by less than one alignment step
+        assert max(sizes) <= total / want + align, sizes
+
+
+def test_a_rank_of_equal_experts_is_cut_into_equal_requests():
+    """35 experts of 9.4 MB over 8 spans: 41.3 MB each, where whole pieces would give 37.7 to 47.2 MB."""
+    segs = [Segment("a", i * 9_437_184, 9_437_184, "out", i * 9_437_184, "t", i) for i in range(35)]
+    assert [sum(s.n for s in span) for span in even_spans(segs, 8, align=1)] == [41_287_680] * 8
