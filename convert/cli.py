@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from convert.flag_types import json_object, positive_int, size_arg
-from convert.engine.adapter_job import AdapterJobOptions
 from convert.engine.job import JobOptions
 from convert.toplevel import ToolParser, finish, run_guarded, settle
 from convert.plan.transforms import DTYPE_NAMES
-from convert.targets.rules import TARGETS
 from launch.dist import Dist, exit_process, init_dist
 from launch.local import add_nproc_flag
+
+if TYPE_CHECKING:
+    from convert.engine.adapter_job import AdapterJobOptions
 
 
 def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -100,6 +102,8 @@ def computes(args: argparse.Namespace) -> bool:
 def adapter_parser(prog: str, description: str, default_target: str) -> argparse.ArgumentParser:
     """The base conversion flags plus --base-config and --target (default `default_target`); an adapter is one
     file unless --max-shard-size is given."""
+    from convert.targets.rules import TARGETS  # adapters only: a base conversion does not load them
+
     p = base_parser(prog, description)
     p.add_argument("--base-config", default=None,
                    help="the base model's config.json (path or URL): family, hidden/intermediate sizes, E")
@@ -116,5 +120,7 @@ def adapter_parser(prog: str, description: str, default_target: str) -> argparse
 
 def adapter_options(args: argparse.Namespace, layout: str) -> AdapterJobOptions:
     """AdapterJobOptions from parsed flags."""
+    from convert.engine.adapter_job import AdapterJobOptions
+
     base = job_options(args, layout)
     return AdapterJobOptions(**{**base.__dict__, "base_config": args.base_config, "target": args.target})
