@@ -108,6 +108,8 @@ def test_verify_of_moved_bytes_imports_no_torch(ckpts, tmp_path, src, dst, nproc
     assert proc.returncode == 0 and "OK:" in proc.stdout, proc.stdout + proc.stderr
     free = json.loads((tmp_path / "free.json").read_text())
     assert free["ok"] and free["bytes_compared"] > 0 and free["world_size"] == nproc
+    if nproc > 1:
+        return
     ref = run(WITH_TORCH, "convert.verify", *args, "--report", str(tmp_path / "ref.json"))
     assert ref.returncode == 0, ref.stdout + ref.stderr
     assert stable(free) == stable(json.loads((tmp_path / "ref.json").read_text()))

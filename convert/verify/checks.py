@@ -15,9 +15,10 @@ start-up). Torch is imported where values are computed: a cast is checked by cas
 source to the destination dtype block by block (the conversion's own rounding) and
 comparing bits, and only when that differs does the allclose comparison at the narrower
 precision decide; details of a difference (first differing element, max abs diff) are
-computed, with torch, only after one is found. Checks of relations whose sides keep nothing between experts (`streaming`) read into
-a per-thread buffer that is reused from one expert to the next (`reads_into`), so memory
-stays flat and several experts can be checked by parallel threads (convert.verify).
+computed, with torch, only after one is found. Checks of relations whose sides keep
+nothing between experts (`streaming`) read into a per-thread buffer that is reused from one
+expert to the next (`reads_into`), so memory stays flat and several experts can be checked
+by parallel threads (convert.verify).
 """
 
 from __future__ import annotations
