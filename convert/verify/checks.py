@@ -46,6 +46,7 @@ CHUNK_BYTES = 8 << 20  # a pass-through tensor is compared in chunks of this man
 MIN_CHUNK_BYTES = 1 << 20  # ... or fewer, down to this, to hold no more than an expert item (pass_chunks)
 BLOCK_BYTES = 2 << 20  # one block of a cast or strided comparison: stays in the CPU caches
 ALIGN = 64
+TILE = 64  # columns of a transposed block gathered at once (_dense_raw)
 FLOATS = ("float64", "float32", "float16", "bfloat16")  # torch dtypes' names (`_name`)
 
 
@@ -338,11 +339,17 @@ def _raw_blocks(a: np.ndarray, b: np.ndarray) -> Iterator[tuple[np.ndarray, np.n
 
 
 def _dense_raw(x: np.ndarray, slot: int) -> np.ndarray:
-    """`x` if contiguous, else its copy in a reused scratch block (numpy copies without the GIL)."""
+    """`x` if contiguous, else its copy in a reused scratch block (numpy copies without the GIL). A transposed
+    `x` (its last dim strides furthest) is gathered TILE columns at a time: the source lines those columns
+    touch stay in the L1 cache from one row to the next (2.5x a plain copy of a transposed bf16 expert)."""
     if x.flags.c_contiguous:
         return x
     out = _block(slot, x.nbytes).view(x.dtype).reshape(x.shape)
-    np.copyto(out, x)
+    if x.ndim >= 2 and x.strides[-1] > x.strides[-2] and x.shape[-1] > TILE:
+        for j in range(0, x.shape[-1], TILE):
+            np.copyto(out[..., j : j + TILE], x[..., j : j + TILE])
+    else:
+        np.copyto(out, x)
     return out
 
 
