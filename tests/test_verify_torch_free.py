@@ -225,3 +225,28 @@ def test_numpy_unfusing_gives_what_torch_gave(ops, n_parts):
         got = _unfuse(bits, ops, n_parts)
         ref = _torch_unfuse(torch.from_numpy(bits.view(np.int16)), ops, n_parts)
         assert [g.tolist() for g in got] == [r.view(torch.uint16).tolist() for r in ref], (shape, ops)
+
+
+@pytest.mark.parametrize("dtype", ["u1", "<u2", "<u4", "<u8"])
+def test_bit_comparison_of_strided_views_finds_every_difference(monkeypatch, dtype):
+    """The torch-free equality check on contiguous, transposed (gathered in column tiles), interleaved and
+    interleaved-transposed views, in many blocks: equal bits pass, one element changed anywhere is found."""
+    from convert.verify import checks
+
+    monkeypatch.setattr(checks, "BLOCK_BYTES", 2048)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 250, size=(70, 150)).astype(dtype)
+    layouts = {
+        "contiguous": lambda x: x,
+        "transposed": lambda x: np.ascontiguousarray(x.T).T,
+        "interleaved": lambda x: np.stack([x, x + 1], -1).reshape(70, 300)[:, 0::2],
+        "interleaved, transposed": lambda x: np.stack([x.T, x.T + 1], -1).reshape(150, 140)[:, 0::2].T,
+    }
+    for name, lay in layouts.items():
+        b = lay(base)
+        assert np.array_equal(b, base) and b.flags.c_contiguous == (name == "contiguous")
+        assert checks._equal_raw(base, b) and checks._equal_raw(b, base), name
+        for r, c in ((0, 0), (69, 149), (33, 64), (34, 63), (1, 128), *rng.integers(0, (70, 150), size=(5, 2))):
+            bad = base.copy()
+            bad[r, c] ^= 1
+            assert not checks._equal_raw(base, lay(bad)) and not checks._equal_raw(lay(bad), base), (name, r, c)
