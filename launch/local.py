@@ -92,7 +92,7 @@ def refuse_if_distributed(nproc: int) -> None:
 
 def _prepare_parent(preload_torch: bool) -> None:
     """Import, before forking, what every rank needs, so it is loaded once: torch only when the job
-    computes with it (casts, LoRA factors, --verify); the ranks' group itself needs none (launch.hub)."""
+    computes with it (casts, LoRA factors, verifying those); the ranks' group itself needs none (launch.hub)."""
     # numpy (imported by torch) would start OpenBLAS threads we never use; a fork wants none.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     if preload_torch:

@@ -37,7 +37,7 @@ from convert.families import Family, find_family, load_families
 from convert.formats.safetensors import TensorInfo
 from convert.io.storage import Storage
 from convert.verify.checks import ExpertCheck, PassCheck, read_stored
-from convert.verify.tables import DTYPES, Stored, Table, read_table, to_tensor
+from convert.verify.tables import Stored, Table, read_table, to_tensor, torch_dtype
 
 from convert.plan.adapter_names import MODEL, KeyNames, source_naming
 from convert.targets.rules import TargetRules, load_target
@@ -351,7 +351,7 @@ def _module_check(
     dst_side = LoraSide((RoleLora(role, (Cut(dst_table.tensors[da], "whole", 1),), (Cut(dst_table.tensors[db], "whole", 1),),
                                   (s_dst,), (db,)),))
     same = {src_table.tensors[sa].dtype, src_table.tensors[sb].dtype} == {dst_table.tensors[da].dtype, dst_table.tensors[db].dtype}
-    eps = SAME_BYTES_RTOL if same else 4 * max(torch.finfo(DTYPES[t.dtype][0]).eps for t in
+    eps = SAME_BYTES_RTOL if same else 4 * max(torch.finfo(torch_dtype(t.dtype)).eps for t in
                                                (src_table.tensors[sa], dst_table.tensors[da]))
     rank = src_table.tensors[sa].shape[0]
     return ExpertCheck(_module(dst_module), 1, src_side, dst_side, exact=False, rtol=eps,
@@ -373,7 +373,7 @@ def _infos(table: Table) -> dict[str, TensorInfo]:
 
 
 def _factor_eps(table: Table, group: ExpertLoraGroup) -> float:
-    return max(torch.finfo(DTYPES[table.tensors[n].dtype][0]).eps for n in group.tensors)
+    return max(torch.finfo(torch_dtype(table.tensors[n].dtype)).eps for n in group.tensors)
 
 
 def _read_config(storage: Storage, where: str) -> dict[str, Any]:

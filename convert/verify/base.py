@@ -7,7 +7,9 @@ transposed or not) and the two sides are compared role by role. Every other tens
 reach the destination with its shape unchanged, under the name the family's rename rules
 give it (a fuse renames as transformers does when loading, a split as it does when saving).
 This module does not use the converter's planner, expert grouping or transforms, nor the
-op classes' code: it reads the family table's op descriptions itself.
+op classes' code: it reads the family table's op descriptions itself. Experts are loaded as
+the bits of their elements (numpy; `Raw`) and unfused with numpy views and copies: checking
+a conversion that moved bytes imports no torch.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
 from convert.errors import ConversionError
 from convert.families import Family
 from convert.io.storage import Storage
 from convert.verify.checks import ExpertCheck, PassCheck, read_stored
-from convert.verify.tables import Stored, Table, to_tensor
+from convert.verify.tables import Raw, Stored, Table, to_raw
 
 
 def _regex(template: str) -> re.Pattern[str]:
@@ -69,46 +71,98 @@ def classify(table: Table, family: Family, rename: bool = False) -> tuple[dict[s
     return layers, others
 
 
-def _unfuse(sl: torch.Tensor, ops: list[dict[str, Any]], n_parts: int) -> list[torch.Tensor]:
-    """One expert's fused slice back to its parts, undoing the family's op descriptions last to first."""
+def _op_counts(ops: list[dict[str, Any]], n_parts: int) -> list[int]:
+    """How many tensors there are before each op and after the last (n_parts before the first)."""
     counts = [n_parts]
-    for op in ops:  # how many tensors each op produced
+    for op in ops:
         counts.append(1 if op["op"] in ("concat", "interleave") else
                       op.get("parts", 2) if op["op"] in ("chunk", "deinterleave") else counts[-1])
+    return counts
+
+
+def _unfuse(sl: np.ndarray, ops: list[dict[str, Any]], n_parts: int) -> list[np.ndarray]:
+    """One expert's fused slice back to its parts, undoing the family's op descriptions last to first.
+
+    Views where the ops only cut or transpose; the undoing of a chunk or deinterleave (parts joined
+    back) copies."""
+    counts = _op_counts(ops, n_parts)
     tensors = [sl]
     for op, n_in in zip(reversed(ops), reversed(counts[:-1])):
         kind = op["op"]
         if kind == "transpose":
-            tensors = [t.transpose(*op.get("dims", [0, 1])) for t in tensors]
+            d0, d1 = op.get("dims", [0, 1])
+            tensors = [np.swapaxes(t, d0, d1) for t in tensors]
         elif kind in ("concat", "interleave"):  # one tensor holding n_in parts along dim
             (t,) = tensors
-            dim = op.get("dim", 0 if kind == "concat" else -1) % t.dim()
+            dim = op.get("dim", 0 if kind == "concat" else -1) % t.ndim
             size = t.shape[dim] // n_in
-            if kind == "concat":
-                tensors = [t.narrow(dim, j * size, size) for j in range(n_in)]
-            else:
-                index = [slice(None)] * t.dim()
-                tensors = []
-                for j in range(n_in):
-                    index[dim] = slice(j, None, n_in)
-                    tensors.append(t[tuple(index)])
+            index = [slice(None)] * t.ndim
+            tensors = []
+            for j in range(n_in):
+                index[dim] = slice(j * size, (j + 1) * size) if kind == "concat" else slice(j, None, n_in)
+                tensors.append(t[tuple(index)])
         elif kind in ("chunk", "deinterleave"):  # several tensors that came out of one
-            dim = op.get("dim", 0 if kind == "chunk" else -1) % tensors[0].dim()
+            dim = op.get("dim", 0 if kind == "chunk" else -1) % tensors[0].ndim
             if kind == "chunk":
-                tensors = [torch.cat(tensors, dim=dim)]
+                tensors = [np.concatenate(tensors, axis=dim)]
             else:
-                tensors = [torch.stack(tensors, dim=dim + 1).flatten(dim, dim + 1)]
+                s = np.stack(tensors, axis=dim + 1)
+                tensors = [s.reshape(*s.shape[:dim], s.shape[dim] * s.shape[dim + 1], *s.shape[dim + 2 :])]
         else:
             raise ValueError(f"unknown op {kind!r}")
     return tensors
 
 
+def _part_shapes(slice_shape: tuple[int, ...], ops: list[dict[str, Any]], n_parts: int) -> list[tuple[int, ...]]:
+    """The shapes `_unfuse` gives the parts of an expert slice of `slice_shape`, computed from the shapes alone;
+    raises IndexError or ValueError (or ZeroDivisionError) where `_unfuse` would fail."""
+    counts = _op_counts(ops, n_parts)
+    shapes = [tuple(slice_shape)]
+    for op, n_in in zip(reversed(ops), reversed(counts[:-1])):
+        kind = op["op"]
+        if kind == "transpose":
+            out = []
+            for s in shapes:
+                d0, d1 = (_axis(d, len(s)) for d in op.get("dims", [0, 1]))
+                t = list(s)
+                t[d0], t[d1] = t[d1], t[d0]
+                out.append(tuple(t))
+            shapes = out
+        elif kind in ("concat", "interleave"):
+            (s,) = shapes
+            dim = op.get("dim", 0 if kind == "concat" else -1) % len(s)
+            size = s[dim] // n_in
+            held = [size] * n_in if kind == "concat" else [len(range(j, s[dim], n_in)) for j in range(n_in)]
+            shapes = [(*s[:dim], k, *s[dim + 1 :]) for k in held]
+        elif kind in ("chunk", "deinterleave"):
+            dim = op.get("dim", 0 if kind == "chunk" else -1) % len(shapes[0])
+            first = shapes[0]
+            if kind == "chunk":
+                if any(len(s) != len(first) or s[:dim] + s[dim + 1 :] != first[:dim] + first[dim + 1 :]
+                       for s in shapes):
+                    raise ValueError("parts of different shapes cannot be joined")
+                shapes = [(*first[:dim], sum(s[dim] for s in shapes), *first[dim + 1 :])]
+            else:
+                if any(s != first for s in shapes):
+                    raise ValueError("parts of different shapes cannot be interleaved")
+                shapes = [(*first[:dim], first[dim] * len(shapes), *first[dim + 1 :])]
+        else:
+            raise ValueError(f"unknown op {kind!r}")
+    return shapes
+
+
+def _axis(d: int, ndim: int) -> int:
+    """Dim `d` (negative: from the end) of a tensor of `ndim` dims; IndexError where there is none."""
+    if not -ndim <= d < ndim:
+        raise IndexError(f"dim {d} of a {ndim}-dim tensor")
+    return d % ndim
+
+
 def _part_shape(slice_shape: tuple[int, ...], ops: list[dict[str, Any]], n_parts: int) -> tuple[int, ...] | None:
     """Each part's shape from an expert slice's shape, by the op descriptions (None if they do not fit)."""
     try:
-        probe = torch.empty(slice_shape, device="meta")
-        return tuple(_unfuse(probe, ops, n_parts)[0].shape)
-    except (IndexError, RuntimeError, ZeroDivisionError, ValueError):
+        return _part_shapes(slice_shape, ops, n_parts)[0]
+    except (IndexError, ZeroDivisionError, ValueError):
         return None
 
 
@@ -121,11 +175,11 @@ class PerExpertSide:
 
     tensors: tuple[tuple[str, tuple[Stored, ...]], ...]
 
-    def load(self, storage: Storage, e: int, roles: Collection[str] | None = None) -> dict[str, tuple[torch.Tensor, str]]:
+    def load(self, storage: Storage, e: int, roles: Collection[str] | None = None) -> dict[str, tuple[Raw, str]]:
         out = {}
         for role, per in self._held(e, roles):
             t = per[e]
-            out[role] = (to_tensor(read_stored(storage, t), t.dtype, t.shape), t.name)
+            out[role] = (to_raw(read_stored(storage, t), t.dtype, t.shape), t.name)
         return out
 
     def expert_bytes(self, e: int, roles: Collection[str] | None = None) -> int:
@@ -138,6 +192,10 @@ class PerExpertSide:
     def role_sets(self) -> list[tuple[str, ...]]:
         """The roles read together (each stored tensor holds one)."""
         return [(role,) for role, _ in self.tensors]
+
+    def role_dtypes(self) -> dict[str, set[str]]:
+        """Each role's dtype(s) as stored."""
+        return {role: {t.dtype for t in per} for role, per in self.tensors}
 
     def _held(self, e: int, roles: Collection[str] | None) -> list[tuple[str, tuple[Stored, ...]]]:
         return [(r, per) for r, per in self.tensors if e < len(per) and (roles is None or r in roles)]
@@ -167,14 +225,14 @@ class FusedSide:
 
     parts: tuple[FusedPart, ...]
 
-    def load(self, storage: Storage, e: int, roles: Collection[str] | None = None) -> dict[str, tuple[torch.Tensor, str]]:
+    def load(self, storage: Storage, e: int, roles: Collection[str] | None = None) -> dict[str, tuple[Raw, str]]:
         out = {}
         for p in self._held(e, roles):
             t = p.tensor
             per = t.nbytes // p.num_experts
-            sl = to_tensor(read_stored(storage, t, e * per, (e + 1) * per), t.dtype, t.shape[1:])
-            for role, piece in zip(p.roles, _unfuse(sl, p.op_list(), len(p.roles))):
-                out[role] = (piece, t.name)
+            sl = to_raw(read_stored(storage, t, e * per, (e + 1) * per), t.dtype, t.shape[1:])
+            for role, piece in zip(p.roles, _unfuse(sl.bits, p.op_list(), len(p.roles))):
+                out[role] = (Raw(piece, t.dtype), t.name)
         return out
 
     def expert_bytes(self, e: int, roles: Collection[str] | None = None) -> int:
@@ -191,6 +249,10 @@ class FusedSide:
     def role_sets(self) -> list[tuple[str, ...]]:
         """The roles read together (those of one fused tensor)."""
         return [p.roles for p in self.parts]
+
+    def role_dtypes(self) -> dict[str, set[str]]:
+        """Each role's dtype as stored."""
+        return {role: {p.tensor.dtype} for p in self.parts for role in p.roles}
 
     def _held(self, e: int, roles: Collection[str] | None) -> list[FusedPart]:
         return [p for p in self.parts if e < p.num_experts and (roles is None or any(r in roles for r in p.roles))]

@@ -1,8 +1,9 @@
-"""`--verify` on a conversion's entry point, without loading the verifier (and torch) unless asked."""
+"""`--verify` on a conversion's entry point, without loading the verifier (numpy, and torch for casts) unless asked."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -16,10 +17,11 @@ def with_verify(
 
     Takes a conversion's parsed flags `args`, its per-rank `job`, the output file `marker` that marks
     it complete and the optional rank-0 `report`; returns the per-rank callable to run. The verifier
-    imports torch (seconds on a cold cache): a conversion without --verify never loads it.
+    imports numpy (and torch where it checks a cast): a conversion without --verify loads neither.
     """
     if not getattr(args, "verify", False) or getattr(args, "dry_run", False):
         return job
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS is never used: no thread per core at import
     from convert.verify.run import with_verify as verified
 
     return verified(args, job, marker, report)

@@ -41,7 +41,7 @@ from convert.verify.base import base_relation
 from convert.verify.relation import CannotVerify, Relation, VerifyOptions, compare_files, copied_files
 from convert.verify.checks import (
     BLOCK_BYTES, ExpertCheck, Mismatch, PassCheck, Tally, chunk_bytes, pass_chunks, pass_shape_problem,
-    release_buffers, role_groups, run_expert, run_pass_chunk,
+    computes, release_buffers, role_groups, run_expert, run_pass_chunk,
 )
 from convert.verify.tables import Table, Unreadable, element_size, read_table
 from convert.verify.target import recorded_target, target_findings
@@ -294,8 +294,9 @@ class ReadAhead:
 
 def _run_items(items: list[Item], spans: list[Spans], threads: int) -> Iterator[tuple[Tally, int]]:
     """Each item's result, in the items' order, computed by `threads` threads while ReadAhead requests the
-    bytes of the items to come. Torch ops run single-threaded meanwhile: the items are the parallelism
-    (intra-op threads on busy cores cost more than they give)."""
+    bytes of the items to come. Torch ops (where torch is loaded: check_share loads it for casts) run
+    single-threaded meanwhile: the items are the parallelism (intra-op threads on busy cores cost more
+    than they give)."""
     ahead = ReadAhead(spans)
 
     def run(k: int) -> tuple[Tally, int]:
@@ -317,10 +318,12 @@ def _run_items(items: list[Item], spans: list[Spans], threads: int) -> Iterator[
         torch_threads(before)
 
 
-def torch_threads(n: int) -> int:
-    """Set torch's intra-op thread count to `n`; returns the previous count."""
-    import torch
-
+def torch_threads(n: int | None) -> int | None:
+    """Set torch's intra-op thread count to `n` where torch is loaded (else, or for None, nothing); returns the
+    previous count (None: torch was not loaded). Does not import torch: checks of moved bytes never need it."""
+    torch = sys.modules.get("torch")
+    if n is None or torch is None:
+        return None
     before = torch.get_num_threads()
     if n != before:
         torch.set_num_threads(n)
@@ -346,6 +349,9 @@ def check_share(relation: Relation, opts: VerifyOptions, rank: int, world: int) 
     spans: list[Spans] = []
     largest = 0
     try:
+        if any(computes(relation.experts[i]) for i in {i for i, _ in experts}) or \
+                any(computes(relation.passes[i]) for i in passes):
+            import torch  # noqa: F401 - casts are computed by torch: loaded before the threads start (_run_items)
         groups = {i: role_groups(c) for i, c in enumerate(relation.experts) if c.streaming}
         for i, e in experts:
             check = relation.experts[i]
@@ -568,4 +574,21 @@ def main(argv: list[str] | None = None) -> None:
                              a.workers or default_workers(a.dst), a.target)
         return verify_job(opts, dist)
 
-    run_main(job, a.nproc, preload_torch=True)
+    run_main(job, a.nproc, preload_torch=a.nproc > 1 and computes_locally(a.src, a.dst))
+
+
+def computes_locally(src: str | None, dst: str) -> bool:
+    """Whether verifying `dst` against `src` will compute with torch, as far as local files tell before any
+    rank starts: `src` is an adapter (LoRA deltas), or the two config.json differ (a --dtype output: a cast).
+    False for remote directories (fsspec URLs: nothing is opened before the ranks fork): a rank that finds a
+    cast imports torch itself. Decides whether the --nproc parent loads torch once for every rank."""
+    if src is None or any("://" in p and not p.startswith("file://") for p in (src, dst)):
+        return False
+    src, dst = (p.removeprefix("file://") for p in (src, dst))
+    if os.path.isfile(os.path.join(src, ADAPTER_CONFIG)):
+        return True
+    try:
+        with open(os.path.join(src, "config.json"), "rb") as a, open(os.path.join(dst, "config.json"), "rb") as b:
+            return a.read() != b.read()
+    except OSError:
+        return False

@@ -15,24 +15,31 @@ import re
 import struct
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from convert.errors import ConversionError
 from convert.io.storage import Storage
 
+if TYPE_CHECKING:
+    import torch
+
 # The safetensors library refuses headers above 100 MB; so does the verifier, before reading one.
 HEADER_LIMIT = 100_000_000
 
-# safetensors dtype name -> (torch dtype, bytes per element); kept separate from the converter's table on purpose.
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
-    "U64": (torch.uint64, 8), "U32": (torch.uint32, 4), "U16": (torch.uint16, 2), "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1), "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
-    "F8_E8M0": (torch.float8_e8m0fnu, 1),
+# safetensors dtype name -> (torch dtype's name, bytes per element); kept separate from the converter's table on
+# purpose. Names, not torch dtypes: comparing bytes takes no torch (torch_dtype imports it where a value is computed).
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "F8_E8M0": ("float8_e8m0fnu", 1),
 }
+# numpy integers of each item size: a tensor's elements as bits (numpy has no bfloat16 or float8; bits need none).
+BITS = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+_SIGNED = {1: np.dtype("i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4"), 8: np.dtype("<i8")}  # what torch.from_numpy takes
 LEFTOVER = re.compile(r"(\.incomplete|\.tmp)$")
 
 
@@ -74,14 +81,50 @@ def element_size(dtype: str) -> int:
     return DTYPES[dtype][1]
 
 
-def to_tensor(buf: bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """`buf` (exactly the bytes of `shape`) as a tensor of safetensors `dtype`."""
-    torch_dtype = DTYPES[dtype][0]
+def torch_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of safetensors `dtype` (imports torch)."""
+    import torch
+
+    return getattr(torch, DTYPES[dtype][0])
+
+
+def to_tensor(buf: bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """`buf` (exactly the bytes of `shape`) as a tensor of safetensors `dtype` (imports torch)."""
+    import torch
+
     if not buf:
-        return torch.empty(shape, dtype=torch_dtype)
+        return torch.empty(shape, dtype=torch_dtype(dtype))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a read-only buffer: the verifier never writes through it
-        return torch.frombuffer(buf, dtype=torch_dtype).reshape(shape)
+        return torch.frombuffer(buf, dtype=torch_dtype(dtype)).reshape(shape)
+
+
+@dataclass(frozen=True)
+class Raw:
+    """A tensor's elements as their bits, without torch: `bits` is a numpy array of unsigned integers of the
+    item size of safetensors `dtype` (any shape and strides, e.g. a transposed view); what two tensors of one
+    dtype must agree on when bytes were moved."""
+
+    bits: np.ndarray
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.bits.shape)
+
+    def tensor(self) -> torch.Tensor:
+        """The same elements as a torch tensor of `dtype`, sharing the memory (imports torch)."""
+        import torch
+
+        signed = self.bits.view(_SIGNED[self.bits.itemsize])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a read-only buffer: the verifier never writes through it
+            return torch.from_numpy(signed).view(torch_dtype(self.dtype))
+
+
+def to_raw(buf: bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> Raw:
+    """`buf` (exactly the bytes of `shape`) as the bits of a tensor of safetensors `dtype` (no copy)."""
+    return Raw(np.frombuffer(buf, dtype=BITS[element_size(dtype)]).reshape(shape), dtype)
 
 
 def read_header(storage: Storage, name: str) -> dict[str, Stored]:
@@ -131,7 +174,7 @@ def library_problems(storage: Storage, name: str, parsed: dict[str, Stored]) -> 
 
     where = storage.display(name)
     try:
-        with safe_open(storage.path(name), framework="pt") as f:
+        with safe_open(storage.path(name), framework="numpy") as f:  # metadata only; "pt" would import torch
             keys = set(f.keys())
             got = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in keys}
     except Exception as exc:  # noqa: BLE001 - whatever the library objects to is the finding
