@@ -339,19 +339,21 @@ def check_share(relation: Relation, opts: VerifyOptions, rank: int, world: int) 
     whatever the thread count: experts as shared, then pass-through tensors (the first differing
     chunk of each).
     """
+    experts, passes = share(relation, rank, world)
+    if any(computes(relation.experts[i]) for i in {i for i, _ in experts}) or \
+            any(computes(relation.passes[i]) for i in passes):
+        # Casts are computed by torch: loaded before the threads start (_run_items), and before the clock
+        # does, as the conversion loads it before its data phase (convert.engine.executor.warm_up).
+        import torch  # noqa: F401
     t0 = time.perf_counter()
     src = Storage(opts.src if opts.src is not None else opts.dst, opts.storage_options)  # rules only: nothing read
     dst = Storage(opts.dst, opts.storage_options)
     limit = max(1, opts.max_report)
     tally = Tally([], limit=limit)
-    experts, passes = share(relation, rank, world)
     items: list[Item] = []
     spans: list[Spans] = []
     largest = 0
     try:
-        if any(computes(relation.experts[i]) for i in {i for i, _ in experts}) or \
-                any(computes(relation.passes[i]) for i in passes):
-            import torch  # noqa: F401 - casts are computed by torch: loaded before the threads start (_run_items)
         groups = {i: role_groups(c) for i, c in enumerate(relation.experts) if c.streaming}
         for i, e in experts:
             check = relation.experts[i]
