@@ -376,8 +376,7 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
     copies = _start_copies(src, dst, setup.copy_files) if ended is None and isinstance(setup, JobSetup) and src else []
     part = dist.scatter((lambda r: ended if ended is not None else RankWork(sink.for_rank(job, r), setup.job_id))
                         if dist.is_main else None)
-    if isinstance(part, int):
-        _copy_error(copies)
+    if isinstance(part, int):  # the job ended before streaming: no copy was started
         for store in (src, dst):
             if store is not None:
                 store.close()
@@ -533,9 +532,7 @@ def _commit(dst: Storage, sink: Any, job: SinkJob, setup: JobSetup, results: lis
     expected.update({n: setup.pins.get(n, {}).get("size") for n in setup.copy_files})
     with ThreadPoolExecutor(max_workers=1) as pool:
         listed = pool.submit(dst.file_sizes)
-        if None in expected.values():
-            listed.result()
-        sizes = {n: listed.result()[n] if size is None else int(size) for n, size in expected.items()}
+        sizes = {n: listed.result().get(n, -1) if size is None else int(size) for n, size in expected.items()}
         written = [*sizes.items(), *[(n, len(data)) for n, data in setup.final_files.items()]]
         dst.write_bytes(OUTPUT_RECORD, record_bytes(written, setup.fingerprint, next(reversed(setup.final_files)),
                                                     setup.target))
