@@ -373,6 +373,11 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
             job = SinkJob(setup.files, setup.pieces, setup.assignment, setup.fingerprint, opts.workers,
                           state={"pins": setup.pins, "outputs": setup.outputs})
         ended = _start(setup, opts, sink, job, dst, report)  # type: ignore[arg-type]
+    else:  # this rank's object-store clients are set up while rank 0 plans, not once its part arrives
+        src = Storage(opts.src, opts.storage_options)
+        dst = Storage(opts.dst, opts.storage_options)
+        for store in (src, dst):
+            store.connect()
     copies = _start_copies(src, dst, setup.copy_files) if ended is None and isinstance(setup, JobSetup) and src else []
     part = dist.scatter((lambda r: ended if ended is not None else RankWork(sink.for_rank(job, r), setup.job_id))
                         if dist.is_main else None)
@@ -394,8 +399,6 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
         if report is not None:
             report["skipped_bytes"] = int(skipped.get("skipped_bytes", 0))
     else:
-        src = Storage(opts.src, opts.storage_options)
-        dst = Storage(opts.dst, opts.storage_options)
         sink = make_sink(src, dst)
     assert src is not None and dst is not None
 

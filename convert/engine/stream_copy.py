@@ -2,15 +2,19 @@
 
 The rank's copy segments (source range -> destination position) are put in source order and cut
 into about `workers` x STREAM_ROUNDS spans of equal bytes (a segment may be cut anywhere: bytes
-are only moved), so every connection carries the same load and the last requests end together.
-Each span is read by one ranged GET per contiguous run (convert.io.range_stream) and written
-through one STREAM_CHUNK buffer per worker: memory does not grow with the request size.
+are only moved), so every connection carries the same load; a worker that runs out of spans takes
+over half of what is left of the slowest one, so the last requests end together even where the
+connections' speeds differ. Each span is read by one ranged GET per contiguous run
+(convert.io.range_stream) and written through one STREAM_CHUNK buffer per worker: memory does not
+grow with the request size.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import NamedTuple
 
 from convert.errors import ConversionError
@@ -24,6 +28,7 @@ STREAM_ROUNDS = 2  # a rank's source bytes are cut into about workers x this man
 STREAM_MIN_BYTES = 1 << 20  # ... of at least this many bytes where there are enough
 CUT_ALIGN = 64 << 10  # cuts between spans fall on multiples of this source offset where a segment allows
 STREAM_SCRATCH = 0  # thread_scratch slot of the chunk (a thread streams or computes, never both at once)
+STEAL_MIN_BYTES = 8 << 20  # a running span's unclaimed bytes are split with an idle worker from this many on
 
 
 class Segment(NamedTuple):
@@ -70,29 +75,122 @@ def even_spans(segments: Sequence[Segment], count: int, max_bytes: int = S3_STRE
     return [s for s in spans if s]
 
 
+class _Span:
+    """A worker's share: the bytes [0, limit) of `segments` (in order), of which `pos` are claimed so far.
+
+    Another worker may take the second half of what is left (steal: `limit` moves down, never below `pos`).
+    """
+
+    def __init__(self, segments: list[Segment]) -> None:
+        self.segments = segments
+        self.pos = 0
+        self.limit = sum(s.n for s in segments)
+
+    def steal(self, align: int) -> _Span | None:
+        """The second half of the unclaimed bytes (cut at a multiple of `align`) as a span of its own; None
+        where less than STEAL_MIN_BYTES is left. Call under the lock."""
+        half = (self.limit - self.pos) // 2 // align * align
+        if self.limit - self.pos < STEAL_MIN_BYTES or half <= 0:
+            return None
+        cut = self.limit - half
+        rest, at = [], 0
+        for seg in self.segments:
+            lo, hi = max(at, cut), min(at + seg.n, self.limit)
+            if lo < hi:
+                skip = lo - at
+                rest.append(seg._replace(start=seg.start + skip, dst_pos=seg.dst_pos + skip, n=hi - lo))
+            at += seg.n
+        self.limit = cut
+        return _Span(rest)
+
+
 def copy_segments(pieces: Sequence[Piece], segments: Sequence[Segment], workers: int, src: Storage, dst: Storage,
                   on_done: Callable[[int, int], None]) -> None:
     """Stream `segments` (of `pieces`) with `workers` threads; `on_done(piece, bytes written)` in this thread
-    once all of a piece's bytes are written, in the order pieces complete."""
-    spans = even_spans(segments, max(1, workers) * STREAM_ROUNDS)
+    once all of a piece's bytes are written, in the order pieces complete.
+
+    The spans of even_spans are taken in turn; a worker that finds none left takes over the second half of
+    the unclaimed bytes of the running span with the most (its owner stops there), so a slow connection
+    does not hold the end up: the last requests end together however the connections' speeds differ.
+    """
     left: dict[int, int] = {}
-    for span in spans:
-        for seg in span:
-            left[seg.piece] = left.get(seg.piece, 0) + 1
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        running = {pool.submit(copy_span, span, src, dst): span for span in spans}
-        for fut in as_completed(running):
-            fut.result()
-            for seg in running[fut]:
-                left[seg.piece] -= 1
-                if not left[seg.piece]:
-                    on_done(seg.piece, pieces[seg.piece].write_bytes)
+    for seg in segments:
+        left[seg.piece] = left.get(seg.piece, 0) + seg.n
+    for i, p in enumerate(pieces):  # nothing to copy (empty tensors): done already
+        if not left.get(i):
+            left.pop(i, None)
+            on_done(i, p.write_bytes)
+    todo = deque(_Span(s) for s in even_spans(segments, max(1, workers) * STREAM_ROUNDS))
+    running: list[_Span] = []
+    lock = threading.Lock()
+    events: queue.Queue[int | BaseException | None] = queue.Queue()
+    failed = threading.Event()
+
+    def next_span() -> _Span | None:
+        with lock:
+            if failed.is_set():
+                return None
+            span = todo.popleft() if todo else None
+            if span is None and running:
+                span = max(running, key=lambda s: s.limit - s.pos).steal(STREAM_CHUNK)
+            if span is not None:
+                running.append(span)
+            return span
+
+    def claim(span: _Span, n: int) -> int:
+        with lock:
+            n = 0 if failed.is_set() else max(0, min(n, span.limit - span.pos))
+            span.pos += n
+            return n
+
+    def wrote(piece: int, n: int) -> None:
+        with lock:
+            left[piece] -= n
+            if not left[piece]:
+                events.put(piece)
+
+    def work() -> None:
+        try:
+            while (span := next_span()) is not None:
+                try:
+                    copy_span(span, src, dst, claim, wrote)
+                finally:
+                    with lock:
+                        running.remove(span)
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread, which raises it
+            failed.set()
+            events.put(exc)
+        finally:
+            events.put(None)
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(max(1, workers))]
+    for t in threads:
+        t.start()
+    error: BaseException | None = None
+    ended = 0
+    while ended < len(threads):
+        event = events.get()
+        if event is None:
+            ended += 1
+        elif isinstance(event, BaseException):
+            error = error or event
+        elif error is None:
+            on_done(event, pieces[event].write_bytes)
+    for t in threads:
+        t.join()
+    if error is not None:
+        raise error
+    if left and any(left.values()):
+        raise AssertionError(f"stream copy ended with {sum(left.values())} bytes not written")
 
 
-def copy_span(span: Sequence[Segment], src: Storage, dst: Storage) -> None:
-    """Copy one span: one streamed request per run of touching source bytes, then start the writeback."""
+def copy_span(span: _Span, src: Storage, dst: Storage, claim: Callable[[_Span, int], int],
+              wrote: Callable[[int, int], None]) -> None:
+    """Copy a span's bytes in order, one streamed request per run of touching source bytes, a chunk at a time
+    as `claim` hands them out (it hands out less, then nothing, once another worker took the rest over);
+    `wrote(piece, n)` after each chunk is written."""
     runs: list[list[Segment]] = []
-    for seg in span:
+    for seg in span.segments:
         if runs and runs[-1][-1].file == seg.file and runs[-1][-1].start + runs[-1][-1].n == seg.start:
             runs[-1].append(seg)
         else:
@@ -100,12 +198,17 @@ def copy_span(span: Sequence[Segment], src: Storage, dst: Storage) -> None:
     for run in runs:
         with RangeReader(src, run[0].file, run[0].start, run[-1].start + run[-1].n) as stream:
             for seg in run:
-                try:
-                    for off in range(0, seg.n, STREAM_CHUNK):
-                        buf = thread_scratch(min(STREAM_CHUNK, seg.n - off), STREAM_SCRATCH)
+                off = 0
+                while off < seg.n:
+                    n = claim(span, min(STREAM_CHUNK, seg.n - off))
+                    if not n:
+                        return
+                    buf = thread_scratch(n, STREAM_SCRATCH)
+                    try:
                         stream.readinto(buf)
                         dst.pwrite(seg.dst_file, seg.dst_pos + off, buf)
-                except ConversionError as exc:
-                    raise ConversionError(f"{exc} (while writing tensor {seg.tensor!r})") from exc
-    for seg in span:
-        dst.start_writeback(seg.dst_file, seg.dst_pos, seg.dst_pos + seg.n)
+                    except ConversionError as exc:
+                        raise ConversionError(f"{exc} (while writing tensor {seg.tensor!r})") from exc
+                    dst.start_writeback(seg.dst_file, seg.dst_pos + off, seg.dst_pos + off + n)
+                    wrote(seg.piece, n)
+                    off += n

@@ -669,6 +669,15 @@ class Storage:
             (u["Key"][len(root_key):].lstrip("/"), u["UploadId"]) for u in resp.get("Uploads", [])
         ]
 
+    def connect(self) -> None:
+        """Object stores: set the client up now (credentials, endpoint, service model) rather than at the first
+        request. A failure here is left for that request to report."""
+        if self.is_s3:
+            try:
+                self.fs.set_session()
+            except Exception:  # noqa: BLE001 - reported by the first real request, with its file
+                pass
+
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
