@@ -194,7 +194,7 @@ def test_a_missing_destination_bucket_is_refused_and_not_created(s3env, source):
 
 def test_s3_to_local_streams_few_long_requests_and_resumes_broken_bodies(s3, s3env, source, local_reference,
                                                                           tmp_path, monkeypatch):
-    """S3 -> local byte copies (convert.engine.stream_copy): each worker streams spans of equal bytes, one ranged
+    """S3 -> local byte copies (convert.engine.stream_copy): each worker streams a span of equal bytes, one ranged
     GET per source file a span touches, and a body broken off mid-stream is asked again from where it broke;
     the output is the local conversion's, byte for byte."""
     s3env.put(str(source), f"{BUCKET}/stream-src", recursive=True)
@@ -215,5 +215,5 @@ def test_s3_to_local_streams_few_long_requests_and_resumes_broken_bodies(s3, s3e
     assert _local_files(tmp_path / "fused") == _local_files(local_reference[0])
     assert proxy.cut_bodies >= 2
     shards = len([p for p in source.iterdir() if p.suffix == ".safetensors"])
-    # 2 workers x 2 spans each, + 1 where a span crosses into the next shard, + 1 per broken body
-    assert data_gets[0] <= 2 * 2 + (shards - 1) + proxy.cut_bodies, (data_gets[0], proxy.ranges)
+    # a span per worker, + 1 where a span crosses into the next shard, + 1 per broken body, + a few taken over
+    assert data_gets[0] <= 2 + (shards - 1) + proxy.cut_bodies + 4, (data_gets[0], proxy.ranges)

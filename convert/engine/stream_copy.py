@@ -1,7 +1,7 @@
 """Byte copies from an object store into local files: a rank's source bytes in a few long streamed requests.
 
 The rank's copy segments (source range -> destination position) are put in source order and cut
-into about `workers` x STREAM_ROUNDS spans of equal bytes (a segment may be cut anywhere: bytes
+into `workers` (x STREAM_ROUNDS) spans of equal bytes (a segment may be cut anywhere: bytes
 are only moved), so every connection carries the same load; a worker that runs out of spans takes
 over half of what is left of the slowest one, so the last requests end together even where the
 connections' speeds differ. Each span is read by one ranged GET per contiguous run
@@ -24,7 +24,7 @@ from convert.io.storage import S3_STREAM_BYTES, Storage
 from convert.plan.base import Piece
 
 STREAM_CHUNK = 4 << 20  # bytes a worker holds: a streamed request's body passes through this buffer
-STREAM_ROUNDS = 2  # a rank's source bytes are cut into about workers x this many spans ...
+STREAM_ROUNDS = 1  # a rank's source bytes are cut into about workers x this many spans ...
 STREAM_MIN_BYTES = 1 << 20  # ... of at least this many bytes where there are enough
 CUT_ALIGN = 64 << 10  # cuts between spans fall on multiples of this source offset where a segment allows
 STREAM_SCRATCH = 0  # thread_scratch slot of the chunk (a thread streams or computes, never both at once)

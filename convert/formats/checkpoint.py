@@ -6,13 +6,13 @@ Only headers are read (ranged reads); no tensor data is touched here.
 from __future__ import annotations
 
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from convert.errors import ConversionError, StorageError
 from convert.formats.safetensors import FileHeader, TensorInfo, read_header
-from convert.io.storage import Storage
+from convert.io.storage import S3_POOL, Storage
 
 INDEX_NAME = "model.safetensors.index.json"
 # Weights in other formats would be copied in the old layout next to the converted ones: leave them out.
@@ -98,6 +98,15 @@ def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob:
     background = ThreadPoolExecutor(max_workers=1)  # config.json beside the index and headers (one round trip less)
     config_read = background.submit(storage.read_json, "config.json") if "config.json" in files else None
     background.shutdown(wait=False)
+    # An object store's headers are read at once, beside the index: every listed shard's (a round trip less;
+    # a file the index does not name is never looked at, whatever its read gave). Local headers are parsed
+    # one at a time (the parse holds the GIL anyway), so at most one file's parse tree is held at once.
+    listed = [f for f in files if f.endswith(weight_glob)]
+    early: dict[str, Future[FileHeader]] = {}
+    if not storage.is_local and listed:
+        pool = ThreadPoolExecutor(max_workers=min(S3_POOL, len(listed)))
+        early = {n: pool.submit(read_header, storage, n) for n in listed}
+        pool.shutdown(wait=False)
     weight_map: dict[str, str] | None = None
     metadata: dict[str, str] = {}
     if index_file:
@@ -107,14 +116,10 @@ def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob:
             if name not in files:
                 raise ConversionError(f"{storage.display(index_file)}: names shard {name!r}, which does not exist")
     else:
-        shard_names = [f for f in files if f.endswith(weight_glob)]
+        shard_names = listed
     if not shard_names:
         raise ConversionError(f"{storage.display()}: no *{weight_glob} files found")
-
-    # Parallel reads hide an object store's latency; local headers are parsed one at a time (the parse
-    # holds the GIL anyway), so at most one file's parse tree is held at once.
-    with ThreadPoolExecutor(max_workers=min(16 if not storage.is_local else 1, len(shard_names))) as pool:
-        headers = dict(zip(shard_names, pool.map(lambda n: read_header(storage, n), shard_names)))
+    headers = {n: early[n].result() if n in early else read_header(storage, n) for n in shard_names}
 
     tensors: dict[str, TensorRef] = {}
     first_file: dict[str, str] = {}
