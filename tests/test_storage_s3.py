@@ -227,3 +227,47 @@ def test_a_plans_pins_come_from_its_own_listing_and_still_find_a_change(s3, s3en
         f"s3://{BUCKET}/planned/tokenizer.json"]
     fresh = Storage(f"s3://{BUCKET}/planned")  # no listing of its own: pins are asked for
     assert fresh.pins(NAMES, listed=True)["tokenizer.json"] != pins["tokenizer.json"]
+
+
+def test_headers_are_read_beside_the_index_and_a_shard_it_does_not_name_is_never_judged(s3, s3env, tmp_path):
+    """An S3 source's listed shards have their headers read at once, beside the index (the index no longer goes
+    first); a listed file the index does not name (here: not a safetensors file at all) changes nothing."""
+    import json
+    import threading
+    import time
+
+    import torch
+    from safetensors.torch import save_file
+
+    from convert.formats.checkpoint import open_checkpoint
+
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.ones(3)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                            "b": "model-00002-of-00002.safetensors"}}
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        s3env.put(str(tmp_path / name), f"{BUCKET}/early/{name}")
+    s3env.pipe(f"{BUCKET}/early/model.safetensors.index.json", json.dumps(index).encode())
+    s3env.pipe(f"{BUCKET}/early/config.json", b'{"model_type": "x"}')
+    s3env.pipe(f"{BUCKET}/early/consolidated.safetensors", b"\xff" * 64)  # garbage no index names
+    spans: dict[str, tuple[float, float]] = {}
+    lock = threading.Lock()
+
+    def note(method: str, path: str) -> bool:
+        name = path.split("?")[0].rsplit("/", 1)[-1]
+        with lock:
+            spans.setdefault(name, (time.monotonic(), 0.0))
+        if name == "model.safetensors.index.json":
+            time.sleep(0.6)  # a slow index: headers that waited for it would be asked for 0.6 s later
+        return False
+    proxy = FlakyProxy(s3.port, every=0, deny=note)
+    try:
+        ckpt = open_checkpoint(Storage(f"s3://{BUCKET}/early", {"endpoint_url": proxy.url}))
+    finally:
+        proxy.stop()
+    assert sorted(ckpt.tensors) == ["a", "b"] and sorted(ckpt.headers) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert "consolidated.safetensors" in spans, "every listed shard's header is asked for"
+    # every header request was sent before the (slow) index's answer could have named its shard
+    index_sent = spans["model.safetensors.index.json"][0]
+    assert all(spans[n][0] - index_sent < 0.4 for n in ckpt.headers), spans
