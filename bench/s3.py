@@ -207,8 +207,23 @@ class Runner:
             shutil.rmtree(stage)
         else:
             legs.append(self.aws([src, dst], n, chunk))
+            if not dst.startswith("s3://"):  # durable, as the tool's shards are (it fsyncs them) and cp -r + sync
+                legs.append(fsync_tree(Path(dst)))
         sim = self.sim.stats()
         return Row(case, "peer", n, 1, n, nbytes, {}, sum(legs), sum(legs), sim, legs, chunk, cpu=dict(self.cpu))
+
+
+def fsync_tree(root: Path) -> float:
+    """fsync every file below `root`; returns the seconds it took."""
+    t0 = time.perf_counter()
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    return time.perf_counter() - t0
 
 
 def part_size(nbytes: int, ranks: int, workers: int, env: dict[str, str]) -> int:
@@ -351,7 +366,8 @@ def run_case(s: Settings, r: Runner, src_data: Sources, case: str, n: int, envs:
         shutil.rmtree(r.work / "peer", ignore_errors=True)
         rows.append(row)
         log(f"  {case} peer N={n}: {row.gbps:.3f} GB/s ({row.wall:.1f} s"
-            + (f" = {row.legs[0]:.1f} down + {row.legs[1]:.1f} up" if len(row.legs) > 1 else "")
+            + (f" = {row.legs[0]:.1f} + {row.legs[1]:.1f} " + ("up" if dst_kind == "s3" else "fsync")
+               if len(row.legs) > 1 else "")
             + f"); 503s {row.sim['slowdowns']}, retried {row.sim['retried']}, "
             f"in flight <= {row.sim['max_active_requests']}; cpu {row.cpu}")
 
@@ -425,6 +441,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 line["peer_gbps"] = _best(p, "gbps")
                 line["vs_peer"] = line["wall_gbps"] / line["peer_gbps"]
                 line["vs_peer_data"] = line["gbps"] / line["peer_gbps"]
+                if all(len(x["legs"]) == 2 for x in p) and not case.endswith("s3-s3"):  # S3 -> local: aws, fsync
+                    line["vs_peer_unsynced"] = line["wall_gbps"] / max(x["nbytes"] / x["legs"][0] / 1e9 for x in p)
                 line["peer_slowdowns"] = max(x["sim"]["slowdowns"] for x in p)
                 line["peer_in_flight"] = max(x["sim"]["max_active_requests"] for x in p)
                 if one_peer:
@@ -459,8 +477,9 @@ def report(results: dict[str, Any], out: Path) -> None:
         + f". Machine: {env['cpus']} CPUs, load average {env['load_avg'][0]:.1f} at the end.", "",
         "GB/s = output shard bytes / seconds. `data`: the tool's data phase (slowest rank, from --stats); `wall`: "
         "the whole command (start-up, plan and commit included). The peer (`aws s3 cp --recursive`, "
-        "max_concurrent_requests = N, multipart_chunksize = the tool's part size; s3-s3: download, then upload) "
-        "is timed wall. scaling = GB/s at N / (N x GB/s at 1). vs peer: tool / peer, wall / wall and data / wall. "
+        "max_concurrent_requests = N, multipart_chunksize = the tool's part size; s3-s3: download, then upload; "
+        "to local disk: then every file fsynced, as the tool fsyncs its shards) is timed wall; `vs peer unsynced`: "
+        "against the peer's aws command alone. scaling = GB/s at N / (N x GB/s at 1). vs peer: tool / peer, wall / wall and data / wall. "
         "503s: SlowDown answers (retried: the same request seen again after one). in flight: the most requests "
         "the endpoint had open at once (tool / peer; the tool's count includes its plan phase, which reads shard "
         "headers in parallel). part: the tool's largest multipart part. RSS/rank: the tool's largest rank.", "",
@@ -468,8 +487,8 @@ def report(results: dict[str, Any], out: Path) -> None:
     for name, rows in results["summary"].items():
         lines += [f"## {name}", "",
                   "| N | MB | ranks x workers | part MiB | data GB/s | scaling | wall GB/s | wall scaling | peer GB/s "
-                  "| peer scaling | vs peer wall / data | 503s (retried) | in flight | RSS/rank MB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| peer scaling | vs peer wall / data | vs peer unsynced | 503s (retried) | in flight | RSS/rank MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for x in rows:
             def f(key: str, fmt: str = "{:.3f}") -> str:
                 return fmt.format(x[key]) if key in x else "-"
@@ -477,6 +496,7 @@ def report(results: dict[str, Any], out: Path) -> None:
                          f"| {x['part'] / (1 << 20):.0f} | {f('gbps')} | {f('scaling', '{:.2f}')} "
                          f"| {f('wall_gbps')} | {f('wall_scaling', '{:.2f}')} | {f('peer_gbps')} "
                          f"| {f('peer_scaling', '{:.2f}')} | {f('vs_peer', '{:.2f}')} / {f('vs_peer_data', '{:.2f}')} "
+                         f"| {f('vs_peer_unsynced', '{:.2f}')} "
                          f"| {x['slowdowns']} ({x['retried']}) | {x['in_flight']} / {x.get('peer_in_flight', '-')} "
                          f"| {x['peak_rss'] / 1e6:.0f} |")
         lines.append("")
