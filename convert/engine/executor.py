@@ -88,8 +88,7 @@ class Executor:
         return runs
 
     def _run_piece(self, piece: Piece, fetched: Fetched | None = None) -> int:
-        same_dtype = all(r.dtype == w.dtype for r in piece.reads for w in piece.writes)
-        if piece.regroup is None and same_dtype:
+        if is_byte_copy(piece):
             if self.src.is_local and self.dst.is_local:
                 for r, roff, w, woff, n in _segments(piece.reads, piece.writes):
                     file, pos = self._dst_pos(w)
@@ -236,7 +235,7 @@ class Prefetcher:
 
 def warm_up(pieces: Sequence[Piece]) -> None:
     """Import torch now if any of `pieces` computes (regroup or cast), so the import is not paid mid-stream."""
-    if any(p.regroup is not None or any(r.dtype != w.dtype for r in p.reads for w in p.writes) for p in pieces):
+    if not all(is_byte_copy(p) for p in pieces):
         torch_dtypes()
 
 

@@ -547,7 +547,7 @@ def _commit(dst: Storage, sink: Any, job: SinkJob, setup: JobSetup, results: lis
         state = pool.submit(state_listing, dst) if not dst.is_local else None
         for name, data in setup.final_files.items():
             dst.write_bytes(name, data)
-        clear_state(dst, state.result() if state is not None else True)
+        clear_state(dst, state.result() if state else None)
 
 
 def _skipped_line(skipped: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from convert.errors import ConversionError
-from convert.engine.executor import Executor, _segments, piece_outputs
+from convert.engine.executor import Executor, _segments, is_byte_copy, piece_outputs
 from convert.io.memory import pin_mmap_threshold
 from convert.plan.base import Piece
 from convert.io.storage import S3_GET_BYTES, Storage, merge_ranges
@@ -98,28 +98,25 @@ def read_state(dst: Storage) -> dict[str, Any] | None:
         return None
 
 
-def state_listing(dst: Storage) -> tuple[list[str], list[str]] | None:
-    """(files, subdirectories) of `dst`'s state directory on an object store (None where there is none);
-    for clear_state, which can then remove them without a listing of its own."""
+def state_listing(dst: Storage) -> tuple[list[str], list[str]]:
+    """(files, subdirectories) of `dst`'s state directory (both empty where there is none); for clear_state,
+    which can then remove them from an object store without a listing of its own."""
     try:
         return dst.list_dir(STATE_DIR)
     except OSError:
         if not dst.exists(STATE_DIR):
-            return None
+            return [], []
         raise
 
 
-def clear_state(dst: Storage, listed: tuple[list[str], list[str]] | None | bool = True) -> None:
+def clear_state(dst: Storage, listed: tuple[list[str], list[str]] | None = None) -> None:
     """Remove an unfinished job's state (state file, journals) from `dst`, keeping the output record.
 
-    On an object store, `listed` may be state_listing()'s answer taken before (True: list now).
+    On an object store, `listed` may be state_listing()'s answer taken before (None: list now).
     """
     keep = OUTPUT_RECORD.rsplit("/", 1)[1]
     if not dst.is_local:  # one listing, one batched delete (a chain of HEADs and DELETEs costs latency each)
-        found = state_listing(dst) if listed is True else listed
-        if not found:
-            return
-        files, dirs = found
+        files, dirs = listed if listed is not None else state_listing(dst)
         state = STATE_FILE.rsplit("/", 1)[1]
         dst.remove_many([f"{STATE_DIR}/{n}" for n in files if n not in (keep, state)])
         for name in dirs:
@@ -366,7 +363,7 @@ class MultipartSink:
             copies: list[tuple[str, int, int, int]] = []
             for i in part.pieces:
                 piece = job.pieces[i]
-                if piece.regroup is None and all(r.dtype == w.dtype for r in piece.reads for w in piece.writes):
+                if is_byte_copy(piece):
                     for r, roff, w, woff, n in _segments(piece.reads, piece.writes):
                         file, slot = slot_of[w.tensor]
                         if file != part.file:  # a piece may also write into other files

@@ -300,14 +300,11 @@ class Storage:
         found: dict[str, dict[str, Any]] = {}
         if self.is_s3:
             for parent in sorted({posixpath.dirname(n) for n in names}):
-                self.fs.invalidate_cache(self.path(parent))
                 try:
-                    entries = self._retry("list", parent, lambda: self.fs.ls(self.path(parent), detail=True))
+                    files, _ = self.list_dir(parent)  # records each file's pin (self._listed)
                 except OSError:
                     continue  # each file's own pin() below names the problem
-                for e in entries:
-                    if e.get("type") != "directory":
-                        found[posixpath.join(parent, posixpath.basename(e["name"].rstrip("/")))] = _pin_of(e)
+                found.update({n: self._listed[n] for n in (posixpath.join(parent, f) for f in files)})
         rest = [n for n in names if n not in found or set((like or {}).get(n, {})) - set(found[n])]
         if rest:
             with ThreadPoolExecutor(max_workers=max(1, min(workers, len(rest)))) as pool:
