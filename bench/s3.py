@@ -76,7 +76,7 @@ SMALL = Settings()
 LARGE = Settings(layers=4, workers=(4, 16))  # for a many-core machine: 1.5 GB, up to 16 workers per rank
 TINY = Settings(preset="tiny", experts=None, layers=2, vocab=128, src_shard=100_000, max_shard="200KB",
                 conns=(1, 2), workers=(2,), cases=("fuse:s3-s3", "fuse:s3-local"), conn_mbps=20.0,
-                latency_ms=(5.0, 10.0), slowdown_rps=10.0, timeout=120.0)
+                latency_ms=(5.0, 10.0), slowdown_rps=5.0, timeout=120.0)
 PRESETS = {"small": SMALL, "large": LARGE, "tiny": TINY}
 
 

@@ -98,9 +98,26 @@ def trace_once(sim: S3Sim, a: argparse.Namespace, case: str, nproc: int, workers
             "log": [dict(e, t0=e["m0"] - launched, t1=e.get("m1", e["m0"]) - launched, kind=kind(e)) for e in log]}
 
 
+def range_bytes(entry: dict[str, Any]) -> int:
+    """Bytes a ranged GET asked for (its `Range: bytes=a-b` header), 0 for any other request."""
+    spec = (entry.get("range") or "").partition("=")[2]
+    lo, _, hi = spec.partition("-")
+    return int(hi) - int(lo) + 1 if lo.isdigit() and hi.isdigit() else 0
+
+
+def get_sizes(result: dict[str, Any]) -> str:
+    """The ranged GETs of a traced run: how many, and their mean and median size in MB."""
+    sizes = sorted(n for e in result["log"] if (n := range_bytes(e)))
+    if not sizes:
+        return "no ranged GETs"
+    return (f"{len(sizes)} ranged GETs, mean {sum(sizes) / len(sizes) / 1e6:.1f} MB, "
+            f"median {sizes[len(sizes) // 2] / 1e6:.1f} MB")
+
+
 def table(result: dict[str, Any]) -> str:
     """The phases of one traced run as a Markdown table."""
-    lines = [f"{result['case']} {result['layout']}: wall {result['wall']:.2f} s, data phase {result['data']:.2f} s, {result['requests']} requests", "",
+    lines = [f"{result['case']} {result['layout']}: wall {result['wall']:.2f} s, data phase {result['data']:.2f} s, "
+             f"{result['requests']} requests; {get_sizes(result)}", "",
              "| phase | s | requests | request-s | kinds |", "|---|---|---|---|---|"]
     for name, p in result["phases"].items():
         kinds = ", ".join(f"{k} {n}" for k, n in p["kinds"].items())

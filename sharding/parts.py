@@ -3,7 +3,9 @@
 Object stores assemble a file from parts of at least `min_part` bytes (except the
 last). Each part is produced whole by one rank: cuts are placed where the owning
 rank changes (so an EP slice of a fused tensor stays one rank's part) once a part
-is at least `min_part`, and a part never exceeds `max_part`. A part goes to the rank
+is at least `min_part`, and a part never exceeds `max_part`: a part that must end before
+then ends where a piece starts, so that it holds whole pieces (whole experts of a fused
+tensor: its source bytes are a few long runs, not tails of tensors). A part goes to the rank
 that owns most of its bytes; pieces that straddle a cut are run by both owners,
 each keeping its own bytes.
 """
@@ -107,16 +109,21 @@ def plan_parts(
 
 
 def _cuts(spans: list[tuple[int, int, int, int]], size: int, min_part: int, max_part: int) -> list[int]:
-    """Part boundaries: at rank changes once a part has min_part bytes; never more than max_part apart."""
+    """Part boundaries: at rank changes once a part has min_part bytes; never more than max_part apart, and where
+    a part must end, at the last piece's start that leaves it min_part bytes (within a piece only where none does)."""
     cuts = [0]
     prev_rank = spans[0][2]
+    edge = 0  # the last piece start at least min_part past the last cut: where a part may end
     for start, _, rank, _ in spans[1:]:
         while start - cuts[-1] > max_part:
-            cuts.append(cuts[-1] + max_part)
-        if rank != prev_rank and start - cuts[-1] >= min_part and size - start >= min_part:
-            cuts.append(start)
+            cuts.append(edge if edge > cuts[-1] else cuts[-1] + max_part)
+        if start - cuts[-1] >= min_part and size - start >= min_part:
+            if rank != prev_rank:
+                cuts.append(start)
+            else:
+                edge = start
         prev_rank = rank
     while size - cuts[-1] > max_part:
-        cuts.append(cuts[-1] + max_part)
+        cuts.append(edge if edge > cuts[-1] else cuts[-1] + max_part)
     cuts.append(size)
     return cuts

@@ -44,3 +44,13 @@ def test_bench_s3_tiny_preset_end_to_end(tmp_path):
     for case in cases:
         assert f"## {case} max 2 workers/rank" in report
     assert "| 2 |" in report and "503 SlowDown above" in report
+
+
+def test_s3trace_sums_up_ranged_gets_from_the_endpoint_log():
+    from bench.s3trace import get_sizes, range_bytes
+
+    assert range_bytes({"range": "bytes=10-19"}) == 10
+    assert range_bytes({"range": None}) == range_bytes({}) == range_bytes({"range": "bytes=5-"}) == 0
+    log = [{"range": "bytes=0-999999"}, {"range": "bytes=0-2999999"}, {"range": "bytes=0-4999999"}, {"method": "PUT"}]
+    assert get_sizes({"log": log}) == "3 ranged GETs, mean 3.0 MB, median 3.0 MB"
+    assert get_sizes({"log": log[3:]}) == "no ranged GETs"

@@ -217,3 +217,32 @@ def test_s3_to_local_streams_few_long_requests_and_resumes_broken_bodies(s3, s3e
     shards = len([p for p in source.iterdir() if p.suffix == ".safetensors"])
     # a span per worker, + 1 where a span crosses into the next shard, + 1 per broken body, + a few taken over
     assert data_gets[0] <= 2 + (shards - 1) + proxy.cut_bodies + 4, (data_gets[0], proxy.ranges)
+
+
+def test_s3_to_s3_reads_touching_source_bytes_by_one_request_and_resumes_broken_bodies(s3, s3env, source,
+                                                                                        local_reference, monkeypatch):
+    """S3 -> S3 (convert.engine.part_fill): parts whose source bytes touch are filled together, one streamed ranged
+    GET per run of touching source bytes (not one per tensor and part), and a body broken off mid-stream is asked
+    again from where it broke; the output is the local conversion's, byte for byte."""
+    s3env.put(str(source), f"{BUCKET}/group-src", recursive=True)
+    data_gets = [0]
+
+    def cut(method: str, path: str, rng: str | None) -> bool:
+        if method != "GET" or not rng or rng.startswith("bytes=0-"):  # not a shard header's read
+            return False
+        data_gets[0] += 1
+        return data_gets[0] % 3 == 1
+    proxy = FlakyProxy(s3.port, every=0, cut=cut)
+    monkeypatch.setenv("MOE_CONVERT_MAX_PART", str(5 << 20))  # parts of S3's least size: several per source shard
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        run_tool("convert.fuse_experts", "--src", f"s3://{BUCKET}/group-src", "--dst", f"s3://{BUCKET}/group-out",
+                 "--workers", "3")
+    finally:
+        proxy.stop()
+    assert _files_of(s3env, f"{BUCKET}/group-out") == _local_files(local_reference[0])
+    assert proxy.cut_bodies >= 1
+    shards = [p.stat().st_size for p in source.iterdir() if p.suffix == ".safetensors"]
+    # a run per part's size of source bytes, + 2 per source shard (its end; a group's), + 1 per broken body;
+    # read part by part, it was one request per expert tensor and part (14 here)
+    assert data_gets[0] - proxy.cut_bodies <= sum(shards) // (5 << 20) + 2 * len(shards), (data_gets[0], proxy.ranges)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bench.synthetic import checkpoint_specs, write_synthetic
 from convert.formats.checkpoint import open_checkpoint
@@ -12,7 +14,7 @@ from convert.io.storage import Storage
 from sharding.ep import assign_pieces, expert_slices
 from sharding.file_layout import parse_size
 from convert.formats.shard_layout import layout_files
-from sharding.parts import plan_parts
+from sharding.parts import _cuts, plan_parts
 
 
 @pytest.mark.parametrize("E, ep", [(128, 8), (5, 2), (5, 3), (3, 5), (7, 7), (128, 16)])
@@ -114,3 +116,25 @@ def test_group_pieces_keeps_order_and_bounds_group_reads(plan):
     assert [i for g in groups for i in g] == list(range(len(plan.pieces)))
     for g in groups:
         assert len(g) == 1 or sum(plan.pieces[i].read_bytes for i in g) <= 1 << 20
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 9000), st.integers(0, 2)), min_size=1, max_size=60), st.integers(0, 500),
+       st.integers(1000, 5000), st.integers(1, 4))
+def test_cuts_hold_whole_pieces_where_the_sizes_allow(pieces, header, min_part, span):
+    """Parts tile the file, every part but the last holds min_part..max_part bytes, and a part ends inside a piece
+    only where no piece starts in the window a part may end in."""
+    max_part = min_part * span + 10
+    spans, at = [(0, header, 0, -1)], header
+    for i, (n, rank) in enumerate(pieces):
+        spans.append((at, at + n, rank, i))
+        at += n
+    cuts = _cuts(spans, at, min_part, max_part)
+    assert cuts[0] == 0 and cuts[-1] == at and cuts == sorted(set(cuts))
+    assert all(min_part <= b - a <= max_part for a, b in zip(cuts[:-2], cuts[1:-1]))
+    assert cuts[-1] - cuts[-2] <= max_part
+    starts = {s[0] for s in spans[1:]}
+    for a, b in zip(cuts, cuts[1:-1]):
+        if b not in starts:
+            window = [s for s in starts if a + min_part <= s <= a + max_part and at - s >= min_part]
+            assert not window, (a, b, window)

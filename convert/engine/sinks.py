@@ -21,14 +21,16 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from convert.errors import ConversionError
-from convert.engine.executor import Executor, _segments, is_byte_copy, piece_outputs
-from convert.io.memory import pin_mmap_threshold
+from convert.engine.executor import Executor
+from convert.engine.part_fill import Copy, fill_computed, group_parts, new_buffers, part_copies, read_run, read_runs
+from convert.io.memory import ByteBudget, pin_mmap_threshold
 from convert.plan.base import Piece
-from convert.io.storage import S3_GET_BYTES, Storage, merge_ranges
+from convert.io.storage import Storage
 from convert.formats.shard_layout import OutputFile
 from sharding.parts import MIN_PART, Part, choose_max_part, plan_parts
 
@@ -38,11 +40,13 @@ OUTPUT_RECORD = f"{STATE_DIR}/output.json"  # what a finished job wrote (convert
 INCOMPLETE = ".incomplete"
 # Parts a rank builds and uploads at once: min(--workers, this). Each holds one part in memory.
 UPLOAD_THREADS = int(os.environ.get("MOE_CONVERT_UPLOAD_THREADS", 64))
-# Parts a rank reads ahead of its uploads, beyond one per upload thread (each held in memory); default:
-# one per upload thread, so that every worker reads its next part while it uploads one (at most one
-# request each way per worker; measured with bench.s3 --dilate 16 at 1 x 4: data phase 41 -> 33 s
-# against 1 part ahead). 1: at most workers + 1 requests in flight.
-PARTS_AHEAD = int(os.environ.get("MOE_CONVERT_PARTS_AHEAD", 0))
+# Parts whose source bytes touch are filled together (convert.engine.part_fill), up to this many parts'
+# bytes per group: a per-expert source's projections of one expert then come by one request, not one
+# per projection and part (bench.s3, S3 -> S3).
+GROUP_PARTS = int(os.environ.get("MOE_CONVERT_GROUP_PARTS", 3))
+# Part bytes a rank holds at most, per upload thread and in parts (being filled, waiting or uploading), so
+# that every worker reads while it uploads: sharding.parts.PART_MEMORY sizes parts to it.
+HELD_PARTS = int(os.environ.get("MOE_CONVERT_HELD_PARTS", 3))
 
 
 @dataclass
@@ -343,87 +347,91 @@ class MultipartSink:
         return [job.pieces[i] for i in idx]
 
     def run(self, job: SinkJob, rank: int, on_done: Callable[[int], None]) -> dict[str, dict[int, str]]:
-        """Build and upload this rank's unfinished parts; returns {file: {part number: ETag}}."""
+        """Build and upload this rank's unfinished parts; returns {file: {part number: ETag}}.
+
+        Parts whose source bytes touch are grouped (convert.engine.part_fill). A group's buffers are taken out
+        of the rank's budget (held_bytes) and filled by tasks that the reading threads share: one per run of
+        touching source bytes (at most a part's size: one request each) and one for the pieces it computes.
+        A part uploads as soon as its last task ends, while the readers go on.
+        """
         pin_mmap_threshold()  # part buffers go back to the OS when freed (convert.memory)
-        files = {f.name: f for f in job.files}
+        parts = self._my_parts(job, rank)
+        sizes = [p.end - p.start for p in parts]
+        headers = {f.name: f.header for f in job.files}
         slot_of = {name: (f.name, slot) for f in job.files for name, slot in f.slots.items()}
         uploads = job.resume["uploads"]
+        copies, computed = part_copies(parts, job.pieces, slot_of)
+        size = self.part_size(job)
+        copies_of: dict[int, list[Copy]] = {}
+        for c in copies:
+            copies_of.setdefault(c.part, []).append(c)
         out: dict[str, dict[int, str]] = {}
         lock = threading.Lock()
+        held = ByteBudget(self.held_bytes(job))
+        left: dict[int, int] = {}  # part -> its fill tasks not ended yet
+        bufs: dict[int, bytearray] = {}  # parts being filled
+        uploaded: list[Future[None]] = []
 
-        def fill(part: Part) -> bytearray:
-            """The bytes of `part`, read (and converted) from the source."""
-            buf = bytearray(part.end - part.start)
-            header = files[part.file].header
-            if part.start < len(header):
-                chunk = header[part.start : min(part.end, len(header))]
-                buf[: len(chunk)] = chunk
-            # Byte copies: read only the source bytes that land in this part (a piece may straddle
-            # parts), adjacent ones by one ranged GET; (file, source start, source end, offset in buf).
-            copies: list[tuple[str, int, int, int]] = []
-            for i in part.pieces:
-                piece = job.pieces[i]
-                if is_byte_copy(piece):
-                    for r, roff, w, woff, n in _segments(piece.reads, piece.writes):
-                        file, slot = slot_of[w.tensor]
-                        if file != part.file:  # a piece may also write into other files
-                            continue
-                        lo = slot.start + w.start + woff
-                        a, b = max(lo, part.start), min(lo + n, part.end)
-                        if a < b:
-                            src_at = r.start + roff + a - lo
-                            copies.append((r.file, src_at, src_at + b - a, a - part.start))
-                    continue
-                for w, data in zip(piece.writes, piece_outputs(self.src, piece)):
-                    file, slot = slot_of[w.tensor]
-                    if file != part.file:
-                        continue
-                    lo, hi = slot.start + w.start, slot.start + w.end
-                    a, b = max(lo, part.start), min(hi, part.end)
-                    if a < b:
-                        buf[a - part.start : b - part.start] = memoryview(data)[a - lo : b - lo]
-            view = memoryview(buf)
-            if self.src.is_local:  # straight into the part, no request to save
-                for f, a, b, at in copies:
-                    self.src.read_into(f, a, view[at : at + b - a])
-            for rel, start, end in [] if self.src.is_local else merge_ranges([c[:3] for c in copies], S3_GET_BYTES):
-                data = memoryview(self.src.read_range(rel, start, end))
-                for f, a, b, at in copies:
-                    if f == rel and start <= a and b <= end:
-                        view[at : at + b - a] = data[a - start : b - start]
-            return buf
-
-        # A part's source bytes are read while the part before it uploads (each waits out the store's
-        # latency and the connection's bandwidth: one after the other, a worker would only ever do
-        # one); at most threads + PARTS_AHEAD (default: 2 x threads) parts are held, being read,
-        # waiting or uploading.
-        threads = self.threads(job)
-        held = threading.Semaphore(threads + (max(1, PARTS_AHEAD) if PARTS_AHEAD else threads))
-        failed = threading.Event()
-
-        def upload(part: Part, filled: Future[bytearray]) -> None:
+        def upload(k: int, data: bytearray) -> None:
+            part = parts[k]
             try:
-                etag = self.dst.mpu_upload_part(part.file, uploads[part.file], part.number, filled.result())
+                etag = self.dst.mpu_upload_part(part.file, uploads[part.file], part.number, data)
                 with lock:
                     out.setdefault(part.file, {})[part.number] = etag
-                on_done(part.end - part.start)
+                on_done(sizes[k])
             except BaseException:
-                failed.set()
+                held.close()
                 raise
             finally:
-                held.release()
+                held.release(sizes[k])
 
-        futures: list[Future[None]] = []
-        with ThreadPoolExecutor(max_workers=threads) as readers, ThreadPoolExecutor(max_workers=threads) as writers:
-            for part in self._my_parts(job, rank):
-                held.acquire()
-                if failed.is_set():
-                    held.release()
+        def ended(touched: Collection[int]) -> None:
+            """One task less for the parts `touched`; those with none left are uploaded. Call under the lock."""
+            for k in touched:
+                left[k] -= 1
+                if not left[k]:
+                    uploaded.append(writers.submit(upload, k, bufs.pop(k)))
+
+        def task(fill: Callable[[], None], touched: Collection[int]) -> None:
+            try:
+                fill()
+            except BaseException:
+                held.close()
+                raise
+            with lock:
+                ended(touched)
+
+        tasks: list[Future[None]] = []
+        threads = self.threads(job)
+        # readers end (and submit their last uploads) before the writers' pool closes
+        with ThreadPoolExecutor(max_workers=threads) as writers, ThreadPoolExecutor(max_workers=threads) as readers:
+            # a group's parts end together and upload at once: at most one per upload thread
+            for group in group_parts(sizes, copies, min(GROUP_PARTS, threads) * size):
+                if not held.acquire(sum(sizes[k] for k in group)):
                     break
-                futures.append(writers.submit(upload, part, readers.submit(fill, part)))
-        for fut in futures:
-            fut.result()
+                into = new_buffers(parts, group, headers)
+                work: list[tuple[Callable[[], None], set[int]]] = [
+                    (partial(read_run, self.src, run, into), {c.part for c in run})
+                    for run in read_runs([c for k in group for c in copies_of.get(k, ())], size)
+                ]
+                todo = [i for k in group for i in computed[k]]
+                if todo:
+                    work.append((partial(fill_computed, self.src, parts, into, todo, job.pieces, slot_of), set(group)))
+                with lock:
+                    bufs.update(into)
+                    for k in group:
+                        left[k] = 1 + sum(k in touched for _, touched in work)
+                    ended(group)  # the 1 above: a part without tasks goes at once
+                tasks += [readers.submit(task, fill, touched) for fill, touched in work]
+            for t in tasks:
+                t.result()
+            for u in list(uploaded):
+                u.result()
         return out
+
+    def held_bytes(self, job: SinkJob) -> int:
+        """Part bytes one rank holds at most: HELD_PARTS parts per upload thread (at least a group's)."""
+        return self.threads(job) * max(GROUP_PARTS, HELD_PARTS) * self.part_size(job)
 
     def commit(self, job: SinkJob, results: Sequence[dict[str, dict[int, str]]]) -> None:
         """Rank 0: complete every upload from the parts of this run and of earlier runs."""

@@ -44,3 +44,34 @@ def thread_scratch(nbytes: int, slot: int) -> memoryview:
     if buf is None or len(buf) < nbytes:
         bufs[slot] = buf = bytearray(nbytes)
     return memoryview(buf)[:nbytes]
+
+
+class ByteBudget:
+    """At most `limit` bytes held at once among threads: acquire(n) waits until n more fit (or nothing is
+    held: a single request larger than the limit goes alone), release(n) gives them back; after close(),
+    acquire no longer waits (a failed job's holders may never release)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used, self.closed = limit, 0, False
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int) -> bool:
+        """Wait until `n` more bytes fit, then count them held; False (nothing counted) once closed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.closed or self.used == 0 or self.used + n <= self.limit)
+            if self.closed:
+                return False
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        """Count `n` bytes no longer held."""
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop every wait, now and later."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
