@@ -22,6 +22,10 @@ class ConversionError(Exception):
     """Bad input or an impossible request; the message names the file/tensor and what was expected."""
 
 
+class SourceChanged(ConversionError):
+    """A read made on condition that a source file is still as pinned (S3: If-Match its ETag) found it rewritten."""
+
+
 class StorageError(OSError):
     """An I/O or object-store operation failed: `cannot <op> <target>: <reason>`.
 

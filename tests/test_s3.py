@@ -246,3 +246,61 @@ def test_s3_to_s3_reads_touching_source_bytes_by_one_request_and_resumes_broken_
     # a run per part's size of source bytes, + 2 per source shard (its end; a group's), + 1 per broken body;
     # read part by part, it was one request per expert tensor and part (14 here)
     assert data_gets[0] - proxy.cut_bodies <= sum(shards) // (5 << 20) + 2 * len(shards), (data_gets[0], proxy.ranges)
+
+
+@pytest.mark.parametrize("dst_kind", ["local", "s3"])
+def test_a_source_rewritten_during_the_conversion_fails_the_read_that_meets_it(s3, s3env, source, tmp_path,
+                                                                              monkeypatch, dst_kind):
+    """Every read of an S3 source is conditional on the ETag its plan pinned (If-Match): a shard rewritten after the
+    plan (same size, new bytes) fails the first read of it, naming the file, and nothing is committed (no check
+    of the source after the data is needed: no byte of another version was used)."""
+    s3env.put(str(source), f"{BUCKET}/moving-src-{dst_kind}", recursive=True)
+    shard = sorted(p for p in s3env.ls(f"{BUCKET}/moving-src-{dst_kind}", detail=False) if p.endswith(".safetensors"))[0]
+    rewritten: list[str] = []
+
+    def rewrite(method: str, path: str, rng: str | None) -> bool:
+        if method == "GET" and rng and not rng.startswith("bytes=0-") and shard in path and not rewritten:
+            data = bytearray(s3env.cat_file(shard))
+            data[-64:] = bytes(b ^ 0x5A for b in data[-64:])
+            s3env.pipe_file(shard, bytes(data))  # to the endpoint itself, before this request goes on to it
+            rewritten.append(path)
+        return False
+    proxy = FlakyProxy(s3.port, every=0, cut=rewrite)
+    dst = str(tmp_path / "out") if dst_kind == "local" else f"s3://{BUCKET}/moving-out"
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        proc = run_tool("convert.fuse_experts", "--src", f"s3://{BUCKET}/moving-src-{dst_kind}", "--dst", dst,
+                        check=False)
+    finally:
+        proxy.stop()
+    assert rewritten, "no data read of the shard was seen"
+    assert proc.returncode == 1, proc.stderr
+    # the read itself failed (If-Match), not a check of the source after the data
+    assert f"source file s3://{shard} changed during the conversion (its ETag is no longer" in proc.stderr, proc.stderr
+    done = (tmp_path / "out" / "model.safetensors.index.json").exists() if dst_kind == "local" else \
+        s3env.exists(f"{BUCKET}/moving-out/model.safetensors.index.json")
+    assert not done, "nothing may look complete"
+
+
+def test_a_small_file_rewritten_before_its_server_side_copy_is_not_committed(s3, s3env, source, monkeypatch):
+    """S3 -> S3 copies the source's other files by CopyObject on condition of their pinned ETag; a store that does
+    not apply the condition (moto) is caught by the copy's own ETag (a single-part object's is its bytes' MD5)."""
+    s3env.put(str(source), f"{BUCKET}/copy-src", recursive=True)
+    rewritten: list[str] = []
+
+    def rewrite(method: str, path: str, rng: str | None) -> bool:
+        if method == "PUT" and path.split("?")[0].endswith("/copy-out/config.json") and not rewritten:
+            s3env.pipe_file(f"{BUCKET}/copy-src/config.json", s3env.cat_file(f"{BUCKET}/copy-src/config.json") + b" ")
+            rewritten.append(path)
+        return False
+    proxy = FlakyProxy(s3.port, every=0, cut=rewrite)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        proc = run_tool("convert.fuse_experts", "--src", f"s3://{BUCKET}/copy-src", "--dst", f"s3://{BUCKET}/copy-out",
+                        check=False)
+    finally:
+        proxy.stop()
+    assert rewritten, "no copy of config.json was seen"
+    assert proc.returncode == 1, proc.stderr
+    assert f"source file s3://{BUCKET}/copy-src/config.json changed during the conversion" in proc.stderr, proc.stderr
+    assert not s3env.exists(f"{BUCKET}/copy-out/model.safetensors.index.json")

@@ -318,6 +318,7 @@ class RankWork:
 
     job: SinkJob  # the rank's own view of the job (Sink.for_rank): only the pieces it writes
     job_id: str
+    pins: dict[str, dict[str, Any]]  # the source files' pins: every read is conditional on them (Storage.expect)
 
 
 def _start(setup: JobSetup | str, opts: JobOptions, sink: Any, job: SinkJob | None, dst: Storage,
@@ -369,6 +370,7 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
         if isinstance(setup, JobSetup) and not opts.dry_run:
             src = Storage(opts.src, opts.storage_options)
             dst = Storage(opts.dst, opts.storage_options)
+            src.expect(setup.pins)
             sink = make_sink(src, dst)
             job = SinkJob(setup.files, setup.pieces, setup.assignment, setup.fingerprint, opts.workers,
                           state={"pins": setup.pins, "outputs": setup.outputs})
@@ -379,7 +381,8 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
         for store in (src, dst):
             store.connect()
     copies = _start_copies(src, dst, setup.copy_files) if ended is None and isinstance(setup, JobSetup) and src else []
-    part = dist.scatter((lambda r: ended if ended is not None else RankWork(sink.for_rank(job, r), setup.job_id))
+    part = dist.scatter((lambda r: ended if ended is not None else RankWork(sink.for_rank(job, r), setup.job_id,
+                                                                             setup.pins))
                         if dist.is_main else None)
     if isinstance(part, int):  # the job ended before streaming: no copy was started
         for store in (src, dst):
@@ -400,6 +403,7 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
             report["skipped_bytes"] = int(skipped.get("skipped_bytes", 0))
     else:
         sink = make_sink(src, dst)
+        src.expect(part.pins)
     assert src is not None and dst is not None
 
     mine = sink.rank_pieces(view, dist.rank)
@@ -483,7 +487,8 @@ def _finish(setup: JobSetup, opts: JobOptions, dist: Dist, report: dict[str, Any
         return False
     _pause_point()
     try:
-        check_pins(src, setup.pins, "during the conversion", COMMIT_REFUSED)
+        if not src.reads_pinned(setup.pins):  # else every read was of the pinned versions, or failed (If-Match)
+            check_pins(src, setup.pins, "during the conversion", COMMIT_REFUSED)
     except (ConversionError, OSError) as exc:
         _fail(report, _error_text(exc))
         return False

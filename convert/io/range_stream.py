@@ -3,7 +3,9 @@
 A ranged GET of tens of MB costs one first-byte latency instead of one per few MB, and its
 body is consumed as it arrives, a caller-sized piece at a time (convert.engine.executor writes
 each piece to its place in a local shard). A transient failure mid-body is resumed by a new
-ranged GET from the first byte not yet received, within the storage's retry budget.
+ranged GET from the first byte not yet received, within the storage's retry budget. Each GET is
+conditional on the file's pin where the storage has one (Storage.expect: If-Match its ETag), so the
+bytes of one read, resumed or not, and of every read of a job, are of one version of the file.
 """
 
 from __future__ import annotations
@@ -72,8 +74,11 @@ class RangeReader:
                     f"{self.storage.display(self.rel)}: expected bytes up to offset {self.end}, the object ends at "
                     f"{start + progress[0]} (truncated file?)"
                 ) from None
-            except BaseException:
+            except BaseException as exc:
                 self.close()  # the next attempt asks again from the first byte not yet here
+                changed = self.storage.source_changed(self.rel, exc)
+                if changed is not None:
+                    raise changed from None
                 raise
             finally:
                 done[0] = progress[0]
@@ -88,9 +93,11 @@ class RangeReader:
         fs = self.storage.fs
         bucket, key, version = fs.split_path(self.storage.path(self.rel))
 
+        etag = self.storage.if_match(self.rel)  # the file as pinned, or an error (Storage.expect)
+
         async def get() -> Any:
             resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{self.end - 1}",
-                                     **version_id_kw(version))
+                                     **version_id_kw(version), **({"IfMatch": etag} if etag else {}))
             return resp["Body"]
 
         return self._sync(get)

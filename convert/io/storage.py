@@ -14,7 +14,7 @@ import posixpath
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -22,7 +22,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from convert.errors import (
-    ConversionError, CredentialsError, StorageError, credentials_problem, reason_of, service_error,
+    ConversionError, CredentialsError, SourceChanged, StorageError, credentials_problem, reason_of, service_error,
 )
 
 T = TypeVar("T")
@@ -50,6 +50,12 @@ PIN_TIME_KEYS = ("LastModified", "last_modified", "mtime", "updated")
 # Object-store requests a job sends at once outside its data phase (pins, small-file copies): each
 # waits out the store's latency (20-50 ms on S3), so a chain of them in a row costs that many times it.
 PIN_WORKERS = int(os.environ.get("MOE_CONVERT_CONTROL_THREADS", 16))
+
+
+def _etag(pin: Mapping[str, Any]) -> str | None:
+    """The ETag of a pin (Storage.pin), or None."""
+    etag = pin.get("ETag") or pin.get("etag")
+    return str(etag) if etag else None
 
 
 def _pin_of(info: dict[str, Any]) -> dict[str, Any]:
@@ -223,6 +229,8 @@ class Storage:
         self._fds: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
         self._listed: dict[str, dict[str, Any]] = {}  # object stores: file -> pin, as this object's listings saw it
+        self._expect: dict[str, dict[str, Any]] = {}  # S3: file -> the pin every read of it is conditional on
+        self._unverified: set[str] = set()  # files a server-side copy took without a check of their version
 
     # -- paths -------------------------------------------------------------
     def path(self, rel: str) -> str:
@@ -311,6 +319,33 @@ class Storage:
                 found.update(zip(rest, pool.map(self.pin, rest)))
         return {n: found[n] for n in names}
 
+    def expect(self, pins: Mapping[str, Mapping[str, Any]]) -> None:
+        """Make every later read of a file of `pins` (name -> pin) conditional on its pinned ETag where the store
+        takes conditions (S3: If-Match), so that a file rewritten since fails the read that meets it
+        (SourceChanged) instead of giving bytes of another version. Reads of files this object's own listing saw
+        are conditional on the ETag it saw."""
+        if self.is_s3:
+            self._expect.update({n: dict(p) for n, p in pins.items() if _etag(p)})
+
+    def reads_pinned(self, names: Iterable[str]) -> bool:
+        """True where every read of the files `names` was conditional on their pins (expect, or this object's
+        listing): no check of the pins after the reads is needed."""
+        return self.is_s3 and all(self.if_match(n) and n not in self._unverified for n in names)
+
+    def if_match(self, rel: str) -> str | None:
+        """The ETag a read of `rel` is conditional on (expect, else this object's listing), or None."""
+        pin = self._expect.get(rel) or self._listed.get(rel)
+        return _etag(pin) if pin else None
+
+    def source_changed(self, rel: str, exc: BaseException) -> SourceChanged | None:
+        """`exc` as a SourceChanged naming `rel` where it is the store's answer that a conditional read's file
+        changed (HTTP 412), else None."""
+        answer = service_error(exc)
+        if answer is None or (answer[0] != 412 and answer[1] != "PreconditionFailed"):
+            return None
+        return SourceChanged(f"source file {self.display(rel)} changed during the conversion (its ETag is no longer "
+                             f"{self.if_match(rel)})")
+
     def list_dir(self, rel: str = "") -> tuple[list[str], list[str]]:
         """(files, subdirectories) directly below `rel`, as names relative to it."""
         files, dirs = [], []
@@ -363,6 +398,8 @@ class Storage:
             except OSError as exc:
                 raise self._error("read", rel, exc) from exc
             data = b"".join(chunks)
+        elif self.if_match(rel):
+            data = self._read_pinned(rel, start, end)
         else:
             data = self._retry(
                 "read", rel, lambda: self.fs.cat_file(self.path(rel), start=start, end=end),
@@ -372,6 +409,15 @@ class Storage:
                 f"{self.display(rel)}: expected {end - start} bytes at offset {start}, got {len(data)} (truncated file?)"
             )
         return data
+
+    def _read_pinned(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of `rel` by one GET conditional on its pin (convert.io.range_stream)."""
+        from convert.io.range_stream import RangeReader
+
+        buf = bytearray(end - start)
+        with RangeReader(self, rel, start, end) as stream:
+            stream.readinto(memoryview(buf))
+        return bytes(buf)
 
     def fetch(self, ranges: Sequence[tuple[str, int, int]], max_get: int = S3_GET_BYTES) -> "Fetched":
         """The bytes of `ranges` ((file, start, end) each), read with as few requests as adjacency allows.
@@ -410,6 +456,9 @@ class Storage:
                 with open(self.path(rel), "rb") as f:
                     return f.read()
             return self._retry("read", rel, read)
+        pin = self._expect.get(rel) or self._listed.get(rel)
+        if pin and self.if_match(rel):
+            return self._read_pinned(rel, 0, int(pin["size"])) if int(pin["size"]) else b""
         return self._retry("read", rel, lambda: self.fs.cat_file(self.path(rel)))
 
     def read_json(self, rel: str, limit: int = MAX_JSON_BYTES) -> Any:
@@ -591,11 +640,24 @@ class Storage:
         (the same endpoint and credentials) by a server-side copy, one request; else read, then written."""
         if self.is_s3 and src.fs is self.fs:
             bucket, key, _ = self.fs.split_path(src.path(rel))
+            etag = src.if_match(rel)
             try:
-                self._s3("copy to", "copy_object", dst_rel or rel, CopySource={"Bucket": bucket, "Key": key})
+                resp = self._s3("copy to", "copy_object", dst_rel or rel, CopySource={"Bucket": bucket, "Key": key},
+                                **({"CopySourceIfMatch": etag} if etag else {}))
+            except StorageError as exc:  # e.g. an object above the store's single-copy limit: the bytes go through here
+                changed = src.source_changed(rel, exc)
+                if changed is not None:
+                    raise changed from None
+            else:
+                # A store that ignores the condition is caught by the copy's ETag: a single-part object's is the
+                # MD5 of its bytes, so the same as the source's as pinned; a multipart one's cannot be compared.
+                got = str((resp.get("CopyObjectResult") or {}).get("ETag") or "")
+                if etag and "-" not in etag and got and got != etag:
+                    raise SourceChanged(f"source file {src.display(rel)} changed during the conversion (its ETag is "
+                                        f"no longer {etag})")
+                if etag and "-" in etag:
+                    src._unverified.add(rel)
                 return
-            except StorageError:  # e.g. an object above the store's single-copy limit: the bytes go through here
-                pass
         self.write_bytes(dst_rel or rel, src.read_bytes(rel))
 
     # -- multipart uploads (object stores) ----------------------------------
