@@ -20,7 +20,9 @@ MAX_PART = 64 << 20
 # Sizing parts to the job (choose_max_part); measured with bench.s3, see bench/results/S3.md.
 PART_FLOOR = 16 << 20  # 8 MiB parts moved 10-15% fewer bytes per connection than 16-64 MiB ones
 PARTS_PER_THREAD = 4  # so the last round of uploads leaves few connections idle
-PART_MEMORY = 384 << 20  # part buffers of one rank: an uploading thread holds about 3 parts' worth (measured RSS)
+# Part bytes one rank holds at once: 3 parts per upload thread (convert.engine.sinks.HELD_PARTS); 384 MiB gave
+# 622-642 MB peak RSS per rank at 16 threads (bench.s3, S3 -> S3), this keeps it under 600 MB.
+PART_MEMORY = 320 << 20
 
 
 class WriteLike(Protocol):

@@ -283,8 +283,8 @@ def test_a_source_rewritten_during_the_conversion_fails_the_read_that_meets_it(s
 
 
 def test_a_small_file_rewritten_before_its_server_side_copy_is_not_committed(s3, s3env, source, monkeypatch):
-    """S3 -> S3 copies the source's other files by CopyObject on condition of their pinned ETag; a store that does
-    not apply the condition (moto) is caught by the copy's own ETag (a single-part object's is its bytes' MD5)."""
+    """S3 -> S3 copies the source's other files by CopyObject on condition of their pinned ETag; where the store does
+    not apply the condition (moto does not), the check of their pins after the data finds the change."""
     s3env.put(str(source), f"{BUCKET}/copy-src", recursive=True)
     rewritten: list[str] = []
 
