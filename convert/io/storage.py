@@ -411,13 +411,32 @@ class Storage:
         return data
 
     def _read_pinned(self, rel: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of `rel` by one GET conditional on its pin (convert.io.range_stream)."""
-        from convert.io.range_stream import RangeReader
+        """Bytes [start, end) of `rel` by one GET conditional on its pin (If-Match: SourceChanged where it changed)."""
+        from fsspec.asyn import sync
+        from s3fs.core import version_id_kw
 
-        buf = bytearray(end - start)
-        with RangeReader(self, rel, start, end) as stream:
-            stream.readinto(memoryview(buf))
-        return bytes(buf)
+        bucket, key, version = self.fs.split_path(self.path(rel))
+        etag = self.if_match(rel)
+
+        async def get() -> bytes:
+            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
+                                          IfMatch=etag, **version_id_kw(version))
+            body = resp["Body"]
+            try:
+                return bytes(await body.read())
+            finally:
+                body.close()
+
+        def attempt() -> bytes:
+            try:
+                return sync(self.fs.loop, get)
+            except Exception as exc:  # noqa: BLE001 - a changed file is told apart from other errors
+                changed = self.source_changed(rel, exc)
+                if changed is not None:
+                    raise changed from None
+                raise
+
+        return self._retry("read", rel, attempt)
 
     def fetch(self, ranges: Sequence[tuple[str, int, int]], max_get: int = S3_GET_BYTES) -> "Fetched":
         """The bytes of `ranges` ((file, start, end) each), read with as few requests as adjacency allows.
