@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,12 +193,21 @@ def test_a_missing_destination_bucket_is_refused_and_not_created(s3env, source):
     assert not s3env.exists("moe-no-such-bucket")
 
 
-def test_s3_to_local_streams_few_long_requests_and_resumes_broken_bodies(s3, s3env, source, local_reference,
-                                                                          tmp_path, monkeypatch):
-    """S3 -> local byte copies (convert.engine.stream_copy): each worker streams a span of equal bytes, one ranged
-    GET per source file a span touches, and a body broken off mid-stream is asked again from where it broke;
-    the output is the local conversion's, byte for byte."""
-    s3env.put(str(source), f"{BUCKET}/stream-src", recursive=True)
+def _fuse_through_proxy(s3, monkeypatch, cut, src: str, dst: str, *flags: str,
+                        check: bool = True) -> tuple[Any, FlakyProxy]:
+    """Fuse `src` into `dst` through a FlakyProxy calling `cut` on each request; returns the tool's process and the
+    proxy (stopped)."""
+    proxy = FlakyProxy(s3.port, every=0, cut=cut)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        return run_tool("convert.fuse_experts", "--src", src, "--dst", dst, *flags, check=check), proxy
+    finally:
+        proxy.stop()
+
+
+def _convert_cutting_bodies(s3, monkeypatch, src: str, dst: str, *flags: str) -> tuple[int, FlakyProxy]:
+    """Fuse `src` into `dst` through a proxy that breaks off every third data GET's body mid-stream; returns the
+    data GETs (not a shard header's read) the proxy saw, and the proxy."""
     data_gets = [0]
 
     def cut(method: str, path: str, rng: str | None) -> bool:
@@ -205,18 +215,23 @@ def test_s3_to_local_streams_few_long_requests_and_resumes_broken_bodies(s3, s3e
             return False
         data_gets[0] += 1
         return data_gets[0] % 3 == 1
-    proxy = FlakyProxy(s3.port, every=0, cut=cut)
-    try:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        run_tool("convert.fuse_experts", "--src", f"s3://{BUCKET}/stream-src", "--dst", str(tmp_path / "fused"),
-                 "--workers", "2")
-    finally:
-        proxy.stop()
+    _, proxy = _fuse_through_proxy(s3, monkeypatch, cut, src, dst, *flags)
+    return data_gets[0], proxy
+
+
+def test_s3_to_local_streams_few_long_requests_and_resumes_broken_bodies(s3, s3env, source, local_reference,
+                                                                          tmp_path, monkeypatch):
+    """S3 -> local byte copies (convert.engine.stream_copy): each worker streams a span of equal bytes, one ranged
+    GET per source file a span touches, and a body broken off mid-stream is asked again from where it broke;
+    the output is the local conversion's, byte for byte."""
+    s3env.put(str(source), f"{BUCKET}/stream-src", recursive=True)
+    data_gets, proxy = _convert_cutting_bodies(s3, monkeypatch, f"s3://{BUCKET}/stream-src", str(tmp_path / "fused"),
+                                               "--workers", "2")
     assert _local_files(tmp_path / "fused") == _local_files(local_reference[0])
     assert proxy.cut_bodies >= 2
     shards = len([p for p in source.iterdir() if p.suffix == ".safetensors"])
     # a span per worker, + 1 where a span crosses into the next shard, + 1 per broken body, + a few taken over
-    assert data_gets[0] <= 2 + (shards - 1) + proxy.cut_bodies + 4, (data_gets[0], proxy.ranges)
+    assert data_gets <= 2 + (shards - 1) + proxy.cut_bodies + 4, (data_gets, proxy.ranges)
 
 
 def test_s3_to_s3_reads_touching_source_bytes_by_one_request_and_resumes_broken_bodies(s3, s3env, source,
@@ -225,27 +240,15 @@ def test_s3_to_s3_reads_touching_source_bytes_by_one_request_and_resumes_broken_
     GET per run of touching source bytes (not one per tensor and part), and a body broken off mid-stream is asked
     again from where it broke; the output is the local conversion's, byte for byte."""
     s3env.put(str(source), f"{BUCKET}/group-src", recursive=True)
-    data_gets = [0]
-
-    def cut(method: str, path: str, rng: str | None) -> bool:
-        if method != "GET" or not rng or rng.startswith("bytes=0-"):  # not a shard header's read
-            return False
-        data_gets[0] += 1
-        return data_gets[0] % 3 == 1
-    proxy = FlakyProxy(s3.port, every=0, cut=cut)
     monkeypatch.setenv("MOE_CONVERT_MAX_PART", str(5 << 20))  # parts of S3's least size: several per source shard
-    try:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        run_tool("convert.fuse_experts", "--src", f"s3://{BUCKET}/group-src", "--dst", f"s3://{BUCKET}/group-out",
-                 "--workers", "3")
-    finally:
-        proxy.stop()
+    data_gets, proxy = _convert_cutting_bodies(s3, monkeypatch, f"s3://{BUCKET}/group-src",
+                                               f"s3://{BUCKET}/group-out", "--workers", "3")
     assert _files_of(s3env, f"{BUCKET}/group-out") == _local_files(local_reference[0])
     assert proxy.cut_bodies >= 1
     shards = [p.stat().st_size for p in source.iterdir() if p.suffix == ".safetensors"]
     # a run per part's size of source bytes, + 2 per source shard (its end; a group's), + 1 per broken body;
     # read part by part, it was one request per expert tensor and part (14 here)
-    assert data_gets[0] - proxy.cut_bodies <= sum(shards) // (5 << 20) + 2 * len(shards), (data_gets[0], proxy.ranges)
+    assert data_gets - proxy.cut_bodies <= sum(shards) // (5 << 20) + 2 * len(shards), (data_gets, proxy.ranges)
 
 
 @pytest.mark.parametrize("dst_kind", ["local", "s3"])
@@ -265,14 +268,8 @@ def test_a_source_rewritten_during_the_conversion_fails_the_read_that_meets_it(s
             s3env.pipe_file(shard, bytes(data))  # to the endpoint itself, before this request goes on to it
             rewritten.append(path)
         return False
-    proxy = FlakyProxy(s3.port, every=0, cut=rewrite)
     dst = str(tmp_path / "out") if dst_kind == "local" else f"s3://{BUCKET}/moving-out"
-    try:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        proc = run_tool("convert.fuse_experts", "--src", f"s3://{BUCKET}/moving-src-{dst_kind}", "--dst", dst,
-                        check=False)
-    finally:
-        proxy.stop()
+    proc, _ = _fuse_through_proxy(s3, monkeypatch, rewrite, f"s3://{BUCKET}/moving-src-{dst_kind}", dst, check=False)
     assert rewritten, "no data read of the shard was seen"
     assert proc.returncode == 1, proc.stderr
     # the read itself failed (If-Match), not a check of the source after the data
@@ -293,13 +290,8 @@ def test_a_small_file_rewritten_before_its_server_side_copy_is_not_committed(s3,
             s3env.pipe_file(f"{BUCKET}/copy-src/config.json", s3env.cat_file(f"{BUCKET}/copy-src/config.json") + b" ")
             rewritten.append(path)
         return False
-    proxy = FlakyProxy(s3.port, every=0, cut=rewrite)
-    try:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        proc = run_tool("convert.fuse_experts", "--src", f"s3://{BUCKET}/copy-src", "--dst", f"s3://{BUCKET}/copy-out",
-                        check=False)
-    finally:
-        proxy.stop()
+    proc, _ = _fuse_through_proxy(s3, monkeypatch, rewrite, f"s3://{BUCKET}/copy-src", f"s3://{BUCKET}/copy-out",
+                                  check=False)
     assert rewritten, "no copy of config.json was seen"
     assert proc.returncode == 1, proc.stderr
     assert f"source file s3://{BUCKET}/copy-src/config.json changed during the conversion" in proc.stderr, proc.stderr
