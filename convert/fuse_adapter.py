@@ -48,4 +48,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from convert.toplevel import run_program
+
+    run_program(main)

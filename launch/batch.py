@@ -151,4 +151,6 @@ def _run(a: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    from convert.toplevel import run_program
+
+    run_program(main)

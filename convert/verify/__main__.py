@@ -8,4 +8,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from convert.verify.run import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    from convert.toplevel import run_program
+
+    run_program(main)
