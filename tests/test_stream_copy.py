@@ -45,7 +45,7 @@ def test_every_byte_lands_in_exactly_one_span_and_spans_are_even(segs, count, ma
         assert parts[0].start == seg.start and sum(p.n for p in parts) == seg.n
         assert all(a.start + a.n == b.start for a, b in zip(parts, parts[1:]))
     sizes = [sum(s.n for s in span) for span in spans]
-    want = max(1, min(count, total // min_bytes), -(-total // max_bytes))
+    want = max(1, min(count * -(-total // (count * max_bytes)), total // min_bytes))  # whole rounds of `count`
     assert len(spans) <= want
     if align == 1:  # unaligned cuts: every span within a byte of its share
         assert len(spans) == want and max(sizes) - min(sizes) <= 1, sizes

@@ -45,14 +45,16 @@ class Segment(NamedTuple):
 
 def even_spans(segments: Sequence[Segment], count: int, max_bytes: int = S3_STREAM_BYTES,
                min_bytes: int = STREAM_MIN_BYTES, align: int = CUT_ALIGN) -> list[list[Segment]]:
-    """`segments` in source order, cut into about `count` spans of equal bytes (more where a span would
-    hold over `max_bytes`, fewer where under `min_bytes`); a segment crossing a cut is split there (at a
-    multiple of `align` of its source offset where it has one). Every byte is in exactly one span."""
+    """`segments` in source order, cut into `count` spans of equal bytes, or a multiple of `count` where a span
+    would hold over `max_bytes` (whole rounds: every worker takes as many), fewer where under `min_bytes`; a
+    segment crossing a cut is split there (at a multiple of `align` of its source offset where it has one).
+    Every byte is in exactly one span."""
     order = sorted(segments)
     total = sum(s.n for s in order)
     if not total:
         return []
-    spans_n = max(1, min(count, total // max(1, min_bytes)), -(-total // max(1, max_bytes)))
+    rounds = -(-total // max(1, count * max_bytes))
+    spans_n = max(1, min(count * rounds, total // max(1, min_bytes)))
     spans: list[list[Segment]] = [[]]
     done = 0
     for seg in order:

@@ -38,8 +38,9 @@ _SYNC_FILE_RANGE_WRITE = 2
 # the requests a process has in flight, or they queue); botocore retries throttling in S3_RETRY_MODE.
 S3_GET_BYTES = int(os.environ.get("MOE_CONVERT_S3_GET_BYTES", 32 << 20))
 # Byte copies into local files stream each request's body (convert.io.range_stream), so its size costs no
-# memory: one request reads up to this many bytes.
-S3_STREAM_BYTES = int(os.environ.get("MOE_CONVERT_S3_STREAM_BYTES", 64 << 20))
+# memory: one request reads up to this many bytes (a rank's spans come in whole rounds of --workers; 64 MiB
+# gave 329 MB on 4 workers 6 spans, the last 2 read while the others' workers idled: bench.s3trace).
+S3_STREAM_BYTES = int(os.environ.get("MOE_CONVERT_S3_STREAM_BYTES", 256 << 20))
 S3_POOL = int(os.environ.get("MOE_CONVERT_S3_POOL", 64))
 S3_RETRY_MODE = os.environ.get("MOE_CONVERT_S3_RETRY_MODE", "standard")
 S3_RETRY_ATTEMPTS = int(os.environ.get("MOE_CONVERT_S3_RETRY_ATTEMPTS", 5))
