@@ -54,3 +54,23 @@ def test_s3trace_sums_up_ranged_gets_from_the_endpoint_log():
     log = [{"range": "bytes=0-999999"}, {"range": "bytes=0-2999999"}, {"range": "bytes=0-4999999"}, {"method": "PUT"}]
     assert get_sizes({"log": log}) == "3 ranged GETs, mean 3.0 MB, median 3.0 MB"
     assert get_sizes({"log": log[3:]}) == "no ranged GETs"
+
+
+def test_part_model_replays_the_planner_and_the_grouped_fill(tmp_path):
+    """bench.part_model on the planner's real parts: the grouped fill with whole pieces per part makes fewer GETs
+    and a shorter modelled data phase than parts filled one by one, cut every max part."""
+    from bench.part_model import data_phase, rank_parts
+    from bench.synthetic import checkpoint_specs, write_synthetic
+
+    specs, config = checkpoint_specs("qwen3-30b-a3b", 1, experts=21, vocab=1000)
+    write_synthetic(str(tmp_path / "ck"), specs, config, 200_000_000)
+    results = {}
+    for whole in (False, True):
+        parts, copies, size = rank_parts(str(tmp_path / "ck"), 1, 4, whole)
+        for a, b in zip(parts, parts[1:]):  # the parts tile each output file
+            assert (a.end == b.start) if a.file == b.file else (b.start == 0)
+        for grouped in (False, True):
+            results[whole, grouped] = data_phase(parts, copies, (3 if grouped else 1) * size,
+                                                 size if grouped else 1 << 62, 12 * size, 4, 0.5, 5e6)
+    (before, gets_before), (after, gets_after) = results[False, False], results[True, True]
+    assert gets_after < gets_before and after < before, results
