@@ -196,8 +196,11 @@ def test_a_range_is_read_by_one_streamed_request_and_resumed_where_its_body_brok
         proxy.stop()
     assert whole == data[1000:9_001_000]
     assert proxy.cut_bodies == 1
-    # The first GET's body broke after half its bytes (4.5 MB): the second asks from the first byte not received.
-    assert ranges == ["bytes=1000-9000999", "bytes=4501000-9000999"], ranges
+    # The first GET's body broke after half its bytes (4.5 MB) were sent: the second asks from the first byte not
+    # received (the connection's reset may drop some sent bytes the client had not read yet), to the same end.
+    assert len(ranges) == 2 and ranges[0] == "bytes=1000-9000999", ranges
+    resumed = ranges[1].removeprefix("bytes=").split("-")
+    assert 1000 < int(resumed[0]) <= 4_501_000 and resumed[1] == "9000999", ranges
     assert again == data[5:3_000_005] and proxy.ranges == ["bytes=5-3000004"]  # unbroken: one request
 
 
