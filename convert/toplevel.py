@@ -151,12 +151,9 @@ def finish(code: int) -> NoReturn:
     ranks as soon as one has exited, and a rank still tearing down the interpreter (where Python no longer
     handles signals) would die of that SIGTERM instead of exiting with its code."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001 - a closed stream must not change the exit code
-                pass
-        os._exit(code)
+        from launch.dist import hard_exit
+
+        hard_exit(code)
     sys.exit(code)
 
 
@@ -174,10 +171,7 @@ def run_program(main: Callable[[], object]) -> NoReturn:
         else:
             print(exc.code, file=sys.stderr)
             code = 1
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+    from launch.dist import hard_exit
+
+    hard_exit(code)
 

@@ -199,13 +199,18 @@ def exit_process(code: int, dist: Dist) -> NoReturn:
     if code != 0 and isinstance(sys.stderr, _ErrorFileTap) and not sys.stderr.recorded:
         sys.stderr.record(f"exit code {code}: {CODE_MEANINGS.get(code, 'failed')}; rank 0's messages say why")
     if dist.world_size > 1:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
+        hard_exit(code)
     sys.exit(code)
+
+
+def hard_exit(code: int) -> NoReturn:
+    """Flush stdout and stderr, then end the process with `code` at once (os._exit: no interpreter teardown)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed stream must not change the exit code
+            pass
+    os._exit(code)
 
 
 def _from_slurm() -> None:
