@@ -43,6 +43,9 @@ S3_GET_BYTES = int(os.environ.get("MOE_CONVERT_S3_GET_BYTES", 32 << 20))
 S3_STREAM_BYTES = int(os.environ.get("MOE_CONVERT_S3_STREAM_BYTES", 256 << 20))
 S3_POOL = int(os.environ.get("MOE_CONVERT_S3_POOL", 64))
 S3_RETRY_MODE = os.environ.get("MOE_CONVERT_S3_RETRY_MODE", "standard")
+# Reads of an S3 source are conditional on the ETag the plan pinned (If-Match); 0 turns that off for a store that
+# refuses the condition, and the source is then checked by a listing after the data instead.
+S3_CONDITIONAL_READS = os.environ.get("MOE_CONVERT_S3_CONDITIONAL_READS", "1") != "0"
 S3_RETRY_ATTEMPTS = int(os.environ.get("MOE_CONVERT_S3_RETRY_ATTEMPTS", 5))
 _thread_state = threading.local()
 # Fields of fsspec's info() that identify an object's content (S3, GCS, Azure); times where there is none.
@@ -334,7 +337,10 @@ class Storage:
         return self.is_s3 and all(self.if_match(n) and n not in self._unverified for n in names)
 
     def if_match(self, rel: str) -> str | None:
-        """The ETag a read of `rel` is conditional on (expect, else this object's listing), or None."""
+        """The ETag a read of `rel` is conditional on (expect, else this object's listing), or None (also where
+        MOE_CONVERT_S3_CONDITIONAL_READS=0)."""
+        if not S3_CONDITIONAL_READS:
+            return None
         pin = self._expect.get(rel) or self._listed.get(rel)
         return _etag(pin) if pin else None
 
