@@ -24,7 +24,7 @@ def part_sets(draw: st.DrawFn) -> tuple[list[int], list[Copy]]:
     while i < len(order):
         n = draw(st.integers(1, 8))
         f = draw(st.sampled_from("ab"))
-        for j in order[i : i + n]:  # single bytes, merged below where they land side by side
+        for j in order[i : i + n]:  # a run of n source bytes, each copied to a drawn place of a part
             k, at = slots[j]
             copies.append(Copy(f, pos[f], 1, k, at))
             pos[f] += 1
