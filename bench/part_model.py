@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             base = None
             for whole in (False, True):
                 parts, copies, size = rank_parts(ckpt, ranks, workers, whole)
-                budget = max(GROUP_PARTS, HELD_PARTS) * workers * size  # MultipartSink.held_bytes
+                budget = HELD_PARTS * workers * size  # MultipartSink.held_bytes
                 for name, group, run in (("parts one by one", size, 1 << 62),
                                          ("grouped", min(GROUP_PARTS, workers) * size, size)):
                     secs, gets = data_phase(parts, copies, group, run, budget, workers, latency, rate)

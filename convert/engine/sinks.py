@@ -430,8 +430,9 @@ class MultipartSink:
         return out
 
     def held_bytes(self, job: SinkJob) -> int:
-        """Part bytes one rank holds at most: HELD_PARTS parts per upload thread (at least a group's)."""
-        return self.threads(job) * max(GROUP_PARTS, HELD_PARTS) * self.part_size(job)
+        """Part bytes one rank holds at most: HELD_PARTS parts per upload thread (a group holds at most one per
+        thread, so it always fits)."""
+        return self.threads(job) * HELD_PARTS * self.part_size(job)
 
     def commit(self, job: SinkJob, results: Sequence[dict[str, dict[int, str]]]) -> None:
         """Rank 0: complete every upload from the parts of this run and of earlier runs."""

@@ -87,20 +87,8 @@ class RangeReader:
         self.pos += n
 
     def _open(self, start: int) -> Any:
-        """The body of a ranged GET of [start, self.end)."""
-        from s3fs.core import version_id_kw
-
-        fs = self.storage.fs
-        bucket, key, version = fs.split_path(self.storage.path(self.rel))
-
-        etag = self.storage.if_match(self.rel)  # the file as pinned, or an error (Storage.expect)
-
-        async def get() -> Any:
-            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{self.end - 1}",
-                                     **version_id_kw(version), **({"IfMatch": etag} if etag else {}))
-            return resp["Body"]
-
-        return self._sync(get)
+        """The body of a ranged GET of [start, self.end), conditional on the file's pin (Storage.ranged_get)."""
+        return self._sync(self.storage.ranged_get, self.rel, start, self.end)
 
     def _sync(self, fn: Any, *args: Any) -> Any:
         from fsspec.asyn import sync

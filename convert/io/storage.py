@@ -336,12 +336,16 @@ class Storage:
         listing): no check of the pins after the reads is needed."""
         return self.is_s3 and all(self.if_match(n) and n not in self._unverified for n in names)
 
-    def if_match(self, rel: str) -> str | None:
-        """The ETag a read of `rel` is conditional on (expect, else this object's listing), or None (also where
+    def _read_pin(self, rel: str) -> Mapping[str, Any] | None:
+        """The pin a read of `rel` is conditional on (expect, else this object's listing), or None (also where
         MOE_CONVERT_S3_CONDITIONAL_READS=0)."""
         if not S3_CONDITIONAL_READS:
             return None
-        pin = self._expect.get(rel) or self._listed.get(rel)
+        return self._expect.get(rel) or self._listed.get(rel)
+
+    def if_match(self, rel: str) -> str | None:
+        """The ETag a read of `rel` is conditional on (_read_pin), or None."""
+        pin = self._read_pin(rel)
         return _etag(pin) if pin else None
 
     def source_changed(self, rel: str, exc: BaseException) -> SourceChanged | None:
@@ -417,18 +421,23 @@ class Storage:
             )
         return data
 
-    def _read_pinned(self, rel: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of `rel` by one GET conditional on its pin (If-Match: SourceChanged where it changed)."""
-        from fsspec.asyn import sync
+    async def ranged_get(self, rel: str, start: int, end: int) -> Any:
+        """S3 (await on fs.loop): the body of one GET of bytes [start, end) of `rel`, conditional on its pin where
+        there is one (if_match); the caller reads and closes it."""
         from s3fs.core import version_id_kw
 
         bucket, key, version = self.fs.split_path(self.path(rel))
         etag = self.if_match(rel)
+        resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
+                                      **version_id_kw(version), **({"IfMatch": etag} if etag else {}))
+        return resp["Body"]
+
+    def _read_pinned(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of `rel` by one GET conditional on its pin (If-Match: SourceChanged where it changed)."""
+        from fsspec.asyn import sync
 
         async def get() -> bytes:
-            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
-                                          IfMatch=etag, **version_id_kw(version))
-            body = resp["Body"]
+            body = await self.ranged_get(rel, start, end)
             try:
                 return bytes(await body.read())
             finally:
@@ -482,8 +491,8 @@ class Storage:
                 with open(self.path(rel), "rb") as f:
                     return f.read()
             return self._retry("read", rel, read)
-        pin = self._expect.get(rel) or self._listed.get(rel)
-        if pin and self.if_match(rel):
+        pin = self._read_pin(rel)
+        if pin and _etag(pin):
             return self._read_pinned(rel, 0, int(pin["size"])) if int(pin["size"]) else b""
         return self._retry("read", rel, lambda: self.fs.cat_file(self.path(rel)))
 
