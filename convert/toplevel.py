@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 from convert.errors import (
     EXIT_FAILED, debug_enabled, describe, exit_code, interrupted_line, is_comm_error, set_debug,
 )
+from launch.local import exit_after_rank0, launcher_rank
 
 EXIT_BROKEN_PIPE = 128 + 13  # stdout closed by the reader (`| head`): quiet, like a tool killed by SIGPIPE
 EXIT_CODES = """exit codes:
@@ -35,10 +36,7 @@ EXIT_CODES = """exit codes:
 
 def rank() -> int:
     """This process's rank as the launcher set it (0 when alone)."""
-    try:
-        return int(os.environ.get("RANK", "0") or 0)
-    except ValueError:
-        return 0
+    return launcher_rank()
 
 
 class ToolParser(argparse.ArgumentParser):
@@ -59,7 +57,7 @@ class ToolParser(argparse.ArgumentParser):
         if rank() == 0:
             self.print_usage(sys.stderr)
             sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
+        exit_after_rank0(2)
 
 
 def _write_stderr(text: str) -> None:

@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from typing import NoReturn
 
 # Exit codes a rank may end with on its own: ok, failed, refused, SIGINT, SIGTERM.
 CONTRACT_CODES = frozenset({0, 1, 2, 130, 143})
@@ -84,10 +85,32 @@ def refuse_if_distributed(nproc: int) -> None:
     launcher = already_distributed()
     if launcher is None:
         return
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+    if launcher_rank() == 0:
         print(f"error: --nproc {nproc} starts its own ranks, but this process was started by {launcher}; "
               "drop --nproc, or run without the launcher", file=sys.stderr)
-    sys.exit(2)
+    exit_after_rank0(2)
+
+
+REPORT_GRACE_S = 10.0  # how long another rank waits for rank 0 to report an error they all met
+
+
+def launcher_rank() -> int:
+    """This process's rank as its launcher set it (RANK, else SLURM_PROCID; 0 when alone or unreadable)."""
+    try:
+        return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+    except ValueError:
+        return 0
+
+
+def exit_after_rank0(code: int) -> NoReturn:
+    """Exit with `code` after an error that every rank meets alike and rank 0 alone reports.
+
+    Another rank first waits up to REPORT_GRACE_S: torchrun stops the whole job as soon as one rank
+    exits, and a rank that exited first would have rank 0 stopped before its line is out.
+    """
+    if launcher_rank() != 0:
+        time.sleep(REPORT_GRACE_S)
+    sys.exit(code)
 
 
 def _prepare_parent(preload_torch: bool) -> None:

@@ -163,16 +163,35 @@ def test_nproc_below_one_is_refused_by_the_parser(example, tmp_path, value):
 def test_nproc_under_torchrun_is_refused(example, tmp_path):
     # torchrun's own parser (Python 3.11's argparse) rejects `--nproc` anywhere on its command line as an
     # ambiguous abbreviation of --nproc-per-node: hand the flags over in the environment instead.
-    script = tmp_path / "entry.py"
-    script.write_text("import json, os\nfrom convert.fuse_experts import main\nmain(json.loads(os.environ['ARGS']))\n")
     args = ["--src", str(example), "--dst", str(tmp_path / "o"), "--nproc", "2", "--no-progress"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(ARGS=json.dumps(args)), capture_output=True, text=True, timeout=300)
+    proc = _torchrun_with_a_late_rank0(tmp_path, args)
     assert proc.returncode == 1  # torchrun's code for any failed rank (README: Launchers)
     lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert lines == ["error: --nproc 2 starts its own ranks, but this process was started by torchrun; "
                      "drop --nproc, or run without the launcher"], proc.stderr
     assert "exitcode  : 2" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def _torchrun_with_a_late_rank0(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """fuse_experts' main(args) as 2 torchrun ranks, rank 0 starting 2 s after rank 1: torchrun stops the job
+    when its first rank exits, so an error that only rank 0 reports must still come out."""
+    script = tmp_path / "entry.py"
+    script.write_text("import json, os, time\nfrom convert.fuse_experts import main\n"
+                      "time.sleep(2.0 if os.environ['RANK'] == '0' else 0.0)\n"
+                      "main(json.loads(os.environ['ARGS']))\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    return subprocess.run(cmd, cwd=REPO, env=_env(ARGS=json.dumps(args)), capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_usage_error_under_torchrun_is_one_usage_and_one_error(example, tmp_path):
+    proc = _torchrun_with_a_late_rank0(tmp_path, ["--src", str(example), "--dst", str(tmp_path / "o"),
+                                                  "--no-such-flag"])
+    assert proc.returncode == 1
+    errors = [x for x in proc.stderr.splitlines() if "error:" in x]
+    assert errors == ["convert.fuse_experts: error: unrecognized arguments: --no-such-flag"], proc.stderr
+    assert sum(x.startswith("usage:") for x in proc.stderr.splitlines()) == 1, proc.stderr
     assert not (tmp_path / "o").exists()
 
 
