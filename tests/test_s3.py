@@ -7,6 +7,7 @@ bytes of a one-process conversion to local disk.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -299,3 +300,26 @@ def test_a_small_file_rewritten_before_its_server_side_copy_is_not_committed(s3,
     assert proc.returncode == 1, proc.stderr
     assert f"source file s3://{BUCKET}/copy-src/config.json changed during the conversion" in proc.stderr, proc.stderr
     assert not s3env.exists(f"{BUCKET}/copy-out/model.safetensors.index.json")
+
+
+def test_s3_to_s3_checks_its_server_side_copies_while_the_shards_stream(s3, s3env, source, local_reference,
+                                                                        monkeypatch):
+    """The source's other files, copied server-side (a store may not hold such a copy to its condition), are checked
+    against their pins as soon as they are copied, beside the shards' data, not on the commit's path. The proxy
+    holds the first part upload until it has seen the source looked at again after a copy."""
+    s3env.put(str(source), f"{BUCKET}/early-src", recursive=True)
+    copied, checked = threading.Event(), threading.Event()
+    held: list[bool] = []
+
+    def hold(method: str, path: str, rng: str | None) -> bool:
+        key = path.split("?")[0]
+        if method == "PUT" and "partNumber=" not in path and key.endswith("/early-out/config.json"):
+            copied.set()
+        elif copied.is_set() and ("early-src" in path) and (method == "HEAD" or "list-type=2" in path):
+            checked.set()
+        elif method == "PUT" and "partNumber=" in path and not held:
+            held.append(checked.wait(timeout=20))
+        return False
+    proc, _ = _fuse_through_proxy(s3, monkeypatch, hold, f"s3://{BUCKET}/early-src", f"s3://{BUCKET}/early-out")
+    assert held == [True], "the first part waited 20 s for the check of the copies"
+    assert _files_of(s3env, f"{BUCKET}/early-out") == _local_files(local_reference[0])

@@ -380,7 +380,8 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
         dst = Storage(opts.dst, opts.storage_options)
         for store in (src, dst):
             store.connect()
-    copies = _start_copies(src, dst, setup.copy_files) if ended is None and isinstance(setup, JobSetup) and src else []
+    copies = _start_copies(src, dst, setup.copy_files, setup.pins) if ended is None and isinstance(setup, JobSetup) \
+        and src else Copies()
     part = dist.scatter((lambda r: ended if ended is not None else RankWork(sink.for_rank(job, r), setup.job_id,
                                                                              setup.pins))
                         if dist.is_main else None)
@@ -469,10 +470,10 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
 
 def _finish(setup: JobSetup, opts: JobOptions, dist: Dist, report: dict[str, Any] | None, src: Storage, dst: Storage,
             sink: Any, job: SinkJob, gathered: list[Any], skipped: dict[str, Any], t0: float,
-            prepare_at: float, copies: list[Future[None]]) -> bool:
+            prepare_at: float, copies: Copies) -> bool:
     """Rank 0 after every rank streamed: write the stats (`prepare_at`: CLOCK_MONOTONIC when the destination's
     preparation began), report errors or commit (once `copies`, _start_copies', are done); True when committed."""
-    copy_error = _copy_error(copies)
+    copy_error = copies.error()
     errors = [e for e, _, _ in gathered if e] + ([f"copying the source's other files: {copy_error}"] if copy_error else [])
     if opts.stats_path:
         with open(opts.stats_path, "w") as fh:
@@ -487,7 +488,9 @@ def _finish(setup: JobSetup, opts: JobOptions, dist: Dist, report: dict[str, Any
         return False
     _pause_point()
     try:
-        if not src.reads_pinned(setup.pins):  # else every read was of the pinned versions, or failed (If-Match)
+        if copies.checked is not None:  # every other read was of the pinned versions, or failed (If-Match)
+            copies.checked.result()
+        elif not src.reads_pinned(setup.pins):
             check_pins(src, setup.pins, "during the conversion", COMMIT_REFUSED)
     except (ConversionError, OSError) as exc:
         _fail(report, _error_text(exc))
@@ -511,22 +514,46 @@ def _finish(setup: JobSetup, opts: JobOptions, dist: Dist, report: dict[str, Any
 COMMIT_REFUSED = "the output was not committed; re-run with --overwrite to convert the source as it is now"
 
 
-def _start_copies(src: Storage, dst: Storage, names: list[str]) -> list[Future[None]]:
+@dataclass
+class Copies:
+    """The source's other files being copied in the background (_start_copies) and, where every other read of the
+    source is conditional on its pin, the check of the copies' pins that runs once they are done."""
+
+    futures: list[Future[None]] = field(default_factory=list)
+    checked: Future[None] | None = None
+
+    def error(self) -> str | None:
+        """Wait for every copy; the first failure's text, or None."""
+        failed = [c.exception() for c in self.futures]
+        return next((_error_text(e) for e in failed if e is not None), None)
+
+
+def _start_copies(src: Storage, dst: Storage, names: list[str], pins: dict[str, dict[str, Any]]) -> Copies:
     """Rank 0, once the destination is prepared: start copying the source's other files (configs, tokenizer:
-    no markers) unchanged into it, all at once, in the background while the shards stream. Returns their
-    futures; the commit's check of the source pins comes after them, so it covers what they read."""
+    no markers) unchanged into it, all at once, in the background while the shards stream.
+
+    A copy the store may not have held to its pin (Storage.reads_pinned) is checked against the pins after
+    the copies; when every other read of the source is conditional, that check runs as soon as the copies are
+    done (Copies.checked), off the commit's path; else the commit checks every pin after the data.
+    """
     if not names:
-        return []
+        return Copies()
     pool = ThreadPoolExecutor(max_workers=min(len(names), PIN_WORKERS))
-    copies = [pool.submit(dst.copy_file_from, src, name) for name in names]
+    copies = Copies([pool.submit(dst.copy_file_from, src, name) for name in names])
+    if src.reads_pinned(n for n in pins if n not in names):
+        copies.checked = pool.submit(_check_copied, src, {n: pins[n] for n in names if n in pins}, copies)
     pool.shutdown(wait=False)
     return copies
 
 
-def _copy_error(copies: list[Future[None]]) -> str | None:
-    """Wait for every copy of _start_copies; the first failure's text, or None."""
-    failed = [c.exception() for c in copies]
-    return next((_error_text(e) for e in failed if e is not None), None)
+def _check_copied(src: Storage, pins: dict[str, dict[str, Any]], copies: Copies) -> None:
+    """Once every copy is done: raise ConversionError if a copied file the store may not have held to its pin
+    changed (nothing to check where a copy failed: that failure is reported)."""
+    if copies.error() is not None:
+        return
+    unverified = {n: pin for n, pin in pins.items() if not src.reads_pinned([n])}
+    if unverified:
+        check_pins(src, unverified, "during the conversion", COMMIT_REFUSED)
 
 
 def _commit(dst: Storage, sink: Any, job: SinkJob, setup: JobSetup, results: list[Any]) -> None:
