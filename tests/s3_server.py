@@ -60,11 +60,13 @@ class FlakyProxy:
     `deny(method, path)` (path with its query), when true, answers 403 AccessDenied instead (`every=0`: no 503s).
     `cut(method, path, range)`, when true, sends the answer's headers and half its body, then drops the connection
     (a body broken off mid-stream; counted in `cut_bodies`).
+    `drop_headers` are removed from every request (e.g. If-Match: a store that ignores the condition).
     """
 
     def __init__(self, upstream_port: int, every: int = 4, budget: int = 40,
                  deny: Callable[[str, str], bool] | None = None,
-                 cut: Callable[[str, str, str | None], bool] | None = None) -> None:
+                 cut: Callable[[str, str, str | None], bool] | None = None,
+                 drop_headers: tuple[str, ...] = ()) -> None:
         self.injected = 0
         self.denied = 0
         self.seen = 0
@@ -120,7 +122,8 @@ class FlakyProxy:
                     self.wfile.write(msg)
                     return
                 conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                dropped = {"transfer-encoding", *(h.lower() for h in drop_headers)}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
                 headers["Content-Length"] = str(len(body))
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()

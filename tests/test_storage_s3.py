@@ -54,6 +54,27 @@ def test_listed_pins_still_find_a_changed_or_deleted_source(s3, s3env):
         check_pins(st, {"config.json": pins["config.json"]}, "during the conversion", "not committed")
 
 
+@pytest.mark.parametrize("store", ["applies If-Match", "ignores If-Match"])
+def test_reads_count_as_pinned_only_where_the_store_refuses_an_unmet_condition(s3, s3env, store):
+    """Storage.probe_conditions asks the store once (a 1-byte GET on an ETag no object has); reads count as pinned
+    (no listing of the source after them) only where it was refused with 412: moto's server applies If-Match, and
+    behind a proxy that drops the header it is a store that ignores it."""
+    _put(s3env, "probe")
+    proxy = FlakyProxy(s3.port, every=0, drop_headers=("If-Match",) if store == "ignores If-Match" else ())
+    try:
+        st = Storage(f"s3://{BUCKET}/probe", {"endpoint_url": proxy.url})
+        st.expect(st.pins(NAMES))
+        assert not st.reads_pinned(NAMES), "not before the store was asked"
+        seen = proxy.seen
+        st.probe_conditions("config.json")
+        assert st.reads_pinned(NAMES) == (store == "applies If-Match")
+        assert proxy.seen == seen + 1 and proxy.ranges[-1] == "bytes=0-0", "one GET of the first byte"
+        st.probe_conditions("config.json")
+        assert st.reads_pinned(NAMES) == (store == "applies If-Match") and proxy.seen == seen + 1, "asked once"
+    finally:
+        proxy.stop()
+
+
 def test_pins_taken_by_head_with_more_fields_are_compared_by_head(s3, s3env):
     """A pin from an earlier run with a field no listing gives (a VersionId) is checked against a HEAD, not dropped."""
     _put(s3env, "versioned")

@@ -371,6 +371,9 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
             src = Storage(opts.src, opts.storage_options)
             dst = Storage(opts.dst, opts.storage_options)
             src.expect(setup.pins)
+            probe = next((n for n, pin in setup.pins.items() if pin.get("size")), None)
+            if probe is not None:
+                src.probe_conditions(probe)
             sink = make_sink(src, dst)
             job = SinkJob(setup.files, setup.pieces, setup.assignment, setup.fingerprint, opts.workers,
                           state={"pins": setup.pins, "outputs": setup.outputs})
@@ -488,9 +491,8 @@ def _finish(setup: JobSetup, opts: JobOptions, dist: Dist, report: dict[str, Any
         return False
     _pause_point()
     try:
-        if copies.checked is not None:  # every other read was of the pinned versions, or failed (If-Match)
-            copies.checked.result()
-        elif not src.reads_pinned(setup.pins):
+        # else every read was of the pinned versions, or failed (If-Match), and the copies were checked
+        if not copies.settled() and not src.reads_pinned(setup.pins):
             check_pins(src, setup.pins, "during the conversion", COMMIT_REFUSED)
     except (ConversionError, OSError) as exc:
         _fail(report, _error_text(exc))
@@ -516,44 +518,47 @@ COMMIT_REFUSED = "the output was not committed; re-run with --overwrite to conve
 
 @dataclass
 class Copies:
-    """The source's other files being copied in the background (_start_copies) and, where every other read of the
-    source is conditional on its pin, the check of the copies' pins that runs once they are done."""
+    """The source's other files being copied in the background (_start_copies), and the check of their pins that
+    runs once they are done (_check_copied: True where it settled the source's pins)."""
 
     futures: list[Future[None]] = field(default_factory=list)
-    checked: Future[None] | None = None
+    checked: Future[bool] | None = None
 
     def error(self) -> str | None:
         """Wait for every copy; the first failure's text, or None."""
         failed = [c.exception() for c in self.futures]
         return next((_error_text(e) for e in failed if e is not None), None)
 
+    def settled(self) -> bool:
+        """Wait for the check after the copies; True where it found every source pin held (ConversionError where
+        a copied file changed), False where the commit must check the pins after the data."""
+        return self.checked is not None and self.checked.result()
+
 
 def _start_copies(src: Storage, dst: Storage, names: list[str], pins: dict[str, dict[str, Any]]) -> Copies:
     """Rank 0, once the destination is prepared: start copying the source's other files (configs, tokenizer:
-    no markers) unchanged into it, all at once, in the background while the shards stream.
-
-    A copy the store may not have held to its pin (Storage.reads_pinned) is checked against the pins after
-    the copies; when every other read of the source is conditional, that check runs as soon as the copies are
-    done (Copies.checked), off the commit's path; else the commit checks every pin after the data.
-    """
+    no markers) unchanged into it, all at once, in the background while the shards stream, then checking
+    their pins (_check_copied), off the commit's path."""
     if not names:
         return Copies()
     pool = ThreadPoolExecutor(max_workers=min(len(names), PIN_WORKERS))
     copies = Copies([pool.submit(dst.copy_file_from, src, name) for name in names])
-    if src.reads_pinned(n for n in pins if n not in names):
-        copies.checked = pool.submit(_check_copied, src, {n: pins[n] for n in names if n in pins}, copies)
+    copies.checked = pool.submit(_check_copied, src, names, pins, copies)
     pool.shutdown(wait=False)
     return copies
 
 
-def _check_copied(src: Storage, pins: dict[str, dict[str, Any]], copies: Copies) -> None:
-    """Once every copy is done: raise ConversionError if a copied file the store may not have held to its pin
-    changed (nothing to check where a copy failed: that failure is reported)."""
-    if copies.error() is not None:
-        return
-    unverified = {n: pin for n, pin in pins.items() if not src.reads_pinned([n])}
+def _check_copied(src: Storage, names: list[str], pins: dict[str, dict[str, Any]], copies: Copies) -> bool:
+    """Once every copy of `names` is done, where every other read of the source was conditional on its pin
+    (Storage.reads_pinned): check the pins of the copies the store may not have held to theirs (a server-side
+    copy), raising ConversionError where one changed; True then. False where that does not settle the source
+    (other reads unconditional, or a copy failed: that failure is reported)."""
+    if copies.error() is not None or not src.reads_pinned(n for n in pins if n not in names):
+        return False
+    unverified = {n: pins[n] for n in names if n in pins and not src.reads_pinned([n])}
     if unverified:
         check_pins(src, unverified, "during the conversion", COMMIT_REFUSED)
+    return True
 
 
 def _commit(dst: Storage, sink: Any, job: SinkJob, setup: JobSetup, results: list[Any]) -> None:

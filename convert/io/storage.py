@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import fsspec
@@ -235,6 +235,7 @@ class Storage:
         self._listed: dict[str, dict[str, Any]] = {}  # object stores: file -> pin, as this object's listings saw it
         self._expect: dict[str, dict[str, Any]] = {}  # S3: file -> the pin every read of it is conditional on
         self._unverified: set[str] = set()  # files copied server-side: their pins are still checked after
+        self._applies_conditions: Future[bool] | None = None  # probe_conditions' answer
 
     # -- paths -------------------------------------------------------------
     def path(self, rel: str) -> str:
@@ -331,10 +332,42 @@ class Storage:
         if self.is_s3:
             self._expect.update({n: dict(p) for n, p in pins.items() if _etag(p)})
 
+    def probe_conditions(self, rel: str) -> None:
+        """S3: start asking, in the background, whether the store applies If-Match to reads: one GET of the first
+        byte of `rel` (a non-empty file) on an ETag no object has, which such a store refuses (HTTP 412). Until
+        it has answered so, no read counts as pinned (reads_pinned): a store that ignores the condition would
+        hand out bytes of a file rewritten during the job."""
+        if self.is_s3 and S3_CONDITIONAL_READS and self._applies_conditions is None:
+            pool = ThreadPoolExecutor(max_workers=1)
+            self._applies_conditions = pool.submit(self._refuses_unmet_condition, rel)
+            pool.shutdown(wait=False)
+
+    def _refuses_unmet_condition(self, rel: str) -> bool:
+        """True where a GET of `rel`'s first byte on an unmet If-Match is refused with 412; False where it is
+        answered, or fails otherwise (the reads are then checked by a listing after them, as unconditional)."""
+        from fsspec.asyn import sync
+
+        bucket, key, _ = self.fs.split_path(self.path(rel))
+
+        async def get() -> None:
+            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range="bytes=0-0",
+                                          IfMatch='"moe-convert-probe"')
+            resp["Body"].close()
+
+        try:
+            sync(self.fs.loop, get)
+        except Exception as exc:  # noqa: BLE001 - any answer but 412 means: do not rely on the condition
+            answer = service_error(exc)
+            return answer is not None and (answer[0] == 412 or answer[1] == "PreconditionFailed")
+        return False
+
     def reads_pinned(self, names: Iterable[str]) -> bool:
         """True where every read of the files `names` was conditional on their pins (expect, or this object's
-        listing): no check of the pins after the reads is needed."""
-        return self.is_s3 and all(self.if_match(n) and n not in self._unverified for n in names)
+        listing) and the store applies the condition (probe_conditions): no check of the pins after the reads
+        is needed."""
+        if not self.is_s3 or self._applies_conditions is None or not self._applies_conditions.result():
+            return False
+        return all(self.if_match(n) and n not in self._unverified for n in names)
 
     def _read_pin(self, rel: str) -> Mapping[str, Any] | None:
         """The pin a read of `rel` is conditional on (expect, else this object's listing), or None (also where
