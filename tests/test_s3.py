@@ -267,13 +267,17 @@ def test_a_source_rewritten_during_the_conversion_fails_the_read_that_meets_it(s
     s3env.put(str(source), f"{BUCKET}/moving-src-{dst_kind}", recursive=True)
     shard = sorted(p for p in s3env.ls(f"{BUCKET}/moving-src-{dst_kind}", detail=False) if p.endswith(".safetensors"))[0]
     rewritten: list[str] = []
+    once = threading.Lock()  # two reads of the shard at once must not both rewrite it (twice is the original)
 
     def rewrite(method: str, path: str, rng: str | None) -> bool:
-        if method == "GET" and rng and not rng.startswith("bytes=0-") and shard in path and not rewritten:
-            data = bytearray(s3env.cat_file(shard))
-            data[-64:] = bytes(b ^ 0x5A for b in data[-64:])
-            s3env.pipe_file(shard, bytes(data))  # to the endpoint itself, before this request goes on to it
-            rewritten.append(path)
+        if method != "GET" or not rng or rng.startswith("bytes=0-") or shard not in path:
+            return False
+        with once:
+            if not rewritten:
+                data = bytearray(s3env.cat_file(shard))
+                data[-64:] = bytes(b ^ 0x5A for b in data[-64:])
+                s3env.pipe_file(shard, bytes(data))  # to the endpoint itself, before this request goes on to it
+                rewritten.append(path)
         return False
     dst = f"s3://{BUCKET}/moving-out" if dst_kind == "s3" else str(tmp_path / "out")
     proc, _ = _fuse_through_proxy(s3, monkeypatch, rewrite, f"s3://{BUCKET}/moving-src-{dst_kind}", dst, check=False,
