@@ -6,6 +6,9 @@ is exactly what was named) and, through tests/s3_server.FlakyProxy, which reques
 
 from __future__ import annotations
 
+import gc
+import warnings
+
 import pytest
 
 from convert.engine.output_record import changed_pins, check_pins, source_pins
@@ -73,6 +76,17 @@ def test_reads_count_as_pinned_only_where_the_store_refuses_an_unmet_condition(s
         assert st.reads_pinned(NAMES) == (store == "applies If-Match") and proxy.seen == seen + 1, "asked once"
     finally:
         proxy.stop()
+
+
+def test_connect_sets_the_client_up_now(s3, s3env):
+    """Storage.connect (the ranks' S3 clients, set up while rank 0 plans) makes the client at once: s3fs's
+    set_session is a coroutine, and calling it unawaited made none (and warned once collected)."""
+    st = Storage(f"s3://{BUCKET}/connect", {"skip_instance_cache": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unawaited coroutine's RuntimeWarning fails here
+        st.connect()
+        gc.collect()
+    assert st.fs._s3 is not None  # s3fs's client
 
 
 def test_pins_taken_by_head_with_more_fields_are_compared_by_head(s3, s3env):

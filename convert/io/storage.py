@@ -796,7 +796,7 @@ class Storage:
         request. A failure here is left for that request to report."""
         if self.is_s3:
             try:
-                self.fs.set_session()
+                self.fs.connect()  # s3fs: set_session's blocking form (set_session itself is a coroutine)
             except Exception:  # noqa: BLE001 - reported by the first real request, with its file
                 pass
 
