@@ -60,13 +60,14 @@ class FlakyProxy:
     `deny(method, path)` (path with its query), when true, answers 403 AccessDenied instead (`every=0`: no 503s).
     `cut(method, path, range)`, when true, sends the answer's headers and half its body, then drops the connection
     (a body broken off mid-stream; counted in `cut_bodies`).
-    `drop_headers` are removed from every request (e.g. If-Match: a store that ignores the condition).
+    `drop_headers` are removed from every request (e.g. If-Match: a store that ignores the condition); a request
+    with one of `not_implemented` is answered 501 NotImplemented (S3's answer to a header it does not take).
     """
 
     def __init__(self, upstream_port: int, every: int = 4, budget: int = 40,
                  deny: Callable[[str, str], bool] | None = None,
                  cut: Callable[[str, str, str | None], bool] | None = None,
-                 drop_headers: tuple[str, ...] = ()) -> None:
+                 drop_headers: tuple[str, ...] = (), not_implemented: tuple[str, ...] = ()) -> None:
         self.injected = 0
         self.denied = 0
         self.seen = 0
@@ -96,6 +97,7 @@ class FlakyProxy:
             def _handle(self) -> None:
                 body = self._body()
                 refuse = deny is not None and deny(self.command, self.path)
+                unknown = any(h in self.headers for h in not_implemented)
                 broken = cut is not None and cut(self.command, self.path, self.headers.get("Range"))
                 with lock:
                     outer.seen += 1
@@ -108,6 +110,15 @@ class FlakyProxy:
                 if refuse:
                     msg = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
                     self.send_response(403)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                if unknown:
+                    msg = (b"<Error><Code>NotImplemented</Code><Message>A header you provided implies functionality "
+                           b"that is not implemented</Message></Error>")
+                    self.send_response(501)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(msg)))
                     self.end_headers()

@@ -335,3 +335,28 @@ def test_s3_to_s3_checks_its_server_side_copies_while_the_shards_stream(s3, s3en
     proc, _ = _fuse_through_proxy(s3, monkeypatch, hold, f"s3://{BUCKET}/early-src", f"s3://{BUCKET}/early-out")
     assert held and all(held), "a part waited 60 s for the check of the copies:\n" + "\n".join(log)
     assert _files_of(s3env, f"{BUCKET}/early-out") == _local_files(local_reference[0])
+
+
+def test_a_store_that_does_not_take_if_match_fails_at_once_naming_the_way_out(s3, s3env, source, local_reference,
+                                                                             tmp_path, monkeypatch):
+    """A store that answers a conditional read 501 NotImplemented (S3's answer to a header it does not take) fails the
+    job at its first read, without retrying: one line naming the file and MOE_CONVERT_S3_CONDITIONAL_READS=0, with
+    which the same job converts."""
+    s3env.put(str(source), f"{BUCKET}/noif-src", recursive=True)
+    proxy = FlakyProxy(s3.port, every=0, not_implemented=("If-Match",))
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        args = ("--src", f"s3://{BUCKET}/noif-src", "--dst", str(tmp_path / "out"))
+        proc = run_tool("convert.fuse_experts", *args, check=False, timeout=120)
+        refused = proxy.seen
+        monkeypatch.setenv("MOE_CONVERT_S3_CONDITIONAL_READS", "0")
+        run_tool("convert.fuse_experts", *args, timeout=120)
+    finally:
+        proxy.stop()
+    assert proc.returncode == 2, proc.stderr  # refused before writing: the plan's first read met it
+    assert [x for x in proc.stderr.splitlines() if x.strip()] == [
+        f"error: cannot read s3://{BUCKET}/noif-src/model.safetensors.index.json: A header you provided implies "
+        "functionality that is not implemented (HTTP 501 NotImplemented); this store does not take If-Match, on which "
+        "every read of a source is made: set MOE_CONVERT_S3_CONDITIONAL_READS=0"], proc.stderr
+    assert refused <= 8, f"{refused} requests: a store's 501 to a condition is not retried"
+    assert _local_files(tmp_path / "out") == _local_files(local_reference[0])

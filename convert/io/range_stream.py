@@ -76,9 +76,9 @@ class RangeReader:
                 ) from None
             except BaseException as exc:
                 self.close()  # the next attempt asks again from the first byte not yet here
-                changed = self.storage.source_changed(self.rel, exc)
-                if changed is not None:
-                    raise changed from None
+                refused = self.storage.refused_read(self.rel, exc)
+                if refused is not None:
+                    raise refused from None
                 raise
             finally:
                 done[0] = progress[0]

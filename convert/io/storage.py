@@ -381,14 +381,20 @@ class Storage:
         pin = self._read_pin(rel)
         return _etag(pin) if pin else None
 
-    def source_changed(self, rel: str, exc: BaseException) -> SourceChanged | None:
-        """`exc` as a SourceChanged naming `rel` where it is the store's answer that a conditional read's file
-        changed (HTTP 412), else None."""
+    def refused_read(self, rel: str, exc: BaseException) -> SourceChanged | StorageError | None:
+        """What `exc` stands for where it is the store's refusal of a read of `rel` made on its pin's condition:
+        SourceChanged where the file changed (HTTP 412); a StorageError saying how to read without conditions
+        where the store does not implement them (HTTP 501, S3's answer to a header it does not take); else None."""
         answer = service_error(exc)
-        if answer is None or (answer[0] != 412 and answer[1] != "PreconditionFailed"):
+        if answer is None:
             return None
-        return SourceChanged(f"source file {self.display(rel)} changed during the conversion (its ETag is no longer "
-                             f"{self.if_match(rel)})")
+        if answer[0] == 412 or answer[1] == "PreconditionFailed":
+            return SourceChanged(f"source file {self.display(rel)} changed during the conversion (its ETag is no "
+                                 f"longer {self.if_match(rel)})")
+        if (answer[0] == 501 or answer[1] == "NotImplemented") and self.if_match(rel):
+            return StorageError("read", self.display(rel), f"{reason_of(exc)}; this store does not take If-Match, "
+                                "on which every read of a source is made: set MOE_CONVERT_S3_CONDITIONAL_READS=0")
+        return None
 
     def list_dir(self, rel: str = "") -> tuple[list[str], list[str]]:
         """(files, subdirectories) directly below `rel`, as names relative to it."""
@@ -479,10 +485,10 @@ class Storage:
         def attempt() -> bytes:
             try:
                 return sync(self.fs.loop, get)
-            except Exception as exc:  # noqa: BLE001 - a changed file is told apart from other errors
-                changed = self.source_changed(rel, exc)
-                if changed is not None:
-                    raise changed from None
+            except Exception as exc:  # noqa: BLE001 - a refused condition is told apart from other errors
+                refused = self.refused_read(rel, exc)
+                if refused is not None:
+                    raise refused from None
                 raise
 
         return self._retry("read", rel, attempt)
@@ -713,9 +719,9 @@ class Storage:
                 self._s3("copy to", "copy_object", dst_rel or rel, CopySource={"Bucket": bucket, "Key": key},
                          **({"CopySourceIfMatch": etag} if etag else {}))
             except StorageError as exc:  # e.g. an object above the store's single-copy limit: the bytes go through here
-                changed = src.source_changed(rel, exc)
-                if changed is not None:
-                    raise changed from None
+                refused = src.refused_read(rel, exc)
+                if refused is not None:
+                    raise refused from None
             else:
                 # Not every store applies the condition (moto does not), and the copy's ETag cannot tell (under
                 # SSE-KMS no ETag is its bytes' MD5): the file's pin is checked after the data, as before.
