@@ -94,6 +94,15 @@ class FlakyProxy:
                         self.rfile.readline()
                 return self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
 
+            def _error(self, status: int, code: str, message: str) -> None:
+                """Answer with S3's error document."""
+                msg = f"<Error><Code>{code}</Code><Message>{message}</Message></Error>".encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(msg)))
+                self.end_headers()
+                self.wfile.write(msg)
+
             def _handle(self) -> None:
                 body = self._body()
                 refuse = deny is not None and deny(self.command, self.path)
@@ -108,30 +117,12 @@ class FlakyProxy:
                         outer.injected += 1
                     outer.denied += refuse
                 if refuse:
-                    msg = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
-                    self.send_response(403)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(msg)))
-                    self.end_headers()
-                    self.wfile.write(msg)
-                    return
+                    return self._error(403, "AccessDenied", "Access Denied")
                 if unknown:
-                    msg = (b"<Error><Code>NotImplemented</Code><Message>A header you provided implies functionality "
-                           b"that is not implemented</Message></Error>")
-                    self.send_response(501)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(msg)))
-                    self.end_headers()
-                    self.wfile.write(msg)
-                    return
+                    return self._error(501, "NotImplemented",
+                                       "A header you provided implies functionality that is not implemented")
                 if fail:
-                    msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-                    self.send_response(503)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(msg)))
-                    self.end_headers()
-                    self.wfile.write(msg)
-                    return
+                    return self._error(503, "SlowDown", "Please reduce your request rate.")
                 conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
                 dropped = {"transfer-encoding", *(h.lower() for h in drop_headers)}
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
