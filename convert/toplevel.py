@@ -34,11 +34,6 @@ EXIT_CODES = """exit codes:
 """
 
 
-def rank() -> int:
-    """This process's rank as the launcher set it (0 when alone)."""
-    return launcher_rank()
-
-
 class ToolParser(argparse.ArgumentParser):
     """An ArgumentParser with --debug, the exit codes in --help, and usage errors printed by rank 0 only."""
 
@@ -54,7 +49,7 @@ class ToolParser(argparse.ArgumentParser):
         return namespace, extras
 
     def error(self, message: str) -> NoReturn:
-        if rank() == 0:
+        if launcher_rank() == 0:
             self.print_usage(sys.stderr)
             sys.stderr.write(f"{self.prog}: error: {message}\n")
         exit_after_rank0(2)
@@ -94,7 +89,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
         sys.stdout.flush()
     except Exception:  # noqa: BLE001 - a closed or busy stdout must not keep us from exiting
         pass
-    if rank() == 0:
+    if launcher_rank() == 0:
         lead = "\n" if os.isatty(2) else ""
         stack = "".join(traceback.format_stack(frame)) if debug_enabled() and frame is not None else ""
         _write_stderr(f"{lead}{stack}{interrupted_line()}\n")
@@ -133,7 +128,7 @@ def run_guarded(fn: Callable[[], int], debug: bool | None = None) -> int:
         _quiet_stdout()
         code = EXIT_BROKEN_PIPE
     except Exception as exc:  # noqa: BLE001 - every error becomes one line and an exit code
-        if rank() == 0 or not is_comm_error(exc):
+        if launcher_rank() == 0 or not is_comm_error(exc):
             print(f"error: {describe(exc)}", file=sys.stderr)
         code = exit_code(exc) if not is_comm_error(exc) else EXIT_FAILED
     finally:

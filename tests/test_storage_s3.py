@@ -66,13 +66,14 @@ def test_reads_count_as_pinned_only_where_the_store_refuses_an_unmet_condition(s
     proxy = FlakyProxy(s3.port, every=0, drop_headers=("If-Match",) if store == "ignores If-Match" else ())
     try:
         st = Storage(f"s3://{BUCKET}/probe", {"endpoint_url": proxy.url})
-        st.expect(st.pins(NAMES))
+        pins = st.pins(NAMES)
+        st.expect(pins)
         assert not st.reads_pinned(NAMES), "not before the store was asked"
         seen = proxy.seen
-        st.probe_conditions("config.json")
+        st.probe_conditions(pins)
         assert st.reads_pinned(NAMES) == (store == "applies If-Match")
         assert proxy.seen == seen + 1 and proxy.ranges[-1] == "bytes=0-0", "one GET of the first byte"
-        st.probe_conditions("config.json")
+        st.probe_conditions(pins)
         assert st.reads_pinned(NAMES) == (store == "applies If-Match") and proxy.seen == seen + 1, "asked once"
     finally:
         proxy.stop()

@@ -371,9 +371,7 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
             src = Storage(opts.src, opts.storage_options)
             dst = Storage(opts.dst, opts.storage_options)
             src.expect(setup.pins)
-            probe = next((n for n, pin in setup.pins.items() if pin.get("size")), None)
-            if probe is not None:
-                src.probe_conditions(probe)
+            src.probe_conditions(setup.pins)
             sink = make_sink(src, dst)
             job = SinkJob(setup.files, setup.pieces, setup.assignment, setup.fingerprint, opts.workers,
                           state={"pins": setup.pins, "outputs": setup.outputs})

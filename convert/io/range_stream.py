@@ -76,9 +76,7 @@ class RangeReader:
                 ) from None
             except BaseException as exc:
                 self.close()  # the next attempt asks again from the first byte not yet here
-                refused = self.storage.refused_read(self.rel, exc)
-                if refused is not None:
-                    raise refused from None
+                self.storage.raise_if_refused(self.rel, exc)
                 raise
             finally:
                 done[0] = progress[0]

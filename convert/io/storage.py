@@ -332,12 +332,13 @@ class Storage:
         if self.is_s3:
             self._expect.update({n: dict(p) for n, p in pins.items() if _etag(p)})
 
-    def probe_conditions(self, rel: str) -> None:
+    def probe_conditions(self, pins: Mapping[str, Mapping[str, Any]]) -> None:
         """S3: start asking, in the background, whether the store applies If-Match to reads: one GET of the first
-        byte of `rel` (a non-empty file) on an ETag no object has, which such a store refuses (HTTP 412). Until
+        byte of a non-empty file of `pins` on an ETag no object has, which such a store refuses (HTTP 412). Until
         it has answered so, no read counts as pinned (reads_pinned): a store that ignores the condition would
         hand out bytes of a file rewritten during the job."""
-        if self.is_s3 and S3_CONDITIONAL_READS and self._applies_conditions is None:
+        rel = next((n for n, pin in pins.items() if pin.get("size")), None)
+        if self.is_s3 and S3_CONDITIONAL_READS and self._applies_conditions is None and rel is not None:
             pool = ThreadPoolExecutor(max_workers=1)
             self._applies_conditions = pool.submit(self._refuses_unmet_condition, rel)
             pool.shutdown(wait=False)
@@ -347,12 +348,8 @@ class Storage:
         answered, or fails otherwise (the reads are then checked by a listing after them, as unconditional)."""
         from fsspec.asyn import sync
 
-        bucket, key, _ = self.fs.split_path(self.path(rel))
-
         async def get() -> None:
-            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range="bytes=0-0",
-                                          IfMatch='"moe-convert-probe"')
-            resp["Body"].close()
+            (await self.ranged_get(rel, 0, 1, etag='"moe-convert-probe"')).close()
 
         try:
             sync(self.fs.loop, get)
@@ -381,20 +378,20 @@ class Storage:
         pin = self._read_pin(rel)
         return _etag(pin) if pin else None
 
-    def refused_read(self, rel: str, exc: BaseException) -> SourceChanged | StorageError | None:
-        """What `exc` stands for where it is the store's refusal of a read of `rel` made on its pin's condition:
-        SourceChanged where the file changed (HTTP 412); a StorageError saying how to read without conditions
-        where the store does not implement them (HTTP 501, S3's answer to a header it does not take); else None."""
+    def raise_if_refused(self, rel: str, exc: BaseException) -> None:
+        """Where `exc` is the store's refusal of a read of `rel` made on its pin's condition, raise what it stands
+        for: SourceChanged where the file changed (HTTP 412); a StorageError saying how to read without conditions
+        where the store does not implement them (HTTP 501, S3's answer to a header it does not take)."""
         answer = service_error(exc)
         if answer is None:
-            return None
+            return
         if answer[0] == 412 or answer[1] == "PreconditionFailed":
-            return SourceChanged(f"source file {self.display(rel)} changed during the conversion (its ETag is no "
-                                 f"longer {self.if_match(rel)})")
+            raise SourceChanged(f"source file {self.display(rel)} changed during the conversion (its ETag is no "
+                                f"longer {self.if_match(rel)})") from None
         if (answer[0] == 501 or answer[1] == "NotImplemented") and self.if_match(rel):
-            return StorageError("read", self.display(rel), f"{reason_of(exc)}; this store does not take If-Match, "
-                                "on which every read of a source is made: set MOE_CONVERT_S3_CONDITIONAL_READS=0")
-        return None
+            raise StorageError("read", self.display(rel), f"{reason_of(exc)}; this store does not take If-Match, "
+                               "on which every read of a source is made: set MOE_CONVERT_S3_CONDITIONAL_READS=0") \
+                from None
 
     def list_dir(self, rel: str = "") -> tuple[list[str], list[str]]:
         """(files, subdirectories) directly below `rel`, as names relative to it."""
@@ -460,13 +457,13 @@ class Storage:
             )
         return data
 
-    async def ranged_get(self, rel: str, start: int, end: int) -> Any:
-        """S3 (await on fs.loop): the body of one GET of bytes [start, end) of `rel`, conditional on its pin where
-        there is one (if_match); the caller reads and closes it."""
+    async def ranged_get(self, rel: str, start: int, end: int, etag: str | None = None) -> Any:
+        """S3 (await on fs.loop): the body of one GET of bytes [start, end) of `rel`, conditional on `etag`, else on
+        its pin where there is one (if_match); the caller reads and closes it."""
         from s3fs.core import version_id_kw
 
         bucket, key, version = self.fs.split_path(self.path(rel))
-        etag = self.if_match(rel)
+        etag = etag or self.if_match(rel)
         resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
                                       **version_id_kw(version), **({"IfMatch": etag} if etag else {}))
         return resp["Body"]
@@ -486,9 +483,7 @@ class Storage:
             try:
                 return sync(self.fs.loop, get)
             except Exception as exc:  # noqa: BLE001 - a refused condition is told apart from other errors
-                refused = self.refused_read(rel, exc)
-                if refused is not None:
-                    raise refused from None
+                self.raise_if_refused(rel, exc)
                 raise
 
         return self._retry("read", rel, attempt)
@@ -719,9 +714,7 @@ class Storage:
                 self._s3("copy to", "copy_object", dst_rel or rel, CopySource={"Bucket": bucket, "Key": key},
                          **({"CopySourceIfMatch": etag} if etag else {}))
             except StorageError as exc:  # e.g. an object above the store's single-copy limit: the bytes go through here
-                refused = src.refused_read(rel, exc)
-                if refused is not None:
-                    raise refused from None
+                src.raise_if_refused(rel, exc)
             else:
                 # Not every store applies the condition (moto does not), and the copy's ETag cannot tell (under
                 # SSE-KMS no ETag is its bytes' MD5): the file's pin is checked after the data, as before.
