@@ -1,9 +1,12 @@
 """Process-group setup under torchrun, accelerate launch, SLURM (srun), `--nproc N` or a plain `python -m`.
 
 The tool only needs a CPU group for its control messages: each rank's part of the plan, barriers,
-the status exchange and a shared progress counter: gloo under a launcher; `--nproc N`
-(launch.local) forks the ranks from one process, and they join a torch-free group
-(launch.hub) instead, so a job that moves bytes never imports torch.
+the status exchange and a shared progress counter. Its ranks join a torch-free group (launch.hub),
+so a job that moves bytes never imports torch: `--nproc N` (launch.local) forks the ranks from one
+process, whose socket rank 0's hub serves; under torchrun (and accelerate launch, which starts
+torchrun) rank 0 serves the hub on every interface and publishes its address and token in
+torchrun's own store (launch.store), where the other ranks read it. gloo remains for launchers
+without torchrun's store (srun, a store torchrun does not share) and with MOE_CONVERT_GROUP=gloo.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import datetime
 import json
 import os
 import pickle
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from launch import hub, local
+from launch.store import StoreClient, StoreError
 
 
 class _LazyTorchDistributed:
@@ -41,7 +46,7 @@ class Dist:
     world_size: int
     initialized_here: bool = False
     _counters: dict[str, int] = field(default_factory=dict)
-    group: hub.HubClient | None = None  # the torch-free group of --nproc ranks (launch.hub); else gloo
+    group: hub.HubClient | None = None  # the torch-free group (launch.hub); None: gloo
 
     @property
     def is_main(self) -> bool:
@@ -248,15 +253,66 @@ def init_dist(timeout_s: float = 3600.0, nproc: int = 1, preload_torch: bool = F
     rank = int(os.environ.get("RANK", "0"))
     if world <= 1:
         return Dist(0, 1)
-    if dist.is_initialized():
+    if "torch.distributed" in sys.modules and dist.is_initialized():  # a program that set up its own group
         return Dist(dist.get_rank(), dist.get_world_size())
+    if _torchrun_store_shared():
+        return _join_torchrun(rank, world, timeout_s)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, world, initialized_here=True)
+
+
+_joins = 0  # groups this process has joined: each join publishes under a key of its own
+
+
+def _torchrun_store_shared() -> bool:
+    """Whether torchrun's agent shares its store with the ranks (MASTER_ADDR:MASTER_PORT), and the hub may be used."""
+    env = os.environ
+    return (env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and bool(env.get("MASTER_ADDR"))
+            and bool(env.get("MASTER_PORT")) and env.get("MOE_CONVERT_GROUP", "hub") != "gloo")
+
+
+def _join_torchrun(rank: int, world: int, timeout_s: float) -> Dist:
+    """A torchrun rank: rank 0 serves the hub and publishes where, with its token, in torchrun's store;
+    the others read that and connect. Exits 1 with one line when the store or the hub cannot be reached."""
+    global _joins
+    _joins += 1
+    env = os.environ
+    key = f"moe_convert/{env.get('TORCHELASTIC_RUN_ID', '')}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_joins}/hub"
+    try:
+        store = StoreClient(env["MASTER_ADDR"], int(env["MASTER_PORT"]), timeout_s)
+        try:
+            if rank == 0:
+                token = hub.new_token()
+                port = hub.serve_everywhere(world, token)
+                hosts = _addresses(store.local_address())
+                store.set(key, json.dumps({"hosts": hosts, "port": port, "token": token.hex()}).encode())
+            else:
+                where = json.loads(store.get(key))
+                hosts, port, token = where["hosts"], int(where["port"]), bytes.fromhex(where["token"])
+        finally:
+            store.close()
+        group = hub.HubClient(hosts, port, token, rank, world, timeout_s)
+    except (StoreError, hub.GroupError, OSError, ValueError, KeyError) as exc:
+        print(f"error: rank {rank} cannot join the job's group: {exc}", file=sys.stderr)
+        hard_exit(1)
+    return Dist(rank, world, initialized_here=True, group=group)
+
+
+def _addresses(store_facing: str) -> list[str]:
+    """Where other ranks may reach this host, most likely first: the address that reaches torchrun's
+    store, this host's name's addresses, then the loopback (ranks on this host)."""
+    found = [store_facing]
+    try:
+        found += [info[4][0] for info in socket.getaddrinfo(socket.getfqdn(), None, socket.AF_INET)]
+    except OSError:
+        pass
+    routable = [a for a in dict.fromkeys(found) if not a.startswith("127.")]
+    return routable + ["127.0.0.1"]
 
 
 def _join_forked(hand: local.Handover, timeout_s: float) -> Dist:
     """A rank forked by --nproc: joins the torch-free group that rank 0 serves on the parent's socket."""
     os.environ.update(RANK=str(hand.rank), WORLD_SIZE=str(hand.world_size), LOCAL_RANK=str(hand.rank),
                       LOCAL_WORLD_SIZE=str(hand.world_size))
-    group = hub.join(hand.port, hand.listen_fd, hand.rank, hand.world_size, timeout_s)
+    group = hub.join(hand.port, hand.listen_fd, hand.token, hand.rank, hand.world_size, timeout_s)
     return Dist(hand.rank, hand.world_size, initialized_here=True, group=group)

@@ -15,6 +15,11 @@ hello), so neither the hub nor any rank ever holds the other ranks' parts. A ran
 job's end ends the group: the hub closes every connection, and a rank whose call finds the group
 gone exits at once with code 1 and no message of its own: the --nproc supervisor, which saw the
 first rank stop, says which one and settles the job's exit code.
+
+The same hub serves the ranks of a torchrun job (launch.dist): rank 0 listens on every interface
+and publishes its address through torchrun's store. A connection is let in only after it has
+sent the job's random token (TOKEN_BYTES raw bytes, answered by one byte, ACK), so nothing that
+was not handed the token reaches the pickles.
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ from typing import Any, NoReturn
 
 _LEN = struct.Struct("!Q")
 COLLECTIVE, COUNTER = 0, 1
+TOKEN_BYTES = 16
+ACK = b"K"
+
+
+def new_token() -> bytes:
+    """A fresh random token for one job's hub."""
+    return os.urandom(TOKEN_BYTES)
 
 
 class GroupError(ConnectionError):
@@ -70,8 +82,9 @@ def _recv(sock: socket.socket) -> Any:
 class Hub:
     """The server side, run by a daemon thread of rank 0 over the parent's listening socket."""
 
-    def __init__(self, listener: socket.socket, world_size: int) -> None:
-        self.listener, self.world = listener, world_size
+    def __init__(self, listener: socket.socket, world_size: int, token: bytes) -> None:
+        self.listener, self.world, self.token = listener, world_size, token
+        self.strangers: dict[socket.socket, bytearray] = {}  # connections that have not sent the token yet
         self.sel = selectors.DefaultSelector()
         self.coll: dict[int, socket.socket] = {}  # rank -> its collective connection
         self.parts: dict[int, dict[int, Any]] = {}  # collective sequence number -> rank -> part
@@ -92,12 +105,32 @@ class Hub:
                     if key.fileobj is self.listener:
                         conn, _ = self.listener.accept()
                         conn.setblocking(True)
-                        self.bufs[conn] = bytearray()
+                        self.strangers[conn] = bytearray()
                         self.sel.register(conn, selectors.EVENT_READ)
+                    elif key.fileobj in self.strangers:
+                        self._introduce(key.fileobj)  # type: ignore[arg-type]
                     else:
                         self._readable(key.fileobj)  # type: ignore[arg-type]
         except GroupError:
             self._shut()
+
+    def _introduce(self, conn: socket.socket) -> None:
+        """Read a new connection's token: a match makes it a rank's connection, anything else is dropped."""
+        buf = self.strangers[conn]
+        try:
+            chunk = conn.recv(TOKEN_BYTES - len(buf))
+        except OSError:
+            chunk = b""
+        buf += chunk
+        if chunk and len(buf) < TOKEN_BYTES:
+            return
+        del self.strangers[conn]
+        if not chunk or bytes(buf) != self.token:
+            self.sel.unregister(conn)
+            conn.close()
+            return
+        conn.sendall(ACK)
+        self.bufs[conn] = bytearray()
 
     def _readable(self, conn: socket.socket) -> None:
         try:
@@ -146,7 +179,7 @@ class Hub:
                     self.coll[r].sendall(frame if r == 0 or kind == "gather" else none)
 
     def _shut(self) -> None:
-        for conn in list(self.bufs):
+        for conn in [*self.bufs, *self.strangers]:
             try:
                 conn.close()
             except OSError:
@@ -157,17 +190,30 @@ class Hub:
 class HubClient:
     """One rank's two connections to the hub."""
 
-    def __init__(self, port: int, rank: int, world_size: int, timeout_s: float) -> None:
+    def __init__(self, hosts: list[str], port: int, token: bytes, rank: int, world_size: int,
+                 timeout_s: float) -> None:
         self.rank, self.world, self.seq = rank, world_size, 0
         self.lock = threading.Lock()
-        self.coll = self._connect(port, COLLECTIVE, timeout_s)
-        self.counter = self._connect(port, COUNTER, timeout_s)
+        self.coll = self._connect(hosts, port, token, COLLECTIVE, timeout_s)
+        self.counter = self._connect(hosts, port, token, COUNTER, timeout_s)
 
-    def _connect(self, port: int, channel: int, timeout_s: float) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _send(sock, ("hello", self.rank, channel))
-        return sock
+    def _connect(self, hosts: list[str], port: int, token: bytes, channel: int, timeout_s: float) -> socket.socket:
+        """A connection to the hub at the first of `hosts` that lets this rank in (holds the job's token)."""
+        problems = []
+        for host in hosts:
+            try:
+                sock = socket.create_connection((host, port), timeout=min(timeout_s, 10.0))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.sendall(token)
+                if _recv_exact(sock, len(ACK)) != ACK:
+                    raise GroupError("not this job's hub")
+            except (OSError, GroupError) as exc:
+                problems.append(f"{host}:{port}: {exc}")
+                continue
+            sock.settimeout(timeout_s)
+            _send(sock, ("hello", self.rank, channel))
+            return sock
+        raise GroupError("cannot reach rank 0's hub at " + "; ".join(problems))
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order, on every rank (the same call order on every rank)."""
@@ -222,12 +268,21 @@ def _group_lost() -> NoReturn:
     os._exit(1)
 
 
-def join(port: int, listen_fd: int | None, rank: int, world_size: int, timeout_s: float) -> HubClient:
+def join(port: int, listen_fd: int | None, token: bytes, rank: int, world_size: int, timeout_s: float) -> HubClient:
     """Join the group of a forked rank: rank 0 (holding the listening socket `listen_fd`) starts the hub first.
 
     Returns this rank's client. The listening socket was bound before the fork, so a rank's
     connection waits in its backlog until rank 0's hub accepts it.
     """
     if listen_fd is not None:
-        Hub(socket.socket(fileno=listen_fd), world_size).start()
-    return HubClient(port, rank, world_size, timeout_s)
+        Hub(socket.socket(fileno=listen_fd), world_size, token).start()
+    return HubClient(["127.0.0.1"], port, token, rank, world_size, timeout_s)
+
+
+def serve_everywhere(world_size: int, token: bytes) -> int:
+    """Start a hub listening on every interface of this host (rank 0 under torchrun); returns its port."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("0.0.0.0", 0))
+    listener.listen(max(128, world_size * 2))
+    Hub(listener, world_size, token).start()
+    return int(listener.getsockname()[1])

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import NoReturn
 
+from launch import hub
+
 # Exit codes a rank may end with on its own: ok, failed, refused, SIGINT, SIGTERM.
 CONTRACT_CODES = frozenset({0, 1, 2, 130, 143})
 # How long the other ranks may take to end with the code they all agree on once one rank has failed.
@@ -40,6 +42,7 @@ class Handover:
     world_size: int
     port: int
     listen_fd: int | None  # rank 0 serves the group's hub on the socket the parent opened
+    token: bytes  # what a connection must send to be let into the hub
 
 
 _handover: Handover | None = None
@@ -143,6 +146,7 @@ def start(nproc: int, preload_torch: bool = False) -> Handover:
     sock.bind(("127.0.0.1", 0))
     sock.listen(max(128, nproc))
     port = sock.getsockname()[1]
+    token = hub.new_token()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     parent = os.getpid()
@@ -162,7 +166,7 @@ def start(nproc: int, preload_torch: bool = False) -> Handover:
                         sock.close()
                 except BaseException:  # a fork must never carry on as the parent
                     os._exit(1)
-                _handover = Handover(rank, nproc, port, listen_fd)
+                _handover = Handover(rank, nproc, port, listen_fd, token)
                 return _handover
             pids[pid] = rank
     except BaseException:  # fork failed (or a signal): leave no rank behind

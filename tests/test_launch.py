@@ -322,8 +322,9 @@ def test_the_hub_scatters_each_rank_its_own_part_and_gathers_to_rank_0_only():
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
     port = listener.getsockname()[1]
-    hub.Hub(listener, 3).start()
-    rank0 = hub.HubClient(port, 0, 3, 30)
+    token = hub.new_token()
+    hub.Hub(listener, 3, token).start()
+    rank0 = hub.HubClient(["127.0.0.1"], port, token, 0, 3, 30)
     built: list[int] = []
     assert rank0.scatter(lambda r: built.append(r) or {"rank": r, "data": bytes([r]) * 1000}) == \
         {"rank": 0, "data": b"\0" * 1000}
@@ -331,7 +332,7 @@ def test_the_hub_scatters_each_rank_its_own_part_and_gathers_to_rank_0_only():
     got: dict[int, object] = {}
 
     def late(rank: int) -> None:  # joins only after rank 0 sent its part
-        client = hub.HubClient(port, rank, 3, 30)
+        client = hub.HubClient(["127.0.0.1"], port, token, rank, 3, 30)
         got[rank] = client.scatter(None)
         got[rank + 10] = client.gather_main(f"from {rank}")
 
@@ -342,3 +343,101 @@ def test_the_hub_scatters_each_rank_its_own_part_and_gathers_to_rank_0_only():
     for t in threads:
         t.join(30)
     assert got == {1: {"rank": 1, "data": b"\1" * 1000}, 2: {"rank": 2, "data": b"\2" * 1000}, 11: None, 12: None}
+
+
+def test_the_hub_lets_in_only_a_connection_that_sends_the_jobs_token():
+    """A connection without the token (a port scan, another job's rank) is dropped unread, the group goes on;
+    a client given several addresses skips one where no hub of its job answers."""
+    import socket
+
+    from launch import hub
+
+    token = hub.new_token()
+    port = hub.serve_everywhere(2, token)
+    stranger = socket.create_connection(("127.0.0.1", port), timeout=10)
+    stranger.sendall(b"x" * hub.TOKEN_BYTES)
+    assert stranger.recv(1) == b""  # closed without an answer
+    with pytest.raises(hub.GroupError, match="cannot reach rank 0's hub"):
+        hub.HubClient(["127.0.0.1"], port, hub.new_token(), 1, 2, 10)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead = closed.getsockname()[1]
+    closed.close()
+    clients = [hub.HubClient(["127.0.0.1"], port, token, 0, 2, 30)]
+    with pytest.raises(hub.GroupError, match=f"127.0.0.1:{dead}"):
+        hub.HubClient(["127.0.0.1"], dead, token, 1, 2, 10)
+    clients.append(hub.HubClient(["127.0.0.2", "127.0.0.1"], port, token, 1, 2, 30))  # no hub on .2's port
+    import threading
+
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(clients[1].gather("b")))
+    t.start()
+    assert clients[0].gather("a") == ["a", "b"]
+    t.join(30)
+    assert got == [["a", "b"]]
+
+
+def test_the_store_client_speaks_torchs_tcpstore():
+    """launch.store against torch's own TCPStore server: a value set by either side is read by the other,
+    and get waits for a key another client sets later."""
+    import threading
+
+    from torch.distributed import TCPStore
+
+    from launch.store import StoreClient
+
+    server = TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    server.set("from/torch", b"t" * 70000)
+    ours, other = StoreClient("127.0.0.1", server.port, 30), StoreClient("127.0.0.1", server.port, 30)
+    assert ours.get("from/torch") == b"t" * 70000
+    ours.set("from/us", b"u")
+    assert server.get("from/us") == b"u"
+    timer = threading.Timer(0.5, lambda: ours.set("later", b"v"))
+    timer.start()
+    assert other.get("later") == b"v"
+    timer.join()
+
+
+def _torch_blocked(module: str, *args: str) -> list[str]:
+    """A torchrun worker command (for --no-python) running `module` with torch made unimportable."""
+    code = ("import sys, runpy; sys.modules['torch'] = None; "
+            f"sys.argv = [{module!r}, *{list(args)!r}]; runpy.run_module({module!r}, run_name='__main__')")
+    return [sys.executable, "-c", code]
+
+
+def test_torchrun_ranks_of_two_agents_move_bytes_without_torch(example, one_rank, tmp_path):
+    """Two torchrun agents (two "nodes" on this host, c10d rendezvous), one rank each, torch unimportable in
+    the ranks: they find each other through torchrun's store and the hub, and the output is byte-identical."""
+    import socket
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    dst = tmp_path / "fused"
+    worker = _torch_blocked("convert.fuse_experts", "--src", str(example), "--dst", str(dst), "--no-progress")
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(i),
+                                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "two-agents",
+                                "--rdzv-endpoint", f"127.0.0.1:{port}", "--no-python", *worker],
+                               cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for i in range(2)]
+    outs = [a.communicate(timeout=300) for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], [o[1][-3000:] for o in outs]
+    assert "with 2 rank(s)" in outs[0][0] + outs[1][0]
+    assert _files(dst) == _files(one_rank)
+
+
+def test_torchrun_ranks_fall_back_to_gloo_where_the_store_is_not_shared(example, one_rank, tmp_path):
+    """MOE_CONVERT_GROUP=gloo (and launchers without torchrun's shared store) join a gloo group as before."""
+    dst = tmp_path / "gloo"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
+           *_torch_blocked("convert.fuse_experts", "--src", str(example), "--dst", str(dst), "--no-progress")]
+    blocked = subprocess.run(cmd, cwd=REPO, env=_env(MOE_CONVERT_GROUP="gloo"), capture_output=True, text=True,
+                             timeout=300)
+    assert blocked.returncode != 0  # gloo needs torch: the blocked import proves this path is taken
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "convert.fuse_experts", "--src", str(example), "--dst", str(dst), "--overwrite",
+                          "--no-progress"], cwd=REPO, env=_env(MOE_CONVERT_GROUP="gloo"), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _files(dst) == _files(one_rank)
