@@ -9,8 +9,10 @@ SIGINT, 143 for SIGTERM).
 from __future__ import annotations
 
 import errno as _errno
+import re
 import traceback
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 
@@ -54,6 +56,21 @@ class CredentialsError(StorageError):
 
     def __str__(self) -> str:
         return f"{self.reason} for {self.target}: {CREDENTIALS_HINT}"
+
+
+class EndpointUnreachable(StorageError):
+    """An object store's endpoint refused the connection, or its host name does not resolve: nothing a retry
+    changes (a refusal, exit 2, before anything was written; exit 1 while running)."""
+
+    def __init__(self, endpoint: str, target: str, reason: str) -> None:
+        super().__init__("reach", target, reason)
+        self.endpoint = endpoint
+
+    def __str__(self) -> str:
+        return f"cannot reach the S3 endpoint {self.endpoint} for {self.target}: {self.reason}"
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:  # type: ignore[override]
+        return type(self), (self.endpoint, self.target, self.reason)
 
 
 CREDENTIALS_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass "
@@ -122,6 +139,39 @@ def credentials_problem(exc: BaseException) -> str | None:
     if answer and answer[1] in _BAD_CREDENTIALS:
         return f"credentials rejected ({answer[1]})"
     return None
+
+
+def unreachable(exc: BaseException) -> tuple[str, str] | None:
+    """(endpoint, reason) when `exc` says an object store's endpoint cannot be reached at all: the connection was
+    refused ('connection refused') or the host name does not resolve ('unknown host H'); else None. A resolver's
+    temporary failure (EAI_AGAIN), a timeout or a connection reset is transient, not this."""
+    import socket
+
+    endpoint = reason = host = None
+    for e in chain(exc):
+        url = (getattr(e, "kwargs", None) or {}).get("endpoint_url") if type(e).__name__ == "EndpointConnectionError" \
+            else None
+        if url and endpoint is None:
+            parts = urlsplit(str(url))
+            endpoint = f"{parts.scheme}://{parts.netloc}" if parts.netloc else str(url)
+        if type(e).__name__.startswith("ClientConnector") and getattr(e, "host", None):  # aiohttp's
+            host = e.host  # type: ignore[attr-defined]
+            endpoint = endpoint or f"{host}:{getattr(e, 'port', '')}".rstrip(":")
+        if reason is None and isinstance(e, socket.gaierror):
+            if e.errno in (socket.EAI_AGAIN, getattr(socket, "EAI_SYSTEM", None)):
+                return None  # a resolver that may answer next time
+            reason = f"unknown host {host or ''}".rstrip() + (f" ({e.strerror})" if e.strerror else "")
+        elif reason is None and isinstance(e, OSError) and _refused(e):
+            reason = "connection refused"
+    return (endpoint, reason) if endpoint and reason else None
+
+
+def _refused(e: OSError) -> bool:
+    """ECONNREFUSED, also asyncio's 'Multiple exceptions: [Errno 111] ..., [Errno 111] ...' (every address refused)."""
+    if e.errno == _errno.ECONNREFUSED:
+        return True
+    codes = re.findall(r"\[Errno (\d+)\]", str(e)) if e.errno is None and str(e).startswith("Multiple exceptions") else []
+    return bool(codes) and all(int(c) == _errno.ECONNREFUSED for c in codes)
 
 
 def reason_of(exc: BaseException) -> str:

@@ -48,7 +48,8 @@ def run_batch(jobs: list[dict[str, Any]], dist: Dist) -> list[dict[str, Any]]:
     for job in jobs:
         row: dict[str, Any] = {"name": job["name"], "kind": job.get("kind"), "src": job.get("src"),
                                "dst": job.get("dst"), "dry_run": bool(job.get("dry_run")),
-                               "verify": bool(job.get("verify")), "status": "", "bytes": 0, "seconds": 0.0}
+                               "verify": bool(job.get("verify")), "status": "", "bytes": 0, "seconds": 0.0,
+                               "notes": list(job.get("notes") or [])}
         decision: str | None = None
         if dist.is_main:
             decision = _problem(job)
@@ -100,7 +101,7 @@ def _outcome(code: int, row: dict[str, Any], report: dict[str, Any]) -> dict[str
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table: job, kind, status, bytes, time, throughput, and the reason of failures."""
+    """A plain-text table: job, kind, status, bytes, time, throughput, the reason of failures and the jobs' notes."""
     lines = [f"{'job':<24} {'kind':<14} {'status':<36} {'GB':>9} {'s':>8} {'GB/s':>7}"]
     for r in rows:
         gbs = r["bytes"] / r["seconds"] / 1e9 if r["seconds"] else 0.0
@@ -108,6 +109,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
                      f"{r['bytes'] / 1e9:>9.3f} {r['seconds']:>8.2f} {gbs:>7.3f}")
         if r.get("error"):
             lines.append(f"    reason: {r['error']}")
+        lines += [f"    note: {n}" for n in r.get("notes") or []]
     return "\n".join(lines)
 
 

@@ -7,7 +7,12 @@ abbreviations. Values: a string or number is the flag's value, `true`/`false` sw
 on/off, a mapping or list is passed as JSON (`storage_options`), `null` keeps the default.
 Each job is turned into the argv of its entry point and parsed by that entry point's argparse
 parser, so a manifest accepts exactly what the command line accepts. `defaults` applies to
-every job whose kind has that flag (and each defaults key must apply to some job).
+every job whose kind has that flag (and each defaults key must apply to some job), with one
+exception: `max_shard_size` applies to a job writing for a `--target` (adapter kinds) only where
+that target reads a sharded adapter (configs/targets `sharded`: SGLang, per-expert); for vLLM and
+peft the adapter is written as one adapter_model.safetensors and the job's line notes it, and a
+job's own `max_shard_size` for such a target is refused (the command line only warns: a batch
+runs unattended and would report the unreadable output `done`).
 
 Every job is checked before any runs; the first problem refuses the whole manifest with one
 line naming the file, the job and the key (ConversionError).
@@ -26,6 +31,7 @@ from convert.errors import ConversionError
 from convert.kinds import KINDS, entry_point
 
 RESERVED = ("name", "kind")
+NOTES = "notes"  # a checked job's notes for its summary line (load_manifest), not a flag
 # Flags of the entry points that have no meaning inside a batch (the batch's launcher sets the ranks).
 CLI_ONLY = {"help", "nproc", "nproc_per_node"}
 
@@ -128,9 +134,9 @@ def parse_job(job: dict[str, Any], kind: str, where: str) -> argparse.Namespace:
 def load_manifest(path: str) -> list[dict[str, Any]]:
     """Every job of the manifest at `path`, checked and parsed, before any runs.
 
-    Returns one dict per job: `name`, `kind` and its parsed flags (argparse dests, e.g.
-    `max_shard_size` in bytes, `storage_options` a dict). Raises ConversionError (one line
-    naming the file, the job and the key) on the first problem.
+    Returns one dict per job: `name`, `kind`, `notes` (lines for its summary row) and its parsed
+    flags (argparse dests, e.g. `max_shard_size` in bytes, `storage_options` a dict). Raises
+    ConversionError (one line naming the file, the job and the key) on the first problem.
     """
     try:
         with open(path) as fh:
@@ -166,7 +172,8 @@ def load_manifest(path: str) -> list[dict[str, Any]]:
         applied = {k: v for k, v in defaults.items() if k in RESERVED or str(k).replace("-", "_") in known}
         used_defaults |= set(applied)
         args = parse_job({**applied, **raw}, kind, where)
-        jobs.append({**vars(args), "name": name, "kind": kind})
+        notes = _unread_shards(args, raw, where)
+        jobs.append({**vars(args), "name": name, "kind": kind, NOTES: notes})
     unused = [k for k in defaults if k not in used_defaults]
     if unused:
         key = str(unused[0])
@@ -178,6 +185,29 @@ def load_manifest(path: str) -> list[dict[str, Any]]:
     return jobs
 
 
+def _unread_shards(args: argparse.Namespace, raw: dict[Any, Any], where: str) -> list[str]:
+    """Shards of an output its consumer cannot read: a job writing for a `--target` whose loader reads one adapter
+    file (configs/targets `sharded: false`: vLLM, peft) gets no `max_shard_size` from `defaults` (dropped from
+    `args`; returns the note saying so), and one given in the job itself is refused (ConversionError naming `where`
+    and the key). Returns the job's notes."""
+    target = getattr(args, "target", None)
+    if target is None or getattr(args, "max_shard_size", None) is None:
+        return []
+    from convert.targets.rules import TARGETS, load_target  # adapter kinds only
+
+    if load_target(target).reads_shards() is not False:
+        return []
+    why = (f"the target {target} reads one adapter_model.safetensors, not a sharded adapter "
+           f"(configs/targets/{target}.json: sharded false)")
+    own = next((k for k in raw if str(k).replace("-", "_") == "max_shard_size"), None)
+    if own is not None:
+        readers = [t for t in TARGETS if load_target(t).reads_shards()]
+        raise ConversionError(f"{where}: {own}: {why}; leave {own} out for one file, or write for a target that reads "
+                              f"shards (target: {' or '.join(readers)})")
+    args.max_shard_size = None
+    return [f"defaults' max_shard_size not applied: {why}; written as one file"]
+
+
 def job_namespace(job: dict[str, Any]) -> argparse.Namespace:
     """The parsed flags of a job returned by load_manifest, as its entry point's `run` takes them."""
-    return argparse.Namespace(**{k: v for k, v in job.items() if k not in RESERVED})
+    return argparse.Namespace(**{k: v for k, v in job.items() if k not in (*RESERVED, NOTES)})

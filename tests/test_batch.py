@@ -186,7 +186,12 @@ def test_readme_and_example_manifests_parse(tmp_path):
     (tmp_path / "readme.yaml").write_text(_readme_manifest())
     jobs = {j["name"]: j for j in load_manifest(str(tmp_path / "readme.yaml"))}
     assert jobs["qwen3-stacked"]["verify"] and jobs["qwen3-stacked"]["layout"] == "stacked"
-    assert jobs["adapter-plan"]["dry_run"] and jobs["adapter-plan"]["max_shard_size"] == 5_000_000_000
+    # the defaults' max_shard_size is for the base weights: vLLM (the adapter job's target) reads one file (issue 22)
+    assert jobs["adapter-plan"]["dry_run"] and jobs["adapter-plan"]["max_shard_size"] is None
+    assert jobs["qwen3-stacked"]["max_shard_size"] == 5_000_000_000
+    assert jobs["adapter-plan"]["notes"] == ["defaults' max_shard_size not applied: the target vllm reads one "
+                                             "adapter_model.safetensors, not a sharded adapter (configs/targets/"
+                                             "vllm.json: sharded false); written as one file"]
     example = load_manifest(str(REPO / "configs" / "batch-example.yaml"))
     assert [j["kind"] for j in example] == ["fuse_experts", "fuse_experts", "split_experts", "split_adapter",
                                             "split_adapter", "fuse_adapter"]

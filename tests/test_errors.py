@@ -411,8 +411,8 @@ def test_access_denied_on_put_object_names_the_object(s3, s3env, tmp_path, monke
     finally:
         proxy.stop()
     assert proc.returncode == 2, proc.stderr
-    assert error_lines(proc.stderr) == [
-        f"error: cannot write {url}/.moe-convert/state.json: Access Denied (HTTP 403 AccessDenied)"], proc.stderr
+    assert error_lines(proc.stderr) == [  # the job's first PUT: the destination's lock (convert.engine.dest_lock)
+        f"error: cannot write {url}/.moe-convert/lock.json: Access Denied (HTTP 403 AccessDenied)"], proc.stderr
     assert_clean(proc.stderr)
     assert not s3env.exists(f"{BUCKET}/denied-put/{INDEX}")
 

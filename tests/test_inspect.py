@@ -300,7 +300,7 @@ def test_missing_path_is_the_only_error(tmp_path):
     ("qwen3_moe", "transformers", ["split_experts -> per-expert", "fuse_experts --layout stacked"]),
     ("qwen3_moe", "stacked", ["split_experts -> per-expert", "fuse_experts --layout transformers"]),  # seed 003
     ("mixtral", "per_expert", ["fuse_experts --layout transformers", "fuse_experts --layout stacked"]),
-    ("gpt_oss", "native", ["split_experts -> per-expert"]),
+    ("gpt_oss", "native", ["split_experts --allow-unread-layout -> per-expert (no consumer reads it)"]),
 ])
 def test_base_layouts(tmp_path, family, layout, conversions):
     path = fx.write_base(tmp_path / "m", family, layout)
@@ -309,7 +309,12 @@ def test_base_layouts(tmp_path, family, layout, conversions):
     assert out["num_experts"] == fx.E and out["layers"]["experts"] == [0, 1]
     assert out["conversions"] == conversions
     assert len(out["files"]) > 1 and out["tensors"] == sum(out["files"].values())
-    assert out["cases"] == [f"base_{layout}"]
+    # gpt-oss: its family file says no consumer reads its per-expert layout (issue 22): a note, with the reason
+    unread = family == "gpt_oss"
+    assert out["cases"] == [f"base_{layout}"] + (["unread_per_expert"] if unread else [])
+    if unread:
+        assert any("no consumer reads the gpt_oss per-expert layout" in n and "gpt_oss.json" in n and "only fused" in n
+                   for n in out["notes"]), out["notes"]
 
 
 def test_base_mxfp4_refused(tmp_path):

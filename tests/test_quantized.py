@@ -21,7 +21,7 @@ E, H, I = 3, 256, 200  # I % 128 != 0: ragged scale grids; E not a power of two
 def transformers_fused(src: dict[str, torch.Tensor], model_type: str, suffix: str) -> dict[str, torch.Tensor]:
     """What transformers holds after loading per-expert FP8 tensors `src`: its model type's converters, with
     the FP8 quantizer's `update_weight_conversions` (scale companions), applied by its own ops."""
-    from transformers import FineGrainedFP8Config
+    from transformers import AutoConfig, FineGrainedFP8Config
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightConverter
     from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
@@ -29,7 +29,10 @@ def transformers_fused(src: dict[str, torch.Tensor], model_type: str, suffix: st
     quantizer = FineGrainedFP8HfQuantizer(FineGrainedFP8Config(weight_block_size=(128, 128)), pre_quantized=True)
     fused_names = ("gate_up_proj", "down_proj", f"gate_up_proj{suffix}", f"down_proj{suffix}")
 
-    class Params:  # the parameter names the FP8 experts module has (transformers checks them by name only)
+    class Params:  # what the quantizer reads of the model: the FP8 experts' parameter names (by name only) and,
+        # from transformers 5.25, `config.model_type` (a real config of the model type)
+        config = AutoConfig.for_model(model_type)
+
         def named_parameters(self) -> list[tuple[str, None]]:
             return [(f"model.layers.1.mlp.experts.{n}", None) for n in fused_names]
 
@@ -182,7 +185,7 @@ def test_mxfp4_gpt_oss_split_and_fuse_back_byte_identical(tmp_path: Path, nproc:
     src, split, fused = tmp_path / "src", tmp_path / "split", tmp_path / "fused"
     tensors, values = write_mxfp4_gpt_oss(src, E=E, H=64, I=96, layers=2)
     n = [] if nproc == 1 else ["--nproc", str(nproc)]
-    run_tool("convert.split_experts", "--src", str(src), "--dst", str(split), "--verify", *n)
+    run_tool("convert.split_experts", "--src", str(src), "--dst", str(split), "--verify", "--allow-unread-layout", *n)
     pe = load_dir(split)
     p = "model.layers.1.mlp.experts"
     assert pe[f"{p}.0.gate_proj.weight_blocks"].shape == (96, 2, 16) and pe[f"{p}.0.down_proj.weight_scales"].shape == (64, 3)
@@ -268,7 +271,8 @@ def test_mxfp4_dequantize_while_converting(tmp_path: Path, dtype: str, nproc: in
     tensors, _ = write_mxfp4_gpt_oss(src, E=E, H=64, I=96, layers=2)
     n = [] if nproc == 1 else ["--nproc", str(nproc)]
     run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(native), "--layout", "native", "--dtype", dtype, *n)
-    run_tool("convert.split_experts", "--src", str(src), "--dst", str(split), "--dtype", dtype, *n)
+    run_tool("convert.split_experts", "--src", str(src), "--dst", str(split), "--dtype", dtype, "--allow-unread-layout",
+             *n)
     out, pe = load_dir(native), load_dir(split)
     expected = {}
     for k, t in tensors.items():
@@ -311,8 +315,9 @@ def test_inspect_reports_the_quantization(tmp_path: Path) -> None:
     mx = tmp_path / "mxfp4"
     write_mxfp4_gpt_oss(mx, E=E)
     out = inspect_path(str(mx)).as_json()
-    assert (out["family"], out["layout"], out["conversions"]) == ("gpt_oss_mxfp4", "native", ["split_experts -> per-expert",
-                                                                        "--dtype bf16|fp16|fp32 (dequantize while converting)"])
+    assert (out["family"], out["layout"], out["conversions"]) == ("gpt_oss_mxfp4", "native", [
+        "split_experts --allow-unread-layout -> per-expert (no consumer reads it)",
+        "--dtype bf16|fp16|fp32 (dequantize while converting)"])
     assert out["quantization"]["method"] == "mxfp4" and out["quantization"]["dequantize"] is True
 
 

@@ -3,7 +3,7 @@
 The list comes from the installed transformers' own table (`conversion_mapping.py`): every entry
 with a `WeightConverter` whose operations include `MergeModulelist`, kept when the model type has
 a causal-LM class. Nothing here knows a model by name except `OVERRIDES`, the few settings that
-cannot be derived from a config class's attributes.
+cannot be derived from a config class's attributes, and `with_extra_expert_rows` (a shape an older release had).
 
 Sizes: H (hidden) = 48, I (expert intermediate) = 40, 2I = 80, dense intermediate 56, shared expert
 intermediate 36, E = 5 experts (not a power of two), top-k 2, vocab 100, 3 layers (the first dense
@@ -63,6 +63,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 0},
     # the config has no default per-layer list to derive one from
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv"]},
+    # (transformers 5.25) per-layer K/V sources must name a layer of the same attention type that keeps its own
+    # K/V, the first indexed-attention layer must be an indexer, head_dim a multiple of 16 and at most
+    # num_attention_heads / num_key_value_heads index heads; layer 2 reads layer 1's K/V
+    "kolibri1_1": {"layer_types": ["sliding_attention", "indexed_attention", "indexed_attention"], "index_layers": [1],
+                   "kv_source_layers": [0, 1, 1], "head_dim": 16, "index_num_heads": 2},
 }
 
 
@@ -210,3 +215,19 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
     ids = torch.tensor([[1, 5, 9, 13, 2, 7, 33, 60, 4, 21]])
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+def with_extra_expert_rows(model: torch.nn.Module, key: str = "zero_expert_num") -> torch.nn.Module:
+    """`model` with each experts module's `gate_up_proj` holding E + config[key] experts (E = the rows it has),
+    the extra rows random: how transformers 5.23's LongcatFlashExperts allocated it (identity "zero" experts with
+    gate/up rows the model never uses; 5.25 allocates E). Unchanged where it already holds them."""
+    cfg = model.config
+    extra = getattr(cfg, key)
+    experts = cfg.n_routed_experts if hasattr(cfg, "n_routed_experts") else cfg.num_experts
+    g = torch.Generator().manual_seed(3)
+    for name, module in model.named_modules():
+        param = getattr(module, "gate_up_proj", None)
+        if name.endswith(".experts") and isinstance(param, torch.nn.Parameter) and param.shape[0] == experts:
+            rows = torch.randn(extra, *param.shape[1:], generator=g, dtype=param.dtype) * 0.02
+            module.gate_up_proj = torch.nn.Parameter(torch.cat([param.data, rows]))
+    return model

@@ -75,8 +75,8 @@ def _lay_out(opts: AdapterJobOptions, dist: Dist, ep: int, src: AdapterSource, p
         rules = target_rules(opts.target, plan.family)
         if not rules.sharded:
             shard_note = (f"--max-shard-size cuts the adapter into {len(files)} shards with an index; {opts.target} "
-                          "cannot read a sharded adapter (vLLM, SGLang and peft read one adapter_model.safetensors): "
-                          "leave --max-shard-size out for one file")
+                          "cannot read a sharded adapter (it reads one adapter_model.safetensors: configs/targets/"
+                          f"{opts.target}.json, sharded false): leave --max-shard-size out for one file")
             print(f"warning: {shard_note}", file=sys.stderr, flush=True)
         total = sum(t.nbytes for t in plan.targets)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map(files).items()))}

@@ -37,7 +37,10 @@ from convert.engine.output_record import (
     check_existing, check_pins, classify, record_bytes, refuse_foreign, source_pins,
 )
 from convert.plan.base import Piece, plan_conversion
-from convert.engine.sinks import OUTPUT_RECORD, SinkJob, clear_state, make_sink, read_state, state_listing
+from convert.engine.dest_lock import DestinationLock, LockLost, lock_times
+from convert.engine.sinks import (
+    LOCK_FILE, OUTPUT_RECORD, STATE_DIR, SinkJob, clear_state, make_sink, read_state, state_listing,
+)
 from convert.io.storage import PIN_WORKERS, Storage
 from launch.dist import Dist
 from sharding.ep import assign_pieces, expert_slices
@@ -135,6 +138,9 @@ def destination_in_use(src: Storage, dst: Storage) -> bool:
     if not dst.isdir():
         raise ConversionError(f"--dst {dst.url} exists and is not a directory")
     files, dirs = dst.list_dir()
+    if not files and dirs == [STATE_DIR]:  # only a job's lock (a running job's, or one a crashed job left) is empty
+        inner, below = dst.list_dir(STATE_DIR)
+        return bool(below or set(inner) - {LOCK_FILE.rsplit("/", 1)[1]})
     return bool(files or dirs)
 
 
@@ -321,10 +327,11 @@ class RankWork:
     pins: dict[str, dict[str, Any]]  # the source files' pins: every read is conditional on them (Storage.expect)
 
 
-def _start(setup: JobSetup | str, opts: JobOptions, sink: Any, job: SinkJob | None, dst: Storage,
-           report: dict[str, Any] | None) -> int | None:
-    """Rank 0 before any byte moves: report a planning error, print a dry run, or clear and prepare the
-    destination (filling `job.resume`). Returns the exit code of a job that ends here, else None."""
+def _start(setup: JobSetup | str, opts: JobOptions, sink: Any, job: SinkJob | None, src: Storage, dst: Storage,
+           report: dict[str, Any] | None, held: list[DestinationLock]) -> int | None:
+    """Rank 0 before any byte moves: report a planning error, print a dry run, or take the destination's lock
+    (into `held`), look at the destination again under it and clear and prepare it (filling `job.resume`).
+    Returns the exit code of a job that ends here, else None."""
     if isinstance(setup, str):
         _fail(report, setup)
         return 1 if getattr(setup, "internal", False) else 2
@@ -332,6 +339,18 @@ def _start(setup: JobSetup | str, opts: JobOptions, sink: Any, job: SinkJob | No
         print(describe(setup, opts.workers))
         return 0
     assert job is not None
+    try:
+        _pause_point("MOE_CONVERT_PAUSE_BEFORE_LOCK")
+        held.append(DestinationLock.acquire(dst, lock_times()))
+        # The plan looked at the destination before the lock was ours: another job may have written it since. (With
+        # --overwrite, _clear_destination looks again itself.)
+        if setup.resuming or not (opts.overwrite or _holds_only_the_lock(dst)):
+            setup.resuming = check_destination(src, dst, opts.overwrite, next(reversed(setup.final_files)),
+                                               setup.fingerprint)
+    except (ConversionError, OSError) as exc:
+        status = _error_text(exc)
+        _fail(report, status)
+        return 1 if getattr(status, "internal", False) else 2  # nothing was written but the lock, removed again
     try:
         if not setup.resuming:
             _clear_destination(dst, sink, setup, opts.overwrite)
@@ -342,6 +361,16 @@ def _start(setup: JobSetup | str, opts: JobOptions, sink: Any, job: SinkJob | No
         # A fresh job that could not even prepare its destination wrote nothing of value: a refusal.
         return 1 if setup.resuming or getattr(status, "internal", False) else 2
     return None
+
+
+def _holds_only_the_lock(dst: Storage) -> bool:
+    """True where `dst` holds nothing but its lock (an object store: one listing of every key below it)."""
+    if dst.is_local:
+        files, dirs = dst.list_dir()
+        return not files and dirs == [STATE_DIR] and dst.list_dir(STATE_DIR) == ([LOCK_FILE.rsplit("/", 1)[1]], [])
+    dst.fs.invalidate_cache(dst.root)
+    keys = dst._retry("list", "", lambda: dst.fs.find(dst.root))
+    return [k[len(dst.root):].lstrip("/") for k in keys] == [LOCK_FILE]
 
 
 def _release(setup: JobSetup, job: SinkJob) -> None:
@@ -356,10 +385,21 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
     """Run a job planned on rank 0 and commit it; returns the exit code.
 
     `setup` is rank 0's plan, or the error text that ended its planning; None on the other
-    ranks. Rank 0 prepares the destination and sends each rank only its own part of the job
-    (or the exit code of a job that ends before streaming). 0 ok, 1 failed (destination left
-    without its final files), 2 refused before writing.
+    ranks. Rank 0 takes the destination's lock (convert.engine.dest_lock), prepares the destination
+    and sends each rank only its own part of the job (or the exit code of a job that ends before
+    streaming); the lock is given up when the job ends, however it ends. 0 ok, 1 failed (destination
+    left without its final files), 2 refused before writing.
     """
+    held: list[DestinationLock] = []
+    try:
+        return _execute(setup, opts, dist, report, held)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: dict[str, Any] | None,
+             held: list[DestinationLock]) -> int:
     src = dst = None
     sink: Any = None
     job: SinkJob | None = None
@@ -375,7 +415,7 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
             sink = make_sink(src, dst)
             job = SinkJob(setup.files, setup.pieces, setup.assignment, setup.fingerprint, opts.workers,
                           state={"pins": setup.pins, "outputs": setup.outputs})
-        ended = _start(setup, opts, sink, job, dst, report)  # type: ignore[arg-type]
+        ended = _start(setup, opts, sink, job, src, dst, report, held)  # type: ignore[arg-type]
     else:  # this rank's object-store clients are set up while rank 0 plans, not once its part arrives
         src = Storage(opts.src, opts.storage_options)
         dst = Storage(opts.dst, opts.storage_options)
@@ -465,15 +505,17 @@ def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: 
     ok = True
     if dist.is_main:
         assert gathered is not None and isinstance(setup, JobSetup) and job is not None
-        ok = _finish(setup, opts, dist, report, src, dst, sink, job, gathered, skipped, t0, prepare_at, copies)
+        ok = _finish(setup, opts, dist, report, src, dst, sink, job, gathered, skipped, t0, prepare_at, copies,
+                     held[0] if held else None)
     return 0 if dist.broadcast(ok) else 1
 
 
 def _finish(setup: JobSetup, opts: JobOptions, dist: Dist, report: dict[str, Any] | None, src: Storage, dst: Storage,
             sink: Any, job: SinkJob, gathered: list[Any], skipped: dict[str, Any], t0: float,
-            prepare_at: float, copies: Copies) -> bool:
+            prepare_at: float, copies: Copies, lock: DestinationLock | None = None) -> bool:
     """Rank 0 after every rank streamed: write the stats (`prepare_at`: CLOCK_MONOTONIC when the destination's
-    preparation began), report errors or commit (once `copies`, _start_copies', are done); True when committed."""
+    preparation began), report errors or commit (once `copies`, _start_copies', are done, and where `lock`, the
+    destination's, is still this job's); True when committed."""
     copy_error = copies.error()
     errors = [e for e, _, _ in gathered if e] + ([f"copying the source's other files: {copy_error}"] if copy_error else [])
     if opts.stats_path:
@@ -496,7 +538,10 @@ def _finish(setup: JobSetup, opts: JobOptions, dist: Dist, report: dict[str, Any
         _fail(report, _error_text(exc))
         return False
     try:
-        _commit(dst, sink, job, setup, [r for _, _, r in gathered])
+        _commit(dst, sink, job, setup, [r for _, _, r in gathered], lock)
+    except LockLost as exc:
+        _fail(report, f"{_error_text(exc)}; the output was not committed")
+        return False
     except (ConversionError, OSError) as exc:
         _fail(report, f"commit failed: {_error_text(exc)}")
         return False
@@ -559,9 +604,13 @@ def _check_copied(src: Storage, names: list[str], pins: dict[str, dict[str, Any]
     return True
 
 
-def _commit(dst: Storage, sink: Any, job: SinkJob, setup: JobSetup, results: list[Any]) -> None:
+def _commit(dst: Storage, sink: Any, job: SinkJob, setup: JobSetup, results: list[Any],
+            lock: DestinationLock | None = None) -> None:
     """Rank 0: shards into place, output record, final files last, state removed (the other files were
-    copied while the shards streamed: _start_copies)."""
+    copied while the shards streamed: _start_copies). Nothing is committed, and the final files are not
+    written, where `lock` (the destination's) is no longer this job's (LockLost)."""
+    if lock is not None:
+        lock.confirm()
     sink.commit(job, results)
     # What must have landed: the planned shards, and the other files as pinned (their pins were checked after
     # the copies). The output's listing checks it while the record is written, the state's while the final
@@ -580,6 +629,8 @@ def _commit(dst: Storage, sink: Any, job: SinkJob, setup: JobSetup, results: lis
             raise ConversionError(f"{dst.display(wrong[0])}: {landed.get(wrong[0], 'no')} bytes landed, expected "
                                   f"{sizes[wrong[0]]}" + (f" (and {len(wrong) - 1} more file(s))" if len(wrong) > 1 else ""))
         state = pool.submit(state_listing, dst) if not dst.is_local else None
+        if lock is not None:
+            lock.confirm()  # the marker is written by the lock's holder only
         for name, data in setup.final_files.items():
             dst.write_bytes(name, data)
         clear_state(dst, state.result() if state else None)
@@ -593,10 +644,11 @@ def _skipped_line(skipped: dict[str, Any]) -> str:
             f"{skipped['skipped']} of {skipped['total']} {skipped['unit']} skipped")
 
 
-def _pause_point() -> None:
-    """Test hook (MOE_CONVERT_PAUSE_BEFORE_COMMIT=PATH): before the final source check, create
-    PATH.waiting and wait (at most 120 s) until PATH exists, so a test can change the source then."""
-    gate = os.environ.get("MOE_CONVERT_PAUSE_BEFORE_COMMIT")
+def _pause_point(var: str = "MOE_CONVERT_PAUSE_BEFORE_COMMIT") -> None:
+    """Test hook (`var`=PATH): create PATH.waiting and wait (at most 120 s) until PATH exists, so a test can act
+    then. MOE_CONVERT_PAUSE_BEFORE_COMMIT: before the final source check (the lock held, the data written);
+    MOE_CONVERT_PAUSE_BEFORE_LOCK: after the plan's look at the destination, before the lock is taken."""
+    gate = os.environ.get(var)
     if not gate:
         return
     open(gate + ".waiting", "w").close()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from convert.errors import ConversionError
+from convert.engine.dest_lock import refuse_if_locked
 from convert.engine.sinks import INCOMPLETE, OUTPUT_RECORD, STATE_DIR, read_state
 from convert.io.storage import Storage
 
@@ -174,10 +175,12 @@ def check_pins(src: Storage, pins: dict[str, dict[str, Any]], when: str, then: s
 def check_existing(src: Storage, dst: Storage, overwrite: bool, marker: str, fp: str) -> bool:
     """Decide about an existing, non-empty destination directory; True when the job resumes there.
 
-    Refuses (ConversionError): a `marker` moe-convert did not write, with or without --overwrite;
+    Refuses (ConversionError): a destination another running job holds the lock of (DestinationInUse,
+    convert.engine.dest_lock); a `marker` moe-convert did not write, with or without --overwrite;
     with --overwrite, anything moe-convert did not write; without it, a complete output, an
     unfinished job of another plan, or one whose source files changed since (named).
     """
+    refuse_if_locked(dst)  # a job writing there now is named, whatever else the destination holds
     contents = classify(dst)
     if marker in contents.foreign:
         raise ConversionError(

@@ -37,6 +37,8 @@ from sharding.parts import MIN_PART, Part, choose_max_part, plan_parts
 STATE_DIR = ".moe-convert"
 STATE_FILE = f"{STATE_DIR}/state.json"
 OUTPUT_RECORD = f"{STATE_DIR}/output.json"  # what a finished job wrote (convert.engine.output_record); kept after the commit
+# The lock of the job writing the destination now (convert.engine.dest_lock): no output, never removed with the state.
+LOCK_FILE = f"{STATE_DIR}/lock.json"
 INCOMPLETE = ".incomplete"
 # Parts a rank builds and uploads at once: min(--workers, this). Each holds one part in memory.
 UPLOAD_THREADS = int(os.environ.get("MOE_CONVERT_UPLOAD_THREADS", 64))
@@ -113,16 +115,18 @@ def state_listing(dst: Storage) -> tuple[list[str], list[str]]:
         raise
 
 
-def clear_state(dst: Storage, listed: tuple[list[str], list[str]] | None = None) -> None:
-    """Remove an unfinished job's state (state file, journals) from `dst`, keeping the output record.
+def clear_state(dst: Storage, listed: tuple[list[str], list[str]] | None = None, keep_record: bool = True) -> None:
+    """Remove an unfinished job's state (state file, journals) from `dst`, keeping the output record (unless
+    `keep_record` is False) and the lock of the job running now.
 
     On an object store, `listed` may be state_listing()'s answer taken before (None: list now).
     """
-    keep = OUTPUT_RECORD.rsplit("/", 1)[1]
+    lock = LOCK_FILE.rsplit("/", 1)[1]
+    keep = {lock, OUTPUT_RECORD.rsplit("/", 1)[1]} if keep_record else {lock}
     if not dst.is_local:  # one listing, one batched delete (a chain of HEADs and DELETEs costs latency each)
         files, dirs = listed if listed is not None else state_listing(dst)
         state = STATE_FILE.rsplit("/", 1)[1]
-        dst.remove_many([f"{STATE_DIR}/{n}" for n in files if n not in (keep, state)])
+        dst.remove_many([f"{STATE_DIR}/{n}" for n in files if n not in keep | {state}])
         for name in dirs:
             dst.remove_tree(f"{STATE_DIR}/{name}")
         dst.remove_many([STATE_FILE] if state in files else [])  # the state file last
@@ -131,11 +135,11 @@ def clear_state(dst: Storage, listed: tuple[list[str], list[str]] | None = None)
         return
     files, dirs = dst.list_dir(STATE_DIR)
     for name in sorted(files, key=lambda n: n == "state.json"):  # the state file last
-        if name != keep:
+        if name not in keep:
             dst.remove(f"{STATE_DIR}/{name}")
     for name in dirs:
         dst.remove_tree(f"{STATE_DIR}/{name}")
-    if keep not in files and dst.is_local:
+    if not keep & set(files):
         os.rmdir(dst.path(STATE_DIR))
 
 
@@ -255,7 +259,7 @@ class LocalSink:
 
     def discard(self, state: dict[str, Any] | None) -> None:
         """Forget an unfinished job's journals and partial shards (for --overwrite)."""
-        self.dst.remove_tree(STATE_DIR)
+        clear_state(self.dst, keep_record=False)
         existing, _ = self.dst.list_dir() if self.dst.exists() else ([], [])
         for name in existing:
             if name.endswith(".safetensors" + INCOMPLETE):
@@ -458,5 +462,5 @@ class MultipartSink:
         """Abort the uploads of an unfinished job and forget it (for --overwrite)."""
         for name, upload in (state or {}).get("uploads", {}).items():
             self.dst.mpu_abort(name, upload)
-        self.dst.remove_tree(STATE_DIR)
+        clear_state(self.dst, keep_record=False)
 

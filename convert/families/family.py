@@ -2,7 +2,7 @@
 
 `extends`: a family file may name another family; every key it does not give is the
 parent's, except the keys that say what the family is (`family`, `description`,
-`model_types`, `architectures`, `generated_from`), and `extra_renames` appends rename
+`model_types`, `architectures`, `generated_from`, `transformers_versions`), and `extra_renames` appends rename
 rules to the parent's. The engine reads families only through this module; it never
 names a model.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 from convert.errors import ConversionError
 from convert.families.names import Rename, literal, pattern_regex, template_regex, to_disk, to_model
-from convert.families.ops import Op, Pipeline, op_from_json
+from convert.families.ops import Op, Pipeline, Split, op_from_json
 from convert.families.schema import FamilySpec, OpSpec, dump
 
 PER_EXPERT = "per_expert"
@@ -29,9 +29,12 @@ DEFAULT_COMPANIONS = {"_scale_inv": "_scale_inv", "_scale": "_scale"}
 # Ops a companion (a scale grid of 128x128 blocks) goes through exactly as its weight: concat and transpose
 # move whole blocks; an interleave or chunk of rows does not map onto a block grid.
 _COMPANION_OPS = {"concat", "transpose"}
-NOT_INHERITED = ("family", "description", "model_types", "architectures", "generated_from", "extends", "extra_renames")
+NOT_INHERITED = ("family", "description", "model_types", "architectures", "generated_from", "transformers_versions",
+                 "extends", "extra_renames")
+_VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)([.+-]?[A-Za-z0-9.]*)$")  # a release, e.g. 5.25.0 or 5.26.0.dev0
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 _LEAF = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+_READER = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")  # a consumer name in per_expert_readers
 
 
 @dataclass(frozen=True)
@@ -67,16 +70,58 @@ class FusedTensor:
 
 
 @dataclass(frozen=True)
-class Merge:
-    """Non-expert tensors the model holds joined into one along dim 0 (see schema.MergeSpec).
+class Cut:
+    """One joined tensor and its parts as a conversion reads and writes them (see Merge.cuts)."""
 
-    Names are patterns as in a rename, in model naming. With `count_key`, the one source
-    pattern holds a `*` standing for the part index 0, 1, ..., config[count_key] - 1.
+    whole: str
+    parts: tuple[str, ...]
+    read_whole: bool  # True: `whole` is read and cut into `parts`; False: `parts` are read and joined into `whole`
+
+
+@dataclass(frozen=True)
+class Merge:
+    """Non-expert tensors joined into one along dim 0 on one side of a conversion and apart on the other.
+
+    A family file's `merges` (schema.MergeSpec): the model holds the parts (`sources`) joined into `target`,
+    in equal parts. Its `splits` (schema.SplitSpec) are the inverse: the checkpoint holds `target` (the split's
+    source) and the model holds the parts (the split's targets, here `sources`), sized by `split`. Names are
+    patterns as in a rename, in model naming. With `count_key`, the one source pattern holds a `*` standing
+    for the part index 0, 1, ..., config[count_key] - 1.
     """
 
     sources: tuple[str, ...]
     target: str
     count_key: str | None = None
+    split: Split | None = None  # a `splits` entry: the model holds the parts, in these shares
+
+    def part_sizes(self, total: int, n: int, config: dict[str, Any], where: str) -> list[int]:
+        """The sizes along dim 0 of the `n` parts of a joined tensor of size `total` (raises when they do not fit)."""
+        if self.split is not None:
+            return self.split.bind(config, where).part_sizes(total)
+        if n < 1 or total % n:
+            raise ConversionError(f"dim 0 = {total} does not hold {n} equal parts")
+        return [total // n] * n
+
+    def cuts(self, names: Iterable[str], fusing: bool, to_model: Any, to_disk: Any, config: dict[str, Any],
+             where: str) -> list[Cut]:
+        """Every tensor among `names` (as a checkpoint names them) this joins or cuts, with its output names.
+
+        Fusing reads disk naming (`to_model` gives the model's names) and writes model naming; splitting reads
+        model naming and writes disk naming (`to_disk`). The model holds the whole of a merge and the parts of
+        a split, so fusing joins a merge's parts and cuts a split's whole, and splitting does the reverse.
+        """
+        if fusing:
+            model = {to_model(n): n for n in names}
+            if self.split is None:
+                return [Cut(whole, tuple(model[p] for p in parts), False)
+                        for whole, parts in self.join_names(sorted(model), config, where).items()]
+            return [Cut(n, tuple(parts), True) for m, n in sorted(model.items())
+                    if (parts := self.cut_names(m, config, where)) is not None]
+        if self.split is None:
+            return [Cut(n, tuple(to_disk(p) for p in parts), True) for n in sorted(names)
+                    if (parts := self.cut_names(n, config, where)) is not None]
+        return [Cut(to_disk(whole), tuple(parts), False)
+                for whole, parts in self.join_names(sorted(names), config, where).items()]
 
     def count(self, config: dict[str, Any], where: str) -> int:
         """How many tensors are joined (from the config for a `count_key` merge)."""
@@ -152,6 +197,10 @@ class Family:
     dequantize: tuple[str, dict[str, tuple[str, str]], dict[str, str]] | None = None
     # role -> config key whose value is added to E for that role (schema.FamilySpec.extra_experts)
     extra_experts: dict[str, str] = field(default_factory=dict)
+    transformers_versions: tuple[str, ...] = ()  # the releases whose table gives the file (schema.FamilySpec)
+    # the consumers that read the per-expert layout (schema.PerExpertReadersSpec); None: not stated (taken as read)
+    per_expert_readers: tuple[str, ...] | None = None
+    per_expert_note: str = ""  # why none reads it, what they read instead (required where per_expert_readers is ())
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -295,14 +344,41 @@ def resolve(specs: dict[str, tuple[FamilySpec, str]]) -> dict[str, FamilySpec]:
     return out
 
 
-def _pipeline(ops: list[OpSpec], n_parts: int, where: str) -> Pipeline:
+def _pipeline(ops: list[OpSpec], n_parts: int, where: str, parts_out: int = 1) -> Pipeline:
     built: list[Op] = []
     for i, o in enumerate(ops):
         built.append(op_from_json(dump(o), f"{where}.ops[{i}]"))
     try:
-        return Pipeline(tuple(built), n_parts)
+        return Pipeline(tuple(built), n_parts, parts_out)
     except ConversionError as exc:
         raise ConversionError(f"{where}: {exc}") from exc
+
+
+def version_key(version: str) -> tuple[int, int, int, str]:
+    """A release string (e.g. "5.25.0") as a sortable key; raises ValueError for anything else."""
+    m = _VERSION.match(version)
+    if not m:
+        raise ValueError(version)
+    return int(m[1]), int(m[2]), int(m[3]), m[4]
+
+
+def _check_versions(spec: FamilySpec, where: str) -> None:
+    """`transformers_versions`: distinct releases in order, required with (and holding the release of) `generated_from`."""
+    versions = spec.transformers_versions
+    if versions is None:
+        raise ConversionError(f"{where}: 'generated_from' without 'transformers_versions' (the transformers releases "
+                              "whose conversion table gives this file; `python -m convert.families.generate` writes it)")
+    try:
+        keys = [version_key(v) for v in versions]
+    except ValueError as exc:
+        raise ConversionError(f"{where}: transformers_versions: {str(exc)!r} is not a release like \"5.25.0\"") from None
+    if not versions or keys != sorted(set(keys)):
+        raise ConversionError(f"{where}: transformers_versions {versions!r}: expected one or more distinct releases, "
+                              "oldest first")
+    made = (spec.generated_from or "").removeprefix("transformers ")
+    if spec.generated_from is not None and made not in versions:
+        raise ConversionError(f"{where}: generated_from {spec.generated_from!r} is not among transformers_versions "
+                              f"{versions!r}")
 
 
 def build_family(spec: FamilySpec, path: str) -> Family:
@@ -363,6 +439,19 @@ def build_family(spec: FamilySpec, path: str) -> Family:
         if not _pipeline(m.ops, 2 if m.count_key else len(m.sources), at).is_byte_copy or not m.sources:
             raise ConversionError(f"{at}: only a concat on dim 0 of one or more tensors is supported")
         merges.append(Merge(tuple(m.sources), m.target, m.count_key))
+    for i, sp in enumerate(spec.splits or []):
+        at = f"{where}: splits[{i}]"
+        pipeline = _pipeline(sp.ops, 1, at, parts_out=len(sp.targets))
+        op = pipeline.ops[0] if len(pipeline.ops) == 1 else None
+        if not isinstance(op, Split) or op.dim != 0 or len(op.sizes) != len(sp.targets):
+            raise ConversionError(f"{at}: ops must be one split on dim 0 with one share in 'sizes' per target "
+                                  f"({len(sp.targets)} targets)")
+        if "*" in sp.source or any("*" in t for t in sp.targets) or len(set(sp.targets)) != len(sp.targets):
+            raise ConversionError(f"{at}: 'source' and 'targets' are distinct name patterns without '*'")
+        merges.append(Merge(tuple(sp.targets), sp.source, None, op))
+    versions = spec.transformers_versions
+    if versions is not None or spec.generated_from is not None:
+        _check_versions(spec, where)
     for pattern in (spec.refuse or {}):
         try:
             re.compile(pattern)
@@ -382,6 +471,15 @@ def build_family(spec: FamilySpec, path: str) -> Family:
                 raise ConversionError(f"{where}: layouts.{layout}.{t.leaf}: parts {list(t.parts)} are held for different "
                                       f"numbers of experts (extra_experts {[extra.get(p) for p in t.parts]}); one fused "
                                       "tensor holds one count of experts")
+    readers = spec.per_expert_readers
+    if readers is not None:
+        bad = [r for r in readers.readers if not _READER.match(r)]
+        if bad or len(set(readers.readers)) != len(readers.readers):
+            raise ConversionError(f"{where}: per_expert_readers.readers {readers.readers!r}: expected distinct consumer "
+                                  "names (e.g. \"transformers\", \"vllm\"), or [] where none reads the layout")
+        if not readers.readers and not readers.note.strip():
+            raise ConversionError(f"{where}: per_expert_readers: readers is [] (no consumer reads the per-expert layout): "
+                                  "give a 'note' saying why (it is the reason split_experts refuses with)")
     return Family(
         name=spec.family, source=path, model_types=tuple(spec.model_types), architectures=tuple(spec.architectures),
         num_experts_keys=tuple(keys), dense_layer_keys=tuple(spec.dense_layer_keys or ()), container=container,
@@ -389,6 +487,9 @@ def build_family(spec: FamilySpec, path: str) -> Family:
         companions=dict(spec.quantization.companions) if spec.quantization else dict(DEFAULT_COMPANIONS),
         quant_formats=dict(spec.quantization.formats) if spec.quantization else {}, refuse=dict(spec.refuse or {}),
         description=spec.description, dequantize=_dequantize(spec, roles, where), extra_experts=extra,
+        transformers_versions=tuple(spec.transformers_versions or ()),
+        per_expert_readers=None if readers is None else tuple(readers.readers),
+        per_expert_note=readers.note.strip() if readers is not None else "",
     )
 
 

@@ -19,23 +19,35 @@ How a transformers entry becomes a family:
   (transformers does not undo it when saving a model it did not load);
 - a `WeightConverter` with only `Concatenate(dim=0)` of non-expert tensors -> a merge (its
   `num_shards_attribute`, the config key giving the number of `*` parts, -> `count_key`);
+- a `WeightConverter` with only `Split(dim=0)` of one non-expert tensor into several -> a split
+  (`splits`): transformers sizes the parts by the model's parameters, the family file by config
+  keys the parts are proportional to (SPLIT_SHARES, checked against the parameters of each model
+  type's model built from its default config on the meta device);
 - anything else (other ops, grouped renames) makes the model type inexpressible.
-What the table cannot say is data here: RENAME_FIXES (rules of the table that are wrong) and
-EXTRA_EXPERTS (roles held by more experts than E: the family file's `extra_experts`).
+What the table cannot say is data here: RENAME_FIXES (rules of the table that are wrong),
+EXTRA_EXPERTS (roles held by more experts than E: the family file's `extra_experts`, emitted only
+where the installed transformers' model holds them) and SPLIT_SHARES.
 Other facts come from the auto classes and config classes: the class names of each model
 type (`architectures`), the config key of E (the attribute, and its `attribute_map`
 aliases), and the config keys that make layers dense.
+
+Each file records the transformers releases whose table gives it (`transformers_versions`): a
+file whose content (every key but `description`, `generated_from` and that list) is what the
+committed file says keeps the committed list plus the installed release; any other starts anew.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convert.families.family import version_key
+from convert.families.names import literal, pattern_regex
 from convert.families.registry import BUILTIN_DIR
 
 E_CANDIDATES = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
@@ -53,13 +65,21 @@ FAMILY_NAMES = {"qwen2_moe": "qwen3_moe"}
 # transformers' own save_pretrained -> from_pretrained round trip loses that weight; the attention's
 # norm is the only one meant.
 RENAME_FIXES = {("deepseek_v4", r"\.norm\."): r"(?<!^model)\.norm\."}
-# Model types whose modeling code holds some roles for more experts than E, which transformers' table cannot
+# Model types whose modeling code may hold some roles for more experts than E, which transformers' table cannot
 # say: model type -> {role: config key added to E} (the family file's `extra_experts`; such a model type gets a
-# family of its own that `extends` the one of its table entry). longcat_flash (transformers 5.23,
-# LongcatFlashExperts): `gate_up_proj` is [n_routed_experts + zero_expert_num, 2I, H] (the identity "zero"
-# experts have router slots and gate/up rows, which save_pretrained writes as experts.{e}.gate_proj/up_proj),
-# `down_proj` [n_routed_experts, H, I].
+# family of its own that `extends` the one of its table entry). Emitted only where the installed transformers'
+# model holds them (its fused parameters' dim 0, on the meta device). longcat_flash: transformers 5.23's
+# LongcatFlashExperts held `gate_up_proj` [n_routed_experts + zero_expert_num, 2I, H] (the identity "zero"
+# experts had router slots and gate/up rows, which save_pretrained wrote as experts.{e}.gate_proj/up_proj) and
+# `down_proj` [n_routed_experts, H, I]; from 5.25 both hold n_routed_experts (the zero experts have no weights).
+# configs/legacy/transformers-5.23.0/longcat_flash.json keeps the 5.23 definition.
 EXTRA_EXPERTS = {"longcat_flash": {"gate": "zero_expert_num", "up": "zero_expert_num"}}
+# Parts of a split non-expert tensor (transformers' `Split`, sized by the model's parameters) -> the config key
+# their size along the split dim is proportional to: attention projections cut from a fused q/k/v (every head,
+# query or key/value, has one head_dim). Checked per model type against its model's parameters.
+SPLIT_SHARES = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads", "v_proj": "num_key_value_heads"}
+# Keys of a generated file that say which transformers made it, not what it describes.
+VERSION_KEYS = ("description", "generated_from", "transformers_versions")
 
 
 class Inexpressible(Exception):
@@ -74,11 +94,13 @@ class Entry:
     layouts: dict[str, Any]
     renames: list[dict[str, Any]]
     merges: list[dict[str, Any]]
+    splits: list[dict[str, Any]] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)  # model types / class names sharing it
     extra_experts: dict[str, str] = field(default_factory=dict)  # from EXTRA_EXPERTS
 
     def body(self) -> str:
-        return json.dumps([self.experts, self.layouts, self.renames, self.merges, self.extra_experts], sort_keys=True)
+        return json.dumps([self.experts, self.layouts, self.renames, self.merges, self.splits, self.extra_experts],
+                          sort_keys=True)
 
 
 def _unescape(pattern: str) -> str:
@@ -122,7 +144,7 @@ def _ops(ops: list[Any], shift: int) -> list[dict[str, Any]]:
 def translate(transforms: list[Any]) -> Entry:
     """A transformers table entry as a family body; raises Inexpressible with the reason."""
     from transformers.core_model_loading import (
-        Concatenate, MergeModulelist, PrefixChange, WeightConverter, WeightRenaming,
+        Concatenate, MergeModulelist, PrefixChange, Split, WeightConverter, WeightRenaming,
     )
 
     containers: set[str | None] = set()
@@ -130,6 +152,7 @@ def translate(transforms: list[Any]) -> Entry:
     fused: dict[str, dict[str, Any]] = {}
     renames: list[dict[str, Any]] = []
     merges: list[dict[str, Any]] = []
+    splits: list[dict[str, Any]] = []
     for t in transforms:
         src, tgt = list(t._original_source_patterns), list(t._original_target_patterns)
         if isinstance(t, WeightConverter):
@@ -158,6 +181,15 @@ def translate(transforms: list[Any]) -> Entry:
                     raise Inexpressible(f"converter {src} -> {tgt}: not a fixed list of tensors joined into one")
                 merges.append({"sources": src, "target": tgt[0], "ops": [{"op": "concat", "dim": 0}],
                                **({"count_key": count} if count else {})})
+            elif len(ops) == 1 and type(ops[0]) is Split and ops[0].dim == 0 and len(src) == 1 and len(tgt) > 1:
+                if any("*" in p for p in src + tgt):
+                    raise Inexpressible(f"converter {src} -> {tgt}: a split of name patterns with '*'")
+                shares = [SPLIT_SHARES.get(literal(p).strip(".")) for p in tgt]
+                if None in shares:
+                    raise Inexpressible(f"converter {src} -> {tgt}: Split sizes the parts by the model's parameters; "
+                                        "SPLIT_SHARES gives no config key for "
+                                        f"{[p for p, k in zip(tgt, shares) if k is None]}")
+                splits.append({"source": src[0], "targets": tgt, "ops": [{"op": "split", "dim": 0, "sizes": shares}]})
             else:
                 raise Inexpressible(f"converter {src} -> {tgt} with ops {ops!r} has no family-file equivalent")
         elif type(t) is PrefixChange:
@@ -180,7 +212,68 @@ def translate(transforms: list[Any]) -> Entry:
     if set(stacked) != set(fused):
         layouts["stacked"] = stacked
     experts = {"container": container, "roles": {r: roles[r] for r in order}}
-    return Entry(experts, layouts, renames, merges)
+    return Entry(experts, layouts, renames, merges, splits)
+
+
+@functools.cache
+def _meta_model(model_type: str) -> tuple[Any, dict[str, tuple[int, ...]]]:
+    """(default config, parameter name -> shape) of `model_type`'s causal LM (else its base model) on the meta device."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = CONFIG_MAPPING[model_type]()
+    auto = AutoModelForCausalLM if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModel
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    return config, {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _check_splits(model_type: str, splits: list[dict[str, Any]]) -> None:
+    """Raise Inexpressible unless each split's shares (config keys) size its parts as `model_type`'s model does."""
+    try:
+        config, shapes = _meta_model(model_type)
+    except Exception as exc:  # noqa: BLE001 - a model that cannot be built cannot be checked
+        raise Inexpressible(f"splits cannot be checked: its model cannot be built ({type(exc).__name__}: {exc})") from None
+    text = config.get_text_config()
+    for sp in splits:
+        keys = sp["ops"][0]["sizes"]
+        values = [getattr(text, k, None) for k in keys]
+        if not all(type(v) is int and v > 0 and k in text.to_dict() for k, v in zip(keys, values)):
+            raise Inexpressible(f"split of {sp['source']!r}: config keys {keys} are not all whole numbers of its config")
+        first = pattern_regex(sp["targets"][0])
+        found = 0
+        for name, shape in shapes.items():
+            m = first.search(name)
+            if not m:
+                continue
+            sizes = [shapes.get(name.replace(m.group(0), literal(t), 1), (0,))[0] for t in sp["targets"]]
+            if any(size * values[0] != sizes[0] * v for size, v in zip(sizes, values)):
+                raise Inexpressible(f"split of {sp['source']!r}: {name} and its siblings have sizes {sizes} along dim 0, "
+                                    f"not in proportion to {dict(zip(keys, values))}")
+            found += 1
+        if not found:
+            raise Inexpressible(f"split of {sp['source']!r}: the model has no parameter named {sp['targets'][0]!r}")
+
+
+def _holds_extra_experts(model_type: str, entry: Entry, extra: dict[str, str]) -> bool:
+    """Whether `model_type`'s model holds the fused tensors of `extra`'s roles for more experts than E (on the meta
+    device, from its default config); raises Inexpressible where that cannot be told."""
+    try:
+        config, shapes = _meta_model(model_type)
+    except Exception as exc:  # noqa: BLE001
+        raise Inexpressible(f"extra_experts {extra}: its model cannot be built ({type(exc).__name__}: {exc})") from None
+    text = config.get_text_config()
+    e_keys, _ = _config_keys(model_type)
+    e = next((getattr(text, k) for k in e_keys if isinstance(getattr(text, k, None), int)), None)
+    if e is None or not any(getattr(text, k, None) for k in extra.values()):
+        raise Inexpressible(f"extra_experts {extra}: the default config gives no E or no extra experts to tell them by")
+    fused = [name for name, t in entry.layouts["transformers"].items() if set(t["parts"]) <= set(extra)]
+    sizes = {shape[0] for name, shape in shapes.items() for f in fused if name.endswith(f".experts.{f}")}
+    if not sizes:
+        raise Inexpressible(f"extra_experts {extra}: the model has no fused {fused} to count the experts of")
+    return sizes != {e}
 
 
 def _class_names() -> dict[str, set[str]]:
@@ -219,8 +312,12 @@ def _ordered(keys: list[list[str]], order: tuple[str, ...]) -> list[str]:
     return [k for k in order if k in found] + sorted(found - set(order))
 
 
-def generate() -> tuple[dict[str, dict[str, Any]], list[tuple[str, str]]]:
-    """(file name stem -> family file object, [(table key, reason skipped)]) from the installed transformers."""
+def generate(committed: Path | None = BUILTIN_DIR) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str]]]:
+    """(file name stem -> family file object, [(table key, reason skipped)]) from the installed transformers.
+
+    `committed`: the directory of the files these replace, whose `transformers_versions` a file of the same
+    content keeps (see the module docstring); None: every file lists the installed release only.
+    """
     import transformers
     from transformers.conversion_mapping import (
         _MODEL_TO_CONVERSION_PATTERN, _build_checkpoint_conversion_mapping, get_checkpoint_conversion_mapping,
@@ -239,7 +336,12 @@ def generate() -> tuple[dict[str, dict[str, Any]], list[tuple[str, str]]]:
             continue
         try:
             entry = translate(transforms)
-            entry.extra_experts = EXTRA_EXPERTS.get(key, {})
+            if entry.splits and key not in CONFIG_MAPPING_NAMES:
+                raise Inexpressible("splits are checked against a model type's model; this key is a class name")
+            if entry.splits:
+                _check_splits(key, entry.splits)
+            if key in EXTRA_EXPERTS and _holds_extra_experts(key, entry, EXTRA_EXPERTS[key]):
+                entry.extra_experts = EXTRA_EXPERTS[key]
         except Inexpressible as exc:
             skipped.append((key, str(exc)))
             continue
@@ -272,6 +374,7 @@ def generate() -> tuple[dict[str, dict[str, Any]], list[tuple[str, str]]]:
             "description": f"transformers {version} conversion pattern of {', '.join(sorted(entry.keys))}: "
                            "per-expert tensors merged into fused [E, ...] tensors when loading",
             "generated_from": f"transformers {version}",
+            "transformers_versions": [version],
             "model_types": types,
             "architectures": archs,
             "num_experts_keys": _ordered(list(e_keys), E_CANDIDATES) or list(E_CANDIDATES),
@@ -284,15 +387,38 @@ def generate() -> tuple[dict[str, dict[str, Any]], list[tuple[str, str]]]:
         }
         if entry.merges:
             obj["merges"] = entry.merges
+        if entry.splits:
+            obj["splits"] = entry.splits
         files[name] = obj
     _add_extends(files)
+    if committed is not None:
+        _carry_versions(files, committed, version)
     return files, skipped
+
+
+def content(obj: dict[str, Any]) -> dict[str, Any]:
+    """A family file object without the keys that say which transformers made it (VERSION_KEYS)."""
+    return {k: v for k, v in obj.items() if k not in VERSION_KEYS}
+
+
+def _carry_versions(files: dict[str, dict[str, Any]], committed: Path, version: str) -> None:
+    """Give each file whose content the committed file of its name has that file's releases plus `version`."""
+    for name, obj in files.items():
+        path = committed / f"{name}.json"
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if "generated_from" not in old or content(old) != content(obj):
+            continue
+        before = old.get("transformers_versions") or [str(old["generated_from"]).removeprefix("transformers ")]
+        obj["transformers_versions"] = sorted(set(before) | {version}, key=version_key)
 
 
 def _add_extends(files: dict[str, dict[str, Any]]) -> None:
     """Rewrite each family that is another one plus more rename rules (or `extra_experts`) as `extends` +
     `extra_renames` (+ `extra_experts`)."""
-    same = ("experts", "layouts", "default_layout", "merges")
+    same = ("experts", "layouts", "default_layout", "merges")  # a child may add splits to a parent without
     parents: dict[str, str] = {}
     for name, obj in files.items():
         best = None
@@ -301,8 +427,11 @@ def _add_extends(files: dict[str, dict[str, Any]]) -> None:
                 continue
             if base.get("extra_experts") not in (None, obj.get("extra_experts")):
                 continue
+            if base.get("splits") not in (None, obj.get("splits")):
+                continue
             n = len(base["renames"])
-            more = n < len(obj["renames"]) or obj.get("extra_experts") != base.get("extra_experts")
+            more = (n < len(obj["renames"]) or obj.get("extra_experts") != base.get("extra_experts")
+                    or obj.get("splits") != base.get("splits"))
             if more and n <= len(obj["renames"]) and obj["renames"][:n] == base["renames"]:
                 if best is None or n > len(files[best]["renames"]) or (n == len(files[best]["renames"]) and other < best):
                     best = other
@@ -310,16 +439,16 @@ def _add_extends(files: dict[str, dict[str, Any]]) -> None:
             parents[name] = best
     for name, parent in parents.items():
         obj, base = files[name], files[parent]
-        child: dict[str, Any] = {k: obj[k] for k in ("family", "description", "generated_from", "extends",
-                                                     "model_types", "architectures") if k in obj}
+        child: dict[str, Any] = {k: obj[k] for k in ("family", "description", "generated_from", "transformers_versions",
+                                                     "extends", "model_types", "architectures") if k in obj}
         child["extends"] = parent
-        for key in ("num_experts_keys", "extra_experts", "dense_layer_keys"):
+        for key in ("num_experts_keys", "extra_experts", "dense_layer_keys", "splits"):
             if obj.get(key) != base.get(key):
                 child[key] = obj[key]
         if len(obj["renames"]) > len(base["renames"]):
             child["extra_renames"] = obj["renames"][len(base["renames"]):]
-        order = ["family", "description", "generated_from", "extends", "model_types", "architectures",
-                 "num_experts_keys", "extra_experts", "dense_layer_keys", "extra_renames"]
+        order = ["family", "description", "generated_from", "transformers_versions", "extends", "model_types",
+                 "architectures", "num_experts_keys", "extra_experts", "dense_layer_keys", "extra_renames", "splits"]
         files[name] = {k: child[k] for k in order if k in child}
 
 
@@ -358,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 when the files differ")
     args = p.parse_args(argv)
     out = Path(args.out)
-    files, skipped = generate()
+    files, skipped = generate(out)
     differ = []
     for name, obj in sorted(files.items()):
         path = out / f"{name}.json"

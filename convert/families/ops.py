@@ -8,10 +8,15 @@ so the same description reads a fused slice back into its parts and tells the sh
 either side from metadata alone. Dims count within one expert's slice (the fused tensor's
 dim 0, the expert, is not counted): transformers' `Concatenate(dim=1)` after
 `MergeModulelist(dim=0)` is `concat` on dim 0 here.
+
+`split` cuts one non-expert tensor into parts of unequal sizes (a family file's `splits`, e.g. a
+fused `query_key_value` into q/k/v): its `sizes` are config keys (or whole numbers) the parts'
+sizes along `dim` are proportional to, bound to numbers from a checkpoint's config.json by `bind`.
 """
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -209,12 +214,79 @@ class Deinterleave(Op):
         return {"op": self.name, "dim": self.dim, "parts": self.parts}
 
 
-OPS: dict[str, type[Op]] = {cls.name: cls for cls in (Transpose, Concat, Interleave, Chunk, Deinterleave)}
+def config_value(config: dict[str, Any], key: str, where: str) -> int:
+    """A positive whole number `key` of config.json contents `config` (or of its `text_config`); raises naming `where`."""
+    for cfg in (config, config.get("text_config")):
+        if isinstance(cfg, dict) and key in cfg:
+            value = cfg[key]
+            if type(value) is not int or value < 1:
+                raise ConversionError(f"{where}: {key!r} is {value!r}; expected a whole number >= 1")
+            return value
+    raise ConversionError(f"{where}: has no {key!r}")
+
+
+@dataclass(frozen=True)
+class Split(Op):
+    """Cut one tensor along `dim` into one part per entry of `sizes`, part j holding a share of the tensor
+    proportional to sizes[j] (the tensor's size along `dim` divided by their sum, times sizes[j]).
+
+    `sizes` entries are whole numbers or config keys (e.g. q/k/v rows in proportion to
+    ["num_attention_heads", "num_key_value_heads", "num_key_value_heads"]); `bind` gives the numbers.
+    The inverse is a concat along `dim`.
+    """
+
+    dim: int = 0
+    sizes: tuple[int | str, ...] = ()
+    name: ClassVar[str] = "split"
+
+    def bind(self, config: dict[str, Any], where: str) -> Split:
+        """This split with every config key of `sizes` replaced by its value in `config` (config.json contents)."""
+        return Split(self.dim, tuple(s if isinstance(s, int) else config_value(config, s, where) for s in self.sizes))
+
+    def part_sizes(self, total: int) -> list[int]:
+        """Each part's size along `dim` when the tensor's is `total` (raises when the shares do not divide it)."""
+        keys = [s for s in self.sizes if not isinstance(s, int)]
+        if keys:
+            raise ConversionError(f"split: sizes {keys} are config keys not yet bound to numbers")
+        unit, rest = divmod(total, sum(self.sizes))  # type: ignore[arg-type]
+        if rest or unit < 1:
+            raise ConversionError(f"split: size {total} along dim {self.dim} is not a multiple of {sum(self.sizes)} "  # type: ignore[arg-type]
+                                  f"(the sum of the parts' shares {list(self.sizes)})")
+        return [unit * int(s) for s in self.sizes]
+
+    def arity(self, n_in: int) -> int:
+        if n_in != 1:
+            raise ConversionError(f"split takes one tensor, got {n_in}")
+        return len(self.sizes)
+
+    def shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
+        (s,) = shapes
+        axis = _axis(self.dim, len(s), "split")
+        out = []
+        for size in self.part_sizes(s[axis]):
+            t = list(s)
+            t[axis] = size
+            out.append(tuple(t))
+        return out
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        t = tensors[0]
+        return list(t.split(self.part_sizes(t.shape[_axis(self.dim, t.dim(), "split")]), dim=self.dim))
+
+    def inverse(self, n_in: int) -> Op:
+        return Concat(self.dim)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.name, "dim": self.dim, "sizes": list(self.sizes)}
+
+
+OPS: dict[str, type[Op]] = {cls.name: cls for cls in (Transpose, Concat, Interleave, Chunk, Deinterleave, Split)}
 # The keys each op takes in a family file (besides "op").
 OP_KEYS: dict[str, tuple[str, ...]] = {
     "transpose": ("dims",), "concat": ("dim",), "interleave": ("dim",), "chunk": ("dim", "parts"),
-    "deinterleave": ("dim", "parts"),
+    "deinterleave": ("dim", "parts"), "split": ("dim", "sizes"),
 }
+_CONFIG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def op_from_json(obj: dict[str, Any], where: str) -> Op:
@@ -230,9 +302,16 @@ def op_from_json(obj: dict[str, Any], where: str) -> Op:
         if not (isinstance(dims, list) and len(dims) == 2 and all(type(d) is int for d in dims)) or dims[0] == dims[1]:
             raise ConversionError(f"{where}: transpose 'dims' must be two different ints, got {dims!r}")
         return Transpose((dims[0], dims[1]))
-    dim = obj.get("dim", 0 if kind in ("concat", "chunk") else -1)
+    dim = obj.get("dim", 0 if kind in ("concat", "chunk", "split") else -1)
     if type(dim) is not int:
         raise ConversionError(f"{where}: op {kind!r} 'dim' must be an int, got {dim!r}")
+    if kind == "split":
+        sizes = obj.get("sizes")
+        if not isinstance(sizes, list) or len(sizes) < 2 or not all(
+                (type(v) is int and v > 0) or (isinstance(v, str) and _CONFIG_KEY.match(v)) for v in sizes):
+            raise ConversionError(f"{where}: split 'sizes' must list two or more parts' shares, each a whole number "
+                                  f">= 1 or a config key, got {sizes!r}")
+        return Split(dim, tuple(sizes))
     if kind in ("chunk", "deinterleave"):
         parts = obj.get("parts", 2)
         if type(parts) is not int or parts < 1:
@@ -243,19 +322,22 @@ def op_from_json(obj: dict[str, Any], where: str) -> Op:
 
 @dataclass(frozen=True)
 class Pipeline:
-    """Ops that turn `n_parts` per-expert tensors into one expert's slice of a fused tensor."""
+    """Ops that turn `n_parts` per-expert tensors into one expert's slice of a fused tensor (or, with `n_out`,
+    one tensor into `n_out`: a family file's `splits`)."""
 
     ops: tuple[Op, ...]
     n_parts: int
+    n_out: int = 1
 
     def __post_init__(self) -> None:
         n = self.n_parts
         for op in self.ops:
             n = op.arity(n)
-        if n != 1:
+        if n != self.n_out:
             raise ConversionError(
                 f"ops {[op.to_json() for op in self.ops]} leave {n} tensors from {self.n_parts} part(s); "
-                "a fused tensor is built from its parts into exactly one tensor"
+                + ("a fused tensor is built from its parts into exactly one tensor" if self.n_out == 1
+                   else f"expected {self.n_out}")
             )
 
     def inverse_ops(self) -> list[Op]:

@@ -26,6 +26,9 @@ from convert.families.family import Family, build_family, resolve
 from convert.families.schema import FamilySpec, parse
 
 BUILTIN_DIR = Path(__file__).resolve().parents[2] / "configs" / "families"
+# Tables as other transformers releases defined a model type (configs/legacy/transformers-<release>/), one family
+# directory each: used by adding one to MOE_CONVERT_CONFIGS; a refusal over expert counts names the one that fits.
+LEGACY_DIR = BUILTIN_DIR.parent / "legacy"
 ENV = "MOE_CONVERT_CONFIGS"
 
 
@@ -148,12 +151,13 @@ def _parent_library_type(lib: str) -> str | None:
     return m[1] if m else None
 
 
-def find_family(config: dict[str, Any]) -> tuple[Family | None, str]:
+def find_family(config: dict[str, Any], reg: Registry | None = None) -> tuple[Family | None, str]:
     """The family a config.json (or an adapter_config.json) names, and how it was found; (None, why) if none.
 
-    Never raises for an unknown model; raises ConversionError only for bad family files.
+    `reg`: the families to look in (default: registry()). Never raises for an unknown model; raises
+    ConversionError only for bad family files.
     """
-    reg = registry()
+    reg = reg or registry()
     evidence: list[tuple[str, str]] = []  # (family name, how), strongest first
     if "peft_type" in config or "auto_mapping" in config:
         mapping = config.get("auto_mapping") or {}
@@ -223,3 +227,51 @@ def detect_family(config: dict[str, Any], where: str, override: str | None = Non
         f"{where}: {how} (known model types: {sorted(reg.by_model_type)}); "
         f"add a family file to configs/families/ (or a directory in ${ENV}) or pass --family"
     )
+
+
+def _shown(path: Path | str) -> str:
+    """`path` relative to the working directory where it lies below it."""
+    try:
+        return os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd()) else str(path)
+    except ValueError:
+        return str(path)
+
+
+def _table_sets() -> list[tuple[list[Path], str]]:
+    """(family directories, how to use them) of each other set of tables: the current directories with each
+    directory of configs/legacy/ added, and without the legacy ones they hold."""
+    current = family_dirs()
+    legacy = sorted(d.resolve() for d in LEGACY_DIR.iterdir() if d.is_dir()) if LEGACY_DIR.is_dir() else []
+    plain = [d for d in current if d.resolve() not in legacy]
+    sets = []
+    if len(plain) < len(current):
+        sets.append((plain, f"leave {', '.join(_shown(d) for d in current if d not in plain)} out of {ENV}"))
+    for d in legacy:
+        if d not in {c.resolve() for c in current}:
+            sets.append(([*plain, d], f"add {_shown(d)} to {ENV}"))
+    return sets
+
+
+def other_table_fits(family: Family, config: dict[str, Any], found: dict[str, int]) -> str:
+    """Where the expert counts a checkpoint or adapter holds (`found`: role -> experts) are not `family`'s for
+    `config` (its config.json): a sentence part naming another set of tables (another transformers release's,
+    configs/legacy/) whose family for `config` holds exactly those counts, and how to use it; "" when none does.
+    """
+    def versions(f: Family) -> str:
+        return f"transformers {', '.join(f.transformers_versions)}" if f.transformers_versions else "written by hand"
+
+    for dirs, how in _table_sets():
+        try:
+            other, _ = find_family(config, registry(dirs))
+            if other is None or Path(other.source).resolve() == Path(family.source).resolve():
+                continue
+            counts = other.role_experts(config, other.num_experts(config, "config.json"), "config.json")
+        except ConversionError:
+            continue
+        shared = {r: found[r] for r in counts if r in found}
+        if shared and all(counts[r] == n for r, n in shared.items()):
+            held = ", ".join(f"{r} {n}" for r, n in shared.items())
+            return (f"; its experts per role ({held}) are what family {other.name} of {_shown(other.source)} "
+                    f"({versions(other)}) holds, not {family.name} of {_shown(family.source)} ({versions(family)}): "
+                    f"to convert it with that table, {how}")
+    return ""

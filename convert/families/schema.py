@@ -30,6 +30,7 @@ class OpSpec:
     dim: int | None = None
     dims: list[int] | None = None
     parts: int | None = None
+    sizes: list[int | str] | None = None  # `split`: the parts' shares, whole numbers or config keys
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,21 @@ class MergeSpec:
 
 
 @dataclass(frozen=True)
+class SplitSpec:
+    """A non-expert tensor of the checkpoint that the model holds cut into several (transformers' `Split`), e.g. a
+    fused `query_key_value` held as `q_proj`, `k_proj`, `v_proj`: the inverse of a merge.
+
+    `source` and `targets` are name patterns as in a rename (model naming, the renames applied); `ops` is one
+    `split` whose `sizes` (config keys or whole numbers) give the targets' shares of the source along `dim`, in
+    order. Fusing cuts the source into the targets; splitting joins them back (a concat), byte for byte.
+    """
+
+    source: str
+    targets: list[str]
+    ops: list[OpSpec]
+
+
+@dataclass(frozen=True)
 class DequantizeSpec:
     """How a quantized-format family is dequantized (--dtype): into `family`'s roles; each target role
     from an MXFP4 (blocks role, scales role) pair in `mxfp4`, or from one source role cast in `cast`."""
@@ -94,6 +110,18 @@ class QuantizationSpec:
 
 
 @dataclass(frozen=True)
+class PerExpertReadersSpec:
+    """Who reads the family's per-expert layout (what `split_experts` writes): consumer names (e.g.
+    "transformers", "vllm", "sglang"), `[]` where none does; `note` says why (what they read instead), and is
+    required when `readers` is empty: `split_experts` refuses such a split with it unless asked for the layout
+    (--allow-unread-layout). Absent from a family file: its per-expert layout is taken to be read."""
+
+    readers: list[str]
+    note: str = ""
+    source: str = ""  # where this was read (the consumers' releases and files), for maintainers
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """A whole family file. With `extends`, every key not given is the parent's (see convert.families.family)."""
 
@@ -101,6 +129,9 @@ class FamilySpec:
     description: str = ""
     extends: str | None = None
     generated_from: str | None = None
+    # the transformers releases whose conversion table gives this file (generated files: every key but
+    # `description`, `generated_from` and this one), e.g. ["5.23.0", "5.25.0"]
+    transformers_versions: list[str] | None = None
     model_types: list[str] = field(default_factory=list)
     architectures: list[str] = field(default_factory=list)
     num_experts_keys: list[str] | None = None
@@ -114,8 +145,10 @@ class FamilySpec:
     renames: list[RenameSpec] | None = None
     extra_renames: list[RenameSpec] = field(default_factory=list)
     merges: list[MergeSpec] | None = None
+    splits: list[SplitSpec] | None = None
     quantization: QuantizationSpec | None = None
     refuse: dict[str, str] | None = None
+    per_expert_readers: PerExpertReadersSpec | None = None
 
 
 def _json_key(f: dataclasses.Field[Any]) -> str:

@@ -335,7 +335,7 @@ def detect_expert_lora(
 
     hidden, inter, base_e = base_dims(base_config, guess.family)
     counts = guess.family.role_experts(base_config, base_e, "--base-config") if base_config and guess.family and base_e else None
-    ctx = _Context(where, adapter_config, guess, hidden, inter, base_e, roles_of_proj, counts)
+    ctx = _Context(where, adapter_config, guess, hidden, inter, base_e, roles_of_proj, counts, base_config)
     groups: list[ExpertLoraGroup] = []
     for prefix in sorted(prefixes, key=_natural):
         pattern = prefixes[prefix]
@@ -361,6 +361,15 @@ class _Context:
     base_experts: int | None
     roles_of_proj: dict[str, str]
     role_counts: dict[str, int] | None = None  # role -> experts holding it, from --base-config (E + extra_experts)
+    base_config: dict[str, Any] | None = None
+
+    def other_table(self, found: dict[str, int]) -> str:
+        """A hint naming another release's table whose expert counts are `found` (role -> experts), else ""."""
+        from convert.families.registry import other_table_fits
+
+        if self.guess.family is None or not self.base_config:
+            return ""
+        return other_table_fits(self.guess.family, self.base_config, found)
 
     @property
     def family_name(self) -> str | None:
@@ -488,6 +497,7 @@ def _per_expert(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> Exp
                 raise ConversionError(
                     f"{ctx.where}: layer {prefix} has LoRA for expert {top[role] - 1}, but --base-config says "
                     f"{want} experts" + (f" for role {role} (E + {ctx.extra_key(role)})" if want != ctx.base_experts else "")
+                    + ctx.other_table(top)
                 )
             counts[role] = want
         num = ctx.base_experts
@@ -653,7 +663,8 @@ def _peft_check(
         ranks[depth] = r
     plain = {nums[d] for d, roles in assign.items() if not ctx.extra_key(roles[0])}
     if len(plain) > 1:
-        return False, f"the wrappers imply different expert counts {sorted(set(nums.values()))}", 0, {}, {}
+        return False, (f"the wrappers imply different expert counts {sorted(set(nums.values()))}"
+                       + ctx.other_table({r: nums[x] for x, rs in assign.items() for r in rs})), 0, {}, {}
     num = plain.pop() if plain else min(nums.values())
     if ctx.role_counts and ctx.base_experts:
         num = ctx.base_experts
@@ -664,7 +675,8 @@ def _peft_check(
         if nums[d] != want:
             key = ctx.extra_key(roles[0])
             return False, (f"{name_of.get(roles, '/'.join(roles))} holds {nums[d]} experts, expected {want}"
-                           + (f" (E + {key})" if key else " (E)")), 0, {}, {}
+                           + (f" (E + {key})" if key else " (E)")
+                           + ctx.other_table({r: nums[x] for x, rs in assign.items() for r in rs})), 0, {}, {}
     sides: dict[bool, tuple[tuple[str, ...], tuple[int, int]]] = {}
     for roles, d in dims.items():
         output = ctx.is_output(roles[0])

@@ -27,6 +27,7 @@ from convert.formats.adapter_layouts import detect_expert_lora
 from convert.formats.checkpoint import OTHER_WEIGHTS, open_checkpoint
 from convert.errors import ConversionError, StorageError, describe
 from convert.plan.expert_groups import find_expert_groups
+from convert.plan.readers import ALLOW_FLAG, unread_per_expert
 from convert.families import PER_EXPERT, detect_family, find_family
 from convert.flag_types import json_object
 from convert.formats.safetensors import TensorInfo, read_header
@@ -175,8 +176,12 @@ def inspect_base(storage: Storage, files: list[str], subdirs: list[str], report:
             "prefix": g.prefix, "layer": layer_of(g.prefix), "layout": g.layout, "num_experts": g.num_experts,
             "shapes": {r: list(s) for r, s in g.role_shape.items()}, "dtypes": sorted(set(g.role_dtype.values())),
         })
+    unread = unread_per_expert(family)
     for target in family.layouts:
         if all(lay == target for lay in layouts):
+            continue
+        if target == PER_EXPERT and unread is not None:  # refused without the flag (convert.plan.readers)
+            report.conversions.append(f"split_experts {ALLOW_FLAG} -> per-expert (no consumer reads it)")
             continue
         report.conversions.append("split_experts -> per-expert" if target == PER_EXPERT
                                   else f"fuse_experts --layout {target}")
@@ -190,6 +195,11 @@ def inspect_base(storage: Storage, files: list[str], subdirs: list[str], report:
         f"{family.name} checkpoint, E={report.num_experts}, experts in "
         + ", ".join(f"{n} layer(s) {lay}" for lay, n in sorted(by_layout.items())),
     )
+    if unread is not None:
+        held = (", in which this checkpoint holds expert layers (fuse_experts writes the layout they read)"
+                if PER_EXPERT in by_layout else "")
+        verdict.note("unread_per_expert", f"no consumer reads the {unread.name} per-expert layout{held}; "
+                                          f"{unread.source}: {unread.per_expert_note}")
 
 
 def _quantization(config: dict[str, Any], family: Any, groups: list[Any]) -> dict[str, Any]:

@@ -22,7 +22,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from convert.errors import (
-    ConversionError, CredentialsError, SourceChanged, StorageError, credentials_problem, reason_of, service_error,
+    ConversionError, CredentialsError, EndpointUnreachable, SourceChanged, StorageError, credentials_problem,
+    reason_of, service_error, unreachable,
 )
 
 T = TypeVar("T")
@@ -106,7 +107,7 @@ def _is_permanent(exc: BaseException) -> bool:
         return True
     if type(exc).__name__ in ("ParamValidationError", "InvalidRegionError", "InvalidEndpointConfigurationError"):
         return True
-    if credentials_problem(exc):
+    if credentials_problem(exc) or unreachable(exc):
         return True
     answer = service_error(exc)
     if answer is not None:
@@ -121,6 +122,9 @@ def storage_error(op: str, target: str, exc: BaseException, attempts: int = 1) -
     problem = credentials_problem(exc)
     if problem:
         return CredentialsError(op, target, problem)
+    where = unreachable(exc)
+    if where:
+        return EndpointUnreachable(where[0], target, where[1])
     reason = reason_of(exc)
     if attempts > 1:
         reason = f"failed after {attempts} attempts: {reason}"
@@ -143,6 +147,45 @@ def with_retries(op: str, target: str, fn: Callable[[], T], attempts: int = RETR
                 raise storage_error(op, target, exc, attempt + 1) from exc
             time.sleep(min(10.0, 0.05 * 2**attempt) * (0.5 + random.random()))
     raise AssertionError("unreachable")
+
+
+def _no_retry_when_unreachable(caught_exception: BaseException | None = None, **_: Any) -> None:
+    """botocore's needs-retry hook: an endpoint that refused the connection or whose host does not resolve
+    (convert.errors.unreachable) fails the request at once, instead of after its retries' backoff (seconds each,
+    then the tool's own): nothing changes between attempts."""
+    if caught_exception is not None and unreachable(caught_exception):
+        raise caught_exception
+
+
+def fail_fast_when_unreachable(fs: Any) -> None:
+    """Make the S3 client of s3fs filesystem `fs` (made now or later) skip botocore's retries of a request whose
+    endpoint cannot be reached (_no_retry_when_unreachable); its other retries (5xx, throttling, timeouts, resets)
+    are kept. Idempotent: fsspec hands out one cached filesystem per set of options."""
+    if getattr(fs, "_moe_convert_fail_fast", False):
+        return
+    hook = {"handler": _no_retry_when_unreachable, "unique_id": "moe-convert-unreachable"}
+    if getattr(fs, "_s3", None) is not None:  # a client made already
+        fs._s3.meta.events.register("needs-retry.s3", **hook)
+    if getattr(fs, "session", None) is None:  # the session s3fs would make, with the hook: clients made from it have it
+        import aiobotocore.session
+
+        fs.session = aiobotocore.session.AioSession(**(getattr(fs, "kwargs", None) or {}))
+        fs._session_is_owned = False  # kept when s3fs remakes its client (else it would make a session without the hook)
+    fs.session.register("needs-retry.s3", **hook)
+    fs._moe_convert_fail_fast = True
+
+
+def _server_age(last_modified: Any, date_header: str | None) -> float | None:
+    """Seconds from an object's LastModified to the Date of the store's answer (both the store's clock), or None."""
+    from datetime import datetime
+    from email.utils import parsedate_to_datetime
+
+    if not isinstance(last_modified, datetime) or not date_header:
+        return None
+    try:
+        return max(0.0, (parsedate_to_datetime(date_header) - last_modified).total_seconds())
+    except (TypeError, ValueError):
+        return None
 
 
 def _no_such_upload(exc: BaseException) -> bool:
@@ -230,6 +273,8 @@ class Storage:
             raise ConversionError(f"{url}: cannot open ({exc})") from exc
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        if self.is_s3:
+            fail_fast_when_unreachable(self.fs)
         self._fds: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
         self._listed: dict[str, dict[str, Any]] = {}  # object stores: file -> pin, as this object's listings saw it
@@ -721,6 +766,62 @@ class Storage:
                 src._unverified.add(rel)
                 return
         self.write_bytes(dst_rel or rel, src.read_bytes(rel))
+
+    # -- conditional writes (S3): the destination's lock (convert.engine.dest_lock) ----------------------------
+    def put_if(self, rel: str, data: bytes, absent: bool = False, etag: str | None = None) -> str:
+        """S3: write the small object `rel` only where none exists (`absent`: If-None-Match: *) or only where it is the
+        version `etag` (If-Match); returns the new ETag. A condition not met fails (HTTP 412, or 409 where another
+        conditional write of it is under way; If-Match on a missing object: 404), with the answer in the error's
+        chain (convert.errors.service_error)."""
+        condition = {"IfNoneMatch": "*"} if absent else {"IfMatch": etag}
+        try:
+            return str(self._s3("write", "put_object", rel, Body=data, **condition)["ETag"])
+        finally:
+            self.fs.invalidate_cache(self.path(rel))
+
+    def read_object(self, rel: str) -> tuple[bytes, str, float | None] | None:
+        """S3: (bytes, ETag, seconds since it was last written by the store's own clock: its Date against the
+        object's LastModified) of the small object `rel`, or None where there is none."""
+        from fsspec.asyn import sync
+
+        bucket, key, _ = self.fs.split_path(self.path(rel))
+
+        async def get() -> tuple[bytes, str, float | None]:
+            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            body = resp["Body"]
+            try:
+                data = bytes(await body.read())
+            finally:
+                body.close()
+            date = (resp.get("ResponseMetadata", {}).get("HTTPHeaders") or {}).get("date")
+            return data, str(resp.get("ETag", "")), _server_age(resp.get("LastModified"), date)
+
+        def attempt() -> tuple[bytes, str, float | None] | None:
+            try:
+                return sync(self.fs.loop, get)
+            except FileNotFoundError:
+                return None
+            except Exception as exc:  # noqa: BLE001 - a missing object is an answer, not an error
+                answer = service_error(exc)
+                if answer and (answer[0] == 404 or answer[1] in ("NoSuchKey", "NotFound")):
+                    return None
+                raise
+
+        return self._retry("read", rel, attempt)
+
+    def delete_if(self, rel: str, etag: str | None) -> None:
+        """S3: remove the object `rel` where it is still the version `etag` (If-Match; unconditionally where the store
+        takes no condition on a delete). Another version, or none, is left as it is."""
+        try:
+            self._s3("remove", "delete_object", rel, **({"IfMatch": etag} if etag else {}))
+        except OSError as exc:
+            answer = service_error(exc)
+            if answer and (answer[0] == 501 or answer[1] == "NotImplemented"):
+                self._s3("remove", "delete_object", rel)
+            elif not answer or not (answer[0] in (404, 412) or answer[1] in ("PreconditionFailed", "NoSuchKey")):
+                raise
+        finally:
+            self.fs.invalidate_cache(self.path(rel))
 
     # -- multipart uploads (object stores) ----------------------------------
     @property

@@ -239,54 +239,67 @@ def _group_plan(
 def _merge_pieces(
     ckpt: Checkpoint, family: Family, names: list[str], fusing: bool, dtype: str | None, chunk: int
 ) -> tuple[list[TargetTensor], list[Piece], set[str]]:
-    """Non-expert tensors the family's merges join (fuse) or cut (split): targets, pieces, source names used.
+    """Non-expert tensors the family's merges and splits join or cut (Merge.cuts): targets, pieces, source names used.
 
-    A merge is a concat on dim 0, so each part is a contiguous byte range of the joined tensor.
+    Both are along dim 0, so each part is a contiguous byte range of the joined tensor: a byte copy (or cast).
     """
     targets: list[TargetTensor] = []
     pieces: list[Piece] = []
     used: set[str] = set()
     where = ckpt.storage.display("config.json")
     for merge in family.merges:
-        if fusing:
-            raw = {family.to_model(n): n for n in names}
-            for out, parts in merge.join_names(sorted(raw), ckpt.config, where).items():
-                refs = [ckpt.tensors[raw[p]] for p in parts]
-                if len({r.info.shape for r in refs}) != 1 or len({r.info.dtype for r in refs}) != 1 or not refs[0].info.shape:
-                    raise ConversionError(
-                        f"{ckpt.storage.display()}: tensors {[r.info.name for r in refs]} must have one shape and dtype "
-                        f"to join into {out!r}, got {[f'{r.info.dtype} {list(r.info.shape)}' for r in refs]}"
-                    )
-                shape = (refs[0].info.shape[0] * len(refs), *refs[0].info.shape[1:])
-                out_dtype = target_dtype(refs[0].info.dtype, dtype)
-                offset = 0
-                for ref in refs:
-                    _, ps = copy_pieces(ref, out, dtype, chunk)
-                    pieces += [Piece(p.reads, tuple(Write(w.tensor, w.start + offset, w.end + offset, w.dtype)
-                                                    for w in p.writes)) for p in ps]
-                    offset += numel(ref.info.shape) * DTYPE_SIZES[out_dtype]
-                    used.add(ref.info.name)
-                targets.append(TargetTensor(out, out_dtype, shape))
-        else:
-            for name in names:
-                parts = merge.cut_names(name, ckpt.config, where)
-                if parts is None:
-                    continue
-                ref = ckpt.tensors[name]
-                k = len(parts)
-                if not ref.info.shape or ref.info.shape[0] % k:
-                    raise ConversionError(f"{ckpt.storage.display(ref.file)}: tensor {name!r} has shape "
-                                          f"{list(ref.info.shape)}; expected dim 0 to hold {k} equal parts {parts}")
-                shape = (ref.info.shape[0] // k, *ref.info.shape[1:])
-                size = ref.info.nbytes // k
-                for j, part in enumerate(parts):
-                    out = family.to_disk(part)
-                    start = ref.info.start + j * size
-                    piece_ref = TensorRef(ref.file, TensorInfo(out, ref.info.dtype, shape, start, start + size))
-                    t, ps = copy_pieces(piece_ref, out, dtype, chunk)
+        for cut in merge.cuts(names, fusing, family.to_model, family.to_disk, ckpt.config, where):
+            fp8 = [n for n in (cut.whole, *cut.parts) if n in ckpt.tensors and ckpt.tensors[n].info.dtype.startswith("F8_")]
+            if fp8 and dtype:  # a cast of FP8 bytes without their scales would be wrong values
+                raise ConversionError(f"{ckpt.storage.display(ckpt.tensors[fp8[0]].file)}: tensor {fp8[0]!r} is FP8 and "
+                                      "joined or cut by the family's merges/splits, which --dtype cannot dequantize; "
+                                      "convert with --dtype keep")
+            if cut.read_whole:
+                ref = ckpt.tensors[cut.whole]
+                shape = ref.info.shape
+                try:
+                    if not shape or not shape[0]:
+                        raise ConversionError("it has no dim 0 to cut")
+                    sizes = merge.part_sizes(shape[0], len(cut.parts), ckpt.config, where)
+                except ConversionError as exc:
+                    raise ConversionError(f"{ckpt.storage.display(ref.file)}: tensor {cut.whole!r} has shape {list(shape)}; "
+                                          f"it cannot be cut along dim 0 into {list(cut.parts)}: {exc}") from None
+                row = ref.info.nbytes // shape[0]
+                start = ref.info.start
+                for part, rows in zip(cut.parts, sizes):
+                    piece_ref = TensorRef(ref.file, TensorInfo(part, ref.info.dtype, (rows, *shape[1:]), start, start + rows * row))
+                    t, ps = copy_pieces(piece_ref, part, dtype, chunk)
                     targets.append(t)
                     pieces += ps
-                used.add(name)
+                    start += rows * row
+                used.add(cut.whole)
+                continue
+            refs = [ckpt.tensors[p] for p in cut.parts]
+            rows = [r.info.shape[0] if r.info.shape else 0 for r in refs]
+            problem = None
+            if len({r.info.shape[1:] for r in refs}) != 1 or len({r.info.dtype for r in refs}) != 1 or 0 in rows:
+                problem = "they must have one dtype and the same shape but for dim 0"
+            else:
+                try:
+                    if merge.part_sizes(sum(rows), len(refs), ckpt.config, where) != rows:
+                        problem = (f"their sizes along dim 0 {rows} are not the parts' shares of {sum(rows)} "
+                                   f"({merge.part_sizes(sum(rows), len(refs), ckpt.config, where)})")
+                except ConversionError as exc:
+                    problem = str(exc)
+            if problem:
+                raise ConversionError(
+                    f"{ckpt.storage.display()}: tensors {[r.info.name for r in refs]} "
+                    f"({[f'{r.info.dtype} {list(r.info.shape)}' for r in refs]}) cannot join into {cut.whole!r}: {problem}"
+                )
+            out_dtype = target_dtype(refs[0].info.dtype, dtype)
+            offset = 0
+            for ref in refs:
+                _, ps = copy_pieces(ref, cut.whole, dtype, chunk)
+                pieces += [Piece(p.reads, tuple(Write(w.tensor, w.start + offset, w.end + offset, w.dtype)
+                                                for w in p.writes)) for p in ps]
+                offset += numel(ref.info.shape) * DTYPE_SIZES[out_dtype]
+                used.add(ref.info.name)
+            targets.append(TargetTensor(cut.whole, out_dtype, (sum(rows), *refs[0].info.shape[1:])))
     return targets, pieces, used
 
 

@@ -143,16 +143,25 @@ def _count_text(family: Family, role: str, n: int) -> str:
     return f"{n} experts" + (f" for role {role} (E + {key})" if key else "")
 
 
+def _other_table(ckpt: Checkpoint, family: Family, found: dict[str, int]) -> str:
+    """A hint naming another release's table whose expert counts are `found` (role -> experts), else ""."""
+    from convert.families.registry import other_table_fits
+
+    return other_table_fits(family, ckpt.config or {}, found)
+
+
 def _per_expert_group(
     ckpt: Checkpoint, family: Family, prefix: str, found: dict[tuple[str, int], TensorRef], num_experts: int,
     counts: dict[str, int], rename: bool,
 ) -> ExpertGroup:
     group = ExpertGroup(prefix, PER_EXPERT, num_experts, dict(counts))
+    held = {role: 1 + max(e for r, e in found if r == role) for role in {r for r, _ in found}}
     for (role, e), ref in sorted(found.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if e >= counts[role]:
             raise ConversionError(
                 f"{ckpt.storage.display(ref.file)}: tensor {ref.info.name!r} is expert {e}, "
                 f"but config.json says there are {_count_text(family, role, counts[role])}"
+                + _other_table(ckpt, family, held)
             )
     for role, template in family.expert_templates.items():
         for e in range(counts[role]):
@@ -161,7 +170,7 @@ def _per_expert_group(
             if ref is None:
                 raise ConversionError(
                     f"{ckpt.storage.display()}: missing expert {e} of {prefix}: tensor {key!r} not found "
-                    f"(expected {_count_text(family, role, counts[role])})"
+                    f"(expected {_count_text(family, role, counts[role])})" + _other_table(ckpt, family, held)
                 )
             shape, dtype = ref.info.shape, ref.info.dtype
             if role not in group.role_shape:
@@ -202,6 +211,7 @@ def _fused_group(
         )
     layout = exact[0]
     group = ExpertGroup(prefix, layout, num_experts, dict(counts))
+    held = {p: found[t.template].info.shape[0] for t in family.fused[layout] for p in t.parts if found[t.template].info.shape}
     for t in family.fused[layout]:
         ref = found[t.template]
         key = ref.info.name
@@ -210,7 +220,7 @@ def _fused_group(
         if not ref.info.shape or ref.info.shape[0] != n:
             raise ConversionError(
                 f"{where} has shape {list(ref.info.shape)}; expected dim 0 = "
-                f"{_count_text(family, t.parts[0], n)} (config.json)"
+                f"{_count_text(family, t.parts[0], n)} (config.json)" + _other_table(ckpt, family, held)
             )
         part = part_shape_of(t, ref.info.shape[1:], where)
         for role in t.parts:

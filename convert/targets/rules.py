@@ -176,6 +176,13 @@ class Target:
         """The target's name (vllm, sglang, peft, per-expert)."""
         return self.spec.target
 
+    def reads_shards(self) -> bool | None:
+        """Whether this target's loader reads a sharded adapter (`sharded`): True or False where its rules and every
+        family and model-type override agree, None where it depends on the base model."""
+        said = {self.spec.rules.sharded} | {o.sharded for o in [*self.spec.families.values(),
+                                                                 *self.spec.model_types.values()] if o.sharded is not None}
+        return said.pop() if len(said) == 1 else None
+
     def for_family(self, family: str | None, model_type: str | None = None) -> TargetRules:
         """The rules for adapters of a base model of family `family` (None: unknown family, the target's defaults)
         and, when known, config.json `model_type` (its override, if any, applies last)."""

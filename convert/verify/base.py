@@ -346,42 +346,50 @@ def _fused_layers(table: Table, family: Family) -> int:
 
 def _merged(src: Table, dst: Table, family: Family, names: list[str], split: bool, config: dict[str, Any]
             ) -> tuple[list[PassCheck], set[str], set[str], list[str]]:
-    """Pass checks for the tensors the family's merges join (fuse) or cut (split), from the table's patterns.
+    """Pass checks for the tensors the family's merges and splits join or cut (Merge.cuts), from the table's patterns.
 
-    Returns (checks, source names used, destination names produced, problems). A merge is a concat
-    on dim 0: part j of the joined tensor is its j-th contiguous byte range.
+    Returns (checks, source names used, destination names produced, problems). Joining and cutting are along
+    dim 0: part j of the joined tensor is its j-th contiguous run of rows, sized by the merge (equal parts) or
+    the split (the config's shares).
     """
     checks: list[PassCheck] = []
     used_src: set[str] = set()
     made_dst: set[str] = set()
     problems: list[str] = []
     for merge in family.merges:
-        pairs: list[tuple[str, int, int, str]] = []  # (joined name, part index, parts, part name), as stored
         try:
-            if not split:
-                raw = {family.to_model(n): n for n in names}
-                for whole, parts in merge.join_names(sorted(raw), config, src.where).items():
-                    pairs += [(whole, j, len(parts), raw[p]) for j, p in enumerate(parts)]
-            else:
-                for name in names:
-                    parts = merge.cut_names(name, config, src.where)
-                    pairs += [(name, j, len(parts), family.to_disk(p)) for j, p in enumerate(parts or [])]
+            cuts = merge.cuts(names, not split, family.to_model, family.to_disk, config, src.where)
         except ConversionError as exc:
             problems.append(str(exc))
             continue
-        for whole, j, k, part in pairs:
-            joined_t = (dst if not split else src).tensors.get(whole)
-            part_t = (src if not split else dst).tensors.get(part)
-            if joined_t is None or part_t is None or not joined_t.shape:
-                missing = whole if joined_t is None else part
-                problems.append(f"{dst.where}: tensor {missing!r} (joined from {k} tensors) is missing")
+        for cut in cuts:
+            whole_side, part_side = (src, dst) if cut.read_whole else (dst, src)
+            joined_t = whole_side.tensors.get(cut.whole)
+            part_ts = [part_side.tensors.get(p) for p in cut.parts]
+            missing = [n for n, t in ((cut.whole, joined_t), *zip(cut.parts, part_ts)) if t is None]
+            if missing or joined_t is None or not joined_t.shape:
+                problems.append(f"{dst.where}: tensor {(missing or [cut.whole])[0]!r} (joined from {len(cut.parts)} "
+                                "tensors) is missing")
                 continue
-            size = joined_t.nbytes // k
-            sub = Stored(joined_t.name, joined_t.file, joined_t.dtype, (joined_t.shape[0] // k, *joined_t.shape[1:]),
-                         joined_t.start + j * size, joined_t.start + (j + 1) * size)
-            checks.append(PassCheck(part_t, sub) if not split else PassCheck(sub, part_t))
-            used_src.add(part if not split else whole)
-            made_dst.add(whole if not split else part)
+            try:
+                sizes = merge.part_sizes(joined_t.shape[0], len(cut.parts), config, src.where)
+            except ConversionError as exc:
+                problems.append(f"{whole_side.where}: tensor {cut.whole!r} {list(joined_t.shape)}: {exc}")
+                continue
+            row = joined_t.nbytes // joined_t.shape[0]
+            start = joined_t.start
+            for part, part_t, rows in zip(cut.parts, part_ts, sizes):
+                assert part_t is not None
+                sub = Stored(joined_t.name, joined_t.file, joined_t.dtype, (rows, *joined_t.shape[1:]), start,
+                             start + rows * row)
+                start += rows * row
+                checks.append(PassCheck(sub, part_t) if cut.read_whole else PassCheck(part_t, sub))
+            if cut.read_whole:
+                used_src.add(cut.whole)
+                made_dst.update(cut.parts)
+            else:
+                used_src.update(cut.parts)
+                made_dst.add(cut.whole)
     return checks, used_src, made_dst, problems
 
 

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from convert.cli import default_workers, run_main
+from convert.engine.dest_lock import held_until_done
 from convert.errors import ConversionError, describe, set_destination
 from convert.families import detect_family
 from convert.flag_types import json_object, positive_int
@@ -517,12 +518,13 @@ def with_verify(
             refusal = dist.broadcast(_dequantize_check_refusal(args) if dist.is_main else None)
             if refusal:
                 raise ConversionError(refusal)
-        code = job(dist)
-        if code != 0 or not checking:
-            return code
-        opts = VerifyOptions(args.src, args.dst, getattr(args, "family", None), args.storage_options,
-                             getattr(args, "base_config", None), target=getattr(args, "target", None))
-        return verify_after(opts, dist, marker, report)
+        with held_until_done():  # the conversion's lock on --dst is given up after the check (it may rename the marker)
+            code = job(dist)
+            if code != 0 or not checking:
+                return code
+            opts = VerifyOptions(args.src, args.dst, getattr(args, "family", None), args.storage_options,
+                                 getattr(args, "base_config", None), target=getattr(args, "target", None))
+            return verify_after(opts, dist, marker, report)
 
     return body
 

@@ -76,6 +76,12 @@ class Table:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+def _without_lock(listed: tuple[list[str], list[str]]) -> tuple[list[str], list[str]]:
+    """A listing of .moe-convert/ less the lock of a job running there (convert.engine.dest_lock)."""
+    files, dirs = listed
+    return [f for f in files if f != "lock.json"], dirs
+
+
 def element_size(dtype: str) -> int:
     """Bytes per element of a safetensors dtype."""
     return DTYPES[dtype][1]
@@ -288,8 +294,9 @@ def read_table(
                         + ("the index does not name" if weight_map is not None else f"beside {single_name}"))
     if strict:
         for f in files + dirs:
-            # .moe-convert/ of a finished job holds only its output record (output.json)
-            if LEFTOVER.search(f) or f == ".moe-convert" and storage.list_dir(f) != (["output.json"], []):
+            # .moe-convert/ of a finished job holds only its output record (output.json), and a job's lock
+            # (lock.json) while one runs there (a conversion's --verify runs under its lock)
+            if LEFTOVER.search(f) or f == ".moe-convert" and _without_lock(storage.list_dir(f)) != (["output.json"], []):
                 problems.append(f"{storage.display(f)}: left over from an unfinished conversion")
     table = Table(where, tensors, files, dirs, shards, index_name if index is not None else None,
                   (index or {}).get("metadata", {}) if isinstance(index, dict) else {})
