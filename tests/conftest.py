@@ -6,6 +6,36 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# The longest cases (about 10-25 s each on 2 cores) whose feature a shorter case of the default run also covers:
+# marked `extended`, they leave the default run (kept under 10 minutes on a fresh clone) and .ci/run runs them
+# after it (`python -m pytest -q -m "bench or extended"`).
+EXTENDED = {
+    "tests/test_memory.py::test_peak_rss_flat_when_checkpoint_doubles[byte-copy]",
+    "tests/test_s3.py::test_conversions_through_a_slow_throttling_endpoint",
+    "tests/test_adapter_extra_experts.py::test_split_gives_peft_deltas_and_fuses_back_byte_identical[2-True]",
+    "tests/test_adapter_convert.py::test_other_family_peft_adapter_splits_per_expert_and_fuses_back[jamba]",
+    "tests/test_adapter_convert.py::test_other_family_peft_adapter_splits_per_expert_and_fuses_back[nemotron_h]",
+    "tests/test_adapter_convert.py::test_other_family_peft_adapter_splits_per_expert_and_fuses_back[ernie4_5_moe]",
+    "tests/test_adapter_convert.py::test_other_family_peft_adapter_splits_per_expert_and_fuses_back[lfm2_moe]",
+    "tests/test_launch.py::test_torchrun_ranks_fall_back_to_gloo_where_the_store_is_not_shared",
+    "tests/test_batch.py::test_two_torchrun_nodes_on_one_host",
+    "tests/test_batch.py::test_strict_manifest_under_torchrun",
+    "tests/test_quantized.py::test_mxfp4_gpt_oss_split_and_fuse_back_byte_identical[2]",
+    "tests/test_quantized.py::test_mxfp4_gpt_oss_split_and_fuse_back_byte_identical[3]",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the EXTENDED cases `extended`; fail the collection when one of them no longer exists (renamed)."""
+    found = set()
+    for item in items:
+        if item.nodeid in EXTENDED:
+            item.add_marker(pytest.mark.extended)
+            found.add(item.nodeid)
+    collected_all = not config.getoption("keyword") and not config.args[1:] and config.args in ([], ["tests"])
+    if collected_all and found != EXTENDED:
+        raise pytest.UsageError(f"conftest EXTENDED names tests that do not exist: {sorted(EXTENDED - found)}")
+
 
 @pytest.fixture(scope="module")
 def s3():

@@ -99,14 +99,15 @@ def _synthetic_peft(family, path: Path, experts: int = 3, hidden: int = 12, inte
                     part = d[j::k] if op == "interleave" else d[j * out:(j + 1) * out]
                     module = family.expert_templates[role][: -len(".weight")].format(prefix=prefix, e=e)
                     deltas[PEFT + module] = part
-        attn = f"{PEFT}{prefix}.self_attn.q_proj"
+        # the model's name of the checkpoint's q_proj (minicpm5_moe holds it as q_gate_proj): what peft targets
+        attn = PEFT + family.to_model(f"model.layers.{layer}.self_attn.q_proj.weight")[: -len(".weight")]
         router = PEFT + family.to_model(f"model.layers.{layer}{disk_container}.gate.weight")[: -len(".weight")]
         for module, (out, inn) in ((attn, (hidden, hidden)), (router, (experts, hidden))):
             a, b = torch.randn((R, inn), generator=g), torch.randn((out, R), generator=g)
             tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"] = a, b
             deltas[module] = b @ a * (alpha / R)
     config = {"peft_type": "LORA", "r": R, "lora_alpha": alpha, "use_rslora": False, "rank_pattern": {},
-              "alpha_pattern": {}, "target_modules": ["q_proj"], "bias": "none", "task_type": "CAUSAL_LM",
+              "alpha_pattern": {}, "target_modules": [attn.rsplit(".", 1)[1]], "bias": "none", "task_type": "CAUSAL_LM",
               "target_parameters": sorted({t.template.replace("{prefix}.", "") for t in family.fused[family.default_fused]
                                            if set(t.parts) <= set(lora_roles(family))})}
     write_adapter(path, tensors, config)

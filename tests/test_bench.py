@@ -5,7 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
+
 from helpers import run_tool
+
+# minutes of the default run on 2 cores: run by .ci/run after it (`python -m pytest -q -m bench`)
+pytestmark = pytest.mark.bench
 
 
 def test_bench_tiny_preset_end_to_end(tmp_path):
@@ -120,3 +125,14 @@ def test_verify_bench_tiny_preset_end_to_end(tmp_path):
     run_tool("bench.verify", "--merge", str(out / "verify.json"), str(out / "verify.json"), "--out", str(tmp_path / "m"))
     merged = json.loads((tmp_path / "m" / "verify.json").read_text())
     assert all(len(c["verify_data"]) == 2 for c in merged["cases"])
+
+
+def test_launch_bench_small_preset(tmp_path):
+    """bench.launch times a bare torchrun, the tool under torchrun (hub and gloo) and --nproc, and reports them."""
+    out = tmp_path / "results"
+    run_tool("bench.launch", "--preset", "small", "--repeats", "1", "--workdir", str(tmp_path / "w"), "--out", str(out))
+    data = json.loads((out / "launch-small.json").read_text())
+    assert set(data["medians"]) == {"bare torchrun", "tool under torchrun (hub)", "tool under torchrun (gloo)",
+                                    "tool --nproc 2"}
+    assert all(v > 0 for v in data["medians"].values())
+    assert "| tool under torchrun (hub) |" in (out / "LAUNCH-small.md").read_text()

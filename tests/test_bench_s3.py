@@ -10,6 +10,7 @@ import pytest
 from helpers import run_tool
 
 
+@pytest.mark.bench  # run by .ci/run after the default run
 def test_bench_s3_tiny_preset_end_to_end(tmp_path):
     if shutil.which("aws") is None:
         pytest.skip("the peer `aws s3 cp` is not installed (pip install -e .[bench])")

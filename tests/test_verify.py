@@ -285,7 +285,7 @@ def test_fuse_and_split_with_verify_under_torchrun(ckpts, tmp_path):
                     "--ep", "3", nproc=2, timeout=120)
     assert "OK:" in proc.stdout and "on 2 rank(s)" in proc.stdout
     code = call(split_experts.main, "--src", str(tmp_path / "f"), "--dst", str(tmp_path / "s"), "--no-progress",
-                "--verify")
+                "--verify", "--allow-unread-layout")  # gpt-oss: no consumer reads its per-expert layout
     assert code == 0 and (tmp_path / "s" / INDEX).exists()
 
 
