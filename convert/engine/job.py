@@ -138,10 +138,7 @@ def destination_in_use(src: Storage, dst: Storage) -> bool:
     if not dst.isdir():
         raise ConversionError(f"--dst {dst.url} exists and is not a directory")
     files, dirs = dst.list_dir()
-    if not files and dirs == [STATE_DIR]:  # only a job's lock (a running job's, or one a crashed job left) is empty
-        inner, below = dst.list_dir(STATE_DIR)
-        return bool(below or set(inner) - {LOCK_FILE.rsplit("/", 1)[1]})
-    return bool(files or dirs)
+    return bool(files or dirs) and not _only_a_lock(dst, files, dirs)
 
 
 def plan_job(opts: JobOptions, dist: Dist) -> JobSetup:
@@ -364,13 +361,18 @@ def _start(setup: JobSetup | str, opts: JobOptions, sink: Any, job: SinkJob | No
 
 
 def _holds_only_the_lock(dst: Storage) -> bool:
-    """True where `dst` holds nothing but its lock (an object store: one listing of every key below it)."""
-    if dst.is_local:
-        files, dirs = dst.list_dir()
-        return not files and dirs == [STATE_DIR] and dst.list_dir(STATE_DIR) == ([LOCK_FILE.rsplit("/", 1)[1]], [])
-    dst.fs.invalidate_cache(dst.root)
-    keys = dst._retry("list", "", lambda: dst.fs.find(dst.root))
-    return [k[len(dst.root):].lstrip("/") for k in keys] == [LOCK_FILE]
+    """True where `dst` holds nothing but a job's lock."""
+    files, dirs = dst.list_dir()
+    return _only_a_lock(dst, files, dirs)
+
+
+def _only_a_lock(dst: Storage, files: list[str], dirs: list[str]) -> bool:
+    """True where `dst`, whose top level lists `files` and `dirs`, holds nothing but a job's lock (a running job's,
+    or one a crashed job left): such a destination counts as empty."""
+    if files or dirs != [STATE_DIR]:
+        return False
+    inner, below = dst.list_dir(STATE_DIR)
+    return not below and set(inner) <= {LOCK_FILE.rsplit("/", 1)[1]}
 
 
 def _release(setup: JobSetup, job: SinkJob) -> None:
