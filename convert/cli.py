@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from convert.flag_types import json_object, positive_int, size_arg
+from convert.families.namings import naming_names
 from convert.engine.job import JobOptions
 from convert.toplevel import ToolParser, finish, run_guarded, settle
 from convert.plan.transforms import DTYPE_NAMES
@@ -18,8 +19,8 @@ if TYPE_CHECKING:
     from convert.engine.adapter_job import AdapterJobOptions
 
 
-def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """Parser with the flags every conversion takes."""
+def base_parser(prog: str, description: str, names: bool = True) -> argparse.ArgumentParser:
+    """Parser with the flags every conversion takes (`names`: with --names, the tensor names written)."""
     p = ToolParser(prog=prog, description=description)
     p.add_argument("--src", required=True, help="source directory or fsspec URL")
     p.add_argument("--dst", required=True, help="destination directory or fsspec URL (must be empty or absent)")
@@ -29,6 +30,13 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan (files, bytes and memory per rank) and exit")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty --dst: its old index, config and safetensors files are removed first")
     p.add_argument("--family", default=None, help="model family (default: from config.json model_type)")
+    p.add_argument("--base-config", default=None, metavar="CONFIG_JSON",
+                   help="the model's config.json (path or URL) for a source without one, such as a trainer's "
+                        "checkpoint; written into the output")
+    if names:
+        p.add_argument("--names", default="hf", choices=naming_names(),
+                       help="tensor names to write: hf (default) or a trainer's (configs/namings/*.json: torchtitan, "
+                            "nemo_automodel, megatron); a source in a trainer's names is detected and read either way")
     p.add_argument("--workers", type=positive_int, default=None,
                    help="pieces in flight per rank (default 4; on a local --dst, up to 16 while this machine "
                         "has a core per worker of its ranks)")
@@ -62,7 +70,7 @@ def job_options(args: argparse.Namespace, layout: str | None) -> JobOptions:
         dtype=DTYPE_NAMES[args.dtype], dry_run=args.dry_run, overwrite=args.overwrite, family=args.family,
         workers=args.workers or default_workers(args.dst), storage_options=args.storage_options,
         show_progress=not args.no_progress,
-        stats_path=args.stats,
+        stats_path=args.stats, names=getattr(args, "names", "hf"), base_config=args.base_config,
     )
 
 
@@ -105,9 +113,10 @@ def adapter_parser(prog: str, description: str, default_target: str) -> argparse
     file unless --max-shard-size is given."""
     from convert.targets.rules import TARGETS  # adapters only: a base conversion does not load them
 
-    p = base_parser(prog, description)
-    p.add_argument("--base-config", default=None,
-                   help="the base model's config.json (path or URL): family, hidden/intermediate sizes, E")
+    p = base_parser(prog, description, names=False)
+    for action in p._actions:
+        if action.dest == "base_config":
+            action.help = "the base model's config.json (path or URL): family, hidden/intermediate sizes, E"
     p.add_argument("--target", default=default_target, choices=TARGETS,
                    help=f"the consumer the output is for: its expert layout, names and adapter_config.json for the "
                         f"base model's family (configs/targets/*.json; default {default_target})")

@@ -136,3 +136,34 @@ def test_launch_bench_small_preset(tmp_path):
                                     "tool --nproc 2"}
     assert all(v > 0 for v in data["medians"].values())
     assert "| tool under torchrun (hub) |" in (out / "LAUNCH-small.md").read_text()
+
+
+def test_trainer_bench_small_preset(tmp_path):
+    """bench.trainer (issue #23) on the small preset, 1 layer: DCP and per-rank sharded safetensors sources written by
+    gloo ranks, cp -r, the tool at 4 and 1 ranks and on the sharded source, torch's two paths; every output checked
+    against the source, per-rank RSS from the tool's --stats, the report written."""
+    out = tmp_path / "results"
+    proc = run_tool("bench.trainer", "--preset", "small", "--layers", "1", "--no-drop-caches", "--workdir",
+                    str(tmp_path), "--out", str(out), check=False, timeout=300)
+    assert proc.returncode in (0, 3), proc.stderr[-3000:]
+    data = json.loads((out / "trainer-small.json").read_text())
+    assert data["final"] and [p.name for p in tmp_path.iterdir() if p.name.startswith("moe-trainer-bench-")] == []
+    rows = {r["name"]: r for r in data["rows"]}
+    report = (out / "TRAINER-small.md").read_text()
+    for name in ("cp -r DCP dir", "torch: dcp_to_torch_save + load + split + cast + save_file",
+                 "torch: consolidate_safetensors_files"):
+        assert rows[name]["seconds"] > 0, rows[name]
+    for name in ("torch: dcp_to_torch_save + load + split + cast + save_file", "torch: consolidate_safetensors_files"):
+        assert rows[name]["check"].startswith("ok"), rows[name]["check"]
+        assert rows[name]["rss"][0] > 0 and rows[name]["phases"]
+    assert "## Targets" in report and "| cp -r DCP dir | dcp |" in report
+    tools = ("tool DCP -> HF bf16, 4 ranks", "tool DCP -> HF bf16, 1 ranks", "tool sharded -> HF bf16, 4 ranks")
+    if proc.returncode == 3:  # the tool cannot read trainer checkpoints (yet): said so, and its cases not run
+        assert data["tool_error"] and "**FAILED**" in report
+        assert all(rows[n]["note"].startswith("not run") for n in tools)
+        return
+    for name in tools:
+        r = rows[name]
+        assert r["seconds"] > 0 and r["check"].startswith("ok") and r["data_seconds"] > 0, r
+        assert len(r["rss"]) == r["ranks"] and all(x > 0 for x in r["rss"])
+    assert {t["case"] for t in data["targets"]} >= set(tools)

@@ -13,7 +13,6 @@ import pytest
 
 from convert.engine.output_record import changed_pins, check_pins, source_pins
 from convert.errors import ConversionError
-from convert.io.range_stream import RangeReader
 from convert.io.storage import Storage
 from s3_server import FlakyProxy
 
@@ -202,15 +201,15 @@ def test_a_small_file_is_copied_within_one_store_by_one_server_side_copy(s3, s3e
 
 def _read_in_chunks(st: Storage, name: str, start: int, end: int, chunk: int) -> bytes:
     out = bytearray(end - start)
-    with RangeReader(st, name, start, end) as stream:
+    with st.open_range(name, start, end) as stream:
         for off in range(0, end - start, chunk):
             stream.readinto(memoryview(out)[off : min(off + chunk, end - start)])
     return bytes(out)
 
 
 def test_a_range_is_read_by_one_streamed_request_and_resumed_where_its_body_broke(s3, s3env):
-    """RangeReader: one ranged GET serves many reads in order; a body cut off mid-stream is asked again from
-    its first missing byte (not from the start, not skipping any), and the bytes are exact."""
+    """Storage.open_range (S3RangeReader): one ranged GET serves many reads in order; a body cut off mid-stream is
+    asked again from its first missing byte (not from the start, not skipping any), and the bytes are exact."""
     data = bytes(range(256)) * 40_000  # 10 MB
     s3env.pipe(f"{BUCKET}/stream/blob.bin", data)
     broken = [1]

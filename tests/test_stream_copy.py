@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from convert.engine import stream_copy
 from convert.engine.stream_copy import Segment, copy_segments, even_spans
+from convert.io.range_stream import RangeReader
 from convert.io.storage import Storage
 from convert.plan.base import Piece, Read, Write
 
@@ -62,8 +63,6 @@ def test_a_rank_of_equal_experts_is_cut_into_equal_requests():
 class _SlowSource:
     """A source whose reads below `slow_below` take `delay` seconds each (a slow connection), recording who read what."""
 
-    is_s3 = False
-
     def __init__(self, data: bytes, slow_below: int, delay: float) -> None:
         self.data, self.slow_below, self.delay = data, slow_below, delay
         self.reads: list[tuple[int, int]] = []  # (thread id, offset)
@@ -73,6 +72,9 @@ class _SlowSource:
         if start < self.slow_below:
             time.sleep(self.delay)
         return self.data[start:end]
+
+    def open_range(self, rel: str, start: int, end: int) -> RangeReader:
+        return RangeReader(self, rel, start, end)  # one read_range per readinto, as from a store that streams none
 
 
 def test_an_idle_worker_takes_over_half_of_a_slow_span_and_every_byte_lands_once(tmp_path, monkeypatch):

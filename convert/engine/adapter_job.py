@@ -32,7 +32,6 @@ SPLIT = "per_expert"
 class AdapterJobOptions(JobOptions):
     """JobOptions plus the adapter flags: `layout` is "per_expert" (split) or a fused adapter layout."""
 
-    base_config: str | None = None
     target: str = "vllm"  # configs/targets/<target>.json: the consumer the output is written for
 
 

@@ -230,9 +230,9 @@ class DestinationLock:
         with a line on stderr saying so. A filesystem without locks or a store without conditional writes gets
         an unheld lock and a warning (the job runs, unguarded)."""
         lock = cls(dst, os.urandom(12).hex(), times or lock_times())
-        if dst.is_local:
+        if dst.local_paths:
             lock._acquire_local()
-        elif dst.is_s3:
+        elif dst.conditional_writes:
             lock._acquire_s3()
         else:
             print(f"warning: {dst.url}: this filesystem takes no lock; another job on the same --dst is not detected",
@@ -462,7 +462,7 @@ def refuse_if_locked(dst: Storage, times: LockTimes | None = None) -> None:
     url = dst.display(LOCK_FILE)
     if url in _held:
         return
-    if dst.is_local:
+    if dst.local_paths:
         path = dst.path(LOCK_FILE)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -478,7 +478,7 @@ def refuse_if_locked(dst: Storage, times: LockTimes | None = None) -> None:
         finally:
             os.close(fd)
         return
-    if not dst.is_s3:
+    if not dst.conditional_writes:
         return
     times = times or lock_times()
     found = dst.read_object(LOCK_FILE)

@@ -89,7 +89,7 @@ class Executor:
 
     def _run_piece(self, piece: Piece, fetched: Fetched | None = None) -> int:
         if is_byte_copy(piece):
-            if self.src.is_local and self.dst.is_local:
+            if self.dst.can_copy_range_from(self.src):
                 for r, roff, w, woff, n in _segments(piece.reads, piece.writes):
                     file, pos = self._dst_pos(w)
                     self.dst.copy_range_from(self.src, r.file, r.start + roff, file, pos + woff, n)
@@ -111,8 +111,8 @@ class Executor:
         in order. From an object store, runs of consecutive pieces are fetched together
         (group_pieces), so adjacent source bytes come in few large requests.
         """
-        if not self.src.is_local:
-            if self.dst.is_local and all(is_byte_copy(p) for p in pieces):
+        if self.src.remote:
+            if self.dst.positional_writes and all(is_byte_copy(p) for p in pieces):
                 self._run_streamed(pieces, on_done)
             else:
                 self._run_fetched(pieces, on_done)
@@ -138,8 +138,11 @@ class Executor:
     def _run_streamed(self, pieces: Sequence[Piece], on_done: Callable[[int, int], None]) -> None:
         """run() for byte copies from an object store into local files (convert.engine.stream_copy): `on_done`
         is called as pieces complete, not in order."""
-        segments = [Segment(r.file, r.start + roff, n, *self._dst_pos(w), w.tensor, i) for i, p in enumerate(pieces)
-                    for r, roff, w, _, n in _segments(p.reads, p.writes)]
+        segments = []
+        for i, p in enumerate(pieces):
+            for r, roff, w, woff, n in _segments(p.reads, p.writes):
+                file, pos = self._dst_pos(w)
+                segments.append(Segment(r.file, r.start + roff, n, file, pos + woff, w.tensor, i))
         copy_segments(pieces, segments, self.workers, self.src, self.dst, on_done)
 
     def _run_fetched(self, pieces: Sequence[Piece], on_done: Callable[[int, int], None]) -> None:
@@ -209,7 +212,7 @@ class Prefetcher:
 
     def reached(self, i: int) -> None:
         """Piece i is about to run: top the window up when less than half of it is left."""
-        if not self.src.is_local or self.next >= len(self.pieces):
+        if self.src.remote or self.next >= len(self.pieces):
             return
         if self.next > i and self.cum[self.next] - self.cum[i] >= self.window // 2:
             return

@@ -29,10 +29,15 @@ from typing import Any
 from tqdm import tqdm
 
 from convert.formats.checkpoint import INDEX_NAME, open_checkpoint
+from convert.formats.chunks import ChunkedTensor, ChunkedView
+from convert.formats.dcp import load_chunk
+from convert.plan.chunk_reads import localize
 from convert.errors import ConversionError, error_text, set_destination
 from convert.engine.executor import piece_memory, warm_up
 from convert.families import PER_EXPERT, detect_family
-from convert.formats.model_config import CONFIG_DTYPE_NAMES, config_bytes, with_dtype
+from convert.families.namings import apply_source_naming, output_layout
+from convert.plan.trainer_names import finish_plan
+from convert.formats.model_config import read_base_config, CONFIG_DTYPE_NAMES, config_bytes, with_dtype
 from convert.engine.output_record import (
     check_existing, check_pins, classify, record_bytes, refuse_foreign, source_pins,
 )
@@ -65,6 +70,8 @@ class JobOptions:
     storage_options: dict[str, Any] = field(default_factory=dict)
     show_progress: bool = True
     stats_path: str | None = None  # rank 0 writes per-rank stats (peak RSS, bytes, seconds) here as JSON
+    base_config: str | None = None  # config.json for a source without one (--base-config), written into the output
+    names: str = "hf"  # the tensor names written: "hf" or a trainer naming (configs/namings/*.json)
 
 
 @dataclass
@@ -83,6 +90,8 @@ class JobSetup:
     job_id: str = ""
     pins: dict[str, dict[str, Any]] = field(default_factory=dict)  # source file -> Storage.pin at plan time
     target: str | None = None  # the adapter target the output is written for (recorded in the output record)
+    chunked: dict[str, ChunkedTensor] = field(default_factory=dict)  # chunked tensors pieces read virtually
+    notices: list[str] = field(default_factory=list)  # printed before the job starts (what the source left out)
 
     @property
     def outputs(self) -> list[str]:
@@ -109,9 +118,7 @@ def fingerprint(*parts: Any) -> str:
 
 
 def _same_place(src: Storage, dst: Storage) -> tuple[str, str]:
-    if src.is_local and dst.is_local:
-        return os.path.realpath(src.root), os.path.realpath(dst.root)
-    return src.fs.unstrip_protocol(src.root), dst.fs.unstrip_protocol(dst.root)
+    return src.place(), dst.place()
 
 
 def check_destination(src: Storage, dst: Storage, overwrite: bool, marker: str, fp: str) -> bool:
@@ -166,12 +173,21 @@ def _plan_job(opts: JobOptions, dist: Dist, src: Storage, dst: Storage) -> JobSe
 def _plan_source(opts: JobOptions, dist: Dist, src: Storage) -> JobSetup:
     """The job's plan from the source's metadata (resuming left False: _plan_job decides it)."""
     ckpt = open_checkpoint(src)
+    if opts.base_config:
+        ckpt.config = read_base_config(opts.base_config, opts.storage_options)
+    elif not ckpt.config:
+        raise ConversionError(f"{src.display()}: has no config.json ({ckpt.container} source); pass the model's "
+                              "config.json with --base-config")
     family = detect_family(ckpt.config, src.display("config.json"), opts.family)
-    if opts.layout is not None and opts.layout != PER_EXPERT and opts.layout not in family.fused:
-        raise ConversionError(f"--layout {opts.layout}: the {family.name} family ({src.display('config.json')}) has "
+    ckpt, family, view = apply_source_naming(ckpt, family)  # trainer names read as HF names
+    naming, wanted = output_layout(opts.names, opts.layout, family, ckpt.config, src.display("config.json"))
+    if wanted is not None and wanted != PER_EXPERT and wanted not in family.fused:
+        raise ConversionError(f"--layout {wanted}: the {family.name} family ({src.display('config.json')}) has "
                               f"no such fused layout; its fused layouts: {', '.join(family.fused)}")
-    layout = opts.layout or family.default_fused
-    plan = plan_conversion(ckpt, family, layout, opts.dtype)
+    layout = wanted or family.default_fused
+    plan = plan_conversion(ckpt, family, layout, opts.dtype, renaming=bool(view.naming or naming))
+    plan = finish_plan(plan, view, naming, ckpt.config, src.display())
+    plan.pieces, chunked = localize(plan.pieces, ckpt.chunked)
     ep, ep_note = choose_ep(opts.ep, dist.world_size, plan.num_experts, src.display("config.json"))
     files = layout_files(plan.targets, opts.max_shard_bytes, plan.metadata)
     assignment = assign_pieces(plan.pieces, plan.num_experts, ep, dist.world_size)
@@ -183,7 +199,8 @@ def _plan_source(opts: JobOptions, dist: Dist, src: Storage) -> JobSetup:
     summary = [
         f"plan: {plan.family} {'/'.join(layouts)} -> {plan.target_layout}; {len(plan.groups)} expert layers, "
         f"E={plan.num_experts}, dtype={opts.dtype or 'keep'}",
-        f"  source: {opts.src}",
+        f"  source: {opts.src}" + (f" ({ckpt.container}, {len(ckpt.chunked)} tensors saved in chunks)"
+                                    if ckpt.container != "safetensors" else ""),
         f"  destination: {opts.dst}",
         f"  ep={ep} expert slices over {dist.world_size} rank(s); experts per slice: "
         + "/".join(str(n) for n in sizes)
@@ -194,7 +211,12 @@ def _plan_source(opts: JobOptions, dist: Dist, src: Storage) -> JobSetup:
     if ep_note:
         summary.append(f"  {ep_note}")
     copy_files, final = list(plan.copy_files), {}
-    if opts.dtype and "config.json" in copy_files:
+    if opts.base_config:
+        if "config.json" in copy_files:
+            copy_files.remove("config.json")
+        final["config.json"] = config_bytes(with_dtype(ckpt.config, opts.dtype) if opts.dtype else ckpt.config)
+        summary.append(f"  config.json: from --base-config {opts.base_config}")
+    elif opts.dtype and "config.json" in copy_files:
         # The cast changes the weights' dtype: config.json must say so (rewritten, not copied).
         copy_files.remove("config.json")
         config = ckpt.config
@@ -203,16 +225,17 @@ def _plan_source(opts: JobOptions, dist: Dist, src: Storage) -> JobSetup:
         final["config.json"] = config_bytes(with_dtype(config, opts.dtype))
         summary.append(f"  config.json: dtype keys set to {CONFIG_DTYPE_NAMES[opts.dtype]}")
     final[INDEX_NAME] = (json.dumps(index, indent=2) + "\n").encode()
-    summary += [f"  note: {n}" for n in plan.notes]
+    summary += [f"  note: {n}" for n in [*ckpt.notes, *plan.notes]]
     fp = fingerprint(
         opts.src, sorted((n, h.file_size) for n, h in ckpt.headers.items()),
         [(f.name, f.size, f.header) for f in files], plan.pieces,
     )
-    read = [*ckpt.headers, *([ckpt.index_file] if ckpt.index_file else []), *plan.copy_files]
+    read = [*ckpt.source_files, *plan.copy_files]
     return JobSetup(
         summary=summary, files=files, pieces=plan.pieces, assignment=assignment, ep=ep,
         copy_files=copy_files, final_files=final,
         fingerprint=fp, job_id=uuid.uuid4().hex, pins={} if opts.dry_run else source_pins(src, read),
+        chunked=chunked, notices=[f"note: {opts.src}: {n}" for n in ckpt.notes],
     )
 
 
@@ -322,6 +345,7 @@ class RankWork:
     job: SinkJob  # the rank's own view of the job (Sink.for_rank): only the pieces it writes
     job_id: str
     pins: dict[str, dict[str, Any]]  # the source files' pins: every read is conditional on them (Storage.expect)
+    chunked: dict[str, ChunkedTensor] = field(default_factory=dict)  # the virtual files its pieces read
 
 
 def _start(setup: JobSetup | str, opts: JobOptions, sink: Any, job: SinkJob | None, src: Storage, dst: Storage,
@@ -336,6 +360,8 @@ def _start(setup: JobSetup | str, opts: JobOptions, sink: Any, job: SinkJob | No
         print(describe(setup, opts.workers))
         return 0
     assert job is not None
+    for line in setup.notices:
+        print(line)
     try:
         _pause_point("MOE_CONVERT_PAUSE_BEFORE_LOCK")
         held.append(DestinationLock.acquire(dst, lock_times()))
@@ -383,6 +409,12 @@ def _release(setup: JobSetup, job: SinkJob) -> None:
     job.files, job.pieces, job.assignment = slim, [], []
 
 
+def _reading(src: Storage | None, chunked: dict[str, ChunkedTensor]) -> Storage:
+    """`src` as the pieces read it: a ChunkedView where some read a chunked tensor's virtual file."""
+    assert src is not None
+    return ChunkedView(src, chunked, load_chunk) if chunked else src  # type: ignore[return-value]
+
+
 def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: dict[str, Any] | None = None) -> int:
     """Run a job planned on rank 0 and commit it; returns the exit code.
 
@@ -410,7 +442,7 @@ def _execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report:
     if dist.is_main:
         assert setup is not None, "rank 0 runs a plan or reports why there is none"
         if isinstance(setup, JobSetup) and not opts.dry_run:
-            src = Storage(opts.src, opts.storage_options)
+            src = _reading(Storage(opts.src, opts.storage_options), setup.chunked)
             dst = Storage(opts.dst, opts.storage_options)
             src.expect(setup.pins)
             src.probe_conditions(setup.pins)
@@ -426,7 +458,7 @@ def _execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report:
     copies = _start_copies(src, dst, setup.copy_files, setup.pins) if ended is None and isinstance(setup, JobSetup) \
         and src else Copies()
     part = dist.scatter((lambda r: ended if ended is not None else RankWork(sink.for_rank(job, r), setup.job_id,
-                                                                             setup.pins))
+                                                                             setup.pins, setup.chunked))
                         if dist.is_main else None)
     if isinstance(part, int):  # the job ended before streaming: no copy was started
         for store in (src, dst):
@@ -446,6 +478,7 @@ def _execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report:
         if report is not None:
             report["skipped_bytes"] = int(skipped.get("skipped_bytes", 0))
     else:
+        src = _reading(src, part.chunked)
         sink = make_sink(src, dst)
         src.expect(part.pins)
     assert src is not None and dst is not None
@@ -630,7 +663,7 @@ def _commit(dst: Storage, sink: Any, job: SinkJob, setup: JobSetup, results: lis
         if wrong:
             raise ConversionError(f"{dst.display(wrong[0])}: {landed.get(wrong[0], 'no')} bytes landed, expected "
                                   f"{sizes[wrong[0]]}" + (f" (and {len(wrong) - 1} more file(s))" if len(wrong) > 1 else ""))
-        state = pool.submit(state_listing, dst) if not dst.is_local else None
+        state = pool.submit(state_listing, dst) if dst.remote else None
         if lock is not None:
             lock.confirm()  # the marker is written by the lock's holder only
         for name, data in setup.final_files.items():
@@ -681,8 +714,7 @@ def _clear_destination(dst: Storage, sink: Any, setup: JobSetup, overwrite: bool
     Markers go first, the record and state last, so an interrupted clean-up never looks
     complete and a re-run still knows which files are its own.
     """
-    if not dst.is_s3:  # S3 has no directories; s3fs's makedirs would create a missing bucket
-        dst.makedirs()
+    dst.makedirs()  # none on S3 (no directories there; s3fs's makedirs would create a missing bucket)
     if not overwrite or not dst.exists():  # an object store has no empty "directory" to list
         return
     contents = classify(dst)

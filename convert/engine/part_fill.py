@@ -5,7 +5,7 @@ few MB each, and an object store charges a first-byte latency per request: read 
 requests are latency-bound. Parts whose source bytes touch (in a per-expert source, the projections of
 one expert lie side by side) are grouped, up to a byte budget, and a group's buffers are filled by one
 streamed ranged GET per run of touching source bytes (cut at a part's size: runs are what the workers
-share out), straight into the parts' buffers (convert.io.range_stream): requests are as long as the
+share out), straight into the parts' buffers (Storage.open_range): requests are as long as the
 source allows, and no body is held twice.
 """
 
@@ -15,7 +15,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from convert.engine.executor import _segments, is_byte_copy, piece_outputs
-from convert.io.range_stream import RangeReader
 from convert.io.storage import Storage
 from convert.plan.base import Piece
 from sharding.parts import Part
@@ -136,10 +135,10 @@ def fill_computed(src: Storage, parts: Sequence[Part], bufs: Mapping[int, bytear
 def read_run(src: Storage, run: Sequence[Copy], bufs: Mapping[int, bytearray]) -> None:
     """Read the touching source bytes of `run` (read_runs) by one streamed request, each copy straight into its
     part's buffer (`bufs`: part index -> bytes); a local source is read in place."""
-    if src.is_local:
+    if not src.remote:
         for c in run:
             src.read_into(c.file, c.start, memoryview(bufs[c.part])[c.at : c.at + c.n])
         return
-    with RangeReader(src, run[0].file, run[0].start, run[-1].start + run[-1].n) as stream:
+    with src.open_range(run[0].file, run[0].start, run[-1].start + run[-1].n) as stream:
         for c in run:
             stream.readinto(memoryview(bufs[c.part])[c.at : c.at + c.n])

@@ -123,7 +123,7 @@ def clear_state(dst: Storage, listed: tuple[list[str], list[str]] | None = None,
     """
     lock = LOCK_FILE.rsplit("/", 1)[1]
     keep = {lock, OUTPUT_RECORD.rsplit("/", 1)[1]} if keep_record else {lock}
-    if not dst.is_local:  # one listing, one batched delete (a chain of HEADs and DELETEs costs latency each)
+    if dst.remote:  # one listing, one batched delete (a chain of HEADs and DELETEs costs latency each)
         files, dirs = listed if listed is not None else state_listing(dst)
         state = STATE_FILE.rsplit("/", 1)[1]
         dst.remove_many([f"{STATE_DIR}/{n}" for n in files if n not in keep | {state}])
@@ -150,7 +150,7 @@ def skipped_summary(done_bytes: int, total_bytes: int, done: int, total: int, un
 
 def make_sink(src: Storage, dst: Storage) -> Sink:
     """The sink for `dst`: local files, or multipart uploads on an object store."""
-    if dst.is_local:
+    if dst.positional_writes:
         return LocalSink(src, dst)
     if dst.supports_multipart:
         return MultipartSink(src, dst)

@@ -5,7 +5,7 @@ into `workers` (x STREAM_ROUNDS) spans of equal bytes (a segment may be cut anyw
 are only moved), so every connection carries the same load; a worker that runs out of spans takes
 over half of what is left of the slowest one, so the last requests end together even where the
 connections' speeds differ. Each span is read by one ranged GET per contiguous run
-(convert.io.range_stream) and written through one STREAM_CHUNK buffer per worker: memory does not
+(Storage.open_range) and written through one STREAM_CHUNK buffer per worker: memory does not
 grow with the request size.
 """
 
@@ -19,7 +19,6 @@ from typing import NamedTuple
 
 from convert.errors import ConversionError
 from convert.io.memory import thread_scratch
-from convert.io.range_stream import RangeReader
 from convert.io.storage import S3_STREAM_BYTES, Storage
 from convert.plan.base import Piece
 
@@ -198,7 +197,7 @@ def copy_span(span: _Span, src: Storage, dst: Storage, claim: Callable[[_Span, i
         else:
             runs.append([seg])
     for run in runs:
-        with RangeReader(src, run[0].file, run[0].start, run[-1].start + run[-1].n) as stream:
+        with src.open_range(run[0].file, run[0].start, run[-1].start + run[-1].n) as stream:
             for seg in run:
                 off = 0
                 while off < seg.n:

@@ -45,3 +45,23 @@ def without_dtype(config: Any) -> Any:
     if isinstance(out.get("text_config"), dict):
         out["text_config"] = {k: v for k, v in out["text_config"].items() if k not in DTYPE_KEYS}
     return out
+
+
+def read_base_config(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config.json at `url` (a local path or an fsspec URL) given with --base-config, as a dict.
+
+    Raises ConversionError naming `url` when it cannot be read or is not a JSON object with a model_type.
+    """
+    import fsspec
+
+    from convert.errors import ConversionError
+
+    try:
+        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+            data = f.read(16 << 20)
+        config = json.loads(data)
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"--base-config {url}: cannot read it as JSON ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ConversionError(f"--base-config {url}: expected a model's config.json (a JSON object with model_type)")
+    return config

@@ -166,7 +166,7 @@ def read_header(storage: Storage, path: str) -> FileHeader:
     size = storage.size(path)
     if size < 8:
         raise ConversionError(f"{where}: {size} bytes is too short to be a safetensors file")
-    first = storage.read_range(path, 0, 8 if storage.is_local else min(size, HEADER_PREFIX))
+    first = storage.read_range(path, 0, 8 if not storage.remote else min(size, HEADER_PREFIX))
     (header_len,) = struct.unpack("<Q", bytes(first[:8]))
     if header_len > MAX_HEADER_BYTES:
         raise ConversionError(

@@ -25,10 +25,13 @@ from convert.formats.adapter_dir import (
 )
 from convert.formats.adapter_layouts import detect_expert_lora
 from convert.formats.checkpoint import OTHER_WEIGHTS, open_checkpoint
+from convert.formats.dcp import METADATA as DCP_METADATA
+from convert.formats.model_config import read_base_config
 from convert.errors import ConversionError, StorageError, describe
 from convert.plan.expert_groups import find_expert_groups
 from convert.plan.readers import ALLOW_FLAG, unread_per_expert
 from convert.families import PER_EXPERT, detect_family, find_family
+from convert.families.namings import HF, apply_source_naming
 from convert.flag_types import json_object
 from convert.formats.safetensors import TensorInfo, read_header
 from convert.io.storage import Storage
@@ -61,6 +64,8 @@ class Report:
     family: str | None = None
     family_source: str = ""
     layout: str | None = None  # base checkpoints: the expert layout ("mixed" when layers differ)
+    container: str | None = None  # base checkpoints: safetensors, torch-dcp or sharded-safetensors
+    names: str | None = None  # base checkpoints: the tensor names, "hf" or a trainer naming (configs/namings)
     pattern: str | None = None  # adapters: the expert-LoRA pattern ("mixed" when layers differ)
     num_experts: int | None = None
     ranks: dict[str, list[int]] = field(default_factory=dict)
@@ -112,6 +117,8 @@ def guess_kind(storage: Storage, files: list[str], subdirs: list[str]) -> str:
     weights = [f for f in files if f.endswith(".safetensors")]
     if ADAPTER_CONFIG in files or any(f.startswith("adapter_model") for f in files):
         return ADAPTER
+    if DCP_METADATA in files:
+        return BASE
     if weights:
         return ADAPTER if _peek_is_lora(storage, weights) else BASE
     if "config.json" in files or any(OTHER_WEIGHTS.search(f) for f in files):
@@ -126,11 +133,13 @@ def guess_kind(storage: Storage, files: list[str], subdirs: list[str]) -> str:
 
 
 # ---------------------------------------------------------------- base checkpoints
-def inspect_base(storage: Storage, files: list[str], subdirs: list[str], report: Report) -> None:
-    """Classify a base checkpoint: family, per-layer expert layout, E, and the conversions that apply."""
+def inspect_base(storage: Storage, files: list[str], subdirs: list[str], report: Report,
+                 base_config: str | None = None, storage_options: dict[str, Any] | None = None) -> None:
+    """Classify a base checkpoint: container, family, per-layer expert layout, E, and the conversions that apply.
+    `base_config`: the model's config.json for a checkpoint without one (a trainer's)."""
     verdict = report.verdict
     where = storage.display()
-    if not any(f.endswith(".safetensors") for f in files):
+    if not any(f.endswith(".safetensors") for f in files) and DCP_METADATA not in files:
         ckpts = checkpoint_dirs(subdirs)
         others = [f for f in files if OTHER_WEIGHTS.search(f)]
         if ckpts:
@@ -148,15 +157,32 @@ def inspect_base(storage: Storage, files: list[str], subdirs: list[str], report:
         verdict.refuse("invalid", str(exc))
         return
     report.count_tensors({n: r.info for n, r in ckpt.tensors.items()})
-    report.files = {n: len(h.tensors) for n, h in sorted(ckpt.headers.items())}
+    held = Counter(r.file for r in ckpt.tensors.values())  # a chunked tensor counts in each file holding a chunk
+    for t in ckpt.chunked.values():
+        held.update({c.file for c in t.chunks})
+    report.files = {n: held[n] for n in sorted(ckpt.headers)}
+    report.container = ckpt.container
+    if ckpt.chunked:
+        report.container += f" ({len(ckpt.chunked)} of {len(ckpt.tensors)} tensors saved in chunks)"
     for what in ckpt.skipped:
         verdict.note("skipped_files", f"{what}")
+    for what in ckpt.notes:
+        verdict.note("training_state", f"{what}")
+    if base_config:
+        ckpt.config = read_base_config(base_config, storage_options)
     if not ckpt.config:
-        verdict.refuse("no_config", f"{where}: no config.json: the model family and the number of experts are unknown")
+        verdict.refuse("no_config", f"{where}: no config.json: the model family and the number of experts are unknown"
+                       + (" (a trainer's checkpoint: pass the model's config.json with --base-config)"
+                          if ckpt.container != "safetensors" else ""))
         return
     try:
         family = detect_family(ckpt.config, storage.display("config.json"))
         report.family, report.family_source = family.name, find_family(ckpt.config)[1]
+        own_layouts = family.layouts  # --layout choices (a naming's layouts are written through --names)
+        ckpt, family, view = apply_source_naming(ckpt, family)  # a trainer's names read as HF names
+        report.names = view.naming.name if view.naming else HF
+        for line in view.notes():
+            verdict.note("trainer_names", line)
         family = family.with_companions(family.companions_in(ckpt.tensors))
         report.num_experts = family.num_experts(ckpt.config, storage.display("config.json"))
         groups, _ = find_expert_groups(ckpt, family, report.num_experts)
@@ -177,7 +203,7 @@ def inspect_base(storage: Storage, files: list[str], subdirs: list[str], report:
             "shapes": {r: list(s) for r, s in g.role_shape.items()}, "dtypes": sorted(set(g.role_dtype.values())),
         })
     unread = unread_per_expert(family)
-    for target in family.layouts:
+    for target in own_layouts:
         if all(lay == target for lay in layouts):
             continue
         if target == PER_EXPERT and unread is not None:  # refused without the flag (convert.plan.readers)
@@ -399,7 +425,7 @@ def _dispatch(storage: Storage, files: list[str], subdirs: list[str], report: Re
     if report.kind == ADAPTER:
         inspect_adapter(storage, report, base_config, storage_options, only_file)
     elif report.kind == BASE and not only_file:
-        inspect_base(storage, files, subdirs, report)
+        inspect_base(storage, files, subdirs, report, base_config, storage_options)
     elif report.kind == BASE and only_file:
         header = read_header(storage, only_file)
         report.count_tensors(header.tensors)
@@ -423,8 +449,12 @@ def render_text(report: Report) -> str:
                 lines.append(f"    {key}: {json.dumps(c[key])}")
     if report.family or report.family_source:
         lines.append(f"  family: {report.family or 'unknown'} ({report.family_source})")
+    if report.container:
+        lines.append(f"  container: {report.container}")
     if report.layout:
         lines.append(f"  layout: {report.layout}")
+    if report.names:
+        lines.append(f"  names: {report.names}")
     if report.pattern:
         lines.append(f"  pattern: {report.pattern}")
     if report.num_experts is not None:

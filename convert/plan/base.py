@@ -310,13 +310,15 @@ def plan_conversion(
     dtype: str | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     num_experts: int | None = None,
+    renaming: bool = False,
 ) -> Plan:
     """Plan converting every expert group of `ckpt` to `target_layout`; everything else passes through.
 
     Fusing reads the source's names as transformers does when loading (the family's renames,
     then the expert templates) and writes model naming; splitting reads model naming and
     writes the names transformers' `save_pretrained` would (renames undone). Raises
-    ConversionError when there are no expert tensors or all are already in `target_layout`.
+    ConversionError when there are no expert tensors or all are already in `target_layout` (unless `renaming`:
+    the job changes tensor names, convert.families.namings).
     """
     plain = family
     family = family.with_companions(family.companions_in(ckpt.tensors))
@@ -351,9 +353,12 @@ def plan_conversion(
             f"{ckpt.storage.display()}: no {family.name} expert tensors found "
             f"(looked for e.g. {family.per_expert[family.roles[0]].format(prefix='<layer>', e=0)!r})"
         )
-    if all(g.layout == target_layout for g in groups):
+    casting = bool(dtype) and any(target_dtype(r.info.dtype, dtype) != r.info.dtype for r in ckpt.tensors.values())
+    consolidating = ckpt.container != "safetensors"  # a trainer's container: written as an HF checkpoint
+    if all(g.layout == target_layout for g in groups) and not (renaming or casting or consolidating):
         raise ConversionError(
             f"{ckpt.storage.display()}: every expert layer is already in the {target_layout!r} layout; nothing to do"
+            + (f" (and every floating tensor is already {dtype})" if dtype else "")
         )
     targets, pieces, merged = _merge_pieces(ckpt, family, passthrough, fusing, dtype, chunk_bytes)
     for name in passthrough:

@@ -28,6 +28,7 @@ class Relation:
     dst_tensors: int
     dst_files: int
     notes: list[str] = field(default_factory=list)
+    src_chunked: dict[str, Any] = field(default_factory=dict)  # a trainer source's chunked tensors (ChunkedView)
 
 
 @dataclass(frozen=True)

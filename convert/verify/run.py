@@ -19,6 +19,7 @@ the two directories into checks (convert.verify.checks); `detect_kind` picks one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -33,8 +34,15 @@ from convert.cli import default_workers, run_main
 from convert.engine.dest_lock import held_until_done
 from convert.errors import ConversionError, describe, set_destination
 from convert.families import detect_family
+from convert.families.namings import hf_views, with_naming_layouts
 from convert.flag_types import json_object, positive_int
-from convert.formats.model_config import CONFIG_DTYPE_NAMES, DTYPE_KEYS, without_dtype
+from convert.formats.checkpoint import SHARDING_KEY, open_checkpoint
+from convert.formats.chunks import ChunkedTensor, ChunkedView
+from convert.formats.dcp import METADATA as DCP_METADATA, load_chunk
+from convert.formats.model_config import (
+    CONFIG_DTYPE_NAMES, DTYPE_KEYS, config_bytes, read_base_config, without_dtype,
+)
+from convert.formats.safetensors import read_header
 from convert.io.storage import Storage
 from convert.targets.rules import TARGETS
 from convert.toplevel import ToolParser
@@ -44,7 +52,7 @@ from convert.verify.checks import (
     BLOCK_BYTES, ExpertCheck, Mismatch, PassCheck, Tally, chunk_bytes, pass_chunks, pass_shape_problem,
     computes, release_buffers, role_groups, run_expert, run_pass_chunk,
 )
-from convert.verify.tables import Table, Unreadable, element_size, read_table
+from convert.verify.tables import Stored, Table, Unreadable, element_size, read_table
 from convert.verify.target import recorded_target, target_findings
 from launch.dist import Dist
 from launch.local import add_nproc_flag
@@ -60,47 +68,77 @@ READ_AHEAD_BYTES = int(os.environ.get("MOE_CONVERT_VERIFY_READ_AHEAD", str(128 <
 
 def build_base(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
     """The base-weight relation: experts per layer per the family tables, everything else unchanged."""
-    src_table, src_problems = read_table(src, BASE_INDEX, require_index=False)
+    src_table, src_problems, chunked = source_table(src)
     if src_problems:
         raise CannotVerify(f"the source is not a valid checkpoint: {src_problems[0]}")
-    if "config.json" not in src_table.files:
-        raise CannotVerify(f"{src.display('config.json')}: missing (needed for the family and number of experts)")
+    if "config.json" not in src_table.files and not opts.base_config:
+        raise CannotVerify(f"{src.display('config.json')}: missing (needed for the family and number of experts; "
+                           "a trainer's checkpoint: pass the model's config.json with --base-config)")
     try:
-        config = src.read_json("config.json")
+        config = read_base_config(opts.base_config, opts.storage_options) if opts.base_config else \
+            src.read_json("config.json")
         family = detect_family(config, src.display("config.json"), opts.family)
         num_experts = family.num_experts(config, src.display("config.json"))
     except (ValueError, ConversionError) as exc:
         raise CannotVerify(str(exc)) from exc
     dst_table, problems = read_table(dst, BASE_INDEX, require_index=True)
-    experts, passes, bad_src, found = base_relation(src_table, dst_table, family, num_experts, config)
+    try:  # a side in a trainer's names (configs/namings) is read under HF names
+        family = with_naming_layouts(family, config)
+        a, b, named = hf_views(src_table.tensors, dst_table.tensors, config, src.display(), dst.display(),
+                               lambda n, s: Stored(n, s.file, s.dtype, s.shape, s.start, s.end))
+    except ConversionError as exc:
+        raise CannotVerify(str(exc)) from exc
+    experts, passes, bad_src, found = base_relation(dataclasses.replace(src_table, tensors=a),
+                                                    dataclasses.replace(dst_table, tensors=b), family, num_experts,
+                                                    config)
     if bad_src:
         raise CannotVerify(f"the source is not a valid {family.name} checkpoint: {bad_src[0]}")
     problems += found
     files = copied_files(src_table, BASE_INDEX)
     problems += compare_files(src, dst, files, {"config.json"})
-    problems += config_problems(src, dst, dst_table)
+    problems += config_problems(src, dst, dst_table, config_bytes(config) if opts.base_config else None)
     headline = (f"{family.name}: {len(experts)} expert layer(s) x E={num_experts}; {len(src_table.tensors)} source "
                 f"tensors -> {len(dst_table.tensors)} destination tensors in {len(dst_table.shards)} file(s); "
-                f"{len(files)} other file(s)")
+                f"{len(files)} other file(s)") + "".join(f"; {line}" for line in named)
     return Relation("base", headline, experts, passes, problems, len(src_table.tensors), len(dst_table.tensors),
-                    len(dst_table.shards))
+                    len(dst_table.shards), src_chunked=chunked)
 
 
-def config_problems(src: Storage, dst: Storage, dst_table: Table) -> list[str]:
-    """The destination's config.json must equal the source's, except that its dtype keys (top level and
-    text_config) may change, and must then name the dtype the destination's floating tensors have."""
+def source_table(src: Storage) -> tuple[Table, list[str], dict[str, ChunkedTensor]]:
+    """The source's table and the problems found, and its chunked tensors (virtual file -> tensor): a trainer's
+    checkpoint (torch DCP, per-rank safetensors shards) is read through convert.formats.checkpoint, whose
+    tensors saved in chunks are read as virtual files (convert.formats.chunks.ChunkedView)."""
+    files, dirs = src.list_dir()
+    if DCP_METADATA not in files:
+        weights = sorted(f for f in files if f.endswith(".safetensors"))
+        if not weights or SHARDING_KEY not in read_header(src, weights[0]).metadata:
+            table, problems = read_table(src, BASE_INDEX, require_index=False)
+            return table, problems, {}
+    ckpt = open_checkpoint(src)
+    tensors = {n: Stored(n, r.file, r.info.dtype, r.info.shape, r.info.start, r.info.end)
+               for n, r in ckpt.tensors.items()}
+    table = Table(src.display(), tensors, files, dirs, sorted(ckpt.headers), None)
+    return table, [], ckpt.chunked
+
+
+def config_problems(src: Storage, dst: Storage, dst_table: Table, given: bytes | None = None) -> list[str]:
+    """The destination's config.json must equal the source's (or `given`, the --base-config one), except that its
+    dtype keys (top level and text_config) may change, and must then name the dtype the destination's floating
+    tensors have."""
     if not dst.exists("config.json"):
-        return []  # reported by compare_files
+        return [f"{dst.display('config.json')}: missing (--base-config gave one)"] if given is not None else []
     raw = dst.read_bytes("config.json")
-    if raw == src.read_bytes("config.json"):
+    source = given if given is not None else src.read_bytes("config.json")
+    if raw == source:
         return []
     where = dst.display("config.json")
     try:
-        before, after = json.loads(src.read_bytes("config.json")), json.loads(raw)
+        before, after = json.loads(source), json.loads(raw)
     except ValueError as exc:
         return [f"{where}: not valid JSON ({exc})"]
     if without_dtype(before) != without_dtype(after):
-        return [f"{where}: differs from {src.display('config.json')} (beyond its dtype keys)"]
+        return [f"{where}: differs from {'--base-config' if given is not None else src.display('config.json')} "
+                "(beyond its dtype keys)"]
     floats = {t.dtype for t in dst_table.tensors.values() if t.dtype in CONFIG_DTYPE_NAMES}
     if len(floats) != 1:
         return []
@@ -276,7 +314,7 @@ class ReadAhead:
         ranges: dict[tuple[int, str], tuple[Storage, list[list[int]]]] = {}
         for sp in todo:
             for storage, file, start, end_ in sp:
-                if storage.is_local:
+                if not storage.remote:
                     ranges.setdefault((id(storage), file), (storage, []))[1].append([start, end_])
         for (_, file), (storage, found) in ranges.items():
             found.sort()
@@ -348,6 +386,8 @@ def check_share(relation: Relation, opts: VerifyOptions, rank: int, world: int) 
         import torch  # noqa: F401
     t0 = time.perf_counter()
     src = Storage(opts.src if opts.src is not None else opts.dst, opts.storage_options)  # rules only: nothing read
+    if relation.src_chunked:
+        src = ChunkedView(src, relation.src_chunked, load_chunk)  # type: ignore[assignment]
     dst = Storage(opts.dst, opts.storage_options)
     limit = max(1, opts.max_report)
     tally = Tally([], limit=limit)

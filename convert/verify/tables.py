@@ -174,7 +174,7 @@ def read_header(storage: Storage, name: str) -> dict[str, Stored]:
 
 def library_problems(storage: Storage, name: str, parsed: dict[str, Stored]) -> list[str]:
     """Open a local shard with the safetensors library and compare its view with ours (empty list: they agree)."""
-    if not storage.is_local:
+    if not storage.local_paths:
         return []
     from safetensors import safe_open
 

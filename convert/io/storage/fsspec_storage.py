@@ -1,0 +1,87 @@
+"""Any fsspec filesystem that is not local (GCS, Azure, HTTP, memory, ...), through the filesystem's own calls:
+every operation retried on transient failures, listings asked afresh (never fsspec's cached ones), pins from
+info() (ETag / version / generation fields, else a modification time). S3 specializes it (s3_storage)."""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from convert.io.storage.base_storage import PIN_WORKERS, Storage, fallback_kind
+
+# Fields of fsspec's info() that identify an object's content (S3, GCS, Azure); times where there is none.
+PIN_KEYS = ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash")
+PIN_TIME_KEYS = ("LastModified", "last_modified", "mtime", "updated")
+
+
+def _pin_of(info: Mapping[str, Any]) -> dict[str, Any]:
+    """Storage.pin's fields of an fsspec info() or ls(detail=True) entry: size, then identity or time fields."""
+    pin: dict[str, Any] = {"size": int(info.get("size") or 0)}
+    for keys in (PIN_KEYS, PIN_TIME_KEYS):
+        pin.update({k: str(info[k]) for k in keys if info.get(k) not in (None, "")})
+        if len(pin) > 1:
+            break
+    return pin
+
+
+@fallback_kind
+class FsspecStorage(Storage):
+    """A root on any fsspec filesystem (the kind of every filesystem no other kind serves)."""
+
+    @classmethod
+    def serves(cls, fs: Any) -> bool:
+        """Any filesystem."""
+        return True
+
+    def _forget(self, rel: str) -> None:
+        """Drop fsspec's cached listing of `rel`: another process may have changed it."""
+        self.fs.invalidate_cache(self.path(rel))
+
+    # -- metadata ----------------------------------------------------------
+    def size(self, rel: str) -> int:
+        """Size in bytes of the file `rel`."""
+        return int(self._retry("stat", rel, lambda: self.fs.size(self.path(rel))))
+
+    def file_sizes(self, rel: str = "") -> dict[str, int]:
+        """name -> size in bytes of every file directly below `rel` (one listing)."""
+        self._forget(rel)
+        entries = self._retry("list", rel, lambda: self.fs.ls(self.path(rel), detail=True))
+        return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
+                for e in entries if e["type"] != "directory"}
+
+    def pin(self, rel: str) -> dict[str, Any]:
+        """Size plus the ETag / version / generation fields the filesystem reports for `rel` (its modification
+        time where it reports none of them)."""
+        self._forget(rel)
+        return _pin_of(self._retry("stat", rel, lambda: self.fs.info(self.path(rel))))
+
+    def pins(self, names: Sequence[str], like: dict[str, dict[str, Any]] | None = None,
+             workers: int = PIN_WORKERS, listed: bool = False) -> dict[str, dict[str, Any]]:
+        """name -> pin(name) for each of `names`: up to `workers` requests at once."""
+        return self._pin_each(sorted(set(names)), {}, like, workers)
+
+    def _pin_each(self, names: list[str], found: dict[str, dict[str, Any]], like: dict[str, dict[str, Any]] | None,
+                  workers: int) -> dict[str, dict[str, Any]]:
+        """name -> pin of each of `names` (sorted): those in `found` as they are, unless their pin in `like` holds a
+        field `found`'s has not (a VersionId a listing does not give); the others by pin(), `workers` at once."""
+        rest = [n for n in names if n not in found or set((like or {}).get(n, {})) - set(found[n])]
+        if rest:
+            with ThreadPoolExecutor(max_workers=max(1, min(workers, len(rest)))) as pool:
+                found.update(zip(rest, pool.map(self.pin, rest)))
+        return {n: found[n] for n in names}
+
+    # -- reads -------------------------------------------------------------
+    def _read(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of `rel` by the filesystem's cat_file."""
+        return self._retry("read", rel, lambda: self.fs.cat_file(self.path(rel), start=start, end=end))
+
+    def _read_file(self, rel: str) -> bytes:
+        """The whole of the file `rel` by the filesystem's cat_file."""
+        return self._retry("read", rel, lambda: self.fs.cat_file(self.path(rel)))
+
+    # -- writes ------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a small file by the filesystem's pipe_file (object stores: one PUT, atomic)."""
+        self._retry("write", rel, lambda: self.fs.pipe_file(self.path(rel), data))
