@@ -202,3 +202,20 @@ def test_a_torchtitan_dcp_checkpoint_converts_to_what_torchtitan_to_hf_gives(tra
     run_tool("convert.fuse_experts", "--src", str(titan_dcp), "--dst", str(fused), "--base-config",
              str(hf / "config.json"), "--verify")
     _hf_logits_match(model, fused)
+
+
+def test_a_dcp_conversion_resumes_after_a_rank_is_killed(trained, tmp_path, monkeypatch):
+    _, hf, dcp, _, _, _ = trained
+    out = tmp_path / "out"
+    args = ("convert.split_experts", "--src", str(dcp), "--dst", str(out), "--base-config", str(hf / "config.json"),
+            "--nproc", "2", "--max-shard-size", "20KB")
+    monkeypatch.setenv("MOE_CONVERT_JOURNAL_BYTES", "4000")
+    monkeypatch.setenv("MOE_CONVERT_CRASH_AFTER", "1:12000")
+    crashed = run_tool(*args, check=False)
+    assert crashed.returncode != 0 and not (out / "model.safetensors.index.json").exists()
+    monkeypatch.delenv("MOE_CONVERT_CRASH_AFTER")
+    stats = tmp_path / "stats.json"
+    run_tool(*args, "--stats", str(stats))
+    report = json.loads(stats.read_text())
+    assert report["resumed"] is True
+    _same_bytes(out, hf)

@@ -231,7 +231,9 @@ def read_dcp(storage: Any, file_sizes: dict[str, int]) -> DcpSource:
 
     pool_size = 32 if storage.remote else 8
     with ThreadPoolExecutor(max_workers=max(1, min(pool_size, len(todo)))) as pool:
-        found = list(pool.map(lambda t: _locate(storage, t[1], t[3], t[4], shapes[t[0]][1]), todo))
+        edges = edge_blocks(storage, [(t[4].relative_path, t[4].offset, t[4].offset + t[4].length) for t in todo], pool)
+        found = list(pool.map(lambda t: _locate(storage, t[1], t[3], t[4], shapes[t[0]][1],
+                                                edges.get((t[4].relative_path, t[4].offset), [])), todo))
     by_name: dict[str, list[Chunk]] = {}
     for (name, *_), chunk in zip(todo, found):
         by_name.setdefault(name, []).append(chunk)
@@ -242,6 +244,39 @@ def read_dcp(storage: Any, file_sizes: dict[str, int]) -> DcpSource:
         tensors[name] = t
     files = sorted({c.file for t in tensors.values() for c in t.chunks})
     return DcpSource(tensors, files, skipped)
+
+
+def edge_blocks(storage: Any, records: list[tuple[str, int, int]], pool: ThreadPoolExecutor,
+                size: int = HEAD_BYTES) -> dict[tuple[str, int], list[tuple[int, bytes]]]:
+    """The first and last `size` bytes of each record (file, start, end), read with one request per boundary
+    between records that touch (a record's zip directory and the next one's data.pkl lie side by side).
+    Returns (file, start) -> [(offset in the record, bytes)]."""
+    spans: list[tuple[str, int, int]] = []
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for file, start, end in records:
+        by_file.setdefault(file, []).append((start, end))
+    for file, recs in by_file.items():
+        recs = sorted(set(recs))
+        for k, (start, end) in enumerate(recs):
+            head = (start, min(end, start + size))
+            if spans and spans[-1][0] == file and spans[-1][2] >= head[0]:
+                spans[-1] = (file, spans[-1][1], max(spans[-1][2], head[1]))
+            else:
+                spans.append((file, *head))
+            tail = (max(start, end - size), end)
+            if spans[-1][2] >= tail[0]:
+                spans[-1] = (file, spans[-1][1], max(spans[-1][2], tail[1]))
+            else:
+                spans.append((file, *tail))
+    data = list(pool.map(lambda sp: bytes(storage.read_range(*sp)), spans))
+    out: dict[tuple[str, int], list[tuple[int, bytes]]] = {}
+    located = {f: sorted(set(r)) for f, r in by_file.items()}
+    for (file, lo, hi), got in zip(spans, data):
+        for start, end in located[file]:
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                out.setdefault((file, start), []).append((a - start, got[a - lo : b - lo]))
+    return out
 
 
 class _RangeFile(io.RawIOBase):
@@ -285,8 +320,9 @@ class _RangeFile(io.RawIOBase):
         return len(data)
 
 
-def _locate(storage: Any, fqn: str, ch: Any, sinfo: Any, dtype: str) -> Chunk:
-    """The Chunk of chunk metadata `ch` of tensor `fqn`: where its elements lie inside its torch.save record."""
+def _locate(storage: Any, fqn: str, ch: Any, sinfo: Any, dtype: str, blocks: list[tuple[int, bytes]]) -> Chunk:
+    """The Chunk of chunk metadata `ch` of tensor `fqn`: where its elements lie inside its torch.save record
+    (`blocks`: bytes of the record already read, as (offset in the record, bytes))."""
     file, offsets, sizes = sinfo.relative_path, tuple(int(o) for o in ch.offsets), tuple(int(s) for s in ch.sizes)
     whole = Chunk(file, sinfo.offset, offsets, sizes, raw=False, record=(sinfo.offset, sinfo.length))
     where = f"{storage.display(file)}: tensor {fqn!r} (chunk at offsets {list(offsets)}, bytes {sinfo.offset}.." \
@@ -295,6 +331,7 @@ def _locate(storage: Any, fqn: str, ch: Any, sinfo: Any, dtype: str) -> Chunk:
         raise ConversionError(f"{where}: is stored through transforms {list(sinfo.transform_descriptors)} "
                               "(compression or another storage extension), which this tool does not read")
     f = _RangeFile(storage, file, sinfo.offset, sinfo.length)
+    f.blocks = list(blocks)
     try:
         zf = zipfile.ZipFile(f)
         names = {i.filename.split("/", 1)[-1]: i for i in zf.infolist()}
