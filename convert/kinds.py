@@ -19,6 +19,7 @@ KINDS: dict[str, str] = {
     "split_experts": "convert.split_experts",
     "split_adapter": "convert.split_adapter",
     "fuse_adapter": "convert.fuse_adapter",
+    "merge_adapter": "convert.merge_adapter",
 }
 
 

@@ -92,6 +92,7 @@ class JobSetup:
     target: str | None = None  # the adapter target the output is written for (recorded in the output record)
     chunked: dict[str, ChunkedTensor] = field(default_factory=dict)  # chunked tensors pieces read virtually
     notices: list[str] = field(default_factory=list)  # printed before the job starts (what the source left out)
+    sources: dict[str, str] = field(default_factory=dict)  # extra sources pieces read (convert.io.sources): name -> URL
 
     @property
     def outputs(self) -> list[str]:
@@ -346,6 +347,7 @@ class RankWork:
     job_id: str
     pins: dict[str, dict[str, Any]]  # the source files' pins: every read is conditional on them (Storage.expect)
     chunked: dict[str, ChunkedTensor] = field(default_factory=dict)  # the virtual files its pieces read
+    sources: dict[str, str] = field(default_factory=dict)  # the extra sources its pieces read (JobSetup.sources)
 
 
 def _start(setup: JobSetup | str, opts: JobOptions, sink: Any, job: SinkJob | None, src: Storage, dst: Storage,
@@ -409,10 +411,17 @@ def _release(setup: JobSetup, job: SinkJob) -> None:
     job.files, job.pieces, job.assignment = slim, [], []
 
 
-def _reading(src: Storage | None, chunked: dict[str, ChunkedTensor]) -> Storage:
-    """`src` as the pieces read it: a ChunkedView where some read a chunked tensor's virtual file."""
+def _reading(src: Storage | None, chunked: dict[str, ChunkedTensor], sources: dict[str, str] | None = None,
+             storage_options: dict[str, Any] | None = None) -> Storage:
+    """`src` as the pieces read it: a ChunkedView where some read a chunked tensor's virtual file, a SourcesView
+    where some read the files of extra `sources` (name -> URL, convert.io.sources)."""
     assert src is not None
-    return ChunkedView(src, chunked, load_chunk) if chunked else src  # type: ignore[return-value]
+    view = ChunkedView(src, chunked, load_chunk) if chunked else src
+    if sources:
+        from convert.io.sources import SourcesView
+
+        view = SourcesView(view, {k: Storage(url, storage_options) for k, url in sources.items()})
+    return view  # type: ignore[return-value]
 
 
 def execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report: dict[str, Any] | None = None) -> int:
@@ -442,7 +451,7 @@ def _execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report:
     if dist.is_main:
         assert setup is not None, "rank 0 runs a plan or reports why there is none"
         if isinstance(setup, JobSetup) and not opts.dry_run:
-            src = _reading(Storage(opts.src, opts.storage_options), setup.chunked)
+            src = _reading(Storage(opts.src, opts.storage_options), setup.chunked, setup.sources, opts.storage_options)
             dst = Storage(opts.dst, opts.storage_options)
             src.expect(setup.pins)
             src.probe_conditions(setup.pins)
@@ -458,7 +467,7 @@ def _execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report:
     copies = _start_copies(src, dst, setup.copy_files, setup.pins) if ended is None and isinstance(setup, JobSetup) \
         and src else Copies()
     part = dist.scatter((lambda r: ended if ended is not None else RankWork(sink.for_rank(job, r), setup.job_id,
-                                                                             setup.pins, setup.chunked))
+                                                                             setup.pins, setup.chunked, setup.sources))
                         if dist.is_main else None)
     if isinstance(part, int):  # the job ended before streaming: no copy was started
         for store in (src, dst):
@@ -478,7 +487,7 @@ def _execute(setup: JobSetup | str | None, opts: JobOptions, dist: Dist, report:
         if report is not None:
             report["skipped_bytes"] = int(skipped.get("skipped_bytes", 0))
     else:
-        src = _reading(src, part.chunked)
+        src = _reading(src, part.chunked, part.sources, opts.storage_options)
         sink = make_sink(src, dst)
         src.expect(part.pins)
     assert src is not None and dst is not None

@@ -57,3 +57,16 @@ def layout_files(
 def weight_map(files: Sequence[OutputFile]) -> dict[str, str]:
     """tensor name -> shard file name, for the index."""
     return {name: f.name for f in files for name in f.slots}
+
+
+def keep_files(files: dict[str, list[str]], tensors: Sequence[TensorSpec],
+               metadata: dict[str, dict[str, str]]) -> list[OutputFile]:
+    """Shards named and filled as a source's: `files` maps each shard name to its tensors in data order,
+    `tensors` gives each tensor's (output) dtype and shape, `metadata` each shard's `__metadata__`."""
+    spec = {t.name: t for t in tensors}
+    out = []
+    for name, names in files.items():
+        header, slots, total = build_header([(n, spec[n].dtype, tuple(spec[n].shape)) for n in names],
+                                            metadata.get(name) or {"format": "pt"})
+        out.append(OutputFile(name, header, total, slots))
+    return out

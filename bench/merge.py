@@ -1,0 +1,231 @@
+"""LoRA merge (issue #24): `convert.merge_adapter` against peft merge_and_unload + save_pretrained and `cp -r`.
+
+    python -m bench.merge --preset small                  # here: a 2-layer, 8-expert Qwen3-MoE-shaped base
+    python -m bench.merge --preset large --out $OUT       # lent 16-core machine: ~15 GB bf16 base, one command
+
+Inputs (bench.synthetic / bench.dequant writers, N(0, 0.02) values): a Qwen3-30B-A3B-shaped base in bf16
+(hidden 2048, moe_intermediate 768, 128 experts; `large`: 12 layers, ~15 GB) with a peft target_parameters
+adapter of rank 16 on every expert (gate_up_proj, down_proj: lora_A [E*r, in], lora_B [out, r*E]) and on
+q/k/v/o_proj, float32 as peft saves float32 LoRA; and a DeepSeek-V3-shaped FP8 MoE layer (bench.dequant's
+`full` preset, 11.6 GB) with a rank-16 per-expert adapter on every expert's gate/up/down_proj.
+
+Cases, each one command timed end to end (process start-up included), page cache dropped before each where
+allowed (else posix_fadvise(DONTNEED) of the inputs), outputs deleted after each: `cp -r` of the base; the tool
+at each rank count (`--nproc N --stats`); peft (`from_pretrained` in bf16, `PeftModel.from_pretrained`,
+`merge_and_unload`, `save_pretrained`) where it fits memory; tinker-cookbook's shard merge where the package
+is importable (it is not installed by the constraints: reported as not run otherwise). Peak RSS: the tool's
+--stats (VmHWM of every rank), the peer's own VmHWM. Targets: >= 0.8x cp -r end to end at the most ranks,
+>= 3x the fastest peer, <= 1 GiB peak RSS per rank. Writes MERGE-<preset>.md and merge-<preset>.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+PEER = r"""
+import json, sys, time, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base, adapter, dst = sys.argv[1:4]
+m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+m = PeftModel.from_pretrained(m, adapter).merge_and_unload()
+m.save_pretrained(dst, max_shard_size="5GB")
+hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(json.dumps({"peak_rss_bytes": hwm}))
+"""
+
+
+@dataclass(frozen=True)
+class Preset:
+    layers: int
+    experts: int
+    vocab: int
+    ranks: tuple[int, ...]
+    fp8: str | None  # bench.dequant preset of the FP8 case, None: no FP8 case
+    peer: bool
+
+
+PRESETS = {
+    "small": Preset(layers=2, experts=8, vocab=8192, ranks=(1, 4), fp8="tiny", peer=True),
+    "large": Preset(layers=12, experts=128, vocab=151936, ranks=(1, 4, 16), fp8="full", peer=True),
+}
+RANK = 16
+
+
+def write_peft_adapter(dst: Path, layers: int, E: int, H: int, I: int, attn: dict[str, tuple[int, int]],
+                       seed: int = 0) -> None:
+    """A peft target_parameters adapter (float32) on every expert and the attention projections."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    t: dict[str, np.ndarray] = {}
+
+    def f(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.01).astype(np.float32)
+
+    for layer in range(layers):
+        p = f"base_model.model.model.layers.{layer}"
+        t[f"{p}.mlp.experts.base_layer.lora_A.weight"] = f(E * RANK, H)
+        t[f"{p}.mlp.experts.base_layer.lora_B.weight"] = f(2 * I, RANK * E)
+        t[f"{p}.mlp.experts.lora_A.weight"] = f(E * RANK, I)
+        t[f"{p}.mlp.experts.lora_B.weight"] = f(H, RANK * E)
+        for proj, (out, inp) in attn.items():
+            t[f"{p}.self_attn.{proj}.lora_A.weight"] = f(RANK, inp)
+            t[f"{p}.self_attn.{proj}.lora_B.weight"] = f(out, RANK)
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = {"peft_type": "LORA", "r": RANK, "lora_alpha": 32, "target_modules": sorted(attn),
+           "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], "task_type": "CAUSAL_LM",
+           "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False, "rank_pattern": {},
+           "alpha_pattern": {}, "base_model_name_or_path": "Qwen/Qwen3-30B-A3B", "fan_in_fan_out": False,
+           "init_lora_weights": True, "modules_to_save": None}
+    (dst / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def write_per_expert_adapter(dst: Path, layers: int, E: int, H: int, I: int, seed: int = 0) -> None:
+    """A per-expert adapter (float32) on every expert's gate/up/down_proj (DeepSeek-V3 names)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    t: dict[str, np.ndarray] = {}
+    for layer in range(layers):
+        for e in range(E):
+            for proj, (out, inp) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+                m = f"base_model.model.model.layers.{layer}.mlp.experts.{e}.{proj}"
+                t[f"{m}.lora_A.weight"] = rng.standard_normal((RANK, inp), dtype=np.float32) * 0.01
+                t[f"{m}.lora_B.weight"] = rng.standard_normal((out, RANK), dtype=np.float32) * 0.01
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (dst / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": RANK, "lora_alpha": 32,
+                                                         "target_modules": ["gate_proj", "up_proj", "down_proj"]}))
+
+
+def drop(paths: list[Path]) -> str:
+    """Evict the inputs from the page cache: drop_caches where allowed, else posix_fadvise(DONTNEED)."""
+    from bench.run import _fadvise_dontneed, _try_drop_caches
+
+    if _try_drop_caches():
+        return "drop_caches"
+    for p in paths:
+        _fadvise_dontneed(p)
+    return "fadvise"
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess[str]]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    return time.perf_counter() - t0, proc
+
+
+def run_case(rows: list[dict[str, Any]], name: str, cmd: list[str], inputs: list[Path], out: Path,
+             env: dict[str, str], stats: Path | None = None) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    cache = drop(inputs)
+    seconds, proc = timed(cmd, env)
+    row: dict[str, Any] = {"case": name, "seconds": round(seconds, 3), "rc": proc.returncode, "cache": cache}
+    if proc.returncode != 0:
+        row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+    if stats is not None and stats.exists():
+        s = json.loads(stats.read_text())
+        row["peak_rss_per_rank"] = max(r["peak_rss_bytes"] for r in s["ranks"])
+    elif proc.returncode == 0 and proc.stdout.strip().startswith("{"):
+        row["peak_rss_per_rank"] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = [f"# convert.merge_adapter, preset {res['preset']}", "", f"base {res['base_gb']:.2f} GB; {res['env']}", "",
+             "| case | seconds | vs cp -r | peak RSS / rank | rc |", "|---|---|---|---|---|"]
+    for suite, rows in res["suites"].items():
+        cp = next((r["seconds"] for r in rows if r["case"].startswith("cp")), None)
+        for r in rows:
+            ratio = f"{cp / r['seconds']:.2f}x" if cp and r["rc"] == 0 else "-"
+            rss = f"{r['peak_rss_per_rank'] / 2**20:.0f} MiB" if "peak_rss_per_rank" in r else "-"
+            lines.append(f"| {suite}: {r['case']} | {r['seconds']:.2f} | {ratio} | {rss} | {r['rc']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write the inputs, run every case, write the report."""
+    p = argparse.ArgumentParser(prog="bench.merge", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--out", default=str(REPO / "bench" / "results"))
+    p.add_argument("--no-peer", action="store_true", help="skip peft merge_and_unload")
+    args = p.parse_args(argv)
+    pre = PRESETS[args.preset]
+    from bench.synthetic import checkpoint_specs, write_synthetic
+
+    work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=args.workdir))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    res: dict[str, Any] = {"preset": args.preset, "suites": {}, "env": f"{os.cpu_count()} cores"}
+    try:
+        base, adapter = work / "base", work / "adapter"
+        specs, cfg = checkpoint_specs("qwen3-30b-a3b", pre.layers, "BF16", experts=pre.experts, vocab=pre.vocab)
+        res["base_gb"] = write_synthetic(str(base), specs, cfg, 5_000_000_000, data="normal", jobs=os.cpu_count() or 1) / 1e9
+        write_peft_adapter(adapter, pre.layers, pre.experts, 2048, 768,
+                           {"q_proj": (4096, 2048), "k_proj": (512, 2048), "v_proj": (512, 2048), "o_proj": (2048, 4096)})
+        rows: list[dict[str, Any]] = []
+        run_case(rows, "cp -r", ["bash", "-c", f'cp -r "{base}" "{work / "out"}" && sync "{work / "out"}"/*'],
+                 [base], work / "out", env)
+        for n in pre.ranks:
+            stats = work / f"stats-{n}.json"
+            run_case(rows, f"tool {n} rank(s)", [sys.executable, "-m", "convert.merge_adapter", "--base", str(base),
+                                                  "--adapter", str(adapter), "--dst", str(work / "out"), "--nproc", str(n),
+                                                  "--no-progress", "--stats", str(stats)], [base, adapter], work / "out",
+                     env, stats)
+        if pre.peer and not args.no_peer:
+            run_case(rows, "peft merge_and_unload + save_pretrained", [sys.executable, "-c", PEER, str(base),
+                                                                       str(adapter), str(work / "out")],
+                     [base, adapter], work / "out", env)
+        why = ("installed, but no driver for it is written in this benchmark yet"
+               if importlib.util.find_spec("tinker_cookbook") else "not run: tinker-cookbook is not installed")
+        rows.append({"case": "tinker-cookbook shard merge", "seconds": 0.0, "rc": -1, "error": [why]})
+        res["suites"]["qwen3-30b-a3b bf16, peft target_parameters r16 + attention"] = rows
+        (out_dir / f"merge-{args.preset}.json").write_text(json.dumps(res, indent=2))
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(adapter, ignore_errors=True)
+        if pre.fp8:
+            from bench.dequant import PRESETS as FP8, generate
+
+            shape = FP8[pre.fp8]
+            fbase, fad = work / "fp8", work / "fp8-adapter"
+            generate(fbase, shape, os.cpu_count() or 1)
+            write_per_expert_adapter(fad, shape.layers, shape.experts, shape.hidden, shape.inter)
+            rows = []
+            run_case(rows, "cp -r", ["bash", "-c", f'cp -r "{fbase}" "{work / "out"}" && sync "{work / "out"}"/*'],
+                     [fbase], work / "out", env)
+            for n in pre.ranks:
+                stats = work / f"stats-fp8-{n}.json"
+                run_case(rows, f"tool {n} rank(s)", [sys.executable, "-m", "convert.merge_adapter", "--base", str(fbase),
+                                                      "--adapter", str(fad), "--dst", str(work / "out"), "--nproc",
+                                                      str(n), "--no-progress", "--stats", str(stats)],
+                         [fbase, fad], work / "out", env, stats)
+            res["suites"]["deepseek-v3 FP8 layer, per-expert r16 (requantized)"] = rows
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    (out_dir / f"merge-{args.preset}.json").write_text(json.dumps(res, indent=2))
+    (out_dir / f"MERGE-{args.preset}.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""Check a merged checkpoint against its base and adapter, independently of the merge planner.
+
+The base and the output are read with the verifier's own layout reader (convert.verify.base: the family
+tables' op descriptions, numpy), the adapter with its own LoRA reader (convert.verify.adapter: `lora_side`,
+each expert's delta B_e @ A_e * scaling in float64 under peft's scaling rules). For every expert of every
+LoRA'd layer and every other LoRA module: `merged` must be `base + delta` within one ulp of the output
+dtype (the merge rounds once from float32). FP8 block-scaled weights are dequantized on both sides by the
+128x128 formula; the merged value must be within one FP8 step (of its fresh block scale) of base + delta, and
+how much of each delta survived the requantization is reported (`survived`: the share of the delta's
+projection the requantized weight keeps; `rel_err`: |Q(W + delta) - (W + delta)| / |W + delta|). Every
+other tensor must be byte-identical (or the exact cast, with --dtype). Ranks split the work item by item.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import torch
+
+from convert.errors import ConversionError
+from convert.families import Family, detect_family
+from convert.formats.adapter_layouts import PEFT_PREFIX, detect_expert_lora
+from convert.formats.checkpoint import INDEX_NAME
+from convert.formats.safetensors import TensorInfo
+from convert.io.storage import Storage
+from convert.plan.adapter_names import MODEL, KeyNames, source_naming
+from convert.verify.adapter import (
+    ADAPTER_CONFIG, ADAPTER_INDEX, ADAPTER_WEIGHTS, cut_factor, layer_key, lora_side, module_scale,
+)
+from convert.verify.base import _side, classify
+from convert.verify.checks import read_stored
+from convert.verify.tables import Table, read_table, to_tensor, torch_dtype
+from launch.dist import Dist
+
+CHUNK = 8 << 20
+F32_EPS = 2.0 ** -24  # the merge computes in float32: its rounding beside the output's one ulp
+MANTISSA = {"F64": 53, "F32": 24, "F16": 11, "BF16": 8}
+WARN_SURVIVED = 0.5  # a requantized delta keeping less than half of itself is mostly below the FP8 step
+
+
+def ulp(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The spacing of `dtype` values at |x| (float64; subnormal spacing below the smallest normal)."""
+    p = MANTISSA[dtype]
+    info = torch.finfo(torch_dtype(dtype))
+    _, ex = torch.frexp(x.abs().clamp(min=info.tiny))
+    return torch.ldexp(torch.ones_like(x), (ex - p).to(torch.int32))
+
+
+def fp8_step(t: torch.Tensor) -> torch.Tensor:
+    """The spacing of float8_e4m3fn values at |t| (3 mantissa bits; subnormal spacing 2**-9)."""
+    _, ex = torch.frexp(t.abs().clamp(min=2.0 ** -6))
+    return torch.ldexp(torch.ones_like(t), (ex - 4).to(torch.int32))
+
+
+def dequant(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """FP8 `w` [out, in] times its block's scale (float64), the 128x128 formula of FORMATS.md."""
+    bm, bn = block
+    s = scale.double().repeat_interleave(bm, 0)[: w.shape[0]].repeat_interleave(bn, 1)[:, : w.shape[1]]
+    return w.double() * s
+
+
+def _block(config: dict[str, Any]) -> tuple[int, int]:
+    q = config.get("quantization_config") or {}
+    size = q.get("weight_block_size") if isinstance(q, dict) else None
+    return (int(size[0]), int(size[1])) if isinstance(size, list) and len(size) == 2 else (128, 128)
+
+
+class MergeCheck:
+    """The items of one check (base, adapter, merged output) and how to check each."""
+
+    def __init__(self, base: Storage, adapter: Storage, dst: Storage, family_name: str | None) -> None:
+        self.base, self.adapter, self.dst = base, adapter, dst
+        self.problems: list[str] = []
+        self.base_cfg = base.read_json("config.json")
+        plain = detect_family(self.base_cfg, base.display("config.json"), family_name)
+        self.block = _block(self.base_cfg)
+        self.base_table, bad = read_table(base, INDEX_NAME, require_index=False, single_name="model.safetensors",
+                                          strict=False)
+        if bad:
+            raise ConversionError(f"the base is not valid: {bad[0]}")
+        self.dst_table, found = read_table(dst, INDEX_NAME, require_index=True, strict=True)
+        self.problems += found
+        self.a_table, bad = read_table(adapter, ADAPTER_INDEX, require_index=False, single_name=ADAPTER_WEIGHTS,
+                                       strict=False)
+        if bad:
+            raise ConversionError(f"the adapter is not valid: {bad[0]}")
+        self.a_cfg = adapter.read_json(ADAPTER_CONFIG)
+        sfx = [s for s in plain.companions if any(n.endswith(s) for n in self.base_table.tensors)]
+        self.family: Family = plain.with_companions(plain.companions_in(self.base_table.tensors)) if sfx else plain
+        self.plain = plain
+        self.pairs = {w: f"{w}{s}" for s in self.family.companions_in(self.base_table.tensors) for w in plain.roles
+                      if f"{w}{s}" in self.family.role_leaves}
+        for name, t in self.base_table.tensors.items():
+            d = self.dst_table.tensors.get(name)
+            if d is None:
+                self.problems.append(f"{dst.display()}: tensor {name!r} of the base is missing")
+            elif d.shape != t.shape:
+                self.problems.append(f"{dst.display(d.file)}: tensor {name!r} has shape {list(d.shape)}, the base "
+                                     f"{list(t.shape)}")
+        for name in sorted(set(self.dst_table.tensors) - set(self.base_table.tensors)):
+            self.problems.append(f"{dst.display()}: tensor {name!r} is not in the base")
+        counts = plain.role_experts(self.base_cfg, plain.num_experts(self.base_cfg, "config.json"), "config.json")
+        counts.update({s: counts.get(w, 0) for w, s in self.pairs.items()})
+        base_layers, base_others = classify(self.base_table, self.family, rename=True)
+        dst_layers, _ = classify(self.dst_table, self.family, rename=True)
+        infos = {n: TensorInfo(n, t.dtype, t.shape, t.start, t.end) for n, t in self.a_table.tensors.items()}
+        groups, others = detect_expert_lora(infos, self.a_cfg, self.base_cfg, adapter.display())
+        names = KeyNames(plain, source_naming(plain, groups, list(self.a_table.tensors)), MODEL)
+        self.items: list[tuple[Any, ...]] = []
+        merged: set[str] = set()
+        for g in groups:
+            layer = layer_key(names.canonical_module(g.prefix), plain)
+            layer = layer[len(PEFT_PREFIX):] if layer.startswith(PEFT_PREFIX) else layer
+            if layer not in base_layers or layer not in dst_layers:
+                raise ConversionError(f"{adapter.display()}: expert LoRA of layer {layer!r} has no expert layer in "
+                                      "the base or the output")
+            bside, pb = _side(self.family, layer, base_layers[layer], counts, base.display())
+            dside, pd = _side(self.family, layer, dst_layers[layer], counts, dst.display())
+            if bside is None or dside is None:
+                self.problems += pb + pd
+                continue
+            side, pa = lora_side(g, self.a_table, self.a_cfg, plain, adapter.display())
+            self.problems += pa
+            roles = set(g.roles) | {self.pairs[r] for r in g.roles if r in self.pairs}
+            for held in (base_layers[layer].per_expert.items(), base_layers[layer].fused.items()):
+                for key, stored in held:
+                    parts = [key[0]] if isinstance(key, tuple) else [
+                        p for t in self.family.fused.get(self._layout(key), ()) if t.template == key for p in t.parts]
+                    if any(p in roles for p in parts):
+                        merged.add(stored.name)
+            for e in range(g.slots):
+                self.items.append(("expert", layer, e, bside, dside, side))
+        base_by_model = {plain.to_model(n): n for n in base_others}
+        for module in sorted({n.rsplit(".lora_", 1)[0] for n in others if ".lora_" in n}):
+            target = base_by_model.get(names.canonical_module(module)[len(PEFT_PREFIX):] + ".weight")
+            if target is None:
+                self.problems.append(f"{adapter.display()}: LoRA module {module!r} has no base tensor")
+                continue
+            scale = next((target + s for s in plain.companions if target + s in self.base_table.tensors), None)
+            merged.add(target)
+            if scale and self.base_table.tensors[target].dtype.startswith("F8_"):
+                merged.add(scale)
+            else:
+                scale = None
+            _, _, s = module_scale(self.a_cfg, module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module)
+            self.items.append(("module", module, target, scale, s))
+        for name in sorted(set(self.base_table.tensors) - merged):
+            if name in self.dst_table.tensors and self.dst_table.tensors[name].shape == self.base_table.tensors[name].shape:
+                n = self.base_table.tensors[name].nbytes
+                for start in range(0, max(n, 1), CHUNK):
+                    self.items.append(("copy", name, start, min(n, start + CHUNK)))
+        self.report: list[tuple[str, float, float]] = []
+
+    def _layout(self, template: str) -> str:
+        return next((lay for lay, ts in self.family.fused.items() if any(t.template == template for t in ts)), "")
+
+    def run(self, rank: int, world: int) -> tuple[list[str], list[tuple[str, float, float]], int]:
+        """Check this rank's share of the items; (problems, FP8 survival rows, items checked)."""
+        problems: list[str] = []
+        mine = self.items[rank::world]
+        for item in mine:
+            try:
+                problems += getattr(self, f"_{item[0]}")(*item[1:])
+            except ConversionError as exc:
+                problems.append(str(exc))
+        return problems, self.report, len(mine)
+
+    def _check(self, what: str, base: torch.Tensor, merged: torch.Tensor, delta: torch.Tensor, dtype: str,
+               slack: torch.Tensor | float = 0.0) -> list[str]:
+        want = base.double() + delta
+        diff = (merged.double() - want).abs()
+        tol = ulp(want, dtype) + slack + 1e-300
+        bad = diff > tol
+        if bool(bad.any()):
+            i = int(bad.reshape(-1).nonzero()[0])
+            return [f"{what}: element {i} is {float(merged.reshape(-1)[i].double())}, base + delta is "
+                    f"{float(want.reshape(-1)[i])} ({int(bad.sum())} elements off by more than one ulp of {dtype}; "
+                    f"max abs diff {float(diff.max()):.3g})"]
+        return []
+
+    def _check_fp8(self, what: str, w: torch.Tensor, ws: torch.Tensor, m: torch.Tensor, ms: torch.Tensor,
+                   delta: torch.Tensor) -> list[str]:
+        base = dequant(w, ws, self.block)
+        want = base + delta
+        got = dequant(m, ms, self.block)
+        s = ms.double().repeat_interleave(self.block[0], 0)[: m.shape[0]].repeat_interleave(self.block[1], 1)[:, : m.shape[1]]
+        tol = fp8_step(want / s) * s
+        bad = (got - want).abs() > tol * 1.0001
+        dd = float((delta * delta).sum())
+        survived = float(((got - base) * delta).sum()) / dd if dd > 0 else 1.0
+        rel = float((got - want).norm() / want.norm().clamp(min=1e-300))
+        self.report.append((what, survived, rel))
+        if bool(bad.any()):
+            i = int(bad.reshape(-1).nonzero()[0])
+            return [f"{what}: element {i} is {float(got.reshape(-1)[i])}, base + delta is {float(want.reshape(-1)[i])} "
+                    f"(more than one FP8 step of its block apart; {int(bad.sum())} elements)"]
+        return []
+
+    def _expert(self, layer: str, e: int, bside: Any, dside: Any, side: Any) -> list[str]:
+        deltas = side.load(self.adapter, e)
+        slack = {}
+        for rl in side.roles:  # the float32 computation's own error bound: (r + 2) eps32 (|B| @ |A|) |s|
+            if e < len(rl.scaling):
+                ca, cb = rl.cuts(e)
+                a, bb = cut_factor(self.adapter, ca, e).double(), cut_factor(self.adapter, cb, e).double()
+                slack[rl.role] = (bb.abs() @ a.abs()) * abs(rl.scaling[e]) * (a.shape[0] + 2) * F32_EPS
+        b = bside.load(self.base, e)
+        m = dside.load(self.dst, e)
+        problems: list[str] = []
+        for role, (raw, name) in b.items():
+            if role in deltas or role in self.pairs.values():
+                continue
+            if not (raw.bits == m[role][0].bits).all():
+                problems.append(f"{self.dst.display()}: tensor {name!r} expert {e} {role}: not the base's bytes")
+        for role, (delta, module) in deltas.items():
+            if delta is None:
+                continue
+            what = f"{self.dst.display()}: tensor {m[role][1]!r} expert {e} {role}"
+            if role in self.pairs:
+                sr = self.pairs[role]
+                problems += self._check_fp8(what, b[role][0].tensor(), b[sr][0].tensor(), m[role][0].tensor(),
+                                            m[sr][0].tensor(), delta)
+            else:
+                problems += self._check(what, b[role][0].tensor(), m[role][0].tensor(), delta, m[role][0].dtype,
+                                        slack.get(role, 0.0) + b[role][0].tensor().double().abs() * F32_EPS)
+        return problems
+
+    def _load(self, table: Table, storage: Storage, name: str) -> torch.Tensor:
+        t = table.tensors[name]
+        return to_tensor(read_stored(storage, t), t.dtype, t.shape)
+
+    def _module(self, module: str, target: str, scale: str | None, s: float) -> list[str]:
+        a = self._load(self.a_table, self.adapter, f"{module}.lora_A.weight").double()
+        b = self._load(self.a_table, self.adapter, f"{module}.lora_B.weight").double()
+        delta = (b @ a) * s
+        w = self._load(self.base_table, self.base, target)
+        m = self._load(self.dst_table, self.dst, target)
+        what = f"{self.dst.display()}: tensor {target!r}"
+        if scale is not None:
+            return self._check_fp8(what, w, self._load(self.base_table, self.base, scale), m,
+                                   self._load(self.dst_table, self.dst, scale), delta)
+        slack = (b.abs() @ a.abs()) * abs(s) * (a.shape[0] + 2) * F32_EPS + w.double().abs() * F32_EPS
+        return self._check(what, w, m, delta, self.dst_table.tensors[target].dtype, slack)
+
+    def _copy(self, name: str, start: int, end: int) -> list[str]:
+        t, d = self.base_table.tensors[name], self.dst_table.tensors[name]
+        a = read_stored(self.base, t, start, end)
+        if d.dtype == t.dtype:
+            if bytes(a) != bytes(read_stored(self.dst, d, start, end)):
+                return [f"{self.dst.display(d.file)}: tensor {name!r} (no LoRA) differs from the base in bytes "
+                        f"[{start}, {end})"]
+            return []
+        k = int(torch.tensor([], dtype=torch_dtype(d.dtype)).element_size())
+        j = int(torch.tensor([], dtype=torch_dtype(t.dtype)).element_size())
+        want = to_tensor(a, t.dtype, ((end - start) // j,)).to(torch_dtype(d.dtype))
+        got = to_tensor(read_stored(self.dst, d, start // j * k, end // j * k), d.dtype, ((end - start) // j,))
+        if not torch.equal(want.view(torch.uint8) if want.numel() else want, got.view(torch.uint8) if got.numel() else got):
+            return [f"{self.dst.display(d.file)}: tensor {name!r} (no LoRA) is not the base's cast to {d.dtype}"]
+        return []
+
+
+def verify_merge(base: str, adapter: str, dst: str, storage_options: dict[str, Any], family: str | None,
+                 dist: Dist) -> tuple[int, list[str]]:
+    """Check `dst` on every rank (each its share); (exit code, lines printed by rank 0). 0 ok, 1 mismatch."""
+    stores = [Storage(u, storage_options) for u in (base, adapter, dst)]
+    try:
+        check = MergeCheck(*stores, family)
+        problems, report, n = check.run(dist.rank, dist.world_size)
+    finally:
+        for s in stores:
+            s.close()
+    gathered = dist.gather_main((problems, report, n))
+    if not dist.is_main:
+        return 0, []
+    assert gathered is not None
+    problems = check.problems + [p for ps, _, _ in gathered for p in ps]
+    rows = [r for _, rs, _ in gathered for r in rs]
+    total = sum(n for _, _, n in gathered)
+    lines = [f"verify merge: {total} items checked ({len(check.items)} planned) on {dist.world_size} rank(s)"]
+    for what, survived, rel in sorted(rows):
+        flag = "  warning: the delta is mostly below the FP8 quantization step" if survived < WARN_SURVIVED else ""
+        lines.append(f"  fp8 requantized {what}: delta survived {survived:.3f}, rel_err {rel:.3g}{flag}")
+    if rows:
+        worst = min(r[1] for r in rows)
+        lines.append(f"  fp8: {len(rows)} requantized tensor(s), the least surviving delta {worst:.3f}"
+                     + (f"; {sum(r[1] < WARN_SURVIVED for r in rows)} mostly below the quantization step"
+                        if worst < WARN_SURVIVED else ""))
+    lines += [f"mismatch: {p}" for p in problems[:50]]
+    if len(problems) > 50:
+        lines.append(f"... and {len(problems) - 50} more")
+    lines.append("verify merge: OK" if not problems else f"verify merge: {len(problems)} problem(s)")
+    return (1 if problems else 0), lines
+
+
+def verify_merge_after(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = None) -> int:
+    """`--verify` of convert.merge_adapter: verify on the same ranks; on a mismatch rank 0 renames the index to
+    `*.unverified` (the output never looks complete) and every rank returns 1."""
+    try:
+        code, lines = verify_merge(args.src, args.adapter, args.dst, args.storage_options, args.family, dist)
+    except ConversionError as exc:
+        code, lines = 2, [f"error: cannot verify: {exc}"]
+    if dist.is_main:
+        for line in lines:
+            print(line, file=sys.stderr if line.startswith(("mismatch", "error")) else sys.stdout)
+        if report is not None:
+            report["verify"] = code
+        if code == 1:
+            dst = Storage(args.dst, args.storage_options)
+            if dst.exists(INDEX_NAME):
+                dst.rename(INDEX_NAME, INDEX_NAME + ".unverified")
+                print(f"error: renamed {dst.display(INDEX_NAME)} to {INDEX_NAME}.unverified: the output is not a "
+                      "correct merge; do not use it", file=sys.stderr)
+            dst.close()
+    code = dist.broadcast(code if dist.is_main else None)
+    return int(code) if code != 2 else 1
+
+
+__all__ = ["verify_merge", "verify_merge_after", "MergeCheck", "ulp"]
