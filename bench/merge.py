@@ -21,6 +21,7 @@ is importable (it is not installed by the constraints: reported as not run other
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -142,6 +143,9 @@ def run_case(rows: list[dict[str, Any]], name: str, cmd: list[str], inputs: list
     if stats is not None and stats.exists():
         s = json.loads(stats.read_text())
         row["peak_rss_per_rank"] = max(r["peak_rss_bytes"] for r in s["ranks"])
+        spans = [r["data_span"] for r in s["ranks"] if r.get("data_span")]
+        if spans:  # the streaming phase, first rank's start to last rank's end (the rest: start-up, plan, commit)
+            row["data_s"] = round(max(b for _, b in spans) - min(a for a, _ in spans), 3)
     elif proc.returncode == 0 and proc.stdout.strip().startswith("{"):
         row["peak_rss_per_rank"] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
     rows.append(row)
@@ -151,13 +155,14 @@ def run_case(rows: list[dict[str, Any]], name: str, cmd: list[str], inputs: list
 
 def markdown(res: dict[str, Any]) -> str:
     lines = [f"# convert.merge_adapter, preset {res['preset']}", "", f"base {res['base_gb']:.2f} GB; {res['env']}", "",
-             "| case | seconds | vs cp -r | peak RSS / rank | rc |", "|---|---|---|---|---|"]
+             "| case | seconds | vs cp -r | data phase s | peak RSS / rank | rc |", "|---|---|---|---|---|---|"]
     for suite, rows in res["suites"].items():
         cp = next((r["seconds"] for r in rows if r["case"].startswith("cp")), None)
         for r in rows:
             ratio = f"{cp / r['seconds']:.2f}x" if cp and r["rc"] == 0 else "-"
             rss = f"{r['peak_rss_per_rank'] / 2**20:.0f} MiB" if "peak_rss_per_rank" in r else "-"
-            lines.append(f"| {suite}: {r['case']} | {r['seconds']:.2f} | {ratio} | {rss} | {r['rc']} |")
+            data = f"{r['data_s']:.2f}" if "data_s" in r else "-"
+            lines.append(f"| {suite}: {r['case']} | {r['seconds']:.2f} | {ratio} | {data} | {rss} | {r['rc']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -168,8 +173,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     p.add_argument("--no-peer", action="store_true", help="skip peft merge_and_unload")
+    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    p.add_argument("--no-fp8", action="store_true", help="skip the FP8 case")
+    p.add_argument("--workers", default="", help="comma-separated --workers values to run the tool with as well")
     args = p.parse_args(argv)
     pre = PRESETS[args.preset]
+    if args.layers:
+        pre = dataclasses.replace(pre, layers=args.layers)
+    if args.no_fp8:
+        pre = dataclasses.replace(pre, fp8=None)
+    extra_workers = [int(w) for w in args.workers.split(",") if w]
     from bench.synthetic import checkpoint_specs, write_synthetic
 
     work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=args.workdir))
@@ -187,11 +200,13 @@ def main(argv: list[str] | None = None) -> None:
         run_case(rows, "cp -r", ["bash", "-c", f'cp -r "{base}" "{work / "out"}" && sync "{work / "out"}"/*'],
                  [base], work / "out", env)
         for n in pre.ranks:
-            stats = work / f"stats-{n}.json"
-            run_case(rows, f"tool {n} rank(s)", [sys.executable, "-m", "convert.merge_adapter", "--base", str(base),
-                                                  "--adapter", str(adapter), "--dst", str(work / "out"), "--nproc", str(n),
-                                                  "--no-progress", "--stats", str(stats)], [base, adapter], work / "out",
-                     env, stats)
+            for workers in [None, *extra_workers]:
+                stats = work / f"stats-{n}.json"
+                more = ["--workers", str(workers)] if workers else []
+                run_case(rows, f"tool {n} rank(s)" + (f", --workers {workers}" if workers else ""),
+                         [sys.executable, "-m", "convert.merge_adapter", "--base", str(base), "--adapter", str(adapter),
+                          "--dst", str(work / "out"), "--nproc", str(n), "--no-progress", "--stats", str(stats), *more],
+                         [base, adapter], work / "out", env, stats)
         if pre.peer and not args.no_peer:
             run_case(rows, "peft merge_and_unload + save_pretrained", [sys.executable, "-c", PEER, str(base),
                                                                        str(adapter), str(work / "out")],
