@@ -12,9 +12,11 @@ refused.
 
 from __future__ import annotations
 
+import bisect
 import io
 import math
 import pickle
+import struct
 import zipfile
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -271,8 +273,13 @@ def edge_blocks(storage: Any, records: list[tuple[str, int, int]], pool: ThreadP
     data = list(pool.map(lambda sp: bytes(storage.read_range(*sp)), spans))
     out: dict[tuple[str, int], list[tuple[int, bytes]]] = {}
     located = {f: sorted(set(r)) for f, r in by_file.items()}
+    ends = {f: [end for _, end in recs] for f, recs in located.items()}  # ascending: records do not overlap
     for (file, lo, hi), got in zip(spans, data):
-        for start, end in located[file]:
+        recs = located[file]
+        for k in range(bisect.bisect_right(ends[file], lo), len(recs)):
+            start, end = recs[k]
+            if start >= hi:
+                break
             a, b = max(lo, start), min(hi, end)
             if a < b:
                 out.setdefault((file, start), []).append((a - start, got[a - lo : b - lo]))
@@ -333,13 +340,18 @@ def _locate(storage: Any, fqn: str, ch: Any, sinfo: Any, dtype: str, blocks: lis
     f = _RangeFile(storage, file, sinfo.offset, sinfo.length)
     f.blocks = list(blocks)
     try:
-        zf = zipfile.ZipFile(f)
-        names = {i.filename.split("/", 1)[-1]: i for i in zf.infolist()}
-        pkl = names.get("data.pkl")
-        if pkl is None:
-            raise zipfile.BadZipFile("no data.pkl")
-        rebuilt = _unpickle(zf.read(pkl), where)
-        order = zf.read(names["byteorder"]).decode() if "byteorder" in names else "little"
+        names: dict[str, Any] | None = _stored_entries(f)
+        if names is not None and "data.pkl" in names:  # the usual record: read without zipfile's machinery
+            rebuilt = _unpickle(_entry_bytes(f, names["data.pkl"]), where)
+            order = _entry_bytes(f, names["byteorder"]).decode() if "byteorder" in names else "little"
+        else:
+            zf = zipfile.ZipFile(f)
+            names = {i.filename.split("/", 1)[-1]: i for i in zf.infolist()}
+            pkl = names.get("data.pkl")
+            if pkl is None:
+                raise zipfile.BadZipFile("no data.pkl")
+            rebuilt = _unpickle(zf.read(pkl), where)
+            order = zf.read(names["byteorder"]).decode() if "byteorder" in names else "little"
     except StorageError:
         raise
     except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError) as exc:
@@ -366,6 +378,62 @@ def _locate(storage: Any, fqn: str, ch: Any, sinfo: Any, dtype: str, blocks: lis
     if data_at + entry.file_size > sinfo.length:
         raise ConversionError(f"{where}: its data runs past the record's end (truncated file?)")
     return Chunk(file, sinfo.offset + data_at, offsets, sizes)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A zip central-directory entry: what _locate needs of it (zipfile.ZipInfo's names)."""
+
+    header_offset: int
+    compress_type: int
+    file_size: int
+
+
+def _stored_entries(f: _RangeFile) -> dict[str, _Entry] | None:
+    """The entries of the zip archive `f` (names after the archive's top folder) from its end-of-central-directory
+    record and central directory, for archives without a comment and without zip64 records (a torch.save record
+    of a chunk under 4 GiB); None for anything else (zipfile reads those)."""
+    n = f.length
+    if n < 22:
+        return None
+    f.seek(n - 22)
+    eocd = f.read(22)
+    if eocd[:4] != b"PK\x05\x06":
+        return None
+    count, cd_size, cd_offset = struct.unpack_from("<HII", eocd, 10)
+    if cd_offset == 0xFFFFFFFF or count == 0xFFFF or cd_offset + cd_size > n - 22:
+        return None
+    f.seek(cd_offset)
+    cd = f.read(cd_size)
+    out: dict[str, _Entry] = {}
+    pos = 0
+    for _ in range(count):
+        if cd[pos : pos + 4] != b"PK\x01\x02" or pos + 46 > len(cd):
+            return None
+        method, = struct.unpack_from("<H", cd, pos + 10)
+        csize, usize, nlen, elen, clen = struct.unpack_from("<IIHHH", cd, pos + 20)
+        local, = struct.unpack_from("<I", cd, pos + 42)
+        if 0xFFFFFFFF in (csize, usize, local):
+            return None
+        name = cd[pos + 46 : pos + 46 + nlen].decode("utf-8", "replace")
+        out[name.split("/", 1)[-1]] = _Entry(local, method, usize)
+        pos += 46 + nlen + elen + clen
+    return out
+
+
+def _entry_bytes(f: _RangeFile, entry: _Entry) -> bytes:
+    """The bytes of a stored (uncompressed) entry of the archive `f`, found through its local header."""
+    if entry.compress_type != zipfile.ZIP_STORED:
+        raise zipfile.BadZipFile("a compressed entry")
+    f.seek(entry.header_offset)
+    head = f.read(30)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile("bad local header")
+    f.seek(entry.header_offset + 30 + int.from_bytes(head[26:28], "little") + int.from_bytes(head[28:30], "little"))
+    data = f.read(entry.file_size)
+    if len(data) != entry.file_size:
+        raise zipfile.BadZipFile("entry runs past the record's end")
+    return data
 
 
 def load_chunk(storage: Any, chunk: Chunk, tensor: ChunkedTensor) -> bytes:

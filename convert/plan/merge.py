@@ -37,7 +37,8 @@ from convert.io.sources import source_file
 from convert.plan.adapter_names import MODEL, KeyNames, expert_prefix, source_naming
 from convert.plan.adapter_scaling import scaling, source_scale
 from convert.plan.base import DEFAULT_CHUNK_BYTES, Piece, Read, TargetTensor, Write, _units, copy_pieces, target_dtype
-from convert.plan.dequant import block_size, fp8_dequantize
+from convert.plan.dequant import block_size, fp8_dequantize, mxfp4_dequantize
+from convert.plan.merge_quant import SURVIVAL, mxfp4_quantize, squared_norm
 from convert.plan.expert_groups import ExpertGroup, find_expert_groups
 from convert.plan.transforms import Unit, decode, encode, from_bytes, to_bytes, torch_dtypes
 from sharding.ep import expert_slices
@@ -125,7 +126,7 @@ def merged_float(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) ->
 
     delta = torch.matmul(b.to(torch.float32), a.to(torch.float32))
     delta.mul_(s)
-    return delta.add_(w.to(torch.float32))
+    return delta.add_(w)  # w promoted to float32 element by element (exact): no float32 copy of the weight
 
 
 def fp8_requantize(w: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype,
@@ -162,7 +163,10 @@ class MergeExperts:
     LoRA factor reads) -> the merged tensors (`dst` units each, one write per unit and expert).
 
     Each role of `deltas` is merged in float32 and rounded once to its `dst` unit's dtype; `quant` pairs
-    (weight role, scale role) are FP8 block-scaled: dequantized before the merge, requantized after it.
+    (weight role, scale role) are FP8 block-scaled: dequantized before the merge and requantized after it
+    (each requantized weight measured into merge_quant.SURVIVAL under `label`.experts.{e}.{role}), or, where
+    not `requantize` (--dtype on an FP8 base), every pair's weight dequantized and written in its `dst` unit's
+    dtype, the scale units dropped from `dst`.
     """
 
     experts: tuple[int, ...]
@@ -172,6 +176,8 @@ class MergeExperts:
     deltas: tuple[RoleDelta, ...]
     quant: tuple[tuple[str, str], ...] = ()
     block: tuple[int, int] = (128, 128)
+    requantize: bool = True
+    label: str = ""
 
     def outputs(self, bufs: Sequence[bytes | memoryview]) -> list[memoryview]:
         """The merged bytes of each write, from the bytes of each read."""
@@ -189,12 +195,30 @@ class MergeExperts:
                 if scale is not None:
                     w = fp8_dequantize(w, roles[scale], self.block)
                 merged = merged_float(w, d.a.of(bufs, e), d.b.of(bufs, e), d.scaling[i])
-                if scale is not None:
-                    roles[d.role], roles[scale] = fp8_requantize(merged, self.block, roles[scale].dtype, roles[d.role].dtype)
+                if scale is not None and self.requantize:
+                    roles[d.role], roles[scale] = _fp8_requantize_measured(
+                        f"{self.label}.experts.{e}.{d.role}", w, merged, self.block, roles[scale].dtype,
+                        roles[d.role].dtype)
                 else:
                     roles[d.role] = merged
+            if not self.requantize:  # --dtype: the pairs' weights without a delta, dequantized too
+                merged_roles = {d.role for d in self.deltas}
+                for wr, sr in self.quant:
+                    if wr not in merged_roles and wr in roles:
+                        roles[wr] = fp8_dequantize(roles[wr], roles[sr], self.block)
             out += [encode(unit, roles) for unit in self.dst]
         return out
+
+
+def _fp8_requantize_measured(label: str, w: torch.Tensor, merged: torch.Tensor, block: tuple[int, int],
+                             scale_dtype: torch.dtype, fp8: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_requantize of `merged` (= float32 base `w` + delta; overwritten), measuring how much of the delta the
+    requantized weight keeps into merge_quant.SURVIVAL under `label`."""
+    delta = merged - w
+    want2 = squared_norm(merged)
+    q, s = fp8_requantize(merged, block, scale_dtype, fp8)
+    SURVIVAL.add(label, "fp8", w, delta, want2, fp8_dequantize(q, s, block))
+    return q, s
 
 
 @dataclass(frozen=True)
@@ -213,9 +237,11 @@ class MergeTensor:
     scale_shape: tuple[int, ...] = ()
     scale_dtype: str = ""
     block: tuple[int, int] = (128, 128)
+    requantize: bool = True  # False (--dtype on an FP8 base): the merged weight is written as `out_dtype`
+    label: str = ""  # the tensor's name, for the FP8 survival report
 
     def outputs(self, bufs: Sequence[bytes | memoryview]) -> list[memoryview]:
-        """The merged rows' bytes (and the fresh scale grid's, for an FP8 weight)."""
+        """The merged rows' bytes (and the fresh scale grid's, for an FP8 weight requantized)."""
         w = from_bytes(bufs[0], self.dtype, self.shape)
         k = 1
         if self.scale_dtype:
@@ -224,9 +250,10 @@ class MergeTensor:
         a = from_bytes(bufs[k], self.a_dtype, self.a_shape)
         b = from_bytes(bufs[k + 1], self.b_dtype, self.b_shape)
         merged = merged_float(w, a, b, self.scaling)
-        if self.scale_dtype:
+        if self.scale_dtype and self.requantize:
             dtypes = torch_dtypes()
-            q, s = fp8_requantize(merged, self.block, dtypes[self.scale_dtype], dtypes[self.dtype])
+            q, s = _fp8_requantize_measured(self.label, w, merged, self.block, dtypes[self.scale_dtype],
+                                            dtypes[self.dtype])
             return [to_bytes(q), to_bytes(s)]
         return [to_bytes(merged.to(torch_dtypes()[self.out_dtype]))]
 
@@ -249,6 +276,7 @@ class MergePlan:
     metadata: dict[str, dict[str, str]]  # base shard name -> its header's __metadata__
     notes: list[str] = field(default_factory=list)
     touched: list[str] = field(default_factory=list)  # base tensors the merge changes
+    dequantized: bool = False  # quantized weights written as --dtype: config.json loses quantization_config
 
 
 def refuse_variants(adapter: AdapterSource) -> None:
@@ -399,23 +427,25 @@ def plan_merge(ckpt: Checkpoint, family: Family, adapter: AdapterSource, dtype: 
     where = ckpt.storage.display("config.json")
     quant = ckpt.config.get("quantization_config") if isinstance(ckpt.config, dict) else None
     method = quant.get("quant_method") if isinstance(quant, dict) else None
-    if method not in (None, "fp8"):
-        raise ConversionError(f"{where}: a {method!r}-quantized base cannot be merged into (FP8 block-scaled and "
-                              "unquantized bases are supported)")
+    if method not in (None, "fp8") and not (method == "mxfp4" and family.dequantize is not None):
+        raise ConversionError(f"{where}: a {method!r}-quantized base cannot be merged into (FP8 block-scaled, MXFP4 "
+                              "and unquantized bases are supported)")
+    lfam = _lora_family(family)  # whose roles and names the adapter's LoRA has (the MXFP4 family's target)
     qfamily = family.with_companions(family.companions_in(ckpt.tensors))
-    if dtype and qfamily.companion_roles:
-        raise ConversionError(f"{where}: --dtype on an FP8 base is not supported yet: merge with --dtype keep (the "
-                              "merged weights are requantized), then dequantize with split_experts/fuse_experts --dtype")
+    dequant = bool(dtype) and bool(qfamily.companion_roles)  # --dtype on an FP8 base: every FP8 weight dequantized
     block = block_size(ckpt.config)
     num_experts = family.num_experts(ckpt.config, where)
     groups, passthrough = find_expert_groups(ckpt, qfamily, num_experts, rename=True)
     by_prefix = {g.prefix: g for g in groups}
 
     lora_groups, others = detect_expert_lora(adapter.infos, adapter.config, ckpt.config, adapter.display())
-    names = KeyNames(family, source_naming(family, lora_groups, list(adapter.tensors)), MODEL)
-    order = fused_order(family)
+    names = KeyNames(lfam, source_naming(lfam, lora_groups, list(adapter.tensors)), MODEL)
+    order = fused_order(lfam)
     pairs = {w: f"{w}{sfx}" for sfx in qfamily.companions_in(ckpt.tensors) for w in family.roles
              if f"{w}{sfx}" in qfamily.role_leaves}
+    weights = frozenset(pairs) if dequant else frozenset()
+    done: set[tuple[str, tuple[int, ...]]] = set()  # (layer, unit set) of expert pieces planned
+    replaced: dict[str, TargetTensor | None] = {}  # base tensors written under another name / dropped (MXFP4 --dtype)
 
     pieces: list[Piece] = []
     touched: set[str] = set()
@@ -423,11 +453,17 @@ def plan_merge(ckpt: Checkpoint, family: Family, adapter: AdapterSource, dtype: 
     slots = max([num_experts, *(g.slots for g in groups)]) if groups else num_experts
     slices = expert_slices(slots, min(ep, slots))
     for lg in lora_groups:
-        prefix = expert_prefix(family, names, lg.prefix)
+        prefix = expert_prefix(lfam, names, lg.prefix)
         group = by_prefix.get(_strip(prefix)) if prefix is not None else None
         if group is None:
             raise ConversionError(f"{adapter.display()}: tensor {lg.tensors[0]!r}: the base has no {family.name} "
                                   f"expert layer {_strip(lg.prefix)!r} for this expert LoRA to merge into")
+        if family.dequantize is not None:  # an MXFP4 base
+            pieces += _mx_group_pieces(family, lfam, group, lg, adapter, dtype, slices, run_bytes, order, touched,
+                                       replaced)
+            merged_groups.append((group.prefix, group.layout, lg.pattern))
+            done.add((group.prefix, ()))
+            continue
         for role in lg.roles:
             shape = group.role_shape.get(role)
             out_in = lg.dims_of(role)
@@ -441,13 +477,15 @@ def plan_merge(ckpt: Checkpoint, family: Family, adapter: AdapterSource, dtype: 
                                       f"{lg.experts_of(role)} experts, the base {group.role_experts.get(role, group.num_experts)}")
         merged_groups.append((group.prefix, group.layout, lg.pattern))
         units = _units(qfamily, group, group.layout, None, "src")
-        dst_units = _units(qfamily, group, group.layout, dtype, "dst")
+        dst_units = _merge_dst_units(qfamily, group, dtype, weights, set(pairs.values()))
         role_shape = tuple(sorted(group.role_shape.items()))
         for members in _unit_sets(units, pairs):
             roles = [r for i in members for r in units[i][0].roles if r in lg.roles]
             if not roles:
                 continue
-            quant_pairs = tuple((w, s) for w, s in pairs.items() if w in roles)
+            done.add((group.prefix, tuple(members)))
+            held = {r for i in members for r in units[i][0].roles}
+            quant_pairs = tuple((w, s) for w, s in pairs.items() if w in (held if dequant else roles))
             per_expert = sum(_unit_read(group, units[i][0], units[i][1], 0)[0].end
                              - _unit_read(group, units[i][0], units[i][1], 0)[0].start for i in members)
             count = min(group.role_experts.get(units[i][0].roles[0], group.num_experts) for i in members)
@@ -463,8 +501,11 @@ def plan_merge(ckpt: Checkpoint, family: Family, adapter: AdapterSource, dtype: 
                             read, name, ws, we = _unit_read(group, units[i][0], units[i][1], e)
                             reads.reads.append(read)  # base reads first, in order (never deduplicated)
                             touched.add(name)
-                            out_item = DTYPE_SIZES[dst_units[i][0].dtype] / DTYPE_SIZES[units[i][0].dtype]
-                            writes.append(Write(name, int(ws * out_item), int(we * out_item), dst_units[i][0].dtype))
+                            dst_unit = dst_units[i]
+                            if dst_unit is None:  # a scale grid dropped (--dtype on an FP8 base)
+                                continue
+                            out_item = DTYPE_SIZES[dst_unit[0].dtype] / DTYPE_SIZES[units[i][0].dtype]
+                            writes.append(Write(name, int(ws * out_item), int(we * out_item), dst_unit[0].dtype))
                     deltas = []
                     for role in roles:
                         fa, fb = _factors(lg, adapter, role, run, reads, lg.fused_order or order)
@@ -472,9 +513,17 @@ def plan_merge(ckpt: Checkpoint, family: Family, adapter: AdapterSource, dtype: 
                                        for e in run)
                         deltas.append(RoleDelta(role, fa, fb, scales))
                     compute = MergeExperts(tuple(run), tuple(units[i][0] for i in members),
-                                           tuple(dst_units[i][0] for i in members), role_shape, tuple(deltas),
-                                           quant_pairs, block)
+                                           tuple(dst_units[i][0] for i in members if dst_units[i] is not None),
+                                           role_shape, tuple(deltas), quant_pairs, block, not dequant, group.prefix)
                     pieces.append(Piece(tuple(reads.reads), tuple(writes), compute, run.start))
+
+    if dequant:  # the FP8 expert weights no LoRA touches, dequantized too
+        pieces += _fp8_dequant_pieces(qfamily, groups, pairs, done, dtype, block, touched)
+    if family.dequantize is not None and dtype:  # MXFP4 --dtype: every expert layer written in the target's layout
+        for group in groups:
+            if (group.prefix, ()) not in done:
+                pieces += _mx_group_pieces(family, lfam, group, None, adapter, dtype, slices, run_bytes, order,
+                                           touched, replaced)
 
     # other LoRA modules: the base tensor their `.weight` names
     base_by_model = {family.to_model(n): n for n in passthrough}
@@ -504,13 +553,16 @@ def plan_merge(ckpt: Checkpoint, family: Family, adapter: AdapterSource, dtype: 
         if scale_name is not None and ref.info.dtype.startswith("F8_"):
             sref = ckpt.tensors[scale_name]
             touched.add(scale_name)
-            compute = MergeTensor(ref.info.shape, ref.info.dtype, ref.info.dtype, a.info.shape, a.info.dtype,
-                                  b.info.shape, b.info.dtype, s, sref.info.shape, sref.info.dtype, block)
+            out_dtype = dtype if dequant else ref.info.dtype
+            compute = MergeTensor(ref.info.shape, ref.info.dtype, str(out_dtype), a.info.shape, a.info.dtype,
+                                  b.info.shape, b.info.dtype, s, sref.info.shape, sref.info.dtype, block,
+                                  not dequant, target)
+            writes = (Write(target, 0, numel(ref.info.shape) * DTYPE_SIZES[str(out_dtype)], str(out_dtype)),)
+            if not dequant:
+                writes += (Write(scale_name, 0, sref.info.nbytes, sref.info.dtype),)
             pieces.append(Piece((Read(ref.file, ref.info.start, ref.info.end, ref.info.dtype),
                                  Read(sref.file, sref.info.start, sref.info.end, sref.info.dtype),
-                                 _adapter_read(a), _adapter_read(b)),
-                                (Write(target, 0, ref.info.nbytes, ref.info.dtype),
-                                 Write(scale_name, 0, sref.info.nbytes, sref.info.dtype)), compute))
+                                 _adapter_read(a), _adapter_read(b)), writes, compute))
             continue
         if ref.info.dtype not in ("F32", "F16", "BF16", "F64"):
             raise ConversionError(f"{ckpt.storage.display(ref.file)}: tensor {target!r} is {ref.info.dtype}: cannot "
@@ -531,9 +583,24 @@ def plan_merge(ckpt: Checkpoint, family: Family, adapter: AdapterSource, dtype: 
     # everything else: byte copies (or casts), and the base's tensor order file by file
     targets: list[TargetTensor] = []
     files: dict[str, list[str]] = {}
+    scales = _fp8_scale_names(ckpt, family) if dequant else {}
+    replaced.update({n: None for n in scales})  # --dtype on an FP8 base: the scale grids are dropped
     for fname, header in ckpt.headers.items():
-        files[fname] = [t.name for t in sorted(header.tensors.values(), key=lambda t: t.start)]
+        kept = [replaced[n].name if replaced.get(n) else n  # type: ignore[union-attr]
+                for n in (t.name for t in sorted(header.tensors.values(), key=lambda t: t.start))
+                if n not in replaced or replaced[n] is not None]
+        if kept:  # a shard that held only scale grids is not written
+            files[fname] = kept
     for name, ref in ckpt.tensors.items():
+        if name in replaced:
+            if replaced[name] is not None:
+                targets.append(replaced[name])  # type: ignore[arg-type]
+            continue
+        if name in scales.values():  # an FP8 weight, dequantized
+            targets.append(TargetTensor(name, str(dtype), ref.info.shape))
+            if name not in touched:
+                pieces.append(_fp8_dequant_tensor(ref, ckpt.tensors[_scale_of(scales, name)], str(dtype), block))
+            continue
         t, ps = copy_pieces(ref, name, dtype, chunk)
         targets.append(t)
         if name not in touched:
@@ -541,13 +608,245 @@ def plan_merge(ckpt: Checkpoint, family: Family, adapter: AdapterSource, dtype: 
     notes = [f"merged expert LoRA of {len(merged_groups)} layer(s), {len(modules)} other LoRA module(s); "
              f"{len(touched)} of {len(ckpt.tensors)} base tensors change, the rest are byte copies"
              + (" (cast)" if dtype else "")]
-    if pairs:
+    if pairs and dequant:
+        notes.append(f"every FP8 weight is dequantized ({block[0]}x{block[1]} blocks) and written as {dtype}, the "
+                     "touched ones merged in float32 first; the scale grids and quantization_config are dropped")
+    elif pairs:
         notes.append(f"FP8 weights the adapter touches are dequantized, merged in float32 and requantized with fresh "
                      f"{block[0]}x{block[1]} block scales (amax / {FP8_MAX:g})")
+    if family.dequantize is not None:
+        notes.append(f"MXFP4 expert weights the adapter touches are dequantized, merged in float32 and " + (
+            f"written as {dtype} (every expert layer, in {lfam.name}'s layout; quantization_config dropped)" if dtype
+            else "requantized with fresh E8M0 scales per 32 values"))
     return MergePlan(family=family.name, targets=targets, files=files, pieces=pieces, num_experts=slots,
                      groups=merged_groups, modules=modules, copy_files=list(ckpt.other_files),
                      metadata={f: dict(h.metadata) for f, h in ckpt.headers.items()}, notes=notes,
-                     touched=sorted(touched))
+                     touched=sorted(touched), dequantized=dequant or (family.dequantize is not None and bool(dtype)))
+
+
+# ----------------------------------------------------------------------------- quantized bases
+# (--dtype on an FP8 base; MXFP4 bases): kept apart from plan_merge's piece sizing
+
+
+def _lora_family(family: Family) -> Family:
+    """The family whose roles and names an adapter's LoRA uses: an MXFP4 family's dequantization target (its LoRA
+    was trained on the dequantized model), else `family` itself."""
+    if family.dequantize is None:
+        return family
+    from convert.families import load_families
+
+    target = load_families().get(family.dequantize[0])
+    if target is None:
+        raise ConversionError(f"{family.source}: quantization.dequantize names unknown family {family.dequantize[0]!r}")
+    return target
+
+
+def _merge_dst_units(qfamily: Family, group: ExpertGroup, dtype: str | None, weights: frozenset[str],
+                     scale_roles: set[str]) -> list[tuple[Unit, str] | None]:
+    """The output unit of each source unit of `group` (aligned with `_units(qfamily, ..., "src")`): the same unit
+    in the output dtype; with `weights` (--dtype on an FP8 base) those FP8 weights in `dtype` and a unit of scale
+    grids only None (dropped)."""
+    units = _units(qfamily, group, group.layout, dtype, "dst", weights)
+    if not weights:
+        return list(units)
+    return [None if set(u.roles) <= scale_roles else (u, tpl) for u, tpl in units]
+
+
+def _fp8_dequant_pieces(qfamily: Family, groups: list[ExpertGroup], pairs: dict[str, str],
+                        done: set[tuple[str, tuple[int, ...]]], dtype: str | None, block: tuple[int, int],
+                        touched: set[str]) -> list[Piece]:
+    """--dtype on an FP8 base: one piece per expert of every unit set holding an FP8 weight that no LoRA piece
+    wrote (`done`), dequantizing it (MergeExperts without deltas); the names read are added to `touched`."""
+    pieces: list[Piece] = []
+    weights = frozenset(pairs)
+    for group in groups:
+        units = _units(qfamily, group, group.layout, None, "src")
+        dst_units = _merge_dst_units(qfamily, group, dtype, weights, set(pairs.values()))
+        role_shape = tuple(sorted(group.role_shape.items()))
+        for members in _unit_sets(units, pairs):
+            held = {r for i in members for r in units[i][0].roles}
+            quant = tuple((w, s) for w, s in pairs.items() if w in held)
+            if (group.prefix, tuple(members)) in done or not quant:
+                continue
+            count = min(group.role_experts.get(units[i][0].roles[0], group.num_experts) for i in members)
+            dst = tuple(dst_units[i][0] for i in members if dst_units[i] is not None)  # type: ignore[index]
+            compute = MergeExperts((), tuple(units[i][0] for i in members), dst, role_shape, (), quant, block, False)
+            for e in range(count):
+                reads, writes = [], []
+                for i in members:
+                    read, name, ws, we = _unit_read(group, units[i][0], units[i][1], e)
+                    reads.append(read)
+                    touched.add(name)
+                    d = dst_units[i]
+                    if d is not None:
+                        item = DTYPE_SIZES[d[0].dtype] / DTYPE_SIZES[units[i][0].dtype]
+                        writes.append(Write(name, int(ws * item), int(we * item), d[0].dtype))
+                pieces.append(Piece(tuple(reads), tuple(writes), _with_experts(compute, (e,)), e))
+    return pieces
+
+
+def _with_experts(compute: MergeExperts, experts: tuple[int, ...]) -> MergeExperts:
+    from dataclasses import replace
+
+    return replace(compute, experts=experts)
+
+
+def _fp8_scale_names(ckpt: Checkpoint, family: Family) -> dict[str, str]:
+    """scale grid name -> its FP8 weight's name, for every FP8 weight of `ckpt` with a companion scale."""
+    return {n + sfx: n for n, ref in ckpt.tensors.items() if ref.info.dtype.startswith("F8_")
+            for sfx in family.companions if n + sfx in ckpt.tensors}
+
+
+def _scale_of(scales: dict[str, str], weight: str) -> str:
+    return next(sc for sc, w in scales.items() if w == weight)
+
+
+def _fp8_dequant_tensor(ref: TensorRef, sref: TensorRef, dtype: str, block: tuple[int, int]) -> Piece:
+    """A non-expert FP8 weight no LoRA touches, dequantized whole to `dtype` (--dtype on an FP8 base)."""
+    from convert.plan.dequant import DequantTensor
+
+    compute = DequantTensor(ref.info.shape, ref.info.dtype, sref.info.shape, sref.info.dtype, dtype, block)
+    return Piece((Read(ref.file, ref.info.start, ref.info.end, ref.info.dtype),
+                  Read(sref.file, sref.info.start, sref.info.end, sref.info.dtype)),
+                 (Write(ref.info.name, 0, numel(ref.info.shape) * DTYPE_SIZES[dtype], dtype),), compute)
+
+
+@dataclass(frozen=True)
+class MergeMxfp4:
+    """A compute piece: a run of experts of an MXFP4 expert layer (`src` units each, one read per unit and
+    expert, then the LoRA factor reads) -> `dst` units each (one write per unit and expert).
+
+    `mx` names each (target role, blocks role, scales role); a role of `deltas` (target roles) is dequantized,
+    merged in float32 and requantized (merge_quant.mxfp4_quantize, measured into SURVIVAL under
+    `label`.experts.{e}.{role}), or, with `dequant` (--dtype), every target role is dequantized (merged where it
+    has a delta), each `cast` (target role, source role) taken as it is, and `dst` holds the target family's units.
+    """
+
+    experts: tuple[int, ...]
+    src: tuple[Unit, ...]
+    dst: tuple[Unit, ...]
+    role_shape: tuple[tuple[str, tuple[int, ...]], ...]
+    deltas: tuple[RoleDelta, ...]
+    mx: tuple[tuple[str, str, str], ...]
+    cast: tuple[tuple[str, str], ...] = ()
+    dequant: bool = False
+    label: str = ""
+
+    def outputs(self, bufs: Sequence[bytes | memoryview]) -> list[memoryview]:
+        """The merged bytes of each write, from the bytes of each read."""
+        shapes = dict(self.role_shape)
+        mx = {t: (b, s) for t, b, s in self.mx}
+        n = len(self.src)
+        out: list[memoryview] = []
+        for i, e in enumerate(self.experts):
+            roles: dict[str, Any] = {}
+            for unit, buf in zip(self.src, bufs[i * n : (i + 1) * n]):
+                roles.update(decode(unit, buf, shapes))
+            values: dict[str, Any] = {}
+            for d in self.deltas:
+                b, s = mx[d.role]
+                w = mxfp4_dequantize(roles[b], roles[s])
+                merged = merged_float(w, d.a.of(bufs, e), d.b.of(bufs, e), d.scaling[i])
+                if self.dequant:
+                    values[d.role] = merged
+                    continue
+                delta = merged - w
+                q, sc = mxfp4_quantize(merged)
+                SURVIVAL.add(f"{self.label}.experts.{e}.{d.role}", "mxfp4", w, delta, squared_norm(merged),
+                             mxfp4_dequantize(q, sc))
+                roles[b], roles[s] = q, sc
+            if self.dequant:
+                for t, (b, s) in mx.items():
+                    if t not in values:
+                        values[t] = mxfp4_dequantize(roles[b], roles[s])
+                values.update({t: roles[r] for t, r in self.cast})
+                roles = values
+            out += [encode(unit, roles) for unit in self.dst]
+        return out
+
+
+def _mx_group_pieces(family: Family, target: Family, group: ExpertGroup, lg: ExpertLoraGroup | None,
+                     adapter: AdapterSource, dtype: str | None, slices: Sequence[range], run_bytes: int,
+                     order: str | None, touched: set[str], replaced: dict[str, TargetTensor | None]) -> list[Piece]:
+    """The pieces of one expert layer of an MXFP4 `family` base (gpt-oss as released): the LoRA `lg` (of `target`'s
+    roles) merged into the blocks/scales it names and requantized; with `dtype`, the whole layer (LoRA or none)
+    written in `target`'s layout as `dtype` (`replaced` gets the renamed and dropped base tensors)."""
+    from convert.families import PER_EXPERT
+    from convert.plan.expert_groups import fused_slice_shape
+
+    assert family.dequantize is not None
+    _, mxmap, cast = family.dequantize
+    tshape = {t: (*group.role_shape[b][:-2], group.role_shape[b][-2] * group.role_shape[b][-1] * 2)
+              for t, (b, _) in mxmap.items()}
+    tshape.update({t: group.role_shape[r] for t, r in cast.items()})
+    lora_roles = tuple(lg.roles) if lg is not None else ()
+    for role in lora_roles:
+        if role not in mxmap or tuple(tshape[role]) != tuple(lg.dims_of(role)):  # type: ignore[union-attr]
+            raise ConversionError(
+                f"{adapter.display()}: tensor {lg.tensors[0]!r}: the {role} LoRA of layer {group.prefix} is for "  # type: ignore[union-attr]
+                f"[out, in] = {list(lg.dims_of(role))}, the base's MXFP4 {role} weight is "  # type: ignore[union-attr]
+                f"{list(tshape[role]) if role in tshape else 'absent'}")
+        if lg.experts_of(role) != group.num_experts:  # type: ignore[union-attr]
+            raise ConversionError(f"{adapter.display()}: layer {group.prefix}: the {role} LoRA has "
+                                  f"{lg.experts_of(role)} experts, the base {group.num_experts}")  # type: ignore[union-attr]
+    src = _units(family, group, group.layout, None, "src")
+    if dtype:
+        if group.layout == PER_EXPERT or group.layout not in target.fused:
+            raise ConversionError(f"layer {group.prefix}: --dtype on a per-expert MXFP4 base is not supported (fuse "
+                                  f"it first: convert.fuse_experts), or merge with --dtype keep")
+        dst = [(Unit(t, None, dtype), t.template) for t in target.fused[group.layout]]
+        sets = [list(range(len(src)))]
+    else:
+        dst = list(src)
+        wanted = {mxmap[r][0] for r in lora_roles}
+        sets = [m for m in _unit_sets(src, {b: s for b, s in mxmap.values()})
+                if any(r in wanted for i in m for r in src[i][0].roles)]
+    role_shape = tuple(sorted(group.role_shape.items()))
+    if dtype:  # the output tensors: each target tensor in place of the first base tensor feeding it
+        feeds = {t: set(mxmap[t]) if t in mxmap else {cast[t]} for t in tshape}
+        for unit, tpl in dst:
+            assert unit.fused is not None
+            shape = (group.num_experts, *fused_slice_shape(unit.fused, tshape[unit.fused.parts[0]]))
+            need = set().union(*(feeds[p] for p in unit.fused.parts))
+            first = next(_unit_read(group, u, t, 0)[1] for u, t in src if set(u.roles) & need)
+            replaced[first] = TargetTensor(tpl.format(prefix=group.prefix), dtype, shape)
+        for u, t in src:
+            replaced.setdefault(_unit_read(group, u, t, 0)[1], None)
+    pieces: list[Piece] = []
+    per_float = 4 * sum(numel(s) for s in tshape.values())  # one expert's float32 values
+    step = max(1, run_bytes // max(1, per_float))
+    for members in sets:
+        roles = [r for r in lora_roles if any(mxmap[r][0] in src[i][0].roles for i in members)]
+        out_units = dst if dtype else [dst[i] for i in members]
+        mx = tuple((t, b, s) for t, (b, s) in mxmap.items() if any(b in src[i][0].roles for i in members))
+        for sl in slices:
+            for e0 in range(sl.start, min(sl.stop, group.num_experts), step):
+                run = range(e0, min(e0 + step, sl.stop, group.num_experts))
+                reads = _Reads()
+                writes: list[Write] = []
+                for e in run:
+                    for i in members:
+                        read, name, ws, we = _unit_read(group, src[i][0], src[i][1], e)
+                        reads.reads.append(read)
+                        touched.add(name)
+                        if not dtype:
+                            writes.append(Write(name, ws, we, src[i][0].dtype))
+                    if dtype:
+                        for unit, tpl in out_units:
+                            assert unit.fused is not None
+                            size = numel(fused_slice_shape(unit.fused, tshape[unit.fused.parts[0]])) * DTYPE_SIZES[dtype]
+                            writes.append(Write(tpl.format(prefix=group.prefix), e * size, (e + 1) * size, dtype))
+                deltas = []
+                for role in roles:
+                    fa, fb = _factors(lg, adapter, role, run, reads, lg.fused_order or order)  # type: ignore[arg-type, union-attr]
+                    scales = tuple(scaling(adapter.config, source_scale(adapter.config, _module_of(lg, role, e)))  # type: ignore[arg-type]
+                                   for e in run)
+                    deltas.append(RoleDelta(role, fa, fb, scales))
+                compute = MergeMxfp4(tuple(run), tuple(src[i][0] for i in members), tuple(u for u, _ in out_units),
+                                     role_shape, tuple(deltas), mx, tuple(cast.items()) if dtype else (), bool(dtype),
+                                     group.prefix)
+                pieces.append(Piece(tuple(reads.reads), tuple(writes), compute, run.start))
+    return pieces
 
 
 def check_counts(plan: MergePlan) -> None:
@@ -562,5 +861,5 @@ def check_counts(plan: MergePlan) -> None:
         raise AssertionError(f"merge plan writes {covered.get(wrong[0], 0)} of {sizes[wrong[0]]} bytes of {wrong[0]!r}")
 
 
-__all__ = ["ADAPTER_SOURCE", "MergePlan", "MergeExperts", "MergeTensor", "Factor", "fp8_requantize", "plan_merge",
+__all__ = ["ADAPTER_SOURCE", "MergePlan", "MergeExperts", "MergeMxfp4", "MergeTensor", "Factor", "fp8_requantize", "plan_merge",
            "refuse_variants", "check_counts"]
