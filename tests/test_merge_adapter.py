@@ -3,7 +3,9 @@
 Tiny random transformers models and real peft adapters (never downloaded): every merged tensor within one
 ulp (plus float32's own rounding of the delta) of peft's, untouched tensors byte-identical, identical bytes
 at 1, 2 and 3 ranks, from_pretrained of the result giving the merged model's logits; FP8 block-scaled bases
-(ragged blocks) requantized; refusals exit 2 with nothing written.
+(ragged blocks) requantized or dequantized (--dtype), the survival report; MXFP4 gpt-oss bases requantized or
+written in bf16; shared w1/w2/w3 and grouped adapters; DeepSeek-V3 with router LoRA; modules_to_save; resume
+after a killed rank; S3 in and out; refusals exit 2 with nothing written.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from helpers import load_dir, raw_bytes, run_tool
 from model_fixtures import build_model, logits, save_model
 
 MOD = "convert.merge_adapter"
+BUCKET = "merge-adapter"  # the s3env fixture's bucket
 
 
 def _merge(base: Path, adapter: Path, dst: Path, *extra: str, check: bool = True):
@@ -204,3 +207,302 @@ def test_fp8_deepseek_v3_ragged_blocks_requantized(tmp_path):
         up = f"model.layers.1.mlp.experts.{e}.up_proj.weight"  # no LoRA: bytes unchanged
         assert raw_bytes(out[up]) == raw_bytes(written[up])
         assert raw_bytes(out[up + "_scale_inv"]) == raw_bytes(written[up + "_scale_inv"])
+
+
+# ----------------------------------------------------------------------------- quantized bases
+
+
+def _fp8_case(tmp_path: Path, scale: float = 1.0, E: int = 3, H: int = 256, I: int = 200):
+    """A tiny FP8 DeepSeek-V3 base (ragged 128-blocks) and an adapter on experts' gate/down and o_proj: (base
+    tensors, adapter tensors); the adapter's lora_B scaled by `scale`."""
+    from quant_fixtures import write_fp8_experts
+
+    written = write_fp8_experts(tmp_path / "base", E=E, H=H, I=I)
+    tensors, r = {}, 4
+    for e in range(E):
+        for proj, (o, i) in (("gate_proj", (I, H)), ("down_proj", (H, I))):
+            m = f"base_model.model.model.layers.1.mlp.experts.{e}.{proj}"
+            tensors[f"{m}.lora_A.weight"] = random_lora((r, i), 10 * e + len(proj))
+            tensors[f"{m}.lora_B.weight"] = random_lora((o, r), 10 * e + len(proj) + 1) * scale
+    m = "base_model.model.model.layers.1.self_attn.o_proj"
+    tensors[f"{m}.lora_A.weight"], tensors[f"{m}.lora_B.weight"] = random_lora((r, I), 5), random_lora((H, r), 6) * scale
+    write_adapter(tmp_path / "adapter", tensors, lora_config(r, 8, target_modules=["gate_proj", "down_proj", "o_proj"]))
+    return written, tensors
+
+
+def test_fp8_merge_prints_survival_and_warns_where_the_delta_is_lost(tmp_path):
+    """The merge itself (no --verify) reports how much of each requantized delta survived, and names the tensors
+    whose delta is mostly below the FP8 step (a LoRA 1e-4 times smaller)."""
+    _fp8_case(tmp_path, scale=1e-4)
+    p = _merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", "--nproc", "2")
+    assert "fp8 requantized: 7 tensor(s); delta survived: min" in p.stdout, p.stdout
+    assert "warning: in 7 requantized tensor(s) the delta is mostly below the quantization step" in p.stderr, p.stderr
+    assert "model.layers.1.self_attn.o_proj.weight (" in p.stderr
+
+
+def test_fp8_base_merged_into_bf16(tmp_path):
+    """--dtype bf16 on an FP8 base: every FP8 weight dequantized with its scales (merged ones in float32 first),
+    the scale grids and quantization_config dropped, the rest cast; --verify agrees."""
+    from convert.plan.dequant import fp8_dequantize
+
+    written, tensors = _fp8_case(tmp_path)
+    p = _merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", "--nproc", "2", "--dtype", "bf16", "--verify")
+    assert "verify merge: OK" in p.stdout and "requantized" not in p.stdout.split("verify merge")[0]
+    out = load_dir(tmp_path / "out")
+    assert set(out) == {k for k in written if not k.endswith("_scale_inv")}
+    assert all(t.dtype == torch.bfloat16 for t in out.values())
+    index = json.loads((tmp_path / "out/model.safetensors.index.json").read_text())
+    assert not any(k.endswith("_scale_inv") for k in index["weight_map"])  # the scales' shard is not written
+    cfg = json.loads((tmp_path / "out/config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["torch_dtype"] == "bfloat16"
+    for k in ["model.layers.1.self_attn.o_proj.weight", *(f"model.layers.1.mlp.experts.{e}.{p}.weight"
+                                                          for e in range(3) for p in ("gate_proj", "down_proj"))]:
+        w = fp8_dequantize(written[k], written[k + "_scale_inv"])
+        a, b = tensors[f"base_model.model.{k[:-7]}.lora_A.weight"], tensors[f"base_model.model.{k[:-7]}.lora_B.weight"]
+        _close(out[k], (torch.matmul(b, a) * 2.0 + w).to(torch.bfloat16), k)
+    for e in range(3):  # no LoRA: dequantized exactly as fuse_experts --dtype does
+        k = f"model.layers.1.mlp.experts.{e}.up_proj.weight"
+        assert torch.equal(out[k], fp8_dequantize(written[k], written[k + "_scale_inv"], dtype=torch.bfloat16))
+    assert torch.equal(out["model.norm.weight"], written["model.norm.weight"])
+
+
+def _mxfp4_gpt_oss(tmp_path: Path, target_parameters: list[str]):
+    """A tiny GptOss whose expert weights are MXFP4-representable, saved as released (MXFP4 blocks/scales, config
+    quant_method mxfp4), and a peft adapter on it: (base dir, adapter dir, the base's tensors, peft's merged
+    parameters, peft's merged model)."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from quant_fixtures import mxfp4_pack, mxfp4_values
+    from tiny_models import tied_keys, tiny_config
+
+    config = tiny_config("gpt_oss")
+    config.hidden_size = config.intermediate_size = 64  # MXFP4 packs 32 values a block
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    packed: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for i, (k, p) in enumerate(sorted(model.named_parameters())):
+            if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                v = mxfp4_values((p.shape[0], p.shape[2], p.shape[1]), seed=i) * 2.0**-8  # [E, out, in]
+                p.copy_(v.transpose(1, 2))  # gpt-oss runs [E, in, out]
+                packed[f"{k}_blocks"], packed[f"{k}_scales"] = mxfp4_pack(v)
+    tied = tied_keys(model)
+    base = tmp_path / "base"
+    base.mkdir()
+    state = {k: t.detach().clone().contiguous() for k, t in model.state_dict().items()
+             if k not in tied and not k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    save_file({**state, **packed}, str(base / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
+    (base / "config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(7)
+    pm = get_peft_model(model, LoraConfig(r=3, lora_alpha=7, init_lora_weights=False, target_modules=["q_proj"],
+                                          target_parameters=target_parameters)).eval()
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    merged = pm.merge_and_unload()
+    return base, tmp_path / "adapter", {**state, **packed}, {k: p.detach().clone() for k, p in merged.named_parameters()}, merged
+
+
+def test_mxfp4_requantize_round_trip_and_rounding():
+    """mxfp4_quantize inverts mxfp4_dequantize on MXFP4 values (the original bytes back), rounds to the nearest
+    FP4 value (ties to the even code) and stays within half an FP4 step of every value."""
+    from quant_fixtures import mxfp4_pack, mxfp4_values
+    from convert.plan.dequant import mxfp4_dequantize
+    from convert.plan.merge_quant import mxfp4_half_step, mxfp4_quantize
+
+    blocks, scales = mxfp4_pack(mxfp4_values((3, 40, 96), seed=5))
+    again = mxfp4_quantize(mxfp4_dequantize(blocks, scales))
+    assert torch.equal(again[0], blocks) and torch.equal(again[1], scales)
+    x = torch.randn(5, 7, 128) * 0.03
+    q, s = mxfp4_quantize(x)
+    assert bool(((mxfp4_dequantize(q, s).double() - x.double()).abs() <= mxfp4_half_step(x, s)).all())
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.1] + [0.0] * 23 + [6.0])
+    assert mxfp4_dequantize(*mxfp4_quantize(ties)).tolist()[:8] == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -0.0]
+
+
+def test_mxfp4_gpt_oss_base_merged_and_requantized(tmp_path):
+    """gpt-oss as released: the gate_up LoRA merged into the MXFP4 blocks, requantized with fresh E8M0 scales
+    (within half an FP4 step of peft's merged weight), down_proj's blocks/scales and every other untouched tensor
+    byte-identical, the attention LoRA merged; the survival report printed."""
+    from convert.plan.dequant import mxfp4_dequantize
+    from convert.plan.merge_quant import mxfp4_half_step
+
+    base, adapter, orig, ref, _ = _mxfp4_gpt_oss(tmp_path, ["mlp.experts.gate_up_proj"])
+    p = _merge(base, adapter, tmp_path / "out", "--nproc", "2")
+    assert "mxfp4 requantized:" in p.stdout, p.stdout
+    out = load_dir(tmp_path / "out")
+    assert set(out) == set(orig)
+    for layer in range(2):
+        k = f"model.layers.{layer}.mlp.experts.gate_up_proj"
+        want = ref[k].transpose(1, 2)  # [E, out, in]
+        got = mxfp4_dequantize(out[k + "_blocks"], out[k + "_scales"]).reshape(want.shape)
+        tol = mxfp4_half_step(want.reshape(*want.shape[:2], -1), out[k + "_scales"]).reshape(want.shape)
+        assert bool(((got.double() - want.double()).abs() <= tol + 1e-6 * want.abs().double()).all()), k
+        assert not torch.equal(out[k + "_blocks"], orig[k + "_blocks"])
+        d = f"model.layers.{layer}.mlp.experts.down_proj"
+        for sfx in ("_blocks", "_scales"):
+            assert raw_bytes(out[d + sfx]) == raw_bytes(orig[d + sfx])
+    for k in orig:
+        if "experts.gate_up_proj_" not in k and "q_proj.weight" not in k:
+            assert raw_bytes(out[k]) == raw_bytes(orig[k]), k
+    q = "model.layers.0.self_attn.q_proj.weight"
+    _close(out[q], ref[q], q)
+
+
+def test_mxfp4_gpt_oss_base_merged_into_bf16(tmp_path):
+    """--dtype bf16 on an MXFP4 base: every expert layer written in gpt-oss's native bf16 layout (merged in float32
+    where the adapter has LoRA, dequantized elsewhere), quantization_config dropped, loadable by transformers."""
+    base, adapter, orig, ref, merged = _mxfp4_gpt_oss(tmp_path, ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    _merge(base, adapter, tmp_path / "out", "--dtype", "bf16")
+    out = load_dir(tmp_path / "out")
+    assert not any(k.endswith(("_blocks", "_scales")) for k in out)
+    assert "quantization_config" not in json.loads((tmp_path / "out/config.json").read_text())
+    for k, want in ref.items():
+        if k in out and not torch.equal(out[k], want.to(torch.bfloat16)):
+            _close(out[k], want.to(torch.bfloat16), k)
+    assert {k for k in ref if k.endswith(("experts.gate_up_proj", "experts.down_proj"))} <= set(out)
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    assert torch.allclose(logits(loaded), logits(merged), atol=3e-2, rtol=3e-2)
+
+
+# ----------------------------------------------------------------------------- adapter layouts, models, resume, S3
+
+
+def _close_f32(ours: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """Equal up to float32's rounding of a delta computed in another order (a few float32 ulps)."""
+    assert ours.shape == want.shape, name
+    diff = (ours.double() - want.double()).abs()
+    tol = 8 * torch.finfo(torch.float32).eps * (want.double().abs() + float(want.abs().max()) * 1e-3)
+    assert bool((diff <= tol).all()), f"{name}: max diff {float(diff.max())}"
+
+
+@pytest.mark.parametrize("layout", ["shared_w123", "grouped"])
+def test_shared_w123_and_grouped_adapters(tmp_path, layout):
+    """The partially shared w1/w2/w3 layout and NeMo's grouped (x @ A @ B, [gate | up] columns) merge each
+    expert's exact delta into a per-expert qwen3_moe base."""
+    from adapter_fixtures import make_grouped_adapter, make_shared_w123_adapter
+    from model_fixtures import E
+
+    base = save_model(build_model("qwen3_moe", seed=0), tmp_path / "base")
+    make = make_shared_w123_adapter if layout == "shared_w123" else make_grouped_adapter
+    adapter, deltas = make(tmp_path / "adapter", experts=E, rank=3)
+    _merge(base, adapter, tmp_path / "out", "--nproc", "2", "--verify")
+    ours, orig = load_dir(tmp_path / "out"), load_dir(base)
+    for (layer, role, e), d in deltas.items():
+        key = f"model.layers.{layer}.mlp.experts.{e}.{role}_proj.weight"
+        _close_f32(ours[key], orig[key].float() + d, key)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(ours[q], orig[q])
+
+
+def _deepseek_v3(dtype: torch.dtype):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4,
+                           n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
+                           topk_group=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                           v_head_dim=8)
+    model = DeepseekV3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".experts." in name or name.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.05)
+    return model.to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deepseek_v3_with_router_lora_matches_peft(tmp_path, dtype):
+    """A tiny transformers DeepSeek-V3 (fused experts, a TopkRouter `mlp.gate.weight`, shared experts): expert,
+    router and attention LoRA merged as peft's merge_and_unload merges them (float32: within its rounding;
+    bf16: within one bf16 ulp, peft rounding the delta first)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = save_model(_deepseek_v3(dtype), tmp_path / "base")
+    model = _deepseek_v3(dtype)
+    torch.manual_seed(7)
+    pm = get_peft_model(model, LoraConfig(r=3, lora_alpha=7, init_lora_weights=False, target_modules=["o_proj"],
+                                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                                                             "mlp.gate.weight"])).eval()
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    save_model(pm.merge_and_unload(), tmp_path / "peft-merged")
+    ref, orig = load_dir(tmp_path / "peft-merged"), load_dir(base)
+    _merge(base, tmp_path / "adapter", tmp_path / "out", "--nproc", "2", "--verify")
+    ours = load_dir(tmp_path / "out")
+    assert set(ours) == set(orig) == set(ref)
+    router = "model.layers.1.mlp.gate.weight"
+    assert not torch.equal(orig[router], ref[router])
+    changed = 0
+    for k, t in ours.items():
+        if torch.equal(orig[k], ref[k]):
+            assert raw_bytes(t) == raw_bytes(orig[k]), k
+            continue
+        changed += 1
+        if dtype == torch.float32:
+            _close_f32(t, ref[k], k)
+        else:  # peft: round(W + round(delta)); ours: round(W + delta): apart by the ulps of the delta and the sum
+            delta = (ref[k].double() - orig[k].double()).abs()
+            diff = (t.double() - ref[k].double()).abs()
+            big = torch.maximum(torch.maximum(t.abs(), ref[k].abs()).double(), delta)
+            assert bool((diff <= _ulp(big.to(torch.bfloat16)).double() * 2).all()), k
+    assert changed >= 4  # experts' gate_up_proj / down_proj, the router, o_proj
+
+
+def test_merge_resumes_after_a_rank_is_killed(tmp_path, monkeypatch):
+    """A rank killed mid-merge leaves no index; the same command resumes and gives the bytes of an
+    uninterrupted merge."""
+    base, adapter, _, _ = _peft_case(tmp_path, "qwen3_moe", target_modules=["q_proj"],
+                                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    _merge(base, adapter, tmp_path / "clean")
+    out = tmp_path / "out"
+    monkeypatch.setenv("MOE_CONVERT_JOURNAL_BYTES", "4000")
+    monkeypatch.setenv("MOE_CONVERT_CRASH_AFTER", "1:12000")
+    crashed = _merge(base, adapter, out, "--nproc", "2", check=False)
+    assert crashed.returncode != 0 and not (out / "model.safetensors.index.json").exists()
+    monkeypatch.delenv("MOE_CONVERT_CRASH_AFTER")
+    stats = tmp_path / "stats.json"
+    _merge(base, adapter, out, "--nproc", "2", "--stats", str(stats))
+    assert json.loads(stats.read_text())["resumed"] is True
+    _same_files(tmp_path / "clean", out)
+
+
+def test_merge_reads_and_writes_s3(s3env, tmp_path):
+    """Base and adapter on S3 (moto), the merged checkpoint written to S3: the bytes of a local merge."""
+    fs = s3env
+    base, adapter, _, _ = _peft_case(tmp_path, "qwen3_moe", target_modules=["q_proj"],
+                                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    _merge(base, adapter, tmp_path / "local")
+    fs.put(str(base), f"{BUCKET}/base", recursive=True)
+    fs.put(str(adapter), f"{BUCKET}/adapter", recursive=True)
+    run_tool(MOD, "--base", f"s3://{BUCKET}/base", "--adapter", f"s3://{BUCKET}/adapter", "--dst",
+             f"s3://{BUCKET}/out", "--nproc", "2", "--verify")
+    fs.get(f"{BUCKET}/out", str(tmp_path / "s3out"), recursive=True)
+    _same_files(tmp_path / "local", tmp_path / "s3out")
+    assert (tmp_path / "s3out/model.safetensors.index.json").read_bytes() == \
+        (tmp_path / "local/model.safetensors.index.json").read_bytes()
+
+
+def test_modules_to_save_replace_the_base_tensors(tmp_path):
+    """peft's modules_to_save (lm_head, the final norm): the adapter's trained copy replaces the base tensor, as
+    merge_and_unload does; the LoRA beside it is merged."""
+    base, adapter, ref, merged = _peft_case(tmp_path, "qwen3_moe", target_modules=["q_proj"],
+                                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                                            modules_to_save=["lm_head", "model.norm"])
+    _merge(base, adapter, tmp_path / "out", "--nproc", "2", "--verify")
+    assert _compare(tmp_path / "out", base, ref) > 0
+    ours = load_dir(tmp_path / "out")
+    for k in ("lm_head.weight", "model.norm.weight"):
+        assert torch.equal(ours[k], ref[k]), k
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    assert torch.allclose(logits(loaded), logits(merged), atol=1e-5, rtol=1e-5)

@@ -9,6 +9,7 @@ object stores and the commit are the engine's.
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from convert.formats.shard_layout import keep_files, layout_files, weight_map
 from convert.io.storage import Storage
 from convert.plan.chunk_reads import localize
 from convert.plan.merge import ADAPTER_SOURCE, check_counts, plan_merge
+from convert.plan.merge_quant import SURVIVAL, survival_lines
 from launch.dist import Dist
 from sharding.ep import assign_pieces, expert_slices
 
@@ -88,7 +90,10 @@ def _plan(opts: MergeJobOptions, dist: Dist, src: Storage, dst: Storage, adapter
     summary += [f"  note: {n}" for n in [*ckpt.notes, *plan.notes]]
     copy_files, final = list(plan.copy_files), {}
     if opts.base_config or opts.dtype:
-        config = with_dtype(ckpt.config, opts.dtype) if opts.dtype else ckpt.config
+        config = ckpt.config
+        if plan.dequantized:  # quantized weights written as --dtype: the config no longer describes a quantization
+            config = {k: v for k, v in config.items() if k != "quantization_config"}
+        config = with_dtype(config, opts.dtype) if opts.dtype else config
         if "config.json" in copy_files:
             copy_files.remove("config.json")
         final["config.json"] = config_bytes(config)
@@ -110,5 +115,20 @@ def _plan(opts: MergeJobOptions, dist: Dist, src: Storage, dst: Storage, adapter
 
 
 def run_merge_job(opts: MergeJobOptions, dist: Dist, report: dict[str, Any] | None = None) -> int:
-    """Plan (rank 0) and run a merge on this rank; returns the exit code (0, 1, or 2 = refused)."""
-    return run_planned(plan_merge_job, opts, dist, report)
+    """Plan (rank 0) and run a merge on this rank; returns the exit code (0, 1, or 2 = refused).
+
+    After a successful run, rank 0 prints how much of each requantized weight's delta survived (FP8 / MXFP4,
+    convert.plan.merge_quant): every rank's measurements of the pieces it computed, gathered (pieces a resumed
+    run skipped are not measured)."""
+    SURVIVAL.take()  # nothing of an earlier job in this process
+    code = run_planned(plan_merge_job, opts, dist, report)
+    if code != 0 or opts.dry_run:  # the code is every rank's (broadcast): either all gather or none
+        return code
+    gathered = dist.gather_main(SURVIVAL.take())
+    if dist.is_main and gathered is not None:
+        lines = survival_lines([row for rows in gathered for row in rows])
+        for line in lines:
+            print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
+        if report is not None and lines:
+            report["requantized"] = lines
+    return code

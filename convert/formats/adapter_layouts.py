@@ -21,6 +21,7 @@ this module names no model.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from collections import defaultdict
@@ -29,6 +30,9 @@ from typing import Any
 
 from convert.errors import ConversionError
 from convert.families import Family, find_family, load_families
+from convert.formats.lora_producers import (
+    IN_OUT, OUT_IN, RANK_MAJOR, b_order, describe, marker_fix, version_orientation,
+)
 from convert.formats.safetensors import TensorInfo
 
 PATTERNS = ("per_expert", "peft_target_parameters", "shared_w123", "grouped")
@@ -78,7 +82,11 @@ class ExpertLoraGroup:
     `target_param`: (role tuple, parameter name) of each peft wrapper, innermost first (the
     family's fused tensors, e.g. qwen3_moe's two wrappers of its 2-role and 1-role tensors);
     `role_experts`: (role, count) of roles held by more experts than `num_experts` (E), the
-    family's `extra_experts` (e.g. a fused gate_up of E + zero experts); every other role has E.
+    family's `extra_experts` (e.g. a fused gate_up of E + zero experts); every other role has E;
+    `orientation`/`b_order` (peft wrappers only, convert.formats.lora_producers): "in_out" (peft >= 0.19.1:
+    lora_A [E*r, in], lora_B [out, E*r]) or "out_in" (older: lora_A [E*r, out], lora_B [in, E*r], the
+    expert's delta the transpose of B_e @ A_e), and lora_B's columns "rank_major" (peft's B.view(., r, E))
+    or "expert_major" (B.view(., E, r)); `producer`: what was found, in words (inspect shows it).
     """
 
     prefix: str
@@ -95,6 +103,9 @@ class ExpertLoraGroup:
     fused_order: str | None = None
     target_param: tuple[tuple[tuple[str, ...], str], ...] = ()
     role_experts: tuple[tuple[str, int], ...] = ()
+    orientation: str = IN_OUT
+    b_order: str = RANK_MAJOR
+    producer: str = ""
 
     def experts_of(self, role: str) -> int:
         """How many experts hold `role`'s LoRA: E, or more for a role of the family's `extra_experts`."""
@@ -284,12 +295,15 @@ def detect_expert_lora(
     adapter_config: dict[str, Any],
     base_config: dict[str, Any] | None,
     where: str,
+    packings: bool = False,
 ) -> tuple[list[ExpertLoraGroup], list[str]]:
     """Expert-LoRA groups found in `tensors` (every tensor of the adapter, from safetensors headers), and
     names of every other tensor (passed through unchanged).
 
     `adapter_config`: adapter_config.json; `base_config`: the base model's config.json when the user
-    gave one; `where`: display name of the adapter directory for messages. Raises ConversionError
+    gave one; `where`: display name of the adapter directory for messages; `packings`: whether the caller reads
+    peft wrappers in other producers' packings (older peft shapes, expert-major lora_B: the group's `orientation`
+    and `b_order`); a caller that does not is refused such a layer, naming the command that converts it. Raises ConversionError
     naming the tensor and the expected shapes when expert LoRA is present but inconsistent or
     undecidable (e.g. a lone peft wrapper that could be gate_up or down).
     """
@@ -335,7 +349,7 @@ def detect_expert_lora(
 
     hidden, inter, base_e = base_dims(base_config, guess.family)
     counts = guess.family.role_experts(base_config, base_e, "--base-config") if base_config and guess.family and base_e else None
-    ctx = _Context(where, adapter_config, guess, hidden, inter, base_e, roles_of_proj, counts, base_config)
+    ctx = _Context(where, adapter_config, guess, hidden, inter, base_e, roles_of_proj, counts, base_config, packings)
     groups: list[ExpertLoraGroup] = []
     for prefix in sorted(prefixes, key=_natural):
         pattern = prefixes[prefix]
@@ -362,6 +376,7 @@ class _Context:
     roles_of_proj: dict[str, str]
     role_counts: dict[str, int] | None = None  # role -> experts holding it, from --base-config (E + extra_experts)
     base_config: dict[str, Any] | None = None
+    packings: bool = False  # the caller reads peft wrappers in any packing (orientation, lora_B order)
 
     def other_table(self, found: dict[str, int]) -> str:
         """A hint naming another release's table whose expert counts are `found` (role -> experts), else ""."""
@@ -574,44 +589,101 @@ def _peft(ctx: _Context, prefix: str, items: dict[str, TensorInfo]) -> ExpertLor
             if assign not in assignments:
                 assignments.append(assign)
     reasons: list[str] = []
+    oriented: list[tuple[str, dict[int, tuple[str, ...]], int, dict[int, int], dict[str, int]]] = []
     for assign in assignments:
-        ok, why, num, ranks, counts = _peft_check(ctx, prefix, wrappers, assign, targeted, name_of)
-        if ok:
-            options.append((assign, num, ranks, counts))
-        else:
-            reasons.append(why)
+        for orientation in (IN_OUT, OUT_IN):
+            ok, why, num, ranks, counts = _peft_check(ctx, prefix, wrappers, assign, targeted, name_of, orientation)
+            if ok:
+                oriented.append((orientation, assign, num, ranks, counts))
+            elif orientation == IN_OUT:
+                reasons.append(why)
     described = "; ".join(f"{w['A'].name} {list(w['A'].shape)} / {list(w['B'].shape)}" for w in wrappers.values())
     known = sorted(set(name_of.values()))
-    if not options:
+    if not oriented:
         raise ConversionError(
             f"{ctx.where}: layer {prefix}: peft expert LoRA {described} fits none of the fused expert parameters "
-            f"{known} ({'; '.join(dict.fromkeys(reasons))})"
+            f"{known} ({'; '.join(dict.fromkeys(reasons))}), read with peft >= 0.19.1's shapes or older ones"
         )
-    if len(options) > 1 and ctx.guess.family and len(depths) > 1:
+    if len(oriented) > 1 and ctx.guess.family and len(depths) > 1:
         # peft wraps a module's parameters in their declaration order, the first innermost (most base_layer.)
         declared = [t[0] for t in lora_tensors(ctx.guess.family)]
-        options = [o for o in options if _nested_in_order(o[0], declared)] or options
-    if len(options) > 1:
+        oriented = [o for o in oriented if _nested_in_order(o[1], declared)] or oriented
+    distinct = []
+    for o in oriented:
+        if o[1] not in distinct:
+            distinct.append(o[1])
+    if len(distinct) > 1:
         raise ConversionError(
             f"{ctx.where}: layer {prefix}: cannot tell by shape which of {known} peft expert LoRA {described} is "
             "for; pass --base-config (the base model's config.json) so the hidden and intermediate sizes decide"
         )
-    assign, num, ranks, counts = options[0]
+    orientation = _pick_orientation(ctx, prefix, described, {o[0] for o in oriented})
+    assign, num, ranks, counts = next(o[1:] for o in oriented if o[0] == orientation)
+    orders = {}
+    for depth, roles in assign.items():
+        found = b_order(ctx.adapter_config, name_of.get(roles, "/".join(roles)), orientation)
+        if found.order is None:
+            raise ConversionError(
+                f"{ctx.where}: layer {prefix}: the lora_B column order of {wrappers[depth]['B'].name!r} "
+                f"{list(wrappers[depth]['B'].shape)} cannot be told from its shape ({found.why}); "
+                + marker_fix(ctx.where + "/adapter_config.json")
+            )
+        orders[depth] = found
+    if len({o.order for o in orders.values()}) > 1:
+        raise ConversionError(f"{ctx.where}: layer {prefix}: adapter_config.json declares different lora_B orders for the "
+                              "wrappers of one layer; expected one")
+    order = next(iter(orders.values()))
     role_rank: dict[str, int] = {}
     role_dims: dict[str, tuple[int, int]] = {}
     factors: list[LoraFactor] = []
     for depth, roles in sorted(assign.items()):
         a, b = wrappers[depth]["A"], wrappers[depth]["B"]
-        out = b.shape[0] // len(roles)
+        out_all, inn = (b.shape[0], a.shape[1]) if orientation == IN_OUT else (a.shape[1], b.shape[0])
         for role in roles:
             role_rank[role] = ranks[depth]
-            role_dims[role] = (out, a.shape[1])
+            role_dims[role] = (out_all // len(roles), inn)
         factors.append(LoraFactor(a.name, roles, "A", None, a.shape, a.dtype))
         factors.append(LoraFactor(b.name, roles, "B", None, b.shape, b.dtype))
     target_param = tuple((assign[d], name_of[assign[d]]) for d in sorted(assign, reverse=True))
-    return _summary(ctx, prefix, "peft_target_parameters", num, role_rank, role_dims, factors,
-                    needs_order=any(len(r) > 1 for r in assign.values()), target_param=target_param,
-                    role_experts=ctx.role_experts(num, counts))
+    group = _summary(ctx, prefix, "peft_target_parameters", num, role_rank, role_dims, factors,
+                     needs_order=any(len(r) > 1 for r in assign.values()), target_param=target_param,
+                     role_experts=ctx.role_experts(num, counts))
+    if (orientation, order.order) != (IN_OUT, RANK_MAJOR) and not ctx.packings:
+        raise ConversionError(
+            f"{ctx.where}: layer {prefix}: peft expert LoRA {described} is packed as {describe(orientation, str(order.order))}, "
+            "which this command does not read; convert it first: python -m convert.split_adapter --src "
+            f"{ctx.where} --dst OUT --target per-expert"
+        )
+    return dataclasses.replace(group, orientation=orientation, b_order=str(order.order),
+                               producer=f"{describe(orientation, str(order.order))} ({order.why})")
+
+
+def _pick_orientation(ctx: _Context, prefix: str, described: str, fits: set[str]) -> str:
+    """The one orientation (IN_OUT/OUT_IN) of a peft layer: the only one its shapes fit, else `peft_version`'s.
+
+    Raises ConversionError where the shapes fit both and the file does not say which peft saved it, and
+    where the shapes contradict the `peft_version` the file names.
+    """
+    said = version_orientation(ctx.adapter_config)
+    version = ctx.adapter_config.get("peft_version")
+    if len(fits) == 1:
+        (only,) = fits
+        if said is not None and said != only:
+            raise ConversionError(
+                f"{ctx.where}: layer {prefix}: peft expert LoRA {described} has {describe(only, RANK_MAJOR).split(',')[0]}, "
+                f"but adapter_config.json says peft {version} saved it, which writes the other orientation; expected "
+                "the shapes of the peft that saved the file"
+            )
+        return only
+    if said is not None:
+        return said
+    raise ConversionError(
+        f"{ctx.where}: layer {prefix}: peft expert LoRA {described} fits both peft >= 0.19.1's shapes (lora_A [E*r, in], "
+        "lora_B [out, E*r]) and older ones (lora_A [E*r, out], lora_B [in, E*r]): its in and out sizes are equal "
+        "(e.g. 2 x intermediate == hidden), and adapter_config.json names no peft_version; the two readings give "
+        "transposed deltas. Set \"peft_version\" in adapter_config.json to the peft release that saved it "
+        "(or pass --base-config where the sizes differ)"
+    )
 
 
 def _nested_in_order(assign: dict[int, tuple[str, ...]], declared: list[tuple[str, ...]]) -> bool:
@@ -622,10 +694,10 @@ def _nested_in_order(assign: dict[int, tuple[str, ...]], declared: list[tuple[st
 
 def _peft_check(
     ctx: _Context, prefix: str, wrappers: dict[int, dict[str, TensorInfo]], assign: dict[int, tuple[str, ...]],
-    targeted: set[tuple[str, ...]], name_of: dict[tuple[str, ...], str],
+    targeted: set[tuple[str, ...]], name_of: dict[tuple[str, ...], str], orientation: str = IN_OUT,
 ) -> tuple[bool, str, int, dict[int, int], dict[str, int]]:
-    """Whether `assign` (wrapper depth -> roles) fits the shapes, config and base dims; with E, the ranks and each
-    role's expert count (more than E for roles of the family's `extra_experts`)."""
+    """Whether `assign` (wrapper depth -> roles) fits the shapes, config and base dims read in `orientation`; with E,
+    the ranks and each role's expert count (more than E for roles of the family's `extra_experts`)."""
     dims: dict[tuple[str, ...], tuple[int, int]] = {}
     nums: dict[int, int] = {}
     ranks: dict[int, int] = {}
@@ -633,6 +705,8 @@ def _peft_check(
         a, b = wrappers[depth]["A"], wrappers[depth]["B"]
         folded, inn = a.shape
         out = b.shape[0]
+        if orientation == OUT_IN:
+            inn, out = out, inn
         param = name_of.get(roles, "/".join(roles))
         if targeted and roles not in targeted:
             return False, f"target_parameters does not list {param}", 0, {}, {}

@@ -266,13 +266,34 @@ def inspect_adapter(
         except ConversionError:
             pass
     try:
-        groups, others = detect_expert_lora(adir.tensors, adir.config, base_config, storage.display())
+        groups, others = detect_expert_lora(adir.tensors, adir.config, base_config, storage.display(), packings=True)
     except ConversionError as exc:
         verdict.refuse("invalid_expert_lora", str(exc))
         return
     _describe_adapter(adir, report, groups, others, base_config)
     report.servers = server_verdicts(report.family, adir.config, adir.tensors, adir.files, report.num_experts,
                                      (base_config or {}).get("model_type"))
+    _packing_verdicts(report, groups, storage.display())
+
+
+def _packing_verdicts(report: Report, groups: list[Any], where: str) -> None:
+    """Peft wrappers packed otherwise than peft 0.21 reads them (older shapes, expert-major lora_B): the
+    producer-level layout, what every target does with it as it is, and the command that fixes it."""
+    odd = [g for g in groups if g.pattern == "peft_target_parameters" and (g.orientation, g.b_order) != ("in_out", "rank_major")]
+    if not odd:
+        return
+    fix = f"python -m convert.split_adapter --src {where} --dst OUT --target per-expert"
+    report.verdict.add("expert_lora_packing", f"expert LoRA packed as {odd[0].producer} on layers "
+                       f"{format_layers([layer_of(g.prefix) for g in odd if layer_of(g.prefix) is not None])}: "
+                       f"servers and peft read peft 0.21's packing; fix: {fix}")
+    shapes_fit = all(g.orientation == "in_out" for g in odd)
+    for entry in report.servers.values():
+        if entry["loads"]:
+            entry["warnings"].append(
+                "expert LoRA packed as " + odd[0].producer + (
+                    ": its shapes are peft 0.21's, so it loads, with every expert's delta read from the wrong columns"
+                    if shapes_fit else ": read as peft 0.21's packing its shapes do not fit, or fit transposed"))
+        entry["fix"] = fix
 
 
 def server_verdicts(family: str | None, config: dict[str, Any], tensors: dict[str, TensorInfo], files: list[str],
@@ -316,6 +337,7 @@ def _describe_adapter(adir: AdapterDir, report: Report, groups: list[Any], other
         report.groups.append({
             "prefix": g.prefix, "layer": layer_of(g.prefix), "pattern": g.pattern, "num_experts": g.num_experts,
             "rank": g.rank, "roles": list(g.roles), "dtypes": list(g.dtypes), "tensors": len(g.tensors),
+            **({"producer": g.producer} if g.producer else {}),
         })
 
     to_convert = [g for g in groups if g.pattern != PER_EXPERT]

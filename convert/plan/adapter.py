@@ -29,6 +29,7 @@ from convert.formats.adapter_layouts import (
     guess_family,
     lora_roles, lora_tensors, module_key, output_role, role_order,
 )
+from convert.formats.lora_producers import IN_OUT, RANK_MAJOR, describe
 from convert.plan.adapter_scaling import (
     OutputModule, Scale, keys_matching_no_module, rewrite_config, scale_for_rank, source_scale,
 )
@@ -301,17 +302,18 @@ def plan_split(src: AdapterSource, dtype: str | None, ep: int, chunk: int = DEFA
     become zero pairs, and adapter_config.json is rewritten for the target. Raises ConversionError
     when the input is inconsistent, the family is needed and unknown, or the target cannot hold it.
     """
-    groups, passthrough = detect_expert_lora(src.infos, src.config, src.base_config, src.display())
+    groups, passthrough = detect_expert_lora(src.infos, src.config, src.base_config, src.display(), packings=True)
     family = _split_family(groups, src)
     rules = target_rules(target, family.name if family else None, src.base_config)
     if rules.expert_layout == "peft" and groups:
         if all(g.pattern == "per_expert" for g in groups):
             return plan_fuse(src, "peft", dtype, chunk, target=target)
         other = [g for g in groups if g.pattern not in ("peft_target_parameters",)]
+        other += [g for g in groups if g.pattern == "peft_target_parameters" and (g.orientation, g.b_order) != (IN_OUT, RANK_MAJOR)]
         if other:
             raise ConversionError(
                 f"{src.display()}: --target {target} loads {family.name if family else 'this'} adapters in the peft "
-                f"target_parameters layout, and layer {other[0].prefix} is in the {other[0].pattern} layout: convert it "
+                f"target_parameters layout, and layer {other[0].prefix} is in the {_layout_words(other[0])} layout: convert it "
                 f"with --target per-expert first, then with fuse_adapter --layout peft --target {target}"
             )
     _check_extra_experts(groups, family, rules, src.display())
@@ -367,6 +369,13 @@ def plan_split(src: AdapterSource, dtype: str | None, ep: int, chunk: int = DEFA
             + f", {rules.naming} names")
     return AdapterPlan(desc, b.targets, b.pieces, max((g.slots for g in groups), default=1), config, groups, notes,
                        target=target, family=family.name if family else None)
+
+
+def _layout_words(g: ExpertLoraGroup) -> str:
+    """A group's layout in words: its pattern, with the packing of a peft layer that is not peft 0.21's."""
+    if g.pattern == "peft_target_parameters" and (g.orientation, g.b_order) != (IN_OUT, RANK_MAJOR):
+        return f"{g.pattern} ({describe(g.orientation, g.b_order)})"
+    return g.pattern
 
 
 def _check_extra_experts(groups: list[ExpertLoraGroup], family: Family | None, rules: TargetRules, where: str,
@@ -489,7 +498,8 @@ def _split_peft(b: _Builder, g: ExpertLoraGroup, family: Family, prefix: str, ep
             (role, e): _expert_outputs(b, g, family, prefix, role, e, src_key, (da, db)) for e in range(E) for role in roles
         }
         order = g.fused_order if len(roles) > 1 else None
-        wrappers.append(FoldedFactors(fa.dtype, fb.dtype, out * len(roles), inn, r, E, len(roles), order, da, db))
+        wrappers.append(FoldedFactors(fa.dtype, fb.dtype, out * len(roles), inn, r, E, len(roles), order, da, db,
+                                      g.orientation, g.b_order))
         reads_of.append((b.ref(fa), b.ref(fb)))
         names_of.append((roles, names, r * inn * DTYPE_SIZES[da], out * r * DTYPE_SIZES[db], da, db))
     bounds = sorted({f.experts for f in wrappers})
@@ -508,7 +518,7 @@ def _split_peft_piece(b: _Builder, experts: range, wrappers: list[FoldedFactors]
     writes: list[Write] = []
     for i in held:
         f, (ra, rb), (roles, names, a_bytes, b_bytes, da, db) = wrappers[i], reads_of[i], names_of[i]
-        first = _block_read(ra, experts.start, f.rank * f.inn)
+        first = _block_read(ra, experts.start, f.rank * f.a_cols)
         reads += [Read(ra.file, first.start, first.start + len(experts) * (first.end - first.start), ra.info.dtype),
                   Read(rb.file, rb.info.start, rb.info.end, rb.info.dtype)]
         for e in experts:

@@ -71,6 +71,18 @@ class FoldedFactors:
     order: str | None
     dst_a: str
     dst_b: str
+    orientation: str = "in_out"
+    b_order: str = "rank_major"
+
+    @property
+    def a_cols(self) -> int:
+        """Columns of the stored lora_A: `in` in peft >= 0.19.1's orientation, `out` (every role) in the older one."""
+        return self.inn if self.orientation == "in_out" else self.out
+
+    @property
+    def b_rows(self) -> int:
+        """Rows of the stored lora_B: `out` (every role), or `in` in the older orientation."""
+        return self.out if self.orientation == "in_out" else self.inn
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,9 @@ class FoldedSplit:
         n_e = self.last - self.first
         out: list[memoryview] = []
         for i, f in enumerate(self.wrappers):
+            if f.orientation != "in_out" or f.b_order != "rank_major":
+                out += self._general(f, bufs[2 * i], bufs[2 * i + 1], GATHER_SCRATCH + 2 * i)
+                continue
             a_size = f.rank * f.inn * DTYPE_SIZES[f.dst_a]
             a = memoryview(bufs[2 * i]).cast("B")
             if f.dst_a != f.a_dtype:
@@ -112,6 +127,42 @@ class FoldedSplit:
                 for j in range(f.parts):
                     k = e * f.parts + j
                     out += [a_e, gathered[k * b_size : (k + 1) * b_size]]
+        return out
+
+    def _general(self, f: FoldedFactors, a_buf: bytes | memoryview, b_buf: bytes | memoryview,
+                 slot: int) -> list[memoryview]:
+        """Older-orientation or expert-major wrappers: per expert and role, lora_A [r, in] then lora_B [out/parts, r].
+
+        Expert e's stored factors: A_e = A.view(E, r, a_cols)[e]; B_e = B.view(b_rows, r, E)[:, :, e] (rank-major)
+        or B.view(b_rows, E, r)[:, e, :] (expert-major). In peft >= 0.19.1's orientation the expert's LoRA is
+        (A_e, B_e); in the older one its delta is (B_e @ A_e)^T, so its lora_A is B_e^T and its lora_B A_e^T.
+        """
+        n_e = self.last - self.first
+        a = from_bytes(a_buf, f.a_dtype, (n_e, f.rank, f.a_cols))
+        whole_b = from_bytes(b_buf, f.b_dtype, (f.b_rows, f.rank * f.experts))
+        if f.b_order == "rank_major":
+            b = whole_b.view(f.b_rows, f.rank, f.experts).permute(2, 0, 1)[self.first : self.last]
+        else:
+            b = whole_b.view(f.b_rows, f.experts, f.rank).permute(1, 0, 2)[self.first : self.last]
+        if f.orientation == "in_out":
+            new_a, new_b = a, b  # [n_e, r, in], [n_e, out, r]
+        else:
+            new_a, new_b = b.transpose(1, 2), a.transpose(1, 2)
+        n = f.out // f.parts
+        if f.parts > 1 and f.order == "interleave":
+            parts = new_b.reshape(n_e, n, f.parts, f.rank).permute(0, 2, 1, 3)
+        else:
+            parts = new_b.reshape(n_e, f.parts, n, f.rank)
+        a_size, b_size = f.rank * f.inn * DTYPE_SIZES[f.dst_a], n * f.rank * DTYPE_SIZES[f.dst_b]
+        buf_a = thread_scratch(n_e * a_size, slot + 1)
+        from_bytes(buf_a, f.dst_a, (n_e, f.rank, f.inn)).copy_(new_a)
+        buf_b = thread_scratch(n_e * f.parts * b_size, slot)
+        from_bytes(buf_b, f.dst_b, (n_e, f.parts, n, f.rank)).copy_(parts)
+        out: list[memoryview] = []
+        for e in range(n_e):
+            for j in range(f.parts):
+                k = e * f.parts + j
+                out += [buf_a[e * a_size : (e + 1) * a_size], buf_b[k * b_size : (k + 1) * b_size]]
         return out
 
 

@@ -14,11 +14,18 @@ layout. A tensor the adapter does not touch is a byte copy (or a cast) of the ba
 - other LoRA modules (attention, router, dense MLP): the base tensor the module's `.weight` names, in row
   chunks (a quantized one whole).
 - FP8 block-scaled weights (`X.weight` with `X.weight_scale_inv`): dequantized, merged in float32 and
-  requantized with fresh per-block scales (block amax / 448, same grid, same scale dtype).
+  requantized with fresh per-block scales (block amax / 448, same grid, same scale dtype); with --dtype every
+  FP8 weight is dequantized and written in that dtype, the scale grids dropped.
+- MXFP4 expert layers (a family with `quantization.dequantize`, gpt-oss as released): the LoRA (of the target
+  family's roles) merged into the dequantized values and requantized (merge_quant.mxfp4_quantize), or with
+  --dtype the whole layer written in the target family's layout.
+- modules_to_save tensors: the adapter's copy replaces the base tensor.
+Requantizing pieces measure how much of each delta survived (merge_quant.SURVIVAL).
 
 Refused before anything is written (ConversionError naming the tensor): adapter modules or shapes that do
-not fit the base, LoRA variants a plain merge would get wrong (DoRA, LoRA bias, ...), tensors that are not
-LoRA factors. No model or projection is named here: roles and layouts come from the family tables.
+not fit the base, LoRA variants a plain merge would get wrong (DoRA, LoRA bias, ...), tensors that are neither
+LoRA factors nor modules_to_save tensors. No model or projection is named here: roles and layouts come from the
+family tables.
 """
 
 from __future__ import annotations
@@ -290,8 +297,11 @@ def refuse_variants(adapter: AdapterSource) -> None:
         value = cfg.get(key)
         if value not in (None, False, "none", [], {}, 0):
             raise ConversionError(f"{where}: {key} = {value!r}: {what} cannot be merged as plain LoRA; refusing")
+    saved = saved_modules(adapter)
     for name, ref in adapter.tensors.items():
         if name.endswith((".lora_A.weight", ".lora_B.weight")) or ".lora_" in name and _folded_name(name):
+            continue
+        if name in saved:
             continue
         if "lora_magnitude_vector" in name:
             raise ConversionError(f"{adapter.display(ref.file)}: tensor {name!r} is a DoRA magnitude: DoRA cannot be "
@@ -299,8 +309,25 @@ def refuse_variants(adapter: AdapterSource) -> None:
         if ".lora_" in name:
             raise ConversionError(f"{adapter.display(ref.file)}: tensor {name!r} is a LoRA variant's tensor (bias, "
                                   "embedding or other): only lora_A/lora_B weight pairs are merged; refusing")
-        raise ConversionError(f"{adapter.display(ref.file)}: tensor {name!r} is not a LoRA factor (modules_to_save or "
-                              "full weights): merging it is not supported; refusing")
+        raise ConversionError(f"{adapter.display(ref.file)}: tensor {name!r} is not a LoRA factor nor a tensor of a "
+                              "module adapter_config.json's modules_to_save names: merging it is not supported; refusing")
+
+
+def saved_modules(adapter: AdapterSource) -> dict[str, str]:
+    """The adapter's `modules_to_save` tensors: adapter tensor name -> the base tensor (model naming, without
+    peft's prefix) it replaces. peft saves a module of `modules_to_save` (matched as a suffix of the module's
+    name) as `<prefix><module>.<param>`, and merge_and_unload puts that trained copy in the base module's place."""
+    wanted = adapter.config.get("modules_to_save") or []
+    if isinstance(wanted, str):
+        wanted = [wanted]
+    out = {}
+    for name in adapter.tensors:
+        if ".lora_" in name:
+            continue
+        module = _strip(name).rsplit(".", 1)[0]
+        if any(module == m or module.endswith("." + m) for m in wanted):
+            out[name] = _strip(name)
+    return out
 
 
 def _folded_name(name: str) -> bool:
@@ -438,8 +465,10 @@ def plan_merge(ckpt: Checkpoint, family: Family, adapter: AdapterSource, dtype: 
     groups, passthrough = find_expert_groups(ckpt, qfamily, num_experts, rename=True)
     by_prefix = {g.prefix: g for g in groups}
 
-    lora_groups, others = detect_expert_lora(adapter.infos, adapter.config, ckpt.config, adapter.display())
-    names = KeyNames(lfam, source_naming(lfam, lora_groups, list(adapter.tensors)), MODEL)
+    saved = saved_modules(adapter)
+    lora_infos = {n: i for n, i in adapter.infos.items() if n not in saved}
+    lora_groups, others = detect_expert_lora(lora_infos, adapter.config, ckpt.config, adapter.display())
+    names = KeyNames(lfam, source_naming(lfam, lora_groups, list(lora_infos)), MODEL)
     order = fused_order(lfam)
     pairs = {w: f"{w}{sfx}" for sfx in qfamily.companions_in(ckpt.tensors) for w in family.roles
              if f"{w}{sfx}" in qfamily.role_leaves}
@@ -580,6 +609,27 @@ def plan_merge(ckpt: Checkpoint, family: Family, adapter: AdapterSource, dtype: 
                                  _adapter_read(a), _adapter_read(b, i * b_row, j * b_row)),
                                 (Write(target, i * row_out, j * row_out, out_dtype),), compute))
 
+    # modules_to_save: the adapter's trained copy replaces the base tensor (cast to its output dtype)
+    for name, model_name in saved.items():
+        target = base_by_model.get(model_name)
+        ref, sref = ckpt.tensors.get(target or ""), adapter.tensors[name]
+        if ref is None or target in touched:
+            raise ConversionError(f"{adapter.display(sref.file)}: tensor {name!r} (modules_to_save): the base has no "
+                                  f"tensor {model_name!r} for it to replace" if ref is None else
+                                  f"{adapter.display(sref.file)}: tensor {name!r} (modules_to_save) replaces "
+                                  f"{target!r}, which a LoRA also merges into")
+        if tuple(ref.info.shape) != tuple(sref.info.shape) or ref.info.dtype not in ("F32", "F16", "BF16", "F64") \
+                or sref.info.dtype not in ("F32", "F16", "BF16", "F64"):
+            raise ConversionError(f"{adapter.display(sref.file)}: tensor {name!r} (modules_to_save) is "
+                                  f"{sref.info.dtype} {list(sref.info.shape)}; it cannot replace the base's {target!r} "
+                                  f"({ref.info.dtype} {list(ref.info.shape)})")
+        out_dtype = target_dtype(ref.info.dtype, dtype)
+        _, ps = copy_pieces(TensorRef(source_file(ADAPTER_SOURCE, sref.file), sref.info), str(target), out_dtype, chunk)
+        # a compute piece, not a byte copy: the engine's range copies read the job's own source only
+        pieces += [Piece(p.reads, p.writes, CastRun(sref.info.dtype, out_dtype)) for p in ps]
+        touched.add(str(target))
+        modules.append(model_name.rsplit(".", 1)[0] + " (modules_to_save)")
+
     # everything else: byte copies (or casts), and the base's tensor order file by file
     targets: list[TargetTensor] = []
     files: dict[str, list[str]] = {}
@@ -626,6 +676,21 @@ def plan_merge(ckpt: Checkpoint, family: Family, adapter: AdapterSource, dtype: 
 
 # ----------------------------------------------------------------------------- quantized bases
 # (--dtype on an FP8 base; MXFP4 bases): kept apart from plan_merge's piece sizing
+
+
+@dataclass(frozen=True)
+class CastRun:
+    """A compute piece: one read of `dtype` elements -> the same elements as `out_dtype` (a copy where equal)."""
+
+    dtype: str
+    out_dtype: str
+
+    def outputs(self, bufs: Sequence[bytes | memoryview]) -> list[memoryview]:
+        """The read's elements in `out_dtype`."""
+        if self.dtype == self.out_dtype:
+            return [memoryview(bufs[0])]
+        x = from_bytes(bufs[0], self.dtype, (len(bufs[0]) // DTYPE_SIZES[self.dtype],))
+        return [to_bytes(x.to(torch_dtypes()[self.out_dtype]))]
 
 
 def _lora_family(family: Family) -> Family:
@@ -861,5 +926,5 @@ def check_counts(plan: MergePlan) -> None:
         raise AssertionError(f"merge plan writes {covered.get(wrong[0], 0)} of {sizes[wrong[0]]} bytes of {wrong[0]!r}")
 
 
-__all__ = ["ADAPTER_SOURCE", "MergePlan", "MergeExperts", "MergeMxfp4", "MergeTensor", "Factor", "fp8_requantize", "plan_merge",
+__all__ = ["ADAPTER_SOURCE", "saved_modules", "MergePlan", "MergeExperts", "MergeMxfp4", "MergeTensor", "Factor", "fp8_requantize", "plan_merge",
            "refuse_variants", "check_counts"]

@@ -103,8 +103,9 @@ class Cut:
     """How to get one expert's factor (A as [r, in], B as [out, r]) out of a stored tensor.
 
     kind: "whole" (the tensor is the factor), "rows" (peft lora_A [E*r, in]: rows [e*r, (e+1)*r)),
-    "index" (3-D [E|1, ...]: x[e], or x[0] when `shared`; transposed when `transpose`, for grouped
-    NeMo factors), "expert_minor" (peft lora_B [out, r*E]: B.view(out, r, E)[:, :, e]).
+    "index" (3-D [E|1, ...]: x[e], or x[0] when `shared`), "expert_minor" (peft lora_B [out, r*E]:
+    B.view(out, r, E)[:, :, e]), "expert_major" (an expert-major lora_B: B.view(out, E, r)[:, e, :]); the cut is
+    transposed when `transpose` (grouped NeMo factors; the older peft orientation's factors).
     B factors holding several roles keep the rows of role `part` of `parts`: halves or interleaved (`order`).
     """
 
@@ -151,10 +152,13 @@ def cut_factor(storage: Storage, cut: Cut, e: int) -> torch.Tensor:
     elif cut.kind == "index":
         i, size = (0 if cut.shared else e), t.nbytes // t.shape[0]
         x = to_tensor(read_stored(storage, t, i * size, (i + 1) * size), t.dtype, t.shape[1:])
-        x = x.T if cut.transpose else x
+    elif cut.kind == "expert_major":
+        whole = _whole(storage, t)
+        x = whole.reshape(whole.shape[0], cut.num_experts, whole.shape[1] // cut.num_experts)[:, e, :]
     else:
         whole = _whole(storage, t)
         x = whole.reshape(whole.shape[0], whole.shape[1] // cut.num_experts, cut.num_experts)[:, :, e]
+    x = x.T if cut.transpose else x
     if cut.parts == 1:
         return x
     if cut.order == "interleave":
@@ -286,7 +290,11 @@ def lora_side(
             param = next(p for roles_, p in group.target_param if role in roles_)
             module = _module(f"{group.prefix}.experts.{param}")
             r_tensor = a.shape[0] // E
-            cut_a, cut_b = Cut(a, "rows", E), Cut(b, "expert_minor", E, **split)
+            b_kind = "expert_minor" if group.b_order == "rank_major" else "expert_major"
+            if group.orientation == "in_out":
+                cut_a, cut_b = Cut(a, "rows", E), Cut(b, b_kind, E, **split)
+            else:  # older peft shapes: the expert's delta is (B_e @ A_e)^T, so its lora_A is B_e^T and lora_B A_e^T
+                cut_a, cut_b = Cut(b, b_kind, E, transpose=True), Cut(a, "rows", E, transpose=True, **split)
         elif group.pattern == "shared_w123":  # A [1|E, r, in], B [E|1, out, r]
             module = _module(fa1.name.rsplit(".lora_A", 1)[0])
             r_tensor = a.shape[1]
@@ -421,11 +429,11 @@ def adapter_relation(src: Storage, dst: Storage, opts: VerifyOptions) -> Relatio
                                   strict=True)
     problems += found
     try:
-        src_groups, src_other = detect_expert_lora(_infos(src_table), src_cfg, base, src.display())
+        src_groups, src_other = detect_expert_lora(_infos(src_table), src_cfg, base, src.display(), packings=True)
     except ConversionError as exc:
         raise CannotVerify(str(exc)) from exc
     try:
-        dst_groups, dst_other = detect_expert_lora(_infos(dst_table), dst_cfg, base, dst.display())
+        dst_groups, dst_other = detect_expert_lora(_infos(dst_table), dst_cfg, base, dst.display(), packings=True)
     except ConversionError as exc:
         return Relation("adapter", "adapter (destination unreadable as expert LoRA)", [], [], problems + [str(exc)],
                         len(src_table.tensors), len(dst_table.tensors), len(dst_table.shards))

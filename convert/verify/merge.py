@@ -92,8 +92,15 @@ class MergeCheck:
         self.plain = plain
         self.pairs = {w: f"{w}{s}" for s in self.family.companions_in(self.base_table.tensors) for w in plain.roles
                       if f"{w}{s}" in self.family.role_leaves}
+        # --dtype on an FP8 base: the output holds every FP8 weight dequantized and none of the scale grids
+        self.scales = {n + s: n for n, t in self.base_table.tensors.items() if t.dtype.startswith("F8_")
+                       for s in plain.companions if n + s in self.base_table.tensors}
+        self.dequant = bool(self.scales) and not any(n in self.dst_table.tensors for n in self.scales)
+        out_family = plain if self.dequant else self.family
         for name, t in self.base_table.tensors.items():
             d = self.dst_table.tensors.get(name)
+            if d is None and self.dequant and name in self.scales:
+                continue
             if d is None:
                 self.problems.append(f"{dst.display()}: tensor {name!r} of the base is missing")
             elif d.shape != t.shape:
@@ -104,7 +111,7 @@ class MergeCheck:
         counts = plain.role_experts(self.base_cfg, plain.num_experts(self.base_cfg, "config.json"), "config.json")
         counts.update({s: counts.get(w, 0) for w, s in self.pairs.items()})
         base_layers, base_others = classify(self.base_table, self.family, rename=True)
-        dst_layers, _ = classify(self.dst_table, self.family, rename=True)
+        dst_layers, _ = classify(self.dst_table, out_family, rename=True)
         infos = {n: TensorInfo(n, t.dtype, t.shape, t.start, t.end) for n, t in self.a_table.tensors.items()}
         groups, others = detect_expert_lora(infos, self.a_cfg, self.base_cfg, adapter.display())
         names = KeyNames(plain, source_naming(plain, groups, list(self.a_table.tensors)), MODEL)
@@ -117,7 +124,7 @@ class MergeCheck:
                 raise ConversionError(f"{adapter.display()}: expert LoRA of layer {layer!r} has no expert layer in "
                                       "the base or the output")
             bside, pb = _side(self.family, layer, base_layers[layer], counts, base.display())
-            dside, pd = _side(self.family, layer, dst_layers[layer], counts, dst.display())
+            dside, pd = _side(out_family, layer, dst_layers[layer], counts, dst.display())
             if bside is None or dside is None:
                 self.problems += pb + pd
                 continue
@@ -140,13 +147,36 @@ class MergeCheck:
                 continue
             scale = next((target + s for s in plain.companions if target + s in self.base_table.tensors), None)
             merged.add(target)
+            if scale and self.base_table.tensors[target].dtype.startswith("F8_") and self.dequant:
+                merged.add(scale)
+                self.items.append(("module", module, target, scale, module_scale(
+                    self.a_cfg, module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module)[2]))
+                continue
             if scale and self.base_table.tensors[target].dtype.startswith("F8_"):
                 merged.add(scale)
             else:
                 scale = None
             _, _, s = module_scale(self.a_cfg, module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module)
             self.items.append(("module", module, target, scale, s))
+        wanted = self.a_cfg.get("modules_to_save") or []
+        wanted = [wanted] if isinstance(wanted, str) else wanted
+        for name in self.a_table.tensors:  # modules_to_save: the adapter's copy in the base tensor's place
+            plain_name = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+            module = plain_name.rsplit(".", 1)[0]
+            if ".lora_" in name or not any(module == m or module.endswith("." + m) for m in wanted):
+                continue
+            target = base_by_model.get(plain_name)
+            if target is None:
+                self.problems.append(f"{adapter.display()}: modules_to_save tensor {name!r} has no base tensor")
+                continue
+            merged.add(target)
+            self.items.append(("saved", name, target))
         for name in sorted(set(self.base_table.tensors) - merged):
+            if self.dequant and name in self.scales:
+                continue
+            if self.dequant and name in self.scales.values() and name in self.dst_table.tensors:
+                self.items.append(("dequant", name, next(sc for sc, w in self.scales.items() if w == name)))
+                continue
             if name in self.dst_table.tensors and self.dst_table.tensors[name].shape == self.base_table.tensors[name].shape:
                 n = self.base_table.tensors[name].nbytes
                 for start in range(0, max(n, 1), CHUNK):
@@ -212,13 +242,26 @@ class MergeCheck:
         for role, (raw, name) in b.items():
             if role in deltas or role in self.pairs.values():
                 continue
+            if self.dequant and role in self.pairs:  # dequantized: the 128x128 formula, rounded once
+                problems += self._check(f"{self.dst.display()}: tensor {m[role][1]!r} expert {e} {role} (no LoRA)",
+                                        dequant(raw.tensor(), b[self.pairs[role]][0].tensor(), self.block),
+                                        m[role][0].tensor(), torch.zeros(()), m[role][0].dtype)
+                continue
+            if raw.dtype != m[role][0].dtype:  # --dtype: the exact cast
+                if not torch.equal(raw.tensor().to(torch_dtype(m[role][0].dtype)), m[role][0].tensor()):
+                    problems.append(f"{self.dst.display()}: tensor {name!r} expert {e} {role}: not the base's cast")
+                continue
             if not (raw.bits == m[role][0].bits).all():
                 problems.append(f"{self.dst.display()}: tensor {name!r} expert {e} {role}: not the base's bytes")
         for role, (delta, module) in deltas.items():
             if delta is None:
                 continue
             what = f"{self.dst.display()}: tensor {m[role][1]!r} expert {e} {role}"
-            if role in self.pairs:
+            if role in self.pairs and self.dequant:
+                w = dequant(b[role][0].tensor(), b[self.pairs[role]][0].tensor(), self.block)
+                problems += self._check(what, w, m[role][0].tensor(), delta, m[role][0].dtype,
+                                        slack.get(role, 0.0) + w.abs() * F32_EPS * 2)
+            elif role in self.pairs:
                 sr = self.pairs[role]
                 problems += self._check_fp8(what, b[role][0].tensor(), b[sr][0].tensor(), m[role][0].tensor(),
                                             m[sr][0].tensor(), delta)
@@ -238,11 +281,30 @@ class MergeCheck:
         w = self._load(self.base_table, self.base, target)
         m = self._load(self.dst_table, self.dst, target)
         what = f"{self.dst.display()}: tensor {target!r}"
+        slack = (b.abs() @ a.abs()) * abs(s) * (a.shape[0] + 2) * F32_EPS
+        if scale is not None and self.dequant:
+            wd = dequant(w, self._load(self.base_table, self.base, scale), self.block)
+            return self._check(what, wd, m, delta, self.dst_table.tensors[target].dtype, slack + wd.abs() * F32_EPS * 2)
         if scale is not None:
             return self._check_fp8(what, w, self._load(self.base_table, self.base, scale), m,
                                    self._load(self.dst_table, self.dst, scale), delta)
         slack = (b.abs() @ a.abs()) * abs(s) * (a.shape[0] + 2) * F32_EPS + w.double().abs() * F32_EPS
         return self._check(what, w, m, delta, self.dst_table.tensors[target].dtype, slack)
+
+    def _saved(self, name: str, target: str) -> list[str]:
+        """A modules_to_save tensor: the output's `target` is the adapter's `name`, cast to the output's dtype."""
+        want = self._load(self.a_table, self.adapter, name).to(torch_dtype(self.dst_table.tensors[target].dtype))
+        if not torch.equal(self._load(self.dst_table, self.dst, target), want):
+            return [f"{self.dst.display()}: tensor {target!r} is not the adapter's modules_to_save tensor {name!r}"]
+        return []
+
+    def _dequant(self, name: str, scale: str) -> list[str]:
+        """An FP8 weight no LoRA touches, dequantized (--dtype): the 128x128 formula rounded once."""
+        w = dequant(self._load(self.base_table, self.base, name), self._load(self.base_table, self.base, scale),
+                    self.block)
+        m = self._load(self.dst_table, self.dst, name)
+        return self._check(f"{self.dst.display()}: tensor {name!r} (no LoRA, dequantized)", w, m, torch.zeros(()),
+                           self.dst_table.tensors[name].dtype, w.abs() * F32_EPS * 2)
 
     def _copy(self, name: str, start: int, end: int) -> list[str]:
         t, d = self.base_table.tensors[name], self.dst_table.tensors[name]

@@ -1,0 +1,138 @@
+"""Requantizing merged weights, and how much of each LoRA delta survives it.
+
+- MXFP4 (OCP microscaling, gpt-oss): `mxfp4_quantize` is the inverse of convert.plan.dequant.mxfp4_dequantize:
+  per block of 32 values a fresh E8M0 scale 2**k, k the smallest integer with amax / 2**k <= 6 (byte k + 127,
+  clamped to 0..254; an all-zero block gets byte 127), each value divided by it and rounded to the nearest FP4
+  e2m1 magnitude (0, 0.5, 1, 1.5, 2, 3, 4, 6), ties to the even code (the one whose mantissa bit is 0: 0.25 -> 0,
+  0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4), the sign kept (a negative value that rounds to
+  zero is stored as -0, code 8); code = sign << 3 | magnitude index, two codes a byte, the even element in the
+  low nibble. Values the scale cannot reach (above 6 * 2**127) saturate at +-6.
+- Survival: each requantizing compute piece adds, per weight it requantizes, float64 sums of its delta
+  (d = merged - base, in float32), of the requantized weight's change (g = Q(merged) - base) and of the
+  merged weight: `survived` = <g, d> / <d, d> (the share of the delta the stored weight keeps: 1 exact, 0
+  lost under the quantization step) and `rel_err` = |Q(W + d) - (W + d)| / |W + d|. The rows are kept per
+  process (SURVIVAL), taken by the merge job after its pieces ran and gathered to rank 0 like the other
+  per-rank results; every requantized weight is measured (no sampling: a few elementwise passes per weight).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+WARN_SURVIVED = 0.5  # a requantized delta keeping less than half of itself is mostly below the quantization step
+FP4_MAX = 6.0
+# midpoints between consecutive FP4 e2m1 magnitudes (0, .5, 1, 1.5, 2, 3, 4, 6)
+_FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+class Survival:
+    """Per-process rows (label, format, <d,d>, <g,d>, |g-d|^2, |W+d|^2) of the weights requantized here."""
+
+    def __init__(self) -> None:
+        self._rows: list[tuple[str, str, float, float, float, float]] = []
+        self._lock = threading.Lock()
+
+    def add(self, label: str, fmt: str, base: torch.Tensor, delta: torch.Tensor, want2: float,
+            got: torch.Tensor) -> None:
+        """Record one requantized weight: `base` its float32 base values, `delta` merged - base, `want2` the
+        squared norm of the merged values, `got` the dequantized requantized values (overwritten)."""
+        import torch
+
+        g = got.sub_(base)
+        dd = float(torch.sum(delta * delta, dtype=torch.float64))
+        gd = float(torch.sum(g * delta, dtype=torch.float64))
+        err = float(torch.sum((g - delta) ** 2, dtype=torch.float64))
+        with self._lock:
+            self._rows.append((label, fmt, dd, gd, err, want2))
+
+    def take(self) -> list[tuple[str, str, float, float, float, float]]:
+        """The rows recorded so far, and forget them (a batch runs several jobs in one process)."""
+        with self._lock:
+            rows, self._rows = self._rows, []
+        return rows
+
+
+SURVIVAL = Survival()
+
+
+def squared_norm(x: torch.Tensor) -> float:
+    """sum(x * x) in float64."""
+    import torch
+
+    return float(torch.sum(x * x, dtype=torch.float64))
+
+
+def survival_lines(rows: list[tuple[str, str, float, float, float, float]]) -> list[str]:
+    """The merge's report of `rows` (every rank's): one summary line, and one warning line naming the tensors
+    whose delta is mostly below the quantization step (none when there are no such tensors)."""
+    by: dict[tuple[str, str], list[float]] = {}
+    for label, fmt, dd, gd, err, want2 in rows:
+        acc = by.setdefault((label, fmt), [0.0, 0.0, 0.0, 0.0])
+        for i, v in enumerate((dd, gd, err, want2)):
+            acc[i] += v
+    if not by:
+        return []
+    stats = []
+    for (label, fmt), (dd, gd, err, want2) in sorted(by.items()):
+        survived = gd / dd if dd > 0 else 1.0
+        rel = math.sqrt(err) / math.sqrt(want2) if want2 > 0 else 0.0
+        stats.append((label, fmt, survived, rel))
+    fmts = "/".join(sorted({f for _, f, _, _ in stats}))
+    surv = sorted(s for _, _, s, _ in stats)
+    low = [(label, s) for label, _, s, _ in stats if s < WARN_SURVIVED]
+    lines = [f"{fmts} requantized: {len(stats)} tensor(s); delta survived: min {surv[0]:.3f}, median "
+             f"{surv[len(surv) // 2]:.3f}; rel_err |Q(W+d) - (W+d)| / |W+d|: max {max(r for *_, r in stats):.3g}"]
+    if low:
+        shown = ", ".join(f"{label} ({s:.2f})" for label, s in sorted(low, key=lambda x: x[1])[:8])
+        lines.append(f"warning: in {len(low)} requantized tensor(s) the delta is mostly below the quantization step "
+                     f"(survived < {WARN_SURVIVED}): {shown}" + (" ..." if len(low) > 8 else ""))
+    return lines
+
+
+def mxfp4_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 blocks U8 [..., G, 16] and E8M0 scales U8 [..., G] of float32 `x` [..., G*32] (see the module
+    docstring for the scale, the rounding and the nibble order)."""
+    import torch
+
+    *lead, n = x.shape
+    if n % 32:
+        raise ValueError(f"MXFP4 needs a multiple of 32 values per row, got {n}")
+    g = x.reshape(*lead, n // 32, 32).to(torch.float32)
+    amax = g.abs().amax(dim=-1)
+    pos = amax > 0
+    k = torch.ceil(torch.log2(torch.where(pos, amax, torch.ones_like(amax)) / FP4_MAX)).to(torch.int32)
+    # log2 is rounded: fix k so that it is exactly the smallest with amax <= 6 * 2**k
+    k = torch.where(amax > torch.ldexp(torch.full_like(amax, FP4_MAX), k), k + 1, k)
+    k = torch.where(amax <= torch.ldexp(torch.full_like(amax, FP4_MAX), k - 1), k - 1, k)
+    k = torch.where(pos, k, torch.zeros_like(k)).clamp_(-127, 127)
+    scaled = torch.ldexp(g, (-k).unsqueeze(-1))
+    mag = scaled.abs().clamp_(max=FP4_MAX)
+    mids = torch.tensor(_FP4_MIDPOINTS, dtype=torch.float32)
+    idx = torch.bucketize(mag, mids)  # ties to the lower magnitude ...
+    tie = mag == mids[idx.clamp(max=len(_FP4_MIDPOINTS) - 1)]
+    idx = torch.where(tie & (idx % 2 == 1), idx + 1, idx)  # ... or to the even code
+    codes = (idx | (torch.signbit(scaled).to(idx.dtype) << 3)).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (k + 127).to(torch.uint8)
+
+
+def mxfp4_half_step(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Half the FP4 spacing at each value of float `x` [..., G*32] under its block's E8M0 `scales` [..., G]
+    (0.25, 0.5 or 1 times the block's scale for |x| / scale below 2, 4, or above): the error bound of
+    round-to-nearest."""
+    import torch
+
+    s = torch.ldexp(torch.ones(scales.shape, dtype=torch.float64), scales.to(torch.int32) - 127)
+    s = s.repeat_interleave(32, dim=-1)
+    m = x.double().abs() / s
+    half = torch.where(m < 2, 0.25, torch.where(m < 4, 0.5, 1.0))
+    return half * s
+
+
+__all__ = ["SURVIVAL", "Survival", "WARN_SURVIVED", "mxfp4_quantize", "mxfp4_half_step", "squared_norm",
+           "survival_lines"]
