@@ -110,3 +110,20 @@ def test_a_malicious_metadata_pickle_is_refused_without_running_it(tmp_path):
     (tmp_path / "__0_0.distcp").write_bytes(b"")
     with pytest.raises(ConversionError, match=r"\.metadata: cannot read it.*builtins\.print"):
         open_checkpoint(Storage(str(tmp_path)))
+
+
+def test_a_flat_hf_state_dict_keeps_every_tensor_and_a_model_group_only_its_own(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from convert.formats.dcp import model_entries
+
+    flat = {"model.embed_tokens.weight": torch.ones(2), "lm_head.weight": torch.zeros(2)}
+    dcp.save(flat, checkpoint_id=str(tmp_path / "flat"), no_dist=True)
+    assert sorted(open_checkpoint(Storage(str(tmp_path / "flat"))).tensors) == sorted(flat)
+    grouped = {"model": {"lm_head.weight": torch.zeros(2)}, "optimizer": {"state": {"m": torch.ones(1)}}}
+    dcp.save(grouped, checkpoint_id=str(tmp_path / "grouped"), no_dist=True)
+    ckpt = open_checkpoint(Storage(str(tmp_path / "grouped")))
+    assert list(ckpt.tensors) == ["lm_head.weight"] and "optimizer 1" in ckpt.notes[0]
+    # without planner data, a `model.` prefix is a group only beside training state
+    assert sorted(model_entries(["model.a", "lm_head.w"])[0]) == ["lm_head.w", "model.a"]
+    assert sorted(model_entries(["model.a", "optimizer.m"])[0]) == ["a"]

@@ -219,3 +219,14 @@ def test_a_dcp_conversion_resumes_after_a_rank_is_killed(trained, tmp_path, monk
     report = json.loads(stats.read_text())
     assert report["resumed"] is True
     _same_bytes(out, hf)
+
+
+def test_nemo_keeps_the_config_in_hf_metadata(trained, tmp_path):
+    _, hf, _, sharded, _, _ = trained
+    src = _copy(sharded, tmp_path / "model")
+    (src / ".hf_metadata").mkdir()
+    (src / ".hf_metadata" / "config.json").write_bytes((hf / "config.json").read_bytes())
+    r = run_tool("convert.split_experts", "--src", str(src), "--dst", str(tmp_path / "out"), "--verify")
+    assert "OK: " in r.stdout
+    _same_bytes(tmp_path / "out", hf)
+    assert (tmp_path / "out" / "config.json").read_bytes() == (hf / "config.json").read_bytes()

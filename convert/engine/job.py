@@ -37,7 +37,7 @@ from convert.engine.executor import piece_memory, warm_up
 from convert.families import PER_EXPERT, detect_family
 from convert.families.namings import apply_source_naming, output_layout
 from convert.plan.trainer_names import finish_plan
-from convert.formats.model_config import read_base_config, CONFIG_DTYPE_NAMES, config_bytes, with_dtype
+from convert.formats.model_config import CONFIG_DTYPE_NAMES, config_bytes, read_base_config, with_dtype
 from convert.engine.output_record import (
     check_existing, check_pins, classify, record_bytes, refuse_foreign, source_pins,
 )
@@ -212,19 +212,20 @@ def _plan_source(opts: JobOptions, dist: Dist, src: Storage) -> JobSetup:
     if ep_note:
         summary.append(f"  {ep_note}")
     copy_files, final = list(plan.copy_files), {}
-    if opts.base_config:
+    moved = bool(ckpt.config) and ckpt.config_place != "config.json"  # found elsewhere: written at the top
+    if opts.base_config or moved or (opts.dtype and "config.json" in copy_files):
+        # --base-config: the given config is the output's; a cast changes the weights' dtype: config.json must say
+        # so (rewritten, not copied), and a dequantizing cast drops quantization_config.
         if "config.json" in copy_files:
             copy_files.remove("config.json")
-        final["config.json"] = config_bytes(with_dtype(ckpt.config, opts.dtype) if opts.dtype else ckpt.config)
-        summary.append(f"  config.json: from --base-config {opts.base_config}")
-    elif opts.dtype and "config.json" in copy_files:
-        # The cast changes the weights' dtype: config.json must say so (rewritten, not copied).
-        copy_files.remove("config.json")
         config = ckpt.config
         if plan.dequantized:
             config = {k: v for k, v in config.items() if k != "quantization_config"}
-        final["config.json"] = config_bytes(with_dtype(config, opts.dtype))
-        summary.append(f"  config.json: dtype keys set to {CONFIG_DTYPE_NAMES[opts.dtype]}")
+        final["config.json"] = config_bytes(with_dtype(config, opts.dtype) if opts.dtype else config)
+        if opts.base_config:
+            summary.append(f"  config.json: from --base-config {opts.base_config}")
+        if opts.dtype:
+            summary.append(f"  config.json: dtype keys set to {CONFIG_DTYPE_NAMES[opts.dtype]}")
     final[INDEX_NAME] = (json.dumps(index, indent=2) + "\n").encode()
     summary += [f"  note: {n}" for n in [*ckpt.notes, *plan.notes]]
     fp = fingerprint(

@@ -56,6 +56,7 @@ class Checkpoint:
     chunked: dict[str, ChunkedTensor] = field(default_factory=dict)  # virtual file -> tensor saved in chunks
     meta_files: list[str] = field(default_factory=list)  # other files the tensors' places were read from
     notes: list[str] = field(default_factory=list)  # what the container held that is not converted (one line each)
+    config_place: str = "config.json"  # where config.json was read (NeMo keeps it in .hf_metadata/)
 
     @property
     def source_files(self) -> list[str]:
@@ -181,23 +182,25 @@ def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob:
     return ckpt
 
 
-def _read_config(pool: ThreadPoolExecutor, storage: Storage, files: list[str], subdirs: list[str]) -> Future[Any] | None:
-    """config.json read in `pool`, from the first of CONFIG_PLACES that the listing shows; None if none does."""
+def _read_config(pool: ThreadPoolExecutor, storage: Storage, files: list[str],
+                 subdirs: list[str]) -> Future[tuple[str, Any] | None] | None:
+    """(where it was found, contents) of config.json, read in `pool` from the first of CONFIG_PLACES that the
+    listing shows (a place in a subdirectory only if it exists there); None where none does."""
     for place in CONFIG_PLACES:
         head, _, leaf = place.rpartition("/")
         if (not head and leaf in files) or (head and head in subdirs):
-            return pool.submit(_config_or_none, storage, place, bool(head))
+            return pool.submit(_config_at, storage, place, bool(head))
     return None
 
 
-def _config_or_none(storage: Storage, place: str, maybe: bool) -> Any:
+def _config_at(storage: Storage, place: str, maybe: bool) -> tuple[str, Any] | None:
     if maybe and not storage.exists(place):
         return None
-    return {"__from__": place, **(storage.read_json(place) or {})} if maybe else storage.read_json(place)
+    return place, storage.read_json(place)
 
 
 def _assemble(storage: Storage, files: list[str], subdirs: list[str], headers: dict[str, FileHeader],
-              chunked: dict[str, ChunkedTensor], config_read: Future[Any] | None, container: str,
+              chunked: dict[str, ChunkedTensor], config_read: Future[tuple[str, Any] | None] | None, container: str,
               index_file: str | None = None, weight_glob: str = ".safetensors",
               meta_files: tuple[str, ...] = (), notes: tuple[str, ...] = ()) -> Checkpoint:
     """The Checkpoint of a listed directory: `chunked` tensors become TensorRefs (a stored range where one chunk
@@ -211,12 +214,9 @@ def _assemble(storage: Storage, files: list[str], subdirs: list[str], headers: d
         else:
             virtual[virtual_file(name)] = t
             tensors[name] = TensorRef(virtual_file(name), TensorInfo(name, t.dtype, t.shape, 0, t.nbytes))
-    config = config_read.result() if config_read is not None else {}
-    if config is None:
-        config = {}
-    where = storage.display(str(config.pop("__from__", "config.json")) if isinstance(config, dict) else "config.json")
+    place, config = (config_read.result() if config_read is not None else None) or ("config.json", {})
     if not isinstance(config, dict):
-        raise ConversionError(f"{where}: expected a JSON object, got {type(config).__name__}")
+        raise ConversionError(f"{storage.display(place)}: expected a JSON object, got {type(config).__name__}")
     weight_files = set(headers) | ({index_file} if index_file else set()) | set(meta_files)
     rest = [f for f in files if f not in weight_files and not f.endswith(weight_glob) and not f.endswith(SUFFIX)]
     other = [f for f in rest if not OTHER_WEIGHTS.search(f)]
@@ -226,7 +226,7 @@ def _assemble(storage: Storage, files: list[str], subdirs: list[str], headers: d
     return Checkpoint(
         storage=view, headers=headers, tensors=tensors, config=config, other_files=other,  # type: ignore[arg-type]
         skipped=skipped_files, metadata={}, index_file=index_file, container=container,
-        chunked=virtual, meta_files=list(meta_files), notes=list(notes),
+        chunked=virtual, meta_files=list(meta_files), notes=list(notes), config_place=place,
     )
 
 

@@ -157,23 +157,36 @@ def _dtype_of(props: Any, fqn: str, where: str) -> str:
     return TORCH_DTYPES[name]
 
 
-def model_entries(fqns: list[str]) -> tuple[dict[str, str], Counter[str]]:
+def model_entries(fqns: list[str], paths: dict[str, Any] | None = None) -> tuple[dict[str, str], Counter[str]]:
     """Model entries among a state dict's `fqns`: {name in the model: fqn}, and a count of the rest by group.
 
-    Where the state dict holds a `model` group (torchtitan's and NeMo's training checkpoints), only it is
-    kept and its prefix dropped; otherwise every entry but the training-state groups (TRAINING_STATE)."""
-    grouped = any(f.startswith("model.") for f in fqns)
+    `paths` (the metadata's planner_data: fqn -> the keys of the nested state dict it came from) tells a
+    group from a dotted name: where the state dict holds a `model` group (torchtitan's and NeMo's training
+    checkpoints: `{"model": ..., "optimizer": ...}`), only it is kept, named by its keys inside the group;
+    otherwise every entry but the training-state groups (TRAINING_STATE). A flat model state dict whose names
+    start with `model.` (a Hugging Face model's) is kept whole. Without `paths`, a `model.` prefix counts as a
+    group only beside a training-state group."""
+    def path(f: str) -> tuple[str, ...]:
+        p = (paths or {}).get(f)
+        if isinstance(p, (tuple, list)) and p and all(isinstance(k, (str, int)) for k in p):
+            return tuple(str(k) for k in p)
+        head, dot, tail = f.partition(".")
+        return (head, tail) if dot and paths is None else (f,)
+
+    split = {f: path(f) for f in fqns}
+    nested = {f: p for f, p in split.items() if len(p) > 1}
+    grouped = any(p[0] == "model" for p in nested.values()) and (
+        paths is not None or any(p[0] in TRAINING_STATE for p in nested.values()))
     keep: dict[str, str] = {}
     rest: Counter[str] = Counter()
-    for f in fqns:
-        head = f.split(".", 1)[0]
+    for f, p in split.items():
         if grouped:
-            if head == "model" and "." in f:
-                keep[f.split(".", 1)[1]] = f
+            if p[0] == "model" and len(p) > 1:
+                keep[".".join(p[1:])] = f
             else:
-                rest[head] += 1
-        elif head in TRAINING_STATE:
-            rest[head] += 1
+                rest[p[0]] += 1
+        elif len(p) > 1 and p[0] in TRAINING_STATE:
+            rest[p[0]] += 1
         else:
             keep[f] = f
     return keep, rest
@@ -199,7 +212,8 @@ def read_dcp(storage: Any, file_sizes: dict[str, int]) -> DcpSource:
         offset = getattr(idx, "offset", None)
         info[(getattr(idx, "fqn", ""), tuple(offset) if offset is not None else ())] = sinfo
     tensor_fqns = [f for f, e in entries.items() if getattr(e, "kind", "") == "TensorStorageMetadata"]
-    keep, rest = model_entries(list(entries))
+    planner = getattr(meta, "planner_data", None)
+    keep, rest = model_entries(list(entries), planner if isinstance(planner, dict) else None)
     non_tensor = sorted(f for f in keep.values() if f not in set(tensor_fqns))
     skipped = []
     if rest:

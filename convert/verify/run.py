@@ -68,9 +68,11 @@ READ_AHEAD_BYTES = int(os.environ.get("MOE_CONVERT_VERIFY_READ_AHEAD", str(128 <
 
 def build_base(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
     """The base-weight relation: experts per layer per the family tables, everything else unchanged."""
-    src_table, src_problems, chunked = source_table(src)
+    src_table, src_problems, chunked, place = source_table(src)
     if src_problems:
         raise CannotVerify(f"the source is not a valid checkpoint: {src_problems[0]}")
+    if place != "config.json" and not opts.base_config and src.exists(place):
+        opts = dataclasses.replace(opts, base_config=src.display(place))  # NeMo's .hf_metadata/config.json
     if "config.json" not in src_table.files and not opts.base_config:
         raise CannotVerify(f"{src.display('config.json')}: missing (needed for the family and number of experts; "
                            "a trainer's checkpoint: pass the model's config.json with --base-config)")
@@ -104,21 +106,22 @@ def build_base(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
                     len(dst_table.shards), src_chunked=chunked)
 
 
-def source_table(src: Storage) -> tuple[Table, list[str], dict[str, ChunkedTensor]]:
-    """The source's table and the problems found, and its chunked tensors (virtual file -> tensor): a trainer's
-    checkpoint (torch DCP, per-rank safetensors shards) is read through convert.formats.checkpoint, whose
-    tensors saved in chunks are read as virtual files (convert.formats.chunks.ChunkedView)."""
+def source_table(src: Storage) -> tuple[Table, list[str], dict[str, ChunkedTensor], str]:
+    """The source's table and the problems found, its chunked tensors (virtual file -> tensor) and where its
+    config.json is: a trainer's checkpoint (torch DCP, per-rank safetensors shards) is read through
+    convert.formats.checkpoint, whose tensors saved in chunks are read as virtual files
+    (convert.formats.chunks.ChunkedView)."""
     files, dirs = src.list_dir()
     if DCP_METADATA not in files:
         weights = sorted(f for f in files if f.endswith(".safetensors"))
         if not weights or SHARDING_KEY not in read_header(src, weights[0]).metadata:
             table, problems = read_table(src, BASE_INDEX, require_index=False)
-            return table, problems, {}
+            return table, problems, {}, "config.json"
     ckpt = open_checkpoint(src)
     tensors = {n: Stored(n, r.file, r.info.dtype, r.info.shape, r.info.start, r.info.end)
                for n, r in ckpt.tensors.items()}
     table = Table(src.display(), tensors, files, dirs, sorted(ckpt.headers), None)
-    return table, [], ckpt.chunked
+    return table, [], ckpt.chunked, ckpt.config_place
 
 
 def config_problems(src: Storage, dst: Storage, dst_table: Table, given: bytes | None = None) -> list[str]:
