@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable, Sequence
@@ -183,6 +184,7 @@ class ChunkedView:
         self.tensors = tensors  # virtual file name -> tensor
         self._load = load
         self._loaded: dict[tuple[str, int], bytes] = {}
+        self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.storage, name)
@@ -194,14 +196,21 @@ class ChunkedView:
         return str(self.storage.display(rel))
 
     def _chunk_bytes(self, t: ChunkedTensor, k: int) -> bytes:
+        """The elements of chunk k of `t` read whole (the last two such chunks are kept: a piece's neighbours
+        usually read the same one)."""
         key = (t.name, k)
-        if key not in self._loaded:
-            if self._load is None:
-                raise ConversionError(f"{self.display(t.chunks[k].file)}: tensor {t.name!r}: chunk is not one byte range")
-            if len(self._loaded) >= 2:
+        with self._lock:
+            held = self._loaded.get(key)
+        if held is not None:
+            return held
+        if self._load is None:
+            raise ConversionError(f"{self.display(t.chunks[k].file)}: tensor {t.name!r}: chunk is not one byte range")
+        data = self._load(self.storage, t.chunks[k], t)
+        with self._lock:
+            while len(self._loaded) >= 2:
                 self._loaded.pop(next(iter(self._loaded)))
-            self._loaded[key] = self._load(self.storage, t.chunks[k], t)
-        return self._loaded[key]
+            self._loaded[key] = data
+        return data
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of the stored or virtual file `rel`."""
@@ -233,13 +242,9 @@ class ChunkedView:
 
     def fetch(self, ranges: Sequence[tuple[str, int, int]], max_get: int = 0) -> Any:
         """Storage.fetch for stored files; virtual ranges are read now through read_range."""
-        from convert.io.storage import Fetched
-
-        out = Fetched(self)  # type: ignore[arg-type]
         stored = [r for r in ranges if not is_virtual(r[0])]
-        if stored:
-            got = self.storage.fetch(stored, max_get) if max_get else self.storage.fetch(stored)
-            out._spans.update(got._spans)
+        out = self.storage.fetch(stored, max_get) if max_get else self.storage.fetch(stored)
+        out.storage = self  # a read no fetched range covers comes back here (virtual files included)
         for rel, start, end in ranges:
             if is_virtual(rel):
                 out.add(rel, start, self.read_range(rel, start, end))
