@@ -251,6 +251,62 @@ def test_tinker_w123_broadcast_either_side(tmp_path, shared):
     _assert_deltas(tmp_path / "out", want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_outer_expands_exactly_and_collapses_back_byte_for_byte(tmp_path, dtype):
+    """Shared-outer expert LoRA (Tinker, Megatron-Bridge, SkyRL; SGLang's --enable-moe-shared-loras layout): per MoE
+    layer, w1/w3 (gate/up) lora_A [1, r, in] and w2 (down) lora_B [1, out, r] shared by every expert, w1/w3 lora_B
+    [E, out, r] and w2 lora_A [E, r, in] per expert, under Tinker's expert-agnostic names (tinker-cookbook 0.6.1
+    weights/_merge.py: `expert_key_remaps` w1 -> gate_proj, w3 -> up_proj, w2 -> down_proj). Expected deltas:
+    `expand_expert_lora_tensors` (the [1, ...] side expanded to E), then B[e] @ A[e]. split -> per-expert is exact;
+    fuse_adapter --layout shared_w123 writes the source back byte for byte; a collapse whose shared factors differ
+    between experts is refused (exit 2, one line)."""
+    from adapter_fixtures import read_adapter
+    from helpers import raw_bytes
+
+    t, want = {}, {}
+    for i, (w, role, out, inn) in enumerate((("w1", "gate", I, H), ("w3", "up", I, H), ("w2", "down", H, I))):
+        outer_a = role != "down"  # gate/up share lora_A (their input side), down shares lora_B (its output side)
+        a = random_lora((1 if outer_a else E, R, inn), 70 + i).to(dtype)
+        b = random_lora((E if outer_a else 1, out, R), 75 + i).to(dtype)
+        t[f"{LAYER}.{w}.lora_A.weight"], t[f"{LAYER}.{w}.lora_B.weight"] = a, b
+        # tinker-cookbook 0.6.1 expand_expert_lora_tensors
+        a_x = a.expand(b.shape[0], -1, -1) if a.shape[0] == 1 else a
+        b_x = b.expand(a.shape[0], -1, -1) if b.shape[0] == 1 else b
+        for e in range(E):
+            want[(0, role, e)] = b_x[e].float() @ a_x[e].float() * scaling(_config())
+    cfg = _config(target_modules=["w1", "w2", "w3"])
+    cfg.pop("target_parameters")
+    src = write_adapter(tmp_path / "src", t, cfg)
+    bc = tmp_path / "config.json"
+    bc.write_text(json.dumps(base_config("qwen3_moe")))
+    _split(src, tmp_path / "per", True, "--base-config", str(bc))
+    got = per_expert_deltas(tmp_path / "per", "qwen3_moe")
+    for key, delta in want.items():
+        assert torch.equal(got[key], delta), key  # the same factors, the same float32 product: bit-exact
+    per, _ = read_adapter(tmp_path / "per")
+    assert all(v.dtype == dtype for v in per.values())
+
+    run_tool("convert.fuse_adapter", "--src", str(tmp_path / "per"), "--dst", str(tmp_path / "back"),
+             "--layout", "shared_w123", "--base-config", str(bc))
+    back, _ = read_adapter(tmp_path / "back")
+    assert set(back) == set(t)
+    for k, v in t.items():
+        assert back[k].shape == v.shape and back[k].dtype == v.dtype and raw_bytes(back[k]) == raw_bytes(v), k
+
+    # one expert's gate lora_A no longer equal to the others': the shared [1, r, in] factor cannot hold it
+    name = "base_model.model.model.layers.0.mlp.experts.1.gate_proj.lora_A.weight"
+    per[name] = per[name].clone()
+    per[name][0, 0] += 1
+    _, per_cfg = read_adapter(tmp_path / "per")
+    bad = write_adapter(tmp_path / "bad", per, per_cfg)
+    proc = run_tool("convert.fuse_adapter", "--src", str(bad), "--dst", str(tmp_path / "no"), "--layout", "shared_w123",
+                    "--base-config", str(bc), check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not exact" in lines[0] and "experts.1.gate_proj.lora_A" in lines[0], proc.stderr
+    assert not (tmp_path / "no" / "adapter_model.safetensors").exists()
+
+
 def test_inspect_names_the_packing_and_the_fix(tmp_path):
     src, _ = _mb_adapter(tmp_path, "grouped_by_expert")
     bc = tmp_path / "config.json"

@@ -446,3 +446,34 @@ def test_base_bin_only_and_lora_without_config(tmp_path):
     bare = fx.write_adapter(tmp_path / "bare", fx.grouped(L), None, filename="weights.safetensors")
     out = inspected(bare)
     assert (out["kind"], out["pattern"], out["outcome"], out["config"]) == ("adapter", "grouped", "converted", {})
+
+
+def test_raw_peft_mixtral_adapter_loads_in_vllm_and_drops_expert_and_router_deltas(tmp_path):
+    """peft's fused Mixtral adapter (experts and router under `mlp.`, vLLM's Mixtral has `block_sparse_moe`): vLLM
+    loads it and applies none of its expert or router LoRA (bench/results/CONSUMERS.md (c)); inspect says so for the
+    vllm target (configs/targets/vllm.json `misnamed_dropped`), not a refusal, with the split_adapter fix."""
+    import json as _json
+
+    from adapter_fixtures import base_config, make_peft_adapter, random_lora, read_adapter, write_adapter
+    from helpers import run_tool
+
+    _, path = make_peft_adapter("mixtral", tmp_path / "a")
+    base = base_config("mixtral")
+    tensors, config = read_adapter(path)
+    for layer in (0, 1):  # peft's router LoRA (target_parameters mlp.gate.weight), as in CONSUMERS.md (c)
+        gate = f"base_model.model.model.layers.{layer}.mlp.gate"
+        tensors[f"{gate}.lora_A.weight"] = random_lora((3, base["hidden_size"]), 5 + layer)
+        tensors[f"{gate}.lora_B.weight"] = random_lora((base["num_local_experts"], 3), 7 + layer)
+    write_adapter(path, tensors, config)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(_json.dumps(base))
+    out = _json.loads(run_tool("convert.inspect", str(path), "--json", "--base-config", str(cfg)).stdout)
+    vllm = out["servers"]["vllm"]
+    assert vllm["loads"] and vllm["refusals"] == []
+    assert vllm["verdict"] == "loads, and drops every expert and router delta"
+    assert vllm["drops"] and all("block_sparse_moe" in m for m in vllm["drops"])
+    assert vllm["fix"].startswith("python -m convert.split_adapter --target vllm --src ")
+    assert "verdict" not in out["servers"]["peft"] and out["servers"]["peft"]["loads"]
+    text = run_tool("convert.inspect", str(path), "--base-config", str(cfg)).stdout
+    assert "    vllm: loads, and drops every expert and router delta" in text
+    assert "fix: python -m convert.split_adapter --target vllm" in text

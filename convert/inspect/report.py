@@ -20,7 +20,8 @@ from typing import Any
 
 from convert.formats.adapter_dir import (
     ADAPTER_CONFIG, CONVERTED, PASSED_THROUGH, REFUSED, AdapterDir, Verdict, adapter_family, check_not_lora,
-    checkpoint_dirs, find_base_config, format_layers, is_lora, layer_of, open_adapter_dir, sort_others,
+    checkpoint_dirs, find_base_config, format_layers, is_lora, layer_of, lora_kind, lora_module, open_adapter_dir,
+    sort_others,
     subdir_adapters,
 )
 from convert.formats.adapter_layouts import detect_expert_lora
@@ -272,7 +273,7 @@ def inspect_adapter(
         return
     _describe_adapter(adir, report, groups, others, base_config)
     report.servers = server_verdicts(report.family, adir.config, adir.tensors, adir.files, report.num_experts,
-                                     (base_config or {}).get("model_type"))
+                                     (base_config or {}).get("model_type"), storage.display())
     _packing_verdicts(report, groups, storage.display())
 
 
@@ -297,10 +298,13 @@ def _packing_verdicts(report: Report, groups: list[Any], where: str) -> None:
 
 
 def server_verdicts(family: str | None, config: dict[str, Any], tensors: dict[str, TensorInfo], files: list[str],
-                    num_experts: int | None, model_type: str | None = None) -> dict[str, dict[str, Any]]:
+                    num_experts: int | None, model_type: str | None = None, where: str | None = None) -> dict[str, dict[str, Any]]:
     """Per target (configs/targets): {"loads", "refusals", "warnings", "source"} of this adapter as is, for a base
-    model of `family` and (when known) config.json `model_type`."""
-    from convert.targets.check import REFUSE, WARN, check_adapter
+    model of `family` and (when known) config.json `model_type`. A target that loads the adapter without an error
+    and never applies some of its LoRA (`misnamed_dropped`: e.g. vLLM on peft's raw fused Mixtral adapter, whose
+    experts and router sit under `mlp.`, bench/results/CONSUMERS.md (c)) also gets "drops" (the findings),
+    "verdict" ("loads, and drops every expert and router delta") and "fix" (split_adapter for that target)."""
+    from convert.targets.check import REFUSE, WARN, check_adapter, dropped_modules
     from convert.targets.rules import TARGETS, load_target
 
     shapes = {n: (t.shape, t.dtype) for n, t in tensors.items()}
@@ -308,10 +312,30 @@ def server_verdicts(family: str | None, config: dict[str, Any], tensors: dict[st
     for name in TARGETS:
         rules = load_target(name).for_family(family, model_type)
         found = check_adapter(rules, config, shapes, files, num_experts)
-        refusals = [f.message for f in found if f.severity == REFUSE]
+        refusals = [f.message for f in found if f.severity == REFUSE and not f.drop]
         out[name] = {"loads": not refusals, "refusals": refusals,
                      "warnings": [f.message for f in found if f.severity == WARN], "source": rules.source}
+        drops = [f.message for f in found if f.severity == REFUSE and f.drop]
+        if drops and not refusals:  # loads without an error, and never applies these modules' LoRA
+            out[name].update(drops=drops, verdict=_drop_verdict(dropped_modules(rules, shapes), shapes),
+                             fix=f"python -m convert.split_adapter --target {name} --src {where or 'SRC'} --dst OUT")
     return out
+
+
+def _drop_verdict(dropped: list[str], tensors: dict[str, Any]) -> str:
+    """"loads, and drops every expert and router delta" (or "some", or the kinds it drops), from the LoRA modules
+    the target loads and never applies."""
+    def kind(module: str) -> str:
+        return "expert" if ".experts" in module + "." else lora_kind(module + ".lora_A.weight").removesuffix("_lora")
+
+    everything = {kind(lora_module(n)) for n in tensors if is_lora(n)}
+    held = Counter(kind(lora_module(n)) for n in tensors if is_lora(n) and n.endswith(".lora_A.weight"))
+    lost = Counter(kind(m) for m in dropped)
+    words = [("every " if lost[k] == held[k] else "some ") + k for k in ("expert", "router", "attention", "other")
+             if lost[k] and k in everything]
+    if len(words) == 2 and words[0].split()[0] == words[1].split()[0]:
+        words = [f"{words[0]} and {words[1].split()[1]}"]
+    return "loads, and drops " + ", ".join(words) + " delta"
 
 
 def _describe_adapter(adir: AdapterDir, report: Report, groups: list[Any], others: list[str],
@@ -520,7 +544,9 @@ def render_text(report: Report) -> str:
     if report.servers:
         lines.append("  servers (as is; docs/SERVERS.md):")
         for name, v in report.servers.items():
-            lines.append(f"    {name}: " + ("loads" if v["loads"] else "refused"))
+            lines.append(f"    {name}: " + (v.get("verdict") or ("loads" if v["loads"] else "refused")))
+            lines += [f"      drops: {m}" for m in v.get("drops", [])]
+            lines += [f"      fix: {v['fix']}" for _ in [0] if v.get("drops") and v.get("fix")]
             lines += [f"      refused: {m}" for m in v["refusals"]]
             lines += [f"      warning: {m}" for m in v["warnings"]]
     return "\n".join(lines)

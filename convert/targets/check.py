@@ -49,6 +49,7 @@ class Finding:
     severity: str
     message: str
     kind: str = ""  # findings of one kind on many tensors are reported once, with a count
+    drop: bool = False  # a refusal because the server loads the LoRA and never applies it (rules.misnamed_dropped)
 
 
 def _family(rules: TargetRules) -> Family | None:
@@ -169,7 +170,8 @@ def check_adapter(
         if want is not None:
             out.append(Finding(REFUSE, f"{module}: {server} names this module {want} (family "
                                f"{family.name if family else '?'}, {rules.naming} names); under this name its LoRA "
-                               "would not be applied", "name"))
+                               + ("loads and is never applied" if rules.misnamed_dropped else "would not be applied"),
+                               "name", drop=rules.misnamed_dropped))
 
     by_parent: dict[str, set[str]] = defaultdict(set)  # parent module -> its leaves with LoRA
     for module in lora:
@@ -211,8 +213,18 @@ def _collapse(findings: list[Finding]) -> list[Finding]:
     for kind, i in first.items():
         if counts[kind]:
             f = out[i]
-            out[i] = Finding(f.severity, f"{f.message} (and {counts[kind]} more like it)", f.kind)
+            out[i] = Finding(f.severity, f"{f.message} (and {counts[kind]} more like it)", f.kind, f.drop)
     return out
+
+
+def dropped_modules(rules: TargetRules, tensors: dict[str, tuple[Shape, str]] | list[str]) -> list[str]:
+    """The LoRA modules the target loads and never applies (`rules.misnamed_dropped`: modules under the other
+    naming, which its loader's leaf-only name check lets through), sorted; [] for a target that refuses them."""
+    if not rules.misnamed_dropped:
+        return []
+    family = _family(rules)
+    modules = {m["module"] for m in map(_LORA.match, tensors) if m}
+    return sorted(m for m in modules if _misnamed(rules, family, m) is not None)
 
 
 def _layout_text(rules: TargetRules) -> str:
@@ -264,6 +276,8 @@ def _expert_findings(rules: TargetRules, config: dict[str, Any], lora: dict[str,
     per: dict[str, dict[int, dict[str, int]]] = defaultdict(lambda: defaultdict(dict))  # moe -> e -> role -> rank
     fused: dict[str, dict[str, Shape]] = defaultdict(dict)  # moe -> {"gate_up"|"down": A shape}
     for module, ab in lora.items():
+        if rules.misnamed_dropped and _misnamed(rules, family, module) is not None:
+            continue  # loaded and never applied (a "name" finding): the server's layout checks never see it
         pe, p3, sh = _PER_EXPERT.match(module), _PEFT_3D.match(module), _SHARED.match(module)
         if pe and pe["leaf"].isidentifier():
             role = leaves.get(pe["leaf"])

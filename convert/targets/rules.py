@@ -25,7 +25,7 @@ TARGETS = ("vllm", "sglang", "peft", "per-expert")
 EXPERT_LAYOUTS = ("per_expert", "peft")
 EXPERT_NAMES = ("checkpoint", "canonical", "w123")
 OPTIONAL_RULES = ("modules_to_save", "target_modules_experts", "max_rank", "refuse_modules", "max_rank_flag", "needs_with",
-                  "extra_experts")
+                  "extra_experts", "misnamed_dropped")
 NAMINGS = ("checkpoint", "model")
 # The servers' own per-expert leaf names of each role (`expert_names` "canonical" and "w123"); "checkpoint"
 # is the family's (configs/families). "projections" in target_modules_experts names the canonical leaves.
@@ -79,7 +79,10 @@ class RulesSpec:
     loader also takes the 3-D shared-outer layout (`experts.w1/w3` lora_A [1, r, H] shared,
     lora_B [E, I, r]; `experts.w2` lora_A [E, r, I], lora_B [1, H, r] shared);
     `extra_experts`: whether the loader takes LoRA for experts e >= E, held by the roles of a family's
-    `extra_experts` (absent: true; a server whose expert count is the model's E says false).
+    `extra_experts` (absent: true; a server whose expert count is the model's E says false);
+    `misnamed_dropped`: with `exact_module_names`, a module under the other naming (e.g. Mixtral's experts and
+    router under `mlp.` instead of `block_sparse_moe.`) passes the loader's name check, which looks at the leaf
+    only, and is loaded and never applied (true), rather than refused (absent: false).
     "projections" in `target_modules_experts` means the canonical leaves gate_proj, up_proj
     and down_proj (or gate_up_proj), whatever the family calls them.
     """
@@ -109,6 +112,7 @@ class RulesSpec:
     target_modules_cover: bool | None = None
     shared_outer: bool | None = None
     extra_experts: bool | None = None
+    misnamed_dropped: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,7 @@ class TargetRules:
     target_modules_cover: bool = False
     shared_outer: bool = False
     extra_experts: bool = True
+    misnamed_dropped: bool = False
 
     def expert_leaf(self, role: str) -> str | None:
         """The per-expert leaf a converter writes for `role` (gate/up/down): expert_names[0]'s name, or None where
@@ -198,6 +203,7 @@ class Target:
             target=self.name, family=family, source=self.spec.source,
             **{**merged, "bias": tuple(merged["bias"]), "modules_to_save": None if mts is None else tuple(mts),
                "expert_names": tuple(merged["expert_names"]), "extra_experts": merged["extra_experts"] is not False,
+               "misnamed_dropped": merged["misnamed_dropped"] is True,
                "refuse_modules": tuple((merged["refuse_modules"] or {}).items()),
                "needs_with": tuple((k, tuple(v)) for k, v in (merged["needs_with"] or {}).items())},
         )
