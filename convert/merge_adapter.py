@@ -7,10 +7,11 @@ The output is the base's own checkpoint (layout, names, dtype, shard names) with
 touches merged in float32 and rounded once; every other tensor is a byte copy. Any base layout the family
 tables describe (per-expert, fused, gpt-oss native), FP8 block-scaled bases (requantized with fresh block
 scales, or all dequantized with --dtype), MXFP4 gpt-oss bases (requantized with fresh E8M0 scales, or written
-in bf16 with --dtype), and any expert-LoRA layout (peft target_parameters, per-expert, shared w1/w2/w3, grouped)
+in bf16 with --dtype), and any expert-LoRA layout (peft target_parameters in any packing detect_expert_lora reads, per-expert,
+shared w1/w2/w3, grouped)
 plus attention / router / dense LoRA and modules_to_save (the adapter's copy replaces the base tensor). The
 merge prints how much of each requantized delta survived; `--verify` recomputes every merged tensor
-independently (float64 deltas; MXFP4 bases not yet).
+independently (float64 deltas; FP8 and MXFP4 bases included).
 """
 
 from __future__ import annotations

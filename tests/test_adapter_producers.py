@@ -215,8 +215,9 @@ def test_unsloth_marker_and_unmarked_refusal(tmp_path):
     assert proc.returncode != 0 and "unsloth_fixed" in proc.stderr and '"lora_B_layout"' in proc.stderr
 
 
-def test_merge_reader_refuses_other_packings(tmp_path):
-    """Callers that do not read other packings (the merge) get a refusal naming the converting command."""
+def test_a_reader_without_packings_refuses_other_packings(tmp_path):
+    """A caller of detect_expert_lora that does not ask for other packings (packings=False, the default) gets a
+    refusal naming the converting command; with packings=True the group says which packing it is."""
     from convert.errors import ConversionError
     from convert.formats.adapter_layouts import detect_expert_lora
     from convert.formats.adapter_source import open_adapter

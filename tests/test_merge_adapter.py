@@ -3,8 +3,9 @@
 Tiny random transformers models and real peft adapters (never downloaded): every merged tensor within one
 ulp (plus float32's own rounding of the delta) of peft's, untouched tensors byte-identical, identical bytes
 at 1, 2 and 3 ranks, from_pretrained of the result giving the merged model's logits; FP8 block-scaled bases
-(ragged blocks) requantized or dequantized (--dtype), the survival report; MXFP4 gpt-oss bases requantized or
-written in bf16; shared w1/w2/w3 and grouped adapters; DeepSeek-V3 with router LoRA; modules_to_save; resume
+(ragged blocks) requantized or dequantized (--dtype), the survival report; MXFP4 gpt-oss bases requantized
+(--verify catching a corrupted block byte) or written in bf16; peft wrappers in other producers' packings (older
+peft shapes, expert-major lora_B) merged as peft merges the original; shared w1/w2/w3 and grouped adapters; DeepSeek-V3 with router LoRA; modules_to_save; resume
 after a killed rank; S3 in and out; refusals exit 2 with nothing written.
 """
 
@@ -209,6 +210,84 @@ def test_fp8_deepseek_v3_ragged_blocks_requantized(tmp_path):
         assert raw_bytes(out[up + "_scale_inv"]) == raw_bytes(written[up + "_scale_inv"])
 
 
+
+# ----------------------------------------------------------------------------- other producers' packings (issue #24)
+
+
+def _repack(tensors: dict[str, torch.Tensor], packing: str, E: int, r: int) -> dict[str, torch.Tensor]:
+    """A peft 0.21 target_parameters adapter's expert wrappers (lora_A [E*r, in], lora_B [out, E*r] rank-major:
+    A_e = A.reshape(E, r, in)[e], B_e = B.reshape(out, r, E)[:, :, e]) repacked as another producer writes the
+    same per-expert deltas (tests/test_adapter_producers.py): "peft_0190" (peft < 0.19.1 shapes: lora_A rows B_e^T
+    [E*r, out], lora_B [in, E*r] rank-major columns A_e^T), "megatron" (Megatron-Bridge `_mb_pack`: the older shapes,
+    lora_B expert-major), "unsloth" (today's shapes, lora_B expert-major: B.reshape(out, E, r)[:, e, :] = B_e)."""
+    from test_adapter_producers import _mb_pack
+
+    out = dict(tensors)
+    for ka in [k for k in tensors if ".experts." in k and k.endswith("lora_A.weight")]:
+        kb = ka.replace("lora_A", "lora_B")
+        a, b = tensors[ka], tensors[kb]
+        a_e = a.reshape(E, r, a.shape[1])  # [E, r, in]
+        b_e = b.reshape(b.shape[0], r, E).permute(2, 0, 1)  # [E, out, r]
+        if packing == "peft_0190":
+            out[ka] = b_e.transpose(1, 2).reshape(E * r, b.shape[0])
+            out[kb] = a_e.permute(2, 1, 0).reshape(a.shape[1], r * E)  # [in, r, E] rank-major
+        elif packing == "megatron":
+            out[ka], out[kb] = _mb_pack(a_e, b_e)
+        else:
+            out[kb] = b_e.permute(1, 0, 2).reshape(b.shape[0], E * r)  # [out, E, r] expert-major
+    return out
+
+
+@pytest.mark.parametrize("packing", ["peft_0190", "megatron", "unsloth"])
+def test_other_packings_merge_as_peft_merges_the_original(tmp_path, packing):
+    """The same LoRA as a peft 0.21 adapter, repacked in an older peft's shapes, Megatron-Bridge's packed export or
+    Unsloth's expert-major lora_B (each with what adapter_config.json says of it): the merge equals peft's
+    merge_and_unload of the original, and --verify agrees."""
+    from adapter_fixtures import read_adapter
+    from model_fixtures import E
+
+    base, adapter, ref, _ = _peft_case(tmp_path, "qwen3_moe", target_modules=["q_proj"],
+                                       target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    tensors, cfg = read_adapter(adapter)
+    cfg = {k: v for k, v in cfg.items() if k != "peft_version"}
+    if packing == "peft_0190":
+        cfg["peft_version"] = "0.19.0"
+    elif packing == "megatron":
+        cfg["lora_B_layout"] = "grouped_by_expert"  # no peft_version: the marker decides the lora_B order
+    else:
+        cfg["peft_version"] = "0.21.2"
+        cfg["lora_B_layout"] = "grouped_by_expert"
+    packed = write_adapter(tmp_path / packing, _repack(tensors, packing, E, 3), cfg)
+    _merge(base, packed, tmp_path / "out", "--nproc", "2", "--verify")
+    assert _compare(tmp_path / "out", base, ref) > 0
+    # read as peft's own packing, the deltas would differ: the packing is what the merge honoured
+    if packing != "peft_0190":
+        write_adapter(tmp_path / "as-peft", _repack(tensors, packing, E, 3),
+                      {k: v for k, v in cfg.items() if k != "lora_B_layout"} | {"peft_version": "0.21.2"})
+        p = _merge(base, tmp_path / "as-peft", tmp_path / "wrong", check=False)
+        if p.returncode == 0:  # today's shapes (unsloth) read rank-major: other deltas
+            wrong, ours = load_dir(tmp_path / "wrong"), load_dir(tmp_path / "out")
+            assert any(not torch.equal(wrong[k], ours[k]) for k in ours if ".experts." in k)
+        else:  # the older shapes contradict peft_version 0.21.2 (megatron)
+            assert p.returncode == 2 and "saved it" in p.stderr, p.stderr
+
+
+def test_other_packing_without_peft_version_or_marker_is_refused(tmp_path):
+    """Older peft shapes with neither peft_version nor a lora_B_layout marker: the lora_B order is not in the file
+    (NeMo AutoModel rank-major, Megatron-Bridge expert-major): refused, exit 2, nothing written."""
+    from adapter_fixtures import read_adapter
+    from model_fixtures import E
+
+    base, adapter, _, _ = _peft_case(tmp_path, "qwen3_moe", target_modules=["q_proj"],
+                                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    tensors, cfg = read_adapter(adapter)
+    cfg = {k: v for k, v in cfg.items() if k != "peft_version"}
+    write_adapter(tmp_path / "ambiguous", _repack(tensors, "megatron", E, 3), cfg)
+    p = _merge(base, tmp_path / "ambiguous", tmp_path / "out", check=False)
+    assert p.returncode == 2 and "lora_B column order" in p.stderr and "grouped_by_expert" in p.stderr, p.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- quantized bases
 
 
@@ -334,8 +413,8 @@ def test_mxfp4_gpt_oss_base_merged_and_requantized(tmp_path):
     from convert.plan.merge_quant import mxfp4_half_step
 
     base, adapter, orig, ref, _ = _mxfp4_gpt_oss(tmp_path, ["mlp.experts.gate_up_proj"])
-    p = _merge(base, adapter, tmp_path / "out", "--nproc", "2")
-    assert "mxfp4 requantized:" in p.stdout, p.stdout
+    p = _merge(base, adapter, tmp_path / "out", "--nproc", "2", "--verify")
+    assert "mxfp4 requantized:" in p.stdout and "verify merge: OK" in p.stdout, p.stdout
     out = load_dir(tmp_path / "out")
     assert set(out) == set(orig)
     for layer in range(2):
@@ -355,11 +434,43 @@ def test_mxfp4_gpt_oss_base_merged_and_requantized(tmp_path):
     _close(out[q], ref[q], q)
 
 
+def test_mxfp4_merge_verified_and_a_corrupted_byte_caught(tmp_path, capsys):
+    """--verify of an MXFP4 merge: the base's blocks dequantized, the output's decoded independently, every merged
+    value within half an FP4 step of base + delta (a correct merge passes, at 2 ranks); one output byte flipped in a
+    merged block: a mismatch, exit 1, the index renamed *.unverified."""
+    import argparse
+
+    from launch.dist import Dist
+    from convert.verify.merge import verify_merge_after
+
+    base, adapter, orig, _, _ = _mxfp4_gpt_oss(tmp_path, ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    p = _merge(base, adapter, tmp_path / "out", "--nproc", "2", "--verify")
+    assert "verify merge: OK" in p.stdout and "mxfp4: 45 requantized tensor(s)" in p.stdout, p.stdout
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    k = "model.layers.1.mlp.experts.down_proj_blocks"
+    shard = out / index["weight_map"][k]
+    with safe_open(str(shard), "pt") as f:
+        assert k in f.keys()
+    header = json.loads(shard.read_bytes()[8 : 8 + int.from_bytes(shard.read_bytes()[:8], "little")])
+    at = 8 + int.from_bytes(shard.read_bytes()[:8], "little") + header[k]["data_offsets"][0] + 3 * 16 * 2 + 5
+    data = bytearray(shard.read_bytes())
+    data[at] ^= 0x77  # both nibbles of one byte of expert 0's blocks
+    shard.write_bytes(bytes(data))
+    args = argparse.Namespace(src=str(base), adapter=str(adapter), dst=str(out), storage_options={}, family=None)
+    assert verify_merge_after(args, Dist(0, 1)) == 1
+    err = capsys.readouterr().err
+    assert "mismatch:" in err and "down_proj_blocks" in err and "half an FP4 step" in err, err
+    assert not (out / "model.safetensors.index.json").exists()
+    assert (out / "model.safetensors.index.json.unverified").exists()
+
+
 def test_mxfp4_gpt_oss_base_merged_into_bf16(tmp_path):
     """--dtype bf16 on an MXFP4 base: every expert layer written in gpt-oss's native bf16 layout (merged in float32
     where the adapter has LoRA, dequantized elsewhere), quantization_config dropped, loadable by transformers."""
     base, adapter, orig, ref, merged = _mxfp4_gpt_oss(tmp_path, ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    _merge(base, adapter, tmp_path / "out", "--dtype", "bf16")
+    p = _merge(base, adapter, tmp_path / "out", "--dtype", "bf16", "--verify")
+    assert "verify merge: OK" in p.stdout, p.stdout + p.stderr
     out = load_dir(tmp_path / "out")
     assert not any(k.endswith(("_blocks", "_scales")) for k in out)
     assert "quantization_config" not in json.loads((tmp_path / "out/config.json").read_text())

@@ -9,7 +9,8 @@ layout. A tensor the adapter does not touch is a byte copy (or a cast) of the ba
   one compute piece per run of experts of one EP slice and one set of base tensors (a weight and its
   quantization scales), reading each expert's base bytes and its A_e / B_e bytes wherever the adapter's
   layout holds them (`Factor`: a per-expert tensor, rows of a folded peft lora_A, a slice of a 3-D
-  factor, or the whole expert-minor peft lora_B, read once per piece). The base bytes are decoded into
+  factor, or the whole peft lora_B, read once per piece; peft wrappers in any packing detect_expert_lora
+  reads: today's or the older orientation, rank-major or expert-major lora_B). The base bytes are decoded into
   per-expert role tensors by the family's ops (transforms.decode), merged, and encoded back.
 - other LoRA modules (attention, router, dense MLP): the base tensor the module's `.weight` names, in row
   chunks (a quantized one whole).
@@ -31,7 +32,7 @@ family tables.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from convert.errors import ConversionError
@@ -39,6 +40,7 @@ from convert.families import Family
 from convert.formats.adapter_layouts import PEFT_PREFIX, ExpertLoraGroup, detect_expert_lora, fused_order
 from convert.formats.adapter_source import AdapterSource
 from convert.formats.checkpoint import Checkpoint, TensorRef
+from convert.formats.lora_producers import IN_OUT, RANK_MAJOR
 from convert.formats.safetensors import DTYPE_SIZES, numel
 from convert.io.sources import source_file
 from convert.plan.adapter_names import MODEL, KeyNames, expert_prefix, source_naming
@@ -80,8 +82,10 @@ class Factor:
     kind: "each" (one read per expert of the run, `read + e - first`: a per-expert tensor, or a module's
     whole factor), "run" (one read of [n, *slice] for experts first..first+n-1 of a 3-D factor or of a
     folded peft lora_A viewed [n, r, in]; `shared`: one slice for every expert), "minor" (the whole peft
-    lora_B [out, r*E], expert e at `.view(out, r, E)[:, :, e]`). `transpose`: the slice is [in, r] / [r, out]
-    (NeMo grouped); a B holding several roles keeps role `part` of `parts` (halves, or rows part::parts).
+    lora_B [out, r*E], expert e at `.view(out, r, E)[:, :, e]`), "major" (a whole expert-major lora_B
+    [out, E*r], expert e at `.view(out, E, r)[:, e, :]`). `transpose`: the slice is [in, r] / [r, out]
+    (NeMo grouped; the older peft orientation, whose lora_A rows are B_e^T and lora_B columns A_e^T); a B
+    holding several roles keeps role `part` of `parts` (halves, or rows part::parts), after the transpose.
     """
 
     read: int
@@ -103,6 +107,9 @@ class Factor:
         elif self.kind == "run":
             whole = from_bytes(bufs[self.read], self.dtype, self.shape)
             x = whole[0 if self.shared else e - self.first]
+        elif self.kind == "major":
+            whole = from_bytes(bufs[self.read], self.dtype, self.shape)
+            x = whole.view(whole.shape[0], self.experts, whole.shape[1] // self.experts)[:, e, :]
         else:
             whole = from_bytes(bufs[self.read], self.dtype, self.shape)
             x = whole.view(whole.shape[0], whole.shape[1] // self.experts, self.experts)[:, :, e]
@@ -388,8 +395,13 @@ def _factors(g: ExpertLoraGroup, adapter: AdapterSource, role: str, run: range, 
         ia = reads.add(_adapter_read(a, e0 * r * row, (e0 + n) * r * row))
         ib = reads.add(_adapter_read(b))
         E_b = b.info.shape[1] // r
-        return (Factor(ia, a.info.dtype, (n, r, a.info.shape[1]), "run", first=e0),
-                Factor(ib, b.info.dtype, b.info.shape, "minor", experts=E_b, **split))
+        rows = Factor(ia, a.info.dtype, (n, r, a.info.shape[1]), "run", first=e0)
+        cols = Factor(ib, b.info.dtype, b.info.shape, "minor" if g.b_order == RANK_MAJOR else "major", experts=E_b)
+        if g.orientation == IN_OUT:  # peft >= 0.19.1: lora_A rows are A_e [r, in], lora_B columns B_e [out, r]
+            return rows, replace(cols, **split)
+        # older shapes: delta_e = (B_e @ A_e)^T = A_e^T @ B_e^T: the lora_B columns [in, r] transposed are the A
+        # factor, the lora_A rows [r, out] transposed the B factor (the roles split on its out rows)
+        return replace(cols, transpose=True), replace(rows, transpose=True, **split)
     transpose = g.pattern == "grouped"
     out = []
     for ref, extra in ((a, {}), (b, split)):
@@ -467,7 +479,8 @@ def plan_merge(ckpt: Checkpoint, family: Family, adapter: AdapterSource, dtype: 
 
     saved = saved_modules(adapter)
     lora_infos = {n: i for n, i in adapter.infos.items() if n not in saved}
-    lora_groups, others = detect_expert_lora(lora_infos, adapter.config, ckpt.config, adapter.display())
+    lora_groups, others = detect_expert_lora(lora_infos, adapter.config, ckpt.config, adapter.display(),
+                                             packings=True)
     names = KeyNames(lfam, source_naming(lfam, lora_groups, list(lora_infos)), MODEL)
     order = fused_order(lfam)
     pairs = {w: f"{w}{sfx}" for sfx in qfamily.companions_in(ckpt.tensors) for w in family.roles

@@ -7,8 +7,13 @@ LoRA'd layer and every other LoRA module: `merged` must be `base + delta` within
 dtype (the merge rounds once from float32). FP8 block-scaled weights are dequantized on both sides by the
 128x128 formula; the merged value must be within one FP8 step (of its fresh block scale) of base + delta, and
 how much of each delta survived the requantization is reported (`survived`: the share of the delta's
-projection the requantized weight keeps; `rel_err`: |Q(W + delta) - (W + delta)| / |W + delta|). Every
-other tensor must be byte-identical (or the exact cast, with --dtype). Ranks split the work item by item.
+projection the requantized weight keeps; `rel_err`: |Q(W + delta) - (W + delta)| / |W + delta|). MXFP4 expert
+weights (gpt-oss as released, merged without --dtype): the base's blocks dequantized (convert.plan.dequant), the
+output's decoded here from the MXFP4 definition (FP4 E2M1 nibbles, low nibble first, E8M0 block scales), each
+merged value within half an FP4 step (of its block's output scale) of base + delta, the survival reported too;
+with --dtype every expert layer, in the target family's layout, within one ulp of the dequantized base (+ delta),
+its cast roles (biases) the exact cast. The adapter's roles are those of the family the MXFP4 one dequantizes
+to. Every other tensor must be byte-identical (or the exact cast, with --dtype). Ranks split the work item by item.
 """
 
 from __future__ import annotations
@@ -20,14 +25,14 @@ from typing import Any
 import torch
 
 from convert.errors import ConversionError
-from convert.families import Family, detect_family
+from convert.families import Family, detect_family, load_families
 from convert.formats.adapter_layouts import PEFT_PREFIX, detect_expert_lora
 from convert.formats.checkpoint import INDEX_NAME
 from convert.formats.safetensors import TensorInfo
 from convert.io.storage import Storage
 from convert.plan.adapter_names import MODEL, KeyNames, source_naming
 from convert.verify.adapter import (
-    ADAPTER_CONFIG, ADAPTER_INDEX, ADAPTER_WEIGHTS, cut_factor, layer_key, lora_side, module_scale,
+    ADAPTER_CONFIG, ADAPTER_INDEX, ADAPTER_WEIGHTS, LoraSide, cut_factor, layer_key, lora_side, module_scale,
 )
 from convert.verify.base import _side, classify
 from convert.verify.checks import read_stored
@@ -37,7 +42,9 @@ from launch.dist import Dist
 CHUNK = 8 << 20
 F32_EPS = 2.0 ** -24  # the merge computes in float32: its rounding beside the output's one ulp
 MANTISSA = {"F64": 53, "F32": 24, "F16": 11, "BF16": 8}
-WARN_SURVIVED = 0.5  # a requantized delta keeping less than half of itself is mostly below the FP8 step
+WARN_SURVIVED = 0.5  # a requantized delta keeping less than half of itself is mostly below the quantization step
+# FP4 E2M1 magnitudes of codes 0..7 (bit 3 is the sign): the OCP Microscaling (MX) spec, independent of the planner's
+FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def ulp(x: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -59,6 +66,24 @@ def dequant(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> tor
     bm, bn = block
     s = scale.double().repeat_interleave(bm, 0)[: w.shape[0]].repeat_interleave(bn, 1)[:, : w.shape[1]]
     return w.double() * s
+
+
+def mxfp4_values(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float64 values [..., G*32] of MXFP4 `blocks` U8 [..., G, 16] (two FP4 E2M1 codes a byte, the low nibble
+    first) under E8M0 `scales` U8 [..., G] (2 ** (s - 127))."""
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).reshape(*blocks.shape[:-1], 32).long()
+    mag = torch.tensor(FP4_E2M1, dtype=torch.float64)[codes & 7]
+    vals = torch.where((codes & 8) != 0, -mag, mag)
+    scale = torch.pow(torch.tensor(2.0, dtype=torch.float64), scales.double() - 127.0)
+    return (vals * scale.unsqueeze(-1)).reshape(*blocks.shape[:-2], blocks.shape[-2] * 32)
+
+
+def fp4_half_step(want: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Half the FP4 spacing at each value of `want` [..., G*32] under its block's E8M0 `scales` [..., G]: the spacing
+    is 0.5, 1 and 2 times the scale for |value| / scale in [0, 2), [2, 4) and [4, 6]."""
+    scale = torch.pow(torch.tensor(2.0, dtype=torch.float64), scales.double() - 127.0).repeat_interleave(32, dim=-1)
+    m = want.abs() / scale
+    return torch.where(m < 2, 0.25, torch.where(m < 4, 0.5, 1.0)) * scale
 
 
 def _block(config: dict[str, Any]) -> tuple[int, int]:
@@ -90,14 +115,35 @@ class MergeCheck:
         sfx = [s for s in plain.companions if any(n.endswith(s) for n in self.base_table.tensors)]
         self.family: Family = plain.with_companions(plain.companions_in(self.base_table.tensors)) if sfx else plain
         self.plain = plain
+        # an MXFP4 base (a family with quantization.dequantize): target role -> (blocks role, scales role); the
+        # adapter's LoRA has the target family's roles and names
+        self.mx: dict[str, tuple[str, str]] = dict(plain.dequantize[1]) if plain.dequantize else {}
+        lfam = plain
+        if plain.dequantize is not None:
+            lfam = load_families().get(plain.dequantize[0])  # type: ignore[assignment]
+            if lfam is None:
+                raise ConversionError(f"{plain.source}: quantization.dequantize names unknown family "
+                                      f"{plain.dequantize[0]!r}")
+        self.mx_cast: dict[str, str] = dict(plain.dequantize[2]) if plain.dequantize else {}
+        # --dtype on an MXFP4 base: every expert layer written in the target family's layout (no U8 blocks left)
+        self.mx_dtype = bool(self.mx) and not any(t.dtype == "U8" and n in self.dst_table.tensors
+                                                  for n, t in self.base_table.tensors.items())
         self.pairs = {w: f"{w}{s}" for s in self.family.companions_in(self.base_table.tensors) for w in plain.roles
                       if f"{w}{s}" in self.family.role_leaves}
         # --dtype on an FP8 base: the output holds every FP8 weight dequantized and none of the scale grids
         self.scales = {n + s: n for n, t in self.base_table.tensors.items() if t.dtype.startswith("F8_")
                        for s in plain.companions if n + s in self.base_table.tensors}
         self.dequant = bool(self.scales) and not any(n in self.dst_table.tensors for n in self.scales)
-        out_family = plain if self.dequant else self.family
+        out_family = plain if self.dequant else lfam if self.mx_dtype else self.family
+        base_layers, base_others = classify(self.base_table, self.family, rename=True)
+        dst_layers, _ = classify(self.dst_table, out_family, rename=True)
+        renamed: set[str] = set()  # MXFP4 --dtype: the expert tensors of both sides, checked expert by expert
+        if self.mx_dtype:
+            renamed = {st.name for lt in [*base_layers.values(), *dst_layers.values()]
+                       for st in [*lt.per_expert.values(), *lt.fused.values()]}
         for name, t in self.base_table.tensors.items():
+            if name in renamed and name not in self.dst_table.tensors:
+                continue
             d = self.dst_table.tensors.get(name)
             if d is None and self.dequant and name in self.scales:
                 continue
@@ -106,19 +152,19 @@ class MergeCheck:
             elif d.shape != t.shape:
                 self.problems.append(f"{dst.display(d.file)}: tensor {name!r} has shape {list(d.shape)}, the base "
                                      f"{list(t.shape)}")
-        for name in sorted(set(self.dst_table.tensors) - set(self.base_table.tensors)):
+        for name in sorted(set(self.dst_table.tensors) - set(self.base_table.tensors) - renamed):
             self.problems.append(f"{dst.display()}: tensor {name!r} is not in the base")
         counts = plain.role_experts(self.base_cfg, plain.num_experts(self.base_cfg, "config.json"), "config.json")
         counts.update({s: counts.get(w, 0) for w, s in self.pairs.items()})
-        base_layers, base_others = classify(self.base_table, self.family, rename=True)
-        dst_layers, _ = classify(self.dst_table, out_family, rename=True)
+        counts.update({t: counts.get(bl, 0) for t, (bl, _) in self.mx.items()})
+        counts.update({t: counts.get(src, 0) for t, src in self.mx_cast.items()})
         infos = {n: TensorInfo(n, t.dtype, t.shape, t.start, t.end) for n, t in self.a_table.tensors.items()}
-        groups, others = detect_expert_lora(infos, self.a_cfg, self.base_cfg, adapter.display())
-        names = KeyNames(plain, source_naming(plain, groups, list(self.a_table.tensors)), MODEL)
+        groups, others = detect_expert_lora(infos, self.a_cfg, self.base_cfg, adapter.display(), packings=True)
+        names = KeyNames(lfam, source_naming(lfam, groups, list(self.a_table.tensors)), MODEL)
         self.items: list[tuple[Any, ...]] = []
         merged: set[str] = set()
         for g in groups:
-            layer = layer_key(names.canonical_module(g.prefix), plain)
+            layer = layer_key(names.canonical_module(g.prefix), lfam)
             layer = layer[len(PEFT_PREFIX):] if layer.startswith(PEFT_PREFIX) else layer
             if layer not in base_layers or layer not in dst_layers:
                 raise ConversionError(f"{adapter.display()}: expert LoRA of layer {layer!r} has no expert layer in "
@@ -128,9 +174,10 @@ class MergeCheck:
             if bside is None or dside is None:
                 self.problems += pb + pd
                 continue
-            side, pa = lora_side(g, self.a_table, self.a_cfg, plain, adapter.display())
+            side, pa = lora_side(g, self.a_table, self.a_cfg, lfam, adapter.display())
             self.problems += pa
-            roles = set(g.roles) | {self.pairs[r] for r in g.roles if r in self.pairs}
+            roles = set(g.roles) | {self.pairs[r] for r in g.roles if r in self.pairs} \
+                | {x for r in g.roles if r in self.mx for x in self.mx[r]}
             for held in (base_layers[layer].per_expert.items(), base_layers[layer].fused.items()):
                 for key, stored in held:
                     parts = [key[0]] if isinstance(key, tuple) else [
@@ -139,6 +186,19 @@ class MergeCheck:
                         merged.add(stored.name)
             for e in range(g.slots):
                 self.items.append(("expert", layer, e, bside, dside, side))
+        if self.mx_dtype:  # every other expert layer: dequantized into the target family's layout too
+            for layer in sorted(set(base_layers) - {it[1] for it in self.items}):
+                if layer not in dst_layers:
+                    self.problems.append(f"{dst.display()}: expert layer {layer!r} of the base is missing")
+                    continue
+                bside, pb = _side(self.family, layer, base_layers[layer], counts, base.display())
+                dside, pd = _side(out_family, layer, dst_layers[layer], counts, dst.display())
+                if bside is None or dside is None:
+                    self.problems += pb + pd
+                    continue
+                for e in range(max(counts.get(r, 0) for r in self.mx)):
+                    self.items.append(("expert", layer, e, bside, dside, LoraSide(())))
+            merged |= {n for n in renamed if n in self.base_table.tensors}
         base_by_model = {plain.to_model(n): n for n in base_others}
         for module in sorted({n.rsplit(".lora_", 1)[0] for n in others if ".lora_" in n}):
             target = base_by_model.get(names.canonical_module(module)[len(PEFT_PREFIX):] + ".weight")
@@ -181,13 +241,13 @@ class MergeCheck:
                 n = self.base_table.tensors[name].nbytes
                 for start in range(0, max(n, 1), CHUNK):
                     self.items.append(("copy", name, start, min(n, start + CHUNK)))
-        self.report: list[tuple[str, float, float]] = []
+        self.report: list[tuple[str, str, float, float]] = []  # (format, tensor, survived, rel_err)
 
     def _layout(self, template: str) -> str:
         return next((lay for lay, ts in self.family.fused.items() if any(t.template == template for t in ts)), "")
 
-    def run(self, rank: int, world: int) -> tuple[list[str], list[tuple[str, float, float]], int]:
-        """Check this rank's share of the items; (problems, FP8 survival rows, items checked)."""
+    def run(self, rank: int, world: int) -> tuple[list[str], list[tuple[str, str, float, float]], int]:
+        """Check this rank's share of the items; (problems, FP8 / MXFP4 survival rows, items checked)."""
         problems: list[str] = []
         mine = self.items[rank::world]
         for item in mine:
@@ -221,11 +281,37 @@ class MergeCheck:
         dd = float((delta * delta).sum())
         survived = float(((got - base) * delta).sum()) / dd if dd > 0 else 1.0
         rel = float((got - want).norm() / want.norm().clamp(min=1e-300))
-        self.report.append((what, survived, rel))
+        self.report.append(("fp8", what, survived, rel))
         if bool(bad.any()):
             i = int(bad.reshape(-1).nonzero()[0])
             return [f"{what}: element {i} is {float(got.reshape(-1)[i])}, base + delta is {float(want.reshape(-1)[i])} "
                     f"(more than one FP8 step of its block apart; {int(bad.sum())} elements)"]
+        return []
+
+    def _check_mxfp4(self, what: str, wb: torch.Tensor, ws: torch.Tensor, mb: torch.Tensor, ms: torch.Tensor,
+                     delta: torch.Tensor, slack: torch.Tensor | float) -> list[str]:
+        """MXFP4 blocks/scales of the base (`wb`, `ws`) and the output (`mb`, `ms`), one expert's [out, G, 16] /
+        [out, G]: every output value within half an FP4 step (of its block's output scale) of base + delta, plus
+        the float32 merge's own rounding (`slack`, and the base's float32 eps)."""
+        from convert.plan.dequant import mxfp4_dequantize
+
+        base = mxfp4_dequantize(wb, ws).double()
+        if base.shape != delta.shape:
+            return [f"{what}: the MXFP4 weight is {list(base.shape)} [out, in], the LoRA delta {list(delta.shape)}"]
+        want = base + delta
+        got = mxfp4_values(mb, ms)
+        tol = fp4_half_step(want, ms) + slack + base.abs() * F32_EPS * 2
+        diff = (got - want).abs()
+        bad = diff > tol * 1.0001
+        dd = float((delta * delta).sum())
+        survived = float(((got - base) * delta).sum()) / dd if dd > 0 else 1.0
+        rel = float((got - want).norm() / want.norm().clamp(min=1e-300))
+        self.report.append(("mxfp4", what, survived, rel))
+        if bool(bad.any()):
+            i = int(bad.reshape(-1).nonzero()[0])
+            return [f"{what}: element {i} is {float(got.reshape(-1)[i])}, base + delta is {float(want.reshape(-1)[i])} "
+                    f"(more than half an FP4 step of its block's scale apart; {int(bad.sum())} elements; max abs "
+                    f"diff {float(diff.max()):.3g})"]
         return []
 
     def _expert(self, layer: str, e: int, bside: Any, dside: Any, side: Any) -> list[str]:
@@ -239,8 +325,11 @@ class MergeCheck:
         b = bside.load(self.base, e)
         m = dside.load(self.dst, e)
         problems: list[str] = []
+        if self.mx_dtype:
+            return self._mx_dequantized(e, b, m, deltas, slack)
+        mx_merged = {x for r, (d, _) in deltas.items() if d is not None and r in self.mx for x in self.mx[r]}
         for role, (raw, name) in b.items():
-            if role in deltas or role in self.pairs.values():
+            if role in deltas or role in self.pairs.values() or role in mx_merged:
                 continue
             if self.dequant and role in self.pairs:  # dequantized: the 128x128 formula, rounded once
                 problems += self._check(f"{self.dst.display()}: tensor {m[role][1]!r} expert {e} {role} (no LoRA)",
@@ -256,6 +345,12 @@ class MergeCheck:
         for role, (delta, module) in deltas.items():
             if delta is None:
                 continue
+            if role in self.mx:
+                bl, sc = self.mx[role]
+                problems += self._check_mxfp4(f"{self.dst.display()}: tensor {m[bl][1]!r} expert {e} {role}",
+                                              b[bl][0].tensor(), b[sc][0].tensor(), m[bl][0].tensor(),
+                                              m[sc][0].tensor(), delta, slack.get(role, 0.0))
+                continue
             what = f"{self.dst.display()}: tensor {m[role][1]!r} expert {e} {role}"
             if role in self.pairs and self.dequant:
                 w = dequant(b[role][0].tensor(), b[self.pairs[role]][0].tensor(), self.block)
@@ -268,6 +363,35 @@ class MergeCheck:
             else:
                 problems += self._check(what, b[role][0].tensor(), m[role][0].tensor(), delta, m[role][0].dtype,
                                         slack.get(role, 0.0) + b[role][0].tensor().double().abs() * F32_EPS)
+        return problems
+
+    def _mx_dequantized(self, e: int, b: dict[str, Any], m: dict[str, Any], deltas: dict[str, Any],
+                        slack: dict[str, Any]) -> list[str]:
+        """--dtype on an MXFP4 base, expert e: each target role the base's blocks dequantized (plus its delta), rounded
+        once to the output dtype; each cast role (the biases) the base's exact cast."""
+        from convert.plan.dequant import mxfp4_dequantize
+
+        problems: list[str] = []
+        for role, (bl, sc) in self.mx.items():
+            if role not in m:
+                problems.append(f"{self.dst.display()}: expert {e} {role}: not in the output")
+                continue
+            got, name = m[role]
+            w = mxfp4_dequantize(b[bl][0].tensor(), b[sc][0].tensor()).double()
+            delta = deltas.get(role, (None, ""))[0]
+            what = f"{self.dst.display()}: tensor {name!r} expert {e} {role}" + ("" if delta is not None else " (no LoRA)")
+            if w.shape != got.shape:
+                problems.append(f"{what}: shape {list(got.shape)}, the dequantized base {list(w.shape)}")
+                continue
+            problems += self._check(what, w, got.tensor(), delta if delta is not None else torch.zeros(()), got.dtype,
+                                    slack.get(role, 0.0) + w.abs() * F32_EPS * 2 if delta is not None else 0.0)
+        for role, src in self.mx_cast.items():
+            if role not in m or src not in b:
+                problems.append(f"{self.dst.display()}: expert {e} {role}: not in the output")
+                continue
+            got, name = m[role]
+            if not torch.equal(b[src][0].tensor().to(torch_dtype(got.dtype)), got.tensor()):
+                problems.append(f"{self.dst.display()}: tensor {name!r} expert {e} {role}: not the base's cast")
         return problems
 
     def _load(self, table: Table, storage: Storage, name: str) -> torch.Tensor:
@@ -341,13 +465,15 @@ def verify_merge(base: str, adapter: str, dst: str, storage_options: dict[str, A
     rows = [r for _, rs, _ in gathered for r in rs]
     total = sum(n for _, _, n in gathered)
     lines = [f"verify merge: {total} items checked ({len(check.items)} planned) on {dist.world_size} rank(s)"]
-    for what, survived, rel in sorted(rows):
-        flag = "  warning: the delta is mostly below the FP8 quantization step" if survived < WARN_SURVIVED else ""
-        lines.append(f"  fp8 requantized {what}: delta survived {survived:.3f}, rel_err {rel:.3g}{flag}")
-    if rows:
-        worst = min(r[1] for r in rows)
-        lines.append(f"  fp8: {len(rows)} requantized tensor(s), the least surviving delta {worst:.3f}"
-                     + (f"; {sum(r[1] < WARN_SURVIVED for r in rows)} mostly below the quantization step"
+    for fmt, what, survived, rel in sorted(rows):
+        flag = (f"  warning: the delta is mostly below the {fmt.upper()} quantization step"
+                if survived < WARN_SURVIVED else "")
+        lines.append(f"  {fmt} requantized {what}: delta survived {survived:.3f}, rel_err {rel:.3g}{flag}")
+    for fmt in sorted({r[0] for r in rows}):
+        mine = [r for r in rows if r[0] == fmt]
+        worst = min(r[2] for r in mine)
+        lines.append(f"  {fmt}: {len(mine)} requantized tensor(s), the least surviving delta {worst:.3f}"
+                     + (f"; {sum(r[2] < WARN_SURVIVED for r in mine)} mostly below the quantization step"
                         if worst < WARN_SURVIVED else ""))
     lines += [f"mismatch: {p}" for p in problems[:50]]
     if len(problems) > 50:
