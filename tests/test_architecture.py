@@ -89,3 +89,16 @@ def test_dependencies_point_down():
 
 def test_the_checker_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_every_environment_variable_is_documented():
+    """docs/ENVIRONMENT.md lists exactly the MOE_CONVERT_* variables the code reads."""
+    import re
+
+    used = set()
+    for top in ("convert", "launch", "sharding"):
+        for path in (REPO / top).rglob("*.py"):
+            used |= set(re.findall(r"MOE_CONVERT_[A-Z0-9_]+", path.read_text()))
+    documented = set(re.findall(r"`(MOE_CONVERT_[A-Z0-9_]+)`", (REPO / "docs" / "ENVIRONMENT.md").read_text()))
+    assert used - documented == set(), f"read by the code but not in docs/ENVIRONMENT.md: {sorted(used - documented)}"
+    assert documented - used == set(), f"in docs/ENVIRONMENT.md but read nowhere: {sorted(documented - used)}"
