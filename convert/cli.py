@@ -23,12 +23,14 @@ def base_parser(prog: str, description: str, names: bool = True) -> argparse.Arg
     """Parser with the flags every conversion takes (`names`: with --names, the tensor names written)."""
     p = ToolParser(prog=prog, description=description)
     p.add_argument("--src", required=True, help="source directory or fsspec URL")
-    p.add_argument("--dst", required=True, help="destination directory or fsspec URL (must be empty or absent)")
+    p.add_argument("--dst", required=True, help="destination directory or fsspec URL: absent or empty, or this same "
+                   "job's unfinished output (resumed)")
     p.add_argument("--ep", type=positive_int, default=None, help="number of expert slices (default: world size); may exceed it")
     p.add_argument("--max-shard-size", default="5GB", type=size_arg, help="largest output shard (default 5GB)")
     p.add_argument("--dtype", default="keep", choices=sorted(DTYPE_NAMES), help="cast floating tensors (default keep)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (files, bytes and memory per rank) and exit")
-    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --dst: its old index, config and safetensors files are removed first")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier moe-convert output in --dst: only the files it wrote, "
+                   "exactly as it left them, are removed first (anything else there is refused)")
     p.add_argument("--family", default=None, help="model family (default: from config.json model_type)")
     p.add_argument("--base-config", default=None, metavar="CONFIG_JSON",
                    help="the model's config.json (path or URL) for a source without one, such as a trainer's "

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", "--src", dest="src", required=True,
                    help="the base checkpoint directory or fsspec URL (a batch manifest's `src`)")
     p.add_argument("--adapter", required=True, help="the LoRA adapter directory or fsspec URL")
-    p.add_argument("--dst", required=True, help="destination directory or fsspec URL (must be empty or absent)")
+    p.add_argument("--dst", required=True, help="destination directory or fsspec URL: absent or empty, or this same "
+                   "job's unfinished output (resumed)")
     p.add_argument("--ep", type=positive_int, default=None, help="number of expert slices (default: world size)")
     p.add_argument("--dtype", default="keep", choices=sorted(DTYPE_NAMES),
                    help="cast every floating output tensor (default keep: the base's dtypes)")
