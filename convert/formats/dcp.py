@@ -211,10 +211,10 @@ def read_dcp(storage: Any, file_sizes: dict[str, int]) -> DcpSource:
     for idx, sinfo in storage_data.items():
         offset = getattr(idx, "offset", None)
         info[(getattr(idx, "fqn", ""), tuple(offset) if offset is not None else ())] = sinfo
-    tensor_fqns = [f for f, e in entries.items() if getattr(e, "kind", "") == "TensorStorageMetadata"]
+    tensor_fqns = {f for f, e in entries.items() if getattr(e, "kind", "") == "TensorStorageMetadata"}
     planner = getattr(meta, "planner_data", None)
     keep, rest = model_entries(list(entries), planner if isinstance(planner, dict) else None)
-    non_tensor = sorted(f for f in keep.values() if f not in set(tensor_fqns))
+    non_tensor = sorted(f for f in keep.values() if f not in tensor_fqns)
     skipped = []
     if rest:
         skipped.append(f"{METADATA}: {sum(rest.values())} training-state entries not converted ("
@@ -245,8 +245,9 @@ def read_dcp(storage: Any, file_sizes: dict[str, int]) -> DcpSource:
                     f"bytes {sinfo.offset}..{end} (truncated file?)")
             todo.append((name, fqn, k, ch, sinfo))
 
-    pool_size = 32 if storage.remote else 8
-    with ThreadPoolExecutor(max_workers=max(1, min(pool_size, len(todo)))) as pool:
+    # An object store's reads wait on the network: many at once. Local reads are page-cache copies and the
+    # parsing holds the GIL: one thread (a pool's hand-offs cost more than they save).
+    with ThreadPoolExecutor(max_workers=max(1, min(32, len(todo)))) if storage.remote else _Inline() as pool:
         edges = edge_blocks(storage, [(t[4].relative_path, t[4].offset, t[4].offset + t[4].length) for t in todo], pool)
         found = list(pool.map(lambda t: _locate(storage, t[1], t[3], t[4], shapes[t[0]][1],
                                                 edges.get((t[4].relative_path, t[4].offset), [])), todo))
@@ -262,7 +263,20 @@ def read_dcp(storage: Any, file_sizes: dict[str, int]) -> DcpSource:
     return DcpSource(tensors, files, skipped)
 
 
-def edge_blocks(storage: Any, records: list[tuple[str, int, int]], pool: ThreadPoolExecutor,
+class _Inline:
+    """A stand-in for ThreadPoolExecutor that maps in the calling thread."""
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def map(self, fn: Any, items: Any) -> Any:
+        return map(fn, items)
+
+
+def edge_blocks(storage: Any, records: list[tuple[str, int, int]], pool: ThreadPoolExecutor | _Inline,
                 size: int = HEAD_BYTES) -> dict[tuple[str, int], list[tuple[int, bytes]]]:
     """The first and last `size` bytes of each record (file, start, end), read with one request per boundary
     between records that touch (a record's zip directory and the next one's data.pkl lie side by side).
