@@ -28,13 +28,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from convert.formats.checkpoint import INDEX_NAME, open_checkpoint
+from convert.formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from convert.formats.chunks import ChunkedTensor, ChunkedView
 from convert.formats.dcp import load_chunk
 from convert.plan.chunk_reads import localize
 from convert.errors import ConversionError, error_text, set_destination
 from convert.engine.executor import piece_memory, warm_up
-from convert.families import PER_EXPERT, detect_family
+from convert.families import PER_EXPERT, Family, detect_family
 from convert.families.namings import apply_source_naming, output_layout
 from convert.plan.trainer_names import finish_plan
 from convert.formats.model_config import CONFIG_DTYPE_NAMES, config_bytes, read_base_config, with_dtype
@@ -171,15 +171,21 @@ def _plan_job(opts: JobOptions, dist: Dist, src: Storage, dst: Storage) -> JobSe
     return setup
 
 
-def _plan_source(opts: JobOptions, dist: Dist, src: Storage) -> JobSetup:
-    """The job's plan from the source's metadata (resuming left False: _plan_job decides it)."""
+def open_source(src: Storage, opts: JobOptions) -> tuple[Checkpoint, Family]:
+    """The source checkpoint's metadata, its config taken from --base-config where given, and its family.
+    Raises ConversionError where the source has no config.json and no --base-config gives one."""
     ckpt = open_checkpoint(src)
     if opts.base_config:
         ckpt.config = read_base_config(opts.base_config, opts.storage_options)
     elif not ckpt.config:
         raise ConversionError(f"{src.display()}: has no config.json ({ckpt.container} source); pass the model's "
                               "config.json with --base-config")
-    family = detect_family(ckpt.config, src.display("config.json"), opts.family)
+    return ckpt, detect_family(ckpt.config, src.display("config.json"), opts.family)
+
+
+def _plan_source(opts: JobOptions, dist: Dist, src: Storage) -> JobSetup:
+    """The job's plan from the source's metadata (resuming left False: _plan_job decides it)."""
+    ckpt, family = open_source(src, opts)
     ckpt, family, view = apply_source_naming(ckpt, family)  # trainer names read as HF names
     naming, wanted = output_layout(opts.names, opts.layout, family, ckpt.config, src.display("config.json"))
     if wanted is not None and wanted != PER_EXPERT and wanted not in family.fused:

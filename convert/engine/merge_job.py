@@ -14,13 +14,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from convert.engine.job import JobOptions, JobSetup, check_destination, choose_ep, describe, fingerprint, run_planned
+from convert.engine.job import (
+    JobOptions, JobSetup, check_destination, choose_ep, describe, fingerprint, open_source, run_planned,
+)
 from convert.engine.output_record import source_pins
-from convert.errors import ConversionError
-from convert.families import detect_family
 from convert.formats.adapter_source import open_adapter
-from convert.formats.checkpoint import INDEX_NAME, open_checkpoint
-from convert.formats.model_config import CONFIG_DTYPE_NAMES, config_bytes, read_base_config, with_dtype
+from convert.formats.checkpoint import INDEX_NAME
+from convert.formats.model_config import CONFIG_DTYPE_NAMES, config_bytes, with_dtype
 from convert.formats.shard_layout import keep_files, layout_files, weight_map
 from convert.io.storage import Storage
 from convert.plan.chunk_reads import localize
@@ -53,13 +53,7 @@ def plan_merge_job(opts: MergeJobOptions, dist: Dist) -> JobSetup:
 
 
 def _plan(opts: MergeJobOptions, dist: Dist, src: Storage, dst: Storage, adapter: Any) -> JobSetup:
-    ckpt = open_checkpoint(src)
-    if opts.base_config:
-        ckpt.config = read_base_config(opts.base_config, opts.storage_options)
-    elif not ckpt.config:
-        raise ConversionError(f"{src.display()}: has no config.json ({ckpt.container} source); pass the model's "
-                              "config.json with --base-config")
-    family = detect_family(ckpt.config, src.display("config.json"), opts.family)
+    ckpt, family = open_source(src, opts)
     requested = opts.ep or dist.world_size
     plan = plan_merge(ckpt, family, adapter, opts.dtype, requested)
     ep, ep_note = choose_ep(opts.ep, dist.world_size, plan.num_experts, src.display("config.json"))

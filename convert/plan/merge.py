@@ -171,6 +171,15 @@ def fp8_requantize(w: torch.Tensor, block: tuple[int, int], scale_dtype: torch.d
     return q, stored
 
 
+def _expert_roles(src: Sequence[Unit], bufs: Sequence[bytes | memoryview],
+                  shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """One expert's role tensors (per-expert orientation) from its bytes of each `src` unit."""
+    roles: dict[str, Any] = {}
+    for unit, buf in zip(src, bufs):
+        roles.update(decode(unit, buf, shapes))
+    return roles
+
+
 @dataclass(frozen=True)
 class MergeExperts:
     """A compute piece: a run of experts' base tensors (`src` units each, one read per unit and expert, then the
@@ -200,9 +209,7 @@ class MergeExperts:
         n = len(self.src)
         out: list[memoryview] = []
         for i, e in enumerate(self.experts):
-            roles: dict[str, Any] = {}
-            for unit, buf in zip(self.src, bufs[i * n : (i + 1) * n]):
-                roles.update(decode(unit, buf, shapes))
+            roles = _expert_roles(self.src, bufs[i * n : (i + 1) * n], shapes)
             for d in self.deltas:
                 w = roles[d.role]
                 scale = scale_of.get(d.role)
@@ -817,9 +824,7 @@ class MergeMxfp4:
         n = len(self.src)
         out: list[memoryview] = []
         for i, e in enumerate(self.experts):
-            roles: dict[str, Any] = {}
-            for unit, buf in zip(self.src, bufs[i * n : (i + 1) * n]):
-                roles.update(decode(unit, buf, shapes))
+            roles = _expert_roles(self.src, bufs[i * n : (i + 1) * n], shapes)
             values: dict[str, Any] = {}
             for d in self.deltas:
                 b, s = mx[d.role]
