@@ -321,3 +321,50 @@ def test_inspect_names_the_packing_and_the_fix(tmp_path):
     src, _ = _mb_adapter(tmp_path, None)
     proc = run_tool("convert.inspect", str(src), "--base-config", str(bc), "--json", check=False)
     assert "lora_B column order" in proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------- one module per layout and packing
+
+
+def test_every_layout_and_packing_is_a_module_of_its_own():
+    """Detection (convert.formats.adapter_layouts) and planning (convert.plan.adapter_layouts) list the same layouts;
+    each packing value of a peft wrapper is a module of convert.formats.lora_producers."""
+    from convert.formats.adapter_layouts import LAYOUTS, PATTERNS
+    from convert.formats.lora_producers import ORDERS, ORIENTATIONS
+    from convert.plan.adapter_layouts import FUSE, FUSED_LAYOUTS, SPLIT
+
+    assert [m.NAME for m in LAYOUTS] == list(PATTERNS) == ["per_expert", "peft_target_parameters", "shared_w123", "grouped"]
+    assert all(m.__name__.rsplit(".", 1)[-1] == m.NAME for m in LAYOUTS)
+    assert set(SPLIT) == set(PATTERNS) and FUSED_LAYOUTS == ("peft", "grouped", "shared_w123") == tuple(FUSE)
+    assert list(ORIENTATIONS) == ["in_out", "out_in"] and list(ORDERS) == ["rank_major", "expert_major"]
+    a, b = torch.arange(E * R * 4.0).reshape(E, R, 4), torch.arange(E * 6 * R * 1.0).reshape(6, E * R)
+    for order in ORDERS.values():  # B_e of expert 2, as each producer's formula reads it
+        want = b.reshape(6, R, E)[:, :, 2] if order.NAME == "rank_major" else b.reshape(6, E, R)[:, 2, :]
+        assert torch.equal(order.expert_columns(b, R, E)[2], want)
+    la, lb = ORIENTATIONS["out_in"].to_linear(a, b.reshape(6, R, E).permute(2, 0, 1))
+    assert torch.equal(lb[1] @ la[1], (b.reshape(6, R, E)[:, :, 1] @ a[1]).T)
+
+
+def test_fusing_another_packing_writes_a_config_that_names_peft_021s(tmp_path):
+    """split -> per-expert -> fuse --layout peft of a Megatron-Bridge export (marker grouped_by_expert, old shapes) and
+    of a peft 0.19.0 save: the output's adapter_config.json says rank_major / no peft_version, so every reader
+    (this tool included) reads the output as the packing it is."""
+    from convert.formats.adapter_layouts import detect_expert_lora
+    from convert.formats.adapter_source import open_adapter
+
+    bc = tmp_path / "config.json"
+    bc.write_text(json.dumps(base_config("qwen3_moe")))
+    src, want = _mb_adapter(tmp_path, "grouped_by_expert")
+    legacy = write_adapter(tmp_path / "legacy", _legacy_wrappers(5), _config(peft_version="0.19.0"))
+    for i, path in enumerate((src, legacy)):
+        _split(path, tmp_path / f"per{i}", True, "--base-config", str(bc))
+        run_tool("convert.fuse_adapter", "--src", str(tmp_path / f"per{i}"), "--dst", str(tmp_path / f"peft{i}"),
+                 "--layout", "peft", "--base-config", str(bc))
+        cfg = json.loads((tmp_path / f"peft{i}" / "adapter_config.json").read_text())
+        assert cfg.get("lora_B_layout") in (None, "rank_major") and "peft_version" not in cfg
+        s = open_adapter(str(tmp_path / f"peft{i}"), str(bc), None)
+        groups, _ = detect_expert_lora(s.infos, s.config, s.base_config, s.display())  # no packings needed
+        assert {(g.orientation, g.b_order) for g in groups} == {("in_out", "rank_major")}
+    got = _peft_021_deltas(tmp_path / "peft0")
+    for key, delta in want.items():
+        torch.testing.assert_close(got[key], delta.float(), rtol=1e-5, atol=1e-6)

@@ -140,6 +140,32 @@ def test_partial_layers_against_base_config(tmp_path):
     assert out["family_source"].startswith("model_type 'gpt_oss'")
 
 
+def test_store_settings_reach_every_store_opened(tmp_path, monkeypatch):
+    """The store settings given to inspect_path (what `python -m convert.inspect` reads from the environment)
+    reach every store it opens: the adapter's, --base-config's (adapter_dir.find_base_config) and the
+    conversion's look at the adapter (adapter_source.open_adapter). Real stores, only recorded as they open."""
+    from convert.io.storage.local_storage import LocalStorage
+    from convert.settings import StorageSettings
+
+    path = fx.write_adapter(tmp_path / "a", fx.shared_w123(L), fx.lora_config())
+    cfg = tmp_path / "base" / "config.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps(fx.base_config("gpt_oss", layers=3)))
+    opened: list[LocalStorage] = []
+    real_init = LocalStorage.__init__
+
+    def recorded(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(LocalStorage, "__init__", recorded)
+    settings = StorageSettings(retries=3, s3_conditional_reads=False)
+    assert settings != StorageSettings()
+    out = inspected(path, base_config=str(cfg), settings=settings)
+    assert (out["outcome"], out["family"]) == ("converted", "gpt_oss")
+    assert {s.url for s in opened} >= {str(path), str(cfg), str(cfg.parent)}
+    assert [s.url for s in opened if s.settings is not settings] == []
+
 def test_grouped_nemo_native(tmp_path):
     """NeMo AutoModel grouped native expert LoRA."""
     path = fx.write_adapter(tmp_path / "g", {**fx.grouped(L), **fx.attention(L)}, fx.lora_config())
@@ -354,7 +380,7 @@ def real(tmp_path_factory):
 
 
 def test_real_peft_target_parameters(real):
-    from model_fixtures import E, LAYERS
+    from model_fixtures import LAYERS, E
 
     out = inspected(real / "peft_target_parameters")
     assert (out["kind"], out["family"], out["pattern"], out["outcome"]) == \

@@ -18,24 +18,39 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from convert.errors import ConversionError, StorageError, describe
+from convert.families import PER_EXPERT, Family, detect_family, find_family
+from convert.families.namings import HF, apply_source_naming
+from convert.flag_types import json_object
 from convert.formats.adapter_dir import (
-    ADAPTER_CONFIG, CONVERTED, PASSED_THROUGH, REFUSED, AdapterDir, Verdict, adapter_family, check_not_lora,
-    checkpoint_dirs, find_base_config, format_layers, is_lora, layer_of, lora_kind, lora_module, open_adapter_dir,
+    ADAPTER_CONFIG,
+    CONVERTED,
+    PASSED_THROUGH,
+    REFUSED,
+    AdapterDir,
+    Verdict,
+    adapter_family,
+    check_not_lora,
+    checkpoint_dirs,
+    find_base_config,
+    format_layers,
+    is_lora,
+    layer_of,
+    open_adapter_dir,
     sort_others,
     subdir_adapters,
 )
 from convert.formats.adapter_layouts import detect_expert_lora
-from convert.formats.checkpoint import OTHER_WEIGHTS, open_checkpoint
+from convert.formats.adapter_source import open_adapter
+from convert.formats.checkpoint import OTHER_WEIGHTS, Checkpoint, open_checkpoint
 from convert.formats.dcp import METADATA as DCP_METADATA
 from convert.formats.model_config import read_base_config
-from convert.errors import ConversionError, StorageError, describe
-from convert.plan.expert_groups import find_expert_groups
-from convert.plan.readers import ALLOW_FLAG, unread_per_expert
-from convert.families import PER_EXPERT, detect_family, find_family
-from convert.families.namings import HF, apply_source_naming
-from convert.flag_types import json_object
 from convert.formats.safetensors import TensorInfo, read_header
+from convert.inspect.targets import odd_packings, packing_fix, target_verdicts, words
 from convert.io.storage import Storage
+from convert.plan.expert_groups import ExpertGroup, find_expert_groups
+from convert.plan.readers import ALLOW_FLAG, unread_per_expert
+from convert.settings import Settings, StorageSettings
 from convert.toplevel import ToolParser, run_guarded
 
 BASE, ADAPTER, UNKNOWN = "base", "adapter", "unknown"
@@ -80,7 +95,8 @@ class Report:
     conversions: list[str] = field(default_factory=list)
     quantization: dict[str, Any] = field(default_factory=dict)  # base checkpoints: method, block size, scale dtype
     verdict: Verdict = field(default_factory=Verdict)
-    servers: dict[str, dict[str, Any]] = field(default_factory=dict)  # adapters: per target, would it load and why not
+    servers: dict[str, dict[str, Any]] = field(default_factory=dict)  # adapters: per target, what it does as is, the fix
+    producers: list[str] = field(default_factory=list)  # adapters: the producer-level layouts found (peft shapes, ...)
 
     def as_json(self) -> dict[str, Any]:
         """The report as one JSON-serialisable object with stable keys."""
@@ -141,34 +157,14 @@ def inspect_base(storage: Storage, files: list[str], subdirs: list[str], report:
     verdict = report.verdict
     where = storage.display()
     if not any(f.endswith(".safetensors") for f in files) and DCP_METADATA not in files:
-        ckpts = checkpoint_dirs(subdirs)
-        others = [f for f in files if OTHER_WEIGHTS.search(f)]
-        if ckpts:
-            verdict.refuse("checkpoints_only", f"{where}: no weights at the top level, only {', '.join(d + '/' for d in ckpts)}; "
-                           f"inspect one, e.g. `python -m convert.inspect {storage.display(ckpts[-1])}`")
-        elif others:
-            verdict.refuse("bin_only", f"{where}: no safetensors file, only {', '.join(others)}: "
-                           "save the checkpoint as safetensors first (`save_pretrained(..., safe_serialization=True)`)")
-        else:
-            verdict.refuse("no_weights", f"{where}: no weight files")
+        _refuse_without_weights(storage, files, subdirs, verdict)
         return
     try:
         ckpt = open_checkpoint(storage)
     except ConversionError as exc:
         verdict.refuse("invalid", str(exc))
         return
-    report.count_tensors({n: r.info for n, r in ckpt.tensors.items()})
-    held = Counter(r.file for r in ckpt.tensors.values())  # a chunked tensor counts in each file holding a chunk
-    for t in ckpt.chunked.values():
-        held.update({c.file for c in t.chunks})
-    report.files = {n: held[n] for n in sorted(ckpt.headers)}
-    report.container = ckpt.container
-    if ckpt.chunked:
-        report.container += f" ({len(ckpt.chunked)} of {len(ckpt.tensors)} tensors saved in chunks)"
-    for what in ckpt.skipped:
-        verdict.note("skipped_files", f"{what}")
-    for what in ckpt.notes:
-        verdict.note("training_state", f"{what}")
+    _describe_container(ckpt, report)
     if base_config:
         ckpt.config = read_base_config(base_config, storage_options)
     if not ckpt.config:
@@ -177,41 +173,17 @@ def inspect_base(storage: Storage, files: list[str], subdirs: list[str], report:
                           if ckpt.container != "safetensors" else ""))
         return
     try:
-        family = detect_family(ckpt.config, storage.display("config.json"))
-        report.family, report.family_source = family.name, find_family(ckpt.config)[1]
-        own_layouts = family.layouts  # --layout choices (a naming's layouts are written through --names)
-        ckpt, family, view = apply_source_naming(ckpt, family)  # a trainer's names read as HF names
-        report.names = view.naming.name if view.naming else HF
-        for line in view.notes():
-            verdict.note("trainer_names", line)
-        family = family.with_companions(family.companions_in(ckpt.tensors))
-        report.num_experts = family.num_experts(ckpt.config, storage.display("config.json"))
-        groups, _ = find_expert_groups(ckpt, family, report.num_experts)
+        ckpt, family, own_layouts, groups = _expert_layers(storage, ckpt, report)
     except ConversionError as exc:
         verdict.refuse("unsupported", str(exc))
         return
     if not groups:
         verdict.refuse("no_experts", f"{where}: no {family.name} expert tensors found (a dense model, or other key names)")
         return
+    _describe_groups(report, groups)
     layouts = [g.layout for g in groups]
-    report.layout = _set_layout(layouts)
-    report.layers["experts"] = sorted(x for x in (layer_of(g.prefix) for g in groups) if x is not None)
-    report.categories = {"expert": sum(len(g.per_expert) + len(g.fused) for g in groups)}
-    report.categories["other"] = report.tensors - report.categories["expert"]
-    for g in groups:
-        report.groups.append({
-            "prefix": g.prefix, "layer": layer_of(g.prefix), "layout": g.layout, "num_experts": g.num_experts,
-            "shapes": {r: list(s) for r, s in g.role_shape.items()}, "dtypes": sorted(set(g.role_dtype.values())),
-        })
     unread = unread_per_expert(family)
-    for target in own_layouts:
-        if all(lay == target for lay in layouts):
-            continue
-        if target == PER_EXPERT and unread is not None:  # refused without the flag (convert.plan.readers)
-            report.conversions.append(f"split_experts {ALLOW_FLAG} -> per-expert (no consumer reads it)")
-            continue
-        report.conversions.append("split_experts -> per-expert" if target == PER_EXPERT
-                                  else f"fuse_experts --layout {target}")
+    report.conversions += _base_conversions(own_layouts, layouts, unread is not None)
     report.quantization = _quantization(ckpt.config, family, groups)
     if report.quantization.get("dequantize"):
         report.conversions.append("--dtype bf16|fp16|fp32 (dequantize while converting)")
@@ -227,6 +199,84 @@ def inspect_base(storage: Storage, files: list[str], subdirs: list[str], report:
                 if PER_EXPERT in by_layout else "")
         verdict.note("unread_per_expert", f"no consumer reads the {unread.name} per-expert layout{held}; "
                                           f"{unread.source}: {unread.per_expert_note}")
+
+
+def _refuse_without_weights(storage: Storage, files: list[str], subdirs: list[str], verdict: Verdict) -> None:
+    """Refuse a directory without safetensors or DCP weights: naming the checkpoints below it, its other weight
+    files, or none."""
+    where = storage.display()
+    ckpts = checkpoint_dirs(subdirs)
+    others = [f for f in files if OTHER_WEIGHTS.search(f)]
+    if ckpts:
+        verdict.refuse("checkpoints_only", f"{where}: no weights at the top level, only {', '.join(d + '/' for d in ckpts)}; "
+                       f"inspect one, e.g. `python -m convert.inspect {storage.display(ckpts[-1])}`")
+    elif others:
+        verdict.refuse("bin_only", f"{where}: no safetensors file, only {', '.join(others)}: "
+                       "save the checkpoint as safetensors first (`save_pretrained(..., safe_serialization=True)`)")
+    else:
+        verdict.refuse("no_weights", f"{where}: no weight files")
+
+
+def _describe_container(ckpt: Checkpoint, report: Report) -> None:
+    """The report's tensor counts, files (with the tensors each holds) and container; the checkpoint's skipped
+    files and training state as notes."""
+    report.count_tensors({n: r.info for n, r in ckpt.tensors.items()})
+    held = Counter(r.file for r in ckpt.tensors.values())  # a chunked tensor counts in each file holding a chunk
+    for t in ckpt.chunked.values():
+        held.update({c.file for c in t.chunks})
+    report.files = {n: held[n] for n in sorted(ckpt.headers)}
+    report.container = ckpt.container
+    if ckpt.chunked:
+        report.container += f" ({len(ckpt.chunked)} of {len(ckpt.tensors)} tensors saved in chunks)"
+    for what in ckpt.skipped:
+        report.verdict.note("skipped_files", f"{what}")
+    for what in ckpt.notes:
+        report.verdict.note("training_state", f"{what}")
+
+
+def _expert_layers(storage: Storage, ckpt: Checkpoint,
+                   report: Report) -> tuple[Checkpoint, Family, tuple[str, ...], list[ExpertGroup]]:
+    """(the checkpoint read in HF names, its family with its quantization companions, the layouts --layout offers,
+    its expert layers), the report's family, names and E filled in; raises ConversionError where the family or E
+    cannot be told."""
+    family = detect_family(ckpt.config, storage.display("config.json"))
+    report.family, report.family_source = family.name, find_family(ckpt.config)[1]
+    own_layouts = family.layouts  # --layout choices (a naming's layouts are written through --names)
+    ckpt, family, view = apply_source_naming(ckpt, family)  # a trainer's names read as HF names
+    report.names = view.naming.name if view.naming else HF
+    for line in view.notes():
+        report.verdict.note("trainer_names", line)
+    family = family.with_companions(family.companions_in(ckpt.tensors))
+    report.num_experts = family.num_experts(ckpt.config, storage.display("config.json"))
+    groups, _ = find_expert_groups(ckpt, family, report.num_experts)
+    return ckpt, family, own_layouts, groups
+
+
+def _describe_groups(report: Report, groups: list[ExpertGroup]) -> None:
+    """The report's layout, expert layers, tensor kinds and one entry per expert layer."""
+    report.layout = _set_layout([g.layout for g in groups])
+    report.layers["experts"] = sorted(x for x in (layer_of(g.prefix) for g in groups) if x is not None)
+    report.categories = {"expert": sum(len(g.per_expert) + len(g.fused) for g in groups)}
+    report.categories["other"] = report.tensors - report.categories["expert"]
+    for g in groups:
+        report.groups.append({
+            "prefix": g.prefix, "layer": layer_of(g.prefix), "layout": g.layout, "num_experts": g.num_experts,
+            "shapes": {r: list(s) for r, s in g.role_shape.items()}, "dtypes": sorted(set(g.role_dtype.values())),
+        })
+
+
+def _base_conversions(own_layouts: tuple[str, ...], layouts: list[str], unread: bool) -> list[str]:
+    """The layout conversions of a checkpoint whose expert layers are in `layouts`: to each of `own_layouts` not
+    every layer is in (per-expert only with the flag where `unread`: no consumer reads it)."""
+    out: list[str] = []
+    for target in own_layouts:
+        if all(lay == target for lay in layouts):
+            continue
+        if target == PER_EXPERT and unread:  # refused without the flag (convert.plan.readers)
+            out.append(f"split_experts {ALLOW_FLAG} -> per-expert (no consumer reads it)")
+            continue
+        out.append("split_experts -> per-expert" if target == PER_EXPERT else f"fuse_experts --layout {target}")
+    return out
 
 
 def _quantization(config: dict[str, Any], family: Any, groups: list[Any]) -> dict[str, Any]:
@@ -258,7 +308,7 @@ def inspect_adapter(
     report.count_tensors(adir.tensors)
     if verdict.outcome == REFUSED or check_not_lora(adir, verdict):
         return
-    base_config, source = find_base_config(adir, base_config_path, storage_options)
+    base_config, source = find_base_config(adir, base_config_path, storage_options, storage.settings)
     family, how = adapter_family(base_config, source, adir.tensors, adir.config)
     report.family, report.family_source = (family.name if family else None), how
     if family and base_config:
@@ -272,77 +322,39 @@ def inspect_adapter(
         verdict.refuse("invalid_expert_lora", str(exc))
         return
     _describe_adapter(adir, report, groups, others, base_config)
-    report.servers = server_verdicts(report.family, adir.config, adir.tensors, adir.files, report.num_experts,
-                                     (base_config or {}).get("model_type"), storage.display())
+    src = None
+    if only_file is None:
+        try:
+            src = open_adapter(storage.url, base_config_path, storage_options, storage.settings)
+        except ConversionError:
+            src = None  # what stops it is reported above; no fix is planned
+    report.servers = target_verdicts(report.family, adir.config, adir.tensors, adir.files, report.num_experts,
+                                     (base_config or {}).get("model_type"), storage.display(), groups, src,
+                                     base_config_path)
     _packing_verdicts(report, groups, storage.display())
 
 
 def _packing_verdicts(report: Report, groups: list[Any], where: str) -> None:
     """Peft wrappers packed otherwise than peft 0.21 reads them (older shapes, expert-major lora_B): the
-    producer-level layout, what every target does with it as it is, and the command that fixes it."""
-    odd = [g for g in groups if g.pattern == "peft_target_parameters" and (g.orientation, g.b_order) != ("in_out", "rank_major")]
+    producer-level layout and the command that reads it exactly (per target: `servers`)."""
+    odd = odd_packings(groups)
     if not odd:
         return
-    fix = f"python -m convert.split_adapter --src {where} --dst OUT --target per-expert"
     report.verdict.add("expert_lora_packing", f"expert LoRA packed as {odd[0].producer} on layers "
-                       f"{format_layers([layer_of(g.prefix) for g in odd if layer_of(g.prefix) is not None])}: "
-                       f"servers and peft read peft 0.21's packing; fix: {fix}")
-    shapes_fit = all(g.orientation == "in_out" for g in odd)
-    for entry in report.servers.values():
-        if entry["loads"]:
-            entry["warnings"].append(
-                "expert LoRA packed as " + odd[0].producer + (
-                    ": its shapes are peft 0.21's, so it loads, with every expert's delta read from the wrong columns"
-                    if shapes_fit else ": read as peft 0.21's packing its shapes do not fit, or fit transposed"))
-        entry["fix"] = fix
+                       f"{format_layers(_layers(odd))}: "
+                       f"servers and peft read peft 0.21's packing; fix: {packing_fix(where)}")
 
 
-def server_verdicts(family: str | None, config: dict[str, Any], tensors: dict[str, TensorInfo], files: list[str],
-                    num_experts: int | None, model_type: str | None = None, where: str | None = None) -> dict[str, dict[str, Any]]:
-    """Per target (configs/targets): {"loads", "refusals", "warnings", "source"} of this adapter as is, for a base
-    model of `family` and (when known) config.json `model_type`. A target that loads the adapter without an error
-    and never applies some of its LoRA (`misnamed_dropped`: e.g. vLLM on peft's raw fused Mixtral adapter, whose
-    experts and router sit under `mlp.`, bench/results/CONSUMERS.md (c)) also gets "drops" (the findings),
-    "verdict" ("loads, and drops every expert and router delta") and "fix" (split_adapter for that target)."""
-    from convert.targets.check import REFUSE, WARN, check_adapter, dropped_modules
-    from convert.targets.rules import TARGETS, load_target
-
-    shapes = {n: (t.shape, t.dtype) for n, t in tensors.items()}
-    out: dict[str, dict[str, Any]] = {}
-    for name in TARGETS:
-        rules = load_target(name).for_family(family, model_type)
-        found = check_adapter(rules, config, shapes, files, num_experts)
-        refusals = [f.message for f in found if f.severity == REFUSE and not f.drop]
-        out[name] = {"loads": not refusals, "refusals": refusals,
-                     "warnings": [f.message for f in found if f.severity == WARN], "source": rules.source}
-        drops = [f.message for f in found if f.severity == REFUSE and f.drop]
-        if drops and not refusals:  # loads without an error, and never applies these modules' LoRA
-            out[name].update(drops=drops, verdict=_drop_verdict(dropped_modules(rules, shapes), shapes),
-                             fix=f"python -m convert.split_adapter --target {name} --src {where or 'SRC'} --dst OUT")
-    return out
-
-
-def _drop_verdict(dropped: list[str], tensors: dict[str, Any]) -> str:
-    """"loads, and drops every expert and router delta" (or "some", or the kinds it drops), from the LoRA modules
-    the target loads and never applies."""
-    def kind(module: str) -> str:
-        return "expert" if ".experts" in module + "." else lora_kind(module + ".lora_A.weight").removesuffix("_lora")
-
-    everything = {kind(lora_module(n)) for n in tensors if is_lora(n)}
-    held = Counter(kind(lora_module(n)) for n in tensors if is_lora(n) and n.endswith(".lora_A.weight"))
-    lost = Counter(kind(m) for m in dropped)
-    words = [("every " if lost[k] == held[k] else "some ") + k for k in ("expert", "router", "attention", "other")
-             if lost[k] and k in everything]
-    if len(words) == 2 and words[0].split()[0] == words[1].split()[0]:
-        words = [f"{words[0]} and {words[1].split()[1]}"]
-    return "loads, and drops " + ", ".join(words) + " delta"
+def _layers(groups: list[Any]) -> list[int]:
+    """The layers of the expert groups `groups` that sit in a numbered layer (in the groups' order)."""
+    return [x for x in (layer_of(g.prefix) for g in groups) if x is not None]
 
 
 def _describe_adapter(adir: AdapterDir, report: Report, groups: list[Any], others: list[str],
                       base_config: dict[str, Any] | None) -> None:
     verdict = report.verdict
     sorted_others = sort_others(adir.tensors, others)
-    expert_layers = sorted(x for x in (layer_of(g.prefix) for g in groups) if x is not None)
+    expert_layers = sorted(_layers(groups))
     report.categories = {"expert_lora": sum(len(g.tensors) for g in groups), **dict(sorted(sorted_others.counts.items()))}
     report.layers["experts"] = expert_layers
     for kind, layers in sorted(sorted_others.layers.items()):
@@ -363,6 +375,7 @@ def _describe_adapter(adir: AdapterDir, report: Report, groups: list[Any], other
             "rank": g.rank, "roles": list(g.roles), "dtypes": list(g.dtypes), "tensors": len(g.tensors),
             **({"producer": g.producer} if g.producer else {}),
         })
+    report.producers = list(dict.fromkeys(g.producer or g.pattern for g in groups))
 
     to_convert = [g for g in groups if g.pattern != PER_EXPERT]
     per_expert = [g for g in groups if g.pattern == PER_EXPERT]
@@ -372,7 +385,7 @@ def _describe_adapter(adir: AdapterDir, report: Report, groups: list[Any], other
             "expert_lora",
             f"expert LoRA, pattern {pattern}: E={_one(g.num_experts for g in gs)}, per-expert rank "
             f"{_one(g.rank for g in gs)}, roles {'/'.join(gs[0].roles)}, on layers "
-            f"{format_layers([layer_of(g.prefix) for g in gs if layer_of(g.prefix) is not None])}: "
+            f"{format_layers(_layers(gs))}: "
             "split_adapter converts it to per-expert",
         )
     if per_expert:
@@ -380,13 +393,13 @@ def _describe_adapter(adir: AdapterDir, report: Report, groups: list[Any], other
             "per_expert",
             f"expert LoRA already per-expert: E={_one(g.num_experts for g in per_expert)}, rank "
             f"{_one(g.rank for g in per_expert)}, on layers "
-            f"{format_layers([layer_of(g.prefix) for g in per_expert if layer_of(g.prefix) is not None])}: "
+            f"{format_layers(_layers(per_expert))}: "
             "split_adapter passes it through unchanged; fuse_adapter can fuse it",
         )
     for kind, count in sorted(sorted_others.counts.items()):
         modules = ", ".join(sorted(sorted_others.modules[kind]))
-        layers = sorted_others.layers.get(kind)
-        on = f" on layers {format_layers(layers)}" if layers else ""
+        kind_layers = sorted_others.layers.get(kind)
+        on = f" on layers {format_layers(kind_layers)}" if kind_layers else ""
         verdict.add(kind, f"{KIND_TEXT[kind]} ({modules}; {count} tensors){on}: passed through unchanged")
 
     if to_convert:
@@ -433,17 +446,19 @@ class PathError(Exception):
     """PATH (or --base-config) does not exist or cannot be read."""
 
 
-def inspect_path(path: str, base_config: str | None = None, storage_options: dict[str, Any] | None = None) -> Report:
+def inspect_path(path: str, base_config: str | None = None, storage_options: dict[str, Any] | None = None,
+                 settings: StorageSettings | None = None) -> Report:
     """Inspect the checkpoint or adapter at `path` (a directory, a .safetensors file, or an fsspec URL).
 
-    `base_config`: the base model's config.json for an adapter (path or URL). Returns the Report;
+    `base_config`: the base model's config.json for an adapter (path or URL). `settings`: the store settings
+    every store it opens gets (main reads them from the environment; None: the defaults). Returns the Report;
     raises PathError when `path` or `base_config` does not exist or cannot be read.
     """
     try:
-        storage = Storage(path, storage_options)
+        storage = Storage(path, storage_options, settings)
         if not storage.exists():
             raise PathError(f"{path}: does not exist")
-        if base_config and not Storage(base_config, storage_options).exists():
+        if base_config and not Storage(base_config, storage_options, settings).exists():
             raise PathError(f"--base-config {base_config}: does not exist")
         report = Report(path)
         only_file = None
@@ -452,7 +467,7 @@ def inspect_path(path: str, base_config: str | None = None, storage_options: dic
             if not name.endswith(".safetensors"):
                 report.verdict.refuse("not_a_checkpoint", f"{path}: is a file, not a directory or a .safetensors file")
                 return report
-            storage, only_file = Storage(parent or ".", storage_options), name
+            storage, only_file = Storage(parent or ".", storage_options, settings), name
         files, subdirs = storage.list_dir()
         try:
             _dispatch(storage, files, subdirs, report, base_config, storage_options, only_file)
@@ -486,23 +501,37 @@ def _dispatch(storage: Storage, files: list[str], subdirs: list[str], report: Re
 def render_text(report: Report) -> str:
     """The human-readable form of a report."""
     lines = [f"{report.path}: {report.kind}"]
-    if report.config:
-        c = report.config
-        lines.append("  adapter_config: " + ", ".join(f"{k}={json.dumps(c[k])}" for k in
-                                                      ("peft_type", "r", "lora_alpha", "use_rslora") if k in c))
-        for key in ("target_modules", "target_parameters", "modules_to_save"):
-            if c.get(key):
-                lines.append(f"    {key}: {json.dumps(c[key])}")
+    lines += _config_lines(report.config)
+    lines += _summary_lines(report)
+    lines += _group_lines(report.groups)
+    if report.quantization:
+        lines.append(_quantization_line(report.quantization))
+    lines += _outcome_lines(report)
+    lines += _server_lines(report.servers)
+    return "\n".join(lines)
+
+
+def _config_lines(c: dict[str, Any]) -> list[str]:
+    """An adapter's adapter_config.json keys (`c`, the report's config) as lines ([] without one)."""
+    if not c:
+        return []
+    lines = ["  adapter_config: " + ", ".join(f"{k}={json.dumps(c[k])}" for k in
+                                              ("peft_type", "r", "lora_alpha", "use_rslora") if k in c)]
+    lines += [f"    {key}: {json.dumps(c[key])}" for key in ("target_modules", "target_parameters", "modules_to_save")
+              if c.get(key)]
+    return lines
+
+
+def _summary_lines(report: Report) -> list[str]:
+    """The lines of what the report found that it has: family, container, layout, names, pattern, producers, E,
+    ranks, tensors and files, kinds, dtypes, layers."""
+    lines: list[str] = []
     if report.family or report.family_source:
         lines.append(f"  family: {report.family or 'unknown'} ({report.family_source})")
-    if report.container:
-        lines.append(f"  container: {report.container}")
-    if report.layout:
-        lines.append(f"  layout: {report.layout}")
-    if report.names:
-        lines.append(f"  names: {report.names}")
-    if report.pattern:
-        lines.append(f"  pattern: {report.pattern}")
+    named = (("container", report.container), ("layout", report.layout), ("names", report.names),
+             ("pattern", report.pattern))
+    lines += [f"  {label}: {value}" for label, value in named if value]
+    lines += [f"  producer layout: {producer}" for producer in report.producers]
     if report.num_experts is not None:
         lines.append(f"  experts (E): {report.num_experts}")
     if report.ranks:
@@ -514,11 +543,15 @@ def render_text(report: Report) -> str:
         lines.append("  kinds: " + ", ".join(f"{k} {n}" for k, n in report.categories.items() if n))
     if report.dtypes:
         lines.append("  dtypes: " + ", ".join(f"{d} x{n}" for d, n in report.dtypes.items()))
-    for key, layers in report.layers.items():
-        if layers:
-            lines.append(f"  layers ({key}): {format_layers(layers)}")
+    lines += [f"  layers ({key}): {format_layers(layers)}" for key, layers in report.layers.items() if layers]
+    return lines
+
+
+def _group_lines(groups: list[dict[str, Any]]) -> list[str]:
+    """One line per expert group outside a numbered layer, then one per distinct description with its layers."""
+    lines: list[str] = []
     runs: dict[str, list[int]] = {}  # one line per distinct group description, with its layers
-    for g in report.groups:
+    for g in groups:
         detail = f"rank {g['rank']}, roles {'/'.join(g['roles'])}" if "rank" in g else \
             ", ".join(f"{r} {s}" for r, s in g["shapes"].items())
         desc = f"{g.get('pattern') or g.get('layout')}, E={g['num_experts']}, {detail}"
@@ -526,14 +559,20 @@ def render_text(report: Report) -> str:
             lines.append(f"    {g['prefix']}: {desc}")
         else:
             runs.setdefault(desc, []).append(g["layer"])
-    lines += [f"    layers {format_layers(layers)}: {desc}" for desc, layers in runs.items()]
-    if report.quantization:
-        qz = report.quantization
-        block = "x".join(map(str, qz["block_size"])) if qz.get("block_size") else "?"
-        lines.append(f"  quantization: {qz.get('method')}, blocks {block}, scales {'/'.join(qz['scale_dtypes']) or '?'}"
-                     f" ({', '.join(qz['scales'])}); lossless conversions keep it"
-                     + ("; --dtype dequantizes" if qz.get("dequantize") else "; --dtype refused"))
-    lines.append(f"  outcome: {report.verdict.outcome}  [{', '.join(report.verdict.cases)}]")
+    return lines + [f"    layers {format_layers(layers)}: {desc}" for desc, layers in runs.items()]
+
+
+def _quantization_line(qz: dict[str, Any]) -> str:
+    """The report's quantization (`qz`) as one line."""
+    block = "x".join(map(str, qz["block_size"])) if qz.get("block_size") else "?"
+    return (f"  quantization: {qz.get('method')}, blocks {block}, scales {'/'.join(qz['scale_dtypes']) or '?'}"
+            f" ({', '.join(qz['scales'])}); lossless conversions keep it"
+            + ("; --dtype dequantizes" if qz.get("dequantize") else "; --dtype refused"))
+
+
+def _outcome_lines(report: Report) -> list[str]:
+    """The outcome with its cases, the conversions that apply, the reasons and the notes."""
+    lines = [f"  outcome: {report.verdict.outcome}  [{', '.join(report.verdict.cases)}]"]
     if report.conversions:
         lines.append("  conversions:")
         lines += [f"    {c}" for c in report.conversions]
@@ -541,15 +580,22 @@ def render_text(report: Report) -> str:
         lines.append("  conversions: none")
     lines += [f"  reason: {r}" for r in report.verdict.reasons]
     lines += [f"  note: {n}" for n in report.verdict.notes]
-    if report.servers:
-        lines.append("  servers (as is; docs/SERVERS.md):")
-        for name, v in report.servers.items():
-            lines.append(f"    {name}: " + (v.get("verdict") or ("loads" if v["loads"] else "refused")))
-            lines += [f"      drops: {m}" for m in v.get("drops", [])]
-            lines += [f"      fix: {v['fix']}" for _ in [0] if v.get("drops") and v.get("fix")]
-            lines += [f"      refused: {m}" for m in v["refusals"]]
-            lines += [f"      warning: {m}" for m in v["warnings"]]
-    return "\n".join(lines)
+    return lines
+
+
+def _server_lines(servers: dict[str, dict[str, Any]]) -> list[str]:
+    """What each server makes of the path as it is (the report's `servers`; [] without any)."""
+    if not servers:
+        return []
+    lines = ["  servers (as is; docs/SERVERS.md):"]
+    for name, v in servers.items():
+        lines.append(f"    {name}: {words(v)}  [{v['as_is']}]")
+        lines += [f"      drops: {m}" for m in v.get("drops", [])]
+        lines += [f"      refused: {m}" for m in v["refusals"]]
+        lines += [f"      warning: {m}" for m in v["warnings"]]
+        lines += [f"      fix: {v['fix']}"] if v.get("fix") else []
+        lines += [f"      no fix: {v['no_fix']}"] if v.get("no_fix") else []
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -560,10 +606,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-config", default=None, help="the base model's config.json (for adapters)")
     p.add_argument("--storage-options", type=json_object, default={}, help="JSON of fsspec options")
     args = p.parse_args(argv)
+    settings = Settings.from_env()  # the stores' knobs (settings.storage): read once, as the inspection starts
 
     def run() -> int:
         try:
-            report = inspect_path(args.path, args.base_config, args.storage_options)
+            report = inspect_path(args.path, args.base_config, args.storage_options, settings.storage)
         except PathError as exc:
             if args.json:
                 print(json.dumps({"path": args.path, "kind": UNKNOWN, "outcome": "error", "reasons": [str(exc)]}))

@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from convert.formats.adapter_layouts import pattern_value
 from convert.errors import ConversionError
+from convert.formats.adapter_layouts import pattern_value
 
 Scale = tuple[int, float]  # (r, lora_alpha)
 
@@ -86,12 +86,8 @@ def rebuild_patterns(
     ):
         preserved = {k: v for k, v in src_pat.items() if any(_matches(k, m) for m in kept)}
         own: dict[str, Any] = {}
-
-        def value(module: str) -> Any:
-            return pattern_value({**own, **preserved}, module, default)
-
         for mod in converted:
-            if value(mod.name) == mod.scale[pos]:
+            if pattern_value({**own, **preserved}, mod.name, default) == mod.scale[pos]:
                 continue
             for key in mod.keys:
                 hits = [m for m in want if _matches(key, m)]

@@ -134,66 +134,101 @@ def check_adapter(
     server = SERVER.get(rules.target, rules.target)
     family = _family(rules)
     out: list[Finding] = []
-
-    def refuse(msg: str, kind: str) -> None:
-        out.append(Finding(REFUSE, msg, kind))
-
     out += _config_findings(rules, config, server)
     out += _file_findings(rules, files, server)
+    lora, found = _tensor_findings(rules, tensors, server)
+    out += found
+    out += _module_findings(rules, family, lora, server)
+    out += _partner_findings(rules, lora, server)
+    out += _cover_findings(rules, config, lora, server)
+    out += _expert_findings(rules, config, lora, family, num_experts, server)
+    out += _rank_findings(rules, config, lora, num_experts, server)
+    return _collapse(out)
 
+
+def _tensor_findings(rules: TargetRules, tensors: dict[str, tuple[Shape, str]],
+                     server: str) -> tuple[dict[str, dict[str, Shape]], list[Finding]]:
+    """(LoRA module -> {"A": shape, "B": shape} of the adapter's `tensors`, the refusals of its other tensors:
+    DoRA magnitudes, NeMo grouped factors, LoRA biases and full tensors the target does not load)."""
     lora: dict[str, dict[str, Shape]] = defaultdict(dict)  # module -> {"A": shape, "B": shape}
+    out: list[Finding] = []
     for name, (shape, _dtype) in sorted(tensors.items()):
         m = _LORA.match(name) or _EMBED.match(name)
         if m:
             lora[m["module"]][m["ab"]] = tuple(shape)
             continue
-        if "lora_magnitude_vector" in name:
-            if not rules.dora:
-                refuse(f"{name}: a DoRA magnitude vector; {server} does not load DoRA adapters", "dora")
-            continue
-        if _GROUPED.search(name):
-            refuse(f"{name}: NeMo grouped expert LoRA; {server} loads {_layout_text(rules)}: convert it first "
-                   f"(split_adapter --target {rules.target})", "grouped")
-            continue
-        leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
-        if name.endswith(".bias") and ".lora_" in name:
-            refuse(f"{name}: a LoRA bias (lora_bias); {server} loads lora_A/lora_B weights only", "lora_bias")
-        elif rules.modules_to_save is not None and leaf not in rules.modules_to_save:
-            refuse(f"{name}: a full tensor (modules_to_save or not LoRA); {server} loads only LoRA pairs"
-                   + (f" and full modules {list(rules.modules_to_save)}" if rules.modules_to_save else ""), "full")
+        refusal = _tensor_refusal(rules, name, server)
+        if refusal is not None:
+            out.append(Finding(REFUSE, *refusal))
+    return lora, out
 
+
+def _tensor_refusal(rules: TargetRules, name: str, server: str) -> tuple[str, str] | None:
+    """(message, kind) of the refusal of tensor `name`, not a LoRA factor, by the target; None: it loads it."""
+    if "lora_magnitude_vector" in name:
+        if not rules.dora:
+            return f"{name}: a DoRA magnitude vector; {server} does not load DoRA adapters", "dora"
+        return None
+    if _GROUPED.search(name):
+        return (f"{name}: NeMo grouped expert LoRA; {server} loads {_layout_text(rules)}: convert it first "
+                f"(split_adapter --target {rules.target})", "grouped")
+    leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
+    if name.endswith(".bias") and ".lora_" in name:
+        return f"{name}: a LoRA bias (lora_bias); {server} loads lora_A/lora_B weights only", "lora_bias"
+    if rules.modules_to_save is not None and leaf not in rules.modules_to_save:
+        return (f"{name}: a full tensor (modules_to_save or not LoRA); {server} loads only LoRA pairs"
+                + (f" and full modules {list(rules.modules_to_save)}" if rules.modules_to_save else ""), "full")
+    return None
+
+
+def _module_findings(rules: TargetRules, family: Family | None, lora: dict[str, dict[str, Shape]],
+                     server: str) -> list[Finding]:
+    """The refusals of each LoRA module of `lora`: modules the target refuses, and names it would not apply."""
+    out: list[Finding] = []
     for module in sorted(lora):
         for rx, why in rules.refuse_modules:
             if re.search(rx, module + "."):
-                refuse(f"{module}: {why}", f"refuse:{rx}")
+                out.append(Finding(REFUSE, f"{module}: {why}", f"refuse:{rx}"))
         want = _misnamed(rules, family, module)
         if want is not None:
             out.append(Finding(REFUSE, f"{module}: {server} names this module {want} (family "
                                f"{family.name if family else '?'}, {rules.naming} names); under this name its LoRA "
                                + ("loads and is never applied" if rules.misnamed_dropped else "would not be applied"),
                                "name", drop=rules.misnamed_dropped))
+    return out
 
+
+def _partner_findings(rules: TargetRules, lora: dict[str, dict[str, Shape]], server: str) -> list[Finding]:
+    """The refusals of LoRA on a module without LoRA on the partners the target stacks it with (`needs_with`)."""
     by_parent: dict[str, set[str]] = defaultdict(set)  # parent module -> its leaves with LoRA
     for module in lora:
         parent, _, leaf = module.rpartition(".")
         by_parent[parent].add(leaf)
+    out: list[Finding] = []
     for parent, leaves in sorted(by_parent.items()):
         for leaf, partners in rules.needs_with:
             miss = [p for p in partners if leaf in leaves and p not in leaves]
             if miss:
                 out.append(Finding(REFUSE, f"{parent}.{leaf}: LoRA without LoRA on {miss} of the same layer; {server} "
                                            f"stacks them and fails to load", "with"))
+    return out
+
+
+def _cover_findings(rules: TargetRules, config: dict[str, Any], lora: dict[str, dict[str, Shape]],
+                    server: str) -> list[Finding]:
+    """Where the target finds LoRA buffers through target_modules: the refusals of modules (outside the experts)
+    whose leaf it does not list."""
     tm = config.get("target_modules")
-    if rules.target_modules_cover and isinstance(tm, list):
-        named = {str(t).rsplit(".", 1)[-1] for t in tm}
-        for module in sorted(lora):
-            leaf = module.rsplit(".", 1)[-1]
-            if ".experts." not in module + "." and leaf not in named:
-                out.append(Finding(REFUSE, f"{module}: its leaf {leaf!r} is not in target_modules {sorted(named)}; "
-                                           f"{server} finds a LoRA weight's buffer through target_modules", "cover"))
-    out += _expert_findings(rules, config, lora, family, num_experts, server)
-    out += _rank_findings(rules, config, lora, num_experts, server)
-    return _collapse(out)
+    if not (rules.target_modules_cover and isinstance(tm, list)):
+        return []
+    named = {str(t).rsplit(".", 1)[-1] for t in tm}
+    out: list[Finding] = []
+    for module in sorted(lora):
+        leaf = module.rsplit(".", 1)[-1]
+        if ".experts." not in module + "." and leaf not in named:
+            out.append(Finding(REFUSE, f"{module}: its leaf {leaf!r} is not in target_modules {sorted(named)}; "
+                                       f"{server} finds a LoRA weight's buffer through target_modules", "cover"))
+    return out
 
 
 def _collapse(findings: list[Finding]) -> list[Finding]:

@@ -11,6 +11,10 @@ Per family (tiny random models, tests/consumers/consumer_models.py; nothing down
     must equal peft's get_delta_weight for every expert, projection, router and attention module, and
     every other slot of the model must stay zero.
 (c) the raw peft adapter of (b) on Mixtral, unconverted: what vLLM does with it (see the test).
+(d) other producers' expert LoRA (issue 25): the adapter of (b) rewritten as peft < 0.19.1 / NeMo AutoModel's
+    legacy layout, Megatron-Bridge's packed export, Unsloth's expert-major lora_B, NeMo's grouped tensors, and
+    the shared-outer / Tinker 3-D w1/w2/w3 layouts, converted for vLLM: the slots must hold what the producer's
+    files mean, as in (b); and some of those files unconverted: what vLLM does with them.
 
 vLLM 0.32 on CPU cannot run a MoE forward with LoRA enabled, so (b) reads the slots instead of comparing
 outputs. Each engine runs in a fresh process (tests/consumers/vllm_probe.py): this process never imports vllm.
@@ -27,9 +31,9 @@ from typing import Any
 
 import pytest
 import torch
+from consumer_models import FAMILIES, build, vllm_name
 
 from adapter_fixtures import peft_expert_deltas
-from consumer_models import FAMILIES, build, vllm_name
 from helpers import run_tool
 
 pytestmark = pytest.mark.consumer
@@ -115,12 +119,14 @@ def make_peft_adapter(tmp_path: Path, family: str, r: int = 4, alpha: int = 6) -
     return peft_model, model_dir, adapter, model_dir / "config.json"
 
 
-def expected_slots(peft_model: Any, family: str) -> dict[tuple[str, str, int], torch.Tensor]:
-    """peft's deltas under vLLM's names: {(vLLM module, "gate"|"up"|"down"|"slice", expert or slice): delta}."""
+def expected_slots(peft_model: Any, family: str,
+                   experts: dict | None = None) -> dict[tuple[str, str, int], torch.Tensor]:
+    """peft's deltas under vLLM's names: {(vLLM module, "gate"|"up"|"down"|"slice", expert or slice): delta};
+    `experts` ({(layer, role, expert): delta}) replaces peft's expert deltas."""
     fam = FAMILIES[family]
     want: dict[tuple[str, str, int], torch.Tensor] = {}
     moe = "block_sparse_moe" if family == "mixtral" else "mlp"
-    for (layer, role, e), d in peft_expert_deltas(peft_model, fam.deltas_as).items():
+    for (layer, role, e), d in (experts or peft_expert_deltas(peft_model, fam.deltas_as)).items():
         want[(f"model.layers.{layer}.{moe}.experts", role, e)] = d.float()
     for name, module in peft_model.base_model.model.named_modules():
         if hasattr(module, "get_delta_weight") and getattr(module, "parameter_name", None) not in ("gate_up_proj", "down_proj"):
@@ -165,7 +171,7 @@ def compare(want: dict, held: dict) -> float:
     for key, d in want.items():
         got = held[key]
         assert got.shape == d.shape, (key, tuple(got.shape), tuple(d.shape))
-        torch.testing.assert_close(got, d, rtol=DELTA_RTOL, atol=DELTA_ATOL, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got, d, rtol=DELTA_RTOL, atol=DELTA_ATOL, msg=lambda m, key=key: f"{key}: {m}")
         diff = max(diff, (got - d).abs().max().item())
     stray = sorted(k for k, v in held.items() if k not in want and bool(v.abs().sum()))
     assert not stray, f"vLLM holds deltas nobody asked for: {stray[:6]}"
@@ -214,3 +220,124 @@ def test_raw_peft_mixtral_adapter_loads_and_vllm_silently_drops_every_expert_and
                             dropped_router_deltas=sum(1 for k in moe if k[1] == "slice"),
                             applied_attention_deltas=len(attention), max_abs_delta_diff=diff,
                             engine_load_s=res["load_s"], add_lora_s=res["add_lora_s"])
+
+
+# (d) other producers' expert-LoRA files (issue 25): the peft adapter of (b) rewritten as each producer writes it.
+# Orientation / column-order packings and NeMo's grouped tensors hold exactly peft's factors, so the expected deltas
+# are peft's get_delta_weight; the shared-factor layouts take one expert's factor as the shared one, so theirs are the
+# producer's expansion (tinker-cookbook 0.6.1 `expand_expert_lora_tensors`: the [1, ...] side broadcast, B[e] @ A[e]).
+SHARED = {"shared_outer": "AAB", "tinker_w123_one_expert_A": "AAA", "tinker_w123_one_expert_B": "BBB"}  # w1 w3 w2
+PRODUCERS = [("qwen3_moe", layout) for layout in ("peft_0_19_0_shapes", "megatron_bridge_packed",
+                                                  "unsloth_expert_major", "nemo_grouped", *SHARED)]
+PRODUCERS += [("mixtral", "peft_0_19_0_shapes"), ("gpt_oss", "unsloth_expert_major")]
+
+
+def producer_adapter(layout: str, adapter: Path, dst: Path) -> dict | None:
+    """Write the peft adapter `adapter` to `dst` with its expert LoRA as `layout`'s producer writes it (attention and
+    router LoRA unchanged); returns the expert deltas {(layer, role, expert): delta} where they are not peft's."""
+    from safetensors.torch import load_file
+
+    from adapter_fixtures import write_adapter
+
+    t = load_file(str(adapter / "adapter_model.safetensors"))
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    deltas = {}
+    for layer in range(2):
+        p = f"base_model.model.model.layers.{layer}.mlp.experts"
+        pairs = {}  # nest -> nn.Linear-form A [E, r, in], B [E, out, r] (peft: A.view(E, r, in), B.view(out, r, E))
+        for nest in ("base_layer.", ""):
+            a, b = t.pop(f"{p}.{nest}lora_A.weight"), t.pop(f"{p}.{nest}lora_B.weight")
+            num = a.shape[0] // cfg["r"]
+            pairs[nest] = a.reshape(num, cfg["r"], -1), b.reshape(b.shape[0], cfg["r"], num).permute(2, 0, 1)
+        for nest, (a, b) in pairs.items():
+            if layout in ("peft_0_19_0_shapes", "megatron_bridge_packed"):
+                # peft 0.19.0 (and Megatron-Bridge's _pack_target_parameter_adapter_weights): lora_A [E*r, out] = B_e^T
+                # stacked, lora_B [in, E*r] = A_e^T, its columns rank-major (peft) or expert-major (Megatron-Bridge)
+                t[f"{p}.{nest}lora_A.weight"] = b.transpose(1, 2).reshape(-1, b.shape[1])
+                cols = a.permute(2, 1, 0) if layout == "peft_0_19_0_shapes" else a.permute(2, 0, 1)
+                t[f"{p}.{nest}lora_B.weight"] = cols.reshape(a.shape[2], -1)
+            elif layout == "unsloth_expert_major":  # today's shapes, lora_B columns expert-major
+                t[f"{p}.{nest}lora_A.weight"] = a.reshape(-1, a.shape[2])
+                t[f"{p}.{nest}lora_B.weight"] = b.permute(1, 0, 2).reshape(b.shape[1], -1)
+            elif layout == "nemo_grouped":  # GroupedExpertsLoRA, x @ A @ B
+                which = "gate_and_up" if nest else "down"
+                t[f"{p}.lora_{which}_A"], t[f"{p}.lora_{which}_B"] = a.transpose(1, 2), b.transpose(1, 2)
+        if layout in SHARED:
+            (ga, gb), (da, db) = pairs["base_layer."], pairs[""]
+            half = gb.shape[1] // 2  # qwen3 / mixtral gate_up rows: [gate; up]
+            for i, (w, role, a, b) in enumerate((("w1", "gate", ga, gb[:, :half]), ("w3", "up", ga, gb[:, half:]),
+                                                 ("w2", "down", da, db))):
+                a, b = (a[i:i + 1], b) if SHARED[layout][i] == "A" else (a, b[i:i + 1])  # expert i's factor shared
+                t[f"{p}.{w}.lora_A.weight"], t[f"{p}.{w}.lora_B.weight"] = a.clone(), b  # w1, w3: one peft A
+                ax, bx = a.expand(len(ga), -1, -1), b.expand(len(ga), -1, -1)
+                for e in range(len(ga)):
+                    deltas[(layer, role, e)] = (bx[e] @ ax[e]).float() * cfg["lora_alpha"] / cfg["r"]
+    if layout == "megatron_bridge_packed":  # build_adapter_config_dict: no peft_version, auto_mapping None; its export
+        cfg.pop("peft_version", None)       # has no marker either (refused without it), so the marker is added
+        cfg.update(auto_mapping=None, lora_B_layout="grouped_by_expert")
+    elif layout == "peft_0_19_0_shapes":  # what peft 0.19.0 (or NeMo AutoModel's legacy_paramwrapper_layout) saves
+        cfg["peft_version"] = "0.19.0"
+    elif layout == "unsloth_expert_major":  # Unsloth before unsloth-zoo 2026.9.6, with its marker
+        cfg.update(lora_B_layout="grouped_by_expert", auto_mapping={"base_model_class": "X", "unsloth_fixed": True})
+    else:  # the experts are no longer target_parameters
+        cfg["target_parameters"] = [x for x in cfg["target_parameters"] if ".experts." not in x]
+        if layout in SHARED:
+            cfg["target_modules"] = sorted({*cfg["target_modules"], "w1", "w2", "w3"})
+    write_adapter(dst, t, cfg)
+    return deltas or None
+
+
+@pytest.mark.parametrize("family,layout", PRODUCERS, ids=[f"{f}-{lay}" for f, lay in PRODUCERS])
+def test_split_adapter_for_vllm_reads_other_producers_expert_lora_exactly(tmp_path: Path, family: str, layout: str,
+                                                                         consumer_results: dict[str, Any]) -> None:
+    peft_model, model_dir, adapter, config = make_peft_adapter(tmp_path, family)
+    experts = producer_adapter(layout, adapter, tmp_path / "producer")
+    out, src = tmp_path / "vllm-adapter", tmp_path / "producer"
+    if family == "gpt_oss":  # vLLM reads gpt-oss experts only as peft wrappers: the tool's route: per-expert, then peft
+        run_tool("convert.split_adapter", "--src", str(src), "--dst", str(tmp_path / "per-expert"), "--base-config",
+                 str(config), "--target", "per-expert")
+        run_tool("convert.fuse_adapter", "--src", str(tmp_path / "per-expert"), "--dst", str(out), "--base-config",
+                 str(config), "--layout", "peft", "--target", "vllm")
+    else:
+        run_tool("convert.split_adapter", "--src", str(src), "--dst", str(out), "--base-config", str(config),
+                 "--target", "vllm")
+    res = probe(tmp_path, "lora", str(model_dir), str(out), str(MAX_LORA_RANK))
+    assert res["error"] is None and res["added"], res["error"]
+    want = expected_slots(peft_model, family, experts)
+    diff = compare(want, held_slots(res["state"], family))
+    n = sum(1 for k in want if k[1] != "slice")
+    consumer_results.update(arch=res["arch"][0], expert_deltas=n, module_deltas=len(want) - n, max_abs_delta_diff=diff,
+                            engine_load_s=res["load_s"], add_lora_s=res["add_lora_s"])
+
+
+# The same producers' files unconverted: vLLM 0.32 refuses the ones whose layout its model's MoE LoRA wrapper does not
+# take (qwen3_moe: a 2-D wrapper), each with a ValueError at add_lora; gpt-oss (a 3-D wrapper) takes Unsloth's
+# expert-major file as peft's rank-major one, without a word, and holds a wrong delta for every expert.
+RAW = {("qwen3_moe", "peft_0_19_0_shapes"): "contains fused 3D MoE weights for 'model.layers.0.mlp.experts', but the "
+                                            "model uses a 2D MoE LoRA wrapper",
+       ("qwen3_moe", "nemo_grouped"): "mlp.experts.lora_down_A is unsupported LoRA weight",
+       ("qwen3_moe", "shared_outer"): "expected target modules in",
+       ("gpt_oss", "unsloth_expert_major"): None}
+
+
+@pytest.mark.parametrize("family,layout", list(RAW), ids=[f"{f}-{lay}" for f, lay in RAW])
+def test_other_producers_expert_lora_unconverted_in_vllm(tmp_path: Path, family: str, layout: str,
+                                                         consumer_results: dict[str, Any]) -> None:
+    peft_model, model_dir, adapter, _ = make_peft_adapter(tmp_path, family)
+    experts = producer_adapter(layout, adapter, tmp_path / "producer")
+    res = probe(tmp_path, "lora", str(model_dir), str(tmp_path / "producer"), str(MAX_LORA_RANK))
+    consumer_results.update(added=res["added"], engine_load_s=res["load_s"], add_lora_s=res["add_lora_s"])
+    if RAW[(family, layout)]:
+        assert not res["added"] and RAW[(family, layout)] in str(res["error"]), res["error"]
+        consumer_results.update(error=str(res["error"])[:160])
+        return
+    assert res["error"] is None and res["added"], res["error"]
+    want, held = expected_slots(peft_model, family, experts), held_slots(res["state"], family)
+    moe = {k for k in want if k[1] != "slice"}
+    wrong = [k for k in moe if not torch.allclose(held[k], want[k], rtol=DELTA_RTOL, atol=DELTA_ATOL)]
+    assert len(wrong) == len(moe), f"vLLM read {len(moe) - len(wrong)} expert-major expert deltas right"
+    diff = compare({k: d for k, d in want.items() if k not in moe}, {k: h for k, h in held.items() if k not in moe})
+    error = max((held[k] - want[k]).abs().max().item() for k in moe)
+    consumer_results.update(wrong_expert_deltas=len(wrong), max_abs_expert_delta_error=error,
+                            max_abs_expert_delta=max(want[k].abs().max().item() for k in moe),
+                            applied_module_deltas=len(want) - len(moe), max_abs_delta_diff=diff)

@@ -1,24 +1,11 @@
-"""How a producer packed a peft `target_parameters` (ParamWrapper) expert LoRA: evidence from adapter_config.json.
+"""Which packing a peft expert wrapper holds, from adapter_config.json (the shapes alone do not always say).
 
-Two things the saved shapes of a fused expert wrapper do not always say (FORMATS.md, "LoRA adapters"):
-
-- orientation: "in_out" (peft >= 0.19.1: lora_A [E*r, in], lora_B [out, E*r], delta_e = B_e @ A_e) or
-  "out_in" (peft < 0.19.1, NeMo AutoModel `legacy_paramwrapper_layout=True`, Megatron-Bridge's packed export:
-  lora_A [E*r, out], lora_B [in, E*r], delta_e = (B_e @ A_e)^T). peft 0.19.0's `ParamWrapper` takes in/out
-  from the parameter's dims 1/2 and swaps them only for `is_transposed` parameters; 0.21.2 swaps them for every
-  non-transposed 3-D parameter (peft/tuners/lora/layer.py, `ParamWrapper.update_layer`). Shapes decide where
-  they can (detection tries both); `peft_version` in adapter_config.json (peft writes it on every save)
-  decides where they cannot.
-- lora_B column order: "rank_major" (peft's own reading, `B.reshape(out, r, E)[:, :, e]`, every peft from 0.17
-  to 0.21) or "expert_major" (`B.reshape(out, E, r)[:, e, :]`): Unsloth's separated forward before
-  unsloth-zoo 2026.9.6 (`grouped_by_expert`), and Megatron-Bridge's `_pack_target_parameter_adapter_weights`
-  (peft_bridge.py, v0.6.0 and later: `torch.cat([a.T for a in lora_a], dim=1)`). Nothing in the shapes tells
-  them apart, so only adapter_config.json can: Unsloth's marker `lora_B_layout` ("rank_major" or
-  "grouped_by_expert"; top level, in `auto_mapping`, or per parameter under
-  `unsloth_fused_expert_lora.parameters`, unsloth_zoo/temporary_patches/moe_utils.py), or the peft that saved
-  the file (`peft_version`).
-
-This module names no model: only config keys and the producers' own marker values.
+- orientation: shapes decide where they can (detection tries both, convert.formats.adapter_layouts
+  .peft_target_parameters); `peft_version` in adapter_config.json (peft writes it on every save) decides where they
+  cannot (`version_orientation`).
+- lora_B column order: only adapter_config.json can tell: Unsloth's marker `lora_B_layout` ("rank_major" or
+  "grouped_by_expert"; top level, in `auto_mapping`, or per parameter under `unsloth_fused_expert_lora.parameters`,
+  unsloth_zoo/temporary_patches/moe_utils.py), or the peft that saved the file (`peft_version`) (`b_order`).
 """
 
 from __future__ import annotations
@@ -27,8 +14,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-IN_OUT, OUT_IN = "in_out", "out_in"
-RANK_MAJOR, EXPERT_MAJOR = "rank_major", "expert_major"
+from convert.formats.lora_producers import expert_major, peft_current, peft_legacy, rank_major
+
+IN_OUT, OUT_IN = peft_current.NAME, peft_legacy.NAME
+RANK_MAJOR, EXPERT_MAJOR = rank_major.NAME, expert_major.NAME
 # Unsloth's marker (unsloth_zoo moe_utils.py: FUSED_EXPERT_LORA_LAYOUT_KEY / _DETAIL_KEY and its two values)
 MARKER_KEY = "lora_B_layout"
 MARKER_DETAIL_KEY = "unsloth_fused_expert_lora"
@@ -51,6 +40,12 @@ def version_orientation(config: dict[str, Any]) -> str | None:
     return IN_OUT if v >= FLIP_VERSION else OUT_IN
 
 
+def _auto_mapping(config: dict[str, Any]) -> dict[str, Any]:
+    """adapter_config.json's `auto_mapping` object ({} where it has none)."""
+    auto = config.get("auto_mapping")
+    return auto if isinstance(auto, dict) else {}
+
+
 def _marker_value(value: Any) -> str | None:
     return MARKER_VALUES.get(value) if isinstance(value, str) else None
 
@@ -61,7 +56,7 @@ def declared_b_order(config: dict[str, Any], param: str) -> str | None:
     Unsloth's per-parameter detail wins over its flat marker; either at the top level or in
     `auto_mapping` (where older Unsloth releases put it). None when nothing is declared.
     """
-    auto = config.get("auto_mapping") if isinstance(config.get("auto_mapping"), dict) else {}
+    auto = _auto_mapping(config)
     for source in (config, auto):
         detail = source.get(MARKER_DETAIL_KEY)
         if isinstance(detail, dict) and isinstance(detail.get("parameters"), dict):
@@ -79,7 +74,7 @@ def unsloth_unmarked(config: dict[str, Any]) -> bool:
     unsloth_zoo's `saved_lora_b_layouts` reads such a save as grouped_by_expert only when the loading process
     runs the separated forward: the file alone does not say which order it holds.
     """
-    auto = config.get("auto_mapping") if isinstance(config.get("auto_mapping"), dict) else {}
+    auto = _auto_mapping(config)
     if not auto.get("unsloth_fixed"):
         return False
     return all(declared_b_order(config, p) is None for p in _detail_params(config) or [""])
@@ -123,6 +118,48 @@ def b_order(config: dict[str, Any], param: str, orientation: str) -> BOrder:
                         "writes lora_B expert-major, NeMo AutoModel's legacy_paramwrapper_layout rank-major")
 
 
+def stamp_current(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """adapter_config.json for peft wrappers written in peft 0.21's packing (today's shapes, rank-major lora_B): every
+    `lora_B_layout` marker the source carried (top level, `auto_mapping`, per parameter) says "rank_major", a
+    `peft_version` older than 0.19.1 is dropped, so the file no longer names another packing. Returns the new config
+    (the input is not changed) and a note per change."""
+    out = dict(config)
+    notes: list[str] = []
+    marked = unsloth_unmarked(config) or any(_marker_value(src.get(MARKER_KEY)) for src in _sources(config))
+    for key, holder in (("", out), ("auto_mapping", dict(out.get("auto_mapping") or {}))):
+        changed = False
+        if _marker_value(holder.get(MARKER_KEY)) not in (None, RANK_MAJOR):
+            holder[MARKER_KEY], changed = "rank_major", True
+        detail = holder.get(MARKER_DETAIL_KEY)
+        if isinstance(detail, dict) and isinstance(detail.get("parameters"), dict):
+            params = {}
+            for name, entry in detail["parameters"].items():
+                if isinstance(entry, dict) and _marker_value(entry.get(MARKER_KEY)) not in (None, RANK_MAJOR):
+                    entry, changed = {**entry, MARKER_KEY: "rank_major"}, True
+                params[name] = entry
+            holder[MARKER_DETAIL_KEY] = {**detail, "parameters": params}
+        if key and changed:
+            out[key] = holder
+        if changed:
+            notes.append(f"adapter_config.json: {(key + '.') if key else ''}{MARKER_KEY} set to \"rank_major\" (the "
+                         "output's lora_B is peft's rank-major)")
+    if marked and not any(_marker_value(src.get(MARKER_KEY)) for src in _sources(out)):
+        out[MARKER_KEY] = "rank_major"
+        notes.append(f"adapter_config.json: {MARKER_KEY} = \"rank_major\" added (an Unsloth save: its reader asks "
+                     "for the marker)")
+    v = peft_version(config)
+    if v is not None and v < FLIP_VERSION:
+        del out["peft_version"]
+        notes.append(f"adapter_config.json: peft_version {config.get('peft_version')} dropped (the output has peft "
+                     ">= 0.19.1 shapes)")
+    return out, notes
+
+
+def _sources(config: dict[str, Any]) -> list[dict[str, Any]]:
+    auto = _auto_mapping(config)
+    return [config, auto]
+
+
 def marker_fix(where: str) -> str:
     """The edit that settles an undecidable lora_B order: Unsloth's own marker, which this tool reads."""
     return (f"add \"{MARKER_KEY}\": \"grouped_by_expert\" (expert-major: Megatron-Bridge packed export, Unsloth "
@@ -131,5 +168,5 @@ def marker_fix(where: str) -> str:
 
 def describe(orientation: str, order: str) -> str:
     """Producer-level name of a wrapper's packing, e.g. "peft < 0.19.1 shapes, expert-major lora_B"."""
-    shapes = "peft >= 0.19.1 shapes" if orientation == IN_OUT else "peft < 0.19.1 shapes (lora_A [E*r, out], lora_B [in, E*r])"
-    return f"{shapes}, {'rank-major' if order == RANK_MAJOR else 'expert-major'} lora_B"
+    shapes = (peft_current if orientation == IN_OUT else peft_legacy).WORDS
+    return f"{shapes}, {(rank_major if order == RANK_MAJOR else expert_major).WORDS}"
