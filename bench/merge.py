@@ -48,6 +48,24 @@ m.save_pretrained(dst, max_shard_size="5GB")
 hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
 print(json.dumps({"peak_rss_bytes": hwm}))
 """
+# tinker-cookbook 0.6.1's shard merge: build_hf_model(merge_strategy="shard") from local paths, on an adapter in
+# Tinker's layout (bench.merge_peers.write_tinker_adapter). tinker_cookbook/weights/__init__.py also imports
+# weights.download (the Tinker SDK and pyrage) and the Hub publishing helpers, which the merge never calls: the
+# package stands in without its __init__, so only the merge path's own modules load (torch, transformers,
+# safetensors). It loads the adapter onto CUDA where available (its own default), the shards on the CPU.
+TINKER = r"""
+import json, os, sys, types
+import tinker_cookbook
+base, adapter, dst = sys.argv[1:4]
+pkg = types.ModuleType("tinker_cookbook.weights")
+pkg.__path__ = [os.path.join(os.path.dirname(tinker_cookbook.__file__), "weights")]
+sys.modules["tinker_cookbook.weights"] = pkg
+from tinker_cookbook.weights._export import build_hf_model
+import torch
+build_hf_model(base_model=base, adapter_path=adapter, output_path=dst, merge_strategy="shard")
+hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(json.dumps({"peak_rss_bytes": hwm, "adapter_device": "cuda" if torch.cuda.is_available() else "cpu"}))
+"""
 
 
 @dataclass(frozen=True)
@@ -143,11 +161,20 @@ def run_case(rows: list[dict[str, Any]], name: str, cmd: list[str], inputs: list
     if stats is not None and stats.exists():
         s = json.loads(stats.read_text())
         row["peak_rss_per_rank"] = max(r["peak_rss_bytes"] for r in s["ranks"])
+        phases: dict[str, float] = {}
+        for r in s["ranks"]:  # where the ranks' worker threads spent the streaming phase, summed
+            for k, v in (r.get("phase_seconds") or {}).items():
+                phases[k] = round(phases.get(k, 0.0) + v, 2)
+        row["phase_thread_s"] = phases
         spans = [r["data_span"] for r in s["ranks"] if r.get("data_span")]
         if spans:  # the streaming phase, first rank's start to last rank's end (the rest: start-up, plan, commit)
             row["data_s"] = round(max(b for _, b in spans) - min(a for a, _ in spans), 3)
-    elif proc.returncode == 0 and proc.stdout.strip().startswith("{"):
-        row["peak_rss_per_rank"] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+    elif proc.returncode == 0 and proc.stdout.strip().splitlines()[-1:] and \
+            proc.stdout.strip().splitlines()[-1].startswith("{"):
+        last = json.loads(proc.stdout.strip().splitlines()[-1])
+        row["peak_rss_per_rank"] = last["peak_rss_bytes"]
+        if "adapter_device" in last:
+            row["adapter_device"] = last["adapter_device"]
     rows.append(row)
     print(json.dumps(row), flush=True)
     shutil.rmtree(out, ignore_errors=True)
@@ -155,14 +182,18 @@ def run_case(rows: list[dict[str, Any]], name: str, cmd: list[str], inputs: list
 
 def markdown(res: dict[str, Any]) -> str:
     lines = [f"# convert.merge_adapter, preset {res['preset']}", "", f"base {res['base_gb']:.2f} GB; {res['env']}", "",
-             "| case | seconds | vs cp -r | data phase s | peak RSS / rank | rc |", "|---|---|---|---|---|---|"]
+             "| case | seconds | vs cp -r | data phase s | peak RSS / rank | thread s: read/compute/write/copy | rc |",
+             "|---|---|---|---|---|---|---|"]
     for suite, rows in res["suites"].items():
         cp = next((r["seconds"] for r in rows if r["case"].startswith("cp")), None)
         for r in rows:
             ratio = f"{cp / r['seconds']:.2f}x" if cp and r["rc"] == 0 else "-"
             rss = f"{r['peak_rss_per_rank'] / 2**20:.0f} MiB" if "peak_rss_per_rank" in r else "-"
             data = f"{r['data_s']:.2f}" if "data_s" in r else "-"
-            lines.append(f"| {suite}: {r['case']} | {r['seconds']:.2f} | {ratio} | {data} | {rss} | {r['rc']} |")
+            ph = r.get("phase_thread_s") or {}
+            threads = "/".join(f"{ph.get(k, 0):.1f}" for k in ("read", "compute", "write", "copy")) if ph else "-"
+            case = r["case"] + (f" (adapter on {r['adapter_device']})" if "adapter_device" in r else "")
+            lines.append(f"| {suite}: {case} | {r['seconds']:.2f} | {ratio} | {data} | {rss} | {threads} | {r['rc']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -173,8 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     p.add_argument("--no-peer", action="store_true", help="skip peft merge_and_unload")
+    p.add_argument("--no-tinker", action="store_true", help="skip tinker-cookbook's shard merge")
     p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     p.add_argument("--no-fp8", action="store_true", help="skip the FP8 case")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 case (run the FP8 case alone)")
     p.add_argument("--workers", default="", help="comma-separated --workers values to run the tool with as well")
     args = p.parse_args(argv)
     pre = PRESETS[args.preset]
@@ -189,37 +222,48 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    res: dict[str, Any] = {"preset": args.preset, "suites": {}, "env": f"{os.cpu_count()} cores"}
+    res: dict[str, Any] = {"preset": args.preset, "suites": {}, "env": f"{os.cpu_count()} cores", "base_gb": 0.0}
     try:
-        base, adapter = work / "base", work / "adapter"
-        specs, cfg = checkpoint_specs("qwen3-30b-a3b", pre.layers, "BF16", experts=pre.experts, vocab=pre.vocab)
-        res["base_gb"] = write_synthetic(str(base), specs, cfg, 5_000_000_000, data="normal", jobs=os.cpu_count() or 1) / 1e9
-        write_peft_adapter(adapter, pre.layers, pre.experts, 2048, 768,
-                           {"q_proj": (4096, 2048), "k_proj": (512, 2048), "v_proj": (512, 2048), "o_proj": (2048, 4096)})
-        rows: list[dict[str, Any]] = []
-        run_case(rows, "cp -r", ["bash", "-c", f'cp -r "{base}" "{work / "out"}" && sync "{work / "out"}"/*'],
-                 [base], work / "out", env)
-        for n in pre.ranks:
-            for workers in [None, *extra_workers]:
-                stats = work / f"stats-{n}.json"
-                more = ["--workers", str(workers)] if workers else []
-                run_case(rows, f"tool {n} rank(s)" + (f", --workers {workers}" if workers else ""),
-                         [sys.executable, "-m", "convert.merge_adapter", "--base", str(base), "--adapter", str(adapter),
-                          "--dst", str(work / "out"), "--nproc", str(n), "--no-progress", "--stats", str(stats), *more],
-                         [base, adapter], work / "out", env, stats)
-        if pre.peer and not args.no_peer:
-            run_case(rows, "peft merge_and_unload + save_pretrained", [sys.executable, "-c", PEER, str(base),
-                                                                       str(adapter), str(work / "out")],
-                     [base, adapter], work / "out", env)
-        why = ("installed, but no driver for it is written in this benchmark yet"
-               if importlib.util.find_spec("tinker_cookbook") else "not run: tinker-cookbook is not installed")
-        rows.append({"case": "tinker-cookbook shard merge", "seconds": 0.0, "rc": -1, "error": [why]})
-        res["suites"]["qwen3-30b-a3b bf16, peft target_parameters r16 + attention"] = rows
-        (out_dir / f"merge-{args.preset}.json").write_text(json.dumps(res, indent=2))
-        shutil.rmtree(base, ignore_errors=True)
-        shutil.rmtree(adapter, ignore_errors=True)
+        if not args.no_bf16:
+            base, adapter = work / "base", work / "adapter"
+            specs, cfg = checkpoint_specs("qwen3-30b-a3b", pre.layers, "BF16", experts=pre.experts, vocab=pre.vocab)
+            res["base_gb"] = write_synthetic(str(base), specs, cfg, 5_000_000_000, data="normal", jobs=os.cpu_count() or 1) / 1e9
+            write_peft_adapter(adapter, pre.layers, pre.experts, 2048, 768,
+                               {"q_proj": (4096, 2048), "k_proj": (512, 2048), "v_proj": (512, 2048), "o_proj": (2048, 4096)})
+            rows: list[dict[str, Any]] = []
+            run_case(rows, "cp -r", ["bash", "-c", f'cp -r "{base}" "{work / "out"}" && sync "{work / "out"}"/*'],
+                     [base], work / "out", env)
+            for n in pre.ranks:
+                for workers in [None, *extra_workers]:
+                    stats = work / f"stats-{n}.json"
+                    more = ["--workers", str(workers)] if workers else []
+                    run_case(rows, f"tool {n} rank(s)" + (f", --workers {workers}" if workers else ""),
+                             [sys.executable, "-m", "convert.merge_adapter", "--base", str(base), "--adapter", str(adapter),
+                              "--dst", str(work / "out"), "--nproc", str(n), "--no-progress", "--stats", str(stats), *more],
+                             [base, adapter], work / "out", env, stats)
+            if pre.peer and not args.no_peer:
+                run_case(rows, "peft merge_and_unload + save_pretrained", [sys.executable, "-c", PEER, str(base),
+                                                                           str(adapter), str(work / "out")],
+                         [base, adapter], work / "out", env)
+            if args.no_tinker or not importlib.util.find_spec("tinker_cookbook"):
+                why = "skipped (--no-tinker)" if args.no_tinker else "not run: tinker-cookbook is not installed"
+                rows.append({"case": "tinker-cookbook shard merge", "seconds": 0.0, "rc": -1, "error": [why]})
+            else:
+                from bench.merge_peers import tinker_env, write_tinker_adapter
+
+                tinker_adapter = work / "tinker-adapter"
+                write_tinker_adapter(adapter, tinker_adapter)
+                run_case(rows, "tinker-cookbook shard merge", [sys.executable, "-c", TINKER, str(base), str(tinker_adapter),
+                                                               str(work / "out")],
+                         [base, tinker_adapter], work / "out", tinker_env(env))
+                shutil.rmtree(tinker_adapter, ignore_errors=True)
+            res["suites"]["qwen3-30b-a3b bf16, peft target_parameters r16 + attention"] = rows
+            (out_dir / f"merge-{args.preset}.json").write_text(json.dumps(res, indent=2))
+            shutil.rmtree(base, ignore_errors=True)
+            shutil.rmtree(adapter, ignore_errors=True)
         if pre.fp8:
-            from bench.dequant import PRESETS as FP8, generate
+            from bench.dequant import PRESETS as FP8
+            from bench.dequant import generate
 
             shape = FP8[pre.fp8]
             fbase, fad = work / "fp8", work / "fp8-adapter"

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from adapter_fixtures import make_per_expert_adapter, per_expert_deltas, random_lora, write_adapter, lora_config
+from adapter_fixtures import lora_config, make_per_expert_adapter, random_lora, write_adapter
 from helpers import load_dir, raw_bytes, run_tool
 from model_fixtures import build_model, logits, save_model
 
@@ -176,8 +176,8 @@ def test_refusals_exit_2_and_write_nothing(tmp_path):
 
 
 def test_fp8_deepseek_v3_ragged_blocks_requantized(tmp_path):
-    from quant_fixtures import write_fp8_experts
     from convert.plan.dequant import fp8_dequantize
+    from quant_fixtures import write_fp8_experts
 
     E, H, I = 3, 256, 200  # I = 200: ragged 128-blocks
     written = write_fp8_experts(tmp_path / "base", E=E, H=H, I=I)
@@ -391,9 +391,9 @@ def _mxfp4_gpt_oss(tmp_path: Path, target_parameters: list[str]):
 def test_mxfp4_requantize_round_trip_and_rounding():
     """mxfp4_quantize inverts mxfp4_dequantize on MXFP4 values (the original bytes back), rounds to the nearest
     FP4 value (ties to the even code) and stays within half an FP4 step of every value."""
-    from quant_fixtures import mxfp4_pack, mxfp4_values
     from convert.plan.dequant import mxfp4_dequantize
     from convert.plan.merge_quant import mxfp4_half_step, mxfp4_quantize
+    from quant_fixtures import mxfp4_pack, mxfp4_values
 
     blocks, scales = mxfp4_pack(mxfp4_values((3, 40, 96), seed=5))
     again = mxfp4_quantize(mxfp4_dequantize(blocks, scales))
@@ -440,8 +440,8 @@ def test_mxfp4_merge_verified_and_a_corrupted_byte_caught(tmp_path, capsys):
     merged block: a mismatch, exit 1, the index renamed *.unverified."""
     import argparse
 
-    from launch.dist import Dist
     from convert.verify.merge import verify_merge_after
+    from launch.dist import Dist
 
     base, adapter, orig, _, _ = _mxfp4_gpt_oss(tmp_path, ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     p = _merge(base, adapter, tmp_path / "out", "--nproc", "2", "--verify")
@@ -617,3 +617,45 @@ def test_modules_to_save_replace_the_base_tensors(tmp_path):
 
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
     assert torch.allclose(logits(loaded), logits(merged), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows,cols,e8m0", [(256, 384, False), (200, 300, False), (130, 128, True), (5, 7, False)])
+def test_merge_fp8_block_rows_equal_the_whole_tensor_formula(rows, cols, e8m0):
+    """merge_fp8 (one block row at a time, in scratch) gives the bytes of the whole-tensor formula of FORMATS.md:
+    W dequantized (fp8 * scale), + s * B @ A, fresh scale amax / 448 per 128x128 block (zero padding of ragged
+    edge blocks, a power of two for E8M0, 1 for an all-zero block), each value / scale clamped to +-448; and its
+    survival sums match float64 sums over the whole tensor."""
+    from convert.plan.dequant import fp8_dequantize
+    from convert.plan.merge_quant import merge_fp8
+
+    g = torch.Generator().manual_seed(rows * cols)
+    bm = bn = 128
+    gr, gc = -(-rows // bm), -(-cols // bn)
+    sdtype = torch.float8_e8m0fnu if e8m0 else torch.float32
+    w = (torch.randn(rows, cols, generator=g) * 30).to(torch.float8_e4m3fn)
+    w[: min(rows, bm), : min(cols, bn)] = 0  # an all-zero block, kept zero by a zero delta there below
+    scale = (torch.rand(gr, gc, generator=g) + 0.5).to(sdtype)
+    a, b = torch.randn(4, cols, generator=g), torch.randn(rows, 4, generator=g)
+    b[: min(rows, bm)] = 0
+    q, grid = torch.empty_like(w), torch.empty_like(scale)
+    dd, gd, err, want2 = merge_fp8(w, scale, a, b, 0.5, (bm, bn), q, grid)
+
+    base = fp8_dequantize(w, scale, (bm, bn))
+    delta = torch.matmul(b, a).mul_(0.5)
+    merged = delta + base
+    padded = torch.zeros(gr * bm, gc * bn)
+    padded[:rows, :cols] = merged
+    blocks = padded.view(gr, bm, gc, bn)
+    amax = blocks.abs().amax(dim=(1, 3))
+    fresh = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    if e8m0:
+        fresh = torch.exp2(torch.ceil(torch.log2(fresh)))
+    stored = fresh.to(sdtype)
+    want_q = (blocks / stored.float()[:, None, :, None]).clamp(-448, 448).view(gr * bm, gc * bn)[:rows, :cols]
+    assert torch.equal(grid.view(torch.uint8), stored.view(torch.uint8))
+    assert torch.equal(q.view(torch.uint8), want_q.to(torch.float8_e4m3fn).view(torch.uint8))
+    got = fp8_dequantize(q, grid, (bm, bn)).double()
+    d64, g64 = delta.double(), got - base.double()
+    for value, want in ((dd, (d64 * d64).sum()), (gd, (g64 * d64).sum()), (err, ((g64 - d64) ** 2).sum()),
+                        (want2, (merged.double() ** 2).sum())):
+        assert value == pytest.approx(float(want), rel=1e-4, abs=1e-9)

@@ -9,20 +9,47 @@ at a time. Source ranges are prefetched exactly, a bounded window ahead (Prefetc
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
-from convert.errors import ConversionError
-from convert.io.memory import pin_mmap_threshold, thread_scratch
-from convert.plan.base import Piece, Read, Write
-from convert.formats.safetensors import DTYPE_SIZES, TensorSlot
 from convert.engine.stream_copy import Segment, copy_segments
-from convert.io.storage import S3_GET_BYTES, Fetched, Storage
+from convert.errors import ConversionError
+from convert.formats.safetensors import DTYPE_SIZES, TensorSlot
+from convert.io.memory import pin_mmap_threshold, thread_scratch
+from convert.io.storage import Fetched, Storage
+from convert.plan.base import Piece, Read, Write
 from convert.plan.transforms import cast_bytes, torch_dtypes
 
 PREFETCH_BYTES = 64 << 20
 REMOTE_READ_MEMORY = 512 << 20  # source bytes one rank holds at once from an object store, over all its workers
+
+
+class PhaseClock:
+    """Seconds spent in each phase of the pieces (read, compute, write, copy), summed over a rank's worker
+    threads: where a rank's streaming time goes, for --stats."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds: dict[str, float] = {}
+
+    def add(self, phase: str, since: float) -> float:
+        """Count the time from `since` (time.perf_counter) to now under `phase`; returns now."""
+        now = time.perf_counter()
+        with self._lock:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + now - since
+        return now
+
+    def take(self) -> dict[str, float]:
+        """The seconds counted so far, rounded, and a fresh count."""
+        with self._lock:
+            out, self.seconds = {k: round(v, 3) for k, v in sorted(self.seconds.items())}, {}
+        return out
+
+
+PHASES = PhaseClock()
 
 
 def _segments(reads: Sequence[Read], writes: Sequence[Write]) -> Iterator[tuple[Read, int, Write, int, int]]:
@@ -88,13 +115,16 @@ class Executor:
         return runs
 
     def _run_piece(self, piece: Piece, fetched: Fetched | None = None) -> int:
+        t = time.perf_counter()
         if is_byte_copy(piece):
             if self.dst.can_copy_range_from(self.src):
                 for r, roff, w, woff, n in _segments(piece.reads, piece.writes):
                     file, pos = self._dst_pos(w)
                     self.dst.copy_range_from(self.src, r.file, r.start + roff, file, pos + woff, n)
+                PHASES.add("copy", t)
                 return piece.write_bytes
         outs = piece_outputs(fetched or self.src, piece)
+        t = time.perf_counter()
         # One pwrite per tensor even where tensors are adjacent: one pwritev per 18 MB run of
         # adapter tensors made split_adapter's data phase 2-3x slower (Linux 6.18, ext4, new file).
         for w, buf in zip(piece.writes, outs):
@@ -102,6 +132,7 @@ class Executor:
                 raise AssertionError(f"piece for {w.tensor}: produced {len(buf)} bytes, expected {w.end - w.start}")
             file, pos = self._dst_pos(w)
             self.dst.pwrite(file, pos, buf)
+        PHASES.add("write", t)
         return piece.write_bytes
 
     def run(self, pieces: Sequence[Piece], on_done: Callable[[int, int], None]) -> None:
@@ -143,7 +174,7 @@ class Executor:
             for r, roff, w, woff, n in _segments(p.reads, p.writes):
                 file, pos = self._dst_pos(w)
                 segments.append(Segment(r.file, r.start + roff, n, file, pos + woff, w.tensor, i))
-        copy_segments(pieces, segments, self.workers, self.src, self.dst, on_done)
+        copy_segments(pieces, segments, self.workers, self.src, self.dst, on_done, self.src.settings.s3_stream_bytes)
 
     def _run_fetched(self, pieces: Sequence[Piece], on_done: Callable[[int, int], None]) -> None:
         """run() for a remote source: groups of pieces, each group's reads fetched first.
@@ -153,7 +184,7 @@ class Executor:
         are held at once, each at most REMOTE_READ_MEMORY / (2 x workers) bytes of reads.
         """
         workers = max(1, self.workers)
-        groups = group_pieces(pieces, min(S3_GET_BYTES, REMOTE_READ_MEMORY // (2 * workers)))
+        groups = group_pieces(pieces, min(self.src.settings.s3_get_bytes, REMOTE_READ_MEMORY // (2 * workers)))
 
         def fetch(idx: list[int]) -> Fetched:
             return self.src.fetch([(r.file, r.start, r.end) for i in idx for r in pieces[i].reads])
@@ -251,7 +282,15 @@ def warm_up(pieces: Sequence[Piece]) -> None:
 READ_SCRATCH = 0  # thread_scratch slot of a compute step's source bytes; its outputs use slots from 1 on
 
 
-def read_scratch(src: Storage, reads: Sequence[Read]) -> list[memoryview]:
+class ReadSource(Protocol):
+    """What a piece's source bytes are read from: a Storage, or a Fetched (ranges of one already in memory)."""
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes | memoryview: ...
+
+    def read_into(self, rel: str, start: int, out: memoryview) -> None: ...
+
+
+def read_scratch(src: ReadSource, reads: Sequence[Read]) -> list[memoryview]:
     """The bytes of `reads`, back to back in this thread's read scratch (valid until its next call)."""
     buf = thread_scratch(sum(r.end - r.start for r in reads), READ_SCRATCH)
     out, pos = [], 0
@@ -263,17 +302,25 @@ def read_scratch(src: Storage, reads: Sequence[Read]) -> list[memoryview]:
     return out
 
 
-def piece_outputs(src: Storage, piece: Piece) -> list[bytes | memoryview]:
+def piece_outputs(src: ReadSource, piece: Piece) -> list[bytes | memoryview]:
     """Read a piece's source bytes and return the bytes of each of its writes, in order.
 
     The buffers may live in the calling thread's scratch (convert.io.memory.thread_scratch):
     consume them before this thread computes its next piece.
     """
+    t = time.perf_counter()
     if piece.regroup is not None:
-        return list(piece.regroup.outputs(read_scratch(src, piece.reads)))
+        bufs = read_scratch(src, piece.reads)
+        t = PHASES.add("read", t)
+        computed: list[bytes | memoryview] = list(piece.regroup.outputs(bufs))
+        PHASES.add("compute", t)
+        return computed
     # A byte copy or an elementwise cast: concatenate the (cast) reads, then slice into the writes.
     dst_dtype = piece.writes[0].dtype
-    parts = [cast_bytes(src.read_range(r.file, r.start, r.end), r.dtype, dst_dtype) for r in piece.reads]
+    raw = [src.read_range(r.file, r.start, r.end) for r in piece.reads]
+    t = PHASES.add("read", t)
+    parts = [cast_bytes(b, r.dtype, dst_dtype) for b, r in zip(raw, piece.reads)]
+    PHASES.add("compute", t)
     data = memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
     outs: list[bytes | memoryview] = []
     pos = 0

@@ -68,6 +68,30 @@ def _fp8_values(w: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(_fp8_pair_table(w.dtype)[pairs].view(np.float32).reshape(codes.shape))
 
 
+INDEX_SCRATCH = 24  # thread_scratch slot of fp8_values_into's lookup indices
+
+
+def fp8_values_into(w: torch.Tensor, out: torch.Tensor) -> None:
+    """_fp8_values of contiguous FP8 `w`, written into contiguous float32 `out` of the same shape. The lookup's
+    indices are widened into this thread's scratch first (numpy's take would widen them into a fresh buffer, a
+    page-faulting mapping per call under convert.io.memory's pinned mmap threshold)."""
+    import numpy as np
+    import torch
+
+    from convert.io.memory import thread_scratch
+
+    codes = w.view(torch.uint8).numpy().reshape(-1)
+    flat = out.numpy().reshape(-1)
+    pairs = codes.size % 2 == 0 and np.little_endian
+    keys = codes.view(np.uint16) if pairs else codes
+    index = np.frombuffer(thread_scratch(keys.size * 8, INDEX_SCRATCH), dtype=np.intp, count=keys.size)
+    np.copyto(index, keys, casting="unsafe")
+    if pairs:
+        np.take(_fp8_pair_table(w.dtype), index, out=flat.view(np.uint64), mode="clip")
+    else:
+        np.take(_fp8_table(w.dtype), index, out=flat, mode="clip")
+
+
 def fp8_dequantize(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """Values of FP8 weight `w` [..., out, in] with its scale grid [..., ceil(out/bm), ceil(in/bn)], computed in

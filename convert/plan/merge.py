@@ -42,23 +42,29 @@ from convert.formats.adapter_source import AdapterSource
 from convert.formats.checkpoint import Checkpoint, TensorRef
 from convert.formats.lora_producers import IN_OUT, RANK_MAJOR
 from convert.formats.safetensors import DTYPE_SIZES, numel
+from convert.io.memory import thread_scratch
 from convert.io.sources import source_file
 from convert.plan.adapter_names import MODEL, KeyNames, expert_prefix, source_naming
 from convert.plan.adapter_scaling import scaling, source_scale
 from convert.plan.base import DEFAULT_CHUNK_BYTES, Piece, Read, TargetTensor, Write, _units, copy_pieces, target_dtype
 from convert.plan.dequant import block_size, fp8_dequantize, mxfp4_dequantize
-from convert.plan.merge_quant import SURVIVAL, mxfp4_quantize, squared_norm
 from convert.plan.expert_groups import ExpertGroup, find_expert_groups
-from convert.plan.transforms import Unit, decode, encode, from_bytes, to_bytes, torch_dtypes
+from convert.plan.merge_quant import FP8_MAX, SURVIVAL, merge_fp8, mxfp4_quantize, squared_norm
+from convert.plan.transforms import Unit, decode, encode, encode_into, from_bytes, to_bytes, torch_dtypes, unit_nbytes
 from sharding.ep import expert_slices
 
 if TYPE_CHECKING:
     import torch
 
 ADAPTER_SOURCE = "adapter"  # the extra source name the pieces read adapter files under (convert.io.sources)
-# float32 bytes one expert piece (a run of experts, at least one) works on: 48 MB of bf16 experts, 24 MB of FP8 ones
-RUN_BYTES = 96 << 20
-FP8_MAX = 448.0
+# float32 bytes one expert piece (a run of experts, at least one) works on: 24 MB of bf16 experts, 12 MB of FP8 ones.
+# A worker holds about 1.5x this (its reads, the float32 merges, the outputs): with merge_adapter's 4 workers a
+# rank's pieces stay near 300 MB (4 layers of Qwen3-30B-A3B shapes, 1 rank: 676 MB peak RSS; 842 MB with 96 MiB runs)
+RUN_BYTES = 48 << 20
+# thread_scratch slots of an expert piece's outputs and of its roles' merges, two per role (slot 0 holds its
+# reads; merge_quant.FP8_SCRATCH on are merge_fp8's)
+OUTPUT_SCRATCH = 1
+DELTA_SCRATCH = 2
 # adapter_config.json keys of LoRA variants whose delta is not scaling * B @ A (or that change which weight
 # it is added to): a merge of such an adapter as plain LoRA would be wrong, so it is refused.
 VARIANT_KEYS = {
@@ -133,42 +139,32 @@ class RoleDelta:
     scaling: tuple[float, ...]
 
 
-def merged_float(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+def merged_float(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """`w + s * (b @ a)` in float32 (w of any float dtype), in peft's order: the product, scaled, then added (an
-    addmm that adds the scaled product in one GEMM is faster but rounds differently from peft's delta)."""
+    addmm that adds the scaled product in one GEMM is faster but rounds differently from peft's delta); into
+    `out` (float32, w's shape) where given."""
     import torch
 
-    delta = torch.matmul(b.to(torch.float32), a.to(torch.float32))
+    if out is None:
+        delta = torch.matmul(b.to(torch.float32), a.to(torch.float32))
+    else:
+        delta = torch.matmul(b.to(torch.float32), a.to(torch.float32), out=out)
     delta.mul_(s)
     return delta.add_(w)  # w promoted to float32 element by element (exact): no float32 copy of the weight
 
 
-def fp8_requantize(w: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype,
-                   fp8: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-quantize float32 `w` [out, in] to `fp8` with fresh per-block scales: scale = block amax / 448 stored
-    as `scale_dtype` (a power of two rounded up for E8M0), values `w / scale` rounded to nearest, clamped to +-448.
-    An all-zero block gets scale 1; `w` itself may be overwritten. Returns (quantized weight, scale grid
-    [ceil(out/bm), ceil(in/bn)])."""
+def _float_scratch(shape: tuple[int, ...], slot: int) -> torch.Tensor:
+    """A float32 tensor of `shape` in this thread's scratch `slot` (convert.io.memory.thread_scratch)."""
+    return from_bytes(thread_scratch(numel(shape) * 4, slot), "F32", shape)
+
+
+def _scratch_like(t: torch.Tensor, slot: int) -> torch.Tensor:
+    """A tensor of `t`'s shape and dtype in this thread's scratch `slot`."""
     import torch
 
-    bm, bn = block
-    rows, cols = w.shape
-    gr, gc = -(-rows // bm), -(-cols // bn)
-    if (rows, cols) == (gr * bm, gc * bn):
-        padded = w.to(torch.float32)
-    else:  # ragged edge blocks: zero padding (amax and values of the real elements only)
-        padded = torch.zeros(gr * bm, gc * bn, dtype=torch.float32)
-        padded[:rows, :cols] = w
-    blocks = padded.view(gr, bm, gc, bn)
-    amax = blocks.abs().amax(dim=(1, 3))
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    if scale_dtype == getattr(torch, "float8_e8m0fnu", None):
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    stored = scale.to(scale_dtype)
-    used = stored.to(torch.float32)
-    q = blocks.div_(used[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX)  # in place: `padded` is ours
-    q = q.view(gr * bm, gc * bn)[:rows, :cols].to(fp8)
-    return q, stored
+    buf = thread_scratch(t.numel() * t.element_size(), slot)
+    return torch.frombuffer(buf, dtype=t.dtype).view(t.shape) if t.numel() else torch.empty(t.shape, dtype=t.dtype)
 
 
 def _expert_roles(src: Sequence[Unit], bufs: Sequence[bytes | memoryview],
@@ -203,43 +199,41 @@ class MergeExperts:
     label: str = ""
 
     def outputs(self, bufs: Sequence[bytes | memoryview]) -> list[memoryview]:
-        """The merged bytes of each write, from the bytes of each read."""
+        """The merged bytes of each write, from the bytes of each read (in this thread's scratch: valid until
+        its next piece)."""
         shapes = dict(self.role_shape)
         scale_of = dict(self.quant)
         n = len(self.src)
+        sizes = [unit_nbytes(u, shapes) for u in self.dst]
+        written = thread_scratch(sum(sizes) * len(self.experts), OUTPUT_SCRATCH)
+        pos = 0
         out: list[memoryview] = []
         for i, e in enumerate(self.experts):
             roles = _expert_roles(self.src, bufs[i * n : (i + 1) * n], shapes)
-            for d in self.deltas:
+            for k, d in enumerate(self.deltas):
                 w = roles[d.role]
                 scale = scale_of.get(d.role)
+                a, b = d.a.of(bufs, e), d.b.of(bufs, e)
+                if scale is not None and self.requantize:
+                    q = _scratch_like(w, DELTA_SCRATCH + 2 * k)
+                    grid = _scratch_like(roles[scale], DELTA_SCRATCH + 2 * k + 1)
+                    SURVIVAL.record(f"{self.label}.experts.{e}.{d.role}", "fp8",
+                                    merge_fp8(w, roles[scale], a, b, d.scaling[i], self.block, q, grid))
+                    roles[d.role], roles[scale] = q, grid
+                    continue
                 if scale is not None:
                     w = fp8_dequantize(w, roles[scale], self.block)
-                merged = merged_float(w, d.a.of(bufs, e), d.b.of(bufs, e), d.scaling[i])
-                if scale is not None and self.requantize:
-                    roles[d.role], roles[scale] = _fp8_requantize_measured(
-                        f"{self.label}.experts.{e}.{d.role}", w, merged, self.block, roles[scale].dtype,
-                        roles[d.role].dtype)
-                else:
-                    roles[d.role] = merged
+                roles[d.role] = merged_float(w, a, b, d.scaling[i],
+                                             out=_float_scratch(tuple(w.shape), DELTA_SCRATCH + 2 * k))
             if not self.requantize:  # --dtype: the pairs' weights without a delta, dequantized too
                 merged_roles = {d.role for d in self.deltas}
                 for wr, sr in self.quant:
                     if wr not in merged_roles and wr in roles:
                         roles[wr] = fp8_dequantize(roles[wr], roles[sr], self.block)
-            out += [encode(unit, roles) for unit in self.dst]
+            for unit, size in zip(self.dst, sizes):
+                out.append(encode_into(unit, roles, written[pos : pos + size], shapes))
+                pos += size
         return out
-
-
-def _fp8_requantize_measured(label: str, w: torch.Tensor, merged: torch.Tensor, block: tuple[int, int],
-                             scale_dtype: torch.dtype, fp8: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp8_requantize of `merged` (= float32 base `w` + delta; overwritten), measuring how much of the delta the
-    requantized weight keeps into merge_quant.SURVIVAL under `label`."""
-    delta = merged - w
-    want2 = squared_norm(merged)
-    q, s = fp8_requantize(merged, block, scale_dtype, fp8)
-    SURVIVAL.add(label, "fp8", w, delta, want2, fp8_dequantize(q, s, block))
-    return q, s
 
 
 @dataclass(frozen=True)
@@ -266,17 +260,20 @@ class MergeTensor:
         w = from_bytes(bufs[0], self.dtype, self.shape)
         k = 1
         if self.scale_dtype:
-            w = fp8_dequantize(w, from_bytes(bufs[1], self.scale_dtype, self.scale_shape), self.block)
+            scale = from_bytes(bufs[1], self.scale_dtype, self.scale_shape)
             k = 2
         a = from_bytes(bufs[k], self.a_dtype, self.a_shape)
         b = from_bytes(bufs[k + 1], self.b_dtype, self.b_shape)
-        merged = merged_float(w, a, b, self.scaling)
         if self.scale_dtype and self.requantize:
-            dtypes = torch_dtypes()
-            q, s = _fp8_requantize_measured(self.label, w, merged, self.block, dtypes[self.scale_dtype],
-                                            dtypes[self.dtype])
-            return [to_bytes(q), to_bytes(s)]
-        return [to_bytes(merged.to(torch_dtypes()[self.out_dtype]))]
+            import torch
+
+            fp8 = from_bytes(bufs[0], self.dtype, self.shape)
+            q, grid = torch.empty_like(fp8), torch.empty_like(scale)
+            SURVIVAL.record(self.label, "fp8", merge_fp8(fp8, scale, a, b, self.scaling, self.block, q, grid))
+            return [to_bytes(q), to_bytes(grid)]
+        if self.scale_dtype:
+            w = fp8_dequantize(w, scale, self.block)
+        return [to_bytes(merged_float(w, a, b, self.scaling).to(torch_dtypes()[self.out_dtype]))]
 
 
 # ----------------------------------------------------------------------------- plan
@@ -394,7 +391,7 @@ def _factors(g: ExpertLoraGroup, adapter: AdapterSource, role: str, run: range, 
     if k > 1 and order is None:
         raise ConversionError(f"{adapter.display(b.file)}: tensor {fb.name!r}: cannot tell how it orders "
                               f"{'/'.join(fb.roles)} without the base model's family")
-    split = dict(part=part, parts=k, order=order or "concat")
+    split: dict[str, Any] = dict(part=part, parts=k, order=order or "concat")
     if g.pattern == "peft_target_parameters":
         E = a.info.shape[0] // g.rank_of(role)
         r = a.info.shape[0] // E
@@ -416,8 +413,8 @@ def _factors(g: ExpertLoraGroup, adapter: AdapterSource, role: str, run: range, 
         size = ref.info.nbytes // shape[0]
         shared = shape[0] == 1 and g.num_experts != 1
         lo, hi = (0, 1) if shared else (e0, e0 + n)
-        idx = reads.add(_adapter_read(ref, lo * size, hi * size))
-        out.append(Factor(idx, ref.info.dtype, (hi - lo, *shape[1:]), "run", first=e0, shared=shared,
+        at = reads.add(_adapter_read(ref, lo * size, hi * size))
+        out.append(Factor(at, ref.info.dtype, (hi - lo, *shape[1:]), "run", first=e0, shared=shared,
                           transpose=transpose, **extra))
     return out[0], out[1]
 
@@ -470,228 +467,333 @@ def plan_merge(ckpt: Checkpoint, family: Family, adapter: AdapterSource, dtype: 
     """Plan merging `adapter` into the base `ckpt` of `family` (see the module docstring); `dtype` casts every
     floating output tensor (None: keep the base's); `ep` expert slices (a piece never spans two)."""
     refuse_variants(adapter)
+    _check_base_quantization(ckpt, family)
+    return _MergePlanner(ckpt, family, adapter, dtype, ep, chunk, run_bytes).plan()
+
+
+def _check_base_quantization(ckpt: Checkpoint, family: Family) -> None:
+    """Raise unless the base is unquantized, FP8 block-scaled or MXFP4 of a family that dequantizes it."""
     where = ckpt.storage.display("config.json")
     quant = ckpt.config.get("quantization_config") if isinstance(ckpt.config, dict) else None
     method = quant.get("quant_method") if isinstance(quant, dict) else None
     if method not in (None, "fp8") and not (method == "mxfp4" and family.dequantize is not None):
         raise ConversionError(f"{where}: a {method!r}-quantized base cannot be merged into (FP8 block-scaled, MXFP4 "
                               "and unquantized bases are supported)")
-    lfam = _lora_family(family)  # whose roles and names the adapter's LoRA has (the MXFP4 family's target)
-    qfamily = family.with_companions(family.companions_in(ckpt.tensors))
-    dequant = bool(dtype) and bool(qfamily.companion_roles)  # --dtype on an FP8 base: every FP8 weight dequantized
-    block = block_size(ckpt.config)
-    num_experts = family.num_experts(ckpt.config, where)
-    groups, passthrough = find_expert_groups(ckpt, qfamily, num_experts, rename=True)
-    by_prefix = {g.prefix: g for g in groups}
 
-    saved = saved_modules(adapter)
-    lora_infos = {n: i for n, i in adapter.infos.items() if n not in saved}
-    lora_groups, others = detect_expert_lora(lora_infos, adapter.config, ckpt.config, adapter.display(),
-                                             packings=True)
-    names = KeyNames(lfam, source_naming(lfam, lora_groups, list(lora_infos)), MODEL)
-    order = fused_order(lfam)
-    pairs = {w: f"{w}{sfx}" for sfx in qfamily.companions_in(ckpt.tensors) for w in family.roles
-             if f"{w}{sfx}" in qfamily.role_leaves}
-    weights = frozenset(pairs) if dequant else frozenset()
-    done: set[tuple[str, tuple[int, ...]]] = set()  # (layer, unit set) of expert pieces planned
-    replaced: dict[str, TargetTensor | None] = {}  # base tensors written under another name / dropped (MXFP4 --dtype)
 
-    pieces: list[Piece] = []
-    touched: set[str] = set()
-    merged_groups: list[tuple[str, str, str]] = []
-    slots = max([num_experts, *(g.slots for g in groups)]) if groups else num_experts
-    slices = expert_slices(slots, min(ep, slots))
-    for lg in lora_groups:
-        prefix = expert_prefix(lfam, names, lg.prefix)
-        group = by_prefix.get(_strip(prefix)) if prefix is not None else None
+_FLOATS = ("F32", "F16", "BF16", "F64")  # dtypes a LoRA merges into, and a modules_to_save tensor is
+
+
+class _MergePlanner:
+    """plan_merge's work: the base, its expert layers and the adapter's LoRA read once (raising where they do not
+    fit), then the pieces planned in the base's order of kinds (expert LoRA, quantized layers without LoRA, other
+    modules, modules_to_save, copies) while `touched`, `done` and `replaced` record what they write."""
+
+    def __init__(self, ckpt: Checkpoint, family: Family, adapter: AdapterSource, dtype: str | None, ep: int,
+                 chunk: int, run_bytes: int) -> None:
+        """Read the base's family, expert layers and the adapter's LoRA (raising where they do not fit)."""
+        self.ckpt, self.family, self.adapter, self.dtype = ckpt, family, adapter, dtype
+        self.chunk, self.run_bytes = chunk, run_bytes
+        where = ckpt.storage.display("config.json")
+        self.lfam = _lora_family(family)  # whose roles and names the adapter's LoRA has (the MXFP4 family's target)
+        self.qfamily = family.with_companions(family.companions_in(ckpt.tensors))
+        # --dtype on an FP8 base: every FP8 weight dequantized
+        self.dequant = bool(dtype) and bool(self.qfamily.companion_roles)
+        self.block = block_size(ckpt.config)
+        num_experts = family.num_experts(ckpt.config, where)
+        self.groups, self.passthrough = find_expert_groups(ckpt, self.qfamily, num_experts, rename=True)
+        self.by_prefix = {g.prefix: g for g in self.groups}
+        self.saved = saved_modules(adapter)
+        lora_infos = {n: i for n, i in adapter.infos.items() if n not in self.saved}
+        self.lora_groups, self.others = detect_expert_lora(lora_infos, adapter.config, ckpt.config, adapter.display(),
+                                                           packings=True)
+        self.names = KeyNames(self.lfam, source_naming(self.lfam, self.lora_groups, list(lora_infos)), MODEL)
+        self.order = fused_order(self.lfam)
+        self.pairs = {w: f"{w}{sfx}" for sfx in self.qfamily.companions_in(ckpt.tensors) for w in family.roles
+                      if f"{w}{sfx}" in self.qfamily.role_leaves}
+        self.weights = frozenset(self.pairs) if self.dequant else frozenset()
+        self.done: set[tuple[str, tuple[int, ...]]] = set()  # (layer, unit set) of expert pieces planned
+        # base tensors written under another name / dropped (MXFP4 --dtype)
+        self.replaced: dict[str, TargetTensor | None] = {}
+        self.pieces: list[Piece] = []
+        self.touched: set[str] = set()
+        self.merged_groups: list[tuple[str, str, str]] = []
+        self.modules: list[str] = []
+        self.slots = max([num_experts, *(g.slots for g in self.groups)]) if self.groups else num_experts
+        self.slices = expert_slices(self.slots, min(ep, self.slots))
+
+    def plan(self) -> MergePlan:
+        """Every piece and output tensor of the merge, in the base's order."""
+        for lg in self.lora_groups:
+            self._expert_layer(lg)
+        if self.dequant:  # the FP8 expert weights no LoRA touches, dequantized too
+            self.pieces += _fp8_dequant_pieces(self.qfamily, self.groups, self.pairs, self.done, self.dtype,
+                                               self.block, self.touched)
+        if self.family.dequantize is not None and self.dtype:  # MXFP4 --dtype: every expert layer in the target's layout
+            for group in self.groups:
+                if (group.prefix, ()) not in self.done:
+                    self.pieces += self._mx_pieces(group, None)
+        # other LoRA modules: the base tensor their `.weight` names
+        base_by_model = {self.family.to_model(n): n for n in self.passthrough}
+        for module in sorted({n.rsplit(".lora_", 1)[0] for n in self.others}):
+            self._module(module, base_by_model)
+        # modules_to_save: the adapter's trained copy replaces the base tensor (cast to its output dtype)
+        for name, model_name in self.saved.items():
+            self._saved(name, model_name, base_by_model)
+        # everything else: byte copies (or casts), and the base's tensor order file by file
+        scales = _fp8_scale_names(self.ckpt, self.family) if self.dequant else {}
+        self.replaced.update({n: None for n in scales})  # --dtype on an FP8 base: the scale grids are dropped
+        files = self._files()
+        targets = self._targets(scales)
+        family, dtype = self.family, self.dtype
+        return MergePlan(family=family.name, targets=targets, files=files, pieces=self.pieces, num_experts=self.slots,
+                         groups=self.merged_groups, modules=self.modules, copy_files=list(self.ckpt.other_files),
+                         metadata={f: dict(h.metadata) for f, h in self.ckpt.headers.items()}, notes=self._notes(),
+                         touched=sorted(self.touched),
+                         dequantized=self.dequant or (family.dequantize is not None and bool(dtype)))
+
+    # ------------------------------------------------------------------ expert LoRA
+
+    def _expert_layer(self, lg: ExpertLoraGroup) -> None:
+        """The pieces merging expert LoRA `lg` into its base layer (raises where there is none, or it does not fit)."""
+        prefix = expert_prefix(self.lfam, self.names, lg.prefix)
+        group = self.by_prefix.get(_strip(prefix)) if prefix is not None else None
         if group is None:
-            raise ConversionError(f"{adapter.display()}: tensor {lg.tensors[0]!r}: the base has no {family.name} "
-                                  f"expert layer {_strip(lg.prefix)!r} for this expert LoRA to merge into")
-        if family.dequantize is not None:  # an MXFP4 base
-            pieces += _mx_group_pieces(family, lfam, group, lg, adapter, dtype, slices, run_bytes, order, touched,
-                                       replaced)
-            merged_groups.append((group.prefix, group.layout, lg.pattern))
-            done.add((group.prefix, ()))
-            continue
+            raise ConversionError(f"{self.adapter.display()}: tensor {lg.tensors[0]!r}: the base has no "
+                                  f"{self.family.name} expert layer {_strip(lg.prefix)!r} for this expert LoRA to "
+                                  "merge into")
+        if self.family.dequantize is not None:  # an MXFP4 base
+            self.pieces += self._mx_pieces(group, lg)
+            self.merged_groups.append((group.prefix, group.layout, lg.pattern))
+            self.done.add((group.prefix, ()))
+            return
+        self._check_fits(lg, group)
+        self.merged_groups.append((group.prefix, group.layout, lg.pattern))
+        units = _units(self.qfamily, group, group.layout, None, "src")
+        dst_units = _merge_dst_units(self.qfamily, group, self.dtype, self.weights, set(self.pairs.values()))
+        for members in _unit_sets(units, self.pairs):
+            roles = [r for i in members for r in units[i][0].roles if r in lg.roles]
+            if not roles:
+                continue
+            self.done.add((group.prefix, tuple(members)))
+            self._unit_set_pieces(lg, group, [units[i] for i in members], [dst_units[i] for i in members], roles)
+
+    def _mx_pieces(self, group: ExpertGroup, lg: ExpertLoraGroup | None) -> list[Piece]:
+        """The pieces of MXFP4 expert layer `group` with the LoRA `lg` (None: none; see _mx_group_pieces)."""
+        return _mx_group_pieces(self.family, self.lfam, group, lg, self.adapter, self.dtype, self.slices,
+                                self.run_bytes, self.order, self.touched, self.replaced)
+
+    def _check_fits(self, lg: ExpertLoraGroup, group: ExpertGroup) -> None:
+        """Raise where a role's LoRA of `lg` is for another [out, in] or number of experts than base layer `group`."""
         for role in lg.roles:
             shape = group.role_shape.get(role)
             out_in = lg.dims_of(role)
             if shape is None or tuple(shape) != tuple(out_in):
+                name = lg.factor((role,), "A", 0).name if lg.pattern == "per_expert" else lg.tensors[0]
                 raise ConversionError(
-                    f"{adapter.display()}: tensor {lg.factor((role,), 'A', 0).name if lg.pattern == 'per_expert' else lg.tensors[0]!r}: "
+                    f"{self.adapter.display()}: tensor {name!r}: "
                     f"the {role} LoRA of layer {group.prefix} is for [out, in] = {list(out_in)}, the base's "
                     f"{role} weight is {list(shape) if shape else 'absent'}")
             if lg.experts_of(role) != group.role_experts.get(role, group.num_experts):
-                raise ConversionError(f"{adapter.display()}: layer {group.prefix}: the {role} LoRA has "
-                                      f"{lg.experts_of(role)} experts, the base {group.role_experts.get(role, group.num_experts)}")
-        merged_groups.append((group.prefix, group.layout, lg.pattern))
-        units = _units(qfamily, group, group.layout, None, "src")
-        dst_units = _merge_dst_units(qfamily, group, dtype, weights, set(pairs.values()))
+                raise ConversionError(f"{self.adapter.display()}: layer {group.prefix}: the {role} LoRA has "
+                                      f"{lg.experts_of(role)} experts, the base "
+                                      f"{group.role_experts.get(role, group.num_experts)}")
+
+    def _unit_set_pieces(self, lg: ExpertLoraGroup, group: ExpertGroup, src: list[tuple[Unit, str]],
+                         dst: list[tuple[Unit, str] | None], roles: list[str]) -> None:
+        """The pieces of one unit set (`src` units, their output units `dst`) of expert layer `group` merging
+        `roles` of `lg`: one per run of experts of one EP slice, as many as fit `run_bytes` in float32."""
+        held = {r for unit, _ in src for r in unit.roles}
+        quant_pairs = tuple((w, s) for w, s in self.pairs.items() if w in (held if self.dequant else roles))
+        per_expert = sum(_unit_read(group, unit, tpl, 0)[0].end - _unit_read(group, unit, tpl, 0)[0].start
+                         for unit, tpl in src)
+        count = min(group.role_experts.get(unit.roles[0], group.num_experts) for unit, _ in src)
+        widen = 4 // min(DTYPE_SIZES[unit.dtype] for unit, _ in src)  # merged in float32
+        step = max(1, self.run_bytes // max(1, per_expert * widen))
         role_shape = tuple(sorted(group.role_shape.items()))
-        for members in _unit_sets(units, pairs):
-            roles = [r for i in members for r in units[i][0].roles if r in lg.roles]
-            if not roles:
-                continue
-            done.add((group.prefix, tuple(members)))
-            held = {r for i in members for r in units[i][0].roles}
-            quant_pairs = tuple((w, s) for w, s in pairs.items() if w in (held if dequant else roles))
-            per_expert = sum(_unit_read(group, units[i][0], units[i][1], 0)[0].end
-                             - _unit_read(group, units[i][0], units[i][1], 0)[0].start for i in members)
-            count = min(group.role_experts.get(units[i][0].roles[0], group.num_experts) for i in members)
-            widen = 4 // min(DTYPE_SIZES[units[i][0].dtype] for i in members)  # merged in float32
-            step = max(1, run_bytes // max(1, per_expert * widen))
-            for sl in slices:
-                for e0 in range(sl.start, min(sl.stop, count), step):
-                    run = range(e0, min(e0 + step, sl.stop, count))
-                    reads = _Reads()
-                    writes: list[Write] = []
-                    for e in run:
-                        for i in members:
-                            read, name, ws, we = _unit_read(group, units[i][0], units[i][1], e)
-                            reads.reads.append(read)  # base reads first, in order (never deduplicated)
-                            touched.add(name)
-                            dst_unit = dst_units[i]
-                            if dst_unit is None:  # a scale grid dropped (--dtype on an FP8 base)
-                                continue
-                            out_item = DTYPE_SIZES[dst_unit[0].dtype] / DTYPE_SIZES[units[i][0].dtype]
-                            writes.append(Write(name, int(ws * out_item), int(we * out_item), dst_unit[0].dtype))
-                    deltas = []
-                    for role in roles:
-                        fa, fb = _factors(lg, adapter, role, run, reads, lg.fused_order or order)
-                        scales = tuple(scaling(adapter.config, source_scale(adapter.config, _module_of(lg, role, e)))
-                                       for e in run)
-                        deltas.append(RoleDelta(role, fa, fb, scales))
-                    compute = MergeExperts(tuple(run), tuple(units[i][0] for i in members),
-                                           tuple(dst_units[i][0] for i in members if dst_units[i] is not None),
-                                           role_shape, tuple(deltas), quant_pairs, block, not dequant, group.prefix)
-                    pieces.append(Piece(tuple(reads.reads), tuple(writes), compute, run.start))
+        for sl in self.slices:
+            for e0 in range(sl.start, min(sl.stop, count), step):
+                run = range(e0, min(e0 + step, sl.stop, count))
+                self.pieces.append(self._run_piece(lg, group, src, dst, roles, run, role_shape, quant_pairs))
 
-    if dequant:  # the FP8 expert weights no LoRA touches, dequantized too
-        pieces += _fp8_dequant_pieces(qfamily, groups, pairs, done, dtype, block, touched)
-    if family.dequantize is not None and dtype:  # MXFP4 --dtype: every expert layer written in the target's layout
-        for group in groups:
-            if (group.prefix, ()) not in done:
-                pieces += _mx_group_pieces(family, lfam, group, None, adapter, dtype, slices, run_bytes, order,
-                                           touched, replaced)
+    def _run_piece(self, lg: ExpertLoraGroup, group: ExpertGroup, src: list[tuple[Unit, str]],
+                   dst: list[tuple[Unit, str] | None], roles: list[str], run: range,
+                   role_shape: tuple[tuple[str, tuple[int, ...]], ...], quant_pairs: tuple[tuple[str, str], ...]
+                   ) -> Piece:
+        """The piece merging `roles` into the experts of `run`: each expert's base reads (in order, never
+        deduplicated) and writes, then the LoRA factor reads."""
+        reads = _Reads()
+        writes: list[Write] = []
+        for e in run:
+            for (unit, tpl), out in zip(src, dst):
+                read, name, ws, we = _unit_read(group, unit, tpl, e)
+                reads.reads.append(read)  # base reads first, in order (never deduplicated)
+                self.touched.add(name)
+                if out is None:  # a scale grid dropped (--dtype on an FP8 base)
+                    continue
+                out_item = DTYPE_SIZES[out[0].dtype] / DTYPE_SIZES[unit.dtype]
+                writes.append(Write(name, int(ws * out_item), int(we * out_item), out[0].dtype))
+        deltas = tuple(self._role_delta(lg, role, run, reads) for role in roles)
+        compute = MergeExperts(tuple(run), tuple(unit for unit, _ in src), tuple(o[0] for o in dst if o is not None),
+                               role_shape, deltas, quant_pairs, self.block, not self.dequant, group.prefix)
+        return Piece(tuple(reads.reads), tuple(writes), compute, run.start)
 
-    # other LoRA modules: the base tensor their `.weight` names
-    base_by_model = {family.to_model(n): n for n in passthrough}
-    modules: list[str] = []
-    lora_others = sorted({n.rsplit(".lora_", 1)[0] for n in others})
-    for module in lora_others:
+    def _role_delta(self, lg: ExpertLoraGroup, role: str, run: range, reads: _Reads) -> RoleDelta:
+        """`role`'s LoRA factors of `lg` for the experts of `run` (their reads added to `reads`) and scalings."""
+        fa, fb = _factors(lg, self.adapter, role, run, reads, lg.fused_order or self.order)
+        cfg = self.adapter.config
+        return RoleDelta(role, fa, fb, tuple(scaling(cfg, source_scale(cfg, _module_of(lg, role, e))) for e in run))
+
+    # ------------------------------------------------------------------ other LoRA modules
+
+    def _module(self, module: str, base_by_model: dict[str, str]) -> None:
+        """The pieces merging LoRA `module` (attention, router, dense MLP) into the base tensor its `.weight` names."""
+        adapter = self.adapter
         an, bn = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
         if an not in adapter.tensors or bn not in adapter.tensors:
             have = an if an in adapter.tensors else bn
             raise ConversionError(f"{adapter.display()}: tensor {have!r} has no lora_{'B' if have == an else 'A'} partner")
         a, b = adapter.tensors[an], adapter.tensors[bn]
-        model_module = _strip(names.canonical_module(module))
+        model_module = _strip(self.names.canonical_module(module))
         target = base_by_model.get(model_module + ".weight")
         if target is None:
             raise ConversionError(f"{adapter.display()}: tensor {an!r}: the base has no tensor "
                                   f"{model_module + '.weight'!r} (or its checkpoint name) for this LoRA to merge into")
-        ref = ckpt.tensors[target]
+        ref = self.ckpt.tensors[target]
         if len(ref.info.shape) != 2 or len(a.info.shape) != 2 or len(b.info.shape) != 2 \
                 or a.info.shape[0] != b.info.shape[1] or (b.info.shape[0], a.info.shape[1]) != tuple(ref.info.shape):
             raise ConversionError(
                 f"{adapter.display()}: tensors {an!r} {list(a.info.shape)} / {bn!r} {list(b.info.shape)} do not fit "
                 f"the base tensor {target!r} {list(ref.info.shape)} ([out, in] = [lora_B rows, lora_A columns])")
         s = scaling(adapter.config, source_scale(adapter.config, _strip(module)))
-        modules.append(model_module)
-        touched.add(target)
-        scale_name = next((target + sfx for sfx in family.companions if target + sfx in ckpt.tensors), None)
+        self.modules.append(model_module)
+        self.touched.add(target)
+        scale_name = next((target + sfx for sfx in self.family.companions if target + sfx in self.ckpt.tensors), None)
         if scale_name is not None and ref.info.dtype.startswith("F8_"):
-            sref = ckpt.tensors[scale_name]
-            touched.add(scale_name)
-            out_dtype = dtype if dequant else ref.info.dtype
-            compute = MergeTensor(ref.info.shape, ref.info.dtype, str(out_dtype), a.info.shape, a.info.dtype,
-                                  b.info.shape, b.info.dtype, s, sref.info.shape, sref.info.dtype, block,
-                                  not dequant, target)
-            writes = (Write(target, 0, numel(ref.info.shape) * DTYPE_SIZES[str(out_dtype)], str(out_dtype)),)
-            if not dequant:
-                writes += (Write(scale_name, 0, sref.info.nbytes, sref.info.dtype),)
-            pieces.append(Piece((Read(ref.file, ref.info.start, ref.info.end, ref.info.dtype),
-                                 Read(sref.file, sref.info.start, sref.info.end, sref.info.dtype),
-                                 _adapter_read(a), _adapter_read(b)), writes, compute))
-            continue
-        if ref.info.dtype not in ("F32", "F16", "BF16", "F64"):
-            raise ConversionError(f"{ckpt.storage.display(ref.file)}: tensor {target!r} is {ref.info.dtype}: cannot "
-                                  "merge LoRA into it")
-        out_dtype = target_dtype(ref.info.dtype, dtype)
+            self.pieces.append(self._fp8_module_piece(target, ref, scale_name, self.ckpt.tensors[scale_name], a, b, s))
+            return
+        if ref.info.dtype not in _FLOATS:
+            raise ConversionError(f"{self.ckpt.storage.display(ref.file)}: tensor {target!r} is {ref.info.dtype}: "
+                                  "cannot merge LoRA into it")
+        self.pieces += self._row_pieces(target, ref, a, b, s)
+
+    def _fp8_module_piece(self, target: str, ref: TensorRef, scale_name: str, sref: TensorRef, a: TensorRef,
+                          b: TensorRef, s: float) -> Piece:
+        """The one piece merging LoRA factors `a`, `b` (scaling `s`) into FP8 weight `target` (`ref`) with scale grid
+        `scale_name` (`sref`): requantized, or written as --dtype without its grid."""
+        self.touched.add(scale_name)
+        out_dtype = str(self.dtype if self.dequant else ref.info.dtype)
+        compute = MergeTensor(ref.info.shape, ref.info.dtype, out_dtype, a.info.shape, a.info.dtype,
+                              b.info.shape, b.info.dtype, s, sref.info.shape, sref.info.dtype, self.block,
+                              not self.dequant, target)
+        writes = [Write(target, 0, numel(ref.info.shape) * DTYPE_SIZES[out_dtype], out_dtype)]
+        if not self.dequant:
+            writes.append(Write(scale_name, 0, sref.info.nbytes, sref.info.dtype))
+        return Piece((Read(ref.file, ref.info.start, ref.info.end, ref.info.dtype),
+                      Read(sref.file, sref.info.start, sref.info.end, sref.info.dtype),
+                      _adapter_read(a), _adapter_read(b)), tuple(writes), compute)
+
+    def _row_pieces(self, target: str, ref: TensorRef, a: TensorRef, b: TensorRef, s: float) -> list[Piece]:
+        """The pieces merging LoRA factors `a`, `b` (scaling `s`) into float weight `target` (`ref`), `chunk` bytes of
+        rows each."""
+        out_dtype = target_dtype(ref.info.dtype, self.dtype)
         rows, cols = ref.info.shape
         row_in, row_out = cols * DTYPE_SIZES[ref.info.dtype], cols * DTYPE_SIZES[out_dtype]
         b_row = b.info.nbytes // rows
-        step = max(1, chunk // max(row_in, 1))
+        step = max(1, self.chunk // max(row_in, 1))
+        pieces: list[Piece] = []
         for i in range(0, rows, step):
             j = min(rows, i + step)
             compute = MergeTensor((j - i, cols), ref.info.dtype, out_dtype, a.info.shape, a.info.dtype,
                                   (j - i, b.info.shape[1]), b.info.dtype, s)
-            pieces.append(Piece((Read(ref.file, ref.info.start + i * row_in, ref.info.start + j * row_in, ref.info.dtype),
+            pieces.append(Piece((Read(ref.file, ref.info.start + i * row_in, ref.info.start + j * row_in,
+                                      ref.info.dtype),
                                  _adapter_read(a), _adapter_read(b, i * b_row, j * b_row)),
                                 (Write(target, i * row_out, j * row_out, out_dtype),), compute))
+        return pieces
 
-    # modules_to_save: the adapter's trained copy replaces the base tensor (cast to its output dtype)
-    for name, model_name in saved.items():
+    def _saved(self, name: str, model_name: str, base_by_model: dict[str, str]) -> None:
+        """The pieces writing modules_to_save tensor `name` (model naming `model_name`) in its base tensor's place."""
         target = base_by_model.get(model_name)
-        ref, sref = ckpt.tensors.get(target or ""), adapter.tensors[name]
-        if ref is None or target in touched:
-            raise ConversionError(f"{adapter.display(sref.file)}: tensor {name!r} (modules_to_save): the base has no "
-                                  f"tensor {model_name!r} for it to replace" if ref is None else
-                                  f"{adapter.display(sref.file)}: tensor {name!r} (modules_to_save) replaces "
-                                  f"{target!r}, which a LoRA also merges into")
-        if tuple(ref.info.shape) != tuple(sref.info.shape) or ref.info.dtype not in ("F32", "F16", "BF16", "F64") \
-                or sref.info.dtype not in ("F32", "F16", "BF16", "F64"):
-            raise ConversionError(f"{adapter.display(sref.file)}: tensor {name!r} (modules_to_save) is "
+        ref, sref = self.ckpt.tensors.get(target or ""), self.adapter.tensors[name]
+        where = self.adapter.display(sref.file)
+        if ref is None or target in self.touched:
+            raise ConversionError(f"{where}: tensor {name!r} (modules_to_save): the base has no tensor "
+                                  f"{model_name!r} for it to replace" if ref is None else
+                                  f"{where}: tensor {name!r} (modules_to_save) replaces {target!r}, which a LoRA also "
+                                  "merges into")
+        if tuple(ref.info.shape) != tuple(sref.info.shape) or ref.info.dtype not in _FLOATS \
+                or sref.info.dtype not in _FLOATS:
+            raise ConversionError(f"{where}: tensor {name!r} (modules_to_save) is "
                                   f"{sref.info.dtype} {list(sref.info.shape)}; it cannot replace the base's {target!r} "
                                   f"({ref.info.dtype} {list(ref.info.shape)})")
-        out_dtype = target_dtype(ref.info.dtype, dtype)
-        _, ps = copy_pieces(TensorRef(source_file(ADAPTER_SOURCE, sref.file), sref.info), str(target), out_dtype, chunk)
+        out_dtype = target_dtype(ref.info.dtype, self.dtype)
+        _, ps = copy_pieces(TensorRef(source_file(ADAPTER_SOURCE, sref.file), sref.info), str(target), out_dtype,
+                            self.chunk)
         # a compute piece, not a byte copy: the engine's range copies read the job's own source only
-        pieces += [Piece(p.reads, p.writes, CastRun(sref.info.dtype, out_dtype)) for p in ps]
-        touched.add(str(target))
-        modules.append(model_name.rsplit(".", 1)[0] + " (modules_to_save)")
+        self.pieces += [Piece(p.reads, p.writes, CastRun(sref.info.dtype, out_dtype)) for p in ps]
+        self.touched.add(str(target))
+        self.modules.append(model_name.rsplit(".", 1)[0] + " (modules_to_save)")
 
-    # everything else: byte copies (or casts), and the base's tensor order file by file
-    targets: list[TargetTensor] = []
-    files: dict[str, list[str]] = {}
-    scales = _fp8_scale_names(ckpt, family) if dequant else {}
-    replaced.update({n: None for n in scales})  # --dtype on an FP8 base: the scale grids are dropped
-    for fname, header in ckpt.headers.items():
-        kept = [replaced[n].name if replaced.get(n) else n  # type: ignore[union-attr]
-                for n in (t.name for t in sorted(header.tensors.values(), key=lambda t: t.start))
-                if n not in replaced or replaced[n] is not None]
-        if kept:  # a shard that held only scale grids is not written
-            files[fname] = kept
-    for name, ref in ckpt.tensors.items():
-        if name in replaced:
-            if replaced[name] is not None:
-                targets.append(replaced[name])  # type: ignore[arg-type]
-            continue
-        if name in scales.values():  # an FP8 weight, dequantized
-            targets.append(TargetTensor(name, str(dtype), ref.info.shape))
-            if name not in touched:
-                pieces.append(_fp8_dequant_tensor(ref, ckpt.tensors[_scale_of(scales, name)], str(dtype), block))
-            continue
-        t, ps = copy_pieces(ref, name, dtype, chunk)
-        targets.append(t)
-        if name not in touched:
-            pieces += ps
-    notes = [f"merged expert LoRA of {len(merged_groups)} layer(s), {len(modules)} other LoRA module(s); "
-             f"{len(touched)} of {len(ckpt.tensors)} base tensors change, the rest are byte copies"
-             + (" (cast)" if dtype else "")]
-    if pairs and dequant:
-        notes.append(f"every FP8 weight is dequantized ({block[0]}x{block[1]} blocks) and written as {dtype}, the "
-                     "touched ones merged in float32 first; the scale grids and quantization_config are dropped")
-    elif pairs:
-        notes.append(f"FP8 weights the adapter touches are dequantized, merged in float32 and requantized with fresh "
-                     f"{block[0]}x{block[1]} block scales (amax / {FP8_MAX:g})")
-    if family.dequantize is not None:
-        notes.append(f"MXFP4 expert weights the adapter touches are dequantized, merged in float32 and " + (
-            f"written as {dtype} (every expert layer, in {lfam.name}'s layout; quantization_config dropped)" if dtype
-            else "requantized with fresh E8M0 scales per 32 values"))
-    return MergePlan(family=family.name, targets=targets, files=files, pieces=pieces, num_experts=slots,
-                     groups=merged_groups, modules=modules, copy_files=list(ckpt.other_files),
-                     metadata={f: dict(h.metadata) for f, h in ckpt.headers.items()}, notes=notes,
-                     touched=sorted(touched), dequantized=dequant or (family.dequantize is not None and bool(dtype)))
+    # ------------------------------------------------------------------ the output
+
+    def _output_name(self, name: str) -> str | None:
+        """The output name of base tensor `name`: its own, its replacement's, or None where it is dropped."""
+        if name not in self.replaced:
+            return name
+        new = self.replaced[name]
+        return new.name if new is not None else None
+
+    def _files(self) -> dict[str, list[str]]:
+        """Base shard name -> the output's tensors of it in data order (a shard that held only dropped scale grids
+        is not written)."""
+        files: dict[str, list[str]] = {}
+        for fname, header in self.ckpt.headers.items():
+            ordered = (t.name for t in sorted(header.tensors.values(), key=lambda t: t.start))
+            kept = [out for out in map(self._output_name, ordered) if out is not None]
+            if kept:
+                files[fname] = kept
+        return files
+
+    def _targets(self, scales: dict[str, str]) -> list[TargetTensor]:
+        """Every output tensor in the base's order, with the pieces of those no other piece writes: FP8 weights
+        dequantized (`scales`: scale grid -> weight, --dtype), byte copies (or casts) of the rest."""
+        targets: list[TargetTensor] = []
+        for name, ref in self.ckpt.tensors.items():
+            if name in self.replaced:
+                new = self.replaced[name]
+                if new is not None:
+                    targets.append(new)
+                continue
+            if name in scales.values():  # an FP8 weight, dequantized
+                targets.append(TargetTensor(name, str(self.dtype), ref.info.shape))
+                if name not in self.touched:
+                    sref = self.ckpt.tensors[_scale_of(scales, name)]
+                    self.pieces.append(_fp8_dequant_tensor(ref, sref, str(self.dtype), self.block))
+                continue
+            t, ps = copy_pieces(ref, name, self.dtype, self.chunk)
+            targets.append(t)
+            if name not in self.touched:
+                self.pieces += ps
+        return targets
+
+    def _notes(self) -> list[str]:
+        """What the merge does, for the job's report."""
+        dtype, block = self.dtype, self.block
+        notes = [f"merged expert LoRA of {len(self.merged_groups)} layer(s), {len(self.modules)} other LoRA "
+                 f"module(s); {len(self.touched)} of {len(self.ckpt.tensors)} base tensors change, the rest are byte "
+                 "copies" + (" (cast)" if dtype else "")]
+        if self.pairs and self.dequant:
+            notes.append(f"every FP8 weight is dequantized ({block[0]}x{block[1]} blocks) and written as {dtype}, the "
+                         "touched ones merged in float32 first; the scale grids and quantization_config are dropped")
+        elif self.pairs:
+            notes.append(f"FP8 weights the adapter touches are dequantized, merged in float32 and requantized with "
+                         f"fresh {block[0]}x{block[1]} block scales (amax / {FP8_MAX:g})")
+        if self.family.dequantize is not None:
+            notes.append("MXFP4 expert weights the adapter touches are dequantized, merged in float32 and " + (
+                f"written as {dtype} (every expert layer, in {self.lfam.name}'s layout; quantization_config dropped)"
+                if dtype else "requantized with fresh E8M0 scales per 32 values"))
+        return notes
 
 
 # ----------------------------------------------------------------------------- quantized bases
@@ -944,5 +1046,5 @@ def check_counts(plan: MergePlan) -> None:
         raise AssertionError(f"merge plan writes {covered.get(wrong[0], 0)} of {sizes[wrong[0]]} bytes of {wrong[0]!r}")
 
 
-__all__ = ["ADAPTER_SOURCE", "saved_modules", "MergePlan", "MergeExperts", "MergeMxfp4", "MergeTensor", "Factor", "fp8_requantize", "plan_merge",
+__all__ = ["ADAPTER_SOURCE", "saved_modules", "MergePlan", "MergeExperts", "MergeMxfp4", "MergeTensor", "Factor", "plan_merge",
            "refuse_variants", "check_counts"]

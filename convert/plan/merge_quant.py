@@ -50,6 +50,11 @@ class Survival:
         with self._lock:
             self._rows.append((label, fmt, dd, gd, err, want2))
 
+    def record(self, label: str, fmt: str, sums: tuple[float, float, float, float]) -> None:
+        """Record one requantized weight from its sums (<d,d>, <g,d>, |g-d|^2, |W+d|^2) computed elsewhere."""
+        with self._lock:
+            self._rows.append((label, fmt, *sums))
+
     def take(self) -> list[tuple[str, str, float, float, float, float]]:
         """The rows recorded so far, and forget them (a batch runs several jobs in one process)."""
         with self._lock:
@@ -65,6 +70,91 @@ def squared_norm(x: torch.Tensor) -> float:
     import torch
 
     return float(torch.sum(x * x, dtype=torch.float64))
+
+
+FP8_MAX = 448.0
+FP8_SCRATCH = 20  # first of the 4 thread_scratch slots merge_fp8 works in (one block row of float32 each)
+
+
+def merge_fp8(w: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
+              block: tuple[int, int], q_out: torch.Tensor, scale_out: torch.Tensor) -> tuple[float, float, float, float]:
+    """Merge `s * b @ a` into FP8 block-scaled weight `w` [rows, cols] (scale grid `scale` [gr, gc]) and
+    requantize it into `q_out` (FP8, w's shape) and `scale_out` (the grid, in its stored dtype), one block row at
+    a time in this thread's scratch: the float32 merge is `w + s * (b @ a)` (the product, scaled, then added),
+    each block's fresh scale is amax / 448 (a power of two rounded up for an E8M0 grid; 1 for an all-zero
+    block) and each value `merged / scale`, clamped to +-448, rounded to nearest FP8.
+
+    Returns the survival sums (<d,d>, <g,d>, |g-d|^2, |W+d|^2) of Survival, d the float32 delta and g the
+    requantized weight's change, accumulated per block row (float32 dots, summed in float64). Block rows keep
+    every temporary a few MB and reused: whole-expert float32 temporaries, each a fresh mapping, cost more in
+    page faults than the arithmetic."""
+    import torch
+
+    from convert.io.memory import thread_scratch
+    from convert.plan.dequant import fp8_values_into
+
+    bm, bn = block
+    rows, cols = w.shape
+    n_max = min(bm, rows)
+    W, D, M, G = (torch.frombuffer(thread_scratch(n_max * cols * 4, FP8_SCRATCH + k), dtype=torch.float32)
+                  .view(n_max, cols) for k in range(4))
+    a32, b32 = a.to(torch.float32), b.to(torch.float32)
+    grid = scale.to(torch.float32)
+    e8m0 = scale_out.dtype == getattr(torch, "float8_e8m0fnu", None)
+    dd = gd = err = want2 = 0.0
+    for gi, i in enumerate(range(0, rows, bm)):
+        n = min(rows, i + bm) - i
+        Wc, Dc, Mc, Gc = W[:n], D[:n], M[:n], G[:n]
+        fp8_values_into(w[i : i + n], Wc)
+        _per_block(Wc, grid[gi], bn, "mul")
+        torch.matmul(b32[i : i + n], a32, out=Dc)
+        Dc.mul_(s)
+        torch.add(Dc, Wc, out=Mc)
+        amax = torch.maximum(_block_reduce(Mc, bn, "amax"), _block_reduce(Mc, bn, "amin").neg_())
+        fresh = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        if e8m0:
+            fresh = torch.exp2(torch.ceil(torch.log2(fresh)))
+        scale_out[gi] = fresh.to(scale_out.dtype)
+        used = scale_out[gi].to(torch.float32)
+        Gc.copy_(Mc)
+        _per_block(Gc, used, bn, "div")
+        q_out[i : i + n].copy_(Gc.clamp_(-FP8_MAX, FP8_MAX))
+        fp8_values_into(q_out[i : i + n], Gc)
+        _per_block(Gc, used, bn, "mul")
+        Gc.sub_(Wc)  # g: the stored weight's change
+        gd += float(torch.dot(Gc.view(-1), Dc.view(-1)))
+        dd += float(torch.dot(Dc.view(-1), Dc.view(-1)))
+        want2 += float(torch.dot(Mc.view(-1), Mc.view(-1)))
+        Gc.sub_(Dc)
+        err += float(torch.dot(Gc.view(-1), Gc.view(-1)))
+    return dd, gd, err, want2
+
+
+def _per_block(x: torch.Tensor, per_col: torch.Tensor, bn: int, op: str) -> None:
+    """Multiply (op "mul") or divide ("div") each column block of rows `x` [n, cols] by its entry of `per_col`
+    [ceil(cols / bn)], in place (a ragged last block included)."""
+    full = x.shape[1] // bn
+    whole = x[:, : full * bn].view(x.shape[0], full, bn)
+    factor = per_col[:full].view(1, full, 1)
+    whole.mul_(factor) if op == "mul" else whole.div_(factor)
+    if full * bn < x.shape[1]:
+        rest = x[:, full * bn :]
+        rest.mul_(per_col[full]) if op == "mul" else rest.div_(per_col[full])
+
+
+def _block_reduce(x: torch.Tensor, bn: int, how: str) -> torch.Tensor:
+    """amax or amin of each column block of rows `x` [n, cols]: [ceil(cols / bn)] (no temporary of x's size)."""
+    import torch
+
+    full = x.shape[1] // bn
+    parts = []
+    if full:
+        whole = x[:, : full * bn].view(x.shape[0], full, bn)
+        parts.append(whole.amax(dim=(0, 2)) if how == "amax" else whole.amin(dim=(0, 2)))
+    if full * bn < x.shape[1]:
+        rest = x[:, full * bn :]
+        parts.append((rest.amax() if how == "amax" else rest.amin()).reshape(1))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def survival_lines(rows: list[tuple[str, str, float, float, float, float]]) -> list[str]:
@@ -134,5 +224,5 @@ def mxfp4_half_step(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return half * s
 
 
-__all__ = ["SURVIVAL", "Survival", "WARN_SURVIVED", "mxfp4_quantize", "mxfp4_half_step", "squared_norm",
+__all__ = ["FP8_MAX", "SURVIVAL", "Survival", "WARN_SURVIVED", "merge_fp8", "mxfp4_quantize", "mxfp4_half_step", "squared_norm",
            "survival_lines"]

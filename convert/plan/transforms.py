@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from convert.families import FusedTensor
-from convert.formats.safetensors import numel
+from convert.formats.safetensors import DTYPE_SIZES, numel
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +60,7 @@ def to_bytes(t: torch.Tensor) -> memoryview:
     if flat.numel() and flat.stride(0) != 1:  # size-1 dims can leave a "contiguous" tensor with a stride != 1
         flat = flat.new_empty(flat.shape).copy_(flat)
     flat = flat.view(torch.uint8)
-    return memoryview(flat.numpy())
+    return flat.numpy().data  # the array's bytes as a memoryview, as memoryview(array) gives them
 
 
 def cast_bytes(buf: bytes | memoryview, src: str, dst: str) -> bytes | memoryview:
@@ -109,6 +109,31 @@ def encode(unit: Unit, roles: dict[str, torch.Tensor]) -> memoryview:
         return to_bytes(roles[str(unit.role)].to(target))
     t = unit.fused
     return to_bytes(t.pipeline.fuse([roles[p].to(target) for p in t.parts]))
+
+
+def unit_shape(unit: Unit, role_shape: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """The shape of one expert's tensor (or slice of the fused tensor) of `unit`."""
+    if unit.fused is None:
+        return role_shape[str(unit.role)]
+    return tuple(unit.fused.pipeline.slice_shape(role_shape[unit.fused.parts[0]]))
+
+
+def unit_nbytes(unit: Unit, role_shape: dict[str, tuple[int, ...]]) -> int:
+    """The bytes of one expert's tensor (or slice of the fused tensor) of `unit`."""
+    return numel(unit_shape(unit, role_shape)) * DTYPE_SIZES[unit.dtype]
+
+
+def encode_into(unit: Unit, roles: dict[str, torch.Tensor], buf: memoryview,
+                role_shape: dict[str, tuple[int, ...]]) -> memoryview:
+    """encode() into `buf` (writable, unit_nbytes(unit) bytes): the cast writes straight into it, where encode
+    allocates a fresh tensor for every expert (a page-faulting mapping of each multi-MB result). Returns `buf`."""
+    dst = from_bytes(buf, unit.dtype, unit_shape(unit, role_shape))
+    if unit.fused is None:
+        dst.copy_(roles[str(unit.role)])
+    else:
+        target = torch_dtypes()[unit.dtype]
+        dst.copy_(unit.fused.pipeline.fuse([roles[p].to(target) for p in unit.fused.parts]))
+    return buf
 
 
 def regroup(
