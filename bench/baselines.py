@@ -33,8 +33,8 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
-from convert.families import Family, detect_family, template_regex
 from convert.engine.job import peak_rss_bytes
+from convert.families import Family, detect_family, template_regex
 from sharding.file_layout import natural_key, parse_size
 
 INDEX = "model.safetensors.index.json"
@@ -160,9 +160,8 @@ def run_transformers(op: str, src: str, dst: str, max_shard: int) -> dict[str, o
     import inspect
 
     import transformers
-    from transformers import AutoModelForCausalLM
-
     from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
 
     first = sorted(n for n in os.listdir(src) if n.endswith(".safetensors"))[0]
     with safe_open(os.path.join(src, first), "pt") as f:

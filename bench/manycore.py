@@ -30,8 +30,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.run import (GB, REPO, Bench, Case, Row, check_disk, compare_tensors, cp_command, dir_bytes, environment,
-                      mem_available, rss_text)
+from bench.run import (
+    GB,
+    REPO,
+    Bench,
+    Case,
+    Row,
+    check_disk,
+    compare_tensors,
+    cp_command,
+    dir_bytes,
+    environment,
+    mem_available,
+    rss_text,
+)
 from bench.synthetic import checkpoint_specs, write_synthetic
 
 TARGET_CP = 0.9  # end to end, vs cp -r + sync, at TARGET_RANKS

@@ -568,9 +568,9 @@ def main(argv: list[str] | None = None) -> None:
                     [sources[L]])
         log("generated; base-weight cases")
         checks = run_base(b, fused_dirs, sources)
-        for L, fused in fused_dirs.items():
+        for fused in fused_dirs.values():
             shutil.rmtree(fused, ignore_errors=True)
-        for L, src in sources.items():
+        for src in sources.values():
             shutil.rmtree(src, ignore_errors=True)
         if settings.other_family is not None:
             log(f"{settings.other_family[0]} cases")

@@ -312,7 +312,7 @@ def run(s: Settings, work: Path, sweeps: list[tuple[str, list[str]]], log: Any,
                         r.clear(prefix)
                 sources = make_sources(s, work, experts, log)
             sizes[n] = sources.nbytes
-            for rep in range(s.repeats):
+            for _rep in range(s.repeats):
                 for case in s.cases:
                     run_case(s, r, sources, case, n, envs, rows, log)
                     checkpoint()
@@ -490,7 +490,7 @@ def report(results: dict[str, Any], out: Path) -> None:
                   "| peer scaling | vs peer wall / data | vs peer unsynced | 503s (retried) | in flight | RSS/rank MB |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for x in rows:
-            def f(key: str, fmt: str = "{:.3f}") -> str:
+            def f(key: str, fmt: str = "{:.3f}", x: dict[str, Any] = x) -> str:  # x: this row
                 return fmt.format(x[key]) if key in x else "-"
             lines.append(f"| {x['conns']} | {x['nbytes'] / 1e6:.0f} | {x['ranks']} x {x['workers']} "
                          f"| {x['part'] / (1 << 20):.0f} | {f('gbps')} | {f('scaling', '{:.2f}')} "

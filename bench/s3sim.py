@@ -291,7 +291,7 @@ class Proxy:
 
     def __init__(self, upstream_port: int, config: SimConfig, port: int = 0, log: str | None = None,
                  sock: socket.socket | None = None, control: socket.socket | None = None,
-                 shared: "SharedCounters | None" = None) -> None:
+                 shared: SharedCounters | None = None) -> None:
         self.upstream_port, self.cfg = upstream_port, config
         self.shared = shared or SharedCounters()
         self.control = control
@@ -336,7 +336,7 @@ class Proxy:
         while not self.stopping:
             try:
                 conn, _ = sock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 break
@@ -543,6 +543,15 @@ class Proxy:
         except (OSError, http.client.HTTPException):
             upstream.close()
             raise
+        self._relay(conn, method, resp, length, t_ready, pace_out, info)
+        if resp.will_close:
+            upstream.close()
+            upstream = None
+        return not close, upstream
+
+    def _relay(self, conn: socket.socket, method: str, resp: http.client.HTTPResponse, length: int, t_ready: float,
+               pace_out: Pacer, info: dict[str, Any]) -> None:
+        """Send the upstream's response `resp` to the client (after the simulated latency, up to `t_ready`)."""
         info["status"] = resp.status
         info["bytes_in"] = length
         info["bytes_out"] = int(resp.getheader("Content-Length") or 0) if method != "HEAD" else 0
@@ -574,10 +583,6 @@ class Proxy:
                 conn.sendall(data)
                 left -= len(data)
             self._count(bytes_out=n)
-        if resp.will_close:
-            upstream.close()
-            upstream = None
-        return not close, upstream
 
 
 def _proxy_main(argv: list[str]) -> None:
@@ -619,7 +624,7 @@ def _proxy_main(argv: list[str]) -> None:
         if pid == 0:
             child = Proxy(upstream, replace(cfg, seed=i), log=a.log, sock=main_sock, control=listen(controls[i]),
                           shared=shared)
-            signal.signal(signal.SIGTERM, lambda *_: child.stop())
+            signal.signal(signal.SIGTERM, lambda *_, child=child: child.stop())
             try:
                 child.serve_forever()
             finally:
@@ -695,7 +700,7 @@ class S3Sim:
         self.log = log
         self.procs = max(1, procs)
 
-    def __enter__(self) -> "S3Sim":
+    def __enter__(self) -> S3Sim:
         c = self.config
         self.backend = Backend(c.max_seconds)
         self.port = free_port()

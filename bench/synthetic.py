@@ -24,8 +24,8 @@ import numpy as np
 
 from convert.families import load_families
 from convert.formats.safetensors import DTYPE_SIZES, build_header, numel
-from sharding.file_layout import parse_size
 from convert.formats.shard_layout import layout_files
+from sharding.file_layout import parse_size
 
 PRESETS = {
     # name: (family, E, H, I, vocab, q heads x head_dim, kv heads)

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench.run import GB, REPO, Bench, Settings, cp_command, environment, pythonpath, rss_text
+from bench.run import GB, REPO, Bench, Settings, cp_command, environment, rss_text
 from bench.trainer_ckpt import Model, expected_tensor, fqn_to_index, hf_specs, unshardable
 
 TARGET_CP, TARGET_TORCH, TARGET_RSS = 0.8, 3.0, 1 << 30

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from convert.flag_types import json_object, positive_int, size_arg
-from convert.families.namings import naming_names
 from convert.engine.job import JobOptions
-from convert.toplevel import ToolParser, finish, run_guarded, settle
+from convert.families.namings import naming_names
+from convert.flag_types import json_object, positive_int, size_arg
 from convert.plan.transforms import DTYPE_NAMES
+from convert.settings import JobHooks, Settings
+from convert.toplevel import ToolParser, finish, run_guarded, settle
 from launch.dist import Dist, exit_process, init_dist
 from launch.local import add_nproc_flag
 
@@ -65,14 +66,22 @@ def default_workers(dst: str) -> int:
     return max(4, min(16, cores // local_ranks))
 
 
+def job_environment() -> dict[str, Any]:
+    """A job's settings and test hooks (JobOptions.settings, JobOptions.hooks), read from the environment as the
+    job starts: the one place an entry point reads them (convert.settings; docs/ENVIRONMENT.md). The hooks are
+    there for tests that run the tool as a subprocess only."""
+    return {"settings": Settings.from_env(), "hooks": JobHooks.from_env()}
+
+
 def job_options(args: argparse.Namespace, layout: str | None) -> JobOptions:
-    """JobOptions from parsed base flags and the target layout."""
+    """JobOptions from parsed base flags and the target layout (with the job's environment, job_environment)."""
     return JobOptions(
         src=args.src, dst=args.dst, layout=layout, ep=args.ep, max_shard_bytes=args.max_shard_size,
         dtype=DTYPE_NAMES[args.dtype], dry_run=args.dry_run, overwrite=args.overwrite, family=args.family,
         workers=args.workers or default_workers(args.dst), storage_options=args.storage_options,
         show_progress=not args.no_progress,
         stats_path=args.stats, names=getattr(args, "names", "hf"), base_config=args.base_config,
+        **job_environment(),
     )
 
 

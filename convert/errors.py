@@ -69,7 +69,7 @@ class EndpointUnreachable(StorageError):
     def __str__(self) -> str:
         return f"cannot reach the S3 endpoint {self.endpoint} for {self.target}: {self.reason}"
 
-    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:  # type: ignore[override]
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
         return type(self), (self.endpoint, self.target, self.reason)
 
 
@@ -154,8 +154,8 @@ def unreachable(exc: BaseException) -> tuple[str, str] | None:
         if url and endpoint is None:
             parts = urlsplit(str(url))
             endpoint = f"{parts.scheme}://{parts.netloc}" if parts.netloc else str(url)
-        if type(e).__name__.startswith("ClientConnector") and getattr(e, "host", None):  # aiohttp's
-            host = e.host  # type: ignore[attr-defined]
+        if type(e).__name__.startswith("ClientConnector") and (e_host := getattr(e, "host", None)):  # aiohttp's
+            host = e_host
             endpoint = endpoint or f"{host}:{getattr(e, 'port', '')}".rstrip(":")
         if reason is None and isinstance(e, socket.gaierror):
             if e.errno in (socket.EAI_AGAIN, getattr(socket, "EAI_SYSTEM", None)):

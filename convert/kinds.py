@@ -35,4 +35,4 @@ class EntryPoint(Protocol):
 
 def entry_point(kind: str) -> EntryPoint:
     """The entry point module of `kind` (one of KINDS); raises KeyError for an unknown kind."""
-    return importlib.import_module(KINDS[kind])  # type: ignore[return-value]
+    return importlib.import_module(KINDS[kind])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from convert.cli import default_workers, run_main
+from convert.cli import default_workers, job_environment, run_main
 from convert.flag_types import json_object, positive_int, size_arg
 from convert.formats.checkpoint import INDEX_NAME
 from convert.plan.transforms import DTYPE_NAMES
@@ -68,14 +68,14 @@ def run(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = No
         src=args.src, dst=args.dst, layout=None, ep=args.ep, max_shard_bytes=args.max_shard_size or 0,
         dtype=DTYPE_NAMES[args.dtype], dry_run=args.dry_run, overwrite=args.overwrite, family=args.family,
         workers=workers, storage_options=args.storage_options, show_progress=not args.no_progress,
-        stats_path=args.stats, base_config=args.base_config, adapter=args.adapter,
+        stats_path=args.stats, base_config=args.base_config, adapter=args.adapter, **job_environment(),
     )
     code = run_merge_job(opts, dist, report)
     if code != 0 or not args.verify or args.dry_run:
         return code
     from convert.verify.merge import verify_merge_after
 
-    return verify_merge_after(args, dist, report)
+    return verify_merge_after(args, dist, report, opts.settings.storage)  # the settings the merge ran with
 
 
 def main(argv: list[str] | None = None) -> None:

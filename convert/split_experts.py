@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from convert.formats.checkpoint import INDEX_NAME
 from convert.cli import base_parser, computes, job_options, run_main
-from convert.families import PER_EXPERT
 from convert.engine.job import JobOptions, JobSetup, plan_job, run_planned
+from convert.families import PER_EXPERT
+from convert.formats.checkpoint import INDEX_NAME
 from convert.io.storage import Storage
 from convert.plan.readers import check_split_source
 from convert.verify.hook import with_verify
@@ -39,7 +39,7 @@ def plan_split(opts: JobOptions, dist: Dist, allow_unread: bool, dtype_flag: str
     that cannot be read at all is reported as for every other job."""
     setup = plan_job(opts, dist)
     if not allow_unread:
-        src = Storage(opts.src, opts.storage_options)
+        src = Storage(opts.src, opts.storage_options, opts.settings.storage)
         try:
             check_split_source(src, opts.family, opts.dtype, dtype_flag)
         finally:

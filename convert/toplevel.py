@@ -4,6 +4,10 @@
 0 only, or the rank whose own error it is) and an exit code; SIGINT/SIGTERM end the process at
 once with 130/143 and, on rank 0, the line "interrupted: <dst> is incomplete; re-run the same
 command to resume". `ToolParser` adds `--debug` and the exit codes to every --help.
+`run_main(body, nproc)` joins the ranks' group under any launcher, runs `body` on this rank
+guarded so, and exits with its code; `default_workers(dst)` is --workers' default. Every
+entry point, the verifier's included, takes them from here (not from convert.cli, the
+conversions' shared flags, which the verifier does not import).
 """
 
 from __future__ import annotations
@@ -16,12 +20,21 @@ import threading
 import traceback
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from convert.errors import (
-    EXIT_FAILED, debug_enabled, describe, exit_code, interrupted_line, is_comm_error, set_debug,
+    EXIT_FAILED,
+    debug_enabled,
+    describe,
+    exit_code,
+    interrupted_line,
+    is_comm_error,
+    set_debug,
 )
 from launch.local import exit_after_rank0, launcher_rank
+
+if TYPE_CHECKING:
+    from launch.dist import Dist
 
 EXIT_BROKEN_PIPE = 128 + 13  # stdout closed by the reader (`| head`): quiet, like a tool killed by SIGPIPE
 EXIT_CODES = """exit codes:
@@ -168,3 +181,47 @@ def run_program(main: Callable[[], object]) -> NoReturn:
 
     hard_exit(code)
 
+
+
+def default_workers(dst: str) -> int:
+    """--workers when not given, for destination `dst`: 4, or on local disk one per core this rank's share of
+    the machine has (cores / ranks on this machine), at most 16. A local byte copy holds a 1 MiB buffer per
+    worker, so more workers mostly add I/O in flight; an object store's parts are held in memory."""
+    if "://" in dst and not dst.startswith("file://"):
+        return 4
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return max(4, min(16, cores // local_ranks))
+
+
+def run_main(body: Callable[[Dist], int], nproc: int = 1, preload_torch: bool = False) -> None:
+    """Join the process group (first forking `nproc` local ranks when > 1), run `body`, leave the group
+    and exit with its code. `preload_torch`: the job computes with torch, so the --nproc parent
+    imports it once before forking.
+
+    Errors that escape `body` become one line and an exit code, Ctrl-C a quiet exit 130
+    (run_guarded); --debug (ToolParser) adds tracebacks.
+    """
+    from launch.dist import exit_process, init_dist
+
+    joined: list[Dist] = []
+
+    def go() -> int:
+        dist = init_dist(nproc=nproc, preload_torch=preload_torch)
+        joined.append(dist)
+        try:
+            code = body(dist)
+            settle(code)
+            # Nobody leaves before rank 0 has printed its report: a launcher stops every rank once one has exited.
+            dist.barrier()
+        finally:
+            dist.close()
+        return code
+
+    code = run_guarded(go)
+    if joined:
+        exit_process(code, joined[0])
+    finish(code)

@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from convert.errors import ConversionError, describe
-from convert.kinds import KINDS, entry_point
 from convert.engine.output_record import is_complete_output
+from convert.errors import ConversionError, describe
 from convert.io.storage import Storage
+from convert.kinds import KINDS, entry_point
+from convert.settings import Settings, StorageSettings
 from convert.toplevel import ToolParser, finish, run_guarded, settle
 from launch.dist import Dist, init_dist
 from launch.local import add_nproc_flag
@@ -42,8 +43,10 @@ def _problem(job: dict[str, Any]) -> str | None:
     return f"missing {', '.join(missing)}" if missing else None
 
 
-def run_batch(jobs: list[dict[str, Any]], dist: Dist) -> list[dict[str, Any]]:
-    """Run every job on all ranks; returns one result row per job (meaningful on rank 0)."""
+def run_batch(jobs: list[dict[str, Any]], dist: Dist, settings: StorageSettings | None = None) -> list[dict[str, Any]]:
+    """Run every job on all ranks; returns one result row per job (meaningful on rank 0). `settings`: the store
+    settings of the batch's own look at each destination (None: the defaults); each job reads its own as it
+    starts."""
     rows = []
     for job in jobs:
         row: dict[str, Any] = {"name": job["name"], "kind": job.get("kind"), "src": job.get("src"),
@@ -56,7 +59,8 @@ def run_batch(jobs: list[dict[str, Any]], dist: Dist) -> list[dict[str, Any]]:
             if decision is None:
                 _, marker = RUNNERS[job["kind"]]
                 try:
-                    if not job.get("overwrite") and is_complete_output(Storage(job["dst"], job.get("storage_options")), marker):
+                    if not job.get("overwrite") and is_complete_output(
+                            Storage(job["dst"], job.get("storage_options"), settings), marker):
                         decision = "skip"
                 except Exception as exc:  # noqa: BLE001 - an unreachable destination fails this job only
                     decision = f"cannot read destination: {describe(exc)}"
@@ -124,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(a: argparse.Namespace) -> int:
+    settings = Settings.from_env()  # the stores' knobs (settings.storage): read once, as the batch starts
     dist = init_dist(nproc=a.nproc)
     try:
         jobs: list[dict[str, Any]] | str = []
@@ -138,7 +143,7 @@ def _run(a: argparse.Namespace) -> int:
                 print(f"error: {jobs}", file=sys.stderr)
             code = 2
         else:
-            rows = run_batch(jobs, dist)
+            rows = run_batch(jobs, dist, settings.storage)
             if dist.is_main:
                 print(summary_table(rows))
                 if a.report:

@@ -303,7 +303,8 @@ def _addresses(store_facing: str) -> list[str]:
     store, this host's name's addresses, then the loopback (ranks on this host)."""
     found = [store_facing]
     try:
-        found += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)]
+        # sockaddr[0]: the host, a str for AF_INET (typeshed's union covers AF_CAN's int too)
+        found += [str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)]
     except OSError:
         pass
     routable = [a for a in dict.fromkeys(found) if not a.startswith("127.")]

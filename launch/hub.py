@@ -32,7 +32,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 _LEN = struct.Struct("!Q")
 COLLECTIVE, COUNTER = 0, 1
@@ -108,9 +108,9 @@ class Hub:
                         self.strangers[conn] = bytearray()
                         self.sel.register(conn, selectors.EVENT_READ)
                     elif key.fileobj in self.strangers:
-                        self._introduce(key.fileobj)  # type: ignore[arg-type]
+                        self._introduce(key.fileobj)
                     else:
-                        self._readable(key.fileobj)  # type: ignore[arg-type]
+                        self._readable(cast(socket.socket, key.fileobj))  # the selector holds sockets only
         except GroupError:
             self._shut()
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -109,10 +109,10 @@ def parse_job(job: dict[str, Any], kind: str, where: str) -> argparse.Namespace:
     parser.allow_abbrev = False
     parser.exit_on_error = False
 
-    def refuse(message: str) -> None:
+    def refuse(message: str) -> NoReturn:
         raise _Refused(message)
 
-    parser.error = refuse  # type: ignore[method-assign]
+    parser.error = refuse  # type: ignore[method-assign]  # on purpose: this parser's errors raise, not exit
     argv, written = job_argv(job, kind, manifest_flags(parser), where)
     if "--no-progress" not in argv and "--no-progress" in parser._option_string_actions:
         argv.append("--no-progress")

@@ -8,11 +8,13 @@ works through several slices in turn. Non-expert pieces are spread by bytes.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 
 class Sized(Protocol):
-    expert: int | None
+    @property
+    def expert(self) -> int | None: ...  # read-only: a frozen dataclass (convert.plan.base.Piece) matches
 
     @property
     def write_bytes(self) -> int: ...

@@ -12,8 +12,9 @@ each keeping its own bytes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 MIN_PART = 5 << 20  # S3's minimum size of every part but the last
 MAX_PART = 64 << 20
@@ -25,26 +26,37 @@ PARTS_PER_THREAD = 4  # so the last round of uploads leaves few connections idle
 PART_MEMORY = 320 << 20
 
 
+# Read-only members (properties), so that frozen dataclasses (convert.plan.base.Piece, Write) match too.
 class WriteLike(Protocol):
-    tensor: str
-    start: int
-    end: int
+    @property
+    def tensor(self) -> str: ...
+    @property
+    def start(self) -> int: ...
+    @property
+    def end(self) -> int: ...
 
 
 class PieceLike(Protocol):
-    writes: tuple[WriteLike, ...]
+    @property
+    def writes(self) -> Sequence[WriteLike]: ...
 
 
 class SlotLike(Protocol):
-    start: int
-    end: int
+    @property
+    def start(self) -> int: ...
+    @property
+    def end(self) -> int: ...
 
 
 class FileLike(Protocol):
-    name: str
-    header: bytes
-    size: int
-    slots: dict[str, SlotLike]
+    @property
+    def name(self) -> str: ...
+    @property
+    def header(self) -> bytes: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def slots(self) -> Mapping[str, SlotLike]: ...
 
 
 def choose_max_part(

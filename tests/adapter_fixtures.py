@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model_fixtures import E, H, I, LAYERS, build_model
+from model_fixtures import LAYERS, E, H, I, build_model
 
 ROLES = ("gate", "up", "down")
 ATTN = 24  # q_proj out / o_proj in of the tiny models (2 heads x head_dim 12)

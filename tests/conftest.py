@@ -52,6 +52,7 @@ def s3env(s3, monkeypatch, request):
     """An environment pointed at the module's S3 server, with credentials, and its bucket (the test module's
     `BUCKET`) created; returns an s3fs filesystem of the server."""
     import s3fs
+
     from s3_server import CREDENTIALS
 
     for k, v in CREDENTIALS.items():

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from safetensors import safe_open
@@ -32,7 +31,7 @@ def run_tool(module: str, *args: str, nproc: int | None = None, check: bool = Tr
     return proc
 
 
-def load_dir(path: str | Path) -> dict[str, "torch.Tensor"]:  # noqa: F821
+def load_dir(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors checkpoint directory, checking the index names each exactly once."""
     path = Path(path)
     index = json.loads((path / "model.safetensors.index.json").read_text())
@@ -53,7 +52,7 @@ def load_dir(path: str | Path) -> dict[str, "torch.Tensor"]:  # noqa: F821
     return out
 
 
-def raw_bytes(t: "torch.Tensor") -> bytes:  # noqa: F821
+def raw_bytes(t: torch.Tensor) -> bytes:
     """The exact bytes of a tensor (for bit-for-bit comparisons)."""
     import torch
 

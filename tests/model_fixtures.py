@@ -12,7 +12,12 @@ H, I, E, LAYERS = 24, 20, 5, 2  # 2I = 40
 def build_model(family: str, seed: int = 0, experts: int = E) -> torch.nn.Module:
     """A randomly initialised CausalLM of `family` (qwen3_moe, mixtral, gpt_oss) in eval mode."""
     from transformers import (
-        GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
+        GptOssConfig,
+        GptOssForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
     )
 
     torch.manual_seed(seed)

@@ -173,17 +173,8 @@ def _read_dir_tensors(path: str) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k).float() for k in f.keys()}
 
 
-def vllm_load(adapter_dir: str, model: VllmModel, max_lora_rank: int = 16) -> Loaded:
-    """Load `adapter_dir` as vLLM 0.33.0 would into `model` (default engine flags but --max-lora-rank).
-
-    worker_manager.WorkerLoRAManager._load_adapter -> PEFTHelper.from_local_dir/validate_legal ->
-    LoRAModel.from_local_checkpoint (check_unexpected_modules, from_lora_tensors) ->
-    model_manager._validate_moe_lora_format -> LoRAModelManager._create_merged_loras_inplace
-    (pack / pack_moe, optimize, _stack_moe_lora_weights) -> activate_adapter (set_lora per module).
-    Raises what the server raises (ValueError, AssertionError)."""
-    cfg = json.loads(open(os.path.join(adapter_dir, "adapter_config.json")).read())
-    h = _peft_helper(cfg, max_lora_rank)
-    # utils.get_supported_lora_modules + process_packed_modules_mapping; worker_manager expected modules
+def _vllm_expected(model: VllmModel) -> set[str]:
+    """utils.get_supported_lora_modules + process_packed_modules_mapping; worker_manager expected modules."""
     packed: dict[str, list[str]] = {leaf: list(subs) for leaf, subs in model.linear if subs != (leaf,)}
     supported = {leaf for leaf, _ in model.linear} | {model.router, "experts", "embed_tokens", "lm_head"}
     supported |= {leaf.rsplit(".", 1)[-1] for leaf, _ in model.extra_mlp}
@@ -198,11 +189,12 @@ def vllm_load(adapter_dir: str, model: VllmModel, max_lora_rank: int = 16) -> Lo
         expected.update(packed.get(module, [module]))
         if module == "experts":
             expected.add(module)
-    # lora_model.from_local_checkpoint: adapter_model.safetensors, else .bin/.pt, else refused
-    st = os.path.join(adapter_dir, "adapter_model.safetensors")
-    if not os.path.isfile(st):
-        raise ValueError(f"{adapter_dir} doesn't contain tensors")
-    tensors = _read_dir_tensors(st)
+    return expected
+
+
+def _vllm_check_unexpected(adapter_dir: str, tensors: dict[str, torch.Tensor], model: VllmModel, expected: set[str],
+                           modules_to_save: Any) -> None:
+    """lora_model.check_unexpected_modules: every LoRA module of the adapter is an expected one."""
     unexpected = []
     for key in tensors:
         if key.endswith((".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight")) or "base_layer" in key:
@@ -212,12 +204,15 @@ def vllm_load(adapter_dir: str, model: VllmModel, max_lora_rank: int = 16) -> Lo
         if ".experts" in module:
             if module[module.find(".experts") + 1:] not in expected:
                 unexpected.append(module)
-        elif base_name not in expected and base_name not in h["modules_to_save"]:
+        elif base_name not in expected and base_name not in modules_to_save:
             unexpected.append(module)
     if unexpected:
         raise ValueError(f"While loading {adapter_dir}, expected target modules in {expected} but received "
                          f"{unexpected}. Please verify that the loaded LoRA module is correct")
-    # from_lora_tensors
+
+
+def _vllm_loras(tensors: dict[str, torch.Tensor], model: VllmModel, h: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """lora_model.from_lora_tensors: per module, its rank, scaling and "a"/"b" tensors."""
     loras: dict[str, dict[str, Any]] = {}
     for key, t in tensors.items():
         if key.endswith((".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight")):
@@ -230,6 +225,27 @@ def vllm_load(adapter_dir: str, model: VllmModel, max_lora_rank: int = 16) -> Lo
             rank, s = _vllm_rank_and_scaling(h, peft_module)
             loras[module] = {"rank": rank, "scaling": s}
         loras[module]["a" if is_a else "b"] = t
+    return loras
+
+
+def vllm_load(adapter_dir: str, model: VllmModel, max_lora_rank: int = 16) -> Loaded:
+    """Load `adapter_dir` as vLLM 0.33.0 would into `model` (default engine flags but --max-lora-rank).
+
+    worker_manager.WorkerLoRAManager._load_adapter -> PEFTHelper.from_local_dir/validate_legal ->
+    LoRAModel.from_local_checkpoint (check_unexpected_modules, from_lora_tensors) ->
+    model_manager._validate_moe_lora_format -> LoRAModelManager._create_merged_loras_inplace
+    (pack / pack_moe, optimize, _stack_moe_lora_weights) -> activate_adapter (set_lora per module).
+    Raises what the server raises (ValueError, AssertionError)."""
+    cfg = json.loads(open(os.path.join(adapter_dir, "adapter_config.json")).read())
+    h = _peft_helper(cfg, max_lora_rank)
+    expected = _vllm_expected(model)
+    # lora_model.from_local_checkpoint: adapter_model.safetensors, else .bin/.pt, else refused
+    st = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.isfile(st):
+        raise ValueError(f"{adapter_dir} doesn't contain tensors")
+    tensors = _read_dir_tensors(st)
+    _vllm_check_unexpected(adapter_dir, tensors, model, expected, h["modules_to_save"])
+    loras = _vllm_loras(tensors, model, h)
     # model_manager._validate_moe_lora_format: 3-D weights on a 2-D MoE wrapper
     moe_modules = [f"model.layers.{i}.{model.moe}.experts" for i in range(model.layers)]
     if not model.is_3d:
@@ -447,23 +463,29 @@ def sglang_load(adapter_dir: str, model: SglangModel, max_lora_rank: int | None 
             out.dropped.append(f"layer {i} experts")
             continue
         for e in range(model.num_experts):
-            gu, dn = expert["gate_up_proj"].get(e), expert["down_proj"].get(e)
-            deltas: dict[str, torch.Tensor] = {}
-            if gu is not None:
-                a, b = gu["A"], gu["B"]
-                assert a.shape[0] == 2 * r, f"LoRA buffer shape {(r, a.shape[1])} does not match weight shape {(a.shape[0] // 2, a.shape[1])}."
-                assert b.shape[1] == r, f"LoRA buffer shape {(b.shape[0], r)} does not match weight shape {tuple(b.shape)}."
-                half = b.shape[0] // 2
-                deltas["gate"] = b[:half] @ a[:r] * scaling
-                deltas["up"] = b[half:] @ a[r:] * scaling
-            if dn is not None:
-                assert dn["A"].shape[0] == r and dn["B"].shape[1] == r, "LoRA buffer shape does not match weight shape."
-                deltas["down"] = dn["B"] @ dn["A"] * scaling
-            out.experts[(i, e)] = deltas
+            out.experts[(i, e)] = _sglang_expert_deltas(expert["gate_up_proj"].get(e), expert["down_proj"].get(e), r,
+                                                        scaling)
         beyond = [e for part in expert.values() for e in part if e >= model.num_experts]
         if beyond:
             raise IndexError(f"index {beyond[0]} is out of bounds for dimension 1 with size {model.num_experts}")
     return out
+
+
+def _sglang_expert_deltas(gu: dict[str, torch.Tensor] | None, dn: dict[str, torch.Tensor] | None, r: int,
+                          scaling: float) -> dict[str, torch.Tensor]:
+    """One expert's deltas from its gate_up_proj and down_proj A/B (mem_pool.load_lora_weight_to_buffer)."""
+    deltas: dict[str, torch.Tensor] = {}
+    if gu is not None:
+        a, b = gu["A"], gu["B"]
+        assert a.shape[0] == 2 * r, f"LoRA buffer shape {(r, a.shape[1])} does not match weight shape {(a.shape[0] // 2, a.shape[1])}."
+        assert b.shape[1] == r, f"LoRA buffer shape {(b.shape[0], r)} does not match weight shape {tuple(b.shape)}."
+        half = b.shape[0] // 2
+        deltas["gate"] = b[:half] @ a[:r] * scaling
+        deltas["up"] = b[half:] @ a[r:] * scaling
+    if dn is not None:
+        assert dn["A"].shape[0] == r and dn["B"].shape[1] == r, "LoRA buffer shape does not match weight shape."
+        deltas["down"] = dn["B"] @ dn["A"] * scaling
+    return deltas
 
 
 def _sglang_normalize(weights: dict[str, torch.Tensor]) -> dict[str, list[tuple[str, int]]]:

@@ -11,12 +11,19 @@ import pytest
 import torch
 
 from adapter_fixtures import (
-    base_config, make_grouped_adapter, make_peft_adapter, make_per_expert_adapter, make_shared_w123_adapter,
-    peft_expert_deltas, per_expert_deltas, read_adapter, write_adapter,
+    base_config,
+    make_grouped_adapter,
+    make_peft_adapter,
+    make_per_expert_adapter,
+    make_shared_w123_adapter,
+    peft_expert_deltas,
+    per_expert_deltas,
+    read_adapter,
+    write_adapter,
 )
-from helpers import raw_bytes, run_tool
-from model_fixtures import E, H, I, LAYERS, build_model, logits
 from convert.targets.rules import load_target
+from helpers import raw_bytes, run_tool
+from model_fixtures import LAYERS, E, H, I, build_model, logits
 
 R = 3  # the peft fixtures' per-expert rank
 PER_EXPERT = "base_model.model.model.layers.{l}.mlp.experts.{e}.{p}.lora_{f}.weight"
@@ -48,7 +55,7 @@ def _assert_deltas(got: dict, want: dict, exact: bool = False) -> None:
         if exact:
             assert torch.equal(got[k], want[k]), k
         else:
-            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"{k}: {m}")
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("case,nproc,ep", [("qwen3_moe", 2, 4), ("gpt_oss", 3, None), ("identity", 2, None)],
@@ -235,9 +242,9 @@ def test_grouped_splits_exactly_and_fuses_back(tmp_path, family, order):
 
 
 def test_per_expert_to_shared_w123_only_where_exact(tmp_path):
-    from convert.plan.adapter import plan_fuse
-    from convert.formats.adapter_source import open_adapter
     from convert.errors import ConversionError
+    from convert.formats.adapter_source import open_adapter
+    from convert.plan.adapter import plan_fuse
 
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(base_config("qwen3_moe")))
@@ -256,10 +263,10 @@ def test_per_expert_to_shared_w123_only_where_exact(tmp_path):
 
 
 def test_refusals_name_the_tensor_and_ask_for_the_base_config(peft_sources, tmp_path):
-    from convert.formats.adapter_layouts import detect_expert_lora
-    from convert.plan.adapter import plan_split
-    from convert.formats.adapter_source import open_adapter
     from convert.errors import ConversionError
+    from convert.formats.adapter_layouts import detect_expert_lora
+    from convert.formats.adapter_source import open_adapter
+    from convert.plan.adapter import plan_split
 
     # One peft wrapper whose shapes fit gate_up_proj and down_proj alike: only the base config's sizes decide.
     lone = tmp_path / "lone"
@@ -529,8 +536,9 @@ def _family_of_model_type(model_type: str):
 def _peft_on_fused_experts(model_type: str, path: Path, seed: int, only: str | None = None) -> tuple[object, list[str]]:
     """A real peft adapter whose target_parameters are every fused 3-D expert parameter of the tiny model
     (those ending in `only` when given)."""
-    import tiny_models
     from peft import LoraConfig, get_peft_model
+
+    import tiny_models
 
     model = tiny_models.build(model_type, seed=seed)
     fused = [n for n, p in model.named_parameters() if ".experts." in n and p.dim() == 3]

@@ -39,6 +39,7 @@ def legacy_table(monkeypatch: pytest.MonkeyPatch) -> None:
 def adapter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[tuple[int, str, int], torch.Tensor], Any]:
     """(adapter dir, base config.json, peft's per-expert deltas, the base model's config)."""
     from peft import LoraConfig, get_peft_model
+
     from tiny_models import build, with_extra_expert_rows
 
     root = tmp_path_factory.mktemp("longcat_lora")
@@ -94,7 +95,7 @@ def test_split_gives_peft_deltas_and_fuses_back_byte_identical(adapter: Any, tmp
     layers = {k[0] for k in want}
     assert {k for k in got if k[2] >= E} == {(l, r, e) for l in layers for r in ("gate", "up") for e in range(E, E + extra)}
     for key, delta in want.items():
-        torch.testing.assert_close(got[key], delta, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], delta, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
 
     run_tool("convert.fuse_adapter", "--src", str(tmp_path / "pe"), "--dst", str(tmp_path / "fused"), "--layout", "peft",
              *more, nproc=nproc)
@@ -171,6 +172,7 @@ def test_an_adapter_of_the_installed_longcat_converts_with_the_built_in_table(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The installed transformers' own longcat model: every role held by E experts (5.25), the built-in table."""
     from peft import LoraConfig, get_peft_model
+
     from tiny_models import build
 
     model = build(FAMILY)
@@ -190,4 +192,4 @@ def test_an_adapter_of_the_installed_longcat_converts_with_the_built_in_table(
     got = _per_expert_deltas(tmp_path / "pe")
     assert set(got) == set(want) and max(k[2] for k in got) == cfg.n_routed_experts - 1
     for key, delta in want.items():
-        torch.testing.assert_close(got[key], delta, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], delta, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")

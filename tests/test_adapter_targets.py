@@ -20,12 +20,11 @@ import torch
 from safetensors import safe_open
 
 from adapter_fixtures import read_adapter, write_adapter
-from helpers import raw_bytes, run_tool
-from model_fixtures import build_model
-
 from convert.families import load_families, template_regex
 from convert.formats.adapter_layouts import lora_roles, lora_tensors, output_role
 from convert.targets.rules import load_target
+from helpers import raw_bytes, run_tool
+from model_fixtures import build_model
 
 PEFT = "base_model.model."
 R = 2

@@ -158,6 +158,11 @@ def break_source(case: str, src: Path, tmp: Path) -> list[str]:
     if case == "experts_different_shapes":
         shard = edit_tensors(src, EXPERT, lambda t: {**t, EXPERT: torch.zeros(25, 32, dtype=torch.bfloat16)})
         return [str(shard), repr(EXPERT), "BF16 [25, 32]", "expert 0 of model.layers.1 has BF16 [24, 32]"]
+    return break_config(case, src)
+
+
+def break_config(case: str, src: Path) -> list[str]:
+    """break_source's cases of a damaged config.json."""
     if case == "config_without_num_experts":
         cfg = json.loads((src / "config.json").read_text())
         del cfg["num_experts"]
@@ -367,7 +372,6 @@ def test_adapter_without_usable_safetensors_is_refused(tmp_path, capsys, case, e
 def test_adapter_conversions_write_only_below_dst_and_never_touch_src(tmp_path, capsys):
     """split_adapter, fuse_adapter (both with --verify) and verify leave everything outside their --dst as it was."""
     from adapter_fixtures import base_config, make_per_expert_adapter, make_shared_w123_adapter
-
     from convert import fuse_adapter, split_adapter
     from convert.verify import run as verify
 

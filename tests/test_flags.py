@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from convert import example, fuse_adapter, fuse_experts, split_adapter, split_experts
-from convert.verify import run as verify
-from convert.example import EXAMPLE_MARKER, checkpoint_files, example_tensors, write_checkpoint
 from convert.engine.job import JobOptions, plan_job
+from convert.example import EXAMPLE_MARKER, checkpoint_files, example_tensors, write_checkpoint
 from convert.formats.model_config import with_dtype
+from convert.verify import run as verify
 from helpers import load_dir, raw_bytes, run_tool
 from launch.dist import Dist
 from model_fixtures import E, build_model, save_model

@@ -22,16 +22,16 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from convert.formats.checkpoint import open_checkpoint
-from convert.families import PER_EXPERT, load_families
 from convert.engine.job import JobOptions, plan_job
-from convert.plan.base import plan_conversion
 from convert.engine.sinks import STATE_DIR, SinkJob, make_sink
+from convert.families import PER_EXPERT, load_families
+from convert.formats.checkpoint import open_checkpoint
+from convert.formats.shard_layout import layout_files
 from convert.io.storage import Storage
+from convert.plan.base import plan_conversion
 from convert.verify.run import VerifyOptions, check_share, plan_verify, share, summarize
 from launch.dist import Dist
 from sharding.ep import expert_slices
-from convert.formats.shard_layout import layout_files
 
 TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 ROLE_SHAPES = {"gate": "IH", "up": "IH", "down": "HI", "gate_bias": "I", "up_bias": "I", "down_bias": "H"}

@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 import convert.io.storage as storage_mod
-from convert.example import example_tensors, write_checkpoint
 from convert.engine.job import JobOptions, run_job
 from convert.engine.output_record import is_complete_output
+from convert.example import example_tensors, write_checkpoint
 from convert.io.storage import Storage
 from helpers import REPO, load_dir, run_tool
 from launch.dist import Dist

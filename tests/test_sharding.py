@@ -7,13 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.synthetic import checkpoint_specs, write_synthetic
-from convert.formats.checkpoint import open_checkpoint
 from convert.families import load_families
-from convert.plan.base import plan_conversion
+from convert.formats.checkpoint import open_checkpoint
+from convert.formats.shard_layout import layout_files
 from convert.io.storage import Storage
+from convert.plan.base import plan_conversion
 from sharding.ep import assign_pieces, expert_slices
 from sharding.file_layout import parse_size
-from convert.formats.shard_layout import layout_files
 from sharding.parts import _cuts, plan_parts
 
 

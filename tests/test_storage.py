@@ -1,22 +1,34 @@
 """Storage's local fast paths: write-behind hands written ranges to the kernel and never changes bytes."""
 
 import os
-import subprocess
 import sys
 
 import pytest
 
 from convert.io import storage
-from convert.io.storage import Storage
+from convert.io.storage import Storage, local_storage
+from convert.settings import Settings
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
-def test_write_behind_is_live_on_linux():
-    assert storage.WRITE_BEHIND and storage._sync_file_range is not None, "the C library's sync_file_range was not found"
-    code = "import convert.io.storage as s; print(s._sync_file_range is None)"
-    off = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MOE_CONVERT_WRITE_BEHIND": "0"},
-                         capture_output=True, text=True, check=True)
-    assert off.stdout.strip() == "True", "MOE_CONVERT_WRITE_BEHIND=0 must turn it off"
+def test_write_behind_is_live_on_linux(tmp_path, monkeypatch):
+    """On by default; MOE_CONVERT_WRITE_BEHIND=0, read by the entry point (Settings.from_env), turns it off for the
+    stores opened with those settings."""
+    assert local_storage._sync_file_range is not None, "the C library's sync_file_range was not found"
+    calls: list[int] = []
+
+    def sync_file_range(fd: int, start: int, n: int, flags: int) -> int:
+        calls.append(n)
+        return 0
+
+    monkeypatch.setattr(local_storage, "_sync_file_range", sync_file_range)
+    for env, want in (({}, [4096]), ({"MOE_CONVERT_WRITE_BEHIND": "0"}, [])):
+        calls.clear()
+        st = Storage(str(tmp_path), settings=Settings.from_env(env).storage)
+        st.create_sized("out.bin", b"", 8192)
+        st.start_writeback("out.bin", 0, 4096)
+        st.close()
+        assert calls == want, (env, calls)
 
 
 def test_start_writeback_keeps_the_bytes(tmp_path):
@@ -24,8 +36,8 @@ def test_start_writeback_keeps_the_bytes(tmp_path):
     st = Storage(str(tmp_path))
     st.create_sized("out.bin", b"head", 4 << 20)
     st.pwrite("out.bin", 1 << 20, data)
-    assert storage._sync_file_range is None or storage._sync_file_range(
-        st._fd("out.bin", os.O_WRONLY), 1 << 20, len(data), storage._SYNC_FILE_RANGE_WRITE) == 0
+    assert local_storage._sync_file_range is None or local_storage._sync_file_range(
+        st._fd("out.bin", os.O_WRONLY), 1 << 20, len(data), local_storage._SYNC_FILE_RANGE_WRITE) == 0
     st.start_writeback("out.bin", 1 << 20, (1 << 20) + len(data))
     st.start_writeback("out.bin", 0, 0)
     st.fsync("out.bin")

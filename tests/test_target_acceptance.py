@@ -23,7 +23,6 @@ from adapter_fixtures import peft_expert_deltas
 from helpers import run_tool
 from server_rules import Loaded, sglang_load, sglang_models, vllm_load, vllm_models
 
-
 ATTENTION = {"deepseek_v3": ["q_a_proj", "kv_a_proj_with_mqa", "o_proj"]}
 ROUTER = {"gpt_oss": "mlp.router.weight"}  # others: mlp.gate.weight
 NO_ROUTER = {("sglang", "gpt_oss"), ("sglang", "deepseek_v3")}  # SGLang cannot apply those routers' LoRA
@@ -32,10 +31,10 @@ NO_ROUTER = {("sglang", "gpt_oss"), ("sglang", "deepseek_v3")}  # SGLang cannot 
 def _model(family: str) -> tuple[torch.nn.Module, int, int]:
     """A tiny model of `family` and its (layers, experts)."""
     if family == "deepseek_v3":
-        from tiny_models import E, LAYERS, build
+        from tiny_models import LAYERS, E, build
 
         return build("deepseek_v3"), LAYERS, E
-    from model_fixtures import E, LAYERS, build_model
+    from model_fixtures import LAYERS, E, build_model
 
     return build_model(family), LAYERS, E
 

@@ -14,12 +14,17 @@ import torch
 from safetensors import safe_open
 
 from adapter_fixtures import (
-    make_peft_adapter, make_per_expert_adapter, peft_expert_deltas, random_lora, read_adapter, write_adapter,
+    make_peft_adapter,
+    make_per_expert_adapter,
+    peft_expert_deltas,
+    random_lora,
+    read_adapter,
+    write_adapter,
 )
 from convert.errors import ConversionError
 from convert.targets.check import REFUSE, WARN, check_adapter, refusals
 from convert.targets.rules import TARGETS, load_target
-from model_fixtures import E, H, I, LAYERS
+from model_fixtures import LAYERS, E, H, I
 from server_rules import sglang_load, sglang_models, vllm_load, vllm_models
 
 VLLM = vllm_models(LAYERS, E)
@@ -281,7 +286,9 @@ def test_deepseek_v3_peft_adapter(tmp_path: Path) -> None:
     experts; its attention LoRA parses to vLLM's fused_qkv_a_proj sub-modules."""
     from peft import LoraConfig, get_peft_model
 
-    from tiny_models import E as TE, LAYERS as TL, build
+    from tiny_models import LAYERS as TL
+    from tiny_models import E as TE
+    from tiny_models import build
 
     model = build("deepseek_v3")
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_a_proj", "kv_a_proj_with_mqa", "o_proj"],

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import load_dir, raw_bytes, run_tool
-from model_fixtures import E, LAYERS, build_model, save_model
+from model_fixtures import LAYERS, E, build_model, save_model
 from test_trainer_names import TITAN_QWEN3_FROM_HF, _hf_logits_match, titan_from_hf, titan_to_hf
 from trainer_fixtures import write_trainer_checkpoints
 

@@ -21,9 +21,8 @@ from safetensors.torch import save_file
 
 from convert.errors import ConversionError
 from convert.families import family_by_name
-from convert.families.namings import Span, naming_names, source_view, _load, NAMINGS_DIR
+from convert.families.namings import NAMINGS_DIR, NamingSpec, Span, _load, naming_names, source_view
 from convert.families.schema import parse
-from convert.families.namings import NamingSpec
 from helpers import load_dir, raw_bytes, run_tool
 from model_fixtures import logits
 

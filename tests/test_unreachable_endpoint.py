@@ -107,7 +107,7 @@ def test_unreachable_is_permanent_and_transient_errors_are_retried():
     for error, calls, text in CASES:
         sent = []
 
-        def fn():
+        def fn(sent=sent, error=error):
             sent.append(1)
             raise error
 

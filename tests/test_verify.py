@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from convert import fuse_experts, split_experts
-from convert.verify import run as verify
 from convert.example import example_tensors, write_checkpoint
+from convert.verify import run as verify
 from helpers import run_tool
 
 INDEX = "model.safetensors.index.json"
@@ -197,6 +197,11 @@ def corrupt(case: str, ckpts: Path, tmp: Path) -> tuple[Path, Path, list[str]]:
         d = _copy(ckpts, "fused", tmp)
         (d / INDEX).unlink()
         return ckpts / "src", d, [f"{INDEX}: missing"]
+    return corrupt_files(case, ckpts, tmp)
+
+
+def corrupt_files(case: str, ckpts: Path, tmp: Path) -> tuple[Path, Path, list[str]]:
+    """corrupt()'s cases of a damaged index, header, config file or a leftover file."""
     if case == "escaping_shard_path":
         d = _copy(ckpts, "fused", tmp)
         index = json.loads((d / INDEX).read_text())
@@ -317,8 +322,13 @@ def _same_deltas(got: dict, want: dict) -> None:
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     """Synthetic adapters in every layout FORMATS.md lists (E=5), each split (and the per-expert one fused) in-process."""
-    from adapter_fixtures import (base_config, make_grouped_adapter, make_per_expert_adapter,
-                                  make_shared_w123_adapter, per_expert_deltas)
+    from adapter_fixtures import (
+        base_config,
+        make_grouped_adapter,
+        make_per_expert_adapter,
+        make_shared_w123_adapter,
+        per_expert_deltas,
+    )
     from convert import fuse_adapter, split_adapter
 
     root = tmp_path_factory.mktemp("adapters")
@@ -654,8 +664,8 @@ def test_verify_threads_and_memory_are_bounded(tmp_path, monkeypatch):
     """Threads per rank are --workers, fewer where a memory budget (MOE_CONVERT_VERIFY_MEMORY) would be exceeded;
     peak RSS grows by at most one expert pair (plus scratch blocks) per extra thread, not with the data."""
     from bench.synthetic import Spec, checkpoint_specs, write_synthetic
-    from convert.verify.run import worker_threads
     from convert.verify.checks import BLOCK_BYTES
+    from convert.verify.run import worker_threads
 
     specs, cfg = checkpoint_specs("qwen3-30b-a3b", 2, experts=8, vocab=64)
     specs = [s for s in specs if ".experts." not in s.name]

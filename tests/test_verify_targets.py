@@ -10,18 +10,18 @@ here only the conversion's correctness counts, so they are left out where a test
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 
 from adapter_fixtures import read_adapter, write_adapter
-from helpers import run_tool
-from test_adapter_targets import _families, _in_process, _peft_adapter, _rules, _synthetic_peft
-
 from convert.families import load_families
 from convert.verify.run import VerifyOptions, check_share, plan_verify
+from helpers import run_tool
+from test_adapter_targets import _families, _in_process, _peft_adapter, _rules, _synthetic_peft
 
 PEFT = "base_model.model."
 

@@ -1,4 +1,5 @@
-"""An adapter conversion job: plan on rank 0, then the generic stream-and-commit of convert.engine.job.
+"""An adapter conversion job: its plan (an AdapterPlanner, convert.engine.planner) on rank 0, then the generic
+stream-and-commit of convert.engine.job.
 
 The output is one `adapter_model.safetensors` (what peft, vLLM and SGLang read) written in place
 by every rank at its pieces' offsets, whatever its size; only an explicit --max-shard-size cuts it
@@ -11,18 +12,18 @@ from __future__ import annotations
 import json
 import sys
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
+from convert.engine.job import run_planned
+from convert.engine.planner import Draft, JobOptions, JobSetup, Planner, fingerprint
+from convert.formats.adapter_source import ADAPTER_INDEX, ADAPTER_WEIGHTS, AdapterSource, open_adapter
+from convert.formats.shard_layout import layout_files, weight_map
+from convert.io.storage import Storage
 from convert.plan.adapter import AdapterPlan, plan_fuse, plan_split
 from convert.plan.adapter_target import target_rules
-from convert.formats.adapter_source import ADAPTER_INDEX, ADAPTER_WEIGHTS, AdapterSource, open_adapter
-from convert.engine.job import JobOptions, JobSetup, check_destination, choose_ep, fingerprint, run_planned
-from convert.engine.output_record import source_pins
-from convert.io.storage import Storage
 from launch.dist import Dist
-from sharding.ep import assign_pieces, expert_slices
-from convert.formats.shard_layout import layout_files, weight_map
 
 ADAPTER_CONFIG = "adapter_config.json"
 SPLIT = "per_expert"
@@ -36,8 +37,9 @@ class AdapterJobOptions(JobOptions):
 
 
 def plan_adapter(opts: AdapterJobOptions, ep: int) -> tuple[AdapterSource, AdapterPlan]:
-    """Open the source adapter and plan the conversion (rank 0); the caller closes `src.storage`."""
-    src = open_adapter(opts.src, opts.base_config, opts.storage_options)
+    """Open the source adapter and plan the conversion (rank 0) with `ep` expert slices; the caller closes
+    `src.storage`."""
+    src = open_adapter(opts.src, opts.base_config, opts.storage_options, opts.settings.storage)
     try:
         if opts.layout == SPLIT:
             return src, plan_split(src, opts.dtype, ep, target=opts.target)
@@ -47,24 +49,31 @@ def plan_adapter(opts: AdapterJobOptions, ep: int) -> tuple[AdapterSource, Adapt
         raise
 
 
+class AdapterPlanner(Planner):
+    """The plan of an adapter conversion: one plan, cut by the requested expert slices (Planner.requested_ep: the
+    split gathers peft lora_B once per slice, and the planner's EP choice never changes them), laid out as one
+    adapter_model.safetensors (or shards, with an explicit --max-shard-size) and adapter_config.json last."""
+
+    def draft(self, opts: JobOptions, dist: Dist, src: Storage, closing: ExitStack) -> Draft:
+        assert isinstance(opts, AdapterJobOptions)
+        adapter, plan = plan_adapter(opts, self.requested_ep(opts, dist))
+        closing.callback(adapter.storage.close)  # the metadata reads cached descriptors: released after the plan
+        where = f"the adapter {adapter.display()}" + (f" (base config: {adapter.base_config_source})"
+                                                      if adapter.base_config_source else "")
+        return _lay_out(opts, adapter, plan, where)
+
+
+ADAPTERS = AdapterPlanner()
+
+
 def plan_adapter_job(opts: AdapterJobOptions, dist: Dist) -> JobSetup:
     """Rank 0's work before any byte moves: read metadata, plan, lay out the file, check the destination."""
-    src, plan = plan_adapter(opts, opts.ep or dist.world_size)
-    dst = Storage(opts.dst, opts.storage_options)
-    try:  # the metadata reads cached descriptors: release them (a batch runs many jobs in one process)
-        where = f"the adapter {src.display()}" + (f" (base config: {src.base_config_source})" if src.base_config_source else "")
-        ep, ep_note = choose_ep(opts.ep, dist.world_size, plan.num_experts, where)
-        if ep != (opts.ep or dist.world_size) and opts.layout == SPLIT:
-            plan = plan_split(src, opts.dtype, ep, target=opts.target)  # the split gathers peft lora_B once per slice: re-plan
-        return _lay_out(opts, dist, ep, src, plan, dst, ep_note)
-    finally:
-        src.storage.close()
-        dst.close()
+    return ADAPTERS.plan(opts, dist)
 
 
-def _lay_out(opts: AdapterJobOptions, dist: Dist, ep: int, src: AdapterSource, plan: AdapterPlan, dst: Storage,
-             ep_note: str = "") -> JobSetup:
-    """Output file layout, final files, piece assignment, plan summary and destination check."""
+def _lay_out(opts: AdapterJobOptions, src: AdapterSource, plan: AdapterPlan, where: str) -> Draft:
+    """Output file layout, final files and plan summary (the planner adds the EP choice, the pins and the
+    destination's judgment)."""
     files = layout_files(plan.targets, opts.max_shard_bytes or sys.maxsize, {"format": "pt"}, stem="adapter_model")
     final: dict[str, bytes] = {}
     shard_note = ""
@@ -82,32 +91,25 @@ def _lay_out(opts: AdapterJobOptions, dist: Dist, ep: int, src: AdapterSource, p
         final[ADAPTER_INDEX] = (json.dumps(index, indent=2) + "\n").encode()
     # Top-level keys sorted; nested ones kept in order: peft uses the first rank_pattern/alpha_pattern key that matches.
     final[ADAPTER_CONFIG] = (json.dumps(dict(sorted(plan.config.items())), indent=2) + "\n").encode()
-    assignment = assign_pieces(plan.pieces, plan.num_experts, ep, dist.world_size)
-    sizes = sorted({len(r) for r in expert_slices(plan.num_experts, ep)})
     summary = [
         f"plan: {plan.description}, dtype={opts.dtype or 'keep'}",
         f"  source: {opts.src}",
         f"  destination: {opts.dst}",
-        f"  ep={ep} expert slices over {dist.world_size} rank(s); experts per slice: " + "/".join(map(str, sizes)),
     ]
-    if ep > dist.world_size:
-        summary.append(f"  each rank works through up to {-(-ep // dist.world_size)} slices in turn")
-    if ep_note:
-        summary.append(f"  {ep_note}")
+    tail = []
     if opts.layout == SPLIT and any(g.pattern == "peft_target_parameters" for g in plan.groups):
-        summary.append("  peft lora_B is expert-minor (an expert's columns are strided over the whole tensor): "
-                       "each slice reads all of it once")
-    summary += [f"  note: {n}" for n in plan.notes]
+        tail.append("  peft lora_B is expert-minor (an expert's columns are strided over the whole tensor): "
+                    "each slice reads all of it once")
+    tail += [f"  note: {n}" for n in plan.notes]
     fp = fingerprint("adapter", opts.layout, opts.target, opts.src, sorted(src.file_sizes.items()),
                      [(f.name, f.size, f.header) for f in files], plan.pieces, final[ADAPTER_CONFIG])
     read = [*src.file_sizes, *([src.index_file] if src.index_file else []), ADAPTER_CONFIG, *src.other_files]
-    pins = {} if opts.dry_run else source_pins(src.storage, read)
-    resuming = False if opts.dry_run else check_destination(src.storage, dst, opts.overwrite, ADAPTER_CONFIG, fp)
-    return JobSetup(
-        summary=summary, files=files, pieces=plan.pieces, assignment=assignment, ep=ep,
-        copy_files=src.other_files, final_files=final, fingerprint=fp, resuming=resuming,
-        job_id=uuid.uuid4().hex, pins=pins, target=plan.target,
+    setup = JobSetup(
+        summary=summary, files=files, pieces=plan.pieces, assignment=[], ep=0,
+        copy_files=src.other_files, final_files=final, fingerprint=fp,
+        job_id=uuid.uuid4().hex, target=plan.target,
     )
+    return Draft(setup, plan.num_experts, where, read, src.storage, tail)
 
 
 def run_adapter_job(opts: AdapterJobOptions, dist: Dist, report: dict[str, Any] | None = None) -> int:

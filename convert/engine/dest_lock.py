@@ -43,11 +43,12 @@ from typing import Any
 from convert.engine.sinks import LOCK_FILE, STATE_DIR
 from convert.errors import ConversionError, chain, service_error
 from convert.io.storage import Storage
+from convert.settings import DEFAULT_SETTINGS, Settings
 
 HEARTBEAT_SECONDS = 5.0
 STALE_SECONDS = 60.0
 _held: set[str] = set()  # the locks this process holds (their URLs): its own lock is never another job's
-_deferred: list[list["DestinationLock"]] = []  # held_until_done(): locks whose release waits for its end
+_deferred: list[list[DestinationLock]] = []  # held_until_done(): locks whose release waits for its end
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,12 @@ class LockTimes:
     stale: float = STALE_SECONDS
 
 
-def lock_times() -> LockTimes:
-    """The lock's times for a job starting now: MOE_CONVERT_LOCK_HEARTBEAT_SECONDS and MOE_CONVERT_LOCK_STALE_SECONDS
-    where set (read when the job starts, not at import), else 5 s and 60 s. A heartbeat is at most a quarter of
-    the stale time."""
-    stale = float(os.environ.get("MOE_CONVERT_LOCK_STALE_SECONDS") or STALE_SECONDS)
-    heartbeat = float(os.environ.get("MOE_CONVERT_LOCK_HEARTBEAT_SECONDS") or HEARTBEAT_SECONDS)
+def lock_times(settings: Settings = DEFAULT_SETTINGS) -> LockTimes:
+    """The lock's times for a job with `settings` (Settings.lock_heartbeat_seconds and lock_stale_seconds:
+    MOE_CONVERT_LOCK_HEARTBEAT_SECONDS and MOE_CONVERT_LOCK_STALE_SECONDS, read when the job starts), 5 s and 60 s
+    by default. A heartbeat is at most a quarter of the stale time."""
+    stale = float(settings.lock_stale_seconds or STALE_SECONDS)
+    heartbeat = float(settings.lock_heartbeat_seconds or HEARTBEAT_SECONDS)
     return LockTimes(heartbeat=max(0.05, min(heartbeat, stale / 4)), stale=stale)
 
 
@@ -225,7 +226,7 @@ class DestinationLock:
         self.held = False
 
     @classmethod
-    def acquire(cls, dst: Storage, times: LockTimes | None = None) -> "DestinationLock":
+    def acquire(cls, dst: Storage, times: LockTimes | None = None) -> DestinationLock:
         """Take `dst`'s lock for this job: DestinationInUse where another job holds it; a stale one is taken over,
         with a line on stderr saying so. A filesystem without locks or a store without conditional writes gets
         an unheld lock and a warning (the job runs, unguarded)."""

@@ -1,4 +1,5 @@
-"""A merge job: plan on rank 0 (convert.plan.merge), then the generic stream-and-commit of convert.engine.job.
+"""A merge job: its plan (a MergePlanner, convert.engine.planner; convert.plan.merge) on rank 0, then the generic
+stream-and-commit of convert.engine.job.
 
 The output keeps the base's shard names and each shard's tensors in the base's order (a merged checkpoint
 loads wherever the base loaded); `model.safetensors.index.json` is written last and marks it complete. The
@@ -11,13 +12,12 @@ from __future__ import annotations
 import json
 import sys
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from convert.engine.job import (
-    JobOptions, JobSetup, check_destination, choose_ep, describe, fingerprint, open_source, run_planned,
-)
-from convert.engine.output_record import source_pins
+from convert.engine.job import describe, open_source, run_planned
+from convert.engine.planner import Draft, JobOptions, JobSetup, Planner, fingerprint
 from convert.formats.adapter_source import open_adapter
 from convert.formats.checkpoint import INDEX_NAME
 from convert.formats.model_config import CONFIG_DTYPE_NAMES, config_bytes, with_dtype
@@ -27,7 +27,6 @@ from convert.plan.chunk_reads import localize
 from convert.plan.merge import ADAPTER_SOURCE, check_counts, plan_merge
 from convert.plan.merge_quant import SURVIVAL, survival_lines
 from launch.dist import Dist
-from sharding.ep import assign_pieces, expert_slices
 
 __all__ = ["MergeJobOptions", "plan_merge_job", "run_merge_job", "describe"]
 
@@ -39,26 +38,31 @@ class MergeJobOptions(JobOptions):
     adapter: str = ""
 
 
+class MergePlanner(Planner):
+    """The plan of a merge: the base (the job's source) and the adapter read, one plan cut by the requested expert
+    slices (Planner.requested_ep; the planner's EP choice never changes them), the base's shards kept (or new
+    ones), config.json where --dtype or --base-config rewrites it, the index last."""
+
+    turns_note = False
+
+    def draft(self, opts: JobOptions, dist: Dist, src: Storage, closing: ExitStack) -> Draft:
+        assert isinstance(opts, MergeJobOptions)
+        adapter = open_adapter(opts.adapter, None, opts.storage_options, opts.settings.storage)
+        closing.callback(adapter.storage.close)
+        return _plan(opts, dist, src, adapter, self.requested_ep(opts, dist))
+
+
+MERGES = MergePlanner()
+
+
 def plan_merge_job(opts: MergeJobOptions, dist: Dist) -> JobSetup:
     """Rank 0's work before any byte moves: read both sides' metadata, plan, lay out, check the destination."""
-    src = Storage(opts.src, opts.storage_options)
-    dst = Storage(opts.dst, opts.storage_options)
-    adapter = open_adapter(opts.adapter, None, opts.storage_options)
-    try:
-        return _plan(opts, dist, src, dst, adapter)
-    finally:
-        adapter.storage.close()
-        src.close()
-        dst.close()
+    return MERGES.plan(opts, dist)
 
 
-def _plan(opts: MergeJobOptions, dist: Dist, src: Storage, dst: Storage, adapter: Any) -> JobSetup:
+def _plan(opts: MergeJobOptions, dist: Dist, src: Storage, adapter: Any, ep: int) -> Draft:
     ckpt, family = open_source(src, opts)
-    requested = opts.ep or dist.world_size
-    plan = plan_merge(ckpt, family, adapter, opts.dtype, requested)
-    ep, ep_note = choose_ep(opts.ep, dist.world_size, plan.num_experts, src.display("config.json"))
-    if ep != requested:
-        plan = plan_merge(ckpt, family, adapter, opts.dtype, ep)
+    plan = plan_merge(ckpt, family, adapter, opts.dtype, ep)
     check_counts(plan)
     plan.pieces, chunked = localize(plan.pieces, ckpt.chunked)
     keep = ckpt.container == "safetensors" and not opts.max_shard_bytes
@@ -66,10 +70,8 @@ def _plan(opts: MergeJobOptions, dist: Dist, src: Storage, dst: Storage, adapter
         files = keep_files(plan.files, plan.targets, plan.metadata)
     else:
         files = layout_files(plan.targets, opts.max_shard_bytes or 5_000_000_000, {"format": "pt"})
-    assignment = assign_pieces(plan.pieces, plan.num_experts, ep, dist.world_size)
     total = sum(t.nbytes for t in plan.targets)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map(files).items()))}
-    sizes = sorted({len(r) for r in expert_slices(plan.num_experts, ep)})
     layers = sorted({f"{lay} <- {pat}" for _, lay, pat in plan.groups})
     summary = [
         f"plan: merge {opts.adapter} into {plan.family} ({', '.join(layers) or 'no expert LoRA'}); "
@@ -77,11 +79,8 @@ def _plan(opts: MergeJobOptions, dist: Dist, src: Storage, dst: Storage, adapter
         f"  base: {opts.src}" + (f" ({ckpt.container})" if ckpt.container != "safetensors" else ""),
         f"  adapter: {opts.adapter}",
         f"  destination: {opts.dst} ({'the base' + chr(39) + 's shards' if keep else 'new shards'})",
-        f"  ep={ep} expert slices over {dist.world_size} rank(s); experts per slice: " + "/".join(map(str, sizes)),
     ]
-    if ep_note:
-        summary.append(f"  {ep_note}")
-    summary += [f"  note: {n}" for n in [*ckpt.notes, *plan.notes]]
+    tail = [f"  note: {n}" for n in [*ckpt.notes, *plan.notes]]
     copy_files, final = list(plan.copy_files), {}
     if opts.base_config or opts.dtype:
         config = ckpt.config
@@ -92,20 +91,19 @@ def _plan(opts: MergeJobOptions, dist: Dist, src: Storage, dst: Storage, adapter
             copy_files.remove("config.json")
         final["config.json"] = config_bytes(config)
         if opts.dtype:
-            summary.append(f"  config.json: dtype keys set to {CONFIG_DTYPE_NAMES[opts.dtype]}")
+            tail.append(f"  config.json: dtype keys set to {CONFIG_DTYPE_NAMES[opts.dtype]}")
     final[INDEX_NAME] = (json.dumps(index, indent=2) + "\n").encode()
     adapter_files = sorted(adapter.file_sizes.items())
     fp = fingerprint("merge", opts.src, opts.adapter, sorted((n, h.file_size) for n, h in ckpt.headers.items()),
                      adapter_files, json.dumps(adapter.config, sort_keys=True),
                      [(f.name, f.size, f.header) for f in files], plan.pieces)
-    read = [*ckpt.source_files, *plan.copy_files]
-    resuming = False if opts.dry_run else check_destination(src, dst, opts.overwrite, INDEX_NAME, fp)
-    return JobSetup(
-        summary=summary, files=files, pieces=plan.pieces, assignment=assignment, ep=ep, copy_files=copy_files,
-        final_files=final, fingerprint=fp, resuming=resuming, job_id=uuid.uuid4().hex,
-        pins={} if opts.dry_run else source_pins(src, read), chunked=chunked,
+    setup = JobSetup(
+        summary=summary, files=files, pieces=plan.pieces, assignment=[], ep=0, copy_files=copy_files,
+        final_files=final, fingerprint=fp, job_id=uuid.uuid4().hex, chunked=chunked,
         notices=[f"note: {opts.src}: {n}" for n in ckpt.notes], sources={ADAPTER_SOURCE: opts.adapter},
     )
+    return Draft(setup, plan.num_experts, src.display("config.json"), [*ckpt.source_files, *plan.copy_files], src,
+                 tail)
 
 
 def run_merge_job(opts: MergeJobOptions, dist: Dist, report: dict[str, Any] | None = None) -> int:

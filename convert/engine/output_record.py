@@ -8,6 +8,9 @@ unfinished job's `.moe-convert/state.json` names the files it will write. `--ove
 removes only files one of the two names (plus `.incomplete` shards and the unique temp
 files of write_bytes); a destination holding anything else is refused.
 
+A destination is judged in one place, judge_destination: by the plan (beside the source's planning) and
+again by rank 0 once it holds the destination's lock, whose verdict then says what the job does there.
+
 Source pins (Storage.pin: size, mtime, ctime, inode locally; size and ETag/version on object
 stores) of every file a job reads are taken at plan time, kept in the state file and checked
 at the start of a resume and before the commit. They are not part of the plan fingerprint,
@@ -21,9 +24,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from convert.engine.dest_lock import LockTimes, refuse_if_locked
+from convert.engine.sinks import INCOMPLETE, LOCK_FILE, OUTPUT_RECORD, STATE_DIR, read_state
 from convert.errors import ConversionError
-from convert.engine.dest_lock import refuse_if_locked
-from convert.engine.sinks import INCOMPLETE, OUTPUT_RECORD, STATE_DIR, read_state
 from convert.io.storage import Storage
 
 TOOL = "moe-convert"
@@ -172,15 +175,72 @@ def check_pins(src: Storage, pins: dict[str, dict[str, Any]], when: str, then: s
         raise ConversionError(f"{_changed_text(changed, when)}; {then}")
 
 
-def check_existing(src: Storage, dst: Storage, overwrite: bool, marker: str, fp: str) -> bool:
-    """Decide about an existing, non-empty destination directory; True when the job resumes there.
+@dataclass
+class Verdict:
+    """What a job does in its destination (judge_destination): start afresh, resume, or, with --overwrite, first
+    remove what an earlier moe-convert job wrote there."""
+
+    resume: bool = False  # an unfinished job with this plan (and unchanged source files): resumed
+    replace: Contents | None = None  # --overwrite of a destination holding an earlier output: what to remove
+
+
+def judge_destination(src: Storage, dst: Storage, overwrite: bool, marker: str, fp: str, *,
+                      holds: bool | None = None, locked: bool = False, times: LockTimes | None = None) -> Verdict:
+    """The one judgment of a job's destination (whose output is complete with `marker`; `fp`: the plan's
+    fingerprint). Refuses (ConversionError) what would lose data or overlap the source; see check_existing.
+
+    `holds`: look_at_destination()'s answer where the plan took it already (beside its reading of the source).
+    `locked`: rank 0 holds the destination's lock (so it is a directory, and the place was checked by the plan).
+    `times`: the lock's times (the job's Settings) for a look at another job's lock on an object store.
+    """
+    if holds is None:
+        holds = not holds_only_a_lock(dst) if locked else look_at_destination(src, dst)
+    if not holds:
+        return Verdict()
+    return check_existing(src, dst, overwrite, marker, fp, times)
+
+
+def look_at_destination(src: Storage, dst: Storage) -> bool:
+    """The first half of judge_destination, which needs no plan: refuse a destination that is or holds the
+    source, or is a file; True when it holds anything but a job's lock (for check_existing to judge)."""
+    s, d = src.place(), dst.place()
+    if d == s or d.startswith(s.rstrip("/") + "/"):
+        raise ConversionError(f"--dst {dst.url} is the source or inside it; choose a directory outside --src")
+    if s.startswith(d.rstrip("/") + "/"):
+        raise ConversionError(f"--dst {dst.url} contains the source {src.url}; choose another directory")
+    if not dst.exists():
+        return False
+    if not dst.isdir():
+        raise ConversionError(f"--dst {dst.url} exists and is not a directory")
+    files, dirs = dst.list_dir()
+    return bool(files or dirs) and not _only_a_lock(dst, files, dirs)
+
+
+def holds_only_a_lock(dst: Storage) -> bool:
+    """True where `dst` holds nothing but a job's lock."""
+    files, dirs = dst.list_dir()
+    return _only_a_lock(dst, files, dirs)
+
+
+def _only_a_lock(dst: Storage, files: list[str], dirs: list[str]) -> bool:
+    """True where `dst`, whose top level lists `files` and `dirs`, holds nothing but a job's lock (a running job's,
+    or one a crashed job left): such a destination counts as empty."""
+    if files or dirs != [STATE_DIR]:
+        return False
+    inner, below = dst.list_dir(STATE_DIR)
+    return not below and set(inner) <= {LOCK_FILE.rsplit("/", 1)[1]}
+
+
+def check_existing(src: Storage, dst: Storage, overwrite: bool, marker: str, fp: str,
+                   times: LockTimes | None = None) -> Verdict:
+    """Decide about an existing, non-empty destination directory (judge_destination).
 
     Refuses (ConversionError): a destination another running job holds the lock of (DestinationInUse,
     convert.engine.dest_lock); a `marker` moe-convert did not write, with or without --overwrite;
     with --overwrite, anything moe-convert did not write; without it, a complete output, an
     unfinished job of another plan, or one whose source files changed since (named).
     """
-    refuse_if_locked(dst)  # a job writing there now is named, whatever else the destination holds
+    refuse_if_locked(dst, times)  # a job writing there now is named, whatever else the destination holds
     contents = classify(dst)
     if marker in contents.foreign:
         raise ConversionError(
@@ -189,7 +249,7 @@ def check_existing(src: Storage, dst: Storage, overwrite: bool, marker: str, fp:
         )
     if overwrite:
         refuse_foreign(dst, contents)
-        return False
+        return Verdict(replace=contents)
     if is_complete_output(dst, marker):
         raise ConversionError(f"--dst {dst.url} already holds a complete conversion ({marker}); pass --overwrite to redo it")
     state = read_state(dst)
@@ -197,7 +257,7 @@ def check_existing(src: Storage, dst: Storage, overwrite: bool, marker: str, fp:
         pins = state.get("pins")
         changed = changed_pins(src, pins) if isinstance(pins, dict) else []
         if state.get("fingerprint") == fp and not changed:
-            return True
+            return Verdict(resume=True)
         if state.get("fingerprint") == fp:
             raise ConversionError(
                 f"{_changed_text(changed, 'since the interrupted run')}; the unfinished conversion in --dst {dst.url} "

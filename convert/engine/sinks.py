@@ -4,8 +4,9 @@ Both keep the same promises: nothing looks complete before the commit, and a re-
 the same job (same plan fingerprint) after a crash resumes instead of starting over.
 - LocalSink: every shard is preallocated as `<name>.incomplete`; each rank writes its
   pieces at their final offsets and appends finished piece ids to its journal (after an
-  fsync of the data), every MOE_CONVERT_JOURNAL_SECONDS of work or MOE_CONVERT_JOURNAL_BYTES
-  of data, whichever comes first. The commit renames the shards.
+  fsync of the data), every Settings.journal_seconds of work or Settings.journal_bytes of data
+  (MOE_CONVERT_JOURNAL_SECONDS, MOE_CONVERT_JOURNAL_BYTES), whichever comes first. The commit
+  renames the shards.
 - MultipartSink: every shard is one multipart upload; each part (>= 5 MiB but the last)
   is assembled in memory by one rank and uploaded. Uploaded parts are the journal (S3's
   ListParts). The commit completes the uploads; the objects appear only then.
@@ -21,17 +22,18 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
-from convert.errors import ConversionError
 from convert.engine.executor import Executor
 from convert.engine.part_fill import Copy, fill_computed, group_parts, new_buffers, part_copies, read_run, read_runs
-from convert.io.memory import ByteBudget, pin_mmap_threshold
-from convert.plan.base import Piece
-from convert.io.storage import Storage
+from convert.errors import ConversionError
 from convert.formats.shard_layout import OutputFile
+from convert.io.memory import ByteBudget, pin_mmap_threshold
+from convert.io.storage import Storage
+from convert.plan.base import Piece
+from convert.settings import DEFAULT_SETTINGS, Settings
 from sharding.parts import MIN_PART, Part, choose_max_part, plan_parts
 
 STATE_DIR = ".moe-convert"
@@ -40,15 +42,16 @@ OUTPUT_RECORD = f"{STATE_DIR}/output.json"  # what a finished job wrote (convert
 # The lock of the job writing the destination now (convert.engine.dest_lock): no output, never removed with the state.
 LOCK_FILE = f"{STATE_DIR}/lock.json"
 INCOMPLETE = ".incomplete"
+# The defaults of a job's Settings (convert.settings; a job's own come with it, read when it starts):
 # Parts a rank builds and uploads at once: min(--workers, this). Each holds one part in memory.
-UPLOAD_THREADS = int(os.environ.get("MOE_CONVERT_UPLOAD_THREADS", 64))
+UPLOAD_THREADS = DEFAULT_SETTINGS.upload_threads
 # Parts whose source bytes touch are filled together (convert.engine.part_fill), up to this many parts'
 # bytes per group: a per-expert source's projections of one expert then come by one request, not one
 # per projection and part (bench.s3, S3 -> S3).
-GROUP_PARTS = int(os.environ.get("MOE_CONVERT_GROUP_PARTS", 3))
+GROUP_PARTS = DEFAULT_SETTINGS.group_parts
 # Part bytes a rank holds at most, per upload thread and in parts (being filled, waiting or uploading), so
 # that every worker reads while it uploads: sharding.parts.PART_MEMORY sizes parts to it.
-HELD_PARTS = int(os.environ.get("MOE_CONVERT_HELD_PARTS", 3))
+HELD_PARTS = DEFAULT_SETTINGS.held_parts
 
 
 @dataclass
@@ -70,6 +73,12 @@ class SinkJob:
     parts: list[Part] | None = None  # a rank's view of an upload job: the parts it builds (None: planned here)
 
 
+def _whole(job: SinkJob) -> Sequence[Piece]:
+    """The pieces of rank 0's whole job, in plan order (a rank's view holds a mapping of its own only)."""
+    assert not isinstance(job.pieces, Mapping), "a rank's view of the job where the whole job is needed"
+    return job.pieces
+
+
 def _view(job: SinkJob, rank: int, todo: Sequence[int], headers: Collection[str] = (), **fields: Any) -> SinkJob:
     """Rank `rank`'s view of `job`: pieces `todo`, and the files they write with only their slots
     (the header bytes only of the files named in `headers`)."""
@@ -86,12 +95,34 @@ def _view(job: SinkJob, rank: int, todo: Sequence[int], headers: Collection[str]
 
 
 class Sink(Protocol):
-    def prepare(self, job: SinkJob, resuming: bool) -> dict[str, Any]: ...
-    def run(self, job: SinkJob, rank: int, on_done: Callable[[int], None]) -> Any: ...
-    def commit(self, job: SinkJob, results: Sequence[Any]) -> None: ...
-    def discard(self, job_state: dict[str, Any] | None) -> None: ...
-    def rank_pieces(self, job: SinkJob, rank: int) -> list[Piece]: ...
-    def for_rank(self, job: SinkJob, rank: int) -> SinkJob: ...
+    """Where a job's bytes go (LocalSink, MultipartSink). Rank 0 prepares the destination and cuts each rank's
+    view of the job (for_rank); every rank runs its view (run, returning what the commit needs of it); rank 0
+    commits with every rank's result, or discards an earlier unfinished job's state (--overwrite)."""
+
+    def prepare(self, job: SinkJob, resuming: bool) -> dict[str, Any]:
+        """Rank 0: set up the destination for `job` (resuming: find what an earlier run finished); returns
+        `job.resume` (with "skipped": skipped_summary())."""
+        ...
+
+    def run(self, job: SinkJob, rank: int, on_done: Callable[[int], None]) -> Any:
+        """Write rank `rank`'s unfinished share of `job` (its view), calling `on_done(bytes)` as pieces land."""
+        ...
+
+    def commit(self, job: SinkJob, results: Sequence[Any]) -> None:
+        """Rank 0: make the written files appear under their final names (`results`: every rank's run())."""
+        ...
+
+    def discard(self, job_state: dict[str, Any] | None) -> None:
+        """Forget an unfinished job's state and partial files (its state file's `job_state`)."""
+        ...
+
+    def rank_pieces(self, job: SinkJob, rank: int) -> list[Piece]:
+        """The pieces rank `rank` still has to write (of its view, or of the whole job on rank 0)."""
+        ...
+
+    def for_rank(self, job: SinkJob, rank: int) -> SinkJob:
+        """Rank 0, after prepare(): rank `rank`'s view of `job`."""
+        ...
 
 
 def read_state(dst: Storage) -> dict[str, Any] | None:
@@ -148,20 +179,20 @@ def skipped_summary(done_bytes: int, total_bytes: int, done: int, total: int, un
     return {"skipped_bytes": done_bytes, "total_bytes": total_bytes, "skipped": done, "total": total, "unit": unit}
 
 
-def make_sink(src: Storage, dst: Storage) -> Sink:
-    """The sink for `dst`: local files, or multipart uploads on an object store."""
+def make_sink(src: Storage, dst: Storage, settings: Settings = DEFAULT_SETTINGS) -> Sink:
+    """The sink for `dst`: local files, or multipart uploads on an object store (tuned by the job's `settings`)."""
     if dst.positional_writes:
-        return LocalSink(src, dst)
+        return LocalSink(src, dst, settings)
     if dst.supports_multipart:
-        return MultipartSink(src, dst)
+        return MultipartSink(src, dst, settings=settings)
     raise ConversionError(f"{dst.url}: writing to this filesystem is not supported (local paths and S3 are)")
 
 
 class LocalSink:
     """In-place positional writes into preallocated `*.incomplete` files, with per-rank journals."""
 
-    def __init__(self, src: Storage, dst: Storage) -> None:
-        self.src, self.dst = src, dst
+    def __init__(self, src: Storage, dst: Storage, settings: Settings = DEFAULT_SETTINGS) -> None:
+        self.src, self.dst, self.settings = src, dst, settings
 
     def prepare(self, job: SinkJob, resuming: bool) -> dict[str, Any]:
         """Rank 0: write the state, create missing shard files, collect finished pieces from journals.
@@ -189,7 +220,7 @@ class LocalSink:
             if recreated:  # a shard made anew has lost the bytes its journaled pieces wrote
                 file_of = {t: f.name for f in job.files for t in f.slots}
                 done = {i for i in done if not any(file_of[w.tensor] in recreated for w in job.pieces[i].writes)}
-        skipped = skipped_summary(sum(job.pieces[i].write_bytes for i in done), sum(p.write_bytes for p in job.pieces),
+        skipped = skipped_summary(sum(job.pieces[i].write_bytes for i in done), sum(p.write_bytes for p in _whole(job)),
                                   len(done), len(job.pieces), "pieces")
         return {"done_pieces": sorted(done), "skipped": skipped}
 
@@ -205,8 +236,8 @@ class LocalSink:
     def run(self, job: SinkJob, rank: int, on_done: Callable[[int], None]) -> None:
         """Write this rank's unfinished pieces, journaling them in batches after an fsync.
 
-        Whenever the pieces finished since the last batch reach MOE_CONVERT_JOURNAL_BYTES, or
-        MOE_CONVERT_JOURNAL_SECONDS have passed since it (so a crash loses at most a few
+        Whenever the pieces finished since the last batch reach Settings.journal_bytes, or
+        Settings.journal_seconds have passed since it (so a crash loses at most a few
         seconds of work however slow the storage), their fsync + journal entry run on a
         background thread while the executor goes on (its pipeline never drains at a batch
         boundary); a piece enters the journal only after an fsync that started after its bytes
@@ -217,8 +248,8 @@ class LocalSink:
         slots = {name: (f.name + INCOMPLETE, slot) for f in job.files for name, slot in f.slots.items()}
         executor = Executor(self.src, self.dst, slots, job.workers)
         journal = self.dst.path(f"{STATE_DIR}/done-{uuid.uuid4().hex[:8]}-r{rank}.txt")
-        batch_bytes = int(os.environ.get("MOE_CONVERT_JOURNAL_BYTES", 256 << 20))
-        batch_seconds = float(os.environ.get("MOE_CONVERT_JOURNAL_SECONDS", 2.0))
+        batch_bytes = self.settings.journal_bytes
+        batch_seconds = self.settings.journal_seconds
 
         def commit_batch(jf: Any, batch: list[int]) -> None:
             for name in sorted({slots[w.tensor][0] for i in batch for w in job.pieces[i].writes}):
@@ -269,18 +300,18 @@ class LocalSink:
 class MultipartSink:
     """One multipart upload per shard; each part built in memory by one rank."""
 
-    def __init__(self, src: Storage, dst: Storage, min_part: int = MIN_PART, max_part: int | None = None) -> None:
-        """`max_part` None: sized to the job (sharding.parts.choose_max_part) unless MOE_CONVERT_MAX_PART is set."""
-        self.src, self.dst = src, dst
-        self.min_part = int(os.environ.get("MOE_CONVERT_MIN_PART", min_part))
-        fixed = os.environ.get("MOE_CONVERT_MAX_PART")
-        self.max_part = int(fixed) if fixed else max_part
+    def __init__(self, src: Storage, dst: Storage, min_part: int = MIN_PART, max_part: int | None = None,
+                 settings: Settings = DEFAULT_SETTINGS) -> None:
+        """`max_part` None: sized to the job (sharding.parts.choose_max_part); `settings.min_part` and
+        `settings.max_part`, where set (MOE_CONVERT_MIN_PART, MOE_CONVERT_MAX_PART), take the place of both."""
+        self.src, self.dst, self.settings = src, dst, settings
+        self.min_part = settings.min_part if settings.min_part is not None else min_part
+        self.max_part = settings.max_part if settings.max_part is not None else max_part
         self._planned: tuple[SinkJob, list[Part]] | None = None
 
-    @staticmethod
-    def threads(job: SinkJob) -> int:
+    def threads(self, job: SinkJob) -> int:
         """Parts one rank builds and uploads at once."""
-        return max(1, min(job.workers, UPLOAD_THREADS))
+        return max(1, min(job.workers, self.settings.upload_threads))
 
     def part_size(self, job: SinkJob) -> int:
         """The largest part of this job (the same on every rank)."""
@@ -290,7 +321,7 @@ class MultipartSink:
 
     def _parts(self, job: SinkJob) -> list[Part]:
         if self._planned is None or self._planned[0] is not job:
-            parts = plan_parts(job.files, job.pieces, job.assignment, self.min_part, self.part_size(job))
+            parts = plan_parts(job.files, _whole(job), job.assignment, self.min_part, self.part_size(job))
             self._planned = (job, parts)
         return self._planned[1]
 
@@ -410,7 +441,7 @@ class MultipartSink:
         # readers end (and submit their last uploads) before the writers' pool closes
         with ThreadPoolExecutor(max_workers=threads) as writers, ThreadPoolExecutor(max_workers=threads) as readers:
             # a group's parts end together and upload at once: at most one per upload thread
-            for group in group_parts(sizes, copies, min(GROUP_PARTS, threads) * size):
+            for group in group_parts(sizes, copies, min(self.settings.group_parts, threads) * size):
                 if not held.acquire(sum(sizes[k] for k in group)):
                     break
                 into = new_buffers(parts, group, headers)
@@ -434,9 +465,9 @@ class MultipartSink:
         return out
 
     def held_bytes(self, job: SinkJob) -> int:
-        """Part bytes one rank holds at most: HELD_PARTS parts per upload thread (a group holds at most one per
-        thread, so it always fits)."""
-        return self.threads(job) * HELD_PARTS * self.part_size(job)
+        """Part bytes one rank holds at most: Settings.held_parts parts per upload thread (a group holds at most one
+        per thread, so it always fits)."""
+        return self.threads(job) * self.settings.held_parts * self.part_size(job)
 
     def commit(self, job: SinkJob, results: Sequence[dict[str, dict[int, str]]]) -> None:
         """Rank 0: complete every upload from the parts of this run and of earlier runs."""

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from convert.errors import ConversionError
 from convert.io.memory import thread_scratch
-from convert.io.storage import S3_STREAM_BYTES, Storage
+from convert.io.storage import DEFAULT_STORAGE_SETTINGS, Storage
 from convert.plan.base import Piece
 
 STREAM_CHUNK = 4 << 20  # bytes a worker holds: a streamed request's body passes through this buffer
@@ -42,7 +42,7 @@ class Segment(NamedTuple):
     piece: int
 
 
-def even_spans(segments: Sequence[Segment], count: int, max_bytes: int = S3_STREAM_BYTES,
+def even_spans(segments: Sequence[Segment], count: int, max_bytes: int = DEFAULT_STORAGE_SETTINGS.s3_stream_bytes,
                min_bytes: int = STREAM_MIN_BYTES, align: int = CUT_ALIGN) -> list[list[Segment]]:
     """`segments` in source order, cut into `count` spans of equal bytes, or a multiple of `count` where a span
     would hold over `max_bytes` (whole rounds: every worker takes as many), fewer where under `min_bytes`; a
@@ -106,9 +106,11 @@ class _Span:
 
 
 def copy_segments(pieces: Sequence[Piece], segments: Sequence[Segment], workers: int, src: Storage, dst: Storage,
-                  on_done: Callable[[int, int], None]) -> None:
+                  on_done: Callable[[int, int], None],
+                  stream_bytes: int = DEFAULT_STORAGE_SETTINGS.s3_stream_bytes) -> None:
     """Stream `segments` (of `pieces`) with `workers` threads; `on_done(piece, bytes written)` in this thread
-    once all of a piece's bytes are written, in the order pieces complete.
+    once all of a piece's bytes are written, in the order pieces complete. A span holds at most `stream_bytes`
+    (the source's StorageSettings.s3_stream_bytes) where there are more than `workers` spans' worth.
 
     The spans of even_spans are taken in turn; a worker that finds none left takes over the second half of
     the unclaimed bytes of the running span with the most (its owner stops there), so a slow connection
@@ -121,68 +123,91 @@ def copy_segments(pieces: Sequence[Piece], segments: Sequence[Segment], workers:
         if not left.get(i):
             left.pop(i, None)
             on_done(i, p.write_bytes)
-    todo = deque(_Span(s) for s in even_spans(segments, max(1, workers) * STREAM_ROUNDS))
-    running: list[_Span] = []
-    lock = threading.Lock()
-    events: queue.Queue[int | BaseException | None] = queue.Queue()
-    failed = threading.Event()
-
-    def next_span() -> _Span | None:
-        with lock:
-            if failed.is_set():
-                return None
-            span = todo.popleft() if todo else None
-            if span is None and running:
-                span = max(running, key=lambda s: s.limit - s.pos).steal(STREAM_CHUNK)
-            if span is not None:
-                running.append(span)
-            return span
-
-    def claim(span: _Span, n: int) -> int:
-        with lock:
-            n = 0 if failed.is_set() else max(0, min(n, span.limit - span.pos))
-            span.pos += n
-            return n
-
-    def wrote(piece: int, n: int) -> None:
-        with lock:
-            left[piece] -= n
-            if not left[piece]:
-                events.put(piece)
-
-    def work() -> None:
-        try:
-            while (span := next_span()) is not None:
-                try:
-                    copy_span(span, src, dst, claim, wrote)
-                finally:
-                    with lock:
-                        running.remove(span)
-        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread, which raises it
-            failed.set()
-            events.put(exc)
-        finally:
-            events.put(None)
-
-    threads = [threading.Thread(target=work, daemon=True) for _ in range(max(1, workers))]
+    pool = _SpanPool(even_spans(segments, max(1, workers) * STREAM_ROUNDS, stream_bytes), left)
+    threads = [threading.Thread(target=pool.work, args=(src, dst), daemon=True) for _ in range(max(1, workers))]
     for t in threads:
         t.start()
-    error: BaseException | None = None
-    ended = 0
-    while ended < len(threads):
-        event = events.get()
-        if event is None:
-            ended += 1
-        elif isinstance(event, BaseException):
-            error = error or event
-        elif error is None:
-            on_done(event, pieces[event].write_bytes)
+    error = pool.drain(len(threads), lambda piece: on_done(piece, pieces[piece].write_bytes))
     for t in threads:
         t.join()
     if error is not None:
         raise error
     if left and any(left.values()):
         raise AssertionError(f"stream copy ended with {sum(left.values())} bytes not written")
+
+
+class _SpanPool:
+    """The spans of one copy_segments call, shared by its workers under one lock: those not started (`todo`),
+    those running, and each piece's bytes still to write (`left`); a worker hands the calling thread each piece it
+    finished, its error and its end through `events`."""
+
+    def __init__(self, spans: list[list[Segment]], left: dict[int, int]) -> None:
+        """A pool of `spans` (even_spans) to copy, `left` each piece's bytes to write (updated in place)."""
+        self.todo = deque(_Span(s) for s in spans)
+        self.running: list[_Span] = []
+        self.left = left
+        self.lock = threading.Lock()
+        self.events: queue.Queue[int | BaseException | None] = queue.Queue()
+        self.failed = threading.Event()
+
+    def next_span(self) -> _Span | None:
+        """The next span to copy: one not started, else the second half of the running one with the most left;
+        None when there is none, or a worker failed."""
+        with self.lock:
+            if self.failed.is_set():
+                return None
+            span = self.todo.popleft() if self.todo else None
+            if span is None and self.running:
+                span = max(self.running, key=lambda s: s.limit - s.pos).steal(STREAM_CHUNK)
+            if span is not None:
+                self.running.append(span)
+            return span
+
+    def claim(self, span: _Span, n: int) -> int:
+        """How many of the next `n` bytes of `span` its worker copies (fewer once another took the rest over, 0
+        after a failure); they are claimed."""
+        with self.lock:
+            n = 0 if self.failed.is_set() else max(0, min(n, span.limit - span.pos))
+            span.pos += n
+            return n
+
+    def wrote(self, piece: int, n: int) -> None:
+        """Count `n` bytes of `piece` written; its index goes to `events` once all are."""
+        with self.lock:
+            self.left[piece] -= n
+            if not self.left[piece]:
+                self.events.put(piece)
+
+    def work(self, src: Storage, dst: Storage) -> None:
+        """One worker thread: copy spans from `src` to `dst` until none is left; an error goes to `events` (and
+        stops the others), then None (this worker ended)."""
+        try:
+            while (span := self.next_span()) is not None:
+                try:
+                    copy_span(span, src, dst, self.claim, self.wrote)
+                finally:
+                    with self.lock:
+                        self.running.remove(span)
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread, which raises it
+            self.failed.set()
+            self.events.put(exc)
+        finally:
+            self.events.put(None)
+
+    def drain(self, workers: int, done: Callable[[int], None]) -> BaseException | None:
+        """Take `events` until all `workers` ended, calling `done(piece)` for each piece finished before any error;
+        returns the first error (None: none)."""
+        error: BaseException | None = None
+        ended = 0
+        while ended < workers:
+            event = self.events.get()
+            if event is None:
+                ended += 1
+            elif isinstance(event, BaseException):
+                error = error or event
+            elif error is None:
+                done(event)
+        return error
 
 
 def copy_span(span: _Span, src: Storage, dst: Storage, claim: Callable[[_Span, int], int],

@@ -9,7 +9,12 @@ installed transformers' table; a maintenance command, never imported by a conver
 from convert.families.family import PER_EXPERT, Family, FusedTensor, Merge
 from convert.families.names import Rename, template_regex
 from convert.families.registry import (
-    detect_family, family_by_name, family_dirs, find_family, load_families, representative,
+    detect_family,
+    family_by_name,
+    family_dirs,
+    find_family,
+    load_families,
+    representative,
 )
 
 __all__ = [

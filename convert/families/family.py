@@ -12,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from dataclasses import dataclass, field
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from convert.errors import ConversionError
 from convert.families.names import Rename, literal, pattern_regex, template_regex, to_disk, to_model
 from convert.families.ops import Op, Pipeline, Split, op_from_json
-from convert.families.schema import FamilySpec, OpSpec, dump
+from convert.families.schema import FamilySpec, FusedSpec, MergeSpec, OpSpec, PerExpertReadersSpec, SplitSpec, dump
 
 PER_EXPERT = "per_expert"
 # Quantization companions every family has unless its file says otherwise: a per-expert weight's
@@ -302,16 +302,21 @@ class Family:
         of its config key in `config` (config.json contents) or its `text_config` (0 where absent or null)."""
         out = {}
         for role in self.role_leaves:
-            key, extra = self.extra_experts.get(role), 0
-            for cfg in (config, config.get("text_config")) if key else ():
-                if isinstance(cfg, dict) and cfg.get(key) is not None:
-                    extra = cfg[key]
-                    if type(extra) is not int or extra < 0:
-                        raise ConversionError(f"{where}: {key!r} is {extra!r}; expected a number of experts (an integer "
-                                              f">= 0) added to E for the {self.name} expert role {role!r}")
-                    break
-            out[role] = num_experts + extra
+            key = self.extra_experts.get(role)
+            out[role] = num_experts + (self._extra_count(config, key, role, where) if key else 0)
         return out
+
+    def _extra_count(self, config: dict[str, Any], key: str, role: str, where: str) -> int:
+        """The experts `role` has beyond E: config key `key` of `config` or its `text_config` (0 where absent or
+        null); raises where it is not an integer >= 0."""
+        for cfg in (config, config.get("text_config")):
+            if isinstance(cfg, dict) and cfg.get(key) is not None:
+                extra = cfg[key]
+                if type(extra) is not int or extra < 0:
+                    raise ConversionError(f"{where}: {key!r} is {extra!r}; expected a number of experts (an integer "
+                                          f">= 0) added to E for the {self.name} expert role {role!r}")
+                return extra
+        return 0
 
 
 def resolve(specs: dict[str, tuple[FamilySpec, str]]) -> dict[str, FamilySpec]:
@@ -345,6 +350,7 @@ def resolve(specs: dict[str, tuple[FamilySpec, str]]) -> dict[str, FamilySpec]:
 
 
 def _pipeline(ops: list[OpSpec], n_parts: int, where: str, parts_out: int = 1) -> Pipeline:
+    """The Pipeline of `ops` on `n_parts` parts giving `parts_out`; raises ConversionError naming `where`."""
     built: list[Op] = []
     for i, o in enumerate(ops):
         built.append(op_from_json(dump(o), f"{where}.ops[{i}]"))
@@ -384,11 +390,54 @@ def _check_versions(spec: FamilySpec, where: str) -> None:
 def build_family(spec: FamilySpec, path: str) -> Family:
     """The Family of a resolved spec; raises ConversionError naming `path` for anything inconsistent."""
     where = f"{path}"
+    _check_required(spec, where)
+    assert spec.experts is not None and spec.layouts is not None and spec.default_layout is not None
+    container, roles = spec.experts.container, spec.experts.roles
+    _check_experts(container, roles, where)
+    experts_path = "{prefix}" + (f".{container}" if container else "") + ".experts"
+    fused = {layout: _build_layout(layout, tensors, roles, experts_path, where)
+             for layout, tensors in spec.layouts.items()}
+    if spec.default_layout not in fused:
+        raise ConversionError(f"{where}: default_layout {spec.default_layout!r} is not one of its layouts {sorted(fused)}")
+    _check_distinct_layouts(fused, where)
+    renames = tuple(
+        Rename(r.source, r.target, r.one_way, where=f"{where}: renames[{i}]") for i, r in enumerate(spec.renames or [])
+    )
+    merges = [_build_merge(m, f"{where}: merges[{i}]") for i, m in enumerate(spec.merges or [])]
+    merges += [_build_split(sp, f"{where}: splits[{i}]") for i, sp in enumerate(spec.splits or [])]
+    if spec.transformers_versions is not None or spec.generated_from is not None:
+        _check_versions(spec, where)
+    _check_refuse(spec.refuse or {}, where)
+    keys = spec.num_experts_keys or []
+    if not keys:
+        raise ConversionError(f"{where}: num_experts_keys is empty")
+    extra = _extra_experts(dict(spec.extra_experts or {}), roles, fused, where)
+    readers = spec.per_expert_readers
+    if readers is not None:
+        _check_readers(readers, where)
+    quant = spec.quantization
+    return Family(
+        name=spec.family, source=path, model_types=tuple(spec.model_types), architectures=tuple(spec.architectures),
+        num_experts_keys=tuple(keys), dense_layer_keys=tuple(spec.dense_layer_keys or ()), container=container,
+        role_leaves=dict(roles), fused=fused, default_fused=spec.default_layout, renames=renames, merges=tuple(merges),
+        companions=dict(quant.companions) if quant else dict(DEFAULT_COMPANIONS),
+        quant_formats=dict(quant.formats) if quant else {}, refuse=dict(spec.refuse or {}),
+        description=spec.description, dequantize=_dequantize(spec, roles, where), extra_experts=extra,
+        transformers_versions=tuple(spec.transformers_versions or ()),
+        per_expert_readers=None if readers is None else tuple(readers.readers),
+        per_expert_note=readers.note.strip() if readers is not None else "",
+    )
+
+
+def _check_required(spec: FamilySpec, where: str) -> None:
+    """Raise unless `spec` (resolved) gives every key a family cannot do without."""
     for key in ("experts", "layouts", "default_layout", "num_experts_keys"):
         if getattr(spec, key) is None:
             raise ConversionError(f"{where}: missing required key {key!r} (give it, or 'extends' a family that has it)")
-    assert spec.experts is not None and spec.layouts is not None and spec.default_layout is not None
-    container, roles = spec.experts.container, spec.experts.roles
+
+
+def _check_experts(container: str, roles: dict[str, str], where: str) -> None:
+    """Raise unless `container` is a dotted module path (or "") and `roles` maps role names to distinct leaves."""
     if container and not _LEAF.match(container):
         raise ConversionError(f"{where}: experts.container {container!r} must be a dotted module path (or \"\")")
     if not roles:
@@ -398,69 +447,79 @@ def build_family(spec: FamilySpec, path: str) -> Family:
             raise ConversionError(f"{where}: experts.roles {role!r}: {leaf!r} is not a role name and dotted tensor name")
     if len(set(roles.values())) != len(roles):
         raise ConversionError(f"{where}: experts.roles names one tensor for two roles ({sorted(roles.values())})")
-    experts_path = "{prefix}" + (f".{container}" if container else "") + ".experts"
-    fused: dict[str, tuple[FusedTensor, ...]] = {}
-    for layout, tensors in spec.layouts.items():
-        if layout == PER_EXPERT or not _NAME.match(layout):
-            raise ConversionError(f"{where}: layouts: {layout!r} is not a fused layout name")
-        built = []
-        covered: list[str] = []
-        for tname, t in tensors.items():
-            at = f"{where}: layouts.{layout}.{tname}"
-            if not _LEAF.match(tname) or tname.split(".")[0].isdigit():
-                raise ConversionError(f"{at}: not a tensor name")
-            unknown = [p for p in t.parts if p not in roles]
-            if unknown or not t.parts:
-                raise ConversionError(f"{at}: parts {t.parts} must be roles of experts.roles ({sorted(roles)})")
-            built.append(FusedTensor(f"{experts_path}.{tname}", tuple(t.parts), _pipeline(t.ops, len(t.parts), at)))
-            covered += t.parts
-        if sorted(covered) != sorted(roles):
-            raise ConversionError(
-                f"{where}: layouts.{layout} holds roles {sorted(covered)}; expected each of {sorted(roles)} exactly once"
-            )
-        fused[layout] = tuple(built)
-    if spec.default_layout not in fused:
-        raise ConversionError(f"{where}: default_layout {spec.default_layout!r} is not one of its layouts {sorted(fused)}")
-    sets = {}
+
+
+def _build_layout(layout: str, tensors: dict[str, FusedSpec], roles: dict[str, str], experts_path: str,
+                  where: str) -> tuple[FusedTensor, ...]:
+    """The fused tensors of `layout` (name -> spec in `tensors`), each role of `roles` held exactly once."""
+    if layout == PER_EXPERT or not _NAME.match(layout):
+        raise ConversionError(f"{where}: layouts: {layout!r} is not a fused layout name")
+    built = [_build_fused(tname, t, roles, experts_path, f"{where}: layouts.{layout}.{tname}")
+             for tname, t in tensors.items()]
+    covered = [p for t in tensors.values() for p in t.parts]
+    if sorted(covered) != sorted(roles):
+        raise ConversionError(
+            f"{where}: layouts.{layout} holds roles {sorted(covered)}; expected each of {sorted(roles)} exactly once"
+        )
+    return tuple(built)
+
+
+def _build_fused(tname: str, t: FusedSpec, roles: dict[str, str], experts_path: str, at: str) -> FusedTensor:
+    """The FusedTensor `tname` of spec `t` (its parts roles of `roles`); `at` names it in errors."""
+    if not _LEAF.match(tname) or tname.split(".")[0].isdigit():
+        raise ConversionError(f"{at}: not a tensor name")
+    unknown = [p for p in t.parts if p not in roles]
+    if unknown or not t.parts:
+        raise ConversionError(f"{at}: parts {t.parts} must be roles of experts.roles ({sorted(roles)})")
+    return FusedTensor(f"{experts_path}.{tname}", tuple(t.parts), _pipeline(t.ops, len(t.parts), at))
+
+
+def _check_distinct_layouts(fused: dict[str, tuple[FusedTensor, ...]], where: str) -> None:
+    """Raise where two layouts of `fused` name the same set of tensors (a checkpoint could not tell them apart)."""
+    sets: dict[str, frozenset[str]] = {}
     for layout, ts in fused.items():
         names = frozenset(t.template for t in ts)
         if names in sets.values():
             other = next(k for k, v in sets.items() if v == names)
-            raise ConversionError(f"{where}: layouts {other!r} and {layout!r} name the same tensors; they cannot be told apart")
+            raise ConversionError(
+                f"{where}: layouts {other!r} and {layout!r} name the same tensors; they cannot be told apart"
+            )
         sets[layout] = names
-    renames = tuple(
-        Rename(r.source, r.target, r.one_way, where=f"{where}: renames[{i}]") for i, r in enumerate(spec.renames or [])
-    )
-    merges = []
-    for i, m in enumerate(spec.merges or []):
-        at = f"{where}: merges[{i}]"
-        if m.count_key is not None and (len(m.sources) != 1 or "*" not in m.sources[0]):
-            raise ConversionError(f"{at}: with 'count_key', 'sources' is one pattern with a '*' for the part index")
-        if not _pipeline(m.ops, 2 if m.count_key else len(m.sources), at).is_byte_copy or not m.sources:
-            raise ConversionError(f"{at}: only a concat on dim 0 of one or more tensors is supported")
-        merges.append(Merge(tuple(m.sources), m.target, m.count_key))
-    for i, sp in enumerate(spec.splits or []):
-        at = f"{where}: splits[{i}]"
-        pipeline = _pipeline(sp.ops, 1, at, parts_out=len(sp.targets))
-        op = pipeline.ops[0] if len(pipeline.ops) == 1 else None
-        if not isinstance(op, Split) or op.dim != 0 or len(op.sizes) != len(sp.targets):
-            raise ConversionError(f"{at}: ops must be one split on dim 0 with one share in 'sizes' per target "
-                                  f"({len(sp.targets)} targets)")
-        if "*" in sp.source or any("*" in t for t in sp.targets) or len(set(sp.targets)) != len(sp.targets):
-            raise ConversionError(f"{at}: 'source' and 'targets' are distinct name patterns without '*'")
-        merges.append(Merge(tuple(sp.targets), sp.source, None, op))
-    versions = spec.transformers_versions
-    if versions is not None or spec.generated_from is not None:
-        _check_versions(spec, where)
-    for pattern in (spec.refuse or {}):
+
+
+def _build_merge(m: MergeSpec, at: str) -> Merge:
+    """The Merge of a `merges` entry `m` (a byte concat on dim 0); `at` names it in errors."""
+    if m.count_key is not None and (len(m.sources) != 1 or "*" not in m.sources[0]):
+        raise ConversionError(f"{at}: with 'count_key', 'sources' is one pattern with a '*' for the part index")
+    if not _pipeline(m.ops, 2 if m.count_key else len(m.sources), at).is_byte_copy or not m.sources:
+        raise ConversionError(f"{at}: only a concat on dim 0 of one or more tensors is supported")
+    return Merge(tuple(m.sources), m.target, m.count_key)
+
+
+def _build_split(sp: SplitSpec, at: str) -> Merge:
+    """The Merge of a `splits` entry `sp` (one split on dim 0 into distinct targets); `at` names it in errors."""
+    pipeline = _pipeline(sp.ops, 1, at, parts_out=len(sp.targets))
+    op = pipeline.ops[0] if len(pipeline.ops) == 1 else None
+    if not isinstance(op, Split) or op.dim != 0 or len(op.sizes) != len(sp.targets):
+        raise ConversionError(f"{at}: ops must be one split on dim 0 with one share in 'sizes' per target "
+                              f"({len(sp.targets)} targets)")
+    if "*" in sp.source or any("*" in t for t in sp.targets) or len(set(sp.targets)) != len(sp.targets):
+        raise ConversionError(f"{at}: 'source' and 'targets' are distinct name patterns without '*'")
+    return Merge(tuple(sp.targets), sp.source, None, op)
+
+
+def _check_refuse(refuse: dict[str, str], where: str) -> None:
+    """Raise unless every pattern (key) of `refuse` is a valid regex."""
+    for pattern in refuse:
         try:
             re.compile(pattern)
         except re.error as exc:
             raise ConversionError(f"{where}: refuse pattern {pattern!r} is not a valid regex ({exc})") from exc
-    keys = spec.num_experts_keys or []
-    if not keys:
-        raise ConversionError(f"{where}: num_experts_keys is empty")
-    extra = dict(spec.extra_experts or {})
+
+
+def _extra_experts(extra: dict[str, str], roles: dict[str, str], fused: dict[str, tuple[FusedTensor, ...]],
+                   where: str) -> dict[str, str]:
+    """`extra` (role -> config key) checked: roles of `roles`, and one count of experts per fused tensor."""
     for role, key in extra.items():
         if role not in roles or not _NAME.match(key):
             raise ConversionError(f"{where}: extra_experts {role!r}: {key!r} must map a role of experts.roles "
@@ -468,32 +527,27 @@ def build_family(spec: FamilySpec, path: str) -> Family:
     for layout, ts in fused.items():
         for t in ts:
             if len({extra.get(p) for p in t.parts}) > 1:
-                raise ConversionError(f"{where}: layouts.{layout}.{t.leaf}: parts {list(t.parts)} are held for different "
-                                      f"numbers of experts (extra_experts {[extra.get(p) for p in t.parts]}); one fused "
-                                      "tensor holds one count of experts")
-    readers = spec.per_expert_readers
-    if readers is not None:
-        bad = [r for r in readers.readers if not _READER.match(r)]
-        if bad or len(set(readers.readers)) != len(readers.readers):
-            raise ConversionError(f"{where}: per_expert_readers.readers {readers.readers!r}: expected distinct consumer "
-                                  "names (e.g. \"transformers\", \"vllm\"), or [] where none reads the layout")
-        if not readers.readers and not readers.note.strip():
-            raise ConversionError(f"{where}: per_expert_readers: readers is [] (no consumer reads the per-expert layout): "
-                                  "give a 'note' saying why (it is the reason split_experts refuses with)")
-    return Family(
-        name=spec.family, source=path, model_types=tuple(spec.model_types), architectures=tuple(spec.architectures),
-        num_experts_keys=tuple(keys), dense_layer_keys=tuple(spec.dense_layer_keys or ()), container=container,
-        role_leaves=dict(roles), fused=fused, default_fused=spec.default_layout, renames=renames, merges=tuple(merges),
-        companions=dict(spec.quantization.companions) if spec.quantization else dict(DEFAULT_COMPANIONS),
-        quant_formats=dict(spec.quantization.formats) if spec.quantization else {}, refuse=dict(spec.refuse or {}),
-        description=spec.description, dequantize=_dequantize(spec, roles, where), extra_experts=extra,
-        transformers_versions=tuple(spec.transformers_versions or ()),
-        per_expert_readers=None if readers is None else tuple(readers.readers),
-        per_expert_note=readers.note.strip() if readers is not None else "",
-    )
+                raise ConversionError(
+                    f"{where}: layouts.{layout}.{t.leaf}: parts {list(t.parts)} are held for different numbers of "
+                    f"experts (extra_experts {[extra.get(p) for p in t.parts]}); one fused tensor holds one count "
+                    "of experts"
+                )
+    return extra
+
+
+def _check_readers(readers: PerExpertReadersSpec, where: str) -> None:
+    """Raise unless `per_expert_readers` names distinct consumers, with a note where it names none."""
+    bad = [r for r in readers.readers if not _READER.match(r)]
+    if bad or len(set(readers.readers)) != len(readers.readers):
+        raise ConversionError(f"{where}: per_expert_readers.readers {readers.readers!r}: expected distinct consumer "
+                              "names (e.g. \"transformers\", \"vllm\"), or [] where none reads the layout")
+    if not readers.readers and not readers.note.strip():
+        raise ConversionError(f"{where}: per_expert_readers: readers is [] (no consumer reads the per-expert layout): "
+                              "give a 'note' saying why (it is the reason split_experts refuses with)")
 
 
 def _dequantize(spec: FamilySpec, roles: dict[str, str], where: str) -> tuple[str, dict[str, tuple[str, str]], dict[str, str]] | None:
+    """Family.dequantize of `spec` (target family, mxfp4 target role -> (blocks, scales), cast target -> source)."""
     d = spec.quantization.dequantize if spec.quantization else None
     if d is None:
         return None

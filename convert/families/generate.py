@@ -141,78 +141,108 @@ def _ops(ops: list[Any], shift: int) -> list[dict[str, Any]]:
     return out
 
 
+@dataclass
+class _Parts:
+    """What a table entry's transforms say, gathered one transform at a time (translate)."""
+
+    containers: set[str | None] = field(default_factory=set)
+    roles: dict[str, str] = field(default_factory=dict)  # role -> per-expert leaf
+    fused: dict[str, dict[str, Any]] = field(default_factory=dict)  # fused tensor name -> its family-file spec
+    renames: list[dict[str, Any]] = field(default_factory=list)
+    merges: list[dict[str, Any]] = field(default_factory=list)
+    splits: list[dict[str, Any]] = field(default_factory=list)
+
+
 def translate(transforms: list[Any]) -> Entry:
     """A transformers table entry as a family body; raises Inexpressible with the reason."""
-    from transformers.core_model_loading import (
-        Concatenate, MergeModulelist, PrefixChange, Split, WeightConverter, WeightRenaming,
-    )
+    from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming
 
-    containers: set[str | None] = set()
-    roles: dict[str, str] = {}
-    fused: dict[str, dict[str, Any]] = {}
-    renames: list[dict[str, Any]] = []
-    merges: list[dict[str, Any]] = []
-    splits: list[dict[str, Any]] = []
+    parts = _Parts()
     for t in transforms:
         src, tgt = list(t._original_source_patterns), list(t._original_target_patterns)
         if isinstance(t, WeightConverter):
-            ops = list(t.operations)
-            if ops and type(ops[0]) is MergeModulelist:
-                if ops[0].dim != 0 or len(tgt) != 1:
-                    raise Inexpressible(f"converter {src} -> {tgt}: merge on dim {ops[0].dim} or several targets")
-                container, name = _fused_pattern(tgt[0])
-                containers.add(container)
-                words = name.removesuffix("_proj").split("_")
-                if len(words) != len(src) or not set(words) <= ROLE_WORDS:
-                    raise Inexpressible(f"converter {src} -> {tgt}: cannot tell the roles of {name!r}")
-                for role, pattern in zip(words, src):
-                    c, leaf = _expert_pattern(pattern)
-                    containers.add(c)
-                    if roles.get(role, leaf) != leaf:
-                        raise Inexpressible(f"role {role} has two per-expert names ({roles[role]}, {leaf})")
-                    roles[role] = leaf
-                rest = ops[1:]
-                if len(src) > 1 and not (rest and type(rest[0]) is Concatenate):
-                    raise Inexpressible(f"converter {src} -> {tgt}: several roles but no concatenation")
-                fused[name] = {"parts": words, **({"ops": _ops(rest, 1)} if rest else {})}
-            elif len(ops) == 1 and type(ops[0]) is Concatenate and ops[0].dim == 0 and len(tgt) == 1:
-                count = ops[0].num_shards_attribute
-                if any("*" in p for p in src) and not (count and len(src) == 1 and src[0].count("*") == 1):
-                    raise Inexpressible(f"converter {src} -> {tgt}: not a fixed list of tensors joined into one")
-                merges.append({"sources": src, "target": tgt[0], "ops": [{"op": "concat", "dim": 0}],
-                               **({"count_key": count} if count else {})})
-            elif len(ops) == 1 and type(ops[0]) is Split and ops[0].dim == 0 and len(src) == 1 and len(tgt) > 1:
-                if any("*" in p for p in src + tgt):
-                    raise Inexpressible(f"converter {src} -> {tgt}: a split of name patterns with '*'")
-                shares = [SPLIT_SHARES.get(literal(p).strip(".")) for p in tgt]
-                if None in shares:
-                    raise Inexpressible(f"converter {src} -> {tgt}: Split sizes the parts by the model's parameters; "
-                                        "SPLIT_SHARES gives no config key for "
-                                        f"{[p for p, k in zip(tgt, shares) if k is None]}")
-                splits.append({"source": src[0], "targets": tgt, "ops": [{"op": "split", "dim": 0, "sizes": shares}]})
-            else:
-                raise Inexpressible(f"converter {src} -> {tgt} with ops {ops!r} has no family-file equivalent")
+            _add_converter(parts, list(t.operations), src, tgt)
         elif type(t) is PrefixChange:
-            renames.append({"from": src[0], "to": tgt[0], "one_way": True})
+            parts.renames.append({"from": src[0], "to": tgt[0], "one_way": True})
         elif type(t) is WeightRenaming:
             if len(src) != 1 or len(tgt) != 1:
                 raise Inexpressible(f"renaming {src} -> {tgt} has several patterns")
-            renames.append({"from": src[0], "to": tgt[0]})
+            parts.renames.append({"from": src[0], "to": tgt[0]})
         else:
             raise Inexpressible(f"{type(t).__name__} {src} -> {tgt} has no family-file equivalent")
-    if not fused:
+    if not parts.fused:
         raise Inexpressible("no expert tensors are merged")
-    named = {c for c in containers if c is not None}
+    named = {c for c in parts.containers if c is not None}
     if len(named) > 1:
         raise Inexpressible(f"experts under several containers {sorted(named)}")
     container = named.pop() if named else DEFAULT_CONTAINER
-    order = [r for r in ("gate", "up", "down") if r in roles]
-    layouts: dict[str, Any] = {"transformers": fused}
+    order = [r for r in ("gate", "up", "down") if r in parts.roles]
+    layouts: dict[str, Any] = {"transformers": parts.fused}
     stacked = {f"{r}_proj": {"parts": [r]} for r in order}
-    if set(stacked) != set(fused):
+    if set(stacked) != set(parts.fused):
         layouts["stacked"] = stacked
-    experts = {"container": container, "roles": {r: roles[r] for r in order}}
-    return Entry(experts, layouts, renames, merges, splits)
+    experts = {"container": container, "roles": {r: parts.roles[r] for r in order}}
+    return Entry(experts, layouts, parts.renames, parts.merges, parts.splits)
+
+
+def _add_converter(parts: _Parts, ops: list[Any], src: list[str], tgt: list[str]) -> None:
+    """Add a `WeightConverter` (its `ops`, source and target patterns) to `parts`: a fused expert tensor, a merge
+    or a split; raises Inexpressible for any other."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist, Split
+
+    if ops and type(ops[0]) is MergeModulelist:
+        _add_fused(parts, ops, src, tgt)
+    elif len(ops) == 1 and type(ops[0]) is Concatenate and ops[0].dim == 0 and len(tgt) == 1:
+        parts.merges.append(_merge(ops[0], src, tgt))
+    elif len(ops) == 1 and type(ops[0]) is Split and ops[0].dim == 0 and len(src) == 1 and len(tgt) > 1:
+        parts.splits.append(_split(src, tgt))
+    else:
+        raise Inexpressible(f"converter {src} -> {tgt} with ops {ops!r} has no family-file equivalent")
+
+
+def _add_fused(parts: _Parts, ops: list[Any], src: list[str], tgt: list[str]) -> None:
+    """Add the fused expert tensor of a `MergeModulelist` converter to `parts`: its roles (named after the tensor),
+    their per-expert leaves and containers, and the ops after the merge on one expert's slice."""
+    from transformers.core_model_loading import Concatenate
+
+    if ops[0].dim != 0 or len(tgt) != 1:
+        raise Inexpressible(f"converter {src} -> {tgt}: merge on dim {ops[0].dim} or several targets")
+    container, name = _fused_pattern(tgt[0])
+    parts.containers.add(container)
+    words = name.removesuffix("_proj").split("_")
+    if len(words) != len(src) or not set(words) <= ROLE_WORDS:
+        raise Inexpressible(f"converter {src} -> {tgt}: cannot tell the roles of {name!r}")
+    for role, pattern in zip(words, src):
+        c, leaf = _expert_pattern(pattern)
+        parts.containers.add(c)
+        if parts.roles.get(role, leaf) != leaf:
+            raise Inexpressible(f"role {role} has two per-expert names ({parts.roles[role]}, {leaf})")
+        parts.roles[role] = leaf
+    rest = ops[1:]
+    if len(src) > 1 and not (rest and type(rest[0]) is Concatenate):
+        raise Inexpressible(f"converter {src} -> {tgt}: several roles but no concatenation")
+    parts.fused[name] = {"parts": words, **({"ops": _ops(rest, 1)} if rest else {})}
+
+
+def _merge(op: Any, src: list[str], tgt: list[str]) -> dict[str, Any]:
+    """The family file's `merges` entry of a converter joining the tensors `src` into `tgt[0]` by `Concatenate` `op`."""
+    count = op.num_shards_attribute
+    if any("*" in p for p in src) and not (count and len(src) == 1 and src[0].count("*") == 1):
+        raise Inexpressible(f"converter {src} -> {tgt}: not a fixed list of tensors joined into one")
+    return {"sources": src, "target": tgt[0], "ops": [{"op": "concat", "dim": 0}],
+            **({"count_key": count} if count else {})}
+
+
+def _split(src: list[str], tgt: list[str]) -> dict[str, Any]:
+    """The family file's `splits` entry of a converter splitting `src[0]` into `tgt`, sized by SPLIT_SHARES."""
+    if any("*" in p for p in src + tgt):
+        raise Inexpressible(f"converter {src} -> {tgt}: a split of name patterns with '*'")
+    shares = [SPLIT_SHARES.get(literal(p).strip(".")) for p in tgt]
+    if None in shares:
+        raise Inexpressible(f"converter {src} -> {tgt}: Split sizes the parts by the model's parameters; "
+                            "SPLIT_SHARES gives no config key for "
+                            f"{[p for p, k in zip(tgt, shares) if k is None]}")
+    return {"source": src[0], "targets": tgt, "ops": [{"op": "split", "dim": 0, "sizes": shares}]}
 
 
 @functools.cache
@@ -239,12 +269,12 @@ def _check_splits(model_type: str, splits: list[dict[str, Any]]) -> None:
     text = config.get_text_config()
     for sp in splits:
         keys = sp["ops"][0]["sizes"]
-        values = [getattr(text, k, None) for k in keys]
-        if not all(type(v) is int and v > 0 and k in text.to_dict() for k, v in zip(keys, values)):
+        values = [v for v in (getattr(text, k, None) for k in keys) if type(v) is int and v > 0]
+        if len(values) != len(keys) or not all(k in text.to_dict() for k in keys):
             raise Inexpressible(f"split of {sp['source']!r}: config keys {keys} are not all whole numbers of its config")
         first = pattern_regex(sp["targets"][0])
         found = 0
-        for name, shape in shapes.items():
+        for name in shapes:
             m = first.search(name)
             if not m:
                 continue
@@ -320,7 +350,9 @@ def generate(committed: Path | None = BUILTIN_DIR) -> tuple[dict[str, dict[str, 
     """
     import transformers
     from transformers.conversion_mapping import (
-        _MODEL_TO_CONVERSION_PATTERN, _build_checkpoint_conversion_mapping, get_checkpoint_conversion_mapping,
+        _MODEL_TO_CONVERSION_PATTERN,
+        _build_checkpoint_conversion_mapping,
+        get_checkpoint_conversion_mapping,
     )
     from transformers.core_model_loading import MergeModulelist, WeightConverter
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES

@@ -248,11 +248,12 @@ class Split(Op):
         keys = [s for s in self.sizes if not isinstance(s, int)]
         if keys:
             raise ConversionError(f"split: sizes {keys} are config keys not yet bound to numbers")
-        unit, rest = divmod(total, sum(self.sizes))  # type: ignore[arg-type]
+        shares = [s for s in self.sizes if isinstance(s, int)]  # all of them, now
+        unit, rest = divmod(total, sum(shares))
         if rest or unit < 1:
-            raise ConversionError(f"split: size {total} along dim {self.dim} is not a multiple of {sum(self.sizes)} "  # type: ignore[arg-type]
+            raise ConversionError(f"split: size {total} along dim {self.dim} is not a multiple of {sum(shares)} "
                                   f"(the sum of the parts' shares {list(self.sizes)})")
-        return [unit * int(s) for s in self.sizes]
+        return [unit * int(s) for s in shares]
 
     def arity(self, n_in: int) -> int:
         if n_in != 1:
@@ -316,8 +317,8 @@ def op_from_json(obj: dict[str, Any], where: str) -> Op:
         parts = obj.get("parts", 2)
         if type(parts) is not int or parts < 1:
             raise ConversionError(f"{where}: op {kind!r} 'parts' must be a positive int, got {parts!r}")
-        return OPS[kind](dim, parts)  # type: ignore[call-arg]
-    return OPS[kind](dim)  # type: ignore[call-arg]
+        return OPS[kind](dim, parts)  # type: ignore[call-arg]  # Chunk/Deinterleave(dim, parts); Op takes none
+    return OPS[kind](dim)  # type: ignore[call-arg]  # Concat/Interleave(dim)
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,18 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, Union
+from typing import Any, ClassVar, Protocol, TypeVar, Union
 
 from convert.errors import ConversionError
 
-T = TypeVar("T")
+
+class _Dataclass(Protocol):
+    """A dataclass (what dataclasses.fields takes)."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+
+T = TypeVar("T", bound=_Dataclass)
 
 
 @dataclass(frozen=True)
@@ -180,8 +187,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             except ConversionError:
                 continue
         return _convert(value, args[-1], where)
-    if dataclasses.is_dataclass(tp):
-        return parse(tp, value, where)  # type: ignore[arg-type]
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a field's type: a class, never an instance
+        return parse(tp, value, where)
     if origin is list:
         if not isinstance(value, list):
             raise ConversionError(f"{where}: expected a {_type_name(tp)}, got {type(value).__name__}")
@@ -203,7 +210,7 @@ def parse(cls: type[T], obj: Any, where: str) -> T:
     if not isinstance(obj, dict):
         raise ConversionError(f"{where}: expected an object, got {type(obj).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {_json_key(f): f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {_json_key(f): f for f in dataclasses.fields(cls)}
     for key in obj:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)

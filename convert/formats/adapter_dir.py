@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convert.formats.checkpoint import OTHER_WEIGHTS, open_checkpoint
-from convert.formats.adapter_layouts import guess_family
 from convert.errors import ConversionError
 from convert.families import Family, detect_family, load_families, representative, template_regex
+from convert.formats.adapter_layouts import guess_family
+from convert.formats.checkpoint import OTHER_WEIGHTS, open_checkpoint
 from convert.formats.safetensors import FileHeader, TensorInfo, read_header
 from convert.io.storage import Storage
+from convert.settings import StorageSettings
 
 ADAPTER_CONFIG = "adapter_config.json"
 CONVERTED, PASSED_THROUGH, REFUSED = "converted", "passed_through", "refused"
@@ -101,8 +102,8 @@ def format_layers(layers: list[int] | set[int]) -> str:
 
 def checkpoint_dirs(subdirs: list[str]) -> list[str]:
     """The `checkpoint-N` subfolders, by step."""
-    found = [d for d in subdirs if CHECKPOINT_DIR.match(d)]
-    return sorted(found, key=lambda d: int(CHECKPOINT_DIR.match(d)[1]))  # type: ignore[index]
+    found = [m for m in map(CHECKPOINT_DIR.match, subdirs) if m]
+    return [m.string for m in sorted(found, key=lambda m: int(m[1]))]
 
 
 def is_lora(name: str) -> bool:
@@ -318,17 +319,20 @@ def sort_others(tensors: dict[str, TensorInfo], others: list[str]) -> OtherTenso
 
 
 def find_base_config(
-    adir: AdapterDir, base_config_path: str | None, storage_options: dict[str, Any] | None
+    adir: AdapterDir, base_config_path: str | None, storage_options: dict[str, Any] | None,
+    settings: StorageSettings | None = None,
 ) -> tuple[dict[str, Any] | None, str]:
     """The base model's config.json for an adapter, and where it came from.
 
     In order: `--base-config`, a config.json next to the adapter, the adapter config's
     `base_model_name_or_path` when it is a local directory or in the local Hugging Face cache
-    (never downloaded). Returns (None, "") when none is found.
+    (never downloaded). Returns (None, "") when none is found. `settings`: the store settings the
+    config's store is opened with (None: those of the adapter's store, `adir.storage.settings`).
     """
+    settings = adir.storage.settings if settings is None else settings
     if base_config_path:
         parent, name = posixpath.split(base_config_path.rstrip("/"))
-        store = Storage(parent or ".", storage_options)
+        store = Storage(parent or ".", storage_options, settings)
         return store.read_json(name), f"--base-config {base_config_path}"
     if "config.json" in adir.files:
         try:
@@ -341,7 +345,7 @@ def find_base_config(
     if isinstance(base, str) and base:
         for candidate in _local_configs(base):
             try:
-                return Storage(str(candidate.parent)).read_json(candidate.name), str(candidate)
+                return Storage(str(candidate.parent), None, settings).read_json(candidate.name), str(candidate)
             except (OSError, ConversionError):
                 continue  # unreadable, too large, not UTF-8 or not JSON: try the next one
     return None, ""

@@ -11,11 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from convert.formats.adapter_dir import ADAPTER_CONFIG, REFUSED, Verdict, check_not_lora, find_base_config, open_adapter_dir
-from convert.formats.checkpoint import OTHER_WEIGHTS, TensorRef, open_checkpoint
 from convert.errors import ConversionError
+from convert.formats.adapter_dir import (
+    ADAPTER_CONFIG,
+    REFUSED,
+    Verdict,
+    check_not_lora,
+    find_base_config,
+    open_adapter_dir,
+)
+from convert.formats.checkpoint import OTHER_WEIGHTS, TensorRef, open_checkpoint
 from convert.formats.safetensors import TensorInfo
-from convert.io.storage import Storage
+from convert.io.storage import Storage, StorageSettings
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_INDEX = "adapter_model.safetensors.index.json"
@@ -45,12 +52,14 @@ class AdapterSource:
         return self.storage.display(rel)
 
 
-def open_adapter(url: str, base_config: str | None, storage_options: dict[str, Any] | None) -> AdapterSource:
+def open_adapter(url: str, base_config: str | None, storage_options: dict[str, Any] | None,
+                 settings: StorageSettings | None = None) -> AdapterSource:
     """Read the adapter at `url` (metadata only); raises ConversionError naming the file on refusal.
 
-    `base_config`: path or URL of the base model's config.json (--base-config), optional.
+    `base_config`: path or URL of the base model's config.json (--base-config), optional. `settings`: the
+    job's store settings (the defaults where None).
     """
-    storage = Storage(url, storage_options)
+    storage = Storage(url, storage_options, settings)
     if not storage.isdir():
         raise ConversionError(f"{storage.display()}: source is not a directory")
     verdict = Verdict()

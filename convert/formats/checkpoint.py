@@ -22,7 +22,7 @@ from convert.errors import ConversionError, StorageError
 from convert.formats.chunks import Chunk, ChunkedTensor, ChunkedView, virtual_file
 from convert.formats.dcp import METADATA, SUFFIX, load_chunk, read_dcp
 from convert.formats.safetensors import DTYPE_SIZES, FileHeader, TensorInfo, read_header
-from convert.io.storage import S3_POOL, Storage
+from convert.io.storage import Storage
 
 INDEX_NAME = "model.safetensors.index.json"
 SHARDING_KEY = "DCP_SHARDING_INFO"  # torch's _hf_utils: {tensor: {"saved_offsets": [...]}} of a per-rank shard
@@ -129,7 +129,7 @@ def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob:
     listed = [f for f in files if f.endswith(weight_glob)]
     early: dict[str, Future[FileHeader]] = {}
     if storage.remote and listed:
-        pool = ThreadPoolExecutor(max_workers=min(S3_POOL, len(listed)))
+        pool = ThreadPoolExecutor(max_workers=min(storage.settings.s3_pool, len(listed)))
         early = {n: pool.submit(read_header, storage, n) for n in listed}
         pool.shutdown(wait=False)
     weight_map: dict[str, str] | None = None
@@ -222,9 +222,10 @@ def _assemble(storage: Storage, files: list[str], subdirs: list[str], headers: d
     other = [f for f in rest if not OTHER_WEIGHTS.search(f)]
     skipped_files = [f"{f}: weights in another format, not converted" for f in rest if OTHER_WEIGHTS.search(f)]
     skipped_files += [f"{d}/: subdirectory, not copied" for d in subdirs if not d.startswith(".")]
-    view = ChunkedView(storage, virtual, load_chunk) if virtual else storage
+    # A ChunkedView stands in for the Storage: it reads the virtual files and forwards every other attribute.
+    view: Any = ChunkedView(storage, virtual, load_chunk) if virtual else storage
     return Checkpoint(
-        storage=view, headers=headers, tensors=tensors, config=config, other_files=other,  # type: ignore[arg-type]
+        storage=view, headers=headers, tensors=tensors, config=config, other_files=other,
         skipped=skipped_files, metadata={}, index_file=index_file, container=container,
         chunked=virtual, meta_files=list(meta_files), notes=list(notes), config_place=place,
     )
@@ -254,13 +255,13 @@ def _sharded_tensors(storage: Storage, headers: dict[str, FileHeader]) -> dict[s
                                       f"{dtypes[tname][1]}")
             dtypes.setdefault(tname, (t.dtype, name))
             chunks.setdefault(tname, []).append(Chunk(name, t.start, tuple(offsets), tuple(t.shape)))
-    out = {}
+    out: dict[str, ChunkedTensor] = {}
     for tname, cs in chunks.items():
         dtype = dtypes[tname][0]
         shape = tuple(max(c.offsets[d] + c.sizes[d] for c in cs) for d in range(len(cs[0].sizes)))
-        t = ChunkedTensor(tname, dtype, shape, DTYPE_SIZES[dtype], tuple(cs))
-        t.check_tiling(lambda c: storage.display(c.file))
-        out[tname] = t
+        tensor = ChunkedTensor(tname, dtype, shape, DTYPE_SIZES[dtype], tuple(cs))
+        tensor.check_tiling(lambda c: storage.display(c.file))
+        out[tname] = tensor
     return out
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from convert.errors import ConversionError
 

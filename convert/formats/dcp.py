@@ -76,7 +76,7 @@ _DCP_CLASSES = {
 }
 
 
-def _reconstructor(cls: type, base: type, state: Any) -> Any:
+def _reconstructor(cls: type[object], base: type, state: Any) -> Any:
     return cls.__new__(cls)
 
 
@@ -287,7 +287,7 @@ def edge_blocks(storage: Any, records: list[tuple[str, int, int]], pool: ThreadP
         by_file.setdefault(file, []).append((start, end))
     for file, recs in by_file.items():
         recs = sorted(set(recs))
-        for k, (start, end) in enumerate(recs):
+        for start, end in recs:
             head = (start, min(end, start + size))
             if spans and spans[-1][0] == file and spans[-1][2] >= head[0]:
                 spans[-1] = (file, spans[-1][1], max(spans[-1][2], head[1]))

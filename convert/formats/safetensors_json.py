@@ -29,7 +29,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 Entry = tuple[str, tuple[int, ...], int, int]  # dtype, shape, begin, end (relative to the data)
 
 
-class _Pairs(list):  # type: ignore[type-arg]
+class _Pairs(list):
     """A JSON object as its (key, value) pairs in file order, duplicates kept."""
 
 

@@ -7,18 +7,22 @@ shard, tensors are ordered by element size (largest first) to keep data aligned.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from convert.formats.safetensors import DTYPE_SIZES, TensorSlot, build_header
 from sharding.file_layout import natural_key
 
 
 class TensorSpec(Protocol):
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
+    # read-only: a frozen dataclass (convert.plan.base.TargetTensor) matches
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
     @property
     def nbytes(self) -> int: ...
 

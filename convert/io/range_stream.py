@@ -8,7 +8,9 @@ GET whose body is consumed as it arrives, resumed where it broke), with the same
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+_R = TypeVar("_R", bound="RangeReader")
 
 
 class RangeSource(Protocol):
@@ -27,7 +29,8 @@ class RangeReader:
         """Nothing is read before the first readinto."""
         self.storage, self.rel, self.pos, self.end = storage, rel, start, end
 
-    def __enter__(self) -> RangeReader:
+    def __enter__(self: _R) -> _R:
+        """The reader itself; leaving the block closes it."""
         return self
 
     def __exit__(self, *exc: object) -> None:

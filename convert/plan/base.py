@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from convert.formats.checkpoint import Checkpoint, TensorRef
 from convert.errors import ConversionError
-from convert.plan.expert_groups import ExpertGroup, find_expert_groups, fused_slice_shape
 from convert.families import PER_EXPERT, Family
+from convert.formats.checkpoint import Checkpoint, TensorRef
 from convert.formats.safetensors import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, numel
+from convert.plan.expert_groups import ExpertGroup, find_expert_groups, fused_slice_shape
 from convert.plan.transforms import Unit, regroup
 
 DEFAULT_CHUNK_BYTES = 16 << 20
@@ -275,15 +275,15 @@ def _merge_pieces(
                 used.add(cut.whole)
                 continue
             refs = [ckpt.tensors[p] for p in cut.parts]
-            rows = [r.info.shape[0] if r.info.shape else 0 for r in refs]
+            lengths = [r.info.shape[0] if r.info.shape else 0 for r in refs]
             problem = None
-            if len({r.info.shape[1:] for r in refs}) != 1 or len({r.info.dtype for r in refs}) != 1 or 0 in rows:
+            if len({r.info.shape[1:] for r in refs}) != 1 or len({r.info.dtype for r in refs}) != 1 or 0 in lengths:
                 problem = "they must have one dtype and the same shape but for dim 0"
             else:
                 try:
-                    if merge.part_sizes(sum(rows), len(refs), ckpt.config, where) != rows:
-                        problem = (f"their sizes along dim 0 {rows} are not the parts' shares of {sum(rows)} "
-                                   f"({merge.part_sizes(sum(rows), len(refs), ckpt.config, where)})")
+                    if merge.part_sizes(sum(lengths), len(refs), ckpt.config, where) != lengths:
+                        problem = (f"their sizes along dim 0 {lengths} are not the parts' shares of {sum(lengths)} "
+                                   f"({merge.part_sizes(sum(lengths), len(refs), ckpt.config, where)})")
                 except ConversionError as exc:
                     problem = str(exc)
             if problem:
@@ -299,7 +299,7 @@ def _merge_pieces(
                                                 for w in p.writes)) for p in ps]
                 offset += numel(ref.info.shape) * DTYPE_SIZES[out_dtype]
                 used.add(ref.info.name)
-            targets.append(TargetTensor(cut.whole, out_dtype, (sum(rows), *refs[0].info.shape[1:])))
+            targets.append(TargetTensor(cut.whole, out_dtype, (sum(lengths), *refs[0].info.shape[1:])))
     return targets, pieces, used
 
 
@@ -381,9 +381,9 @@ def plan_conversion(
                 targets.append(t)
                 pieces += p
             continue
-        t, p = _group_plan(ckpt, family, group, target_layout, dtype)
-        targets += t
-        pieces += p
+        group_targets, group_pieces = _group_plan(ckpt, family, group, target_layout, dtype)
+        targets += group_targets
+        pieces += group_pieces
     seen: set[str] = set()
     for t in targets:
         if t.name in seen:
@@ -534,7 +534,7 @@ def _mxfp4_plan(ckpt: Checkpoint, family: Family, target_layout: str, dtype: str
             dst = [(Unit(t, None, dtype), t.template) for t in target.fused[target_layout]]
         src = _units(family, group, group.layout, None, "src")
         sizes = [sum(numel(shape[r]) for r in u.roles) * DTYPE_SIZES[dtype] for u, _ in dst]
-        for (unit, tpl), size in zip(dst, sizes):
+        for (unit, tpl), _size in zip(dst, sizes):
             if unit.fused is None:
                 targets += [TargetTensor(target.to_disk(tpl.format(prefix=group.prefix, e=e)), dtype, shape[str(unit.role)])
                             for e in range(group.num_experts)]

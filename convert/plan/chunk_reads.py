@@ -9,8 +9,8 @@ stored files. A regroup piece takes one read per unit: its read is replaced wher
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 from convert.formats.chunks import ChunkedTensor, is_virtual
 from convert.plan.base import Piece, Read

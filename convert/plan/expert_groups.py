@@ -13,9 +13,9 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from convert.formats.checkpoint import Checkpoint, TensorRef
 from convert.errors import ConversionError
 from convert.families import PER_EXPERT, Family, FusedTensor
+from convert.formats.checkpoint import Checkpoint, TensorRef
 
 _INDEXED = re.compile(r"^(?P<e>\d+)\.(?P<leaf>.+)$")
 
@@ -156,10 +156,10 @@ def _per_expert_group(
 ) -> ExpertGroup:
     group = ExpertGroup(prefix, PER_EXPERT, num_experts, dict(counts))
     held = {role: 1 + max(e for r, e in found if r == role) for role in {r for r, _ in found}}
-    for (role, e), ref in sorted(found.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (role, e), stored in sorted(found.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if e >= counts[role]:
             raise ConversionError(
-                f"{ckpt.storage.display(ref.file)}: tensor {ref.info.name!r} is expert {e}, "
+                f"{ckpt.storage.display(stored.file)}: tensor {stored.info.name!r} is expert {e}, "
                 f"but config.json says there are {_count_text(family, role, counts[role])}"
                 + _other_table(ckpt, family, held)
             )

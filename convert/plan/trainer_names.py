@@ -174,10 +174,10 @@ def rename_plan(plan: Plan, naming: Naming, config: dict[str, Any], where: str) 
         seen.add(t.name)
     out = remap_plan(plan, places, new, set(dropped))
     notes = [f"tensor names written as {naming.name} ({naming.source}, model type {naming.model_type})"]
-    why: dict[str, list[str]] = {}
+    left_out: dict[str, list[str]] = {}  # reason -> the tensors it drops
     for name, reason in dropped.items():
-        why.setdefault(reason, []).append(name)
-    notes += [f"{len(names)} tensor(s) left out (e.g. {names[0]!r}): {reason}" for reason, names in why.items()]
+        left_out.setdefault(reason, []).append(name)
+    notes += [f"{len(names)} tensor(s) left out (e.g. {names[0]!r}): {reason}" for reason, names in left_out.items()]
     return dataclasses.replace(out, notes=[*out.notes, *notes])
 
 

@@ -3,7 +3,7 @@
 For each MoE layer, each side's expert LoRA is recognised with convert.formats.adapter_layouts
 (`detect_expert_lora`: per-expert, peft target_parameters, shared 3-D, grouped), but the
 meaning of the factors is re-derived here from FORMATS.md, independently of the converter's
-transforms: expert e's A_e [r, in] and B_e [out, r] are cut out of whichever tensors hold
+transforms (keys are paired through convert.plan.adapter_names, the naming the converter writes with too): expert e's A_e [r, in] and B_e [out, r] are cut out of whichever tensors hold
 them, and delta_e = B_e @ A_e * scaling, with the scaling each side's own adapter_config.json
 gives the module (r and lora_alpha through rank_pattern/alpha_pattern, use_rslora). Deltas
 are compared in float64: to ~1e-12 where the factors' dtypes agree (bytes moved), to the
@@ -31,18 +31,18 @@ from typing import Any
 
 import torch
 
-from convert.formats.adapter_layouts import PEFT_PREFIX, ExpertLoraGroup, detect_expert_lora, fused_order
 from convert.errors import ConversionError
 from convert.families import Family, find_family, load_families
+from convert.formats.adapter_layouts import PEFT_PREFIX, ExpertLoraGroup, detect_expert_lora, fused_order
 from convert.formats.safetensors import TensorInfo
 from convert.io.storage import Storage
-from convert.verify.checks import ExpertCheck, PassCheck, read_stored
-from convert.verify.tables import Stored, Table, read_table, to_tensor, torch_dtype
-
 from convert.plan.adapter_names import MODEL, KeyNames, source_naming
+from convert.settings import StorageSettings
 from convert.targets.rules import TargetRules, load_target
-from convert.verify.target import recorded_target
+from convert.verify.checks import Data, ExpertCheck, PassCheck, read_stored
 from convert.verify.relation import CannotVerify, Relation, VerifyOptions, compare_files, copied_files
+from convert.verify.tables import Stored, Table, read_table, to_tensor, torch_dtype
+from convert.verify.target import recorded_target
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -192,8 +192,9 @@ class LoraSide:
 
     roles: tuple[RoleLora, ...]
 
-    def load(self, storage: Storage, e: int) -> dict[str, tuple[torch.Tensor, str]]:
-        out: dict[str, tuple[torch.Tensor, str]] = {}
+    def load(self, storage: Storage, e: int) -> dict[str, tuple[Data, str]]:
+        """Expert e's delta of each role (float64; None for a role absent on this side) and its module."""
+        out: dict[str, tuple[Data, str]] = {}
         for rl in self.roles:
             if rl.zero == "absent":
                 out[rl.role] = (None, rl.modules[e])  # type: ignore[assignment]
@@ -285,7 +286,7 @@ def lora_side(
             raise ConversionError(f"{where}: layer {group.prefix}: cannot tell how {fb1.name!r} orders {'/'.join(fb1.roles)} "
                                   "without the model family; pass --base-config")
         a, b = table.tensors[fa1.name], table.tensors[fb1.name]
-        split = dict(part=part, parts=k, order=order or "concat")
+        split: dict[str, Any] = dict(part=part, parts=k, order=order or "concat")
         if group.pattern == "peft_target_parameters":
             param = next(p for roles_, p in group.target_param if role in roles_)
             module = _module(f"{group.prefix}.experts.{param}")
@@ -394,12 +395,14 @@ def _read_config(storage: Storage, where: str) -> dict[str, Any]:
     return cfg
 
 
-def load_base_config(path: str | None, storage_options: dict[str, Any]) -> dict[str, Any] | None:
-    """The --base-config file (a config.json path or URL), or None."""
+def load_base_config(path: str | None, storage_options: dict[str, Any],
+                     settings: StorageSettings | None = None) -> dict[str, Any] | None:
+    """The --base-config file (a config.json path or URL), or None; its store opened with `settings` (None: the
+    defaults)."""
     if not path:
         return None
     parent, name = posixpath.split(path.rstrip("/"))
-    store = Storage(parent or ".", storage_options)
+    store = Storage(parent or ".", storage_options, settings)
     try:
         cfg = store.read_json(name)
     except OSError as exc:
@@ -409,25 +412,25 @@ def load_base_config(path: str | None, storage_options: dict[str, Any]) -> dict[
     return cfg if isinstance(cfg, dict) else None
 
 
+@dataclass(frozen=True)
+class _Adapter:
+    """One side of an adapter relation: its directory, tensors, adapter_config.json, expert LoRA groups, other
+    tensors and the key naming its names are read in."""
+
+    storage: Storage
+    table: Table
+    cfg: dict[str, Any]
+    groups: list[ExpertLoraGroup]
+    other: list[str]
+    names: KeyNames
+
+
 def adapter_relation(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
     """The checks proving `dst` is a conversion of the adapter `src` (see the module docstring)."""
 
-    base = load_base_config(opts.base_config, opts.storage_options)
-    src_table, bad = read_table(src, ADAPTER_INDEX, require_index=False, single_name=ADAPTER_WEIGHTS, strict=False)
-    if bad:
-        raise CannotVerify(f"the source adapter is not valid: {bad[0]}")
-    if not src_table.tensors:
-        raise CannotVerify(f"{src.display()}: the source adapter holds no tensors")
-    src_cfg = _read_config(src, src.display())
-    dst_files, _ = dst.list_dir()
-    problems: list[str] = []
-    if ADAPTER_CONFIG not in dst_files:
-        raise CannotVerify(f"{dst.display(ADAPTER_CONFIG)}: missing (an adapter output without it is incomplete)")
-    dst_cfg = _read_config(dst, dst.display())
-    require_index = ADAPTER_INDEX in dst_files or ADAPTER_WEIGHTS not in dst_files
-    dst_table, found = read_table(dst, ADAPTER_INDEX, require_index=require_index, single_name=ADAPTER_WEIGHTS,
-                                  strict=True)
-    problems += found
+    base = load_base_config(opts.base_config, opts.storage_options, opts.settings.storage)
+    src_table, src_cfg = _read_source(src)
+    dst_table, dst_cfg, problems = _read_destination(dst)
     try:
         src_groups, src_other = detect_expert_lora(_infos(src_table), src_cfg, base, src.display(), packings=True)
     except ConversionError as exc:
@@ -439,98 +442,191 @@ def adapter_relation(src: Storage, dst: Storage, opts: VerifyOptions) -> Relatio
                         len(src_table.tensors), len(dst_table.tensors), len(dst_table.shards))
 
     family = _relation_family(src_groups + dst_groups, base)
-    target = opts.target or recorded_target(dst)
-    model_type = base.get("model_type") if isinstance(base, dict) else None
-    rules = load_target(target).for_family(family.name if family else None, model_type) if target else None
+    rules = _target_rules(opts, dst, family, base)
     src_names = KeyNames(family, source_naming(family, src_groups, list(src_table.tensors)), MODEL)
     dst_naming = rules.naming if rules is not None else source_naming(family, dst_groups, list(dst_table.tensors))
-    dst_names = KeyNames(family, dst_naming, MODEL)
+    a_side = _Adapter(src, src_table, src_cfg, src_groups, src_other, src_names)
+    b_side = _Adapter(dst, dst_table, dst_cfg, dst_groups, dst_other, KeyNames(family, dst_naming, MODEL))
 
+    experts, found = _expert_checks(a_side, b_side, base, rules)
+    problems += found
+    # a tensor of the source must be under the name the destination's naming gives it (the family's renames)
+    passes, lora_modules, extra, found = _other_tensors(a_side, b_side, KeyNames(family, MODEL, dst_naming),
+                                                        dst_naming)
+    problems += found
+    module_experts, module_passes, found = _module_checks(lora_modules, a_side, b_side, rules)
+    experts += module_experts
+    passes += module_passes
+    problems += found
+    experts += _zero_pairs(extra, b_side)
+    problems += [f"{dst.display()}: tensor {name!r} is not in the source" for name in sorted(set(extra.values()))]
+    problems += _config_problems(src_cfg, dst_cfg, dst)
+    files = [f for f in copied_files(src_table, ADAPTER_INDEX) if f != ADAPTER_CONFIG]
+    problems += compare_files(src, dst, files)
+    return Relation("adapter", _headline(a_side, b_side, len(experts)), experts, passes, problems,
+                    len(src_table.tensors), len(dst_table.tensors), len(dst_table.shards))
+
+
+def _read_source(src: Storage) -> tuple[Table, dict[str, Any]]:
+    """(the source adapter's tensors, its adapter_config.json); raises CannotVerify where it is no valid adapter."""
+    src_table, bad = read_table(src, ADAPTER_INDEX, require_index=False, single_name=ADAPTER_WEIGHTS, strict=False)
+    if bad:
+        raise CannotVerify(f"the source adapter is not valid: {bad[0]}")
+    if not src_table.tensors:
+        raise CannotVerify(f"{src.display()}: the source adapter holds no tensors")
+    return src_table, _read_config(src, src.display())
+
+
+def _read_destination(dst: Storage) -> tuple[Table, dict[str, Any], list[str]]:
+    """(the destination's tensors, its adapter_config.json, what is wrong with its files); raises CannotVerify
+    without an adapter_config.json."""
+    dst_files, _ = dst.list_dir()
+    if ADAPTER_CONFIG not in dst_files:
+        raise CannotVerify(f"{dst.display(ADAPTER_CONFIG)}: missing (an adapter output without it is incomplete)")
+    dst_cfg = _read_config(dst, dst.display())
+    require_index = ADAPTER_INDEX in dst_files or ADAPTER_WEIGHTS not in dst_files
+    dst_table, found = read_table(dst, ADAPTER_INDEX, require_index=require_index, single_name=ADAPTER_WEIGHTS,
+                                  strict=True)
+    return dst_table, dst_cfg, found
+
+
+def _target_rules(opts: VerifyOptions, dst: Storage, family: Family | None,
+                  base: dict[str, Any] | None) -> TargetRules | None:
+    """The rules of the target `dst` was written for (--target, else its output record) for `family`; None: none."""
+    target = opts.target or recorded_target(dst)
+    model_type = base.get("model_type") if isinstance(base, dict) else None
+    return load_target(target).for_family(family.name if family else None, model_type) if target else None
+
+
+def _expert_checks(src: _Adapter, dst: _Adapter, base: dict[str, Any] | None,
+                   rules: TargetRules | None) -> tuple[list[ExpertCheck], list[str]]:
+    """(a delta check of every expert layer the destination holds, what is wrong: a layer missing or unlike the
+    source's, ranks disagreeing with the destination's config)."""
     experts: list[ExpertCheck] = []
-    src_by = {layer_key(src_names.canonical_module(g.prefix), _family(g, base)): g for g in src_groups}
-    dst_by = {layer_key(dst_names.canonical_module(g.prefix), _family(g, base)): g for g in dst_groups}
+    problems: list[str] = []
+    src_by = {layer_key(src.names.canonical_module(g.prefix), _family(g, base)): g for g in src.groups}
+    dst_by = {layer_key(dst.names.canonical_module(g.prefix), _family(g, base)): g for g in dst.groups}
     for layer in sorted(set(src_by) | set(dst_by)):
         a, b = src_by.get(layer), dst_by.get(layer)
         if b is None:
-            problems.append(f"{dst.display()}: the expert LoRA of {layer} (e.g. {a.tensors[0]!r}) is missing")  # type: ignore[union-attr]
+            assert a is not None  # the layer is the source's
+            problems.append(f"{dst.storage.display()}: the expert LoRA of {layer} (e.g. {a.tensors[0]!r}) is missing")
             continue
         if a is not None and (a.num_experts != b.num_experts or not set(a.roles) <= set(b.roles) or a.slots != b.slots):
-            problems.append(f"{dst.display()}: layer {layer} has LoRA for {b.num_experts} experts, roles "
+            problems.append(f"{dst.storage.display()}: layer {layer} has LoRA for {b.num_experts} experts, roles "
                             f"{list(b.roles)}; the source has {a.num_experts}, {list(a.roles)}")
             continue
-        try:
-            side_b, pb = lora_side(b, dst_table, dst_cfg, _family(b, base), dst.display(), rules)
-            if a is not None:
-                side_a, pa = lora_side(a, src_table, src_cfg, _family(a, base), src.display())
-            else:
-                side_a, pa = LoraSide(()), []
-        except ConversionError as exc:
-            raise CannotVerify(str(exc)) from exc
-        if pa:
-            raise CannotVerify(f"the source adapter disagrees with its own config: {pa[0]}")
-        problems += pb
-        side_a, side_b = _pair_roles(side_a, side_b)
-        src_t = [src_table.tensors[n] for n in a.tensors] if a is not None else []
-        same = {t.dtype for t in src_t} <= {dst_table.tensors[n].dtype for n in b.tensors}
-        eps = SAME_BYTES_RTOL if same else 4 * max(_factor_eps(src_table, a) if a else 0.0, _factor_eps(dst_table, b))
+        side_a, side_b, found = _layer_sides(a, b, src, dst, base, rules)
+        problems += found
+        eps = _delta_rtol(src.table, a, dst.table, b)
         rank = max(a.rank if a else 0, b.rank)
         experts.append(ExpertCheck(layer, b.slots, side_a, side_b, exact=False, rtol=eps,
                                    rel_atol=eps * math.sqrt(rank + 1)))
+    return experts, problems
 
-    passes = []
-    # a tensor of the source must be under the name the destination's naming gives it (the family's renames)
-    out_names = KeyNames(family, MODEL, dst_naming)
-    dst_canon = {dst_names.key(n): n for n in dst_other}
-    src_canon = {src_names.key(n): n for n in src_other}
+
+def _layer_sides(a: ExpertLoraGroup | None, b: ExpertLoraGroup, src: _Adapter, dst: _Adapter,
+                 base: dict[str, Any] | None, rules: TargetRules | None) -> tuple[LoraSide, LoraSide, list[str]]:
+    """The comparable sides of one layer (source group `a`, None where it has none; destination group `b`) and
+    where the destination's ranks disagree with its config; raises CannotVerify where the source's do."""
+    try:
+        side_b, pb = lora_side(b, dst.table, dst.cfg, _family(b, base), dst.storage.display(), rules)
+        if a is not None:
+            side_a, pa = lora_side(a, src.table, src.cfg, _family(a, base), src.storage.display())
+        else:
+            side_a, pa = LoraSide(()), []
+    except ConversionError as exc:
+        raise CannotVerify(str(exc)) from exc
+    if pa:
+        raise CannotVerify(f"the source adapter disagrees with its own config: {pa[0]}")
+    side_a, side_b = _pair_roles(side_a, side_b)
+    return side_a, side_b, pb
+
+
+def _delta_rtol(src_table: Table, a: ExpertLoraGroup | None, dst_table: Table, b: ExpertLoraGroup) -> float:
+    """The relative tolerance of a layer's deltas: float64 rounding where the factors' dtypes agree, else 4 eps
+    of the narrower dtype."""
+    src_t = [src_table.tensors[n] for n in a.tensors] if a is not None else []
+    same = {t.dtype for t in src_t} <= {dst_table.tensors[n].dtype for n in b.tensors}
+    return SAME_BYTES_RTOL if same else 4 * max(_factor_eps(src_table, a) if a else 0.0, _factor_eps(dst_table, b))
+
+
+def _other_tensors(
+    src: _Adapter, dst: _Adapter, out_names: KeyNames, dst_naming: str,
+) -> tuple[list[PassCheck], dict[str, tuple[str, str]], dict[str, str], list[str]]:
+    """The tensors outside the expert LoRA: (pass-through checks of those that are not LoRA factors, canonical
+    module -> (source module, destination module) of the other LoRA modules, canonical key -> name of the
+    destination's tensors the source lacks, the source's tensors missing or misnamed in the destination)."""
+    dst_canon = {dst.names.key(n): n for n in dst.other}
+    src_canon = {src.names.key(n): n for n in src.other}
+    passes: list[PassCheck] = []
     lora_modules: dict[str, tuple[str, str]] = {}
+    problems: list[str] = []
     for key, name in src_canon.items():
         want = out_names.key(key)
         if key not in dst_canon or dst_canon[key] != want:
             where = f" (expected as {want!r})" if want != name else ""
             if key in dst_canon:
                 where += f"; the destination has it as {dst_canon[key]!r}, not the {dst_naming} naming of its target"
-            problems.append(f"{dst.display()}: tensor {name!r} of the source is not in the destination{where}")
+            problems.append(f"{dst.storage.display()}: tensor {name!r} of the source is not in the destination{where}")
             dst_canon.pop(key, None)
             continue
         if ".lora_" in name:
             lora_modules[key.split(".lora_", 1)[0]] = (name.split(".lora_", 1)[0], dst_canon[key].split(".lora_", 1)[0])
         if not name.endswith((".lora_A.weight", ".lora_B.weight")):  # embedding LoRA, DoRA magnitudes, modules_to_save
-            passes.append(PassCheck(src_table.tensors[name], dst_table.tensors[dst_canon[key]]))
-    for key, (sm, dm) in sorted(lora_modules.items()):  # other LoRA (attention, router): delta and scaling kept
-        check, found = _module_check(sm, dm, src_table, dst_table, src_cfg, dst_cfg, rules, dst.display())
-        problems += found
-        if check is None:
-            for n, dn in ((f"{sm}.lora_{f}.weight", f"{dm}.lora_{f}.weight") for f in "AB"):
-                if n in src_table.tensors and dn in dst_table.tensors:
-                    passes.append(PassCheck(src_table.tensors[n], dst_table.tensors[dn]))
-        else:
-            experts.append(check)
+            passes.append(PassCheck(src.table.tensors[name], dst.table.tensors[dst_canon[key]]))
     extra = {k: n for k, n in dst_canon.items() if k not in src_canon}
+    return passes, lora_modules, extra, problems
+
+
+def _module_checks(lora_modules: dict[str, tuple[str, str]], src: _Adapter, dst: _Adapter,
+                   rules: TargetRules | None) -> tuple[list[ExpertCheck], list[PassCheck], list[str]]:
+    """Other LoRA (attention, router), delta and scaling kept: (a delta check of each module whose scaling changed,
+    pass-through checks of the others' factors, the factors missing)."""
+    checks: list[ExpertCheck] = []
+    passes: list[PassCheck] = []
+    problems: list[str] = []
+    for _key, (sm, dm) in sorted(lora_modules.items()):
+        check, found = _module_check(sm, dm, src.table, dst.table, src.cfg, dst.cfg, rules, dst.storage.display())
+        problems += found
+        if check is not None:
+            checks.append(check)
+            continue
+        for n, dn in ((f"{sm}.lora_{f}.weight", f"{dm}.lora_{f}.weight") for f in "AB"):
+            if n in src.table.tensors and dn in dst.table.tensors:
+                passes.append(PassCheck(src.table.tensors[n], dst.table.tensors[dn]))
+    return checks, passes, problems
+
+
+def _zero_pairs(extra: dict[str, str], dst: _Adapter) -> list[ExpertCheck]:
+    """Checks that each LoRA pair among `extra` (the destination's tensors the source lacks) is exactly zero (a
+    zero pair a target needs, e.g. SGLang's v_proj next to q_proj); the pairs' names are taken out of `extra`."""
+    checks: list[ExpertCheck] = []
     zero_modules = sorted({n.split(".lora_", 1)[0] for n in extra.values()
                            if n.endswith((".lora_A.weight", ".lora_B.weight"))})
-    for dm in zero_modules:  # a zero pair a target needs (e.g. SGLang's v_proj next to q_proj): exactly zero
+    for dm in zero_modules:
         an, bn = f"{dm}.lora_A.weight", f"{dm}.lora_B.weight"
-        if an not in dst_table.tensors or bn not in dst_table.tensors:
+        if an not in dst.table.tensors or bn not in dst.table.tensors:
             continue
-        extra.pop(dst_names.key(an), None)
-        extra.pop(dst_names.key(bn), None)
-        ca, cb = Cut(dst_table.tensors[an], "whole", 1), Cut(dst_table.tensors[bn], "whole", 1)
+        extra.pop(dst.names.key(an), None)
+        extra.pop(dst.names.key(bn), None)
+        ca, cb = Cut(dst.table.tensors[an], "whole", 1), Cut(dst.table.tensors[bn], "whole", 1)
         zero_side = LoraSide((RoleLora("lora", (ca,), (cb,), (1.0,), (bn,), zero="zero"),))
         absent = LoraSide((RoleLora("lora", (), (), (1.0,), (bn,), zero="absent"),))
-        experts.append(ExpertCheck(_module(dm), 1, absent, zero_side, exact=True))
-    dst_set = set(extra.values())
-    for name in sorted(dst_set):
-        problems.append(f"{dst.display()}: tensor {name!r} is not in the source")
-    for key in sorted((set(src_cfg) | set(dst_cfg)) - REWRITTEN):
-        if src_cfg.get(key) != dst_cfg.get(key):
-            problems.append(f"{dst.display(ADAPTER_CONFIG)}: {key} is {dst_cfg.get(key)!r}, the source has "
-                            f"{src_cfg.get(key)!r}")
-    files = [f for f in copied_files(src_table, ADAPTER_INDEX) if f != ADAPTER_CONFIG]
-    problems += compare_files(src, dst, files)
-    patterns = sorted({g.pattern for g in src_groups}) or ["none"]
-    out_patterns = sorted({g.pattern for g in dst_groups}) or ["none"]
-    headline = (f"adapter {'/'.join(patterns)} -> {'/'.join(out_patterns)}: {len(experts)} expert layer(s) x "
-                f"E={src_groups[0].num_experts if src_groups else 0}; {len(src_table.tensors)} source tensors -> "
-                f"{len(dst_table.tensors)} destination tensors; per-expert deltas B_e @ A_e * scaling compared")
-    return Relation("adapter", headline, experts, passes, problems, len(src_table.tensors), len(dst_table.tensors),
-                    len(dst_table.shards))
+        checks.append(ExpertCheck(_module(dm), 1, absent, zero_side, exact=True))
+    return checks
+
+
+def _config_problems(src_cfg: dict[str, Any], dst_cfg: dict[str, Any], dst: Storage) -> list[str]:
+    """The adapter_config.json fields a conversion has no reason to change (not REWRITTEN) that it changed."""
+    return [f"{dst.display(ADAPTER_CONFIG)}: {key} is {dst_cfg.get(key)!r}, the source has {src_cfg.get(key)!r}"
+            for key in sorted((set(src_cfg) | set(dst_cfg)) - REWRITTEN) if src_cfg.get(key) != dst_cfg.get(key)]
+
+
+def _headline(src: _Adapter, dst: _Adapter, layers: int) -> str:
+    """The relation's one-line summary: the layouts on each side, `layers` checked, E and the tensor counts."""
+    patterns = sorted({g.pattern for g in src.groups}) or ["none"]
+    out_patterns = sorted({g.pattern for g in dst.groups}) or ["none"]
+    return (f"adapter {'/'.join(patterns)} -> {'/'.join(out_patterns)}: {layers} expert layer(s) x "
+            f"E={src.groups[0].num_experts if src.groups else 0}; {len(src.table.tensors)} source tensors -> "
+            f"{len(dst.table.tensors)} destination tensors; per-expert deltas B_e @ A_e * scaling compared")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -271,8 +272,8 @@ def _side(family: Family, prefix: str, found: LayerTensors, counts: dict[str, in
         problems = []
         extra = sorted(k for k in found.per_expert if k[1] >= counts[k[0]])
         if extra:
-            t = found.per_expert[extra[0]]
-            problems.append(f"{where}: tensor {t.name!r} is expert {extra[0][1]}, but there are {counts[extra[0][0]]} "
+            stray = found.per_expert[extra[0]]
+            problems.append(f"{where}: tensor {stray.name!r} is expert {extra[0][1]}, but there are {counts[extra[0][0]]} "
                             "experts" + (f" of role {extra[0][0]}" if extra[0][0] in family.extra_experts else ""))
         tensors = []
         for role, tpl in family.expert_templates.items():
@@ -378,7 +379,7 @@ def _merged(src: Table, dst: Table, family: Family, names: list[str], split: boo
                 continue
             row = joined_t.nbytes // joined_t.shape[0]
             start = joined_t.start
-            for part, part_t, rows in zip(cut.parts, part_ts, sizes):
+            for _part, part_t, rows in zip(cut.parts, part_ts, sizes):
                 assert part_t is not None
                 sub = Stored(joined_t.name, joined_t.file, joined_t.dtype, (rows, *joined_t.shape[1:]), start,
                              start + rows * row)
@@ -431,11 +432,11 @@ def base_relation(
                                  f"{family.to_disk(family.to_model(t.name))!r} (as save_pretrained names it)")
     for prefix in sorted(set(src_layers) | set(dst_layers)):
         if prefix not in dst_layers:
-            one = next(iter({**src_layers[prefix].per_expert, **src_layers[prefix].fused}.values()))
+            one = next(chain(src_layers[prefix].per_expert.values(), src_layers[prefix].fused.values()))
             found.append(f"{dst.where}: expert layer {prefix} of the source (e.g. {one.name!r}) is missing")
             continue
         if prefix not in src_layers:
-            one = next(iter({**dst_layers[prefix].per_expert, **dst_layers[prefix].fused}.values()))
+            one = next(chain(dst_layers[prefix].per_expert.values(), dst_layers[prefix].fused.values()))
             found.append(f"{dst.where}: expert layer {prefix} (e.g. {one.name!r}) is not in the source")
             continue
         a, pa = _side(family, prefix, src_layers[prefix], counts, src.where)

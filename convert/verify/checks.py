@@ -26,7 +26,7 @@ from __future__ import annotations
 import ctypes
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Union
@@ -37,6 +37,8 @@ from convert.io.storage import Storage
 from convert.verify.tables import Raw, Stored, element_size, to_raw
 
 if TYPE_CHECKING:
+    from _ctypes import CFuncPtr
+
     import torch
 
 # What a side loads for one role: the bits of stored data (base weights; no torch), or a tensor (derived values).
@@ -50,7 +52,7 @@ TILE = 64  # columns of a transposed block gathered at once (_dense_raw)
 FLOATS = ("float64", "float32", "float16", "bfloat16")  # torch dtypes' names (`_name`)
 
 
-def _load_memcmp() -> "ctypes._CFuncPtr | None":
+def _load_memcmp() -> CFuncPtr | None:
     """The C library's memcmp (it runs without the GIL), or None where there is none."""
     try:
         fn = ctypes.CDLL(None).memcmp
@@ -151,7 +153,7 @@ def read_stored(storage: Storage, t: Stored, start: int = 0, end: int | None = N
 class ExpertSide(Protocol):
     """One side (source or destination) of one expert layer."""
 
-    def load(self, storage: Storage, e: int) -> dict[str, tuple[Data, str]]:
+    def load(self, storage: Storage, e: int) -> Mapping[str, tuple[Data, str]]:
         """Expert e as {role: (its data in canonical per-expert form, name of the stored tensor it came from)}."""
         ...
 
@@ -183,6 +185,7 @@ class ExpertCheck:
         """Bytes both sides read for expert e, or for its `roles` only (what one check of it holds in memory)."""
         if roles is None:
             return self.src.expert_bytes(e) + self.dst.expert_bytes(e)
+        # roles are given only where both sides have role_sets (role_groups), and such sides take them
         return self.src.expert_bytes(e, roles) + self.dst.expert_bytes(e, roles)  # type: ignore[call-arg]
 
 
@@ -206,7 +209,7 @@ def role_groups(check: ExpertCheck) -> list[tuple[str, ...] | None]:
             else:
                 rest.append(g)
         groups = [*rest, merged]
-    return sorted(tuple(sorted(g)) for g in groups) or [None]
+    return [*sorted(tuple(sorted(g)) for g in groups)] or [None]
 
 
 @dataclass(frozen=True)
@@ -366,7 +369,8 @@ def _blocks(a: torch.Tensor, b: torch.Tensor) -> Iterator[tuple[torch.Tensor, to
     memory order of the strided one (a transposed expert is then gathered along its rows, not its columns)."""
     if a.dim() >= 2 and not (a.is_contiguous() and b.is_contiguous()):
         ref = a if b.is_contiguous() else b
-        order = sorted(range(ref.dim()), key=lambda d: -ref.stride(d))
+        strides = ref.stride()
+        order = sorted(range(ref.dim()), key=lambda d: -strides[d])
         a, b = a.permute(order), b.permute(order)
     if a.is_contiguous() and b.is_contiguous() or a.dim() < 2:
         a, b = a.reshape(-1), b.reshape(-1)  # views where contiguous; 1-d strided views stay views
@@ -477,7 +481,7 @@ class Tally:
         else:
             self.dropped += 1
 
-    def merge(self, other: "Tally") -> None:
+    def merge(self, other: Tally) -> None:
         """Add what `other` (a part of this rank's work) checked and found, after what this one has."""
         for m in other.mismatches:
             self.add(m)
@@ -505,6 +509,7 @@ def _run_expert(check: ExpertCheck, src: Storage, dst: Storage, e: int, tally: T
     if roles is None:
         a, b = check.src.load(src, e), check.dst.load(dst, e)
     else:
+        # as in ExpertCheck.item_bytes: sides with role_sets, which take roles
         a, b = check.src.load(src, e, roles), check.dst.load(dst, e, roles)  # type: ignore[call-arg]
     tally.bytes_compared += check.item_bytes(e, roles)
     tally.experts_checked += int(count)
@@ -519,7 +524,9 @@ def _run_expert(check: ExpertCheck, src: Storage, dst: Storage, e: int, tally: T
         if a[role][0] is None:  # no LoRA in the source: the destination's must be exactly zero (adapters: torch)
             import torch
 
-            what, diff = compare(torch.zeros_like(b[role][0]), b[role][0], True)
+            got = b[role][0]
+            assert isinstance(got, torch.Tensor)  # the sides of adapters load tensors
+            what, diff = compare(torch.zeros_like(got), got, True)
         else:
             what, diff = compare(a[role][0], b[role][0], check.exact, check.rtol, check.atol, rel_atol=check.rel_atol)
         if what:

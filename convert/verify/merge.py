@@ -8,12 +8,16 @@ dtype (the merge rounds once from float32). FP8 block-scaled weights are dequant
 128x128 formula; the merged value must be within one FP8 step (of its fresh block scale) of base + delta, and
 how much of each delta survived the requantization is reported (`survived`: the share of the delta's
 projection the requantized weight keeps; `rel_err`: |Q(W + delta) - (W + delta)| / |W + delta|). MXFP4 expert
-weights (gpt-oss as released, merged without --dtype): the base's blocks dequantized (convert.plan.dequant), the
-output's decoded here from the MXFP4 definition (FP4 E2M1 nibbles, low nibble first, E8M0 block scales), each
+weights (gpt-oss as released, merged without --dtype): the base's and the output's blocks decoded here from the
+MXFP4 definition (FP4 E2M1 nibbles, low nibble first, E8M0 block scales; not the merge's convert.plan.dequant), each
 merged value within half an FP4 step (of its block's output scale) of base + delta, the survival reported too;
 with --dtype every expert layer, in the target family's layout, within one ulp of the dequantized base (+ delta),
 its cast roles (biases) the exact cast. The adapter's roles are those of the family the MXFP4 one dequantizes
 to. Every other tensor must be byte-identical (or the exact cast, with --dtype). Ranks split the work item by item.
+
+Shared with the merge: the family tables (convert.families), the header and adapter-layout readers
+(convert.formats) and the adapter key naming (convert.plan.adapter_names: which base tensor a LoRA module's
+key names); none of the merge's planning or arithmetic.
 """
 
 from __future__ import annotations
@@ -26,15 +30,23 @@ import torch
 
 from convert.errors import ConversionError
 from convert.families import Family, detect_family, load_families
-from convert.formats.adapter_layouts import PEFT_PREFIX, detect_expert_lora
+from convert.formats.adapter_layouts import PEFT_PREFIX, ExpertLoraGroup, detect_expert_lora
 from convert.formats.checkpoint import INDEX_NAME
 from convert.formats.safetensors import TensorInfo
 from convert.io.storage import Storage
 from convert.plan.adapter_names import MODEL, KeyNames, source_naming
+from convert.settings import Settings, StorageSettings
 from convert.verify.adapter import (
-    ADAPTER_CONFIG, ADAPTER_INDEX, ADAPTER_WEIGHTS, LoraSide, cut_factor, layer_key, lora_side, module_scale,
+    ADAPTER_CONFIG,
+    ADAPTER_INDEX,
+    ADAPTER_WEIGHTS,
+    LoraSide,
+    cut_factor,
+    layer_key,
+    lora_side,
+    module_scale,
 )
-from convert.verify.base import _side, classify
+from convert.verify.base import LayerTensors, Side, _side, classify
 from convert.verify.checks import read_stored
 from convert.verify.tables import Table, read_table, to_tensor, torch_dtype
 from launch.dist import Dist
@@ -86,6 +98,27 @@ def fp4_half_step(want: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return torch.where(m < 2, 0.25, torch.where(m < 4, 0.5, 1.0)) * scale
 
 
+def _strip(name: str) -> str:
+    """`name` without peft's `base_model.model.` prefix."""
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def _lora_family(plain: Family) -> Family:
+    """The family whose roles and names the adapter's LoRA has: an MXFP4 family's dequantization target, else `plain`."""
+    if plain.dequantize is None:
+        return plain
+    lfam = load_families().get(plain.dequantize[0])
+    if lfam is None:
+        raise ConversionError(f"{plain.source}: quantization.dequantize names unknown family {plain.dequantize[0]!r}")
+    return lfam
+
+
+def _expert_tensor_names(base_layers: dict[str, LayerTensors], dst_layers: dict[str, LayerTensors]) -> set[str]:
+    """The names of the expert tensors of every layer of both sides."""
+    return {st.name for lt in [*base_layers.values(), *dst_layers.values()]
+            for st in [*lt.per_expert.values(), *lt.fused.values()]}
+
+
 def _block(config: dict[str, Any]) -> tuple[int, int]:
     q = config.get("quantization_config") or {}
     size = q.get("weight_block_size") if isinstance(q, dict) else None
@@ -96,34 +129,62 @@ class MergeCheck:
     """The items of one check (base, adapter, merged output) and how to check each."""
 
     def __init__(self, base: Storage, adapter: Storage, dst: Storage, family_name: str | None) -> None:
+        """Read the three directories' metadata and plan the items; what is wrong from metadata alone goes to
+        `problems` (raises ConversionError where the base or the adapter cannot be read as one)."""
         self.base, self.adapter, self.dst = base, adapter, dst
         self.problems: list[str] = []
         self.base_cfg = base.read_json("config.json")
         plain = detect_family(self.base_cfg, base.display("config.json"), family_name)
         self.block = _block(self.base_cfg)
-        self.base_table, bad = read_table(base, INDEX_NAME, require_index=False, single_name="model.safetensors",
+        self._read_tables()
+        self.a_cfg = adapter.read_json(ADAPTER_CONFIG)
+        self._set_families(plain)
+        base_layers, base_others = classify(self.base_table, self.family, rename=True)
+        dst_layers, _ = classify(self.dst_table, self.out_family, rename=True)
+        # MXFP4 --dtype: the expert tensors of both sides, checked expert by expert
+        renamed = _expert_tensor_names(base_layers, dst_layers) if self.mx_dtype else set()
+        self._check_names(renamed)
+        counts = self._role_counts()
+        infos = {n: TensorInfo(n, t.dtype, t.shape, t.start, t.end) for n, t in self.a_table.tensors.items()}
+        groups, others = detect_expert_lora(infos, self.a_cfg, self.base_cfg, adapter.display(), packings=True)
+        names = KeyNames(self.lfam, source_naming(self.lfam, groups, list(self.a_table.tensors)), MODEL)
+        self.items: list[tuple[Any, ...]] = []
+        merged: set[str] = set()
+        for g in groups:
+            merged |= self._plan_lora_layer(g, names, base_layers, dst_layers, counts)
+        if self.mx_dtype:  # every other expert layer: dequantized into the target family's layout too
+            self._plan_dequantized_layers(base_layers, dst_layers, counts)
+            merged |= {n for n in renamed if n in self.base_table.tensors}
+        base_by_model = {plain.to_model(n): n for n in base_others}
+        merged |= self._plan_modules(others, names, base_by_model)
+        merged |= self._plan_saved(base_by_model)
+        self._plan_unmerged(merged)
+        self.report: list[tuple[str, str, float, float]] = []  # (format, tensor, survived, rel_err)
+
+    def _read_tables(self) -> None:
+        """Read the base's, the output's and the adapter's tensors (the output's problems into `problems`); raises
+        where the base or the adapter is not valid."""
+        self.base_table, bad = read_table(self.base, INDEX_NAME, require_index=False, single_name="model.safetensors",
                                           strict=False)
         if bad:
             raise ConversionError(f"the base is not valid: {bad[0]}")
-        self.dst_table, found = read_table(dst, INDEX_NAME, require_index=True, strict=True)
+        self.dst_table, found = read_table(self.dst, INDEX_NAME, require_index=True, strict=True)
         self.problems += found
-        self.a_table, bad = read_table(adapter, ADAPTER_INDEX, require_index=False, single_name=ADAPTER_WEIGHTS,
+        self.a_table, bad = read_table(self.adapter, ADAPTER_INDEX, require_index=False, single_name=ADAPTER_WEIGHTS,
                                        strict=False)
         if bad:
             raise ConversionError(f"the adapter is not valid: {bad[0]}")
-        self.a_cfg = adapter.read_json(ADAPTER_CONFIG)
+
+    def _set_families(self, plain: Family) -> None:
+        """The families and quantization of both sides from the base's family `plain`: its companions (FP8 scale
+        grids), MXFP4 roles, the adapter's family (`lfam`), whether --dtype dequantized and the output's family."""
         sfx = [s for s in plain.companions if any(n.endswith(s) for n in self.base_table.tensors)]
         self.family: Family = plain.with_companions(plain.companions_in(self.base_table.tensors)) if sfx else plain
         self.plain = plain
         # an MXFP4 base (a family with quantization.dequantize): target role -> (blocks role, scales role); the
         # adapter's LoRA has the target family's roles and names
         self.mx: dict[str, tuple[str, str]] = dict(plain.dequantize[1]) if plain.dequantize else {}
-        lfam = plain
-        if plain.dequantize is not None:
-            lfam = load_families().get(plain.dequantize[0])  # type: ignore[assignment]
-            if lfam is None:
-                raise ConversionError(f"{plain.source}: quantization.dequantize names unknown family "
-                                      f"{plain.dequantize[0]!r}")
+        self.lfam = _lora_family(plain)
         self.mx_cast: dict[str, str] = dict(plain.dequantize[2]) if plain.dequantize else {}
         # --dtype on an MXFP4 base: every expert layer written in the target family's layout (no U8 blocks left)
         self.mx_dtype = bool(self.mx) and not any(t.dtype == "U8" and n in self.dst_table.tensors
@@ -134,13 +195,11 @@ class MergeCheck:
         self.scales = {n + s: n for n, t in self.base_table.tensors.items() if t.dtype.startswith("F8_")
                        for s in plain.companions if n + s in self.base_table.tensors}
         self.dequant = bool(self.scales) and not any(n in self.dst_table.tensors for n in self.scales)
-        out_family = plain if self.dequant else lfam if self.mx_dtype else self.family
-        base_layers, base_others = classify(self.base_table, self.family, rename=True)
-        dst_layers, _ = classify(self.dst_table, out_family, rename=True)
-        renamed: set[str] = set()  # MXFP4 --dtype: the expert tensors of both sides, checked expert by expert
-        if self.mx_dtype:
-            renamed = {st.name for lt in [*base_layers.values(), *dst_layers.values()]
-                       for st in [*lt.per_expert.values(), *lt.fused.values()]}
+        self.out_family = plain if self.dequant else self.lfam if self.mx_dtype else self.family
+
+    def _check_names(self, renamed: set[str]) -> None:
+        """Into `problems`: base tensors missing from the output or of another shape there, and output tensors not
+        in the base (`renamed`: the expert tensors of an MXFP4 --dtype merge, checked expert by expert)."""
         for name, t in self.base_table.tensors.items():
             if name in renamed and name not in self.dst_table.tensors:
                 continue
@@ -148,89 +207,117 @@ class MergeCheck:
             if d is None and self.dequant and name in self.scales:
                 continue
             if d is None:
-                self.problems.append(f"{dst.display()}: tensor {name!r} of the base is missing")
+                self.problems.append(f"{self.dst.display()}: tensor {name!r} of the base is missing")
             elif d.shape != t.shape:
-                self.problems.append(f"{dst.display(d.file)}: tensor {name!r} has shape {list(d.shape)}, the base "
+                self.problems.append(f"{self.dst.display(d.file)}: tensor {name!r} has shape {list(d.shape)}, the base "
                                      f"{list(t.shape)}")
         for name in sorted(set(self.dst_table.tensors) - set(self.base_table.tensors) - renamed):
-            self.problems.append(f"{dst.display()}: tensor {name!r} is not in the base")
+            self.problems.append(f"{self.dst.display()}: tensor {name!r} is not in the base")
+
+    def _role_counts(self) -> dict[str, int]:
+        """Role -> how many experts hold it (config.json's E, plus extra experts), scale, MXFP4 and cast roles too."""
+        plain = self.plain
         counts = plain.role_experts(self.base_cfg, plain.num_experts(self.base_cfg, "config.json"), "config.json")
         counts.update({s: counts.get(w, 0) for w, s in self.pairs.items()})
         counts.update({t: counts.get(bl, 0) for t, (bl, _) in self.mx.items()})
         counts.update({t: counts.get(src, 0) for t, src in self.mx_cast.items()})
-        infos = {n: TensorInfo(n, t.dtype, t.shape, t.start, t.end) for n, t in self.a_table.tensors.items()}
-        groups, others = detect_expert_lora(infos, self.a_cfg, self.base_cfg, adapter.display(), packings=True)
-        names = KeyNames(lfam, source_naming(lfam, groups, list(self.a_table.tensors)), MODEL)
-        self.items: list[tuple[Any, ...]] = []
-        merged: set[str] = set()
-        for g in groups:
-            layer = layer_key(names.canonical_module(g.prefix), lfam)
-            layer = layer[len(PEFT_PREFIX):] if layer.startswith(PEFT_PREFIX) else layer
-            if layer not in base_layers or layer not in dst_layers:
-                raise ConversionError(f"{adapter.display()}: expert LoRA of layer {layer!r} has no expert layer in "
-                                      "the base or the output")
-            bside, pb = _side(self.family, layer, base_layers[layer], counts, base.display())
-            dside, pd = _side(out_family, layer, dst_layers[layer], counts, dst.display())
-            if bside is None or dside is None:
-                self.problems += pb + pd
+        return counts
+
+    def _layer_sides(self, layer: str, base_layers: dict[str, LayerTensors], dst_layers: dict[str, LayerTensors],
+                     counts: dict[str, int]) -> tuple[Side, Side] | None:
+        """The base's and the output's side of expert layer `layer`; None (the problems into `problems`) where
+        either holds no layout."""
+        bside, pb = _side(self.family, layer, base_layers[layer], counts, self.base.display())
+        dside, pd = _side(self.out_family, layer, dst_layers[layer], counts, self.dst.display())
+        if bside is None or dside is None:
+            self.problems += pb + pd
+            return None
+        return bside, dside
+
+    def _plan_lora_layer(self, g: ExpertLoraGroup, names: KeyNames, base_layers: dict[str, LayerTensors],
+                         dst_layers: dict[str, LayerTensors], counts: dict[str, int]) -> set[str]:
+        """Items checking each expert of the layer of expert LoRA `g`; returns the base tensors its LoRA merges into."""
+        layer = _strip(layer_key(names.canonical_module(g.prefix), self.lfam))
+        if layer not in base_layers or layer not in dst_layers:
+            raise ConversionError(f"{self.adapter.display()}: expert LoRA of layer {layer!r} has no expert layer in "
+                                  "the base or the output")
+        sides = self._layer_sides(layer, base_layers, dst_layers, counts)
+        if sides is None:
+            return set()
+        side, pa = lora_side(g, self.a_table, self.a_cfg, self.lfam, self.adapter.display())
+        self.problems += pa
+        roles = set(g.roles) | {self.pairs[r] for r in g.roles if r in self.pairs} \
+            | {x for r in g.roles if r in self.mx for x in self.mx[r]}
+        for e in range(g.slots):
+            self.items.append(("expert", layer, e, *sides, side))
+        return self._holding(base_layers[layer], roles)
+
+    def _holding(self, found: LayerTensors, roles: set[str]) -> set[str]:
+        """The names of the tensors of `found` (a base layer) that hold any of `roles`."""
+        out: set[str] = set()
+        for key, stored in found.per_expert.items():
+            if key[0] in roles:
+                out.add(stored.name)
+        for template, stored in found.fused.items():
+            parts = [p for t in self.family.fused.get(self._layout(template), ()) if t.template == template
+                     for p in t.parts]
+            if any(p in roles for p in parts):
+                out.add(stored.name)
+        return out
+
+    def _plan_dequantized_layers(self, base_layers: dict[str, LayerTensors], dst_layers: dict[str, LayerTensors],
+                                 counts: dict[str, int]) -> None:
+        """MXFP4 --dtype: items checking each expert of every expert layer without LoRA (dequantized only)."""
+        for layer in sorted(set(base_layers) - {it[1] for it in self.items}):
+            if layer not in dst_layers:
+                self.problems.append(f"{self.dst.display()}: expert layer {layer!r} of the base is missing")
                 continue
-            side, pa = lora_side(g, self.a_table, self.a_cfg, lfam, adapter.display())
-            self.problems += pa
-            roles = set(g.roles) | {self.pairs[r] for r in g.roles if r in self.pairs} \
-                | {x for r in g.roles if r in self.mx for x in self.mx[r]}
-            for held in (base_layers[layer].per_expert.items(), base_layers[layer].fused.items()):
-                for key, stored in held:
-                    parts = [key[0]] if isinstance(key, tuple) else [
-                        p for t in self.family.fused.get(self._layout(key), ()) if t.template == key for p in t.parts]
-                    if any(p in roles for p in parts):
-                        merged.add(stored.name)
-            for e in range(g.slots):
-                self.items.append(("expert", layer, e, bside, dside, side))
-        if self.mx_dtype:  # every other expert layer: dequantized into the target family's layout too
-            for layer in sorted(set(base_layers) - {it[1] for it in self.items}):
-                if layer not in dst_layers:
-                    self.problems.append(f"{dst.display()}: expert layer {layer!r} of the base is missing")
-                    continue
-                bside, pb = _side(self.family, layer, base_layers[layer], counts, base.display())
-                dside, pd = _side(out_family, layer, dst_layers[layer], counts, dst.display())
-                if bside is None or dside is None:
-                    self.problems += pb + pd
-                    continue
-                for e in range(max(counts.get(r, 0) for r in self.mx)):
-                    self.items.append(("expert", layer, e, bside, dside, LoraSide(())))
-            merged |= {n for n in renamed if n in self.base_table.tensors}
-        base_by_model = {plain.to_model(n): n for n in base_others}
+            sides = self._layer_sides(layer, base_layers, dst_layers, counts)
+            if sides is None:
+                continue
+            for e in range(max(counts.get(r, 0) for r in self.mx)):
+                self.items.append(("expert", layer, e, *sides, LoraSide(())))
+
+    def _plan_modules(self, others: list[str], names: KeyNames, base_by_model: dict[str, str]) -> set[str]:
+        """Items checking each other LoRA module (attention, router, dense) of the adapter tensors `others`;
+        returns the base tensors merged into (with their FP8 scale grids)."""
+        merged: set[str] = set()
         for module in sorted({n.rsplit(".lora_", 1)[0] for n in others if ".lora_" in n}):
             target = base_by_model.get(names.canonical_module(module)[len(PEFT_PREFIX):] + ".weight")
             if target is None:
-                self.problems.append(f"{adapter.display()}: LoRA module {module!r} has no base tensor")
+                self.problems.append(f"{self.adapter.display()}: LoRA module {module!r} has no base tensor")
                 continue
-            scale = next((target + s for s in plain.companions if target + s in self.base_table.tensors), None)
+            scale = next((target + s for s in self.plain.companions if target + s in self.base_table.tensors), None)
             merged.add(target)
-            if scale and self.base_table.tensors[target].dtype.startswith("F8_") and self.dequant:
-                merged.add(scale)
-                self.items.append(("module", module, target, scale, module_scale(
-                    self.a_cfg, module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module)[2]))
-                continue
-            if scale and self.base_table.tensors[target].dtype.startswith("F8_"):
+            if scale is not None and self.base_table.tensors[target].dtype.startswith("F8_"):
                 merged.add(scale)
             else:
                 scale = None
-            _, _, s = module_scale(self.a_cfg, module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module)
-            self.items.append(("module", module, target, scale, s))
+            self.items.append(("module", module, target, scale, module_scale(self.a_cfg, _strip(module))[2]))
+        return merged
+
+    def _plan_saved(self, base_by_model: dict[str, str]) -> set[str]:
+        """Items checking each modules_to_save tensor (the adapter's copy in the base tensor's place); returns the
+        base tensors replaced."""
+        merged: set[str] = set()
         wanted = self.a_cfg.get("modules_to_save") or []
         wanted = [wanted] if isinstance(wanted, str) else wanted
-        for name in self.a_table.tensors:  # modules_to_save: the adapter's copy in the base tensor's place
-            plain_name = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+        for name in self.a_table.tensors:
+            plain_name = _strip(name)
             module = plain_name.rsplit(".", 1)[0]
             if ".lora_" in name or not any(module == m or module.endswith("." + m) for m in wanted):
                 continue
             target = base_by_model.get(plain_name)
             if target is None:
-                self.problems.append(f"{adapter.display()}: modules_to_save tensor {name!r} has no base tensor")
+                self.problems.append(f"{self.adapter.display()}: modules_to_save tensor {name!r} has no base tensor")
                 continue
             merged.add(target)
             self.items.append(("saved", name, target))
+        return merged
+
+    def _plan_unmerged(self, merged: set[str]) -> None:
+        """Items checking every base tensor outside `merged`: FP8 weights dequantized (--dtype), the rest copied or
+        cast, chunk by chunk."""
         for name in sorted(set(self.base_table.tensors) - merged):
             if self.dequant and name in self.scales:
                 continue
@@ -241,7 +328,6 @@ class MergeCheck:
                 n = self.base_table.tensors[name].nbytes
                 for start in range(0, max(n, 1), CHUNK):
                     self.items.append(("copy", name, start, min(n, start + CHUNK)))
-        self.report: list[tuple[str, str, float, float]] = []  # (format, tensor, survived, rel_err)
 
     def _layout(self, template: str) -> str:
         return next((lay for lay, ts in self.family.fused.items() if any(t.template == template for t in ts)), "")
@@ -293,9 +379,7 @@ class MergeCheck:
         """MXFP4 blocks/scales of the base (`wb`, `ws`) and the output (`mb`, `ms`), one expert's [out, G, 16] /
         [out, G]: every output value within half an FP4 step (of its block's output scale) of base + delta, plus
         the float32 merge's own rounding (`slack`, and the base's float32 eps)."""
-        from convert.plan.dequant import mxfp4_dequantize
-
-        base = mxfp4_dequantize(wb, ws).double()
+        base = mxfp4_values(wb, ws)  # the verifier's own decoder, not the conversion's (convert.plan.dequant)
         if base.shape != delta.shape:
             return [f"{what}: the MXFP4 weight is {list(base.shape)} [out, in], the LoRA delta {list(delta.shape)}"]
         want = base + delta
@@ -342,7 +426,7 @@ class MergeCheck:
                 continue
             if not (raw.bits == m[role][0].bits).all():
                 problems.append(f"{self.dst.display()}: tensor {name!r} expert {e} {role}: not the base's bytes")
-        for role, (delta, module) in deltas.items():
+        for role, (delta, _module) in deltas.items():
             if delta is None:
                 continue
             if role in self.mx:
@@ -369,15 +453,13 @@ class MergeCheck:
                         slack: dict[str, Any]) -> list[str]:
         """--dtype on an MXFP4 base, expert e: each target role the base's blocks dequantized (plus its delta), rounded
         once to the output dtype; each cast role (the biases) the base's exact cast."""
-        from convert.plan.dequant import mxfp4_dequantize
-
         problems: list[str] = []
         for role, (bl, sc) in self.mx.items():
             if role not in m:
                 problems.append(f"{self.dst.display()}: expert {e} {role}: not in the output")
                 continue
             got, name = m[role]
-            w = mxfp4_dequantize(b[bl][0].tensor(), b[sc][0].tensor()).double()
+            w = mxfp4_values(b[bl][0].tensor(), b[sc][0].tensor())
             delta = deltas.get(role, (None, ""))[0]
             what = f"{self.dst.display()}: tensor {name!r} expert {e} {role}" + ("" if delta is not None else " (no LoRA)")
             if w.shape != got.shape:
@@ -448,11 +530,12 @@ class MergeCheck:
 
 
 def verify_merge(base: str, adapter: str, dst: str, storage_options: dict[str, Any], family: str | None,
-                 dist: Dist) -> tuple[int, list[str]]:
-    """Check `dst` on every rank (each its share); (exit code, lines printed by rank 0). 0 ok, 1 mismatch."""
-    stores = [Storage(u, storage_options) for u in (base, adapter, dst)]
+                 dist: Dist, settings: StorageSettings | None = None) -> tuple[int, list[str]]:
+    """Check `dst` on every rank (each its share); (exit code, lines printed by rank 0). 0 ok, 1 mismatch.
+    `settings`: the store settings its stores are opened with (None: the defaults)."""
+    stores = [Storage(u, storage_options, settings) for u in (base, adapter, dst)]
     try:
-        check = MergeCheck(*stores, family)
+        check = MergeCheck(stores[0], stores[1], stores[2], family)
         problems, report, n = check.run(dist.rank, dist.world_size)
     finally:
         for s in stores:
@@ -482,11 +565,16 @@ def verify_merge(base: str, adapter: str, dst: str, storage_options: dict[str, A
     return (1 if problems else 0), lines
 
 
-def verify_merge_after(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = None) -> int:
+def verify_merge_after(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = None,
+                       settings: StorageSettings | None = None) -> int:
     """`--verify` of convert.merge_adapter: verify on the same ranks; on a mismatch rank 0 renames the index to
-    `*.unverified` (the output never looks complete) and every rank returns 1."""
+    `*.unverified` (the output never looks complete) and every rank returns 1. `settings`: the store settings of
+    every store it opens; None reads them from the environment now, as the check starts (the same variables the
+    merge's job_environment read)."""
+    settings = Settings.from_env().storage if settings is None else settings
     try:
-        code, lines = verify_merge(args.src, args.adapter, args.dst, args.storage_options, args.family, dist)
+        code, lines = verify_merge(args.src, args.adapter, args.dst, args.storage_options, args.family, dist,
+                                   settings)
     except ConversionError as exc:
         code, lines = 2, [f"error: cannot verify: {exc}"]
     if dist.is_main:
@@ -495,7 +583,7 @@ def verify_merge_after(args: argparse.Namespace, dist: Dist, report: dict[str, A
         if report is not None:
             report["verify"] = code
         if code == 1:
-            dst = Storage(args.dst, args.storage_options)
+            dst = Storage(args.dst, args.storage_options, settings)
             if dst.exists(INDEX_NAME):
                 dst.rename(INDEX_NAME, INDEX_NAME + ".unverified")
                 print(f"error: renamed {dst.display(INDEX_NAME)} to {INDEX_NAME}.unverified: the output is not a "

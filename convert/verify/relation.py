@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
 from convert.formats.checkpoint import OTHER_WEIGHTS
 from convert.io.storage import Storage
+from convert.settings import DEFAULT_SETTINGS, Settings
 from convert.verify.checks import ExpertCheck, PassCheck
 from convert.verify.tables import Table
 
@@ -42,11 +44,12 @@ class VerifyOptions:
     base_config: str | None = None  # adapters: the base model's config.json (for E where the adapter lacks it)
     max_report: int = 50
     report_path: str | None = None
-    workers: int = 4  # threads per rank comparing experts / chunks in parallel (bounded by MEMORY_BUDGET)
+    workers: int = 4  # threads per rank comparing experts / chunks in parallel (bounded by settings.verify_memory)
     target: str | None = None  # adapters: also check dst against this target's rules (default: the output record's)
+    settings: Settings = DEFAULT_SETTINGS  # the stores' and the verifier's knobs (the entry point reads them at start)
 
 
-def compare_files(src: Storage, dst: Storage, names: list[str], rewritten: set[str] = frozenset()) -> list[str]:
+def compare_files(src: Storage, dst: Storage, names: list[str], rewritten: AbstractSet[str] = frozenset()) -> list[str]:
     """Each of `names` (small top-level files of the source) must be in `dst` with the same bytes.
 
     Files in `rewritten` need only exist (the conversion rewrites them, e.g. adapter_config.json).

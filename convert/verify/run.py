@@ -2,8 +2,9 @@
 
     python -m convert.verify --nproc N --src A --dst B [--family F] [--report PATH]
 
-Independent of the converter: the verifier reads both directories itself (raw headers,
-cross-checked with the safetensors library), derives what B must hold from the family
+Independent of the converter's planner and executor (it builds no plan and moves no byte the
+way a conversion does): the verifier reads safetensors checkpoints itself (convert.verify.tables:
+raw headers, cross-checked with the safetensors library), derives what B must hold from the family
 tables, and compares every expert of every layer slice by slice (bit for bit where bytes
 moved, allclose where a dtype changed) and every other tensor chunk by chunk. B's index
 must name every tensor exactly once, every shard must exist, total_size must be right, and
@@ -11,6 +12,13 @@ the source's other files must be there unchanged. Each rank checks its slice of 
 (and a share of the other tensors) with --workers threads, each reading one expert (or
 chunk) at a time into a buffer it reuses; rank 0 gathers and prints a summary. Exit codes: 0 verified, 1 mismatches found, 2 could not verify (bad arguments or
 an invalid source).
+
+What it does share with the converter: the family tables, renames and trainer namings
+(convert.families); the reader of trainer containers for a DCP or per-rank-shards source
+(convert.formats.checkpoint, .chunks, .dcp); for adapters, the layout detection
+(convert.formats.adapter_layouts) and the key naming (convert.plan.adapter_names); the servers'
+rules (convert.targets); the output record and the destination lock (convert.engine). It does
+not import convert.cli: its launcher wrapper and --workers default are convert.toplevel's.
 
 Relations are pluggable: `RELATIONS` maps a kind ("base", "adapter") to a builder that turns
 the two directories into checks (convert.verify.checks); `detect_kind` picks one.
@@ -28,9 +36,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
-from convert.cli import default_workers, run_main
 from convert.engine.dest_lock import held_until_done
 from convert.errors import ConversionError, describe, set_destination
 from convert.families import detect_family
@@ -38,20 +46,37 @@ from convert.families.namings import hf_views, with_naming_layouts
 from convert.flag_types import json_object, positive_int
 from convert.formats.checkpoint import SHARDING_KEY, open_checkpoint
 from convert.formats.chunks import ChunkedTensor, ChunkedView
-from convert.formats.dcp import METADATA as DCP_METADATA, load_chunk
+from convert.formats.dcp import METADATA as DCP_METADATA
+from convert.formats.dcp import load_chunk
 from convert.formats.model_config import (
-    CONFIG_DTYPE_NAMES, DTYPE_KEYS, config_bytes, read_base_config, without_dtype,
+    CONFIG_DTYPE_NAMES,
+    DTYPE_KEYS,
+    config_bytes,
+    read_base_config,
+    without_dtype,
 )
 from convert.formats.safetensors import read_header
 from convert.io.storage import Storage
+from convert.settings import DEFAULT_SETTINGS, Settings
 from convert.targets.rules import TARGETS
-from convert.toplevel import ToolParser
+from convert.toplevel import ToolParser, default_workers, run_main
 from convert.verify.base import base_relation
-from convert.verify.relation import CannotVerify, Relation, VerifyOptions, compare_files, copied_files
 from convert.verify.checks import (
-    BLOCK_BYTES, ExpertCheck, Mismatch, PassCheck, Tally, chunk_bytes, pass_chunks, pass_shape_problem,
-    computes, release_buffers, role_groups, run_expert, run_pass_chunk,
+    BLOCK_BYTES,
+    ExpertCheck,
+    Mismatch,
+    PassCheck,
+    Tally,
+    chunk_bytes,
+    computes,
+    pass_chunks,
+    pass_shape_problem,
+    release_buffers,
+    role_groups,
+    run_expert,
+    run_pass_chunk,
 )
+from convert.verify.relation import CannotVerify, Relation, VerifyOptions, compare_files, copied_files
 from convert.verify.tables import Stored, Table, Unreadable, element_size, read_table
 from convert.verify.target import recorded_target, target_findings
 from launch.dist import Dist
@@ -59,11 +84,10 @@ from launch.local import add_nproc_flag
 
 BASE_INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
-# Data held by a rank's comparing threads together (each holds one expert of both sides or one chunk pair):
-# fewer threads than --workers where one expert is large.
-MEMORY_BUDGET = int(os.environ.get("MOE_CONVERT_VERIFY_MEMORY", str(256 << 20)))
-# Page cache requested ahead of the items being compared (local files; 0: none).
-READ_AHEAD_BYTES = int(os.environ.get("MOE_CONVERT_VERIFY_READ_AHEAD", str(128 << 20)))
+# The verifier's knobs are VerifyOptions.settings (convert.settings.Settings, read by the entry point when it
+# starts): verify_memory, the data a rank's comparing threads hold together (each one expert of both sides or one
+# chunk pair: fewer threads than --workers where one expert is large); verify_read_ahead, the page cache requested
+# ahead of the items being compared (local files; 0: none); and the stores' (settings.storage).
 
 
 def build_base(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
@@ -176,8 +200,8 @@ def plan_verify(opts: VerifyOptions) -> Relation:
 
     An adapter output is also checked against its target's rules (--target, else the target its
     output record names); without --src, only against those rules."""
-    dst = Storage(opts.dst, opts.storage_options)
-    src = Storage(opts.src, opts.storage_options) if opts.src is not None else None
+    dst = Storage(opts.dst, opts.storage_options, opts.settings.storage)
+    src = Storage(opts.src, opts.storage_options, opts.settings.storage) if opts.src is not None else None
     try:
         if not dst.isdir():
             raise CannotVerify(f"{opts.dst}: the destination is not a directory")
@@ -237,9 +261,9 @@ def share(relation: Relation, rank: int, world: int) -> tuple[list[tuple[int, in
     return mine, passes
 
 
-def worker_threads(workers: int, largest: int, budget: int = MEMORY_BUDGET) -> int:
+def worker_threads(workers: int, largest: int, budget: int = DEFAULT_SETTINGS.verify_memory) -> int:
     """Threads to compare with: `workers`, fewer where that many items of `largest` bytes (plus each
-    thread's scratch blocks) would exceed `budget`; at least one."""
+    thread's scratch blocks) would exceed `budget` (Settings.verify_memory); at least one."""
     per = largest + 2 * BLOCK_BYTES
     return max(1, min(workers, budget // max(1, per)))
 
@@ -295,7 +319,9 @@ class ReadAhead:
     steps. The disk then works while the threads compare; it costs page cache, not process memory.
     """
 
-    def __init__(self, spans: list[Spans], window: int = READ_AHEAD_BYTES) -> None:
+    def __init__(self, spans: list[Spans], window: int = DEFAULT_SETTINGS.verify_read_ahead) -> None:
+        """Nothing requested yet: `spans` are each item's byte ranges, in the order the items run; `window` the
+        bytes to keep requested ahead (Settings.verify_read_ahead; 0: none)."""
         self.spans, self.window = spans, window
         self.cum = [0]
         for sp in spans:
@@ -334,12 +360,13 @@ class ReadAhead:
                     pass
 
 
-def _run_items(items: list[Item], spans: list[Spans], threads: int) -> Iterator[tuple[Tally, int]]:
+def _run_items(items: list[Item], spans: list[Spans], threads: int,
+               read_ahead: int = DEFAULT_SETTINGS.verify_read_ahead) -> Iterator[tuple[Tally, int]]:
     """Each item's result, in the items' order, computed by `threads` threads while ReadAhead requests the
-    bytes of the items to come. Torch ops (where torch is loaded: check_share loads it for casts) run
-    single-threaded meanwhile: the items are the parallelism (intra-op threads on busy cores cost more
-    than they give)."""
-    ahead = ReadAhead(spans)
+    bytes of the items to come (up to `read_ahead` bytes ahead). Torch ops (where torch is loaded: check_share
+    loads it for casts) run single-threaded meanwhile: the items are the parallelism (intra-op threads on busy
+    cores cost more than they give)."""
+    ahead = ReadAhead(spans, read_ahead)
 
     def run(k: int) -> tuple[Tally, int]:
         ahead.reached(k)
@@ -388,10 +415,12 @@ def check_share(relation: Relation, opts: VerifyOptions, rank: int, world: int) 
         # does, as the conversion loads it before its data phase (convert.engine.executor.warm_up).
         import torch  # noqa: F401
     t0 = time.perf_counter()
-    src = Storage(opts.src if opts.src is not None else opts.dst, opts.storage_options)  # rules only: nothing read
+    stores = opts.settings.storage
+    # without --src (rules only) nothing of `src` is read
+    src = Storage(opts.src if opts.src is not None else opts.dst, opts.storage_options, stores)
     if relation.src_chunked:
         src = ChunkedView(src, relation.src_chunked, load_chunk)  # type: ignore[assignment]
-    dst = Storage(opts.dst, opts.storage_options)
+    dst = Storage(opts.dst, opts.storage_options, stores)
     limit = max(1, opts.max_report)
     tally = Tally([], limit=limit)
     items: list[Item] = []
@@ -403,7 +432,7 @@ def check_share(relation: Relation, opts: VerifyOptions, rank: int, world: int) 
             check = relation.experts[i]
             if check.streaming:  # one item per group of roles: a thread holds one group of both sides at a time
                 for k, roles in enumerate(groups[i]):
-                    items.append(lambda c=check, e=e, r=roles, k=k: _expert_item(c, src, dst, e, limit, r, k == 0))
+                    items.append(partial(_expert_item, check, src, dst, e, limit, roles, k == 0))
                     spans.append(_expert_spans(check, src, dst, e, roles))
                     largest = max(largest, check.item_bytes(e, roles))
             else:
@@ -411,19 +440,19 @@ def check_share(relation: Relation, opts: VerifyOptions, rank: int, world: int) 
         expert_largest = largest or None
         pass_problems: dict[int, Mismatch] = {}
         for i in passes:
-            check = relation.passes[i]
+            passing = relation.passes[i]
             tally.tensors_checked += 1
-            problem = pass_shape_problem(check)
+            problem = pass_shape_problem(passing)
             if problem:
                 pass_problems[i] = problem
                 continue
-            for a, b in pass_chunks(check, expert_largest):  # no larger than an expert item: as many threads fit
-                items.append(lambda c=check, i=i, a=a, b=b: _chunk_item(c, i, src, dst, a, b, limit))
-                spans.append(_chunk_spans(check, src, dst, a, b))
-                largest = max(largest, chunk_bytes(check, a, b))
-        tally.threads = worker_threads(opts.workers, largest)
+            for a, b in pass_chunks(passing, expert_largest):  # no larger than an expert item: as many threads fit
+                items.append(partial(_chunk_item, passing, i, src, dst, a, b, limit))
+                spans.append(_chunk_spans(passing, src, dst, a, b))
+                largest = max(largest, chunk_bytes(passing, a, b))
+        tally.threads = worker_threads(opts.workers, largest, opts.settings.verify_memory)
         failed: set[int] = set()
-        for part, index in _run_items(items, spans, tally.threads):
+        for part, index in _run_items(items, spans, tally.threads, opts.settings.verify_read_ahead):
             if index >= 0:
                 if index in failed:  # report only the first differing chunk of a tensor
                     part.mismatches, part.dropped = [], 0
@@ -538,7 +567,7 @@ def verify_after(opts: VerifyOptions, dist: Dist, marker: str, report: dict[str,
     complete. Returns the verifier's exit code; `report` (rank 0) receives its outcome as in verify_job."""
     code = verify_job(opts, dist, report)
     if code == 1 and dist.is_main:
-        dst = Storage(opts.dst, opts.storage_options)
+        dst = Storage(opts.dst, opts.storage_options, opts.settings.storage)
         if dst.exists(marker):
             dst.rename(marker, marker + ".unverified")
             print(f"error: renamed {dst.display(marker)} to {marker}.unverified: the output is not a correct "
@@ -548,17 +577,22 @@ def verify_after(opts: VerifyOptions, dist: Dist, marker: str, report: dict[str,
 
 
 def with_verify(
-    args: argparse.Namespace, job: Callable[[Dist], int], marker: str, report: dict[str, Any] | None = None
+    args: argparse.Namespace, job: Callable[[Dist], int], marker: str, report: dict[str, Any] | None = None,
+    settings: Settings | None = None,
 ) -> Callable[[Dist], int]:
     """`job`, then with --verify (after a successful, non-dry run) the verifier on the same ranks.
 
     `args` are a conversion's parsed flags; `marker` is the output file that marks it complete,
     renamed if verification finds a mismatch; `report` (rank 0) receives the verifier's outcome.
+    `settings`: the check's (convert.settings); None reads them from the environment now, as the conversion's
+    entry point builds this wrapper when its job starts (the same variables its job_environment read).
     """
+    settings = Settings.from_env() if settings is None else settings
+
     def body(dist: Dist) -> int:
         checking = getattr(args, "verify", False) and not getattr(args, "dry_run", False)
         if checking and getattr(args, "dtype", "keep") != "keep":
-            refusal = dist.broadcast(_dequantize_check_refusal(args) if dist.is_main else None)
+            refusal = dist.broadcast(_dequantize_check_refusal(args, settings) if dist.is_main else None)
             if refusal:
                 raise ConversionError(refusal)
         with held_until_done():  # the conversion's lock on --dst is given up after the check (it may rename the marker)
@@ -566,16 +600,17 @@ def with_verify(
             if code != 0 or not checking:
                 return code
             opts = VerifyOptions(args.src, args.dst, getattr(args, "family", None), args.storage_options,
-                                 getattr(args, "base_config", None), target=getattr(args, "target", None))
+                                 getattr(args, "base_config", None), target=getattr(args, "target", None),
+                                 settings=settings)
             return verify_after(opts, dist, marker, report)
 
     return body
 
 
-def _dequantize_check_refusal(args: argparse.Namespace) -> str | None:
+def _dequantize_check_refusal(args: argparse.Namespace, settings: Settings = DEFAULT_SETTINGS) -> str | None:
     """Why --verify with this --dtype is refused before anything is written, or None: the verifier checks
     lossless conversions and casts of float tensors, not the dequantization of a quantized source."""
-    src = Storage(args.src, args.storage_options)
+    src = Storage(args.src, args.storage_options, settings.storage)
     try:
         config = src.read_json("config.json") if src.exists("config.json") else {}
     finally:
@@ -616,9 +651,11 @@ def main(argv: list[str] | None = None) -> None:
     if a.src is None and a.target is None:
         p.error("--src is required (or --target, to check --dst against a target's rules only)")
 
+    settings = Settings.from_env()  # the verifier's and the stores' knobs: read once, as the job starts
+
     def job(dist: Dist) -> int:  # --workers' default depends on the ranks on this machine: known once joined
         opts = VerifyOptions(a.src, a.dst, a.family, a.storage_options, a.base_config, a.max_report, a.report,
-                             a.workers or default_workers(a.dst), a.target)
+                             a.workers or default_workers(a.dst), a.target, settings)
         return verify_job(opts, dist)
 
     run_main(job, a.nproc, preload_torch=a.nproc > 1 and computes_locally(a.src, a.dst))

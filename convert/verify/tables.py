@@ -38,8 +38,8 @@ DTYPES: dict[str, tuple[str, int]] = {
     "F8_E8M0": ("float8_e8m0fnu", 1),
 }
 # numpy integers of each item size: a tensor's elements as bits (numpy has no bfloat16 or float8; bits need none).
-BITS = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
-_SIGNED = {1: np.dtype("i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4"), 8: np.dtype("<i8")}  # what torch.from_numpy takes
+BITS: dict[int, np.dtype[Any]] = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+_SIGNED: dict[int, np.dtype[Any]] = {1: np.dtype("i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4"), 8: np.dtype("<i8")}  # what torch.from_numpy takes
 LEFTOVER = re.compile(r"(\.incomplete|\.tmp)$")
 
 
@@ -217,9 +217,38 @@ def read_table(
     if not storage.isdir():
         raise Unreadable(f"{where}: not a directory")
     files, dirs = storage.list_dir()
+    index, problems = _read_index(storage, index_name, files, require_index)
+    weight_map: dict[str, str] | None = index["weight_map"] if index is not None else None
+    if weight_map is not None:
+        shards, found_shards = _indexed_shards(storage, index_name, weight_map)
+        problems += found_shards
+    elif single_name is not None and single_name in files:
+        shards = [single_name]
+    else:
+        shards = [f for f in files if f.endswith(".safetensors")]
+    found, unreadable, found_headers = _read_shards(storage, shards)
+    problems += found_headers
+    tensors, found_tensors = _pick_tensors(storage, index_name, found, weight_map, strict)
+    problems += found_tensors
+    if weight_map is not None:
+        problems += _unstored(storage, weight_map, found, shards, unreadable)
+        total = (index or {}).get("metadata", {}).get("total_size") if isinstance(index, dict) else None
+        actual = sum(t.nbytes for t in tensors.values())
+        if total != actual and strict:
+            problems.append(f"{storage.display(index_name)}: metadata.total_size is {total}, the tensors hold {actual} bytes")
+    if strict:
+        problems += _stray_files(storage, files, dirs, shards, weight_map is not None, single_name)
+    table = Table(where, tensors, files, dirs, shards, index_name if index is not None else None,
+                  (index or {}).get("metadata", {}) if isinstance(index, dict) else {})
+    return table, problems
+
+
+def _read_index(storage: Storage, index_name: str, files: list[str],
+                require_index: bool) -> tuple[dict[str, Any] | None, list[str]]:
+    """(the index `index_name` among `files` when it is a JSON object with a weight_map object, else None;
+    the problems found: unreadable, no weight_map, or missing where `require_index`)."""
     problems: list[str] = []
     index: dict[str, Any] | None = None
-    weight_map: dict[str, str] | None = None
     if index_name in files:
         try:
             index = storage.read_json(index_name)  # size-bounded, UTF-8
@@ -228,27 +257,31 @@ def read_table(
         if index is not None and not (isinstance(index, dict) and isinstance(index.get("weight_map"), dict)):
             problems.append(f"{storage.display(index_name)}: has no weight_map object")
             index = None
-        if index is not None:
-            weight_map = index["weight_map"]
     elif require_index:
         problems.append(f"{storage.display(index_name)}: missing (an output without its index is incomplete)")
+    return index, problems
 
-    if weight_map is not None:
-        shards = []
-        for fname in sorted(set(weight_map.values()), key=str):
-            if not safe_name(fname):
-                problems.append(f"{storage.display(index_name)}: shard path {fname!r} is absolute or leaves the directory")
-            elif not storage.exists(fname):
-                problems.append(f"{storage.display(index_name)}: names shard {fname!r}, which does not exist")
-            else:
-                shards.append(posixpath.normpath(fname))
-    elif single_name is not None and single_name in files:
-        shards = [single_name]
-    else:
-        shards = [f for f in files if f.endswith(".safetensors")]
 
+def _indexed_shards(storage: Storage, index_name: str, weight_map: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(the shards `weight_map` names that are safe and exist, normalised; the problems with the others)."""
+    shards: list[str] = []
+    problems: list[str] = []
+    for fname in sorted(set(weight_map.values()), key=str):
+        if not safe_name(fname):
+            problems.append(f"{storage.display(index_name)}: shard path {fname!r} is absolute or leaves the directory")
+        elif not storage.exists(fname):
+            problems.append(f"{storage.display(index_name)}: names shard {fname!r}, which does not exist")
+        else:
+            shards.append(posixpath.normpath(fname))
+    return shards, problems
+
+
+def _read_shards(storage: Storage, shards: list[str]) -> tuple[dict[str, list[Stored]], set[str], list[str]]:
+    """(tensor name -> every shard's entry for it; the shards whose header is unreadable; the problems found,
+    the safetensors library's disagreements included)."""
     found: dict[str, list[Stored]] = {}
     unreadable: set[str] = set()
+    problems: list[str] = []
     for shard in shards:
         try:
             parsed = read_header(storage, shard)
@@ -259,45 +292,60 @@ def read_table(
         problems += library_problems(storage, shard, parsed)
         for t in parsed.values():
             found.setdefault(t.name, []).append(t)
+    return found, unreadable, problems
 
+
+def _pick_tensors(storage: Storage, index_name: str, found: dict[str, list[Stored]],
+                  weight_map: dict[str, str] | None, strict: bool) -> tuple[dict[str, Stored], list[str]]:
+    """(tensor name -> the entry a loader reads: the shard `weight_map` maps it to, else the first; the problems:
+    tensors stored twice, unindexed (where `strict`) or not where the index says)."""
     tensors: dict[str, Stored] = {}
+    problems: list[str] = []
     for tname, where_all in sorted(found.items()):
         if len(where_all) > 1:
-            problems.append(f"{where}: tensor {tname!r} is stored twice, in {sorted(t.file for t in where_all)}")
-        if weight_map is not None:
-            indexed = weight_map.get(tname)
-            if indexed is None:
-                if strict:  # a source may hold unindexed tensors: loaders (and the converter) ignore them
-                    problems.append(f"{storage.display(where_all[0].file)}: tensor {tname!r} is not in the index")
-                continue
-            match = [t for t in where_all if t.file == posixpath.normpath(str(indexed))]
-            if not match:
-                problems.append(
-                    f"{storage.display(index_name)}: maps {tname!r} to {indexed}, but it is in {where_all[0].file}"
-                )
-                continue
-            tensors[tname] = match[0]
-        else:
+            problems.append(f"{storage.display()}: tensor {tname!r} is stored twice, in "
+                            f"{sorted(t.file for t in where_all)}")
+        if weight_map is None:
             tensors[tname] = where_all[0]
-    if weight_map is not None:
-        for tname, fname in sorted(weight_map.items()):
-            norm = posixpath.normpath(fname) if safe_name(fname) else None
-            if tname not in found and norm in shards and norm not in unreadable:
-                problems.append(f"{storage.display(str(fname))}: tensor {tname!r} is in the index but not in the file")
-        total = (index or {}).get("metadata", {}).get("total_size") if isinstance(index, dict) else None
-        actual = sum(t.nbytes for t in tensors.values())
-        if total != actual and strict:
-            problems.append(f"{storage.display(index_name)}: metadata.total_size is {total}, the tensors hold {actual} bytes")
+            continue
+        indexed = weight_map.get(tname)
+        if indexed is None:
+            if strict:  # a source may hold unindexed tensors: loaders (and the converter) ignore them
+                problems.append(f"{storage.display(where_all[0].file)}: tensor {tname!r} is not in the index")
+            continue
+        match = [t for t in where_all if t.file == posixpath.normpath(str(indexed))]
+        if not match:
+            problems.append(
+                f"{storage.display(index_name)}: maps {tname!r} to {indexed}, but it is in {where_all[0].file}"
+            )
+            continue
+        tensors[tname] = match[0]
+    return tensors, problems
+
+
+def _unstored(storage: Storage, weight_map: dict[str, str], found: dict[str, list[Stored]], shards: list[str],
+              unreadable: set[str]) -> list[str]:
+    """The problems of tensors `weight_map` maps to a readable shard of `shards` that does not hold them."""
+    problems: list[str] = []
+    for tname, fname in sorted(weight_map.items()):
+        norm = posixpath.normpath(fname) if safe_name(fname) else None
+        if tname not in found and norm in shards and norm not in unreadable:
+            problems.append(f"{storage.display(str(fname))}: tensor {tname!r} is in the index but not in the file")
+    return problems
+
+
+def _stray_files(storage: Storage, files: list[str], dirs: list[str], shards: list[str], indexed: bool,
+                 single_name: str | None) -> list[str]:
+    """The problems of a strict read: a weights file outside `shards` (the first), and every file or directory
+    left over from an unfinished conversion."""
+    problems: list[str] = []
     strays = sorted(f for f in files if f.endswith(".safetensors") and f not in shards)
-    if strays and strict:
+    if strays:
         problems.append(f"{storage.display(strays[0])}: a weights file "
-                        + ("the index does not name" if weight_map is not None else f"beside {single_name}"))
-    if strict:
-        for f in files + dirs:
-            # .moe-convert/ of a finished job holds only its output record (output.json), and a job's lock
-            # (lock.json) while one runs there (a conversion's --verify runs under its lock)
-            if LEFTOVER.search(f) or f == ".moe-convert" and _without_lock(storage.list_dir(f)) != (["output.json"], []):
-                problems.append(f"{storage.display(f)}: left over from an unfinished conversion")
-    table = Table(where, tensors, files, dirs, shards, index_name if index is not None else None,
-                  (index or {}).get("metadata", {}) if isinstance(index, dict) else {})
-    return table, problems
+                        + ("the index does not name" if indexed else f"beside {single_name}"))
+    for f in files + dirs:
+        # .moe-convert/ of a finished job holds only its output record (output.json), and a job's lock
+        # (lock.json) while one runs there (a conversion's --verify runs under its lock)
+        if LEFTOVER.search(f) or f == ".moe-convert" and _without_lock(storage.list_dir(f)) != (["output.json"], []):
+            problems.append(f"{storage.display(f)}: left over from an unfinished conversion")
+    return problems

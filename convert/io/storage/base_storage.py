@@ -1,10 +1,12 @@
 """The store interface every kind implements, and what all kinds share.
 
-`Storage(url, storage_options)` opens a store: fsspec makes the filesystem, and the first registered kind
-(`storage_kind`, then `fallback_kind`) whose `serves` accepts it becomes the object's class. Callers see the
-methods and capability flags of `Storage` only; what differs between kinds (local system calls, S3 requests,
-fsspec calls) lives in the kinds' classes (local_storage, s3_storage, fsspec_storage beside this module), so a
-new kind is a new class, not a branch.
+`Storage(url, storage_options, settings)` opens a store: fsspec makes the filesystem, and the first registered
+kind (`storage_kind`, then `fallback_kind`) whose `serves` accepts it becomes the object's class. The store keeps
+the job's `settings` (convert.settings.StorageSettings: retries, request sizes, the S3 client, local copies; read
+from the environment by the entry point when the job starts, never here), or the defaults where none are given.
+Callers see the methods and capability flags of `Storage` only; what differs between kinds (local system calls,
+S3 requests, fsspec calls) lives in the kinds' classes (local_storage, s3_storage, fsspec_storage beside this
+module), so a new kind is a new class, not a branch.
 
 The public read and copy entry points (read_range, read_bytes, copy_range_from) are defined here once and call
 the kind's protected hooks (_read, _read_file, _copy_range), so whatever wraps them on Storage sees every kind.
@@ -24,22 +26,29 @@ from typing import Any, NoReturn, TypeVar
 import fsspec
 
 from convert.errors import (
-    ConversionError, CredentialsError, EndpointUnreachable, StorageError, credentials_problem, reason_of,
-    service_error, unreachable,
+    ConversionError,
+    CredentialsError,
+    EndpointUnreachable,
+    StorageError,
+    credentials_problem,
+    reason_of,
+    service_error,
+    unreachable,
 )
 from convert.io.range_stream import RangeReader
+from convert.settings import DEFAULT_STORAGE_SETTINGS, StorageSettings
+
+_S = TypeVar("_S", bound="Storage")
 
 T = TypeVar("T")
 K = TypeVar("K", bound="type[Storage]")
-RETRIES = int(os.environ.get("MOE_CONVERT_RETRIES", "8"))
 # Configs and indexes are small (a 90k-tensor index is ~10 MB); anything larger is refused unread.
 MAX_JSON_BYTES = 64 << 20
-# Object stores (measured with bench.s3; see bench/results/S3.md): adjacent source ranges are read by one
-# ranged GET of up to S3_GET_BYTES (Storage.fetch's default).
-S3_GET_BYTES = int(os.environ.get("MOE_CONVERT_S3_GET_BYTES", 32 << 20))
-# Object-store requests a job sends at once outside its data phase (pins, small-file copies): each
-# waits out the store's latency (20-50 ms on S3), so a chain of them in a row costs that many times it.
-PIN_WORKERS = int(os.environ.get("MOE_CONVERT_CONTROL_THREADS", 16))
+# The store's settings (StorageSettings) size the rest. Object stores (measured with bench.s3; see
+# bench/results/S3.md): adjacent source ranges are read by one ranged GET of up to `s3_get_bytes`
+# (Storage.fetch's default); a job sends up to `control_threads` requests at once outside its data phase (pins,
+# small-file copies): each waits out the store's latency (20-50 ms on S3), so a chain of them in a row costs that
+# many times it.
 
 
 def temp_name(path: str) -> str:
@@ -78,7 +87,7 @@ def storage_error(op: str, target: str, exc: BaseException, attempts: int = 1) -
     return StorageError(op, target, reason)
 
 
-def with_retries(op: str, target: str, fn: Callable[[], T], attempts: int = RETRIES) -> T:
+def with_retries(op: str, target: str, fn: Callable[[], T], attempts: int = DEFAULT_STORAGE_SETTINGS.retries) -> T:
     """Call `fn`, retrying transient failures (network, 5xx, throttling) with jittered backoff.
 
     Permanent errors (bad input, missing objects, credentials, 4xx) are raised at once. Every
@@ -89,7 +98,7 @@ def with_retries(op: str, target: str, fn: Callable[[], T], attempts: int = RETR
             return fn()
         except ConversionError:
             raise
-        except Exception as exc:  # noqa: BLE001 - object stores raise many kinds of transient errors
+        except Exception as exc:  # object stores raise many kinds of transient errors
             if _is_permanent(exc) or attempt == attempts - 1:
                 raise storage_error(op, target, exc, attempt + 1) from exc
             time.sleep(min(10.0, 0.05 * 2**attempt) * (0.5 + random.random()))
@@ -178,9 +187,9 @@ def fallback_kind(kind: K) -> K:
 class Storage:
     """One store: a filesystem plus a root directory (a local path or a URL such as s3://b/p).
 
-    `Storage(url, storage_options)` returns an object of the registered kind that serves the URL's filesystem
-    (local files, S3, any other fsspec filesystem). The capability flags below say what a kind can do; callers
-    test them, never the kind.
+    `Storage(url, storage_options, settings)` returns an object of the registered kind that serves the URL's
+    filesystem (local files, S3, any other fsspec filesystem), tuned by `settings` (StorageSettings; the
+    defaults where None). The capability flags below say what a kind can do; callers test them, never the kind.
     """
 
     # -- capabilities (class attributes each kind sets) ------------------------------------------------------
@@ -198,35 +207,42 @@ class Storage:
     #: Kind flags for modules not yet moved to the capabilities above (convert.formats.checkpoint); prefer those.
     is_local: bool = False
     is_s3: bool = False
-    #: Attempts of one operation (_retry): object stores retry transient failures.
-    _attempts: int = RETRIES
+    #: Attempts of one operation (_retry): None for the settings' `retries` (object stores retry transient failures).
+    _attempts: int | None = None
     url: str  # as the caller gave it
+    settings: StorageSettings  # the job's knobs of its stores (convert.settings)
     fs: Any  # the fsspec filesystem
     root: str  # the root directory, as a path of fs
 
-    def __new__(cls, url: str, storage_options: Mapping[str, Any] | None = None) -> Storage:
+    def __new__(cls: type[_S], url: str, storage_options: Mapping[str, Any] | None = None,
+                settings: StorageSettings | None = None) -> _S:
         """Open the store at `url`: the filesystem fsspec makes for it (with `storage_options`, as each kind
-        prepares them: prepare_options), as the first registered kind (a subclass of `cls`) that serves it."""
+        prepares them for `settings`: prepare_options), as the first registered kind (a subclass of `cls`) that
+        serves it, keeping `settings` (the defaults where None)."""
+        settings = DEFAULT_STORAGE_SETTINGS if settings is None else settings
         options = dict(storage_options or {})
         for kind in (*_KINDS, *_FALLBACKS):
-            options = kind.prepare_options(url, options)
+            options = kind.prepare_options(url, options, settings)
         try:
             fs, root = fsspec.core.url_to_fs(url, **options)
         except (ValueError, ImportError, TypeError) as exc:  # unknown protocol, its package not installed, bad options
             raise ConversionError(f"{url}: cannot open ({exc})") from exc
-        kind = next((k for k in (*_KINDS, *_FALLBACKS) if issubclass(k, cls) and k.serves(fs)), None)
-        if kind is None:
+        chosen = next((k for k in (*_KINDS, *_FALLBACKS) if issubclass(k, cls) and k.serves(fs)), None)
+        if chosen is None:
             raise ConversionError(f"{url}: cannot open (no kind of store serves {type(fs).__name__})")
-        self = object.__new__(kind)
+        self = object.__new__(chosen)
         self.url, self.fs, self.root = url, fs, root.rstrip("/") or "/"
+        self.settings = settings
         return self
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        """Set up the kind's own state (__new__ has opened the filesystem: url, fs and root are set)."""
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None,
+                 settings: StorageSettings | None = None) -> None:
+        """Set up the kind's own state (__new__ has opened the filesystem: url, fs, root and settings are set)."""
 
     @classmethod
-    def prepare_options(cls, url: str, options: dict[str, Any]) -> dict[str, Any]:
-        """The fsspec options to open `url` with, given the caller's: each kind adjusts those of its own URLs."""
+    def prepare_options(cls, url: str, options: dict[str, Any], settings: StorageSettings) -> dict[str, Any]:
+        """The fsspec options to open `url` with, given the caller's and the store's `settings`: each kind adjusts
+        those of its own URLs."""
         return options
 
     @classmethod
@@ -249,8 +265,10 @@ class Storage:
         return str(self.fs.unstrip_protocol(self.root))
 
     def _retry(self, op: str, rel: str, fn: Callable[[], T]) -> T:
-        """`fn` under with_retries, with this kind's attempts (one where an error is not transient)."""
-        return with_retries(op, self.display(rel), fn, self._attempts)
+        """`fn` under with_retries, with this kind's attempts (one where an error is not transient), else the
+        settings' retries."""
+        attempts = self.settings.retries if self._attempts is None else self._attempts
+        return with_retries(op, self.display(rel), fn, attempts)
 
     def _error(self, op: str, rel: str, exc: BaseException) -> StorageError:
         """`exc`, raised doing `op` on `rel`, as a StorageError naming both."""
@@ -283,8 +301,9 @@ class Storage:
         raise NotImplementedError
 
     def pins(self, names: Sequence[str], like: dict[str, dict[str, Any]] | None = None,
-             workers: int = PIN_WORKERS, listed: bool = False) -> dict[str, dict[str, Any]]:
-        """name -> pin(name) for each of `names`, with as few requests, and as few in a row, as the store allows.
+             workers: int | None = None, listed: bool = False) -> dict[str, dict[str, Any]]:
+        """name -> pin(name) for each of `names`, with as few requests, and as few in a row, as the store allows
+        (up to `workers` at once; None: the settings' control_threads).
 
         `like` (pins taken earlier, to be compared with these) and `listed` (pins this object's own listings
         saw may serve) are hints a kind may use; errors are pin()'s.
@@ -355,15 +374,16 @@ class Storage:
         its reads is one read_range; a kind that can stream a range by one request returns its own reader."""
         return RangeReader(self, rel, start, end)
 
-    def fetch(self, ranges: Sequence[tuple[str, int, int]], max_get: int = S3_GET_BYTES) -> Fetched:
+    def fetch(self, ranges: Sequence[tuple[str, int, int]], max_get: int | None = None) -> Fetched:
         """The bytes of `ranges` ((file, start, end) each), read with as few requests as adjacency allows.
 
         Ranges that touch or overlap in one file are read together, by reads of at most `max_get`
-        bytes (a single range larger than that is still one read). Returns a Fetched that answers
-        read_range / read_into for any byte range inside the fetched ones.
+        bytes (None: the settings' s3_get_bytes; a single range larger than that is still one read).
+        Returns a Fetched that answers read_range / read_into for any byte range inside the fetched ones.
         """
         out = Fetched(self)
-        for rel, start, end in merge_ranges(ranges, max_get):
+        limit = self.settings.s3_get_bytes if max_get is None else max_get
+        for rel, start, end in merge_ranges(ranges, limit):
             out.add(rel, start, self.read_range(rel, start, end))
         return out
 

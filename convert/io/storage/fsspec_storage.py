@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from convert.io.storage.base_storage import PIN_WORKERS, Storage, fallback_kind
+from convert.io.storage.base_storage import Storage, fallback_kind
 
 # Fields of fsspec's info() that identify an object's content (S3, GCS, Azure); times where there is none.
 PIN_KEYS = ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash")
@@ -58,9 +58,14 @@ class FsspecStorage(Storage):
         return _pin_of(self._retry("stat", rel, lambda: self.fs.info(self.path(rel))))
 
     def pins(self, names: Sequence[str], like: dict[str, dict[str, Any]] | None = None,
-             workers: int = PIN_WORKERS, listed: bool = False) -> dict[str, dict[str, Any]]:
-        """name -> pin(name) for each of `names`: up to `workers` requests at once."""
-        return self._pin_each(sorted(set(names)), {}, like, workers)
+             workers: int | None = None, listed: bool = False) -> dict[str, dict[str, Any]]:
+        """name -> pin(name) for each of `names`: up to `workers` requests at once (None: the settings'
+        control_threads)."""
+        return self._pin_each(sorted(set(names)), {}, like, self._workers(workers))
+
+    def _workers(self, workers: int | None) -> int:
+        """`workers`, or the settings' control_threads where None: requests sent at once outside the data phase."""
+        return self.settings.control_threads if workers is None else workers
 
     def _pin_each(self, names: list[str], found: dict[str, dict[str, Any]], like: dict[str, dict[str, Any]] | None,
                   workers: int) -> dict[str, dict[str, Any]]:

@@ -12,11 +12,10 @@ from typing import Any, cast
 from fsspec.implementations.local import LocalFileSystem
 
 from convert.errors import ConversionError
-from convert.io.storage.base_storage import PIN_WORKERS, Storage, storage_kind, temp_name
+from convert.io.storage.base_storage import Storage, storage_kind, temp_name
+from convert.settings import StorageSettings
 
-LOCAL_COPY = os.environ.get("MOE_CONVERT_LOCAL_COPY", "buffered")  # or "kernel": copy_file_range
 COPY_BUFFER_BYTES = 1 << 20
-WRITE_BEHIND = os.environ.get("MOE_CONVERT_WRITE_BEHIND", "1") != "0"
 _SYNC_FILE_RANGE_WRITE = 2
 _thread_state = threading.local()
 
@@ -32,7 +31,8 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     return fn
 
 
-_sync_file_range = _load_sync_file_range() if WRITE_BEHIND else None
+# Looked up once; a store calls it only where its settings ask for write-behind (StorageSettings.write_behind).
+_sync_file_range = _load_sync_file_range()
 
 
 def _copy_buffer() -> memoryview:
@@ -45,7 +45,9 @@ def _copy_buffer() -> memoryview:
 
 @storage_kind
 class LocalStorage(Storage):
-    """A directory of this machine's filesystem. Errors are not retried (a local error is not transient)."""
+    """A directory of this machine's filesystem. Errors are not retried (a local error is not transient). Its
+    settings choose the copy loop (local_copy) and whether writes are handed to the disk as they go
+    (write_behind)."""
 
     remote = False
     local_paths = True
@@ -53,9 +55,10 @@ class LocalStorage(Storage):
     is_local = True
     _attempts = 1
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None,
+                 settings: StorageSettings | None = None) -> None:
         """Descriptors are opened on first use and cached per (file, flags) until close()."""
-        super().__init__(url, storage_options)
+        super().__init__(url, storage_options, settings)
         self._fds: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
 
@@ -87,7 +90,7 @@ class LocalStorage(Storage):
         return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
 
     def pins(self, names: Sequence[str], like: dict[str, dict[str, Any]] | None = None,
-             workers: int = PIN_WORKERS, listed: bool = False) -> dict[str, dict[str, Any]]:
+             workers: int | None = None, listed: bool = False) -> dict[str, dict[str, Any]]:
         """name -> pin(name) for each of `names`, one stat each (the hints are of no use here)."""
         return {n: self.pin(n) for n in sorted(set(names))}
 
@@ -201,16 +204,17 @@ class LocalStorage(Storage):
 
     def _copy_range(self, src: Storage, src_rel: str, src_off: int, dst_rel: str, dst_off: int, n: int) -> None:
         """Copy between local files through a reused 1 MiB buffer per thread (pread into it, pwrite from it), or
-        with `copy_file_range` when MOE_CONVERT_LOCAL_COPY=kernel. On ext4 (no copy offload) copy_file_range is
-        an in-kernel splice that costs ~1.5x the CPU of the buffered loop (measured by bench.run); choose it
-        where the filesystem offloads copies (NFS >= 4.2 server-side copy, reflinks)."""
+        with `copy_file_range` where this store's settings say local_copy "kernel" (MOE_CONVERT_LOCAL_COPY). On
+        ext4 (no copy offload) copy_file_range is an in-kernel splice that costs ~1.5x the CPU of the buffered
+        loop (measured by bench.run); choose it where the filesystem offloads copies (NFS >= 4.2 server-side
+        copy, reflinks)."""
         local = cast(LocalStorage, src)  # can_copy_range_from: a LocalStorage or a view of one
         reading = True  # which side an OSError came from, for its message
         try:
             sfd = local._fd(src_rel, os.O_RDONLY)
             reading = False
             dfd = self._fd(dst_rel, os.O_WRONLY)
-            if LOCAL_COPY == "kernel" and hasattr(os, "copy_file_range"):
+            if self.settings.local_copy == "kernel" and hasattr(os, "copy_file_range"):
                 while n:
                     done = os.copy_file_range(sfd, dfd, n, src_off, dst_off)
                     if done <= 0:
@@ -239,9 +243,10 @@ class LocalStorage(Storage):
 
         Keeps the disk busy while later bytes are produced, so the closing fsync finds little
         left to flush (a 441 MB write + fsync took 0.33 s, 0.24 s with this every 8 MB, on
-        ext4). Linux only; elsewhere (or with MOE_CONVERT_WRITE_BEHIND=0) a no-op.
+        ext4). Linux only; elsewhere (or where the settings' write_behind is off: MOE_CONVERT_WRITE_BEHIND=0) a
+        no-op.
         """
-        if _sync_file_range is not None and end > start:
+        if self.settings.write_behind and _sync_file_range is not None and end > start:
             _sync_file_range(self._fd(rel, os.O_WRONLY), start, end - start, _SYNC_FILE_RANGE_WRITE)
 
     def fsync(self, rel: str) -> None:

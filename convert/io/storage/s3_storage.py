@@ -8,6 +8,7 @@ Requests go through s3fs's `call_s3` (and, for streamed bodies, its coroutine `_
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,22 +17,18 @@ from typing import Any, cast
 
 from convert.errors import ConversionError, SourceChanged, StorageError, reason_of, service_error, unreachable
 from convert.io.range_stream import RangeReader
-from convert.io.storage.base_storage import PIN_WORKERS, Storage, storage_kind, with_retries
+from convert.io.storage.base_storage import Storage, storage_kind, with_retries
 from convert.io.storage.fsspec_storage import FsspecStorage, _pin_of
+from convert.settings import StorageSettings
 
-# Object stores (measured with bench.s3; see bench/results/S3.md): the client keeps up to S3_POOL connections (it
-# must not be smaller than the requests a process has in flight, or they queue); botocore retries throttling in
-# S3_RETRY_MODE.
-# Byte copies into local files stream each request's body (S3RangeReader), so its size costs no
-# memory: one request reads up to this many bytes (a rank's spans come in whole rounds of --workers; 64 MiB
-# gave 329 MB on 4 workers 6 spans, the last 2 read while the others' workers idled: bench.s3trace).
-S3_STREAM_BYTES = int(os.environ.get("MOE_CONVERT_S3_STREAM_BYTES", 256 << 20))
-S3_POOL = int(os.environ.get("MOE_CONVERT_S3_POOL", 64))
-S3_RETRY_MODE = os.environ.get("MOE_CONVERT_S3_RETRY_MODE", "standard")
-# Reads of an S3 source are conditional on the ETag the plan pinned (If-Match); 0 turns that off for a store that
-# refuses the condition, and the source is then checked by a listing after the data instead.
-S3_CONDITIONAL_READS = os.environ.get("MOE_CONVERT_S3_CONDITIONAL_READS", "1") != "0"
-S3_RETRY_ATTEMPTS = int(os.environ.get("MOE_CONVERT_S3_RETRY_ATTEMPTS", 5))
+# The store's settings (convert.settings.StorageSettings) tune it. Object stores (measured with bench.s3; see
+# bench/results/S3.md): the client keeps up to `s3_pool` connections (it must not be smaller than the requests a
+# process has in flight, or they queue); botocore retries throttling in `s3_retry_mode`, `s3_retry_attempts`
+# times. Byte copies into local files stream each request's body (S3RangeReader), so its size costs no memory: one
+# request reads up to `s3_stream_bytes` (a rank's spans come in whole rounds of --workers; 64 MiB gave 329 MB on 4
+# workers 6 spans, the last 2 read while the others' workers idled: bench.s3trace). Reads of an S3 source are
+# conditional on the ETag the plan pinned (If-Match); `s3_conditional_reads` off (for a store that refuses the
+# condition) reads without it, and the source is then checked by a listing after the data instead.
 
 
 def _etag(pin: Mapping[str, Any]) -> str | None:
@@ -162,9 +159,10 @@ class S3Storage(FsspecStorage):
     conditional_writes = True
     is_s3 = True
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None,
+                 settings: StorageSettings | None = None) -> None:
         """Make the client skip botocore's retries of an unreachable endpoint; no pins yet."""
-        super().__init__(url, storage_options)
+        super().__init__(url, storage_options, settings)
         fail_fast_when_unreachable(self.fs)
         self._listed: dict[str, dict[str, Any]] = {}  # file -> pin, as this object's listings saw it
         self._expect: dict[str, dict[str, Any]] = {}  # file -> the pin every read of it is conditional on
@@ -172,10 +170,11 @@ class S3Storage(FsspecStorage):
         self._applies_conditions: Future[bool] | None = None  # probe_conditions' answer
 
     @classmethod
-    def prepare_options(cls, url: str, options: dict[str, Any]) -> dict[str, Any]:
+    def prepare_options(cls, url: str, options: dict[str, Any], settings: StorageSettings) -> dict[str, Any]:
         """For s3:// and s3a:// URLs: name the endpoint of AWS_ENDPOINT_URL (fsspec caches filesystems by their
         arguments, so a client made for another endpoint, same process, is never reused), and size the client's
-        connection pool and retries (S3_POOL, S3_RETRY_MODE, S3_RETRY_ATTEMPTS) unless the caller did."""
+        connection pool and retries (`settings`: s3_pool, s3_retry_mode, s3_retry_attempts) unless the caller
+        did."""
         if not url.startswith(("s3://", "s3a://")):
             return options
         options = dict(options)
@@ -183,8 +182,8 @@ class S3Storage(FsspecStorage):
                 and "endpoint_url" not in (options.get("client_kwargs") or {}):
             options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
         config = dict(options.get("config_kwargs") or {})
-        config.setdefault("max_pool_connections", S3_POOL)
-        config.setdefault("retries", {"mode": S3_RETRY_MODE, "max_attempts": S3_RETRY_ATTEMPTS})
+        config.setdefault("max_pool_connections", settings.s3_pool)
+        config.setdefault("retries", {"mode": settings.s3_retry_mode, "max_attempts": settings.s3_retry_attempts})
         options["config_kwargs"] = config
         return options
 
@@ -194,18 +193,21 @@ class S3Storage(FsspecStorage):
         return hasattr(fs, "call_s3") and hasattr(fs, "split_path")
 
     def _s3(self, what: str, method: str, rel: str, **kwargs: Any) -> Any:
-        """The answer of the S3 request `method` on the object `rel` (with `kwargs`), under with_retries."""
+        """The answer of the S3 request `method` on the object `rel` (with `kwargs`), under with_retries (the
+        settings' retries)."""
         bucket, key, _ = self.fs.split_path(self.path(rel))
-        return with_retries(what, self.display(rel), lambda: self.fs.call_s3(method, Bucket=bucket, Key=key, **kwargs))
+        return with_retries(what, self.display(rel), lambda: self.fs.call_s3(method, Bucket=bucket, Key=key, **kwargs),
+                            self.settings.retries)
 
     # -- pins and conditional reads --------------------------------------------------------------------------
     def pins(self, names: Sequence[str], like: dict[str, dict[str, Any]] | None = None,
-             workers: int = PIN_WORKERS, listed: bool = False) -> dict[str, dict[str, Any]]:
+             workers: int | None = None, listed: bool = False) -> dict[str, dict[str, Any]]:
         """name -> pin(name) for each of `names`, with as few requests, and as few in a row, as the store allows.
 
         One listing per directory gives size and ETag of every file in it (what pin() takes from a HEAD); a file
         the listing does not show, or whose pin in `like` (pins taken earlier, to be compared with these) holds a
-        field a listing has not (a VersionId), gets its own pin(), up to `workers` at once. Errors are pin()'s: a
+        field a listing has not (a VersionId), gets its own pin(), up to `workers` at once (None: the settings'
+        control_threads). Errors are pin()'s: a
         missing file raises as pin() does. With `listed`, pins this object's own earlier listings (list_dir) saw
         serve without a request: for a job's plan, whose listing found the very files it pins (a change after it
         is still a change).
@@ -220,7 +222,7 @@ class S3Storage(FsspecStorage):
             except OSError:
                 continue  # each file's own pin() below names the problem
             found.update({n: self._listed[n] for n in (posixpath.join(parent, f) for f in files)})
-        return self._pin_each(names, found, like, workers)
+        return self._pin_each(names, found, like, self._workers(workers))
 
     def _saw_file(self, rel: str, entry: dict[str, Any]) -> None:
         """Keep the pin of a file list_dir found: reads of it are conditional on it (_read_pin)."""
@@ -238,7 +240,7 @@ class S3Storage(FsspecStorage):
         it has answered so, no read counts as pinned (reads_pinned): a store that ignores the condition would
         hand out bytes of a file rewritten during the job."""
         rel = next((n for n, pin in pins.items() if pin.get("size")), None)
-        if S3_CONDITIONAL_READS and self._applies_conditions is None and rel is not None:
+        if self.settings.s3_conditional_reads and self._applies_conditions is None and rel is not None:
             pool = ThreadPoolExecutor(max_workers=1)
             self._applies_conditions = pool.submit(self._refuses_unmet_condition, rel)
             pool.shutdown(wait=False)
@@ -267,9 +269,9 @@ class S3Storage(FsspecStorage):
         return all(self.if_match(n) and n not in self._unverified for n in names)
 
     def _read_pin(self, rel: str) -> Mapping[str, Any] | None:
-        """The pin a read of `rel` is conditional on (expect, else this object's listing), or None (also where
-        MOE_CONVERT_S3_CONDITIONAL_READS=0)."""
-        if not S3_CONDITIONAL_READS:
+        """The pin a read of `rel` is conditional on (expect, else this object's listing), or None (also where the
+        settings' s3_conditional_reads is off: MOE_CONVERT_S3_CONDITIONAL_READS=0)."""
+        if not self.settings.s3_conditional_reads:
             return None
         return self._expect.get(rel) or self._listed.get(rel)
 
@@ -325,7 +327,7 @@ class S3Storage(FsspecStorage):
         def attempt() -> bytes:
             try:
                 return sync(self.fs.loop, get)
-            except Exception as exc:  # noqa: BLE001 - a refused condition is told apart from other errors
+            except Exception as exc:  # a refused condition is told apart from other errors
                 self.raise_if_refused(rel, exc)
                 raise
 
@@ -354,8 +356,9 @@ class S3Storage(FsspecStorage):
             batch = rels[i : i + 1000]
             bucket, _, _ = self.fs.split_path(self.path(batch[0]))
             keys = [{"Key": self.fs.split_path(self.path(r))[1]} for r in batch]
-            resp = with_retries("remove", self.display(batch[0]), lambda: self.fs.call_s3(
-                "delete_objects", Bucket=bucket, Delete={"Objects": keys, "Quiet": True}))
+            delete = functools.partial(self.fs.call_s3, "delete_objects", Bucket=bucket,
+                                       Delete={"Objects": keys, "Quiet": True})
+            resp = with_retries("remove", self.display(batch[0]), delete, self.settings.retries)
             for rel in batch:
                 self._forget(rel)
             errors = resp.get("Errors") or []
@@ -417,7 +420,7 @@ class S3Storage(FsspecStorage):
                 return sync(self.fs.loop, get)
             except FileNotFoundError:
                 return None
-            except Exception as exc:  # noqa: BLE001 - a missing object is an answer, not an error
+            except Exception as exc:  # a missing object is an answer, not an error
                 answer = service_error(exc)
                 if answer and (answer[0] == 404 or answer[1] in ("NoSuchKey", "NotFound")):
                     return None
@@ -488,6 +491,7 @@ class S3Storage(FsspecStorage):
         resp = with_retries(
             "list uploads of", self.display(),
             lambda: self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key.rstrip("/") + "/"),
+            self.settings.retries,
         )
         _, root_key, _ = self.fs.split_path(self.root)
         return [
@@ -499,5 +503,5 @@ class S3Storage(FsspecStorage):
         failure here is left for that request to report."""
         try:
             self.fs.connect()  # s3fs: set_session's blocking form (set_session itself is a coroutine)
-        except Exception:  # noqa: BLE001 - reported by the first real request, with its file
+        except Exception:  # noqa: BLE001, S110 - reported by the first real request, with its file
             pass
