@@ -11,8 +11,8 @@ import warnings
 
 import pytest
 
-from convert.engine.output_record import changed_pins, check_pins, source_pins
 from convert.errors import ConversionError
+from convert.io.pins import changed_pins, check_pins, source_pins
 from convert.io.storage import Storage
 from s3_server import FlakyProxy
 

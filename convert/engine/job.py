@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from convert.engine.dest_lock import DestinationLock, LockLost, lock_times
 from convert.engine.executor import PHASES, piece_memory, warm_up
-from convert.engine.output_record import Contents, check_pins, judge_destination, record_bytes
+from convert.engine.output_record import Contents, judge_destination, record_bytes
 from convert.engine.planner import Draft, JobOptions, JobSetup, Planner, choose_ep, fingerprint
 from convert.engine.sinks import OUTPUT_RECORD, Sink, SinkJob, clear_state, make_sink, read_state, state_listing
 from convert.errors import ConversionError, error_text, set_destination
@@ -40,6 +40,7 @@ from convert.formats.chunks import ChunkedTensor, ChunkedView
 from convert.formats.dcp import load_chunk
 from convert.formats.model_config import CONFIG_DTYPE_NAMES, config_bytes, read_base_config, with_dtype
 from convert.formats.shard_layout import OutputFile, layout_files, weight_map
+from convert.io.pins import STATE_KEY, SourcePins, check_pins
 from convert.io.storage import Storage
 from convert.plan.base import plan_conversion
 from convert.plan.chunk_reads import localize
@@ -238,7 +239,7 @@ class RankWork:
 
     job: SinkJob  # the rank's own view of the job (Sink.for_rank): only the pieces it writes
     job_id: str
-    pins: dict[str, dict[str, Any]]  # the source files' pins: every read is conditional on them (Storage.expect)
+    pins: SourcePins  # the source files' pins: every read is conditional on them (Storage.expect)
     chunked: dict[str, ChunkedTensor] = field(default_factory=dict)  # the virtual files its pieces read
     sources: dict[str, str] = field(default_factory=dict)  # the extra sources its pieces read (JobSetup.sources)
 
@@ -391,7 +392,7 @@ class Coordinator:
         src.probe_conditions(setup.pins)
         sink = make_sink(src, dst, opts.settings)
         job = SinkJob(setup.files, setup.pieces, setup.assignment, setup.fingerprint, opts.workers,
-                      state={"pins": setup.pins, "outputs": setup.outputs})
+                      state={STATE_KEY: setup.pins, "outputs": setup.outputs})
         ended = self.prepare(src, dst, sink, job)
         if ended is None:
             self.copies = _start_copies(src, dst, setup.copy_files, setup.pins)
@@ -530,7 +531,7 @@ class Copies:
         return self.checked is not None and self.checked.result()
 
 
-def _start_copies(src: Storage, dst: Storage, names: list[str], pins: dict[str, dict[str, Any]]) -> Copies:
+def _start_copies(src: Storage, dst: Storage, names: list[str], pins: SourcePins) -> Copies:
     """Rank 0, once the destination is prepared: start copying the source's other files (configs, tokenizer:
     no markers) unchanged into it, all at once, in the background while the shards stream, then checking
     their pins (_check_copied), off the commit's path."""
@@ -543,7 +544,7 @@ def _start_copies(src: Storage, dst: Storage, names: list[str], pins: dict[str, 
     return copies
 
 
-def _check_copied(src: Storage, names: list[str], pins: dict[str, dict[str, Any]], copies: Copies) -> bool:
+def _check_copied(src: Storage, names: list[str], pins: SourcePins, copies: Copies) -> bool:
     """Once every copy of `names` is done, where every other read of the source was conditional on its pin
     (Storage.reads_pinned): check the pins of the copies the store may not have held to theirs (a server-side
     copy), raising ConversionError where one changed; True then. False where that does not settle the source

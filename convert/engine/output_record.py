@@ -11,9 +11,9 @@ files of write_bytes); a destination holding anything else is refused.
 A destination is judged in one place, judge_destination: by the plan (beside the source's planning) and
 again by rank 0 once it holds the destination's lock, whose verdict then says what the job does there.
 
-Source pins (Storage.pin: size, mtime, ctime, inode locally; size and ETag/version on object
-stores) of every file a job reads are taken at plan time, kept in the state file and checked
-at the start of a resume and before the commit. They are not part of the plan fingerprint,
+Source pins (convert.io.pins.Pin, Storage.pin: size, mtime, ctime, inode locally; size and
+ETag/version on object stores) of every file a job reads are taken at plan time (convert.io.pins),
+kept in the state file and checked at the start of a resume and before the commit. They are not part of the plan fingerprint,
 so a resume after a source change names the file instead of calling it another job.
 """
 
@@ -27,6 +27,7 @@ from typing import Any
 from convert.engine.dest_lock import LockTimes, refuse_if_locked
 from convert.engine.sinks import INCOMPLETE, LOCK_FILE, OUTPUT_RECORD, STATE_DIR, read_state
 from convert.errors import ConversionError
+from convert.io.pins import changed_pins, changed_text, pins_from_state
 from convert.io.storage import Storage
 
 TOOL = "moe-convert"
@@ -137,44 +138,6 @@ def refuse_foreign(dst: Storage, contents: Contents) -> None:
         )
 
 
-def source_pins(src: Storage, names: list[str]) -> dict[str, dict[str, Any]]:
-    """name -> Storage.pin of each source file a job reads or copies (metadata only; from the plan's own
-    listing of the source where it saw them all)."""
-    return src.pins(names, listed=True)
-
-
-def changed_pins(src: Storage, pins: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
-    """(file as the user names it, what changed) for each pinned file that is no longer as pinned."""
-    out = []
-    try:
-        current = src.pins(list(pins), like=pins)
-    except FileNotFoundError:  # which one: ask them one by one
-        current = {}
-    for name, pin in sorted(pins.items()):
-        try:
-            now = current[name] if name in current else src.pin(name)
-        except FileNotFoundError:
-            out.append((src.display(name), "deleted"))
-            continue
-        diff = [k for k in sorted(set(pin) | set(now)) if pin.get(k) != now.get(k)]
-        if diff:
-            out.append((src.display(name), "/".join(diff)))
-    return out
-
-
-def _changed_text(changed: list[tuple[str, str]], when: str) -> str:
-    name, what = changed[0]
-    more = f", and {len(changed) - 1} more file(s)" if len(changed) > 1 else ""
-    return f"source file {name} changed {when} ({what} differ{more})"
-
-
-def check_pins(src: Storage, pins: dict[str, dict[str, Any]], when: str, then: str) -> None:
-    """Raise ConversionError "source file X changed <when> (<fields> differ); <then>" if any pinned file changed."""
-    changed = changed_pins(src, pins)
-    if changed:
-        raise ConversionError(f"{_changed_text(changed, when)}; {then}")
-
-
 @dataclass
 class Verdict:
     """What a job does in its destination (judge_destination): start afresh, resume, or, with --overwrite, first
@@ -254,16 +217,16 @@ def check_existing(src: Storage, dst: Storage, overwrite: bool, marker: str, fp:
         raise ConversionError(f"--dst {dst.url} already holds a complete conversion ({marker}); pass --overwrite to redo it")
     state = read_state(dst)
     if state is not None:
-        pins = state.get("pins")
-        changed = changed_pins(src, pins) if isinstance(pins, dict) else []
+        pins = pins_from_state(state)
+        changed = changed_pins(src, pins) if pins is not None else []
         if state.get("fingerprint") == fp and not changed:
             return Verdict(resume=True)
         if state.get("fingerprint") == fp:
             raise ConversionError(
-                f"{_changed_text(changed, 'since the interrupted run')}; the unfinished conversion in --dst {dst.url} "
+                f"{changed_text(changed, 'since the interrupted run')}; the unfinished conversion in --dst {dst.url} "
                 "cannot be resumed: pass --overwrite to start over"
             )
-        why = f" ({_changed_text(changed, 'since')})" if changed else ""
+        why = f" ({changed_text(changed, 'since')})" if changed else ""
         raise ConversionError(
             f"--dst {dst.url} holds an unfinished conversion of a different source or options{why}; "
             "pass --overwrite to discard it"

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from convert.engine.dest_lock import lock_times
-from convert.engine.output_record import judge_destination, look_at_destination, source_pins
+from convert.engine.output_record import judge_destination, look_at_destination
 from convert.errors import ConversionError
 from convert.formats.chunks import ChunkedTensor
 from convert.formats.shard_layout import OutputFile
+from convert.io.pins import SourcePins, source_pins
 from convert.io.storage import Storage
 from convert.plan.base import Piece
 from convert.settings import DEFAULT_SETTINGS, NO_HOOKS, JobHooks, Settings
@@ -64,7 +65,7 @@ class JobSetup:
     fingerprint: str
     resuming: bool = False
     job_id: str = ""
-    pins: dict[str, dict[str, Any]] = field(default_factory=dict)  # source file -> Storage.pin at plan time
+    pins: SourcePins = field(default_factory=dict)  # source file -> Storage.pin at plan time
     target: str | None = None  # the adapter target the output is written for (recorded in the output record)
     chunked: dict[str, ChunkedTensor] = field(default_factory=dict)  # chunked tensors pieces read virtually
     notices: list[str] = field(default_factory=list)  # printed before the job starts (what the source left out)

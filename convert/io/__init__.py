@@ -1,1 +1,2 @@
-"""Byte I/O under every layer: storage (local files, fsspec, S3 with retries) and transient buffer memory."""
+"""Byte I/O under every layer: storage (local files, fsspec, S3 with retries), source pins and transient buffer
+memory."""

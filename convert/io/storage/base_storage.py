@@ -35,6 +35,7 @@ from convert.errors import (
     service_error,
     unreachable,
 )
+from convert.io.pins import Pin, SourcePins
 from convert.io.range_stream import RangeReader
 from convert.settings import DEFAULT_STORAGE_SETTINGS, StorageSettings
 
@@ -295,13 +296,13 @@ class Storage:
         """name -> size in bytes of every file directly below `rel` (one listing)."""
         raise NotImplementedError
 
-    def pin(self, rel: str) -> dict[str, Any]:
+    def pin(self, rel: str) -> Pin:
         """What identifies the current content of the file `rel` without reading it: two equal pins mean the
-        file was not rewritten in between (each kind says which fields)."""
+        file was not rewritten in between (each kind says which fields; convert.io.pins.Pin names them all)."""
         raise NotImplementedError
 
-    def pins(self, names: Sequence[str], like: dict[str, dict[str, Any]] | None = None,
-             workers: int | None = None, listed: bool = False) -> dict[str, dict[str, Any]]:
+    def pins(self, names: Sequence[str], like: SourcePins | None = None,
+             workers: int | None = None, listed: bool = False) -> SourcePins:
         """name -> pin(name) for each of `names`, with as few requests, and as few in a row, as the store allows
         (up to `workers` at once; None: the settings' control_threads).
 
@@ -310,12 +311,12 @@ class Storage:
         """
         raise NotImplementedError
 
-    def expect(self, pins: Mapping[str, Mapping[str, Any]]) -> None:
+    def expect(self, pins: SourcePins) -> None:
         """Make every later read of a file of `pins` (name -> pin) conditional on its pin where the store takes
         conditions, so that a file rewritten since fails the read that meets it (SourceChanged) instead of giving
         bytes of another version. Elsewhere nothing (the pins are checked after the reads)."""
 
-    def probe_conditions(self, pins: Mapping[str, Mapping[str, Any]]) -> None:
+    def probe_conditions(self, pins: SourcePins) -> None:
         """Start finding out, in the background, whether the store applies the conditions of expect() (a store
         that ignores them gives no pinned reads: reads_pinned). Nothing where the store takes none."""
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
+from convert.io.pins import Pin, SourcePins
 from convert.io.storage.base_storage import Storage, fallback_kind
 
 # Fields of fsspec's info() that identify an object's content (S3, GCS, Azure); times where there is none.
@@ -16,14 +17,14 @@ PIN_KEYS = ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash")
 PIN_TIME_KEYS = ("LastModified", "last_modified", "mtime", "updated")
 
 
-def _pin_of(info: Mapping[str, Any]) -> dict[str, Any]:
+def _pin_of(info: Mapping[str, Any]) -> Pin:
     """Storage.pin's fields of an fsspec info() or ls(detail=True) entry: size, then identity or time fields."""
     pin: dict[str, Any] = {"size": int(info.get("size") or 0)}
     for keys in (PIN_KEYS, PIN_TIME_KEYS):
         pin.update({k: str(info[k]) for k in keys if info.get(k) not in (None, "")})
         if len(pin) > 1:
             break
-    return pin
+    return cast(Pin, pin)
 
 
 @fallback_kind
@@ -51,14 +52,14 @@ class FsspecStorage(Storage):
         return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
                 for e in entries if e["type"] != "directory"}
 
-    def pin(self, rel: str) -> dict[str, Any]:
+    def pin(self, rel: str) -> Pin:
         """Size plus the ETag / version / generation fields the filesystem reports for `rel` (its modification
         time where it reports none of them)."""
         self._forget(rel)
         return _pin_of(self._retry("stat", rel, lambda: self.fs.info(self.path(rel))))
 
-    def pins(self, names: Sequence[str], like: dict[str, dict[str, Any]] | None = None,
-             workers: int | None = None, listed: bool = False) -> dict[str, dict[str, Any]]:
+    def pins(self, names: Sequence[str], like: SourcePins | None = None,
+             workers: int | None = None, listed: bool = False) -> SourcePins:
         """name -> pin(name) for each of `names`: up to `workers` requests at once (None: the settings'
         control_threads)."""
         return self._pin_each(sorted(set(names)), {}, like, self._workers(workers))
@@ -67,8 +68,8 @@ class FsspecStorage(Storage):
         """`workers`, or the settings' control_threads where None: requests sent at once outside the data phase."""
         return self.settings.control_threads if workers is None else workers
 
-    def _pin_each(self, names: list[str], found: dict[str, dict[str, Any]], like: dict[str, dict[str, Any]] | None,
-                  workers: int) -> dict[str, dict[str, Any]]:
+    def _pin_each(self, names: list[str], found: SourcePins, like: SourcePins | None,
+                  workers: int) -> SourcePins:
         """name -> pin of each of `names` (sorted): those in `found` as they are, unless their pin in `like` holds a
         field `found`'s has not (a VersionId a listing does not give); the others by pin(), `workers` at once."""
         rest = [n for n in names if n not in found or set((like or {}).get(n, {})) - set(found[n])]

@@ -12,6 +12,7 @@ from typing import Any, cast
 from fsspec.implementations.local import LocalFileSystem
 
 from convert.errors import ConversionError
+from convert.io.pins import Pin, SourcePins
 from convert.io.storage.base_storage import Storage, storage_kind, temp_name
 from convert.settings import StorageSettings
 
@@ -83,14 +84,14 @@ class LocalStorage(Storage):
                 return {e.name: e.stat().st_size for e in it if e.is_file(follow_symlinks=False)}
         return self._retry("list", rel, scan)
 
-    def pin(self, rel: str) -> dict[str, Any]:
+    def pin(self, rel: str) -> Pin:
         """Size, mtime_ns, ctime_ns and inode of the file `rel` (an in-place rewrite changes mtime/ctime, a
         replacement the inode)."""
         st = self._retry("stat", rel, lambda: os.stat(self.path(rel)))
         return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
 
-    def pins(self, names: Sequence[str], like: dict[str, dict[str, Any]] | None = None,
-             workers: int | None = None, listed: bool = False) -> dict[str, dict[str, Any]]:
+    def pins(self, names: Sequence[str], like: SourcePins | None = None,
+             workers: int | None = None, listed: bool = False) -> SourcePins:
         """name -> pin(name) for each of `names`, one stat each (the hints are of no use here)."""
         return {n: self.pin(n) for n in sorted(set(names))}
 

@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, cast
 
 from convert.errors import ConversionError, SourceChanged, StorageError, reason_of, service_error, unreachable
+from convert.io.pins import Pin, SourcePins
 from convert.io.range_stream import RangeReader
 from convert.io.storage.base_storage import Storage, storage_kind, with_retries
 from convert.io.storage.fsspec_storage import FsspecStorage, _pin_of
@@ -31,7 +32,7 @@ from convert.settings import StorageSettings
 # condition) reads without it, and the source is then checked by a listing after the data instead.
 
 
-def _etag(pin: Mapping[str, Any]) -> str | None:
+def _etag(pin: Pin) -> str | None:
     """The ETag of a pin (Storage.pin), or None."""
     etag = pin.get("ETag") or pin.get("etag")
     return str(etag) if etag else None
@@ -164,8 +165,8 @@ class S3Storage(FsspecStorage):
         """Make the client skip botocore's retries of an unreachable endpoint; no pins yet."""
         super().__init__(url, storage_options, settings)
         fail_fast_when_unreachable(self.fs)
-        self._listed: dict[str, dict[str, Any]] = {}  # file -> pin, as this object's listings saw it
-        self._expect: dict[str, dict[str, Any]] = {}  # file -> the pin every read of it is conditional on
+        self._listed: SourcePins = {}  # file -> pin, as this object's listings saw it
+        self._expect: SourcePins = {}  # file -> the pin every read of it is conditional on
         self._unverified: set[str] = set()  # files copied server-side: their pins are still checked after
         self._applies_conditions: Future[bool] | None = None  # probe_conditions' answer
 
@@ -200,8 +201,8 @@ class S3Storage(FsspecStorage):
                             self.settings.retries)
 
     # -- pins and conditional reads --------------------------------------------------------------------------
-    def pins(self, names: Sequence[str], like: dict[str, dict[str, Any]] | None = None,
-             workers: int | None = None, listed: bool = False) -> dict[str, dict[str, Any]]:
+    def pins(self, names: Sequence[str], like: SourcePins | None = None,
+             workers: int | None = None, listed: bool = False) -> SourcePins:
         """name -> pin(name) for each of `names`, with as few requests, and as few in a row, as the store allows.
 
         One listing per directory gives size and ETag of every file in it (what pin() takes from a HEAD); a file
@@ -214,8 +215,8 @@ class S3Storage(FsspecStorage):
         """
         names = sorted(set(names))
         if listed and all(n in self._listed for n in names):
-            return {n: dict(self._listed[n]) for n in names}
-        found: dict[str, dict[str, Any]] = {}
+            return {n: cast(Pin, dict(self._listed[n])) for n in names}
+        found: SourcePins = {}
         for parent in sorted({posixpath.dirname(n) for n in names}):
             try:
                 files, _ = self.list_dir(parent)  # records each file's pin (self._listed)
@@ -228,13 +229,13 @@ class S3Storage(FsspecStorage):
         """Keep the pin of a file list_dir found: reads of it are conditional on it (_read_pin)."""
         self._listed[rel] = _pin_of(entry)
 
-    def expect(self, pins: Mapping[str, Mapping[str, Any]]) -> None:
+    def expect(self, pins: SourcePins) -> None:
         """Make every later read of a file of `pins` (name -> pin) conditional on its pinned ETag (If-Match), so
         that a file rewritten since fails the read that meets it (SourceChanged) instead of giving bytes of
         another version. Reads of files this object's own listing saw are conditional on the ETag it saw."""
-        self._expect.update({n: dict(p) for n, p in pins.items() if _etag(p)})
+        self._expect.update({n: cast(Pin, dict(p)) for n, p in pins.items() if _etag(p)})
 
-    def probe_conditions(self, pins: Mapping[str, Mapping[str, Any]]) -> None:
+    def probe_conditions(self, pins: SourcePins) -> None:
         """Start asking, in the background, whether the store applies If-Match to reads: one GET of the first
         byte of a non-empty file of `pins` on an ETag no object has, which such a store refuses (HTTP 412). Until
         it has answered so, no read counts as pinned (reads_pinned): a store that ignores the condition would
@@ -268,7 +269,7 @@ class S3Storage(FsspecStorage):
             return False
         return all(self.if_match(n) and n not in self._unverified for n in names)
 
-    def _read_pin(self, rel: str) -> Mapping[str, Any] | None:
+    def _read_pin(self, rel: str) -> Pin | None:
         """The pin a read of `rel` is conditional on (expect, else this object's listing), or None (also where the
         settings' s3_conditional_reads is off: MOE_CONVERT_S3_CONDITIONAL_READS=0)."""
         if not self.settings.s3_conditional_reads:
