@@ -181,7 +181,8 @@ def run_case(rows: list[dict[str, Any]], name: str, cmd: list[str], inputs: list
 
 
 def markdown(res: dict[str, Any]) -> str:
-    lines = [f"# convert.merge_adapter, preset {res['preset']}", "", f"base {res['base_gb']:.2f} GB; {res['env']}", "",
+    base = f"bf16 base {res['base_gb']:.2f} GB; " if res["base_gb"] else ""  # 0: the FP8 case alone
+    lines = [f"# convert.merge_adapter, preset {res['preset']}", "", base + res["env"], "",
              "| case | seconds | vs cp -r | data phase s | peak RSS / rank | thread s: read/compute/write/copy | rc |",
              "|---|---|---|---|---|---|---|"]
     for suite, rows in res["suites"].items():

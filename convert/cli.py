@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from convert.engine.job import JobOptions
@@ -12,8 +10,7 @@ from convert.families.namings import naming_names
 from convert.flag_types import json_object, positive_int, size_arg
 from convert.plan.transforms import DTYPE_NAMES
 from convert.settings import JobHooks, Settings
-from convert.toplevel import ToolParser, finish, run_guarded, settle
-from launch.dist import Dist, exit_process, init_dist
+from convert.toplevel import ToolParser, default_workers
 from launch.local import add_nproc_flag
 
 if TYPE_CHECKING:
@@ -52,20 +49,6 @@ def base_parser(prog: str, description: str, names: bool = True) -> argparse.Arg
     return p
 
 
-def default_workers(dst: str) -> int:
-    """--workers when not given, for destination `dst`: 4, or on local disk one per core this rank's share of
-    the machine has (cores / ranks on this machine), at most 16. A local byte copy holds a 1 MiB buffer per
-    worker, so more workers mostly add I/O in flight; an object store's parts are held in memory."""
-    if "://" in dst and not dst.startswith("file://"):
-        return 4
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
-    return max(4, min(16, cores // local_ranks))
-
-
 def job_environment() -> dict[str, Any]:
     """A job's settings and test hooks (JobOptions.settings, JobOptions.hooks), read from the environment as the
     job starts: the one place an entry point reads them (convert.settings; docs/ENVIRONMENT.md). The hooks are
@@ -83,34 +66,6 @@ def job_options(args: argparse.Namespace, layout: str | None) -> JobOptions:
         stats_path=args.stats, names=getattr(args, "names", "hf"), base_config=args.base_config,
         **job_environment(),
     )
-
-
-def run_main(body: Callable[[Dist], int], nproc: int = 1, preload_torch: bool = False) -> None:
-    """Join the process group (first forking `nproc` local ranks when > 1), run `body`, leave the group
-    and exit with its code. `preload_torch`: the job computes with torch, so the --nproc parent
-    imports it once before forking.
-
-    Errors that escape `body` become one line and an exit code, Ctrl-C a quiet exit 130
-    (convert.toplevel.run_guarded); --debug (ToolParser) adds tracebacks.
-    """
-    joined: list[Dist] = []
-
-    def go() -> int:
-        dist = init_dist(nproc=nproc, preload_torch=preload_torch)
-        joined.append(dist)
-        try:
-            code = body(dist)
-            settle(code)
-            # Nobody leaves before rank 0 has printed its report: a launcher stops every rank once one has exited.
-            dist.barrier()
-        finally:
-            dist.close()
-        return code
-
-    code = run_guarded(go)
-    if joined:
-        exit_process(code, joined[0])
-    finish(code)
 
 
 def computes(args: argparse.Namespace) -> bool:

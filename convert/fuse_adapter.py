@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from convert.cli import adapter_options, adapter_parser, run_main
+from convert.cli import adapter_options, adapter_parser
 from convert.engine.adapter_job import ADAPTER_CONFIG, run_adapter_job
 from convert.plan.adapter import FUSED_LAYOUTS
+from convert.toplevel import run_main
 from convert.verify.hook import with_verify
 from launch.dist import Dist
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from convert.cli import base_parser, computes, job_options, run_main
+from convert.cli import base_parser, computes, job_options
 from convert.engine.job import run_job
 from convert.families import load_families
 from convert.formats.checkpoint import INDEX_NAME
+from convert.toplevel import run_main
 from convert.verify.hook import with_verify
 from launch.dist import Dist
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from convert.cli import default_workers, job_environment, run_main
+from convert.cli import job_environment
 from convert.flag_types import json_object, positive_int, size_arg
 from convert.formats.checkpoint import INDEX_NAME
 from convert.plan.transforms import DTYPE_NAMES
-from convert.toplevel import ToolParser
+from convert.toplevel import ToolParser, default_workers, run_main
 from launch.dist import Dist
 from launch.local import add_nproc_flag
 

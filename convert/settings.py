@@ -113,7 +113,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """The settings `environ` (default os.environ) sets, every other one at its default. The one place that
-        reads these variables; called when a job starts (convert.cli, convert.verify)."""
+        reads these variables; called by the entry points when a job starts (the module docstring lists them)."""
         env, d = _Env(environ), cls()
         return cls(
             upload_threads=env.integer("MOE_CONVERT_UPLOAD_THREADS", d.upload_threads),

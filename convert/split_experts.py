@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from convert.cli import base_parser, computes, job_options, run_main
+from convert.cli import base_parser, computes, job_options
 from convert.engine.job import JobOptions, JobSetup, plan_job, run_planned
 from convert.families import PER_EXPERT
 from convert.formats.checkpoint import INDEX_NAME
 from convert.io.storage import Storage
 from convert.plan.readers import check_split_source
+from convert.toplevel import run_main
 from convert.verify.hook import with_verify
 from launch.dist import Dist
 

@@ -182,7 +182,6 @@ def run_program(main: Callable[[], object]) -> NoReturn:
     hard_exit(code)
 
 
-
 def default_workers(dst: str) -> int:
     """--workers when not given, for destination `dst`: 4, or on local disk one per core this rank's share of
     the machine has (cores / ranks on this machine), at most 16. A local byte copy holds a 1 MiB buffer per

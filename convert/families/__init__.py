@@ -9,6 +9,7 @@ installed transformers' table; a maintenance command, never imported by a conver
 from convert.families.family import PER_EXPERT, Family, FusedTensor, Merge
 from convert.families.names import Rename, template_regex
 from convert.families.registry import (
+    dequantized_family,
     detect_family,
     family_by_name,
     family_dirs,
@@ -18,6 +19,6 @@ from convert.families.registry import (
 )
 
 __all__ = [
-    "PER_EXPERT", "Family", "FusedTensor", "Merge", "Rename", "detect_family", "family_by_name", "family_dirs",
+    "PER_EXPERT", "Family", "FusedTensor", "Merge", "Rename", "dequantized_family", "detect_family", "family_by_name", "family_dirs",
     "find_family", "load_families", "representative", "template_regex",
 ]

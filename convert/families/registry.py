@@ -110,6 +110,18 @@ def load_families(directory: Path | str | None = None) -> dict[str, Family]:
     return registry([Path(directory)] if directory is not None else None).families
 
 
+def dequantized_family(family: Family) -> Family:
+    """The family whose roles and names `family`'s dequantized weights have (an MXFP4 family's
+    quantization.dequantize target: what its LoRA was trained on), else `family` itself; raises ConversionError
+    where the target is not a known family."""
+    if family.dequantize is None:
+        return family
+    target = load_families().get(family.dequantize[0])
+    if target is None:
+        raise ConversionError(f"{family.source}: quantization.dequantize names unknown family {family.dequantize[0]!r}")
+    return target
+
+
 def family_by_name(name: str) -> Family:
     """The family called `name`, or claiming model type / class `name`; raises ConversionError if none."""
     reg = registry()

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from convert.errors import ConversionError
-from convert.families import Family
+from convert.families import Family, dequantized_family
 from convert.formats.adapter_layouts import PEFT_PREFIX, ExpertLoraGroup, detect_expert_lora, fused_order
 from convert.formats.adapter_source import AdapterSource
 from convert.formats.checkpoint import Checkpoint, TensorRef
@@ -495,7 +495,7 @@ class _MergePlanner:
         self.ckpt, self.family, self.adapter, self.dtype = ckpt, family, adapter, dtype
         self.chunk, self.run_bytes = chunk, run_bytes
         where = ckpt.storage.display("config.json")
-        self.lfam = _lora_family(family)  # whose roles and names the adapter's LoRA has (the MXFP4 family's target)
+        self.lfam = dequantized_family(family)  # whose roles and names the adapter's LoRA has (the MXFP4 family's target)
         self.qfamily = family.with_companions(family.companions_in(ckpt.tensors))
         # --dtype on an FP8 base: every FP8 weight dequantized
         self.dequant = bool(dtype) and bool(self.qfamily.companion_roles)
@@ -813,19 +813,6 @@ class CastRun:
             return [memoryview(bufs[0])]
         x = from_bytes(bufs[0], self.dtype, (len(bufs[0]) // DTYPE_SIZES[self.dtype],))
         return [to_bytes(x.to(torch_dtypes()[self.out_dtype]))]
-
-
-def _lora_family(family: Family) -> Family:
-    """The family whose roles and names an adapter's LoRA uses: an MXFP4 family's dequantization target (its LoRA
-    was trained on the dequantized model), else `family` itself."""
-    if family.dequantize is None:
-        return family
-    from convert.families import load_families
-
-    target = load_families().get(family.dequantize[0])
-    if target is None:
-        raise ConversionError(f"{family.source}: quantization.dequantize names unknown family {family.dequantize[0]!r}")
-    return target
 
 
 def _merge_dst_units(qfamily: Family, group: ExpertGroup, dtype: str | None, weights: frozenset[str],

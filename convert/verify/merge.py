@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from convert.errors import ConversionError
-from convert.families import Family, detect_family, load_families
+from convert.families import Family, dequantized_family, detect_family
 from convert.formats.adapter_layouts import PEFT_PREFIX, ExpertLoraGroup, detect_expert_lora
 from convert.formats.checkpoint import INDEX_NAME
 from convert.formats.safetensors import TensorInfo
@@ -103,16 +103,6 @@ def _strip(name: str) -> str:
     return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
 
 
-def _lora_family(plain: Family) -> Family:
-    """The family whose roles and names the adapter's LoRA has: an MXFP4 family's dequantization target, else `plain`."""
-    if plain.dequantize is None:
-        return plain
-    lfam = load_families().get(plain.dequantize[0])
-    if lfam is None:
-        raise ConversionError(f"{plain.source}: quantization.dequantize names unknown family {plain.dequantize[0]!r}")
-    return lfam
-
-
 def _expert_tensor_names(base_layers: dict[str, LayerTensors], dst_layers: dict[str, LayerTensors]) -> set[str]:
     """The names of the expert tensors of every layer of both sides."""
     return {st.name for lt in [*base_layers.values(), *dst_layers.values()]
@@ -184,7 +174,7 @@ class MergeCheck:
         # an MXFP4 base (a family with quantization.dequantize): target role -> (blocks role, scales role); the
         # adapter's LoRA has the target family's roles and names
         self.mx: dict[str, tuple[str, str]] = dict(plain.dequantize[1]) if plain.dequantize else {}
-        self.lfam = _lora_family(plain)
+        self.lfam = dequantized_family(plain)
         self.mx_cast: dict[str, str] = dict(plain.dequantize[2]) if plain.dequantize else {}
         # --dtype on an MXFP4 base: every expert layer written in the target family's layout (no U8 blocks left)
         self.mx_dtype = bool(self.mx) and not any(t.dtype == "U8" and n in self.dst_table.tensors
