@@ -436,3 +436,34 @@ def test_fp8_dequantize_matches_torch_conversion_bit_for_bit(fp8: torch.dtype, r
     got = fp8_dequantize(w, scale, (128, 128), out)
     bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[out]
     assert got.dtype == out and torch.equal(got.view(bits), want.view(bits))
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("cols", [384, 300, 5])
+@pytest.mark.parametrize("special", [False, True])
+def test_fp8_scaled_decode_by_integer_ops_is_the_table_bit_for_bit(fp8: torch.dtype, cols: int, special: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp8_scaled_into gives torch's float32 value of every code times its column block's scale, rounded once:
+    finite codes by integer ops (subnormal codes and scales that make subnormal products included; the table
+    is not consulted), NaN/inf codes and a scale too large to fold by the table."""
+    import convert.plan.dequant as dq
+
+    g = torch.Generator().manual_seed(cols)
+    finite = torch.arange(256, dtype=torch.uint8).view(fp8).float().isfinite()
+    pool = torch.arange(256, dtype=torch.uint8)[finite | special]
+    codes = pool[torch.randint(0, len(pool), (130, cols), generator=g)]
+    codes.view(-1)[: len(pool)] = pool[: codes.numel()]
+    w = codes.view(fp8)
+    per_col = torch.rand(-(-cols // 128), generator=g) + 0.5
+    per_col[0] = 2.0**-126 if special else 3.0**-40  # products below float32's normal range
+    want = w.float() * per_col.repeat_interleave(128)[:cols]
+    if not special:
+        monkeypatch.setattr(dq, "fp8_values_into", lambda *a: pytest.fail("the table was used"))
+    out = torch.empty(130, cols)
+    dq.fp8_scaled_into(w, out, per_col, 128)
+    assert torch.equal(out.view(torch.int32), want.view(torch.int32))
+    if special:
+        per_col[-1] = 2.0**20  # folding 2**unbias into it would overflow
+        dq.fp8_scaled_into(w, out, per_col, 128)
+        want = w.float() * per_col.repeat_interleave(128)[:cols]
+        assert torch.equal(out.view(torch.int32), want.view(torch.int32))

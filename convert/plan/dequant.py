@@ -92,6 +92,80 @@ def fp8_values_into(w: torch.Tensor, out: torch.Tensor) -> None:
         np.take(_fp8_table(w.dtype), index, out=flat, mode="clip")
 
 
+@dataclass(frozen=True)
+class _Fp8Bits:
+    """How an FP8 format's byte becomes float32 bits by integer ops: the byte, sign-extended to int32 and
+    shifted left by `shift`, masked by `mask`, is a float32 of the value times 2**-`unbias` (subnormal codes
+    included: both formats' subnormals are float32 subnormals there, exactly); codes above `max_finite` are
+    NaN or inf, which this spelling does not give."""
+
+    shift: int
+    mask: int
+    unbias: int
+    max_finite: float
+
+
+def _fp8_bits(dtype: torch.dtype) -> _Fp8Bits | None:
+    """The integer decoding of FP8 `dtype`, or None where it has none here (the fnuz formats)."""
+    import torch
+
+    if dtype == torch.float8_e4m3fn:  # s eeee mmm, bias 7: exponent field at float32's 23 after << 20
+        return _Fp8Bits(20, 0x87F00000 - (1 << 32), 120, 448.0)
+    if dtype == torch.float8_e5m2:  # s eeeee mm, bias 15
+        return _Fp8Bits(21, 0x8FE00000 - (1 << 32), 112, 57344.0)
+    return None
+
+
+def _keeps_subnormals() -> bool:
+    """Whether this thread's float arithmetic keeps subnormal operands (no denormals-are-zero mode)."""
+    import torch
+
+    return bool(torch.tensor([2.0**-140]).mul_(2.0**20).item() == 2.0**-120)
+
+
+def fp8_scaled_into(w: torch.Tensor, out: torch.Tensor, per_col: torch.Tensor, bn: int) -> None:
+    """Values of contiguous FP8 rows `w` [n, cols] times their column block's float32 scale `per_col`
+    [ceil(cols / bn)] (each product rounded once, as fp8_values_into then scale_column_blocks give them, bit
+    for bit), written into contiguous float32 `out` [n, cols].
+
+    e4m3fn and e5m2 decode by integer ops in `out`'s own memory (twice as fast as the table): the codes'
+    bits times 2**unbias folded into the scale, which is exact while that product stays finite. NaN/inf
+    codes, a scale too large to fold, other formats, or a thread that flushes subnormals take the table."""
+    import torch
+
+    bits = _fp8_bits(w.dtype)
+    top = float(per_col.abs().max()) if per_col.numel() else 0.0
+    if bits is None or not top * 2.0**bits.unbias < 2.0**127 or not _keeps_subnormals():
+        fp8_values_into(w, out)
+        scale_column_blocks(out, per_col, bn, "mul")
+        return
+    o = out.view(torch.int32)
+    o.copy_(w.view(torch.int8))
+    o.bitwise_left_shift_(bits.shift).bitwise_and_(bits.mask)
+    lo, hi = torch.aminmax(out)
+    if max(-float(lo), float(hi)) > bits.max_finite * 2.0**-bits.unbias:
+        fp8_values_into(w, out)
+        scale_column_blocks(out, per_col, bn, "mul")
+        return
+    scale_column_blocks(out, per_col * 2.0**bits.unbias, bn, "mul")
+
+
+def scale_column_blocks(x: torch.Tensor, per_col: torch.Tensor, bn: int, op: str,
+                        out: torch.Tensor | None = None) -> None:
+    """Multiply (op "mul") or divide ("div") each column block of rows `x` [n, cols] by its entry of `per_col`
+    [ceil(cols / bn)] (a ragged last block included), into `out` (x's shape) or, when None, in place."""
+    import torch
+
+    dst = x if out is None else out
+    fn = torch.mul if op == "mul" else torch.div
+    full = x.shape[1] // bn
+    if full:
+        shape = (x.shape[0], full, bn)
+        fn(x[:, : full * bn].view(shape), per_col[:full].view(1, full, 1), out=dst[:, : full * bn].view(shape))
+    if full * bn < x.shape[1]:
+        fn(x[:, full * bn :], per_col[full], out=dst[:, full * bn :])
+
+
 def fp8_dequantize(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """Values of FP8 weight `w` [..., out, in] with its scale grid [..., ceil(out/bm), ceil(in/bn)], computed in

@@ -91,7 +91,7 @@ def merge_fp8(w: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, b: torch.Te
     import torch
 
     from convert.io.memory import thread_scratch
-    from convert.plan.dequant import fp8_values_into
+    from convert.plan.dequant import fp8_scaled_into, scale_column_blocks
 
     bm, bn = block
     rows, cols = w.shape
@@ -105,8 +105,7 @@ def merge_fp8(w: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, b: torch.Te
     for gi, i in enumerate(range(0, rows, bm)):
         n = min(rows, i + bm) - i
         Wc, Dc, Mc, Gc = W[:n], D[:n], M[:n], G[:n]
-        fp8_values_into(w[i : i + n], Wc)
-        _per_block(Wc, grid[gi], bn, "mul")
+        fp8_scaled_into(w[i : i + n], Wc, grid[gi], bn)
         torch.matmul(b32[i : i + n], a32, out=Dc)
         Dc.mul_(s)
         torch.add(Dc, Wc, out=Mc)
@@ -116,11 +115,9 @@ def merge_fp8(w: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, b: torch.Te
             fresh = torch.exp2(torch.ceil(torch.log2(fresh)))
         scale_out[gi] = fresh.to(scale_out.dtype)
         used = scale_out[gi].to(torch.float32)
-        Gc.copy_(Mc)
-        _per_block(Gc, used, bn, "div")
+        scale_column_blocks(Mc, used, bn, "div", out=Gc)
         q_out[i : i + n].copy_(Gc.clamp_(-FP8_MAX, FP8_MAX))
-        fp8_values_into(q_out[i : i + n], Gc)
-        _per_block(Gc, used, bn, "mul")
+        fp8_scaled_into(q_out[i : i + n], Gc, used, bn)
         Gc.sub_(Wc)  # g: the stored weight's change
         gd += float(torch.dot(Gc.view(-1), Dc.view(-1)))
         dd += float(torch.dot(Dc.view(-1), Dc.view(-1)))
@@ -128,18 +125,6 @@ def merge_fp8(w: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, b: torch.Te
         Gc.sub_(Dc)
         err += float(torch.dot(Gc.view(-1), Gc.view(-1)))
     return dd, gd, err, want2
-
-
-def _per_block(x: torch.Tensor, per_col: torch.Tensor, bn: int, op: str) -> None:
-    """Multiply (op "mul") or divide ("div") each column block of rows `x` [n, cols] by its entry of `per_col`
-    [ceil(cols / bn)], in place (a ragged last block included)."""
-    full = x.shape[1] // bn
-    whole = x[:, : full * bn].view(x.shape[0], full, bn)
-    factor = per_col[:full].view(1, full, 1)
-    whole.mul_(factor) if op == "mul" else whole.div_(factor)
-    if full * bn < x.shape[1]:
-        rest = x[:, full * bn :]
-        rest.mul_(per_col[full]) if op == "mul" else rest.div_(per_col[full])
 
 
 def _block_reduce(x: torch.Tensor, bn: int, how: str) -> torch.Tensor:
