@@ -123,14 +123,15 @@ def _keeps_subnormals() -> bool:
     return bool(torch.tensor([2.0**-140]).mul_(2.0**20).item() == 2.0**-120)
 
 
-def fp8_scaled_into(w: torch.Tensor, out: torch.Tensor, per_col: torch.Tensor, bn: int) -> None:
+def fp8_scaled_into(w: torch.Tensor, out: torch.Tensor, per_col: torch.Tensor, bn: int, finite: bool = False) -> None:
     """Values of contiguous FP8 rows `w` [n, cols] times their column block's float32 scale `per_col`
     [ceil(cols / bn)] (each product rounded once, as fp8_values_into then scale_column_blocks give them, bit
     for bit), written into contiguous float32 `out` [n, cols].
 
     e4m3fn and e5m2 decode by integer ops in `out`'s own memory (twice as fast as the table): the codes'
     bits times 2**unbias folded into the scale, which is exact while that product stays finite. NaN/inf
-    codes, a scale too large to fold, other formats, or a thread that flushes subnormals take the table."""
+    codes, a scale too large to fold, other formats, or a thread that flushes subnormals take the table.
+    `finite`: the caller knows `w` holds no NaN/inf code (codes it just wrote from finite values): not checked."""
     import torch
 
     bits = _fp8_bits(w.dtype)
@@ -142,11 +143,12 @@ def fp8_scaled_into(w: torch.Tensor, out: torch.Tensor, per_col: torch.Tensor, b
     o = out.view(torch.int32)
     o.copy_(w.view(torch.int8))
     o.bitwise_left_shift_(bits.shift).bitwise_and_(bits.mask)
-    lo, hi = torch.aminmax(out)
-    if max(-float(lo), float(hi)) > bits.max_finite * 2.0**-bits.unbias:
-        fp8_values_into(w, out)
-        scale_column_blocks(out, per_col, bn, "mul")
-        return
+    if not finite:
+        lo, hi = torch.aminmax(out)
+        if max(-float(lo), float(hi)) > bits.max_finite * 2.0**-bits.unbias:
+            fp8_values_into(w, out)
+            scale_column_blocks(out, per_col, bn, "mul")
+            return
     scale_column_blocks(out, per_col * 2.0**bits.unbias, bn, "mul")
 
 

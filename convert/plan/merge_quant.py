@@ -119,7 +119,9 @@ def merge_fp8(w: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, b: torch.Te
         used = scale_out[gi].to(torch.float32)
         scale_column_blocks(Mc, used, bn, "div", out=Gc)
         q_out[i : i + n].copy_(Gc.clamp_(-FP8_MAX, FP8_MAX))
-        fp8_scaled_into(q_out[i : i + n], Gc, used, bn)
+        # finite merged values over nonzero scales quantize to finite codes (the clamp takes inf to 448)
+        finite = bool(torch.isfinite(amax).all()) and bool((used > 0).all())
+        fp8_scaled_into(q_out[i : i + n], Gc, used, bn, finite=finite)
         Gc.sub_(Mc)  # e = Q(M) - M, the requantization's error: g = e + d up to M's rounding
         d2 = float(torch.dot(Dc.view(-1), Dc.view(-1)))
         dd += d2
