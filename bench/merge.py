@@ -10,7 +10,8 @@ q/k/v/o_proj, float32 as peft saves float32 LoRA; and a DeepSeek-V3-shaped FP8 M
 `full` preset, 11.6 GB) with a rank-16 per-expert adapter on every expert's gate/up/down_proj.
 
 Cases, each one command timed end to end (process start-up included), page cache dropped before each where
-allowed (else posix_fadvise(DONTNEED) of the inputs), outputs deleted after each: `cp -r` of the base; the tool
+allowed and the code pages of python, torch, the tool and the peers read in again (as bench.run takes a cold
+cache: the data cold, the programs not), else posix_fadvise(DONTNEED) of the inputs; outputs deleted after each: `cp -r` of the base; the tool
 at each rank count (`--nproc N --stats`); peft (`from_pretrained` in bf16, `PeftModel.from_pretrained`,
 `merge_and_unload`, `save_pretrained`) where it fits memory; tinker-cookbook's shard merge where the package
 is importable (it is not installed by the constraints: reported as not run otherwise). Peak RSS: the tool's
@@ -133,11 +134,20 @@ def write_per_expert_adapter(dst: Path, layers: int, E: int, H: int, I: int, see
                                                          "target_modules": ["gate_proj", "up_proj", "down_proj"]}))
 
 
-def drop(paths: list[Path]) -> str:
-    """Evict the inputs from the page cache: drop_caches where allowed, else posix_fadvise(DONTNEED)."""
+# Imported after a drop_caches so that every case starts with its code pages in memory, as bench.run's cases do
+# (the data is cold, python and torch are not): the tool's and both peers' modules.
+WARM = ("import importlib.util, torch, safetensors, numpy, convert.merge_adapter\n"
+        "for m in ('transformers', 'peft', 'tinker_cookbook'):\n"
+        "    try:\n        importlib.util.find_spec(m) and __import__(m)\n    except Exception:\n        pass\n")
+
+
+def drop(paths: list[Path], env: dict[str, str] | None = None) -> str:
+    """Evict the inputs from the page cache: drop_caches where allowed (then the code pages of python, torch and
+    the peers are read in again: WARM), else posix_fadvise(DONTNEED) of the inputs."""
     from bench.run import _fadvise_dontneed, _try_drop_caches
 
     if _try_drop_caches():
+        subprocess.run([sys.executable, "-c", WARM], env=env, cwd=REPO, check=True, capture_output=True)
         return "drop_caches"
     for p in paths:
         _fadvise_dontneed(p)
@@ -153,7 +163,7 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.Comple
 def run_case(rows: list[dict[str, Any]], name: str, cmd: list[str], inputs: list[Path], out: Path,
              env: dict[str, str], stats: Path | None = None) -> None:
     shutil.rmtree(out, ignore_errors=True)
-    cache = drop(inputs)
+    cache = drop(inputs, env)
     seconds, proc = timed(cmd, env)
     row: dict[str, Any] = {"case": name, "seconds": round(seconds, 3), "rc": proc.returncode, "cache": cache}
     if proc.returncode != 0:

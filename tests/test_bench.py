@@ -167,3 +167,24 @@ def test_trainer_bench_small_preset(tmp_path):
         assert r["seconds"] > 0 and r["check"].startswith("ok") and r["data_seconds"] > 0, r
         assert len(r["rss"]) == r["ranks"] and all(x > 0 for x in r["rss"])
     assert {t["case"] for t in data["targets"]} >= set(tools)
+
+
+def test_ab_bench_tiny_preset(tmp_path):
+    """`python -m bench.ab --preset tiny`: two trees (here the same one) on every suite, each case timed per tree
+    with its data phase from --stats, `cp -r` beside each suite, outputs compared byte for byte, a complete report."""
+    out = tmp_path / "results"
+    run_tool("bench.ab", "--tree", "a=.", "--tree", "b=.", "--preset", "tiny", "--ranks", "1,2", "--merge-ranks",
+             "2", "--out", str(out), "--no-drop-caches", "--workdir", str(tmp_path), timeout=300)
+    res = json.loads((out / "ab.json").read_text())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("moe-ab-")] == [], "work dir not removed"
+    cases = {c["case"]: c for c in res["cases"]}
+    assert set(cases) == {"fuse: cp -r", "fuse --nproc 1", "fuse --nproc 2", "split: cp -r", "split --nproc 1",
+                          "split --nproc 2", "merge-fp8: cp -r", "merge-fp8 --nproc 2"}
+    for name, case in cases.items():
+        rows = [case["cp"]] if "cp" in case else case["a"]["samples"] + case["b"]["samples"]
+        assert rows and all(r["rc"] == 0 and r["seconds"] > 0 for r in rows), name
+        if "cp" not in case:
+            assert all(r["data_s"] > 0 and r["peak_rss_per_rank"] > 0 for r in rows), name
+    assert all(cases[f"{s} --nproc 2"]["same_bytes"] is True for s in ("fuse", "split", "merge-fp8"))
+    report = (out / "AB.md").read_text()
+    assert "| merge-fp8 --nproc 2 |" in report and "| fuse: cp -r |" in report

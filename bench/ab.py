@@ -1,0 +1,220 @@
+"""A/B of two trees of the tool on the same inputs: is a change slower, end to end, at real scale?
+
+    python -m bench.ab --tree before=/path/to/old/checkout --tree after=/path/to/new/checkout \\
+        --suites fuse,split,merge-fp8 --ranks 1,4,16 --layers 6 --out OUT
+    python -m bench.ab --tree a=. --tree b=. --preset tiny --out OUT       # smoke test, seconds
+
+Each case is the user's whole command (`python -m convert.X --nproc N ...`, process start to exit) run from the
+tree's own directory (cwd and PYTHONPATH), from a cold page cache the way bench.run takes it (sync +
+drop_caches where allowed, else posix_fadvise(DONTNEED) of the inputs; the code pages of python, torch and the
+tree's modules are warmed again after a drop, as every other benchmark here does). The trees alternate order
+from round to round so drift hits both alike; with --repeats R each case is sampled R times per tree and the
+median reported. Inputs are generated once: suite `fuse` a per-expert Qwen3-30B-A3B-shaped bf16 checkpoint
+(bench.synthetic, `--layers` layers, random bytes), `split` the fused layout of it, `merge-fp8` bench.dequant's
+DeepSeek-V3 FP8 layer with a rank-16 per-expert adapter (bench.merge). The first tree's output of each suite's
+largest rank count is compared byte for byte with the other tree's; `cp -r` of each suite's input (synced, as the
+tool syncs its output) is timed beside them. Writes AB.md and ab.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+WARM = "import torch, torch.distributed, safetensors, numpy, fsspec, convert.engine.job, convert.merge_adapter"
+SUITES = ("fuse", "split", "merge-fp8")
+
+
+DROP_CACHES = True  # --no-drop-caches: evict the inputs by fadvise only
+
+
+def cold(inputs: list[Path], tree: Path, env: dict[str, str]) -> str:
+    """Evict `inputs` from the page cache (drop_caches where allowed, then warm the tree's code pages again;
+    else fadvise DONTNEED of the inputs); returns which way it went."""
+    from bench.run import _fadvise_dontneed, _try_drop_caches
+
+    os.sync()
+    if DROP_CACHES and _try_drop_caches():
+        subprocess.run([sys.executable, "-c", WARM], env=env, cwd=tree, check=True)
+        return "drop_caches"
+    for p in inputs:
+        _fadvise_dontneed(p)
+    return "fadvise"
+
+
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment of a command run from `tree`: its modules first on the path, one OpenMP thread."""
+    return dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1")
+
+
+def sample(cmd: list[str], tree: Path, inputs: list[Path], out: Path, stats: Path) -> dict[str, Any]:
+    """One timed run of `cmd` from `tree`: wall seconds, data phase and peak RSS per rank from --stats."""
+    env = tree_env(tree)
+    shutil.rmtree(out, ignore_errors=True)
+    stats.unlink(missing_ok=True)
+    cache = cold(inputs, tree, env)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
+    row: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 3), "rc": proc.returncode, "cache": cache}
+    if proc.returncode != 0:
+        row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    elif stats.exists():
+        s = json.loads(stats.read_text())
+        spans = [r["data_span"] for r in s["ranks"] if r.get("data_span")]
+        if spans:
+            row["data_s"] = round(max(b for _, b in spans) - min(a for a, _ in spans), 3)
+        row["peak_rss_per_rank"] = max(r["peak_rss_bytes"] for r in s["ranks"])
+    return row
+
+
+def same_files(a: Path, b: Path) -> bool:
+    """True where directories `a` and `b` hold the same file names with the same bytes."""
+    names = sorted(p.name for p in a.iterdir())
+    if names != sorted(p.name for p in b.iterdir()):
+        return False
+    return all(filecmp.cmp(a / n, b / n, shallow=False) for n in names if (a / n).is_file())
+
+
+def prepare(suite: str, work: Path, model: str, layers: int, fp8: str, jobs: int,
+            tree: Path) -> tuple[list[str], list[Path]]:
+    """Generate `suite`'s inputs in `work` (once); returns the tool's arguments before --dst and the inputs."""
+    if suite == "fuse":
+        from bench.synthetic import checkpoint_specs, write_synthetic
+
+        src = work / f"src-L{layers}"
+        if not (src / "model.safetensors.index.json").exists():
+            specs, cfg = checkpoint_specs(model, layers, vocab=128 if model == "tiny" else 32000)
+            write_synthetic(str(src), specs, cfg, 4_000_000_000, data="random", jobs=jobs)
+        return ["convert.fuse_experts", "--src", str(src), "--max-shard-size", "5000000000"], [src]
+    if suite == "split":
+        _, (src,) = prepare("fuse", work, model, layers, fp8, jobs, tree)
+        fused = work / f"fused-L{layers}"
+        if not (fused / "model.safetensors.index.json").exists():
+            subprocess.run([sys.executable, "-m", "convert.fuse_experts", "--src", str(src), "--dst", str(fused),
+                            "--nproc", str(min(16, jobs)), "--no-progress", "--max-shard-size", "5000000000"],
+                           env=tree_env(tree), cwd=tree, check=True)
+        return ["convert.split_experts", "--src", str(fused), "--max-shard-size", "5000000000"], [fused]
+    from bench.dequant import PRESETS, generate
+    from bench.merge import write_per_expert_adapter
+
+    shape = PRESETS[fp8]
+    base, adapter = work / f"fp8-{fp8}", work / f"fp8-{fp8}-adapter"
+    if not (adapter / "adapter_config.json").exists():
+        generate(base, shape, jobs)
+        write_per_expert_adapter(adapter, shape.layers, shape.experts, shape.hidden, shape.inter)
+    return ["convert.merge_adapter", "--base", str(base), "--adapter", str(adapter)], [base, adapter]
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The report: one row per case, each tree's median wall and data phase, their ratio, and the speed of each
+    tree against `cp -r` of the suite's input (cp's seconds / the tree's)."""
+    a, b = res["trees"]
+    lines = [f"# A/B: {a} vs {b}", "", f"{res['env']}; trees: " + ", ".join(f"{k} = {v}" for k, v in
+                                                                           res["paths"].items()), "",
+             f"| case | {a} wall s | {b} wall s | {b} / {a} wall | {a} data s | {b} data s | {b} / {a} data "
+             f"| vs cp -r {a} / {b} | peak RSS/rank {a} / {b} | same bytes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    cp = float("nan")
+
+    def med(r: dict[str, Any], k: str) -> float:
+        vals = [s[k] for s in r["samples"] if k in s]
+        return statistics.median(vals) if vals else float("nan")
+
+    for case in res["cases"]:
+        if "cp" in case:
+            cp = case["cp"]["seconds"]
+            lines.append(f"| {case['case']} | {cp:.2f} | | | | | | 1.00x | | |")
+            continue
+        ra, rb = case[a], case[b]
+        wa, wb, da, db = med(ra, "seconds"), med(rb, "seconds"), med(ra, "data_s"), med(rb, "data_s")
+        rss = "/".join(f"{max((s.get('peak_rss_per_rank', 0) for s in r['samples']), default=0) >> 20} MiB"
+                       for r in (ra, rb))
+        lines.append(f"| {case['case']} | {wa:.2f} | {wb:.2f} | {wb / wa:.3f} | {da:.2f} | {db:.2f} | {db / da:.3f} "
+                     f"| {cp / wa:.2f}x / {cp / wb:.2f}x | {rss} | {case.get('same_bytes', '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the flags, generate the inputs, run every case for both trees, write AB.md and ab.json."""
+    p = argparse.ArgumentParser(prog="bench.ab", description=__doc__.splitlines()[0])
+    p.add_argument("--tree", action="append", required=True, metavar="NAME=PATH", help="twice: the two trees")
+    p.add_argument("--suites", default=",".join(SUITES))
+    p.add_argument("--ranks", default="1,4,16")
+    p.add_argument("--merge-ranks", default="4,16", help="the merge-fp8 suite's rank counts")
+    p.add_argument("--no-cp", action="store_true", help="no `cp -r` of each suite's input beside the trees")
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--fp8", default="full", help="bench.dequant preset of the merge-fp8 suite")
+    p.add_argument("--preset", choices=["tiny"], default=None, help="tiny: bench.synthetic's tiny model, 2 layers, "
+                   "and bench.dequant's tiny FP8 layers")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--no-drop-caches", action="store_true", help="evict the inputs with posix_fadvise only")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"))
+    a = p.parse_args(argv)
+    global DROP_CACHES
+    DROP_CACHES = not a.no_drop_caches
+    trees = dict(t.split("=", 1) for t in a.tree)
+    if len(trees) != 2:
+        p.error("--tree NAME=PATH exactly twice, with two names")
+    paths = {k: Path(v).resolve() for k, v in trees.items()}
+    names = list(paths)
+    suites = [s for s in a.suites.split(",") if s]
+    for s in suites:
+        if s not in SUITES:
+            p.error(f"--suites: {s} is none of {', '.join(SUITES)}")
+    ranks = [int(n) for n in a.ranks.split(",")]
+    merge_ranks = [int(n) for n in a.merge_ranks.split(",")]
+    model, layers, fp8 = ("tiny", 2, "tiny") if a.preset == "tiny" else ("qwen3-30b-a3b", a.layers, a.fp8)
+    jobs = os.cpu_count() or 1
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {"trees": names, "paths": {k: str(v) for k, v in paths.items()}, "cases": [],
+                           "env": f"{jobs} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"}
+    work = Path(tempfile.mkdtemp(prefix="moe-ab-", dir=a.workdir))
+    try:
+        for suite in suites:
+            args, inputs = prepare(suite, work, model, layers, fp8, jobs, paths[names[-1]])
+            if not a.no_cp:
+                cp = work / "out-cp"
+                row = sample(["bash", "-c", f'cp -r "{inputs[0]}" "{cp}" && sync "{cp}"/*'], REPO, inputs, cp,
+                             work / "none.json")
+                shutil.rmtree(cp, ignore_errors=True)
+                res["cases"].append({"case": f"{suite}: cp -r", "cp": row})
+                print(json.dumps({"case": f"{suite}: cp -r", **row}), flush=True)
+            for n in (merge_ranks if suite == "merge-fp8" else ranks):
+                case: dict[str, Any] = {"case": f"{suite} --nproc {n}", **{k: {"samples": []} for k in names}}
+                for r in range(a.repeats):
+                    order = names if r % 2 == 0 else names[::-1]
+                    for k in order:
+                        dst, stats = work / f"out-{k}", work / f"stats-{k}.json"
+                        cmd = [sys.executable, "-m", args[0], *args[1:], "--dst", str(dst), "--nproc", str(n),
+                               "--no-progress", "--stats", str(stats)]
+                        row = sample(cmd, paths[k], inputs, dst, stats)
+                        case[k]["samples"].append(row)
+                        print(json.dumps({"case": case["case"], "tree": k, **row}), flush=True)
+                if n == max(merge_ranks if suite == "merge-fp8" else ranks):
+                    ok = all((work / f"out-{k}").is_dir() for k in names)
+                    case["same_bytes"] = ok and same_files(work / f"out-{names[0]}", work / f"out-{names[1]}")
+                for k in names:
+                    shutil.rmtree(work / f"out-{k}", ignore_errors=True)
+                res["cases"].append(case)
+                (out_dir / "ab.json").write_text(json.dumps(res, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    (out_dir / "ab.json").write_text(json.dumps(res, indent=2))
+    (out_dir / "AB.md").write_text(markdown(res))
+    print((out_dir / "AB.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
