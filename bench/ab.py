@@ -1,4 +1,4 @@
-"""A/B of two trees of the tool on the same inputs: is a change slower, end to end, at real scale?
+"""A/B of two (or more) trees of the tool on the same inputs: is a change slower, end to end, at real scale?
 
     python -m bench.ab --tree before=/path/to/old/checkout --tree after=/path/to/new/checkout \\
         --suites fuse,split,merge-fp8 --ranks 1,4,16 --layers 6 --out OUT
@@ -12,7 +12,7 @@ from round to round so drift hits both alike; with --repeats R each case is samp
 median reported. Inputs are generated once: suite `fuse` a per-expert Qwen3-30B-A3B-shaped bf16 checkpoint
 (bench.synthetic, `--layers` layers, random bytes), `split` the fused layout of it, `merge-fp8` bench.dequant's
 DeepSeek-V3 FP8 layer with a rank-16 per-expert adapter (bench.merge). The first tree's output of each suite's
-largest rank count is compared byte for byte with the other tree's; `cp -r` of each suite's input (synced, as the
+largest rank count is compared byte for byte with the other trees'; `cp -r` of each suite's input (synced, as the
 tool syncs its output) is timed beside them. Writes AB.md and ab.json to --out.
 """
 
@@ -117,13 +117,15 @@ def prepare(suite: str, work: Path, model: str, layers: int, fp8: str, jobs: int
 
 
 def markdown(res: dict[str, Any]) -> str:
-    """The report: one row per case, each tree's median wall and data phase, their ratio, and the speed of each
-    tree against `cp -r` of the suite's input (cp's seconds / the tree's)."""
-    a, b = res["trees"]
-    lines = [f"# A/B: {a} vs {b}", "", f"{res['env']}; trees: " + ", ".join(f"{k} = {v}" for k, v in
-                                                                           res["paths"].items()), "",
-             f"| case | {a} wall s | {b} wall s | {b} / {a} wall | {a} data s | {b} data s | {b} / {a} data "
-             f"| vs cp -r {a} / {b} | peak RSS/rank {a} / {b} | same bytes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """The report: one row per case, each tree's median wall and data phase and speed against `cp -r` of the
+    suite's input (cp's seconds / the tree's), and each later tree's wall and data phase over the first's."""
+    names, first = res["trees"], res["trees"][0]
+    head = ["case"] + [f"{k} wall s / data s / vs cp -r" for k in names] + [f"{k} / {first} wall, data"
+                                                                            for k in names[1:]]
+    head += ["peak RSS/rank", "same bytes"]
+    lines = [f"# A/B: {' vs '.join(names)}", "", f"{res['env']}; trees: " +
+             ", ".join(f"{k} = {v}" + (f" {res['args'][k]}" if res["args"].get(k) else "") for k, v in
+                       res["paths"].items()), "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     cp = float("nan")
 
     def med(r: dict[str, Any], k: str) -> float:
@@ -133,21 +135,26 @@ def markdown(res: dict[str, Any]) -> str:
     for case in res["cases"]:
         if "cp" in case:
             cp = case["cp"]["seconds"]
-            lines.append(f"| {case['case']} | {cp:.2f} | | | | | | 1.00x | | |")
+            lines.append(f"| {case['case']} | {cp:.2f} s |" + " |" * (len(head) - 2))
             continue
-        ra, rb = case[a], case[b]
-        wa, wb, da, db = med(ra, "seconds"), med(rb, "seconds"), med(ra, "data_s"), med(rb, "data_s")
-        rss = "/".join(f"{max((s.get('peak_rss_per_rank', 0) for s in r['samples']), default=0) >> 20} MiB"
-                       for r in (ra, rb))
-        lines.append(f"| {case['case']} | {wa:.2f} | {wb:.2f} | {wb / wa:.3f} | {da:.2f} | {db:.2f} | {db / da:.3f} "
-                     f"| {cp / wa:.2f}x / {cp / wb:.2f}x | {rss} | {case.get('same_bytes', '-')} |")
+        wall = {k: med(case[k], "seconds") for k in names}
+        data = {k: med(case[k], "data_s") for k in names}
+        cells = [f"{wall[k]:.2f} / {data[k]:.2f} / {cp / wall[k]:.2f}x" for k in names]
+        cells += [f"{wall[k] / wall[first]:.3f}, {data[k] / data[first]:.3f}" for k in names[1:]]
+        cells.append("/".join(f"{max((s.get('peak_rss_per_rank', 0) for s in case[k]['samples']), default=0) >> 20}"
+                              for k in names) + " MiB")
+        cells.append(str(case.get("same_bytes", "-")))
+        lines.append(f"| {case['case']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the flags, generate the inputs, run every case for both trees, write AB.md and ab.json."""
     p = argparse.ArgumentParser(prog="bench.ab", description=__doc__.splitlines()[0])
-    p.add_argument("--tree", action="append", required=True, metavar="NAME=PATH", help="twice: the two trees")
+    p.add_argument("--tree", action="append", required=True, metavar="NAME=PATH",
+                   help="two or more: the trees (the first is the baseline; one path may serve twice, with --args)")
+    p.add_argument("--args", action="append", default=[], metavar="NAME=ARGS",
+                   help="more flags for tree NAME's commands, e.g. 'w1=--workers 1'")
     p.add_argument("--suites", default=",".join(SUITES))
     p.add_argument("--ranks", default="1,4,16")
     p.add_argument("--merge-ranks", default="4,16", help="the merge-fp8 suite's rank counts")
@@ -164,8 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     global DROP_CACHES
     DROP_CACHES = not a.no_drop_caches
     trees = dict(t.split("=", 1) for t in a.tree)
-    if len(trees) != 2:
-        p.error("--tree NAME=PATH exactly twice, with two names")
+    if len(trees) < 2:
+        p.error("--tree NAME=PATH at least twice, with distinct names")
+    extra = {k: v.split() for k, v in (x.split("=", 1) for x in a.args)}
     paths = {k: Path(v).resolve() for k, v in trees.items()}
     names = list(paths)
     suites = [s for s in a.suites.split(",") if s]
@@ -179,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"trees": names, "paths": {k: str(v) for k, v in paths.items()}, "cases": [],
+                           "args": {k: " ".join(v) for k, v in extra.items()},
                            "env": f"{jobs} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"}
     work = Path(tempfile.mkdtemp(prefix="moe-ab-", dir=a.workdir))
     try:
@@ -194,17 +203,18 @@ def main(argv: list[str] | None = None) -> None:
             for n in (merge_ranks if suite == "merge-fp8" else ranks):
                 case: dict[str, Any] = {"case": f"{suite} --nproc {n}", **{k: {"samples": []} for k in names}}
                 for r in range(a.repeats):
-                    order = names if r % 2 == 0 else names[::-1]
+                    order = names if r % 2 == 0 else names[::-1]  # drift hits every tree alike
                     for k in order:
                         dst, stats = work / f"out-{k}", work / f"stats-{k}.json"
                         cmd = [sys.executable, "-m", args[0], *args[1:], "--dst", str(dst), "--nproc", str(n),
-                               "--no-progress", "--stats", str(stats)]
+                               "--no-progress", "--stats", str(stats), *extra.get(k, [])]
                         row = sample(cmd, paths[k], inputs, dst, stats)
                         case[k]["samples"].append(row)
                         print(json.dumps({"case": case["case"], "tree": k, **row}), flush=True)
                 if n == max(merge_ranks if suite == "merge-fp8" else ranks):
                     ok = all((work / f"out-{k}").is_dir() for k in names)
-                    case["same_bytes"] = ok and same_files(work / f"out-{names[0]}", work / f"out-{names[1]}")
+                    case["same_bytes"] = ok and all(same_files(work / f"out-{names[0]}", work / f"out-{k}")
+                                                    for k in names[1:])
                 for k in names:
                     shutil.rmtree(work / f"out-{k}", ignore_errors=True)
                 res["cases"].append(case)

@@ -187,4 +187,4 @@ def test_ab_bench_tiny_preset(tmp_path):
             assert all(r["data_s"] > 0 and r["peak_rss_per_rank"] > 0 for r in rows), name
     assert all(cases[f"{s} --nproc 2"]["same_bytes"] is True for s in ("fuse", "split", "merge-fp8"))
     report = (out / "AB.md").read_text()
-    assert "| merge-fp8 --nproc 2 |" in report and "| fuse: cp -r |" in report
+    assert "| merge-fp8 --nproc 2 |" in report and "| fuse: cp -r |" in report and "b / a wall, data" in report
