@@ -13,9 +13,11 @@ from typing import Any
 
 from convert.cli import base_parser, computes, job_options
 from convert.engine.job import JobOptions, JobSetup, plan_job, run_planned
+from convert.errors import ConversionError
 from convert.families import PER_EXPERT
 from convert.formats.checkpoint import INDEX_NAME
 from convert.io.storage import Storage
+from convert.io.storage.store import read_json
 from convert.plan.readers import check_split_source
 from convert.toplevel import run_main
 from convert.verify.hook import with_verify
@@ -42,9 +44,14 @@ def plan_split(opts: JobOptions, dist: Dist, allow_unread: bool, dtype_flag: str
     if not allow_unread:
         src = Storage(opts.src, opts.storage_options, opts.settings.storage)
         try:
-            check_split_source(src, opts.family, opts.dtype, dtype_flag)
+            config = read_json(src, "config.json")
+        except (ConversionError, OSError):
+            if src.exists("config.json"):
+                raise  # there, but unreadable: the same error planning would meet
+            config = None
         finally:
             src.close()
+        check_split_source(config, src.display(), opts.family, opts.dtype, dtype_flag)
     return setup
 
 

@@ -259,7 +259,7 @@ def test_a_source_rewritten_during_the_conversion_fails_the_read_that_meets_it(s
     """Every read of an S3 source is conditional on the ETag its plan pinned (If-Match): a shard rewritten after the
     plan (same size, new bytes) fails the first read of it, naming the file, and nothing is committed (no check
     of the source after the data is needed: no byte of another version was used). Where the reads are
-    unconditional (turned off, or a store that ignores the condition: Storage.probe_conditions finds it), the
+    unconditional (turned off, or a store that ignores the condition: SourcePinning.probe_conditions finds it), the
     listing of the source after the data finds the change."""
     if dst_kind == "local-unconditional":  # a store that refuses If-Match: the listing after the data finds it
         monkeypatch.setenv("MOE_CONVERT_S3_CONDITIONAL_READS", "0")

@@ -31,19 +31,19 @@ def test_pins_from_one_listing_equal_per_file_pins(s3, s3env):
     proxy = FlakyProxy(s3.port, every=0, deny=lambda method, path: method == "HEAD")
     try:
         st = Storage(f"s3://{BUCKET}/pins", {"endpoint_url": proxy.url})
-        pins = st.pins(NAMES)
+        pins = st.pinning.pins(NAMES)
         assert proxy.denied == 0 and proxy.seen == 1, "pins of one directory: one listing, no HEAD"
     finally:
         proxy.stop()
     direct = Storage(f"s3://{BUCKET}/pins")
-    assert pins == {n: direct.pin(n) for n in NAMES}  # the same fields a HEAD gives
+    assert pins == {n: direct.pinning.pin(n) for n in NAMES}  # the same fields a HEAD gives
     assert all(set(p) == {"size", "ETag"} for p in pins.values()), pins
 
 
 def test_listed_pins_still_find_a_changed_or_deleted_source(s3, s3env):
     _put(s3env, "changed")
     st = Storage(f"s3://{BUCKET}/changed")
-    pins = st.pins(NAMES)
+    pins = st.pinning.pins(NAMES)
     assert changed_pins(st, pins) == []
     s3env.pipe(f"{BUCKET}/changed/model-00002-of-00002.safetensors", b"rewritten, same prefix, longer")
     changed = dict(changed_pins(st, pins))
@@ -58,22 +58,22 @@ def test_listed_pins_still_find_a_changed_or_deleted_source(s3, s3env):
 
 @pytest.mark.parametrize("store", ["applies If-Match", "ignores If-Match"])
 def test_reads_count_as_pinned_only_where_the_store_refuses_an_unmet_condition(s3, s3env, store):
-    """Storage.probe_conditions asks the store once (a 1-byte GET on an ETag no object has); reads count as pinned
+    """SourcePinning.probe_conditions asks the store once (a 1-byte GET on an ETag no object has); reads count as pinned
     (no listing of the source after them) only where it was refused with 412: moto's server applies If-Match, and
     behind a proxy that drops the header it is a store that ignores it."""
     _put(s3env, "probe")
     proxy = FlakyProxy(s3.port, every=0, drop_headers=("If-Match",) if store == "ignores If-Match" else ())
     try:
         st = Storage(f"s3://{BUCKET}/probe", {"endpoint_url": proxy.url})
-        pins = st.pins(NAMES)
-        st.expect(pins)
-        assert not st.reads_pinned(NAMES), "not before the store was asked"
+        pins = st.pinning.pins(NAMES)
+        st.pinning.expect(pins)
+        assert not st.pinning.reads_pinned(NAMES), "not before the store was asked"
         seen = proxy.seen
-        st.probe_conditions(pins)
-        assert st.reads_pinned(NAMES) == (store == "applies If-Match")
+        st.pinning.probe_conditions(pins)
+        assert st.pinning.reads_pinned(NAMES) == (store == "applies If-Match")
         assert proxy.seen == seen + 1 and proxy.ranges[-1] == "bytes=0-0", "one GET of the first byte"
-        st.probe_conditions(pins)
-        assert st.reads_pinned(NAMES) == (store == "applies If-Match") and proxy.seen == seen + 1, "asked once"
+        st.pinning.probe_conditions(pins)
+        assert st.pinning.reads_pinned(NAMES) == (store == "applies If-Match") and proxy.seen == seen + 1, "asked once"
     finally:
         proxy.stop()
 
@@ -93,7 +93,7 @@ def test_pins_taken_by_head_with_more_fields_are_compared_by_head(s3, s3env):
     """A pin from an earlier run with a field no listing gives (a VersionId) is checked against a HEAD, not dropped."""
     _put(s3env, "versioned")
     st = Storage(f"s3://{BUCKET}/versioned")
-    pins = st.pins(NAMES)
+    pins = st.pinning.pins(NAMES)
     old = {**pins, "config.json": {**pins["config.json"], "VersionId": "v-earlier"}}
     changed = changed_pins(st, old)
     assert changed == [(f"s3://{BUCKET}/versioned/config.json", "VersionId")], changed
@@ -208,7 +208,7 @@ def _read_in_chunks(st: Storage, name: str, start: int, end: int, chunk: int) ->
 
 
 def test_a_range_is_read_by_one_streamed_request_and_resumed_where_its_body_broke(s3, s3env):
-    """Storage.open_range (S3RangeReader): one ranged GET serves many reads in order; a body cut off mid-stream is
+    """Store.open_range (S3RangeReader): one ranged GET serves many reads in order; a body cut off mid-stream is
     asked again from its first missing byte (not from the start, not skipping any), and the bytes are exact."""
     data = bytes(range(256)) * 40_000  # 10 MB
     s3env.pipe(f"{BUCKET}/stream/blob.bin", data)
@@ -259,12 +259,12 @@ def test_a_plans_pins_come_from_its_own_listing_and_still_find_a_change(s3, s3en
         assert len(seen) == before, "pins from the plan's own listing: no request"
     finally:
         proxy.stop()
-    assert pins == Storage(f"s3://{BUCKET}/planned").pins(NAMES)
+    assert pins == Storage(f"s3://{BUCKET}/planned").pinning.pins(NAMES)
     s3env.pipe(f"{BUCKET}/planned/tokenizer.json", b"changed after the listing")
     assert [n for n, _ in changed_pins(Storage(f"s3://{BUCKET}/planned"), pins)] == [
         f"s3://{BUCKET}/planned/tokenizer.json"]
     fresh = Storage(f"s3://{BUCKET}/planned")  # no listing of its own: pins are asked for
-    assert fresh.pins(NAMES, listed=True)["tokenizer.json"] != pins["tokenizer.json"]
+    assert fresh.pinning.pins(NAMES, listed=True)["tokenizer.json"] != pins["tokenizer.json"]
 
 
 def test_headers_are_read_beside_the_index_and_a_shard_it_does_not_name_is_never_judged(s3, s3env, tmp_path):

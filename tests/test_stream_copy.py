@@ -87,7 +87,7 @@ def test_an_idle_worker_takes_over_half_of_a_slow_span_and_every_byte_lands_once
     data = os.urandom(size)
     src = _SlowSource(data, size // 4, 0.02)
     dst = Storage(str(tmp_path))
-    dst.create_sized("out.bin", b"", size)
+    dst.positional.create_sized("out.bin", b"", size)
     # 8 pieces of 1 MiB, written in reverse order of the source (destination positions differ from source ones)
     pieces = [Piece((Read("in", i << 20, (i + 1) << 20, "U8"),), (Write(f"t{i}", 0, 1 << 20, "U8"),)) for i in range(8)]
     segs = [Segment("in", i << 20, 1 << 20, "out.bin", (7 - i) << 20, f"t{i}", i) for i in range(8)]

@@ -252,18 +252,18 @@ def test_cannot_verify_an_invalid_source(ckpts, capsys, tmp_path):
 
 def test_verify_flag_catches_an_engine_fault(ckpts, capsys, tmp_path, monkeypatch):
     """Inject a one-byte fault into the engine's copies: --verify must fail the job and un-mark the output."""
-    from convert.io.storage import Storage
+    from convert.io.storage import LocalPositional
 
-    real = Storage.copy_range_from
+    real = LocalPositional.copy_range_from
     hit = []
 
     def faulty(self, src, src_rel, src_off, dst_rel, dst_off, n):
         real(self, src, src_rel, src_off, dst_rel, dst_off, n)
         if not hit and n > 64:
             hit.append(dst_rel)
-            self.pwrite(dst_rel, dst_off + 33, bytes([self.read_range(dst_rel, dst_off + 33, dst_off + 34)[0] ^ 1]))
+            self.pwrite(dst_rel, dst_off + 33, bytes([self.store.read_range(dst_rel, dst_off + 33, dst_off + 34)[0] ^ 1]))
 
-    monkeypatch.setattr(Storage, "copy_range_from", faulty)
+    monkeypatch.setattr(LocalPositional, "copy_range_from", faulty)
     out = tmp_path / "out"
     code = call(fuse_experts.main, "--src", str(ckpts / "src"), "--dst", str(out), "--no-progress", "--verify")
     text = capsys.readouterr()

@@ -20,7 +20,7 @@ from convert.engine.job import run_planned
 from convert.engine.planner import Draft, JobOptions, JobSetup, Planner, fingerprint
 from convert.formats.adapter_source import ADAPTER_INDEX, ADAPTER_WEIGHTS, AdapterSource, open_adapter
 from convert.formats.shard_layout import layout_files, weight_map
-from convert.io.storage import Storage
+from convert.io.storage import Store
 from convert.plan.adapter import AdapterPlan, plan_fuse, plan_split
 from convert.plan.adapter_target import target_rules
 from launch.dist import Dist
@@ -54,7 +54,7 @@ class AdapterPlanner(Planner):
     split gathers peft lora_B once per slice, and the planner's EP choice never changes them), laid out as one
     adapter_model.safetensors (or shards, with an explicit --max-shard-size) and adapter_config.json last."""
 
-    def draft(self, opts: JobOptions, dist: Dist, src: Storage, closing: ExitStack) -> Draft:
+    def draft(self, opts: JobOptions, dist: Dist, src: Store, closing: ExitStack) -> Draft:
         assert isinstance(opts, AdapterJobOptions)
         adapter, plan = plan_adapter(opts, self.requested_ep(opts, dist))
         closing.callback(adapter.storage.close)  # the metadata reads cached descriptors: released after the plan

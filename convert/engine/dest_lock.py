@@ -42,7 +42,7 @@ from typing import Any
 
 from convert.engine.sinks import LOCK_FILE, STATE_DIR
 from convert.errors import ConversionError, chain, service_error
-from convert.io.storage import Storage
+from convert.io.storage import ConditionalObjects, PositionalWrites, Store, storage_error
 from convert.settings import DEFAULT_SETTINGS, Settings
 
 HEARTBEAT_SECONDS = 5.0
@@ -177,7 +177,7 @@ def describe_holder(holder: dict[str, Any] | None) -> str:
     return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, running since {holder.get('since', '?')}"
 
 
-def in_use(dst: Storage, holder: dict[str, Any] | None, stale: float | None = None) -> DestinationInUse:
+def in_use(dst: Store, holder: dict[str, Any] | None, stale: float | None = None) -> DestinationInUse:
     """The refusal of a second job on `dst`, naming the job `holder` that holds it."""
     where = f"{dst.display(LOCK_FILE)}"
     after = f"; a lock whose job stopped is taken over {int(stale)} s after its last heartbeat" if stale else ""
@@ -185,7 +185,7 @@ def in_use(dst: Storage, holder: dict[str, Any] | None, stale: float | None = No
                             f"to end, or choose another --dst (its lock: {where}{after})")
 
 
-def _say_taken_over(dst: Storage, holder: dict[str, Any] | None, why: str) -> None:
+def _say_taken_over(dst: Store, holder: dict[str, Any] | None, why: str) -> None:
     print(f"warning: {dst.url}: taking over the lock of a moe-convert job that {why} ({describe_holder(holder)})",
           file=sys.stderr, flush=True)
 
@@ -214,9 +214,11 @@ def _precondition(exc: BaseException) -> str | None:
 class DestinationLock:
     """The lock a job holds on its destination (acquire(), then confirm() before the commit, release() at the end)."""
 
-    def __init__(self, dst: Storage, token: str, times: LockTimes) -> None:
+    def __init__(self, dst: Store, token: str, times: LockTimes) -> None:
         self.dst, self.token, self.times = dst, token, times
         self.url = dst.display(LOCK_FILE)
+        self.files = dst.positional  # local files: the lock is flock'ed there
+        self.objects = dst.conditional  # else S3: the lock is a conditionally written object
         self._fd: int | None = None  # local: the descriptor holding the flock
         self._etag: str | None = None  # S3: the ETag of the lock object as we last wrote it
         self._lost: str | None = None  # why the lock is no longer ours, once known
@@ -226,15 +228,15 @@ class DestinationLock:
         self.held = False
 
     @classmethod
-    def acquire(cls, dst: Storage, times: LockTimes | None = None) -> DestinationLock:
+    def acquire(cls, dst: Store, times: LockTimes | None = None) -> DestinationLock:
         """Take `dst`'s lock for this job: DestinationInUse where another job holds it; a stale one is taken over,
         with a line on stderr saying so. A filesystem without locks or a store without conditional writes gets
         an unheld lock and a warning (the job runs, unguarded)."""
         lock = cls(dst, os.urandom(12).hex(), times or lock_times())
-        if dst.local_paths:
-            lock._acquire_local()
-        elif dst.conditional_writes:
-            lock._acquire_s3()
+        if lock.files is not None:
+            lock._acquire_local(lock.files)
+        elif lock.objects is not None:
+            lock._acquire_s3(lock.objects)
         else:
             print(f"warning: {dst.url}: this filesystem takes no lock; another job on the same --dst is not detected",
                   file=sys.stderr, flush=True)
@@ -243,8 +245,8 @@ class DestinationLock:
         return lock
 
     # -- local -------------------------------------------------------------------------------------------------
-    def _acquire_local(self) -> None:
-        path = self.dst.path(LOCK_FILE)
+    def _acquire_local(self, files: PositionalWrites) -> None:
+        path = files.path(LOCK_FILE)
         busy = 0
         for _ in range(50):
             self.dst.makedirs()  # its own error names --dst, as a failure to create it always did
@@ -254,7 +256,7 @@ class DestinationLock:
             except FileNotFoundError:  # the directory went (a job ending removed it): again
                 continue
             except OSError as exc:
-                raise self.dst._error("create", LOCK_FILE, exc) from exc
+                raise storage_error("create", self.url, exc) from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -272,7 +274,7 @@ class DestinationLock:
                           "another job on the same --dst is not detected", file=sys.stderr, flush=True)
                     self._remove_if_empty(path)
                     return
-                raise self.dst._error("lock", LOCK_FILE, exc) from exc
+                raise storage_error("lock", self.url, exc) from exc
             try:
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -289,7 +291,7 @@ class DestinationLock:
                 os.pwrite(fd, data, 0)
             except OSError as exc:
                 os.close(fd)
-                raise self.dst._error("write", LOCK_FILE, exc) from exc
+                raise storage_error("write", self.url, exc) from exc
             self._fd, self.held = fd, True
             return
         raise in_use(self.dst, None)
@@ -305,11 +307,11 @@ class DestinationLock:
     def _body(self) -> bytes:
         return json.dumps({**holder_record(self.token), "since": self._since, "heartbeat": _now_text()}).encode()
 
-    def _acquire_s3(self) -> None:
+    def _acquire_s3(self, objects: ConditionalObjects) -> None:
         self._since = _now_text()
         for _ in range(20):
             try:
-                self._etag = self.dst.put_if(LOCK_FILE, self._body(), absent=True)
+                self._etag = objects.put_if(LOCK_FILE, self._body(), absent=True)
             except OSError as exc:
                 why = _precondition(exc)
                 if why == "unsupported":
@@ -318,17 +320,17 @@ class DestinationLock:
                     return
                 if why not in ("failed", "conflict"):
                     raise
-                if self._take_over_if_stale():
+                if self._take_over_if_stale(objects):
                     return
                 continue
             self._started()
             return
         raise in_use(self.dst, None, self.times.stale)
 
-    def _take_over_if_stale(self) -> bool:
+    def _take_over_if_stale(self, objects: ConditionalObjects) -> bool:
         """The lock exists: True where it was ours already or stale and is ours now; DestinationInUse where it is
         another live job's; False where it changed meanwhile (try again)."""
-        found = self.dst.read_object(LOCK_FILE)
+        found = objects.read_object(LOCK_FILE)
         if found is None:
             return False  # released meanwhile
         data, etag, age = found
@@ -342,7 +344,7 @@ class DestinationLock:
         if not gone and (age is None or age <= self.times.stale or (holder is not None and _on_this_host(holder))):
             raise in_use(self.dst, holder, self.times.stale)
         try:
-            self._etag = self.dst.put_if(LOCK_FILE, self._body(), etag=etag)
+            self._etag = objects.put_if(LOCK_FILE, self._body(), etag=etag)
         except OSError as exc:
             if _precondition(exc) in ("failed", "conflict", "absent"):
                 return False  # another job took it over or it was released: look again
@@ -368,15 +370,17 @@ class DestinationLock:
 
     def _refresh(self) -> None:
         """S3: rewrite the lock on condition of its ETag (LockLost where another job replaced or removed it)."""
+        objects = self.objects
+        assert objects is not None  # refreshed only where _acquire_s3 took it
         with self._mutex:
             if self._lost:
                 raise LockLost(self._lost)
             try:
-                self._etag = self.dst.put_if(LOCK_FILE, self._body(), etag=self._etag)
+                self._etag = objects.put_if(LOCK_FILE, self._body(), etag=self._etag)
             except OSError as exc:
                 if _precondition(exc) not in ("failed", "absent"):
                     raise
-                found = self.dst.read_object(LOCK_FILE)
+                found = objects.read_object(LOCK_FILE)
                 holder = _parse(found[0]) if found else None
                 if holder is not None and holder.get("token") == self.token:  # our write landed, its answer lost
                     self._etag = found[1] if found else self._etag
@@ -390,8 +394,8 @@ class DestinationLock:
         """Raise LockLost unless this job still holds the lock (its token in the lock the destination has now)."""
         if not self.held:
             return
-        if self._fd is not None:
-            path = self.dst.path(LOCK_FILE)
+        if self._fd is not None and self.files is not None:
+            path = self.files.path(LOCK_FILE)
             try:
                 same = os.stat(path).st_ino == os.fstat(self._fd).st_ino
             except FileNotFoundError:
@@ -419,15 +423,15 @@ class DestinationLock:
                 self._release_local()
             else:
                 with self._mutex:  # after a refresh under way; a later one finds the object gone (If-Match)
-                    if not self._lost:
-                        self.dst.delete_if(LOCK_FILE, self._etag)
+                    if not self._lost and self.objects is not None:
+                        self.objects.delete_if(LOCK_FILE, self._etag)
         except Exception as exc:  # noqa: BLE001 - the job's outcome is decided: a lock left is taken over later
             print(f"warning: could not remove the lock {self.url}: {exc}", file=sys.stderr, flush=True)
 
     def _release_local(self) -> None:
         fd, self._fd = self._fd, None
-        assert fd is not None
-        path = self.dst.path(LOCK_FILE)
+        assert fd is not None and self.files is not None
+        path = self.files.path(LOCK_FILE)
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 os.unlink(path)  # while still locked: a job that opened it meanwhile finds it gone and opens anew
@@ -436,7 +440,7 @@ class DestinationLock:
         finally:
             os.close(fd)
         try:
-            os.rmdir(self.dst.path(STATE_DIR))  # only where nothing else is left there
+            os.rmdir(self.files.path(STATE_DIR))  # only where nothing else is left there
         except OSError:
             pass
 
@@ -457,14 +461,15 @@ def _read_fd(fd: int, wait: bool = True) -> dict[str, Any] | None:
     return None
 
 
-def refuse_if_locked(dst: Storage, times: LockTimes | None = None) -> None:
+def refuse_if_locked(dst: Store, times: LockTimes | None = None) -> None:
     """Before a job writes anything (its plan's look at the destination): raise DestinationInUse where another live
     job holds `dst`'s lock. Reads only; a stale lock, or none, passes (acquire() takes it)."""
     url = dst.display(LOCK_FILE)
     if url in _held:
         return
-    if dst.local_paths:
-        path = dst.path(LOCK_FILE)
+    files = dst.positional
+    if files is not None:
+        path = files.path(LOCK_FILE)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -479,10 +484,11 @@ def refuse_if_locked(dst: Storage, times: LockTimes | None = None) -> None:
         finally:
             os.close(fd)
         return
-    if not dst.conditional_writes:
+    objects = dst.conditional
+    if objects is None:
         return
     times = times or lock_times()
-    found = dst.read_object(LOCK_FILE)
+    found = objects.read_object(LOCK_FILE)
     if found is None:
         return
     data, _, age = found

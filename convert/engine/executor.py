@@ -1,7 +1,7 @@
 """Run one rank's pieces: read source byte ranges, copy/cast or regroup, write at final offsets.
 
 Byte copies between local files stream through one 1 MiB buffer per worker (or
-`copy_file_range`, see Storage.copy_range_from), and from an object store into local files
+`copy_file_range`, see PositionalWrites.copy_range_from), and from an object store into local files
 through one chunk per worker (convert.engine.stream_copy), never holding a piece in memory;
 everything else holds at most `workers` pieces (one expert each, or a bounded chunk)
 at a time. Source ranges are prefetched exactly, a bounded window ahead (Prefetcher).
@@ -19,7 +19,7 @@ from convert.engine.stream_copy import Segment, copy_segments
 from convert.errors import ConversionError
 from convert.formats.safetensors import DTYPE_SIZES, TensorSlot
 from convert.io.memory import pin_mmap_threshold, thread_scratch
-from convert.io.storage import Fetched, Storage
+from convert.io.storage import Fetched, PositionalWrites, Store, fetch
 from convert.plan.base import Piece, Read, Write
 from convert.plan.transforms import cast_bytes, torch_dtypes
 
@@ -76,12 +76,17 @@ class Executor:
 
     def __init__(
         self,
-        src: Storage,
-        dst: Storage,
+        src: Store,
+        dst: Store,
         slots: dict[str, tuple[str, TensorSlot]],
         workers: int = 4,
     ) -> None:
+        """`dst` is a store with positional writes (local files: LocalSink)."""
+        if dst.positional is None:
+            raise ConversionError(f"{dst.url}: positional writes to this filesystem are not supported yet "
+                                  "(local paths only)")
         self.src, self.dst, self.slots, self.workers = src, dst, slots, workers
+        self.files: PositionalWrites = dst.positional
         pin_mmap_threshold()
 
     def _dst_pos(self, w: Write) -> tuple[str, int]:
@@ -100,7 +105,7 @@ class Executor:
             raise ConversionError(f"{exc} (while writing tensor {names[0]!r}"
                                   + (f" and {len(names) - 1} more)" if len(names) > 1 else ")")) from exc
         for file, start, end in self._written_runs(piece):
-            self.dst.start_writeback(file, start, end)
+            self.files.start_writeback(file, start, end)
         return written
 
     def _written_runs(self, piece: Piece) -> list[tuple[str, int, int]]:
@@ -117,10 +122,10 @@ class Executor:
     def _run_piece(self, piece: Piece, fetched: Fetched | None = None) -> int:
         t = time.perf_counter()
         if is_byte_copy(piece):
-            if self.dst.can_copy_range_from(self.src):
+            if self.files.can_copy_from(self.src):
                 for r, roff, w, woff, n in _segments(piece.reads, piece.writes):
                     file, pos = self._dst_pos(w)
-                    self.dst.copy_range_from(self.src, r.file, r.start + roff, file, pos + woff, n)
+                    self.files.copy_range_from(self.src, r.file, r.start + roff, file, pos + woff, n)
                 PHASES.add("copy", t)
                 return piece.write_bytes
         outs = piece_outputs(fetched or self.src, piece)
@@ -131,7 +136,7 @@ class Executor:
             if len(buf) != w.end - w.start:
                 raise AssertionError(f"piece for {w.tensor}: produced {len(buf)} bytes, expected {w.end - w.start}")
             file, pos = self._dst_pos(w)
-            self.dst.pwrite(file, pos, buf)
+            self.files.pwrite(file, pos, buf)
         PHASES.add("write", t)
         return piece.write_bytes
 
@@ -143,7 +148,7 @@ class Executor:
         (group_pieces), so adjacent source bytes come in few large requests.
         """
         if self.src.remote:
-            if self.dst.positional_writes and all(is_byte_copy(p) for p in pieces):
+            if all(is_byte_copy(p) for p in pieces):
                 self._run_streamed(pieces, on_done)
             else:
                 self._run_fetched(pieces, on_done)
@@ -186,8 +191,8 @@ class Executor:
         workers = max(1, self.workers)
         groups = group_pieces(pieces, min(self.src.settings.s3_get_bytes, REMOTE_READ_MEMORY // (2 * workers)))
 
-        def fetch(idx: list[int]) -> Fetched:
-            return self.src.fetch([(r.file, r.start, r.end) for i in idx for r in pieces[i].reads])
+        def fetch_group(idx: list[int]) -> Fetched:
+            return fetch(self.src, [(r.file, r.start, r.end) for i in idx for r in pieces[i].reads])
 
         def write(idx: list[int], fetched: Future[Fetched]) -> list[int]:
             got = fetched.result()
@@ -196,7 +201,7 @@ class Executor:
         with ThreadPoolExecutor(max_workers=workers) as fetchers, ThreadPoolExecutor(max_workers=workers) as writers:
             pending: list[tuple[list[int], Future[list[int]]]] = []
             for idx in groups:
-                pending.append((idx, writers.submit(write, idx, fetchers.submit(fetch, idx))))
+                pending.append((idx, writers.submit(write, idx, fetchers.submit(fetch_group, idx))))
                 if len(pending) >= 2 * workers:
                     done_idx, fut = pending.pop(0)
                     for k, n in zip(done_idx, fut.result()):
@@ -229,12 +234,12 @@ class Prefetcher:
     """Keeps the source reading up to `window` bytes ahead of the pieces being executed.
 
     Only the ranges the pieces will read are requested (no speculative readahead: see
-    Storage.prefetch), merged per file where they touch, and refilled in half-window
+    Store.prefetch), merged per file where they touch, and refilled in half-window
     steps so that many small pieces still make few, large requests. This costs page
     cache, not process memory.
     """
 
-    def __init__(self, src: Storage, pieces: Sequence[Piece], window: int = PREFETCH_BYTES) -> None:
+    def __init__(self, src: Store, pieces: Sequence[Piece], window: int = PREFETCH_BYTES) -> None:
         self.src, self.pieces, self.window = src, pieces, window
         self.cum = [0]
         for p in pieces:
@@ -283,7 +288,7 @@ READ_SCRATCH = 0  # thread_scratch slot of a compute step's source bytes; its ou
 
 
 class ReadSource(Protocol):
-    """What a piece's source bytes are read from: a Storage, or a Fetched (ranges of one already in memory)."""
+    """What a piece's source bytes are read from: a Store, or a Fetched (ranges of one already in memory)."""
 
     def read_range(self, rel: str, start: int, end: int) -> bytes | memoryview: ...
 

@@ -41,7 +41,7 @@ from convert.formats.dcp import load_chunk
 from convert.formats.model_config import CONFIG_DTYPE_NAMES, config_bytes, read_base_config, with_dtype
 from convert.formats.shard_layout import OutputFile, layout_files, weight_map
 from convert.io.pins import STATE_KEY, SourcePins, check_pins
-from convert.io.storage import Storage
+from convert.io.storage import Storage, Store
 from convert.plan.base import plan_conversion
 from convert.plan.chunk_reads import localize
 from convert.plan.trainer_names import finish_plan
@@ -55,7 +55,7 @@ __all__ = ["JobOptions", "JobSetup", "CheckpointPlanner", "plan_job", "run_job",
 # -- the plan of a checkpoint conversion (rank 0) ---------------------------------------------------------------
 
 
-def open_source(src: Storage, opts: JobOptions) -> tuple[Checkpoint, Family]:
+def open_source(src: Store, opts: JobOptions) -> tuple[Checkpoint, Family]:
     """The source checkpoint's metadata, its config taken from --base-config where given, and its family.
     Raises ConversionError where the source has no config.json and no --base-config gives one."""
     ckpt = open_checkpoint(src)
@@ -73,7 +73,7 @@ class CheckpointPlanner(Planner):
 
     uneven_note = True
 
-    def draft(self, opts: JobOptions, dist: Dist, src: Storage, closing: ExitStack) -> Draft:
+    def draft(self, opts: JobOptions, dist: Dist, src: Store, closing: ExitStack) -> Draft:
         ckpt, family = open_source(src, opts)
         ckpt, family, view = apply_source_naming(ckpt, family)  # trainer names read as HF names
         naming, wanted = output_layout(opts.names, opts.layout, family, ckpt.config, src.display("config.json"))
@@ -134,7 +134,7 @@ def plan_job(opts: JobOptions, dist: Dist) -> JobSetup:
     return CHECKPOINTS.plan(opts, dist)
 
 
-def _plan_source(opts: JobOptions, dist: Dist, src: Storage) -> JobSetup:
+def _plan_source(opts: JobOptions, dist: Dist, src: Store) -> JobSetup:
     """The job's plan from the source's metadata, its destination not looked at (resuming False)."""
     return CHECKPOINTS.plan_source(opts, dist, src)
 
@@ -239,7 +239,7 @@ class RankWork:
 
     job: SinkJob  # the rank's own view of the job (Sink.for_rank): only the pieces it writes
     job_id: str
-    pins: SourcePins  # the source files' pins: every read is conditional on them (Storage.expect)
+    pins: SourcePins  # the source files' pins: every read is conditional on them (SourcePinning.expect)
     chunked: dict[str, ChunkedTensor] = field(default_factory=dict)  # the virtual files its pieces read
     sources: dict[str, str] = field(default_factory=dict)  # the extra sources its pieces read (JobSetup.sources)
 
@@ -288,8 +288,8 @@ class Worker:
         """A rank other than 0: the whole job as a worker; returns the job's exit code."""
         opts, dist = self.opts, self.dist
         # connect: this rank's object-store clients are set up while rank 0 plans, not once its part arrives
-        src = Storage(opts.src, opts.storage_options, opts.settings.storage)
-        dst = Storage(opts.dst, opts.storage_options, opts.settings.storage)
+        src: Store = Storage(opts.src, opts.storage_options, opts.settings.storage)
+        dst: Store = Storage(opts.dst, opts.storage_options, opts.settings.storage)
         for store in (src, dst):
             store.connect()
         # receive: its part, or the exit code of a job that ended before streaming
@@ -300,14 +300,14 @@ class Worker:
             return part
         src = _reading(src, part.chunked, part.sources, opts.storage_options)
         sink = make_sink(src, dst, opts.settings)
-        src.expect(part.pins)
+        src.pinning.expect(part.pins)
         # run, report
         outcome = self.run(part, src, dst, sink)
         del part
         dist.gather_main(outcome)  # the ranks' results only where the commit needs them
         return 0 if dist.broadcast(True) else 1  # rank 0 says whether it committed
 
-    def run(self, part: RankWork, src: Storage, dst: Storage, sink: Sink, total: int = 0) -> Outcome:
+    def run(self, part: RankWork, src: Store, dst: Store, sink: Sink, total: int = 0) -> Outcome:
         """Stream this rank's pieces of `part` from `src` into `dst` through `sink`, then close both stores;
         returns what the rank reports. On rank 0 (`total`: the job's bytes) the stats are taken once every rank
         has streamed (Progress.finish)."""
@@ -388,8 +388,8 @@ class Coordinator:
         src = _reading(Storage(opts.src, opts.storage_options, opts.settings.storage), setup.chunked, setup.sources,
                        opts.storage_options)
         dst = Storage(opts.dst, opts.storage_options, opts.settings.storage)
-        src.expect(setup.pins)
-        src.probe_conditions(setup.pins)
+        src.pinning.expect(setup.pins)
+        src.pinning.probe_conditions(setup.pins)
         sink = make_sink(src, dst, opts.settings)
         job = SinkJob(setup.files, setup.pieces, setup.assignment, setup.fingerprint, opts.workers,
                       state={STATE_KEY: setup.pins, "outputs": setup.outputs})
@@ -430,7 +430,7 @@ class Coordinator:
         print(describe(setup, self.opts.workers))
         return 0
 
-    def prepare(self, src: Storage, dst: Storage, sink: Sink, job: SinkJob) -> int | None:
+    def prepare(self, src: Store, dst: Store, sink: Sink, job: SinkJob) -> int | None:
         """Before any byte moves: take the destination's lock (held until the job ends), judge the destination
         again under it (the plan looked before the lock was ours: another job may have written it since), clear
         what an --overwrite replaces, and prepare the sink (filling `job.resume`). Returns the exit code of a job
@@ -461,7 +461,7 @@ class Coordinator:
             return 1 if setup.resuming or getattr(status, "internal", False) else 2
         return None
 
-    def commit(self, src: Storage, dst: Storage, sink: Sink, job: SinkJob, gathered: list[Outcome],
+    def commit(self, src: Store, dst: Store, sink: Sink, job: SinkJob, gathered: list[Outcome],
                skipped: dict[str, Any], t0: float) -> bool:
         """After every rank streamed: write the stats, report errors or commit (once the copies, _start_copies',
         are done, and where the destination's lock is still this job's); True when committed. `t0`: when rank 0's
@@ -485,7 +485,7 @@ class Coordinator:
         opts.hooks.wait_at(BEFORE_COMMIT)
         try:
             # else every read was of the pinned versions, or failed (If-Match), and the copies were checked
-            if not copies.settled() and not src.reads_pinned(setup.pins):
+            if not copies.settled() and not src.pinning.reads_pinned(setup.pins):
                 check_pins(src, setup.pins, "during the conversion", COMMIT_REFUSED)
         except (ConversionError, OSError) as exc:
             _fail(report, _error_text(exc))
@@ -531,7 +531,7 @@ class Copies:
         return self.checked is not None and self.checked.result()
 
 
-def _start_copies(src: Storage, dst: Storage, names: list[str], pins: SourcePins) -> Copies:
+def _start_copies(src: Store, dst: Store, names: list[str], pins: SourcePins) -> Copies:
     """Rank 0, once the destination is prepared: start copying the source's other files (configs, tokenizer:
     no markers) unchanged into it, all at once, in the background while the shards stream, then checking
     their pins (_check_copied), off the commit's path."""
@@ -544,20 +544,20 @@ def _start_copies(src: Storage, dst: Storage, names: list[str], pins: SourcePins
     return copies
 
 
-def _check_copied(src: Storage, names: list[str], pins: SourcePins, copies: Copies) -> bool:
+def _check_copied(src: Store, names: list[str], pins: SourcePins, copies: Copies) -> bool:
     """Once every copy of `names` is done, where every other read of the source was conditional on its pin
-    (Storage.reads_pinned): check the pins of the copies the store may not have held to theirs (a server-side
+    (SourcePinning.reads_pinned): check the pins of the copies the store may not have held to theirs (a server-side
     copy), raising ConversionError where one changed; True then. False where that does not settle the source
     (other reads unconditional, or a copy failed: that failure is reported)."""
-    if copies.error() is not None or not src.reads_pinned(n for n in pins if n not in names):
+    if copies.error() is not None or not src.pinning.reads_pinned(n for n in pins if n not in names):
         return False
-    unverified = {n: pins[n] for n in names if n in pins and not src.reads_pinned([n])}
+    unverified = {n: pins[n] for n in names if n in pins and not src.pinning.reads_pinned([n])}
     if unverified:
         check_pins(src, unverified, "during the conversion", COMMIT_REFUSED)
     return True
 
 
-def _commit(dst: Storage, sink: Sink, job: SinkJob, setup: JobSetup, results: list[Any],
+def _commit(dst: Store, sink: Sink, job: SinkJob, setup: JobSetup, results: list[Any],
             lock: DestinationLock | None = None) -> None:
     """Rank 0: shards into place, output record, final files last, state removed (the other files were
     copied while the shards streamed: _start_copies). Nothing is committed, and the final files are not
@@ -605,12 +605,12 @@ def _release(setup: JobSetup, job: SinkJob) -> None:
     job.files, job.pieces, job.assignment = slim, [], []
 
 
-def _reading(src: Storage | None, chunked: dict[str, ChunkedTensor], sources: dict[str, str] | None = None,
-             storage_options: dict[str, Any] | None = None) -> Storage:
+def _reading(src: Store | None, chunked: dict[str, ChunkedTensor], sources: dict[str, str] | None = None,
+             storage_options: dict[str, Any] | None = None) -> Store:
     """`src` as the pieces read it: a ChunkedView where some read a chunked tensor's virtual file, a SourcesView
     where some read the files of extra `sources` (name -> URL, convert.io.sources; opened with `src`'s settings)."""
     assert src is not None
-    # ChunkedView and SourcesView stand in for a Storage: each reads what it adds and forwards every other attribute.
+    # ChunkedView and SourcesView stand in for a Store: each reads what it adds and forwards every other attribute.
     view: Any = ChunkedView(src, chunked, load_chunk) if chunked else src
     if sources:
         from convert.io.sources import SourcesView
@@ -619,7 +619,7 @@ def _reading(src: Storage | None, chunked: dict[str, ChunkedTensor], sources: di
     return view
 
 
-def _clear_destination(dst: Storage, sink: Sink, replace: Contents | None) -> None:
+def _clear_destination(dst: Store, sink: Sink, replace: Contents | None) -> None:
     """Before a fresh run: with --overwrite (`replace`: what judge_destination found an earlier moe-convert job
     wrote there, under the lock), remove that, and nothing else.
 

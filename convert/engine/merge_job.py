@@ -22,7 +22,7 @@ from convert.formats.adapter_source import open_adapter
 from convert.formats.checkpoint import INDEX_NAME
 from convert.formats.model_config import CONFIG_DTYPE_NAMES, config_bytes, with_dtype
 from convert.formats.shard_layout import keep_files, layout_files, weight_map
-from convert.io.storage import Storage
+from convert.io.storage import Store
 from convert.plan.chunk_reads import localize
 from convert.plan.merge import ADAPTER_SOURCE, check_counts, plan_merge
 from convert.plan.merge_quant import SURVIVAL, survival_lines
@@ -45,7 +45,7 @@ class MergePlanner(Planner):
 
     turns_note = False
 
-    def draft(self, opts: JobOptions, dist: Dist, src: Storage, closing: ExitStack) -> Draft:
+    def draft(self, opts: JobOptions, dist: Dist, src: Store, closing: ExitStack) -> Draft:
         assert isinstance(opts, MergeJobOptions)
         adapter = open_adapter(opts.adapter, None, opts.storage_options, opts.settings.storage)
         closing.callback(adapter.storage.close)
@@ -60,7 +60,7 @@ def plan_merge_job(opts: MergeJobOptions, dist: Dist) -> JobSetup:
     return MERGES.plan(opts, dist)
 
 
-def _plan(opts: MergeJobOptions, dist: Dist, src: Storage, adapter: Any, ep: int) -> Draft:
+def _plan(opts: MergeJobOptions, dist: Dist, src: Store, adapter: Any, ep: int) -> Draft:
     ckpt, family = open_source(src, opts)
     plan = plan_merge(ckpt, family, adapter, opts.dtype, ep)
     check_counts(plan)

@@ -11,7 +11,7 @@ files of write_bytes); a destination holding anything else is refused.
 A destination is judged in one place, judge_destination: by the plan (beside the source's planning) and
 again by rank 0 once it holds the destination's lock, whose verdict then says what the job does there.
 
-Source pins (convert.io.pins.Pin, Storage.pin: size, mtime, ctime, inode locally; size and
+Source pins (convert.io.pins.Pin, SourcePinning.pin: size, mtime, ctime, inode locally; size and
 ETag/version on object stores) of every file a job reads are taken at plan time (convert.io.pins),
 kept in the state file and checked at the start of a resume and before the commit. They are not part of the plan fingerprint,
 so a resume after a source change names the file instead of calling it another job.
@@ -28,7 +28,7 @@ from convert.engine.dest_lock import LockTimes, refuse_if_locked
 from convert.engine.sinks import INCOMPLETE, LOCK_FILE, OUTPUT_RECORD, STATE_DIR, read_state
 from convert.errors import ConversionError
 from convert.io.pins import changed_pins, changed_text, pins_from_state
-from convert.io.storage import Storage
+from convert.io.storage import Store
 
 TOOL = "moe-convert"
 UNVERIFIED = ".unverified"  # convert.verify.run.verify_after renames the marker of a wrong output so
@@ -55,7 +55,7 @@ def record_bytes(files: list[tuple[str, int]], fingerprint: str, marker: str, ta
     return (json.dumps(doc, indent=1) + "\n").encode()
 
 
-def read_record(dst: Storage) -> dict[str, Any] | None:
+def read_record(dst: Store) -> dict[str, Any] | None:
     """The output record in `dst` if there is a well-formed one written by this tool, else None."""
     try:
         if not dst.exists(OUTPUT_RECORD):
@@ -71,7 +71,7 @@ def read_record(dst: Storage) -> dict[str, Any] | None:
     return {**doc, "files": [(f["name"], f["size"]) for f in files]}
 
 
-def is_complete_output(dst: Storage, marker: str) -> bool:
+def is_complete_output(dst: Store, marker: str) -> bool:
     """True when `dst` holds a complete moe-convert output whose final marker is `marker`.
 
     That is: an output record naming `marker`, and every file it lists present with its recorded size.
@@ -94,7 +94,7 @@ class Contents:
     changed: list[str] = field(default_factory=list)  # recorded files whose size is no longer the recorded one
 
 
-def classify(dst: Storage) -> Contents:
+def classify(dst: Store) -> Contents:
     """What of `dst` (an existing directory) the output record and the job state say this tool wrote."""
     sizes = dst.file_sizes()
     _, dirs = dst.list_dir()
@@ -123,7 +123,7 @@ def classify(dst: Storage) -> Contents:
     return out
 
 
-def refuse_foreign(dst: Storage, contents: Contents) -> None:
+def refuse_foreign(dst: Store, contents: Contents) -> None:
     """Raise the --overwrite refusal for a destination holding files this tool did not write (if any)."""
     if contents.changed:
         raise ConversionError(
@@ -147,7 +147,7 @@ class Verdict:
     replace: Contents | None = None  # --overwrite of a destination holding an earlier output: what to remove
 
 
-def judge_destination(src: Storage, dst: Storage, overwrite: bool, marker: str, fp: str, *,
+def judge_destination(src: Store, dst: Store, overwrite: bool, marker: str, fp: str, *,
                       holds: bool | None = None, locked: bool = False, times: LockTimes | None = None) -> Verdict:
     """The one judgment of a job's destination (whose output is complete with `marker`; `fp`: the plan's
     fingerprint). Refuses (ConversionError) what would lose data or overlap the source; see check_existing.
@@ -163,7 +163,7 @@ def judge_destination(src: Storage, dst: Storage, overwrite: bool, marker: str, 
     return check_existing(src, dst, overwrite, marker, fp, times)
 
 
-def look_at_destination(src: Storage, dst: Storage) -> bool:
+def look_at_destination(src: Store, dst: Store) -> bool:
     """The first half of judge_destination, which needs no plan: refuse a destination that is or holds the
     source, or is a file; True when it holds anything but a job's lock (for check_existing to judge)."""
     s, d = src.place(), dst.place()
@@ -179,13 +179,13 @@ def look_at_destination(src: Storage, dst: Storage) -> bool:
     return bool(files or dirs) and not _only_a_lock(dst, files, dirs)
 
 
-def holds_only_a_lock(dst: Storage) -> bool:
+def holds_only_a_lock(dst: Store) -> bool:
     """True where `dst` holds nothing but a job's lock."""
     files, dirs = dst.list_dir()
     return _only_a_lock(dst, files, dirs)
 
 
-def _only_a_lock(dst: Storage, files: list[str], dirs: list[str]) -> bool:
+def _only_a_lock(dst: Store, files: list[str], dirs: list[str]) -> bool:
     """True where `dst`, whose top level lists `files` and `dirs`, holds nothing but a job's lock (a running job's,
     or one a crashed job left): such a destination counts as empty."""
     if files or dirs != [STATE_DIR]:
@@ -194,7 +194,7 @@ def _only_a_lock(dst: Storage, files: list[str], dirs: list[str]) -> bool:
     return not below and set(inner) <= {LOCK_FILE.rsplit("/", 1)[1]}
 
 
-def check_existing(src: Storage, dst: Storage, overwrite: bool, marker: str, fp: str,
+def check_existing(src: Store, dst: Store, overwrite: bool, marker: str, fp: str,
                    times: LockTimes | None = None) -> Verdict:
     """Decide about an existing, non-empty destination directory (judge_destination).
 

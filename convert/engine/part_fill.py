@@ -5,7 +5,7 @@ few MB each, and an object store charges a first-byte latency per request: read 
 requests are latency-bound. Parts whose source bytes touch (in a per-expert source, the projections of
 one expert lie side by side) are grouped, up to a byte budget, and a group's buffers are filled by one
 streamed ranged GET per run of touching source bytes (cut at a part's size: runs are what the workers
-share out), straight into the parts' buffers (Storage.open_range): requests are as long as the
+share out), straight into the parts' buffers (Store.open_range): requests are as long as the
 source allows, and no body is held twice.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from convert.engine.executor import _segments, is_byte_copy, piece_outputs
-from convert.io.storage import Storage
+from convert.io.storage import Store
 from convert.plan.base import Piece
 from sharding.parts import Part
 
@@ -116,7 +116,7 @@ def new_buffers(parts: Sequence[Part], group: Sequence[int], headers: Mapping[st
     return bufs
 
 
-def fill_computed(src: Storage, parts: Sequence[Part], bufs: Mapping[int, bytearray], todo: Iterable[int],
+def fill_computed(src: Store, parts: Sequence[Part], bufs: Mapping[int, bytearray], todo: Iterable[int],
                   pieces: Mapping[int, Piece] | Sequence[Piece], slot_of: Mapping[str, tuple[str, Any]]) -> None:
     """Compute the plan pieces `todo` (casts, layout changes) from `src`, each once, into every buffer of `bufs`
     (part index -> bytes) that they land in."""
@@ -132,7 +132,7 @@ def fill_computed(src: Storage, parts: Sequence[Part], bufs: Mapping[int, bytear
                     memoryview(buf)[a - part.start : b - part.start] = memoryview(data)[a - lo : b - lo]
 
 
-def read_run(src: Storage, run: Sequence[Copy], bufs: Mapping[int, bytearray]) -> None:
+def read_run(src: Store, run: Sequence[Copy], bufs: Mapping[int, bytearray]) -> None:
     """Read the touching source bytes of `run` (read_runs) by one streamed request, each copy straight into its
     part's buffer (`bufs`: part index -> bytes); a local source is read in place."""
     if not src.remote:

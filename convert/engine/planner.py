@@ -21,7 +21,7 @@ from convert.errors import ConversionError
 from convert.formats.chunks import ChunkedTensor
 from convert.formats.shard_layout import OutputFile
 from convert.io.pins import SourcePins, source_pins
-from convert.io.storage import Storage
+from convert.io.storage import Storage, Store
 from convert.plan.base import Piece
 from convert.settings import DEFAULT_SETTINGS, NO_HOOKS, JobHooks, Settings
 from launch.dist import Dist
@@ -65,7 +65,7 @@ class JobSetup:
     fingerprint: str
     resuming: bool = False
     job_id: str = ""
-    pins: SourcePins = field(default_factory=dict)  # source file -> Storage.pin at plan time
+    pins: SourcePins = field(default_factory=dict)  # source file -> SourcePinning.pin at plan time
     target: str | None = None  # the adapter target the output is written for (recorded in the output record)
     chunked: dict[str, ChunkedTensor] = field(default_factory=dict)  # chunked tensors pieces read virtually
     notices: list[str] = field(default_factory=list)  # printed before the job starts (what the source left out)
@@ -128,7 +128,7 @@ class Draft:
     num_experts: int  # E: the expert slices are cut from it
     where: str  # where E was read (named by an --ep refusal)
     reads: list[str]  # the source files the job reads or copies: pinned (unless a dry run)
-    pin_from: Storage  # the storage the kind read them from (its listing serves the pins)
+    pin_from: Store  # the storage the kind read them from (its listing serves the pins)
     tail: list[str] = field(default_factory=list)  # summary lines after the EP's
 
 
@@ -165,7 +165,7 @@ class Planner:
             src.close()
             dst.close()
 
-    def plan_source(self, opts: JobOptions, dist: Dist, src: Storage) -> JobSetup:
+    def plan_source(self, opts: JobOptions, dist: Dist, src: Store) -> JobSetup:
         """The job's plan from its source (`src`: opts.src opened), EP chosen and pieces assigned; its destination
         not looked at (resuming False)."""
         with ExitStack() as closing:
@@ -199,6 +199,6 @@ class Planner:
             lines.append(f"  {note}")
         return lines
 
-    def draft(self, opts: JobOptions, dist: Dist, src: Storage, closing: ExitStack) -> Draft:
+    def draft(self, opts: JobOptions, dist: Dist, src: Store, closing: ExitStack) -> Draft:
         """The kind's plan of its source (`src`: opts.src opened; what the kind opens itself goes on `closing`)."""
         raise NotImplementedError

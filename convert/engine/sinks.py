@@ -31,7 +31,7 @@ from convert.engine.part_fill import Copy, fill_computed, group_parts, new_buffe
 from convert.errors import ConversionError
 from convert.formats.shard_layout import OutputFile
 from convert.io.memory import ByteBudget, pin_mmap_threshold
-from convert.io.storage import Storage
+from convert.io.storage import MultipartUploads, PositionalWrites, Store, read_json
 from convert.plan.base import Piece
 from convert.settings import DEFAULT_SETTINGS, Settings
 from sharding.parts import MIN_PART, Part, choose_max_part, plan_parts
@@ -125,17 +125,17 @@ class Sink(Protocol):
         ...
 
 
-def read_state(dst: Storage) -> dict[str, Any] | None:
+def read_state(dst: Store) -> dict[str, Any] | None:
     """The state file of an unfinished job in `dst`, or None."""
     if not dst.exists(STATE_FILE):
         return None
     try:
-        return dict(dst.read_json(STATE_FILE))
+        return dict(read_json(dst, STATE_FILE))
     except ConversionError:
         return None
 
 
-def state_listing(dst: Storage) -> tuple[list[str], list[str]]:
+def state_listing(dst: Store) -> tuple[list[str], list[str]]:
     """(files, subdirectories) of `dst`'s state directory (both empty where there is none); for clear_state,
     which can then remove them from an object store without a listing of its own."""
     try:
@@ -146,7 +146,7 @@ def state_listing(dst: Storage) -> tuple[list[str], list[str]]:
         raise
 
 
-def clear_state(dst: Storage, listed: tuple[list[str], list[str]] | None = None, keep_record: bool = True) -> None:
+def clear_state(dst: Store, listed: tuple[list[str], list[str]] | None = None, keep_record: bool = True) -> None:
     """Remove an unfinished job's state (state file, journals) from `dst`, keeping the output record (unless
     `keep_record` is False) and the lock of the job running now.
 
@@ -170,8 +170,8 @@ def clear_state(dst: Storage, listed: tuple[list[str], list[str]] | None = None,
             dst.remove(f"{STATE_DIR}/{name}")
     for name in dirs:
         dst.remove_tree(f"{STATE_DIR}/{name}")
-    if not keep & set(files):
-        os.rmdir(dst.path(STATE_DIR))
+    if not keep & set(files) and dst.positional is not None:
+        os.rmdir(dst.positional.path(STATE_DIR))
 
 
 def skipped_summary(done_bytes: int, total_bytes: int, done: int, total: int, unit: str) -> dict[str, Any]:
@@ -179,11 +179,11 @@ def skipped_summary(done_bytes: int, total_bytes: int, done: int, total: int, un
     return {"skipped_bytes": done_bytes, "total_bytes": total_bytes, "skipped": done, "total": total, "unit": unit}
 
 
-def make_sink(src: Storage, dst: Storage, settings: Settings = DEFAULT_SETTINGS) -> Sink:
+def make_sink(src: Store, dst: Store, settings: Settings = DEFAULT_SETTINGS) -> Sink:
     """The sink for `dst`: local files, or multipart uploads on an object store (tuned by the job's `settings`)."""
-    if dst.positional_writes:
+    if dst.positional is not None:
         return LocalSink(src, dst, settings)
-    if dst.supports_multipart:
+    if dst.multipart is not None:
         return MultipartSink(src, dst, settings=settings)
     raise ConversionError(f"{dst.url}: writing to this filesystem is not supported (local paths and S3 are)")
 
@@ -191,8 +191,13 @@ def make_sink(src: Storage, dst: Storage, settings: Settings = DEFAULT_SETTINGS)
 class LocalSink:
     """In-place positional writes into preallocated `*.incomplete` files, with per-rank journals."""
 
-    def __init__(self, src: Storage, dst: Storage, settings: Settings = DEFAULT_SETTINGS) -> None:
+    def __init__(self, src: Store, dst: Store, settings: Settings = DEFAULT_SETTINGS) -> None:
+        """`dst` is a store with positional writes (local files)."""
+        if dst.positional is None:
+            raise ConversionError(f"{dst.url}: positional writes to this filesystem are not supported yet "
+                                  "(local paths only)")
         self.src, self.dst, self.settings = src, dst, settings
+        self.files: PositionalWrites = dst.positional
 
     def prepare(self, job: SinkJob, resuming: bool) -> dict[str, Any]:
         """Rank 0: write the state, create missing shard files, collect finished pieces from journals.
@@ -208,7 +213,7 @@ class LocalSink:
         for f in job.files:
             name = f.name + INCOMPLETE
             if not (resuming and name in existing and self.dst.size(name) == f.size):
-                self.dst.create_sized(name, f.header, f.size)
+                self.files.create_sized(name, f.header, f.size)
                 recreated.add(f.name)
         if resuming:
             journals, _ = self.dst.list_dir(STATE_DIR)
@@ -247,13 +252,13 @@ class LocalSink:
         todo = [i for i in job.assignment[rank] if i not in done]
         slots = {name: (f.name + INCOMPLETE, slot) for f in job.files for name, slot in f.slots.items()}
         executor = Executor(self.src, self.dst, slots, job.workers)
-        journal = self.dst.path(f"{STATE_DIR}/done-{uuid.uuid4().hex[:8]}-r{rank}.txt")
+        journal = self.files.path(f"{STATE_DIR}/done-{uuid.uuid4().hex[:8]}-r{rank}.txt")
         batch_bytes = self.settings.journal_bytes
         batch_seconds = self.settings.journal_seconds
 
         def commit_batch(jf: Any, batch: list[int]) -> None:
             for name in sorted({slots[w.tensor][0] for i in batch for w in job.pieces[i].writes}):
-                self.dst.fsync(name)
+                self.files.fsync(name)
             jf.write("".join(f"{i}\n" for i in batch))
             jf.flush()
             os.fsync(jf.fileno())
@@ -300,7 +305,7 @@ class LocalSink:
 class MultipartSink:
     """One multipart upload per shard; each part built in memory by one rank."""
 
-    def __init__(self, src: Storage, dst: Storage, min_part: int = MIN_PART, max_part: int | None = None,
+    def __init__(self, src: Store, dst: Store, min_part: int = MIN_PART, max_part: int | None = None,
                  settings: Settings = DEFAULT_SETTINGS) -> None:
         """`max_part` None: sized to the job (sharding.parts.choose_max_part); `settings.min_part` and
         `settings.max_part`, where set (MOE_CONVERT_MIN_PART, MOE_CONVERT_MAX_PART), take the place of both."""
@@ -308,6 +313,15 @@ class MultipartSink:
         self.min_part = settings.min_part if settings.min_part is not None else min_part
         self.max_part = settings.max_part if settings.max_part is not None else max_part
         self._planned: tuple[SinkJob, list[Part]] | None = None
+        self._uploads = dst.multipart  # None: part_size alone may still be asked (bench.part_model)
+
+    @property
+    def uploads(self) -> MultipartUploads:
+        """The destination's multipart uploads."""
+        if self._uploads is None:
+            raise ConversionError(f"{self.dst.url}: multipart uploads to this filesystem are not supported yet "
+                                  "(S3 only)")
+        return self._uploads
 
     def threads(self, job: SinkJob) -> int:
         """Parts one rank builds and uploads at once."""
@@ -339,10 +353,10 @@ class MultipartSink:
 
         def start(name: str) -> tuple[str, dict[int, str]]:
             upload = old.get(name)
-            listed = self.dst.mpu_list_parts(name, upload) if upload else {}
+            listed = self.uploads.list_parts(name, upload) if upload else {}
             if upload and (listed or self._upload_alive(name, upload)):
                 return upload, {n: etag for n, (etag, size) in listed.items() if sizes.get((name, n)) == size}
-            return self.dst.mpu_create(name), {}
+            return self.uploads.create(name), {}
 
         # One request per shard, each waiting out the store's latency: all at once.
         with ThreadPoolExecutor(max_workers=max(1, min(len(job.files), 16))) as pool:
@@ -359,7 +373,7 @@ class MultipartSink:
                 "skipped": skipped}
 
     def _upload_alive(self, name: str, upload: str) -> bool:
-        return any(u == upload for _, u in self.dst.mpu_pending(""))
+        return any(u == upload for _, u in self.uploads.pending(""))
 
     def _my_parts(self, job: SinkJob, rank: int) -> list[Part]:
         if job.parts is not None:
@@ -395,6 +409,7 @@ class MultipartSink:
         headers = {f.name: f.header for f in job.files}
         slot_of = {name: (f.name, slot) for f in job.files for name, slot in f.slots.items()}
         uploads = job.resume["uploads"]
+        upload_part = self.uploads.upload_part
         copies, computed = part_copies(parts, job.pieces, slot_of)
         size = self.part_size(job)
         copies_of: dict[int, list[Copy]] = {}
@@ -410,7 +425,7 @@ class MultipartSink:
         def upload(k: int, data: bytearray) -> None:
             part = parts[k]
             try:
-                etag = self.dst.mpu_upload_part(part.file, uploads[part.file], part.number, data)
+                etag = upload_part(part.file, uploads[part.file], part.number, data)
                 with lock:
                     out.setdefault(part.file, {})[part.number] = etag
                 on_done(sizes[k])
@@ -485,13 +500,13 @@ class MultipartSink:
             complete.append((f.name, etags))
         # Each completion is one request the store may take seconds to answer for a large object: all at once.
         with ThreadPoolExecutor(max_workers=max(1, min(len(complete), 16))) as pool:
-            for fut in [pool.submit(self.dst.mpu_complete, name, job.resume["uploads"][name], etags)
+            for fut in [pool.submit(self.uploads.complete, name, job.resume["uploads"][name], etags)
                         for name, etags in complete]:
                 fut.result()
 
     def discard(self, state: dict[str, Any] | None) -> None:
         """Abort the uploads of an unfinished job and forget it (for --overwrite)."""
         for name, upload in (state or {}).get("uploads", {}).items():
-            self.dst.mpu_abort(name, upload)
+            self.uploads.abort(name, upload)
         clear_state(self.dst, keep_record=False)
 

@@ -5,7 +5,7 @@ into `workers` (x STREAM_ROUNDS) spans of equal bytes (a segment may be cut anyw
 are only moved), so every connection carries the same load; a worker that runs out of spans takes
 over half of what is left of the slowest one, so the last requests end together even where the
 connections' speeds differ. Each span is read by one ranged GET per contiguous run
-(Storage.open_range) and written through one STREAM_CHUNK buffer per worker: memory does not
+(Store.open_range) and written through one STREAM_CHUNK buffer per worker: memory does not
 grow with the request size.
 """
 
@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from convert.errors import ConversionError
 from convert.io.memory import thread_scratch
-from convert.io.storage import DEFAULT_STORAGE_SETTINGS, Storage
+from convert.io.storage import DEFAULT_STORAGE_SETTINGS, Store
 from convert.plan.base import Piece
 
 STREAM_CHUNK = 4 << 20  # bytes a worker holds: a streamed request's body passes through this buffer
@@ -105,7 +105,7 @@ class _Span:
         return _Span(rest)
 
 
-def copy_segments(pieces: Sequence[Piece], segments: Sequence[Segment], workers: int, src: Storage, dst: Storage,
+def copy_segments(pieces: Sequence[Piece], segments: Sequence[Segment], workers: int, src: Store, dst: Store,
                   on_done: Callable[[int, int], None],
                   stream_bytes: int = DEFAULT_STORAGE_SETTINGS.s3_stream_bytes) -> None:
     """Stream `segments` (of `pieces`) with `workers` threads; `on_done(piece, bytes written)` in this thread
@@ -178,7 +178,7 @@ class _SpanPool:
             if not self.left[piece]:
                 self.events.put(piece)
 
-    def work(self, src: Storage, dst: Storage) -> None:
+    def work(self, src: Store, dst: Store) -> None:
         """One worker thread: copy spans from `src` to `dst` until none is left; an error goes to `events` (and
         stops the others), then None (this worker ended)."""
         try:
@@ -210,11 +210,14 @@ class _SpanPool:
         return error
 
 
-def copy_span(span: _Span, src: Storage, dst: Storage, claim: Callable[[_Span, int], int],
+def copy_span(span: _Span, src: Store, dst: Store, claim: Callable[[_Span, int], int],
               wrote: Callable[[int, int], None]) -> None:
     """Copy a span's bytes in order, one streamed request per run of touching source bytes, a chunk at a time
     as `claim` hands them out (it hands out less, then nothing, once another worker took the rest over);
-    `wrote(piece, n)` after each chunk is written."""
+    `wrote(piece, n)` after each chunk is written. `dst` has positional writes (local files)."""
+    files = dst.positional
+    if files is None:
+        raise ConversionError(f"{dst.url}: positional writes to this filesystem are not supported yet (local paths only)")
     runs: list[list[Segment]] = []
     for seg in span.segments:
         if runs and runs[-1][-1].file == seg.file and runs[-1][-1].start + runs[-1][-1].n == seg.start:
@@ -232,9 +235,9 @@ def copy_span(span: _Span, src: Storage, dst: Storage, claim: Callable[[_Span, i
                     buf = thread_scratch(n, STREAM_SCRATCH)
                     try:
                         stream.readinto(buf)
-                        dst.pwrite(seg.dst_file, seg.dst_pos + off, buf)
+                        files.pwrite(seg.dst_file, seg.dst_pos + off, buf)
                     except ConversionError as exc:
                         raise ConversionError(f"{exc} (while writing tensor {seg.tensor!r})") from exc
-                    dst.start_writeback(seg.dst_file, seg.dst_pos + off, seg.dst_pos + off + n)
+                    files.start_writeback(seg.dst_file, seg.dst_pos + off, seg.dst_pos + off + n)
                     wrote(seg.piece, n)
                     off += n

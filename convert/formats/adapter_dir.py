@@ -23,7 +23,7 @@ from convert.families import Family, detect_family, load_families, representativ
 from convert.formats.adapter_layouts import guess_family
 from convert.formats.checkpoint import OTHER_WEIGHTS, open_checkpoint
 from convert.formats.safetensors import FileHeader, TensorInfo, read_header
-from convert.io.storage import Storage
+from convert.io.storage import Storage, Store, read_json
 from convert.settings import StorageSettings
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -69,7 +69,7 @@ class Verdict:
 class AdapterDir:
     """The adapter's files and tensors (merged over its weight files)."""
 
-    storage: Storage
+    storage: Store
     files: list[str]
     subdirs: list[str]
     config: dict[str, Any]
@@ -127,7 +127,7 @@ def lora_kind(name: str) -> str:
     return "other_lora"
 
 
-def subdir_adapters(storage: Storage, subdirs: list[str]) -> list[str]:
+def subdir_adapters(storage: Store, subdirs: list[str]) -> list[str]:
     """Subfolders (not checkpoint-N) that hold an adapter of their own (peft saves extra adapters so)."""
     out = []
     for d in subdirs:
@@ -138,9 +138,9 @@ def subdir_adapters(storage: Storage, subdirs: list[str]) -> list[str]:
     return out
 
 
-def _read_config(storage: Storage, verdict: Verdict) -> dict[str, Any]:
+def _read_config(storage: Store, verdict: Verdict) -> dict[str, Any]:
     try:
-        config = storage.read_json(ADAPTER_CONFIG)
+        config = read_json(storage, ADAPTER_CONFIG)
     except ConversionError as exc:
         verdict.refuse("invalid", str(exc))
         return {}
@@ -150,7 +150,7 @@ def _read_config(storage: Storage, verdict: Verdict) -> dict[str, Any]:
     return config
 
 
-def open_adapter_dir(storage: Storage, verdict: Verdict, only_file: str | None = None) -> AdapterDir:
+def open_adapter_dir(storage: Store, verdict: Verdict, only_file: str | None = None) -> AdapterDir:
     """List the adapter directory at `storage`'s root and read its config and safetensors headers.
 
     `only_file` restricts the weights to that one safetensors file. Directory-level cases are
@@ -333,10 +333,10 @@ def find_base_config(
     if base_config_path:
         parent, name = posixpath.split(base_config_path.rstrip("/"))
         store = Storage(parent or ".", storage_options, settings)
-        return store.read_json(name), f"--base-config {base_config_path}"
+        return read_json(store, name), f"--base-config {base_config_path}"
     if "config.json" in adir.files:
         try:
-            cfg = adir.storage.read_json("config.json")
+            cfg = read_json(adir.storage, "config.json")
         except ConversionError:
             cfg = None  # a broken config.json next to the adapter is not the adapter's problem
         if isinstance(cfg, dict):
@@ -345,7 +345,7 @@ def find_base_config(
     if isinstance(base, str) and base:
         for candidate in _local_configs(base):
             try:
-                return Storage(str(candidate.parent), None, settings).read_json(candidate.name), str(candidate)
+                return read_json(Storage(str(candidate.parent), None, settings), candidate.name), str(candidate)
             except (OSError, ConversionError):
                 continue  # unreadable, too large, not UTF-8 or not JSON: try the next one
     return None, ""

@@ -22,7 +22,7 @@ from convert.formats.adapter_dir import (
 )
 from convert.formats.checkpoint import OTHER_WEIGHTS, TensorRef, open_checkpoint
 from convert.formats.safetensors import TensorInfo
-from convert.io.storage import Storage, StorageSettings
+from convert.io.storage import Storage, StorageSettings, Store
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_INDEX = "adapter_model.safetensors.index.json"
@@ -32,7 +32,7 @@ ADAPTER_INDEX = "adapter_model.safetensors.index.json"
 class AdapterSource:
     """Metadata of a source adapter: every tensor with its file, adapter_config.json, the base config."""
 
-    storage: Storage
+    storage: Store
     config: dict[str, Any]
     tensors: dict[str, TensorRef]
     base_config: dict[str, Any] | None

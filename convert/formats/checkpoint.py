@@ -22,7 +22,7 @@ from convert.errors import ConversionError, StorageError
 from convert.formats.chunks import Chunk, ChunkedTensor, ChunkedView, virtual_file
 from convert.formats.dcp import METADATA, SUFFIX, load_chunk, read_dcp
 from convert.formats.safetensors import DTYPE_SIZES, FileHeader, TensorInfo, read_header
-from convert.io.storage import Storage
+from convert.io.storage import Store, read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SHARDING_KEY = "DCP_SHARDING_INFO"  # torch's _hf_utils: {tensor: {"saved_offsets": [...]}} of a per-rank shard
@@ -44,7 +44,7 @@ class TensorRef:
 class Checkpoint:
     """Metadata of a source checkpoint directory."""
 
-    storage: Storage  # a ChunkedView of it where tensors are chunked
+    storage: Store  # a ChunkedView of it where tensors are chunked
     headers: dict[str, FileHeader]  # the weight files (a DCP file's header lists no tensors)
     tensors: dict[str, TensorRef]
     config: dict[str, Any]
@@ -79,16 +79,16 @@ def safe_relative(name: object, where: str, tensor: str | None = None) -> str:
     return name
 
 
-def read_weight_map(storage: Storage, index_file: str) -> dict[str, str]:
+def read_weight_map(storage: Store, index_file: str) -> dict[str, str]:
     """The weight_map of the index `index_file`: tensor name -> shard file name, each checked by safe_relative."""
     where = storage.display(index_file)
-    index = storage.read_json(index_file)
+    index = read_json(storage, index_file)
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise ConversionError(f"{where}: has no weight_map object (expected {{tensor name: shard file name}})")
     return {k: safe_relative(v, where, k) for k, v in index["weight_map"].items()}
 
 
-def _listing(storage: Storage) -> tuple[list[str], list[str]]:
+def _listing(storage: Store) -> tuple[list[str], list[str]]:
     """(files, subdirectories) at `storage`'s root; ConversionError when it is not a directory. An object
     store is listed once (no separate "is it a directory" request): a prefix with nothing below it is none,
     and a listing that shows only an object named like the prefix itself is asked once more."""
@@ -109,7 +109,7 @@ def _listing(storage: Storage) -> tuple[list[str], list[str]]:
     return files, subdirs
 
 
-def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob: str = ".safetensors") -> Checkpoint:
+def open_checkpoint(storage: Store, index_name: str = INDEX_NAME, weight_glob: str = ".safetensors") -> Checkpoint:
     """Read the metadata of the checkpoint at `storage`'s root, whichever container holds it (see the module).
 
     Safetensors: uses `index_name` when present, else every top-level `*.safetensors` file. Validates that each
@@ -182,7 +182,7 @@ def open_checkpoint(storage: Storage, index_name: str = INDEX_NAME, weight_glob:
     return ckpt
 
 
-def _read_config(pool: ThreadPoolExecutor, storage: Storage, files: list[str],
+def _read_config(pool: ThreadPoolExecutor, storage: Store, files: list[str],
                  subdirs: list[str]) -> Future[tuple[str, Any] | None] | None:
     """(where it was found, contents) of config.json, read in `pool` from the first of CONFIG_PLACES that the
     listing shows (a place in a subdirectory only if it exists there); None where none does."""
@@ -193,13 +193,13 @@ def _read_config(pool: ThreadPoolExecutor, storage: Storage, files: list[str],
     return None
 
 
-def _config_at(storage: Storage, place: str, maybe: bool) -> tuple[str, Any] | None:
+def _config_at(storage: Store, place: str, maybe: bool) -> tuple[str, Any] | None:
     if maybe and not storage.exists(place):
         return None
-    return place, storage.read_json(place)
+    return place, read_json(storage, place)
 
 
-def _assemble(storage: Storage, files: list[str], subdirs: list[str], headers: dict[str, FileHeader],
+def _assemble(storage: Store, files: list[str], subdirs: list[str], headers: dict[str, FileHeader],
               chunked: dict[str, ChunkedTensor], config_read: Future[tuple[str, Any] | None] | None, container: str,
               index_file: str | None = None, weight_glob: str = ".safetensors",
               meta_files: tuple[str, ...] = (), notes: tuple[str, ...] = ()) -> Checkpoint:
@@ -231,7 +231,7 @@ def _assemble(storage: Storage, files: list[str], subdirs: list[str], headers: d
     )
 
 
-def _sharded_tensors(storage: Storage, headers: dict[str, FileHeader]) -> dict[str, ChunkedTensor]:
+def _sharded_tensors(storage: Store, headers: dict[str, FileHeader]) -> dict[str, ChunkedTensor]:
     """The tensors of per-rank safetensors shards: each file's entry of a tensor is the chunk its
     DCP_SHARDING_INFO places at `saved_offsets`; a tensor's shape is the extent of its chunks."""
     chunks: dict[str, list[Chunk]] = {}
@@ -265,7 +265,7 @@ def _sharded_tensors(storage: Storage, headers: dict[str, FileHeader]) -> dict[s
     return out
 
 
-def _open_dcp(storage: Storage, files: list[str], subdirs: list[str]) -> Checkpoint:
+def _open_dcp(storage: Store, files: list[str], subdirs: list[str]) -> Checkpoint:
     """The Checkpoint of a torch DCP directory (convert.formats.dcp)."""
     background = ThreadPoolExecutor(max_workers=1)
     config_read = _read_config(background, storage, files, subdirs)

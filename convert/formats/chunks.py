@@ -19,6 +19,7 @@ from functools import cached_property
 from typing import Any
 
 from convert.errors import ConversionError
+from convert.io.storage import fetch
 
 VIRTUAL_PREFIX = "<chunks>/"
 
@@ -172,7 +173,7 @@ def _box_rows(sizes: Sequence[int]) -> list[tuple[int, ...]]:
 
 
 class ChunkedView:
-    """A source Storage that also reads chunked tensors' virtual files (virtual_file) as contiguous bytes.
+    """A source store that also reads chunked tensors' virtual files (virtual_file) as contiguous bytes.
 
     Reads of stored files go to the storage; a virtual read is split into the stored ranges that hold it,
     or, for a chunk that is not raw, served from the chunk read whole by `load(chunk) -> bytes`. Every other
@@ -241,10 +242,11 @@ class ChunkedView:
                 out[pos : pos + n] = self._chunk_bytes(t, k)[off : off + n]
             pos += n
 
-    def fetch(self, ranges: Sequence[tuple[str, int, int]], max_get: int = 0) -> Any:
-        """Storage.fetch for stored files; virtual ranges are read now through read_range."""
+    def fetch(self, ranges: Sequence[tuple[str, int, int]], max_get: int | None = None) -> Any:
+        """convert.io.storage.fetch for stored files (by the storage); virtual ranges are read now through
+        read_range."""
         stored = [r for r in ranges if not is_virtual(r[0])]
-        out = self.storage.fetch(stored, max_get) if max_get else self.storage.fetch(stored)
+        out = fetch(self.storage, stored, max_get)
         out.storage = self  # a read no fetched range covers comes back here (virtual files included)
         for rel, start, end in ranges:
             if is_virtual(rel):
@@ -252,7 +254,7 @@ class ChunkedView:
         return out
 
     def open_range(self, rel: str, start: int, end: int) -> Any:
-        """Storage.open_range; a virtual file's range is read a readinto at a time through read_range."""
+        """Store.open_range; a virtual file's range is read a readinto at a time through read_range."""
         if not is_virtual(rel):
             return self.storage.open_range(rel, start, end)
         from convert.io.range_stream import RangeReader
@@ -260,7 +262,7 @@ class ChunkedView:
         return RangeReader(self, rel, start, end)
 
     def prefetch(self, rel: str, start: int, end: int) -> None:
-        """Storage.prefetch of the stored ranges that hold [start, end) of `rel`."""
+        """Store.prefetch of the stored ranges that hold [start, end) of `rel`."""
         if not is_virtual(rel):
             self.storage.prefetch(rel, start, end)
             return

@@ -16,7 +16,7 @@ from typing import Any
 
 from convert.errors import ConversionError
 from convert.formats.safetensors_json import U64_MAX, header_entries
-from convert.io.storage import Storage
+from convert.io.storage import Store
 
 # dtype name -> bytes per element (as the safetensors spec names them)
 DTYPE_SIZES: dict[str, int] = {
@@ -158,7 +158,7 @@ def check_packing(tensors: list[TensorInfo], data_start: int, file_size: int, wh
 HEADER_PREFIX = 512 << 10  # from an object store, one read of this much holds nearly every shard's whole header
 
 
-def read_header(storage: Storage, path: str) -> FileHeader:
+def read_header(storage: Store, path: str) -> FileHeader:
     """Read and validate the header of the safetensors file `path`: its length, then the header, in two
     ranged reads; from an object store, one read of the file's first HEADER_PREFIX bytes (a request's
     latency costs more than the extra bytes) and a second only for a longer header."""

@@ -47,7 +47,7 @@ from convert.formats.dcp import METADATA as DCP_METADATA
 from convert.formats.model_config import read_base_config
 from convert.formats.safetensors import TensorInfo, read_header
 from convert.inspect.targets import odd_packings, packing_fix, target_verdicts, words
-from convert.io.storage import Storage
+from convert.io.storage import Storage, Store
 from convert.plan.expert_groups import ExpertGroup, find_expert_groups
 from convert.plan.readers import ALLOW_FLAG, unread_per_expert
 from convert.settings import Settings, StorageSettings
@@ -120,7 +120,7 @@ def _set_layout(values: list[str]) -> str | None:
 
 
 # ---------------------------------------------------------------- kinds
-def _peek_is_lora(storage: Storage, weights: list[str]) -> bool:
+def _peek_is_lora(storage: Store, weights: list[str]) -> bool:
     for name in weights[:1]:
         try:
             return any(is_lora(t) for t in read_header(storage, name).tensors)
@@ -129,7 +129,7 @@ def _peek_is_lora(storage: Storage, weights: list[str]) -> bool:
     return False
 
 
-def guess_kind(storage: Storage, files: list[str], subdirs: list[str]) -> str:
+def guess_kind(storage: Store, files: list[str], subdirs: list[str]) -> str:
     """base, adapter or unknown, from the file names (and, without configs, the first file's tensor names)."""
     weights = [f for f in files if f.endswith(".safetensors")]
     if ADAPTER_CONFIG in files or any(f.startswith("adapter_model") for f in files):
@@ -150,7 +150,7 @@ def guess_kind(storage: Storage, files: list[str], subdirs: list[str]) -> str:
 
 
 # ---------------------------------------------------------------- base checkpoints
-def inspect_base(storage: Storage, files: list[str], subdirs: list[str], report: Report,
+def inspect_base(storage: Store, files: list[str], subdirs: list[str], report: Report,
                  base_config: str | None = None, storage_options: dict[str, Any] | None = None) -> None:
     """Classify a base checkpoint: container, family, per-layer expert layout, E, and the conversions that apply.
     `base_config`: the model's config.json for a checkpoint without one (a trainer's)."""
@@ -201,7 +201,7 @@ def inspect_base(storage: Storage, files: list[str], subdirs: list[str], report:
                                           f"{unread.source}: {unread.per_expert_note}")
 
 
-def _refuse_without_weights(storage: Storage, files: list[str], subdirs: list[str], verdict: Verdict) -> None:
+def _refuse_without_weights(storage: Store, files: list[str], subdirs: list[str], verdict: Verdict) -> None:
     """Refuse a directory without safetensors or DCP weights: naming the checkpoints below it, its other weight
     files, or none."""
     where = storage.display()
@@ -234,7 +234,7 @@ def _describe_container(ckpt: Checkpoint, report: Report) -> None:
         report.verdict.note("training_state", f"{what}")
 
 
-def _expert_layers(storage: Storage, ckpt: Checkpoint,
+def _expert_layers(storage: Store, ckpt: Checkpoint,
                    report: Report) -> tuple[Checkpoint, Family, tuple[str, ...], list[ExpertGroup]]:
     """(the checkpoint read in HF names, its family with its quantization companions, the layouts --layout offers,
     its expert layers), the report's family, names and E filled in; raises ConversionError where the family or E
@@ -297,7 +297,7 @@ def _quantization(config: dict[str, Any], family: Any, groups: list[Any]) -> dic
 
 # ---------------------------------------------------------------- adapters
 def inspect_adapter(
-    storage: Storage, report: Report, base_config_path: str | None, storage_options: dict[str, Any] | None,
+    storage: Store, report: Report, base_config_path: str | None, storage_options: dict[str, Any] | None,
     only_file: str | None = None,
 ) -> None:
     """Classify an adapter directory: directory cases, non-LoRA cases, expert-LoRA pattern, pass-through kinds."""
@@ -480,7 +480,7 @@ def inspect_path(path: str, base_config: str | None = None, storage_options: dic
         raise PathError(f"{path}: cannot be read ({describe(exc)})") from exc
 
 
-def _dispatch(storage: Storage, files: list[str], subdirs: list[str], report: Report, base_config: str | None,
+def _dispatch(storage: Store, files: list[str], subdirs: list[str], report: Report, base_config: str | None,
               storage_options: dict[str, Any] | None, only_file: str | None) -> None:
     report.kind = guess_kind(storage, [only_file] if only_file else files, subdirs)
     if report.kind == ADAPTER:

@@ -1,17 +1,18 @@
 """Source pins: what identifies a file's content without reading it, and the checks a job makes of them.
 
-A store's kind records a `Pin` per file (Storage.pin, Storage.pins); a job's pins are a `SourcePins`
-(file name -> Pin), taken at plan time (source_pins), kept in the state file as they are (a JSON object of
-JSON objects: pins_from_state reads them back), and compared with pins taken later (changed_pins, check_pins),
-which name the files that changed. The store kinds (convert.io.storage) say how a pin is taken and how reads are
-held to it (Storage.expect, probe_conditions, reads_pinned); this module only types the pins and compares them,
-so it reaches a store through `PinSource`, the part of Storage it calls.
+Every store has one `SourcePinning` object (its `pinning`, convert.io.storage.store.Store): it takes a `Pin`
+per file (pin, pins) and holds the store's reads to them where the store takes conditions (expect,
+probe_conditions, reads_pinned). A job's pins are a `SourcePins` (file name -> Pin), taken at plan time
+(source_pins), kept in the state file as they are (a JSON object of JSON objects: pins_from_state reads them
+back), and compared with pins taken later (changed_pins, check_pins), which name the files that changed. How a
+pin is taken and how reads are held to it is each store kind's (convert.io.storage); this module types the pins
+and the pinning object and compares pins, reaching a store through `PinSource` (its pinning and display).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, TypedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol, TypedDict, runtime_checkable
 
 from convert.errors import ConversionError
 
@@ -19,7 +20,7 @@ STATE_KEY = "pins"  # the entry of the state file (.moe-convert/state.json) hold
 
 
 class Pin(TypedDict, total=False):
-    """One file's pin (Storage.pin): two equal pins mean the file was not rewritten in between. Each kind records
+    """One file's pin (SourcePinning.pin): two equal pins mean the file was not rewritten in between. Each kind records
     some of these fields; the object-store ones are fsspec info() fields, kept under fsspec's names
     (convert.io.storage.fsspec_storage.PIN_KEYS, PIN_TIME_KEYS) as strings."""
 
@@ -41,8 +42,10 @@ class Pin(TypedDict, total=False):
 SourcePins = dict[str, Pin]  # file name (relative to the store) -> its Pin: the pins of a job's source files
 
 
-class PinSource(Protocol):
-    """What the checks of this module call on a store (convert.io.storage.Storage has it)."""
+@runtime_checkable
+class SourcePinning(Protocol):
+    """A store's source pins: what identifies each file's content without reading it, and how reads are held to
+    it (every store has one: convert.io.storage.store.Store.pinning; each kind says which Pin fields it takes)."""
 
     def pin(self, rel: str) -> Pin:
         """The current pin of the file `rel` (FileNotFoundError where it is gone)."""
@@ -50,7 +53,28 @@ class PinSource(Protocol):
 
     def pins(self, names: Sequence[str], like: SourcePins | None = None,
              workers: int | None = None, listed: bool = False) -> SourcePins:
-        """name -> pin(name) for each of `names` (Storage.pins)."""
+        """name -> pin(name) for each of `names`, with as few requests (up to `workers` at once) as the store allows."""
+        ...
+
+    def expect(self, pins: SourcePins) -> None:
+        """Make later reads of the files of `pins` conditional on their pins, where the store takes conditions."""
+        ...
+
+    def probe_conditions(self, pins: SourcePins) -> None:
+        """Start finding out in the background whether the store applies expect()'s conditions (else nothing)."""
+        ...
+
+    def reads_pinned(self, names: Iterable[str]) -> bool:
+        """True where every read of `names` was held to its pin: no check of the pins after the reads is needed."""
+        ...
+
+
+class PinSource(Protocol):
+    """What the checks of this module call on a store (convert.io.storage.store.Store has it)."""
+
+    @property
+    def pinning(self) -> SourcePinning:
+        """The store's source pins."""
         ...
 
     def display(self, rel: str = "") -> str:
@@ -59,21 +83,22 @@ class PinSource(Protocol):
 
 
 def source_pins(src: PinSource, names: list[str]) -> SourcePins:
-    """name -> Storage.pin of each source file a job reads or copies (metadata only; from the plan's own
-    listing of the source where it saw them all)."""
-    return src.pins(names, listed=True)
+    """name -> pin of each source file a job reads or copies (metadata only; from the plan's own listing of the
+    source where it saw them all)."""
+    return src.pinning.pins(names, listed=True)
 
 
 def changed_pins(src: PinSource, pins: SourcePins) -> list[tuple[str, str]]:
     """(file as the user names it, what changed) for each pinned file that is no longer as pinned."""
     out = []
+    pinning = src.pinning
     try:
-        current = src.pins(list(pins), like=pins)
+        current = pinning.pins(list(pins), like=pins)
     except FileNotFoundError:  # which one: ask them one by one
         current = {}
     for name, pin in sorted(pins.items()):
         try:
-            now = current[name] if name in current else src.pin(name)
+            now = current[name] if name in current else pinning.pin(name)
         except FileNotFoundError:
             out.append((src.display(name), "deleted"))
             continue

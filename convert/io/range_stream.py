@@ -1,4 +1,4 @@
-"""Reading one byte range of a file in order, a caller-sized piece at a time (Storage.open_range).
+"""Reading one byte range of a file in order, a caller-sized piece at a time (Store.open_range).
 
 The reader here serves each piece by one read_range of its store. A store that can stream a range by one
 request returns its own reader from open_range (S3: convert.io.storage.s3_storage.S3RangeReader, one ranged
@@ -14,7 +14,7 @@ _R = TypeVar("_R", bound="RangeReader")
 
 
 class RangeSource(Protocol):
-    """What a RangeReader reads from (a Storage, or any object with its read_range)."""
+    """What a RangeReader reads from (a Store, or any object with its read_range)."""
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of the file `rel`; short reads are an error naming the file."""

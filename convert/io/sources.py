@@ -1,15 +1,17 @@
-"""A job's source Storage that also reads the files of further sources (e.g. the adapter a merge adds to a base).
+"""A job's source store that also reads the files of further sources (e.g. the adapter a merge adds to a base).
 
 A piece's `Read.file` names a file of the job's source (`--src`) as it is, or a file of another source as
 `//<name>/<file>` (`source_file`): a name no listing of a directory can give, so it never collides with a
 file of the source. Reads (read_range, read_into, fetch, open_range, prefetch) are routed to the store that
-holds the file; every other attribute is the job's source's own (its pins, its display, ...).
+holds the file; every other attribute is the job's source's own (its pinning, its display, ...).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+from convert.io.storage import Fetched, fetch
 
 SOURCE_PREFIX = "//"
 
@@ -28,7 +30,7 @@ def split_source(name: str) -> tuple[str | None, str]:
 
 
 class SourcesView:
-    """The job's source `storage` plus the extra sources `others` (name -> Storage), read by piece file names."""
+    """The job's source `storage` plus the extra sources `others` (name -> Store), read by piece file names."""
 
     def __init__(self, storage: Any, others: dict[str, Any]) -> None:
         self.storage = storage
@@ -57,30 +59,25 @@ class SourcesView:
         store.read_into(rel, start, out)
 
     def prefetch(self, rel: str, start: int, end: int) -> None:
-        """Storage.prefetch on the store holding `rel`."""
+        """Store.prefetch on the store holding `rel`."""
         store, rel = self._route(rel)
         store.prefetch(rel, start, end)
 
     def open_range(self, rel: str, start: int, end: int) -> Any:
-        """Storage.open_range on the store holding `rel`."""
+        """Store.open_range on the store holding `rel`."""
         store, rel = self._route(rel)
         return store.open_range(rel, start, end)
 
-    def can_copy_range_from(self, src: Any) -> bool:  # pragma: no cover - a view is never a destination
-        return False
-
-    def fetch(self, ranges: Sequence[tuple[str, int, int]], max_get: int = 0) -> Any:
-        """Storage.fetch, each store's ranges fetched by that store, held under the piece file names."""
-        from convert.io.storage import Fetched
-
-        out = Fetched(self)  # type: ignore[arg-type]
+    def fetch(self, ranges: Sequence[tuple[str, int, int]], max_get: int | None = None) -> Any:
+        """convert.io.storage.fetch, each store's ranges fetched by that store, held under the piece file names."""
+        out = Fetched(self)
         by: dict[str | None, list[tuple[str, int, int]]] = {}
         for name, start, end in ranges:
             by.setdefault(split_source(name)[0], []).append((name, start, end))
         for source, rs in by.items():
             store = self.storage if source is None else self.others[source]
             local = [(split_source(n)[1], a, b) for n, a, b in rs]
-            got = store.fetch(local, max_get) if max_get else store.fetch(local)
+            got = fetch(store, local, max_get)
             prefix = "" if source is None else source_file(source, "")
             for rel, spans in got._spans.items():
                 for span in spans:

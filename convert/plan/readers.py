@@ -9,6 +9,7 @@ decide.
 
 from __future__ import annotations
 
+import posixpath
 from typing import Any
 
 from convert.errors import ConversionError
@@ -42,22 +43,18 @@ def refusal(source: str, family: Family, written: Family, dtype_flag: str | None
             f"Pass {ALLOW_FLAG} to write it anyway (batch manifests: allow_unread_layout: true)")
 
 
-def check_split_source(src: Any, family_override: str | None, dtype: str | None, dtype_flag: str | None) -> None:
-    """Before a split is planned: raise ConversionError (refusal) when the source at Storage `src` is of a family
-    whose per-expert layout (after --dtype `dtype`) no consumer reads. Reads config.json only; where it is absent
-    or names no known family, nothing is decided here (the planner reports that as it always does)."""
-    try:
-        config = src.read_json("config.json")
-    except (ConversionError, OSError):
-        if src.exists("config.json"):
-            raise  # there, but unreadable: the same error planning would meet
-        return
+def check_split_source(config: Any, source: str, family_override: str | None, dtype: str | None,
+                       dtype_flag: str | None) -> None:
+    """Before a split is planned: raise ConversionError (refusal) when the source `source` (as the user wrote it),
+    whose config.json holds `config` (None where it has none), is of a family whose per-expert layout (after --dtype
+    `dtype`) no consumer reads. Where the config names no known family, nothing is decided here (the planner
+    reports that as it always does)."""
     if not isinstance(config, dict):
         return
     try:
-        family = detect_family(config, src.display("config.json"), family_override)
+        family = detect_family(config, posixpath.join(source.rstrip("/"), "config.json"), family_override)
     except ConversionError:
         return
     written = unread_per_expert(family, dtype)
     if written is not None:
-        raise ConversionError(refusal(src.display(), family, written, dtype_flag))
+        raise ConversionError(refusal(source, family, written, dtype_flag))

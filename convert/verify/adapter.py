@@ -35,7 +35,7 @@ from convert.errors import ConversionError
 from convert.families import Family, find_family, load_families
 from convert.formats.adapter_layouts import PEFT_PREFIX, ExpertLoraGroup, detect_expert_lora, fused_order
 from convert.formats.safetensors import TensorInfo
-from convert.io.storage import Storage
+from convert.io.storage import Storage, Store, read_json
 from convert.plan.adapter_names import MODEL, KeyNames, source_naming
 from convert.settings import StorageSettings
 from convert.targets.rules import TargetRules, load_target
@@ -131,7 +131,7 @@ class Cut:
 _CACHE: dict[tuple[str, str, str], torch.Tensor] = {}
 
 
-def _whole(storage: Storage, t: Stored) -> torch.Tensor:
+def _whole(storage: Store, t: Stored) -> torch.Tensor:
     """A whole factor tensor, kept while consecutive experts of one layer need it (one at a time)."""
     key = (storage.url, t.file, t.name)
     if key not in _CACHE:
@@ -140,7 +140,7 @@ def _whole(storage: Storage, t: Stored) -> torch.Tensor:
     return _CACHE[key]
 
 
-def cut_factor(storage: Storage, cut: Cut, e: int) -> torch.Tensor:
+def cut_factor(storage: Store, cut: Cut, e: int) -> torch.Tensor:
     """Expert e's factor."""
     t = cut.tensor
     if cut.kind == "whole":
@@ -192,7 +192,7 @@ class LoraSide:
 
     roles: tuple[RoleLora, ...]
 
-    def load(self, storage: Storage, e: int) -> dict[str, tuple[Data, str]]:
+    def load(self, storage: Store, e: int) -> dict[str, tuple[Data, str]]:
         """Expert e's delta of each role (float64; None for a role absent on this side) and its module."""
         out: dict[str, tuple[Data, str]] = {}
         for rl in self.roles:
@@ -385,9 +385,9 @@ def _factor_eps(table: Table, group: ExpertLoraGroup) -> float:
     return max(torch.finfo(torch_dtype(table.tensors[n].dtype)).eps for n in group.tensors)
 
 
-def _read_config(storage: Storage, where: str) -> dict[str, Any]:
+def _read_config(storage: Store, where: str) -> dict[str, Any]:
     try:
-        cfg = storage.read_json(ADAPTER_CONFIG)
+        cfg = read_json(storage, ADAPTER_CONFIG)
     except OSError as exc:
         raise ConversionError(f"{storage.display(ADAPTER_CONFIG)}: cannot be read ({exc})") from exc
     if not isinstance(cfg, dict):
@@ -404,7 +404,7 @@ def load_base_config(path: str | None, storage_options: dict[str, Any],
     parent, name = posixpath.split(path.rstrip("/"))
     store = Storage(parent or ".", storage_options, settings)
     try:
-        cfg = store.read_json(name)
+        cfg = read_json(store, name)
     except OSError as exc:
         raise ConversionError(f"--base-config {path}: cannot be read ({exc})") from exc
     finally:
@@ -417,7 +417,7 @@ class _Adapter:
     """One side of an adapter relation: its directory, tensors, adapter_config.json, expert LoRA groups, other
     tensors and the key naming its names are read in."""
 
-    storage: Storage
+    storage: Store
     table: Table
     cfg: dict[str, Any]
     groups: list[ExpertLoraGroup]
@@ -425,7 +425,7 @@ class _Adapter:
     names: KeyNames
 
 
-def adapter_relation(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
+def adapter_relation(src: Store, dst: Store, opts: VerifyOptions) -> Relation:
     """The checks proving `dst` is a conversion of the adapter `src` (see the module docstring)."""
 
     base = load_base_config(opts.base_config, opts.storage_options, opts.settings.storage)
@@ -467,7 +467,7 @@ def adapter_relation(src: Storage, dst: Storage, opts: VerifyOptions) -> Relatio
                     len(src_table.tensors), len(dst_table.tensors), len(dst_table.shards))
 
 
-def _read_source(src: Storage) -> tuple[Table, dict[str, Any]]:
+def _read_source(src: Store) -> tuple[Table, dict[str, Any]]:
     """(the source adapter's tensors, its adapter_config.json); raises CannotVerify where it is no valid adapter."""
     src_table, bad = read_table(src, ADAPTER_INDEX, require_index=False, single_name=ADAPTER_WEIGHTS, strict=False)
     if bad:
@@ -477,7 +477,7 @@ def _read_source(src: Storage) -> tuple[Table, dict[str, Any]]:
     return src_table, _read_config(src, src.display())
 
 
-def _read_destination(dst: Storage) -> tuple[Table, dict[str, Any], list[str]]:
+def _read_destination(dst: Store) -> tuple[Table, dict[str, Any], list[str]]:
     """(the destination's tensors, its adapter_config.json, what is wrong with its files); raises CannotVerify
     without an adapter_config.json."""
     dst_files, _ = dst.list_dir()
@@ -490,7 +490,7 @@ def _read_destination(dst: Storage) -> tuple[Table, dict[str, Any], list[str]]:
     return dst_table, dst_cfg, found
 
 
-def _target_rules(opts: VerifyOptions, dst: Storage, family: Family | None,
+def _target_rules(opts: VerifyOptions, dst: Store, family: Family | None,
                   base: dict[str, Any] | None) -> TargetRules | None:
     """The rules of the target `dst` was written for (--target, else its output record) for `family`; None: none."""
     target = opts.target or recorded_target(dst)
@@ -617,7 +617,7 @@ def _zero_pairs(extra: dict[str, str], dst: _Adapter) -> list[ExpertCheck]:
     return checks
 
 
-def _config_problems(src_cfg: dict[str, Any], dst_cfg: dict[str, Any], dst: Storage) -> list[str]:
+def _config_problems(src_cfg: dict[str, Any], dst_cfg: dict[str, Any], dst: Store) -> list[str]:
     """The adapter_config.json fields a conversion has no reason to change (not REWRITTEN) that it changed."""
     return [f"{dst.display(ADAPTER_CONFIG)}: {key} is {dst_cfg.get(key)!r}, the source has {src_cfg.get(key)!r}"
             for key in sorted((set(src_cfg) | set(dst_cfg)) - REWRITTEN) if src_cfg.get(key) != dst_cfg.get(key)]

@@ -24,7 +24,7 @@ import numpy as np
 
 from convert.errors import ConversionError
 from convert.families import Family
-from convert.io.storage import Storage
+from convert.io.storage import Store
 from convert.verify.checks import ExpertCheck, PassCheck, read_stored
 from convert.verify.tables import Raw, Stored, Table, to_raw
 
@@ -176,7 +176,7 @@ class PerExpertSide:
 
     tensors: tuple[tuple[str, tuple[Stored, ...]], ...]
 
-    def load(self, storage: Storage, e: int, roles: Collection[str] | None = None) -> dict[str, tuple[Raw, str]]:
+    def load(self, storage: Store, e: int, roles: Collection[str] | None = None) -> dict[str, tuple[Raw, str]]:
         out = {}
         for role, per in self._held(e, roles):
             t = per[e]
@@ -226,7 +226,7 @@ class FusedSide:
 
     parts: tuple[FusedPart, ...]
 
-    def load(self, storage: Storage, e: int, roles: Collection[str] | None = None) -> dict[str, tuple[Raw, str]]:
+    def load(self, storage: Store, e: int, roles: Collection[str] | None = None) -> dict[str, tuple[Raw, str]]:
         out = {}
         for p in self._held(e, roles):
             t = p.tensor

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Protocol, Union
 
 import numpy as np
 
-from convert.io.storage import Storage
+from convert.io.storage import Store
 from convert.verify.tables import Raw, Stored, element_size, to_raw
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ class Mismatch:
         return f"{where}: {self.what}{diff}" if where else f"{self.what}{diff}"
 
 
-def read_stored(storage: Storage, t: Stored, start: int = 0, end: int | None = None) -> bytes | memoryview:
+def read_stored(storage: Store, t: Stored, start: int = 0, end: int | None = None) -> bytes | memoryview:
     """Bytes [start, end) of the data of stored tensor `t` (default: all of it).
 
     Inside `reads_into` (this thread) they are read straight into the reused buffer and a view of it
@@ -153,7 +153,7 @@ def read_stored(storage: Storage, t: Stored, start: int = 0, end: int | None = N
 class ExpertSide(Protocol):
     """One side (source or destination) of one expert layer."""
 
-    def load(self, storage: Storage, e: int) -> Mapping[str, tuple[Data, str]]:
+    def load(self, storage: Store, e: int) -> Mapping[str, tuple[Data, str]]:
         """Expert e as {role: (its data in canonical per-expert form, name of the stored tensor it came from)}."""
         ...
 
@@ -491,7 +491,7 @@ class Tally:
         self.tensors_checked += other.tensors_checked
 
 
-def run_expert(check: ExpertCheck, src: Storage, dst: Storage, e: int, tally: Tally,
+def run_expert(check: ExpertCheck, src: Store, dst: Store, e: int, tally: Tally,
                roles: tuple[str, ...] | None = None, count: bool = True) -> None:
     """Compare expert e of one layer, role by role (a streaming check reads into this thread's reused buffer).
 
@@ -504,7 +504,7 @@ def run_expert(check: ExpertCheck, src: Storage, dst: Storage, e: int, tally: Ta
         _run_expert(check, src, dst, e, tally, roles, count)
 
 
-def _run_expert(check: ExpertCheck, src: Storage, dst: Storage, e: int, tally: Tally,
+def _run_expert(check: ExpertCheck, src: Store, dst: Store, e: int, tally: Tally,
                 roles: tuple[str, ...] | None, count: bool) -> None:
     if roles is None:
         a, b = check.src.load(src, e), check.dst.load(dst, e)
@@ -551,7 +551,7 @@ def chunk_bytes(check: PassCheck, i: int, j: int) -> int:
     return (j - i) * (element_size(check.src.dtype) + element_size(check.dst.dtype))
 
 
-def run_pass_chunk(check: PassCheck, src: Storage, dst: Storage, i: int, j: int, tally: Tally) -> bool:
+def run_pass_chunk(check: PassCheck, src: Store, dst: Store, i: int, j: int, tally: Tally) -> bool:
     """Compare elements [i, j) of a pass-through tensor (into this thread's reused buffer); False on a mismatch."""
     s, d = check.src, check.dst
     with reads_into(chunk_bytes(check, i, j)):
@@ -573,7 +573,7 @@ def pass_shape_problem(check: PassCheck) -> Mismatch | None:
     return None
 
 
-def run_pass(check: PassCheck, src: Storage, dst: Storage, tally: Tally) -> None:
+def run_pass(check: PassCheck, src: Store, dst: Store, tally: Tally) -> None:
     """Compare a pass-through tensor chunk by chunk (flat element ranges); reports the first differing chunk."""
     tally.tensors_checked += 1
     problem = pass_shape_problem(check)

@@ -33,7 +33,7 @@ from convert.families import Family, dequantized_family, detect_family
 from convert.formats.adapter_layouts import PEFT_PREFIX, ExpertLoraGroup, detect_expert_lora
 from convert.formats.checkpoint import INDEX_NAME
 from convert.formats.safetensors import TensorInfo
-from convert.io.storage import Storage
+from convert.io.storage import Storage, Store, read_json
 from convert.plan.adapter_names import MODEL, KeyNames, source_naming
 from convert.settings import Settings, StorageSettings
 from convert.verify.adapter import (
@@ -118,16 +118,16 @@ def _block(config: dict[str, Any]) -> tuple[int, int]:
 class MergeCheck:
     """The items of one check (base, adapter, merged output) and how to check each."""
 
-    def __init__(self, base: Storage, adapter: Storage, dst: Storage, family_name: str | None) -> None:
+    def __init__(self, base: Store, adapter: Store, dst: Store, family_name: str | None) -> None:
         """Read the three directories' metadata and plan the items; what is wrong from metadata alone goes to
         `problems` (raises ConversionError where the base or the adapter cannot be read as one)."""
         self.base, self.adapter, self.dst = base, adapter, dst
         self.problems: list[str] = []
-        self.base_cfg = base.read_json("config.json")
+        self.base_cfg = read_json(base, "config.json")
         plain = detect_family(self.base_cfg, base.display("config.json"), family_name)
         self.block = _block(self.base_cfg)
         self._read_tables()
-        self.a_cfg = adapter.read_json(ADAPTER_CONFIG)
+        self.a_cfg = read_json(adapter, ADAPTER_CONFIG)
         self._set_families(plain)
         base_layers, base_others = classify(self.base_table, self.family, rename=True)
         dst_layers, _ = classify(self.dst_table, self.out_family, rename=True)
@@ -466,7 +466,7 @@ class MergeCheck:
                 problems.append(f"{self.dst.display()}: tensor {name!r} expert {e} {role}: not the base's cast")
         return problems
 
-    def _load(self, table: Table, storage: Storage, name: str) -> torch.Tensor:
+    def _load(self, table: Table, storage: Store, name: str) -> torch.Tensor:
         t = table.tensors[name]
         return to_tensor(read_stored(storage, t), t.dtype, t.shape)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from convert.formats.checkpoint import OTHER_WEIGHTS
-from convert.io.storage import Storage
+from convert.io.storage import Store
 from convert.settings import DEFAULT_SETTINGS, Settings
 from convert.verify.checks import ExpertCheck, PassCheck
 from convert.verify.tables import Table
@@ -49,7 +49,7 @@ class VerifyOptions:
     settings: Settings = DEFAULT_SETTINGS  # the stores' and the verifier's knobs (the entry point reads them at start)
 
 
-def compare_files(src: Storage, dst: Storage, names: list[str], rewritten: AbstractSet[str] = frozenset()) -> list[str]:
+def compare_files(src: Store, dst: Store, names: list[str], rewritten: AbstractSet[str] = frozenset()) -> list[str]:
     """Each of `names` (small top-level files of the source) must be in `dst` with the same bytes.
 
     Files in `rewritten` need only exist (the conversion rewrites them, e.g. adapter_config.json).

@@ -56,7 +56,7 @@ from convert.formats.model_config import (
     without_dtype,
 )
 from convert.formats.safetensors import read_header
-from convert.io.storage import Storage
+from convert.io.storage import Storage, Store, read_json
 from convert.settings import DEFAULT_SETTINGS, Settings
 from convert.targets.rules import TARGETS
 from convert.toplevel import ToolParser, default_workers, run_main
@@ -90,7 +90,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 # ahead of the items being compared (local files; 0: none); and the stores' (settings.storage).
 
 
-def build_base(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
+def build_base(src: Store, dst: Store, opts: VerifyOptions) -> Relation:
     """The base-weight relation: experts per layer per the family tables, everything else unchanged."""
     src_table, src_problems, chunked, place = source_table(src)
     if src_problems:
@@ -102,7 +102,7 @@ def build_base(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
                            "a trainer's checkpoint: pass the model's config.json with --base-config)")
     try:
         config = read_base_config(opts.base_config, opts.storage_options) if opts.base_config else \
-            src.read_json("config.json")
+            read_json(src, "config.json")
         family = detect_family(config, src.display("config.json"), opts.family)
         num_experts = family.num_experts(config, src.display("config.json"))
     except (ValueError, ConversionError) as exc:
@@ -130,7 +130,7 @@ def build_base(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
                     len(dst_table.shards), src_chunked=chunked)
 
 
-def source_table(src: Storage) -> tuple[Table, list[str], dict[str, ChunkedTensor], str]:
+def source_table(src: Store) -> tuple[Table, list[str], dict[str, ChunkedTensor], str]:
     """The source's table and the problems found, its chunked tensors (virtual file -> tensor) and where its
     config.json is: a trainer's checkpoint (torch DCP, per-rank safetensors shards) is read through
     convert.formats.checkpoint, whose tensors saved in chunks are read as virtual files
@@ -148,7 +148,7 @@ def source_table(src: Storage) -> tuple[Table, list[str], dict[str, ChunkedTenso
     return table, [], ckpt.chunked, ckpt.config_place
 
 
-def config_problems(src: Storage, dst: Storage, dst_table: Table, given: bytes | None = None) -> list[str]:
+def config_problems(src: Store, dst: Store, dst_table: Table, given: bytes | None = None) -> list[str]:
     """The destination's config.json must equal the source's (or `given`, the --base-config one), except that its
     dtype keys (top level and text_config) may change, and must then name the dtype the destination's floating
     tensors have."""
@@ -176,20 +176,20 @@ def config_problems(src: Storage, dst: Storage, dst_table: Table, given: bytes |
     return [f"{where}: {k} is {v!r} but the tensors are {want}" for k, v in claims if v != want]
 
 
-def build_adapter(src: Storage, dst: Storage, opts: VerifyOptions) -> Relation:
+def build_adapter(src: Store, dst: Store, opts: VerifyOptions) -> Relation:
     """The adapter relation: per-expert LoRA deltas B_e @ A_e * scaling equal on both sides."""
     from convert.verify.adapter import adapter_relation  # imports torch: only when an adapter is verified
 
     return adapter_relation(src, dst, opts)
 
 
-RELATIONS: dict[str, Callable[[Storage, Storage, VerifyOptions], Relation]] = {
+RELATIONS: dict[str, Callable[[Store, Storage, VerifyOptions], Relation]] = {
     "base": build_base,
     "adapter": build_adapter,
 }
 
 
-def detect_kind(src: Storage) -> str:
+def detect_kind(src: Store) -> str:
     """"adapter" for a directory holding adapter_config.json, else "base"."""
     files, _ = src.list_dir()
     return "adapter" if ADAPTER_CONFIG in files else "base"
@@ -228,7 +228,7 @@ def plan_verify(opts: VerifyOptions) -> Relation:
         dst.close()
 
 
-def _target_relation(dst: Storage, opts: VerifyOptions) -> Relation:
+def _target_relation(dst: Store, opts: VerifyOptions) -> Relation:
     """`verify --target T --dst D` without --src: D against T's rules only (no tensor comparison)."""
     target = opts.target or recorded_target(dst)
     if target is None:
@@ -271,10 +271,10 @@ def worker_threads(workers: int, largest: int, budget: int = DEFAULT_SETTINGS.ve
 # One unit of parallel work: () -> (its findings, the pass-through check it belongs to or -1).
 Item = Callable[[], tuple[Tally, int]]
 # The byte ranges an item reads: (storage, file, start, end).
-Spans = list[tuple[Storage, str, int, int]]
+Spans = list[tuple[Store, str, int, int]]
 
 
-def _expert_spans(check: ExpertCheck, src: Storage, dst: Storage, e: int, roles: tuple[str, ...] | None = None) -> Spans:
+def _expert_spans(check: ExpertCheck, src: Store, dst: Store, e: int, roles: tuple[str, ...] | None = None) -> Spans:
     """What expert e's check (of `roles` only, where given) reads, where its sides say (sides without `spans`
     are not read ahead)."""
     out: Spans = []
@@ -284,14 +284,14 @@ def _expert_spans(check: ExpertCheck, src: Storage, dst: Storage, e: int, roles:
     return out
 
 
-def _chunk_spans(check: PassCheck, src: Storage, dst: Storage, i: int, j: int) -> Spans:
+def _chunk_spans(check: PassCheck, src: Store, dst: Store, i: int, j: int) -> Spans:
     """What elements [i, j) of a pass-through check read."""
     s, d = check.src, check.dst
     ss, ds = element_size(s.dtype), element_size(d.dtype)
     return [(src, s.file, s.start + i * ss, s.start + j * ss), (dst, d.file, d.start + i * ds, d.start + j * ds)]
 
 
-def _expert_item(check: ExpertCheck, src: Storage, dst: Storage, e: int, limit: int,
+def _expert_item(check: ExpertCheck, src: Store, dst: Store, e: int, limit: int,
                  roles: tuple[str, ...] | None = None, count: bool = True) -> tuple[Tally, int]:
     part = Tally([], limit=limit)
     try:
@@ -301,7 +301,7 @@ def _expert_item(check: ExpertCheck, src: Storage, dst: Storage, e: int, limit: 
     return part, -1
 
 
-def _chunk_item(check: PassCheck, index: int, src: Storage, dst: Storage, i: int, j: int,
+def _chunk_item(check: PassCheck, index: int, src: Store, dst: Store, i: int, j: int,
                 limit: int) -> tuple[Tally, int]:
     part = Tally([], limit=limit)
     try:
@@ -315,7 +315,7 @@ class ReadAhead:
     """Keeps the page cache filling up to `window` bytes ahead of the items being compared.
 
     Only the ranges the items will read are requested (posix_fadvise WILLNEED through
-    Storage.prefetch; local files), merged per file where they touch, refilled in half-window
+    Store.prefetch; local files), merged per file where they touch, refilled in half-window
     steps. The disk then works while the threads compare; it costs page cache, not process memory.
     """
 
@@ -340,7 +340,7 @@ class ReadAhead:
             while end < len(self.spans) and self.cum[end] - self.cum[k] < self.window:
                 end += 1
             todo, self.next = self.spans[self.next : end], end
-        ranges: dict[tuple[int, str], tuple[Storage, list[list[int]]]] = {}
+        ranges: dict[tuple[int, str], tuple[Store, list[list[int]]]] = {}
         for sp in todo:
             for storage, file, start, end_ in sp:
                 if not storage.remote:
@@ -612,7 +612,7 @@ def _dequantize_check_refusal(args: argparse.Namespace, settings: Settings = DEF
     lossless conversions and casts of float tensors, not the dequantization of a quantized source."""
     src = Storage(args.src, args.storage_options, settings.storage)
     try:
-        config = src.read_json("config.json") if src.exists("config.json") else {}
+        config = read_json(src, "config.json") if src.exists("config.json") else {}
     finally:
         src.close()
     method = (config.get("quantization_config") or {}).get("quant_method") if isinstance(config, dict) else None

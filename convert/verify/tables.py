@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from convert.errors import ConversionError
-from convert.io.storage import Storage
+from convert.io.storage import Store, read_json
 
 if TYPE_CHECKING:
     import torch
@@ -133,7 +133,7 @@ def to_raw(buf: bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> Raw:
     return Raw(np.frombuffer(buf, dtype=BITS[element_size(dtype)]).reshape(shape), dtype)
 
 
-def read_header(storage: Storage, name: str) -> dict[str, Stored]:
+def read_header(storage: Store, name: str) -> dict[str, Stored]:
     """Parse the header of the safetensors file `name`; raises Unreadable naming the file (and tensor)."""
     where = storage.display(name)
     size = storage.size(name)
@@ -172,15 +172,16 @@ def read_header(storage: Storage, name: str) -> dict[str, Stored]:
     return out
 
 
-def library_problems(storage: Storage, name: str, parsed: dict[str, Stored]) -> list[str]:
+def library_problems(storage: Store, name: str, parsed: dict[str, Stored]) -> list[str]:
     """Open a local shard with the safetensors library and compare its view with ours (empty list: they agree)."""
-    if not storage.local_paths:
+    files = storage.positional  # a store of local files: the library opens the path
+    if files is None:
         return []
     from safetensors import safe_open
 
     where = storage.display(name)
     try:
-        with safe_open(storage.path(name), framework="numpy") as f:  # metadata only; "pt" would import torch
+        with safe_open(files.path(name), framework="numpy") as f:  # metadata only; "pt" would import torch
             keys = set(f.keys())
             got = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in keys}
     except Exception as exc:  # noqa: BLE001 - whatever the library objects to is the finding
@@ -200,7 +201,7 @@ def safe_name(name: Any) -> bool:
 
 
 def read_table(
-    storage: Storage, index_name: str, require_index: bool, single_name: str | None = None,
+    storage: Store, index_name: str, require_index: bool, single_name: str | None = None,
     strict: bool | None = None,
 ) -> tuple[Table, list[str]]:
     """Read every shard header of the directory `storage` and check the files against the index.
@@ -243,7 +244,7 @@ def read_table(
     return table, problems
 
 
-def _read_index(storage: Storage, index_name: str, files: list[str],
+def _read_index(storage: Store, index_name: str, files: list[str],
                 require_index: bool) -> tuple[dict[str, Any] | None, list[str]]:
     """(the index `index_name` among `files` when it is a JSON object with a weight_map object, else None;
     the problems found: unreadable, no weight_map, or missing where `require_index`)."""
@@ -251,7 +252,7 @@ def _read_index(storage: Storage, index_name: str, files: list[str],
     index: dict[str, Any] | None = None
     if index_name in files:
         try:
-            index = storage.read_json(index_name)  # size-bounded, UTF-8
+            index = read_json(storage, index_name)  # size-bounded, UTF-8
         except ConversionError as exc:
             problems.append(str(exc))
         if index is not None and not (isinstance(index, dict) and isinstance(index.get("weight_map"), dict)):
@@ -262,7 +263,7 @@ def _read_index(storage: Storage, index_name: str, files: list[str],
     return index, problems
 
 
-def _indexed_shards(storage: Storage, index_name: str, weight_map: dict[str, str]) -> tuple[list[str], list[str]]:
+def _indexed_shards(storage: Store, index_name: str, weight_map: dict[str, str]) -> tuple[list[str], list[str]]:
     """(the shards `weight_map` names that are safe and exist, normalised; the problems with the others)."""
     shards: list[str] = []
     problems: list[str] = []
@@ -276,7 +277,7 @@ def _indexed_shards(storage: Storage, index_name: str, weight_map: dict[str, str
     return shards, problems
 
 
-def _read_shards(storage: Storage, shards: list[str]) -> tuple[dict[str, list[Stored]], set[str], list[str]]:
+def _read_shards(storage: Store, shards: list[str]) -> tuple[dict[str, list[Stored]], set[str], list[str]]:
     """(tensor name -> every shard's entry for it; the shards whose header is unreadable; the problems found,
     the safetensors library's disagreements included)."""
     found: dict[str, list[Stored]] = {}
@@ -295,7 +296,7 @@ def _read_shards(storage: Storage, shards: list[str]) -> tuple[dict[str, list[St
     return found, unreadable, problems
 
 
-def _pick_tensors(storage: Storage, index_name: str, found: dict[str, list[Stored]],
+def _pick_tensors(storage: Store, index_name: str, found: dict[str, list[Stored]],
                   weight_map: dict[str, str] | None, strict: bool) -> tuple[dict[str, Stored], list[str]]:
     """(tensor name -> the entry a loader reads: the shard `weight_map` maps it to, else the first; the problems:
     tensors stored twice, unindexed (where `strict`) or not where the index says)."""
@@ -323,7 +324,7 @@ def _pick_tensors(storage: Storage, index_name: str, found: dict[str, list[Store
     return tensors, problems
 
 
-def _unstored(storage: Storage, weight_map: dict[str, str], found: dict[str, list[Stored]], shards: list[str],
+def _unstored(storage: Store, weight_map: dict[str, str], found: dict[str, list[Stored]], shards: list[str],
               unreadable: set[str]) -> list[str]:
     """The problems of tensors `weight_map` maps to a readable shard of `shards` that does not hold them."""
     problems: list[str] = []
@@ -334,7 +335,7 @@ def _unstored(storage: Storage, weight_map: dict[str, str], found: dict[str, lis
     return problems
 
 
-def _stray_files(storage: Storage, files: list[str], dirs: list[str], shards: list[str], indexed: bool,
+def _stray_files(storage: Store, files: list[str], dirs: list[str], shards: list[str], indexed: bool,
                  single_name: str | None) -> list[str]:
     """The problems of a strict read: a weights file outside `shards` (the first), and every file or directory
     left over from an unfinished conversion."""

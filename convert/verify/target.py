@@ -12,20 +12,20 @@ from convert.engine.output_record import read_record
 from convert.errors import ConversionError
 from convert.families.registry import family_by_name
 from convert.formats.adapter_dir import REFUSED, Verdict, adapter_family, find_base_config, open_adapter_dir
-from convert.io.storage import Storage
+from convert.io.storage import Store
 from convert.targets.check import REFUSE, WARN, check_adapter
 from convert.targets.rules import TARGETS, load_target
 from convert.verify.relation import CannotVerify
 
 
-def recorded_target(dst: Storage) -> str | None:
+def recorded_target(dst: Store) -> str | None:
     """The target the output record of `dst` names (a key the conversion writes), or None."""
     record = read_record(dst)
     target = record.get("target") if record else None
     return target if isinstance(target, str) and target in TARGETS else None
 
 
-def target_findings(dst: Storage, target: str, family_name: str | None, base_config: str | None,
+def target_findings(dst: Store, target: str, family_name: str | None, base_config: str | None,
                     storage_options: dict[str, Any]) -> tuple[list[str], list[str], str]:
     """(refusals, warnings, a headline) of `target`'s rules on the adapter in `dst`. Raises CannotVerify
     when the directory cannot be read as an adapter."""

@@ -1,5 +1,6 @@
-"""Local files: pread/pwrite on cached descriptors, fadvise, a bounded-buffer copy loop or `os.copy_file_range`,
-sync_file_range write-behind, atomic small-file writes (temp name + fsync + rename)."""
+"""Local files: pread on cached descriptors, fadvise, atomic small-file writes (temp name + fsync + rename), and
+the local kind's capabilities: positional writes (LocalPositional: pwrite on cached descriptors, a bounded-buffer
+copy loop or `os.copy_file_range`, sync_file_range write-behind, fsync) and pins from stat (LocalPinning)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from convert.errors import ConversionError
 from convert.io.pins import Pin, SourcePins
-from convert.io.storage.base_storage import Storage, storage_kind, temp_name
+from convert.io.storage.base_storage import Pinning, Storage, storage_kind, temp_name
+from convert.io.storage.store import Store
 from convert.settings import StorageSettings
 
 COPY_BUFFER_BYTES = 1 << 20
@@ -51,10 +53,9 @@ class LocalStorage(Storage):
     (write_behind)."""
 
     remote = False
-    local_paths = True
-    positional_writes = True
-    is_local = True
     _attempts = 1
+    pinning: LocalPinning
+    positional: LocalPositional
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None,
                  settings: StorageSettings | None = None) -> None:
@@ -62,6 +63,8 @@ class LocalStorage(Storage):
         super().__init__(url, storage_options, settings)
         self._fds: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
+        self.pinning = LocalPinning(self)
+        self.positional = LocalPositional(self)
 
     @classmethod
     def serves(cls, fs: Any) -> bool:
@@ -83,17 +86,6 @@ class LocalStorage(Storage):
             with os.scandir(self.path(rel)) as it:
                 return {e.name: e.stat().st_size for e in it if e.is_file(follow_symlinks=False)}
         return self._retry("list", rel, scan)
-
-    def pin(self, rel: str) -> Pin:
-        """Size, mtime_ns, ctime_ns and inode of the file `rel` (an in-place rewrite changes mtime/ctime, a
-        replacement the inode)."""
-        st = self._retry("stat", rel, lambda: os.stat(self.path(rel)))
-        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
-
-    def pins(self, names: Sequence[str], like: SourcePins | None = None,
-             workers: int | None = None, listed: bool = False) -> SourcePins:
-        """name -> pin(name) for each of `names`, one stat each (the hints are of no use here)."""
-        return {n: self.pin(n) for n in sorted(set(names))}
 
     # -- reads -------------------------------------------------------------
     def _fd(self, rel: str, flags: int) -> int:
@@ -178,14 +170,56 @@ class LocalStorage(Storage):
                 raise self._error("write", rel, exc) from exc
             raise
 
+    def _move(self, src_path: str, dst_path: str) -> None:
+        """rename's one attempt: os.replace."""
+        os.replace(src_path, dst_path)
+
+    def close(self) -> None:
+        """Close the cached descriptors."""
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class LocalPinning(Pinning):
+    """Pins of local files from stat: reads take no conditions, the pins are checked after them."""
+
+    store: LocalStorage
+
+    def pin(self, rel: str) -> Pin:
+        """Size, mtime_ns, ctime_ns and inode of the file `rel` (an in-place rewrite changes mtime/ctime, a
+        replacement the inode)."""
+        st = self.store._retry("stat", rel, lambda: os.stat(self.store.path(rel)))
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+
+    def pins(self, names: Sequence[str], like: SourcePins | None = None,
+             workers: int | None = None, listed: bool = False) -> SourcePins:
+        """name -> pin(name) for each of `names`, one stat each (the hints are of no use here)."""
+        return {n: self.pin(n) for n in sorted(set(names))}
+
+
+class LocalPositional:
+    """Positional writes into preallocated local files (Store.positional of a LocalStorage), on its cached
+    descriptors."""
+
+    def __init__(self, store: LocalStorage) -> None:
+        """The files of `store`."""
+        self.store = store
+        self._fd = store._fd  # bound once: pwrite and the copy loop call it per range
+
+    def path(self, rel: str) -> str:
+        """The path of `rel` on this machine."""
+        return self.store.path(rel)
+
     def create_sized(self, rel: str, head: bytes, size: int) -> None:
         """Create (or truncate) `rel` as a file of `size` bytes starting with `head`."""
         try:
-            with open(self.path(rel), "wb") as f:
+            with open(self.store.path(rel), "wb") as f:
                 f.write(head)
                 f.truncate(size)
         except OSError as exc:
-            raise self._error("create", rel, exc) from exc
+            raise self.store._error("create", rel, exc) from exc
 
     def pwrite(self, rel: str, offset: int, data: bytes | memoryview) -> None:
         """Write `data` at `offset` of the existing file `rel`."""
@@ -196,26 +230,34 @@ class LocalStorage(Storage):
                 n = os.pwrite(fd, view, offset)
                 view, offset = view[n:], offset + n
         except OSError as exc:
-            raise self._error("write", rel, exc) from exc
+            raise self.store._error("write", rel, exc) from exc
 
-    def can_copy_range_from(self, src: Storage) -> bool:
-        """True from a store of local files (local_paths: a LocalStorage, or a view of one that hands its attributes
-        through, convert.formats.chunks.ChunkedView): descriptor to descriptor."""
-        return bool(src.local_paths)
+    def can_copy_from(self, src: Store) -> bool:
+        """True from a store of local files (one with positional writes: a LocalStorage, or a view of one that
+        hands its attributes through, convert.formats.chunks.ChunkedView): descriptor to descriptor."""
+        return src.positional is not None
 
-    def _copy_range(self, src: Storage, src_rel: str, src_off: int, dst_rel: str, dst_off: int, n: int) -> None:
+    def copy_range_from(self, src: Store, src_rel: str, src_off: int, dst_rel: str, dst_off: int, n: int) -> None:
+        """Copy n bytes from `src` file at `src_off` into our file `dst_rel` at `dst_off`: directly where
+        can_copy_from(src) (_copy_range), else read_range + pwrite."""
+        if src.positional is not None:
+            self._copy_range(src, src_rel, src_off, dst_rel, dst_off, n)
+        else:
+            self.pwrite(dst_rel, dst_off, src.read_range(src_rel, src_off, src_off + n))
+
+    def _copy_range(self, src: Store, src_rel: str, src_off: int, dst_rel: str, dst_off: int, n: int) -> None:
         """Copy between local files through a reused 1 MiB buffer per thread (pread into it, pwrite from it), or
         with `copy_file_range` where this store's settings say local_copy "kernel" (MOE_CONVERT_LOCAL_COPY). On
         ext4 (no copy offload) copy_file_range is an in-kernel splice that costs ~1.5x the CPU of the buffered
         loop (measured by bench.run); choose it where the filesystem offloads copies (NFS >= 4.2 server-side
         copy, reflinks)."""
-        local = cast(LocalStorage, src)  # can_copy_range_from: a LocalStorage or a view of one
+        local = cast(LocalPositional, src.positional).store  # can_copy_from: a LocalStorage or a view of one
         reading = True  # which side an OSError came from, for its message
         try:
             sfd = local._fd(src_rel, os.O_RDONLY)
             reading = False
             dfd = self._fd(dst_rel, os.O_WRONLY)
-            if self.settings.local_copy == "kernel" and hasattr(os, "copy_file_range"):
+            if self.store.settings.local_copy == "kernel" and hasattr(os, "copy_file_range"):
                 while n:
                     done = os.copy_file_range(sfd, dfd, n, src_off, dst_off)
                     if done <= 0:
@@ -235,9 +277,9 @@ class LocalStorage(Storage):
                 n, src_off, dst_off = n - got, src_off + got, dst_off + got
         except OSError as exc:
             if reading:
-                raise src._error("read", src_rel, exc) from exc
+                raise local._error("read", src_rel, exc) from exc
             # copy_file_range does both: name the destination (where ENOSPC, EROFS, EDQUOT arise)
-            raise self._error("write", dst_rel, exc) from exc
+            raise self.store._error("write", dst_rel, exc) from exc
 
     def start_writeback(self, rel: str, start: int, end: int) -> None:
         """Ask the kernel to start writing bytes [start, end) of our file `rel` to disk now, without waiting.
@@ -247,7 +289,7 @@ class LocalStorage(Storage):
         ext4). Linux only; elsewhere (or where the settings' write_behind is off: MOE_CONVERT_WRITE_BEHIND=0) a
         no-op.
         """
-        if self.settings.write_behind and _sync_file_range is not None and end > start:
+        if self.store.settings.write_behind and _sync_file_range is not None and end > start:
             _sync_file_range(self._fd(rel, os.O_WRONLY), start, end - start, _SYNC_FILE_RANGE_WRITE)
 
     def fsync(self, rel: str) -> None:
@@ -255,15 +297,4 @@ class LocalStorage(Storage):
         try:
             os.fsync(self._fd(rel, os.O_WRONLY))
         except OSError as exc:
-            raise self._error("write (fsync)", rel, exc) from exc
-
-    def _move(self, src_path: str, dst_path: str) -> None:
-        """rename's one attempt: os.replace."""
-        os.replace(src_path, dst_path)
-
-    def close(self) -> None:
-        """Close the cached descriptors."""
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            raise self.store._error("write (fsync)", rel, exc) from exc

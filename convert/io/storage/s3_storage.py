@@ -18,8 +18,9 @@ from typing import Any, cast
 from convert.errors import ConversionError, SourceChanged, StorageError, reason_of, service_error, unreachable
 from convert.io.pins import Pin, SourcePins
 from convert.io.range_stream import RangeReader
-from convert.io.storage.base_storage import Storage, storage_kind, with_retries
-from convert.io.storage.fsspec_storage import FsspecStorage, _pin_of
+from convert.io.storage.base_storage import storage_kind, with_retries
+from convert.io.storage.fsspec_storage import FsspecPinning, FsspecStorage, _pin_of
+from convert.io.storage.store import Store
 from convert.settings import StorageSettings
 
 # The store's settings (convert.settings.StorageSettings) tune it. Object stores (measured with bench.s3; see
@@ -33,7 +34,7 @@ from convert.settings import StorageSettings
 
 
 def _etag(pin: Pin) -> str | None:
-    """The ETag of a pin (Storage.pin), or None."""
+    """The ETag of a pin (SourcePinning.pin), or None."""
     etag = pin.get("ETag") or pin.get("etag")
     return str(etag) if etag else None
 
@@ -100,7 +101,7 @@ class S3RangeReader(RangeReader):
     A ranged GET of tens of MB costs one first-byte latency instead of one per few MB, and its body is consumed
     a caller-sized piece at a time (convert.engine.executor writes each piece to its place in a local shard). A
     transient failure mid-body is resumed by a new ranged GET from the first byte not yet received, within the
-    store's retry budget. Each GET is conditional on the file's pin where the store has one (S3Storage.expect:
+    store's retry budget. Each GET is conditional on the file's pin where the store has one (S3Pinning.expect:
     If-Match its ETag), so the bytes of one read, resumed or not, and of every read of a job, are of one version
     of the file. Use as a context manager (closes the response).
     """
@@ -134,7 +135,7 @@ class S3RangeReader(RangeReader):
                 ) from None
             except BaseException as exc:
                 self.close()  # the next attempt asks again from the first byte not yet here
-                self.s3.raise_if_refused(self.rel, exc)
+                self.s3._pins.raise_if_refused(self.rel, exc)
                 raise
             finally:
                 done[0] = progress[0]
@@ -156,19 +157,18 @@ class S3RangeReader(RangeReader):
 class S3Storage(FsspecStorage):
     """A bucket prefix on S3 or a store that speaks its API (s3fs)."""
 
-    supports_multipart = True
-    conditional_writes = True
-    is_s3 = True
+    multipart: S3Multipart
+    conditional: S3Conditional
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None,
                  settings: StorageSettings | None = None) -> None:
         """Make the client skip botocore's retries of an unreachable endpoint; no pins yet."""
         super().__init__(url, storage_options, settings)
         fail_fast_when_unreachable(self.fs)
-        self._listed: SourcePins = {}  # file -> pin, as this object's listings saw it
-        self._expect: SourcePins = {}  # file -> the pin every read of it is conditional on
-        self._unverified: set[str] = set()  # files copied server-side: their pins are still checked after
-        self._applies_conditions: Future[bool] | None = None  # probe_conditions' answer
+        self._pins = S3Pinning(self)  # the reads below consult it (if_match) on every request
+        self.pinning = self._pins
+        self.multipart = S3Multipart(self)
+        self.conditional = S3Conditional(self)
 
     @classmethod
     def prepare_options(cls, url: str, options: dict[str, Any], settings: StorageSettings) -> dict[str, Any]:
@@ -200,106 +200,14 @@ class S3Storage(FsspecStorage):
         return with_retries(what, self.display(rel), lambda: self.fs.call_s3(method, Bucket=bucket, Key=key, **kwargs),
                             self.settings.retries)
 
-    # -- pins and conditional reads --------------------------------------------------------------------------
-    def pins(self, names: Sequence[str], like: SourcePins | None = None,
-             workers: int | None = None, listed: bool = False) -> SourcePins:
-        """name -> pin(name) for each of `names`, with as few requests, and as few in a row, as the store allows.
-
-        One listing per directory gives size and ETag of every file in it (what pin() takes from a HEAD); a file
-        the listing does not show, or whose pin in `like` (pins taken earlier, to be compared with these) holds a
-        field a listing has not (a VersionId), gets its own pin(), up to `workers` at once (None: the settings'
-        control_threads). Errors are pin()'s: a
-        missing file raises as pin() does. With `listed`, pins this object's own earlier listings (list_dir) saw
-        serve without a request: for a job's plan, whose listing found the very files it pins (a change after it
-        is still a change).
-        """
-        names = sorted(set(names))
-        if listed and all(n in self._listed for n in names):
-            return {n: cast(Pin, dict(self._listed[n])) for n in names}
-        found: SourcePins = {}
-        for parent in sorted({posixpath.dirname(n) for n in names}):
-            try:
-                files, _ = self.list_dir(parent)  # records each file's pin (self._listed)
-            except OSError:
-                continue  # each file's own pin() below names the problem
-            found.update({n: self._listed[n] for n in (posixpath.join(parent, f) for f in files)})
-        return self._pin_each(names, found, like, self._workers(workers))
-
     def _saw_file(self, rel: str, entry: dict[str, Any]) -> None:
-        """Keep the pin of a file list_dir found: reads of it are conditional on it (_read_pin)."""
-        self._listed[rel] = _pin_of(entry)
-
-    def expect(self, pins: SourcePins) -> None:
-        """Make every later read of a file of `pins` (name -> pin) conditional on its pinned ETag (If-Match), so
-        that a file rewritten since fails the read that meets it (SourceChanged) instead of giving bytes of
-        another version. Reads of files this object's own listing saw are conditional on the ETag it saw."""
-        self._expect.update({n: cast(Pin, dict(p)) for n, p in pins.items() if _etag(p)})
-
-    def probe_conditions(self, pins: SourcePins) -> None:
-        """Start asking, in the background, whether the store applies If-Match to reads: one GET of the first
-        byte of a non-empty file of `pins` on an ETag no object has, which such a store refuses (HTTP 412). Until
-        it has answered so, no read counts as pinned (reads_pinned): a store that ignores the condition would
-        hand out bytes of a file rewritten during the job."""
-        rel = next((n for n, pin in pins.items() if pin.get("size")), None)
-        if self.settings.s3_conditional_reads and self._applies_conditions is None and rel is not None:
-            pool = ThreadPoolExecutor(max_workers=1)
-            self._applies_conditions = pool.submit(self._refuses_unmet_condition, rel)
-            pool.shutdown(wait=False)
-
-    def _refuses_unmet_condition(self, rel: str) -> bool:
-        """True where a GET of `rel`'s first byte on an unmet If-Match is refused with 412; False where it is
-        answered, or fails otherwise (the reads are then checked by a listing after them, as unconditional)."""
-        from fsspec.asyn import sync
-
-        async def get() -> None:
-            (await self.ranged_get(rel, 0, 1, etag='"moe-convert-probe"')).close()
-
-        try:
-            sync(self.fs.loop, get)
-        except Exception as exc:  # noqa: BLE001 - any answer but 412 means: do not rely on the condition
-            answer = service_error(exc)
-            return answer is not None and (answer[0] == 412 or answer[1] == "PreconditionFailed")
-        return False
-
-    def reads_pinned(self, names: Iterable[str]) -> bool:
-        """True where every read of the files `names` was conditional on their pins (expect, or this object's
-        listing) and the store applies the condition (probe_conditions): no check of the pins after the reads
-        is needed."""
-        if self._applies_conditions is None or not self._applies_conditions.result():
-            return False
-        return all(self.if_match(n) and n not in self._unverified for n in names)
-
-    def _read_pin(self, rel: str) -> Pin | None:
-        """The pin a read of `rel` is conditional on (expect, else this object's listing), or None (also where the
-        settings' s3_conditional_reads is off: MOE_CONVERT_S3_CONDITIONAL_READS=0)."""
-        if not self.settings.s3_conditional_reads:
-            return None
-        return self._expect.get(rel) or self._listed.get(rel)
-
-    def if_match(self, rel: str) -> str | None:
-        """The ETag a read of `rel` is conditional on (_read_pin), or None."""
-        pin = self._read_pin(rel)
-        return _etag(pin) if pin else None
-
-    def raise_if_refused(self, rel: str, exc: BaseException) -> None:
-        """Where `exc` is the store's refusal of a read of `rel` made on its pin's condition, raise what it stands
-        for: SourceChanged where the file changed (HTTP 412); a StorageError saying how to read without conditions
-        where the store does not implement them (HTTP 501, S3's answer to a header it does not take)."""
-        answer = service_error(exc)
-        if answer is None:
-            return
-        if answer[0] == 412 or answer[1] == "PreconditionFailed":
-            raise SourceChanged(f"source file {self.display(rel)} changed during the conversion (its ETag is no "
-                                f"longer {self.if_match(rel)})") from None
-        if (answer[0] == 501 or answer[1] == "NotImplemented") and self.if_match(rel):
-            raise StorageError("read", self.display(rel), f"{reason_of(exc)}; this store does not take If-Match, "
-                               "on which every read of a source is made: set MOE_CONVERT_S3_CONDITIONAL_READS=0") \
-                from None
+        """Keep the pin of a file list_dir found: reads of it are conditional on it (S3Pinning.read_pin)."""
+        self._pins._listed[rel] = _pin_of(entry)
 
     # -- reads -------------------------------------------------------------
     def _read(self, rel: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of `rel`: by one GET conditional on its pin where it has one, else by cat_file."""
-        if self.if_match(rel):
+        if self._pins.if_match(rel):
             return self._read_pinned(rel, start, end)
         return super()._read(rel, start, end)
 
@@ -309,7 +217,7 @@ class S3Storage(FsspecStorage):
         from s3fs.core import version_id_kw
 
         bucket, key, version = self.fs.split_path(self.path(rel))
-        etag = etag or self.if_match(rel)
+        etag = etag or self._pins.if_match(rel)
         resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
                                       **version_id_kw(version), **({"IfMatch": etag} if etag else {}))
         return resp["Body"]
@@ -329,7 +237,7 @@ class S3Storage(FsspecStorage):
             try:
                 return sync(self.fs.loop, get)
             except Exception as exc:  # a refused condition is told apart from other errors
-                self.raise_if_refused(rel, exc)
+                self._pins.raise_if_refused(rel, exc)
                 raise
 
         return self._retry("read", rel, attempt)
@@ -340,7 +248,7 @@ class S3Storage(FsspecStorage):
 
     def _read_file(self, rel: str) -> bytes:
         """The whole of the file `rel`: by one GET conditional on its pin where it has one, else by cat_file."""
-        pin = self._read_pin(rel)
+        pin = self._pins.read_pin(rel)
         if pin and _etag(pin):
             return self._read_pinned(rel, 0, int(pin["size"])) if int(pin["size"]) else b""
         return super()._read_file(rel)
@@ -367,27 +275,152 @@ class S3Storage(FsspecStorage):
                 e = errors[0]
                 raise StorageError("remove", f"s3://{bucket}/{e.get('Key', '')}", f"{e.get('Code')}: {e.get('Message')}")
 
-    def copy_file_from(self, src: Storage, rel: str, dst_rel: str | None = None) -> None:
+    def copy_file_from(self, src: Store, rel: str, dst_rel: str | None = None) -> None:
         """Copy a whole (small) file from `src` to the same name (or `dst_rel`) here: within one store (the same
         endpoint and credentials: the same s3fs filesystem) by a server-side copy, one request; else read, then
         written."""
-        if src.fs is self.fs:  # an S3Storage, or a view of one that hands its attributes through (ChunkedView)
+        same_store = getattr(src, "fs", None) is self.fs  # an S3Storage, or a view of one that hands its attributes
+        if same_store:  # through (ChunkedView)
             s3 = cast(S3Storage, src)
             bucket, key, _ = self.fs.split_path(s3.path(rel))
-            etag = s3.if_match(rel)
+            pins = s3._pins
+            etag = pins.if_match(rel)
             try:
                 self._s3("copy to", "copy_object", dst_rel or rel, CopySource={"Bucket": bucket, "Key": key},
                          **({"CopySourceIfMatch": etag} if etag else {}))
             except StorageError as exc:  # e.g. an object above the store's single-copy limit: the bytes go through here
-                s3.raise_if_refused(rel, exc)
+                pins.raise_if_refused(rel, exc)
             else:
                 # Not every store applies the condition (moto does not), and the copy's ETag cannot tell (under
                 # SSE-KMS no ETag is its bytes' MD5): the file's pin is checked after the data, as before.
-                s3._unverified.add(rel)
+                pins._unverified.add(rel)
                 return
         super().copy_file_from(src, rel, dst_rel)
 
-    # -- conditional writes: the destination's lock (convert.engine.dest_lock) ----------------------------
+    def connect(self) -> None:
+        """Set the client up now (credentials, endpoint, service model) rather than at the first request. A
+        failure here is left for that request to report."""
+        try:
+            self.fs.connect()  # s3fs: set_session's blocking form (set_session itself is a coroutine)
+        except Exception:  # noqa: BLE001, S110 - reported by the first real request, with its file
+            pass
+
+
+class S3Pinning(FsspecPinning):
+    """Pins of an S3Storage's files (SourcePinning), from one listing per directory, and the conditions its reads
+    are made on: If-Match the pinned ETag (expect, or the store's own listing), where the store applies it
+    (probe_conditions). The store's reads ask if_match / raise_if_refused here."""
+
+    store: S3Storage
+
+    def __init__(self, store: S3Storage) -> None:
+        """No pins yet."""
+        super().__init__(store)
+        self._listed: SourcePins = {}  # file -> pin, as the store's listings saw it
+        self._expect: SourcePins = {}  # file -> the pin every read of it is conditional on
+        self._unverified: set[str] = set()  # files copied server-side: their pins are still checked after
+        self._applies_conditions: Future[bool] | None = None  # probe_conditions' answer
+
+    def pins(self, names: Sequence[str], like: SourcePins | None = None,
+             workers: int | None = None, listed: bool = False) -> SourcePins:
+        """name -> pin(name) for each of `names`, with as few requests, and as few in a row, as the store allows.
+
+        One listing per directory gives size and ETag of every file in it (what pin() takes from a HEAD); a file
+        the listing does not show, or whose pin in `like` (pins taken earlier, to be compared with these) holds a
+        field a listing has not (a VersionId), gets its own pin(), up to `workers` at once (None: the settings'
+        control_threads). Errors are pin()'s: a
+        missing file raises as pin() does. With `listed`, pins this object's own earlier listings (list_dir) saw
+        serve without a request: for a job's plan, whose listing found the very files it pins (a change after it
+        is still a change).
+        """
+        names = sorted(set(names))
+        if listed and all(n in self._listed for n in names):
+            return {n: cast(Pin, dict(self._listed[n])) for n in names}
+        found: SourcePins = {}
+        for parent in sorted({posixpath.dirname(n) for n in names}):
+            try:
+                files, _ = self.store.list_dir(parent)  # records each file's pin (self._listed)
+            except OSError:
+                continue  # each file's own pin() below names the problem
+            found.update({n: self._listed[n] for n in (posixpath.join(parent, f) for f in files)})
+        return self._pin_each(names, found, like, self._workers(workers))
+
+    def expect(self, pins: SourcePins) -> None:
+        """Make every later read of a file of `pins` (name -> pin) conditional on its pinned ETag (If-Match), so
+        that a file rewritten since fails the read that meets it (SourceChanged) instead of giving bytes of
+        another version. Reads of files this object's own listing saw are conditional on the ETag it saw."""
+        self._expect.update({n: cast(Pin, dict(p)) for n, p in pins.items() if _etag(p)})
+
+    def probe_conditions(self, pins: SourcePins) -> None:
+        """Start asking, in the background, whether the store applies If-Match to reads: one GET of the first
+        byte of a non-empty file of `pins` on an ETag no object has, which such a store refuses (HTTP 412). Until
+        it has answered so, no read counts as pinned (reads_pinned): a store that ignores the condition would
+        hand out bytes of a file rewritten during the job."""
+        rel = next((n for n, pin in pins.items() if pin.get("size")), None)
+        if self.store.settings.s3_conditional_reads and self._applies_conditions is None and rel is not None:
+            pool = ThreadPoolExecutor(max_workers=1)
+            self._applies_conditions = pool.submit(self._refuses_unmet_condition, rel)
+            pool.shutdown(wait=False)
+
+    def _refuses_unmet_condition(self, rel: str) -> bool:
+        """True where a GET of `rel`'s first byte on an unmet If-Match is refused with 412; False where it is
+        answered, or fails otherwise (the reads are then checked by a listing after them, as unconditional)."""
+        from fsspec.asyn import sync
+
+        async def get() -> None:
+            (await self.store.ranged_get(rel, 0, 1, etag='"moe-convert-probe"')).close()
+
+        try:
+            sync(self.store.fs.loop, get)
+        except Exception as exc:  # noqa: BLE001 - any answer but 412 means: do not rely on the condition
+            answer = service_error(exc)
+            return answer is not None and (answer[0] == 412 or answer[1] == "PreconditionFailed")
+        return False
+
+    def reads_pinned(self, names: Iterable[str]) -> bool:
+        """True where every read of the files `names` was conditional on their pins (expect, or this object's
+        listing) and the store applies the condition (probe_conditions): no check of the pins after the reads
+        is needed."""
+        if self._applies_conditions is None or not self._applies_conditions.result():
+            return False
+        return all(self.if_match(n) and n not in self._unverified for n in names)
+
+    def read_pin(self, rel: str) -> Pin | None:
+        """The pin a read of `rel` is conditional on (expect, else this object's listing), or None (also where the
+        settings' s3_conditional_reads is off: MOE_CONVERT_S3_CONDITIONAL_READS=0)."""
+        if not self.store.settings.s3_conditional_reads:
+            return None
+        return self._expect.get(rel) or self._listed.get(rel)
+
+    def if_match(self, rel: str) -> str | None:
+        """The ETag a read of `rel` is conditional on (read_pin), or None."""
+        pin = self.read_pin(rel)
+        return _etag(pin) if pin else None
+
+    def raise_if_refused(self, rel: str, exc: BaseException) -> None:
+        """Where `exc` is the store's refusal of a read of `rel` made on its pin's condition, raise what it stands
+        for: SourceChanged where the file changed (HTTP 412); a StorageError saying how to read without conditions
+        where the store does not implement them (HTTP 501, S3's answer to a header it does not take)."""
+        answer = service_error(exc)
+        if answer is None:
+            return
+        if answer[0] == 412 or answer[1] == "PreconditionFailed":
+            raise SourceChanged(f"source file {self.store.display(rel)} changed during the conversion (its ETag is no "
+                                f"longer {self.if_match(rel)})") from None
+        if (answer[0] == 501 or answer[1] == "NotImplemented") and self.if_match(rel):
+            raise StorageError("read", self.store.display(rel), f"{reason_of(exc)}; this store does not take If-Match, "
+                               "on which every read of a source is made: set MOE_CONVERT_S3_CONDITIONAL_READS=0") \
+                from None
+
+
+class S3Conditional:
+    """Conditional writes of small objects on S3 (Store.conditional of an S3Storage): the destination's lock
+    (convert.engine.dest_lock)."""
+
+    def __init__(self, store: S3Storage) -> None:
+        """The objects of `store`."""
+        self.store = store
+
     def put_if(self, rel: str, data: bytes, absent: bool = False, etag: str | None = None) -> str:
         """Write the small object `rel` only where none exists (`absent`: If-None-Match: *) or only where it is the
         version `etag` (If-Match); returns the new ETag. A condition not met fails (HTTP 412, or 409 where another
@@ -395,19 +428,19 @@ class S3Storage(FsspecStorage):
         chain (convert.errors.service_error)."""
         condition = {"IfNoneMatch": "*"} if absent else {"IfMatch": etag}
         try:
-            return str(self._s3("write", "put_object", rel, Body=data, **condition)["ETag"])
+            return str(self.store._s3("write", "put_object", rel, Body=data, **condition)["ETag"])
         finally:
-            self._forget(rel)
+            self.store._forget(rel)
 
     def read_object(self, rel: str) -> tuple[bytes, str, float | None] | None:
         """(bytes, ETag, seconds since it was last written by the store's own clock: its Date against the
         object's LastModified) of the small object `rel`, or None where there is none."""
         from fsspec.asyn import sync
 
-        bucket, key, _ = self.fs.split_path(self.path(rel))
+        bucket, key, _ = self.store.fs.split_path(self.store.path(rel))
 
         async def get() -> tuple[bytes, str, float | None]:
-            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            resp = await self.store.fs._call_s3("get_object", Bucket=bucket, Key=key)
             body = resp["Body"]
             try:
                 data = bytes(await body.read())
@@ -418,7 +451,7 @@ class S3Storage(FsspecStorage):
 
         def attempt() -> tuple[bytes, str, float | None] | None:
             try:
-                return sync(self.fs.loop, get)
+                return sync(self.store.fs.loop, get)
             except FileNotFoundError:
                 return None
             except Exception as exc:  # a missing object is an answer, not an error
@@ -427,40 +460,48 @@ class S3Storage(FsspecStorage):
                     return None
                 raise
 
-        return self._retry("read", rel, attempt)
+        return self.store._retry("read", rel, attempt)
 
     def delete_if(self, rel: str, etag: str | None) -> None:
         """Remove the object `rel` where it is still the version `etag` (If-Match; unconditionally where the store
         takes no condition on a delete). Another version, or none, is left as it is."""
         try:
-            self._s3("remove", "delete_object", rel, **({"IfMatch": etag} if etag else {}))
+            self.store._s3("remove", "delete_object", rel, **({"IfMatch": etag} if etag else {}))
         except OSError as exc:
             answer = service_error(exc)
             if answer and (answer[0] == 501 or answer[1] == "NotImplemented"):
-                self._s3("remove", "delete_object", rel)
+                self.store._s3("remove", "delete_object", rel)
             elif not answer or not (answer[0] in (404, 412) or answer[1] in ("PreconditionFailed", "NoSuchKey")):
                 raise
         finally:
-            self._forget(rel)
+            self.store._forget(rel)
 
-    # -- multipart uploads ----------------------------------------------------------------------------------
-    def mpu_create(self, rel: str) -> str:
+
+class S3Multipart:
+    """Multipart uploads on S3 (Store.multipart of an S3Storage): one per output shard (convert.engine.sinks)."""
+
+    def __init__(self, store: S3Storage) -> None:
+        """The uploads of `store`."""
+        self.store = store
+
+    def create(self, rel: str) -> str:
         """Start a multipart upload of `rel`; returns its upload id."""
-        return str(self._s3("start upload of", "create_multipart_upload", rel)["UploadId"])
+        return str(self.store._s3("start upload of", "create_multipart_upload", rel)["UploadId"])
 
-    def mpu_upload_part(self, rel: str, upload_id: str, number: int, data: bytes | bytearray | memoryview) -> str:
+    def upload_part(self, rel: str, upload_id: str, number: int, data: bytes | bytearray | memoryview) -> str:
         """Upload part `number` (1-based) of `rel`; returns its ETag."""
         body = data if isinstance(data, (bytes, bytearray)) else bytes(data)  # a copy only where needed
-        resp = self._s3(f"upload part {number} of", "upload_part", rel, UploadId=upload_id, PartNumber=number, Body=body)
+        resp = self.store._s3(f"upload part {number} of", "upload_part", rel, UploadId=upload_id, PartNumber=number,
+                              Body=body)
         return str(resp["ETag"])
 
-    def mpu_list_parts(self, rel: str, upload_id: str) -> dict[int, tuple[str, int]]:
+    def list_parts(self, rel: str, upload_id: str) -> dict[int, tuple[str, int]]:
         """Parts already uploaded: number -> (ETag, size). Empty if the upload no longer exists."""
         out: dict[int, tuple[str, int]] = {}
         marker = 0
         while True:
             try:
-                resp = self._s3("list parts of", "list_parts", rel, UploadId=upload_id, PartNumberMarker=marker)
+                resp = self.store._s3("list parts of", "list_parts", rel, UploadId=upload_id, PartNumberMarker=marker)
             except OSError as exc:
                 if _no_such_upload(exc):
                     return {}
@@ -471,38 +512,30 @@ class S3Storage(FsspecStorage):
                 return out
             marker = int(resp["NextPartNumberMarker"])
 
-    def mpu_complete(self, rel: str, upload_id: str, etags: dict[int, str]) -> None:
+    def complete(self, rel: str, upload_id: str, etags: dict[int, str]) -> None:
         """Assemble `rel` from its parts; the object appears only now."""
         parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
-        self._s3("complete upload of", "complete_multipart_upload", rel, UploadId=upload_id,
-                 MultipartUpload={"Parts": parts})
-        self._forget(rel)
+        self.store._s3("complete upload of", "complete_multipart_upload", rel, UploadId=upload_id,
+                       MultipartUpload={"Parts": parts})
+        self.store._forget(rel)
 
-    def mpu_abort(self, rel: str, upload_id: str) -> None:
+    def abort(self, rel: str, upload_id: str) -> None:
         """Abort an upload and free its parts (an upload already gone is fine)."""
         try:
-            self._s3("abort upload of", "abort_multipart_upload", rel, UploadId=upload_id)
+            self.store._s3("abort upload of", "abort_multipart_upload", rel, UploadId=upload_id)
         except OSError as exc:
             if not _no_such_upload(exc):
                 raise
 
-    def mpu_pending(self, prefix_rel: str = "") -> list[tuple[str, str]]:
+    def pending(self, prefix_rel: str = "") -> list[tuple[str, str]]:
         """(key relative to the root, upload id) of every unfinished upload below the root."""
-        bucket, key, _ = self.fs.split_path(self.path(prefix_rel))
+        bucket, key, _ = self.store.fs.split_path(self.store.path(prefix_rel))
         resp = with_retries(
-            "list uploads of", self.display(),
-            lambda: self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key.rstrip("/") + "/"),
-            self.settings.retries,
+            "list uploads of", self.store.display(),
+            lambda: self.store.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key.rstrip("/") + "/"),
+            self.store.settings.retries,
         )
-        _, root_key, _ = self.fs.split_path(self.root)
+        _, root_key, _ = self.store.fs.split_path(self.store.root)
         return [
             (u["Key"][len(root_key):].lstrip("/"), u["UploadId"]) for u in resp.get("Uploads", [])
         ]
-
-    def connect(self) -> None:
-        """Set the client up now (credentials, endpoint, service model) rather than at the first request. A
-        failure here is left for that request to report."""
-        try:
-            self.fs.connect()  # s3fs: set_session's blocking form (set_session itself is a coroutine)
-        except Exception:  # noqa: BLE001, S110 - reported by the first real request, with its file
-            pass
