@@ -23,6 +23,7 @@ import filecmp
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -64,16 +65,20 @@ def sample(cmd: list[str], tree: Path, inputs: list[Path], out: Path, stats: Pat
     shutil.rmtree(out, ignore_errors=True)
     stats.unlink(missing_ok=True)
     cache = cold(inputs, tree, env)
-    t0 = time.perf_counter()
+    t0 = time.monotonic()  # the clock of --stats' data_span and prepare_at
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
-    row: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 3), "rc": proc.returncode, "cache": cache}
+    t1 = time.monotonic()
+    row: dict[str, Any] = {"seconds": round(t1 - t0, 3), "rc": proc.returncode, "cache": cache}
     if proc.returncode != 0:
         row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     elif stats.exists():
         s = json.loads(stats.read_text())
         spans = [r["data_span"] for r in s["ranks"] if r.get("data_span")]
-        if spans:
-            row["data_s"] = round(max(b for _, b in spans) - min(a for a, _ in spans), 3)
+        if spans:  # start-up (to the destination's preparation), prepare, data phase, commit and exit
+            first, last = min(a for a, _ in spans), max(b for _, b in spans)
+            row["data_s"] = round(last - first, 3)
+            row["timeline_s"] = {"start": round(s["prepare_at"] - t0, 3), "prepare": round(first - s["prepare_at"], 3),
+                                 "data": round(last - first, 3), "end": round(t1 - last, 3)}
         row["peak_rss_per_rank"] = max(r["peak_rss_bytes"] for r in s["ranks"])
     return row
 
@@ -145,6 +150,13 @@ def markdown(res: dict[str, Any]) -> str:
                               for k in names) + " MiB")
         cells.append(str(case.get("same_bytes", "-")))
         lines.append(f"| {case['case']} | " + " | ".join(cells) + " |")
+    lines += ["", "Where the wall time went (first sample; seconds: start-up to the destination's preparation, "
+              "preparation to the first data, data phase, last data to exit):", ""]
+    for case in res["cases"]:
+        for k in names:
+            t = (case.get(k) or {"samples": [{}]})["samples"][0].get("timeline_s")
+            if t:
+                lines.append(f"- {case['case']}, {k}: " + " / ".join(f"{v:.2f}" for v in t.values()))
     return "\n".join(lines) + "\n"
 
 
@@ -190,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
                            "args": {k: " ".join(v) for k, v in extra.items()},
                            "env": f"{jobs} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"}
     work = Path(tempfile.mkdtemp(prefix="moe-ab-", dir=a.workdir))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` too removes the work dir (finally)
     try:
         for suite in suites:
             args, inputs = prepare(suite, work, model, layers, fp8, jobs, paths[names[-1]])
@@ -202,21 +215,25 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps({"case": f"{suite}: cp -r", **row}), flush=True)
             for n in (merge_ranks if suite == "merge-fp8" else ranks):
                 case: dict[str, Any] = {"case": f"{suite} --nproc {n}", **{k: {"samples": []} for k in names}}
+                compare = n == max(merge_ranks if suite == "merge-fp8" else ranks)
+                ref, dst, stats = work / "out-reference", work / "out", work / "stats.json"
+                same: list[bool] = []
                 for r in range(a.repeats):
                     order = names if r % 2 == 0 else names[::-1]  # drift hits every tree alike
                     for k in order:
-                        dst, stats = work / f"out-{k}", work / f"stats-{k}.json"
                         cmd = [sys.executable, "-m", args[0], *args[1:], "--dst", str(dst), "--nproc", str(n),
                                "--no-progress", "--stats", str(stats), *extra.get(k, [])]
                         row = sample(cmd, paths[k], inputs, dst, stats)
                         case[k]["samples"].append(row)
                         print(json.dumps({"case": case["case"], "tree": k, **row}), flush=True)
-                if n == max(merge_ranks if suite == "merge-fp8" else ranks):
-                    ok = all((work / f"out-{k}").is_dir() for k in names)
-                    case["same_bytes"] = ok and all(same_files(work / f"out-{names[0]}", work / f"out-{k}")
-                                                    for k in names[1:])
-                for k in names:
-                    shutil.rmtree(work / f"out-{k}", ignore_errors=True)
+                        if compare and row["rc"] == 0 and k == names[0] and not ref.exists():
+                            dst.rename(ref)  # the first tree's output: the others' are compared with it
+                        elif compare and row["rc"] == 0 and ref.exists():
+                            same.append(same_files(ref, dst))
+                        shutil.rmtree(dst, ignore_errors=True)  # one output on disk at a time, besides ref
+                if compare:
+                    case["same_bytes"] = len(same) > 0 and all(same)
+                shutil.rmtree(ref, ignore_errors=True)
                 res["cases"].append(case)
                 (out_dir / "ab.json").write_text(json.dumps(res, indent=2))
     finally:
