@@ -38,6 +38,7 @@ SUITES = ("fuse", "split", "merge-fp8")
 
 
 DROP_CACHES = True  # --no-drop-caches: evict the inputs by fadvise only
+SETTLE_SECONDS = 1.0
 
 
 def cold(inputs: list[Path], tree: Path, env: dict[str, str]) -> str:
@@ -46,6 +47,7 @@ def cold(inputs: list[Path], tree: Path, env: dict[str, str]) -> str:
     from bench.run import _fadvise_dontneed, _try_drop_caches
 
     os.sync()
+    time.sleep(SETTLE_SECONDS)  # let the device finish discarding the output removed before (as bench.run does)
     if DROP_CACHES and _try_drop_caches():
         subprocess.run([sys.executable, "-c", WARM], env=env, cwd=tree, check=True)
         return "drop_caches"
