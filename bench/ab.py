@@ -37,23 +37,7 @@ WARM = "import torch, torch.distributed, safetensors, numpy, fsspec, convert.eng
 SUITES = ("fuse", "split", "merge-fp8")
 
 
-DROP_CACHES = True  # --no-drop-caches: evict the inputs by fadvise only
 SETTLE_SECONDS = 1.0
-
-
-def cold(inputs: list[Path], tree: Path, env: dict[str, str]) -> str:
-    """Evict `inputs` from the page cache (drop_caches where allowed, then warm the tree's code pages again;
-    else fadvise DONTNEED of the inputs); returns which way it went."""
-    from bench.run import _fadvise_dontneed, _try_drop_caches
-
-    os.sync()
-    time.sleep(SETTLE_SECONDS)  # let the device finish discarding the output removed before (as bench.run does)
-    if DROP_CACHES and _try_drop_caches():
-        subprocess.run([sys.executable, "-c", WARM], env=env, cwd=tree, check=True)
-        return "drop_caches"
-    for p in inputs:
-        _fadvise_dontneed(p)
-    return "fadvise"
 
 
 def tree_env(tree: Path) -> dict[str, str]:
@@ -61,12 +45,15 @@ def tree_env(tree: Path) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1")
 
 
-def sample(cmd: list[str], tree: Path, inputs: list[Path], out: Path, stats: Path) -> dict[str, Any]:
-    """One timed run of `cmd` from `tree`: wall seconds, data phase and peak RSS per rank from --stats."""
+def sample(cmd: list[str], tree: Path, inputs: list[Path], out: Path, stats: Path, drop: bool) -> dict[str, Any]:
+    """One timed run of `cmd` from `tree`, from a cold page cache (bench.run.cold_cache; `drop`: drop_caches where
+    allowed): wall seconds, data phase and peak RSS per rank from --stats."""
+    from bench.run import cold_cache
+
     env = tree_env(tree)
     shutil.rmtree(out, ignore_errors=True)
     stats.unlink(missing_ok=True)
-    cache = cold(inputs, tree, env)
+    cache = cold_cache(inputs, drop, SETTLE_SECONDS, WARM, env, tree)
     t0 = time.monotonic()  # the clock of --stats' data_span and prepare_at
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
     t1 = time.monotonic()
@@ -182,8 +169,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-drop-caches", action="store_true", help="evict the inputs with posix_fadvise only")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     a = p.parse_args(argv)
-    global DROP_CACHES
-    DROP_CACHES = not a.no_drop_caches
     trees = dict(t.split("=", 1) for t in a.tree)
     if len(trees) < 2:
         p.error("--tree NAME=PATH at least twice, with distinct names")
@@ -211,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             if not a.no_cp:
                 cp = work / "out-cp"
                 row = sample(["bash", "-c", f'cp -r "{inputs[0]}" "{cp}" && sync "{cp}"/*'], REPO, inputs, cp,
-                             work / "none.json")
+                             work / "none.json", not a.no_drop_caches)
                 shutil.rmtree(cp, ignore_errors=True)
                 res["cases"].append({"case": f"{suite}: cp -r", "cp": row})
                 print(json.dumps({"case": f"{suite}: cp -r", **row}), flush=True)
@@ -225,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                     for k in order:
                         cmd = [sys.executable, "-m", args[0], *args[1:], "--dst", str(dst), "--nproc", str(n),
                                "--no-progress", "--stats", str(stats), *extra.get(k, [])]
-                        row = sample(cmd, paths[k], inputs, dst, stats)
+                        row = sample(cmd, paths[k], inputs, dst, stats, not a.no_drop_caches)
                         case[k]["samples"].append(row)
                         print(json.dumps({"case": case["case"], "tree": k, **row}), flush=True)
                         if compare and row["rc"] == 0 and k == names[0] and not ref.exists():

@@ -141,17 +141,11 @@ WARM = ("import importlib.util, torch, safetensors, numpy, convert.merge_adapter
         "    try:\n        importlib.util.find_spec(m) and __import__(m)\n    except Exception:\n        pass\n")
 
 
-def drop(paths: list[Path], env: dict[str, str] | None = None) -> str:
-    """Evict the inputs from the page cache: drop_caches where allowed (then the code pages of python, torch and
-    the peers are read in again: WARM), else posix_fadvise(DONTNEED) of the inputs."""
-    from bench.run import _fadvise_dontneed, _try_drop_caches
+def drop(paths: list[Path], env: dict[str, str]) -> str:
+    """Evict the inputs from the page cache (bench.run.cold_cache: drop_caches where allowed, then WARM)."""
+    from bench.run import cold_cache
 
-    if _try_drop_caches():
-        subprocess.run([sys.executable, "-c", WARM], env=env, cwd=REPO, check=True, capture_output=True)
-        return "drop_caches"
-    for p in paths:
-        _fadvise_dontneed(p)
-    return "fadvise"
+    return cold_cache(paths, True, 0.0, WARM, env, REPO)
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess[str]]:

@@ -133,14 +133,7 @@ class Bench:
     # -- running one sample --------------------------------------------------
     def cold(self, data_dirs: list[Path]) -> None:
         """Flush dirty pages and evict the data from the page cache (code pages are warmed again)."""
-        os.sync()
-        time.sleep(self.s.settle_seconds)  # let the device finish discards of the files removed before
-        for d in data_dirs:
-            _fadvise_dontneed(d)
-        if self.drop_caches:
-            _try_drop_caches()
-            subprocess.run([sys.executable, "-c", "import torch, torch.distributed.run, safetensors, numpy, tqdm, "
-                            "fsspec, convert.engine.job"], env=self.env, cwd=REPO, check=True)
+        cold_cache(data_dirs, self.drop_caches, self.s.settle_seconds, WARM_CODE, self.env, REPO)
 
     def launch(self, module: str, args: list[str], ws: int) -> list[str]:
         """The command running `module` with `ws` ranks on this machine, as the README has users type it
@@ -231,6 +224,25 @@ def _last_json(text: str) -> dict[str, Any]:
 
 def rss_text(n: float) -> str:
     return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+# What every case imports, read in again after a drop_caches: the data is cold, the programs are not.
+WARM_CODE = "import torch, torch.distributed.run, safetensors, numpy, tqdm, fsspec, convert.engine.job"
+
+
+def cold_cache(data_dirs: list[Path], drop: bool, settle: float, warm: str, env: dict[str, str], cwd: Path) -> str:
+    """Flush dirty pages, wait `settle` seconds (the device finishing discards of files removed before), evict the
+    files below `data_dirs` (posix_fadvise DONTNEED) and, where `drop` and allowed, drop the whole page cache and
+    run the python code `warm` (with `env`, in `cwd`) to read the programs' pages in again. Returns "drop_caches"
+    or "fadvise"."""
+    os.sync()
+    time.sleep(settle)
+    for d in data_dirs:
+        _fadvise_dontneed(d)
+    if drop and _try_drop_caches():
+        subprocess.run([sys.executable, "-c", warm], env=env, cwd=cwd, check=True, capture_output=True)
+        return "drop_caches"
+    return "fadvise"
 
 
 def _try_drop_caches() -> bool:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.run import Bench, Settings, _fadvise_dontneed, _try_drop_caches, dir_bytes, environment, rss_text
+from bench.run import REPO, Bench, Settings, cold_cache, dir_bytes, environment, rss_text
 from bench.synthetic import checkpoint_specs, write_synthetic
 
 GB = 1e9
@@ -87,12 +87,7 @@ class VerifyBench(Bench):
     compared here pay their imports alike, and the ratio is taken on their data phases."""
 
     def cold(self, data_dirs: list[Path]) -> None:
-        os.sync()
-        time.sleep(self.s.settle_seconds)
-        for d in data_dirs:
-            _fadvise_dontneed(d)
-        if self.drop_caches:
-            _try_drop_caches()
+        cold_cache(data_dirs, self.drop_caches, self.s.settle_seconds, "", self.env, REPO)
 
 
 def median(xs: list[float]) -> float:

@@ -458,7 +458,7 @@ def test_fp8_scaled_decode_by_integer_ops_is_the_table_bit_for_bit(fp8: torch.dt
     per_col[0] = 2.0**-126 if special else 3.0**-40  # products below float32's normal range
     want = w.float() * per_col.repeat_interleave(128)[:cols]
     if not special:
-        monkeypatch.setattr(dq, "fp8_values_into", lambda *a: pytest.fail("the table was used"))
+        monkeypatch.setattr(dq, "_fp8_table_into", lambda *a: pytest.fail("the table was used"))
     out = torch.empty(130, cols)
     dq.fp8_scaled_into(w, out, per_col, 128)
     assert torch.equal(out.view(torch.int32), want.view(torch.int32))
@@ -467,3 +467,22 @@ def test_fp8_scaled_decode_by_integer_ops_is_the_table_bit_for_bit(fp8: torch.dt
         dq.fp8_scaled_into(w, out, per_col, 128)
         want = w.float() * per_col.repeat_interleave(128)[:cols]
         assert torch.equal(out.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("rows,cols", [(256, 384), (129, 127), (3, 5)])
+def test_fp8_dequantize_of_finite_codes_matches_torch_bit_for_bit(fp8: torch.dtype, rows: int, cols: int,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without NaN/inf codes fp8_dequantize decodes by integer ops (not the table): still torch's conversion times
+    the block's scale, rounded once, in float32 and bf16."""
+    import convert.plan.dequant as dq
+    from convert.plan.dequant import fp8_dequantize
+
+    monkeypatch.setattr(dq, "_fp8_table_into", lambda *a: pytest.fail("the table was used"))
+    g = torch.Generator().manual_seed(rows + cols)
+    w = (torch.randn(rows, cols, generator=g) * 50).to(fp8)
+    scale = torch.rand(-(-rows // 128), -(-cols // 128), generator=g) + 0.5
+    full = scale.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
+    for out, bits in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16)):
+        got, want = fp8_dequantize(w, scale, (128, 128), out), (w.float() * full).to(out)
+        assert torch.equal(got.view(bits), want.view(bits)), out

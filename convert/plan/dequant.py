@@ -56,25 +56,33 @@ def _fp8_pair_table(dtype: torch.dtype) -> np.ndarray:
 
 
 def _fp8_values(w: torch.Tensor) -> torch.Tensor:
-    """float32 values of FP8 tensor `w`, by table lookup (several times faster than torch's conversion on CPU):
-    two codes per lookup where the element count is even."""
-    import numpy as np
+    """float32 values of FP8 tensor `w` (fp8_values_into, into a new tensor)."""
     import torch
 
-    codes = w.contiguous().view(torch.uint8).numpy()
-    if codes.size % 2 or not np.little_endian:
-        return torch.from_numpy(_fp8_table(w.dtype)[codes])
-    pairs = codes.reshape(-1).view(np.uint16)
-    return torch.from_numpy(_fp8_pair_table(w.dtype)[pairs].view(np.float32).reshape(codes.shape))
+    out = torch.empty(w.shape, dtype=torch.float32)
+    fp8_values_into(w.contiguous(), out)
+    return out
 
 
 INDEX_SCRATCH = 24  # thread_scratch slot of fp8_values_into's lookup indices
 
 
 def fp8_values_into(w: torch.Tensor, out: torch.Tensor) -> None:
-    """_fp8_values of contiguous FP8 `w`, written into contiguous float32 `out` of the same shape. The lookup's
-    indices are widened into this thread's scratch first (numpy's take would widen them into a fresh buffer, a
-    page-faulting mapping per call under convert.io.memory's pinned mmap threshold)."""
+    """float32 values of contiguous FP8 `w` (torch's own conversion of each code, bit for bit, NaN codes included),
+    written into contiguous float32 `out` of the same shape: by integer ops (_decode_bits_into) where they serve,
+    else by table lookup (_fp8_table_into)."""
+    factor = _decode_bits_into(w, out)
+    if factor is None:
+        _fp8_table_into(w, out)
+    else:
+        out.mul_(factor)
+
+
+def _fp8_table_into(w: torch.Tensor, out: torch.Tensor) -> None:
+    """fp8_values_into by table lookup (several times faster than torch's conversion on CPU), two codes per lookup
+    where the element count is even. The lookup's indices are widened into this thread's scratch first (numpy's
+    take would widen them into a fresh buffer, a page-faulting mapping per call under convert.io.memory's pinned
+    mmap threshold)."""
     import numpy as np
     import torch
 
@@ -123,33 +131,40 @@ def _keeps_subnormals() -> bool:
     return bool(torch.tensor([2.0**-140]).mul_(2.0**20).item() == 2.0**-120)
 
 
-def fp8_scaled_into(w: torch.Tensor, out: torch.Tensor, per_col: torch.Tensor, bn: int, finite: bool = False) -> None:
-    """Values of contiguous FP8 rows `w` [n, cols] times their column block's float32 scale `per_col`
-    [ceil(cols / bn)] (each product rounded once, as fp8_values_into then scale_column_blocks give them, bit
-    for bit), written into contiguous float32 `out` [n, cols].
-
-    e4m3fn and e5m2 decode by integer ops in `out`'s own memory (twice as fast as the table): the codes'
-    bits times 2**unbias folded into the scale, which is exact while that product stays finite. NaN/inf
-    codes, a scale too large to fold, other formats, or a thread that flushes subnormals take the table.
-    `finite`: the caller knows `w` holds no NaN/inf code (codes it just wrote from finite values): not checked."""
+def _decode_bits_into(w: torch.Tensor, out: torch.Tensor, finite: bool = False) -> float | None:
+    """Decode contiguous FP8 `w` into float32 `out` by integer ops in `out`'s own memory (about twice as fast as
+    the table): returns the factor 2**unbias the values in `out` are still short of, or None where the table
+    must decode `w` instead (other formats, a thread that flushes subnormals, NaN/inf codes; `finite`: the caller
+    knows there are none, codes it just wrote from finite values, and they are not looked for)."""
     import torch
 
     bits = _fp8_bits(w.dtype)
-    top = float(per_col.abs().max()) if per_col.numel() else 0.0
-    if bits is None or not top * 2.0**bits.unbias < 2.0**127 or not _keeps_subnormals():
-        fp8_values_into(w, out)
-        scale_column_blocks(out, per_col, bn, "mul")
-        return
+    if bits is None or not _keeps_subnormals():
+        return None
     o = out.view(torch.int32)
     o.copy_(w.view(torch.int8))
     o.bitwise_left_shift_(bits.shift).bitwise_and_(bits.mask)
-    if not finite:
+    if not finite and out.numel():
         lo, hi = torch.aminmax(out)
         if max(-float(lo), float(hi)) > bits.max_finite * 2.0**-bits.unbias:
-            fp8_values_into(w, out)
-            scale_column_blocks(out, per_col, bn, "mul")
-            return
-    scale_column_blocks(out, per_col * 2.0**bits.unbias, bn, "mul")
+            return None
+    return 2.0**bits.unbias
+
+
+def fp8_scaled_into(w: torch.Tensor, out: torch.Tensor, per_col: torch.Tensor, bn: int, finite: bool = False) -> None:
+    """Values of contiguous FP8 rows `w` [n, cols] times their column block's float32 scale `per_col`
+    [ceil(cols / bn)] (each product rounded once, as fp8_values_into then scale_column_blocks give them, bit
+    for bit), written into contiguous float32 `out` [n, cols]. Decoded by integer ops where they serve, with
+    2**unbias folded into the scale (one pass fewer; exact while that product stays finite); `finite` as for
+    _decode_bits_into."""
+    factor = _decode_bits_into(w, out, finite)
+    if factor is None:
+        _fp8_table_into(w, out)
+    elif not per_col.numel() or float(per_col.abs().max()) * factor < 2.0**127:
+        per_col = per_col * factor
+    else:
+        out.mul_(factor)
+    scale_column_blocks(out, per_col, bn, "mul")
 
 
 def scale_column_blocks(x: torch.Tensor, per_col: torch.Tensor, bn: int, op: str,
