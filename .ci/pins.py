@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import re
 from importlib import metadata
-from packaging.requirements import Requirement
 
+from packaging.requirements import Requirement
 
 
 def norm(name: str) -> str:

@@ -12,8 +12,9 @@ from round to round so drift hits both alike; with --repeats R each case is samp
 median reported. Inputs are generated once: suite `fuse` a per-expert Qwen3-30B-A3B-shaped bf16 checkpoint
 (bench.synthetic, `--layers` layers, random bytes), `split` the fused layout of it, `merge-fp8` bench.dequant's
 DeepSeek-V3 FP8 layer with a rank-16 per-expert adapter (bench.merge). The first tree's output of each suite's
-largest rank count is compared byte for byte with the other trees'; `cp -r` of each suite's input (synced, as the
-tool syncs its output) is timed beside them. Writes AB.md and ab.json to --out.
+largest rank count is compared byte for byte with the other trees'; `cp -r` of the suite's input (synced, as the
+tool syncs its output) is sampled in every round of every case, in the rotation with the trees, and each case's
+trees are measured against its own median. Writes AB.md and ab.json to --out.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ SUITES = ("fuse", "split", "merge-fp8")
 
 
 SETTLE_SECONDS = 1.0
+CP = "cp -r"  # the baseline sampled in every round of every case, beside the trees
 
 
 def tree_env(tree: Path) -> dict[str, str]:
@@ -120,17 +122,15 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [f"# A/B: {' vs '.join(names)}", "", f"{res['env']}; trees: " +
              ", ".join(f"{k} = {v}" + (f" {res['args'][k]}" if res["args"].get(k) else "") for k, v in
                        res["paths"].items()), "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    cp = float("nan")
 
     def med(r: dict[str, Any], k: str) -> float:
         vals = [s[k] for s in r["samples"] if k in s]
         return statistics.median(vals) if vals else float("nan")
 
     for case in res["cases"]:
-        if "cp" in case:
-            cp = case["cp"]["seconds"]
-            lines.append(f"| {case['case']} | {cp:.2f} s |" + " |" * (len(head) - 2))
-            continue
+        cp = med(case[CP], "seconds") if CP in case else float("nan")
+        if CP in case:
+            lines.append(f"| {case['case']}: cp -r (its input, synced) | {cp:.2f} s |" + " |" * (len(head) - 2))
         wall = {k: med(case[k], "seconds") for k in names}
         data = {k: med(case[k], "data_s") for k in names}
         cells = [f"{wall[k]:.2f} / {data[k]:.2f} / {cp / wall[k]:.2f}x" for k in names]
@@ -193,21 +193,23 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for suite in suites:
             args, inputs = prepare(suite, work, model, layers, fp8, jobs, paths[names[-1]])
-            if not a.no_cp:
-                cp = work / "out-cp"
-                row = sample(["bash", "-c", f'cp -r "{inputs[0]}" "{cp}" && sync "{cp}"/*'], REPO, inputs, cp,
-                             work / "none.json", not a.no_drop_caches)
-                shutil.rmtree(cp, ignore_errors=True)
-                res["cases"].append({"case": f"{suite}: cp -r", "cp": row})
-                print(json.dumps({"case": f"{suite}: cp -r", **row}), flush=True)
             for n in (merge_ranks if suite == "merge-fp8" else ranks):
                 case: dict[str, Any] = {"case": f"{suite} --nproc {n}", **{k: {"samples": []} for k in names}}
+                if not a.no_cp:
+                    case[CP] = {"samples": []}
                 compare = n == max(merge_ranks if suite == "merge-fp8" else ranks)
                 ref, dst, stats = work / "out-reference", work / "out", work / "stats.json"
                 same: list[bool] = []
                 for r in range(a.repeats):
-                    order = names if r % 2 == 0 else names[::-1]  # drift hits every tree alike
-                    for k in order:
+                    order = names + ([] if a.no_cp else [CP])
+                    for k in order if r % 2 == 0 else order[::-1]:  # drift hits every tree (and cp -r) alike
+                        if k == CP:
+                            row = sample(["bash", "-c", f'cp -r "{inputs[0]}" "{dst}" && sync "{dst}"/*'], REPO,
+                                         inputs, dst, work / "none.json", not a.no_drop_caches)
+                            case[CP]["samples"].append(row)
+                            print(json.dumps({"case": f"{case['case']}: cp -r", **row}), flush=True)
+                            shutil.rmtree(dst, ignore_errors=True)
+                            continue
                         cmd = [sys.executable, "-m", args[0], *args[1:], "--dst", str(dst), "--nproc", str(n),
                                "--no-progress", "--stats", str(stats), *extra.get(k, [])]
                         row = sample(cmd, paths[k], inputs, dst, stats, not a.no_drop_caches)

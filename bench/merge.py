@@ -214,8 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-fp8", action="store_true", help="skip the FP8 case")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 case (run the FP8 case alone)")
     p.add_argument("--workers", default="", help="comma-separated --workers values to run the tool with as well")
+    p.add_argument("--ranks", default="", help="comma-separated rank counts of the tool (default: the preset's)")
     args = p.parse_args(argv)
     pre = PRESETS[args.preset]
+    if args.ranks:
+        pre = dataclasses.replace(pre, ranks=tuple(int(n) for n in args.ranks.split(",")))
     if args.layers:
         pre = dataclasses.replace(pre, layers=args.layers)
     if args.no_fp8:

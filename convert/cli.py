@@ -74,6 +74,14 @@ def computes(args: argparse.Namespace) -> bool:
     return getattr(args, "dtype", "keep") not in (None, "keep")
 
 
+def inputs(args: argparse.Namespace) -> list[str]:
+    """The locations a job of `args` reads whole (its --src, and --adapter where it has one), which run_main
+    reads ahead while torch loads; none for --dry-run, which reads no data."""
+    if args.dry_run:
+        return []
+    return [args.src, *([args.adapter] if getattr(args, "adapter", None) else [])]
+
+
 def adapter_parser(prog: str, description: str, default_target: str) -> argparse.ArgumentParser:
     """The base conversion flags plus --base-config and --target (default `default_target`); an adapter is one
     file unless --max-shard-size is given."""

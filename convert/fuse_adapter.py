@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from convert.cli import adapter_options, adapter_parser
+from convert.cli import adapter_options, adapter_parser, inputs
 from convert.engine.adapter_job import ADAPTER_CONFIG, run_adapter_job
 from convert.plan.adapter import FUSED_LAYOUTS
 from convert.toplevel import run_main
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = No
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the fuse on every rank."""
     args = build_parser().parse_args(argv)
-    run_main(lambda dist: run(args, dist), args.nproc, preload_torch=True)
+    run_main(lambda dist: run(args, dist), args.nproc, preload_torch=True, inputs=inputs(args))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from convert.cli import base_parser, computes, job_options
+from convert.cli import base_parser, computes, inputs, job_options
 from convert.engine.job import run_job
 from convert.families import load_families
 from convert.formats.checkpoint import INDEX_NAME
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = No
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the fuse job on every rank."""
     args = build_parser().parse_args(argv)
-    run_main(lambda dist: run(args, dist), args.nproc, preload_torch=computes(args))
+    run_main(lambda dist: run(args, dist), args.nproc, preload_torch=computes(args), inputs=inputs(args))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from convert.cli import job_environment
+from convert.cli import inputs, job_environment
 from convert.flag_types import json_object, positive_int, size_arg
 from convert.formats.checkpoint import INDEX_NAME
 from convert.plan.transforms import DTYPE_NAMES
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = No
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the merge on every rank."""
     args = build_parser().parse_args(argv)
-    run_main(lambda dist: run(args, dist), args.nproc, preload_torch=True)
+    run_main(lambda dist: run(args, dist), args.nproc, preload_torch=True, inputs=inputs(args))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from convert.cli import base_parser, computes, job_options
+from convert.cli import base_parser, computes, inputs, job_options
 from convert.engine.job import JobOptions, JobSetup, plan_job, run_planned
 from convert.errors import ConversionError
 from convert.families import PER_EXPERT
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = No
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the split job on every rank."""
     args = build_parser().parse_args(argv)
-    run_main(lambda dist: run(args, dist), args.nproc, preload_torch=computes(args))
+    run_main(lambda dist: run(args, dist), args.nproc, preload_torch=computes(args), inputs=inputs(args))
 
 
 if __name__ == "__main__":

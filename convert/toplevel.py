@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -196,10 +196,27 @@ def default_workers(dst: str) -> int:
     return max(4, min(16, cores // local_ranks))
 
 
-def run_main(body: Callable[[Dist], int], nproc: int = 1, preload_torch: bool = False) -> None:
+def local_safetensors(locations: Sequence[str]) -> list[str]:
+    """The *.safetensors files of those of `locations` that are local directories or files, in name order
+    (URLs and missing paths give none)."""
+    files: list[str] = []
+    for location in locations:
+        path = location.removeprefix("file://")
+        if "://" in path:
+            continue
+        if os.path.isdir(path):
+            files += sorted(e.path for e in os.scandir(path) if e.name.endswith(".safetensors") and e.is_file())
+        elif path.endswith(".safetensors") and os.path.isfile(path):
+            files.append(path)
+    return files
+
+
+def run_main(body: Callable[[Dist], int], nproc: int = 1, preload_torch: bool = False,
+             inputs: Sequence[str] = ()) -> None:
     """Join the process group (first forking `nproc` local ranks when > 1), run `body`, leave the group
-    and exit with its code. `preload_torch`: the job computes with torch, so the --nproc parent
-    imports it once before forking.
+    and exit with its code. `preload_torch`: the job computes with torch, so it is imported first (by the
+    --nproc parent once before forking), and meanwhile the *.safetensors files of `inputs` (checkpoint
+    locations the job reads whole) are read into the page cache (launch.readahead).
 
     Errors that escape `body` become one line and an exit code, Ctrl-C a quiet exit 130
     (run_guarded); --debug (ToolParser) adds tracebacks.
@@ -209,7 +226,8 @@ def run_main(body: Callable[[Dist], int], nproc: int = 1, preload_torch: bool = 
     joined: list[Dist] = []
 
     def go() -> int:
-        dist = init_dist(nproc=nproc, preload_torch=preload_torch)
+        readahead = local_safetensors(inputs) if preload_torch else []
+        dist = init_dist(nproc=nproc, preload_torch=preload_torch, readahead=readahead)
         joined.append(dist)
         try:
             code = body(dist)

@@ -18,11 +18,12 @@ import pickle
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from launch import hub, local
+from launch.readahead import ReadAhead
 from launch.store import StoreClient, StoreError
 
 
@@ -233,17 +234,20 @@ def _from_slurm() -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
 
 
-def init_dist(timeout_s: float = 3600.0, nproc: int = 1, preload_torch: bool = False) -> Dist:
+def init_dist(timeout_s: float = 3600.0, nproc: int = 1, preload_torch: bool = False,
+              readahead: Sequence[str] = ()) -> Dist:
     """Join the job's process group (gloo) if launched with several ranks; else a world of one.
 
     `nproc` > 1 (the --nproc flag) forks that many ranks on this machine first (launch.local):
     the calling process becomes their supervisor and never returns (it exits with the job's
     code); each rank returns here with its Dist. Refused (exit 2) under a launcher. With
-    `preload_torch` the parent imports torch before forking (jobs that compute with it).
+    `preload_torch` torch is imported here (in the parent before forking: jobs that compute with it),
+    and meanwhile the files of `readahead` (the job's input, local paths) are read into the page cache:
+    by the --nproc parent, by a lone process, or shared among the ranks of a one-node launcher.
     """
     if nproc > 1:
         local.refuse_if_distributed(nproc)
-        local.start(nproc, preload_torch)
+        local.start(nproc, preload_torch, readahead)
     hand = local.handover()
     if hand is not None:
         return _join_forked(hand, timeout_s)
@@ -251,6 +255,8 @@ def init_dist(timeout_s: float = 3600.0, nproc: int = 1, preload_torch: bool = F
     _from_slurm()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    if preload_torch:
+        _import_torch_reading_ahead(readahead, world)
     if world <= 1:
         return Dist(0, 1)
     if "torch.distributed" in sys.modules and dist.is_initialized():  # a program that set up its own group
@@ -259,6 +265,21 @@ def init_dist(timeout_s: float = 3600.0, nproc: int = 1, preload_torch: bool = F
         return _join_torchrun(rank, world, timeout_s)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, world, initialized_here=True)
+
+
+def _import_torch_reading_ahead(paths: Sequence[str], world: int) -> None:
+    """Import torch while `paths` are read ahead: all of them in a world of one; the ranks of one node
+    (LOCAL_WORLD_SIZE == WORLD_SIZE) each take every LOCAL_WORLD_SIZE-th chunk; over several nodes none
+    (each node reads only its own ranks' part)."""
+    share: tuple[int, int] | None = (0, 1)
+    if world > 1:
+        try:
+            local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+        except (KeyError, ValueError):
+            local_rank, local_world = -1, 0
+        share = (local_rank, world) if local_world == world and 0 <= local_rank < world else None
+    with ReadAhead(paths if share else (), share=share or (0, 1)):
+        import torch  # noqa: F401 - the job computes with it
 
 
 _joins = 0  # groups this process has joined: each join publishes under a key of its own

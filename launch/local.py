@@ -18,10 +18,12 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
 from launch import hub
+from launch.readahead import ReadAhead
 
 # Exit codes a rank may end with on its own: ok, failed, refused, SIGINT, SIGTERM.
 CONTRACT_CODES = frozenset({0, 1, 2, 130, 143})
@@ -116,13 +118,15 @@ def exit_after_rank0(code: int) -> NoReturn:
     sys.exit(code)
 
 
-def _prepare_parent(preload_torch: bool) -> None:
+def _prepare_parent(preload_torch: bool, readahead: Sequence[str]) -> None:
     """Import, before forking, what every rank needs, so it is loaded once: torch only when the job
-    computes with it (casts, LoRA factors, verifying those); the ranks' group itself needs none (launch.hub)."""
+    computes with it (casts, LoRA factors, verifying those); the ranks' group itself needs none (launch.hub).
+    Meanwhile the files of `readahead` are read into the page cache (launch.readahead)."""
     # numpy (imported by torch) would start OpenBLAS threads we never use; a fork wants none.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     if preload_torch:
-        import torch  # noqa: F401 - loaded once here, shared by every fork
+        with ReadAhead(readahead):  # stopped (its thread joined) before the fork
+            import torch  # noqa: F401 - loaded once here, shared by every fork
 
 
 def native_threads() -> int:
@@ -135,13 +139,14 @@ def native_threads() -> int:
         return threading.active_count()
 
 
-def start(nproc: int, preload_torch: bool = False) -> Handover:
+def start(nproc: int, preload_torch: bool = False, readahead: Sequence[str] = ()) -> Handover:
     """Fork `nproc` ranks. Returns in each of them (with its Handover); the parent never returns.
 
-    The parent waits for the ranks and exits with the job's exit code (see `supervise`).
+    The parent waits for the ranks and exits with the job's exit code (see `supervise`). With `preload_torch`
+    it imports torch first, reading the files of `readahead` (the job's input) into the page cache meanwhile.
     """
     global _handover
-    _prepare_parent(preload_torch)
+    _prepare_parent(preload_torch, readahead)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(max(128, nproc))

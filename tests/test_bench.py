@@ -171,20 +171,50 @@ def test_trainer_bench_small_preset(tmp_path):
 
 def test_ab_bench_tiny_preset(tmp_path):
     """`python -m bench.ab --preset tiny`: two trees (here the same one) on every suite, each case timed per tree
-    with its data phase from --stats, `cp -r` beside each suite, outputs compared byte for byte, a complete report."""
+    with its data phase from --stats, `cp -r` sampled in each case's rounds, outputs compared byte for byte, a
+    complete report."""
     out = tmp_path / "results"
     run_tool("bench.ab", "--tree", "a=.", "--tree", "b=.", "--preset", "tiny", "--ranks", "1,2", "--merge-ranks",
              "2", "--out", str(out), "--no-drop-caches", "--workdir", str(tmp_path), timeout=300)
     res = json.loads((out / "ab.json").read_text())
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("moe-ab-")] == [], "work dir not removed"
     cases = {c["case"]: c for c in res["cases"]}
-    assert set(cases) == {"fuse: cp -r", "fuse --nproc 1", "fuse --nproc 2", "split: cp -r", "split --nproc 1",
-                          "split --nproc 2", "merge-fp8: cp -r", "merge-fp8 --nproc 2"}
+    assert set(cases) == {"fuse --nproc 1", "fuse --nproc 2", "split --nproc 1", "split --nproc 2",
+                          "merge-fp8 --nproc 2"}
     for name, case in cases.items():
-        rows = [case["cp"]] if "cp" in case else case["a"]["samples"] + case["b"]["samples"]
+        rows = case["a"]["samples"] + case["b"]["samples"]
         assert rows and all(r["rc"] == 0 and r["seconds"] > 0 for r in rows), name
-        if "cp" not in case:
-            assert all(r["data_s"] > 0 and r["peak_rss_per_rank"] > 0 for r in rows), name
+        assert all(r["data_s"] > 0 and r["peak_rss_per_rank"] > 0 for r in rows), name
+        cp = case["cp -r"]["samples"]
+        assert len(cp) == 1 and cp[0]["rc"] == 0 and cp[0]["seconds"] > 0, name
     assert all(cases[f"{s} --nproc 2"]["same_bytes"] is True for s in ("fuse", "split", "merge-fp8"))
     report = (out / "AB.md").read_text()
-    assert "| merge-fp8 --nproc 2 |" in report and "| fuse: cp -r |" in report and "b / a wall, data" in report
+    assert "| merge-fp8 --nproc 2 |" in report and "| fuse --nproc 1: cp -r (its input, synced) |" in report
+    assert "b / a wall, data" in report
+
+
+def test_disk_bench_tiny_preset(tmp_path):
+    """`python -m bench.disk --preset tiny`: every bound measured on a real copy, the read-ahead during the import
+    of torch counted, a complete report, the work dir removed."""
+    out = tmp_path / "results"
+    run_tool("bench.disk", "--preset", "tiny", "--no-drop-caches", "--workdir", str(tmp_path), "--out", str(out),
+             timeout=300)
+    res = json.loads((out / "disk.json").read_text())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("moe-disk-")] == [], "work dir not removed"
+    assert res["bytes"] > 0 and all(res[k] > 0 for k in ("read_s", "cp_s", "write_s"))
+    assert res["import_torch"]["read_ahead_bytes"] == 0 and res["import_torch"]["import_s"] > 0
+    assert 0 < res["import_torch_reading_ahead"]["read_ahead_bytes"] <= res["bytes"] + (1 << 20)
+    assert "| `cp -r` + sync, base already cached (write alone) |" in (out / "DISK.md").read_text()
+
+
+def test_merge_kernel_bench_small(tmp_path):
+    """`python -m bench.merge_kernel` on a small projection: both kinds of base codes timed in one and in two
+    processes, the profiler's ops listed, a complete report."""
+    out = tmp_path / "results"
+    run_tool("bench.merge_kernel", "--rows", "256", "--cols", "512", "--repeats", "2", "--procs", "2", "--out",
+             str(out), timeout=300)
+    res = json.loads((out / "kernel.json").read_text())
+    assert set(res["kinds"]) == {"random", "quantized"}
+    assert all(r["one_min_ms"] > 0 and r["many_slowest_ms"] >= r["many_median_ms"] > 0 for r in res["kinds"].values())
+    assert any(o["op"] == "aten::mm" for o in res["ops"]) and all(o["ms_per_merge"] >= 0 for o in res["ops"])
+    assert "| quantized |" in (out / "KERNEL.md").read_text()

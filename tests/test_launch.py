@@ -261,10 +261,12 @@ def test_a_signal_to_the_parent_stops_every_rank(example, one_rank, tmp_path, si
     assert _files(dst) == _files(one_rank)
 
 
-def test_the_parent_imports_torch_once_and_forks_without_threads():
+def test_the_parent_imports_torch_once_and_forks_without_threads(example):
+    # reading the input ahead meanwhile (launch.readahead) leaves no thread behind either
+    files = sorted(str(p) for p in example.glob("*.safetensors"))
     code = ("import convert.fuse_experts, convert.split_experts, convert.fuse_adapter, convert.split_adapter, "
             "convert.verify, launch.batch, launch.local as l, sys; "
-            "l._prepare_parent(True); assert 'torch' in sys.modules; print(l.native_threads())")
+            f"l._prepare_parent(True, {files!r}); assert 'torch' in sys.modules; print(l.native_threads())")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "1"

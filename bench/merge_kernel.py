@@ -1,0 +1,163 @@
+"""The FP8 merge's compute alone: convert.plan.merge_quant.merge_fp8 on one DeepSeek-V3 expert projection.
+
+    python -m bench.merge_kernel --out $OUT            # lent 16-core machine, ~30 s
+    python -m bench.merge_kernel --rows 256 --procs 2  # smoke test
+
+One expert projection (2048 x 7168 FP8 e4m3fn, 128x128 float32 scale grid) and a rank-16 LoRA, one torch thread,
+timed per call (minimum and median of --repeats after two warm-up calls), in one process and in --procs processes
+at once (each core's speed when every core merges, as 16 ranks do). Two kinds of base codes:
+- `random`: bench.dequant's (uniformly random bytes, NaN codes avoided): 1/16 of them have a zero exponent field,
+  FP8 subnormals, which the integer decode (convert.plan.dequant) spells as float32 subnormals;
+- `quantized`: N(0, 0.02) values quantized with amax / 448 block scales, as released checkpoints are (almost no
+  subnormal codes).
+Then torch's profiler over --repeats calls of the `random` kind: the ops by self CPU time. A merge of the
+bench's FP8 layer does 768 such calls (256 experts x 3 projections); its data phase cannot beat 768 x the
+per-call time / cores. Writes KERNEL.md and kernel.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RANK = 16
+
+
+def inputs(kind: str, rows: int, cols: int, seed: int = 0) -> tuple[Any, ...]:
+    """(w, scale, a, b, q_out, scale_out) of one expert projection with base codes of `kind`."""
+    import numpy as np
+    import torch
+
+    from convert.plan.merge_quant import FP8_MAX
+
+    rng = np.random.default_rng(seed)
+    gr, gc = -(-rows // 128), -(-cols // 128)
+    if kind == "random":
+        codes = rng.integers(0, 256, rows * cols, dtype=np.uint8)
+        codes[(codes & 0x7F) == 0x7F] ^= 1
+        w = torch.from_numpy(codes.reshape(rows, cols)).view(torch.float8_e4m3fn)
+        scale = torch.from_numpy(rng.random((gr, gc), dtype=np.float32) * 9e-4 + 1e-4)
+    else:
+        x = torch.from_numpy(rng.standard_normal((gr * 128, gc * 128), dtype=np.float32) * 0.02)
+        blocks = x.view(gr, 128, gc, 128)
+        scale = blocks.abs().amax(dim=(1, 3)) / FP8_MAX
+        w = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).view(gr * 128, gc * 128)[:rows, :cols]
+        w = w.contiguous().to(torch.float8_e4m3fn)
+    a = torch.from_numpy(rng.standard_normal((RANK, cols), dtype=np.float32) * 0.01)
+    b = torch.from_numpy(rng.standard_normal((rows, RANK), dtype=np.float32) * 0.01)
+    return w, scale, a, b, torch.empty_like(w), torch.empty_like(scale)
+
+
+def time_calls(kind: str, rows: int, cols: int, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` merge_fp8 calls (after two warm-up calls), one torch thread."""
+    import torch
+
+    from convert.plan.merge_quant import merge_fp8
+
+    torch.set_num_threads(1)
+    w, scale, a, b, q, grid = inputs(kind, rows, cols)
+    for _ in range(2):
+        merge_fp8(w, scale, a, b, 2.0, (128, 128), q, grid)
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        merge_fp8(w, scale, a, b, 2.0, (128, 128), q, grid)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def profile_ops(rows: int, cols: int, repeats: int, top: int = 12) -> list[dict[str, Any]]:
+    """torch's profiler over `repeats` calls on `random` codes: the `top` ops by self CPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from convert.plan.merge_quant import merge_fp8
+
+    torch.set_num_threads(1)
+    w, scale, a, b, q, grid = inputs("random", rows, cols)
+    merge_fp8(w, scale, a, b, 2.0, (128, 128), q, grid)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            merge_fp8(w, scale, a, b, 2.0, (128, 128), q, grid)
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"op": e.key, "calls_per_merge": e.count / repeats, "ms_per_merge": e.self_cpu_time_total / 1e3 / repeats}
+            for e in ops]
+
+
+def worker(argv: list[str]) -> None:
+    """`--worker KIND ROWS COLS REPEATS`: print this process's call times as JSON."""
+    kind, rows, cols, repeats = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
+    print(json.dumps(time_calls(kind, rows, cols, repeats)))
+
+
+def in_processes(kind: str, rows: int, cols: int, repeats: int, procs: int) -> list[list[float]]:
+    """Call times of `procs` processes merging at once."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "bench.merge_kernel", "--worker", kind, str(rows), str(cols), str(repeats)]
+    running = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(procs)]
+    out = []
+    for p in running:
+        text, _ = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"bench.merge_kernel: a worker failed (exit {p.returncode})")
+        out.append(json.loads(text))
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The report."""
+    lines = [f"# merge_fp8 on one expert projection ({res['rows']} x {res['cols']}, rank {RANK}, one thread)", "",
+             f"{res['env']}", "", "| base codes | one process: min / median ms | "
+             f"{res['procs']} processes at once: median ms (slowest process) |", "|---|---|---|"]
+    for kind, r in res["kinds"].items():
+        lines.append(f"| {kind} | {r['one_min_ms']:.1f} / {r['one_median_ms']:.1f} | {r['many_median_ms']:.1f} "
+                     f"({r['many_slowest_ms']:.1f}) |")
+    lines += ["", "Ops by self CPU time (`random` codes, one process):", "", "| op | calls per merge | ms per merge |",
+              "|---|---|---|"]
+    lines += [f"| {o['op']} | {o['calls_per_merge']:.0f} | {o['ms_per_merge']:.2f} |" for o in res["ops"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Time and profile merge_fp8; write KERNEL.md and kernel.json to --out."""
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["--worker"]:
+        return worker(args_in[1:])
+    p = argparse.ArgumentParser(prog="bench.merge_kernel", description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=2048)
+    p.add_argument("--cols", type=int, default=7168)
+    p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--procs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", default=str(REPO / "bench" / "results"))
+    a = p.parse_args(args_in)
+    import torch
+
+    res: dict[str, Any] = {"rows": a.rows, "cols": a.cols, "procs": a.procs, "kinds": {},
+                           "env": f"{os.cpu_count()} cores, torch {torch.__version__} "
+                                  f"({torch.backends.cpu.get_cpu_capability()}), "
+                                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"}
+    for kind in ("random", "quantized"):
+        one = time_calls(kind, a.rows, a.cols, a.repeats)
+        many = in_processes(kind, a.rows, a.cols, a.repeats, a.procs)
+        res["kinds"][kind] = {"one_min_ms": min(one) * 1e3, "one_median_ms": statistics.median(one) * 1e3,
+                              "many_median_ms": statistics.median(t for ts in many for t in ts) * 1e3,
+                              "many_slowest_ms": max(statistics.median(ts) for ts in many) * 1e3}
+    res["ops"] = profile_ops(a.rows, a.cols, a.repeats)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel.json").write_text(json.dumps(res, indent=2))
+    (out / "KERNEL.md").write_text(markdown(res))
+    print((out / "KERNEL.md").read_text())
+    return None
+
+
+if __name__ == "__main__":
+    main()
