@@ -125,7 +125,7 @@ def _prepare_parent(preload_torch: bool, readahead: Sequence[str]) -> None:
     # numpy (imported by torch) would start OpenBLAS threads we never use; a fork wants none.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     if preload_torch:
-        with ReadAhead(readahead):  # stopped (its thread joined) before the fork
+        with ReadAhead(readahead):  # stopped (its threads joined) before the fork
             import torch  # noqa: F401 - loaded once here, shared by every fork
 
 
