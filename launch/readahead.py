@@ -6,7 +6,8 @@ files, a chunk at a time in order, into a scratch buffer each (read(2) releases 
 it read in the page cache), and stop within a chunk of being told to. The job then finds those bytes in memory.
 posix_fadvise(WILLNEED) would copy nothing, but Linux reads at most the device's readahead window per call
 (read_ahead_kb: often 128 KiB), so it cannot keep a disk busy from a thread that holds the GIL now and then.
-The callers name only files the job reads whole, so nothing is read that the job would not read itself.
+The callers name only files the job reads whole, so nothing is read that the job would not read itself (but
+for a resumed job, which skips what it wrote before: a few seconds' reading at most).
 """
 
 from __future__ import annotations
