@@ -28,6 +28,7 @@ from typing import Any
 
 from bench.report import CP_OPS
 from bench.synthetic import adapter_specs, checkpoint_specs, write_adapter, write_synthetic
+from launch.readahead import mem_available
 
 REPO = Path(__file__).resolve().parent.parent
 GB = 1e9
@@ -284,17 +285,6 @@ def check_disk(work: Path, need: int) -> None:
     if free < need * 1.1:
         raise SystemExit(f"bench: needs ~{need * 1.1 / GB:.1f} GB free in {work}, has {free / GB:.1f} GB; "
                          "pass --workdir on a larger disk or --quick")
-
-
-def mem_available() -> int:
-    """MemAvailable from /proc/meminfo (bytes); 0 if unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def compare_tensors(a: Path, b: Path, limit: int = 40) -> str:

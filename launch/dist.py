@@ -278,7 +278,7 @@ def _import_torch_reading_ahead(paths: Sequence[str], world: int) -> None:
         except (KeyError, ValueError):
             local_rank, local_world = -1, 0
         share = (local_rank, world) if local_world == world and 0 <= local_rank < world else None
-    with ReadAhead(paths if share else (), share=share or (0, 1)):
+    with ReadAhead(paths if share else (), share=share or (0, 1)):  # nothing over several nodes
         import torch  # noqa: F401 - the job computes with it
 
 
