@@ -20,6 +20,7 @@ trees are measured against its own median. Writes AB.md and ab.json to --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import filecmp
 import json
 import os
@@ -82,7 +83,7 @@ def same_files(a: Path, b: Path) -> bool:
     return all(filecmp.cmp(a / n, b / n, shallow=False) for n in names if (a / n).is_file())
 
 
-def prepare(suite: str, work: Path, model: str, layers: int, fp8: str, jobs: int,
+def prepare(suite: str, work: Path, model: str, layers: int, fp8: str, codes: str, jobs: int,
             tree: Path) -> tuple[list[str], list[Path]]:
     """Generate `suite`'s inputs in `work` (once); returns the tool's arguments before --dst and the inputs."""
     if suite == "fuse":
@@ -94,7 +95,7 @@ def prepare(suite: str, work: Path, model: str, layers: int, fp8: str, jobs: int
             write_synthetic(str(src), specs, cfg, 4_000_000_000, data="random", jobs=jobs)
         return ["convert.fuse_experts", "--src", str(src), "--max-shard-size", "5000000000"], [src]
     if suite == "split":
-        _, (src,) = prepare("fuse", work, model, layers, fp8, jobs, tree)
+        _, (src,) = prepare("fuse", work, model, layers, fp8, codes, jobs, tree)
         fused = work / f"fused-L{layers}"
         if not (fused / "model.safetensors.index.json").exists():
             subprocess.run([sys.executable, "-m", "convert.fuse_experts", "--src", str(src), "--dst", str(fused),
@@ -104,8 +105,8 @@ def prepare(suite: str, work: Path, model: str, layers: int, fp8: str, jobs: int
     from bench.dequant import PRESETS, generate
     from bench.merge import write_per_expert_adapter
 
-    shape = PRESETS[fp8]
-    base, adapter = work / f"fp8-{fp8}", work / f"fp8-{fp8}-adapter"
+    shape = dataclasses.replace(PRESETS[fp8], fp8_codes=codes)
+    base, adapter = work / f"fp8-{fp8}-{codes}", work / f"fp8-{fp8}-{codes}-adapter"
     if not (adapter / "adapter_config.json").exists():
         generate(base, shape, jobs)
         write_per_expert_adapter(adapter, shape.layers, shape.experts, shape.hidden, shape.inter)
@@ -119,7 +120,7 @@ def markdown(res: dict[str, Any]) -> str:
     head = ["case"] + [f"{k} wall s / data s / vs cp -r" for k in names] + [f"{k} / {first} wall, data"
                                                                             for k in names[1:]]
     head += ["peak RSS/rank", "same bytes"]
-    lines = [f"# A/B: {' vs '.join(names)}", "", f"{res['env']}; trees: " +
+    lines = [f"# A/B: {' vs '.join(names)}", "", f"{res['env']}; FP8 codes {res.get('fp8_codes', 'uniform')}; trees: " +
              ", ".join(f"{k} = {v}" + (f" {res['args'][k]}" if res["args"].get(k) else "") for k, v in
                        res["paths"].items()), "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
 
@@ -151,6 +152,8 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the flags, generate the inputs, run every case for both trees, write AB.md and ab.json."""
+    from bench.dequant import FP8_CODES
+
     p = argparse.ArgumentParser(prog="bench.ab", description=__doc__.splitlines()[0])
     p.add_argument("--tree", action="append", required=True, metavar="NAME=PATH",
                    help="two or more: the trees (the first is the baseline; one path may serve twice, with --args)")
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-cp", action="store_true", help="no `cp -r` of each suite's input beside the trees")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--fp8", default="full", help="bench.dequant preset of the merge-fp8 suite")
+    p.add_argument("--fp8-codes", choices=FP8_CODES, default=FP8_CODES[0], help="how the FP8 weights' codes are drawn (bench.dequant.FP8_CODES)")
     p.add_argument("--preset", choices=["tiny"], default=None, help="tiny: bench.synthetic's tiny model, 2 layers, "
                    "and bench.dequant's tiny FP8 layers")
     p.add_argument("--repeats", type=int, default=1)
@@ -187,12 +191,13 @@ def main(argv: list[str] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"trees": names, "paths": {k: str(v) for k, v in paths.items()}, "cases": [],
                            "args": {k: " ".join(v) for k, v in extra.items()},
-                           "env": f"{jobs} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"}
+                           "env": f"{jobs} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+                           "fp8_codes": a.fp8_codes}
     work = Path(tempfile.mkdtemp(prefix="moe-ab-", dir=a.workdir))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` too removes the work dir (finally)
     try:
         for suite in suites:
-            args, inputs = prepare(suite, work, model, layers, fp8, jobs, paths[names[-1]])
+            args, inputs = prepare(suite, work, model, layers, fp8, a.fp8_codes, jobs, paths[names[-1]])
             for n in (merge_ranks if suite == "merge-fp8" else ranks):
                 case: dict[str, Any] = {"case": f"{suite} --nproc {n}", **{k: {"samples": []} for k in names}}
                 if not a.no_cp:

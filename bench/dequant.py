@@ -3,7 +3,7 @@
     python -m bench.dequant [--preset full|tiny] [--out bench/results] [--workdir DIR] [--no-drop-caches]
 
 Writes a per-expert FP8 block-scaled checkpoint of real DeepSeek-V3 shapes (H=7168, I=2048, E=256,
-MLA attention, a small vocabulary so the expert layers dominate; random bytes, FP8 NaN codes cleared)
+MLA attention, a small vocabulary so the expert layers dominate; random data, FP8 codes drawn as FP8_CODES says)
 into a temporary directory, then times from a cold page cache:
 
 - the tool: `convert.split_experts --dtype bf16` (per-expert bf16 out) at 1, 2 and 4 ranks, end to end
@@ -56,6 +56,7 @@ class Shape:
     world_sizes: tuple[int, ...] = (1, 2, 4)
     repeats: int = 1
     transformers: bool = True
+    fp8_codes: str = "quantized"  # FP8_CODES: how the FP8 weights' codes are drawn
 
 
 PRESETS = {
@@ -114,13 +115,51 @@ def tensor_specs(s: Shape) -> list[tuple[str, str, tuple[int, ...]]]:
 
 
 _SIZES = {"BF16": 2, "F32": 4, "F8_E4M3": 1}
+# How FP8 weight codes are drawn. `quantized`: as released checkpoints hold them, normal values quantized with
+# amax / 448 block scales (drawn from that code distribution; about 1e-4 of them FP8 subnormals). `uniform`:
+# uniformly random bytes without NaN codes (the benches before 2026-12-07), 7/128 of them FP8 subnormals, which
+# cost some CPUs a microcode assist per arithmetic instruction touching one (bench.merge_kernel).
+FP8_CODES = ("quantized", "uniform")
 
 
-def _fill(dtype: str, n: int, rng: Any) -> bytes:
-    """`n` elements of random data of `dtype`: FP8 without NaN codes, F32 scales in [1e-4, 1e-3),
-    BF16 small normal values (random bytes would hold NaN/inf)."""
+def e4m3_magnitudes() -> Any:
+    """float64 values of the 127 finite non-negative float8_e4m3fn codes 0x00..0x7E, by code."""
     import numpy as np
 
+    code = np.arange(127)
+    e, m = code >> 3, (code & 7).astype(np.float64)
+    return np.where(e == 0, m * 2.0**-9, np.ldexp(1 + m / 8, e - 7))
+
+
+def quantized_code_table(samples: int = 1 << 22, block: int = 128 * 128, seed: int = 0) -> Any:
+    """65536 float8_e4m3fn codes (uint8) at evenly spaced quantiles of the codes of N(0, 1) values quantized
+    per block of `block` with scale amax / 448 (round to nearest): a uniformly random uint16 indexing it draws
+    a code of that distribution."""
+    import numpy as np
+
+    x = np.random.default_rng(seed).standard_normal((samples // block, block))
+    x *= 448.0 / np.abs(x).max(axis=1, keepdims=True)
+    mags = e4m3_magnitudes()
+    mid = (mags[1:] + mags[:-1]) / 2
+    codes = np.searchsorted(mid, np.abs(x).ravel()).astype(np.uint8) | (np.signbit(x).ravel().astype(np.uint8) << 7)
+    value = np.where(codes >= 128, -1.0, 1.0) * mags[codes & 0x7F]
+    order = np.argsort(value, kind="stable")
+    pick = ((np.arange(1 << 16) + 0.5) * (codes.size / (1 << 16))).astype(np.int64)
+    return codes[order][pick]
+
+
+_CODE_TABLE: list[Any] = []
+
+
+def _fill(dtype: str, n: int, rng: Any, fp8_codes: str = "quantized") -> bytes:
+    """`n` elements of random data of `dtype`: FP8 codes drawn as `fp8_codes` says (FP8_CODES; never NaN),
+    F32 scales in [1e-4, 1e-3), BF16 small normal values (random bytes would hold NaN/inf)."""
+    import numpy as np
+
+    if dtype == "F8_E4M3" and fp8_codes == "quantized":
+        if not _CODE_TABLE:
+            _CODE_TABLE.append(quantized_code_table())
+        return _CODE_TABLE[0][rng.integers(0, 1 << 16, n, dtype=np.uint16)].tobytes()
     if dtype == "F8_E4M3":
         a = rng.integers(0, 256, n, dtype=np.uint8)
         a[(a & 0x7F) == 0x7F] ^= 1  # 0x7F/0xFF are NaN in e4m3fn
@@ -131,7 +170,7 @@ def _fill(dtype: str, n: int, rng: Any) -> bytes:
     return (f.view(np.uint32) >> 16).astype(np.uint16).tobytes()  # bf16 by truncation
 
 
-def _write_shard(path: str, specs: list[tuple[str, str, tuple[int, ...]]], seed: int) -> None:
+def _write_shard(path: str, specs: list[tuple[str, str, tuple[int, ...]]], seed: int, fp8_codes: str) -> None:
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -146,7 +185,7 @@ def _write_shard(path: str, specs: list[tuple[str, str, tuple[int, ...]]], seed:
     with open(path, "wb") as fh:
         fh.write(len(raw).to_bytes(8, "little") + raw)
         for _, dtype, shape in specs:
-            fh.write(_fill(dtype, math.prod(shape), rng))
+            fh.write(_fill(dtype, math.prod(shape), rng, fp8_codes))
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -166,7 +205,8 @@ def generate(dst: Path, s: Shape, jobs: int) -> int:
         size += n
     names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     with ProcessPoolExecutor(max(1, min(jobs, len(shards)))) as pool:
-        list(pool.map(_write_shard, [str(dst / n) for n in names], shards, range(len(shards))))
+        list(pool.map(_write_shard, [str(dst / n) for n in names], shards, range(len(shards)),
+                      [s.fp8_codes] * len(shards)))
     total = sum(math.prod(sp[2]) * _SIZES[sp[1]] for sh in shards for sp in sh)
     index = {"metadata": {"total_size": total}, "weight_map": {sp[0]: n for n, sh in zip(names, shards) for sp in sh}}
     (dst / INDEX).write_text(json.dumps(index, indent=2))
@@ -432,8 +472,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", default=None, help="where the data goes (default: the system temp dir)")
     p.add_argument("--no-drop-caches", action="store_true", help="evict with posix_fadvise only")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers case")
+    p.add_argument("--fp8-codes", choices=FP8_CODES, default=FP8_CODES[0],
+                   help="how the FP8 weights' codes are drawn (FP8_CODES)")
     a = p.parse_args(argv)
-    s = PRESETS[a.preset]
+    s = Shape(**{**asdict(PRESETS[a.preset]), "fp8_codes": a.fp8_codes})
     if a.no_transformers:
         s = Shape(**{**asdict(s), "transformers": False})
     with tempfile.TemporaryDirectory(prefix="moe-bench-dequant-", dir=a.workdir) as work:

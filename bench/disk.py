@@ -14,6 +14,7 @@ alone), `import torch` alone (the code pages warm), and `import torch` while lau
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -88,17 +89,18 @@ def markdown(res: dict[str, Any], env: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Generate bench.dequant's FP8 layer (--preset), measure, write DISK.md and disk.json to --out."""
-    from bench.dequant import PRESETS, generate
+    from bench.dequant import FP8_CODES, PRESETS, generate
 
     p = argparse.ArgumentParser(prog="bench.disk", description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="full")
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     p.add_argument("--no-drop-caches", action="store_true", help="evict with posix_fadvise only")
+    p.add_argument("--fp8-codes", choices=FP8_CODES, default=FP8_CODES[0], help="how the FP8 weights' codes are drawn (bench.dequant.FP8_CODES)")
     a = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="moe-disk-", dir=a.workdir))
     try:
-        generate(work / "base", PRESETS[a.preset], os.cpu_count() or 1)
+        generate(work / "base", dataclasses.replace(PRESETS[a.preset], fp8_codes=a.fp8_codes), os.cpu_count() or 1)
         res = measure(work / "base", work, not a.no_drop_caches)
     finally:
         shutil.rmtree(work, ignore_errors=True)

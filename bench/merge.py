@@ -204,6 +204,8 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Write the inputs, run every case, write the report."""
+    from bench.dequant import FP8_CODES
+
     p = argparse.ArgumentParser(prog="bench.merge", description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
     p.add_argument("--workdir", default=None)
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     p.add_argument("--no-fp8", action="store_true", help="skip the FP8 case")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 case (run the FP8 case alone)")
+    p.add_argument("--fp8-codes", choices=FP8_CODES, default=FP8_CODES[0], help="how the FP8 weights' codes are drawn (bench.dequant.FP8_CODES)")
     p.add_argument("--workers", default="", help="comma-separated --workers values to run the tool with as well")
     p.add_argument("--ranks", default="", help="comma-separated rank counts of the tool (default: the preset's)")
     args = p.parse_args(argv)
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
             from bench.dequant import PRESETS as FP8
             from bench.dequant import generate
 
-            shape = FP8[pre.fp8]
+            shape = dataclasses.replace(FP8[pre.fp8], fp8_codes=args.fp8_codes)
             fbase, fad = work / "fp8", work / "fp8-adapter"
             generate(fbase, shape, os.cpu_count() or 1)
             write_per_expert_adapter(fad, shape.layers, shape.experts, shape.hidden, shape.inter)
@@ -286,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
                                                       "--adapter", str(fad), "--dst", str(work / "out"), "--nproc",
                                                       str(n), "--no-progress", "--stats", str(stats)],
                          [fbase, fad], work / "out", env, stats)
-            res["suites"]["deepseek-v3 FP8 layer, per-expert r16 (requantized)"] = rows
+            res["suites"][f"deepseek-v3 FP8 layer ({args.fp8_codes} codes), per-expert r16 (requantized)"] = rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
     (out_dir / f"merge-{args.preset}.json").write_text(json.dumps(res, indent=2))

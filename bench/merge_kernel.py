@@ -5,12 +5,13 @@
 
 One expert projection (2048 x 7168 FP8 e4m3fn, 128x128 float32 scale grid) and a rank-16 LoRA, one torch thread,
 timed per call (minimum and median of --repeats after two warm-up calls), in one process and in --procs processes
-at once (each core's speed when every core merges, as 16 ranks do). Two kinds of base codes:
-- `random`: bench.dequant's (uniformly random bytes, NaN codes avoided): 1/16 of them have a zero exponent field,
-  FP8 subnormals, which the integer decode (convert.plan.dequant) spells as float32 subnormals;
-- `quantized`: N(0, 0.02) values quantized with amax / 448 block scales, as released checkpoints are (almost no
-  subnormal codes).
-Then torch's profiler over --repeats calls of the `random` kind: the ops by self CPU time. A merge of the
+at once (each core's speed when every core merges, as 16 ranks do), for each --tiles width (merge_fp8's
+`tile_cols`: 0 the whole 128-row block row, else tiles of that many columns). Two kinds of base codes:
+- `random`: uniformly random bytes, NaN codes avoided (bench.dequant's `uniform` codes): 7/128 of them have a zero
+  exponent field and a nonzero mantissa, FP8 subnormals, which the integer decode (convert.plan.dequant) spells as float32 subnormals;
+- `quantized`: N(0, 0.02) values quantized with amax / 448 block scales, as released checkpoints are (about 1e-4
+  subnormal codes; bench.dequant's default codes are drawn from this distribution).
+Then torch's profiler over --repeats calls of each kind: the ops by self CPU time. A merge of the
 bench's FP8 layer does 768 such calls (256 experts x 3 projections); its data phase cannot beat 768 x the
 per-call time / cores. Writes KERNEL.md and kernel.json to --out.
 """
@@ -29,6 +30,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RANK = 16
+KINDS = ("random", "quantized")
 
 
 def inputs(kind: str, rows: int, cols: int, seed: int = 0) -> tuple[Any, ...]:
@@ -56,8 +58,9 @@ def inputs(kind: str, rows: int, cols: int, seed: int = 0) -> tuple[Any, ...]:
     return w, scale, a, b, torch.empty_like(w), torch.empty_like(scale)
 
 
-def time_calls(kind: str, rows: int, cols: int, repeats: int) -> list[float]:
-    """Seconds of each of `repeats` merge_fp8 calls (after two warm-up calls), one torch thread."""
+def time_calls(kind: str, rows: int, cols: int, repeats: int, tile: int = 0) -> list[float]:
+    """Seconds of each of `repeats` merge_fp8 calls in tiles of `tile` columns (after two warm-up calls), one
+    torch thread."""
     import torch
 
     from convert.plan.merge_quant import merge_fp8
@@ -65,24 +68,24 @@ def time_calls(kind: str, rows: int, cols: int, repeats: int) -> list[float]:
     torch.set_num_threads(1)
     w, scale, a, b, q, grid = inputs(kind, rows, cols)
     for _ in range(2):
-        merge_fp8(w, scale, a, b, 2.0, (128, 128), q, grid)
+        merge_fp8(w, scale, a, b, 2.0, (128, 128), q, grid, tile)
     out = []
     for _ in range(repeats):
         t = time.perf_counter()
-        merge_fp8(w, scale, a, b, 2.0, (128, 128), q, grid)
+        merge_fp8(w, scale, a, b, 2.0, (128, 128), q, grid, tile)
         out.append(time.perf_counter() - t)
     return out
 
 
-def profile_ops(rows: int, cols: int, repeats: int, top: int = 12) -> list[dict[str, Any]]:
-    """torch's profiler over `repeats` calls on `random` codes: the `top` ops by self CPU time."""
+def profile_ops(kind: str, rows: int, cols: int, repeats: int, top: int = 12) -> list[dict[str, Any]]:
+    """torch's profiler over `repeats` calls on codes of `kind`: the `top` ops by self CPU time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from convert.plan.merge_quant import merge_fp8
 
     torch.set_num_threads(1)
-    w, scale, a, b, q, grid = inputs("random", rows, cols)
+    w, scale, a, b, q, grid = inputs(kind, rows, cols)
     merge_fp8(w, scale, a, b, 2.0, (128, 128), q, grid)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(repeats):
@@ -93,15 +96,16 @@ def profile_ops(rows: int, cols: int, repeats: int, top: int = 12) -> list[dict[
 
 
 def worker(argv: list[str]) -> None:
-    """`--worker KIND ROWS COLS REPEATS`: print this process's call times as JSON."""
-    kind, rows, cols, repeats = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
-    print(json.dumps(time_calls(kind, rows, cols, repeats)))
+    """`--worker KIND ROWS COLS REPEATS TILE`: print this process's call times as JSON."""
+    kind, rows, cols, repeats, tile = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), int(argv[4])
+    print(json.dumps(time_calls(kind, rows, cols, repeats, tile)))
 
 
-def in_processes(kind: str, rows: int, cols: int, repeats: int, procs: int) -> list[list[float]]:
+def in_processes(kind: str, rows: int, cols: int, repeats: int, procs: int, tile: int = 0) -> list[list[float]]:
     """Call times of `procs` processes merging at once."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "bench.merge_kernel", "--worker", kind, str(rows), str(cols), str(repeats)]
+    cmd = [sys.executable, "-m", "bench.merge_kernel", "--worker", kind, str(rows), str(cols), str(repeats),
+           str(tile)]
     running = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(procs)]
     out = []
     for p in running:
@@ -115,14 +119,16 @@ def in_processes(kind: str, rows: int, cols: int, repeats: int, procs: int) -> l
 def markdown(res: dict[str, Any]) -> str:
     """The report."""
     lines = [f"# merge_fp8 on one expert projection ({res['rows']} x {res['cols']}, rank {RANK}, one thread)", "",
-             f"{res['env']}", "", "| base codes | one process: min / median ms | "
-             f"{res['procs']} processes at once: median ms (slowest process) |", "|---|---|---|"]
-    for kind, r in res["kinds"].items():
-        lines.append(f"| {kind} | {r['one_min_ms']:.1f} / {r['one_median_ms']:.1f} | {r['many_median_ms']:.1f} "
-                     f"({r['many_slowest_ms']:.1f}) |")
-    lines += ["", "Ops by self CPU time (`random` codes, one process):", "", "| op | calls per merge | ms per merge |",
-              "|---|---|---|"]
-    lines += [f"| {o['op']} | {o['calls_per_merge']:.0f} | {o['ms_per_merge']:.2f} |" for o in res["ops"]]
+             f"{res['env']}", "", "| base codes | tile columns | one process: min / median ms | "
+             f"{res['procs']} processes at once: median ms (slowest process) |", "|---|---|---|---|"]
+    for key, r in res["kinds"].items():
+        kind, _, tile = key.partition(" ")
+        lines.append(f"| {kind} | {tile or 0} | {r['one_min_ms']:.1f} / {r['one_median_ms']:.1f} | "
+                     f"{r['many_median_ms']:.1f} ({r['many_slowest_ms']:.1f}) |")
+    for kind, ops in res["ops"].items():
+        lines += ["", f"Ops by self CPU time (`{kind}` codes, one process):", "", "| op | calls per merge | ms per merge |",
+                  "|---|---|---|"]
+        lines += [f"| {o['op']} | {o['calls_per_merge']:.0f} | {o['ms_per_merge']:.2f} |" for o in ops]
     return "\n".join(lines) + "\n"
 
 
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cols", type=int, default=7168)
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--procs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--tiles", default="0", help="comma-separated tile widths in columns (0: whole block rows)")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     a = p.parse_args(args_in)
     import torch
@@ -144,13 +151,13 @@ def main(argv: list[str] | None = None) -> None:
                            "env": f"{os.cpu_count()} cores, torch {torch.__version__} "
                                   f"({torch.backends.cpu.get_cpu_capability()}), "
                                   f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"}
-    for kind in ("random", "quantized"):
-        one = time_calls(kind, a.rows, a.cols, a.repeats)
-        many = in_processes(kind, a.rows, a.cols, a.repeats, a.procs)
-        res["kinds"][kind] = {"one_min_ms": min(one) * 1e3, "one_median_ms": statistics.median(one) * 1e3,
+    for kind, tile in ((k, int(t)) for k in KINDS for t in a.tiles.split(",")):
+        one = time_calls(kind, a.rows, a.cols, a.repeats, tile)
+        many = in_processes(kind, a.rows, a.cols, a.repeats, a.procs, tile)
+        res["kinds"][f"{kind} {tile}" if tile else kind] = {"one_min_ms": min(one) * 1e3, "one_median_ms": statistics.median(one) * 1e3,
                               "many_median_ms": statistics.median(t for ts in many for t in ts) * 1e3,
                               "many_slowest_ms": max(statistics.median(ts) for ts in many) * 1e3}
-    res["ops"] = profile_ops(a.rows, a.cols, a.repeats)
+    res["ops"] = {kind: profile_ops(kind, a.rows, a.cols, a.repeats) for kind in KINDS}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernel.json").write_text(json.dumps(res, indent=2))

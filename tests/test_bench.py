@@ -208,13 +208,36 @@ def test_disk_bench_tiny_preset(tmp_path):
 
 
 def test_merge_kernel_bench_small(tmp_path):
-    """`python -m bench.merge_kernel` on a small projection: both kinds of base codes timed in one and in two
-    processes, the profiler's ops listed, a complete report."""
+    """`python -m bench.merge_kernel` on a small projection: both kinds of base codes, whole block rows and tiles,
+    timed in one and in two processes, the profiler's ops of each kind listed, a complete report."""
     out = tmp_path / "results"
-    run_tool("bench.merge_kernel", "--rows", "256", "--cols", "512", "--repeats", "2", "--procs", "2", "--out",
-             str(out), timeout=300)
+    run_tool("bench.merge_kernel", "--rows", "256", "--cols", "512", "--repeats", "2", "--procs", "2", "--tiles",
+             "0,256", "--out", str(out), timeout=300)
     res = json.loads((out / "kernel.json").read_text())
-    assert set(res["kinds"]) == {"random", "quantized"}
+    assert set(res["kinds"]) == {"random", "quantized", "random 256", "quantized 256"}
     assert all(r["one_min_ms"] > 0 and r["many_slowest_ms"] >= r["many_median_ms"] > 0 for r in res["kinds"].values())
-    assert any(o["op"] == "aten::mm" for o in res["ops"]) and all(o["ms_per_merge"] >= 0 for o in res["ops"])
-    assert "| quantized |" in (out / "KERNEL.md").read_text()
+    assert set(res["ops"]) == {"random", "quantized"}
+    for ops in res["ops"].values():
+        assert any(o["op"] == "aten::mm" for o in ops) and all(o["ms_per_merge"] >= 0 for o in ops)
+    assert "| quantized | 256 |" in (out / "KERNEL.md").read_text()
+
+
+def test_quantized_fp8_codes_look_like_a_released_checkpoint():
+    """bench.dequant's default FP8 codes: finite, symmetric, 448 reached, about 1e-4 subnormal codes (7/128 in
+    uniform bytes), the magnitudes of N(0, 1) scaled to amax 448 (median near 0.674 * 448 / 4.1)."""
+    import numpy as np
+    import torch
+
+    from bench.dequant import _fill, e4m3_magnitudes
+
+    mags = e4m3_magnitudes()
+    assert torch.equal(torch.from_numpy(mags).float(),
+                       torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float())
+    codes = np.frombuffer(_fill("F8_E4M3", 1 << 20, np.random.default_rng(1)), dtype=np.uint8)
+    uniform = np.frombuffer(_fill("F8_E4M3", 1 << 20, np.random.default_rng(1), "uniform"), dtype=np.uint8)
+    assert not ((codes & 0x7F) == 0x7F).any() and not ((uniform & 0x7F) == 0x7F).any()
+    sub = lambda c: float((((c & 0x78) == 0) & ((c & 7) != 0)).mean())  # noqa: E731
+    assert 1e-5 < sub(codes) < 1e-3 and sub(uniform) == pytest.approx(7 / 128, rel=0.05)
+    vals = torch.from_numpy(codes.copy()).view(torch.float8_e4m3fn).float()
+    assert float(vals.abs().max()) == 448.0 and abs(float((vals > 0).float().mean()) - 0.5) < 0.01
+    assert float(vals.abs().median()) == pytest.approx(0.674 * 448 / 4.1, rel=0.1)

@@ -619,9 +619,13 @@ def test_modules_to_save_replace_the_base_tensors(tmp_path):
     assert torch.allclose(logits(loaded), logits(merged), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows,cols,e8m0", [(256, 384, False), (200, 300, False), (130, 128, True), (5, 7, False)])
-def test_merge_fp8_block_rows_equal_the_whole_tensor_formula(rows, cols, e8m0):
-    """merge_fp8 (one block row at a time, in scratch) gives the bytes of the whole-tensor formula of FORMATS.md:
+@pytest.mark.parametrize("rows,cols,e8m0,tile", [(256, 384, False, 0), (200, 300, False, 0), (130, 128, True, 0),
+                                                 (5, 7, False, 0), (200, 300, False, 128), (256, 384, True, 300),
+                                                 (130, 640, False, 256), (5, 7, False, 128)])
+def test_merge_fp8_block_rows_equal_the_whole_tensor_formula(rows, cols, e8m0, tile):
+    """merge_fp8 (a block row, or a tile of `tile` columns of one, at a time, in scratch; a tile width that is
+    not a multiple of the block's is rounded down to one) gives the bytes of the whole-tensor formula of
+    FORMATS.md:
     W dequantized (fp8 * scale), + s * B @ A, fresh scale amax / 448 per 128x128 block (zero padding of ragged
     edge blocks, a power of two for E8M0, 1 for an all-zero block), each value / scale clamped to +-448; and its
     survival sums match float64 sums over the whole tensor."""
@@ -638,7 +642,7 @@ def test_merge_fp8_block_rows_equal_the_whole_tensor_formula(rows, cols, e8m0):
     a, b = torch.randn(4, cols, generator=g), torch.randn(rows, 4, generator=g)
     b[: min(rows, bm)] = 0
     q, grid = torch.empty_like(w), torch.empty_like(scale)
-    dd, gd, err, want2 = merge_fp8(w, scale, a, b, 0.5, (bm, bn), q, grid)
+    dd, gd, err, want2 = merge_fp8(w, scale, a, b, 0.5, (bm, bn), q, grid, tile)
 
     base = fp8_dequantize(w, scale, (bm, bn))
     delta = torch.matmul(b, a).mul_(0.5)

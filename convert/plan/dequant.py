@@ -79,8 +79,8 @@ def fp8_values_into(w: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def _fp8_table_into(w: torch.Tensor, out: torch.Tensor) -> None:
-    """fp8_values_into by table lookup (several times faster than torch's conversion on CPU), two codes per lookup
-    where the element count is even. The lookup's indices are widened into this thread's scratch first (numpy's
+    """fp8_values_into (`w` of any strides) by table lookup (several times faster than torch's conversion on
+    CPU), two codes per lookup where the element count is even. The lookup's indices are widened into this thread's scratch first (numpy's
     take would widen them into a fresh buffer, a page-faulting mapping per call under convert.io.memory's pinned
     mmap threshold)."""
     import numpy as np
@@ -88,7 +88,7 @@ def _fp8_table_into(w: torch.Tensor, out: torch.Tensor) -> None:
 
     from convert.io.memory import thread_scratch
 
-    codes = w.view(torch.uint8).numpy().reshape(-1)
+    codes = w.contiguous().view(torch.uint8).numpy().reshape(-1)
     flat = out.numpy().reshape(-1)
     pairs = codes.size % 2 == 0 and np.little_endian
     keys = codes.view(np.uint16) if pairs else codes
@@ -132,7 +132,7 @@ def _keeps_subnormals() -> bool:
 
 
 def _decode_bits_into(w: torch.Tensor, out: torch.Tensor, finite: bool = False) -> float | None:
-    """Decode contiguous FP8 `w` into float32 `out` by integer ops in `out`'s own memory (about twice as fast as
+    """Decode FP8 `w` (any strides) into contiguous float32 `out` by integer ops in `out`'s own memory (about twice as fast as
     the table): returns the factor 2**unbias the values in `out` are still short of, or None where the table
     must decode `w` instead (other formats, a thread that flushes subnormals, NaN/inf codes; `finite`: the caller
     knows there are none, codes it just wrote from finite values, and they are not looked for)."""
@@ -152,7 +152,7 @@ def _decode_bits_into(w: torch.Tensor, out: torch.Tensor, finite: bool = False) 
 
 
 def fp8_scaled_into(w: torch.Tensor, out: torch.Tensor, per_col: torch.Tensor, bn: int, finite: bool = False) -> None:
-    """Values of contiguous FP8 rows `w` [n, cols] times their column block's float32 scale `per_col`
+    """Values of FP8 rows `w` [n, cols] (any strides: a tile of wider rows) times their column block's float32 scale `per_col`
     [ceil(cols / bn)] (each product rounded once, as fp8_values_into then scale_column_blocks give them, bit
     for bit), written into contiguous float32 `out` [n, cols]. Decoded by integer ops where they serve, with
     2**unbias folded into the scale (one pass fewer; exact while that product stays finite); `finite` as for

@@ -73,16 +73,20 @@ def squared_norm(x: torch.Tensor) -> float:
 
 
 FP8_MAX = 448.0
-FP8_SCRATCH = 20  # first of the 4 thread_scratch slots merge_fp8 works in (one block row of float32 each)
+FP8_SCRATCH = 20  # first of the 4 thread_scratch slots merge_fp8 works in (one tile of float32 each)
+TILE_COLS = 0  # merge_fp8's tile width in columns (a multiple of the block's); 0: whole block rows
 
 
 def merge_fp8(w: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
-              block: tuple[int, int], q_out: torch.Tensor, scale_out: torch.Tensor) -> tuple[float, float, float, float]:
+              block: tuple[int, int], q_out: torch.Tensor, scale_out: torch.Tensor,
+              tile_cols: int | None = None) -> tuple[float, float, float, float]:
     """Merge `s * b @ a` into FP8 block-scaled weight `w` [rows, cols] (scale grid `scale` [gr, gc]) and
-    requantize it into `q_out` (FP8, w's shape) and `scale_out` (the grid, in its stored dtype), one block row at
-    a time in this thread's scratch: the float32 merge is `w + s * (b @ a)` (the product, scaled, then added),
+    requantize it into `q_out` (FP8, w's shape) and `scale_out` (the grid, in its stored dtype), one tile of a
+    block row at a time in this thread's scratch (`tile_cols` columns, rounded down to whole blocks; TILE_COLS
+    when None, 0: the whole row): the float32 merge is `w + s * (b @ a)` (the product, scaled, then added),
     each block's fresh scale is amax / 448 (a power of two rounded up for an E8M0 grid; 1 for an all-zero
-    block) and each value `merged / scale`, clamped to +-448, rounded to nearest FP8.
+    block) and each value `merged / scale`, clamped to +-448, rounded to nearest FP8. The tile changes only
+    which bytes are computed together, never a byte of the result.
 
     Returns the survival sums (<d,d>, <g,d>, |g-d|^2, |W+d|^2) of Survival, d the float32 delta and g the
     requantized weight's change, accumulated per block row (float32 dots, summed in float64) from the
@@ -98,36 +102,42 @@ def merge_fp8(w: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, b: torch.Te
     bm, bn = block
     rows, cols = w.shape
     n_max = min(bm, rows)
-    W, D, M, G = (torch.frombuffer(thread_scratch(n_max * cols * 4, FP8_SCRATCH + k), dtype=torch.float32)
-                  .view(n_max, cols) for k in range(4))
+    tile = TILE_COLS if tile_cols is None else tile_cols
+    width = cols if tile <= 0 else min(cols, max(bn, tile // bn * bn))
+    W, D, M, G = (torch.frombuffer(thread_scratch(n_max * width * 4, FP8_SCRATCH + k), dtype=torch.float32)
+                  for k in range(4))
     a32, b32 = a.to(torch.float32), b.to(torch.float32)
     grid = scale.to(torch.float32)
     e8m0 = scale_out.dtype == getattr(torch, "float8_e8m0fnu", None)
     dd = gd = err = want2 = 0.0
     for gi, i in enumerate(range(0, rows, bm)):
         n = min(rows, i + bm) - i
-        Wc, Dc, Mc, Gc = W[:n], D[:n], M[:n], G[:n]
-        fp8_scaled_into(w[i : i + n], Wc, grid[gi], bn)
-        torch.matmul(b32[i : i + n], a32, out=Dc)
-        Dc.mul_(s)
-        torch.add(Dc, Wc, out=Mc)
-        amax = torch.maximum(_block_reduce(Mc, bn, "amax"), _block_reduce(Mc, bn, "amin").neg_())
-        fresh = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        if e8m0:
-            fresh = torch.exp2(torch.ceil(torch.log2(fresh)))
-        scale_out[gi] = fresh.to(scale_out.dtype)
-        used = scale_out[gi].to(torch.float32)
-        scale_column_blocks(Mc, used, bn, "div", out=Gc)
-        q_out[i : i + n].copy_(Gc.clamp_(-FP8_MAX, FP8_MAX))
-        # finite merged values over nonzero scales quantize to finite codes (the clamp takes inf to 448)
-        finite = bool(torch.isfinite(amax).all()) and bool((used > 0).all())
-        fp8_scaled_into(q_out[i : i + n], Gc, used, bn, finite=finite)
-        Gc.sub_(Mc)  # e = Q(M) - M, the requantization's error: g = e + d up to M's rounding
-        d2 = float(torch.dot(Dc.view(-1), Dc.view(-1)))
-        dd += d2
-        gd += float(torch.dot(Gc.view(-1), Dc.view(-1))) + d2
-        err += float(torch.dot(Gc.view(-1), Gc.view(-1)))
-        want2 += float(torch.dot(Mc.view(-1), Mc.view(-1)))
+        for c in range(0, cols, width):
+            m = min(cols, c + width) - c
+            Wc, Dc, Mc, Gc = (x[: n * m].view(n, m) for x in (W, D, M, G))
+            blocks = slice(c // bn, -(-(c + m) // bn))
+            fp8_scaled_into(w[i : i + n, c : c + m], Wc, grid[gi, blocks], bn)
+            torch.matmul(b32[i : i + n], a32[:, c : c + m], out=Dc)
+            Dc.mul_(s)
+            torch.add(Dc, Wc, out=Mc)
+            amax = torch.maximum(_block_reduce(Mc, bn, "amax"), _block_reduce(Mc, bn, "amin").neg_())
+            fresh = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+            if e8m0:
+                fresh = torch.exp2(torch.ceil(torch.log2(fresh)))
+            scale_out[gi, blocks] = fresh.to(scale_out.dtype)
+            used = scale_out[gi, blocks].to(torch.float32)
+            scale_column_blocks(Mc, used, bn, "div", out=Gc)
+            q = q_out[i : i + n, c : c + m]
+            q.copy_(Gc.clamp_(-FP8_MAX, FP8_MAX))
+            # finite merged values over nonzero scales quantize to finite codes (the clamp takes inf to 448)
+            finite = bool(torch.isfinite(amax).all()) and bool((used > 0).all())
+            fp8_scaled_into(q, Gc, used, bn, finite=finite)
+            Gc.sub_(Mc)  # e = Q(M) - M, the requantization's error: g = e + d up to M's rounding
+            d2 = float(torch.dot(Dc.view(-1), Dc.view(-1)))
+            dd += d2
+            gd += float(torch.dot(Gc.view(-1), Dc.view(-1))) + d2
+            err += float(torch.dot(Gc.view(-1), Gc.view(-1)))
+            want2 += float(torch.dot(Mc.view(-1), Mc.view(-1)))
     return dd, gd, err, want2
 
 
