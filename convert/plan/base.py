@@ -168,6 +168,16 @@ def _unit_nbytes(unit: Unit, group: ExpertGroup) -> int:
     return sum(numel(group.role_shape[r]) for r in unit.roles) * DTYPE_SIZES[unit.dtype]
 
 
+def expert_read(group: ExpertGroup, unit: Unit, tpl: str, e: int) -> Read:
+    """The Read of expert `e`'s bytes of source `unit` (key template `tpl`) of `group`: its tensor, or its fused slice."""
+    if unit.fused is None:
+        ref = group.per_expert[(str(unit.role), e)]
+        return Read(ref.file, ref.info.start, ref.info.end, unit.dtype)
+    ref = group.fused[tpl]
+    size = ref.info.nbytes // ref.info.shape[0]
+    return Read(ref.file, ref.info.start + e * size, ref.info.start + (e + 1) * size, unit.dtype)
+
+
 def _count(group: ExpertGroup, unit: Unit) -> int:
     """How many experts hold `unit` (the roles of one tensor share one count)."""
     return group.role_experts.get(unit.roles[0], group.num_experts)
@@ -199,16 +209,7 @@ def _group_plan(
     for e in range(group.slots):
         src_units, dst_units = _held(all_src, group, e), _held(all_dst, group, e)
         # One read per source unit: a per-expert tensor, or expert e's slice of a fused tensor.
-        unit_reads: list[tuple[Unit, Read]] = []
-        for unit, tpl in src_units:
-            if unit.fused is None:
-                ref = group.per_expert[(str(unit.role), e)]
-                unit_reads.append((unit, Read(ref.file, ref.info.start, ref.info.end, unit.dtype)))
-            else:
-                ref = group.fused[tpl]
-                size = _unit_nbytes(unit, group)
-                start = ref.info.start + e * size
-                unit_reads.append((unit, Read(ref.file, start, start + size, unit.dtype)))
+        unit_reads = [(unit, expert_read(group, unit, tpl, e)) for unit, tpl in src_units]
         writes = []
         for unit, tpl in dst_units:
             size = _unit_nbytes(unit, group)
@@ -452,14 +453,7 @@ def _dequant_plan(
             compute = DequantRegroup(tuple(u for u, _ in src_units), tuple(u for u, _ in dst_units),
                                      tuple(sorted(group.role_shape.items())),
                                      tuple((w, sc) for w, sc in pairs if w in held), block)
-            reads = []
-            for unit, tpl in src_units:
-                if unit.fused is None:
-                    ref = group.per_expert[(str(unit.role), e)]
-                    reads.append(Read(ref.file, ref.info.start, ref.info.end, unit.dtype))
-                else:
-                    ref, size = group.fused[tpl], _unit_nbytes(unit, group)
-                    reads.append(Read(ref.file, ref.info.start + e * size, ref.info.start + (e + 1) * size, unit.dtype))
+            reads = [expert_read(group, unit, tpl, e) for unit, tpl in src_units]
             writes = []
             for unit, tpl in dst_units:
                 size = _unit_nbytes(unit, group)
@@ -544,14 +538,7 @@ def _mxfp4_plan(ckpt: Checkpoint, family: Family, target_layout: str, dtype: str
         compute = Mxfp4Regroup(tuple(u for u, _ in src), tuple(u for u, _ in dst), tuple(sorted(group.role_shape.items())),
                                tuple((t, b, s) for t, (b, s) in mx.items()), tuple(cast.items()))
         for e in range(group.num_experts):
-            reads = []
-            for unit, tpl in src:
-                if unit.fused is None:
-                    ref = group.per_expert[(str(unit.role), e)]
-                    reads.append(Read(ref.file, ref.info.start, ref.info.end, unit.dtype))
-                else:
-                    ref, size = group.fused[tpl], _unit_nbytes(unit, group)
-                    reads.append(Read(ref.file, ref.info.start + e * size, ref.info.start + (e + 1) * size, unit.dtype))
+            reads = [expert_read(group, unit, tpl, e) for unit, tpl in src]
             writes = [Write(target.to_disk(tpl.format(prefix=group.prefix, e=e)), 0, size, dtype) if unit.fused is None
                       else Write(tpl.format(prefix=group.prefix), e * size, (e + 1) * size, dtype)
                       for (unit, tpl), size in zip(dst, sizes)]

@@ -46,7 +46,17 @@ from convert.io.memory import thread_scratch
 from convert.io.sources import source_file
 from convert.plan.adapter_names import MODEL, KeyNames, expert_prefix, source_naming
 from convert.plan.adapter_scaling import scaling, source_scale
-from convert.plan.base import DEFAULT_CHUNK_BYTES, Piece, Read, TargetTensor, Write, _units, copy_pieces, target_dtype
+from convert.plan.base import (
+    DEFAULT_CHUNK_BYTES,
+    Piece,
+    Read,
+    TargetTensor,
+    Write,
+    _units,
+    copy_pieces,
+    expert_read,
+    target_dtype,
+)
 from convert.plan.dequant import block_size, fp8_dequantize, mxfp4_dequantize
 from convert.plan.expert_groups import ExpertGroup, find_expert_groups
 from convert.plan.merge_quant import FP8_MAX, SURVIVAL, merge_fp8, mxfp4_quantize, squared_norm
@@ -453,13 +463,10 @@ def _unit_sets(units: list[tuple[Unit, str]], pairs: dict[str, str]) -> list[lis
 
 def _unit_read(group: ExpertGroup, unit: Unit, tpl: str, e: int) -> tuple[Read, str, int, int]:
     """(read of expert e's bytes of `unit`, the base tensor's name, start and end within its data)."""
-    if unit.fused is None:
-        ref = group.per_expert[(str(unit.role), e)]
-        return Read(ref.file, ref.info.start, ref.info.end, unit.dtype), ref.info.name, 0, ref.info.nbytes
-    ref = group.fused[tpl]
-    size = ref.info.nbytes // ref.info.shape[0]
-    return (Read(ref.file, ref.info.start + e * size, ref.info.start + (e + 1) * size, unit.dtype), ref.info.name,
-            e * size, (e + 1) * size)
+    read = expert_read(group, unit, tpl, e)
+    ref = group.per_expert[(str(unit.role), e)] if unit.fused is None else group.fused[tpl]
+    start = read.start - ref.info.start
+    return read, ref.info.name, start, start + read.end - read.start
 
 
 def plan_merge(ckpt: Checkpoint, family: Family, adapter: AdapterSource, dtype: str | None, ep: int,
