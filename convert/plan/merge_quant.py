@@ -74,7 +74,7 @@ def squared_norm(x: torch.Tensor) -> float:
 
 FP8_MAX = 448.0
 FP8_SCRATCH = 20  # first of the 4 thread_scratch slots merge_fp8 works in (one tile of float32 each)
-TILE_COLS = 0  # merge_fp8's tile width in columns (a multiple of the block's); 0: whole block rows
+TILE_COLS = 2048  # merge_fp8's tile width in columns (a multiple of the block's; 0: whole block rows): KERNEL-large.md
 
 
 def merge_fp8(w: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
