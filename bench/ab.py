@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-cp", action="store_true", help="no `cp -r` of each suite's input beside the trees")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--fp8", default="full", help="bench.dequant preset of the merge-fp8 suite")
-    p.add_argument("--fp8-codes", choices=FP8_CODES, default=FP8_CODES[0], help="how the FP8 weights' codes are drawn (bench.dequant.FP8_CODES)")
+    p.add_argument("--fp8-codes", choices=FP8_CODES, default=FP8_CODES[0],
+                   help="how the FP8 weights' codes are drawn (bench.dequant.FP8_CODES)")
     p.add_argument("--preset", choices=["tiny"], default=None, help="tiny: bench.synthetic's tiny model, 2 layers, "
                    "and bench.dequant's tiny FP8 layers")
     p.add_argument("--repeats", type=int, default=1)

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     p.add_argument("--no-drop-caches", action="store_true", help="evict with posix_fadvise only")
-    p.add_argument("--fp8-codes", choices=FP8_CODES, default=FP8_CODES[0], help="how the FP8 weights' codes are drawn (bench.dequant.FP8_CODES)")
+    p.add_argument("--fp8-codes", choices=FP8_CODES, default=FP8_CODES[0],
+                   help="how the FP8 weights' codes are drawn (bench.dequant.FP8_CODES)")
     a = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="moe-disk-", dir=a.workdir))
     try:

@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     p.add_argument("--no-fp8", action="store_true", help="skip the FP8 case")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 case (run the FP8 case alone)")
-    p.add_argument("--fp8-codes", choices=FP8_CODES, default=FP8_CODES[0], help="how the FP8 weights' codes are drawn (bench.dequant.FP8_CODES)")
+    p.add_argument("--fp8-codes", choices=FP8_CODES, default=FP8_CODES[0],
+                   help="how the FP8 weights' codes are drawn (bench.dequant.FP8_CODES)")
     p.add_argument("--workers", default="", help="comma-separated --workers values to run the tool with as well")
     p.add_argument("--ranks", default="", help="comma-separated rank counts of the tool (default: the preset's)")
     args = p.parse_args(argv)

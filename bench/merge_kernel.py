@@ -8,7 +8,8 @@ timed per call (minimum and median of --repeats after two warm-up calls), in one
 at once (each core's speed when every core merges, as 16 ranks do), for each --tiles width (merge_fp8's
 `tile_cols`: 0 the whole 128-row block row, else tiles of that many columns). Two kinds of base codes:
 - `random`: uniformly random bytes, NaN codes avoided (bench.dequant's `uniform` codes): 7/128 of them have a zero
-  exponent field and a nonzero mantissa, FP8 subnormals, which the integer decode (convert.plan.dequant) spells as float32 subnormals;
+  exponent field and a nonzero mantissa, FP8 subnormals, which the integer decode (convert.plan.dequant) spells
+  as float32 subnormals;
 - `quantized`: N(0, 0.02) values quantized with amax / 448 block scales, as released checkpoints are (about 1e-4
   subnormal codes; bench.dequant's default codes are drawn from this distribution).
 Then torch's profiler over --repeats calls of each kind: the ops by self CPU time. A merge of the
@@ -126,8 +127,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {kind} | {tile or 0} | {r['one_min_ms']:.1f} / {r['one_median_ms']:.1f} | "
                      f"{r['many_median_ms']:.1f} ({r['many_slowest_ms']:.1f}) |")
     for kind, ops in res["ops"].items():
-        lines += ["", f"Ops by self CPU time (`{kind}` codes, one process):", "", "| op | calls per merge | ms per merge |",
-                  "|---|---|---|"]
+        lines += ["", f"Ops by self CPU time (`{kind}` codes, one process):", "",
+                  "| op | calls per merge | ms per merge |", "|---|---|---|"]
         lines += [f"| {o['op']} | {o['calls_per_merge']:.0f} | {o['ms_per_merge']:.2f} |" for o in ops]
     return "\n".join(lines) + "\n"
 
@@ -154,9 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     for kind, tile in ((k, int(t)) for k in KINDS for t in a.tiles.split(",")):
         one = time_calls(kind, a.rows, a.cols, a.repeats, tile)
         many = in_processes(kind, a.rows, a.cols, a.repeats, a.procs, tile)
-        res["kinds"][f"{kind} {tile}" if tile else kind] = {"one_min_ms": min(one) * 1e3, "one_median_ms": statistics.median(one) * 1e3,
-                              "many_median_ms": statistics.median(t for ts in many for t in ts) * 1e3,
-                              "many_slowest_ms": max(statistics.median(ts) for ts in many) * 1e3}
+        res["kinds"][f"{kind} {tile}" if tile else kind] = {
+            "one_min_ms": min(one) * 1e3, "one_median_ms": statistics.median(one) * 1e3,
+            "many_median_ms": statistics.median(t for ts in many for t in ts) * 1e3,
+            "many_slowest_ms": max(statistics.median(ts) for ts in many) * 1e3}
     res["ops"] = {kind: profile_ops(kind, a.rows, a.cols, a.repeats) for kind in KINDS}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -625,9 +625,8 @@ def test_modules_to_save_replace_the_base_tensors(tmp_path):
                                                  (136, 2500, False, None)])
 def test_merge_fp8_block_rows_equal_the_whole_tensor_formula(rows, cols, e8m0, tile):
     """merge_fp8 (a block row, or a tile of `tile` columns of one, at a time, in scratch; a tile width that is
-    not a multiple of the block's is rounded down to one; None: merge_quant.TILE_COLS) gives the bytes of the whole-tensor formula of
-    FORMATS.md:
-    W dequantized (fp8 * scale), + s * B @ A, fresh scale amax / 448 per 128x128 block (zero padding of ragged
+    not a multiple of the block's is rounded down to one; None: merge_quant.TILE_COLS) gives the bytes of the
+    whole-tensor formula of FORMATS.md: W dequantized (fp8 * scale), + s * B @ A, fresh scale amax / 448 per 128x128 block (zero padding of ragged
     edge blocks, a power of two for E8M0, 1 for an all-zero block), each value / scale clamped to +-448; and its
     survival sums match float64 sums over the whole tensor."""
     from convert.plan.dequant import fp8_dequantize

@@ -169,7 +169,8 @@ def _unit_nbytes(unit: Unit, group: ExpertGroup) -> int:
 
 
 def expert_read(group: ExpertGroup, unit: Unit, tpl: str, e: int) -> Read:
-    """The Read of expert `e`'s bytes of source `unit` (key template `tpl`) of `group`: its tensor, or its fused slice."""
+    """The Read of expert `e`'s bytes of source `unit` (key template `tpl`) of `group`: its own tensor, or its
+    slice of the fused one."""
     if unit.fused is None:
         ref = group.per_expert[(str(unit.role), e)]
         return Read(ref.file, ref.info.start, ref.info.end, unit.dtype)

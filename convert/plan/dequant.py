@@ -80,9 +80,9 @@ def fp8_values_into(w: torch.Tensor, out: torch.Tensor) -> None:
 
 def _fp8_table_into(w: torch.Tensor, out: torch.Tensor) -> None:
     """fp8_values_into (`w` of any strides) by table lookup (several times faster than torch's conversion on
-    CPU), two codes per lookup where the element count is even. The lookup's indices are widened into this thread's scratch first (numpy's
-    take would widen them into a fresh buffer, a page-faulting mapping per call under convert.io.memory's pinned
-    mmap threshold)."""
+    CPU), two codes per lookup where the element count is even. The lookup's indices are widened into this
+    thread's scratch first (numpy's take would widen them into a fresh buffer, a page-faulting mapping per call
+    under convert.io.memory's pinned mmap threshold)."""
     import numpy as np
     import torch
 
@@ -132,8 +132,8 @@ def _keeps_subnormals() -> bool:
 
 
 def _decode_bits_into(w: torch.Tensor, out: torch.Tensor, finite: bool = False) -> float | None:
-    """Decode FP8 `w` (any strides) into contiguous float32 `out` by integer ops in `out`'s own memory (about twice as fast as
-    the table): returns the factor 2**unbias the values in `out` are still short of, or None where the table
+    """Decode FP8 `w` (any strides) into contiguous float32 `out` by integer ops in `out`'s own memory (about
+    twice as fast as the table): returns the factor 2**unbias the values in `out` are still short of, or None where the table
     must decode `w` instead (other formats, a thread that flushes subnormals, NaN/inf codes; `finite`: the caller
     knows there are none, codes it just wrote from finite values, and they are not looked for)."""
     import torch
@@ -152,8 +152,8 @@ def _decode_bits_into(w: torch.Tensor, out: torch.Tensor, finite: bool = False) 
 
 
 def fp8_scaled_into(w: torch.Tensor, out: torch.Tensor, per_col: torch.Tensor, bn: int, finite: bool = False) -> None:
-    """Values of FP8 rows `w` [n, cols] (any strides: a tile of wider rows) times their column block's float32 scale `per_col`
-    [ceil(cols / bn)] (each product rounded once, as fp8_values_into then scale_column_blocks give them, bit
+    """Values of FP8 rows `w` [n, cols] (any strides: a tile of wider rows) times their column block's float32
+    scale `per_col` [ceil(cols / bn)] (each product rounded once, as fp8_values_into then scale_column_blocks give them, bit
     for bit), written into contiguous float32 `out` [n, cols]. Decoded by integer ops where they serve, with
     2**unbias folded into the scale (one pass fewer; exact while that product stays finite); `finite` as for
     _decode_bits_into."""
