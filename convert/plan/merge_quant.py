@@ -89,9 +89,9 @@ def merge_fp8(w: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, b: torch.Te
     which bytes are computed together, never a byte of the result.
 
     Returns the survival sums (<d,d>, <g,d>, |g-d|^2, |W+d|^2) of Survival, d the float32 delta and g the
-    requantized weight's change, accumulated per block row (float32 dots, summed in float64) from the
+    requantized weight's change, accumulated per tile (float32 dots, summed in float64) from the
     requantization error e = Q(M) - M of the merged values M: g - d = e and <g,d> = <e,d> + <d,d> (up to the
-    rounding of M = W + d, some 1e-7 of M: far below what the report shows). Block rows keep
+    rounding of M = W + d, some 1e-7 of M: far below what the report shows). Tiles keep
     every temporary a few MB and reused: whole-expert float32 temporaries, each a fresh mapping, cost more in
     page faults than the arithmetic."""
     import torch
