@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
-TILE = 2048  # columns per tile, as convert.plan.merge_quant.TILE_COLS
-FP8_MAX = 448.0
-_MASK = 0x87F00000 - (1 << 32)  # an FP8 e4m3 byte, sign-extended and shifted left 20: its sign, exponent, mantissa
-_UNBIAS = 2.0**120  # ... as a float32 of its value times 2**-120
+from convert.plan.dequant import E4M3FN_BITS  # torch-free modules: constants only
+from convert.plan.merge_quant import FP8_MAX, TILE_COLS
+
+_UNBIAS = 2.0**E4M3FN_BITS.unbias
 
 
 def e4m3fn_codes_into(x: Any, out: Any, tmp: list[Any]) -> None:
@@ -52,8 +52,8 @@ def _decode_scaled_into(codes: Any, out: Any, per_col: Any, bn: int) -> None:
 
     ints = out.view(np.int32)
     np.copyto(ints, codes.view(np.int8), casting="unsafe")
-    np.left_shift(ints, 20, out=ints)
-    np.bitwise_and(ints, np.int32(_MASK), out=ints)
+    np.left_shift(ints, E4M3FN_BITS.shift, out=ints)
+    np.bitwise_and(ints, np.int32(E4M3FN_BITS.mask), out=ints)
     if per_col.size and float(np.abs(per_col).max()) * _UNBIAS >= 2.0**127:  # as merge_fp8: 2**120 apart
         out *= np.float32(_UNBIAS)
         _scale_blocks(out, per_col, bn, np.multiply, out)
@@ -86,7 +86,7 @@ def _block_amax(x: Any, bn: int) -> Any:
 
 
 def merge_fp8_numpy(w: Any, scale: Any, a: Any, b: Any, s: float, block: tuple[int, int], q_out: Any,
-                    scale_out: Any, tile: int = TILE) -> tuple[float, float, float, float]:
+                    scale_out: Any, tile: int = TILE_COLS) -> tuple[float, float, float, float]:
     """merge_fp8 in numpy: FP8 codes `w` (uint8 [rows, cols]) with float32 scale grid `scale`, float32 LoRA
     factors `a` [r, cols] and `b` [rows, r], scaling `s`, in tiles of `tile` columns (0: whole block rows); writes
     the codes into `q_out` (uint8, w's shape) and the fresh grid into `scale_out` (float32); returns the survival

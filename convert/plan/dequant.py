@@ -101,7 +101,7 @@ def _fp8_table_into(w: torch.Tensor, out: torch.Tensor) -> None:
 
 
 @dataclass(frozen=True)
-class _Fp8Bits:
+class Fp8Bits:
     """How an FP8 format's byte becomes float32 bits by integer ops: the byte, sign-extended to int32 and
     shifted left by `shift`, masked by `mask`, is a float32 of the value times 2**-`unbias` (subnormal codes
     included: both formats' subnormals are float32 subnormals there, exactly); codes above `max_finite` are
@@ -113,15 +113,15 @@ class _Fp8Bits:
     max_finite: float
 
 
-def _fp8_bits(dtype: torch.dtype) -> _Fp8Bits | None:
+E4M3FN_BITS = Fp8Bits(20, 0x87F00000 - (1 << 32), 120, 448.0)  # s eeee mmm, bias 7: exponent at float32's 23
+E5M2_BITS = Fp8Bits(21, 0x8FE00000 - (1 << 32), 112, 57344.0)  # s eeeee mm, bias 15
+
+
+def _fp8_bits(dtype: torch.dtype) -> Fp8Bits | None:
     """The integer decoding of FP8 `dtype`, or None where it has none here (the fnuz formats)."""
     import torch
 
-    if dtype == torch.float8_e4m3fn:  # s eeee mmm, bias 7: exponent field at float32's 23 after << 20
-        return _Fp8Bits(20, 0x87F00000 - (1 << 32), 120, 448.0)
-    if dtype == torch.float8_e5m2:  # s eeeee mm, bias 15
-        return _Fp8Bits(21, 0x8FE00000 - (1 << 32), 112, 57344.0)
-    return None
+    return {torch.float8_e4m3fn: E4M3FN_BITS, torch.float8_e5m2: E5M2_BITS}.get(dtype)
 
 
 def _keeps_subnormals() -> bool:
