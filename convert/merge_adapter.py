@@ -81,7 +81,9 @@ def run(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = No
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the merge on every rank."""
     args = build_parser().parse_args(argv)
-    run_main(lambda dist: run(args, dist), args.nproc, preload_torch=True, inputs=inputs(args))
+    # The merge computes in numpy (convert.plan.ndarrays): torch is loaded only by --verify, before forking, and
+    # by MXFP4 layers, in each rank that merges one (convert.engine.executor.warm_up).
+    run_main(lambda dist: run(args, dist), args.nproc, preload_torch=args.verify, inputs=inputs(args))
 
 
 if __name__ == "__main__":

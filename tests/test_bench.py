@@ -208,45 +208,18 @@ def test_disk_bench_tiny_preset(tmp_path):
 
 
 def test_merge_kernel_bench_small(tmp_path):
-    """`python -m bench.merge_kernel --numpy` on a small projection: both kinds of base codes, whole block rows and
-    tiles, torch's and bench.merge_numpy's kernels, timed in one and in two processes, the profiler's ops of each
-    kind listed, the numpy kernel's codes against merge_fp8's, a complete report."""
+    """`python -m bench.merge_kernel` on a small projection: both kinds of base codes, whole block rows and tiles,
+    timed in one and in two processes, the import times of numpy and torch, a complete report."""
     out = tmp_path / "results"
     run_tool("bench.merge_kernel", "--rows", "256", "--cols", "512", "--repeats", "2", "--procs", "2", "--tiles",
-             "0,256", "--numpy", "--out", str(out), timeout=300)
+             "0,256", "--out", str(out), timeout=300)
     res = json.loads((out / "kernel.json").read_text())
-    assert set(res["kinds"]) == {f"{k}{t}{i}" for k in ("random", "quantized") for t in ("", " 256")
-                                 for i in ("", " numpy")}
-    assert {(r["codes"], r["tile"], r["kernel"]) for r in res["kinds"].values()} == {
-        (k, t, i) for k in ("random", "quantized") for t in (0, 256) for i in ("torch", "numpy")}
-    assert 0 < res["numpy"]["import_s"]["numpy"] and 0 < res["numpy"]["import_s"]["torch"]
-    for d in res["numpy"]["differ"].values():  # a rare last-place difference of the two matmuls may move a code
-        assert d["codes"] == 256 * 512 and d["differing_codes"] <= d["codes"] // 1000 and d["differing_scales"] <= 1
+    assert set(res["kinds"]) == {f"{k}{t}" for k in ("random", "quantized") for t in ("", " 256")}
+    assert {(r["codes"], r["tile"]) for r in res["kinds"].values()} == {
+        (k, t) for k in ("random", "quantized") for t in (0, 256)}
+    assert 0 < res["import_s"]["numpy"] and 0 < res["import_s"]["torch"]
     assert all(r["one_min_ms"] > 0 and r["many_slowest_ms"] >= r["many_median_ms"] > 0 for r in res["kinds"].values())
-    assert set(res["ops"]) == {"random", "quantized"}
-    for ops in res["ops"].values():
-        assert any(o["op"] == "aten::mm" for o in ops) and all(o["ms_per_merge"] >= 0 for o in ops)
-    assert "| quantized | 256 | numpy |" in (out / "KERNEL.md").read_text()
-
-
-def test_numpy_fp8_encoder_gives_torchs_codes():
-    """bench.merge_numpy.e4m3fn_codes_into: torch's float32 -> float8_e4m3fn code for normal and subnormal values,
-    signed zeros, +-448, and every value halfway between two codes (ties to the even code)."""
-    import numpy as np
-    import torch
-
-    from bench.merge_numpy import e4m3fn_codes_into
-
-    rng = np.random.default_rng(3)
-    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
-    finite = np.unique(values[np.isfinite(values)])
-    x = np.concatenate([rng.standard_normal(1 << 16) * 100, rng.standard_normal(1 << 16) * 2.0**-7,
-                        (finite[1:] + finite[:-1]) / 2, finite, [-0.0, 448.0, -448.0]]).astype(np.float32)
-    x = np.clip(x, -448, 448)
-    got = np.empty(x.size, np.uint8)
-    e4m3fn_codes_into(x, got, [np.empty(x.size, np.uint32) for _ in range(3)])
-    want = torch.from_numpy(x).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-    assert np.array_equal(got, want)
+    assert "| quantized | 256 |" in (out / "KERNEL.md").read_text()
 
 
 def test_quantized_fp8_codes_look_like_a_released_checkpoint():

@@ -272,12 +272,28 @@ class Prefetcher:
         self.next = end
 
 
+def uses_torch(piece: Piece) -> bool:
+    """Whether `piece` computes with torch: a compute that says so (`uses_torch`, True where it says nothing) or
+    a cast numpy does not do (convert.plan.ndarrays.casts)."""
+    from convert.plan import ndarrays as nd
+
+    if piece.regroup is not None:
+        return bool(getattr(piece.regroup, "uses_torch", True))
+    return not all(nd.casts(r.dtype, w.dtype) for r in piece.reads for w in piece.writes)
+
+
 def warm_up(pieces: Sequence[Piece]) -> None:
-    """Import torch now if any of `pieces` computes (regroup or cast), so the import is not paid mid-stream, and
-    give each of its ops one thread: the pieces run on the executor's worker threads, one per core or fewer, and
-    torch's own pool on top of them oversubscribes the cores (a merge of bf16 experts on 2 cores: 1.05 GB/s per
-    worker with one thread each, 0.14 GB/s with two)."""
-    if not all(is_byte_copy(p) for p in pieces):
+    """Import torch now if any of `pieces` computes with it (uses_torch), so the import is not paid mid-stream,
+    and give each of its ops one thread, as numpy's BLAS gets (convert.plan.ndarrays.single_threaded_blas):
+    the pieces run on the executor's worker threads, one per core or fewer, and a library's own pool on top of
+    them oversubscribes the cores (a merge of bf16 experts on 2 cores: 1.05 GB/s per worker with one thread
+    each, 0.14 GB/s with two)."""
+    if all(is_byte_copy(p) for p in pieces):
+        return
+    from convert.plan import ndarrays as nd
+
+    nd.single_threaded_blas()
+    if any(uses_torch(p) for p in pieces):
         torch_dtypes()
         import torch
 

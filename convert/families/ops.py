@@ -20,14 +20,38 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from convert.errors import ConversionError
 
-if TYPE_CHECKING:
+Shape = tuple[int, ...]
+Array = Any  # a torch.Tensor or a numpy.ndarray
+# The ops apply to torch tensors or numpy arrays alike (the merge computes in numpy): `_is_numpy` picks the
+# library of the two calls that differ (joining and cutting); views, transposes and reshapes are common to both.
+
+
+def _is_numpy(t: Array) -> bool:
+    return type(t).__module__ == "numpy"
+
+
+def _join(tensors: Sequence[Array], axis: int, stack: bool) -> Array:
+    """`tensors` concatenated (or, with `stack`, stacked) along `axis`, by their own library."""
+    if _is_numpy(tensors[0]):
+        import numpy as np
+
+        return (np.stack if stack else np.concatenate)(list(tensors), axis=axis)
     import torch
 
-Shape = tuple[int, ...]
+    return (torch.stack if stack else torch.cat)(list(tensors), dim=axis)
+
+
+def _cut(t: Array, sizes: Sequence[int], axis: int) -> list[Array]:
+    """Views of `t` cut along `axis` into parts of `sizes`."""
+    if _is_numpy(t):
+        import numpy as np
+
+        return np.split(t, np.cumsum(sizes)[:-1].tolist(), axis=axis)
+    return list(t.split(list(sizes), dim=axis))
 
 
 def _axis(dim: int, ndim: int, what: str) -> int:
@@ -57,7 +81,7 @@ class Op(ABC):
         """The shapes out, from the shapes in."""
 
     @abstractmethod
-    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def apply(self, tensors: Sequence[Array]) -> list[Array]:
         """The tensors out, from the tensors in."""
 
     @abstractmethod
@@ -88,8 +112,8 @@ class Transpose(Op):
             out.append(tuple(t))
         return out
 
-    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [t.transpose(*self.dims) for t in tensors]
+    def apply(self, tensors: Sequence[Array]) -> list[Array]:
+        return [t.swapaxes(*self.dims) for t in tensors]
 
     def inverse(self, n_in: int) -> Op:
         return self
@@ -113,10 +137,8 @@ class Concat(Op):
         s[_axis(self.dim, len(s), "concat")] *= len(shapes)
         return [tuple(s)]
 
-    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        import torch
-
-        return [torch.cat(list(tensors), dim=self.dim)]
+    def apply(self, tensors: Sequence[Array]) -> list[Array]:
+        return [_join(tensors, self.dim, stack=False)]
 
     def inverse(self, n_in: int) -> Op:
         return Chunk(self.dim, n_in)
@@ -140,11 +162,11 @@ class Interleave(Op):
         s[_axis(self.dim, len(s), "interleave")] *= len(shapes)
         return [tuple(s)]
 
-    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        import torch
-
-        axis = _axis(self.dim, tensors[0].dim(), "interleave")
-        return [torch.stack(list(tensors), dim=axis + 1).flatten(axis, axis + 1)]
+    def apply(self, tensors: Sequence[Array]) -> list[Array]:
+        shape = tuple(tensors[0].shape)
+        axis = _axis(self.dim, len(shape), "interleave")
+        joined = _join(tensors, axis + 1, stack=True)
+        return [joined.reshape(*shape[:axis], shape[axis] * len(tensors), *shape[axis + 1 :])]
 
     def inverse(self, n_in: int) -> Op:
         return Deinterleave(self.dim, n_in)
@@ -175,8 +197,10 @@ class Chunk(Op):
         t[axis] //= self.parts
         return [tuple(t)] * self.parts
 
-    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return list(tensors[0].chunk(self.parts, dim=self.dim))
+    def apply(self, tensors: Sequence[Array]) -> list[Array]:
+        t = tensors[0]
+        axis = _axis(self.dim, t.ndim, "chunk")
+        return _cut(t, [t.shape[axis] // self.parts] * self.parts, axis)
 
     def inverse(self, n_in: int) -> Op:
         return Concat(self.dim)
@@ -201,11 +225,13 @@ class Deinterleave(Op):
     def shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
         return Chunk(self.dim, self.parts).shapes(shapes)
 
-    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def apply(self, tensors: Sequence[Array]) -> list[Array]:
         t = tensors[0]
-        axis = _axis(self.dim, t.dim(), "deinterleave")
-        grouped = t.unflatten(axis, (t.shape[axis] // self.parts, self.parts))
-        return [grouped.select(axis + 1, j) for j in range(self.parts)]
+        shape = tuple(t.shape)
+        axis = _axis(self.dim, len(shape), "deinterleave")
+        grouped = t.reshape(*shape[:axis], shape[axis] // self.parts, self.parts, *shape[axis + 1 :])
+        lead = (slice(None),) * (axis + 1)
+        return [grouped[lead + (j,)] for j in range(self.parts)]
 
     def inverse(self, n_in: int) -> Op:
         return Interleave(self.dim)
@@ -270,9 +296,10 @@ class Split(Op):
             out.append(tuple(t))
         return out
 
-    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def apply(self, tensors: Sequence[Array]) -> list[Array]:
         t = tensors[0]
-        return list(t.split(self.part_sizes(t.shape[_axis(self.dim, t.dim(), "split")]), dim=self.dim))
+        axis = _axis(self.dim, t.ndim, "split")
+        return _cut(t, self.part_sizes(t.shape[axis]), axis)
 
     def inverse(self, n_in: int) -> Op:
         return Concat(self.dim)
@@ -362,14 +389,14 @@ class Pipeline:
             shapes = op.shapes(shapes)
         return shapes
 
-    def fuse(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    def fuse(self, parts: Sequence[Array]) -> Array:
         """One expert's fused slice from its parts."""
         tensors = list(parts)
         for op in self.ops:
             tensors = op.apply(tensors)
         return tensors[0]
 
-    def split(self, fused: torch.Tensor) -> list[torch.Tensor]:
+    def split(self, fused: Array) -> list[Array]:
         """The parts of one expert, from its fused slice (views where the ops allow)."""
         tensors = [fused]
         for op in self.inverse_ops():

@@ -11,9 +11,10 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from convert.plan.transforms import Unit, decode, encode, from_bytes, to_bytes, torch_dtypes
+from convert.plan.ndarrays import E4M3FN_BITS, E5M2_BITS, Fp8Bits
+from convert.plan.transforms import Unit, decode, encode, torch_dtypes
 
 if TYPE_CHECKING:
     import numpy as np
@@ -98,23 +99,6 @@ def _fp8_table_into(w: torch.Tensor, out: torch.Tensor) -> None:
         np.take(_fp8_pair_table(w.dtype), index, out=flat.view(np.uint64), mode="clip")
     else:
         np.take(_fp8_table(w.dtype), index, out=flat, mode="clip")
-
-
-@dataclass(frozen=True)
-class Fp8Bits:
-    """How an FP8 format's byte becomes float32 bits by integer ops: the byte, sign-extended to int32 and
-    shifted left by `shift`, masked by `mask`, is a float32 of the value times 2**-`unbias` (subnormal codes
-    included: both formats' subnormals are float32 subnormals there, exactly); codes above `max_finite` are
-    NaN or inf, which this spelling does not give."""
-
-    shift: int
-    mask: int
-    unbias: int
-    max_finite: float
-
-
-E4M3FN_BITS = Fp8Bits(20, 0x87F00000 - (1 << 32), 120, 448.0)  # s eeee mmm, bias 7: exponent at float32's 23
-E5M2_BITS = Fp8Bits(21, 0x8FE00000 - (1 << 32), 112, 57344.0)  # s eeeee mm, bias 15
 
 
 def _fp8_bits(dtype: torch.dtype) -> Fp8Bits | None:
@@ -210,6 +194,32 @@ def fp8_dequantize(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] 
     return out
 
 
+DEQUANT_TILE_SCRATCH = 40  # first of fp8_dequantize_into's 4 thread_scratch slots (float32 and 3 uint32 tiles)
+
+
+def fp8_dequantize_into(w: np.ndarray, w_dtype: str, scale: np.ndarray, scale_dtype: str,
+                        block: tuple[int, int], out: np.ndarray, out_dtype: str) -> np.ndarray:
+    """fp8_dequantize in numpy (convert.plan.ndarrays: no torch): FP8 weight `w` [rows, cols] (codes of
+    safetensors `w_dtype`) with its block scale grid (`scale_dtype`), each value times its block's scale rounded
+    once, then rounded to `out_dtype` into `out` (ndarrays' storage); returns `out`. One block row at a time."""
+    import numpy as np
+
+    from convert.plan import ndarrays as nd
+
+    bm, bn = block
+    rows, cols = w.shape
+    n = min(rows, bm) * cols
+    values = nd.scratch((n,), np.float32, DEQUANT_TILE_SCRATCH)
+    tmp = [nd.scratch((n,), np.uint32, DEQUANT_TILE_SCRATCH + 1 + k) for k in range(3)]
+    grid = nd.to_float32(scale, scale_dtype)
+    for i in range(0, rows, bm):
+        m = min(rows, i + bm) - i
+        v = values[: m * cols].reshape(m, cols)
+        nd.fp8_scaled_into(w[i : i + m], w_dtype, grid[i // bm], bn, v)
+        nd.float32_to_into(v, out_dtype, out[i : i + m], [t[: m * cols].reshape(m, cols) for t in tmp])
+    return out
+
+
 # MXFP4 (OCP microscaling, as transformers' integrations/mxfp4.py unpacks it): 32 values a block share one
 # E8M0 scale byte (2**(s - 127)); each value a 4-bit index into FP4_VALUES, two a byte, low nibble first.
 FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -265,11 +275,19 @@ class DequantTensor:
     out_dtype: str
     block: tuple[int, int]
 
+    uses_torch: ClassVar[bool] = False
+
     def outputs(self, bufs: Sequence[bytes | memoryview]) -> list[memoryview]:
-        """The dequantized weight's bytes, from the weight's and the scale's bytes."""
-        w = from_bytes(bufs[0], self.dtype, self.shape)
-        s = from_bytes(bufs[1], self.scale_dtype, self.scale_shape)
-        return [to_bytes(fp8_dequantize(w, s, self.block, torch_dtypes()[self.out_dtype]))]
+        """The dequantized weight's bytes, from the weight's and the scale's bytes (numpy: no torch needed)."""
+        from convert.plan import ndarrays as nd
+
+        rows, cols = self.shape[-2:]
+        w = nd.view(bufs[0], self.dtype, self.shape).reshape(-1, rows, cols)
+        s = nd.view(bufs[1], self.scale_dtype, self.scale_shape).reshape(-1, *self.scale_shape[-2:])
+        out = nd.empty((w.shape[0], rows, cols), self.out_dtype)
+        for i in range(w.shape[0]):  # the experts of a fused weight, one after another
+            fp8_dequantize_into(w[i], self.dtype, s[i], self.scale_dtype, self.block, out[i], self.out_dtype)
+        return [nd.as_bytes(out)]
 
 
 @dataclass(frozen=True)

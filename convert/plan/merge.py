@@ -21,7 +21,9 @@ layout. A tensor the adapter does not touch is a byte copy (or a cast) of the ba
   family's roles) merged into the dequantized values and requantized (merge_quant.mxfp4_quantize), or with
   --dtype the whole layer written in the target family's layout.
 - modules_to_save tensors: the adapter's copy replaces the base tensor.
-Requantizing pieces measure how much of each delta survived (merge_quant.SURVIVAL).
+Requantizing pieces measure how much of each delta survived (merge_quant.SURVIVAL). The pieces compute in numpy
+(convert.plan.ndarrays: bf16 and FP8 by integer ops that round as torch does), so a merge never loads torch
+(1-6 s of start-up), except for MXFP4 layers, which dequantize and requantize in torch.
 
 Refused before anything is written (ConversionError naming the tensor): adapter modules or shapes that do
 not fit the base, LoRA variants a plain merge would get wrong (DoRA, LoRA bias, ...), tensors that are neither
@@ -33,7 +35,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
 
 from convert.errors import ConversionError
 from convert.families import Family, dequantized_family
@@ -44,6 +48,7 @@ from convert.formats.lora_producers import IN_OUT, RANK_MAJOR
 from convert.formats.safetensors import DTYPE_SIZES, numel
 from convert.io.memory import thread_scratch
 from convert.io.sources import source_file
+from convert.plan import ndarrays as nd
 from convert.plan.adapter_names import MODEL, KeyNames, expert_prefix, source_naming
 from convert.plan.adapter_scaling import scaling, source_scale
 from convert.plan.base import (
@@ -57,10 +62,10 @@ from convert.plan.base import (
     expert_read,
     target_dtype,
 )
-from convert.plan.dequant import block_size, fp8_dequantize, mxfp4_dequantize
+from convert.plan.dequant import block_size, fp8_dequantize_into, mxfp4_dequantize
 from convert.plan.expert_groups import ExpertGroup, find_expert_groups
 from convert.plan.merge_quant import FP8_MAX, SURVIVAL, merge_fp8, mxfp4_quantize, squared_norm
-from convert.plan.transforms import Unit, decode, encode, encode_into, from_bytes, to_bytes, torch_dtypes, unit_nbytes
+from convert.plan.transforms import Unit, decode, decode_arrays, encode, encode_arrays_into, unit_nbytes
 from sharding.ep import expert_slices
 
 if TYPE_CHECKING:
@@ -75,6 +80,9 @@ RUN_BYTES = 48 << 20
 # reads; merge_quant.FP8_SCRATCH on are merge_fp8's)
 OUTPUT_SCRATCH = 1
 DELTA_SCRATCH = 2
+DEQUANTIZED_SCRATCH = 30  # first of the slots of --dtype's dequantized FP8 weights without a delta, one each
+MERGE_SCRATCH = 60  # first of merge_into's 5 slots (two float32 and three uint32 row tiles)
+MERGE_TILE = 1 << 18  # float32 elements of merge_into's row tiles (1 MiB: within a core's L2)
 # adapter_config.json keys of LoRA variants whose delta is not scaling * B @ A (or that change which weight
 # it is added to): a merge of such an adapter as plain LoRA would be wrong, so it is refused.
 VARIANT_KEYS = {
@@ -116,19 +124,19 @@ class Factor:
     parts: int = 1
     order: str = "concat"
 
-    def of(self, bufs: Sequence[bytes | memoryview], e: int) -> torch.Tensor:
-        """Expert e's factor, from the piece's read buffers."""
+    def of(self, bufs: Sequence[bytes | memoryview], e: int) -> np.ndarray:
+        """Expert e's factor, from the piece's read buffers (a view, its elements as ndarrays holds them)."""
         if self.kind == "each":
-            x = from_bytes(bufs[self.read + e - self.first], self.dtype, self.shape)
+            x = nd.view(bufs[self.read + e - self.first], self.dtype, self.shape)
         elif self.kind == "run":
-            whole = from_bytes(bufs[self.read], self.dtype, self.shape)
+            whole = nd.view(bufs[self.read], self.dtype, self.shape)
             x = whole[0 if self.shared else e - self.first]
         elif self.kind == "major":
-            whole = from_bytes(bufs[self.read], self.dtype, self.shape)
-            x = whole.view(whole.shape[0], self.experts, whole.shape[1] // self.experts)[:, e, :]
+            whole = nd.view(bufs[self.read], self.dtype, self.shape)
+            x = whole.reshape(whole.shape[0], self.experts, whole.shape[1] // self.experts)[:, e, :]
         else:
-            whole = from_bytes(bufs[self.read], self.dtype, self.shape)
-            x = whole.view(whole.shape[0], whole.shape[1] // self.experts, self.experts)[:, :, e]
+            whole = nd.view(bufs[self.read], self.dtype, self.shape)
+            x = whole.reshape(whole.shape[0], whole.shape[1] // self.experts, self.experts)[:, :, e]
         if self.transpose:
             x = x.T
         if self.parts == 1:
@@ -137,6 +145,10 @@ class Factor:
             return x[self.part :: self.parts]
         n = x.shape[0] // self.parts
         return x[self.part * n : (self.part + 1) * n]
+
+    def float32(self, bufs: Sequence[bytes | memoryview], e: int) -> np.ndarray:
+        """Expert e's factor in float32 (exact)."""
+        return nd.to_float32(self.of(bufs, e), self.dtype)
 
 
 @dataclass(frozen=True)
@@ -149,40 +161,62 @@ class RoleDelta:
     scaling: tuple[float, ...]
 
 
-def merged_float(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """`w + s * (b @ a)` in float32 (w of any float dtype), in peft's order: the product, scaled, then added (an
-    addmm that adds the scaled product in one GEMM is faster but rounds differently from peft's delta); into
-    `out` (float32, w's shape) where given."""
+def merge_into(w: np.ndarray, w_dtype: str, a: np.ndarray, b: np.ndarray, s: float, out: np.ndarray,
+               out_dtype: str, scale: np.ndarray | None = None, scale_dtype: str = "",
+               block: tuple[int, int] = (128, 128)) -> np.ndarray:
+    """`w + s * (b @ a)` computed in float32 in peft's order (the product, scaled, then added: an addmm that adds
+    the scaled product in one GEMM rounds differently from peft's delta) and rounded once to `out_dtype` into
+    `out` (w's shape, as ndarrays holds `out_dtype`); returns `out`. `w` [rows, cols] holds `w_dtype` (an FP8
+    weight with its block `scale` grid of `scale_dtype`: dequantized first, each value times its block's scale);
+    `a` [r, cols] and `b` [rows, r] are float32. Row tiles of about MERGE_TILE elements keep the float32
+    temporaries in this thread's scratch and a core's cache."""
+    rows, cols = w.shape
+    step = block[0] if scale is not None else max(1, MERGE_TILE // max(1, cols))
+    n = min(rows, step) * cols
+    delta, values = (nd.scratch((n,), np.float32, MERGE_SCRATCH + k) for k in range(2))
+    tmp = [nd.scratch((n,), np.uint32, MERGE_SCRATCH + 2 + k) for k in range(3)]
+    grid = nd.to_float32(scale, scale_dtype) if scale is not None else None
+    for i in range(0, rows, step):
+        m = min(rows, i + step) - i
+        d, v = delta[: m * cols].reshape(m, cols), values[: m * cols].reshape(m, cols)
+        np.matmul(b[i : i + m], a, out=d)
+        d *= np.float32(s)
+        if grid is not None:
+            nd.fp8_scaled_into(w[i : i + m], w_dtype, grid[i // block[0]], block[1], v)
+            d += v
+        elif w_dtype == "F32":
+            d += w[i : i + m]
+        else:
+            nd.float32_into(w[i : i + m], w_dtype, v)
+            d += v
+        nd.float32_to_into(d, out_dtype, out[i : i + m], [t[: m * cols].reshape(m, cols) for t in tmp])
+    return out
+
+
+def merged_float(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """merge_into's float32 value for torch tensors (MXFP4 layers, which dequantize and requantize in torch)."""
     import torch
 
-    if out is None:
-        delta = torch.matmul(b.to(torch.float32), a.to(torch.float32))
-    else:
-        delta = torch.matmul(b.to(torch.float32), a.to(torch.float32), out=out)
+    delta = torch.matmul(b.to(torch.float32), a.to(torch.float32))
     delta.mul_(s)
-    return delta.add_(w)  # w promoted to float32 element by element (exact): no float32 copy of the weight
-
-
-def _float_scratch(shape: tuple[int, ...], slot: int) -> torch.Tensor:
-    """A float32 tensor of `shape` in this thread's scratch `slot` (convert.io.memory.thread_scratch)."""
-    return from_bytes(thread_scratch(numel(shape) * 4, slot), "F32", shape)
-
-
-def _scratch_like(t: torch.Tensor, slot: int) -> torch.Tensor:
-    """A tensor of `t`'s shape and dtype in this thread's scratch `slot`."""
-    import torch
-
-    buf = thread_scratch(t.numel() * t.element_size(), slot)
-    return torch.frombuffer(buf, dtype=t.dtype).view(t.shape) if t.numel() else torch.empty(t.shape, dtype=t.dtype)
+    return delta.add_(w)
 
 
 def _expert_roles(src: Sequence[Unit], bufs: Sequence[bytes | memoryview],
                   shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """One expert's role tensors (per-expert orientation) from its bytes of each `src` unit."""
+    """One expert's role tensors (per-expert orientation, torch) from its bytes of each `src` unit."""
     roles: dict[str, Any] = {}
     for unit, buf in zip(src, bufs):
         roles.update(decode(unit, buf, shapes))
+    return roles
+
+
+def _expert_arrays(src: Sequence[Unit], bufs: Sequence[bytes | memoryview],
+                   shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """One expert's role arrays (per-expert orientation, views of `bufs`) from its bytes of each `src` unit."""
+    roles: dict[str, np.ndarray] = {}
+    for unit, buf in zip(src, bufs):
+        roles.update(decode_arrays(unit, buf, shapes))
     return roles
 
 
@@ -208,6 +242,8 @@ class MergeExperts:
     requantize: bool = True
     label: str = ""
 
+    uses_torch: ClassVar[bool] = False
+
     def outputs(self, bufs: Sequence[bytes | memoryview]) -> list[memoryview]:
         """The merged bytes of each write, from the bytes of each read (in this thread's scratch: valid until
         its next piece)."""
@@ -216,32 +252,41 @@ class MergeExperts:
         n = len(self.src)
         sizes = [unit_nbytes(u, shapes) for u in self.dst]
         written = thread_scratch(sum(sizes) * len(self.experts), OUTPUT_SCRATCH)
+        held = {r: u.dtype for u in self.src for r in u.roles}
+        wanted = {r: u.dtype for u in self.dst for r in u.roles}
         pos = 0
         out: list[memoryview] = []
         for i, e in enumerate(self.experts):
-            roles = _expert_roles(self.src, bufs[i * n : (i + 1) * n], shapes)
+            roles = _expert_arrays(self.src, bufs[i * n : (i + 1) * n], shapes)
+            dtypes = dict(held)  # what each role's array holds now
             for k, d in enumerate(self.deltas):
-                w = roles[d.role]
+                w, wd = roles[d.role], dtypes[d.role]
                 scale = scale_of.get(d.role)
-                a, b = d.a.of(bufs, e), d.b.of(bufs, e)
+                a, b = d.a.float32(bufs, e), d.b.float32(bufs, e)
                 if scale is not None and self.requantize:
-                    q = _scratch_like(w, DELTA_SCRATCH + 2 * k)
-                    grid = _scratch_like(roles[scale], DELTA_SCRATCH + 2 * k + 1)
+                    q = nd.scratch(w.shape, w.dtype, DELTA_SCRATCH + 2 * k)
+                    grid = nd.scratch(roles[scale].shape, roles[scale].dtype, DELTA_SCRATCH + 2 * k + 1)
                     SURVIVAL.record(f"{self.label}.experts.{e}.{d.role}", "fp8",
-                                    merge_fp8(w, roles[scale], a, b, d.scaling[i], self.block, q, grid))
+                                    merge_fp8(w, wd, roles[scale], dtypes[scale], a, b, d.scaling[i], self.block,
+                                              q, grid))
                     roles[d.role], roles[scale] = q, grid
                     continue
-                if scale is not None:
-                    w = fp8_dequantize(w, roles[scale], self.block)
-                roles[d.role] = merged_float(w, a, b, d.scaling[i],
-                                             out=_float_scratch(tuple(w.shape), DELTA_SCRATCH + 2 * k))
+                od = wanted[d.role]
+                merged = nd.scratch(w.shape, nd.STORAGE[od], DELTA_SCRATCH + 2 * k)
+                roles[d.role] = merge_into(w, wd, a, b, d.scaling[i], merged, od,
+                                           roles[scale] if scale else None, dtypes.get(scale or "", ""), self.block)
+                dtypes[d.role] = od
             if not self.requantize:  # --dtype: the pairs' weights without a delta, dequantized too
                 merged_roles = {d.role for d in self.deltas}
-                for wr, sr in self.quant:
+                for j, (wr, sr) in enumerate(self.quant):
                     if wr not in merged_roles and wr in roles:
-                        roles[wr] = fp8_dequantize(roles[wr], roles[sr], self.block)
+                        od = wanted[wr]
+                        values = nd.scratch(roles[wr].shape, nd.STORAGE[od], DEQUANTIZED_SCRATCH + j)
+                        roles[wr] = fp8_dequantize_into(roles[wr], dtypes[wr], roles[sr], dtypes[sr], self.block,
+                                                        values, od)
+                        dtypes[wr] = od
             for unit, size in zip(self.dst, sizes):
-                out.append(encode_into(unit, roles, written[pos : pos + size], shapes))
+                out.append(encode_arrays_into(unit, roles, dtypes, written[pos : pos + size], shapes))
                 pos += size
         return out
 
@@ -265,25 +310,26 @@ class MergeTensor:
     requantize: bool = True  # False (--dtype on an FP8 base): the merged weight is written as `out_dtype`
     label: str = ""  # the tensor's name, for the FP8 survival report
 
+    uses_torch: ClassVar[bool] = False
+
     def outputs(self, bufs: Sequence[bytes | memoryview]) -> list[memoryview]:
         """The merged rows' bytes (and the fresh scale grid's, for an FP8 weight requantized)."""
-        w = from_bytes(bufs[0], self.dtype, self.shape)
+        w = nd.view(bufs[0], self.dtype, self.shape)
         k = 1
+        scale = None
         if self.scale_dtype:
-            scale = from_bytes(bufs[1], self.scale_dtype, self.scale_shape)
+            scale = nd.view(bufs[1], self.scale_dtype, self.scale_shape)
             k = 2
-        a = from_bytes(bufs[k], self.a_dtype, self.a_shape)
-        b = from_bytes(bufs[k + 1], self.b_dtype, self.b_shape)
-        if self.scale_dtype and self.requantize:
-            import torch
-
-            fp8 = from_bytes(bufs[0], self.dtype, self.shape)
-            q, grid = torch.empty_like(fp8), torch.empty_like(scale)
-            SURVIVAL.record(self.label, "fp8", merge_fp8(fp8, scale, a, b, self.scaling, self.block, q, grid))
-            return [to_bytes(q), to_bytes(grid)]
-        if self.scale_dtype:
-            w = fp8_dequantize(w, scale, self.block)
-        return [to_bytes(merged_float(w, a, b, self.scaling).to(torch_dtypes()[self.out_dtype]))]
+        a = nd.to_float32(nd.view(bufs[k], self.a_dtype, self.a_shape), self.a_dtype)
+        b = nd.to_float32(nd.view(bufs[k + 1], self.b_dtype, self.b_shape), self.b_dtype)
+        if scale is not None and self.requantize:
+            q, grid = nd.empty(self.shape, self.dtype), nd.empty(self.scale_shape, self.scale_dtype)
+            SURVIVAL.record(self.label, "fp8", merge_fp8(w, self.dtype, scale, self.scale_dtype, a, b, self.scaling,
+                                                         self.block, q, grid))
+            return [nd.as_bytes(q), nd.as_bytes(grid)]
+        out = nd.empty(self.shape, self.out_dtype)
+        merge_into(w, self.dtype, a, b, self.scaling, out, self.out_dtype, scale, self.scale_dtype, self.block)
+        return [nd.as_bytes(out)]
 
 
 # ----------------------------------------------------------------------------- plan
@@ -814,12 +860,14 @@ class CastRun:
     dtype: str
     out_dtype: str
 
+    uses_torch: ClassVar[bool] = False
+
     def outputs(self, bufs: Sequence[bytes | memoryview]) -> list[memoryview]:
         """The read's elements in `out_dtype`."""
         if self.dtype == self.out_dtype:
             return [memoryview(bufs[0])]
-        x = from_bytes(bufs[0], self.dtype, (len(bufs[0]) // DTYPE_SIZES[self.dtype],))
-        return [to_bytes(x.to(torch_dtypes()[self.out_dtype]))]
+        x = nd.view(bufs[0], self.dtype, (len(bufs[0]) // DTYPE_SIZES[self.dtype],))
+        return [nd.as_bytes(nd.cast(x, self.dtype, self.out_dtype))]
 
 
 def _merge_dst_units(qfamily: Family, group: ExpertGroup, dtype: str | None, weights: frozenset[str],
@@ -925,7 +973,7 @@ class MergeMxfp4:
             for d in self.deltas:
                 b, s = mx[d.role]
                 w = mxfp4_dequantize(roles[b], roles[s])
-                merged = merged_float(w, d.a.of(bufs, e), d.b.of(bufs, e), d.scaling[i])
+                merged = merged_float(w, _tensor(d.a.float32(bufs, e)), _tensor(d.b.float32(bufs, e)), d.scaling[i])
                 if self.dequant:
                     values[d.role] = merged
                     continue
@@ -942,6 +990,13 @@ class MergeMxfp4:
                 roles = values
             out += [encode(unit, roles) for unit in self.dst]
         return out
+
+
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    """A torch tensor of float32 array `x` (a copy: `x` may be a read-only view of a read buffer)."""
+    import torch
+
+    return torch.from_numpy(np.array(x, dtype=np.float32))
 
 
 def _mx_group_pieces(family: Family, target: Family, group: ExpertGroup, lg: ExpertLoraGroup | None,

@@ -21,6 +21,8 @@ import math
 import threading
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     import torch
 
@@ -74,86 +76,96 @@ def squared_norm(x: torch.Tensor) -> float:
 
 FP8_MAX = 448.0
 FP8_SCRATCH = 20  # first of the 4 thread_scratch slots merge_fp8 works in (one tile of float32 each)
+FP8_BITS_SCRATCH = 50  # first of merge_fp8's 3 slots of uint32 tiles (the FP8 encoder's)
 TILE_COLS = 2048  # merge_fp8's tile width in columns (a multiple of the block's; 0: whole block rows): KERNEL-large.md
 
 
-def merge_fp8(w: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
-              block: tuple[int, int], q_out: torch.Tensor, scale_out: torch.Tensor,
+def merge_fp8(w: np.ndarray, w_dtype: str, scale: np.ndarray, scale_dtype: str, a: np.ndarray, b: np.ndarray,
+              s: float, block: tuple[int, int], q_out: np.ndarray, scale_out: np.ndarray,
               tile_cols: int | None = None) -> tuple[float, float, float, float]:
-    """Merge `s * b @ a` into FP8 block-scaled weight `w` [rows, cols] (scale grid `scale` [gr, gc]) and
-    requantize it into `q_out` (FP8, w's shape) and `scale_out` (the grid, in its stored dtype), one tile of a
-    block row at a time in this thread's scratch (`tile_cols` columns, rounded down to whole blocks; TILE_COLS
-    when None, 0: the whole row): the float32 merge is `w + s * (b @ a)` (the product, scaled, then added),
-    each block's fresh scale is amax / 448 (a power of two rounded up for an E8M0 grid; 1 for an all-zero
-    block) and each value `merged / scale`, clamped to +-448, rounded to nearest FP8. The tile changes only
-    which bytes are computed together, never a byte of the result.
+    """Merge `s * b @ a` into FP8 block-scaled weight `w` [rows, cols] (codes of safetensors `w_dtype`; scale grid
+    `scale` [gr, gc] of `scale_dtype`, as convert.plan.ndarrays holds them) and requantize it into `q_out` (codes,
+    w's shape) and `scale_out` (the grid, same dtype), one tile of a block row at a time in this thread's scratch
+    (`tile_cols` columns, rounded down to whole blocks; TILE_COLS when None, 0: the whole row). `a` [r, cols] and
+    `b` [rows, r] are float32. The float32 merge is `w + s * (b @ a)` (the product, scaled, then added), each
+    block's fresh scale is amax / 448 (for an E8M0 grid the power of two at or above it; 1 for an all-zero block)
+    and each value `merged / scale`, clamped to +-448, rounded to nearest FP8 (ndarrays.fp8_encode_into, torch's
+    own rounding). The tile changes only which bytes are computed together, never a byte of the result.
 
     Returns the survival sums (<d,d>, <g,d>, |g-d|^2, |W+d|^2) of Survival, d the float32 delta and g the
     requantized weight's change, accumulated per tile (float32 dots, summed in float64) from the
     requantization error e = Q(M) - M of the merged values M: g - d = e and <g,d> = <e,d> + <d,d> (up to the
-    rounding of M = W + d, some 1e-7 of M: far below what the report shows). Tiles keep
-    every temporary a few MB and reused: whole-expert float32 temporaries, each a fresh mapping, cost more in
-    page faults than the arithmetic."""
-    import torch
-
-    from convert.io.memory import thread_scratch
-    from convert.plan.dequant import fp8_scaled_into, scale_column_blocks
+    rounding of M = W + d, some 1e-7 of M: far below what the report shows). Tiles keep every temporary a few
+    MB, reused, and within a core's cache."""
+    from convert.plan import ndarrays as nd
 
     bm, bn = block
     rows, cols = w.shape
     n_max = min(bm, rows)
     tile = TILE_COLS if tile_cols is None else tile_cols
     width = cols if tile <= 0 else min(cols, max(bn, tile // bn * bn))
-    W, D, M, G = (torch.frombuffer(thread_scratch(n_max * width * 4, FP8_SCRATCH + k), dtype=torch.float32)
-                  for k in range(4))
-    a32, b32 = a.to(torch.float32), b.to(torch.float32)
-    grid = scale.to(torch.float32)
-    e8m0 = scale_out.dtype == getattr(torch, "float8_e8m0fnu", None)
+    size = n_max * width
+    W, D, M, G = (nd.scratch((size,), np.float32, FP8_SCRATCH + k) for k in range(4))
+    tmp = [nd.scratch((size,), np.uint32, FP8_BITS_SCRATCH + k) for k in range(3)]
+    bits = nd.FP8_BITS[w_dtype]
+    grid = nd.to_float32(scale, scale_dtype)
     dd = gd = err = want2 = 0.0
     for gi, i in enumerate(range(0, rows, bm)):
         n = min(rows, i + bm) - i
         for c in range(0, cols, width):
             m = min(cols, c + width) - c
-            Wc, Dc, Mc, Gc = (x[: n * m].view(n, m) for x in (W, D, M, G))
+            Wc, Dc, Mc, Gc = (x[: n * m].reshape(n, m) for x in (W, D, M, G))
             blocks = slice(c // bn, -(-(c + m) // bn))
-            fp8_scaled_into(w[i : i + n, c : c + m], Wc, grid[gi, blocks], bn)
-            torch.matmul(b32[i : i + n], a32[:, c : c + m], out=Dc)
-            Dc.mul_(s)
-            torch.add(Dc, Wc, out=Mc)
-            amax = torch.maximum(_block_reduce(Mc, bn, "amax"), _block_reduce(Mc, bn, "amin").neg_())
-            fresh = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-            if e8m0:
-                fresh = torch.exp2(torch.ceil(torch.log2(fresh)))
-            scale_out[gi, blocks] = fresh.to(scale_out.dtype)
-            used = scale_out[gi, blocks].to(torch.float32)
-            scale_column_blocks(Mc, used, bn, "div", out=Gc)
-            q = q_out[i : i + n, c : c + m]
-            q.copy_(Gc.clamp_(-FP8_MAX, FP8_MAX))
+            nd.fp8_scaled_into(w[i : i + n, c : c + m], w_dtype, grid[gi, blocks], bn, Wc)
+            np.matmul(b[i : i + n], a[:, c : c + m], out=Dc)
+            Dc *= np.float32(s)
+            np.add(Dc, Wc, out=Mc)
+            amax = _block_amax(Mc, bn)
+            used = _fresh_scales(amax, scale_dtype, scale_out[gi, blocks])
+            nd.scale_column_blocks(Mc, used, bn, np.divide, Gc)
+            np.clip(Gc, -FP8_MAX, FP8_MAX, out=Gc)
             # finite merged values over nonzero scales quantize to finite codes (the clamp takes inf to 448)
-            finite = bool(torch.isfinite(amax).all()) and bool((used > 0).all())
-            fp8_scaled_into(q, Gc, used, bn, finite=finite)
-            Gc.sub_(Mc)  # e = Q(M) - M, the requantization's error: g = e + d up to M's rounding
-            d2 = float(torch.dot(Dc.view(-1), Dc.view(-1)))
+            finite = bool(np.isfinite(amax).all()) and bool((used > 0).all())
+            q = q_out[i : i + n, c : c + m]
+            nd.fp8_encode_into(Gc, bits, q, [t[: n * m].reshape(n, m) for t in tmp], finite=finite)
+            nd.fp8_scaled_into(q, w_dtype, used, bn, Gc, finite=finite)
+            Gc -= Mc  # e = Q(M) - M, the requantization's error: g = e + d up to M's rounding
+            d, e, mm = Dc.reshape(-1), Gc.reshape(-1), Mc.reshape(-1)
+            d2 = float(np.dot(d, d))
             dd += d2
-            gd += float(torch.dot(Gc.view(-1), Dc.view(-1))) + d2
-            err += float(torch.dot(Gc.view(-1), Gc.view(-1)))
-            want2 += float(torch.dot(Mc.view(-1), Mc.view(-1)))
+            gd += float(np.dot(e, d)) + d2
+            err += float(np.dot(e, e))
+            want2 += float(np.dot(mm, mm))
     return dd, gd, err, want2
 
 
-def _block_reduce(x: torch.Tensor, bn: int, how: str) -> torch.Tensor:
-    """amax or amin of each column block of rows `x` [n, cols]: [ceil(cols / bn)] (no temporary of x's size)."""
-    import torch
+def _fresh_scales(amax: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+    """Each block's fresh scale from its amax (amax / 448; 1 for an all-zero block; for an E8M0 grid the power of
+    two at or above it), written into `out` (the grid's row of blocks, stored as `dtype`); returns the float32
+    scales as stored (what the values are divided by)."""
+    from convert.plan import ndarrays as nd
 
-    full = x.shape[1] // bn
-    parts = []
-    if full:
-        whole = x[:, : full * bn].view(x.shape[0], full, bn)
-        parts.append(whole.amax(dim=(0, 2)) if how == "amax" else whole.amin(dim=(0, 2)))
-    if full * bn < x.shape[1]:
-        rest = x[:, full * bn :]
-        parts.append((rest.amax() if how == "amax" else rest.amin()).reshape(1))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    fresh = np.where(amax > 0, amax / np.float32(FP8_MAX), np.float32(1.0)).astype(np.float32)
+    if dtype == "F8_E8M0":  # the exponent, one up where the mantissa is not zero: ceil(log2) exactly
+        bits = fresh.view(np.uint32)
+        exp = (bits >> np.uint32(23)) & np.uint32(0xFF)
+        code = np.where(exp == 0, 0, np.minimum(exp + ((bits & np.uint32(0x7FFFFF)) != 0), 254))
+        out[...] = np.where(exp == 0xFF, 0xFF, code)
+    else:
+        nd.float32_to_into(fresh, dtype, out)
+    return nd.to_float32(np.ascontiguousarray(out), dtype)
+
+
+def _block_amax(x: np.ndarray, bn: int) -> np.ndarray:
+    """max |x| of each column block of `x` [n, m] (NaN where a block holds one): the columns' maximum and
+    negated minimum first (row against row, numpy's fast direction), then each block's."""
+    col = np.maximum(x.max(axis=0), -x.min(axis=0))
+    m = col.size
+    full = m // bn
+    parts = [col[: full * bn].reshape(full, bn).max(axis=1)] if full else []
+    if full * bn < m:
+        parts.append(col[full * bn :].max(keepdims=True))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def survival_lines(rows: list[tuple[str, str, float, float, float, float]]) -> list[str]:

@@ -64,9 +64,15 @@ def to_bytes(t: torch.Tensor) -> memoryview:
 
 
 def cast_bytes(buf: bytes | memoryview, src: str, dst: str) -> bytes | memoryview:
-    """Cast a flat buffer of `src` elements to `dst` elements."""
+    """Cast a flat buffer of `src` elements to `dst` elements (in numpy where ndarrays.casts allows it, else in
+    torch; the same bytes either way)."""
     if src == dst:
         return buf
+    from convert.plan import ndarrays as nd
+
+    if nd.casts(src, dst):
+        n = len(buf) // DTYPE_SIZES[src]
+        return nd.as_bytes(nd.cast(nd.view(buf, src, (n,)), src, dst))
     dtypes = torch_dtypes()
     n = len(buf) // dtypes[src].itemsize
     return to_bytes(from_bytes(buf, src, (n,)).to(dtypes[dst]))
@@ -133,6 +139,41 @@ def encode_into(unit: Unit, roles: dict[str, torch.Tensor], buf: memoryview,
     else:
         target = torch_dtypes()[unit.dtype]
         dst.copy_(unit.fused.pipeline.fuse([roles[p].to(target) for p in unit.fused.parts]))
+    return buf
+
+
+def decode_arrays(unit: Unit, buf: bytes | memoryview, role_shape: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """decode() as numpy arrays (convert.plan.ndarrays: bf16 and FP8 as their raw bits), views of `buf`."""
+    from convert.plan import ndarrays as nd
+
+    if unit.fused is None:
+        role = str(unit.role)
+        return {role: nd.view(buf, unit.dtype, role_shape[role])}
+    t = unit.fused
+    whole = nd.view(buf, unit.dtype, t.pipeline.slice_shape(role_shape[t.parts[0]]))
+    return dict(zip(t.parts, t.pipeline.split(whole)))
+
+
+def encode_arrays_into(unit: Unit, roles: dict[str, Any], dtypes: dict[str, str], buf: memoryview,
+                       role_shape: dict[str, tuple[int, ...]]) -> memoryview:
+    """encode_into() from numpy arrays: `roles` hold elements of `dtypes` (as convert.plan.ndarrays holds them),
+    cast to the unit's dtype where it differs (rounded once, as torch rounds); written straight into the views
+    of `buf` the unit's ops cut it into where they are views, else fused and copied. Returns `buf`."""
+    import numpy as np
+
+    from convert.plan import ndarrays as nd
+
+    dst = nd.view(buf, unit.dtype, unit_shape(unit, role_shape))
+    parts = [nd.cast(roles[r], dtypes[r], unit.dtype) for r in unit.roles]
+    if unit.fused is None:
+        np.copyto(dst, parts[0])
+        return buf
+    views = unit.fused.pipeline.split(dst)
+    if all(np.may_share_memory(v, dst) for v in views):  # a copy would be a fresh array, sharing nothing
+        for v, part in zip(views, parts):
+            np.copyto(v, part)
+    else:
+        np.copyto(dst, unit.fused.pipeline.fuse(parts))
     return buf
 
 

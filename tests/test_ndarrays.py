@@ -1,0 +1,164 @@
+"""convert.plan.ndarrays (the merge's torch-free float conversions) against torch's own, bit for bit; the family
+ops on numpy arrays against the same ops on torch tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from convert.families.ops import Pipeline, op_from_json
+from convert.plan import ndarrays as nd
+from convert.plan.transforms import Unit, decode_arrays, encode_arrays_into
+
+TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F8_E4M3": torch.float8_e4m3fn,
+         "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu}
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """The raw bits of `t` as ndarrays holds its dtype."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()]).numpy().view(
+        {1: np.uint8, 2: np.uint16, 4: np.uint32}[t.element_size()])
+
+
+def _every_value(dtype: str) -> np.ndarray:
+    """Every bit pattern of a 1- or 2-byte `dtype`, as ndarrays holds it."""
+    return np.arange(1 << (8 * np.dtype(nd.STORAGE[dtype]).itemsize), dtype=nd.STORAGE[dtype])
+
+
+def _float32_samples() -> np.ndarray:
+    """float32 values across the whole range: random magnitudes from 1e-45 to 1e38 of both signs, the ties between
+    consecutive FP8 and bf16 values (and a bit above and below each), zeros, infinities, NaNs."""
+    rng = np.random.default_rng(0)
+    x = [rng.standard_normal(1 << 17) * 10.0 ** rng.integers(-45, 38, 1 << 17)]
+    for dtype in ("F8_E4M3", "F8_E5M2", "BF16"):
+        v = torch.from_numpy(_bits_of_all(dtype)).view(TORCH[dtype]).float().numpy()
+        v = np.unique(v[np.isfinite(v)])
+        mid = ((v[1:].astype(np.float64) + v[:-1]) / 2).astype(np.float32)
+        x += [v, mid, np.nextafter(mid, np.float32(np.inf)), np.nextafter(mid, np.float32(-np.inf))]
+    x.append(np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 448, 464, 470, 480, 500, 1e30, -1e30, 57344,
+                       61439, 61440, 65536], dtype=np.float64))
+    return np.concatenate(x).astype(np.float32)
+
+
+def _bits_of_all(dtype: str) -> np.ndarray:
+    width = np.dtype(nd.STORAGE[dtype]).itemsize
+    return np.arange(1 << (8 * width), dtype={1: np.uint8, 2: np.int16}[width])
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F8_E4M3", "F8_E5M2"])
+def test_float32_to_dtype_gives_torchs_bits(dtype):
+    """float32 -> bf16 / fp16 / e4m3fn / e5m2: torch's rounding (to nearest, ties to even; subnormals; e4m3fn
+    saturating at 448, e5m2 to inf) for every sample; NaN stays NaN (FP8: torch's code, sign kept)."""
+    x = _float32_samples()
+    got = nd.empty(x.shape, dtype)
+    nd.float32_to_into(x, dtype, got)
+    want = _bits(torch.from_numpy(x).to(TORCH[dtype]))
+    nan = np.isnan(x)
+    got_bits = got.view(want.dtype)
+    assert np.array_equal(got_bits[~nan], want[~nan])
+    back = np.empty(x.shape, np.float32)
+    nd.float32_into(got, dtype, back)
+    assert np.isnan(back[nan]).all()
+    if dtype.startswith("F8"):
+        assert np.array_equal(got_bits[nan], want[nan])
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F8_E4M3", "F8_E5M2", "F8_E8M0"])
+def test_dtype_to_float32_gives_torchs_values_for_every_code(dtype):
+    """Every bit pattern of the dtype decodes to torch's float32 value (NaN where torch gives NaN)."""
+    codes = _every_value(dtype)
+    got = np.empty(codes.shape, np.float32)
+    nd.float32_into(codes, dtype, got)
+    raw = torch.from_numpy(codes.view(np.int16) if codes.itemsize == 2 else codes)
+    want = raw.view(TORCH[dtype]).float().numpy()
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+
+
+def test_fp8_decode_of_strided_tiles_and_scaled_blocks():
+    """fp8_scaled_into on a column tile of wider rows, with a ragged last block: each value times its block's
+    scale, rounded once, as torch computes it; scales large enough that 2**120 cannot be folded into them too."""
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 256, (5, 700), dtype=np.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x7F  # NaN codes stay NaN
+    tile = codes[:, 64:600]
+    for per_col in (rng.random(5, dtype=np.float32) + 0.5, np.full(5, 2.0**20, np.float32)):
+        got = np.empty(tile.shape, np.float32)
+        nd.fp8_scaled_into(tile, "F8_E4M3", per_col, 128, got)
+        values = torch.from_numpy(np.ascontiguousarray(tile)).view(torch.float8_e4m3fn).float()
+        want = (values * torch.from_numpy(np.repeat(per_col, 128)[: tile.shape[1]])).numpy()
+        nan = np.isnan(want)
+        assert np.array_equal(np.isnan(got), nan)
+        assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+@pytest.mark.parametrize("src,dst", [(s, d) for s in ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+                                     for d in ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2") if s != d])
+def test_cast_between_float_dtypes_is_torchs(src, dst):
+    """nd.cast of every pair it allows: torch's `.to(dtype)` bits (NaN aside), through float32 rounded once."""
+    assert nd.casts(src, dst)
+    x = _float32_samples()[::7]
+    x = x[np.isfinite(x)]
+    t = torch.from_numpy(x).to(TORCH[src])
+    got = nd.cast(t.numpy() if src in nd.NATIVE_FLOATS else _bits(t), src, dst)
+    want = _bits(t.to(TORCH[dst]))
+    assert np.array_equal(got.view(want.dtype), want)
+    assert not nd.casts("F64", "BF16") and nd.casts("F64", "F32") and not nd.casts("I32", "F32")
+
+
+@pytest.mark.parametrize("ops,parts,shape", [
+    ([], 1, (6, 4)),
+    ([{"op": "concat", "dim": 0}], 2, (6, 4)),
+    ([{"op": "concat", "dim": 0}, {"op": "transpose", "dims": [0, 1]}], 2, (6, 4)),
+    ([{"op": "interleave", "dim": 0}, {"op": "transpose", "dims": [0, 1]}], 2, (6, 4)),
+    ([{"op": "interleave", "dim": -1}], 3, (2, 5)),
+    ([{"op": "transpose", "dims": [0, 1]}, {"op": "concat", "dim": 1}], 2, (3, 4)),
+])
+def test_family_ops_on_numpy_arrays_match_torch(ops, parts, shape):
+    """A pipeline's fuse and split on numpy arrays give torch's tensors, and split hands back views where torch's
+    do (encode_arrays_into writes through them); encode/decode of a unit round-trips."""
+    pipeline = Pipeline(tuple(op_from_json(o, "test") for o in ops), parts)
+    rng = np.random.default_rng(2)
+    arrays = [rng.standard_normal(shape).astype(np.float32) for _ in range(parts)]
+    fused = pipeline.fuse(arrays)
+    want = pipeline.fuse([torch.from_numpy(a) for a in arrays])
+    assert np.array_equal(fused, want.numpy())
+    back = pipeline.split(np.ascontiguousarray(fused))
+    assert all(np.array_equal(b, a) for b, a in zip(back, arrays))
+    for j, (b, t) in enumerate(zip(back, pipeline.split(want.contiguous()))):
+        assert np.array_equal(b, t.numpy()), j
+
+
+def test_encode_and_decode_arrays_of_a_fused_unit_cast_on_the_way():
+    """encode_arrays_into: roles held in other dtypes are cast (rounded once) into the unit's; decode_arrays reads
+    the unit back into its roles, as torch's encode/decode do."""
+    from convert.families import FusedTensor
+
+    pipeline = Pipeline(tuple(op_from_json(o, "test") for o in [{"op": "interleave", "dim": 0},
+                                                                  {"op": "transpose", "dims": [0, 1]}]), 2)
+    fused = FusedTensor("{prefix}.w", ("gate", "up"), pipeline)
+    unit = Unit(fused, None, "BF16")
+    shapes = {"gate": (4, 3), "up": (4, 3)}
+    rng = np.random.default_rng(4)
+    gate = rng.standard_normal((4, 3)).astype(np.float32)
+    up_bf16 = _bits(torch.from_numpy(rng.standard_normal((4, 3)).astype(np.float32)).to(torch.bfloat16))
+    buf = memoryview(bytearray(4 * 3 * 2 * 2))
+    encode_arrays_into(unit, {"gate": gate, "up": up_bf16}, {"gate": "F32", "up": "BF16"}, buf, shapes)
+    roles = decode_arrays(unit, buf, shapes)
+    assert np.array_equal(roles["gate"], _bits(torch.from_numpy(gate).to(torch.bfloat16)))
+    assert np.array_equal(roles["up"], up_bf16)
+
+
+def test_single_threaded_blas_finds_numpys_openblas():
+    """The merge's products run with one BLAS thread whatever OPENBLAS_NUM_THREADS said."""
+    import ctypes
+
+    assert nd.single_threaded_blas()
+    with open("/proc/self/maps") as maps:
+        path = next(line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line)
+    lib = ctypes.CDLL(path)
+    getter = next(getattr(lib, n) for n in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads")
+                  if hasattr(lib, n))
+    assert getter() == 1
