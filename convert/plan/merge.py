@@ -179,7 +179,7 @@ def merge_into(w: np.ndarray, w_dtype: str, a: np.ndarray, b: np.ndarray, s: flo
     for i in range(0, rows, step):
         m = min(rows, i + step) - i
         d, v = delta[: m * cols].reshape(m, cols), values[: m * cols].reshape(m, cols)
-        np.matmul(b[i : i + m], a, out=d)
+        nd.matmul_into(b[i : i + m], a, d)
         d *= np.float32(s)
         if grid is not None:
             nd.fp8_scaled_into(w[i : i + m], w_dtype, grid[i // block[0]], block[1], v)

@@ -76,7 +76,7 @@ def squared_norm(x: torch.Tensor) -> float:
 
 FP8_MAX = 448.0
 FP8_SCRATCH = 20  # first of the 4 thread_scratch slots merge_fp8 works in (one tile of float32 each)
-FP8_BITS_SCRATCH = 50  # first of merge_fp8's 3 slots of uint32 tiles (the FP8 encoder's)
+FP8_BITS_SCRATCH = 50  # first of merge_fp8's 5 slots of the FP8 encoder's tiles (3 uint32, 2 uint8)
 TILE_COLS = 2048  # merge_fp8's tile width in columns (a multiple of the block's; 0: whole block rows): KERNEL-large.md
 
 
@@ -107,6 +107,7 @@ def merge_fp8(w: np.ndarray, w_dtype: str, scale: np.ndarray, scale_dtype: str, 
     size = n_max * width
     W, D, M, G = (nd.scratch((size,), np.float32, FP8_SCRATCH + k) for k in range(4))
     tmp = [nd.scratch((size,), np.uint32, FP8_BITS_SCRATCH + k) for k in range(3)]
+    codes, signs = (nd.scratch((size,), np.uint8, FP8_BITS_SCRATCH + 3 + k) for k in range(2))
     bits = nd.FP8_BITS[w_dtype]
     grid = nd.to_float32(scale, scale_dtype)
     dd = gd = err = want2 = 0.0
@@ -117,18 +118,23 @@ def merge_fp8(w: np.ndarray, w_dtype: str, scale: np.ndarray, scale_dtype: str, 
             Wc, Dc, Mc, Gc = (x[: n * m].reshape(n, m) for x in (W, D, M, G))
             blocks = slice(c // bn, -(-(c + m) // bn))
             nd.fp8_scaled_into(w[i : i + n, c : c + m], w_dtype, grid[gi, blocks], bn, Wc)
-            np.matmul(b[i : i + n], a[:, c : c + m], out=Dc)
+            nd.matmul_into(b[i : i + n], a[:, c : c + m], Dc)
             Dc *= np.float32(s)
             np.add(Dc, Wc, out=Mc)
             amax = _block_amax(Mc, bn)
             used = _fresh_scales(amax, scale_dtype, scale_out[gi, blocks])
             nd.scale_column_blocks(Mc, used, bn, np.divide, Gc)
-            np.clip(Gc, -FP8_MAX, FP8_MAX, out=Gc)
-            # finite merged values over nonzero scales quantize to finite codes (the clamp takes inf to 448)
-            finite = bool(np.isfinite(amax).all()) and bool((used > 0).all())
             q = q_out[i : i + n, c : c + m]
-            nd.fp8_encode_into(Gc, bits, q, [t[: n * m].reshape(n, m) for t in tmp], finite=finite)
-            nd.fp8_scaled_into(q, w_dtype, used, bn, Gc, finite=finite)
+            # finite merged values over nonzero scales are within 448 of their scale: already clamped
+            if bool(np.isfinite(amax).all()) and bool((used > 0).all()):
+                nd.fp8_round_into(Gc, bits, codes[: n * m].reshape(n, m), Wc,
+                                  [tmp[0][: n * m].reshape(n, m), signs[: n * m].reshape(n, m)])
+                q[...] = codes[: n * m].reshape(n, m)
+                nd.scale_column_blocks(Wc, used, bn, np.multiply, Gc)  # Q(M): the codes' values, scaled
+            else:
+                np.clip(Gc, -FP8_MAX, FP8_MAX, out=Gc)  # inf to 448; NaN stays NaN
+                nd.fp8_encode_into(Gc, bits, q, [t[: n * m].reshape(n, m) for t in tmp])
+                nd.fp8_scaled_into(q, w_dtype, used, bn, Gc)
             Gc -= Mc  # e = Q(M) - M, the requantization's error: g = e + d up to M's rounding
             d, e, mm = Dc.reshape(-1), Gc.reshape(-1), Mc.reshape(-1)
             d2 = float(np.dot(d, d))

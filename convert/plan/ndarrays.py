@@ -91,6 +91,22 @@ def single_threaded_blas() -> bool:
     return False
 
 
+SMALL_GEMM = 1 << 19  # m * n * k of a product OpenBLAS computes by its small-matrix kernels (2x faster at k = 16)
+
+
+def matmul_into(b: np.ndarray, a: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """`b @ a` (float32 [m, k] and [k, n]) into `out` [m, n], in calls of rows small enough for OpenBLAS's
+    small-matrix kernels (SMALL_GEMM), which at a LoRA's rank take half the time of its blocked ones for the same
+    products; each row's result is its own dot products either way, so the split is the same for every rank."""
+    m, k = b.shape
+    step = max(1, SMALL_GEMM // max(1, k * a.shape[1]))
+    if step >= m:
+        return np.matmul(b, a, out=out)
+    for i in range(0, m, step):
+        np.matmul(b[i : i + step], a, out=out[i : i + step])
+    return out
+
+
 def view(buf: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     """`buf` as an array of safetensors `dtype` (its STORAGE) and `shape`, without a copy (read-only where
     `buf` is)."""
@@ -168,8 +184,10 @@ def fp8_decode_into(codes: np.ndarray, bits: Fp8Bits, out: np.ndarray, finite: b
     np.copyto(ints, codes.view(np.int8), casting="unsafe")
     np.left_shift(ints, np.int32(bits.shift), out=ints)
     np.bitwise_and(ints, np.int32(bits.mask), out=ints)
-    if not finite and out.size and float(np.abs(out).max()) > bits.max_finite * 2.0**-bits.unbias:
-        _fix_special_codes(codes, bits, out)
+    if not finite and out.size:
+        limit = bits.max_finite * 2.0**-bits.unbias  # a NaN/inf code's spelling is beyond it
+        if not (float(out.max()) <= limit and float(out.min()) >= -limit):  # reductions: no temporary
+            _fix_special_codes(codes, bits, out)
 
 
 def _fix_special_codes(codes: np.ndarray, bits: Fp8Bits, out: np.ndarray) -> None:
@@ -184,18 +202,16 @@ def _fix_special_codes(codes: np.ndarray, bits: Fp8Bits, out: np.ndarray) -> Non
 
 
 def bf16_into(x: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
-    """bfloat16 bits (uint16 `out`) of float32 `x`, rounded to nearest even, NaN as 0x7FC0; `tmp`: a uint32
+    """bfloat16 bits (uint16 `out`) of float32 `x`, rounded to nearest even, NaN as 0xFFFF; `tmp`: a uint32
     array of x's shape."""
     u = x.view(np.uint32)
     np.right_shift(u, np.uint32(16), out=tmp)
     np.bitwise_and(tmp, np.uint32(1), out=tmp)
     np.add(tmp, np.uint32(0x7FFF), out=tmp)
     np.add(tmp, u, out=tmp)
-    np.right_shift(tmp, np.uint32(16), out=tmp)
-    np.copyto(out, tmp, casting="unsafe")
-    nan = np.isnan(x)
-    if nan.any():
-        out[nan] = _BF16_NAN
+    np.right_shift(tmp, np.uint32(16), out=out, casting="unsafe")
+    if x.size and np.isnan(x.max()):  # a reduction (NaN propagates): no temporary where there is none
+        out[np.isnan(x)] = _BF16_NAN
 
 
 def fp8_encode_into(x: np.ndarray, bits: Fp8Bits, out: np.ndarray, tmp: list[np.ndarray],
@@ -224,6 +240,41 @@ def fp8_encode_into(x: np.ndarray, bits: Fp8Bits, out: np.ndarray, tmp: list[np.
     np.bitwise_and(s, np.uint32(0x80), out=s)
     np.bitwise_or(r, s, out=r)
     np.copyto(out, r, casting="unsafe")
+
+
+def fp8_round_into(x: np.ndarray, bits: Fp8Bits, codes: np.ndarray, rounded: np.ndarray,
+                   tmp: list[np.ndarray]) -> None:
+    """fp8_encode_into for finite float32 `x` [n, m] with every |x| <= bits.max_finite (what a requantization
+    divides out), giving also the values the codes stand for: `codes` (contiguous uint8) get the codes and
+    float32 `rounded` the rounded values (each x to its nearest FP8 value, ties to even: the codes' values, no
+    decoding needed); `tmp`: a uint32 and a uint8 array of x's shape. Normal results round x's own bits at the
+    FP8 mantissa's last bit; the few below the smallest normal (zeros too) are fixed up one by one by c10's
+    float addition."""
+    u = x.view(np.uint32)
+    r = rounded.view(np.uint32)
+    t, sign = tmp
+    mant = 23 - bits.shift
+    np.right_shift(u, np.uint32(bits.shift), out=r)
+    np.bitwise_and(r, np.uint32(1), out=r)
+    np.add(r, u, out=r)
+    np.add(r, np.uint32((1 << (bits.shift - 1)) - 1), out=r)
+    np.bitwise_and(r, np.uint32((0xFFFFFFFF >> bits.shift) << bits.shift), out=r)  # x rounded, sign kept
+    np.right_shift(r, np.uint32(bits.shift), out=t)
+    np.subtract(t, np.uint32(bits.unbias << mant), out=codes, casting="unsafe")
+    np.bitwise_and(codes, np.uint8(0x7F), out=codes)
+    np.right_shift(r, np.uint32(24), out=sign, casting="unsafe")
+    np.bitwise_and(sign, np.uint8(0x80), out=sign)
+    np.bitwise_or(codes, sign, out=codes)
+    magnitude = t.view(np.float32)
+    np.abs(x, out=magnitude)
+    small = np.flatnonzero(magnitude < np.uint32((bits.unbias + 1) << 23).view(np.float32))  # below 2**(1 - bias)
+    if small.size:
+        xs = x.reshape(-1)[small]
+        denorm_bits = np.uint32((bits.unbias + bits.shift + 1) << 23)
+        s = np.abs(xs) + denorm_bits.view(np.float32)  # the addition rounds onto the FP8 subnormal grid
+        code = (s.view(np.uint32) - denorm_bits).astype(np.uint8)
+        codes.reshape(-1)[small] = code | ((xs.view(np.uint32) >> np.uint32(24)) & np.uint32(0x80)).astype(np.uint8)
+        rounded.reshape(-1)[small] = np.copysign(s - denorm_bits.view(np.float32), xs)
 
 
 def float32_to_into(x: np.ndarray, dtype: str, out: np.ndarray, tmp: list[np.ndarray] | None = None) -> None:
