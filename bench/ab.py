@@ -11,7 +11,9 @@ tree's modules are warmed again after a drop, as every other benchmark here does
 from round to round so drift hits both alike; with --repeats R each case is sampled R times per tree and the
 median reported. Inputs are generated once: suite `fuse` a per-expert Qwen3-30B-A3B-shaped bf16 checkpoint
 (bench.synthetic, `--layers` layers, random bytes), `split` the fused layout of it, `merge-fp8` bench.dequant's
-DeepSeek-V3 FP8 layer with a rank-16 per-expert adapter (bench.merge). The first tree's output of each suite's
+DeepSeek-V3 FP8 layer with a rank-16 per-expert adapter (bench.merge), `merge-bf16` bench.merge's bf16 case
+(Qwen3-30B-A3B shapes, `--layers` layers, 128 experts; a rank-16 peft target_parameters adapter on every expert
+and q/k/v/o). The first tree's output of each suite's
 largest rank count is compared byte for byte with the other trees'; `cp -r` of the suite's input (synced, as the
 tool syncs its output) is sampled in every round of every case, in the rotation with the trees, and each case's
 trees are measured against its own median. Writes AB.md and ab.json to --out.
@@ -36,7 +38,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 WARM = "import torch, torch.distributed, safetensors, numpy, fsspec, convert.engine.job, convert.merge_adapter"
-SUITES = ("fuse", "split", "merge-fp8")
+SUITES = ("fuse", "split", "merge-fp8", "merge-bf16")
 
 
 SETTLE_SECONDS = 1.0
@@ -102,6 +104,14 @@ def prepare(suite: str, work: Path, model: str, layers: int, fp8: str, codes: st
                             "--nproc", str(min(16, jobs)), "--no-progress", "--max-shard-size", "5000000000"],
                            env=tree_env(tree), cwd=tree, check=True)
         return ["convert.split_experts", "--src", str(fused), "--max-shard-size", "5000000000"], [fused]
+    if suite == "merge-bf16":
+        from bench.merge import write_bf16_case
+
+        n_layers, experts, vocab = (2, 8, 8192) if model == "tiny" else (layers, 128, 151936)
+        base, adapter = work / f"bf16-L{n_layers}-E{experts}", work / f"bf16-L{n_layers}-E{experts}-adapter"
+        if not (adapter / "adapter_config.json").exists():
+            write_bf16_case(base, adapter, n_layers, experts, vocab)
+        return ["convert.merge_adapter", "--base", str(base), "--adapter", str(adapter)], [base, adapter]
     from bench.dequant import PRESETS, generate
     from bench.merge import write_per_expert_adapter
 
@@ -161,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="more flags for tree NAME's commands, e.g. 'w1=--workers 1'")
     p.add_argument("--suites", default=",".join(SUITES))
     p.add_argument("--ranks", default="1,4,16")
-    p.add_argument("--merge-ranks", default="4,16", help="the merge-fp8 suite's rank counts")
+    p.add_argument("--merge-ranks", default="4,16", help="the merge suites' rank counts")
     p.add_argument("--no-cp", action="store_true", help="no `cp -r` of each suite's input beside the trees")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--fp8", default="full", help="bench.dequant preset of the merge-fp8 suite")
@@ -199,11 +209,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for suite in suites:
             args, inputs = prepare(suite, work, model, layers, fp8, a.fp8_codes, jobs, paths[names[-1]])
-            for n in (merge_ranks if suite == "merge-fp8" else ranks):
+            counts = merge_ranks if suite.startswith("merge-") else ranks
+            for n in counts:
                 case: dict[str, Any] = {"case": f"{suite} --nproc {n}", **{k: {"samples": []} for k in names}}
                 if not a.no_cp:
                     case[CP] = {"samples": []}
-                compare = n == max(merge_ranks if suite == "merge-fp8" else ranks)
+                compare = n == max(counts)
                 ref, dst, stats = work / "out-reference", work / "out", work / "stats.json"
                 same: list[bool] = []
                 for r in range(a.repeats):

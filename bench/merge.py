@@ -116,6 +116,19 @@ def write_peft_adapter(dst: Path, layers: int, E: int, H: int, I: int, attn: dic
     (dst / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
 
 
+def write_bf16_case(base: Path, adapter: Path, layers: int, experts: int, vocab: int) -> float:
+    """The bf16 case: a Qwen3-30B-A3B-shaped bf16 base in `base` (`layers`, `experts`, `vocab`; normal values, 5 GB
+    shards) and in `adapter` a peft target_parameters adapter of rank RANK on every expert's gate_up and down and
+    on q/k/v/o; returns the base's GB."""
+    from bench.synthetic import checkpoint_specs, write_synthetic
+
+    specs, cfg = checkpoint_specs("qwen3-30b-a3b", layers, "BF16", experts=experts, vocab=vocab)
+    gb = write_synthetic(str(base), specs, cfg, 5_000_000_000, data="normal", jobs=os.cpu_count() or 1) / 1e9
+    write_peft_adapter(adapter, layers, experts, 2048, 768,
+                       {"q_proj": (4096, 2048), "k_proj": (512, 2048), "v_proj": (512, 2048), "o_proj": (2048, 4096)})
+    return gb
+
+
 def write_per_expert_adapter(dst: Path, layers: int, E: int, H: int, I: int, seed: int = 0) -> None:
     """A per-expert adapter (float32) on every expert's gate/up/down_proj (DeepSeek-V3 names)."""
     from safetensors.numpy import save_file
@@ -228,8 +241,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_fp8:
         pre = dataclasses.replace(pre, fp8=None)
     extra_workers = [int(w) for w in args.workers.split(",") if w]
-    from bench.synthetic import checkpoint_specs, write_synthetic
-
     work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=args.workdir))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -238,10 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if not args.no_bf16:
             base, adapter = work / "base", work / "adapter"
-            specs, cfg = checkpoint_specs("qwen3-30b-a3b", pre.layers, "BF16", experts=pre.experts, vocab=pre.vocab)
-            res["base_gb"] = write_synthetic(str(base), specs, cfg, 5_000_000_000, data="normal", jobs=os.cpu_count() or 1) / 1e9
-            write_peft_adapter(adapter, pre.layers, pre.experts, 2048, 768,
-                               {"q_proj": (4096, 2048), "k_proj": (512, 2048), "v_proj": (512, 2048), "o_proj": (2048, 4096)})
+            res["base_gb"] = write_bf16_case(base, adapter, pre.layers, pre.experts, pre.vocab)
             rows: list[dict[str, Any]] = []
             run_case(rows, "cp -r", ["bash", "-c", f'cp -r "{base}" "{work / "out"}" && sync "{work / "out"}"/*'],
                      [base], work / "out", env)

@@ -180,14 +180,14 @@ def test_ab_bench_tiny_preset(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("moe-ab-")] == [], "work dir not removed"
     cases = {c["case"]: c for c in res["cases"]}
     assert set(cases) == {"fuse --nproc 1", "fuse --nproc 2", "split --nproc 1", "split --nproc 2",
-                          "merge-fp8 --nproc 2"}
+                          "merge-fp8 --nproc 2", "merge-bf16 --nproc 2"}
     for name, case in cases.items():
         rows = case["a"]["samples"] + case["b"]["samples"]
         assert rows and all(r["rc"] == 0 and r["seconds"] > 0 for r in rows), name
         assert all(r["data_s"] > 0 and r["peak_rss_per_rank"] > 0 for r in rows), name
         cp = case["cp -r"]["samples"]
         assert len(cp) == 1 and cp[0]["rc"] == 0 and cp[0]["seconds"] > 0, name
-    assert all(cases[f"{s} --nproc 2"]["same_bytes"] is True for s in ("fuse", "split", "merge-fp8"))
+    assert all(cases[f"{s} --nproc 2"]["same_bytes"] is True for s in ("fuse", "split", "merge-fp8", "merge-bf16"))
     report = (out / "AB.md").read_text()
     assert "| merge-fp8 --nproc 2 |" in report and "| fuse --nproc 1: cp -r (its input, synced) |" in report
     assert "b / a wall, data" in report
@@ -241,3 +241,22 @@ def test_quantized_fp8_codes_look_like_a_released_checkpoint():
     vals = torch.from_numpy(codes.copy()).view(torch.float8_e4m3fn).float()
     assert float(vals.abs().max()) == 448.0 and abs(float((vals > 0).float().mean()) - 0.5) < 0.01
     assert float(vals.abs().median()) == pytest.approx(0.674 * 448 / 4.1, rel=0.1)
+
+
+def test_merge_bench_small_preset(tmp_path):
+    """`python -m bench.merge --preset small`: the bf16 case (Qwen3-30B-A3B shapes, peft target_parameters adapter)
+    and the FP8 layer, each against `cp -r` of its input, every run exiting 0 with its data phase and RSS; a peer
+    that is not installed is reported as not run, not silently dropped."""
+    out = tmp_path / "results"
+    run_tool("bench.merge", "--preset", "small", "--no-peer", "--ranks", "2", "--workdir", str(tmp_path), "--out",
+             str(out), timeout=300)
+    res = json.loads((out / "merge-small.json").read_text())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("bench-merge-")] == [], "work dir not removed"
+    assert len(res["suites"]) == 2 and res["base_gb"] > 0.2
+    for rows in res["suites"].values():
+        by = {r["case"]: r for r in rows}
+        assert by["cp -r"]["rc"] == 0 and by["tool 2 rank(s)"]["rc"] == 0
+        assert by["tool 2 rank(s)"]["data_s"] > 0 and by["tool 2 rank(s)"]["peak_rss_per_rank"] > 0
+    tinker = next(r for r in next(iter(res["suites"].values())) if r["case"] == "tinker-cookbook shard merge")
+    assert tinker["rc"] == 0 or tinker["error"][0].startswith(("not run", "skipped"))
+    assert "tool 2 rank(s) |" in (out / "MERGE-small.md").read_text()
