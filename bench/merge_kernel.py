@@ -7,8 +7,8 @@ One expert projection (2048 x 7168 FP8 e4m3fn, 128x128 float32 scale grid) and a
 (numpy's, as the merge gives it), timed per call (minimum and median of --repeats after two warm-up calls), in one
 process and in --procs processes at once (each core's speed when every core merges, as 16 ranks do), for each
 --tiles width (merge_fp8's `tile_cols`: 0 the whole 128-row block row, else tiles of that many columns); and what
-a merge's start-up pays to import its compute library, `import numpy` against `import torch`. Two kinds of base
-codes:
+a merge's start-up pays to import its compute library, `import numpy` against `import torch`; and each step of
+merge_fp8 timed alone on one tile, where a machine's time goes. Two kinds of base codes:
 - `random`: uniformly random bytes, NaN codes avoided (bench.dequant's `uniform` codes): 7/128 of them have a zero
   exponent field and a nonzero mantissa, FP8 subnormals, which the integer decode (convert.plan.dequant) spells
   as float32 subnormals;
@@ -81,6 +81,48 @@ def time_calls(kind: str, rows: int, cols: int, repeats: int, tile: int = 0) -> 
     return out
 
 
+def stage_times(kind: str, cols: int, repeats: int = 200) -> dict[str, float]:
+    """Milliseconds of each step of merge_fp8 on one tile (128 rows x `cols` columns, base codes of `kind`), each
+    step run `repeats` times on its own with the functions merge_fp8 calls: where a machine's time goes."""
+    import numpy as np
+
+    from convert.plan import ndarrays as nd
+    from convert.plan.merge_quant import _block_amax, _fresh_scales
+
+    nd.single_threaded_blas()
+    w, scale, a, b, _, _ = inputs(kind, 128, cols)
+    n, bits = 128 * cols, nd.FP8_BITS["F8_E4M3"]
+    W, D, M, G = (np.empty((128, cols), np.float32) for _ in range(4))
+    t32, codes, signs, grid = np.empty((128, cols), np.uint32), np.empty((128, cols), np.uint8), \
+        np.empty((128, cols), np.uint8), np.empty(scale.shape[1], np.float32)
+    per = scale[0]
+    nd.fp8_scaled_into(w, "F8_E4M3", per, 128, W)
+    nd.matmul_into(b, a, D)
+    np.add(D, W, out=M)
+    used = _fresh_scales(_block_amax(M, 128), "F32", grid)
+    nd.scale_column_blocks(M, used, 128, np.divide, G)
+    steps: dict[str, Any] = {
+        "decode base (fp8_scaled_into)": lambda: nd.fp8_scaled_into(w, "F8_E4M3", per, 128, W),
+        "b @ a (matmul_into)": lambda: nd.matmul_into(b, a, D),
+        "times s": lambda: np.multiply(D, np.float32(2.0), out=G),
+        "plus base": lambda: np.add(D, W, out=M),
+        "block amax": lambda: _block_amax(M, 128),
+        "divide by scale": lambda: nd.scale_column_blocks(M, used, 128, np.divide, G),
+        "round to FP8 (fp8_round_into)": lambda: nd.fp8_round_into(G, bits, codes, W, [t32, signs]),
+        "codes' values times scale": lambda: nd.scale_column_blocks(W, used, 128, np.multiply, W),
+        "survival dots": lambda: [float(np.dot(x.reshape(-1), y.reshape(-1))) for x, y in
+                                  ((D, D), (G, D), (G, G), (M, M))],
+    }
+    out = {}
+    for name, step in steps.items():
+        step()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        out[name] = (time.perf_counter() - t) / repeats * 1e3
+    return out | {"elements": float(n)}
+
+
 def import_seconds(module: str, times: int = 3) -> float:
     """The fastest of `times` fresh interpreters' `import module`, in seconds (its files in the page cache)."""
     code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
@@ -117,6 +159,12 @@ def markdown(res: dict[str, Any]) -> str:
     for r in res["kinds"].values():
         lines.append(f"| {r['codes']} | {r['tile']} | {r['one_min_ms']:.1f} / {r['one_median_ms']:.1f}"
                      f" | {r['many_median_ms']:.1f} ({r['many_slowest_ms']:.1f}) |")
+    if res.get("stages"):
+        st = dict(res["stages"])
+        elements = st.pop("elements")
+        lines += ["", f"Steps of merge_fp8 on one 128 x {int(elements) // 128} tile (`quantized` codes), each alone:",
+                  "", "| step | ms per tile | ns per element |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.3f} | {v * 1e6 / elements:.2f} |" for k, v in st.items()]
     imp = res["import_s"]
     lines += ["", f"Start-up a merge pays for its compute library: `import numpy` {imp['numpy']:.3f} s, `import "
               f"torch` {imp['torch']:.3f} s (fastest of 3 fresh interpreters, files in the page cache)."]
@@ -148,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             "codes": kind, "tile": tile, "one_min_ms": min(one) * 1e3, "one_median_ms": statistics.median(one) * 1e3,
             "many_median_ms": statistics.median(t for ts in many for t in ts) * 1e3,
             "many_slowest_ms": max(statistics.median(ts) for ts in many) * 1e3}
+    res["stages"] = stage_times("quantized", int(a.tiles.split(",")[-1]) or a.cols)
     res["import_s"] = {m: import_seconds(m) for m in ("numpy", "torch")}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -209,7 +209,8 @@ def test_disk_bench_tiny_preset(tmp_path):
 
 def test_merge_kernel_bench_small(tmp_path):
     """`python -m bench.merge_kernel` on a small projection: both kinds of base codes, whole block rows and tiles,
-    timed in one and in two processes, the import times of numpy and torch, a complete report."""
+    timed in one and in two processes, each step of the kernel on one tile, the import times of numpy and torch,
+    a complete report."""
     out = tmp_path / "results"
     run_tool("bench.merge_kernel", "--rows", "256", "--cols", "512", "--repeats", "2", "--procs", "2", "--tiles",
              "0,256", "--out", str(out), timeout=300)
@@ -219,7 +220,10 @@ def test_merge_kernel_bench_small(tmp_path):
         (k, t) for k in ("random", "quantized") for t in (0, 256)}
     assert 0 < res["import_s"]["numpy"] and 0 < res["import_s"]["torch"]
     assert all(r["one_min_ms"] > 0 and r["many_slowest_ms"] >= r["many_median_ms"] > 0 for r in res["kinds"].values())
-    assert "| quantized | 256 |" in (out / "KERNEL.md").read_text()
+    assert res["stages"]["elements"] == 128 * 256 and len(res["stages"]) == 10
+    assert all(v > 0 for v in res["stages"].values())
+    assert "| quantized | 256 |" in (out / "KERNEL.md").read_text() and "| b @ a (matmul_into) |" in (
+        out / "KERNEL.md").read_text()
 
 
 def test_quantized_fp8_codes_look_like_a_released_checkpoint():
