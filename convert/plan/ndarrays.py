@@ -2,7 +2,7 @@
 
 numpy has no bfloat16 or float8: such tensors are held as their raw bits (uint16, uint8: `STORAGE`) and
 converted here by integer ops that give torch's own conversions bit for bit: bf16 -> float32 (the bits moved up
-16), float32 -> bf16 (round to nearest, ties to even; NaN -> 0x7FC0, as c10's round_to_nearest_even), FP8 ->
+16), float32 -> bf16 (round to nearest, ties to even; NaN -> 0xFFFF, as torch's vectorized cast), FP8 ->
 float32 (Fp8Bits: the byte's fields moved into place, subnormals included, NaN/inf codes fixed up where present)
 and float32 -> FP8 (as c10's fp8e4m3fn/fp8e5m2 from_fp32_value: rounded at the FP8 mantissa's last bit with the
 exponent rebased; below the smallest normal the value plus a power of two leaves the code in the float32's
@@ -97,7 +97,8 @@ SMALL_GEMM = 1 << 19  # m * n * k of a product OpenBLAS computes by its small-ma
 def matmul_into(b: np.ndarray, a: np.ndarray, out: np.ndarray) -> np.ndarray:
     """`b @ a` (float32 [m, k] and [k, n]) into `out` [m, n], in calls of rows small enough for OpenBLAS's
     small-matrix kernels (SMALL_GEMM), which at a LoRA's rank take half the time of its blocked ones for the same
-    products; each row's result is its own dot products either way, so the split is the same for every rank."""
+    products; the split depends on the shapes alone, so it is the same on every rank (same bytes at any rank
+    count; tests compare the bytes with torch's own product)."""
     m, k = b.shape
     step = max(1, SMALL_GEMM // max(1, k * a.shape[1]))
     if step >= m:
