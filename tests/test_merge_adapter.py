@@ -700,3 +700,22 @@ def test_merge_computes_without_torch(tmp_path):
                        "2", *extra)
         _merge(b, a, tmp_path / f"with{i}", *extra)
         _same_files(tmp_path / f"with{i}", tmp_path / f"bare{i}")
+
+
+def test_torch_is_preloaded_only_where_the_merge_needs_it(tmp_path):
+    """The `--nproc` parent loads torch before forking only for --verify and for a base whose family merges its
+    quantized layers in torch (MXFP4 gpt-oss as released); bf16 and FP8 bases, URLs and unreadable bases: not."""
+    from convert.merge_adapter import build_parser, computes_with_torch
+
+    (tmp_path / "mx").mkdir()
+    mxfp4, _, _, _, _ = _mxfp4_gpt_oss(tmp_path / "mx", ["mlp.experts.down_proj"])
+    bf16 = save_model(build_model("qwen3_moe", seed=0), tmp_path / "bf16")
+    _fp8_case(tmp_path / "fp8")
+
+    def needs(base: Path | str, *extra: str) -> bool:
+        return computes_with_torch(build_parser().parse_args(["--base", str(base), "--adapter", "a", "--dst", "d",
+                                                              *extra]))
+
+    assert needs(mxfp4) and needs(bf16, "--verify")
+    assert not needs(bf16) and not needs(tmp_path / "fp8" / "base") and not needs("s3://bucket/base")
+    assert not needs(tmp_path / "missing")
