@@ -619,11 +619,11 @@ def test_modules_to_save_replace_the_base_tensors(tmp_path):
     assert torch.allclose(logits(loaded), logits(merged), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows,cols,e8m0,tile", [(256, 384, False, 0), (200, 300, False, 0), (130, 128, True, 0),
-                                                 (5, 7, False, 0), (200, 300, False, 128), (256, 384, True, 300),
-                                                 (130, 640, False, 256), (5, 7, False, 128),
-                                                 (136, 2500, False, None)])
-def test_merge_fp8_block_rows_equal_the_whole_tensor_formula(rows, cols, e8m0, tile):
+@pytest.mark.parametrize("rows,cols,sname,tile", [(256, 384, "F32", 0), (200, 300, "F32", 0), (130, 128, "F8_E8M0", 0),
+                                                  (5, 7, "F32", 0), (200, 300, "F32", 128),
+                                                  (256, 384, "F8_E8M0", 300), (130, 640, "BF16", 256),
+                                                  (5, 7, "F32", 128), (136, 2500, "F32", None)])
+def test_merge_fp8_block_rows_equal_the_whole_tensor_formula(rows, cols, sname, tile):
     """merge_fp8 (a block row, or a tile of `tile` columns of one, at a time, in scratch; a tile width that is
     not a multiple of the block's is rounded down to one; None: merge_quant.TILE_COLS) gives the bytes of the
     whole-tensor formula of FORMATS.md: W dequantized (fp8 * scale), + s * B @ A, fresh scale amax / 448 per 128x128 block (zero padding of ragged
@@ -635,17 +635,19 @@ def test_merge_fp8_block_rows_equal_the_whole_tensor_formula(rows, cols, e8m0, t
     g = torch.Generator().manual_seed(rows * cols)
     bm = bn = 128
     gr, gc = -(-rows // bm), -(-cols // bn)
-    sdtype = torch.float8_e8m0fnu if e8m0 else torch.float32
+    sdtype = {"F32": torch.float32, "F8_E8M0": torch.float8_e8m0fnu, "BF16": torch.bfloat16}[sname]
+    e8m0 = sname == "F8_E8M0"
     w = (torch.randn(rows, cols, generator=g) * 30).to(torch.float8_e4m3fn)
     w[: min(rows, bm), : min(cols, bn)] = 0  # an all-zero block, kept zero by a zero delta there below
     scale = (torch.rand(gr, gc, generator=g) + 0.5).to(sdtype)
     a, b = torch.randn(4, cols, generator=g), torch.randn(rows, 4, generator=g)
     b[: min(rows, bm)] = 0
     q, grid = torch.empty_like(w), torch.empty_like(scale)
-    dd, gd, err, want2 = merge_fp8(w.view(torch.uint8).numpy(), "F8_E4M3", scale.view(torch.uint8).numpy() if e8m0
-                                   else scale.numpy(), "F8_E8M0" if e8m0 else "F32", a.numpy(), b.numpy(), 0.5,
-                                   (bm, bn), q.view(torch.uint8).numpy(), grid.view(torch.uint8).numpy() if e8m0
-                                   else grid.numpy(), tile)
+    def held(t: torch.Tensor):  # as convert.plan.ndarrays holds the scale dtype
+        return t.numpy() if sname == "F32" else t.view(torch.uint8 if e8m0 else torch.int16).numpy()
+
+    dd, gd, err, want2 = merge_fp8(w.view(torch.uint8).numpy(), "F8_E4M3", held(scale), sname, a.numpy(), b.numpy(),
+                                   0.5, (bm, bn), q.view(torch.uint8).numpy(), held(grid), tile)
 
     base = fp8_dequantize(w, scale, (bm, bn))
     delta = torch.from_numpy(b.numpy() @ a.numpy()).mul_(0.5)  # the product as the merge's library rounds it
