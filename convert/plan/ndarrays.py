@@ -81,14 +81,14 @@ def single_threaded_blas() -> bool:
             paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line})
     except OSError:
         return False
-    for path in paths:
+    found = False
+    for path in paths:  # every OpenBLAS loaded (numpy's, and another library's where one brings its own)
         lib = ctypes.CDLL(path)
-        for name in _BLAS_THREAD_SETTERS:
-            setter = getattr(lib, name, None)
-            if setter is not None:
-                setter(1)
-                return True
-    return False
+        setter = next((getattr(lib, n) for n in _BLAS_THREAD_SETTERS if hasattr(lib, n)), None)
+        if setter is not None:
+            setter(1)
+            found = True
+    return found
 
 
 SMALL_GEMM = 1 << 19  # m * n * k of a product OpenBLAS computes by its small-matrix kernels (2x faster at k = 16)
