@@ -66,32 +66,38 @@ def test_float32_to_dtype_gives_torchs_bits(dtype):
 
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F8_E4M3", "F8_E5M2", "F8_E8M0"])
 def test_dtype_to_float32_gives_torchs_values_for_every_code(dtype):
-    """Every bit pattern of the dtype decodes to torch's float32 value (NaN where torch gives NaN)."""
+    """Every bit pattern of the dtype decodes to torch's float32 bits, NaN and inf codes included."""
     codes = _every_value(dtype)
     got = np.empty(codes.shape, np.float32)
     nd.float32_into(codes, dtype, got)
     raw = torch.from_numpy(codes.view(np.int16) if codes.itemsize == 2 else codes)
     want = raw.view(TORCH[dtype]).float().numpy()
-    nan = np.isnan(want)
-    assert np.array_equal(np.isnan(got), nan)
-    assert np.array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
-def test_fp8_decode_of_strided_tiles_and_scaled_blocks():
-    """fp8_scaled_into on a column tile of wider rows, with a ragged last block: each value times its block's
-    scale, rounded once, as torch computes it; scales large enough that 2**120 cannot be folded into them too."""
-    rng = np.random.default_rng(1)
-    codes = rng.integers(0, 256, (5, 700), dtype=np.uint8)
-    codes[(codes & 0x7F) == 0x7F] = 0x7F  # NaN codes stay NaN
-    tile = codes[:, 64:600]
-    for per_col in (rng.random(5, dtype=np.float32) + 0.5, np.full(5, 2.0**20, np.float32)):
-        got = np.empty(tile.shape, np.float32)
-        nd.fp8_scaled_into(tile, "F8_E4M3", per_col, 128, got)
-        values = torch.from_numpy(np.ascontiguousarray(tile)).view(torch.float8_e4m3fn).float()
-        want = (values * torch.from_numpy(np.repeat(per_col, 128)[: tile.shape[1]])).numpy()
-        nan = np.isnan(want)
-        assert np.array_equal(np.isnan(got), nan)
-        assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+@pytest.mark.parametrize("dtype", ["F8_E4M3", "F8_E5M2"])
+@pytest.mark.parametrize("cols", [384, 300, 5])
+@pytest.mark.parametrize("special", [False, True])
+def test_fp8_scaled_decode_is_torchs_value_times_the_scale(dtype, cols, special):
+    """fp8_scaled_into: torch's float32 value of every code times its column block's scale, rounded once: subnormal
+    codes, scales that make subnormal products, NaN/inf codes (`special`), a scale too large to fold 2**unbias
+    into, and a column tile of wider rows (strided)."""
+    fp8 = TORCH[dtype]
+    g = torch.Generator().manual_seed(cols)
+    finite = torch.arange(256, dtype=torch.uint8).view(fp8).float().isfinite()
+    pool = torch.arange(256, dtype=torch.uint8)[finite | special]
+    codes = pool[torch.randint(0, len(pool), (130, cols + 64), generator=g)]
+    codes.view(-1)[: len(pool)] = pool[: codes.numel()]
+    tile = codes[:, 64:]  # a strided tile of wider rows
+    per_col = torch.rand(-(-cols // 128), generator=g) + 0.5
+    per_col[0] = 2.0**-126 if special else 3.0**-40  # products below float32's normal range
+    for big in (False, True):
+        if big:
+            per_col[-1] = 2.0**20  # folding 2**unbias into it would overflow
+        want = tile.contiguous().view(fp8).float() * per_col.repeat_interleave(128)[:cols]
+        got = np.empty((130, cols), np.float32)
+        nd.fp8_scaled_into(tile.numpy(), dtype, per_col.numpy(), 128, got)
+        assert np.array_equal(got.view(np.uint32), want.numpy().view(np.uint32))  # NaN's bits too
 
 
 @pytest.mark.parametrize("src,dst", [(s, d) for s in ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")

@@ -166,7 +166,7 @@ def to_float32(x: np.ndarray, dtype: str) -> np.ndarray:
 
 def e8m0_values_into(codes: np.ndarray, out: np.ndarray) -> None:
     """float32 values 2**(code - 127) of E8M0 codes held widened in uint32 `codes` (they may be `out`'s own bits),
-    NaN for code 255; code 0 is 2**-127, a float32 subnormal."""
+    NaN for code 255 (torch's bits, 0x7F800001); code 0 is 2**-127, a float32 subnormal."""
     nan = codes == _E8M0_NAN
     low = codes == 0
     bits = out.view(np.uint32)
@@ -174,7 +174,7 @@ def e8m0_values_into(codes: np.ndarray, out: np.ndarray) -> None:
     if low.any():
         bits[low] = 1 << 22
     if nan.any():
-        out[nan] = np.nan
+        bits[nan] = 0x7F800001
 
 
 def fp8_decode_into(codes: np.ndarray, bits: Fp8Bits, out: np.ndarray, finite: bool = False) -> None:
@@ -192,14 +192,18 @@ def fp8_decode_into(codes: np.ndarray, bits: Fp8Bits, out: np.ndarray, finite: b
 
 
 def _fix_special_codes(codes: np.ndarray, bits: Fp8Bits, out: np.ndarray) -> None:
-    """NaN (and, for formats that have it, +-inf) where `codes` hold them, over their integer-op spelling."""
-    mag = codes & np.uint8(0x7F)
-    if bits is E4M3FN_BITS:  # e4m3fn: 0x7F / 0xFF are NaN, there is no inf
-        out[mag == 0x7F] = np.nan
-        return
-    inf = mag == 0x7C
-    out[mag > 0x7C] = np.nan
-    out[inf] = np.where(codes[inf] & 0x80, -np.inf, np.inf)
+    """NaN and +-inf where `codes` hold them, over their integer-op spelling, with torch's bits: the sign, an
+    all-ones exponent, the code's mantissa moved up and, for NaN, the quiet bit (e4m3fn 0x7F -> 0x7FF00000)."""
+    mant = 23 - bits.shift
+    top = (0x7F >> mant) << mant  # the code's all-ones exponent field
+    special = np.flatnonzero((codes & np.uint8(top)).reshape(-1) == top)
+    if bits is E4M3FN_BITS:  # e4m3fn has no inf and one NaN, mantissa 111
+        special = special[(codes.reshape(-1)[special] & 0x7) == 0x7]
+    c = codes.reshape(-1)[special].astype(np.uint32)
+    m = c & np.uint32((1 << mant) - 1)
+    quiet = np.where((m != 0) | np.bool_(bits is E4M3FN_BITS), np.uint32(0x400000), np.uint32(0))
+    value = ((c & np.uint32(0x80)) << np.uint32(24)) | np.uint32(0x7F800000) | (m << np.uint32(bits.shift)) | quiet
+    out[np.unravel_index(special, codes.shape)] = value.view(np.float32)  # `out` of any strides
 
 
 def bf16_into(x: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
