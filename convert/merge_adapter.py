@@ -94,6 +94,8 @@ def computes_with_torch(args: argparse.Namespace) -> bool:
 
     try:
         config = json.loads((Path(args.src) / "config.json").read_text())
+        if not isinstance(config, dict):
+            return False
         family, _ = find_family(config)
         return family is not None and quantized_variant(family, config, args.src).dequantize is not None
     except (OSError, ValueError, ConversionError):  # the job itself reports an unreadable base, naming it
