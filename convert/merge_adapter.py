@@ -17,11 +17,9 @@ independently (float64 deltas; FP8 and MXFP4 bases included).
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from convert.cli import inputs, job_environment
-from convert.errors import ConversionError
 from convert.flag_types import json_object, positive_int, size_arg
 from convert.formats.checkpoint import INDEX_NAME
 from convert.plan.transforms import DTYPE_NAMES
@@ -80,32 +78,11 @@ def run(args: argparse.Namespace, dist: Dist, report: dict[str, Any] | None = No
     return verify_merge_after(args, dist, report, opts.settings.storage)  # the settings the merge ran with
 
 
-def computes_with_torch(args: argparse.Namespace) -> bool:
-    """Whether a merge of `args` loads torch, so that the `--nproc` parent loads it once before forking (else each
-    rank would): with --verify, or where the base's family merges its quantized expert layers in torch (a local
-    base whose config.json names a quantization the family tables dequantize: MXFP4). The merge itself computes
-    in numpy (convert.plan.ndarrays). A base not read here (a URL, no config.json) counts as not needing it; its
-    ranks load torch themselves where a piece needs it (convert.engine.executor.warm_up)."""
-    if args.verify:
-        return True
-    from pathlib import Path
-
-    from convert.families.registry import find_family, quantized_variant
-
-    try:
-        config = json.loads((Path(args.src) / "config.json").read_text())
-        if not isinstance(config, dict):
-            return False
-        family, _ = find_family(config)
-        return family is not None and quantized_variant(family, config, args.src).dequantize is not None
-    except (OSError, ValueError, ConversionError):  # the job itself reports an unreadable base, naming it
-        return False
-
-
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the merge on every rank."""
     args = build_parser().parse_args(argv)
-    run_main(lambda dist: run(args, dist), args.nproc, preload_torch=computes_with_torch(args), inputs=inputs(args))
+    # The merge computes in numpy (convert.plan.ndarrays): only --verify loads torch, once, before the ranks fork.
+    run_main(lambda dist: run(args, dist), args.nproc, preload_torch=args.verify, inputs=inputs(args))
 
 
 if __name__ == "__main__":

@@ -391,18 +391,21 @@ def _mxfp4_gpt_oss(tmp_path: Path, target_parameters: list[str]):
 def test_mxfp4_requantize_round_trip_and_rounding():
     """mxfp4_quantize inverts mxfp4_dequantize on MXFP4 values (the original bytes back), rounds to the nearest
     FP4 value (ties to the even code) and stays within half an FP4 step of every value."""
+    import numpy as np
+
     from convert.plan.dequant import mxfp4_dequantize
     from convert.plan.merge_quant import mxfp4_half_step, mxfp4_quantize
     from quant_fixtures import mxfp4_pack, mxfp4_values
 
-    blocks, scales = mxfp4_pack(mxfp4_values((3, 40, 96), seed=5))
+    blocks, scales = (t.numpy() for t in mxfp4_pack(mxfp4_values((3, 40, 96), seed=5)))
     again = mxfp4_quantize(mxfp4_dequantize(blocks, scales))
-    assert torch.equal(again[0], blocks) and torch.equal(again[1], scales)
-    x = torch.randn(5, 7, 128) * 0.03
+    assert np.array_equal(again[0], blocks) and np.array_equal(again[1], scales)
+    x = (torch.randn(5, 7, 128) * 0.03).numpy()
     q, s = mxfp4_quantize(x)
-    assert bool(((mxfp4_dequantize(q, s).double() - x.double()).abs() <= mxfp4_half_step(x, s)).all())
-    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.1] + [0.0] * 23 + [6.0])
+    assert bool((np.abs(mxfp4_dequantize(q, s).astype(np.float64) - x) <= mxfp4_half_step(x, s)).all())
+    ties = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.1] + [0.0] * 23 + [6.0], dtype=np.float32)
     assert mxfp4_dequantize(*mxfp4_quantize(ties)).tolist()[:8] == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -0.0]
+    assert np.signbit(mxfp4_dequantize(*mxfp4_quantize(ties))[7])  # -0.1 rounds to -0
 
 
 def test_mxfp4_gpt_oss_base_merged_and_requantized(tmp_path):
@@ -420,8 +423,10 @@ def test_mxfp4_gpt_oss_base_merged_and_requantized(tmp_path):
     for layer in range(2):
         k = f"model.layers.{layer}.mlp.experts.gate_up_proj"
         want = ref[k].transpose(1, 2)  # [E, out, in]
-        got = mxfp4_dequantize(out[k + "_blocks"], out[k + "_scales"]).reshape(want.shape)
-        tol = mxfp4_half_step(want.reshape(*want.shape[:2], -1), out[k + "_scales"]).reshape(want.shape)
+        got = torch.from_numpy(mxfp4_dequantize(out[k + "_blocks"].numpy(), out[k + "_scales"].numpy()))
+        got = got.reshape(want.shape)
+        tol = torch.from_numpy(mxfp4_half_step(want.reshape(*want.shape[:2], -1).numpy(), out[k + "_scales"].numpy()))
+        tol = tol.reshape(want.shape)
         assert bool(((got.double() - want.double()).abs() <= tol + 1e-6 * want.abs().double()).all()), k
         assert not torch.equal(out[k + "_blocks"], orig[k + "_blocks"])
         d = f"model.layers.{layer}.mlp.experts.down_proj"
@@ -688,36 +693,20 @@ def _without_torch(tmp_path: Path, *args: str) -> None:
 
 
 def test_merge_computes_without_torch(tmp_path):
-    """bf16 experts and attention (peft target_parameters) and an FP8 base requantized or written as bf16: the
-    merge never imports torch (its start-up is numpy's, 0.07 s, not torch's 1-6 s), and gives at 2 ranks the bytes
+    """bf16 experts and attention (peft target_parameters), an FP8 base and an MXFP4 gpt-oss base, requantized or
+    written as bf16: the merge never imports torch (its start-up is numpy's, 0.07 s, not torch's 1-6 s), and gives at 2 ranks the bytes
     of a 1-rank merge where torch is importable."""
     base, adapter, _, _ = _peft_case(tmp_path, "qwen3_moe", target_modules=["q_proj"],
                                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    fp8 = tmp_path / "fp8"
+    fp8, mx = tmp_path / "fp8", tmp_path / "mx"
     _fp8_case(fp8)
+    mx.mkdir()
+    mx_base, mx_adapter, _, _, _ = _mxfp4_gpt_oss(mx, ["mlp.experts.gate_up_proj"])
     cases = [(base, adapter, ()), (fp8 / "base", fp8 / "adapter", ()),
-             (fp8 / "base", fp8 / "adapter", ("--dtype", "bf16"))]
+             (fp8 / "base", fp8 / "adapter", ("--dtype", "bf16")), (mx_base, mx_adapter, ()),
+             (mx_base, mx_adapter, ("--dtype", "bf16"))]
     for i, (b, a, extra) in enumerate(cases):
         _without_torch(tmp_path, "--base", str(b), "--adapter", str(a), "--dst", str(tmp_path / f"bare{i}"), "--nproc",
                        "2", *extra)
         _merge(b, a, tmp_path / f"with{i}", *extra)
         _same_files(tmp_path / f"with{i}", tmp_path / f"bare{i}")
-
-
-def test_torch_is_preloaded_only_where_the_merge_needs_it(tmp_path):
-    """The `--nproc` parent loads torch before forking only for --verify and for a base whose family merges its
-    quantized layers in torch (MXFP4 gpt-oss as released); bf16 and FP8 bases, URLs and unreadable bases: not."""
-    from convert.merge_adapter import build_parser, computes_with_torch
-
-    (tmp_path / "mx").mkdir()
-    mxfp4, _, _, _, _ = _mxfp4_gpt_oss(tmp_path / "mx", ["mlp.experts.down_proj"])
-    bf16 = save_model(build_model("qwen3_moe", seed=0), tmp_path / "bf16")
-    _fp8_case(tmp_path / "fp8")
-
-    def needs(base: Path | str, *extra: str) -> bool:
-        return computes_with_torch(build_parser().parse_args(["--base", str(base), "--adapter", "a", "--dst", "d",
-                                                              *extra]))
-
-    assert needs(mxfp4) and needs(bf16, "--verify")
-    assert not needs(bf16) and not needs(tmp_path / "fp8" / "base") and not needs("s3://bucket/base")
-    assert not needs(tmp_path / "missing")

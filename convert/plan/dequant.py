@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from convert.plan.ndarrays import NATIVE_FLOATS, STORAGE
-from convert.plan.transforms import Unit, decode, decode_arrays, encode, encode_arrays_into, torch_dtypes, unit_nbytes
+from convert.plan.transforms import Unit, decode_arrays, encode_arrays_into, torch_dtypes, unit_nbytes
 
 if TYPE_CHECKING:
     import torch
@@ -91,20 +91,18 @@ def fp8_dequantize_into(w: np.ndarray, w_dtype: str, scale: np.ndarray, scale_dt
 FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
-def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """float32 values [..., G*32] of MXFP4 `blocks` U8 [..., G, 16] with `scales` U8 [..., G].
 
     Exact in float32 (an FP4 value times a power of two); cast once to the output dtype this gives
     transformers' `convert_moe_packed_tensors` bit for bit (its `ldexp` also rounds once).
     """
-    import torch
-
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    lut = np.array(FP4_VALUES, dtype=np.float32)
     *lead, g, b = blocks.shape
-    out = torch.empty(*lead, g, 2 * b, dtype=torch.float32)
-    out[..., 0::2] = lut[(blocks & 0x0F).long()]
-    out[..., 1::2] = lut[(blocks >> 4).long()]
-    torch.ldexp(out, (scales.to(torch.int32) - 127).unsqueeze(-1), out=out)
+    out = np.empty((*lead, g, 2 * b), dtype=np.float32)
+    out[..., 0::2] = lut[blocks & 0x0F]
+    out[..., 1::2] = lut[blocks >> 4]
+    np.ldexp(out, (scales.astype(np.int32) - 127)[..., None], out=out)
     return out.reshape(*lead, g * 2 * b)
 
 
@@ -119,15 +117,22 @@ class Mxfp4Regroup:
     mxfp4: tuple[tuple[str, str, str], ...]  # (target role, blocks role, scales role)
     cast: tuple[tuple[str, str], ...]  # (target role, source role)
 
+    uses_torch: ClassVar[bool] = False
+
     def outputs(self, bufs: Sequence[bytes | memoryview]) -> list[memoryview]:
         """The expert's bytes of each `dst` unit, from its bytes of each `src` unit (one buffer per read)."""
         shapes = dict(self.role_shape)
-        src: dict[str, torch.Tensor] = {}
+        src: dict[str, np.ndarray] = {}
         for unit, buf in zip(self.src, bufs):
-            src.update(decode(unit, buf, shapes))
+            src.update(decode_arrays(unit, buf, shapes))
+        held = {role: u.dtype for u in self.src for role in u.roles}
         roles = {t: mxfp4_dequantize(src[b], src[s]) for t, b, s in self.mxfp4}
-        roles.update({t: src[r] for t, r in self.cast})
-        return [encode(unit, roles) for unit in self.dst]
+        dtypes = dict.fromkeys(roles, "F32")
+        for t, r in self.cast:
+            roles[t], dtypes[t] = src[r], held[r]
+        shapes = {r: tuple(a.shape) for r, a in roles.items()}  # the target roles' (the source's name others)
+        return [encode_arrays_into(unit, roles, dtypes, memoryview(bytearray(unit_nbytes(unit, shapes))), shapes)
+                for unit in self.dst]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ layout. A tensor the adapter does not touch is a byte copy (or a cast) of the ba
 - modules_to_save tensors: the adapter's copy replaces the base tensor.
 Requantizing pieces measure how much of each delta survived (merge_quant.SURVIVAL). The pieces compute in numpy
 (convert.plan.ndarrays: bf16 and FP8 by integer ops that round as torch does), so a merge never loads torch
-(1-6 s of start-up), except for MXFP4 layers, which dequantize and requantize in torch.
+(1-6 s of start-up).
 
 Refused before anything is written (ConversionError naming the tensor): adapter modules or shapes that do
 not fit the base, LoRA variants a plain merge would get wrong (DoRA, LoRA bias, ...), tensors that are neither
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -65,11 +65,8 @@ from convert.plan.base import (
 from convert.plan.dequant import block_size, fp8_dequantize_into, mxfp4_dequantize
 from convert.plan.expert_groups import ExpertGroup, find_expert_groups
 from convert.plan.merge_quant import FP8_MAX, SURVIVAL, merge_fp8, mxfp4_quantize, squared_norm
-from convert.plan.transforms import Unit, decode, decode_arrays, encode, encode_arrays_into, unit_nbytes
+from convert.plan.transforms import Unit, decode_arrays, encode_arrays_into, unit_nbytes
 from sharding.ep import expert_slices
-
-if TYPE_CHECKING:
-    import torch
 
 ADAPTER_SOURCE = "adapter"  # the extra source name the pieces read adapter files under (convert.io.sources)
 # float32 bytes one expert piece (a run of experts, at least one) works on: 24 MB of bf16 experts, 12 MB of FP8 ones.
@@ -191,24 +188,6 @@ def merge_into(w: np.ndarray, w_dtype: str, a: np.ndarray, b: np.ndarray, s: flo
             d += v
         nd.float32_to_into(d, out_dtype, out[i : i + m], [t[: m * cols].reshape(m, cols) for t in tmp])
     return out
-
-
-def merged_float(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
-    """merge_into's float32 value for torch tensors (MXFP4 layers, which dequantize and requantize in torch)."""
-    import torch
-
-    delta = torch.matmul(b.to(torch.float32), a.to(torch.float32))
-    delta.mul_(s)
-    return delta.add_(w)
-
-
-def _expert_roles(src: Sequence[Unit], bufs: Sequence[bytes | memoryview],
-                  shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """One expert's role tensors (per-expert orientation, torch) from its bytes of each `src` unit."""
-    roles: dict[str, Any] = {}
-    for unit, buf in zip(src, bufs):
-        roles.update(decode(unit, buf, shapes))
-    return roles
 
 
 def _expert_arrays(src: Sequence[Unit], bufs: Sequence[bytes | memoryview],
@@ -961,42 +940,43 @@ class MergeMxfp4:
     dequant: bool = False
     label: str = ""
 
+    uses_torch: ClassVar[bool] = False
+
     def outputs(self, bufs: Sequence[bytes | memoryview]) -> list[memoryview]:
         """The merged bytes of each write, from the bytes of each read."""
         shapes = dict(self.role_shape)
         mx = {t: (b, s) for t, b, s in self.mx}
+        held = {r: u.dtype for u in self.src for r in u.roles}
         n = len(self.src)
         out: list[memoryview] = []
         for i, e in enumerate(self.experts):
-            roles = _expert_roles(self.src, bufs[i * n : (i + 1) * n], shapes)
-            values: dict[str, Any] = {}
+            roles = _expert_arrays(self.src, bufs[i * n : (i + 1) * n], shapes)
+            dtypes = dict(held)
+            values: dict[str, np.ndarray] = {}
             for d in self.deltas:
                 b, s = mx[d.role]
                 w = mxfp4_dequantize(roles[b], roles[s])
-                merged = merged_float(w, _tensor(d.a.float32(bufs, e)), _tensor(d.b.float32(bufs, e)), d.scaling[i])
+                merged = merge_into(w, "F32", d.a.float32(bufs, e), d.b.float32(bufs, e), d.scaling[i],
+                                    np.empty(w.shape, dtype=np.float32), "F32")
                 if self.dequant:
                     values[d.role] = merged
                     continue
-                delta = merged - w
                 q, sc = mxfp4_quantize(merged)
-                SURVIVAL.add(f"{self.label}.experts.{e}.{d.role}", "mxfp4", w, delta, squared_norm(merged),
+                SURVIVAL.add(f"{self.label}.experts.{e}.{d.role}", "mxfp4", w, merged - w, squared_norm(merged),
                              mxfp4_dequantize(q, sc))
                 roles[b], roles[s] = q, sc
             if self.dequant:
                 for t, (b, s) in mx.items():
                     if t not in values:
                         values[t] = mxfp4_dequantize(roles[b], roles[s])
-                values.update({t: roles[r] for t, r in self.cast})
+                dtypes = dict.fromkeys(values, "F32")
+                for t, r in self.cast:
+                    values[t], dtypes[t] = roles[r], held[r]
                 roles = values
-            out += [encode(unit, roles) for unit in self.dst]
+            have = {r: tuple(a.shape) for r, a in roles.items()}  # with --dtype, the target family's roles
+            out += [encode_arrays_into(unit, roles, dtypes, memoryview(bytearray(unit_nbytes(unit, have))), have)
+                    for unit in self.dst]
         return out
-
-
-def _tensor(x: np.ndarray) -> torch.Tensor:
-    """A torch tensor of float32 array `x` (a copy: `x` may be a read-only view of a read buffer)."""
-    import torch
-
-    return torch.from_numpy(np.array(x, dtype=np.float32))
 
 
 def _mx_group_pieces(family: Family, target: Family, group: ExpertGroup, lg: ExpertLoraGroup | None,

@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import torch
 
 WARN_SURVIVED = 0.5  # a requantized delta keeping less than half of itself is mostly below the quantization step
 FP4_MAX = 6.0
@@ -39,16 +35,13 @@ class Survival:
         self._rows: list[tuple[str, str, float, float, float, float]] = []
         self._lock = threading.Lock()
 
-    def add(self, label: str, fmt: str, base: torch.Tensor, delta: torch.Tensor, want2: float,
-            got: torch.Tensor) -> None:
+    def add(self, label: str, fmt: str, base: np.ndarray, delta: np.ndarray, want2: float, got: np.ndarray) -> None:
         """Record one requantized weight: `base` its float32 base values, `delta` merged - base, `want2` the
         squared norm of the merged values, `got` the dequantized requantized values (overwritten)."""
-        import torch
-
-        g = got.sub_(base)
-        dd = float(torch.sum(delta * delta, dtype=torch.float64))
-        gd = float(torch.sum(g * delta, dtype=torch.float64))
-        err = float(torch.sum((g - delta) ** 2, dtype=torch.float64))
+        g = np.subtract(got, base, out=got)
+        dd = float(np.sum(delta * delta, dtype=np.float64))
+        gd = float(np.sum(g * delta, dtype=np.float64))
+        err = float(np.sum((g - delta) ** 2, dtype=np.float64))
         with self._lock:
             self._rows.append((label, fmt, dd, gd, err, want2))
 
@@ -67,11 +60,9 @@ class Survival:
 SURVIVAL = Survival()
 
 
-def squared_norm(x: torch.Tensor) -> float:
+def squared_norm(x: np.ndarray) -> float:
     """sum(x * x) in float64."""
-    import torch
-
-    return float(torch.sum(x * x, dtype=torch.float64))
+    return float(np.sum(x * x, dtype=np.float64))
 
 
 FP8_MAX = 448.0
@@ -89,7 +80,7 @@ def merge_fp8(w: np.ndarray, w_dtype: str, scale: np.ndarray, scale_dtype: str, 
     (`tile_cols` columns, rounded down to whole blocks; TILE_COLS when None, 0: the whole row). `a` [r, cols] and
     `b` [rows, r] are float32. The float32 merge is `w + s * (b @ a)` (the product, scaled, then added), each
     block's fresh scale is amax / 448 (for an E8M0 grid the power of two at or above it; 1 for an all-zero block)
-    and each value `merged / scale`, clamped to +-448, rounded to nearest FP8 (ndarrays.fp8_encode_into, torch's
+    and each value `merged / scale`, clamped to +-448, rounded to nearest FP8 (ndarrays.fp8_round_into / fp8_encode_into, torch's
     own rounding). The tile changes only which bytes are computed together, never a byte of the result.
 
     Returns the survival sums (<d,d>, <g,d>, |g-d|^2, |W+d|^2) of Survival, d the float32 delta and g the
@@ -201,44 +192,40 @@ def survival_lines(rows: list[tuple[str, str, float, float, float, float]]) -> l
     return lines
 
 
-def mxfp4_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mxfp4_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """MXFP4 blocks U8 [..., G, 16] and E8M0 scales U8 [..., G] of float32 `x` [..., G*32] (see the module
     docstring for the scale, the rounding and the nibble order)."""
-    import torch
-
     *lead, n = x.shape
     if n % 32:
         raise ValueError(f"MXFP4 needs a multiple of 32 values per row, got {n}")
-    g = x.reshape(*lead, n // 32, 32).to(torch.float32)
-    amax = g.abs().amax(dim=-1)
+    g = x.reshape(*lead, n // 32, 32).astype(np.float32, copy=False)
+    amax = np.abs(g).max(axis=-1)
     pos = amax > 0
-    k = torch.ceil(torch.log2(torch.where(pos, amax, torch.ones_like(amax)) / FP4_MAX)).to(torch.int32)
+    top = np.float32(FP4_MAX)
+    k = np.ceil(np.log2(np.where(pos, amax, np.float32(1.0)) / top)).astype(np.int32)
     # log2 is rounded: fix k so that it is exactly the smallest with amax <= 6 * 2**k
-    k = torch.where(amax > torch.ldexp(torch.full_like(amax, FP4_MAX), k), k + 1, k)
-    k = torch.where(amax <= torch.ldexp(torch.full_like(amax, FP4_MAX), k - 1), k - 1, k)
-    k = torch.where(pos, k, torch.zeros_like(k)).clamp_(-127, 127)
-    scaled = torch.ldexp(g, (-k).unsqueeze(-1))
-    mag = scaled.abs().clamp_(max=FP4_MAX)
-    mids = torch.tensor(_FP4_MIDPOINTS, dtype=torch.float32)
-    idx = torch.bucketize(mag, mids)  # ties to the lower magnitude ...
-    tie = mag == mids[idx.clamp(max=len(_FP4_MIDPOINTS) - 1)]
-    idx = torch.where(tie & (idx % 2 == 1), idx + 1, idx)  # ... or to the even code
-    codes = (idx | (torch.signbit(scaled).to(idx.dtype) << 3)).to(torch.uint8)
+    with np.errstate(over="ignore"):
+        k = np.where(amax > np.ldexp(top, k), k + 1, k)
+        k = np.where(amax <= np.ldexp(top, k - 1), k - 1, k)
+    k = np.clip(np.where(pos, k, 0), -127, 127).astype(np.int32)
+    scaled = np.ldexp(g, (-k)[..., None])
+    mag = np.minimum(np.abs(scaled), top)
+    mids = np.array(_FP4_MIDPOINTS, dtype=np.float32)
+    idx = np.searchsorted(mids, mag, side="left")  # ties to the lower magnitude ...
+    tie = mag == mids[np.minimum(idx, len(_FP4_MIDPOINTS) - 1)]
+    idx = np.where(tie & (idx % 2 == 1), idx + 1, idx)  # ... or to the even code
+    codes = (idx | (np.signbit(scaled).astype(idx.dtype) << 3)).astype(np.uint8)
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return blocks.contiguous(), (k + 127).to(torch.uint8)
+    return np.ascontiguousarray(blocks), (k + 127).astype(np.uint8)
 
 
-def mxfp4_half_step(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Half the FP4 spacing at each value of float `x` [..., G*32] under its block's E8M0 `scales` [..., G]
-    (0.25, 0.5 or 1 times the block's scale for |x| / scale below 2, 4, or above): the error bound of
+def mxfp4_half_step(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Half the FP4 spacing (float64) at each value of float `x` [..., G*32] under its block's E8M0 `scales`
+    [..., G] (0.25, 0.5 or 1 times the block's scale for |x| / scale below 2, 4, or above): the error bound of
     round-to-nearest."""
-    import torch
-
-    s = torch.ldexp(torch.ones(scales.shape, dtype=torch.float64), scales.to(torch.int32) - 127)
-    s = s.repeat_interleave(32, dim=-1)
-    m = x.double().abs() / s
-    half = torch.where(m < 2, 0.25, torch.where(m < 4, 0.5, 1.0))
-    return half * s
+    s = np.repeat(np.ldexp(np.ones(scales.shape, dtype=np.float64), scales.astype(np.int32) - 127), 32, axis=-1)
+    m = np.abs(x.astype(np.float64)) / s
+    return np.where(m < 2, 0.25, np.where(m < 4, 0.5, 1.0)) * s
 
 
 __all__ = ["FP8_MAX", "SURVIVAL", "Survival", "WARN_SURVIVED", "merge_fp8", "mxfp4_quantize", "mxfp4_half_step", "squared_norm",
