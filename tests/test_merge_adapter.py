@@ -710,3 +710,26 @@ def test_merge_computes_without_torch(tmp_path):
                        "2", *extra)
         _merge(b, a, tmp_path / f"with{i}", *extra)
         _same_files(tmp_path / f"with{i}", tmp_path / f"bare{i}")
+
+
+@pytest.mark.parametrize("w_dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("out_dtype", ["BF16", "F16", "F32"])
+def test_merge_into_rounds_once_as_torch_does(w_dtype, out_dtype, monkeypatch):
+    """merge_into (row tiles, numpy): `w + s * (b @ a)` in float32 in peft's order, rounded once to the output
+    dtype, bit for bit what torch gives for the same product (a ragged last tile of rows included)."""
+    import numpy as np
+
+    from convert.plan import merge as merge_mod
+    from convert.plan import ndarrays as nd
+
+    torch_dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(300, 96, generator=g).to(torch_dtype[w_dtype])
+    a, b = torch.randn(8, 96, generator=g) * 0.1, torch.randn(300, 8, generator=g) * 0.1
+    held = w.numpy() if w_dtype != "BF16" else w.view(torch.int16).numpy().view(np.uint16)
+    out = nd.empty((300, 96), out_dtype)
+    monkeypatch.setattr(merge_mod, "MERGE_TILE", 96 * 64)  # 64-row tiles: 4 full and a ragged one
+    merge_mod.merge_into(held, w_dtype, a.numpy(), b.numpy(), 0.7, out, out_dtype)
+    want = (torch.from_numpy(b.numpy() @ a.numpy()) * 0.7 + w.float()).to(torch_dtype[out_dtype])
+    bits = {"BF16": torch.int16, "F16": torch.int16, "F32": torch.int32}[out_dtype]
+    assert np.array_equal(out.view(want.view(bits).numpy().dtype), want.view(bits).numpy())
