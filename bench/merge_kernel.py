@@ -10,7 +10,7 @@ process and in --procs processes at once (each core's speed when every core merg
 a merge's start-up pays to import its compute library, `import numpy` against `import torch`; and each step of
 merge_fp8 timed alone on one tile, where a machine's time goes. Two kinds of base codes:
 - `random`: uniformly random bytes, NaN codes avoided (bench.dequant's `uniform` codes): 7/128 of them have a zero
-  exponent field and a nonzero mantissa, FP8 subnormals, which the integer decode (convert.plan.dequant) spells
+  exponent field and a nonzero mantissa, FP8 subnormals, which the integer decode (convert.plan.ndarrays) spells
   as float32 subnormals;
 - `quantized`: N(0, 0.02) values quantized with amax / 448 block scales, as released checkpoints are (about 1e-4
   subnormal codes; bench.dequant's default codes are drawn from this distribution).
