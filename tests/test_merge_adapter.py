@@ -719,7 +719,7 @@ def test_merge_into_rounds_once_as_torch_does(w_dtype, out_dtype, monkeypatch):
     dtype, bit for bit what torch gives for the same product (a ragged last tile of rows included)."""
     import numpy as np
 
-    from convert.plan import merge as merge_mod
+    from convert.plan import merge_quant as merge_mod
     from convert.plan import ndarrays as nd
 
     torch_dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}

@@ -38,7 +38,8 @@ def _float32_samples() -> np.ndarray:
         x += [v, mid, np.nextafter(mid, np.float32(np.inf)), np.nextafter(mid, np.float32(-np.inf))]
     x.append(np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 448, 464, 470, 480, 500, 1e30, -1e30, 57344,
                        61439, 61440, 65536], dtype=np.float64))
-    return np.concatenate(x).astype(np.float32)
+    x.append(np.array([0xFFFFFFFF, 0x7FFFFFFF, 0xFF800001], dtype=np.uint32).view(np.float32))  # NaN payloads
+    return np.concatenate([v.astype(np.float32) for v in x])
 
 
 def _bits_of_all(dtype: str) -> np.ndarray:

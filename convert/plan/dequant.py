@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from convert.plan.merge_quant import merge_into
 from convert.plan.ndarrays import NATIVE_FLOATS, STORAGE
 from convert.plan.transforms import Unit, decode_arrays, encode_arrays_into, torch_dtypes, unit_nbytes
 
@@ -62,28 +63,12 @@ def fp8_dequantize(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] 
     return torch.from_numpy(out.view(np.int16)).view(out_dtype)
 
 
-DEQUANT_TILE_SCRATCH = 40  # first of fp8_dequantize_into's 4 thread_scratch slots (float32 and 3 uint32 tiles)
-
-
 def fp8_dequantize_into(w: np.ndarray, w_dtype: str, scale: np.ndarray, scale_dtype: str,
                         block: tuple[int, int], out: np.ndarray, out_dtype: str) -> np.ndarray:
-    """fp8_dequantize in numpy (convert.plan.ndarrays: no torch): FP8 weight `w` [rows, cols] (codes of
-    safetensors `w_dtype`) with its block scale grid (`scale_dtype`), each value times its block's scale rounded
-    once, then rounded to `out_dtype` into `out` (ndarrays' storage); returns `out`. One block row at a time."""
-    from convert.plan import ndarrays as nd
-
-    bm, bn = block
-    rows, cols = w.shape
-    n = min(rows, bm) * cols
-    values = nd.scratch((n,), np.float32, DEQUANT_TILE_SCRATCH)
-    tmp = [nd.scratch((n,), np.uint32, DEQUANT_TILE_SCRATCH + 1 + k) for k in range(3)]
-    grid = nd.to_float32(scale, scale_dtype)
-    for i in range(0, rows, bm):
-        m = min(rows, i + bm) - i
-        v = values[: m * cols].reshape(m, cols)
-        nd.fp8_scaled_into(w[i : i + m], w_dtype, grid[i // bm], bn, v)
-        nd.float32_to_into(v, out_dtype, out[i : i + m], [t[: m * cols].reshape(m, cols) for t in tmp])
-    return out
+    """fp8_dequantize in numpy (no torch): FP8 weight `w` [rows, cols] (codes of safetensors `w_dtype`) with its
+    block scale grid (`scale_dtype`), each value times its block's scale rounded once, then rounded to `out_dtype`
+    into `out` (convert.plan.ndarrays' storage); returns `out`: merge_quant.merge_into without a delta."""
+    return merge_into(w, w_dtype, None, None, 0.0, out, out_dtype, scale, scale_dtype, block)
 
 
 # MXFP4 (OCP microscaling, as transformers' integrations/mxfp4.py unpacks it): 32 values a block share one

@@ -64,7 +64,7 @@ from convert.plan.base import (
 )
 from convert.plan.dequant import block_size, fp8_dequantize_into, mxfp4_dequantize
 from convert.plan.expert_groups import ExpertGroup, find_expert_groups
-from convert.plan.merge_quant import FP8_MAX, SURVIVAL, merge_fp8, mxfp4_quantize, squared_norm
+from convert.plan.merge_quant import FP8_MAX, SURVIVAL, merge_fp8, merge_into, mxfp4_quantize, squared_norm
 from convert.plan.transforms import Unit, decode_arrays, encode_arrays_into, unit_nbytes
 from sharding.ep import expert_slices
 
@@ -78,8 +78,6 @@ RUN_BYTES = 48 << 20
 OUTPUT_SCRATCH = 1
 DELTA_SCRATCH = 2
 DEQUANTIZED_SCRATCH = 30  # first of the slots of --dtype's dequantized FP8 weights without a delta, one each
-MERGE_SCRATCH = 60  # first of merge_into's 5 slots (two float32 and three uint32 row tiles)
-MERGE_TILE = 1 << 18  # float32 elements of merge_into's row tiles (1 MiB: within a core's L2)
 # adapter_config.json keys of LoRA variants whose delta is not scaling * B @ A (or that change which weight
 # it is added to): a merge of such an adapter as plain LoRA would be wrong, so it is refused.
 VARIANT_KEYS = {
@@ -156,38 +154,6 @@ class RoleDelta:
     a: Factor
     b: Factor
     scaling: tuple[float, ...]
-
-
-def merge_into(w: np.ndarray, w_dtype: str, a: np.ndarray, b: np.ndarray, s: float, out: np.ndarray,
-               out_dtype: str, scale: np.ndarray | None = None, scale_dtype: str = "",
-               block: tuple[int, int] = (128, 128)) -> np.ndarray:
-    """`w + s * (b @ a)` computed in float32 in peft's order (the product, scaled, then added: an addmm that adds
-    the scaled product in one GEMM rounds differently from peft's delta) and rounded once to `out_dtype` into
-    `out` (w's shape, as ndarrays holds `out_dtype`); returns `out`. `w` [rows, cols] holds `w_dtype` (an FP8
-    weight with its block `scale` grid of `scale_dtype`: dequantized first, each value times its block's scale);
-    `a` [r, cols] and `b` [rows, r] are float32. Row tiles of about MERGE_TILE elements keep the float32
-    temporaries in this thread's scratch and a core's cache."""
-    rows, cols = w.shape
-    step = block[0] if scale is not None else max(1, MERGE_TILE // max(1, cols))
-    n = min(rows, step) * cols
-    delta, values = (nd.scratch((n,), np.float32, MERGE_SCRATCH + k) for k in range(2))
-    tmp = [nd.scratch((n,), np.uint32, MERGE_SCRATCH + 2 + k) for k in range(3)]
-    grid = nd.to_float32(scale, scale_dtype) if scale is not None else None
-    for i in range(0, rows, step):
-        m = min(rows, i + step) - i
-        d, v = delta[: m * cols].reshape(m, cols), values[: m * cols].reshape(m, cols)
-        nd.matmul_into(b[i : i + m], a, d)
-        d *= np.float32(s)
-        if grid is not None:
-            nd.fp8_scaled_into(w[i : i + m], w_dtype, grid[i // block[0]], block[1], v)
-            d += v
-        elif w_dtype == "F32":
-            d += w[i : i + m]
-        else:
-            nd.float32_into(w[i : i + m], w_dtype, v)
-            d += v
-        nd.float32_to_into(d, out_dtype, out[i : i + m], [t[: m * cols].reshape(m, cols) for t in tmp])
-    return out
 
 
 def _expert_arrays(src: Sequence[Unit], bufs: Sequence[bytes | memoryview],

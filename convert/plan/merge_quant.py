@@ -1,4 +1,6 @@
-"""Requantizing merged weights, and how much of each LoRA delta survives it.
+"""The merge's arithmetic in numpy: `merge_into` (W + s * B @ A rounded once to the output dtype; without a
+delta, a dequantization or cast), `merge_fp8` (merged and requantized to FP8 block scales), and requantizing
+merged weights and how much of each LoRA delta survives it:
 
 - MXFP4 (OCP microscaling, gpt-oss): `mxfp4_quantize` is the inverse of convert.plan.dequant.mxfp4_dequantize:
   per block of 32 values a fresh E8M0 scale 2**k, k the smallest integer with amax / 2**k <= 6 (byte k + 127,
@@ -71,6 +73,47 @@ FP8_BITS_SCRATCH = 50  # first of merge_fp8's 5 slots of the FP8 encoder's tiles
 TILE_COLS = 2048  # merge_fp8's tile width in columns (a multiple of the block's; 0: whole block rows): KERNEL-large.md
 
 
+MERGE_SCRATCH = 60  # first of merge_into's 5 thread_scratch slots (two float32 and three uint32 row tiles)
+MERGE_TILE = 1 << 18  # float32 elements of merge_into's row tiles (1 MiB: within a core's L2)
+
+
+def merge_into(w: np.ndarray, w_dtype: str, a: np.ndarray | None, b: np.ndarray | None, s: float, out: np.ndarray,
+               out_dtype: str, scale: np.ndarray | None = None, scale_dtype: str = "",
+               block: tuple[int, int] = (128, 128)) -> np.ndarray:
+    """`w + s * (b @ a)` computed in float32 in peft's order (the product, scaled, then added: an addmm that adds
+    the scaled product in one GEMM rounds differently from peft's delta) and rounded once to `out_dtype` into
+    `out` (w's shape, as ndarrays holds `out_dtype`); returns `out`. `w` [rows, cols] holds `w_dtype` (an FP8
+    weight with its block `scale` grid of `scale_dtype`: dequantized first, each value times its block's scale);
+    `a` [r, cols] and `b` [rows, r] are float32, or None: w's values alone, rounded (a dequantization, a cast).
+    Row tiles of about MERGE_TILE elements (whole block rows of an FP8 weight) keep the float32 temporaries in
+    this thread's scratch and a core's cache."""
+    from convert.plan import ndarrays as nd
+
+    rows, cols = w.shape
+    step = block[0] if scale is not None else max(1, MERGE_TILE // max(1, cols))
+    n = min(rows, step) * cols
+    delta, values = (nd.scratch((n,), np.float32, MERGE_SCRATCH + k) for k in range(2))
+    tmp = [nd.scratch((n,), np.uint32, MERGE_SCRATCH + 2 + k) for k in range(3)]
+    grid = nd.to_float32(scale, scale_dtype) if scale is not None else None
+    for i in range(0, rows, step):
+        m = min(rows, i + step) - i
+        d, v = delta[: m * cols].reshape(m, cols), values[: m * cols].reshape(m, cols)
+        base = w[i : i + m]
+        if grid is not None:
+            nd.fp8_scaled_into(base, w_dtype, grid[i // block[0]], block[1], v)
+            base = v
+        elif w_dtype != "F32":
+            nd.float32_into(base, w_dtype, v)
+            base = v
+        if a is not None and b is not None:
+            nd.matmul_into(b[i : i + m], a, d)
+            d *= np.float32(s)
+            d += base
+            base = d
+        nd.float32_to_into(base, out_dtype, out[i : i + m], [t[: m * cols].reshape(m, cols) for t in tmp])
+    return out
+
+
 def merge_fp8(w: np.ndarray, w_dtype: str, scale: np.ndarray, scale_dtype: str, a: np.ndarray, b: np.ndarray,
               s: float, block: tuple[int, int], q_out: np.ndarray, scale_out: np.ndarray,
               tile_cols: int | None = None) -> tuple[float, float, float, float]:
@@ -80,7 +123,7 @@ def merge_fp8(w: np.ndarray, w_dtype: str, scale: np.ndarray, scale_dtype: str, 
     (`tile_cols` columns, rounded down to whole blocks; TILE_COLS when None, 0: the whole row). `a` [r, cols] and
     `b` [rows, r] are float32. The float32 merge is `w + s * (b @ a)` (the product, scaled, then added), each
     block's fresh scale is amax / 448 (for an E8M0 grid the power of two at or above it; 1 for an all-zero block)
-    and each value `merged / scale`, clamped to +-448, rounded to nearest FP8 (ndarrays.fp8_round_into / fp8_encode_into, torch's
+    and each value `merged / scale`, clamped to +-448, rounded to nearest FP8 (ndarrays.fp8_round_into, torch's
     own rounding). The tile changes only which bytes are computed together, never a byte of the result.
 
     Returns the survival sums (<d,d>, <g,d>, |g-d|^2, |W+d|^2) of Survival, d the float32 delta and g the

@@ -219,42 +219,32 @@ def bf16_into(x: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
         out[np.isnan(x)] = _BF16_NAN
 
 
-def fp8_encode_into(x: np.ndarray, bits: Fp8Bits, out: np.ndarray, tmp: list[np.ndarray],
-                    finite: bool = False) -> None:
-    """FP8 codes (uint8 `out`) of float32 `x`, as torch converts them (see the module's docstring); `tmp`: three
-    uint32 arrays of x's shape; `finite`: the caller knows every |x| is at most bits.max_finite (no NaN, no
-    overflow), and neither is looked for."""
-    u = x.view(np.uint32)
-    mag, r, s = tmp
-    mant = 23 - bits.shift  # the FP8 format's mantissa bits
-    np.bitwise_and(u, np.uint32(0x7FFFFFFF), out=mag)
-    np.right_shift(mag, np.uint32(bits.shift), out=r)
-    np.bitwise_and(r, np.uint32(1), out=r)
-    np.add(r, mag, out=r)
-    np.add(r, np.uint32((1 << (bits.shift - 1)) - 1), out=r)
-    np.right_shift(r, np.uint32(bits.shift), out=r)
-    np.subtract(r, np.uint32(bits.unbias << mant), out=r)
-    denorm = (bits.unbias + bits.shift + 1) << 23  # the float32 2**(that - 127) the subnormals are added to
-    np.add(mag.view(np.float32), np.uint32(denorm).view(np.float32), out=s.view(np.float32))
-    np.subtract(s, np.uint32(denorm), out=s)
-    np.copyto(r, s, where=mag < np.uint32((bits.unbias + 1) << 23))
-    if not finite:
-        np.minimum(r, np.uint32(bits.top_code), out=r)
-        np.copyto(r, np.uint32(0x7F), where=mag > np.uint32(0x7F800000))
-    np.right_shift(u, np.uint32(24), out=s)
-    np.bitwise_and(s, np.uint32(0x80), out=s)
-    np.bitwise_or(r, s, out=r)
-    np.copyto(out, r, casting="unsafe")
+def fp8_encode_into(x: np.ndarray, bits: Fp8Bits, out: np.ndarray, tmp: list[np.ndarray]) -> None:
+    """FP8 codes (uint8 `out`) of float32 `x`, as torch converts them (see the module's docstring): fp8_round_into,
+    then the few magnitudes that round past the largest finite value (inf included) given `bits.top_code` and
+    NaN 0x7F, the sign kept; `tmp`: three uint32 arrays of x's shape."""
+    rounded = tmp[0].view(np.float32)
+    fp8_round_into(x, bits, out, rounded, [tmp[1], tmp[2].view(np.uint8)[..., ::4]])
+    np.abs(rounded, out=rounded)
+    beyond = ~(rounded <= np.float32(bits.max_finite))
+    if x.size and np.isnan(x.max()):  # a NaN's rounded bits may wrap around to anything
+        beyond |= np.isnan(x)
+    special = np.flatnonzero(beyond)
+    if special.size:
+        at = np.unravel_index(special, x.shape)
+        xs = x[at]
+        code = np.where(np.isnan(xs), np.uint8(0x7F), np.uint8(bits.top_code))
+        out[at] = code | ((xs.view(np.uint32) >> np.uint32(24)) & np.uint32(0x80)).astype(np.uint8)
 
 
 def fp8_round_into(x: np.ndarray, bits: Fp8Bits, codes: np.ndarray, rounded: np.ndarray,
                    tmp: list[np.ndarray]) -> None:
-    """fp8_encode_into for finite float32 `x` [n, m] with every |x| <= bits.max_finite (what a requantization
-    divides out), giving also the values the codes stand for: `codes` (contiguous uint8) get the codes and
-    float32 `rounded` the rounded values (each x to its nearest FP8 value, ties to even: the codes' values, no
-    decoding needed); `tmp`: a uint32 and a uint8 array of x's shape. Normal results round x's own bits at the
-    FP8 mantissa's last bit; the few below the smallest normal (zeros too) are fixed up one by one by c10's
-    float addition."""
+    """float32 `x` rounded to the nearest FP8 value, ties to even, as torch rounds: the codes into uint8 `codes` and
+    the values they stand for into float32 `rounded` (no decoding needed), for every finite |x| up to the largest
+    finite value (what a requantization divides out; fp8_encode_into gives the codes of the others); `tmp`: a
+    uint32 and a uint8 array of x's shape (any arrays of x's shape: strides are free). Normal results round x's
+    own bits at the FP8 mantissa's last bit; the few below the smallest normal (zeros too) are fixed up one by one
+    by c10's float addition."""
     u = x.view(np.uint32)
     r = rounded.view(np.uint32)
     t, sign = tmp
@@ -274,12 +264,13 @@ def fp8_round_into(x: np.ndarray, bits: Fp8Bits, codes: np.ndarray, rounded: np.
     np.abs(x, out=magnitude)
     small = np.flatnonzero(magnitude < np.uint32((bits.unbias + 1) << 23).view(np.float32))  # below 2**(1 - bias)
     if small.size:
-        xs = x.reshape(-1)[small]
+        at = np.unravel_index(small, x.shape)
+        xs = x[at]
         denorm_bits = np.uint32((bits.unbias + bits.shift + 1) << 23)
         s = np.abs(xs) + denorm_bits.view(np.float32)  # the addition rounds onto the FP8 subnormal grid
         code = (s.view(np.uint32) - denorm_bits).astype(np.uint8)
-        codes.reshape(-1)[small] = code | ((xs.view(np.uint32) >> np.uint32(24)) & np.uint32(0x80)).astype(np.uint8)
-        rounded.reshape(-1)[small] = np.copysign(s - denorm_bits.view(np.float32), xs)
+        codes[at] = code | ((xs.view(np.uint32) >> np.uint32(24)) & np.uint32(0x80)).astype(np.uint8)
+        rounded[at] = np.copysign(s - denorm_bits.view(np.float32), xs)
 
 
 def float32_to_into(x: np.ndarray, dtype: str, out: np.ndarray, tmp: list[np.ndarray] | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -98,13 +99,16 @@ class Unit:
         return self.fused is None or self.fused.is_byte_copy
 
 
-def decode(unit: Unit, buf: bytes | memoryview, role_shape: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Split one expert's bytes of `unit` into its roles' tensors in per-expert (nn.Linear) form."""
+def decode(unit: Unit, buf: bytes | memoryview, role_shape: dict[str, tuple[int, ...]],
+           view: Callable[[Any, str, tuple[int, ...]], Any] | None = None) -> dict[str, Any]:
+    """Split one expert's bytes of `unit` into its roles' tensors in per-expert (nn.Linear) form: views of `buf`
+    made by `view` (from_bytes, torch tensors, when None; convert.plan.ndarrays.view for numpy arrays)."""
+    make = view or from_bytes
     if unit.fused is None:
         role = str(unit.role)
-        return {role: from_bytes(buf, unit.dtype, role_shape[role])}
+        return {role: make(buf, unit.dtype, role_shape[role])}
     t = unit.fused
-    whole = from_bytes(buf, unit.dtype, t.pipeline.slice_shape(role_shape[t.parts[0]]))
+    whole = make(buf, unit.dtype, t.pipeline.slice_shape(role_shape[t.parts[0]]))
     return dict(zip(t.parts, t.pipeline.split(whole)))
 
 
@@ -146,12 +150,7 @@ def decode_arrays(unit: Unit, buf: bytes | memoryview, role_shape: dict[str, tup
     """decode() as numpy arrays (convert.plan.ndarrays: bf16 and FP8 as their raw bits), views of `buf`."""
     from convert.plan import ndarrays as nd
 
-    if unit.fused is None:
-        role = str(unit.role)
-        return {role: nd.view(buf, unit.dtype, role_shape[role])}
-    t = unit.fused
-    whole = nd.view(buf, unit.dtype, t.pipeline.slice_shape(role_shape[t.parts[0]]))
-    return dict(zip(t.parts, t.pipeline.split(whole)))
+    return decode(unit, buf, role_shape, nd.view)
 
 
 def encode_arrays_into(unit: Unit, roles: dict[str, Any], dtypes: dict[str, str], buf: memoryview,
