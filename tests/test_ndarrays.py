@@ -3,6 +3,8 @@ ops on numpy arrays against the same ops on torch tensors."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -159,13 +161,23 @@ def test_encode_and_decode_arrays_of_a_fused_unit_cast_on_the_way():
 
 
 def test_single_threaded_blas_finds_numpys_openblas():
-    """The merge's products run with one BLAS thread whatever OPENBLAS_NUM_THREADS said."""
+    """The merge's products run with one BLAS thread whatever OPENBLAS_NUM_THREADS said, in numpy's OpenBLAS
+    and in any other one loaded beside it (scipy's, whose symbols carry no 64_ suffix)."""
     import ctypes
 
+    if importlib.util.find_spec("scipy") is not None:
+        import scipy.linalg  # noqa: F401  (loads scipy's own OpenBLAS where scipy is installed)
     assert nd.single_threaded_blas()
     with open("/proc/self/maps") as maps:
-        path = next(line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line)
-    lib = ctypes.CDLL(path)
-    getter = next(getattr(lib, n) for n in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads")
-                  if hasattr(lib, n))
-    assert getter() == 1
+        paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line})
+    threads = {}
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        getter = next((getattr(lib, n) for n in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+                                                 "openblas_get_num_threads64_", "openblas_get_num_threads")
+                       if hasattr(lib, n)), None)
+        if getter is not None:
+            threads[path] = getter()
+    numpy_libs = [p for p in threads if "numpy" in p]
+    assert numpy_libs, f"numpy's OpenBLAS not among {paths}"
+    assert set(threads.values()) == {1}, threads
