@@ -12,7 +12,8 @@ q/k/v/o_proj, float32 as peft saves float32 LoRA; and a DeepSeek-V3-shaped FP8 M
 Cases, each one command timed end to end (process start-up included), page cache dropped before each where
 allowed and the code pages of python, torch, the tool and the peers read in again (as bench.run takes a cold
 cache: the data cold, the programs not), else posix_fadvise(DONTNEED) of the inputs; outputs deleted after each: `cp -r` of the base; the tool
-at each rank count (`--nproc N --stats`); peft (`from_pretrained` in bf16, `PeftModel.from_pretrained`,
+at each rank count (`--nproc N --stats`); with --ceiling, the tool's byte copy of the same base (`fuse_experts`,
+the same bytes read and written with no compute: what the disk allows a merge); peft (`from_pretrained` in bf16, `PeftModel.from_pretrained`,
 `merge_and_unload`, `save_pretrained`) where it fits memory; tinker-cookbook's shard merge where the package
 is importable (it is not installed by the constraints: reported as not run otherwise). Peak RSS: the tool's
 --stats (VmHWM of every rank), the peer's own VmHWM. Targets: >= 0.8x cp -r end to end at the most ranks,
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fp8-codes", choices=FP8_CODES, default=FP8_CODES[0],
                    help="how the FP8 weights' codes are drawn (bench.dequant.FP8_CODES)")
     p.add_argument("--workers", default="", help="comma-separated --workers values to run the tool with as well")
+    p.add_argument("--ceiling", action="store_true",
+                   help="bf16: also time the tool's byte copy of the same base (fuse_experts) at the most ranks")
     p.add_argument("--ranks", default="", help="comma-separated rank counts of the tool (default: the preset's)")
     args = p.parse_args(argv)
     pre = PRESETS[args.preset]
@@ -261,6 +264,12 @@ def main(argv: list[str] | None = None) -> None:
                              [sys.executable, "-m", "convert.merge_adapter", "--base", str(base), "--adapter", str(adapter),
                               "--dst", str(work / "out"), "--nproc", str(n), "--no-progress", "--stats", str(stats), *more],
                              [base, adapter], work / "out", env, stats)
+            if args.ceiling:  # the same bytes read and written by the tool's byte copies: the disk's bound for a merge
+                n = max(pre.ranks)
+                run_case(rows, f"tool byte copy (fuse_experts) {n} rank(s)",
+                         [sys.executable, "-m", "convert.fuse_experts", "--src", str(base), "--dst", str(work / "out"),
+                          "--nproc", str(n), "--no-progress", "--stats", str(work / "stats-copy.json")],
+                         [base], work / "out", env, work / "stats-copy.json")
             if pre.peer and not args.no_peer:
                 run_case(rows, "peft merge_and_unload + save_pretrained", [sys.executable, "-c", PEER, str(base),
                                                                            str(adapter), str(work / "out")],
