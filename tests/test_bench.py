@@ -249,11 +249,12 @@ def test_quantized_fp8_codes_look_like_a_released_checkpoint():
 
 def test_merge_bench_small_preset(tmp_path):
     """`python -m bench.merge --preset small`: the bf16 case (Qwen3-30B-A3B shapes, peft target_parameters adapter)
-    and the FP8 layer, each against `cp -r` of its input, every run exiting 0 with its data phase and RSS; a peer
-    that is not installed is reported as not run, not silently dropped."""
+    and the FP8 layer, each against `cp -r` of its input, every run exiting 0 with its data phase and RSS, the bf16
+    case with the tool's byte copy of its base beside it (--ceiling); a peer that is not installed is reported as
+    not run, not silently dropped."""
     out = tmp_path / "results"
-    run_tool("bench.merge", "--preset", "small", "--no-peer", "--ranks", "2", "--workdir", str(tmp_path), "--out",
-             str(out), timeout=300)
+    run_tool("bench.merge", "--preset", "small", "--no-peer", "--ranks", "2", "--ceiling", "--workdir", str(tmp_path),
+             "--out", str(out), timeout=300)
     res = json.loads((out / "merge-small.json").read_text())
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("bench-merge-")] == [], "work dir not removed"
     assert len(res["suites"]) == 2 and res["base_gb"] > 0.2
@@ -261,6 +262,9 @@ def test_merge_bench_small_preset(tmp_path):
         by = {r["case"]: r for r in rows}
         assert by["cp -r"]["rc"] == 0 and by["tool 2 rank(s)"]["rc"] == 0
         assert by["tool 2 rank(s)"]["data_s"] > 0 and by["tool 2 rank(s)"]["peak_rss_per_rank"] > 0
-    tinker = next(r for r in next(iter(res["suites"].values())) if r["case"] == "tinker-cookbook shard merge")
+    bf16 = {r["case"]: r for r in next(iter(res["suites"].values()))}
+    copy = bf16["tool byte copy (fuse_experts) 2 rank(s)"]
+    assert copy["rc"] == 0 and copy["data_s"] > 0 and set(copy["phase_thread_s"]) == {"copy"}
+    tinker = bf16["tinker-cookbook shard merge"]
     assert tinker["rc"] == 0 or tinker["error"][0].startswith(("not run", "skipped"))
     assert "tool 2 rank(s) |" in (out / "MERGE-small.md").read_text()
