@@ -11,12 +11,13 @@ q/k/v/o_proj, float32 as peft saves float32 LoRA; and a DeepSeek-V3-shaped FP8 M
 
 Cases, each one command timed end to end (process start-up included), page cache dropped before each where
 allowed and the code pages of python, torch, the tool and the peers read in again (as bench.run takes a cold
-cache: the data cold, the programs not), else posix_fadvise(DONTNEED) of the inputs; outputs deleted after each: `cp -r` of the base; the tool
-at each rank count (`--nproc N --stats`); with --ceiling, the tool's byte copy of the same base (`fuse_experts`,
-the same bytes read and written with no compute: what the disk allows a merge); peft (`from_pretrained` in bf16, `PeftModel.from_pretrained`,
-`merge_and_unload`, `save_pretrained`) where it fits memory; tinker-cookbook's shard merge where the package
-is importable (it is not installed by the constraints: reported as not run otherwise). Peak RSS: the tool's
---stats (VmHWM of every rank), the peer's own VmHWM. Targets: >= 0.8x cp -r end to end at the most ranks,
+cache: the data cold, the programs not), else posix_fadvise(DONTNEED) of the inputs; outputs deleted after each:
+`cp -r` of the base; the tool at each rank count (`--nproc N --stats`); with --ceiling, the tool's byte copy of
+the same base (`fuse_experts`: the same bytes read and written with no compute, what the disk allows a merge);
+peft (`from_pretrained` in bf16, `PeftModel.from_pretrained`, `merge_and_unload`, `save_pretrained`) where it
+fits memory; tinker-cookbook's shard merge where the package is importable (it is not installed by the
+constraints: reported as not run otherwise). Peak RSS: the tool's --stats (VmHWM of every rank), the peer's own
+VmHWM. Targets: >= 0.8x cp -r end to end at the most ranks,
 >= 3x the fastest peer, <= 1 GiB peak RSS per rank. Writes MERGE-<preset>.md and merge-<preset>.json to --out.
 """
 
