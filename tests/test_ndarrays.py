@@ -181,3 +181,17 @@ def test_single_threaded_blas_finds_numpys_openblas():
     numpy_libs = [p for p in threads if "numpy" in p]
     assert numpy_libs, f"numpy's OpenBLAS not among {paths}"
     assert set(threads.values()) == {1}, threads
+
+
+def test_the_merges_modules_import_numpy_without_a_blas_thread_pool():
+    """convert.plan sets OPENBLAS_NUM_THREADS=1 (where unset) before any of its modules imports numpy, so a merge
+    rank or a --nproc parent about to fork starts no thread per core: the process has its main thread alone."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    code = ("import convert.engine.merge_job, os, sys; assert 'numpy' in sys.modules; "
+            "print(os.environ['OPENBLAS_NUM_THREADS'], len(os.listdir('/proc/self/task')))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "1"]

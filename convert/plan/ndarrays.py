@@ -16,15 +16,10 @@ Importing this module costs numpy's import only (0.07 s, against 1-6 s for torch
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Any
 
-# numpy's OpenBLAS starts a thread per core at import unless told otherwise: the merge's products run on the
-# executor's workers (one per core), and a process about to fork its ranks wants no idle pool (launch.local)
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-import numpy as np  # noqa: E402 - after the line above
+import numpy as np  # after convert.plan's OPENBLAS_NUM_THREADS default (the package is imported first)
 
 from convert.formats.safetensors import numel
 from convert.io.memory import thread_scratch
