@@ -48,16 +48,13 @@ def fp8_dequantize(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] 
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """Values of FP8 weight `w` [..., out, in] with its scale grid [..., ceil(out/bm), ceil(in/bn)], each value
     times its block's scale (rounded once, as transformers computes it), cast to `dtype` (float32 when None):
-    fp8_dequantize_into on the tensors' bytes, one [out, in] matrix at a time."""
+    fp8_dequantize_into on the tensors' bytes."""
     import torch
 
     out_dtype = dtype or torch.float32
     out_name = {v: k for k, v in torch_dtypes().items()}[out_dtype]
     (wn, w_name), (sn, s_name) = _held(w), _held(scale)
-    rows, cols = wn.shape[-2:]
-    out = np.empty(wn.shape, dtype=STORAGE[out_name])
-    for wi, si, oi in zip(wn.reshape(-1, rows, cols), sn.reshape(-1, *sn.shape[-2:]), out.reshape(-1, rows, cols)):
-        fp8_dequantize_into(wi, w_name, si, s_name, block, oi, out_name)
+    out = fp8_dequantize_into(wn, w_name, sn, s_name, block, np.empty(wn.shape, dtype=STORAGE[out_name]), out_name)
     if out_name in NATIVE_FLOATS:
         return torch.from_numpy(out)
     return torch.from_numpy(out.view(np.int16)).view(out_dtype)
@@ -65,10 +62,13 @@ def fp8_dequantize(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] 
 
 def fp8_dequantize_into(w: np.ndarray, w_dtype: str, scale: np.ndarray, scale_dtype: str,
                         block: tuple[int, int], out: np.ndarray, out_dtype: str) -> np.ndarray:
-    """fp8_dequantize in numpy (no torch): FP8 weight `w` [rows, cols] (codes of safetensors `w_dtype`) with its
-    block scale grid (`scale_dtype`), each value times its block's scale rounded once, then rounded to `out_dtype`
-    into `out` (convert.plan.ndarrays' storage); returns `out`: merge_quant.merge_into without a delta."""
-    return merge_into(w, w_dtype, None, None, 0.0, out, out_dtype, scale, scale_dtype, block)
+    """fp8_dequantize in numpy (no torch): FP8 weight `w` [..., rows, cols] (codes of safetensors `w_dtype`) with
+    its block scale grid [..., gr, gc] (`scale_dtype`), each value times its block's scale rounded once, then
+    rounded to `out_dtype` into `out` (w's shape, convert.plan.ndarrays' storage); returns `out`:
+    merge_quant.merge_into without a delta, one [rows, cols] matrix (a fused weight's expert) at a time."""
+    for i in np.ndindex(w.shape[:-2]):
+        merge_into(w[i], w_dtype, None, None, 0.0, out[i], out_dtype, scale[i], scale_dtype, block)
+    return out
 
 
 # MXFP4 (OCP microscaling, as transformers' integrations/mxfp4.py unpacks it): 32 values a block share one
@@ -137,13 +137,10 @@ class DequantTensor:
         """The dequantized weight's bytes, from the weight's and the scale's bytes (numpy: no torch needed)."""
         from convert.plan import ndarrays as nd
 
-        rows, cols = self.shape[-2:]
-        w = nd.view(bufs[0], self.dtype, self.shape).reshape(-1, rows, cols)
-        s = nd.view(bufs[1], self.scale_dtype, self.scale_shape).reshape(-1, *self.scale_shape[-2:])
-        out = nd.empty((w.shape[0], rows, cols), self.out_dtype)
-        for i in range(w.shape[0]):  # the experts of a fused weight, one after another
-            fp8_dequantize_into(w[i], self.dtype, s[i], self.scale_dtype, self.block, out[i], self.out_dtype)
-        return [nd.as_bytes(out)]
+        w = nd.view(bufs[0], self.dtype, self.shape)
+        s = nd.view(bufs[1], self.scale_dtype, self.scale_shape)
+        out = nd.empty(self.shape, self.out_dtype)
+        return [nd.as_bytes(fp8_dequantize_into(w, self.dtype, s, self.scale_dtype, self.block, out, self.out_dtype))]
 
 
 @dataclass(frozen=True)

@@ -214,6 +214,11 @@ def bf16_into(x: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
         out[np.isnan(x)] = _BF16_NAN
 
 
+def _sign_bit(xs: np.ndarray) -> np.ndarray:
+    """The FP8 sign bit (0x80 or 0) of each float32 in `xs`, as uint8."""
+    return ((xs.view(np.uint32) >> np.uint32(24)) & np.uint32(0x80)).astype(np.uint8)
+
+
 def fp8_encode_into(x: np.ndarray, bits: Fp8Bits, out: np.ndarray, tmp: list[np.ndarray]) -> None:
     """FP8 codes (uint8 `out`) of float32 `x`, as torch converts them (see the module's docstring): fp8_round_into,
     then the few magnitudes that round past the largest finite value (inf included) given `bits.top_code` and
@@ -229,7 +234,7 @@ def fp8_encode_into(x: np.ndarray, bits: Fp8Bits, out: np.ndarray, tmp: list[np.
         at = np.unravel_index(special, x.shape)
         xs = x[at]
         code = np.where(np.isnan(xs), np.uint8(0x7F), np.uint8(bits.top_code))
-        out[at] = code | ((xs.view(np.uint32) >> np.uint32(24)) & np.uint32(0x80)).astype(np.uint8)
+        out[at] = code | _sign_bit(xs)
 
 
 def fp8_round_into(x: np.ndarray, bits: Fp8Bits, codes: np.ndarray, rounded: np.ndarray,
@@ -264,7 +269,7 @@ def fp8_round_into(x: np.ndarray, bits: Fp8Bits, codes: np.ndarray, rounded: np.
         denorm_bits = np.uint32((bits.unbias + bits.shift + 1) << 23)
         s = np.abs(xs) + denorm_bits.view(np.float32)  # the addition rounds onto the FP8 subnormal grid
         code = (s.view(np.uint32) - denorm_bits).astype(np.uint8)
-        codes[at] = code | ((xs.view(np.uint32) >> np.uint32(24)) & np.uint32(0x80)).astype(np.uint8)
+        codes[at] = code | _sign_bit(xs)
         rounded[at] = np.copysign(s - denorm_bits.view(np.float32), xs)
 
 
