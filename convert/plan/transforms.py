@@ -133,19 +133,6 @@ def unit_nbytes(unit: Unit, role_shape: dict[str, tuple[int, ...]]) -> int:
     return numel(unit_shape(unit, role_shape)) * DTYPE_SIZES[unit.dtype]
 
 
-def encode_into(unit: Unit, roles: dict[str, torch.Tensor], buf: memoryview,
-                role_shape: dict[str, tuple[int, ...]]) -> memoryview:
-    """encode() into `buf` (writable, unit_nbytes(unit) bytes): the cast writes straight into it, where encode
-    allocates a fresh tensor for every expert (a page-faulting mapping of each multi-MB result). Returns `buf`."""
-    dst = from_bytes(buf, unit.dtype, unit_shape(unit, role_shape))
-    if unit.fused is None:
-        dst.copy_(roles[str(unit.role)])
-    else:
-        target = torch_dtypes()[unit.dtype]
-        dst.copy_(unit.fused.pipeline.fuse([roles[p].to(target) for p in unit.fused.parts]))
-    return buf
-
-
 def decode_arrays(unit: Unit, buf: bytes | memoryview, role_shape: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """decode() as numpy arrays (convert.plan.ndarrays: bf16 and FP8 as their raw bits), views of `buf`."""
     from convert.plan import ndarrays as nd
@@ -155,9 +142,10 @@ def decode_arrays(unit: Unit, buf: bytes | memoryview, role_shape: dict[str, tup
 
 def encode_arrays_into(unit: Unit, roles: dict[str, Any], dtypes: dict[str, str], buf: memoryview,
                        role_shape: dict[str, tuple[int, ...]]) -> memoryview:
-    """encode_into() from numpy arrays: `roles` hold elements of `dtypes` (as convert.plan.ndarrays holds them),
-    cast to the unit's dtype where it differs (rounded once, as torch rounds); written straight into the views
-    of `buf` the unit's ops cut it into where they are views, else fused and copied. Returns `buf`."""
+    """encode() from numpy arrays into `buf` (writable, unit_nbytes(unit) bytes; no fresh array per expert):
+    `roles` hold elements of `dtypes` (as convert.plan.ndarrays holds them), cast to the unit's dtype where it
+    differs (rounded once, as torch rounds); written straight into the views of `buf` the unit's ops cut it into
+    where they are views, else fused and copied. Returns `buf`."""
     import numpy as np
 
     from convert.plan import ndarrays as nd
