@@ -16,9 +16,15 @@ cache: the data cold, the programs not), else posix_fadvise(DONTNEED) of the inp
 the same base (`fuse_experts`: the same bytes read and written with no compute, what the disk allows a merge);
 peft (`from_pretrained` in bf16, `PeftModel.from_pretrained`, `merge_and_unload`, `save_pretrained`) where it
 fits memory; tinker-cookbook's shard merge where the package is importable (it is not installed by the
-constraints: reported as not run otherwise). Peak RSS: the tool's --stats (VmHWM of every rank), the peer's own
-VmHWM. Targets: >= 0.8x cp -r end to end at the most ranks,
->= 3x the fastest peer, <= 1 GiB peak RSS per rank. Writes MERGE-<preset>.md and merge-<preset>.json to --out.
+constraints: reported as not run otherwise). Every case ends with its output on disk: `cp -r` runs `sync` on its
+files, the tool fsyncs its own before it commits, and each peer's script fsyncs every file it wrote before it
+exits (its row's `sync_s`: the peer alone would return with those bytes still in the page cache; the report gives
+the ratio without them too). Peak RSS: the tool's --stats (VmHWM of every rank), the peer's own VmHWM. Targets:
+>= 0.8x cp -r end to end at the most ranks, >= 3x the fastest peer, <= 1 GiB peak RSS per rank.
+
+--repeats N runs the bf16 cases in N rounds (cp -r, the tool, the peers in each) and reports medians; --timeline
+samples the disk and CPUs during each case (bench.timeline); --tool-env VAR=VALUE adds the tool with that setting.
+Writes MERGE-<preset>.md and merge-<preset>.json to --out.
 """
 
 from __future__ import annotations
@@ -39,17 +45,26 @@ from typing import Any
 
 import numpy as np
 
+from bench.timeline import Timeline, summary
+
 REPO = Path(__file__).resolve().parent.parent
 PEER = r"""
-import json, sys, time, torch
+import json, os, sys, time, torch
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
 base, adapter, dst = sys.argv[1:4]
 m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
 m = PeftModel.from_pretrained(m, adapter).merge_and_unload()
 m.save_pretrained(dst, max_shard_size="5GB")
+t = time.perf_counter()
+for root, _, names in os.walk(dst):  # the output on disk, as the tool's commit and `cp -r && sync` leave theirs
+    for name in names:
+        fd = os.open(os.path.join(root, name), os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+sync_s = time.perf_counter() - t
 hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-print(json.dumps({"peak_rss_bytes": hwm}))
+print(json.dumps({"peak_rss_bytes": hwm, "sync_s": sync_s}))
 """
 # tinker-cookbook 0.6.1's shard merge: build_hf_model(merge_strategy="shard") from local paths, on an adapter in
 # Tinker's layout (bench.merge_peers.write_tinker_adapter). tinker_cookbook/weights/__init__.py also imports
@@ -57,7 +72,7 @@ print(json.dumps({"peak_rss_bytes": hwm}))
 # package stands in without its __init__, so only the merge path's own modules load (torch, transformers,
 # safetensors). It loads the adapter onto CUDA where available (its own default), the shards on the CPU.
 TINKER = r"""
-import json, os, sys, types
+import json, os, sys, time, types
 import tinker_cookbook
 base, adapter, dst = sys.argv[1:4]
 pkg = types.ModuleType("tinker_cookbook.weights")
@@ -66,8 +81,16 @@ sys.modules["tinker_cookbook.weights"] = pkg
 from tinker_cookbook.weights._export import build_hf_model
 import torch
 build_hf_model(base_model=base, adapter_path=adapter, output_path=dst, merge_strategy="shard")
+t = time.perf_counter()
+for root, _, names in os.walk(dst):  # the output on disk, as the tool's commit and `cp -r && sync` leave theirs
+    for name in names:
+        fd = os.open(os.path.join(root, name), os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+sync_s = time.perf_counter() - t
 hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-print(json.dumps({"peak_rss_bytes": hwm, "adapter_device": "cuda" if torch.cuda.is_available() else "cpu"}))
+print(json.dumps({"peak_rss_bytes": hwm, "sync_s": sync_s,
+                  "adapter_device": "cuda" if torch.cuda.is_available() else "cpu"}))
 """
 
 
@@ -170,11 +193,19 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.Comple
 
 
 def run_case(rows: list[dict[str, Any]], name: str, cmd: list[str], inputs: list[Path], out: Path,
-             env: dict[str, str], stats: Path | None = None) -> None:
+             env: dict[str, str], stats: Path | None = None, sample: bool = False, round_: int = 0) -> None:
+    """Run one case cold (drop), time it, and append its row: seconds, rc, the tool's --stats (peak RSS per rank,
+    thread seconds per phase, data phase) or a peer's own JSON line, with `sample` the machine's timeline
+    (bench.timeline) of the disk holding `out`."""
     shutil.rmtree(out, ignore_errors=True)
     cache = drop(inputs, env)
-    seconds, proc = timed(cmd, env)
+    with Timeline(out.parent, 0.25 if sample else 0.0) as tl:
+        seconds, proc = timed(cmd, env)
     row: dict[str, Any] = {"case": name, "seconds": round(seconds, 3), "rc": proc.returncode, "cache": cache}
+    if round_:
+        row["round"] = round_
+    if sample:
+        row["timeline"] = tl.result()
     if proc.returncode != 0:
         row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
     if stats is not None and stats.exists():
@@ -192,28 +223,91 @@ def run_case(rows: list[dict[str, Any]], name: str, cmd: list[str], inputs: list
             proc.stdout.strip().splitlines()[-1].startswith("{"):
         last = json.loads(proc.stdout.strip().splitlines()[-1])
         row["peak_rss_per_rank"] = last["peak_rss_bytes"]
-        if "adapter_device" in last:
-            row["adapter_device"] = last["adapter_device"]
+        for key in ("adapter_device", "sync_s"):
+            if key in last:
+                row[key] = round(last[key], 3) if key == "sync_s" else last[key]
     rows.append(row)
     print(json.dumps(row), flush=True)
     shutil.rmtree(out, ignore_errors=True)
 
 
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def peer_ratios(rows: list[dict[str, Any]]) -> list[str]:
+    """The tool at its most ranks against the fastest peer: in each round that timed both, and of the medians."""
+    def ok(r: dict[str, Any]) -> bool:
+        return r["rc"] == 0 and r["seconds"] > 0
+
+    tools = [r for r in rows if ok(r) and r["case"].startswith("tool ") and "rank(s)" in r["case"]
+             and "," not in r["case"] and "byte copy" not in r["case"]]
+    peers = [r for r in rows if ok(r) and not r["case"].startswith(("tool ", "cp "))]
+    if not tools or not peers:
+        return []
+    most = max(int(r["case"].split()[1]) for r in tools)
+    name = f"tool {most} rank(s)"
+    def unsynced(r: dict[str, Any]) -> float:
+        return float(r["seconds"] - r.get("sync_s", 0.0))
+
+    lines = []
+    for k in sorted({r.get("round", 0) for r in rows}):
+        t = [r["seconds"] for r in tools if r["case"] == name and r.get("round", 0) == k]
+        p = [r for r in peers if r.get("round", 0) == k]
+        if t and p:
+            f = min(p, key=lambda r: r["seconds"])
+            lines.append(f"- round {k}: {name} {t[0]:.2f} s; fastest peer {f['seconds']:.2f} s, {unsynced(f):.2f} s "
+                         f"before its fsync: {f['seconds'] / t[0]:.2f}x ({unsynced(f) / t[0]:.2f}x)")
+    t_med = _median([r["seconds"] for r in tools if r["case"] == name])
+    by_peer: dict[str, list[dict[str, Any]]] = {}
+    for r in peers:
+        by_peer.setdefault(r["case"], []).append(r)
+    peer, p_rows = min(by_peer.items(), key=lambda cv: _median([r["seconds"] for r in cv[1]]))
+    p_med, p_uns = _median([r["seconds"] for r in p_rows]), _median([unsynced(r) for r in p_rows])
+    lines.append(f"- medians: {name} {t_med:.2f} s; {peer} {p_med:.2f} s, {p_uns:.2f} s before its fsync: "
+                 f"**{p_med / t_med:.2f}x** ({p_uns / t_med:.2f}x)")
+    return lines
+
+
 def markdown(res: dict[str, Any]) -> str:
+    """The report: every row (each against `cp -r` of its own round), then, with rounds, each case's median, the
+    tool against the fastest peer, and the timelines' one-line summaries."""
     base = f"bf16 base {res['base_gb']:.2f} GB; " if res["base_gb"] else ""  # 0: the FP8 case alone
     lines = [f"# convert.merge_adapter, preset {res['preset']}", "", base + res["env"], "",
              "| case | seconds | vs cp -r | data phase s | peak RSS / rank | thread s: read/compute/write/copy | rc |",
              "|---|---|---|---|---|---|---|"]
     for suite, rows in res["suites"].items():
-        cp = next((r["seconds"] for r in rows if r["case"].startswith("cp")), None)
+        cps = {r.get("round", 0): r["seconds"] for r in rows if r["case"].startswith("cp")}
         for r in rows:
+            cp = cps.get(r.get("round", 0))
             ratio = f"{cp / r['seconds']:.2f}x" if cp and r["rc"] == 0 else "-"
             rss = f"{r['peak_rss_per_rank'] / 2**20:.0f} MiB" if "peak_rss_per_rank" in r else "-"
-            data = f"{r['data_s']:.2f}" if "data_s" in r else "-"
+            data = f"{r['data_s']:.2f}" if "data_s" in r else f"(fsync {r['sync_s']:.2f})" if "sync_s" in r else "-"
             ph = r.get("phase_thread_s") or {}
             threads = "/".join(f"{ph.get(k, 0):.1f}" for k in ("read", "compute", "write", "copy")) if ph else "-"
             case = r["case"] + (f" (adapter on {r['adapter_device']})" if "adapter_device" in r else "")
+            case += f", round {r['round']}" if "round" in r else ""
             lines.append(f"| {suite}: {case} | {r['seconds']:.2f} | {ratio} | {data} | {rss} | {threads} | {r['rc']} |")
+    for suite, rows in res["suites"].items():
+        if any("round" in r for r in rows):
+            lines += ["", f"Medians, {suite}:", "", "| case | runs | median s | vs median cp -r |", "|---|---|---|---|"]
+            by: dict[str, list[float]] = {}
+            for r in rows:
+                if r["rc"] == 0:
+                    by.setdefault(r["case"], []).append(r["seconds"])
+            cp_med = _median(by["cp -r"]) if by.get("cp -r") else 0.0
+            for case, secs in by.items():
+                ratio = f"{cp_med / _median(secs):.2f}x" if cp_med else "-"
+                lines.append(f"| {case} | {len(secs)} | {_median(secs):.2f} | {ratio} |")
+        ratios = peer_ratios(rows)
+        if ratios:
+            lines += ["", f"Against the fastest peer, {suite}:", "", *ratios]
+        sampled = [r for r in rows if r.get("timeline")]
+        if sampled:
+            lines += ["", f"Timelines (bench.timeline, every {sampled[0]['timeline']['interval']} s), {suite}:", ""]
+            lines += [f"- {r['case']}" + (f", round {r['round']}" if "round" in r else "") + f": {summary(r['timeline'])}"
+                      for r in sampled]
     return "\n".join(lines) + "\n"
 
 
@@ -236,6 +330,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ceiling", action="store_true",
                    help="bf16: also time the tool's byte copy of the same base (fuse_experts) at the most ranks")
     p.add_argument("--ranks", default="", help="comma-separated rank counts of the tool (default: the preset's)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="bf16: run every case this many times, in rounds (each round: cp -r, the tool, the peers); the "
+                        "report adds each case's median and the ratios of medians")
+    p.add_argument("--tool-env", action="append", default=[], metavar="VAR=VALUE",
+                   help="bf16: also run the tool at the most ranks with this variable set (repeatable: one case each)")
+    p.add_argument("--timeline", action="store_true",
+                   help="bf16: sample the disk's read/write rates, busy CPUs and dirty pages during each case "
+                        "(bench.timeline), into its row")
     args = p.parse_args(argv)
     pre = PRESETS[args.preset]
     if args.ranks:
@@ -255,37 +357,50 @@ def main(argv: list[str] | None = None) -> None:
             base, adapter = work / "base", work / "adapter"
             res["base_gb"] = write_bf16_case(base, adapter, pre.layers, pre.experts, pre.vocab)
             rows: list[dict[str, Any]] = []
-            run_case(rows, "cp -r", ["bash", "-c", f'cp -r "{base}" "{work / "out"}" && sync "{work / "out"}"/*'],
-                     [base], work / "out", env)
-            for n in pre.ranks:
-                for workers in [None, *extra_workers]:
-                    stats = work / f"stats-{n}.json"
-                    more = ["--workers", str(workers)] if workers else []
-                    run_case(rows, f"tool {n} rank(s)" + (f", --workers {workers}" if workers else ""),
-                             [sys.executable, "-m", "convert.merge_adapter", "--base", str(base), "--adapter", str(adapter),
-                              "--dst", str(work / "out"), "--nproc", str(n), "--no-progress", "--stats", str(stats), *more],
-                             [base, adapter], work / "out", env, stats)
-            if args.ceiling:  # the same bytes read and written by the tool's byte copies: the disk's bound for a merge
-                n = max(pre.ranks)
-                run_case(rows, f"tool byte copy (fuse_experts) {n} rank(s)",
-                         [sys.executable, "-m", "convert.fuse_experts", "--src", str(base), "--dst", str(work / "out"),
-                          "--nproc", str(n), "--no-progress", "--stats", str(work / "stats-copy.json")],
-                         [base], work / "out", env, work / "stats-copy.json")
-            if pre.peer and not args.no_peer:
-                run_case(rows, "peft merge_and_unload + save_pretrained", [sys.executable, "-c", PEER, str(base),
-                                                                           str(adapter), str(work / "out")],
-                         [base, adapter], work / "out", env)
-            if args.no_tinker or not importlib.util.find_spec("tinker_cookbook"):
-                why = "skipped (--no-tinker)" if args.no_tinker else "not run: tinker-cookbook is not installed"
-                rows.append({"case": "tinker-cookbook shard merge", "seconds": 0.0, "rc": -1, "error": [why]})
-            else:
+            tinker = not args.no_tinker and importlib.util.find_spec("tinker_cookbook") is not None
+            if tinker:
                 from bench.merge_peers import tinker_env, write_tinker_adapter
 
                 tinker_adapter = work / "tinker-adapter"
                 write_tinker_adapter(adapter, tinker_adapter)
-                run_case(rows, "tinker-cookbook shard merge", [sys.executable, "-c", TINKER, str(base), str(tinker_adapter),
-                                                               str(work / "out")],
-                         [base, tinker_adapter], work / "out", tinker_env(env))
+            for k in range(1, args.repeats + 1):
+                r = k if args.repeats > 1 else 0
+                run_case(rows, "cp -r", ["bash", "-c", f'cp -r "{base}" "{work / "out"}" && sync "{work / "out"}"/*'],
+                         [base], work / "out", env, sample=args.timeline, round_=r)
+                tool = [sys.executable, "-m", "convert.merge_adapter", "--base", str(base), "--adapter", str(adapter),
+                        "--dst", str(work / "out"), "--no-progress"]
+                for n in pre.ranks:
+                    for workers in [None, *extra_workers]:
+                        stats = work / f"stats-{n}.json"
+                        more = ["--workers", str(workers)] if workers else []
+                        run_case(rows, f"tool {n} rank(s)" + (f", --workers {workers}" if workers else ""),
+                                 [*tool, "--nproc", str(n), "--stats", str(stats), *more],
+                                 [base, adapter], work / "out", env, stats, sample=args.timeline, round_=r)
+                n = max(pre.ranks)
+                for assignment in args.tool_env:  # the same command at the most ranks, one variable set
+                    key, _, value = assignment.partition("=")
+                    stats = work / f"stats-env-{n}.json"
+                    run_case(rows, f"tool {n} rank(s), {assignment}", [*tool, "--nproc", str(n), "--stats", str(stats)],
+                             [base, adapter], work / "out", dict(env, **{key: value}), stats, sample=args.timeline,
+                             round_=r)
+                if args.ceiling:  # the same bytes read and written by the tool's byte copies: the disk's bound
+                    run_case(rows, f"tool byte copy (fuse_experts) {n} rank(s)",
+                             [sys.executable, "-m", "convert.fuse_experts", "--src", str(base), "--dst",
+                              str(work / "out"), "--nproc", str(n), "--no-progress", "--stats",
+                              str(work / "stats-copy.json")],
+                             [base], work / "out", env, work / "stats-copy.json", sample=args.timeline, round_=r)
+                if pre.peer and not args.no_peer:
+                    run_case(rows, "peft merge_and_unload + save_pretrained", [sys.executable, "-c", PEER, str(base),
+                                                                               str(adapter), str(work / "out")],
+                             [base, adapter], work / "out", env, round_=r)
+                if tinker:
+                    run_case(rows, "tinker-cookbook shard merge", [sys.executable, "-c", TINKER, str(base),
+                                                                   str(tinker_adapter), str(work / "out")],
+                             [base, tinker_adapter], work / "out", tinker_env(env), sample=args.timeline, round_=r)
+            if not tinker:
+                why = "skipped (--no-tinker)" if args.no_tinker else "not run: tinker-cookbook is not installed"
+                rows.append({"case": "tinker-cookbook shard merge", "seconds": 0.0, "rc": -1, "error": [why]})
+            else:
                 shutil.rmtree(tinker_adapter, ignore_errors=True)
             res["suites"]["qwen3-30b-a3b bf16, peft target_parameters r16 + attention"] = rows
             (out_dir / f"merge-{args.preset}.json").write_text(json.dumps(res, indent=2))

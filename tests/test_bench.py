@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
+from bench.timeline import block_device
 from helpers import run_tool
 
 # minutes of the default run on 2 cores: run by .ci/run after it (`python -m pytest -q -m bench`)
@@ -253,8 +255,8 @@ def test_merge_bench_small_preset(tmp_path):
     case with the tool's byte copy of its base beside it (--ceiling); a peer that is not installed is reported as
     not run, not silently dropped."""
     out = tmp_path / "results"
-    run_tool("bench.merge", "--preset", "small", "--no-peer", "--ranks", "2", "--ceiling", "--workdir", str(tmp_path),
-             "--out", str(out), timeout=300)
+    run_tool("bench.merge", "--preset", "small", "--no-peer", "--ranks", "2", "--ceiling", "--timeline", "--workdir",
+             str(tmp_path), "--out", str(out), timeout=300)
     res = json.loads((out / "merge-small.json").read_text())
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("bench-merge-")] == [], "work dir not removed"
     assert len(res["suites"]) == 2 and res["base_gb"] > 0.2
@@ -267,4 +269,30 @@ def test_merge_bench_small_preset(tmp_path):
     assert copy["rc"] == 0 and copy["data_s"] > 0 and set(copy["phase_thread_s"]) == {"copy"}
     tinker = bf16["tinker-cookbook shard merge"]
     assert tinker["rc"] == 0 or tinker["error"][0].startswith(("not run", "skipped"))
+    assert tinker["rc"] != 0 or tinker["sync_s"] >= 0  # the peer's output fsynced before it exits, and timed
+    if Path("/proc/diskstats").exists() and block_device(tmp_path) is not None:
+        assert len(bf16["tool 2 rank(s)"]["timeline"]["t"]) >= 2
     assert "tool 2 rank(s) |" in (out / "MERGE-small.md").read_text()
+
+
+def test_merge_report_rounds_and_peer_ratios():
+    """bench.merge's report of rounds: each row against its own round's `cp -r`, each case's median, and the tool
+    at its most ranks against the fastest peer per round and of the medians, with and without the peer's fsync."""
+    from bench.merge import markdown, peer_ratios
+
+    rows = []
+    for k, (cp, t16, t4, peer, sync) in enumerate([(20.0, 10.0, 12.0, 40.0, 4.0), (10.0, 12.0, 14.0, 30.0, 2.0),
+                                                   (15.0, 11.0, 13.0, 50.0, 6.0)], start=1):
+        rows += [{"case": "cp -r", "seconds": cp, "rc": 0, "round": k},
+                 {"case": "tool 16 rank(s)", "seconds": t16, "rc": 0, "round": k},
+                 {"case": "tool 4 rank(s)", "seconds": t4, "rc": 0, "round": k},
+                 {"case": "tool byte copy (fuse_experts) 16 rank(s)", "seconds": 5.0, "rc": 0, "round": k},
+                 {"case": "tinker-cookbook shard merge", "seconds": peer, "rc": 0, "round": k, "sync_s": sync}]
+    lines = peer_ratios(rows)
+    assert lines[0] == "- round 1: tool 16 rank(s) 10.00 s; fastest peer 40.00 s, 36.00 s before its fsync: 4.00x (3.60x)"
+    assert lines[-1] == ("- medians: tool 16 rank(s) 11.00 s; tinker-cookbook shard merge 40.00 s, 36.00 s before its "
+                         "fsync: **3.64x** (3.27x)")
+    md = markdown({"preset": "t", "env": "16 cores", "base_gb": 1.0, "suites": {"s": rows}})
+    assert "| s: tool 16 rank(s), round 2 | 12.00 | 0.83x |" in md  # against round 2's cp -r (10 s)
+    assert "| tool 16 rank(s) | 3 | 11.00 | 1.36x |" in md  # median cp -r 15 s
+    assert "(fsync 4.00)" in md
