@@ -23,7 +23,8 @@ the ratio without them too). Peak RSS: the tool's --stats (VmHWM of every rank),
 >= 0.8x cp -r end to end at the most ranks, >= 3x the fastest peer, <= 1 GiB peak RSS per rank.
 
 --repeats N runs the bf16 cases in N rounds (cp -r, the tool, the peers in each) and reports medians; --timeline
-samples the disk and CPUs during each case (bench.timeline); --tool-env VAR=VALUE adds the tool with that setting.
+samples the disk and CPUs during each case (bench.timeline); --tool-env VAR=VALUE adds the tool with that setting,
+--tool-tree DIR the tool from another checkout.
 Writes MERGE-<preset>.md and merge-<preset>.json to --out.
 """
 
@@ -186,21 +187,23 @@ def drop(paths: list[Path], env: dict[str, str]) -> str:
     return cold_cache(paths, True, 0.0, WARM, env, REPO)
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess[str]]:
+def timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, subprocess.CompletedProcess[str]]:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
     return time.perf_counter() - t0, proc
 
 
 def run_case(rows: list[dict[str, Any]], name: str, cmd: list[str], inputs: list[Path], out: Path,
-             env: dict[str, str], stats: Path | None = None, sample: bool = False, round_: int = 0) -> None:
+             env: dict[str, str], stats: Path | None = None, sample: bool = False, round_: int = 0,
+             cwd: Path | None = None) -> None:
     """Run one case cold (drop), time it, and append its row: seconds, rc, the tool's --stats (peak RSS per rank,
     thread seconds per phase, data phase) or a peer's own JSON line, with `sample` the machine's timeline
-    (bench.timeline) of the disk holding `out`."""
+    (bench.timeline) of the disk holding `out`; `cwd`: where the command runs (a `python -m` imports from there
+    first)."""
     shutil.rmtree(out, ignore_errors=True)
     cache = drop(inputs, env)
     with Timeline(out.parent, 0.25 if sample else 0.0) as tl:
-        seconds, proc = timed(cmd, env)
+        seconds, proc = timed(cmd, env, cwd)
     row: dict[str, Any] = {"case": name, "seconds": round(seconds, 3), "rc": proc.returncode, "cache": cache}
     if round_:
         row["round"] = round_
@@ -275,8 +278,9 @@ def markdown(res: dict[str, Any]) -> str:
     tool against the fastest peer, and the timelines' one-line summaries."""
     base = f"bf16 base {res['base_gb']:.2f} GB; " if res["base_gb"] else ""  # 0: the FP8 case alone
     lines = [f"# convert.merge_adapter, preset {res['preset']}", "", base + res["env"], "",
-             "| case | seconds | vs cp -r | data phase s | peak RSS / rank | thread s: read/compute/write/copy | rc |",
-             "|---|---|---|---|---|---|---|"]
+             "| case | seconds | vs cp -r | data phase s | peak RSS / rank | thread s: read/compute/write/copy/writeback "
+             "| rank s: prefetch thread/wait | rc |",
+             "|---|---|---|---|---|---|---|---|"]
     for suite, rows in res["suites"].items():
         cps = {r.get("round", 0): r["seconds"] for r in rows if r["case"].startswith("cp")}
         for r in rows:
@@ -285,10 +289,13 @@ def markdown(res: dict[str, Any]) -> str:
             rss = f"{r['peak_rss_per_rank'] / 2**20:.0f} MiB" if "peak_rss_per_rank" in r else "-"
             data = f"{r['data_s']:.2f}" if "data_s" in r else f"(fsync {r['sync_s']:.2f})" if "sync_s" in r else "-"
             ph = r.get("phase_thread_s") or {}
-            threads = "/".join(f"{ph.get(k, 0):.1f}" for k in ("read", "compute", "write", "copy")) if ph else "-"
+            threads = "/".join(f"{ph.get(k, 0):.1f}" for k in ("read", "compute", "write", "copy", "writeback")) \
+                if ph else "-"
+            rank = "/".join(f"{ph.get(k, 0):.1f}" for k in ("prefetch", "wait")) if ph else "-"
             case = r["case"] + (f" (adapter on {r['adapter_device']})" if "adapter_device" in r else "")
             case += f", round {r['round']}" if "round" in r else ""
-            lines.append(f"| {suite}: {case} | {r['seconds']:.2f} | {ratio} | {data} | {rss} | {threads} | {r['rc']} |")
+            lines.append(f"| {suite}: {case} | {r['seconds']:.2f} | {ratio} | {data} | {rss} | {threads} | {rank} "
+                         f"| {r['rc']} |")
     for suite, rows in res["suites"].items():
         if any("round" in r for r in rows):
             lines += ["", f"Medians, {suite}:", "", "| case | runs | median s | vs median cp -r |", "|---|---|---|---|"]
@@ -335,6 +342,9 @@ def main(argv: list[str] | None = None) -> None:
                         "report adds each case's median and the ratios of medians")
     p.add_argument("--tool-env", action="append", default=[], metavar="VAR=VALUE",
                    help="bf16: also run the tool at the most ranks with this variable set (repeatable: one case each)")
+    p.add_argument("--tool-tree", action="append", default=[], metavar="DIR",
+                   help="bf16: also run the tool at the most ranks from this source tree (another checkout of the "
+                        "repository; repeatable: one case each)")
     p.add_argument("--timeline", action="store_true",
                    help="bf16: sample the disk's read/write rates, busy CPUs and dirty pages during each case "
                         "(bench.timeline), into its row")
@@ -383,6 +393,12 @@ def main(argv: list[str] | None = None) -> None:
                     run_case(rows, f"tool {n} rank(s), {assignment}", [*tool, "--nproc", str(n), "--stats", str(stats)],
                              [base, adapter], work / "out", dict(env, **{key: value}), stats, sample=args.timeline,
                              round_=r)
+                for tree in args.tool_tree:  # the same command from another checkout (an A/B of code in one run)
+                    stats = work / f"stats-tree-{n}.json"
+                    path = Path(tree).resolve()
+                    run_case(rows, f"tool {n} rank(s), tree {tree}", [*tool, "--nproc", str(n), "--stats", str(stats)],
+                             [base, adapter], work / "out", dict(env, PYTHONPATH=str(path)), stats,
+                             sample=args.timeline, round_=r, cwd=path)
                 if args.ceiling:  # the same bytes read and written by the tool's byte copies: the disk's bound
                     run_case(rows, f"tool byte copy (fuse_experts) {n} rank(s)",
                              [sys.executable, "-m", "convert.fuse_experts", "--src", str(base), "--dst",

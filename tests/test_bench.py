@@ -266,7 +266,8 @@ def test_merge_bench_small_preset(tmp_path):
         assert by["tool 2 rank(s)"]["data_s"] > 0 and by["tool 2 rank(s)"]["peak_rss_per_rank"] > 0
     bf16 = {r["case"]: r for r in next(iter(res["suites"].values()))}
     copy = bf16["tool byte copy (fuse_experts) 2 rank(s)"]
-    assert copy["rc"] == 0 and copy["data_s"] > 0 and set(copy["phase_thread_s"]) == {"copy"}
+    assert copy["rc"] == 0 and copy["data_s"] > 0 and "copy" in copy["phase_thread_s"]
+    assert not {"read", "compute", "write"} & set(copy["phase_thread_s"])  # a byte copy: no piece reads or computes
     tinker = bf16["tinker-cookbook shard merge"]
     assert tinker["rc"] == 0 or tinker["error"][0].startswith(("not run", "skipped"))
     assert tinker["rc"] != 0 or tinker["sync_s"] >= 0  # the peer's output fsynced before it exits, and timed

@@ -92,6 +92,18 @@ def _stats_of(src: Path, dst: Path, extra: list[str], nproc: int | None = None) 
     return stats
 
 
+def test_stats_account_each_ranks_streaming_time(example, tmp_path):
+    """--stats `phase_seconds`: the workers' phases (a byte copy's `copy`, `writeback`) sum to at most --workers
+    times the rank's data phase, the prefetch thread's `prefetch` and the calling thread's `wait` each to at most
+    the data phase."""
+    stats = _stats_of(example, tmp_path / "out", ["--nproc", "2", "--workers", "2"])
+    for r in json.loads(stats.read_text())["ranks"]:
+        ph, (a, b) = r["phase_seconds"], r["data_span"]
+        assert {"copy", "writeback", "prefetch", "wait"} <= set(ph) and min(ph.values()) >= 0
+        assert sum(v for k, v in ph.items() if k not in ("prefetch", "wait")) <= 2 * (b - a) + 0.01
+        assert ph["prefetch"] <= b - a + 0.01 and ph["wait"] <= b - a + 0.01
+
+
 @pytest.mark.parametrize("launcher", ["nproc", "torchrun"])
 def test_each_rank_is_sent_only_its_own_pieces(example, one_rank, tmp_path, launcher):
     """Rank 0 plans and sends each rank its own part (launch.dist.Dist.scatter, in both groups): a rank
