@@ -49,14 +49,9 @@ import numpy as np
 from bench.timeline import Timeline, summary
 
 REPO = Path(__file__).resolve().parent.parent
-PEER = r"""
-import json, os, sys, time, torch
-from transformers import AutoModelForCausalLM
-from peft import PeftModel
-base, adapter, dst = sys.argv[1:4]
-m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-m = PeftModel.from_pretrained(m, adapter).merge_and_unload()
-m.save_pretrained(dst, max_shard_size="5GB")
+# The end of each peer's script: its output fsynced (timed: `sync_s`) and one JSON line of peak RSS, `sync_s` and
+# the script's own `report`.
+SYNCED_EXIT = r"""
 t = time.perf_counter()
 for root, _, names in os.walk(dst):  # the output on disk, as the tool's commit and `cp -r && sync` leave theirs
     for name in names:
@@ -65,8 +60,18 @@ for root, _, names in os.walk(dst):  # the output on disk, as the tool's commit 
         os.close(fd)
 sync_s = time.perf_counter() - t
 hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-print(json.dumps({"peak_rss_bytes": hwm, "sync_s": sync_s}))
+print(json.dumps({"peak_rss_bytes": hwm, "sync_s": sync_s, **report}))
 """
+PEER = r"""
+import json, os, sys, time, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base, adapter, dst = sys.argv[1:4]
+m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+m = PeftModel.from_pretrained(m, adapter).merge_and_unload()
+m.save_pretrained(dst, max_shard_size="5GB")
+report = {}
+""" + SYNCED_EXIT
 # tinker-cookbook 0.6.1's shard merge: build_hf_model(merge_strategy="shard") from local paths, on an adapter in
 # Tinker's layout (bench.merge_peers.write_tinker_adapter). tinker_cookbook/weights/__init__.py also imports
 # weights.download (the Tinker SDK and pyrage) and the Hub publishing helpers, which the merge never calls: the
@@ -82,17 +87,8 @@ sys.modules["tinker_cookbook.weights"] = pkg
 from tinker_cookbook.weights._export import build_hf_model
 import torch
 build_hf_model(base_model=base, adapter_path=adapter, output_path=dst, merge_strategy="shard")
-t = time.perf_counter()
-for root, _, names in os.walk(dst):  # the output on disk, as the tool's commit and `cp -r && sync` leave theirs
-    for name in names:
-        fd = os.open(os.path.join(root, name), os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-sync_s = time.perf_counter() - t
-hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-print(json.dumps({"peak_rss_bytes": hwm, "sync_s": sync_s,
-                  "adapter_device": "cuda" if torch.cuda.is_available() else "cpu"}))
-"""
+report = {"adapter_device": "cuda" if torch.cuda.is_available() else "cpu"}
+""" + SYNCED_EXIT
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Protocol
 
 from convert.engine.stream_copy import Segment, copy_segments
 from convert.errors import ConversionError
@@ -168,23 +168,22 @@ class Executor:
                 ahead.reached(i)
                 on_done(i, self.run_piece(p))
             return
+        def finish(k: int, fut: Future[int]) -> None:
+            t = time.perf_counter()
+            n = fut.result()
+            PHASES.add("wait", t)
+            on_done(k, n)
+
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             # Bounded submission: at most 2 * workers pieces queued, so memory stays bounded.
-            pending: list[tuple[int, Any]] = []
+            pending: list[tuple[int, Future[int]]] = []
             for i, p in enumerate(pieces):
                 ahead.reached(i)
                 pending.append((i, pool.submit(self.run_piece, p)))
                 if len(pending) >= 2 * self.workers:
-                    k, fut = pending.pop(0)
-                    t = time.perf_counter()
-                    n = fut.result()
-                    PHASES.add("wait", t)
-                    on_done(k, n)
+                    finish(*pending.pop(0))
             for k, fut in pending:
-                t = time.perf_counter()
-                n = fut.result()
-                PHASES.add("wait", t)
-                on_done(k, n)
+                finish(k, fut)
 
     def _run_streamed(self, pieces: Sequence[Piece], on_done: Callable[[int, int], None]) -> None:
         """run() for byte copies from an object store into local files (convert.engine.stream_copy): `on_done`
