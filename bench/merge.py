@@ -361,7 +361,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if not args.no_bf16:
             base, adapter = work / "base", work / "adapter"
+            t0 = time.perf_counter()
             res["base_gb"] = write_bf16_case(base, adapter, pre.layers, pre.experts, pre.vocab)
+            res["generate_s"] = round(time.perf_counter() - t0, 1)
+            print(json.dumps({"generated_gb": res["base_gb"], "seconds": res["generate_s"]}), flush=True)
             rows: list[dict[str, Any]] = []
             tinker = not args.no_tinker and importlib.util.find_spec("tinker_cookbook") is not None
             if tinker:

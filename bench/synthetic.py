@@ -99,20 +99,27 @@ def write_synthetic(
     """Write shards + index + config.json; returns total tensor bytes. `data` is zeros, random or normal
     (normal: every tensor of the first spec's dtype).
 
-    `jobs` > 1 writes that many shards at once (separate processes, one seed per shard).
+    `jobs` > 1 fills that many parts of the shards at once (separate processes, one seed per PART_BYTES part).
     """
     os.makedirs(out, exist_ok=True)
     files = layout_files(specs, max_shard, {"format": "pt"})
-    if jobs > 1 and len(files) > 1:
+    parts: list[tuple[str, int, int, str, int, str]] = []
+    for i, f in enumerate(files):
+        path = os.path.join(out, f.name)
+        with open(path, "wb") as fh:
+            fh.write(f.header)
+            fh.truncate(f.size)
+        if data in ("random", "normal"):
+            parts += [(path, pos, min(PART_BYTES, f.size - pos), data, _seed(seed, i, k), specs[0].dtype)
+                      for k, pos in enumerate(range(len(f.header), f.size, PART_BYTES))]
+    if jobs > 1 and len(parts) > 1:
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(min(jobs, len(files))) as pool:
-            list(pool.map(_write_shard, [(os.path.join(out, f.name), f.header, f.size, data, np.random.default_rng(
-                [seed, i]), specs[0].dtype) for i, f in enumerate(files)]))
+        with ProcessPoolExecutor(min(jobs, len(parts))) as pool:
+            list(pool.map(_write_part, parts, chunksize=4))
     else:
-        rng = np.random.default_rng(seed)
-        for f in files:
-            _write_shard((os.path.join(out, f.name), f.header, f.size, data, rng, specs[0].dtype))
+        for part in parts:
+            _write_part(part)
     total = sum(s.nbytes for s in specs)
     index = {"metadata": {"total_size": total}, "weight_map": {n: f.name for f in files for n in f.slots}}
     with open(os.path.join(out, "model.safetensors.index.json"), "w") as fh:
@@ -194,21 +201,26 @@ def write_adapter(out: str, specs: list[Spec], config: dict[str, Any], seed: int
     return total - len(header)
 
 
-def _write_shard(job: tuple[str, bytes, int, str, np.random.Generator, str]) -> None:
-    """Write one shard file: its header, then `size` bytes in all (zeros: a sparse file; random: rng bytes;
-    normal: N(0, 0.02) values of `dtype`)."""
-    path, header, size, data, rng, dtype = job
-    chunk = 16 << 20
-    with open(path, "wb") as fh:
-        fh.write(header)
-        fh.truncate(size)
-        if data in ("random", "normal"):
-            fh.seek(len(header))
-            left = size - len(header)
-            while left:
-                n = min(chunk, left)
-                fh.write(rng.bytes(n) if data == "random" else normal_bytes(rng, n, dtype))
-                left -= n
+PART_BYTES = 64 << 20  # bytes of a shard one job writes (its own seed): every core fills some of every shard
+
+
+def _seed(seed: int, shard: int, part: int) -> int:
+    """The seed of one part: distinct per (seed, shard, part), the same on every run."""
+    return int(np.random.SeedSequence([seed, shard, part]).generate_state(1)[0])
+
+
+def _write_part(job: tuple[str, int, int, str, int, str]) -> None:
+    """Fill `size` bytes of an existing shard file from `offset` (random: rng bytes; normal: N(0, 0.02) values of
+    `dtype`), in bounded chunks."""
+    path, offset, size, data, seed, dtype = job
+    rng, chunk = np.random.default_rng(seed), 16 << 20
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        left = size
+        while left:
+            n = min(chunk, left)
+            fh.write(rng.bytes(n) if data == "random" else normal_bytes(rng, n, dtype))
+            left -= n
 
 
 def main(argv: list[str] | None = None) -> None:
