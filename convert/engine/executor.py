@@ -4,7 +4,9 @@ Byte copies between local files stream through one 1 MiB buffer per worker (or
 `copy_file_range`, see PositionalWrites.copy_range_from), and from an object store into local files
 through one chunk per worker (convert.engine.stream_copy), never holding a piece in memory;
 everything else holds at most `workers` pieces (one expert each, or a bounded chunk)
-at a time. Source ranges are prefetched exactly, a bounded window ahead, by a thread of its own (Prefetcher).
+at a time; a stepped piece (convert.plan.base.SteppedCompute: a merge's run of experts) reads,
+computes and writes a step at a time (LazyReads). Source ranges are prefetched exactly, a bounded
+window ahead, by a thread of its own (Prefetcher).
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol
+from typing import Protocol, overload
 
 from convert.engine.stream_copy import Segment, copy_segments
 from convert.errors import ConversionError
 from convert.formats.safetensors import DTYPE_SIZES, TensorSlot
 from convert.io.memory import pin_mmap_threshold, thread_scratch
 from convert.io.storage import Fetched, PositionalWrites, Store, fetch
-from convert.plan.base import Piece, Read, Write
+from convert.plan.base import Piece, Read, SteppedCompute, Write, is_stepped
 from convert.plan.transforms import cast_bytes, torch_dtypes
 
 PREFETCH_BYTES = 64 << 20
@@ -107,15 +109,20 @@ class Executor:
             names = sorted({w.tensor for w in piece.writes})
             raise ConversionError(f"{exc} (while writing tensor {names[0]!r}"
                                   + (f" and {len(names) - 1} more)" if len(names) > 1 else ")")) from exc
-        t = time.perf_counter()
-        for file, start, end in self._written_runs(piece):
-            self.files.start_writeback(file, start, end)
-        PHASES.add("writeback", t)
+        if not is_stepped(piece.regroup):  # a stepped piece started it on each step's writes
+            self._write_back(piece.writes)
         return written
 
-    def _written_runs(self, piece: Piece) -> list[tuple[str, int, int]]:
-        """The (file, start, end) byte runs a piece wrote, adjacent writes merged."""
-        spans = sorted((*self._dst_pos(w), w.end - w.start) for w in piece.writes)
+    def _write_back(self, writes: Sequence[Write]) -> None:
+        """Start the disk on what `writes` put in the page cache (PositionalWrites.start_writeback)."""
+        t = time.perf_counter()
+        for file, start, end in self._written_runs(writes):
+            self.files.start_writeback(file, start, end)
+        PHASES.add("writeback", t)
+
+    def _written_runs(self, writes: Sequence[Write]) -> list[tuple[str, int, int]]:
+        """The (file, start, end) byte runs of `writes`, adjacent ones merged."""
+        spans = sorted((*self._dst_pos(w), w.end - w.start) for w in writes)
         runs: list[tuple[str, int, int]] = []
         for file, pos, n in spans:
             if runs and runs[-1][0] == file and runs[-1][2] == pos:
@@ -133,17 +140,42 @@ class Executor:
                     self.files.copy_range_from(self.src, r.file, r.start + roff, file, pos + woff, n)
                 PHASES.add("copy", t)
                 return piece.write_bytes
-        outs = piece_outputs(fetched or self.src, piece)
+        if is_stepped(piece.regroup):
+            return self._run_steps(piece, piece.regroup, fetched)
+        self._write(piece.writes, piece_outputs(fetched or self.src, piece))
+        return piece.write_bytes
+
+    def _run_steps(self, piece: Piece, compute: SteppedCompute, fetched: Fetched | None) -> int:
+        """Run a stepped piece: each step's source bytes read as it needs them (LazyReads), its outputs written
+        and the disk started on them before the next step reads, so that a piece of many experts reads and
+        writes by turns (a whole run read before any write kept the disk's reads and writes apart)."""
+        bufs = LazyReads(fetched or self.src, piece.reads)
+        done = 0
+        t = time.perf_counter()
+        for outs in compute.steps(bufs):
+            PHASES.add("compute", t + bufs.take_read_seconds())
+            writes = piece.writes[done : done + len(outs)]
+            if len(writes) != len(outs):
+                raise AssertionError(f"piece for {piece.writes[0].tensor}: more outputs than its {done} writes")
+            self._write(writes, outs)
+            self._write_back(writes)
+            done += len(outs)
+            t = time.perf_counter()
+        if done != len(piece.writes):
+            raise AssertionError(f"piece for {piece.writes[0].tensor}: {done} outputs, {len(piece.writes)} writes")
+        return piece.write_bytes
+
+    def _write(self, writes: Sequence[Write], outs: Sequence[bytes | memoryview]) -> None:
+        """Write each output at its write's place in the destination."""
         t = time.perf_counter()
         # One pwrite per tensor even where tensors are adjacent: one pwritev per 18 MB run of
         # adapter tensors made split_adapter's data phase 2-3x slower (Linux 6.18, ext4, new file).
-        for w, buf in zip(piece.writes, outs):
+        for w, buf in zip(writes, outs):
             if len(buf) != w.end - w.start:
                 raise AssertionError(f"piece for {w.tensor}: produced {len(buf)} bytes, expected {w.end - w.start}")
             file, pos = self._dst_pos(w)
             self.files.pwrite(file, pos, buf)
         PHASES.add("write", t)
-        return piece.write_bytes
 
     def run(self, pieces: Sequence[Piece], on_done: Callable[[int, int], None]) -> None:
         """Execute `pieces` with up to `workers` in flight.
@@ -360,6 +392,49 @@ class ReadSource(Protocol):
     def read_range(self, rel: str, start: int, end: int) -> bytes | memoryview: ...
 
     def read_into(self, rel: str, start: int, out: memoryview) -> None: ...
+
+
+class LazyReads(Sequence[memoryview]):
+    """A piece's reads, each read on first use into its place in this thread's read scratch (valid until the
+    thread's next piece), for a stepped compute (convert.plan.base.SteppedCompute)."""
+
+    def __init__(self, src: ReadSource, reads: Sequence[Read]) -> None:
+        self.src, self.reads = src, reads
+        self.starts = [0]
+        for r in reads:
+            self.starts.append(self.starts[-1] + r.end - r.start)
+        self.buf = thread_scratch(self.starts[-1], READ_SCRATCH)
+        self.views: list[memoryview | None] = [None] * len(reads)
+        self.read_seconds = 0.0
+
+    def take_read_seconds(self) -> float:
+        """Seconds spent reading since the last call."""
+        seconds, self.read_seconds = self.read_seconds, 0.0
+        return seconds
+
+    def __len__(self) -> int:
+        return len(self.reads)
+
+    @overload
+    def __getitem__(self, i: int) -> memoryview: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[memoryview]: ...
+
+    def __getitem__(self, i: int | slice) -> memoryview | list[memoryview]:
+        if isinstance(i, slice):
+            return [self._get(k) for k in range(*i.indices(len(self.reads)))]
+        return self._get(range(len(self.reads))[i])
+
+    def _get(self, i: int) -> memoryview:
+        view = self.views[i]
+        if view is None:
+            t = time.perf_counter()
+            r = self.reads[i]
+            view = self.views[i] = self.buf[self.starts[i] : self.starts[i + 1]]
+            self.src.read_into(r.file, r.start, view)
+            self.read_seconds += PHASES.add("read", t) - t
+        return view
 
 
 def read_scratch(src: ReadSource, reads: Sequence[Read]) -> list[memoryview]:

@@ -8,9 +8,9 @@ a `regroup` of one expert between layouts (transpose/interleave).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
 from convert.errors import ConversionError
 from convert.families import PER_EXPERT, Family
@@ -62,6 +62,20 @@ class Compute(Protocol):
     """
 
     def outputs(self, bufs: Sequence[bytes | memoryview]) -> Sequence[bytes | memoryview]: ...
+
+
+class SteppedCompute(Compute, Protocol):
+    """A compute whose writes come out a step at a time (an expert of a run): `steps(bufs)` yields each step's
+    outputs, in write order (together, every write once), using only the reads that step needs, so that a
+    lazily read `bufs` (convert.engine.executor.LazyReads) reads a step's bytes just before the step and its
+    outputs can be written before the next step's bytes are read. `outputs` is the steps joined."""
+
+    def steps(self, bufs: Sequence[bytes | memoryview]) -> Iterator[Sequence[bytes | memoryview]]: ...
+
+
+def is_stepped(compute: Compute | None) -> TypeGuard[SteppedCompute]:
+    """Whether `compute` writes in steps (SteppedCompute)."""
+    return callable(getattr(compute, "steps", None))
 
 
 @dataclass(frozen=True)

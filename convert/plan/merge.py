@@ -11,7 +11,8 @@ layout. A tensor the adapter does not touch is a byte copy (or a cast) of the ba
   layout holds them (`Factor`: a per-expert tensor, rows of a folded peft lora_A, a slice of a 3-D
   factor, or the whole peft lora_B, read once per piece; peft wrappers in any packing detect_expert_lora
   reads: today's or the older orientation, rank-major or expert-major lora_B). The base bytes are decoded into
-  per-expert role tensors by the family's ops (transforms.decode), merged, and encoded back.
+  per-expert role tensors by the family's ops (transforms.decode), merged, and encoded back, an expert at a
+  time (MergeExperts.steps: the executor writes each expert's outputs before it reads the next one's bytes).
 - other LoRA modules (attention, router, dense MLP): the base tensor the module's `.weight` names, in row
   chunks (a quantized one whole).
 - FP8 block-scaled weights (`X.weight` with `X.weight_scale_inv`): dequantized, merged in float32 and
@@ -33,7 +34,7 @@ family tables.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -192,6 +193,11 @@ class MergeExperts:
     def outputs(self, bufs: Sequence[bytes | memoryview]) -> list[memoryview]:
         """The merged bytes of each write, from the bytes of each read (in this thread's scratch: valid until
         its next piece)."""
+        return [out for step in self.steps(bufs) for out in step]
+
+    def steps(self, bufs: Sequence[bytes | memoryview]) -> Iterator[list[memoryview]]:
+        """outputs() an expert at a time (convert.plan.base.SteppedCompute): each expert's merged writes, using
+        its own base reads and the factor reads."""
         shapes = dict(self.role_shape)
         scale_of = dict(self.quant)
         n = len(self.src)
@@ -200,8 +206,8 @@ class MergeExperts:
         held = {r: u.dtype for u in self.src for r in u.roles}
         wanted = {r: u.dtype for u in self.dst for r in u.roles}
         pos = 0
-        out: list[memoryview] = []
         for i, e in enumerate(self.experts):
+            out: list[memoryview] = []
             roles = _expert_arrays(self.src, bufs[i * n : (i + 1) * n], shapes)
             dtypes = dict(held)  # what each role's array holds now
             for k, d in enumerate(self.deltas):
@@ -233,7 +239,7 @@ class MergeExperts:
             for unit, size in zip(self.dst, sizes):
                 out.append(encode_arrays_into(unit, roles, dtypes, written[pos : pos + size], shapes))
                 pos += size
-        return out
+            yield out
 
 
 @dataclass(frozen=True)
