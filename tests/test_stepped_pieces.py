@@ -117,3 +117,17 @@ def test_a_stepped_compute_that_leaves_writes_unwritten_is_an_error(tmp_path: Pa
     short = Piece(piece.reads, piece.writes, ShortOfWrites(3))
     with pytest.raises(AssertionError, match="2 outputs, 3 writes"):
         Executor(src, dst, slots, workers=1).run_piece(short)
+
+
+@dataclass(frozen=True)
+class ExtraStep(AddShared):
+    def steps(self, bufs: Sequence[bytes | memoryview]) -> Iterator[list[bytes]]:
+        yield from super().steps(bufs)
+        yield [b"x"]
+
+
+def test_a_stepped_compute_with_more_outputs_than_writes_is_an_error(tmp_path: Path) -> None:
+    src, dst, piece, slots, _ = _case(tmp_path, 2)
+    extra = Piece(piece.reads, piece.writes, ExtraStep(2))
+    with pytest.raises(AssertionError, match="a step gave 1 outputs, 0 writes left"):
+        Executor(src, dst, slots, workers=1).run_piece(extra)

@@ -156,7 +156,8 @@ class Executor:
             PHASES.add("compute", t + bufs.take_read_seconds())
             writes = piece.writes[done : done + len(outs)]
             if len(writes) != len(outs):
-                raise AssertionError(f"piece for {piece.writes[0].tensor}: more outputs than its {done} writes")
+                raise AssertionError(f"piece for {piece.writes[0].tensor}: a step gave {len(outs)} outputs, "
+                                     f"{len(writes)} writes left")
             self._write(writes, outs)
             self._write_back(writes)
             done += len(outs)
@@ -431,8 +432,9 @@ class LazyReads(Sequence[memoryview]):
         if view is None:
             t = time.perf_counter()
             r = self.reads[i]
-            view = self.views[i] = self.buf[self.starts[i] : self.starts[i + 1]]
+            view = self.buf[self.starts[i] : self.starts[i + 1]]
             self.src.read_into(r.file, r.start, view)
+            self.views[i] = view
             self.read_seconds += PHASES.add("read", t) - t
         return view
 
