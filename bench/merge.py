@@ -183,6 +183,20 @@ def drop(paths: list[Path], env: dict[str, str]) -> str:
     return cold_cache(paths, True, 0.0, WARM, env, REPO)
 
 
+@dataclass
+class Case:
+    """One command timed in every round: its row's name, the command, its inputs (dropped from the page cache
+    before it runs), environment, --stats file, whether --timeline samples it, and where it runs."""
+
+    name: str
+    cmd: list[str]
+    inputs: list[Path]
+    env: dict[str, str]
+    stats: Path | None = None
+    cwd: Path | None = None
+    sampled: bool = True
+
+
 def timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, subprocess.CompletedProcess[str]]:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
@@ -334,8 +348,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="bf16: also time the tool's byte copy of the same base (fuse_experts) at the most ranks")
     p.add_argument("--ranks", default="", help="comma-separated rank counts of the tool (default: the preset's)")
     p.add_argument("--repeats", type=int, default=1,
-                   help="bf16: run every case this many times, in rounds (each round: cp -r, the tool, the peers); the "
-                        "report adds each case's median and the ratios of medians")
+                   help="bf16: run every case this many times, in rounds (each round: cp -r, the tool, the peers; "
+                        "every other round in reverse order); the report adds each case's median and the ratios of "
+                        "medians")
     p.add_argument("--tool-env", action="append", default=[], metavar="VAR=VALUE",
                    help="bf16: also run the tool at the most ranks with this variable set (repeatable: one case each)")
     p.add_argument("--tool-tree", action="append", default=[], metavar="DIR",
@@ -372,46 +387,47 @@ def main(argv: list[str] | None = None) -> None:
 
                 tinker_adapter = work / "tinker-adapter"
                 write_tinker_adapter(adapter, tinker_adapter)
+            tool = [sys.executable, "-m", "convert.merge_adapter", "--base", str(base), "--adapter", str(adapter),
+                    "--dst", str(work / "out"), "--no-progress"]
+            cases = [Case("cp -r", ["bash", "-c", f'cp -r "{base}" "{work / "out"}" && sync "{work / "out"}"/*'],
+                          [base], env)]
+            for n in pre.ranks:
+                for workers in [None, *extra_workers]:
+                    stats = work / f"stats-{n}.json"
+                    more = ["--workers", str(workers)] if workers else []
+                    cases.append(Case(f"tool {n} rank(s)" + (f", --workers {workers}" if workers else ""),
+                                      [*tool, "--nproc", str(n), "--stats", str(stats), *more], [base, adapter], env,
+                                      stats))
+            n = max(pre.ranks)
+            for assignment in args.tool_env:  # the same command at the most ranks, one variable set
+                key, _, value = assignment.partition("=")
+                stats = work / f"stats-env-{n}.json"
+                cases.append(Case(f"tool {n} rank(s), {assignment}", [*tool, "--nproc", str(n), "--stats", str(stats)],
+                                  [base, adapter], dict(env, **{key: value}), stats))
+            for tree in args.tool_tree:  # the same command from another checkout (an A/B of code in one run)
+                stats = work / f"stats-tree-{n}.json"
+                path = Path(tree).resolve()
+                cases.append(Case(f"tool {n} rank(s), tree {tree}", [*tool, "--nproc", str(n), "--stats", str(stats)],
+                                  [base, adapter], dict(env, PYTHONPATH=str(path)), stats, cwd=path))
+            if args.ceiling:  # the same bytes read and written by the tool's byte copies: the disk's bound
+                cases.append(Case(f"tool byte copy (fuse_experts) {n} rank(s)",
+                                  [sys.executable, "-m", "convert.fuse_experts", "--src", str(base), "--dst",
+                                   str(work / "out"), "--nproc", str(n), "--no-progress", "--stats",
+                                   str(work / "stats-copy.json")], [base], env, work / "stats-copy.json"))
+            if pre.peer and not args.no_peer:
+                cases.append(Case("peft merge_and_unload + save_pretrained",
+                                  [sys.executable, "-c", PEER, str(base), str(adapter), str(work / "out")],
+                                  [base, adapter], env, sampled=False))
+            if tinker:
+                cases.append(Case("tinker-cookbook shard merge", [sys.executable, "-c", TINKER, str(base),
+                                                                  str(tinker_adapter), str(work / "out")],
+                                  [base, tinker_adapter], tinker_env(env)))
             for k in range(1, args.repeats + 1):
-                r = k if args.repeats > 1 else 0
-                run_case(rows, "cp -r", ["bash", "-c", f'cp -r "{base}" "{work / "out"}" && sync "{work / "out"}"/*'],
-                         [base], work / "out", env, sample=args.timeline, round_=r)
-                tool = [sys.executable, "-m", "convert.merge_adapter", "--base", str(base), "--adapter", str(adapter),
-                        "--dst", str(work / "out"), "--no-progress"]
-                for n in pre.ranks:
-                    for workers in [None, *extra_workers]:
-                        stats = work / f"stats-{n}.json"
-                        more = ["--workers", str(workers)] if workers else []
-                        run_case(rows, f"tool {n} rank(s)" + (f", --workers {workers}" if workers else ""),
-                                 [*tool, "--nproc", str(n), "--stats", str(stats), *more],
-                                 [base, adapter], work / "out", env, stats, sample=args.timeline, round_=r)
-                n = max(pre.ranks)
-                for assignment in args.tool_env:  # the same command at the most ranks, one variable set
-                    key, _, value = assignment.partition("=")
-                    stats = work / f"stats-env-{n}.json"
-                    run_case(rows, f"tool {n} rank(s), {assignment}", [*tool, "--nproc", str(n), "--stats", str(stats)],
-                             [base, adapter], work / "out", dict(env, **{key: value}), stats, sample=args.timeline,
-                             round_=r)
-                for tree in args.tool_tree:  # the same command from another checkout (an A/B of code in one run)
-                    stats = work / f"stats-tree-{n}.json"
-                    path = Path(tree).resolve()
-                    run_case(rows, f"tool {n} rank(s), tree {tree}", [*tool, "--nproc", str(n), "--stats", str(stats)],
-                             [base, adapter], work / "out", dict(env, PYTHONPATH=str(path)), stats,
-                             sample=args.timeline, round_=r, cwd=path)
-                if args.ceiling:  # the same bytes read and written by the tool's byte copies: the disk's bound
-                    run_case(rows, f"tool byte copy (fuse_experts) {n} rank(s)",
-                             [sys.executable, "-m", "convert.fuse_experts", "--src", str(base), "--dst",
-                              str(work / "out"), "--nproc", str(n), "--no-progress", "--stats",
-                              str(work / "stats-copy.json")],
-                             [base], work / "out", env, work / "stats-copy.json", sample=args.timeline, round_=r)
-                if pre.peer and not args.no_peer:
-                    run_case(rows, "peft merge_and_unload + save_pretrained", [sys.executable, "-c", PEER, str(base),
-                                                                               str(adapter), str(work / "out")],
-                             [base, adapter], work / "out", env, round_=r)
-                if tinker:
-                    run_case(rows, "tinker-cookbook shard merge", [sys.executable, "-c", TINKER, str(base),
-                                                                   str(tinker_adapter), str(work / "out")],
-                             [base, tinker_adapter], work / "out", tinker_env(env), sample=args.timeline, round_=r)
+                # every other round runs the cases in reverse: whatever a case leaves behind (its output's
+                # deletion, the disk's state) falls on each neighbour alike, not always on the one after it
+                for case in cases if k % 2 else cases[::-1]:
+                    run_case(rows, case.name, case.cmd, case.inputs, work / "out", case.env, case.stats,
+                             sample=args.timeline and case.sampled, round_=k if args.repeats > 1 else 0, cwd=case.cwd)
             if not tinker:
                 why = "skipped (--no-tinker)" if args.no_tinker else "not run: tinker-cookbook is not installed"
                 rows.append({"case": "tinker-cookbook shard merge", "seconds": 0.0, "rc": -1, "error": [why]})

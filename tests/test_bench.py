@@ -255,8 +255,8 @@ def test_merge_bench_small_preset(tmp_path):
     case with the tool's byte copy of its base beside it (--ceiling); a peer that is not installed is reported as
     not run, not silently dropped."""
     out = tmp_path / "results"
-    run_tool("bench.merge", "--preset", "small", "--no-peer", "--ranks", "2", "--ceiling", "--timeline", "--workdir",
-             str(tmp_path), "--out", str(out), timeout=300)
+    run_tool("bench.merge", "--preset", "small", "--no-peer", "--ranks", "2", "--ceiling", "--timeline", "--repeats",
+             "2", "--workdir", str(tmp_path), "--out", str(out), timeout=300)
     res = json.loads((out / "merge-small.json").read_text())
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("bench-merge-")] == [], "work dir not removed"
     assert len(res["suites"]) == 2 and res["base_gb"] > 0.2
@@ -264,7 +264,10 @@ def test_merge_bench_small_preset(tmp_path):
         by = {r["case"]: r for r in rows}
         assert by["cp -r"]["rc"] == 0 and by["tool 2 rank(s)"]["rc"] == 0
         assert by["tool 2 rank(s)"]["data_s"] > 0 and by["tool 2 rank(s)"]["peak_rss_per_rank"] > 0
-    bf16 = {r["case"]: r for r in next(iter(res["suites"].values()))}
+    bf16_rows = next(iter(res["suites"].values()))
+    first, second = ([r["case"] for r in bf16_rows if r.get("round") == k] for k in (1, 2))
+    assert first[0] == "cp -r" and second == first[::-1]  # every other round in reverse: no case always goes first
+    bf16 = {r["case"]: r for r in bf16_rows}
     copy = bf16["tool byte copy (fuse_experts) 2 rank(s)"]
     assert copy["rc"] == 0 and copy["data_s"] > 0 and "copy" in copy["phase_thread_s"]
     assert not {"read", "compute", "write"} & set(copy["phase_thread_s"])  # a byte copy: no piece reads or computes
