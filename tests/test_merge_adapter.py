@@ -592,7 +592,8 @@ def test_merge_resumes_after_a_rank_is_killed(tmp_path, monkeypatch):
 
 
 def test_merge_reads_and_writes_s3(s3env, tmp_path):
-    """Base and adapter on S3 (moto), the merged checkpoint written to S3: the bytes of a local merge."""
+    """Base and adapter on S3 (moto), the merged checkpoint written to S3 and to a local directory (the pieces
+    computed from fetched bytes, an expert at a time): the bytes of a local merge."""
     fs = s3env
     base, adapter, _, _ = _peft_case(tmp_path, "qwen3_moe", target_modules=["q_proj"],
                                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
@@ -603,6 +604,9 @@ def test_merge_reads_and_writes_s3(s3env, tmp_path):
              f"s3://{BUCKET}/out", "--nproc", "2", "--verify")
     fs.get(f"{BUCKET}/out", str(tmp_path / "s3out"), recursive=True)
     _same_files(tmp_path / "local", tmp_path / "s3out")
+    run_tool(MOD, "--base", f"s3://{BUCKET}/base", "--adapter", f"s3://{BUCKET}/adapter", "--dst",
+             str(tmp_path / "from-s3"), "--nproc", "2")
+    _same_files(tmp_path / "local", tmp_path / "from-s3")
     assert (tmp_path / "s3out/model.safetensors.index.json").read_bytes() == \
         (tmp_path / "local/model.safetensors.index.json").read_bytes()
 
