@@ -159,3 +159,38 @@ def write_mxfp4_gpt_oss(path: Path, E: int = 3, H: int = 64, I: int = 64, layers
                                    "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}}
     (path / "config.json").write_text(json.dumps(cfg))
     return {**first, **second}, values
+
+
+def save_tiny_mxfp4_gpt_oss(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A tiny random GptOss (float32; hidden and intermediate 64: MXFP4 packs 32 values a block) whose expert
+    weights are MXFP4-representable, saved to `path` as released: MXFP4 blocks/scales for the experts, config
+    quant_method mxfp4. Returns (the model, whose expert weights are exactly the packed values; every tensor
+    saved)."""
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import tied_keys, tiny_config
+
+    config = tiny_config("gpt_oss")
+    config.hidden_size = config.intermediate_size = 64
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    experts = ("experts.gate_up_proj", "experts.down_proj")
+    packed: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        for i, (k, p) in enumerate(sorted(model.named_parameters())):
+            if k.endswith(experts):
+                v = mxfp4_values((p.shape[0], p.shape[2], p.shape[1]), seed=i) * 2.0**-8  # [E, out, in]
+                p.copy_(v.transpose(1, 2))  # gpt-oss runs [E, in, out]
+                packed[f"{k}_blocks"], packed[f"{k}_scales"] = mxfp4_pack(v)
+    tied = tied_keys(model)
+    state = {k: t.detach().clone().contiguous() for k, t in model.state_dict().items()
+             if k not in tied and not k.endswith(experts)}
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({**state, **packed}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return model, {**state, **packed}

@@ -350,42 +350,17 @@ def _mxfp4_gpt_oss(tmp_path: Path, target_parameters: list[str]):
     quant_method mxfp4), and a peft adapter on it: (base dir, adapter dir, the base's tensors, peft's merged
     parameters, peft's merged model)."""
     from peft import LoraConfig, get_peft_model
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
 
-    from quant_fixtures import mxfp4_pack, mxfp4_values
-    from tiny_models import tied_keys, tiny_config
+    from quant_fixtures import save_tiny_mxfp4_gpt_oss
 
-    config = tiny_config("gpt_oss")
-    config.hidden_size = config.intermediate_size = 64  # MXFP4 packs 32 values a block
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    packed: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for i, (k, p) in enumerate(sorted(model.named_parameters())):
-            if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                v = mxfp4_values((p.shape[0], p.shape[2], p.shape[1]), seed=i) * 2.0**-8  # [E, out, in]
-                p.copy_(v.transpose(1, 2))  # gpt-oss runs [E, in, out]
-                packed[f"{k}_blocks"], packed[f"{k}_scales"] = mxfp4_pack(v)
-    tied = tied_keys(model)
     base = tmp_path / "base"
-    base.mkdir()
-    state = {k: t.detach().clone().contiguous() for k, t in model.state_dict().items()
-             if k not in tied and not k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
-    save_file({**state, **packed}, str(base / "model.safetensors"), metadata={"format": "pt"})
-    model.config.save_pretrained(base)
-    cfg = json.loads((base / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
-    (base / "config.json").write_text(json.dumps(cfg))
+    model, saved = save_tiny_mxfp4_gpt_oss(base)
     torch.manual_seed(7)
     pm = get_peft_model(model, LoraConfig(r=3, lora_alpha=7, init_lora_weights=False, target_modules=["q_proj"],
                                           target_parameters=target_parameters)).eval()
     pm.save_pretrained(str(tmp_path / "adapter"))
     merged = pm.merge_and_unload()
-    return base, tmp_path / "adapter", {**state, **packed}, {k: p.detach().clone() for k, p in merged.named_parameters()}, merged
+    return base, tmp_path / "adapter", saved, {k: p.detach().clone() for k, p in merged.named_parameters()}, merged
 
 
 def test_mxfp4_requantize_round_trip_and_rounding():

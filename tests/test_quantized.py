@@ -377,38 +377,15 @@ def test_mxfp4_dequantized_native_output_loads_to_the_reference_logits(tmp_path:
     """A tiny GptOss whose expert weights are MXFP4-representable: its MXFP4 checkpoint dequantized with
     `fuse_experts --layout native --dtype fp32` loads in transformers to the reference model's parameters bit for
     bit and the same logits."""
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from quant_fixtures import mxfp4_pack, mxfp4_values
-    from tiny_models import logits, tied_keys, tiny_config
+    from quant_fixtures import save_tiny_mxfp4_gpt_oss
+    from tiny_models import logits
 
-    config = tiny_config("gpt_oss")
-    config.hidden_size = config.intermediate_size = 64  # MXFP4 packs 32 values a block
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    tied = tied_keys(model)
-    packed: dict[str, torch.Tensor] = {}
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for i, (k, p) in enumerate(sorted(params.items())):
-            if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                v = mxfp4_values((p.shape[0], p.shape[2], p.shape[1]), seed=i) * 2.0**-8  # [E, out, in]
-                p.copy_(v.transpose(1, 2))  # gpt-oss runs [E, in, out]
-                packed[f"{k}_blocks"], packed[f"{k}_scales"] = mxfp4_pack(v)
-    want = logits(model)
     src, out = tmp_path / "src", tmp_path / "out"
-    src.mkdir()
-    state = {k: t.detach().clone().contiguous() for k, t in model.state_dict().items()
-             if k not in tied and not k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
-    save_file({**state, **packed}, str(src / "model.safetensors"), metadata={"format": "pt"})
-    model.config.save_pretrained(src)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
-    (src / "config.json").write_text(json.dumps(cfg))
+    model, _ = save_tiny_mxfp4_gpt_oss(src)
+    params = dict(model.named_parameters())
+    want = logits(model)
     run_tool("convert.fuse_experts", "--src", str(src), "--dst", str(out), "--layout", "native", "--dtype", "fp32")
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     loaded_params = dict(loaded.named_parameters())
