@@ -70,6 +70,7 @@ class StorageSettings:
     s3_conditional_reads: bool = True  # MOE_CONVERT_S3_CONDITIONAL_READS (0: off): reads If-Match the pinned ETag
     local_copy: str = "buffered"  # MOE_CONVERT_LOCAL_COPY: "kernel": local byte copies by copy_file_range
     write_behind: bool = True  # MOE_CONVERT_WRITE_BEHIND (0: off): sync_file_range while local files are written
+    read_ahead: int = 64 << 20  # MOE_CONVERT_READ_AHEAD: source bytes a rank asks ahead of its pieces (local; 0: none)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> StorageSettings:
@@ -87,6 +88,7 @@ class StorageSettings:
             s3_conditional_reads=env.flag("MOE_CONVERT_S3_CONDITIONAL_READS", d.s3_conditional_reads),
             local_copy=env.text("MOE_CONVERT_LOCAL_COPY", d.local_copy),
             write_behind=env.flag("MOE_CONVERT_WRITE_BEHIND", d.write_behind),
+            read_ahead=env.integer("MOE_CONVERT_READ_AHEAD", d.read_ahead),
         )
 
 
@@ -108,6 +110,7 @@ class Settings:
     lock_stale_seconds: float = 60.0  # MOE_CONVERT_LOCK_STALE_SECONDS: a lock not refreshed this long is taken over
     verify_memory: int = 256 << 20  # MOE_CONVERT_VERIFY_MEMORY: bytes a verifying rank's comparing threads hold
     verify_read_ahead: int = 128 << 20  # MOE_CONVERT_VERIFY_READ_AHEAD: page cache asked ahead of the comparisons
+    merge_run_bytes: int = 48 << 20  # MOE_CONVERT_MERGE_RUN_BYTES: float32 bytes one merge piece of experts works on
     storage: StorageSettings = field(default_factory=StorageSettings)  # the stores' knobs (StorageSettings)
 
     @classmethod
@@ -127,6 +130,7 @@ class Settings:
             lock_stale_seconds=env.number("MOE_CONVERT_LOCK_STALE_SECONDS", d.lock_stale_seconds),
             verify_memory=env.integer("MOE_CONVERT_VERIFY_MEMORY", d.verify_memory),
             verify_read_ahead=env.integer("MOE_CONVERT_VERIFY_READ_AHEAD", d.verify_read_ahead),
+            merge_run_bytes=env.integer("MOE_CONVERT_MERGE_RUN_BYTES", d.merge_run_bytes),
             storage=StorageSettings.from_env(environ),
         )
 

@@ -96,6 +96,20 @@ def test_qwen3_moe_peft_target_parameters_matches_peft_at_1_2_3_ranks(tmp_path):
     assert torch.allclose(logits(loaded), logits(merged), atol=1e-5, rtol=1e-5)
 
 
+def test_run_bytes_and_read_ahead_change_how_a_merge_runs_not_its_bytes(tmp_path, monkeypatch):
+    """MOE_CONVERT_MERGE_RUN_BYTES (here 1: one expert per piece) and MOE_CONVERT_READ_AHEAD (0: nothing asked
+    ahead) reach the job: more pieces, the same merged bytes."""
+    base, adapter, _, _ = _peft_case(tmp_path, "qwen3_moe", target_modules=["q_proj"],
+                                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    _merge(base, adapter, tmp_path / "default", "--nproc", "2", "--stats", str(tmp_path / "default.json"))
+    monkeypatch.setenv("MOE_CONVERT_MERGE_RUN_BYTES", "1")
+    monkeypatch.setenv("MOE_CONVERT_READ_AHEAD", "0")
+    _merge(base, adapter, tmp_path / "small", "--nproc", "2", "--stats", str(tmp_path / "small.json"))
+    _same_files(tmp_path / "default", tmp_path / "small")
+    pieces = [json.loads((tmp_path / f"{n}.json").read_text())["skipped"]["total"] for n in ("default", "small")]
+    assert pieces[1] > pieces[0], pieces
+
+
 def test_mixtral_router_and_attention_lora(tmp_path):
     base, adapter, ref, merged = _peft_case(tmp_path, "mixtral", target_modules=["q_proj", "v_proj"],
                                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj",

@@ -75,3 +75,14 @@ def test_after_a_failure_the_requests_left_are_dropped():
     except RuntimeError:
         pass
     assert len(src.requests) == 1
+
+
+def test_no_window_asks_nothing():
+    """A window of 0 (MOE_CONVERT_READ_AHEAD=0): no read-ahead request at all, and no thread started."""
+    src = BlockingSource()
+    src.release.set()
+    with Prefetcher(src, _pieces(10, 1 << 20), window=0) as ahead:  # type: ignore[arg-type]
+        for i in range(10):
+            ahead.reached(i)
+        assert ahead._thread is None
+    assert src.requests == []

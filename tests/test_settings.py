@@ -65,10 +65,13 @@ def test_a_job_in_this_process_waits_at_the_gates_its_options_set(tmp_path, monk
 
 def test_storage_settings_read_the_environment_given_and_default_the_rest():
     env = {"MOE_CONVERT_RETRIES": "3", "MOE_CONVERT_S3_CONDITIONAL_READS": "0", "MOE_CONVERT_WRITE_BEHIND": "",
-           "MOE_CONVERT_LOCAL_COPY": "kernel", "MOE_CONVERT_S3_POOL": "9", "MOE_CONVERT_VERIFY_MEMORY": "1000"}
+           "MOE_CONVERT_LOCAL_COPY": "kernel", "MOE_CONVERT_S3_POOL": "9", "MOE_CONVERT_VERIFY_MEMORY": "1000",
+           "MOE_CONVERT_READ_AHEAD": "0", "MOE_CONVERT_MERGE_RUN_BYTES": "4096"}
     s = Settings.from_env(env)
-    assert s.storage == StorageSettings(retries=3, s3_conditional_reads=False, local_copy="kernel", s3_pool=9)
+    assert s.storage == StorageSettings(retries=3, s3_conditional_reads=False, local_copy="kernel", s3_pool=9,
+                                        read_ahead=0)
     assert s.verify_memory == 1000 and s.verify_read_ahead == Settings().verify_read_ahead
+    assert s.merge_run_bytes == 4096 and Settings().merge_run_bytes == 48 << 20
     assert StorageSettings.from_env(env) == s.storage and StorageSettings.from_env({}) == StorageSettings()
     assert StorageSettings.from_env({"MOE_CONVERT_WRITE_BEHIND": "1"}).write_behind  # only "0" turns a flag off
 

@@ -26,7 +26,6 @@ from convert.io.storage import Fetched, PositionalWrites, Store, fetch
 from convert.plan.base import Piece, Read, SteppedCompute, Write, is_stepped
 from convert.plan.transforms import cast_bytes, torch_dtypes
 
-PREFETCH_BYTES = 64 << 20
 REMOTE_READ_MEMORY = 512 << 20  # source bytes one rank holds at once from an object store, over all its workers
 
 
@@ -191,7 +190,7 @@ class Executor:
             else:
                 self._run_fetched(pieces, on_done)
             return
-        with Prefetcher(self.src, pieces) as ahead:
+        with Prefetcher(self.src, pieces, self.src.settings.read_ahead) as ahead:
             self._run_local(pieces, on_done, ahead)
 
     def _run_local(self, pieces: Sequence[Piece], on_done: Callable[[int, int], None], ahead: Prefetcher) -> None:
@@ -289,7 +288,7 @@ class Prefetcher:
     that fails is dropped (it is advice: the piece's own read reports the error).
     """
 
-    def __init__(self, src: Store, pieces: Sequence[Piece], window: int = PREFETCH_BYTES) -> None:
+    def __init__(self, src: Store, pieces: Sequence[Piece], window: int) -> None:
         self.src, self.pieces, self.window = src, pieces, window
         self.cum = [0]
         for p in pieces:
@@ -306,8 +305,9 @@ class Prefetcher:
         self.close(drop=et is not None)
 
     def reached(self, i: int) -> None:
-        """Piece i is about to run: top the window up when less than half of it is left."""
-        if self.src.remote or self.next >= len(self.pieces):
+        """Piece i is about to run: top the window up when less than half of it is left (with no window, nothing
+        is asked)."""
+        if self.src.remote or self.window <= 0 or self.next >= len(self.pieces):
             return
         if self.next > i and self.cum[self.next] - self.cum[i] >= self.window // 2:
             return

@@ -62,7 +62,7 @@ def plan_merge_job(opts: MergeJobOptions, dist: Dist) -> JobSetup:
 
 def _plan(opts: MergeJobOptions, dist: Dist, src: Store, adapter: Any, ep: int) -> Draft:
     ckpt, family = open_source(src, opts)
-    plan = plan_merge(ckpt, family, adapter, opts.dtype, ep)
+    plan = plan_merge(ckpt, family, adapter, opts.dtype, ep, run_bytes=opts.settings.merge_run_bytes)
     check_counts(plan)
     plan.pieces, chunked = localize(plan.pieces, ckpt.chunked)
     keep = ckpt.container == "safetensors" and not opts.max_shard_bytes

@@ -64,13 +64,15 @@ from convert.plan.expert_groups import ExpertGroup, find_expert_groups
 from convert.plan.merge_compute import CastRun, Factor, MergeExperts, MergeMxfp4, MergeTensor, RoleDelta
 from convert.plan.merge_quant import FP8_MAX
 from convert.plan.transforms import Unit
+from convert.settings import DEFAULT_SETTINGS
 from sharding.ep import expert_slices
 
 ADAPTER_SOURCE = "adapter"  # the extra source name the pieces read adapter files under (convert.io.sources)
-# float32 bytes one expert piece (a run of experts, at least one) works on: 24 MB of bf16 experts, 12 MB of FP8 ones.
-# A worker holds about 1.5x this (its reads, the float32 merges, the outputs): with merge_adapter's 4 workers a
-# rank's pieces stay near 300 MB (4 layers of Qwen3-30B-A3B shapes, 1 rank: 676 MB peak RSS; 842 MB with 96 MiB runs)
-RUN_BYTES = 48 << 20
+# float32 bytes one expert piece (a run of experts, at least one) works on unless MOE_CONVERT_MERGE_RUN_BYTES says:
+# 24 MB of bf16 experts, 12 MB of FP8 ones. A worker holds about 1.5x this (its reads, the float32 merges, the
+# outputs): with merge_adapter's 4 workers a rank's pieces stay near 300 MB (4 layers of Qwen3-30B-A3B shapes, 1
+# rank: 676 MB peak RSS; 842 MB with 96 MiB runs)
+RUN_BYTES = DEFAULT_SETTINGS.merge_run_bytes
 # adapter_config.json keys of LoRA variants whose delta is not scaling * B @ A (or that change which weight
 # it is added to): a merge of such an adapter as plain LoRA would be wrong, so it is refused.
 VARIANT_KEYS = {
