@@ -1,9 +1,9 @@
 """A job's tuning settings and test hooks: read from the environment once, when a job starts, and passed down.
 
 `Settings` holds the `MOE_CONVERT_*` knobs of the engine (parts and upload threads on an object store, the
-journal's pace, the destination lock's times, the verifier's memory), and in `Settings.storage` those of the
-stores (`StorageSettings`: retries, request sizes, the S3 client, local copies; docs/ENVIRONMENT.md lists every
-variable). The entry points (convert.cli and the commands built on it, convert.verify, convert.inspect,
+journal's pace, the destination lock's times, the verifier's memory, a merge piece's size), and in
+`Settings.storage` those of the stores (`StorageSettings`: retries, request sizes, the S3 client, local copies,
+read-ahead; docs/ENVIRONMENT.md lists every variable). The entry points (convert.cli and the commands built on it, convert.verify, convert.inspect,
 launch.batch) read them with `Settings.from_env()` when a job starts, never at import, and hand them to the job in
 its options (JobOptions.settings, VerifyOptions.settings); the job opens its stores with
 `Storage(url, storage_options, settings.storage)`. Code that builds a job or opens a store itself passes its own,
