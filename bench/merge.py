@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ base, adapter, dst = sys.argv[1:4]
 m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
 m = PeftModel.from_pretrained(m, adapter).merge_and_unload()
 m.save_pretrained(dst, max_shard_size="5GB")
-report = {}
+report = {"torch_threads": torch.get_num_threads()}
 """ + SYNCED_EXIT
 # tinker-cookbook 0.6.1's shard merge: build_hf_model(merge_strategy="shard") from local paths, on an adapter in
 # Tinker's layout (bench.merge_peers.write_tinker_adapter). tinker_cookbook/weights/__init__.py also imports
@@ -87,7 +88,7 @@ sys.modules["tinker_cookbook.weights"] = pkg
 from tinker_cookbook.weights._export import build_hf_model
 import torch
 build_hf_model(base_model=base, adapter_path=adapter, output_path=dst, merge_strategy="shard")
-report = {"adapter_device": "cuda" if torch.cuda.is_available() else "cpu"}
+report = {"adapter_device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads()}
 """ + SYNCED_EXIT
 
 
@@ -197,6 +198,15 @@ class Case:
     sampled: bool = True
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def as_typed(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` without the thread-count variables a harness may set (THREAD_VARIABLES): every case runs as a
+    user types it, the peers' torch with its own default threads, the tool with the limits it sets itself."""
+    return {k: v for k, v in environ.items() if k not in THREAD_VARIABLES}
+
+
 def timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, subprocess.CompletedProcess[str]]:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
@@ -236,7 +246,7 @@ def run_case(rows: list[dict[str, Any]], name: str, cmd: list[str], inputs: list
             proc.stdout.strip().splitlines()[-1].startswith("{"):
         last = json.loads(proc.stdout.strip().splitlines()[-1])
         row["peak_rss_per_rank"] = last["peak_rss_bytes"]
-        for key in ("adapter_device", "sync_s"):
+        for key in ("adapter_device", "sync_s", "torch_threads"):
             if key in last:
                 row[key] = round(last[key], 3) if key == "sync_s" else last[key]
     rows.append(row)
@@ -371,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=args.workdir))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(as_typed(os.environ), PYTHONPATH=str(REPO))
     res: dict[str, Any] = {"preset": args.preset, "suites": {}, "env": f"{os.cpu_count()} cores", "base_gb": 0.0}
     try:
         if not args.no_bf16:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from bench.merge import as_typed
 from bench.timeline import block_device
 from helpers import run_tool
 
@@ -273,6 +277,10 @@ def test_merge_bench_small_preset(tmp_path):
     assert not {"read", "compute", "write"} & set(copy["phase_thread_s"])  # a byte copy: no piece reads or computes
     tinker = bf16["tinker-cookbook shard merge"]
     assert tinker["rc"] == 0 or tinker["error"][0].startswith(("not run", "skipped"))
+    if tinker["rc"] == 0:  # the peer's torch at its own default threads, not the harness's OMP_NUM_THREADS=1
+        default = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                                 env=as_typed(os.environ), capture_output=True, text=True, check=True)
+        assert tinker["torch_threads"] == int(default.stdout)
     assert tinker["rc"] != 0 or tinker["sync_s"] >= 0  # the peer's output fsynced before it exits, and timed
     if Path("/proc/diskstats").exists() and block_device(tmp_path) is not None:
         assert len(bf16["tool 2 rank(s)"]["timeline"]["t"]) >= 2
