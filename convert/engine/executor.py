@@ -103,14 +103,11 @@ class Executor:
         A source that fails to read is named with the tensor.
         """
         try:
-            written = self._run_piece(piece, fetched)
+            return self._run_piece(piece, fetched)
         except ConversionError as exc:
             names = sorted({w.tensor for w in piece.writes})
             raise ConversionError(f"{exc} (while writing tensor {names[0]!r}"
                                   + (f" and {len(names) - 1} more)" if len(names) > 1 else ")")) from exc
-        if not is_stepped(piece.regroup):  # a stepped piece started it on each step's writes
-            self._write_back(piece.writes)
-        return written
 
     def _write_back(self, writes: Sequence[Write]) -> None:
         """Start the disk on what `writes` put in the page cache (PositionalWrites.start_writeback)."""
@@ -131,17 +128,18 @@ class Executor:
         return runs
 
     def _run_piece(self, piece: Piece, fetched: Fetched | None = None) -> int:
+        """Write a piece's bytes and start the disk on them (a stepped piece: on each step's)."""
         t = time.perf_counter()
-        if is_byte_copy(piece):
-            if self.files.can_copy_from(self.src):
-                for r, roff, w, woff, n in _segments(piece.reads, piece.writes):
-                    file, pos = self._dst_pos(w)
-                    self.files.copy_range_from(self.src, r.file, r.start + roff, file, pos + woff, n)
-                PHASES.add("copy", t)
-                return piece.write_bytes
         if is_stepped(piece.regroup):
             return self._run_steps(piece, piece.regroup, fetched)
-        self._write(piece.writes, piece_outputs(fetched or self.src, piece))
+        if is_byte_copy(piece) and self.files.can_copy_from(self.src):
+            for r, roff, w, woff, n in _segments(piece.reads, piece.writes):
+                file, pos = self._dst_pos(w)
+                self.files.copy_range_from(self.src, r.file, r.start + roff, file, pos + woff, n)
+            PHASES.add("copy", t)
+        else:
+            self._write(piece.writes, piece_outputs(fetched or self.src, piece))
+        self._write_back(piece.writes)
         return piece.write_bytes
 
     def _run_steps(self, piece: Piece, compute: SteppedCompute, fetched: Fetched | None) -> int:
